@@ -1,0 +1,39 @@
+# Everything runs in a project-local virtualenv that the targets create on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.scrutiny-installed
+
+.PHONY: setup demo test lint typecheck unit bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The main job: the offline quickstart on the embedded SQLite default, in a fresh folder.
+demo: $(STAMP)
+	rm -rf build/demo && mkdir -p build/demo
+	cd build/demo && ../../$(PY) ../../examples/quickstart.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check scrutiny tests examples bench
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+unit: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test: lint typecheck unit
+
+bench: $(STAMP)
+	$(PY) bench/overhead.py
+	$(PY) bench/throughput.py
+	$(PY) bench/visibility.py
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,57 @@
+"""Scrutiny's framework-agnostic core: records, feedback, evaluation, storage, sessions.
+
+Nothing in here imports LangChain or LlamaIndex.
+"""
+
+from __future__ import annotations
+
+from scrutiny.core._context import (
+    add_evaluation_cost,
+    recording_suppressed,
+    suppress_recording,
+)
+from scrutiny.core._errors import (
+    ConfigurationError,
+    FeedbackError,
+    FeedbackTimeout,
+    InvalidFeedbackValue,
+    RecordingError,
+    ScrutinyError,
+    SkipFeedback,
+    StorageError,
+)
+from scrutiny.core._feedback import Feedback, RateLimit, RetryPolicy
+from scrutiny.core._records import Record, RecordStatus, Span, SpanKind, TokenUsage
+from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
+from scrutiny.core._select import Select, Selector
+from scrutiny.core._session import FeedbackMode, ResultListener, Session
+
+__all__ = [
+    "ConfigurationError",
+    "Feedback",
+    "FeedbackCall",
+    "FeedbackError",
+    "FeedbackMode",
+    "FeedbackResult",
+    "FeedbackStatus",
+    "FeedbackTimeout",
+    "InvalidFeedbackValue",
+    "RateLimit",
+    "Record",
+    "RecordStatus",
+    "RecordingError",
+    "ResultListener",
+    "RetryPolicy",
+    "ScrutinyError",
+    "Select",
+    "Selector",
+    "Session",
+    "SkipFeedback",
+    "Span",
+    "SpanKind",
+    "StorageError",
+    "TokenUsage",
+    "add_evaluation_cost",
+    "recording_suppressed",
+    "suppress_recording",
+]

@@ -1,0 +1,62 @@
+"""Context variables shared by the core and the integrations.
+
+`recording_suppressed()` is true inside feedback evaluation: integrations check it and do
+not record the evaluators' own framework calls as application records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["add_evaluation_cost", "evaluation_cost_scope", "recording_suppressed",
+           "suppress_recording"]
+
+_suppressed: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "scrutiny_recording_suppressed", default=False
+)
+_cost: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "scrutiny_evaluation_cost", default=None
+)
+
+
+def recording_suppressed() -> bool:
+    """True while Scrutiny evaluates feedback in this context."""
+    return _suppressed.get()
+
+
+@contextlib.contextmanager
+def suppress_recording() -> Iterator[None]:
+    """Do not record framework calls made inside this block."""
+    token = _suppressed.set(True)
+    try:
+        yield
+    finally:
+        _suppressed.reset(token)
+
+
+@contextlib.contextmanager
+def evaluation_cost_scope() -> Iterator[dict[str, float]]:
+    """Collect what :func:`add_evaluation_cost` reports inside the block."""
+    bucket: dict[str, float] = {}
+    token = _cost.set(bucket)
+    try:
+        yield bucket
+    finally:
+        _cost.reset(token)
+
+
+def add_evaluation_cost(**amounts: Any) -> None:
+    """Report the cost of an evaluator's own calls (tokens, dollars, ...) for its result.
+
+    Providers call this, e.g. ``add_evaluation_cost(prompt_tokens=120, completion_tokens=8)``;
+    outside an evaluation it does nothing.
+    """
+    bucket = _cost.get()
+    if bucket is None:
+        return
+    for key, value in amounts.items():
+        if value is not None:
+            bucket[key] = bucket.get(key, 0) + value

@@ -1,0 +1,227 @@
+"""Dispatch policies: *when and where* feedback is evaluated, behind one small interface.
+
+- :class:`BackgroundDispatch` evaluates on the session's own event-loop thread (modes
+  `with_app_thread` and `with_app`; the latter differs only in the recorder waiting).
+- :class:`NoDispatch` evaluates nothing: results are stored as `skipped` (mode `none`).
+
+The evaluation loop (:class:`EvaluationLoop`) is one daemon thread running asyncio: async
+feedback functions run on it directly, plain ones in a bounded thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiolimiter import AsyncLimiter
+
+from scrutiny.core._evaluate import Evaluator, describe_error
+from scrutiny.core._feedback import Feedback
+from scrutiny.core._results import FeedbackResult, FeedbackStatus
+
+if TYPE_CHECKING:
+    from scrutiny.core._records import Record
+
+__all__ = ["BackgroundDispatch", "DispatchPolicy", "EvaluationLoop", "Job", "NoDispatch"]
+
+logger = logging.getLogger("scrutiny")
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One feedback to evaluate on one record, starting from its stored pending result."""
+
+    feedback: Feedback
+    record: Record
+    pending: FeedbackResult
+    listeners: Sequence[Callable[[FeedbackResult, Record], object]] = ()
+
+
+ResultHook = Callable[[Job, FeedbackResult], None]
+
+
+class DispatchPolicy(Protocol):
+    """Decides what happens to a record's results once its pending rows are stored."""
+
+    name: str
+
+    def initial(self, job: Job) -> FeedbackResult:
+        """The result row written with the record (pending, or already final)."""
+        ...
+
+    def dispatch(self, jobs: list[Job]) -> None:
+        """Start evaluating (called on the writer thread after the rows are committed)."""
+
+
+class NoDispatch:
+    """Mode `none`: nothing is evaluated; each result is stored `skipped` with the reason."""
+
+    name = "none"
+
+    def initial(self, job: Job) -> FeedbackResult:
+        p = job.pending
+        return FeedbackResult(
+            record_id=p.record_id, feedback_name=p.feedback_name,
+            status=FeedbackStatus.SKIPPED, created_at=p.created_at, ended_at=p.created_at,
+            error="not evaluated: feedback_mode is 'none'", result_id=p.result_id,
+            feedback_id=p.feedback_id,
+        )
+
+    def dispatch(self, jobs: list[Job]) -> None:
+        return None
+
+
+class BackgroundDispatch:
+    """Evaluate on the session's evaluation loop."""
+
+    def __init__(self, loop: Callable[[], EvaluationLoop], name: str) -> None:
+        self._loop = loop
+        self.name = name
+
+    def initial(self, job: Job) -> FeedbackResult:
+        return job.pending
+
+    def dispatch(self, jobs: list[Job]) -> None:
+        self._loop().submit(jobs)
+
+
+class _GroupLimit:
+    """A rate limit and/or a concurrency cap shared by one group of feedbacks."""
+
+    def __init__(self, per_minute: float | None, max_concurrent: int | None) -> None:
+        self._rate = AsyncLimiter(per_minute, 60.0) if per_minute else None
+        self._sem = asyncio.Semaphore(max_concurrent) if max_concurrent else None
+
+    @contextlib.asynccontextmanager
+    async def __call__(self) -> AsyncIterator[None]:
+        if self._sem is not None:
+            await self._sem.acquire()
+        try:
+            if self._rate is not None:
+                await self._rate.acquire()
+            yield
+        finally:
+            if self._sem is not None:
+                self._sem.release()
+
+
+class EvaluationLoop:
+    """A daemon thread with an asyncio loop that evaluates jobs.
+
+    Args:
+        max_concurrency: the most feedback calls running at once.
+        thread_pool_size: threads for plain (sync) feedback functions.
+        default_timeout: seconds per attempt when a feedback sets none.
+        on_running: called (on the loop) when a job starts.
+        on_final: called (on the loop) with the end state of each job.
+    """
+
+    def __init__(self, *, max_concurrency: int, thread_pool_size: int,
+                 default_timeout: float | None, on_running: ResultHook,
+                 on_final: ResultHook, name: str = "scrutiny-eval") -> None:
+        self._on_running = on_running
+        self._on_final = on_final
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=thread_pool_size, thread_name_prefix=f"{name}-sync")
+        self._loop = asyncio.new_event_loop()
+        self._limits: dict[str, _GroupLimit] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._max_concurrency = max_concurrency
+        self._default_timeout = default_timeout
+        self._evaluator: Evaluator | None = None
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name=name,
+                                        daemon=True)
+        self._thread.start()
+        ready.wait()
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._evaluator = Evaluator(
+            pool=self._pool, max_concurrency=self._max_concurrency,
+            default_timeout=self._default_timeout, limiter_for=self._limiter_for)
+        ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    def _limiter_for(self, feedback: Feedback) -> Callable[
+            [], AbstractAsyncContextManager[Any]] | None:
+        limit = feedback.rate_limit
+        if limit is None:
+            return None
+        group = limit.group or feedback.name
+        if group not in self._limits:
+            self._limits[group] = _GroupLimit(limit.per_minute, limit.max_concurrent)
+        return self._limits[group]
+
+    # ------------------------------------------------------------------ any thread
+    def submit(self, jobs: list[Job]) -> None:
+        """Schedule jobs; thread-safe, returns at once."""
+        try:
+            self._loop.call_soon_threadsafe(self._start, jobs)
+        except RuntimeError:  # the loop is closed: the results stay pending in the database
+            logger.warning("scrutiny: evaluation loop closed; %d result(s) stay pending",
+                           len(jobs))
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def close(self, timeout: float | None) -> list[Job]:
+        """Cancel what is still running; return the jobs that did not finish."""
+        unfinished: list[Job] = []
+        done = threading.Event()
+
+        def cancel_all() -> None:
+            for task in list(self._tasks):
+                task.cancel()
+                job = getattr(task, "scrutiny_job", None)
+                if job is not None:
+                    unfinished.append(job)
+            done.set()
+
+        if self._loop.is_running():
+            try:
+                self._loop.call_soon_threadsafe(cancel_all)
+                done.wait(timeout)
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            except RuntimeError:
+                pass
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        return unfinished
+
+    # ------------------------------------------------------------------ on the loop
+    def _start(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            task = self._loop.create_task(self._evaluate(job))
+            task.scrutiny_job = job  # type: ignore[attr-defined]
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _evaluate(self, job: Job) -> None:
+        assert self._evaluator is not None
+        try:
+            final = await self._evaluator.evaluate(
+                job.feedback, job.record, job.pending,
+                lambda running: self._on_running(job, running))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug of ours: still a failed result, never a lost one
+            logger.exception("scrutiny: evaluating %r failed unexpectedly", job.feedback.name)
+            final = FeedbackResult(
+                record_id=job.pending.record_id, feedback_name=job.pending.feedback_name,
+                status=FeedbackStatus.FAILED, error=f"internal error: {describe_error(exc)}",
+                result_id=job.pending.result_id, feedback_id=job.pending.feedback_id,
+                created_at=job.pending.created_at)
+        self._on_final(job, final)

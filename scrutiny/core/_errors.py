@@ -1,0 +1,73 @@
+"""Every exception Scrutiny raises lives here.
+
+The tree::
+
+    ScrutinyError
+    ├── ConfigurationError        bad arguments, bad settings, a feedback that cannot be wired
+    ├── RecordingError            a recording used wrongly (no record yet, several records, ...)
+    ├── FeedbackError             raised by a feedback or by its evaluation
+    │   ├── FeedbackTimeout       an attempt took longer than the feedback's timeout
+    │   ├── InvalidFeedbackValue  the function returned something that is not a score
+    │   └── SkipFeedback          raised *by a feedback function* to end as `skipped`
+    └── StorageError              the database refused or failed a request
+
+Errors that happen while evaluating never reach the application: they become `failed`
+results with the reason. Errors are raised to the user only for misuse of the API.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "FeedbackError",
+    "FeedbackTimeout",
+    "InvalidFeedbackValue",
+    "RecordingError",
+    "ScrutinyError",
+    "SkipFeedback",
+    "StorageError",
+]
+
+
+class ScrutinyError(Exception):
+    """Base class of every error raised by Scrutiny."""
+
+
+class ConfigurationError(ScrutinyError, ValueError):
+    """An argument or setting is invalid; the message says how to fix it."""
+
+
+class RecordingError(ScrutinyError, RuntimeError):
+    """A recording was used in a way that cannot give a record."""
+
+
+class FeedbackError(ScrutinyError):
+    """A feedback function could not produce a score."""
+
+
+class FeedbackTimeout(FeedbackError, TimeoutError):
+    """One attempt of a feedback function ran longer than its timeout."""
+
+    def __init__(self, message: str, *, timeout: float) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class InvalidFeedbackValue(FeedbackError, TypeError):
+    """A feedback function returned a value that is not a finite score."""
+
+    def __init__(self, message: str, *, value: object) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+class SkipFeedback(FeedbackError):
+    """Raise inside a feedback function to end its result as `skipped` with this reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StorageError(ScrutinyError, RuntimeError):
+    """The database could not store or read what was asked."""

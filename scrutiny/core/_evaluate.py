@@ -1,0 +1,230 @@
+"""Evaluating one feedback on one record: selection, calls, timeouts, retries, the verdict.
+
+Everything that can go wrong ends as a `failed` (or `skipped`) :class:`FeedbackResult` with a
+readable reason; nothing here raises to its caller except cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import dataclasses
+import logging
+import math
+import random
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from scrutiny.core._context import _suppressed, evaluation_cost_scope
+from scrutiny.core._errors import FeedbackTimeout, InvalidFeedbackValue, SkipFeedback
+from scrutiny.core._feedback import Feedback, coerce_feedback_value
+from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
+from scrutiny.core._select import EmptySelection
+
+if TYPE_CHECKING:
+    from scrutiny.core._records import Record
+
+__all__ = ["Evaluator", "describe_error"]
+
+logger = logging.getLogger("scrutiny")
+
+Limiter = Callable[[], AbstractAsyncContextManager[Any]]
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line, readable reason."""
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    """A server's retry-after hint, when the exception carries one."""
+    for attr in ("retry_after", "retry_after_seconds"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int | float) and value >= 0:
+            return float(value)
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is not None:
+        try:
+            value = headers.get("retry-after") or headers.get("Retry-After")
+            return float(value) if value is not None else None
+        except (TypeError, ValueError, AttributeError):
+            return None
+    return None
+
+
+@dataclasses.dataclass(slots=True)
+class _CallOutcome:
+    call: FeedbackCall
+    status: FeedbackStatus
+    attempts: int
+
+
+class Evaluator:
+    """Runs feedbacks on the session's event loop.
+
+    Args:
+        pool: the thread pool for plain (sync) feedback functions.
+        max_concurrency: the most feedback calls running at once in this session.
+        default_timeout: seconds one attempt may take when the feedback sets none.
+        limiter_for: returns the shared rate limiter of a feedback (or None).
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: concurrent.futures.Executor,
+        max_concurrency: int,
+        default_timeout: float | None,
+        limiter_for: Callable[[Feedback], Limiter | None],
+    ) -> None:
+        self._pool = pool
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._default_timeout = default_timeout
+        self._limiter_for = limiter_for
+        self._warned: set[str] = set()
+
+    async def evaluate(
+        self,
+        feedback: Feedback,
+        record: Record,
+        pending: FeedbackResult,
+        on_started: Callable[[FeedbackResult], None],
+    ) -> FeedbackResult:
+        """The end state of `feedback` on `record` (done, failed or skipped)."""
+        _suppressed.set(True)  # this task's own context: evaluator calls are not recorded
+        started = datetime.now(timezone.utc)
+        try:
+            calls = feedback.calls_for(record)
+        except EmptySelection as exc:
+            return self._end(pending, FeedbackStatus.SKIPPED, started, error=str(exc))
+        except Exception as exc:
+            return self._end(pending, FeedbackStatus.FAILED, started,
+                             error=f"selecting the arguments failed: {describe_error(exc)}")
+        running = dataclasses.replace(pending, status=FeedbackStatus.RUNNING,
+                                      started_at=started, attempts=1)
+        on_started(running)
+        with evaluation_cost_scope() as cost:
+            outcomes = await asyncio.gather(*(self._call(feedback, args) for args in calls))
+        return self._verdict(feedback, pending, started, outcomes, dict(cost) or None)
+
+    # ------------------------------------------------------------------ one call
+    async def _call(self, feedback: Feedback, args: dict[str, Any]) -> _CallOutcome:
+        policy = feedback.retry
+        timeout = feedback.timeout if feedback.timeout is not None else self._default_timeout
+        limiter = self._limiter_for(feedback)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with limiter() if limiter else nullcontext(), self._semaphore:
+                    value = await self._attempt(feedback, args, timeout)
+                score, explanation, metadata = coerce_feedback_value(value)
+                call = FeedbackCall(args=args, score=score, explanation=explanation,
+                                    metadata=metadata)
+                return _CallOutcome(call, FeedbackStatus.DONE, attempt)
+            except SkipFeedback as exc:
+                return _CallOutcome(FeedbackCall(args=args, error=exc.reason),
+                                    FeedbackStatus.SKIPPED, attempt)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                retryable = isinstance(exc, policy.retry_on) and not isinstance(
+                    exc, policy.never_retry_on)
+                if retryable and attempt < policy.attempts:
+                    delay = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))
+                    delay = delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter
+                    hint = _retry_after(exc)
+                    if hint is not None:
+                        delay = max(delay, hint)
+                    logger.debug("feedback %r attempt %d failed (%s); retrying in %.2fs",
+                                 feedback.name, attempt, describe_error(exc), delay)
+                    await asyncio.sleep(delay)
+                    continue
+                reason = describe_error(exc)
+                if isinstance(exc, InvalidFeedbackValue):
+                    metadata = {"raw_value": repr(exc.value)[:2000]}
+                else:
+                    metadata = {}
+                if attempt > 1:
+                    reason += f" (after {attempt} attempts)"
+                self._log_failure(feedback, reason)
+                return _CallOutcome(FeedbackCall(args=args, error=reason, metadata=metadata),
+                                    FeedbackStatus.FAILED, attempt)
+
+    async def _attempt(self, feedback: Feedback, args: dict[str, Any],
+                       timeout: float | None) -> Any:
+        fn = feedback.fn
+        awaitable: Awaitable[Any]
+        if feedback.is_async:
+            awaitable = fn(**args)
+        else:
+            loop = asyncio.get_running_loop()
+            ctx = contextvars.copy_context()
+            awaitable = loop.run_in_executor(self._pool, lambda: ctx.run(fn, **args))
+        try:
+            value = await asyncio.wait_for(awaitable, timeout)
+        except asyncio.TimeoutError:
+            raise FeedbackTimeout(
+                f"timed out after {timeout:g} s", timeout=timeout or 0.0) from None
+        if asyncio.iscoroutine(value):  # a sync wrapper that returned a coroutine
+            value = await asyncio.wait_for(value, timeout)
+        return value
+
+    # ------------------------------------------------------------------ the verdict
+    def _verdict(self, feedback: Feedback, pending: FeedbackResult, started: datetime,
+                 outcomes: list[_CallOutcome], cost: dict[str, Any] | None) -> FeedbackResult:
+        calls = [o.call for o in outcomes]
+        attempts = max((o.attempts for o in outcomes), default=1)
+        failed = [o for o in outcomes if o.status is FeedbackStatus.FAILED]
+        done = [o for o in outcomes if o.status is FeedbackStatus.DONE]
+
+        def end(status: FeedbackStatus, **values: Any) -> FeedbackResult:
+            return dataclasses.replace(
+                pending, status=status, started_at=started,
+                ended_at=datetime.now(timezone.utc), calls=calls, attempts=attempts,
+                cost=cost, **values)
+
+        if failed:
+            error = failed[0].call.error or "failed"
+            if len(outcomes) > 1:
+                error = f"{len(failed)} of {len(outcomes)} calls failed; first: {error}"
+            return end(FeedbackStatus.FAILED, error=error)
+        if not done:
+            reasons = sorted({o.call.error or "skipped" for o in outcomes})
+            return end(FeedbackStatus.SKIPPED, error="; ".join(reasons))
+        scores = [o.call.score for o in done if o.call.score is not None]
+        try:
+            score = float(feedback.aggregator(scores)) if len(scores) > 1 else scores[0]
+        except Exception as exc:
+            return end(FeedbackStatus.FAILED, error=f"aggregating {len(scores)} scores "
+                                                    f"failed: {describe_error(exc)}")
+        if not math.isfinite(score):
+            return end(FeedbackStatus.FAILED, error=f"the aggregate score is {score}")
+        explanations = [o.call.explanation for o in done if o.call.explanation]
+        if len(done) == 1:
+            explanation = explanations[0] if explanations else None
+        else:
+            explanation = "\n".join(f"[{i}] {e}" for i, e in enumerate(explanations)) or None
+        return end(FeedbackStatus.DONE, result=score, explanation=explanation)
+
+    @staticmethod
+    def _end(pending: FeedbackResult, status: FeedbackStatus, started: datetime, *,
+             error: str) -> FeedbackResult:
+        """An end state reached before any call was made."""
+        return dataclasses.replace(
+            pending, status=status, error=error, started_at=started,
+            ended_at=datetime.now(timezone.utc))
+
+    def _log_failure(self, feedback: Feedback, reason: str) -> None:
+        if feedback.name in self._warned:
+            logger.debug("feedback %r failed: %s", feedback.name, reason)
+            return
+        self._warned.add(feedback.name)
+        logger.warning("feedback %r failed: %s (further failures of it are logged at DEBUG; "
+                       "every one is stored as a failed result)", feedback.name, reason)

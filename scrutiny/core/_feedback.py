@@ -1,0 +1,341 @@
+"""Feedback definitions: a function, what it is wired to, and how it may be run.
+
+A :class:`Feedback` is immutable in use: `.on(...)`, `.on_output()` and friends return a new
+feedback, so one function can be wired several ways. Its identity (not its name) keys the
+results of `Record.wait_for_feedback_results()`, so keep the objects you passed to the
+recorder if you want to look results up by them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import itertools
+import math
+import numbers
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from scrutiny.core._errors import ConfigurationError, InvalidFeedbackValue
+from scrutiny.core._select import Select, Selector, as_selector
+
+if TYPE_CHECKING:
+    from scrutiny.core._records import Record
+
+__all__ = ["Feedback", "RateLimit", "RetryPolicy", "coerce_feedback_value"]
+
+Aggregator = Callable[[list[float]], float]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently a failing feedback call is tried again.
+
+    Args:
+        attempts: total attempts (1 means no retry).
+        initial_backoff: seconds before the first retry; doubles each time, with jitter.
+        max_backoff: the longest wait between attempts.
+        retry_on: exception types that are worth another attempt.
+        never_retry_on: exception types that are final even if they match `retry_on`
+            (by default, values that are not a score: running again would not change them).
+    """
+
+    attempts: int = 1
+    initial_backoff: float = 0.5
+    max_backoff: float = 30.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    never_retry_on: tuple[type[BaseException], ...] = (InvalidFeedbackValue,)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigurationError(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
+        if self.initial_backoff < 0 or self.max_backoff < 0:
+            raise ConfigurationError("RetryPolicy backoff values must be >= 0 seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A budget shared by every feedback with the same `group` (e.g. one judge's API key).
+
+    Args:
+        per_minute: the most calls started in any 60 s window (None: no rate limit).
+        max_concurrent: the most calls running at once (None: only the session's limit).
+        group: feedbacks that name the same group share the budget.
+    """
+
+    per_minute: float | None = None
+    max_concurrent: int | None = None
+    group: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.per_minute is not None and self.per_minute <= 0:
+            raise ConfigurationError("RateLimit.per_minute must be > 0 (or None for no limit)")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigurationError("RateLimit.max_concurrent must be >= 1 (or None)")
+
+
+def _mean(scores: list[float]) -> float:
+    return statistics.fmean(scores)
+
+
+class Feedback:
+    """A feedback function and its wiring.
+
+    Args:
+        fn: a plain or `async` function returning a score: a number, a
+            `(score, explanation)` pair, or a mapping with a ``"score"`` key (and optionally
+            ``"explanation"`` / ``"reason"``). Raise :class:`SkipFeedback` to end `skipped`.
+        name: the column name; defaults to the function's name.
+        higher_is_better: how the leaderboard ranks the score.
+        timeout: seconds one attempt may take (None: the session's default).
+        retries: extra attempts after a failure (shorthand for `retry=RetryPolicy(...)`).
+        retry: a full :class:`RetryPolicy`.
+        aggregate: how the scores of a fanned-out selection combine (default: mean).
+        rate_limit: a :class:`RateLimit` shared with other feedbacks of its group.
+
+    Raises:
+        ConfigurationError: `fn` is not callable or the options are inconsistent.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        name: str | None = None,
+        *,
+        higher_is_better: bool = True,
+        timeout: float | None = None,
+        retries: int | None = None,
+        retry: RetryPolicy | None = None,
+        aggregate: Aggregator | None = None,
+        rate_limit: RateLimit | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise ConfigurationError(f"Feedback needs a function, got {fn!r}")
+        if retries is not None and retry is not None:
+            raise ConfigurationError("give either retries= or retry=, not both")
+        if retries is not None and retries < 0:
+            raise ConfigurationError(f"retries must be >= 0, got {retries}")
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout}")
+        self.fn = fn
+        self.name = name or _function_name(fn)
+        if not self.name or not isinstance(self.name, str):
+            raise ConfigurationError("a feedback needs a non-empty name: pass name='...'")
+        self.higher_is_better = higher_is_better
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy(attempts=1 + (retries or 0))
+        self.aggregator: Aggregator = aggregate or _mean
+        self.rate_limit = rate_limit
+        self.bindings: dict[str, Selector] = {}
+        self._params = _parameters(fn)
+
+    # ------------------------------------------------------------------ wiring
+    def on(self, *selectors: Selector | Callable[[Record], Any],
+           **named: Selector | Callable[[Record], Any]) -> Feedback:
+        """Wire the function's parameters to selectors, positionally and/or by name."""
+        new = self._copy()
+        free = [p for p in self._params.names if p not in new.bindings]
+        for key, sel in named.items():
+            if key not in self._params.names and not self._params.var_keyword:
+                raise ConfigurationError(
+                    f"feedback {self.name!r}: {_function_name(self.fn)}() has no parameter "
+                    f"{key!r}; its parameters are {self._params.names}"
+                )
+            new.bindings[key] = as_selector(sel)
+            if key in free:
+                free.remove(key)
+        if len(selectors) > len(free):
+            raise ConfigurationError(
+                f"feedback {self.name!r}: {_function_name(self.fn)}() takes "
+                f"{len(self._params.names)} argument(s) {self._params.names} but "
+                f"{len(selectors) + len(named) + len(self.bindings)} selection(s) were given"
+            )
+        for key, sel in zip(free, selectors, strict=False):
+            new.bindings[key] = as_selector(sel)
+        return new
+
+    def on_input(self) -> Feedback:
+        """Pass the record's main input as the first argument."""
+        return self.on(Select.input)
+
+    def on_output(self) -> Feedback:
+        """Pass the record's main output as the first argument."""
+        return self.on(Select.output)
+
+    def on_input_output(self) -> Feedback:
+        """Pass the main input and the main output as the first two arguments."""
+        return self.on(Select.input, Select.output)
+
+    def on_contexts(self) -> Feedback:
+        """Pass each retrieved context (the function is called once per context)."""
+        return self.on(Select.contexts)
+
+    def aggregate(self, fn: Aggregator) -> Feedback:
+        """How the scores of a fanned-out selection are combined (default: mean)."""
+        new = self._copy()
+        new.aggregator = fn
+        return new
+
+    def _copy(self) -> Feedback:
+        new = copy.copy(self)
+        new.bindings = dict(self.bindings)
+        return new
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def is_async(self) -> bool:
+        return _is_async_callable(self.fn)
+
+    @property
+    def implementation(self) -> str | None:
+        """`module:qualname` of the function, or None when it cannot be imported by path."""
+        module = getattr(self.fn, "__module__", None)
+        qualname = getattr(self.fn, "__qualname__", None)
+        if not module or not qualname or "<" in qualname:
+            return None
+        return f"{module}:{qualname}"
+
+    @property
+    def selectors(self) -> dict[str, str]:
+        """Parameter name -> selector label, as stored with the definition."""
+        return {k: repr(v) for k, v in self.bindings.items()}
+
+    @property
+    def feedback_id(self) -> str:
+        """A stable id of the definition (name, implementation and wiring)."""
+        text = repr((self.name, self.implementation, sorted(self.selectors.items())))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def check_wired(self) -> None:
+        """Raise :class:`ConfigurationError` unless every required parameter is wired."""
+        if not self.bindings:
+            raise ConfigurationError(
+                f"feedback {self.name!r} is not wired to anything: call .on_output(), "
+                ".on_input_output(), .on_contexts() or .on(param=Select....) before "
+                "passing it to a recorder"
+            )
+        missing = [p for p in self._params.required if p not in self.bindings]
+        if missing:
+            raise ConfigurationError(
+                f"feedback {self.name!r}: required parameter(s) {missing} of "
+                f"{_function_name(self.fn)}() are not wired; wire them with .on(...)"
+            )
+
+    def __repr__(self) -> str:
+        wiring = ", ".join(f"{k}={v}" for k, v in self.selectors.items())
+        return f"Feedback({self.name!r}, {wiring})"
+
+    # ------------------------------------------------------------------ evaluation
+    def calls_for(self, record: Record) -> list[dict[str, Any]]:
+        """The argument sets to call the function with (several when a selection fans out).
+
+        Raises:
+            EmptySelection: a selector found nothing; the result is `skipped`.
+        """
+        fixed: dict[str, Any] = {}
+        fanned: list[tuple[str, Sequence[Any]]] = []
+        for param, selector in self.bindings.items():
+            value = selector.select(record)
+            if selector.fan_out:
+                fanned.append((param, list(value)))
+            else:
+                fixed[param] = value
+        if not fanned:
+            return [fixed]
+        names = [p for p, _ in fanned]
+        return [
+            {**fixed, **dict(zip(names, combo, strict=True))}
+            for combo in itertools.product(*(values for _, values in fanned))
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Params:
+    names: list[str]
+    required: list[str]
+    var_keyword: bool
+
+
+def _parameters(fn: Callable[..., Any]) -> _Params:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return _Params([], [], True)
+    names: list[str] = []
+    required: list[str] = []
+    var_keyword = False
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY):
+            names.append(p.name)
+            if p.default is p.empty:
+                required.append(p.name)
+        elif p.kind is p.VAR_KEYWORD:
+            var_keyword = True
+    return _Params(names, required, var_keyword)
+
+
+def _function_name(fn: Callable[..., Any]) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return "feedback" if name == "<lambda>" else str(name)
+
+
+def _is_async_callable(fn: Any) -> bool:
+    while hasattr(fn, "func"):  # functools.partial
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - async __call__ of callable objects
+    )
+
+
+def coerce_feedback_value(value: Any) -> tuple[float, str | None, dict[str, Any]]:
+    """Turn what a feedback function returned into (score, explanation, metadata).
+
+    Raises:
+        InvalidFeedbackValue: the value holds no finite number.
+    """
+    explanation: str | None = None
+    metadata: dict[str, Any] = {}
+    raw = value
+    if isinstance(value, tuple) and len(value) == 2:
+        value, extra = value
+        if isinstance(extra, Mapping):
+            metadata = dict(extra)
+            explanation = _explanation_from(metadata)
+        elif extra is not None:
+            explanation = str(extra)
+    elif isinstance(value, Mapping):
+        if "score" not in value:
+            raise InvalidFeedbackValue(
+                f"returned a mapping without a 'score' key: {_short(raw)}", value=raw
+            )
+        metadata = {k: v for k, v in value.items() if k != "score"}
+        explanation = _explanation_from(metadata)
+        value = value["score"]
+    if isinstance(value, bool):
+        return float(value), explanation, metadata
+    if isinstance(value, numbers.Real):
+        score = float(value)
+        if not math.isfinite(score):
+            raise InvalidFeedbackValue(f"returned {score}, which is not a finite number",
+                                       value=raw)
+        return score, explanation, metadata
+    raise InvalidFeedbackValue(
+        f"returned {_short(raw)} ({type(raw).__name__}); a feedback must return a number, "
+        "a (number, explanation) pair or a mapping with a 'score' key",
+        value=raw,
+    )
+
+
+def _explanation_from(metadata: Mapping[str, Any]) -> str | None:
+    for key in ("explanation", "reason", "reasons"):
+        if key in metadata and metadata[key] is not None:
+            return str(metadata[key])
+    return None
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

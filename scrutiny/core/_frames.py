@@ -1,0 +1,126 @@
+"""The pandas tables users read: records with feedback, and the leaderboard."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from scrutiny.core import _serialize
+from scrutiny.core.storage import Row
+
+__all__ = ["STATUS_SUFFIX", "leaderboard_frame", "records_frame"]
+
+STATUS_SUFFIX = " status"
+
+_RECORD_COLUMNS = [
+    "app_id", "app_name", "app_version", "record_id", "input", "output", "status", "error",
+    "latency", "prompt_tokens", "completion_tokens", "total_tokens", "start_time",
+    "end_time", "tags",
+]
+
+
+def records_frame(records: Sequence[Row], results: Sequence[Row]) -> tuple[pd.DataFrame,
+                                                                           list[str]]:
+    """A row per record; per feedback a score column and beside it a status column."""
+    by_record: dict[str, list[Row]] = {}
+    names: set[str] = set()
+    for r in results:
+        by_record.setdefault(r["record_id"], []).append(r)
+        names.add(r["feedback_name"])
+    feedback_columns = sorted(names)
+    rows: list[dict[str, Any]] = []
+    for rec in records:
+        row: dict[str, Any] = {
+            "app_id": rec["app_id"],
+            "app_name": rec["app_name"],
+            "app_version": rec["app_version"],
+            "record_id": rec["record_id"],
+            "input": _serialize.loads(rec.get("input_json")),
+            "output": _serialize.loads(rec.get("output_json")),
+            "status": rec["status"],
+            "error": rec.get("error"),
+            "latency": rec["latency_s"],
+            "prompt_tokens": rec.get("prompt_tokens"),
+            "completion_tokens": rec.get("completion_tokens"),
+            "total_tokens": rec.get("total_tokens"),
+            "start_time": rec["start_time"],
+            "end_time": rec["end_time"],
+            "tags": _serialize.loads(rec.get("tags_json")) or [],
+        }
+        for name in feedback_columns:
+            row[name] = float("nan")
+            row[name + STATUS_SUFFIX] = None
+        for res in by_record.get(rec["record_id"], []):
+            name = res["feedback_name"]
+            row[name] = res["score"] if res["score"] is not None else float("nan")
+            row[name + STATUS_SUFFIX] = res["status"]
+        rows.append(row)
+    columns = list(_RECORD_COLUMNS)
+    for name in feedback_columns:
+        columns += [name, name + STATUS_SUFFIX]
+    frame = pd.DataFrame(rows, columns=columns)
+    for name in feedback_columns:
+        frame[name] = frame[name].astype("float64")
+    for col in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        frame[col] = frame[col].astype("Int64")
+    if not frame.empty:
+        frame["start_time"] = pd.to_datetime(frame["start_time"], utc=True)
+        frame["end_time"] = pd.to_datetime(frame["end_time"], utc=True)
+    return frame, feedback_columns
+
+
+def leaderboard_frame(records: Sequence[Row], results: Sequence[Row],
+                      higher_is_better: dict[str, bool]) -> pd.DataFrame:
+    """Mean score per app version per feedback (done results only), with counts.
+
+    Columns: one per feedback (the mean), then `records`, `latency` (mean seconds),
+    `total_tokens` (mean, where reported), `pending`, `running`, `failed`, `skipped` (counts
+    over all feedbacks). Rows are ranked best first by the mean of per-feedback ranks, each
+    rank following that feedback's `higher_is_better`. `frame.attrs["higher_is_better"]`
+    keeps the directions.
+    """
+    index_cols = ["app_name", "app_version"]
+    recs = pd.DataFrame(records, columns=["record_id", "app_id", "app_name", "app_version",
+                                          "latency_s", "total_tokens"])
+    if recs.empty:
+        empty = pd.DataFrame(columns=[*index_cols, "records"]).set_index(index_cols)
+        empty.attrs["higher_is_better"] = {}
+        return empty
+    apps = recs[["app_id", *index_cols]].drop_duplicates("app_id")
+    base = recs.groupby(index_cols).agg(
+        records=("record_id", "count"),
+        latency=("latency_s", "mean"),
+        total_tokens=("total_tokens", "mean"),
+    )
+    res = pd.DataFrame(results, columns=["app_id", "feedback_id", "feedback_name", "status",
+                                         "score"])
+    res = res.merge(apps, on="app_id", how="inner")
+    done = res[res["status"] == "done"]
+    means = done.pivot_table(index=index_cols, columns="feedback_name", values="score",
+                             aggfunc="mean")
+    counts = res.pivot_table(index=index_cols, columns="status", values="feedback_name",
+                             aggfunc="count")
+    frame = means.join(base, how="outer") if not means.empty else base
+    for status in ("pending", "running", "failed", "skipped"):
+        col = counts[status] if status in counts.columns else None
+        frame[status] = (col.reindex(frame.index) if col is not None else 0)
+        frame[status] = frame[status].fillna(0).astype(int)
+    feedback_names = sorted(set(res["feedback_name"]))
+    for name in feedback_names:
+        if name not in frame.columns:
+            frame[name] = float("nan")
+    if feedback_names and len(frame) > 1:
+        ranks = pd.concat(
+            [frame[n].rank(ascending=not higher_is_better.get(n, True)) for n in feedback_names],
+            axis=1,
+        )
+        frame = frame.assign(_rank=ranks.mean(axis=1)).sort_values("_rank", na_position="last")
+        frame = frame.drop(columns="_rank")
+    frame = frame[[*feedback_names, "records", "latency", "total_tokens", "pending", "running",
+                   "failed", "skipped"]]
+    frame.columns.name = None
+    frame.attrs["higher_is_better"] = {n: higher_is_better.get(n, True)
+                                       for n in feedback_names}
+    return frame

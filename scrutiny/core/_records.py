@@ -1,0 +1,335 @@
+"""Records and their spans: what one root invocation of an application did.
+
+A :class:`Record` is built by an integration from the framework's own events (one per root
+run) and handed to :meth:`Session.ingest`. It carries the main input and output (already
+reduced to plain values where the framework makes that obvious), the retrieved contexts, the
+flat list of :class:`Span` objects that form the call tree, token usage and timing.
+
+Spans are created on the application's thread, so they hold references only: nothing is
+copied or serialized until the session's writer thread stores the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from scrutiny.core._results import FeedbackResult, FeedbackStatus
+
+if TYPE_CHECKING:
+    from scrutiny.core._feedback import Feedback
+
+__all__ = ["Record", "RecordStatus", "Span", "SpanKind", "TokenUsage", "utc_from_timestamp"]
+
+logger = logging.getLogger("scrutiny")
+
+ResultsCallback = Callable[[dict["Feedback", FeedbackResult]], object]
+
+
+def utc_from_timestamp(ts: float | None) -> datetime | None:
+    """Turn an epoch timestamp into a timezone-aware UTC datetime (None stays None)."""
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+class RecordStatus(str, enum.Enum):
+    """How the root invocation ended."""
+
+    OK = "ok"
+    ERROR = "error"
+    CANCELLED = "cancelled"  # a stream the consumer stopped early, a cancelled task
+
+
+class SpanKind(str, enum.Enum):
+    """What a span stands for; integrations map their framework's run types onto these."""
+
+    CHAIN = "chain"
+    LLM = "llm"
+    CHAT_MODEL = "chat_model"
+    RETRIEVER = "retriever"
+    TOOL = "tool"
+    EMBEDDING = "embedding"
+    PARSER = "parser"
+    PROMPT = "prompt"
+    QUERY = "query"
+    SYNTHESIZE = "synthesize"
+    OTHER = "other"
+
+
+@dataclass(slots=True)
+class TokenUsage:
+    """Token counts as the model reported them; a count the model did not send stays None."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+    @staticmethod
+    def total(usages: list[TokenUsage | None]) -> TokenUsage | None:
+        """Add up several usages; None when none of them reported anything."""
+        reported = [u for u in usages if u is not None]
+        if not reported:
+            return None
+
+        def add(values: list[int | None]) -> int | None:
+            present = [v for v in values if v is not None]
+            return sum(present) if present else None
+
+        prompt = add([u.prompt_tokens for u in reported])
+        completion = add([u.completion_tokens for u in reported])
+        total = add([u.total_tokens for u in reported])
+        if total is None and prompt is not None and completion is not None:
+            total = prompt + completion
+        return TokenUsage(prompt, completion, total)
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(slots=True, eq=False)
+class Span:
+    """One step of the call tree: a chain, a model call, a retrieval, a tool call, ..."""
+
+    span_id: str
+    parent_id: str | None
+    name: str
+    kind: str
+    start_time: float
+    end_time: float | None = None
+    inputs: Any = None
+    outputs: Any = None
+    error: str | None = None
+    usage: TokenUsage | None = None
+    model: str | None = None
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds between start and end, or None while the span is open."""
+        return None if self.end_time is None else self.end_time - self.start_time
+
+
+@dataclass(eq=False)
+class Record:
+    """One root invocation of an application, with its span tree and feedback results."""
+
+    app_name: str
+    app_version: str
+    input: Any = None
+    output: Any = None
+    record_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    status: RecordStatus = RecordStatus.OK
+    error: str | None = None
+    start_time: float = 0.0
+    end_time: float = 0.0
+    spans: list[Span] = field(default_factory=list)
+    contexts: list[str] = field(default_factory=list)
+    usage: TokenUsage | None = None
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    framework: str | None = None
+    root_run_id: str | None = None
+    _slots: dict[Feedback, _ResultSlot] = field(default_factory=dict, repr=False)
+
+    # ----------------------------------------------------------------- derived values
+    @property
+    def app_id(self) -> str:
+        """The id of the (name, version) pair this record belongs to."""
+        return app_id_for(self.app_name, self.app_version)
+
+    @property
+    def latency(self) -> float:
+        """Seconds from the start of the root run to its end."""
+        return max(0.0, self.end_time - self.start_time)
+
+    @property
+    def start_datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.start_time, tz=timezone.utc)
+
+    @property
+    def end_datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.end_time, tz=timezone.utc)
+
+    def root_span(self) -> Span | None:
+        """The span of the root run (the first one without a parent)."""
+        return next((s for s in self.spans if s.parent_id is None), None)
+
+    def children(self, span: Span) -> list[Span]:
+        """The spans whose parent is `span`, in start order."""
+        return [s for s in self.spans if s.parent_id == span.span_id]
+
+    def walk(self) -> Iterator[tuple[int, Span]]:
+        """Every span with its depth, depth first, children in start order."""
+        by_parent: dict[str | None, list[Span]] = {}
+        known = {s.span_id for s in self.spans}
+        for s in sorted(self.spans, key=lambda s: s.start_time):
+            parent = s.parent_id if s.parent_id in known else None
+            by_parent.setdefault(parent, []).append(s)
+        stack: list[tuple[int, Span]] = [(0, s) for s in reversed(by_parent.get(None, []))]
+        while stack:
+            depth, span = stack.pop()
+            yield depth, span
+            stack.extend((depth + 1, c) for c in reversed(by_parent.get(span.span_id, [])))
+
+    def spans_of_kind(self, *kinds: str) -> list[Span]:
+        wanted = {str(getattr(k, "value", k)) for k in kinds}
+        return [s for s in self.spans if str(s.kind) in wanted]
+
+    # ----------------------------------------------------------------- feedback results
+    @property
+    def feedback_results(self) -> dict[Feedback, FeedbackResult]:
+        """The latest known result of each feedback (pending ones included)."""
+        return {fb: slot.current for fb, slot in self._slots.items()}
+
+    def feedback_futures(self) -> dict[Feedback, concurrent.futures.Future[FeedbackResult]]:
+        """One future per feedback; each resolves after its result is stored."""
+        return {fb: slot.future for fb, slot in self._slots.items()}
+
+    def wait_for_feedback_results(
+        self,
+        timeout: float | None = None,
+        *,
+        callback: ResultsCallback | None = None,
+    ) -> dict[Feedback, FeedbackResult]:
+        """Wait for every feedback result of this record.
+
+        Args:
+            timeout: the most seconds to block; None waits until all are stored.
+            callback: when given, return at once; `callback(results)` runs exactly once,
+                on a Scrutiny thread, after every result is stored. Its exceptions are logged.
+
+        Returns:
+            `{feedback: result}`. Every returned result that is `done`, `failed` or
+            `skipped` is already in the database. Results still pending or running when the
+            timeout runs out are returned with that status (and a warning is logged); they
+            are never dropped or turned into a score.
+        """
+        if callback is not None:
+            self._add_completion_callback(callback)
+            return self.feedback_results
+        futures = [slot.future for slot in self._slots.values()]
+        _, not_done = concurrent.futures.wait(futures, timeout=timeout)
+        if not_done:
+            logger.warning(
+                "wait_for_feedback_results: %d of %d feedback results of record %s were not "
+                "finished after %ss; they are returned with their current status and will "
+                "still be stored when they finish",
+                len(not_done), len(futures), self.record_id, timeout,
+            )
+        return self.feedback_results
+
+    async def await_feedback_results(
+        self, timeout: float | None = None
+    ) -> dict[Feedback, FeedbackResult]:
+        """The async form of :meth:`wait_for_feedback_results`: never blocks the event loop."""
+        futures = [asyncio.wrap_future(slot.future) for slot in self._slots.values()]
+        if futures:
+            _, not_done = await asyncio.wait(futures, timeout=timeout)
+            for f in not_done:  # stop the wrappers; the evaluation itself goes on
+                f.cancel()
+        return self.feedback_results
+
+    def _add_completion_callback(self, callback: ResultsCallback) -> None:
+        slots = list(self._slots.values())
+        state = _CallbackState(callback, len(slots), self)
+        if not slots:
+            state.fire()
+            return
+        for slot in slots:
+            slot.on_done(state.one_done)
+
+
+def app_id_for(app_name: str, app_version: str) -> str:
+    """A stable, readable id for an app version."""
+    return f"{app_name}:{app_version}"
+
+
+class _CallbackState:
+    """Counts finished results and fires the user's callback once, outside any lock."""
+
+    __slots__ = ("_callback", "_lock", "_record", "_remaining")
+
+    def __init__(self, callback: ResultsCallback, remaining: int, record: Record) -> None:
+        self._callback = callback
+        self._remaining = remaining
+        self._lock = threading.Lock()
+        self._record = record
+
+    def one_done(self) -> None:
+        with self._lock:
+            self._remaining -= 1
+            last = self._remaining == 0
+        if last:
+            self.fire()
+
+    def fire(self) -> None:
+        try:
+            self._callback(self._record.feedback_results)
+        except Exception:
+            logger.exception("feedback results callback %r raised", self._callback)
+
+
+class _ResultSlot:
+    """The current state of one (record, feedback) result and the future of its end."""
+
+    __slots__ = ("_listeners", "_lock", "current", "future")
+
+    def __init__(self, initial: FeedbackResult) -> None:
+        self.current = initial
+        self.future: concurrent.futures.Future[FeedbackResult] = concurrent.futures.Future()
+        self._listeners: list[Callable[[], object]] = []
+        self._lock = threading.Lock()
+
+    def update(self, result: FeedbackResult) -> None:
+        """A new state that has been stored (running, or an end state)."""
+        if self.future.done():
+            return  # an end state is final
+        self.current = result
+
+    def finish(self, result: FeedbackResult) -> list[Callable[[], object]]:
+        """Resolve the future with a stored end state; returns the listeners to notify."""
+        with self._lock:
+            if self.future.done():
+                return []
+            self.current = result
+            listeners, self._listeners = self._listeners, []
+        self.future.set_result(result)
+        return listeners
+
+    def on_done(self, listener: Callable[[], object]) -> None:
+        """Call `listener()` once the end state is stored (at once if it already is)."""
+        with self._lock:
+            if not self.future.done():
+                self._listeners.append(listener)
+                return
+        listener()
+
+
+def new_slot(record: Record, feedback: Feedback) -> _ResultSlot:
+    """Create the pending result of `feedback` on `record` and attach it."""
+    slot = _ResultSlot(
+        FeedbackResult(
+            record_id=record.record_id,
+            feedback_name=feedback.name,
+            status=FeedbackStatus.PENDING,
+        )
+    )
+    record._slots[feedback] = slot
+    return slot
+
+
+def result_statuses(record: Record) -> Mapping[str, FeedbackStatus]:
+    """Feedback name -> current status, for messages and tests."""
+    return {fb.name: slot.current.status for fb, slot in record._slots.items()}

@@ -1,0 +1,117 @@
+"""Feedback results and their statuses.
+
+Every (record, feedback) pair has exactly one result row from the moment the record is
+stored. Its status says where it is: `pending` (stored, not started), `running`, then one of
+the end states `done` (a score), `failed` (a reason, never a score) or `skipped` (a reason,
+never a score). A score of None therefore always comes with a status that explains it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = ["FeedbackCall", "FeedbackResult", "FeedbackStatus"]
+
+
+class FeedbackStatus(str, enum.Enum):
+    """Where a feedback result is in its life."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (FeedbackStatus.DONE, FeedbackStatus.FAILED, FeedbackStatus.SKIPPED)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(slots=True)
+class FeedbackCall:
+    """One call of the feedback function (one per element when a selector fans out)."""
+
+    args: dict[str, Any]
+    score: float | None = None
+    explanation: str | None = None
+    error: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "args": self.args,
+            "score": self.score,
+            "explanation": self.explanation,
+            "error": self.error,
+            "metadata": self.metadata,
+        }
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(slots=True)
+class FeedbackResult:
+    """The outcome of one feedback on one record.
+
+    `result` is the score (the name users of other tools already write); it is a float only
+    when `status` is `done`. `explanation` holds the judge's reasons, `error` the reason of a
+    `failed` or `skipped` result.
+    """
+
+    record_id: str
+    feedback_name: str
+    status: FeedbackStatus = FeedbackStatus.PENDING
+    result: float | None = None
+    explanation: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    created_at: datetime = field(default_factory=_utcnow)
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    cost: dict[str, Any] | None = None
+    calls: list[FeedbackCall] = field(default_factory=list)
+    result_id: str | None = None
+    feedback_id: str | None = None
+
+    @property
+    def score(self) -> float | None:
+        """Alias of :attr:`result`."""
+        return self.result
+
+    @property
+    def latency(self) -> float | None:
+        """Seconds the evaluation took, from its first attempt to its end."""
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds()
+
+    @property
+    def is_final(self) -> bool:
+        return self.status.is_final
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly view (used by the LangChain and LlamaIndex surfacing events)."""
+        return {
+            "result_id": self.result_id,
+            "record_id": self.record_id,
+            "feedback_name": self.feedback_name,
+            "feedback_id": self.feedback_id,
+            "status": self.status.value,
+            "result": self.result,
+            "explanation": self.explanation,
+            "error": self.error,
+            "attempts": self.attempts,
+            "created_at": self.created_at.isoformat(),
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "ended_at": self.ended_at.isoformat() if self.ended_at else None,
+            "cost": self.cost,
+            "calls": [c.as_dict() for c in self.calls],
+        }

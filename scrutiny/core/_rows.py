@@ -1,0 +1,206 @@
+"""Turning records and results into storage rows and back (off the application's thread)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from scrutiny.core import _serialize
+from scrutiny.core._records import Record, RecordStatus, Span, TokenUsage, app_id_for
+from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
+from scrutiny.core.storage import Row
+
+if TYPE_CHECKING:
+    from scrutiny.core._feedback import Feedback
+
+__all__ = [
+    "app_row",
+    "definition_row",
+    "record_from_row",
+    "record_row",
+    "result_from_row",
+    "result_row",
+    "result_update_values",
+]
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _span_dict(span: Span) -> dict[str, Any]:
+    return {
+        "span_id": span.span_id,
+        "parent_id": span.parent_id,
+        "name": span.name,
+        "kind": str(getattr(span.kind, "value", span.kind)),
+        "start_time": span.start_time,
+        "end_time": span.end_time,
+        "inputs": span.inputs,
+        "outputs": span.outputs,
+        "error": span.error,
+        "usage": span.usage.as_dict() if span.usage else None,
+        "model": span.model,
+        "tags": span.tags,
+        "metadata": span.metadata,
+    }
+
+
+def app_row(record: Record) -> Row:
+    return {
+        "app_id": record.app_id,
+        "app_name": record.app_name,
+        "app_version": record.app_version,
+        "metadata_json": None,
+        "created_at": datetime.now(timezone.utc),
+    }
+
+
+def record_row(record: Record, *, max_bytes: int) -> Row:
+    usage = record.usage
+    return {
+        "record_id": record.record_id,
+        "app_id": record.app_id,
+        "app_name": record.app_name,
+        "app_version": record.app_version,
+        "status": record.status.value,
+        "input_json": _serialize.dumps(record.input, max_bytes=max_bytes),
+        "output_json": _serialize.dumps(record.output, max_bytes=max_bytes),
+        "error": record.error,
+        "start_time": _utc(record.start_time),
+        "end_time": _utc(record.end_time),
+        "latency_s": record.latency,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "total_tokens": usage.total_tokens if usage else None,
+        "spans_json": _serialize.dumps([_span_dict(s) for s in record.spans],
+                                       max_bytes=max_bytes * 4),
+        "contexts_json": _serialize.dumps(record.contexts, max_bytes=max_bytes),
+        "tags_json": _serialize.dumps(record.tags),
+        "metadata_json": _serialize.dumps(record.metadata, max_bytes=max_bytes),
+        "framework": record.framework,
+        "root_run_id": record.root_run_id,
+        "created_at": datetime.now(timezone.utc),
+    }
+
+
+def definition_row(feedback: Feedback) -> Row:
+    return {
+        "feedback_id": feedback.feedback_id,
+        "name": feedback.name,
+        "higher_is_better": feedback.higher_is_better,
+        "implementation": feedback.implementation,
+        "selectors_json": _serialize.dumps(feedback.selectors),
+        "created_at": datetime.now(timezone.utc),
+    }
+
+
+def result_row(record: Record, result: FeedbackResult) -> Row:
+    now = datetime.now(timezone.utc)
+    return {
+        "result_id": result.result_id,
+        "record_id": record.record_id,
+        "app_id": record.app_id,
+        "feedback_id": result.feedback_id,
+        "feedback_name": result.feedback_name,
+        "status": result.status.value,
+        "score": result.result,
+        "explanation": result.explanation,
+        "error": result.error,
+        "attempts": result.attempts,
+        "created_at": result.created_at,
+        "started_at": result.started_at,
+        "ended_at": result.ended_at,
+        "updated_at": now,
+        "cost_json": _serialize.dumps(result.cost) if result.cost is not None else None,
+        "calls_json": _serialize.dumps([c.as_dict() for c in result.calls])
+        if result.calls else None,
+        "worker_id": None,
+        "lease_expires_at": None,
+    }
+
+
+def result_update_values(result: FeedbackResult, *, max_bytes: int) -> Row:
+    return {
+        "status": result.status.value,
+        "score": result.result,
+        "explanation": result.explanation,
+        "error": result.error,
+        "attempts": result.attempts,
+        "started_at": result.started_at,
+        "ended_at": result.ended_at,
+        "updated_at": datetime.now(timezone.utc),
+        "cost_json": _serialize.dumps(result.cost) if result.cost is not None else None,
+        "calls_json": _serialize.dumps([c.as_dict() for c in result.calls],
+                                       max_bytes=max_bytes) if result.calls else None,
+    }
+
+
+def _span_from(d: dict[str, Any]) -> Span:
+    usage = d.get("usage")
+    return Span(
+        span_id=d["span_id"],
+        parent_id=d.get("parent_id"),
+        name=d.get("name", ""),
+        kind=d.get("kind", "other"),
+        start_time=d.get("start_time") or 0.0,
+        end_time=d.get("end_time"),
+        inputs=d.get("inputs"),
+        outputs=d.get("outputs"),
+        error=d.get("error"),
+        usage=TokenUsage(**usage) if usage else None,
+        model=d.get("model"),
+        tags=d.get("tags") or [],
+        metadata=d.get("metadata") or {},
+    )
+
+
+def record_from_row(row: Row) -> Record:
+    usage = None
+    if any(row.get(k) is not None for k in ("prompt_tokens", "completion_tokens",
+                                            "total_tokens")):
+        usage = TokenUsage(row.get("prompt_tokens"), row.get("completion_tokens"),
+                           row.get("total_tokens"))
+    spans = _serialize.loads(row.get("spans_json")) or []
+    return Record(
+        app_name=row["app_name"],
+        app_version=row["app_version"],
+        input=_serialize.loads(row.get("input_json")),
+        output=_serialize.loads(row.get("output_json")),
+        record_id=row["record_id"],
+        status=RecordStatus(row["status"]),
+        error=row.get("error"),
+        start_time=row["start_time"].timestamp(),
+        end_time=row["end_time"].timestamp(),
+        spans=[_span_from(s) for s in spans] if isinstance(spans, list) else [],
+        contexts=_serialize.loads(row.get("contexts_json")) or [],
+        usage=usage,
+        tags=_serialize.loads(row.get("tags_json")) or [],
+        metadata=_serialize.loads(row.get("metadata_json")) or {},
+        framework=row.get("framework"),
+        root_run_id=row.get("root_run_id"),
+    )
+
+
+def result_from_row(row: Row) -> FeedbackResult:
+    calls = _serialize.loads(row.get("calls_json")) or []
+    return FeedbackResult(
+        record_id=row["record_id"],
+        feedback_name=row["feedback_name"],
+        status=FeedbackStatus(row["status"]),
+        result=row.get("score"),
+        explanation=row.get("explanation"),
+        error=row.get("error"),
+        attempts=row.get("attempts") or 0,
+        created_at=row["created_at"],
+        started_at=row.get("started_at"),
+        ended_at=row.get("ended_at"),
+        cost=_serialize.loads(row.get("cost_json")),
+        calls=[FeedbackCall(**c) for c in calls] if isinstance(calls, list) else [],
+        result_id=row["result_id"],
+        feedback_id=row.get("feedback_id"),
+    )
+
+
+def app_id(app_name: str, app_version: str) -> str:
+    return app_id_for(app_name, app_version)

@@ -1,0 +1,572 @@
+"""The session: where records go, how their feedback is evaluated, and how to read them back.
+
+The application's thread only calls :meth:`Session.ingest`, which queues the record and
+returns: the writer thread stores the record together with one pending result row per
+feedback, then the dispatch policy starts evaluation; each end state is stored before its
+future resolves and before any callback runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+
+from scrutiny.core import _rows
+from scrutiny.core._dispatch import (
+    BackgroundDispatch,
+    DispatchPolicy,
+    EvaluationLoop,
+    Job,
+    NoDispatch,
+)
+from scrutiny.core._errors import ConfigurationError
+from scrutiny.core._feedback import Feedback
+from scrutiny.core._frames import leaderboard_frame, records_frame
+from scrutiny.core._records import Record, _ResultSlot
+from scrutiny.core._results import FeedbackResult, FeedbackStatus
+from scrutiny.core._writer import StorageWriter, WriteItem
+from scrutiny.core.storage import InsertRecord, MemoryStore, SQLStore, Store, UpdateResult
+
+__all__ = ["DEFAULT_DATABASE_URL", "FeedbackMode", "ResultListener", "Session"]
+
+logger = logging.getLogger("scrutiny")
+
+DEFAULT_DATABASE_URL = "sqlite:///scrutiny.sqlite"
+ENV_DATABASE_URL = "SCRUTINY_DATABASE_URL"
+
+ResultListener = Callable[[FeedbackResult, Record], object]
+"""Called with each stored end state (done, failed, skipped) and its record."""
+
+
+class FeedbackMode(str, enum.Enum):
+    """When feedback is evaluated."""
+
+    WITH_APP_THREAD = "with_app_thread"
+    """In the background; the application never waits (default)."""
+    WITH_APP = "with_app"
+    """In the background, and leaving a recording waits for its results."""
+    NONE = "none"
+    """Not at all: results are stored as `skipped` with the reason."""
+
+
+_live_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+_last_session: Session | None = None
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _install_process_hooks() -> None:
+    """Flush at interpreter exit and reset threads in forked children (once per process)."""
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+    # Run before concurrent.futures joins its pools at shutdown, so evaluations that are
+    # still running can finish (threading's private hook; atexit where it is missing).
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError
+        register(_close_all_at_exit)
+    except RuntimeError:
+        import atexit
+
+        atexit.register(_close_all_at_exit)
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _close_all_at_exit() -> None:
+    for session in list(_live_sessions):
+        try:
+            session.close()
+        except Exception:
+            logger.exception("scrutiny: closing a session at exit failed")
+
+
+def _after_fork_in_child() -> None:
+    for session in list(_live_sessions):
+        session._after_fork()
+
+
+class _Notifier:
+    """One daemon thread that runs user callbacks in order, never under our locks."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...]] | None]
+        self._queue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="scrutiny-callbacks",
+                                        daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., object], *args: Any) -> None:
+        self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:
+                logger.exception("scrutiny: callback %r raised", fn)
+
+    def close(self, timeout: float | None) -> None:
+        self._queue.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+
+class Session:
+    """Stores records and evaluates their feedback.
+
+    Args:
+        database_url: a SQLAlchemy URL. Default: the `SCRUTINY_DATABASE_URL` environment
+            variable, else ``sqlite:///scrutiny.sqlite`` in the working directory.
+            ``"memory://"`` keeps everything in this process only.
+        store: a ready :class:`Store` instead of a URL (e.g. a shared ``MemoryStore``).
+        feedback_mode: the default :class:`FeedbackMode` of recorders using this session.
+        max_concurrency: the most feedback calls running at once.
+        thread_pool_size: threads for plain (sync) feedback functions (default:
+            `max_concurrency`).
+        feedback_timeout: seconds one feedback attempt may take unless the feedback sets
+            its own `timeout`.
+        flush_timeout: the longest `close()` (and interpreter exit) waits for unfinished
+            work; what is left stays `pending` in the database.
+        max_queue_size: records and updates that may wait for the database; beyond it new
+            ones are dropped, counted in :meth:`stats` and logged (the app is never blocked).
+        max_payload_bytes: the largest stored input, output or context list; larger
+            ones are replaced by an explicit truncation marker with a prefix.
+        table_prefix: prefix of every table name.
+        on_result: listeners called with each stored end state and its record.
+
+    Raises:
+        ConfigurationError: an invalid option or database URL.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        store: Store | None = None,
+        feedback_mode: FeedbackMode | str = FeedbackMode.WITH_APP_THREAD,
+        max_concurrency: int = 32,
+        thread_pool_size: int | None = None,
+        feedback_timeout: float | None = 120.0,
+        flush_timeout: float = 10.0,
+        max_queue_size: int = 100_000,
+        max_payload_bytes: int = 1_000_000,
+        table_prefix: str = "scrutiny_",
+        on_result: Sequence[ResultListener] = (),
+    ) -> None:
+        global _last_session
+        if database_url is not None and store is not None:
+            raise ConfigurationError("give either database_url= or store=, not both")
+        if max_concurrency < 1:
+            raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if thread_pool_size is not None and thread_pool_size < 1:
+            raise ConfigurationError(f"thread_pool_size must be >= 1, got {thread_pool_size}")
+        if feedback_timeout is not None and feedback_timeout <= 0:
+            raise ConfigurationError("feedback_timeout must be > 0 seconds (or None)")
+        if flush_timeout < 0:
+            raise ConfigurationError("flush_timeout must be >= 0 seconds")
+        if max_queue_size < 1 or max_payload_bytes < 1024:
+            raise ConfigurationError("max_queue_size must be >= 1 and max_payload_bytes "
+                                     ">= 1024")
+        self.feedback_mode = _mode(feedback_mode)
+        self.max_concurrency = max_concurrency
+        self.thread_pool_size = thread_pool_size or max_concurrency
+        self.feedback_timeout = feedback_timeout
+        self.flush_timeout = flush_timeout
+        self.max_queue_size = max_queue_size
+        self.max_payload_bytes = max_payload_bytes
+        self._listeners: list[ResultListener] = list(on_result)
+        if store is None:
+            url = database_url or os.environ.get(ENV_DATABASE_URL) or DEFAULT_DATABASE_URL
+            store = MemoryStore() if url == "memory://" else SQLStore(
+                url, table_prefix=table_prefix)
+        self.store: Store = store
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._outstanding_cond = threading.Condition()
+        self._state = "unstarted"  # -> started -> closed
+        self._pid = os.getpid()
+        self._writer: StorageWriter | None = None
+        self._loop: EvaluationLoop | None = None
+        self._notifier: _Notifier | None = None
+        self._higher_is_better: dict[str, bool] = {}
+        self._policies: dict[FeedbackMode, DispatchPolicy] = {
+            FeedbackMode.WITH_APP_THREAD: BackgroundDispatch(self._evaluation_loop,
+                                                             "with_app_thread"),
+            FeedbackMode.WITH_APP: BackgroundDispatch(self._evaluation_loop, "with_app"),
+            FeedbackMode.NONE: NoDispatch(),
+        }
+        _last_session = self
+
+    @property
+    def database_url(self) -> str:
+        return self.store.url
+
+    @classmethod
+    def current(cls) -> Session:
+        """The session created last in this process (a default one is created if none)."""
+        return _last_session if _last_session is not None and not _last_session.closed \
+            else cls()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    def _start(self) -> StorageWriter:
+        if self._pid != os.getpid():
+            self._after_fork()
+        writer = self._writer
+        if writer is not None:
+            return writer
+        with self._lock:
+            if self._writer is None:
+                if self._state == "closed":
+                    raise RuntimeError("session is closed")
+                _install_process_hooks()
+                self._notifier = _Notifier()
+                self._writer = StorageWriter(self.store, max_queue=self.max_queue_size)
+                self._state = "started"
+                _live_sessions.add(self)
+            return self._writer
+
+    def _evaluation_loop(self) -> EvaluationLoop:
+        loop = self._loop
+        if loop is not None:
+            return loop
+        with self._lock:
+            if self._loop is None:
+                self._loop = EvaluationLoop(
+                    max_concurrency=self.max_concurrency,
+                    thread_pool_size=self.thread_pool_size,
+                    default_timeout=self.feedback_timeout,
+                    on_running=self._on_running, on_final=self._on_final)
+            return self._loop
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's threads and connections."""
+        self._pid = os.getpid()
+        self._writer = None
+        self._loop = None
+        self._notifier = None
+        self._outstanding = 0
+        if self._state == "started":
+            self._state = "unstarted"
+        after_fork = getattr(self.store, "after_fork", None)
+        if after_fork is not None:
+            after_fork()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued record and update is stored; False on timeout."""
+        writer = self._writer
+        return True if writer is None else writer.flush(timeout)
+
+    def wait_for_feedback(self, timeout: float | None = None) -> bool:
+        """Wait until every feedback accepted so far has a stored end state.
+
+        Returns:
+            True when all are done; False when the timeout ran out first (what is left
+            stays pending or running and will still be stored).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._outstanding_cond:
+            while self._outstanding > 0:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._outstanding_cond.wait(remaining)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.flush(remaining)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish or hand over everything, then release threads and connections.
+
+        Waits at most `timeout` seconds (default: `flush_timeout`) in all. Records are
+        stored first; evaluations still unfinished at the deadline are cancelled and their
+        results left `pending` in the database. Idempotent.
+
+        Returns:
+            True when nothing was left unfinished.
+        """
+        with self._lock:
+            if self._state == "closed":
+                return True
+            started = self._state == "started" and self._pid == os.getpid()
+            self._state = "closed"
+        _live_sessions.discard(self)
+        timeout = self.flush_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        clean = True
+        if started and self._writer is not None:
+            writer = self._writer
+            clean = writer.flush(timeout)
+            clean = self._wait_outstanding(deadline) and clean
+            if self._loop is not None:
+                unfinished = self._loop.close(max(0.1, deadline - time.monotonic()))
+                for job in unfinished:
+                    clean = False
+                    writer.submit(WriteItem(lambda job=job: [UpdateResult(  # type: ignore[misc]
+                        job.pending.result_id or "",
+                        {"status": FeedbackStatus.PENDING.value, "started_at": None,
+                         "updated_at": datetime.now(timezone.utc)},
+                        from_statuses=(FeedbackStatus.RUNNING.value,))]))
+                if unfinished:
+                    logger.warning(
+                        "scrutiny: %d feedback evaluation(s) were unfinished after %.1fs; "
+                        "they are left pending in %s", len(unfinished), timeout,
+                        self._redacted_url())
+            clean = writer.close(max(1.0, deadline - time.monotonic())) and clean
+            if self._notifier is not None:
+                self._notifier.close(0.5)
+        self.store.close()
+        return clean
+
+    def _wait_outstanding(self, deadline: float) -> bool:
+        with self._outstanding_cond:
+            while self._outstanding > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._outstanding_cond.wait(remaining)
+        return True
+
+    def _redacted_url(self) -> str:
+        from scrutiny.core.storage import redact_url
+
+        return redact_url(self.store.url) if "://" in self.store.url else self.store.url
+
+    # ------------------------------------------------------------------ listeners
+    def add_listener(self, listener: ResultListener) -> None:
+        """Call `listener(result, record)` with every stored end state from now on."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ResultListener) -> None:
+        self._listeners.remove(listener)
+
+    def stats(self) -> dict[str, int]:
+        """Counters: queued writes, dropped and failed writes, unfinished evaluations."""
+        w = self._writer
+        return {
+            "write_backlog": w.backlog if w else 0,
+            "dropped_writes": w.dropped if w else 0,
+            "failed_writes": w.failed if w else 0,
+            "unfinished_feedback": self._outstanding,
+        }
+
+    # ------------------------------------------------------------------ ingest
+    def ingest(
+        self,
+        record: Record,
+        feedbacks: Sequence[Feedback] = (),
+        *,
+        mode: FeedbackMode | str | None = None,
+        listeners: Sequence[ResultListener] = (),
+    ) -> Record:
+        """Store `record` and evaluate `feedbacks` on it; returns at once, never raises.
+
+        Called by the recorders on the application's thread: it only creates the pending
+        results in memory and queues the record for the writer thread.
+        """
+        try:
+            self._ingest(record, feedbacks, _mode(mode or self.feedback_mode), listeners)
+        except Exception:
+            logger.exception("scrutiny: could not accept record %s; the application is "
+                             "not affected", record.record_id)
+        return record
+
+    def _ingest(self, record: Record, feedbacks: Sequence[Feedback], mode: FeedbackMode,
+                listeners: Sequence[ResultListener]) -> None:
+        writer = self._start()
+        policy = self._policies[mode]
+        jobs: list[Job] = []
+        for fb in feedbacks:
+            pending = FeedbackResult(
+                record_id=record.record_id, feedback_name=fb.name,
+                status=FeedbackStatus.PENDING, result_id=uuid.uuid4().hex,
+                feedback_id=fb.feedback_id)
+            record._slots[fb] = _ResultSlot(pending)
+            self._higher_is_better[fb.name] = fb.higher_is_better
+            jobs.append(Job(fb, record, pending, listeners))
+        initial = [policy.initial(job) for job in jobs]
+        with self._outstanding_cond:
+            self._outstanding += len(jobs)
+        max_bytes = self.max_payload_bytes
+
+        def prepare() -> list[InsertRecord]:
+            return [InsertRecord(
+                app=_rows.app_row(record),
+                record=_rows.record_row(record, max_bytes=max_bytes),
+                definitions=[_rows.definition_row(j.feedback) for j in jobs],
+                results=[_rows.result_row(record, r) for r in initial],
+            )]
+
+        def after_commit(stored: bool) -> None:
+            if not stored:
+                for job in jobs:
+                    self._finish(job, _unstored(job.pending))
+                return
+            to_run = []
+            for job, first in zip(jobs, initial, strict=True):
+                if first.status.is_final:
+                    self._finish(job, first)
+                else:
+                    to_run.append(job)
+            if to_run:
+                policy.dispatch(to_run)
+
+        writer.submit(WriteItem(prepare, after_commit))
+
+    # ------------------------------------------------------------------ results (loop side)
+    def _on_running(self, job: Job, running: FeedbackResult) -> None:
+        writer = self._writer
+        if writer is None:
+            return
+        slot = job.record._slots.get(job.feedback)
+        writer.submit(WriteItem(
+            lambda: [UpdateResult(running.result_id or "",
+                                  _rows.result_update_values(running, max_bytes=1_000_000),
+                                  from_statuses=(FeedbackStatus.PENDING.value,))],
+            lambda ok: slot.update(running) if slot is not None and ok else None,
+        ))
+
+    def _on_final(self, job: Job, final: FeedbackResult) -> None:
+        writer = self._writer
+        if writer is None:
+            self._finish(job, final)
+            return
+        max_bytes = self.max_payload_bytes
+        writer.submit(WriteItem(
+            lambda: [UpdateResult(final.result_id or "",
+                                  _rows.result_update_values(final, max_bytes=max_bytes))],
+            lambda ok: self._finish(job, final),
+        ))
+
+    def _finish(self, job: Job, final: FeedbackResult) -> None:
+        """Runs after the end state is stored: resolve the future, then notify."""
+        slot = job.record._slots.get(job.feedback)
+        record_listeners = slot.finish(final) if slot is not None else []
+        with self._outstanding_cond:
+            self._outstanding -= 1
+            if self._outstanding <= 0:
+                self._outstanding_cond.notify_all()
+        notifier = self._notifier
+        everyone: list[Callable[..., object]] = list(record_listeners)
+        if notifier is None:
+            return
+        for fn in everyone:
+            notifier.call(fn)
+        for listener in [*self._listeners, *job.listeners]:
+            notifier.call(listener, final, job.record)
+
+    # ------------------------------------------------------------------ reading
+    def get_records_and_feedback(
+        self,
+        app_ids: Sequence[str] | None = None,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> tuple[pd.DataFrame, list[str]]:
+        """Records with their feedback, newest first.
+
+        Args:
+            app_ids: app ids (``"name:version"``) or app names to keep; None for all.
+            wait: first wait for every feedback accepted so far (bounded by `timeout`).
+            timeout: the most seconds to wait (for queued writes, and with `wait=True` for
+                feedback); default `flush_timeout`.
+            limit, offset: a page of records.
+
+        Returns:
+            `(frame, feedback_columns)`: per feedback a score column (float; NaN unless
+            done) and beside it a ``"<name> status"`` column with pending, running, done,
+            failed or skipped.
+        """
+        timeout = self.flush_timeout if timeout is None else timeout
+        if wait:
+            self.wait_for_feedback(timeout)
+        else:
+            self.flush(timeout)
+        records, results = self.store.records_and_results(app_ids=app_ids, limit=limit,
+                                                          offset=offset)
+        return records_frame(records, results)
+
+    def get_leaderboard(self, app_ids: Sequence[str] | None = None, *,
+                        timeout: float | None = None) -> pd.DataFrame:
+        """Mean score per app version per feedback, best first, with counts by status."""
+        self.flush(self.flush_timeout if timeout is None else timeout)
+        records, results = self.store.summary(app_ids=app_ids)
+        directions = {d["name"]: bool(d["higher_is_better"]) for d in self.store.definitions()}
+        directions.update(self._higher_is_better)
+        return leaderboard_frame(records, results, directions)
+
+    def get_record(self, record_id: str) -> Record | None:
+        """One stored record with its results (as stored now), or None."""
+        self.flush(self.flush_timeout)
+        row, result_rows = self.store.record(record_id)
+        if row is None:
+            return None
+        record = _rows.record_from_row(row)
+        for res_row in result_rows:
+            result = _rows.result_from_row(res_row)
+            key = _StoredFeedback(result.feedback_name, result.feedback_id)
+            slot = _ResultSlot(result)
+            if result.is_final:
+                slot.finish(result)
+            record._slots[key] = slot  # type: ignore[index]
+        return record
+
+
+class _StoredFeedback:
+    """Stands for a feedback definition in records read back from the database."""
+
+    __slots__ = ("feedback_id", "name")
+
+    def __init__(self, name: str, feedback_id: str | None) -> None:
+        self.name = name
+        self.feedback_id = feedback_id
+
+    def __repr__(self) -> str:
+        return f"StoredFeedback({self.name!r})"
+
+
+def _unstored(pending: FeedbackResult) -> FeedbackResult:
+    return FeedbackResult(
+        record_id=pending.record_id, feedback_name=pending.feedback_name,
+        status=FeedbackStatus.FAILED, result_id=pending.result_id,
+        feedback_id=pending.feedback_id, created_at=pending.created_at,
+        error="not evaluated: the record could not be stored (see the log)")
+
+
+def _mode(value: FeedbackMode | str) -> FeedbackMode:
+    try:
+        return FeedbackMode(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in FeedbackMode)
+        raise ConfigurationError(f"unknown feedback mode {value!r}; choose one of {choices}") \
+            from None

@@ -1,0 +1,165 @@
+"""The storage writer: one daemon thread owns the write queue and commits in batches.
+
+Producers (the application's thread, the evaluation loop) only append to a bounded deque
+and wake the writer; they never wait for the database and never raise. After each commit the
+writer runs the batch's `after_commit` hooks, which resolve futures and hand callbacks on —
+so a result is always stored before anyone is told about it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.exc import OperationalError
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from scrutiny.core.storage import Store, WriteOp
+
+__all__ = ["StorageWriter", "WriteItem"]
+
+logger = logging.getLogger("scrutiny")
+
+
+@dataclass(slots=True)
+class WriteItem:
+    """Work for the writer: `prepare()` builds the operations on the writer thread (so the
+    application never pays for serialization); `after_commit(stored)` runs once they are
+    committed (stored=True) or finally given up (stored=False)."""
+
+    prepare: Callable[[], Sequence[WriteOp]]
+    after_commit: Callable[[bool], None] | None = None
+
+
+class StorageWriter:
+    """Owns one bounded queue of :class:`WriteItem` and the thread that drains it."""
+
+    def __init__(self, store: Store, *, max_queue: int, max_batch: int = 500,
+                 name: str = "scrutiny-writer") -> None:
+        self._store = store
+        self._max_queue = max_queue
+        self._max_batch = max_batch
+        self._queue: collections.deque[WriteItem] = collections.deque()
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._submitted = 0
+        self._finished = 0
+        self._stopping = False
+        self.dropped = 0
+        self.failed = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ producers
+    def submit(self, item: WriteItem) -> bool:
+        """Queue `item`; False (counted and logged) when the queue is full or closed."""
+        if self._stopping or len(self._queue) >= self._max_queue:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.error(
+                    "scrutiny: the storage queue is %s; %d item(s) dropped so far (the "
+                    "database is too slow or down). The application is not affected.",
+                    "closed" if self._stopping else f"full ({self._max_queue})", self.dropped)
+            if item.after_commit is not None:
+                try:
+                    item.after_commit(False)
+                except Exception:
+                    logger.exception("scrutiny: after-commit hook failed")
+            return False
+        with self._cond:
+            self._submitted += 1
+        self._queue.append(item)
+        self._wake.set()
+        return True
+
+    def flush(self, timeout: float | None) -> bool:
+        """Wait until everything queued before this call is stored (or given up)."""
+        if threading.current_thread() is self._thread:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._submitted
+            while self._finished < target:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if not self._thread.is_alive():
+                    return False
+                self._cond.wait(remaining if remaining is None else min(remaining, 0.5))
+        return True
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue)
+
+    def close(self, timeout: float | None) -> bool:
+        """Store what is queued (bounded by `timeout`), then stop the thread; idempotent."""
+        flushed = self.flush(timeout)
+        self._stopping = True
+        self._wake.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=1.0 if timeout is None else max(timeout, 0.1))
+        return flushed
+
+    # ------------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch: list[WriteItem] = []
+                while self._queue and len(batch) < self._max_batch:
+                    batch.append(self._queue.popleft())
+                self._write_batch(batch)
+            if self._stopping and not self._queue:
+                return
+
+    def _write_batch(self, batch: list[WriteItem]) -> None:
+        ops: list[WriteOp] = []
+        prepared: list[tuple[WriteItem, Sequence[WriteOp]]] = []
+        for item in batch:
+            try:
+                item_ops = item.prepare()
+            except Exception:
+                logger.exception("scrutiny: preparing a write failed; it is skipped")
+                item_ops = ()
+            prepared.append((item, item_ops))
+            ops.extend(item_ops)
+        stored = self._commit(ops)
+        if not stored and len(prepared) > 1:
+            # isolate the bad item: write one by one so the others are kept
+            results = [(item, self._commit(list(item_ops))) for item, item_ops in prepared]
+        else:
+            results = [(item, stored) for item, _ in prepared]
+        for item, ok in results:
+            if not ok:
+                self.failed += 1
+            if item.after_commit is not None:
+                try:
+                    item.after_commit(ok)
+                except Exception:
+                    logger.exception("scrutiny: after-commit hook failed")
+        with self._cond:
+            self._finished += len(batch)
+            self._cond.notify_all()
+
+    def _commit(self, ops: list[WriteOp]) -> bool:
+        if not ops:
+            return True
+        try:
+            for attempt in Retrying(
+                retry=retry_if_exception_type(OperationalError),
+                stop=stop_after_attempt(5),
+                wait=wait_exponential(multiplier=0.05, max=2.0),
+                reraise=True,
+            ):
+                with attempt:
+                    self._store.write(ops)
+            return True
+        except Exception as exc:
+            logger.error("scrutiny: storing %d operation(s) failed: %s", len(ops), exc)
+            return False

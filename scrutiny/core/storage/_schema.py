@@ -1,0 +1,143 @@
+"""The tables, built for a table prefix so Scrutiny can share a database with an app.
+
+Payloads (inputs, outputs, spans, explanations' details) are stored as JSON *text*: it reads
+back the same on SQLite and PostgreSQL, and escaped NUL bytes are legal in both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ["SCHEMA_VERSION", "Tables", "UTCDateTime", "build_tables"]
+
+SCHEMA_VERSION = 1
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes in, timezone-aware UTC datetimes out, on every backend."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: Scrutiny stores UTC-aware datetimes")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        moment: datetime = datetime.fromisoformat(value) if isinstance(value, str) else value
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=timezone.utc)
+        return moment.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Tables:
+    metadata: MetaData
+    apps: Table
+    records: Table
+    definitions: Table
+    results: Table
+    meta: Table
+
+
+def build_tables(prefix: str = "scrutiny_") -> Tables:
+    """The schema with every table (and index) name starting with `prefix`."""
+    md = MetaData()
+    apps = Table(
+        f"{prefix}apps", md,
+        Column("app_id", String(512), primary_key=True),
+        Column("app_name", String(255), nullable=False),
+        Column("app_version", String(255), nullable=False),
+        Column("metadata_json", Text),
+        Column("created_at", UTCDateTime, nullable=False),
+    )
+    records = Table(
+        f"{prefix}records", md,
+        Column("record_id", String(64), primary_key=True),
+        Column("app_id", String(512), ForeignKey(f"{prefix}apps.app_id"), nullable=False),
+        Column("app_name", String(255), nullable=False),
+        Column("app_version", String(255), nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("input_json", Text),
+        Column("output_json", Text),
+        Column("error", Text),
+        Column("start_time", UTCDateTime, nullable=False),
+        Column("end_time", UTCDateTime, nullable=False),
+        Column("latency_s", Float, nullable=False),
+        Column("prompt_tokens", Integer),
+        Column("completion_tokens", Integer),
+        Column("total_tokens", Integer),
+        Column("spans_json", Text),
+        Column("contexts_json", Text),
+        Column("tags_json", Text),
+        Column("metadata_json", Text),
+        Column("framework", String(64)),
+        Column("root_run_id", String(128)),
+        Column("created_at", UTCDateTime, nullable=False),
+        Index(f"{prefix}ix_records_app_time", "app_id", "start_time"),
+        Index(f"{prefix}ix_records_time", "start_time"),
+    )
+    definitions = Table(
+        f"{prefix}feedback_definitions", md,
+        Column("feedback_id", String(64), primary_key=True),
+        Column("name", Text, nullable=False),
+        Column("higher_is_better", Boolean, nullable=False),
+        Column("implementation", Text),
+        Column("selectors_json", Text),
+        Column("created_at", UTCDateTime, nullable=False),
+    )
+    results = Table(
+        f"{prefix}feedback_results", md,
+        Column("result_id", String(64), primary_key=True),
+        Column("record_id", String(64),
+               ForeignKey(f"{prefix}records.record_id", ondelete="CASCADE"), nullable=False),
+        Column("app_id", String(512), nullable=False),
+        Column("feedback_id", String(64), nullable=False),
+        Column("feedback_name", Text, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("score", Float),
+        Column("explanation", Text),
+        Column("error", Text),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("created_at", UTCDateTime, nullable=False),
+        Column("started_at", UTCDateTime),
+        Column("ended_at", UTCDateTime),
+        Column("updated_at", UTCDateTime, nullable=False),
+        Column("cost_json", Text),
+        Column("calls_json", Text),
+        Column("worker_id", String(255)),
+        Column("lease_expires_at", UTCDateTime),
+        Index(f"{prefix}ix_results_record", "record_id"),
+        Index(f"{prefix}ix_results_status", "status"),
+        Index(f"{prefix}ix_results_app_feedback", "app_id", "feedback_name", "status"),
+    )
+    meta = Table(
+        f"{prefix}meta", md,
+        Column("key", String(64), primary_key=True),
+        Column("value", Text, nullable=False),
+    )
+    return Tables(md, apps, records, definitions, results, meta)

@@ -1,0 +1,262 @@
+"""The SQL store (SQLAlchemy 2 Core): an embedded SQLite file by default, PostgreSQL for teams.
+
+SQLite is opened in WAL mode with a busy timeout; writes take the lock up front
+(`BEGIN IMMEDIATE`) and stay short, so an application thread, the writer, a dashboard and a
+second process can share one file without "database is locked".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, or_, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from scrutiny.core._errors import ConfigurationError, StorageError
+from scrutiny.core.storage._base import InsertRecord, Row, UpdateResult, WriteOp
+from scrutiny.core.storage._schema import SCHEMA_VERSION, Tables, build_tables
+
+__all__ = ["SQLStore", "redact_url"]
+
+logger = logging.getLogger("scrutiny")
+
+_WRITE = "scrutiny_write"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<invalid database url>"
+
+
+def _make_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigurationError(
+            f"not a database URL: {url!r}; use e.g. 'sqlite:///scrutiny.sqlite' or "
+            "'postgresql+psycopg://user@host/db'"
+        ) from exc
+    if parsed.get_backend_name() != "sqlite":
+        try:
+            return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        except ModuleNotFoundError as exc:
+            raise ConfigurationError(
+                f"the driver for {redact_url(url)} is not installed ({exc.name}); for "
+                "PostgreSQL install the extra: pip install 'scrutiny[postgres]'"
+            ) from exc
+    database = parsed.database
+    in_memory = database in (None, "", ":memory:")
+    if not in_memory and database is not None:
+        folder = os.path.dirname(os.path.abspath(database))
+        if not os.path.isdir(folder):
+            raise ConfigurationError(
+                f"the folder of the SQLite database {database!r} does not exist: create "
+                f"{folder!r} first or choose another path"
+            )
+    engine = create_engine(
+        parsed,
+        connect_args={"timeout": 30.0, "check_same_thread": False},
+        poolclass=StaticPool if in_memory else None,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+        cur = dbapi_conn.cursor()
+        if not in_memory:
+            cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get(_WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+class SQLStore:
+    """Records and results in any database SQLAlchemy supports (SQLite and PostgreSQL tested).
+
+    Args:
+        url: a SQLAlchemy database URL.
+        table_prefix: prefix of every table and index name.
+        create: create missing tables on open.
+    """
+
+    def __init__(self, url: str, *, table_prefix: str = "scrutiny_", create: bool = True):
+        if not table_prefix.replace("_", "").isalnum():
+            raise ConfigurationError(
+                f"table_prefix {table_prefix!r} may hold only letters, digits and '_'"
+            )
+        self.url = url
+        self.tables: Tables = build_tables(table_prefix)
+        self.engine = _make_engine(url)
+        self._dialect = self.engine.dialect.name
+        if create:
+            self._create_schema()
+
+    def _create_schema(self) -> None:
+        for attempt in range(3):
+            try:
+                self.tables.metadata.create_all(self.engine, checkfirst=True)
+                with self.engine.connect() as raw, raw.execution_options(
+                        **{_WRITE: True}).begin():
+                    conn = raw
+                    present = conn.execute(
+                        select(self.tables.meta.c.value).where(
+                            self.tables.meta.c.key == "schema_version")
+                    ).scalar()
+                    if present is None:
+                        conn.execute(self.tables.meta.insert().values(
+                            key="schema_version", value=str(SCHEMA_VERSION)))
+                return
+            except (OperationalError, IntegrityError) as exc:  # another process raced us
+                if attempt == 2:
+                    raise StorageError(
+                        f"could not create the tables in {redact_url(self.url)}: {exc}"
+                    ) from exc
+            except SQLAlchemyError as exc:
+                raise StorageError(
+                    f"could not open {redact_url(self.url)}: {exc}"
+                ) from exc
+
+    # ------------------------------------------------------------------ writes
+    def write(self, ops: Sequence[WriteOp]) -> None:
+        t = self.tables
+        apps: dict[str, Row] = {}
+        definitions: dict[str, Row] = {}
+        records: list[Row] = []
+        results: list[Row] = []
+        updates: list[UpdateResult] = []
+        for op in ops:
+            if isinstance(op, InsertRecord):
+                apps.setdefault(op.app["app_id"], op.app)
+                for d in op.definitions:
+                    definitions.setdefault(d["feedback_id"], d)
+                records.append(op.record)
+                results.extend(op.results)
+            else:
+                updates.append(op)
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(**{_WRITE: True})
+            with conn.begin():
+                if apps:
+                    self._insert_missing(conn, t.apps, "app_id", list(apps.values()))
+                if definitions:
+                    self._insert_missing(conn, t.definitions, "feedback_id",
+                                         list(definitions.values()))
+                if records:
+                    conn.execute(t.records.insert(), records)
+                if results:
+                    conn.execute(t.results.insert(), results)
+                for u in updates:
+                    conn.execute(
+                        update(t.results)
+                        .where(t.results.c.result_id == u.result_id)
+                        .where(t.results.c.status.in_(u.from_statuses))
+                        .values(**u.values)
+                    )
+
+    def _insert_missing(self, conn: Connection, table: Any, key: str, rows: list[Row]) -> None:
+        if self._dialect == "sqlite":
+            from sqlalchemy.dialects import sqlite
+
+            conn.execute(sqlite.insert(table).on_conflict_do_nothing(index_elements=[key]),
+                         rows)
+            return
+        if self._dialect == "postgresql":
+            from sqlalchemy.dialects import postgresql
+
+            conn.execute(postgresql.insert(table).on_conflict_do_nothing(
+                index_elements=[key]), rows)
+            return
+        existing = set(conn.execute(
+            select(table.c[key]).where(table.c[key].in_([r[key] for r in rows]))
+        ).scalars())
+        missing = [r for r in rows if r[key] not in existing]
+        if missing:
+            conn.execute(table.insert(), missing)
+
+    # ------------------------------------------------------------------ reads
+    def records_and_results(
+        self,
+        *,
+        app_ids: Sequence[str] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> tuple[list[Row], list[Row]]:
+        t = self.tables
+        query = select(t.records).order_by(t.records.c.start_time.desc(),
+                                           t.records.c.record_id)
+        if app_ids:
+            ids = list(app_ids)
+            query = query.where(or_(t.records.c.app_id.in_(ids), t.records.c.app_name.in_(ids)))
+        if limit is not None:
+            query = query.limit(limit)
+        if offset:
+            query = query.offset(offset)
+        with self.engine.connect() as conn, conn.begin():
+            records = [dict(r._mapping) for r in conn.execute(query)]
+            ids_query = query.with_only_columns(t.records.c.record_id).subquery()
+            results = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(t.results).where(t.results.c.record_id.in_(select(ids_query)))
+                )
+            ]
+        return records, results
+
+    def record(self, record_id: str) -> tuple[Row | None, list[Row]]:
+        t = self.tables
+        with self.engine.connect() as conn, conn.begin():
+            row = conn.execute(
+                select(t.records).where(t.records.c.record_id == record_id)
+            ).first()
+            results = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(t.results).where(t.results.c.record_id == record_id)
+                )
+            ]
+        return (dict(row._mapping) if row is not None else None), results
+
+    def summary(self, *, app_ids: Sequence[str] | None = None) -> tuple[list[Row], list[Row]]:
+        """Light rows for aggregates: records (app, latency, tokens) and results (scores)."""
+        t = self.tables
+        rq = select(t.records.c.record_id, t.records.c.app_id, t.records.c.app_name,
+                    t.records.c.app_version, t.records.c.latency_s, t.records.c.total_tokens)
+        if app_ids:
+            ids = list(app_ids)
+            rq = rq.where(or_(t.records.c.app_id.in_(ids), t.records.c.app_name.in_(ids)))
+        sub = rq.with_only_columns(t.records.c.app_id).distinct().subquery()
+        resq = select(t.results.c.app_id, t.results.c.feedback_id, t.results.c.feedback_name,
+                      t.results.c.status, t.results.c.score)
+        if app_ids:
+            resq = resq.where(t.results.c.app_id.in_(select(sub)))
+        with self.engine.connect() as conn, conn.begin():
+            records = [dict(r._mapping) for r in conn.execute(rq)]
+            results = [dict(r._mapping) for r in conn.execute(resq)]
+        return records, results
+
+    def definitions(self) -> list[Row]:
+        with self.engine.connect() as conn, conn.begin():
+            return [dict(r._mapping) for r in conn.execute(select(self.tables.definitions))]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def after_fork(self) -> None:
+        """Forget the parent's pooled connections in a forked child."""
+        self.engine.dispose(close=False)

@@ -1,0 +1,383 @@
+"""The LangChain callback handler: run events in, records out.
+
+Every callback here runs on the application's thread (`run_inline = True`, so LangChain
+calls it directly, in order, also under asyncio). Each one does O(1) work on in-memory
+objects — a dict lookup, a span append — and never raises: a failure inside Scrutiny is
+logged and the application's call goes on untouched.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks.manager import ahandle_event, handle_event
+
+from scrutiny.core import (
+    Feedback,
+    FeedbackMode,
+    FeedbackResult,
+    Record,
+    RecordStatus,
+    Session,
+    Span,
+    SpanKind,
+    recording_suppressed,
+)
+from scrutiny.integrations.langchain._convert import (
+    document_text,
+    llm_output,
+    main_input,
+    main_output,
+    usage_of,
+)
+
+if TYPE_CHECKING:
+    from scrutiny.integrations.langchain._recorder import Recording
+
+__all__ = ["FEEDBACK_EVENT", "ScrutinyCallbackHandler"]
+
+logger = logging.getLogger("scrutiny")
+
+FEEDBACK_EVENT = "scrutiny.feedback_result"
+"""The name of the LangChain custom event that carries a stored feedback result."""
+
+_DISPATCH_CODES = {handle_event.__code__, ahandle_event.__code__}
+
+
+class _Root:
+    """What is known about one root run while it is open."""
+
+    __slots__ = ("handlers", "metadata", "recording", "run_ids", "spans", "tags", "tokens")
+
+    def __init__(self, recording: Recording | None, handlers: list[BaseCallbackHandler],
+                 tags: list[str] | None, metadata: dict[str, Any] | None) -> None:
+        self.recording = recording
+        self.handlers = handlers
+        self.spans: list[Span] = []
+        self.run_ids: list[UUID] = []
+        self.tags = list(tags or [])
+        self.metadata = dict(metadata or {})
+        self.tokens: list[str] = []
+
+
+def _run_handlers(default: BaseCallbackHandler) -> list[BaseCallbackHandler]:
+    """The handlers LangChain is dispatching the current event to (those of the run).
+
+    LangChain does not pass them to handlers, so we read them from its dispatch frame;
+    if that ever fails, the result goes to this handler alone.
+    """
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            break
+        if frame.f_code in _DISPATCH_CODES:
+            handlers = frame.f_locals.get("handlers")
+            if isinstance(handlers, list):
+                return list(handlers)
+            break
+        frame = frame.f_back
+    return [default]
+
+
+class ScrutinyCallbackHandler(BaseCallbackHandler):
+    """Turns LangChain run events into Scrutiny records.
+
+    Pass it per call (``chain.invoke(x, config={"callbacks": [handler]})``), at
+    construction, or let a :class:`ChainRecorder` attach it inside ``with recorder:``.
+    Each root run becomes exactly one record, stored in the session and evaluated with the
+    feedbacks.
+
+    Args:
+        app_name, app_version: what the records belong to.
+        feedbacks: the feedbacks to evaluate on each record.
+        session: where records go (default: the session created last).
+        feedback_mode: overrides the session's :class:`FeedbackMode`.
+        tags, metadata: added to every record.
+        keep_records: how many of its latest records the handler keeps in `records`.
+    """
+
+    run_inline = True
+    raise_error = False
+
+    def __init__(
+        self,
+        app_name: str = "app",
+        app_version: str = "v1",
+        *,
+        feedbacks: Sequence[Feedback] = (),
+        session: Session | None = None,
+        feedback_mode: FeedbackMode | str | None = None,
+        tags: Sequence[str] = (),
+        metadata: dict[str, Any] | None = None,
+        keep_records: int = 1000,
+    ) -> None:
+        super().__init__()
+        for fb in feedbacks:
+            fb.check_wired()
+        self.app_name = app_name
+        self.app_version = app_version
+        self.feedbacks = list(feedbacks)
+        self._session = session
+        self.feedback_mode = None if feedback_mode is None else FeedbackMode(feedback_mode)
+        self.tags = list(tags)
+        self.metadata = dict(metadata or {})
+        self.records: deque[Record] = deque(maxlen=keep_records)
+        self._runs: dict[UUID, tuple[Span, _Root]] = {}
+        self._roots: dict[UUID, _Root] = {}
+        self._recording: contextvars.ContextVar[Recording | None] = contextvars.ContextVar(
+            "scrutiny_langchain_recording", default=None)
+        self._on_record: list[Callable[[Record], object]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def session(self) -> Session:
+        if self._session is None or self._session.closed:
+            self._session = Session.current()
+        return self._session
+
+    # ------------------------------------------------------------------ span bookkeeping
+    def _start(self, run_id: UUID, parent_run_id: UUID | None, name: str, kind: str,
+               inputs: Any, tags: list[str] | None, metadata: dict[str, Any] | None,
+               model: str | None = None) -> None:
+        try:
+            if recording_suppressed():
+                return
+            parent = None if parent_run_id is None else self._runs.get(parent_run_id)
+            if parent is None:
+                root = _Root(self._recording.get(), _run_handlers(self), tags, metadata)
+                self._roots[run_id] = root
+                parent_id = None
+            else:
+                root = parent[1]
+                parent_id = str(parent_run_id)
+            span = Span(str(run_id), parent_id, name, kind, time.time(), inputs=inputs,
+                        model=model, tags=list(tags) if tags else [])
+            root.spans.append(span)
+            root.run_ids.append(run_id)
+            self._runs[run_id] = (span, root)
+        except Exception:  # never let our failure reach the app
+            logger.exception("scrutiny: recording the start of a run failed")
+
+    def _end(self, run_id: UUID, outputs: Any = None, error: BaseException | None = None,
+             **fields: Any) -> None:
+        try:
+            entry = self._runs.get(run_id)
+            if entry is None:
+                return
+            span = entry[0]
+            span.end_time = time.time()
+            if error is None:
+                span.outputs = outputs
+            else:
+                span.error = _describe(error)
+            for key, value in fields.items():
+                setattr(span, key, value)
+            if run_id in self._roots:
+                self._finish_root(run_id, span, error)
+        except Exception:
+            logger.exception("scrutiny: recording the end of a run failed")
+
+    def _finish_root(self, run_id: UUID, span: Span, error: BaseException | None) -> None:
+        root = self._roots.pop(run_id)
+        for rid in root.run_ids:
+            self._runs.pop(rid, None)
+        contexts = [document_text(d) for s in root.spans if s.kind == SpanKind.RETRIEVER.value
+                    and isinstance(s.outputs, list) for d in s.outputs]
+        if error is None:
+            status, output = RecordStatus.OK, main_output(span.outputs)
+        else:
+            cancelled = isinstance(error, GeneratorExit | KeyboardInterrupt) or type(
+                error).__name__ == "CancelledError"
+            status = RecordStatus.CANCELLED if cancelled else RecordStatus.ERROR
+            output = "".join(root.tokens) if root.tokens else None
+        from scrutiny.core import TokenUsage
+
+        record = Record(
+            app_name=self.app_name,
+            app_version=self.app_version,
+            input=main_input(span.inputs),
+            output=output,
+            status=status,
+            error=span.error,
+            start_time=span.start_time,
+            end_time=span.end_time or time.time(),
+            spans=root.spans,
+            contexts=contexts,
+            usage=TokenUsage.total([s.usage for s in root.spans]),
+            tags=[*self.tags, *root.tags],
+            metadata={**self.metadata, **root.metadata},
+            framework="langchain",
+            root_run_id=str(run_id),
+        )
+        if status is RecordStatus.CANCELLED and span.error:
+            record.error = "the consumer stopped the stream early" if isinstance(
+                error, GeneratorExit) else span.error
+        self.records.append(record)
+        if root.recording is not None:
+            root.recording._add(record)
+        bridge = _FeedbackBridge(root.handlers, run_id, root.tags, root.metadata)
+        self.session.ingest(record, self.feedbacks, mode=self._mode_for(root),
+                            listeners=[bridge])
+        for fn in self._on_record:
+            fn(record)
+
+    def _mode_for(self, root: _Root) -> FeedbackMode | None:
+        if root.recording is not None and root.recording.feedback_mode is not None:
+            return root.recording.feedback_mode
+        return self.feedback_mode
+
+    # ------------------------------------------------------------------ chains
+    def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *,
+                       run_id: UUID, parent_run_id: UUID | None = None,
+                       tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
+                       **kwargs: Any) -> None:
+        kind = kwargs.get("run_type") or SpanKind.CHAIN.value
+        self._start(run_id, parent_run_id, _name(serialized, kwargs), kind, inputs, tags,
+                    metadata)
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        if "inputs" in kwargs and run_id in self._runs:  # streamed input, known at the end
+            self._runs[run_id][0].inputs = kwargs["inputs"]
+        self._end(run_id, outputs)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        if "inputs" in kwargs and run_id in self._runs:
+            self._runs[run_id][0].inputs = kwargs["inputs"]
+        self._end(run_id, error=error)
+
+    # ------------------------------------------------------------------ models
+    def on_chat_model_start(self, serialized: dict[str, Any] | None, messages: Any, *,
+                            run_id: UUID, parent_run_id: UUID | None = None,
+                            tags: list[str] | None = None,
+                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        inputs = messages[0] if isinstance(messages, list) and len(messages) == 1 else messages
+        self._start(run_id, parent_run_id, _name(serialized, kwargs),
+                    SpanKind.CHAT_MODEL.value, inputs, tags, metadata, _model(kwargs, metadata))
+
+    def on_llm_start(self, serialized: dict[str, Any] | None, prompts: list[str], *,
+                     run_id: UUID, parent_run_id: UUID | None = None,
+                     tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
+                     **kwargs: Any) -> None:
+        inputs = prompts[0] if len(prompts) == 1 else prompts
+        self._start(run_id, parent_run_id, _name(serialized, kwargs), SpanKind.LLM.value,
+                    inputs, tags, metadata, _model(kwargs, metadata))
+
+    def on_llm_new_token(self, token: str | list[str | dict[str, Any]], *, run_id: UUID,
+                         **kwargs: Any) -> None:
+        entry = self._runs.get(run_id)
+        if entry is not None:
+            if not isinstance(token, str):
+                token = "".join(t if isinstance(t, str) else str(t.get("text", ""))
+                                for t in token)
+            entry[1].tokens.append(token)
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        try:
+            outputs, usage = llm_output(response), usage_of(response)
+        except Exception:
+            outputs, usage = response, None
+        self._end(run_id, outputs, usage=usage)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end(run_id, error=error)
+
+    # ------------------------------------------------------------------ retrievers, tools
+    def on_retriever_start(self, serialized: dict[str, Any] | None, query: str, *,
+                           run_id: UUID, parent_run_id: UUID | None = None,
+                           tags: list[str] | None = None,
+                           metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._start(run_id, parent_run_id, _name(serialized, kwargs),
+                    SpanKind.RETRIEVER.value, query, tags, metadata)
+
+    def on_retriever_end(self, documents: Sequence[Any], *, run_id: UUID,
+                         **kwargs: Any) -> None:
+        self._end(run_id, list(documents))
+
+    def on_retriever_error(self, error: BaseException, *, run_id: UUID,
+                           **kwargs: Any) -> None:
+        self._end(run_id, error=error)
+
+    def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *,
+                      run_id: UUID, parent_run_id: UUID | None = None,
+                      tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
+                      inputs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._start(run_id, parent_run_id, _name(serialized, kwargs), SpanKind.TOOL.value,
+                    inputs if inputs is not None else input_str, tags, metadata)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end(run_id, output)
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end(run_id, error=error)
+
+    # ------------------------------------------------------------------ surfacing
+    def on_feedback_result(self, result: FeedbackResult, record: Record) -> None:
+        """Called with each stored feedback result of a run this handler recorded.
+
+        Any LangChain handler attached to the recorded run may define this method; all of
+        them also receive the custom event ``"scrutiny.feedback_result"``.
+        """
+
+
+def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any]) -> str:
+    name = kwargs.get("name")
+    if name:
+        return str(name)
+    if serialized:
+        if serialized.get("name"):
+            return str(serialized["name"])
+        ident = serialized.get("id")
+        if isinstance(ident, list) and ident:
+            return str(ident[-1])
+    return "run"
+
+
+def _model(kwargs: dict[str, Any], metadata: dict[str, Any] | None) -> str | None:
+    params = kwargs.get("invocation_params") or {}
+    for key in ("model", "model_name", "model_id"):
+        if params.get(key):
+            return str(params[key])
+    if metadata and metadata.get("ls_model_name"):
+        return str(metadata["ls_model_name"])
+    return str(params["_type"]) if params.get("_type") else None
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class _FeedbackBridge:
+    """Hands each stored result to the handlers of the recorded run, through LangChain."""
+
+    __slots__ = ("handlers", "metadata", "run_id", "tags")
+
+    def __init__(self, handlers: list[BaseCallbackHandler], run_id: UUID, tags: list[str],
+                 metadata: dict[str, Any]) -> None:
+        self.handlers = handlers
+        self.run_id = run_id
+        self.tags = tags
+        self.metadata = metadata
+
+    def __call__(self, result: FeedbackResult, record: Record) -> None:
+        for handler in self.handlers:
+            method = getattr(handler, "on_feedback_result", None)
+            if callable(method):
+                try:
+                    method(result, record)
+                except Exception:
+                    logger.exception("scrutiny: %s.on_feedback_result raised",
+                                     type(handler).__name__)
+        handle_event(self.handlers, "on_custom_event", "ignore_custom_event", FEEDBACK_EVENT,
+                     result.as_dict(), run_id=self.run_id, tags=self.tags,
+                     metadata=self.metadata)

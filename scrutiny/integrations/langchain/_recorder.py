@@ -1,0 +1,185 @@
+"""`ChainRecorder`: record every LangChain call made inside a `with` block.
+
+Inside the block the recorder's handler is attached to every LangChain run through
+LangChain's own configure hooks (the mechanism its tracers use): nothing is patched, and
+calls outside the block — or in other threads and tasks that did not inherit the block's
+context — are not recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from langchain_core.tracers.context import register_configure_hook
+
+from scrutiny.core import (
+    ConfigurationError,
+    Feedback,
+    FeedbackMode,
+    Record,
+    RecordingError,
+    Session,
+)
+from scrutiny.integrations.langchain._handler import ScrutinyCallbackHandler
+
+__all__ = ["ChainRecorder", "Recording"]
+
+_hook_lock = threading.Lock()
+_hook_vars: list[contextvars.ContextVar[ScrutinyCallbackHandler | None]] = []
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("scrutiny_lc_depth", default=0)
+
+
+def _hook_var(level: int) -> contextvars.ContextVar[ScrutinyCallbackHandler | None]:
+    """One configure hook per nesting level, registered with LangChain on first use."""
+    with _hook_lock:
+        while len(_hook_vars) <= level:
+            var: contextvars.ContextVar[ScrutinyCallbackHandler | None] = \
+                contextvars.ContextVar(f"scrutiny_lc_recorder_{len(_hook_vars)}", default=None)
+            register_configure_hook(var, True)
+            _hook_vars.append(var)
+        return _hook_vars[level]
+
+
+class Recording:
+    """The records made inside one ``with recorder as recording:`` block."""
+
+    def __init__(self, feedback_mode: FeedbackMode | None) -> None:
+        self.feedback_mode = feedback_mode
+        self._records: list[Record] = []
+        self._lock = threading.Lock()
+
+    def _add(self, record: Record) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    @property
+    def records(self) -> list[Record]:
+        """Every record made in the block, in the order the root runs ended."""
+        with self._lock:
+            return list(self._records)
+
+    def get(self) -> Record:
+        """The one record of the block.
+
+        Raises:
+            RecordingError: the block made no record, or several (use `.records`).
+        """
+        records = self.records
+        if len(records) == 1:
+            return records[0]
+        if not records:
+            raise RecordingError(
+                "no record was made in this recording: call the chain inside the `with` "
+                "block (threads started by hand do not inherit the block; pass "
+                "config={'callbacks': [recorder.handler]} there)")
+        raise RecordingError(
+            f"this recording holds {len(records)} records; use recording.records or "
+            "recording[i]")
+
+    def __getitem__(self, index: int) -> Record:
+        return self.records[index]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+
+class ChainRecorder:
+    """Records a LangChain app (a chain, a runnable, a model, a retriever).
+
+    Args:
+        app: the LangChain object being recorded (its name is the default app name).
+        app_name, app_version: what the records belong to.
+        feedbacks: evaluated on every record.
+        session: where records go (default: the session created last).
+        feedback_mode: overrides the session's mode for this recorder.
+        tags, metadata: added to every record.
+
+    Use ``with recorder as recording: ...`` (or ``async with``), or pass
+    ``recorder.handler`` in ``config={"callbacks": [...]}``: either way one root call gives
+    exactly one record.
+    """
+
+    def __init__(
+        self,
+        app: Any = None,
+        *,
+        app_name: str | None = None,
+        app_version: str = "v1",
+        feedbacks: Sequence[Feedback] = (),
+        session: Session | None = None,
+        feedback_mode: FeedbackMode | str | None = None,
+        tags: Sequence[str] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if app_name is None:
+            get_name = getattr(app, "get_name", None)
+            app_name = get_name() if callable(get_name) else type(app).__name__
+        if not app_name:
+            raise ConfigurationError("ChainRecorder needs an app_name")
+        self.app = app
+        self.feedback_mode = None if feedback_mode is None else FeedbackMode(feedback_mode)
+        self.handler = ScrutinyCallbackHandler(
+            app_name, app_version, feedbacks=feedbacks, session=session,
+            feedback_mode=self.feedback_mode, tags=tags, metadata=metadata)
+        self._stack: list[tuple[Recording, list[contextvars.Token[Any]]]] = []
+
+    @property
+    def app_name(self) -> str:
+        return self.handler.app_name
+
+    @property
+    def app_version(self) -> str:
+        return self.handler.app_version
+
+    @property
+    def session(self) -> Session:
+        return self.handler.session
+
+    @property
+    def feedbacks(self) -> list[Feedback]:
+        return self.handler.feedbacks
+
+    def _mode(self) -> FeedbackMode:
+        return self.feedback_mode or self.session.feedback_mode
+
+    # ------------------------------------------------------------------ the block
+    def __enter__(self) -> Recording:
+        recording = Recording(self.feedback_mode)
+        level = _depth.get()
+        var = _hook_var(level)
+        tokens: list[contextvars.Token[Any]] = [
+            var.set(self.handler),
+            _depth.set(level + 1),
+            self.handler._recording.set(recording),
+        ]
+        self._stack.append((recording, tokens))
+        return recording
+
+    def _leave(self) -> Recording:
+        recording, tokens = self._stack.pop()
+        recording_token, depth_token, var_token = tokens[2], tokens[1], tokens[0]
+        self.handler._recording.reset(recording_token)
+        _depth.reset(depth_token)
+        var_token.var.reset(var_token)
+        return recording
+
+    def __exit__(self, *exc: object) -> None:
+        recording = self._leave()
+        if self._mode() is FeedbackMode.WITH_APP:
+            for record in recording.records:
+                record.wait_for_feedback_results()
+
+    async def __aenter__(self) -> Recording:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        recording = self._leave()
+        if self._mode() is FeedbackMode.WITH_APP:
+            await asyncio.gather(*(r.await_feedback_results() for r in recording.records))
