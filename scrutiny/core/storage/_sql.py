@@ -14,7 +14,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, or_, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.pool import StaticPool
 
 from scrutiny.core._errors import ConfigurationError, StorageError
@@ -47,10 +53,11 @@ def _make_engine(url: str) -> Engine:
     if parsed.get_backend_name() != "sqlite":
         try:
             return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
-        except ModuleNotFoundError as exc:
+        except (ImportError, NoSuchModuleError) as exc:
             raise ConfigurationError(
-                f"the driver for {redact_url(url)} is not installed ({exc.name}); for "
-                "PostgreSQL install the extra: pip install 'scrutiny[postgres]'"
+                f"the database driver for {redact_url(url)} is not available ({exc}); for "
+                "PostgreSQL install the extra: pip install 'scrutiny[postgres]' and use a "
+                "URL like 'postgresql+psycopg://user@host/db'"
             ) from exc
     database = parsed.database
     in_memory = database in (None, "", ":memory:")

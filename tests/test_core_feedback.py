@@ -1,0 +1,154 @@
+"""Feedback definitions: wiring, value coercion, selectors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from scrutiny import (
+    ConfigurationError,
+    Feedback,
+    InvalidFeedbackValue,
+    Record,
+    RetryPolicy,
+    Select,
+    Span,
+)
+from scrutiny.core._feedback import coerce_feedback_value
+from scrutiny.core._select import EmptySelection
+
+
+def _record(**kw: object) -> Record:
+    base: dict[str, object] = {"app_name": "a", "app_version": "v1", "input": "q",
+                               "output": "answer", "contexts": ["c1", "c2"]}
+    base.update(kw)
+    return Record(**base)  # type: ignore[arg-type]
+
+
+def test_on_output_binds_the_first_parameter() -> None:
+    fb = Feedback(lambda text: 1.0, name="x").on_output()
+    assert fb.selectors == {"text": "Select.output"}
+
+
+def test_on_input_output_binds_two_parameters_in_order() -> None:
+    def rel(question: str, answer: str) -> float:
+        return 1.0
+
+    fb = Feedback(rel).on_input_output()
+    assert fb.name == "rel"
+    assert fb.calls_for(_record()) == [{"question": "q", "answer": "answer"}]
+
+
+def test_named_selectors() -> None:
+    fb = Feedback(lambda a, b: 1.0, name="x").on(b=Select.input, a=Select.output)
+    assert fb.calls_for(_record()) == [{"a": "answer", "b": "q"}]
+
+
+def test_wiring_returns_a_new_feedback() -> None:
+    base = Feedback(lambda x: 1.0, name="x")
+    wired = base.on_output()
+    assert base.bindings == {}
+    assert wired is not base
+
+
+def test_too_many_selectors_is_a_clear_error() -> None:
+    with pytest.raises(ConfigurationError, match="takes 1 argument"):
+        Feedback(lambda x: 1.0, name="x").on(Select.input, Select.output)
+
+
+def test_unknown_parameter_name_is_a_clear_error() -> None:
+    with pytest.raises(ConfigurationError, match="no parameter 'nope'"):
+        Feedback(lambda x: 1.0, name="x").on(nope=Select.input)
+
+
+def test_unwired_feedback_is_refused_with_advice() -> None:
+    with pytest.raises(ConfigurationError, match="on_output"):
+        Feedback(lambda x: 1.0, name="x").check_wired()
+
+
+def test_missing_required_parameter_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match=r"\['b'\]"):
+        Feedback(lambda a, b: 1.0, name="x").on(a=Select.input).check_wired()
+
+
+def test_not_callable_is_refused() -> None:
+    with pytest.raises(ConfigurationError):
+        Feedback(42)  # type: ignore[arg-type]
+
+
+def test_retries_and_retry_are_exclusive() -> None:
+    with pytest.raises(ConfigurationError):
+        Feedback(lambda x: 1.0, retries=1, retry=RetryPolicy(attempts=2))
+
+
+def test_contexts_fan_out_one_call_per_context() -> None:
+    fb = Feedback(lambda q, c: 1.0, name="x").on(Select.input, Select.contexts)
+    assert fb.calls_for(_record()) == [{"q": "q", "c": "c1"}, {"q": "q", "c": "c2"}]
+
+
+def test_collect_passes_the_whole_list() -> None:
+    fb = Feedback(lambda cs: 1.0, name="x").on(Select.contexts.collect())
+    assert fb.calls_for(_record()) == [{"cs": ["c1", "c2"]}]
+
+
+def test_empty_selection_raises_empty_selection() -> None:
+    fb = Feedback(lambda c: 1.0, name="x").on_contexts()
+    with pytest.raises(EmptySelection, match="Select.contexts found nothing"):
+        fb.calls_for(_record(contexts=[]))
+
+
+def test_span_selector_and_custom_callable() -> None:
+    spans = [Span("1", None, "root", "chain", 0.0, outputs="o1"),
+             Span("2", "1", "llm", "llm", 0.0, outputs="o2")]
+    rec = _record(spans=spans)
+    fb = Feedback(lambda outs: 1.0, name="x").on(Select.spans(kind="llm").outputs)
+    assert fb.calls_for(rec) == [{"outs": ["o2"]}]
+    fb2 = Feedback(lambda n: 1.0, name="y").on(lambda r: len(r.spans))
+    assert fb2.calls_for(rec) == [{"n": 2}]
+
+
+def test_feedback_id_depends_on_wiring() -> None:
+    def f(x: str) -> float:
+        return 1.0
+
+    assert Feedback(f).on_input().feedback_id != Feedback(f).on_output().feedback_id
+    assert Feedback(f).on_input().feedback_id == Feedback(f).on_input().feedback_id
+
+
+def test_implementation_path_of_module_function_and_lambda() -> None:
+    def local(x: str) -> float:
+        return 1.0
+
+    assert Feedback(math.sqrt).implementation is not None
+    assert Feedback(lambda x: 1.0, name="l").implementation is None
+    assert Feedback(local).implementation is None  # a closure cannot be imported by path
+
+
+@pytest.mark.parametrize(
+    ("value", "score", "explanation"),
+    [
+        (1, 1.0, None),
+        (0.25, 0.25, None),
+        (True, 1.0, None),
+        (np.float32(0.5), 0.5, None),
+        (np.int64(3), 3.0, None),
+        ((0.7, "because"), 0.7, "because"),
+        ((0.7, {"reason": "ok", "n": 2}), 0.7, "ok"),
+        ({"score": 0.1, "explanation": "low"}, 0.1, "low"),
+    ],
+)
+def test_coercion_of_good_values(value: object, score: float, explanation: str | None) -> None:
+    got_score, got_expl, _ = coerce_feedback_value(value)
+    assert got_score == pytest.approx(score)
+    assert got_expl == explanation
+
+
+@pytest.mark.parametrize(
+    "value", ["0.5", None, float("nan"), float("inf"), {"value": 1}, [0.5], object()]
+)
+def test_coercion_rejects_non_scores_with_the_value_kept(value: object) -> None:
+    with pytest.raises(InvalidFeedbackValue) as info:
+        coerce_feedback_value(value)
+    assert info.value.value is value

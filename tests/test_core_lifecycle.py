@@ -1,0 +1,109 @@
+"""Process lifecycle: exit right after a call, fork, many sessions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from scrutiny import Feedback, Record, Session
+
+SCRIPT = textwrap.dedent("""
+    import asyncio, sys, time
+    from scrutiny import Feedback, Record, Session
+    url, delay = sys.argv[1], float(sys.argv[2])
+    session = Session(url, flush_timeout=1.0)
+    async def judge(output):
+        await asyncio.sleep(delay)
+        return 1.0
+    def quick(output):
+        return 0.5
+    now = time.time()
+    session.ingest(Record(app_name="s", app_version="v", input="q", output="a",
+                          start_time=now, end_time=now),
+                   [Feedback(judge).on_output(), Feedback(quick).on_output()])
+    # exit at once, without close()
+""")
+
+
+def _run_script(tmp_path: Path, delay: float) -> tuple[subprocess.CompletedProcess[str], float]:
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    url = f"sqlite:///{tmp_path}/exit.sqlite"
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script), url, str(delay)], capture_output=True,
+                          text=True, timeout=60)
+    return proc, time.monotonic() - start
+
+
+def test_short_script_exit_finishes_quick_feedback(tmp_path: Path) -> None:
+    proc, _ = _run_script(tmp_path, 0.05)
+    assert proc.returncode == 0, proc.stderr
+    assert "cannot join" not in proc.stderr
+    with Session(f"sqlite:///{tmp_path}/exit.sqlite") as reader:
+        df, _ = reader.get_records_and_feedback()
+    assert df.loc[0, "judge status"] == "done"
+    assert df.loc[0, "quick status"] == "done"
+
+
+def test_short_script_exit_is_bounded_and_leaves_slow_work_pending(tmp_path: Path) -> None:
+    proc, elapsed = _run_script(tmp_path, 30)
+    assert proc.returncode == 0, proc.stderr
+    assert elapsed < 15  # the flush timeout is 1 s; never waits the 30 s feedback
+    assert "cannot join" not in proc.stderr
+    with Session(f"sqlite:///{tmp_path}/exit.sqlite") as reader:
+        df, _ = reader.get_records_and_feedback()
+    assert df.loc[0, "judge status"] == "pending"
+    assert df.loc[0, "quick status"] == "done"
+
+
+def test_one_session_per_request_keeps_thread_count_flat(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/many.sqlite"
+    fb = Feedback(lambda output: 1.0, name="x").on_output()
+    now = time.time()
+    counts = []
+    for _ in range(15):
+        with Session(url) as s:
+            s.ingest(Record(app_name="a", app_version="v", input="q", output="o",
+                            start_time=now, end_time=now), [fb])
+            s.wait_for_feedback(10)
+        counts.append(threading.active_count())
+    assert counts[-1] <= counts[2] + 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_records_and_flushes(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/fork.sqlite"
+    now = time.time()
+    code = textwrap.dedent(f"""
+        import os, time, sys
+        from scrutiny import Feedback, Record, Session
+        s = Session({url!r})
+        fb = Feedback(lambda output: 1.0, name="x").on_output()
+        def rec(tag):
+            return Record(app_name=tag, app_version="v", input="q", output="o",
+                          start_time={now}, end_time={now})
+        s.ingest(rec("parent"), [fb]).wait_for_feedback_results(timeout=10)
+        pid = os.fork()
+        if pid == 0:
+            r = s.ingest(rec("child"), [fb])
+            r.wait_for_feedback_results(timeout=10)
+            ok = s.close(timeout=10)
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        s.close()
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    with Session(url) as reader:
+        df, _ = reader.get_records_and_feedback()
+    assert sorted(df["app_name"]) == ["child", "parent"]
+    assert (df["x status"] == "done").all()

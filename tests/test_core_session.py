@@ -1,0 +1,527 @@
+"""The session: storage before evaluation, visibility, waiting, failures, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scrutiny import (
+    ConfigurationError,
+    Feedback,
+    FeedbackMode,
+    FeedbackStatus,
+    Record,
+    RetryPolicy,
+    Session,
+    SkipFeedback,
+)
+
+
+def make_record(i: int = 0, **kw: object) -> Record:
+    now = time.time()
+    base: dict[str, object] = {
+        "app_name": "app", "app_version": "v1", "input": f"question {i}",
+        "output": f"answer {i}", "contexts": ["ctx a", "ctx b"], "start_time": now,
+        "end_time": now + 0.01,
+    }
+    base.update(kw)
+    return Record(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/scrutiny.sqlite"
+
+
+@pytest.fixture
+def session(db_url: str) -> Iterator[Session]:
+    s = Session(db_url)
+    yield s
+    s.close()
+
+
+def _gate() -> tuple[threading.Event, Feedback]:
+    gate = threading.Event()
+
+    def gated(output: str) -> float:
+        assert gate.wait(10)
+        return 1.0
+
+    return gate, Feedback(gated, name="gated").on_output()
+
+
+def test_results_are_visible_as_pending_right_after_ingest(session: Session) -> None:
+    gate, fb = _gate()
+    record = session.ingest(make_record(), [fb])
+    df, cols = session.get_records_and_feedback()
+    try:
+        assert cols == ["gated"]
+        assert len(df) == 1
+        assert df.loc[0, "record_id"] == record.record_id
+        assert df.loc[0, "gated status"] in ("pending", "running")
+        assert df["gated"].isna().all()
+    finally:
+        gate.set()
+    record.wait_for_feedback_results(timeout=10)
+
+
+def test_after_wait_a_new_session_on_the_same_file_shows_the_scores(
+        session: Session, db_url: str) -> None:
+    fb = Feedback(lambda output: len(output) / 10, name="len").on_output()
+    record = session.ingest(make_record(), [fb])
+    results = record.wait_for_feedback_results(timeout=10)
+    assert results[fb].status is FeedbackStatus.DONE
+    with Session(db_url) as other:
+        df, cols = other.get_records_and_feedback()
+    assert cols == ["len"]
+    assert df.loc[0, "len"] == pytest.approx(0.8)
+    assert df.loc[0, "len status"] == "done"
+
+
+def test_callback_returns_at_once_and_runs_once_with_all_results(session: Session) -> None:
+    async def slow(output: str) -> float:
+        await asyncio.sleep(1.0)
+        return 0.5
+
+    def slow_sync(output: str) -> float:
+        time.sleep(1.0)
+        return 0.25
+
+    f1, f2 = Feedback(slow).on_output(), Feedback(slow_sync).on_output()
+    record = session.ingest(make_record(), [f1, f2])
+    calls: list[dict[Feedback, object]] = []
+    fired = threading.Event()
+
+    def on_done(results: dict[Feedback, object]) -> None:
+        calls.append(results)
+        fired.set()
+
+    start = time.perf_counter()
+    record.wait_for_feedback_results(callback=on_done)
+    assert time.perf_counter() - start < 0.05
+    assert not fired.is_set()
+    assert fired.wait(10)
+    session.wait_for_feedback(5)
+    assert len(calls) == 1
+    got = calls[0]
+    assert set(got) == {f1, f2}
+    assert {r.status for r in got.values()} == {FeedbackStatus.DONE}  # type: ignore[attr-defined]
+
+
+def test_callback_sees_results_that_are_already_stored(session: Session, db_url: str) -> None:
+    fb = Feedback(lambda output: 1.0, name="one").on_output()
+    record = session.ingest(make_record(), [fb])
+    seen: list[str] = []
+    done = threading.Event()
+
+    def check(results: dict[Feedback, object]) -> None:
+        with Session(db_url) as reader:
+            df, _ = reader.get_records_and_feedback()
+        seen.append(str(df.loc[0, "one status"]))
+        done.set()
+
+    record.wait_for_feedback_results(callback=check)
+    assert done.wait(10)
+    assert seen == ["done"]
+
+
+def test_raising_timing_out_and_non_number_feedbacks_fail_with_reasons(
+        session: Session) -> None:
+    def boom(output: str) -> float:
+        raise ValueError("the judge exploded")
+
+    async def sleepy(output: str) -> float:
+        await asyncio.sleep(5)
+        return 1.0
+
+    fbs = [
+        Feedback(boom).on_output(),
+        Feedback(sleepy, timeout=0.2).on_output(),
+        Feedback(lambda output: "very good", name="words").on_output(),
+        Feedback(lambda output: 0.9, name="good").on_output(),
+    ]
+    record = session.ingest(make_record(), fbs)
+    results = record.wait_for_feedback_results(timeout=10)
+    by_name = {fb.name: r for fb, r in results.items()}
+    assert by_name["boom"].status is FeedbackStatus.FAILED
+    assert "ValueError: the judge exploded" in (by_name["boom"].error or "")
+    assert by_name["sleepy"].status is FeedbackStatus.FAILED
+    assert "timed out after 0.2 s" in (by_name["sleepy"].error or "")
+    assert by_name["words"].status is FeedbackStatus.FAILED
+    assert "'very good'" in (by_name["words"].error or "")
+    assert by_name["good"].status is FeedbackStatus.DONE
+    assert by_name["good"].result == pytest.approx(0.9)
+    for name in ("boom", "sleepy", "words"):
+        assert by_name[name].result is None  # never 0, -1 or NaN
+    df, _ = session.get_records_and_feedback()
+    assert df.loc[0, "boom status"] == "failed"
+    assert df.loc[0, "good status"] == "done"
+
+
+def test_sync_feedback_timeout_fails(session: Session) -> None:
+    release = threading.Event()
+
+    def stuck(output: str) -> float:
+        release.wait(5)
+        return 1.0
+
+    fb = Feedback(stuck, timeout=0.2).on_output()
+    record = session.ingest(make_record(), [fb])
+    result = record.wait_for_feedback_results(timeout=10)[fb]
+    release.set()
+    assert result.status is FeedbackStatus.FAILED
+    assert "timed out" in (result.error or "")
+
+
+def test_retries_stop_at_their_budget(session: Session) -> None:
+    attempts: list[int] = []
+
+    def flaky(output: str) -> float:
+        attempts.append(1)
+        raise ConnectionError("429 too many requests")
+
+    fb = Feedback(flaky, retry=RetryPolicy(attempts=3, initial_backoff=0.01)).on_output()
+    result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+    assert len(attempts) == 3
+    assert result.status is FeedbackStatus.FAILED
+    assert result.attempts == 3
+    assert "after 3 attempts" in (result.error or "")
+
+
+def test_a_retry_that_succeeds_is_done(session: Session) -> None:
+    attempts: list[int] = []
+
+    async def flaky(output: str) -> float:
+        attempts.append(1)
+        if len(attempts) < 2:
+            raise ConnectionError("transient")
+        return 0.75
+
+    fb = Feedback(flaky, retries=2).on_output()
+    fb = Feedback(flaky, retry=RetryPolicy(attempts=3, initial_backoff=0.01)).on_output()
+    result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+    assert result.status is FeedbackStatus.DONE
+    assert result.result == 0.75
+    assert result.attempts == 2
+
+
+def test_retry_after_hint_is_honoured(session: Session) -> None:
+    times: list[float] = []
+
+    class RateLimited(Exception):
+        retry_after = 0.3
+
+    def limited(output: str) -> float:
+        times.append(time.monotonic())
+        if len(times) == 1:
+            raise RateLimited("slow down")
+        return 1.0
+
+    fb = Feedback(limited, retry=RetryPolicy(attempts=2, initial_backoff=0.0)).on_output()
+    result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+    assert result.status is FeedbackStatus.DONE
+    assert times[1] - times[0] >= 0.29
+
+
+def test_empty_selection_is_skipped_with_a_reason(session: Session) -> None:
+    fb = Feedback(lambda context: 1.0, name="ctx").on_contexts()
+    record = session.ingest(make_record(contexts=[]), [fb])
+    result = record.wait_for_feedback_results(timeout=10)[fb]
+    assert result.status is FeedbackStatus.SKIPPED
+    assert "Select.contexts found nothing" in (result.error or "")
+    assert result.result is None
+
+
+def test_skip_feedback_raised_by_the_function(session: Session) -> None:
+    def picky(output: str) -> float:
+        raise SkipFeedback("not applicable to greetings")
+
+    fb = Feedback(picky).on_output()
+    result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+    assert result.status is FeedbackStatus.SKIPPED
+    assert result.error == "not applicable to greetings"
+
+
+def test_fan_out_aggregates_with_mean_and_keeps_each_call(session: Session) -> None:
+    fb = Feedback(lambda c: 1.0 if c.endswith("a") else 0.0, name="ctx").on_contexts()
+    result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+    assert result.result == pytest.approx(0.5)
+    assert [c.score for c in result.calls] == [1.0, 0.0]
+
+
+def test_custom_aggregate(session: Session) -> None:
+    fb = Feedback(lambda c: 1.0 if c.endswith("a") else 0.0, name="ctx",
+                  aggregate=max).on_contexts()
+    result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+    assert result.result == 1.0
+
+
+def test_one_failing_call_of_a_fan_out_fails_the_result(session: Session) -> None:
+    def half(c: str) -> float:
+        if c.endswith("b"):
+            raise RuntimeError("no")
+        return 1.0
+
+    fb = Feedback(half).on_contexts()
+    result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+    assert result.status is FeedbackStatus.FAILED
+    assert "1 of 2 calls failed" in (result.error or "")
+
+
+def test_wait_with_timeout_returns_pending_status_not_a_score(session: Session) -> None:
+    gate, fb = _gate()
+    record = session.ingest(make_record(), [fb])
+    try:
+        results = record.wait_for_feedback_results(timeout=0.05)
+        assert results[fb].status in (FeedbackStatus.PENDING, FeedbackStatus.RUNNING)
+        assert results[fb].result is None
+    finally:
+        gate.set()
+    assert record.wait_for_feedback_results(timeout=10)[fb].status is FeedbackStatus.DONE
+
+
+async def test_await_feedback_results_does_not_block_the_loop(session: Session) -> None:
+    async def judge(output: str) -> float:
+        await asyncio.sleep(0.05)
+        return 1.0
+
+    fb = Feedback(judge).on_output()
+    record = session.ingest(make_record(), [fb])
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    task = asyncio.create_task(ticker())
+    results = await record.await_feedback_results(timeout=10)
+    task.cancel()
+    assert results[fb].status is FeedbackStatus.DONE
+    assert ticks > 3
+
+
+def test_mode_none_stores_skipped_with_the_reason(db_url: str) -> None:
+    with Session(db_url, feedback_mode=FeedbackMode.NONE) as s:
+        fb = Feedback(lambda output: 1.0, name="x").on_output()
+        result = s.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+        assert result.status is FeedbackStatus.SKIPPED
+        assert "feedback_mode is 'none'" in (result.error or "")
+
+
+def test_session_listener_gets_each_stored_result(session: Session) -> None:
+    got: list[tuple[str, str]] = []
+    done = threading.Event()
+
+    def listener(result: object, record: Record) -> None:
+        got.append((result.feedback_name, record.record_id))  # type: ignore[attr-defined]
+        if len(got) == 2:
+            done.set()
+
+    session.add_listener(listener)
+    fbs = [Feedback(lambda output: 1.0, name="a").on_output(),
+           Feedback(lambda output: 0.0, name="b").on_output()]
+    record = session.ingest(make_record(), fbs)
+    assert done.wait(10)
+    assert sorted(got) == [("a", record.record_id), ("b", record.record_id)]
+
+
+def test_a_raising_callback_is_logged_and_others_still_run(
+        session: Session, caplog: pytest.LogCaptureFixture) -> None:
+    fb = Feedback(lambda output: 1.0, name="a").on_output()
+    record = session.ingest(make_record(), [fb])
+    fired = threading.Event()
+
+    def bad(results: object) -> None:
+        raise RuntimeError("callback bug")
+
+    record.wait_for_feedback_results(callback=bad)
+    record.wait_for_feedback_results(callback=lambda results: fired.set())
+    assert fired.wait(10)
+    assert "callback bug" in caplog.text
+
+
+def test_close_is_bounded_and_leaves_unfinished_work_pending(db_url: str) -> None:
+    release = threading.Event()
+
+    async def forever(output: str) -> float:
+        await asyncio.sleep(30)
+        return 1.0
+
+    s = Session(db_url)
+    fb = Feedback(forever, timeout=60).on_output()
+    record = s.ingest(make_record(), [fb])
+    assert s.flush(10)
+    start = time.monotonic()
+    clean = s.close(timeout=0.5)
+    assert time.monotonic() - start < 5
+    assert clean is False
+    release.set()
+    with Session(db_url) as reader:
+        df, _ = reader.get_records_and_feedback()
+    assert df.loc[0, "record_id"] == record.record_id
+    assert df.loc[0, "forever status"] == "pending"
+
+
+def test_close_is_idempotent_and_finishes_quick_work(db_url: str) -> None:
+    s = Session(db_url)
+    fb = Feedback(lambda output: 1.0, name="quick").on_output()
+    s.ingest(make_record(), [fb])
+    assert s.close(timeout=10) is True
+    assert s.close() is True
+    with Session(db_url) as reader:
+        df, _ = reader.get_records_and_feedback()
+    assert df.loc[0, "quick status"] == "done"
+
+
+def test_many_records_and_leaderboard_respects_direction(session: Session) -> None:
+    good = Feedback(lambda output: 1.0 if output.endswith("v2") else 0.5,
+                    name="quality").on_output()
+    harm = Feedback(lambda output: 0.1 if output.endswith("v2") else 0.2, name="harm",
+                    higher_is_better=False).on_output()
+    for version in ("v1", "v2"):
+        for i in range(5):
+            session.ingest(make_record(i, app_version=version, output=f"out {version}"),
+                           [good, harm])
+    assert session.wait_for_feedback(20)
+    board = session.get_leaderboard()
+    assert list(board.index) == [("app", "v2"), ("app", "v1")]
+    assert board.loc[("app", "v2"), "quality"] == pytest.approx(1.0)
+    assert board.loc[("app", "v1"), "harm"] == pytest.approx(0.2)
+    assert board.loc[("app", "v1"), "records"] == 5
+    assert board.loc[("app", "v1"), "failed"] == 0
+    assert board.attrs["higher_is_better"] == {"harm": False, "quality": True}
+
+
+def test_leaderboard_counts_pending_and_failed(session: Session) -> None:
+    gate, gated = _gate()
+    bad = Feedback(lambda output: "x", name="bad").on_output()
+    session.ingest(make_record(), [gated, bad])
+    try:
+        bad_done = threading.Event()
+        session.add_listener(lambda r, rec: bad_done.set() if r.feedback_name == "bad" else None)
+        assert bad_done.wait(10)
+        board = session.get_leaderboard()
+        row = board.loc[("app", "v1")]
+        assert row["failed"] == 1
+        assert row["pending"] + row["running"] == 1
+    finally:
+        gate.set()
+
+
+def test_filter_by_app_name_or_id(session: Session) -> None:
+    session.ingest(make_record(app_name="one"), [])
+    session.ingest(make_record(app_name="two"), [])
+    df, _ = session.get_records_and_feedback(app_ids=["one"])
+    assert list(df["app_name"]) == ["one"]
+    df, _ = session.get_records_and_feedback(app_ids=["two:v1"])
+    assert list(df["app_name"]) == ["two"]
+
+
+def test_get_record_reads_back_spans_and_results(session: Session) -> None:
+    from scrutiny import Span
+
+    spans = [Span("r", None, "root", "chain", 1.0, 2.0, inputs={"q": 1}, outputs="o")]
+    fb = Feedback(lambda output: 0.5, name="half").on_output()
+    record = session.ingest(make_record(spans=spans), [fb])
+    record.wait_for_feedback_results(timeout=10)
+    back = session.get_record(record.record_id)
+    assert back is not None
+    assert back.spans[0].inputs == {"q": 1}
+    assert back.start_datetime.tzinfo is not None
+    results = back.wait_for_feedback_results(timeout=1)
+    assert [(r.feedback_name, r.result) for r in results.values()] == [("half", 0.5)]
+    assert session.get_record("missing") is None
+
+
+def test_invalid_options_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="max_concurrency"):
+        Session(f"sqlite:///{tmp_path}/x.sqlite", max_concurrency=0)
+    with pytest.raises(ConfigurationError, match="unknown feedback mode"):
+        Session(f"sqlite:///{tmp_path}/x.sqlite", feedback_mode="sometimes")
+    with pytest.raises(ConfigurationError, match="not a database URL"):
+        Session("this is not a url")
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        Session(f"sqlite:///{tmp_path}/missing/dir/x.sqlite")
+    with pytest.raises(ConfigurationError, match="postgres"):
+        Session("postgresql+nosuchdriver://u@localhost/db")
+
+
+def test_default_database_is_a_file_in_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SCRUTINY_DATABASE_URL", raising=False)
+    with Session() as s:
+        s.ingest(make_record(), [])
+        assert s.flush(10)
+    assert (tmp_path / "scrutiny.sqlite").exists()
+
+
+def test_environment_variable_sets_the_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCRUTINY_DATABASE_URL", f"sqlite:///{tmp_path}/env.sqlite")
+    with Session() as s:
+        assert s.database_url.endswith("env.sqlite")
+
+
+def test_a_second_session_on_another_database_is_not_mixed_up(tmp_path: Path) -> None:
+    with Session(f"sqlite:///{tmp_path}/a.sqlite") as a, \
+            Session(f"sqlite:///{tmp_path}/b.sqlite") as b:
+        a.ingest(make_record(1), [])
+        b.ingest(make_record(2), [])
+        b.ingest(make_record(3), [])
+        assert len(a.get_records_and_feedback()[0]) == 1
+        assert len(b.get_records_and_feedback()[0]) == 2
+        assert Session.current() is b
+
+
+def test_memory_store_session() -> None:
+    with Session("memory://") as s:
+        fb = Feedback(lambda output: 1.0, name="x").on_output()
+        s.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)
+        df, _ = s.get_records_and_feedback()
+        assert df.loc[0, "x status"] == "done"
+
+
+def test_concurrency_limit_is_respected(db_url: str) -> None:
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    async def judge(output: str) -> float:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        with lock:
+            running -= 1
+        return 1.0
+
+    with Session(db_url, max_concurrency=3) as s:
+        fb = Feedback(judge).on_output()
+        for i in range(20):
+            s.ingest(make_record(i), [fb])
+        assert s.wait_for_feedback(20)
+    assert peak == 3
+
+
+def test_sync_and_async_feedbacks_run_concurrently(db_url: str) -> None:
+    def slow(output: str) -> float:
+        time.sleep(0.2)
+        return 1.0
+
+    with Session(db_url, max_concurrency=16) as s:
+        fb = Feedback(slow).on_output()
+        start = time.monotonic()
+        for i in range(16):
+            s.ingest(make_record(i), [fb])
+        assert s.wait_for_feedback(20)
+        elapsed = time.monotonic() - start
+    assert elapsed < 16 * 0.2 / 2  # far from sequential (3.2 s)

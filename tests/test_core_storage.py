@@ -1,0 +1,190 @@
+"""Storage: exact round trips, safe representations, limits, concurrent writers."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydantic
+import pytest
+
+from scrutiny import Feedback, FeedbackStatus, Record, Session
+from scrutiny.core import _serialize
+from scrutiny.core._serialize import TRUNCATED_KEY
+
+
+def make_record(**kw: object) -> Record:
+    now = time.time()
+    base: dict[str, object] = {"app_name": "app", "app_version": "v1", "input": "q",
+                               "output": "a", "start_time": now, "end_time": now}
+    base.update(kw)
+    return Record(**base)  # type: ignore[arg-type]
+
+
+@dataclasses.dataclass
+class Answer:
+    text: str
+    at: dt.datetime
+
+
+class Model(pydantic.BaseModel):
+    name: str
+    score: float
+
+
+class Slotted:
+    __slots__ = ("x",)
+
+    def __init__(self) -> None:
+        self.x = 1
+
+
+def _gen():  # type: ignore[no-untyped-def]
+    yield 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        Answer("hi", dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)),
+        Model(name="m", score=0.5),
+        {"when": dt.datetime.now(dt.timezone.utc), "tags": {"b", "a"}},
+        b"\x00\x01bytes",
+        np.arange(3),
+        np.float64(0.5),
+        Slotted(),
+        threading.Lock(),
+        _gen(),
+        {1: "int key"},
+    ],
+    ids=["dataclass", "pydantic", "datetime-set", "bytes", "ndarray", "npfloat", "slots",
+         "lock", "generator", "intkey"],
+)
+def test_anything_serializes_without_raising(value: object) -> None:
+    text = _serialize.dumps(value)
+    assert isinstance(_serialize.loads(text), dict | list | str | int | float)
+
+
+def test_self_referencing_value_becomes_a_description() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    back = _serialize.loads(_serialize.dumps(loop))
+    assert "__repr__" in back
+
+
+def test_oversized_payload_is_truncated_with_an_explicit_marker() -> None:
+    back = _serialize.loads(_serialize.dumps("x" * 5000, max_bytes=1000))
+    assert back[TRUNCATED_KEY] is True
+    assert back["original_bytes"] == 5002
+    assert back["preview"].startswith('"xxx')
+
+
+def test_non_serializable_output_is_stored_safely(tmp_path: Path) -> None:
+    out = {"answer": Answer("hello", dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)),
+           "lock": threading.Lock(), "raw": b"\x00"}
+    with Session(f"sqlite:///{tmp_path}/s.sqlite") as s:
+        fb = Feedback(lambda output: 1.0, name="x").on_output()
+        record = s.ingest(make_record(output=out), [fb])
+        assert record.wait_for_feedback_results(timeout=10)[fb].status is FeedbackStatus.DONE
+        df, _ = s.get_records_and_feedback()
+    stored = df.loc[0, "output"]
+    assert stored["answer"] == {"text": "hello", "at": "2026-01-01T00:00:00Z"}
+    assert stored["lock"]["__type__"].endswith("lock")
+    assert stored["raw"] == {"__type__": "bytes", "length": 1, "preview": "00"}
+
+
+def test_huge_output_is_truncated_in_storage(tmp_path: Path) -> None:
+    with Session(f"sqlite:///{tmp_path}/s.sqlite", max_payload_bytes=2048) as s:
+        s.ingest(make_record(output="y" * 100_000), [])
+        df, _ = s.get_records_and_feedback()
+    assert df.loc[0, "output"][TRUNCATED_KEY] is True
+    assert df.loc[0, "output"]["original_bytes"] == 100_002
+
+
+WEIRD_NAMES = [
+    "émoji 🎉 naïve",
+    "name'); DROP TABLE scrutiny_records;--",
+    'quote " and % and _ and \\',
+    "n" * 500,
+]
+
+
+@pytest.mark.parametrize("name", WEIRD_NAMES, ids=["unicode", "sql", "quotes", "long"])
+def test_unusual_feedback_names_round_trip_exactly(tmp_path: Path, name: str) -> None:
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    with Session(url) as s:
+        fb = Feedback(lambda output: 0.5, name=name).on_output()
+        s.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)
+    with Session(url) as reader:
+        df, cols = reader.get_records_and_feedback()
+    assert cols == [name]
+    assert df.loc[0, name] == 0.5
+    assert df.loc[0, f"{name} status"] == "done"
+
+
+def test_unicode_and_nul_bytes_in_content_round_trip(tmp_path: Path) -> None:
+    text = "naïve café — 日本語 🚀 \x00 end"
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    with Session(url) as s:
+        record = s.ingest(make_record(input=text, output=text), [])
+    with Session(url) as reader:
+        back = reader.get_record(record.record_id)
+    assert back is not None
+    assert back.input == text
+    assert back.output == text
+
+
+def test_timestamps_are_utc_aware(tmp_path: Path) -> None:
+    with Session(f"sqlite:///{tmp_path}/s.sqlite") as s:
+        fb = Feedback(lambda output: 1.0, name="x").on_output()
+        result = s.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+        df, _ = s.get_records_and_feedback()
+        record = s.get_record(df.loc[0, "record_id"])
+    assert str(df["start_time"].dt.tz) == "UTC"
+    assert result.created_at.tzinfo is not None and result.ended_at is not None
+    assert record is not None
+    stored = next(iter(record.feedback_results.values()))
+    assert stored.ended_at is not None and stored.ended_at.utcoffset() == dt.timedelta(0)
+
+
+def test_table_prefix_keeps_tables_apart(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.sqlite"
+    with Session(url, table_prefix="team_a_") as a, Session(url, table_prefix="team_b_") as b:
+        a.ingest(make_record(), [])
+        assert len(a.get_records_and_feedback()[0]) == 1
+        assert len(b.get_records_and_feedback()[0]) == 0
+
+
+def _write_many(url: str, n: int) -> None:
+    with Session(url) as s:
+        fb = Feedback(_score, name="proc").on_output()
+        for _ in range(n):
+            s.ingest(make_record(), [fb])
+        assert s.wait_for_feedback(60)
+
+
+def _score(output: str) -> float:
+    return 1.0
+
+
+def test_two_processes_and_a_reader_share_one_sqlite_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.sqlite"
+    Session(url).close()  # create the schema once
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(url, 50)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    with Session(url) as reader:
+        while any(p.is_alive() for p in procs):
+            reader.get_records_and_feedback()  # reading while they write: no lock errors
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+        df, _ = reader.get_records_and_feedback()
+    assert len(df) == 100
+    assert (df["proc status"] == "done").all()

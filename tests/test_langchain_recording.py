@@ -1,0 +1,512 @@
+"""LangChain recording: one root invocation gives exactly one record with its full span tree."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_core.language_models import FakeListChatModel, GenericFakeChatModel
+from langchain_core.messages import AIMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import (
+    RunnableLambda,
+    RunnableParallel,
+    RunnablePassthrough,
+    chain,
+)
+from langchain_core.tools import tool
+
+from scrutiny import Record, RecordStatus, Session, Span
+from scrutiny.integrations.langchain import ChainRecorder, ScrutinyCallbackHandler
+
+QUESTION = "What is the capital of France?"
+ANSWER = "Paris is the capital of France."
+CORPUS = ("Paris is the capital of France.", "Berlin is in Germany.", "Rome is in Italy.")
+
+
+# ---------------------------------------------------------------------------- helpers
+def check_tree(record: Record) -> dict[str, Span]:
+    """The span tree is one tree rooted at the root run; returns spans by id."""
+    by_id = {s.span_id: s for s in record.spans}
+    assert len(by_id) == len(record.spans), "duplicate span ids"
+    roots = [s for s in record.spans if s.parent_id is None]
+    assert len(roots) == 1, f"expected one root span, got {[s.name for s in roots]}"
+    assert roots[0].span_id == record.root_run_id
+    for s in record.spans:
+        assert s.parent_id is None or s.parent_id in by_id, f"{s.name} has a foreign parent"
+        assert s.end_time is not None, f"{s.name} never ended"
+    return by_id
+
+
+def ancestors(span: Span, by_id: dict[str, Span]) -> list[Span]:
+    out = []
+    while span.parent_id is not None:
+        span = by_id[span.parent_id]
+        out.append(span)
+    return out
+
+
+def one(record: Record, kind: str) -> Span:
+    spans = record.spans_of_kind(kind)
+    assert len(spans) == 1, f"expected one {kind} span, got {len(spans)}"
+    return spans[0]
+
+
+def stored_count(session: Session) -> int:
+    df, _ = session.get_records_and_feedback()
+    return len(df)
+
+
+def prompt_model_parser(responses: list[str]) -> Any:
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
+    return prompt | FakeListChatModel(responses=responses) | StrOutputParser()
+
+
+# ---------------------------------------------------------------------------- invoke
+def test_invoke_records_one_record_with_the_full_span_tree(
+        session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
+    rag = make_retrieval_chain([ANSWER], texts=CORPUS)
+    recorder = ChainRecorder(rag, app_name="qa", session=session)
+    with recorder as recording:
+        answer = rag.invoke(QUESTION)
+
+    assert answer == ANSWER
+    record = recording.get()
+    by_id = check_tree(record)
+    kinds = {s.kind for s in record.spans}
+    assert {"chain", "retriever", "prompt", "chat_model", "parser"} <= kinds
+    root = record.root_span()
+    assert root is not None and root.kind == "chain"
+    # prompt, model and parser are steps of the root sequence; the retriever sits deeper
+    for kind in ("prompt", "chat_model", "parser"):
+        assert one(record, kind).parent_id == root.span_id
+    retriever = one(record, "retriever")
+    assert root in ancestors(retriever, by_id)
+    assert len(ancestors(retriever, by_id)) >= 2  # parallel map -> retriever sequence
+    assert one(record, "chat_model").model == "fake-list-chat-model"
+
+    assert record.status is RecordStatus.OK
+    assert record.input == QUESTION
+    assert record.output == ANSWER
+    assert len(record.contexts) == 2
+    assert set(record.contexts) <= set(CORPUS)
+    assert record.framework == "langchain"
+    assert UUID(record.root_run_id or "")  # a real LangChain run id
+
+    stored = session.get_record(record.record_id)
+    assert stored is not None
+    assert stored.output == ANSWER
+    assert len(stored.spans) == len(record.spans)
+    assert stored.contexts == record.contexts
+
+
+def test_token_usage_is_none_when_the_model_reports_none(
+        session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
+    rag = make_retrieval_chain([ANSWER])
+    with ChainRecorder(rag, app_name="qa", session=session) as recording:
+        rag.invoke(QUESTION)
+    record = recording.get()
+    assert record.usage is None
+    assert one(record, "chat_model").usage is None
+    df, _ = session.get_records_and_feedback()
+    assert df["total_tokens"].isna().all()
+
+
+def test_token_usage_reported_by_the_model_is_summed_over_calls(session: Session) -> None:
+    model = GenericFakeChatModel(messages=iter([
+        AIMessage(content="a", usage_metadata={
+            "input_tokens": 3, "output_tokens": 2, "total_tokens": 5}),
+        AIMessage(content="b", usage_metadata={
+            "input_tokens": 7, "output_tokens": 4, "total_tokens": 11}),
+    ]))
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
+    first = prompt | model | StrOutputParser()
+    app = RunnableLambda(lambda q: {"question": q}) | first | RunnableLambda(
+        lambda a: {"question": a}) | first
+
+    with ChainRecorder(app, app_name="usage", session=session) as recording:
+        assert app.invoke("q") == "b"
+
+    record = recording.get()
+    models = record.spans_of_kind("chat_model")
+    assert len(models) == 2
+    assert [m.usage.total_tokens for m in models if m.usage] == [5, 11]
+    assert record.usage is not None
+    assert (record.usage.prompt_tokens, record.usage.completion_tokens,
+            record.usage.total_tokens) == (10, 6, 16)
+    df, _ = session.get_records_and_feedback()
+    assert int(df.loc[0, "total_tokens"]) == 16
+
+
+async def test_ainvoke_records_one_record(
+        session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
+    rag = make_retrieval_chain([ANSWER])
+    with ChainRecorder(rag, app_name="qa", session=session) as recording:
+        answer = await rag.ainvoke(QUESTION)
+
+    assert answer == ANSWER
+    record = recording.get()
+    check_tree(record)
+    assert {"chain", "retriever", "prompt", "chat_model", "parser"} <= {
+        s.kind for s in record.spans}
+    assert (record.input, record.output) == (QUESTION, ANSWER)
+    assert len(record.contexts) == 2
+
+
+async def test_async_with_block_records(session: Session,
+                                        make_retrieval_chain: Callable[..., Any]) -> None:
+    rag = make_retrieval_chain([ANSWER])
+    async with ChainRecorder(rag, app_name="qa", session=session) as recording:
+        await rag.ainvoke(QUESTION)
+    assert recording.get().output == ANSWER
+
+
+# ---------------------------------------------------------------------------- batch
+QUESTIONS = ["Capital of France?", "Capital of Germany?", "Capital of Italy?"]
+
+
+def _check_siblings(records: list[Record], answers: dict[str, str]) -> None:
+    assert len(records) == 3
+    assert sorted(r.input for r in records) == sorted(QUESTIONS)
+    assert len({r.root_run_id for r in records}) == 3
+    span_ids = [s.span_id for r in records for s in r.spans]
+    assert len(span_ids) == len(set(span_ids)), "a span was attributed to two records"
+    for r in records:
+        check_tree(r)
+        assert r.output == answers[r.input]
+        prompt = one(r, "prompt")
+        assert r.input in str(prompt.inputs)  # the record's own prompt, not a sibling's
+
+
+def test_batch_gives_sibling_records(session: Session,
+                                     make_retrieval_chain: Callable[..., Any]) -> None:
+    rag = make_retrieval_chain(["Paris.", "Berlin.", "Rome."])
+    with ChainRecorder(rag, app_name="qa", session=session) as recording:
+        outputs = rag.batch(QUESTIONS)
+    _check_siblings(recording.records, dict(zip(QUESTIONS, outputs, strict=True)))
+    assert stored_count(session) == 3
+
+
+async def test_abatch_gives_sibling_records(session: Session,
+                                            make_retrieval_chain: Callable[..., Any]) -> None:
+    rag = make_retrieval_chain(["Paris.", "Berlin.", "Rome."])
+    with ChainRecorder(rag, app_name="qa", session=session) as recording:
+        outputs = await rag.abatch(QUESTIONS, config={"max_concurrency": 2})
+    _check_siblings(recording.records, dict(zip(QUESTIONS, outputs, strict=True)))
+    assert stored_count(session) == 3
+
+
+# ---------------------------------------------------------------------------- streaming
+def test_stream_fully_consumed_gives_one_record_with_the_full_output(
+        session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
+    rag = make_retrieval_chain([ANSWER])
+    with ChainRecorder(rag, app_name="qa", session=session) as recording:
+        chunks = list(rag.stream(QUESTION))
+
+    assert len(chunks) > 1
+    assert "".join(chunks) == ANSWER
+    record = recording.get()
+    check_tree(record)
+    assert record.status is RecordStatus.OK
+    assert record.output == ANSWER
+    assert record.input == QUESTION
+    assert len(record.contexts) == 2
+
+
+async def test_astream_fully_consumed_gives_one_record_with_the_full_output(
+        session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
+    rag = make_retrieval_chain([ANSWER])
+    with ChainRecorder(rag, app_name="qa", session=session) as recording:
+        chunks = [c async for c in rag.astream(QUESTION)]
+
+    assert "".join(chunks) == ANSWER
+    record = recording.get()
+    check_tree(record)
+    assert record.status is RecordStatus.OK
+    assert (record.input, record.output) == (QUESTION, ANSWER)
+
+
+def test_stream_stopped_early_gives_one_cancelled_record(
+        session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
+    rag = make_retrieval_chain([ANSWER])
+    got: list[str] = []
+    with ChainRecorder(rag, app_name="qa", session=session) as recording:
+        stream = rag.stream(QUESTION)
+        for chunk in stream:
+            got.append(chunk)
+            break
+        stream.close()
+
+    assert got == [ANSWER[0]]  # the caller's tokens are untouched
+    record = recording.get()
+    assert record.status is RecordStatus.CANCELLED
+    assert record.error
+    assert record.output is None or (isinstance(record.output, str)
+                                     and ANSWER.startswith(record.output)
+                                     and record.output != ANSWER)
+    assert stored_count(session) == 1
+    df, _ = session.get_records_and_feedback()
+    assert df.loc[0, "status"] == "cancelled"
+
+
+async def test_astream_stopped_early_gives_one_cancelled_record(
+        session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
+    rag = make_retrieval_chain([ANSWER])
+    got: list[str] = []
+    with ChainRecorder(rag, app_name="qa", session=session) as recording:
+        stream = rag.astream(QUESTION)
+        async for chunk in stream:
+            got.append(chunk)
+            break
+        await stream.aclose()
+
+    assert got == [ANSWER[0]]
+    record = recording.get()
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output is None or (ANSWER.startswith(record.output)
+                                     and record.output != ANSWER)
+    assert stored_count(session) == 1
+
+
+async def test_astream_cancelled_mid_stream_gives_one_cancelled_record(
+        session: Session) -> None:
+    app = prompt_model_parser([ANSWER])
+    app.steps[1].sleep = 0.02  # type: ignore[attr-defined]
+    first = asyncio.Event()
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in app.astream({"question": QUESTION}):
+            got.append(chunk)
+            first.set()
+
+    with ChainRecorder(app, app_name="qa", session=session) as recording:
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(first.wait(), 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    assert got and ANSWER.startswith("".join(got)) and "".join(got) != ANSWER
+    record = recording.get()
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output is None or ANSWER.startswith(record.output)
+    assert stored_count(session) == 1
+
+
+# ---------------------------------------------------------------------------- shapes
+def test_nested_chains_nest_their_spans(session: Session) -> None:
+    inner = prompt_model_parser(["inner answer"]).with_config(run_name="inner")
+    outer = (RunnableLambda(lambda q: {"question": q}).with_config(run_name="pre")
+             | inner
+             | RunnableLambda(lambda a: a.upper()).with_config(run_name="post"))
+    with ChainRecorder(outer, app_name="nested", session=session) as recording:
+        assert outer.invoke("hi") == "INNER ANSWER"
+
+    record = recording.get()
+    by_id = check_tree(record)
+    root = record.root_span()
+    assert root is not None
+    names = {s.name: s for s in record.spans}
+    assert {"pre", "inner", "post"} <= names.keys()
+    for name in ("pre", "inner", "post"):
+        assert names[name].parent_id == root.span_id
+    model = one(record, "chat_model")
+    assert [a.name for a in ancestors(model, by_id)][:1] == ["inner"]
+    assert record.output == "INNER ANSWER"
+    assert [depth for depth, s in record.walk() if s is model] == [2]
+
+
+def test_runnable_parallel_branches_are_children_of_the_parallel_span(
+        session: Session) -> None:
+    par = RunnableParallel(
+        upper=RunnableLambda(lambda s: s.upper()).with_config(run_name="upper"),
+        answer=RunnableLambda(lambda s: {"question": s}) | prompt_model_parser(["42"]),
+        same=RunnablePassthrough(),
+    )
+    with ChainRecorder(par, app_name="par", session=session) as recording:
+        result = par.invoke("x")
+
+    assert result == {"upper": "X", "answer": "42", "same": "x"}
+    record = recording.get()
+    by_id = check_tree(record)
+    root = record.root_span()
+    assert root is not None
+    assert len(record.children(root)) == 3
+    assert by_id[one(record, "chat_model").parent_id or ""].parent_id == root.span_id
+    assert record.output == result
+
+
+def test_chain_decorator_and_lambda_spans_nest(session: Session) -> None:
+    answerer = prompt_model_parser(["from the model"])
+
+    @chain
+    def my_app(question: str) -> str:
+        shout = RunnableLambda(lambda s: s + "!").with_config(run_name="shout")
+        return shout.invoke(answerer.invoke({"question": question}))
+
+    with ChainRecorder(my_app, app_name="deco", session=session) as recording:
+        assert my_app.invoke("q") == "from the model!"
+
+    record = recording.get()
+    by_id = check_tree(record)
+    root = record.root_span()
+    assert root is not None and root.name == "my_app"
+    shout = next(s for s in record.spans if s.name == "shout")
+    assert shout.parent_id == root.span_id
+    assert root in ancestors(one(record, "chat_model"), by_id)
+    assert record.input == "q" and record.output == "from the model!"
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def test_tool_called_inside_a_chain_is_a_child_tool_span(session: Session) -> None:
+    app = RunnableLambda(lambda d: {"a": d["x"], "b": 2}).with_config(
+        run_name="args") | add
+    with ChainRecorder(app, app_name="tools", session=session) as recording:
+        assert app.invoke({"x": 40}) == 42
+
+    record = recording.get()
+    check_tree(record)
+    tool_span = one(record, "tool")
+    assert tool_span.name == "add"
+    assert tool_span.parent_id == record.root_run_id
+    assert tool_span.outputs == 42
+    assert record.output == 42
+
+
+def test_tool_called_alone_is_a_root_record(session: Session) -> None:
+    with ChainRecorder(add, app_name="tools", session=session) as recording:
+        assert add.invoke({"a": 1, "b": 2}) == 3
+    record = recording.get()
+    root = record.root_span()
+    assert root is not None and root.kind == "tool"
+    assert record.output == 3
+
+
+# ---------------------------------------------------------------------------- errors
+class AppError(RuntimeError):
+    pass
+
+
+def test_exception_reaches_the_caller_unchanged_and_an_error_record_is_stored(
+        session: Session) -> None:
+    error = AppError("the retriever is down")
+
+    def fail(_: Any) -> str:
+        raise error
+
+    app = prompt_model_parser(["never"]) | RunnableLambda(fail)
+    with ChainRecorder(app, app_name="err", session=session) as recording, \
+            pytest.raises(AppError) as caught:
+        app.invoke({"question": "q"})
+
+    assert caught.value is error
+    record = recording.get()
+    assert record.status is RecordStatus.ERROR
+    assert record.error is not None and "AppError" in record.error
+    assert "the retriever is down" in record.error
+    assert record.output is None
+    failing = [s for s in record.spans if s.error]
+    assert {s.name for s in failing} >= {"fail"}
+    df, _ = session.get_records_and_feedback()
+    assert list(df["status"]) == ["error"]
+    assert "the retriever is down" in df.loc[0, "error"]
+
+
+async def test_async_exception_reaches_the_caller_unchanged(session: Session) -> None:
+    error = AppError("async boom")
+
+    async def fail(_: Any) -> str:
+        raise error
+
+    app = RunnableLambda(fail)
+    with ChainRecorder(app, app_name="err", session=session) as recording, \
+            pytest.raises(AppError) as caught:
+        await app.ainvoke("q")
+    assert caught.value is error
+    assert recording.get().status is RecordStatus.ERROR
+
+
+# ---------------------------------------------------------------------------- scoping
+def test_calls_outside_the_block_are_not_recorded(session: Session) -> None:
+    app = prompt_model_parser(["a"])
+    recorder = ChainRecorder(app, app_name="scope", session=session)
+    app.invoke({"question": "before"})
+    with recorder as recording:
+        app.invoke({"question": "inside"})
+    app.invoke({"question": "after"})
+
+    assert [r.input for r in recording.records] == ["inside"]
+    assert [r.input for r in recorder.handler.records] == ["inside"]
+    df, _ = session.get_records_and_feedback()
+    assert list(df["input"]) == ["inside"]
+
+
+def test_consecutive_top_level_runs_are_siblings(session: Session) -> None:
+    app = prompt_model_parser(["one", "two", "three"])
+    with ChainRecorder(app, app_name="seq", session=session) as recording:
+        outputs = [app.invoke({"question": f"q{i}"}) for i in range(3)]
+
+    records = recording.records
+    assert [r.input for r in records] == ["q0", "q1", "q2"]
+    assert [r.output for r in records] == outputs == ["one", "two", "three"]
+    for r in records:
+        check_tree(r)
+        assert len(r.spans) == 4  # sequence, prompt, model, parser: nothing leaked in
+    assert len({r.root_run_id for r in records}) == 3
+
+
+def test_nested_with_blocks_of_one_recorder_give_one_record(session: Session) -> None:
+    app = prompt_model_parser(["a"])
+    recorder = ChainRecorder(app, app_name="re", session=session)
+    with recorder as outer:
+        with recorder as inner:
+            app.invoke({"question": "q"})
+        app.invoke({"question": "q2"})
+    assert [r.input for r in inner.records] == ["q"]
+    assert [r.input for r in outer.records] == ["q2"]
+    assert stored_count(session) == 2
+
+
+@pytest.mark.parametrize("how", ["per_call", "context", "both", "construction",
+                                 "construction_and_context"])
+def test_handler_attachment_never_duplicates_records(session: Session, how: str) -> None:
+    app = prompt_model_parser(["a"])
+    recorder = ChainRecorder(app, app_name="dup", session=session)
+    handler = recorder.handler
+    config = {"callbacks": [handler]} if how in ("per_call", "both") else None
+    target = app.with_config(callbacks=[handler]) if how.startswith("construction") else app
+    if how in ("context", "both", "construction_and_context"):
+        with recorder as recording:
+            target.invoke({"question": "q"}, config=config)
+        assert len(recording.records) == 1
+    else:
+        target.invoke({"question": "q"}, config=config)
+
+    assert [r.input for r in handler.records] == ["q"]
+    record = handler.records[0]
+    check_tree(record)
+    assert len(record.spans) == 4
+    assert stored_count(session) == 1
+
+
+def test_a_standalone_handler_records_per_call(session: Session) -> None:
+    app = prompt_model_parser(["a"])
+    handler = ScrutinyCallbackHandler("manual", "v2", session=session)
+    app.invoke({"question": "q"}, config={"callbacks": [handler]})
+    app.invoke({"question": "not recorded"})
+    assert [r.input for r in handler.records] == ["q"]
+    df, _ = session.get_records_and_feedback()
+    assert list(df["app_id"]) == ["manual:v2"]
