@@ -152,3 +152,28 @@ def test_coercion_rejects_non_scores_with_the_value_kept(value: object) -> None:
     with pytest.raises(InvalidFeedbackValue) as info:
         coerce_feedback_value(value)
     assert info.value.value is value
+
+
+def test_provider_defaults_are_used_and_explicit_options_win() -> None:
+    from scrutiny import RateLimit
+
+    class Judge:
+        limit = RateLimit(per_minute=60, group="judge")
+
+        def scrutiny_feedback_defaults(self, method: object) -> dict[str, object]:
+            return {"rate_limit": self.limit, "retry": RetryPolicy(attempts=3),
+                    "timeout": 30.0}
+
+        def harm(self, text: str) -> float:
+            return 0.0
+
+    harm_fn = Judge.harm
+    harm_fn.__scrutiny_feedback__ = {"higher_is_better": False}  # type: ignore[attr-defined]
+    judge = Judge()
+    fb = Feedback(judge.harm).on_output()
+    assert fb.higher_is_better is False
+    assert fb.rate_limit is Judge.limit
+    assert fb.retry.attempts == 3
+    assert fb.timeout == 30.0
+    explicit = Feedback(judge.harm, timeout=5.0, higher_is_better=True, retries=0)
+    assert (explicit.timeout, explicit.higher_is_better, explicit.retry.attempts) == (5.0, True, 1)

@@ -525,3 +525,105 @@ def test_sync_and_async_feedbacks_run_concurrently(db_url: str) -> None:
         assert s.wait_for_feedback(20)
         elapsed = time.monotonic() - start
     assert elapsed < 16 * 0.2 / 2  # far from sequential (3.2 s)
+
+
+class _GatedStore:
+    """A memory store whose writes wait for a gate: the database is 'slow or down'."""
+
+    def __init__(self) -> None:
+        from scrutiny.core.storage import MemoryStore
+
+        self.inner = MemoryStore()
+        self.url = "memory://gated"
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def write(self, ops: object) -> None:
+        self.entered.set()
+        assert self.gate.wait(30)
+        self.inner.write(ops)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_slow_storage_never_blocks_the_app_and_counts_what_it_drops() -> None:
+    store = _GatedStore()
+    s = Session(store=store, max_queue_size=5)  # type: ignore[arg-type]
+    fb = Feedback(lambda output: 1.0, name="x").on_output()
+    try:
+        first = s.ingest(make_record(0), [fb])
+        assert store.entered.wait(10)  # the writer is now stuck in the database
+        start = time.perf_counter()
+        records = [s.ingest(make_record(i), [fb]) for i in range(1, 21)]
+        assert time.perf_counter() - start < 1.0  # the app's thread never waited
+        assert s.stats()["dropped_writes"] == 15
+        dropped = records[-1].wait_for_feedback_results(timeout=5)[fb]
+        assert dropped.status is FeedbackStatus.FAILED
+        assert "could not be stored" in (dropped.error or "")
+    finally:
+        store.gate.set()
+    assert first.wait_for_feedback_results(timeout=10)[fb].status is FeedbackStatus.DONE
+    assert s.wait_for_feedback(10)
+    df, _ = s.get_records_and_feedback()
+    assert len(df) == 6  # the first record and the five that were queued
+    s.close()
+
+
+class _BrokenStore:
+    url = "memory://broken"
+
+    def write(self, ops: object) -> None:
+        from sqlalchemy.exc import OperationalError
+
+        raise OperationalError("INSERT", {}, Exception("disk I/O error"))
+
+    def close(self) -> None:
+        return None
+
+
+def test_storage_errors_are_counted_and_results_fail_with_a_reason(
+        caplog: pytest.LogCaptureFixture) -> None:
+    s = Session(store=_BrokenStore())  # type: ignore[arg-type]
+    fb = Feedback(lambda output: 1.0, name="x").on_output()
+    record = s.ingest(make_record(), [fb])
+    result = record.wait_for_feedback_results(timeout=30)[fb]
+    assert result.status is FeedbackStatus.FAILED
+    assert "could not be stored" in (result.error or "")
+    assert s.stats()["failed_writes"] == 1
+    assert "disk I/O error" in caplog.text
+    s.close(timeout=1)
+
+
+def test_feedback_that_uses_its_own_thread_pool_does_not_deadlock(db_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fan(output: str) -> float:
+        with ThreadPoolExecutor(2) as pool:
+            return sum(pool.map(len, [output, output])) / 100
+
+    with Session(db_url, max_concurrency=1, thread_pool_size=1) as s:
+        fb = Feedback(fan).on_output()
+        records = [s.ingest(make_record(i), [fb]) for i in range(5)]
+        assert s.wait_for_feedback(20)
+        assert all(r.feedback_results[fb].status is FeedbackStatus.DONE for r in records)
+
+
+def test_rate_limit_holds_its_rate(db_url: str) -> None:
+    from scrutiny import RateLimit
+
+    starts: list[float] = []
+
+    async def judge(output: str) -> float:
+        starts.append(time.monotonic())
+        return 1.0
+
+    # 240 per minute: one call every 0.25 s, never a burst
+    fb = Feedback(judge, rate_limit=RateLimit(per_minute=240, max_concurrent=1)).on_output()
+    with Session(db_url) as s:
+        for i in range(6):
+            s.ingest(make_record(i), [fb])
+        assert s.wait_for_feedback(30)
+    assert len(starts) == 6
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert min(gaps) >= 0.2, gaps  # spaced out, not all at once

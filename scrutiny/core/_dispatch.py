@@ -96,7 +96,8 @@ class _GroupLimit:
     """A rate limit and/or a concurrency cap shared by one group of feedbacks."""
 
     def __init__(self, per_minute: float | None, max_concurrent: int | None) -> None:
-        self._rate = AsyncLimiter(per_minute, 60.0) if per_minute else None
+        # capacity 1: calls are spaced evenly, never a burst of a minute's budget at once
+        self._rate = AsyncLimiter(1, 60.0 / per_minute) if per_minute else None
         self._sem = asyncio.Semaphore(max_concurrent) if max_concurrent else None
 
     @contextlib.asynccontextmanager

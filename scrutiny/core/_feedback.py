@@ -25,7 +25,7 @@ from scrutiny.core._select import Select, Selector, as_selector
 if TYPE_CHECKING:
     from scrutiny.core._records import Record
 
-__all__ = ["Feedback", "RateLimit", "RetryPolicy", "coerce_feedback_value"]
+__all__ = ["Feedback", "RateLimit", "RetryPolicy", "coerce_feedback_value", "feedback_defaults"]
 
 Aggregator = Callable[[list[float]], float]
 
@@ -61,7 +61,7 @@ class RateLimit:
     """A budget shared by every feedback with the same `group` (e.g. one judge's API key).
 
     Args:
-        per_minute: the most calls started in any 60 s window (None: no rate limit).
+        per_minute: the most calls started per minute, spaced evenly (None: no limit).
         max_concurrent: the most calls running at once (None: only the session's limit).
         group: feedbacks that name the same group share the budget.
     """
@@ -89,12 +89,15 @@ class Feedback:
             `(score, explanation)` pair, or a mapping with a ``"score"`` key (and optionally
             ``"explanation"`` / ``"reason"``). Raise :class:`SkipFeedback` to end `skipped`.
         name: the column name; defaults to the function's name.
-        higher_is_better: how the leaderboard ranks the score.
+        higher_is_better: how the leaderboard ranks the score (default True).
         timeout: seconds one attempt may take (None: the session's default).
         retries: extra attempts after a failure (shorthand for `retry=RetryPolicy(...)`).
         retry: a full :class:`RetryPolicy`.
         aggregate: how the scores of a fanned-out selection combine (default: mean).
         rate_limit: a :class:`RateLimit` shared with other feedbacks of its group.
+
+    Providers can supply defaults for these options (see :func:`feedback_defaults`);
+    arguments given here always win.
 
     Raises:
         ConfigurationError: `fn` is not callable or the options are inconsistent.
@@ -105,7 +108,7 @@ class Feedback:
         fn: Callable[..., Any],
         name: str | None = None,
         *,
-        higher_is_better: bool = True,
+        higher_is_better: bool | None = None,
         timeout: float | None = None,
         retries: int | None = None,
         retry: RetryPolicy | None = None,
@@ -114,6 +117,15 @@ class Feedback:
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"Feedback needs a function, got {fn!r}")
+        defaults = feedback_defaults(fn)
+        name = name or defaults.get("name")
+        higher_is_better = (defaults.get("higher_is_better", True)
+                            if higher_is_better is None else higher_is_better)
+        timeout = defaults.get("timeout") if timeout is None else timeout
+        if retries is None and retry is None:
+            retry = defaults.get("retry")
+        rate_limit = defaults.get("rate_limit") if rate_limit is None else rate_limit
+        aggregate = defaults.get("aggregate") if aggregate is None else aggregate
         if retries is not None and retry is not None:
             raise ConfigurationError("give either retries= or retry=, not both")
         if retries is not None and retries < 0:
@@ -257,6 +269,31 @@ class _Params:
     names: list[str]
     required: list[str]
     var_keyword: bool
+
+
+DEFAULTS_ATTRIBUTE = "__scrutiny_feedback__"
+
+
+def feedback_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    """Option defaults a provider attached to a feedback function.
+
+    A function (or method) may carry a mapping in its ``__scrutiny_feedback__`` attribute,
+    and the object a bound method belongs to may define
+    ``scrutiny_feedback_defaults(method) -> Mapping``; keys are `Feedback` option names
+    (name, higher_is_better, timeout, retry, rate_limit, aggregate). The object's values
+    win over the function's.
+    """
+    found: dict[str, Any] = {}
+    attached = getattr(fn, DEFAULTS_ATTRIBUTE, None)
+    if isinstance(attached, Mapping):
+        found.update(attached)
+    owner = getattr(fn, "__self__", None)
+    hook = getattr(owner, "scrutiny_feedback_defaults", None)
+    if callable(hook):
+        from_owner = hook(fn)
+        if isinstance(from_owner, Mapping):
+            found.update(from_owner)
+    return found
 
 
 def _parameters(fn: Callable[..., Any]) -> _Params:
