@@ -8,15 +8,18 @@ logged and the application's call goes on untouched.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import functools
+import inspect
 import logging
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
@@ -31,6 +34,7 @@ from scrutiny.core import (
     Session,
     Span,
     SpanKind,
+    TokenUsage,
     recording_suppressed,
 )
 from scrutiny.integrations.langchain._convert import (
@@ -50,6 +54,10 @@ logger = logging.getLogger("scrutiny")
 
 FEEDBACK_EVENT = "scrutiny.feedback_result"
 """The name of the LangChain custom event that carries a stored feedback result."""
+
+_F = TypeVar("_F", bound=Callable[..., None])
+
+_STOPPED_EARLY = "cancelled: the consumer stopped the stream early"
 
 _DISPATCH_CODES = {handle_event.__code__, ahandle_event.__code__}
 
@@ -87,6 +95,20 @@ def _run_handlers(default: BaseCallbackHandler) -> list[BaseCallbackHandler]:
             break
         frame = frame.f_back
     return [default]
+
+
+def _never_raises(method: _F) -> _F:
+    """Run a LangChain callback; a failure of ours is logged and never reaches the app."""
+
+    @functools.wraps(method)
+    def safe(self: ScrutinyCallbackHandler, *args: Any, **kwargs: Any) -> None:
+        try:
+            method(self, *args, **kwargs)
+        except Exception:
+            logger.exception("scrutiny: handling %s failed; the application is not affected",
+                             method.__name__)
+
+    return cast(_F, safe)
 
 
 class ScrutinyCallbackHandler(BaseCallbackHandler):
@@ -138,11 +160,17 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             "scrutiny_langchain_recording", default=None)
         self._on_record: list[Callable[[Record], object]] = []
         self._lock = threading.Lock()
+        self._warned_closed = False
 
     @property
     def session(self) -> Session:
-        if self._session is None or self._session.closed:
-            self._session = Session.current()
+        """Where records go: the session given, else the session created last.
+
+        A session given explicitly is kept even after it is closed (records made then are
+        logged and dropped): they never go to another database behind the user's back.
+        """
+        if self._session is None:
+            return Session.current()
         return self._session
 
     # ------------------------------------------------------------------ span bookkeeping
@@ -155,6 +183,8 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             parent = None if parent_run_id is None else self._runs.get(parent_run_id)
             if parent is None:
                 root = _Root(self._recording.get(), _run_handlers(self), tags, metadata)
+                if root.recording is not None:
+                    root.recording._opened()
                 self._roots[run_id] = root
                 parent_id = None
             else:
@@ -193,22 +223,34 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             self._runs.pop(rid, None)
         contexts = [document_text(d) for s in root.spans if s.kind == SpanKind.RETRIEVER.value
                     and isinstance(s.outputs, list) for d in s.outputs]
-        if error is None:
+        # Child runs still open when the root ends: the consumer stopped a stream early.
+        # LangChain then ends a sync stream's root run normally (it swallows the
+        # GeneratorExit) with the output gathered so far, and never ends the children.
+        unfinished = [s for s in root.spans if s.end_time is None]
+        for child in unfinished:
+            child.end_time = span.end_time
+            child.error = child.error or _STOPPED_EARLY
+        error_text = span.error
+        if error is None and not unfinished:
             status, output = RecordStatus.OK, main_output(span.outputs)
         else:
-            cancelled = isinstance(error, GeneratorExit | KeyboardInterrupt) or type(
+            cancelled = error is None or isinstance(
+                error, GeneratorExit | KeyboardInterrupt) or type(
                 error).__name__ == "CancelledError"
             status = RecordStatus.CANCELLED if cancelled else RecordStatus.ERROR
-            output = "".join(root.tokens) if root.tokens else None
-        from scrutiny.core import TokenUsage
-
+            if span.outputs is not None:
+                output = main_output(span.outputs)
+            else:
+                output = "".join(root.tokens) if root.tokens else None
+            if isinstance(error, GeneratorExit) or (error is None and unfinished):
+                error_text = _STOPPED_EARLY
         record = Record(
             app_name=self.app_name,
             app_version=self.app_version,
             input=main_input(span.inputs),
             output=output,
             status=status,
-            error=span.error,
+            error=error_text,
             start_time=span.start_time,
             end_time=span.end_time or time.time(),
             spans=root.spans,
@@ -219,15 +261,19 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             framework="langchain",
             root_run_id=str(run_id),
         )
-        if status is RecordStatus.CANCELLED and span.error:
-            record.error = "the consumer stopped the stream early" if isinstance(
-                error, GeneratorExit) else span.error
         self.records.append(record)
         if root.recording is not None:
             root.recording._add(record)
-        bridge = _FeedbackBridge(root.handlers, run_id, root.tags, root.metadata)
-        self.session.ingest(record, self.feedbacks, mode=self._mode_for(root),
-                            listeners=[bridge])
+        session = self.session
+        if session.closed:
+            if not self._warned_closed:
+                self._warned_closed = True
+                logger.warning("scrutiny: the session of app %r is closed; its records are "
+                               "not stored (the application is not affected)", self.app_name)
+        else:
+            bridge = _FeedbackBridge(root.handlers, run_id, root.tags, root.metadata)
+            session.ingest(record, self.feedbacks, mode=self._mode_for(root),
+                           listeners=[bridge])
         for fn in self._on_record:
             fn(record)
 
@@ -237,6 +283,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         return self.feedback_mode
 
     # ------------------------------------------------------------------ chains
+    @_never_raises
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *,
                        run_id: UUID, parent_run_id: UUID | None = None,
                        tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
@@ -245,17 +292,24 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         self._start(run_id, parent_run_id, _name(serialized, kwargs), kind, inputs, tags,
                     metadata)
 
+    @_never_raises
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        if "inputs" in kwargs and run_id in self._runs:  # streamed input, known at the end
-            self._runs[run_id][0].inputs = kwargs["inputs"]
+        self._streamed_inputs(run_id, kwargs)
         self._end(run_id, outputs)
 
+    @_never_raises
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        if "inputs" in kwargs and run_id in self._runs:
-            self._runs[run_id][0].inputs = kwargs["inputs"]
+        self._streamed_inputs(run_id, kwargs)
         self._end(run_id, error=error)
 
+    def _streamed_inputs(self, run_id: UUID, kwargs: dict[str, Any]) -> None:
+        """A streamed run's input is only known at its end."""
+        entry = self._runs.get(run_id)
+        if entry is not None and "inputs" in kwargs:
+            entry[0].inputs = kwargs["inputs"]
+
     # ------------------------------------------------------------------ models
+    @_never_raises
     def on_chat_model_start(self, serialized: dict[str, Any] | None, messages: Any, *,
                             run_id: UUID, parent_run_id: UUID | None = None,
                             tags: list[str] | None = None,
@@ -264,6 +318,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         self._start(run_id, parent_run_id, _name(serialized, kwargs),
                     SpanKind.CHAT_MODEL.value, inputs, tags, metadata, _model(kwargs, metadata))
 
+    @_never_raises
     def on_llm_start(self, serialized: dict[str, Any] | None, prompts: list[str], *,
                      run_id: UUID, parent_run_id: UUID | None = None,
                      tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
@@ -272,6 +327,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         self._start(run_id, parent_run_id, _name(serialized, kwargs), SpanKind.LLM.value,
                     inputs, tags, metadata, _model(kwargs, metadata))
 
+    @_never_raises
     def on_llm_new_token(self, token: str | list[str | dict[str, Any]], *, run_id: UUID,
                          **kwargs: Any) -> None:
         entry = self._runs.get(run_id)
@@ -281,6 +337,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                                 for t in token)
             entry[1].tokens.append(token)
 
+    @_never_raises
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
             outputs, usage = llm_output(response), usage_of(response)
@@ -288,10 +345,12 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             outputs, usage = response, None
         self._end(run_id, outputs, usage=usage)
 
+    @_never_raises
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._end(run_id, error=error)
 
     # ------------------------------------------------------------------ retrievers, tools
+    @_never_raises
     def on_retriever_start(self, serialized: dict[str, Any] | None, query: str, *,
                            run_id: UUID, parent_run_id: UUID | None = None,
                            tags: list[str] | None = None,
@@ -299,14 +358,17 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         self._start(run_id, parent_run_id, _name(serialized, kwargs),
                     SpanKind.RETRIEVER.value, query, tags, metadata)
 
+    @_never_raises
     def on_retriever_end(self, documents: Sequence[Any], *, run_id: UUID,
                          **kwargs: Any) -> None:
         self._end(run_id, list(documents))
 
+    @_never_raises
     def on_retriever_error(self, error: BaseException, *, run_id: UUID,
                            **kwargs: Any) -> None:
         self._end(run_id, error=error)
 
+    @_never_raises
     def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *,
                       run_id: UUID, parent_run_id: UUID | None = None,
                       tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
@@ -314,9 +376,11 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         self._start(run_id, parent_run_id, _name(serialized, kwargs), SpanKind.TOOL.value,
                     inputs if inputs is not None else input_str, tags, metadata)
 
+    @_never_raises
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self._end(run_id, output)
 
+    @_never_raises
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._end(run_id, error=error)
 
@@ -358,7 +422,13 @@ def _describe(error: BaseException) -> str:
 
 
 class _FeedbackBridge:
-    """Hands each stored result to the handlers of the recorded run, through LangChain."""
+    """Hands each stored result to the handlers of the recorded run, through LangChain.
+
+    Runs on Scrutiny's callback thread, after the result is stored. Async handlers (and async
+    `on_feedback_result` methods) run there to their end on a private event loop, so no
+    event is lost when the application's loop has stopped; to touch objects of the app's
+    loop they must hand over with ``loop.call_soon_threadsafe``.
+    """
 
     __slots__ = ("handlers", "metadata", "run_id", "tags")
 
@@ -372,12 +442,19 @@ class _FeedbackBridge:
     def __call__(self, result: FeedbackResult, record: Record) -> None:
         for handler in self.handlers:
             method = getattr(handler, "on_feedback_result", None)
-            if callable(method):
-                try:
-                    method(result, record)
-                except Exception:
-                    logger.exception("scrutiny: %s.on_feedback_result raised",
-                                     type(handler).__name__)
+            if not callable(method):
+                continue
+            try:
+                outcome = method(result, record)
+                if inspect.isawaitable(outcome):  # an async on_feedback_result
+                    asyncio.run(_awaited(outcome))
+            except Exception:
+                logger.exception("scrutiny: %s.on_feedback_result raised",
+                                 type(handler).__name__)
         handle_event(self.handlers, "on_custom_event", "ignore_custom_event", FEEDBACK_EVENT,
                      result.as_dict(), run_id=self.run_id, tags=self.tags,
                      metadata=self.metadata)
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable

@@ -31,6 +31,7 @@ __all__ = ["ChainRecorder", "Recording"]
 _hook_lock = threading.Lock()
 _hook_vars: list[contextvars.ContextVar[ScrutinyCallbackHandler | None]] = []
 _depth: contextvars.ContextVar[int] = contextvars.ContextVar("scrutiny_lc_depth", default=0)
+_FINALIZE_TURNS = 50
 
 
 def _hook_var(level: int) -> contextvars.ContextVar[ScrutinyCallbackHandler | None]:
@@ -50,11 +51,24 @@ class Recording:
     def __init__(self, feedback_mode: FeedbackMode | None) -> None:
         self.feedback_mode = feedback_mode
         self._records: list[Record] = []
+        self._open = 0  # root runs started in the block that have not ended yet
         self._lock = threading.Lock()
+
+    def _opened(self) -> None:
+        with self._lock:
+            self._open += 1
 
     def _add(self, record: Record) -> None:
         with self._lock:
             self._records.append(record)
+            if self._open > 0:
+                self._open -= 1
+
+    @property
+    def open_runs(self) -> int:
+        """Root runs started in the block that have not ended yet."""
+        with self._lock:
+            return self._open
 
     @property
     def records(self) -> list[Record]:
@@ -72,6 +86,12 @@ class Recording:
         if len(records) == 1:
             return records[0]
         if not records:
+            still_open = self.open_runs
+            if still_open:
+                raise RecordingError(
+                    f"no record yet: {still_open} run(s) started in this recording have not "
+                    "ended (an async stream that was stopped early ends when the event loop "
+                    "finalizes it: use `async with recorder:` or await once more)")
             raise RecordingError(
                 "no record was made in this recording: call the chain inside the `with` "
                 "block (threads started by hand do not inherit the block; pass "
@@ -88,6 +108,16 @@ class Recording:
 
     def __iter__(self) -> Iterator[Record]:
         return iter(self.records)
+
+
+class _Block:
+    """One open ``with recorder:`` block: its recording and the context tokens to reset."""
+
+    __slots__ = ("recording", "tokens")
+
+    def __init__(self, recording: Recording, tokens: list[contextvars.Token[Any]]) -> None:
+        self.recording = recording
+        self.tokens = tokens
 
 
 class ChainRecorder:
@@ -128,7 +158,11 @@ class ChainRecorder:
         self.handler = ScrutinyCallbackHandler(
             app_name, app_version, feedbacks=feedbacks, session=session,
             feedback_mode=self.feedback_mode, tags=tags, metadata=metadata)
-        self._stack: list[tuple[Recording, list[contextvars.Token[Any]]]] = []
+        # The open blocks of this recorder, per context: one recorder may be entered at
+        # once by many threads and asyncio tasks (one block per web request), and each
+        # must leave its own block.
+        self._blocks: contextvars.ContextVar[tuple[_Block, ...]] = contextvars.ContextVar(
+            f"scrutiny_lc_blocks_{id(self):x}", default=())
 
     @property
     def app_name(self) -> str:
@@ -159,16 +193,26 @@ class ChainRecorder:
             _depth.set(level + 1),
             self.handler._recording.set(recording),
         ]
-        self._stack.append((recording, tokens))
+        tokens.append(self._blocks.set((*self._blocks.get(), _Block(recording, tokens))))
         return recording
 
     def _leave(self) -> Recording:
-        recording, tokens = self._stack.pop()
-        recording_token, depth_token, var_token = tokens[2], tokens[1], tokens[0]
-        self.handler._recording.reset(recording_token)
-        _depth.reset(depth_token)
-        var_token.var.reset(var_token)
-        return recording
+        blocks = self._blocks.get()
+        if not blocks:
+            raise RecordingError(
+                "leaving a ChainRecorder block that was not entered in this thread or task "
+                "(enter and leave a block in the same context)")
+        block = blocks[-1]
+        for token in reversed(block.tokens):
+            try:
+                token.var.reset(token)
+            except ValueError:  # entered in a context this one was copied from
+                old = token.old_value
+                if old is contextvars.Token.MISSING:
+                    old = () if token.var is self._blocks else 0 if token.var is _depth \
+                        else None
+                token.var.set(old)
+        return block.recording
 
     def __exit__(self, *exc: object) -> None:
         recording = self._leave()
@@ -181,5 +225,12 @@ class ChainRecorder:
 
     async def __aexit__(self, *exc: object) -> None:
         recording = self._leave()
+        # An async stream stopped early (`break` + `aclose()`) ends its root run only when
+        # the event loop finalizes LangChain's inner generators, a few loop turns later:
+        # give the loop those turns so the block's record is there when it is left.
+        for _ in range(_FINALIZE_TURNS):
+            if recording.open_runs == 0:
+                break
+            await asyncio.sleep(0)
         if self._mode() is FeedbackMode.WITH_APP:
             await asyncio.gather(*(r.await_feedback_results() for r in recording.records))
