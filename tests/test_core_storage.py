@@ -188,3 +188,14 @@ def test_two_processes_and_a_reader_share_one_sqlite_file(tmp_path: Path) -> Non
         df, _ = reader.get_records_and_feedback()
     assert len(df) == 100
     assert (df["proc status"] == "done").all()
+
+
+def test_oversized_contexts_stay_a_list_with_each_one_marked(tmp_path: Path) -> None:
+    with Session(f"sqlite:///{tmp_path}/s.sqlite", max_payload_bytes=1024) as s:
+        record = s.ingest(make_record(contexts=["x" * 3000, "short"]), [])
+        back = s.get_record(record.record_id)
+    assert back is not None
+    assert isinstance(back.contexts, list)
+    assert back.contexts[0].startswith("x" * 1024)
+    assert f"[{TRUNCATED_KEY}: 3000 bytes in all]" in back.contexts[0]
+    assert back.contexts[1] == "short"

@@ -24,12 +24,20 @@ from aiolimiter import AsyncLimiter
 
 from scrutiny.core._evaluate import Evaluator, describe_error
 from scrutiny.core._feedback import Feedback
+from scrutiny.core._pool import DaemonThreadPool
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
 
 if TYPE_CHECKING:
     from scrutiny.core._records import Record
 
-__all__ = ["BackgroundDispatch", "DispatchPolicy", "EvaluationLoop", "Job", "NoDispatch"]
+__all__ = [
+    "BackgroundDispatch",
+    "DeferredDispatch",
+    "DispatchPolicy",
+    "EvaluationLoop",
+    "Job",
+    "NoDispatch",
+]
 
 logger = logging.getLogger("scrutiny")
 
@@ -42,6 +50,7 @@ class Job:
     record: Record
     pending: FeedbackResult
     listeners: Sequence[Callable[[FeedbackResult, Record], object]] = ()
+    lease_token: str | None = None
 
 
 ResultHook = Callable[[Job, FeedbackResult], None]
@@ -51,6 +60,9 @@ class DispatchPolicy(Protocol):
     """Decides what happens to a record's results once its pending rows are stored."""
 
     name: str
+    owns_rows: bool
+    """Whether this process holds a lease on the pending rows it writes (False: any worker
+    may claim them at once)."""
 
     def initial(self, job: Job) -> FeedbackResult:
         """The result row written with the record (pending, or already final)."""
@@ -64,6 +76,7 @@ class NoDispatch:
     """Mode `none`: nothing is evaluated; each result is stored `skipped` with the reason."""
 
     name = "none"
+    owns_rows = False
 
     def initial(self, job: Job) -> FeedbackResult:
         p = job.pending
@@ -81,6 +94,8 @@ class NoDispatch:
 class BackgroundDispatch:
     """Evaluate on the session's evaluation loop."""
 
+    owns_rows = True
+
     def __init__(self, loop: Callable[[], EvaluationLoop], name: str) -> None:
         self._loop = loop
         self.name = name
@@ -90,6 +105,23 @@ class BackgroundDispatch:
 
     def dispatch(self, jobs: list[Job]) -> None:
         self._loop().submit(jobs)
+
+
+class DeferredDispatch:
+    """Mode `deferred`: rows stay pending for workers; this process only watches for their
+    end states (so waits and callbacks still work here)."""
+
+    name = "deferred"
+    owns_rows = False
+
+    def __init__(self, watch: Callable[[list[Job]], None]) -> None:
+        self._watch = watch
+
+    def initial(self, job: Job) -> FeedbackResult:
+        return job.pending
+
+    def dispatch(self, jobs: list[Job]) -> None:
+        self._watch(jobs)
 
 
 class _GroupLimit:
@@ -119,6 +151,8 @@ class EvaluationLoop:
     Args:
         max_concurrency: the most feedback calls running at once.
         thread_pool_size: threads for plain (sync) feedback functions.
+        executor: run every feedback call there instead (e.g. a Dask cluster's executor);
+            results still come back here to be stored and announced.
         default_timeout: seconds per attempt when a feedback sets none.
         on_running: called (on the loop) when a job starts.
         on_final: called (on the loop) with the end state of each job.
@@ -126,16 +160,17 @@ class EvaluationLoop:
 
     def __init__(self, *, max_concurrency: int, thread_pool_size: int,
                  default_timeout: float | None, on_running: ResultHook,
-                 on_final: ResultHook, name: str = "scrutiny-eval") -> None:
+                 on_final: ResultHook, name: str = "scrutiny-eval",
+                 executor: concurrent.futures.Executor | None = None) -> None:
         self._on_running = on_running
         self._on_final = on_final
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=thread_pool_size, thread_name_prefix=f"{name}-sync")
+        self._pool = DaemonThreadPool(thread_pool_size, thread_name_prefix=f"{name}-sync")
         self._loop = asyncio.new_event_loop()
         self._limits: dict[str, _GroupLimit] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._max_concurrency = max_concurrency
         self._default_timeout = default_timeout
+        self._executor = executor
         self._evaluator: Evaluator | None = None
         ready = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(ready,), name=name,
@@ -147,7 +182,8 @@ class EvaluationLoop:
         asyncio.set_event_loop(self._loop)
         self._evaluator = Evaluator(
             pool=self._pool, max_concurrency=self._max_concurrency,
-            default_timeout=self._default_timeout, limiter_for=self._limiter_for)
+            default_timeout=self._default_timeout, limiter_for=self._limiter_for,
+            executor=self._executor)
         ready.set()
         try:
             self._loop.run_forever()
@@ -165,6 +201,10 @@ class EvaluationLoop:
         return self._limits[group]
 
     # ------------------------------------------------------------------ any thread
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
     def submit(self, jobs: list[Job]) -> None:
         """Schedule jobs; thread-safe, returns at once."""
         try:

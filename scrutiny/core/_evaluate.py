@@ -58,6 +58,13 @@ def _retry_after(exc: BaseException) -> float | None:
     return None
 
 
+def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any]) -> Any:
+    """Run a feedback call in another process or thread (an external executor)."""
+    if is_async:
+        return asyncio.run(fn(**args))
+    return fn(**args)
+
+
 @dataclasses.dataclass(slots=True)
 class _CallOutcome:
     call: FeedbackCall
@@ -73,6 +80,8 @@ class Evaluator:
         max_concurrency: the most feedback calls running at once in this session.
         default_timeout: seconds one attempt may take when the feedback sets none.
         limiter_for: returns the shared rate limiter of a feedback (or None).
+        executor: when given, every call (sync or async) runs there, e.g. on a Dask
+            cluster; the function and its arguments must be picklable.
     """
 
     def __init__(
@@ -82,8 +91,10 @@ class Evaluator:
         max_concurrency: int,
         default_timeout: float | None,
         limiter_for: Callable[[Feedback], Limiter | None],
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         self._pool = pool
+        self._executor = executor
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._default_timeout = default_timeout
         self._limiter_for = limiter_for
@@ -161,7 +172,10 @@ class Evaluator:
                        timeout: float | None) -> Any:
         fn = feedback.fn
         awaitable: Awaitable[Any]
-        if feedback.is_async:
+        if self._executor is not None:
+            awaitable = asyncio.wrap_future(
+                self._executor.submit(_call_anywhere, fn, feedback.is_async, args))
+        elif feedback.is_async:
             awaitable = fn(**args)
         else:
             loop = asyncio.get_running_loop()

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scrutiny.core._errors import ConfigurationError, InvalidFeedbackValue
-from scrutiny.core._select import Select, Selector, as_selector
+from scrutiny.core._refs import NotReferenceable, reference, resolve
+from scrutiny.core._select import Select, Selector, as_selector, selector_from_spec
 
 if TYPE_CHECKING:
     from scrutiny.core._records import Record
@@ -194,6 +195,7 @@ class Feedback:
     def _copy(self) -> Feedback:
         new = copy.copy(self)
         new.bindings = dict(self.bindings)
+        new.__dict__.pop("_spec", None)
         return new
 
     # ------------------------------------------------------------------ identity
@@ -235,6 +237,80 @@ class Feedback:
                 f"feedback {self.name!r}: required parameter(s) {missing} of "
                 f"{_function_name(self.fn)}() are not wired; wire them with .on(...)"
             )
+
+    # ------------------------------------------------------------------ by reference
+    def spec(self) -> dict[str, Any]:
+        """Everything a worker needs to rebuild this feedback, as JSON-able data.
+
+        Raises:
+            NotReferenceable: the function, a selector or the aggregate cannot be imported
+                by path (a lambda, a closure, a bound method, code in ``__main__``).
+        """
+        cached = self.__dict__.get("_spec")
+        if cached is not None:
+            return dict(cached)
+        bindings: dict[str, Any] = {}
+        for param, selector in self.bindings.items():
+            if selector.spec is None:
+                raise NotReferenceable(
+                    f"the selection for {param!r} ({selector.label}) cannot be rebuilt by a "
+                    f"worker: {selector.why_not or 'it has no spec'}")
+            bindings[param] = selector.spec
+        policy = self.retry
+        spec: dict[str, Any] = {
+            "fn": reference(self.fn),
+            "name": self.name,
+            "higher_is_better": self.higher_is_better,
+            "timeout": self.timeout,
+            "retry": {
+                "attempts": policy.attempts,
+                "initial_backoff": policy.initial_backoff,
+                "max_backoff": policy.max_backoff,
+                "retry_on": [reference(t) for t in policy.retry_on],
+                "never_retry_on": [reference(t) for t in policy.never_retry_on],
+            },
+            "aggregate": None if self.aggregator is _mean else reference(self.aggregator),
+            "rate_limit": None if self.rate_limit is None else {
+                "per_minute": self.rate_limit.per_minute,
+                "max_concurrent": self.rate_limit.max_concurrent,
+                "group": self.rate_limit.group,
+            },
+            "bindings": bindings,
+        }
+        self.__dict__["_spec"] = spec
+        return dict(spec)
+
+    def check_referenceable(self) -> None:
+        """Raise :class:`ConfigurationError` unless a worker can rebuild this feedback."""
+        try:
+            self.spec()
+        except NotReferenceable as exc:
+            raise ConfigurationError(
+                f"feedback {self.name!r} cannot be evaluated by a worker (deferred mode): "
+                f"{exc}") from None
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Feedback:
+        """Rebuild a feedback from :meth:`spec` (in a worker)."""
+        retry = spec.get("retry") or {}
+        rate = spec.get("rate_limit")
+        aggregate = spec.get("aggregate")
+        fb = cls(
+            resolve(spec["fn"]),
+            name=spec["name"],
+            higher_is_better=bool(spec.get("higher_is_better", True)),
+            timeout=spec.get("timeout"),
+            retry=RetryPolicy(
+                attempts=int(retry.get("attempts", 1)),
+                initial_backoff=float(retry.get("initial_backoff", 0.5)),
+                max_backoff=float(retry.get("max_backoff", 30.0)),
+                retry_on=tuple(resolve(t) for t in retry.get("retry_on", [])) or (Exception,),
+                never_retry_on=tuple(resolve(t) for t in retry.get("never_retry_on", [])),
+            ),
+            aggregate=resolve(aggregate) if aggregate else None,
+            rate_limit=RateLimit(**rate) if rate else None,
+        )
+        return fb.on(**{p: selector_from_spec(s) for p, s in spec["bindings"].items()})
 
     def __repr__(self) -> str:
         wiring = ", ".join(f"{k}={v}" for k, v in self.selectors.items())

@@ -75,7 +75,8 @@ def record_row(record: Record, *, max_bytes: int) -> Row:
         "total_tokens": usage.total_tokens if usage else None,
         "spans_json": _serialize.dumps([_span_dict(s) for s in record.spans],
                                        max_bytes=max_bytes * 4),
-        "contexts_json": _serialize.dumps(record.contexts, max_bytes=max_bytes),
+        "contexts_json": _serialize.dumps(
+            [_serialize.truncate_text(c, max_bytes) for c in record.contexts]),
         "tags_json": _serialize.dumps(record.tags),
         "metadata_json": _serialize.dumps(record.metadata, max_bytes=max_bytes),
         "framework": record.framework,
@@ -92,10 +93,22 @@ def definition_row(feedback: Feedback) -> Row:
         "implementation": feedback.implementation,
         "selectors_json": _serialize.dumps(feedback.selectors),
         "created_at": datetime.now(timezone.utc),
+        "spec_json": _spec_json(feedback),
     }
 
 
-def result_row(record: Record, result: FeedbackResult) -> Row:
+def _spec_json(feedback: Feedback) -> str | None:
+    from scrutiny.core._refs import NotReferenceable
+
+    try:
+        return _serialize.dumps(feedback.spec())
+    except NotReferenceable:
+        return None
+
+
+def result_row(record: Record, result: FeedbackResult,
+               lease: tuple[str, str, datetime] | None = None) -> Row:
+    """The first row of a result; `lease` = (worker_id, token, expires_at) of its holder."""
     now = datetime.now(timezone.utc)
     return {
         "result_id": result.result_id,
@@ -115,13 +128,14 @@ def result_row(record: Record, result: FeedbackResult) -> Row:
         "cost_json": _serialize.dumps(result.cost) if result.cost is not None else None,
         "calls_json": _serialize.dumps([c.as_dict() for c in result.calls])
         if result.calls else None,
-        "worker_id": None,
-        "lease_expires_at": None,
+        "worker_id": lease[0] if lease else None,
+        "lease_token": lease[1] if lease else None,
+        "lease_expires_at": lease[2] if lease else None,
     }
 
 
 def result_update_values(result: FeedbackResult, *, max_bytes: int) -> Row:
-    return {
+    values = {
         "status": result.status.value,
         "score": result.result,
         "explanation": result.explanation,
@@ -134,6 +148,9 @@ def result_update_values(result: FeedbackResult, *, max_bytes: int) -> Row:
         "calls_json": _serialize.dumps([c.as_dict() for c in result.calls],
                                        max_bytes=max_bytes) if result.calls else None,
     }
+    if result.is_final:
+        values["lease_expires_at"] = None
+    return values
 
 
 def _span_from(d: dict[str, Any]) -> Span:

@@ -1,10 +1,11 @@
 """Selectors: what part of a record a feedback function receives.
 
 A selector is a small callable object with a label (stored with the feedback definition so
-the table can say what was judged). `Select.contexts` fans out: the feedback function is
-called once per retrieved context and the scores are aggregated; `.collect()` passes the
-whole list in one call instead. Any plain `callable(record) -> value` can be used where a
-selector is expected.
+the table can say what was judged) and, when it can be rebuilt in another process, a JSON
+`spec` (workers of the deferred mode rebuild selectors from it). `Select.contexts` fans out:
+the feedback function is called once per retrieved context and the scores are aggregated;
+`.collect()` passes the whole list in one call instead. Any plain `callable(record) -> value`
+can be used where a selector is expected.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from scrutiny.core._refs import NotReferenceable, reference, resolve
+
 if TYPE_CHECKING:
     from scrutiny.core._records import Record, Span
 
-__all__ = ["EmptySelection", "Select", "Selector", "as_selector"]
+__all__ = ["EmptySelection", "Select", "Selector", "as_selector", "selector_from_spec"]
+
+Spec = dict[str, Any]
 
 
 class EmptySelection(LookupError):
@@ -29,14 +34,19 @@ class Selector:
         label: how the selection is shown and stored, e.g. ``"Select.contexts"``.
         get: the function that reads the value from a :class:`Record`.
         fan_out: call the feedback once per element of the selected sequence.
+        spec: how to rebuild the selector in another process (None: it cannot be).
+        why_not: when `spec` is None, the reason, for the error message.
     """
 
-    __slots__ = ("_get", "fan_out", "label")
+    __slots__ = ("_get", "fan_out", "label", "spec", "why_not")
 
-    def __init__(self, label: str, get: Callable[[Record], Any], *, fan_out: bool = False):
+    def __init__(self, label: str, get: Callable[[Record], Any], *, fan_out: bool = False,
+                 spec: Spec | None = None, why_not: str | None = None) -> None:
         self.label = label
         self._get = get
         self.fan_out = fan_out
+        self.spec = spec
+        self.why_not = why_not
 
     def __repr__(self) -> str:
         return self.label + (" (each)" if self.fan_out else "")
@@ -46,41 +56,66 @@ class Selector:
         value = self._get(record)
         if _is_empty(value):
             raise EmptySelection(f"{self.label} found nothing in record {record.record_id}")
-        if self.fan_out and not isinstance(value, Sequence | set | frozenset):
-            return [value]
-        if self.fan_out and isinstance(value, str | bytes):
+        if self.fan_out and (isinstance(value, str | bytes) or not isinstance(
+                value, Sequence | set | frozenset)):
             return [value]
         return value
 
+    def _with(self, *, label: str | None = None, get: Callable[[Record], Any] | None = None,
+              fan_out: bool | None = None, spec: Spec | None = None,
+              why_not: str | None = None) -> Selector:
+        return Selector(label or self.label, get or self._get,
+                        fan_out=self.fan_out if fan_out is None else fan_out,
+                        spec=spec, why_not=why_not or self.why_not)
+
+    def _spec_with(self, **changes: Any) -> Spec | None:
+        return None if self.spec is None else {**self.spec, **changes}
+
     def collect(self) -> Selector:
         """The same selection, passed as one list instead of element by element."""
-        return Selector(self.label + ".collect()", self._get, fan_out=False)
+        return self._with(label=self.label + ".collect()", fan_out=False,
+                          spec=self._spec_with(fan_out=False))
 
     def each(self) -> Selector:
         """The same selection, one feedback call per element."""
-        return Selector(self.label, self._get, fan_out=True)
+        return self._with(fan_out=True, spec=self._spec_with(fan_out=True))
 
     def map(self, fn: Callable[[Any], Any], label: str | None = None) -> Selector:
         """Apply `fn` to each element of a sequence selection (or to a single value)."""
-        get = self._get
-
-        def mapped(record: Record) -> Any:
-            value = get(record)
-            if isinstance(value, list | tuple):
-                return [fn(v) for v in value]
-            return fn(value)
-
-        return Selector(label or f"{self.label}.map({_name(fn)})", mapped, fan_out=self.fan_out)
+        try:
+            spec = None if self.spec is None else {"map": reference(fn), "of": self.spec,
+                                                   "fan_out": self.fan_out}
+            why_not = self.why_not
+        except NotReferenceable as exc:
+            spec, why_not = None, str(exc)
+        return self._with(label=label or f"{self.label}.map({_name(fn)})",
+                          get=_mapped(self._get, fn), spec=spec, why_not=why_not)
 
     @property
     def outputs(self) -> Selector:
         """For span selections: the spans' outputs."""
-        return self.map(lambda s: s.outputs, f"{self.label}.outputs")
+        return self._attr("outputs")
 
     @property
     def inputs(self) -> Selector:
         """For span selections: the spans' inputs."""
-        return self.map(lambda s: s.inputs, f"{self.label}.inputs")
+        return self._attr("inputs")
+
+    def _attr(self, name: str) -> Selector:
+        spec = None if self.spec is None else {"attr": name, "of": self.spec,
+                                               "fan_out": self.fan_out}
+        return self._with(label=f"{self.label}.{name}",
+                          get=_mapped(self._get, lambda s: getattr(s, name)), spec=spec)
+
+
+def _mapped(get: Callable[[Record], Any], fn: Callable[[Any], Any]) -> Callable[[Record], Any]:
+    def mapped(record: Record) -> Any:
+        value = get(record)
+        if isinstance(value, list | tuple):
+            return [fn(v) for v in value]
+        return fn(value)
+
+    return mapped
 
 
 def _name(fn: Callable[..., Any]) -> str:
@@ -111,16 +146,21 @@ def _spans(kind: str | None, name: str | None) -> Callable[[Record], list[Span]]
     return get
 
 
+def _field(name: str) -> Callable[[Record], Any]:
+    return lambda r: getattr(r, name)
+
+
 class Select:
     """The selectors a feedback can be wired to."""
 
-    input = Selector("Select.input", lambda r: r.input)
+    input = Selector("Select.input", _field("input"), spec={"select": "input"})
     """The main input of the record (a question, a query)."""
-    output = Selector("Select.output", lambda r: r.output)
+    output = Selector("Select.output", _field("output"), spec={"select": "output"})
     """The main output of the record (an answer)."""
-    contexts = Selector("Select.contexts", lambda r: r.contexts, fan_out=True)
+    contexts = Selector("Select.contexts", _field("contexts"), fan_out=True,
+                        spec={"select": "contexts", "fan_out": True})
     """Each retrieved context (document text); `.collect()` for the whole list."""
-    record = Selector("Select.record", lambda r: r)
+    record = Selector("Select.record", lambda r: r, spec={"select": "record"})
     """The whole :class:`Record`."""
 
     # names TruLens users already know
@@ -131,21 +171,30 @@ class Select:
     @staticmethod
     def spans(kind: str | None = None, name: str | None = None) -> Selector:
         """The spans of a kind (``"llm"``, ``"retriever"``, ...) and/or with a name."""
+        kind = None if kind is None else str(getattr(kind, "value", kind))
         label = "Select.spans(" + ", ".join(
             f"{k}={v!r}" for k, v in (("kind", kind), ("name", name)) if v is not None
         ) + ")"
-        return Selector(label, _spans(kind, name))
+        return Selector(label, _spans(kind, name),
+                        spec={"select": "spans", "kind": kind, "name": name})
 
     @staticmethod
     def metadata(key: str) -> Selector:
         """A value of the record's metadata."""
-        return Selector(f"Select.metadata({key!r})", lambda r: r.metadata.get(key))
+        return Selector(f"Select.metadata({key!r})", lambda r: r.metadata.get(key),
+                        spec={"select": "metadata", "key": key})
 
     @staticmethod
     def custom(fn: Callable[[Record], Any], *, label: str | None = None,
                fan_out: bool = False) -> Selector:
         """Any function of the record."""
-        return Selector(label or f"Select.custom({_name(fn)})", fn, fan_out=fan_out)
+        try:
+            spec: Spec | None = {"custom": reference(fn), "fan_out": fan_out}
+            why_not = None
+        except NotReferenceable as exc:
+            spec, why_not = None, str(exc)
+        return Selector(label or f"Select.custom({_name(fn)})", fn, fan_out=fan_out,
+                        spec=spec, why_not=why_not)
 
 
 def as_selector(value: Selector | Callable[[Record], Any]) -> Selector:
@@ -157,3 +206,27 @@ def as_selector(value: Selector | Callable[[Record], Any]) -> Selector:
     raise TypeError(
         f"expected a Selector (e.g. Select.output) or a callable(record), got {value!r}"
     )
+
+
+def selector_from_spec(spec: Spec) -> Selector:
+    """Rebuild a selector from its `spec` (in a worker)."""
+    fan_out = bool(spec.get("fan_out", False))
+    if "of" in spec:
+        inner = selector_from_spec(spec["of"])
+        built = inner._attr(spec["attr"]) if "attr" in spec else inner.map(resolve(spec["map"]))
+        return built.each() if fan_out else built.collect() if built.fan_out else built
+    if "custom" in spec:
+        return Select.custom(resolve(spec["custom"]), fan_out=fan_out)
+    kind = spec.get("select")
+    base: Selector
+    if kind in ("input", "output", "contexts", "record"):
+        base = getattr(Select, kind)
+    elif kind == "spans":
+        base = Select.spans(spec.get("kind"), spec.get("name"))
+    elif kind == "metadata":
+        base = Select.metadata(spec["key"])
+    else:
+        raise ValueError(f"unknown selector spec {spec!r}")
+    if fan_out != base.fan_out:
+        return base.each() if fan_out else base.collect()
+    return base

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["TRUNCATED_KEY", "dumps", "loads", "to_jsonable"]
+__all__ = ["TRUNCATED_KEY", "dumps", "loads", "to_jsonable", "truncate_text"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -81,6 +81,17 @@ def dumps(value: Any, *, max_bytes: int | None = None) -> str:
             {TRUNCATED_KEY: True, "original_bytes": len(data), "preview": preview}
         )
     return data.decode("utf-8")
+
+
+def truncate_text(value: Any, max_bytes: int) -> Any:
+    """A string cut to about `max_bytes` of UTF-8 with an explicit marker; others as is."""
+    if not isinstance(value, str) or len(value) * 4 <= max_bytes:
+        return value
+    data = value.encode("utf-8")
+    if len(data) <= max_bytes:
+        return value
+    kept = data[:max_bytes].decode("utf-8", errors="ignore")
+    return f"{kept}[{TRUNCATED_KEY}: {len(data)} bytes in all]"
 
 
 def loads(text: str | None) -> Any:

@@ -8,16 +8,17 @@ future resolves and before any callback runs.
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import enum
 import logging
 import os
-import queue
+import socket
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pandas as pd
@@ -25,6 +26,7 @@ import pandas as pd
 from scrutiny.core import _rows
 from scrutiny.core._dispatch import (
     BackgroundDispatch,
+    DeferredDispatch,
     DispatchPolicy,
     EvaluationLoop,
     Job,
@@ -34,9 +36,20 @@ from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._feedback import Feedback
 from scrutiny.core._frames import leaderboard_frame, records_frame
 from scrutiny.core._records import Record, _ResultSlot
+from scrutiny.core._refs import NotReferenceable
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
+from scrutiny.core._runtime import Notifier, install_process_hooks, live_sessions
 from scrutiny.core._writer import StorageWriter, WriteItem
-from scrutiny.core.storage import InsertRecord, MemoryStore, SQLStore, Store, UpdateResult
+from scrutiny.core.storage import (
+    InsertRecord,
+    MemoryStore,
+    MigratePolicy,
+    RenewLeases,
+    SQLStore,
+    Store,
+    UpdateResult,
+    WriteOp,
+)
 
 __all__ = ["DEFAULT_DATABASE_URL", "FeedbackMode", "ResultListener", "Session"]
 
@@ -58,77 +71,12 @@ class FeedbackMode(str, enum.Enum):
     """In the background, and leaving a recording waits for its results."""
     NONE = "none"
     """Not at all: results are stored as `skipped` with the reason."""
+    DEFERRED = "deferred"
+    """By workers (`scrutiny worker`, `session.start_worker()`): the app only stores the
+    record and its pending results."""
 
 
-_live_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
 _last_session: Session | None = None
-_hooks_lock = threading.Lock()
-_hooks_installed = False
-
-
-def _install_process_hooks() -> None:
-    """Flush at interpreter exit and reset threads in forked children (once per process)."""
-    global _hooks_installed
-    with _hooks_lock:
-        if _hooks_installed:
-            return
-        _hooks_installed = True
-    # Run before concurrent.futures joins its pools at shutdown, so evaluations that are
-    # still running can finish (threading's private hook; atexit where it is missing).
-    register = getattr(threading, "_register_atexit", None)
-    try:
-        if register is None:
-            raise RuntimeError
-        register(_close_all_at_exit)
-    except RuntimeError:
-        import atexit
-
-        atexit.register(_close_all_at_exit)
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _close_all_at_exit() -> None:
-    for session in list(_live_sessions):
-        try:
-            session.close()
-        except Exception:
-            logger.exception("scrutiny: closing a session at exit failed")
-
-
-def _after_fork_in_child() -> None:
-    for session in list(_live_sessions):
-        session._after_fork()
-
-
-class _Notifier:
-    """One daemon thread that runs user callbacks in order, never under our locks."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...]] | None]
-        self._queue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="scrutiny-callbacks",
-                                        daemon=True)
-        self._thread.start()
-
-    def call(self, fn: Callable[..., object], *args: Any) -> None:
-        self._queue.put((fn, args))
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:
-                logger.exception("scrutiny: callback %r raised", fn)
-
-    def close(self, timeout: float | None) -> None:
-        self._queue.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
 
 
 class Session:
@@ -143,15 +91,22 @@ class Session:
         max_concurrency: the most feedback calls running at once.
         thread_pool_size: threads for plain (sync) feedback functions (default:
             `max_concurrency`).
+        executor: run feedback calls on this `concurrent.futures.Executor` instead (e.g.
+            ``distributed.Client(...).get_executor()``); results are still stored and
+            announced by this process.
         feedback_timeout: seconds one feedback attempt may take unless the feedback sets
             its own `timeout`.
         flush_timeout: the longest `close()` (and interpreter exit) waits for unfinished
-            work; what is left stays `pending` in the database.
+            work; what is left stays `pending` in the database for a worker.
+        lease_seconds: how long the results this process evaluates stay reserved for it
+            without a heartbeat; if it dies, workers take them over after this.
         max_queue_size: records and updates that may wait for the database; beyond it new
             ones are dropped, counted in :meth:`stats` and logged (the app is never blocked).
         max_payload_bytes: the largest stored input, output or context list; larger
             ones are replaced by an explicit truncation marker with a prefix.
         table_prefix: prefix of every table name.
+        migrate: ``"upgrade"`` (default) brings an older database to the current schema;
+            ``"refuse"`` raises instead (run ``scrutiny db upgrade`` yourself).
         on_result: listeners called with each stored end state and its record.
 
     Raises:
@@ -166,11 +121,14 @@ class Session:
         feedback_mode: FeedbackMode | str = FeedbackMode.WITH_APP_THREAD,
         max_concurrency: int = 32,
         thread_pool_size: int | None = None,
+        executor: concurrent.futures.Executor | None = None,
         feedback_timeout: float | None = 120.0,
         flush_timeout: float = 10.0,
+        lease_seconds: float = 60.0,
         max_queue_size: int = 100_000,
         max_payload_bytes: int = 1_000_000,
         table_prefix: str = "scrutiny_",
+        migrate: MigratePolicy = "upgrade",
         on_result: Sequence[ResultListener] = (),
     ) -> None:
         global _last_session
@@ -184,38 +142,54 @@ class Session:
             raise ConfigurationError("feedback_timeout must be > 0 seconds (or None)")
         if flush_timeout < 0:
             raise ConfigurationError("flush_timeout must be >= 0 seconds")
+        if lease_seconds < 1:
+            raise ConfigurationError("lease_seconds must be >= 1")
         if max_queue_size < 1 or max_payload_bytes < 1024:
             raise ConfigurationError("max_queue_size must be >= 1 and max_payload_bytes "
                                      ">= 1024")
+        if migrate not in ("upgrade", "refuse"):
+            raise ConfigurationError("migrate must be 'upgrade' or 'refuse'")
+        if executor is not None and not hasattr(executor, "submit"):
+            raise ConfigurationError("executor must be a concurrent.futures.Executor")
         self.feedback_mode = _mode(feedback_mode)
         self.max_concurrency = max_concurrency
         self.thread_pool_size = thread_pool_size or max_concurrency
+        self.executor = executor
         self.feedback_timeout = feedback_timeout
         self.flush_timeout = flush_timeout
+        self.lease_seconds = lease_seconds
         self.max_queue_size = max_queue_size
         self.max_payload_bytes = max_payload_bytes
         self._listeners: list[ResultListener] = list(on_result)
         if store is None:
             url = database_url or os.environ.get(ENV_DATABASE_URL) or DEFAULT_DATABASE_URL
             store = MemoryStore() if url == "memory://" else SQLStore(
-                url, table_prefix=table_prefix)
+                url, table_prefix=table_prefix, migrate=migrate)
         self.store: Store = store
         self._lock = threading.Lock()
-        self._outstanding = 0
+        self._inflight: dict[str, Job] = {}
         self._outstanding_cond = threading.Condition()
         self._state = "unstarted"  # -> started -> closed
         self._pid = os.getpid()
+        self._new_identity()
         self._writer: StorageWriter | None = None
         self._loop: EvaluationLoop | None = None
-        self._notifier: _Notifier | None = None
+        self._notifier: Notifier | None = None
+        self._watcher: Any = None
+        self._workers: list[Any] = []
         self._higher_is_better: dict[str, bool] = {}
         self._policies: dict[FeedbackMode, DispatchPolicy] = {
             FeedbackMode.WITH_APP_THREAD: BackgroundDispatch(self._evaluation_loop,
                                                              "with_app_thread"),
             FeedbackMode.WITH_APP: BackgroundDispatch(self._evaluation_loop, "with_app"),
             FeedbackMode.NONE: NoDispatch(),
+            FeedbackMode.DEFERRED: DeferredDispatch(self._watch),
         }
         _last_session = self
+
+    def _new_identity(self) -> None:
+        self.owner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._token = uuid.uuid4().hex
 
     @property
     def database_url(self) -> str:
@@ -224,8 +198,8 @@ class Session:
     @classmethod
     def current(cls) -> Session:
         """The session created last in this process (a default one is created if none)."""
-        return _last_session if _last_session is not None and not _last_session.closed \
-            else cls()
+        last = _last_session
+        return last if last is not None and not last.closed else cls()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -242,33 +216,50 @@ class Session:
             if self._writer is None:
                 if self._state == "closed":
                     raise RuntimeError("session is closed")
-                _install_process_hooks()
-                self._notifier = _Notifier()
-                self._writer = StorageWriter(self.store, max_queue=self.max_queue_size)
+                install_process_hooks()
+                self._notifier = Notifier()
+                self._writer = StorageWriter(
+                    self.store, max_queue=self.max_queue_size,
+                    idle_interval=self.lease_seconds / 3, on_idle=self._heartbeat)
                 self._state = "started"
-                _live_sessions.add(self)
+                live_sessions.add(self)
             return self._writer
 
     def _evaluation_loop(self) -> EvaluationLoop:
         loop = self._loop
         if loop is not None:
             return loop
+        self._start()
         with self._lock:
             if self._loop is None:
                 self._loop = EvaluationLoop(
                     max_concurrency=self.max_concurrency,
                     thread_pool_size=self.thread_pool_size,
-                    default_timeout=self.feedback_timeout,
+                    default_timeout=self.feedback_timeout, executor=self.executor,
                     on_running=self._on_running, on_final=self._on_final)
             return self._loop
 
+    def _heartbeat(self) -> list[WriteOp]:
+        """Keep the leases of the results this process holds (runs on the writer)."""
+        with self._outstanding_cond:
+            holding = any(job.lease_token is not None for job in self._inflight.values())
+        if not holding:
+            return []
+        expires = datetime.now(timezone.utc) + timedelta(seconds=self.lease_seconds)
+        return [RenewLeases(self.owner_id, expires)]
+
     def _after_fork(self) -> None:
-        """In a forked child: forget the parent's threads and connections."""
+        """In a forked child: forget the parent's threads, work and connections."""
         self._pid = os.getpid()
+        self._new_identity()
         self._writer = None
         self._loop = None
         self._notifier = None
-        self._outstanding = 0
+        self._watcher = None
+        self._workers = []
+        self._inflight = {}
+        self._outstanding_cond = threading.Condition()
+        self._lock = threading.Lock()
         if self._state == "started":
             self._state = "unstarted"
         after_fork = getattr(self.store, "after_fork", None)
@@ -289,17 +280,13 @@ class Session:
     def wait_for_feedback(self, timeout: float | None = None) -> bool:
         """Wait until every feedback accepted so far has a stored end state.
 
-        Returns:
-            True when all are done; False when the timeout ran out first (what is left
-            stays pending or running and will still be stored).
+        In deferred mode this waits for the workers. Returns True when all are done;
+        False when the timeout ran out first (what is left stays pending or running and
+        will still be stored).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._outstanding_cond:
-            while self._outstanding > 0:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._outstanding_cond.wait(remaining)
+        if not self._wait_outstanding(deadline):
+            return False
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.flush(remaining)
 
@@ -308,7 +295,8 @@ class Session:
 
         Waits at most `timeout` seconds (default: `flush_timeout`) in all. Records are
         stored first; evaluations still unfinished at the deadline are cancelled and their
-        results left `pending` in the database. Idempotent.
+        results released as `pending` in the database, for any worker or a later
+        :meth:`resume_pending`. Idempotent.
 
         Returns:
             True when nothing was left unfinished.
@@ -318,39 +306,42 @@ class Session:
                 return True
             started = self._state == "started" and self._pid == os.getpid()
             self._state = "closed"
-        _live_sessions.discard(self)
+        live_sessions.discard(self)
         timeout = self.flush_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         clean = True
+        for worker in list(self._workers):
+            worker.stop_claiming()
         if started and self._writer is not None:
             writer = self._writer
             clean = writer.flush(timeout)
             clean = self._wait_outstanding(deadline) and clean
             if self._loop is not None:
-                unfinished = self._loop.close(max(0.1, deadline - time.monotonic()))
-                for job in unfinished:
-                    clean = False
-                    writer.submit(WriteItem(lambda job=job: [UpdateResult(  # type: ignore[misc]
-                        job.pending.result_id or "",
-                        {"status": FeedbackStatus.PENDING.value, "started_at": None,
-                         "updated_at": datetime.now(timezone.utc)},
-                        from_statuses=(FeedbackStatus.RUNNING.value,))]))
-                if unfinished:
-                    logger.warning(
-                        "scrutiny: %d feedback evaluation(s) were unfinished after %.1fs; "
-                        "they are left pending in %s", len(unfinished), timeout,
-                        self._redacted_url())
+                self._loop.close(max(0.1, deadline - time.monotonic()))
+            if self._watcher is not None:
+                self._watcher.stop()
+            with self._outstanding_cond:
+                unfinished = list(self._inflight.values())
+            released = [job for job in unfinished if job.lease_token is not None]
+            if released:
+                writer.submit(WriteItem(lambda: [_release(job) for job in released]))
+            if unfinished:
+                clean = False
+                logger.warning(
+                    "scrutiny: %d feedback evaluation(s) were unfinished after %.1fs; they "
+                    "are left pending in %s for a worker or Session.resume_pending()",
+                    len(unfinished), timeout, self._redacted_url())
             clean = writer.close(max(1.0, deadline - time.monotonic())) and clean
             if self._notifier is not None:
                 self._notifier.close(0.5)
         self.store.close()
         return clean
 
-    def _wait_outstanding(self, deadline: float) -> bool:
+    def _wait_outstanding(self, deadline: float | None) -> bool:
         with self._outstanding_cond:
-            while self._outstanding > 0:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            while self._inflight:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
                     return False
                 self._outstanding_cond.wait(remaining)
         return True
@@ -375,10 +366,23 @@ class Session:
             "write_backlog": w.backlog if w else 0,
             "dropped_writes": w.dropped if w else 0,
             "failed_writes": w.failed if w else 0,
-            "unfinished_feedback": self._outstanding,
+            "unfinished_feedback": len(self._inflight),
         }
 
     # ------------------------------------------------------------------ ingest
+    def check_feedbacks(self, feedbacks: Sequence[Feedback],
+                        mode: FeedbackMode | str | None = None) -> None:
+        """Raise :class:`ConfigurationError` if a feedback cannot run in `mode`.
+
+        Recorders call this when they are created: every feedback must be wired, and in
+        deferred mode each must be loadable by a worker (no lambdas or closures).
+        """
+        resolved = _mode(mode or self.feedback_mode)
+        for fb in feedbacks:
+            fb.check_wired()
+            if resolved is FeedbackMode.DEFERRED:
+                fb.check_referenceable()
+
     def ingest(
         self,
         record: Record,
@@ -403,7 +407,9 @@ class Session:
                 listeners: Sequence[ResultListener]) -> None:
         writer = self._start()
         policy = self._policies[mode]
+        token = self._token if policy.owns_rows else None
         jobs: list[Job] = []
+        initial: list[FeedbackResult] = []
         for fb in feedbacks:
             pending = FeedbackResult(
                 record_id=record.record_id, feedback_name=fb.name,
@@ -411,18 +417,32 @@ class Session:
                 feedback_id=fb.feedback_id)
             record._slots[fb] = _ResultSlot(pending)
             self._higher_is_better[fb.name] = fb.higher_is_better
-            jobs.append(Job(fb, record, pending, listeners))
-        initial = [policy.initial(job) for job in jobs]
+            job = Job(fb, record, pending, listeners, token)
+            jobs.append(job)
+            first = policy.initial(job)
+            if mode is FeedbackMode.DEFERRED:
+                try:
+                    fb.spec()
+                except NotReferenceable as exc:
+                    first = dataclasses.replace(
+                        pending, status=FeedbackStatus.FAILED, ended_at=pending.created_at,
+                        error=f"cannot be evaluated by a worker: {exc}")
+            initial.append(first)
         with self._outstanding_cond:
-            self._outstanding += len(jobs)
+            for job in jobs:
+                self._inflight[job.pending.result_id or ""] = job
         max_bytes = self.max_payload_bytes
+        lease = None if token is None else (
+            self.owner_id, token,
+            datetime.now(timezone.utc) + timedelta(seconds=self.lease_seconds))
 
         def prepare() -> list[InsertRecord]:
             return [InsertRecord(
                 app=_rows.app_row(record),
                 record=_rows.record_row(record, max_bytes=max_bytes),
                 definitions=[_rows.definition_row(j.feedback) for j in jobs],
-                results=[_rows.result_row(record, r) for r in initial],
+                results=[_rows.result_row(record, r, None if r.is_final else lease)
+                         for r in initial],
             )]
 
         def after_commit(stored: bool) -> None:
@@ -450,11 +470,15 @@ class Session:
         writer.submit(WriteItem(
             lambda: [UpdateResult(running.result_id or "",
                                   _rows.result_update_values(running, max_bytes=1_000_000),
-                                  from_statuses=(FeedbackStatus.PENDING.value,))],
+                                  from_statuses=(FeedbackStatus.PENDING.value,),
+                                  lease_token=job.lease_token)],
             lambda ok: slot.update(running) if slot is not None and ok else None,
         ))
 
     def _on_final(self, job: Job, final: FeedbackResult) -> None:
+        if job.pending.attempts:  # claimed by a worker: count earlier claims too
+            final = dataclasses.replace(
+                final, attempts=job.pending.attempts - 1 + max(final.attempts, 1))
         writer = self._writer
         if writer is None:
             self._finish(job, final)
@@ -462,7 +486,8 @@ class Session:
         max_bytes = self.max_payload_bytes
         writer.submit(WriteItem(
             lambda: [UpdateResult(final.result_id or "",
-                                  _rows.result_update_values(final, max_bytes=max_bytes))],
+                                  _rows.result_update_values(final, max_bytes=max_bytes),
+                                  lease_token=job.lease_token)],
             lambda ok: self._finish(job, final),
         ))
 
@@ -471,17 +496,69 @@ class Session:
         slot = job.record._slots.get(job.feedback)
         record_listeners = slot.finish(final) if slot is not None else []
         with self._outstanding_cond:
-            self._outstanding -= 1
-            if self._outstanding <= 0:
-                self._outstanding_cond.notify_all()
+            self._inflight.pop(job.pending.result_id or "", None)
+            self._outstanding_cond.notify_all()
         notifier = self._notifier
-        everyone: list[Callable[..., object]] = list(record_listeners)
         if notifier is None:
             return
-        for fn in everyone:
+        for fn in record_listeners:
             notifier.call(fn)
         for listener in [*self._listeners, *job.listeners]:
             notifier.call(listener, final, job.record)
+
+    # ------------------------------------------------------------------ deferred & workers
+    def _watch(self, jobs: list[Job]) -> None:
+        from scrutiny.core._worker import ResultWatcher
+
+        with self._lock:
+            if self._watcher is None:
+                self._watcher = ResultWatcher(self)
+        self._watcher.add(jobs)
+
+    def start_worker(self, *, poll_interval: float = 0.5, batch_size: int = 50,
+                     max_claims: int = 5) -> Any:
+        """Evaluate pending results from the database in this process, in the background.
+
+        Claims pending results (those of deferred recorders, and those left by processes
+        that died or exited early) with a lease, evaluates them with this session's
+        evaluation loop and stores them. Returns a :class:`Worker`; `worker.stop()` ends it.
+        """
+        from scrutiny.core._worker import Worker
+
+        worker = Worker(self, poll_interval=poll_interval, batch_size=batch_size,
+                        max_claims=max_claims)
+        self._workers.append(worker)
+        worker.start()
+        return worker
+
+    def resume_pending(self, timeout: float | None = None, *, max_claims: int = 5) -> int:
+        """Evaluate every result that is pending and free in the database now, and wait.
+
+        Returns:
+            how many results were claimed (they are stored when this returns, unless the
+            timeout ran out first).
+        """
+        from scrutiny.core._worker import Worker
+
+        worker = Worker(self, poll_interval=0.0, batch_size=100, max_claims=max_claims)
+        claimed = worker.drain()
+        self.wait_for_feedback(timeout)
+        return claimed
+
+    def delete_records(self, *, before: datetime | None = None,
+                       app_ids: Sequence[str] | None = None) -> int:
+        """Delete stored records (and their results) older than `before` and/or of apps.
+
+        Returns:
+            how many records were deleted.
+        """
+        if before is None and not app_ids:
+            raise ConfigurationError("delete_records needs before= and/or app_ids=; "
+                                     "refusing to delete everything")
+        if before is not None and before.tzinfo is None:
+            raise ConfigurationError("before= must be timezone-aware (e.g. UTC)")
+        self.flush(self.flush_timeout)
+        return self.store.delete_records(before=before, app_ids=app_ids)
 
     # ------------------------------------------------------------------ reading
     def get_records_and_feedback(
@@ -553,6 +630,15 @@ class _StoredFeedback:
 
     def __repr__(self) -> str:
         return f"StoredFeedback({self.name!r})"
+
+
+def _release(job: Job) -> UpdateResult:
+    """Give an unfinished result back to the pool: pending, unheld, claimable at once."""
+    return UpdateResult(
+        job.pending.result_id or "",
+        {"status": FeedbackStatus.PENDING.value, "worker_id": None, "lease_token": None,
+         "lease_expires_at": None, "updated_at": datetime.now(timezone.utc)},
+        lease_token=job.lease_token)
 
 
 def _unstored(pending: FeedbackResult) -> FeedbackResult:

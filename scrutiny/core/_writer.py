@@ -39,7 +39,8 @@ class StorageWriter:
     """Owns one bounded queue of :class:`WriteItem` and the thread that drains it."""
 
     def __init__(self, store: Store, *, max_queue: int, max_batch: int = 500,
-                 name: str = "scrutiny-writer") -> None:
+                 name: str = "scrutiny-writer", idle_interval: float | None = None,
+                 on_idle: Callable[[], Sequence[WriteOp]] | None = None) -> None:
         self._store = store
         self._max_queue = max_queue
         self._max_batch = max_batch
@@ -51,6 +52,8 @@ class StorageWriter:
         self._stopping = False
         self.dropped = 0
         self.failed = 0
+        self._idle_interval = idle_interval
+        self._on_idle = on_idle
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -107,9 +110,20 @@ class StorageWriter:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
+        last_idle = time.monotonic()
         while True:
-            self._wake.wait()
+            woken = self._wake.wait(self._idle_interval)
             self._wake.clear()
+            if self._on_idle is not None and self._idle_interval is not None and (
+                    not woken or time.monotonic() - last_idle >= self._idle_interval):
+                last_idle = time.monotonic()
+                try:
+                    ops = self._on_idle()
+                except Exception:
+                    logger.exception("scrutiny: the writer's periodic task failed")
+                    ops = ()
+                if ops:
+                    self._commit(list(ops))
             while self._queue:
                 batch: list[WriteItem] = []
                 while self._queue and len(batch) < self._max_batch:

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from scrutiny.core.storage._base import InsertRecord, Row, Store, UpdateResult, WriteOp
+from scrutiny.core.storage._base import (
+    InsertRecord,
+    RenewLeases,
+    Row,
+    Store,
+    UpdateResult,
+    WriteOp,
+)
 from scrutiny.core.storage._memory import MemoryStore
-from scrutiny.core.storage._schema import SCHEMA_VERSION, Tables, UTCDateTime, build_tables
+from scrutiny.core.storage._migrate import MigratePolicy, current_revision, upgrade
+from scrutiny.core.storage._schema import HEAD_REVISION, Tables, UTCDateTime, build_tables
 from scrutiny.core.storage._sql import SQLStore, redact_url
 
 __all__ = [
-    "SCHEMA_VERSION",
+    "HEAD_REVISION",
     "InsertRecord",
     "MemoryStore",
+    "MigratePolicy",
+    "RenewLeases",
     "Row",
     "SQLStore",
     "Store",
@@ -19,5 +29,7 @@ __all__ = [
     "UpdateResult",
     "WriteOp",
     "build_tables",
+    "current_revision",
     "redact_url",
+    "upgrade",
 ]

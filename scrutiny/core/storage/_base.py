@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["InsertRecord", "Row", "Store", "UpdateResult", "WriteOp"]
+__all__ = ["InsertRecord", "RenewLeases", "Row", "Store", "UpdateResult", "WriteOp"]
 
 Row = dict[str, Any]
 
@@ -23,14 +24,25 @@ class InsertRecord:
 
 @dataclass(slots=True)
 class UpdateResult:
-    """New values for one result row, applied only while its status is in `from_statuses`."""
+    """New values for one result row, applied only while its status is in `from_statuses`
+    and, when `lease_token` is given, only while the row is still held with that token (a
+    late result from a lease that expired cannot overwrite a newer claim's)."""
 
     result_id: str
     values: Row
     from_statuses: tuple[str, ...] = ("pending", "running")
+    lease_token: str | None = None
 
 
-WriteOp = InsertRecord | UpdateResult
+@dataclass(slots=True)
+class RenewLeases:
+    """Extend the leases of every unfinished result a worker (or session) holds."""
+
+    worker_id: str
+    expires_at: datetime
+
+
+WriteOp = InsertRecord | UpdateResult | RenewLeases
 
 
 @runtime_checkable
@@ -64,6 +76,32 @@ class Store(Protocol):
 
     def definitions(self) -> list[Row]:
         """Every feedback definition row."""
+        ...
+
+    def claim(self, *, worker_id: str, token: str, limit: int, lease_seconds: float,
+              now: datetime) -> list[Row]:
+        """Take up to `limit` claimable results: pending or running with no live lease.
+
+        Claimed rows become `running`, held by `worker_id` with `token` until `now +
+        lease_seconds`, their `attempts` counted up; two callers never get the same row.
+        """
+        ...
+
+    def results_by_ids(self, result_ids: Sequence[str]) -> list[Row]:
+        """The current rows of these results."""
+        ...
+
+    def records_by_ids(self, record_ids: Sequence[str]) -> list[Row]:
+        """The rows of these records."""
+        ...
+
+    def delete_records(self, *, before: datetime | None = None,
+                       app_ids: Sequence[str] | None = None) -> int:
+        """Delete records (and their results) older than `before` and/or of these apps."""
+        ...
+
+    def count_results(self) -> dict[str, int]:
+        """How many results have each status."""
         ...
 
     def close(self) -> None:

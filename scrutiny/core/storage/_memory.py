@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 
-from scrutiny.core.storage._base import InsertRecord, Row, UpdateResult, WriteOp
+from scrutiny.core.storage._base import InsertRecord, RenewLeases, Row, UpdateResult, WriteOp
 
 __all__ = ["MemoryStore"]
 
@@ -36,8 +37,14 @@ class MemoryStore:
                         results[r["result_id"]] = dict(r)
                 elif isinstance(op, UpdateResult):
                     row = results.get(op.result_id)
-                    if row is not None and row["status"] in op.from_statuses:
+                    if row is not None and row["status"] in op.from_statuses and (
+                            op.lease_token is None or row.get("lease_token") == op.lease_token):
                         results[op.result_id] = {**row, **op.values}
+                elif isinstance(op, RenewLeases):
+                    for rid, row in results.items():
+                        if row.get("worker_id") == op.worker_id and row["status"] in (
+                                "pending", "running"):
+                            results[rid] = {**row, "lease_expires_at": op.expires_at}
             self._records, self._results = records, results
 
     def records_and_results(
@@ -78,6 +85,47 @@ class MemoryStore:
     def definitions(self) -> list[Row]:
         with self._lock:
             return copy.deepcopy(list(self._definitions.values()))
+
+    def claim(self, *, worker_id: str, token: str, limit: int, lease_seconds: float,
+              now: datetime) -> list[Row]:
+        with self._lock:
+            claimable = sorted(
+                (r for r in self._results.values() if r["status"] in ("pending", "running")
+                 and (r.get("lease_expires_at") is None or r["lease_expires_at"] < now)),
+                key=lambda r: r["created_at"])[:limit]
+            claimed = []
+            for r in claimable:
+                r.update(status="running", worker_id=worker_id, lease_token=token,
+                         lease_expires_at=now + timedelta(seconds=lease_seconds),
+                         attempts=(r.get("attempts") or 0) + 1, started_at=now, updated_at=now)
+                claimed.append(dict(r))
+            return claimed
+
+    def results_by_ids(self, result_ids: Sequence[str]) -> list[Row]:
+        with self._lock:
+            return [dict(self._results[i]) for i in result_ids if i in self._results]
+
+    def records_by_ids(self, record_ids: Sequence[str]) -> list[Row]:
+        with self._lock:
+            return [dict(self._records[i]) for i in record_ids if i in self._records]
+
+    def delete_records(self, *, before: datetime | None = None,
+                       app_ids: Sequence[str] | None = None) -> int:
+        with self._lock:
+            doomed = {rid for rid, r in self._records.items()
+                      if (before is None or r["start_time"] < before)
+                      and (not app_ids or _wanted(r, app_ids))}
+            self._records = {k: v for k, v in self._records.items() if k not in doomed}
+            self._results = {k: v for k, v in self._results.items()
+                             if v["record_id"] not in doomed}
+            return len(doomed)
+
+    def count_results(self) -> dict[str, int]:
+        with self._lock:
+            counts: dict[str, int] = {}
+            for r in self._results.values():
+                counts[r["status"]] = counts.get(r["status"], 0) + 1
+            return counts
 
     def close(self) -> None:
         return None

@@ -1,5 +1,8 @@
 """The tables, built for a table prefix so Scrutiny can share a database with an app.
 
+This is the schema at the newest migration (`migrations/versions`); the queries use it,
+the migrations create it.
+
 Payloads (inputs, outputs, spans, explanations' details) are stored as JSON *text*: it reads
 back the same on SQLite and PostgreSQL, and escaped NUL bytes are legal in both.
 """
@@ -26,9 +29,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["SCHEMA_VERSION", "Tables", "UTCDateTime", "build_tables"]
+__all__ = ["HEAD_REVISION", "Tables", "UTCDateTime", "build_tables"]
 
-SCHEMA_VERSION = 1
+HEAD_REVISION = "0002"
+"""The newest migration; keep it equal to the last file in migrations/versions."""
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -61,7 +65,6 @@ class Tables:
     records: Table
     definitions: Table
     results: Table
-    meta: Table
 
 
 def build_tables(prefix: str = "scrutiny_") -> Tables:
@@ -109,6 +112,7 @@ def build_tables(prefix: str = "scrutiny_") -> Tables:
         Column("implementation", Text),
         Column("selectors_json", Text),
         Column("created_at", UTCDateTime, nullable=False),
+        Column("spec_json", Text),
     )
     results = Table(
         f"{prefix}feedback_results", md,
@@ -130,14 +134,11 @@ def build_tables(prefix: str = "scrutiny_") -> Tables:
         Column("cost_json", Text),
         Column("calls_json", Text),
         Column("worker_id", String(255)),
+        Column("lease_token", String(64)),
         Column("lease_expires_at", UTCDateTime),
         Index(f"{prefix}ix_results_record", "record_id"),
         Index(f"{prefix}ix_results_status", "status"),
         Index(f"{prefix}ix_results_app_feedback", "app_id", "feedback_name", "status"),
+        Index(f"{prefix}ix_results_claim", "status", "lease_expires_at"),
     )
-    meta = Table(
-        f"{prefix}meta", md,
-        Column("key", String(64), primary_key=True),
-        Column("value", Text, nullable=False),
-    )
-    return Tables(md, apps, records, definitions, results, meta)
+    return Tables(md, apps, records, definitions, results)

@@ -10,28 +10,42 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
-    IntegrityError,
     NoSuchModuleError,
-    OperationalError,
     SQLAlchemyError,
 )
 from sqlalchemy.pool import StaticPool
 
 from scrutiny.core._errors import ConfigurationError, StorageError
-from scrutiny.core.storage._base import InsertRecord, Row, UpdateResult, WriteOp
-from scrutiny.core.storage._schema import SCHEMA_VERSION, Tables, build_tables
+from scrutiny.core.storage._base import InsertRecord, RenewLeases, Row, UpdateResult, WriteOp
+from scrutiny.core.storage._migrate import MigratePolicy, ensure_schema
+from scrutiny.core.storage._schema import Tables, build_tables
 
 __all__ = ["SQLStore", "redact_url"]
 
 logger = logging.getLogger("scrutiny")
 
 _WRITE = "scrutiny_write"
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def redact_url(url: str) -> str:
@@ -99,45 +113,36 @@ class SQLStore:
     Args:
         url: a SQLAlchemy database URL.
         table_prefix: prefix of every table and index name.
-        create: create missing tables on open.
+        migrate: ``"upgrade"`` brings an older (or empty) database to the newest schema
+            on open; ``"refuse"`` raises :class:`ConfigurationError` instead, for teams
+            that run ``scrutiny db upgrade`` themselves.
     """
 
-    def __init__(self, url: str, *, table_prefix: str = "scrutiny_", create: bool = True):
+    def __init__(self, url: str, *, table_prefix: str = "scrutiny_",
+                 migrate: MigratePolicy = "upgrade"):
         if not table_prefix.replace("_", "").isalnum():
             raise ConfigurationError(
                 f"table_prefix {table_prefix!r} may hold only letters, digits and '_'"
             )
         self.url = url
+        self.prefix = table_prefix
         self.tables: Tables = build_tables(table_prefix)
         self.engine = _make_engine(url)
         self._dialect = self.engine.dialect.name
-        if create:
-            self._create_schema()
+        self.found_revision: str | None = None
+        self._create_schema(migrate)
 
-    def _create_schema(self) -> None:
-        for attempt in range(3):
-            try:
-                self.tables.metadata.create_all(self.engine, checkfirst=True)
-                with self.engine.connect() as raw, raw.execution_options(
-                        **{_WRITE: True}).begin():
-                    conn = raw
-                    present = conn.execute(
-                        select(self.tables.meta.c.value).where(
-                            self.tables.meta.c.key == "schema_version")
-                    ).scalar()
-                    if present is None:
-                        conn.execute(self.tables.meta.insert().values(
-                            key="schema_version", value=str(SCHEMA_VERSION)))
-                return
-            except (OperationalError, IntegrityError) as exc:  # another process raced us
-                if attempt == 2:
-                    raise StorageError(
-                        f"could not create the tables in {redact_url(self.url)}: {exc}"
-                    ) from exc
-            except SQLAlchemyError as exc:
-                raise StorageError(
-                    f"could not open {redact_url(self.url)}: {exc}"
-                ) from exc
+    def _create_schema(self, policy: MigratePolicy) -> None:
+        try:
+            self.found_revision = ensure_schema(self.engine, {_WRITE: True}, self.prefix,
+                                                policy)
+        except ConfigurationError:
+            self.engine.dispose()
+            raise
+        except SQLAlchemyError as exc:
+            self.engine.dispose()
+            raise StorageError(
+                f"could not open or migrate {redact_url(self.url)}: {exc}") from exc
 
     # ------------------------------------------------------------------ writes
     def write(self, ops: Sequence[WriteOp]) -> None:
@@ -147,8 +152,11 @@ class SQLStore:
         records: list[Row] = []
         results: list[Row] = []
         updates: list[UpdateResult] = []
+        renewals: list[RenewLeases] = []
         for op in ops:
-            if isinstance(op, InsertRecord):
+            if isinstance(op, RenewLeases):
+                renewals.append(op)
+            elif isinstance(op, InsertRecord):
                 apps.setdefault(op.app["app_id"], op.app)
                 for d in op.definitions:
                     definitions.setdefault(d["feedback_id"], d)
@@ -169,12 +177,18 @@ class SQLStore:
                 if results:
                     conn.execute(t.results.insert(), results)
                 for u in updates:
+                    stmt = (update(t.results)
+                            .where(t.results.c.result_id == u.result_id)
+                            .where(t.results.c.status.in_(u.from_statuses)))
+                    if u.lease_token is not None:
+                        stmt = stmt.where(t.results.c.lease_token == u.lease_token)
+                    conn.execute(stmt.values(**u.values))
+                for r in renewals:
                     conn.execute(
                         update(t.results)
-                        .where(t.results.c.result_id == u.result_id)
-                        .where(t.results.c.status.in_(u.from_statuses))
-                        .values(**u.values)
-                    )
+                        .where(t.results.c.worker_id == r.worker_id)
+                        .where(t.results.c.status.in_(("pending", "running")))
+                        .values(lease_expires_at=r.expires_at))
 
     def _insert_missing(self, conn: Connection, table: Any, key: str, rows: list[Row]) -> None:
         if self._dialect == "sqlite":
@@ -260,6 +274,80 @@ class SQLStore:
     def definitions(self) -> list[Row]:
         with self.engine.connect() as conn, conn.begin():
             return [dict(r._mapping) for r in conn.execute(select(self.tables.definitions))]
+
+    # ------------------------------------------------------------------ workers
+    def claim(self, *, worker_id: str, token: str, limit: int, lease_seconds: float,
+              now: datetime) -> list[Row]:
+        t = self.tables.results
+        claimable = (
+            select(t.c.result_id)
+            .where(t.c.status.in_(("pending", "running")))
+            .where(or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < now))
+            .order_by(t.c.created_at)
+            .limit(limit)
+        )
+        values = {
+            "status": "running", "worker_id": worker_id, "lease_token": token,
+            "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            "attempts": t.c.attempts + 1, "started_at": now, "updated_at": now,
+        }
+        with self.engine.connect() as raw:
+            conn = raw.execution_options(**{_WRITE: True})
+            with conn.begin():
+                if self._dialect == "postgresql":
+                    locked = claimable.with_for_update(skip_locked=True).scalar_subquery()
+                    rows = conn.execute(
+                        update(t).where(t.c.result_id.in_(locked)).values(**values)
+                        .returning(*t.c)).all()
+                    return [dict(r._mapping) for r in rows]
+                # SQLite: BEGIN IMMEDIATE already made this the only writer
+                ids = list(conn.execute(claimable).scalars())
+                if not ids:
+                    return []
+                conn.execute(update(t).where(t.c.result_id.in_(ids)).values(**values))
+                return [dict(r._mapping) for r in conn.execute(
+                    select(t).where(t.c.result_id.in_(ids)))]
+
+    def results_by_ids(self, result_ids: Sequence[str]) -> list[Row]:
+        t = self.tables.results
+        out: list[Row] = []
+        with self.engine.connect() as conn, conn.begin():
+            for chunk in _chunks(list(result_ids), 500):
+                out.extend(dict(r._mapping) for r in conn.execute(
+                    select(t).where(t.c.result_id.in_(chunk))))
+        return out
+
+    def records_by_ids(self, record_ids: Sequence[str]) -> list[Row]:
+        t = self.tables.records
+        out: list[Row] = []
+        with self.engine.connect() as conn, conn.begin():
+            for chunk in _chunks(list(record_ids), 500):
+                out.extend(dict(r._mapping) for r in conn.execute(
+                    select(t).where(t.c.record_id.in_(chunk))))
+        return out
+
+    def delete_records(self, *, before: datetime | None = None,
+                       app_ids: Sequence[str] | None = None) -> int:
+        t = self.tables
+        doomed = select(t.records.c.record_id)
+        if before is not None:
+            doomed = doomed.where(t.records.c.start_time < before)
+        if app_ids:
+            ids = list(app_ids)
+            doomed = doomed.where(or_(t.records.c.app_id.in_(ids),
+                                      t.records.c.app_name.in_(ids)))
+        with self.engine.connect() as raw:
+            conn = raw.execution_options(**{_WRITE: True})
+            with conn.begin():
+                conn.execute(delete(t.results).where(t.results.c.record_id.in_(doomed)))
+                return conn.execute(delete(t.records).where(
+                    t.records.c.record_id.in_(doomed))).rowcount or 0
+
+    def count_results(self) -> dict[str, int]:
+        t = self.tables.results
+        with self.engine.connect() as conn, conn.begin():
+            return {status: n for status, n in conn.execute(
+                select(t.c.status, func.count()).group_by(t.c.status))}
 
     def close(self) -> None:
         self.engine.dispose()

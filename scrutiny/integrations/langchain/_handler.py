@@ -144,8 +144,14 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         keep_records: int = 1000,
     ) -> None:
         super().__init__()
-        for fb in feedbacks:
-            fb.check_wired()
+        mode = None if feedback_mode is None else FeedbackMode(feedback_mode)
+        if session is not None:
+            session.check_feedbacks(feedbacks, mode)
+        else:
+            for fb in feedbacks:
+                fb.check_wired()
+                if mode is FeedbackMode.DEFERRED:
+                    fb.check_referenceable()
         self.app_name = app_name
         self.app_version = app_version
         self.feedbacks = list(feedbacks)

@@ -1,0 +1,209 @@
+"""The `scrutiny` command: workers, migrations, and reading records from the terminal.
+
+The database URL comes from ``--database-url`` or, better (it keeps a password off the
+command line and out of `ps`), from the ``SCRUTINY_DATABASE_URL`` environment variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import click
+
+from scrutiny.core import FeedbackResult, Record, ScrutinyError, Session
+
+__all__ = ["main"]
+
+logger = logging.getLogger("scrutiny.worker")
+
+_URL = click.option(
+    "--database-url", envvar="SCRUTINY_DATABASE_URL", metavar="URL",
+    help="SQLAlchemy URL (default: $SCRUTINY_DATABASE_URL, else sqlite:///scrutiny.sqlite).")
+_PREFIX = click.option("--table-prefix", default="scrutiny_", show_default=True,
+                       help="Prefix of Scrutiny's table names.")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"scrutiny: error: {message}", err=True)
+    sys.exit(2)
+
+
+def _session(url: str | None, prefix: str, **kwargs: Any) -> Session:
+    try:
+        return Session(url, table_prefix=prefix, **kwargs)
+    except ScrutinyError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="scrutiny")
+def main() -> None:
+    """Scrutiny: record LLM apps and judge every record."""
+
+
+# ---------------------------------------------------------------------- worker
+class _Progress:
+    """Counts end states and logs a line every `every` seconds."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.counts: Counter[str] = Counter()
+        self.retried = 0
+        self._lock = threading.Lock()
+        self._start = time.monotonic()
+        self._last = self._start
+        self._last_total = 0
+
+    def __call__(self, result: FeedbackResult, record: Record) -> None:
+        with self._lock:
+            self.counts[result.status.value] += 1
+            if result.attempts > 1:
+                self.retried += 1
+
+    def log(self, claimed: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.every:
+            return
+        with self._lock:
+            total = sum(self.counts.values())
+            rate = (total - self._last_total) / max(now - self._last, 1e-9) * 60
+            self._last, self._last_total = now, total
+            logger.info("claimed %d, done %d, failed %d, skipped %d, retried %d; %.0f/min",
+                        claimed, self.counts["done"], self.counts["failed"],
+                        self.counts["skipped"], self.retried, rate)
+
+
+@main.command()
+@_URL
+@_PREFIX
+@click.option("--concurrency", default=32, show_default=True,
+              help="Feedback calls running at once in this worker.")
+@click.option("--lease", "lease_seconds", default=60.0, show_default=True,
+              help="Seconds a claim stays reserved without a heartbeat.")
+@click.option("--poll-interval", default=0.5, show_default=True,
+              help="Seconds to wait when nothing is pending.")
+@click.option("--grace", default=30.0, show_default=True,
+              help="On SIGTERM/SIGINT, seconds to finish claimed work before releasing it.")
+@click.option("--log-every", default=10.0, show_default=True,
+              help="Seconds between progress lines.")
+@click.option("--import-path", "import_paths", multiple=True, metavar="DIR",
+              help="Add DIR to sys.path so feedback modules can be imported (repeatable).")
+def worker(database_url: str | None, table_prefix: str, concurrency: int,
+           lease_seconds: float, poll_interval: float, grace: float, log_every: float,
+           import_paths: tuple[str, ...]) -> None:
+    """Claim pending feedback results from the database and evaluate them."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sys.path[:0] = list(import_paths)
+    progress = _Progress(log_every)
+    session = _session(database_url, table_prefix, max_concurrency=concurrency,
+                       lease_seconds=lease_seconds, flush_timeout=grace,
+                       on_result=[progress])
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        logger.info("received %s: finishing claimed work (up to %.0fs), claiming no more",
+                    signal.Signals(signum).name, grace)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    logger.info("worker %s on %s", session.owner_id, session._redacted_url())
+    running = session.start_worker(poll_interval=poll_interval)
+    while not stopping.wait(min(1.0, log_every)):
+        progress.log(running.claimed)
+    clean = session.close(timeout=grace)
+    progress.log(running.claimed, force=True)
+    logger.info("stopped %s", "cleanly" if clean else "with unfinished work released as "
+                "pending")
+
+
+# ---------------------------------------------------------------------- db
+@main.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command("upgrade")
+@_URL
+@_PREFIX
+def db_upgrade(database_url: str | None, table_prefix: str) -> None:
+    """Bring the database to the newest schema (creating the tables if needed)."""
+    from scrutiny.core.storage import HEAD_REVISION, SQLStore
+
+    try:
+        store = SQLStore(database_url or _default_url(), table_prefix=table_prefix)
+    except ScrutinyError as exc:
+        _fail(str(exc))
+        return
+    found = store.found_revision
+    store.close()
+    if found == HEAD_REVISION:
+        click.echo(f"already at revision {HEAD_REVISION}")
+    else:
+        click.echo(f"upgraded from {found or 'an empty database'} to {HEAD_REVISION}")
+
+
+def _default_url() -> str:
+    from scrutiny.core._session import DEFAULT_DATABASE_URL
+
+    return DEFAULT_DATABASE_URL
+
+
+# ---------------------------------------------------------------------- reading
+@main.command()
+@_URL
+@_PREFIX
+@click.option("--app", "apps", multiple=True, help="App name or name:version (repeatable).")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--offset", default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
+              default="table", show_default=True)
+def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...], limit: int,
+            offset: int, fmt: str) -> None:
+    """Records with their feedback scores and statuses, newest first."""
+    session = _session(database_url, table_prefix)
+    try:
+        df, _ = session.get_records_and_feedback(list(apps) or None, limit=limit,
+                                                 offset=offset)
+    finally:
+        session.close()
+    if fmt == "json":
+        click.echo(df.to_json(orient="records", date_format="iso"))
+    elif fmt == "csv":
+        click.echo(df.to_csv(index=False), nl=False)
+    else:
+        click.echo(df.drop(columns=["app_id", "tags"]).to_string(max_colwidth=40)
+                   if not df.empty else "no records")
+
+
+@main.command()
+@_URL
+@_PREFIX
+@click.option("--app", "apps", multiple=True, help="App name or name:version (repeatable).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
+              default="table", show_default=True)
+def leaderboard(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
+                fmt: str) -> None:
+    """Mean score per app version per feedback, best first."""
+    session = _session(database_url, table_prefix)
+    try:
+        board = session.get_leaderboard(list(apps) or None)
+    finally:
+        session.close()
+    if fmt == "json":
+        click.echo(board.reset_index().to_json(orient="records"))
+    elif fmt == "csv":
+        click.echo(board.to_csv(), nl=False)
+    else:
+        click.echo(board.to_string() if not board.empty else "no records")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

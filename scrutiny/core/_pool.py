@@ -1,0 +1,83 @@
+"""A thread pool of daemon threads for plain (sync) feedback functions.
+
+The standard `ThreadPoolExecutor` joins its threads at interpreter exit, so one feedback
+stuck in a network call would hold the whole process open past its flush timeout. These
+threads are daemons: exit stays bounded, and what they had not finished stays `pending`
+in the database.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["DaemonThreadPool"]
+
+T = TypeVar("T")
+
+_Item = tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...],
+              dict[str, Any]]
+
+
+class DaemonThreadPool(concurrent.futures.Executor):
+    """Up to `max_workers` daemon threads, started as work arrives."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "scrutiny-sync") -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be >= 1")
+        self._max = max_workers
+        self._prefix = thread_name_prefix
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any,
+               **kwargs: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit to a pool that is shut down")
+            self._queue.put((future, fn, args, kwargs))
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name=f"{self._prefix}-{len(self._threads)}")
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.put(None)  # wake the next thread to stop too
+                return
+            future, fn, args, kwargs = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    future.set_exception(exc)
+            del item, future
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        self._queue.put(None)
+        if wait:
+            for thread in list(self._threads):
+                if thread is not threading.current_thread():
+                    thread.join()

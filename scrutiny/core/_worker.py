@@ -1,0 +1,245 @@
+"""Evaluating what waits in the database: workers that claim pending results, and the
+watcher that tells a deferred-mode app when workers have stored its results.
+
+A worker claims a batch of results with a lease (on PostgreSQL with `FOR UPDATE SKIP
+LOCKED`, so any number of workers on any number of machines never take the same row; on
+SQLite under the single-writer lock), rebuilds each feedback from the spec stored with its
+definition, evaluates it on the session's evaluation loop and stores the end state guarded
+by the lease token. The session's heartbeat renews the lease; a worker that dies stops
+renewing, and its claims become claimable again when the lease runs out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from scrutiny.core import _rows, _serialize
+from scrutiny.core._dispatch import Job
+from scrutiny.core._feedback import Feedback
+from scrutiny.core._records import Record
+from scrutiny.core._results import FeedbackResult, FeedbackStatus
+from scrutiny.core.storage import Row
+
+if TYPE_CHECKING:
+    from scrutiny.core._session import Session
+
+__all__ = ["ResultWatcher", "Worker"]
+
+logger = logging.getLogger("scrutiny")
+
+
+def _unloadable(*_: Any, **__: Any) -> float:  # stands in for a feedback that cannot load
+    raise RuntimeError("unreachable")
+
+
+class Worker:
+    """Claims pending results from the session's database and evaluates them here.
+
+    Args:
+        session: supplies the store, the evaluation loop, the writer and the lease.
+        poll_interval: seconds to wait after finding nothing to claim.
+        batch_size: the most results claimed at once.
+        max_claims: a result claimed this many times without finishing (its workers kept
+            dying) ends `failed` instead of being claimed forever.
+    """
+
+    def __init__(self, session: Session, *, poll_interval: float, batch_size: int,
+                 max_claims: int) -> None:
+        self._session = session
+        self._poll = poll_interval
+        self._batch = batch_size
+        self._max_claims = max_claims
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._feedbacks: dict[str, Feedback | str] = {}
+        self.claimed = 0
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="scrutiny-worker", daemon=True)
+        self._thread.start()
+
+    def stop_claiming(self) -> None:
+        """Claim nothing more; what is running goes on."""
+        self._stop.set()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop claiming and wait (bounded) for the claimed work to be stored."""
+        self.stop_claiming()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return self._session.wait_for_feedback(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run(self) -> None:
+        """Claim and evaluate until :meth:`stop_claiming`."""
+        while not self._stop.is_set():
+            try:
+                got = self._claim_once()
+            except Exception:
+                logger.exception("scrutiny worker: claiming failed; retrying")
+                got = 0
+            if got == 0:
+                self._stop.wait(max(self._poll, 0.01))
+
+    def drain(self) -> int:
+        """Claim until nothing is claimable (evaluation goes on in the background)."""
+        total = 0
+        while not self._stop.is_set():
+            got = self._claim_once(wait_for_room=True)
+            if got == 0:
+                break
+            total += got
+        return total
+
+    # ------------------------------------------------------------------ claiming
+    def _room(self) -> int:
+        session = self._session
+        return session.max_concurrency * 2 - len(session._inflight)
+
+    def _claim_once(self, wait_for_room: bool = False) -> int:
+        session = self._session
+        room = self._room()
+        if room <= 0:
+            with session._outstanding_cond:
+                session._outstanding_cond.wait_for(lambda: self._room() > 0 or
+                                                   self._stop.is_set(), timeout=1.0)
+            return 1 if wait_for_room else 0  # not idle: try again at once
+        session._evaluation_loop()
+        token = uuid.uuid4().hex
+        rows = session.store.claim(worker_id=session.owner_id, token=token,
+                                   limit=min(room, self._batch),
+                                   lease_seconds=session.lease_seconds,
+                                   now=datetime.now(timezone.utc))
+        if not rows:
+            return 0
+        self.claimed += len(rows)
+        self._dispatch(rows, token)
+        return len(rows)
+
+    def _dispatch(self, rows: list[Row], token: str) -> None:
+        session = self._session
+        records = {r["record_id"]: _rows.record_from_row(r)
+                   for r in session.store.records_by_ids(list({r["record_id"] for r in rows}))}
+        to_run: list[Job] = []
+        failed: list[tuple[Job, str]] = []
+        for row in rows:
+            pending = _rows.result_from_row(row)
+            pending.status = FeedbackStatus.PENDING
+            feedback = self._feedback(row["feedback_id"], row["feedback_name"])
+            record = records.get(row["record_id"]) or _missing_record(row)
+            job = Job(feedback if isinstance(feedback, Feedback) else Feedback(
+                _unloadable, name=row["feedback_name"]), record, pending, (), token)
+            if isinstance(feedback, str):
+                failed.append((job, feedback))
+            elif row["record_id"] not in records:
+                failed.append((job, "its record is no longer in the database"))
+            elif (row.get("attempts") or 0) > self._max_claims:
+                failed.append((job, f"abandoned after {self._max_claims} claims: every "
+                                    "worker that took it stopped before finishing"))
+            else:
+                to_run.append(job)
+        with session._outstanding_cond:
+            for job in to_run + [j for j, _ in failed]:
+                session._inflight[job.pending.result_id or ""] = job
+        for job, reason in failed:
+            now = datetime.now(timezone.utc)
+            session._on_final(job, FeedbackResult(
+                record_id=job.pending.record_id, feedback_name=job.pending.feedback_name,
+                status=FeedbackStatus.FAILED, error=reason, result_id=job.pending.result_id,
+                feedback_id=job.pending.feedback_id, created_at=job.pending.created_at,
+                started_at=now, ended_at=now, attempts=1))
+        if to_run:
+            session._evaluation_loop().submit(to_run)
+
+    def _feedback(self, feedback_id: str, name: str) -> Feedback | str:
+        """The feedback rebuilt from its stored spec, or the reason it cannot be."""
+        if feedback_id not in self._feedbacks:
+            for d in self._session.store.definitions():
+                if d["feedback_id"] not in self._feedbacks or isinstance(
+                        self._feedbacks[d["feedback_id"]], str):
+                    self._feedbacks[d["feedback_id"]] = _load(d)
+        return self._feedbacks.get(
+            feedback_id, f"feedback {name!r} has no stored definition")
+
+
+def _load(definition: Row) -> Feedback | str:
+    spec = _serialize.loads(definition.get("spec_json"))
+    name = definition["name"]
+    if not spec:
+        return (f"feedback {name!r} cannot be loaded by a worker: its function or selectors "
+                "are not importable by path (a lambda, a closure or code in __main__)")
+    try:
+        return Feedback.from_spec(spec)
+    except Exception as exc:
+        return f"feedback {name!r} could not be loaded from {spec.get('fn')!r}: {exc}"
+
+
+def _missing_record(row: Row) -> Record:
+    return Record(app_name="?", app_version="?", record_id=row["record_id"])
+
+
+class ResultWatcher:
+    """Polls the database for end states of deferred results this process waits on."""
+
+    MAX_WATCHED = 100_000
+
+    def __init__(self, session: Session, interval: float = 0.2) -> None:
+        self._session = session
+        self._interval = interval
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._warned = False
+        self._thread = threading.Thread(target=self._run, name="scrutiny-watch", daemon=True)
+        self._thread.start()
+
+    def add(self, jobs: list[Job]) -> None:
+        with self._lock:
+            for job in jobs:
+                if len(self._jobs) >= self.MAX_WATCHED:
+                    self._forget(job)
+                    continue
+                self._jobs[job.pending.result_id or ""] = job
+
+    def _forget(self, job: Job) -> None:
+        """Too many to watch: stop waiting here (the database still gets the result)."""
+        if not self._warned:
+            self._warned = True
+            logger.warning("scrutiny: more than %d deferred results awaited in this process; "
+                           "the newest are not watched (their results are still stored by "
+                           "the workers)", self.MAX_WATCHED)
+        with self._session._outstanding_cond:
+            self._session._inflight.pop(job.pending.result_id or "", None)
+            self._session._outstanding_cond.notify_all()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                ids = list(self._jobs)
+            if not ids:
+                continue
+            try:
+                rows = self._session.store.results_by_ids(ids)
+            except Exception:
+                logger.debug("scrutiny: polling deferred results failed", exc_info=True)
+                continue
+            for row in rows:
+                if row["status"] not in ("done", "failed", "skipped"):
+                    continue
+                with self._lock:
+                    job = self._jobs.pop(row["result_id"], None)
+                if job is not None:
+                    self._session._finish(job, _rows.result_from_row(row))
+
+

@@ -1,0 +1,1 @@
+"""Alembic migrations of Scrutiny's tables (own version table, configurable table prefix)."""

@@ -1,0 +1,444 @@
+"""Deferred evaluation, workers, leases, crash recovery, migrations — on SQLite and on a real
+PostgreSQL server (``SCRUTINY_TEST_POSTGRES_URL``; `.ci/run` starts one and sets
+``SCRUTINY_REQUIRE_POSTGRES=1`` so these tests fail rather than skip without it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from scrutiny import ConfigurationError, Feedback, FeedbackMode, FeedbackStatus, Record, Session
+from scrutiny.core.storage import HEAD_REVISION, SQLStore, UpdateResult, current_revision, upgrade
+from tests.support import deferred_feedbacks as fbs
+
+REPO = Path(__file__).resolve().parents[1]
+PG_URL = os.environ.get("SCRUTINY_TEST_POSTGRES_URL")
+REQUIRE_PG = os.environ.get("SCRUTINY_REQUIRE_POSTGRES") == "1"
+
+
+def _pg_url() -> str:
+    if PG_URL:
+        return PG_URL
+    if REQUIRE_PG:
+        pytest.fail("SCRUTINY_REQUIRE_POSTGRES=1 but SCRUTINY_TEST_POSTGRES_URL is not set: "
+                    "the PostgreSQL server did not start")
+    pytest.skip("set SCRUTINY_TEST_POSTGRES_URL (make test-postgres does) to run this test")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(url, table_prefix): a fresh SQLite file, or fresh tables on the PostgreSQL server."""
+    prefix = f"t{uuid.uuid4().hex[:10]}_"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/scale.sqlite", prefix
+    return _pg_url(), prefix
+
+
+@pytest.fixture
+def pg() -> tuple[str, str]:
+    """(url, table_prefix) of fresh tables on the PostgreSQL server."""
+    return _pg_url(), f"t{uuid.uuid4().hex[:10]}_"
+
+
+def make_record(i: int = 0) -> Record:
+    now = time.time()
+    return Record(app_name="scale", app_version="v1", input=f"q{i}", output=f"out-{i}",
+                  start_time=now, end_time=now)
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)  # polling the database under test, bounded by the deadline
+
+
+def _worker(url: str, prefix: str, *extra: str, env: dict[str, str] | None = None
+            ) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "scrutiny.cli", "worker", "--table-prefix", prefix,
+           "--import-path", str(REPO), "--poll-interval", "0.05", "--log-every", "1", *extra]
+    full_env = {**os.environ, "SCRUTINY_DATABASE_URL": url, **(env or {})}
+    return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _stop(proc: subprocess.Popen[str], timeout: float = 30) -> str:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+# ---------------------------------------------------------------------- deferred mode
+def test_deferred_refuses_a_lambda_at_registration(backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    with Session(url, table_prefix=prefix, feedback_mode="deferred") as s:
+        with pytest.raises(ConfigurationError, match="lambda cannot be imported"):
+            s.check_feedbacks([Feedback(lambda output: 1.0, name="l").on_output()])
+        s.check_feedbacks([Feedback(fbs.length).on_output()])
+
+
+def test_deferred_app_stores_pending_and_an_in_process_worker_evaluates(
+        backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    app = Session(url, table_prefix=prefix, feedback_mode=FeedbackMode.DEFERRED)
+    fb = Feedback(fbs.length).on_output()
+    records = [app.ingest(make_record(i), [fb]) for i in range(10)]
+    assert app.flush(10)
+    df, _ = app.get_records_and_feedback()
+    assert (df["length status"] == "pending").all()
+    with Session(url, table_prefix=prefix) as worker_session:
+        worker = worker_session.start_worker(poll_interval=0.05)
+        results = records[0].wait_for_feedback_results(timeout=30)  # watched in the app
+        assert results[fb].status is FeedbackStatus.DONE
+        assert app.wait_for_feedback(30)
+        worker.stop(10)
+    df, _ = app.get_records_and_feedback()
+    assert (df["length status"] == "done").all()
+    app.close()
+
+
+def test_late_result_of_an_expired_lease_cannot_overwrite(backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    with Session(url, table_prefix=prefix, feedback_mode="deferred") as app:
+        app.ingest(make_record(), [Feedback(fbs.length).on_output()])
+        assert app.flush(10)
+        store = app.store
+        now = datetime.now(timezone.utc)
+        first = store.claim(worker_id="a", token="tok-a", limit=10, lease_seconds=1, now=now)
+        assert len(first) == 1
+        assert store.claim(worker_id="b", token="tok-b", limit=10, lease_seconds=60,
+                           now=now) == []  # held: nobody else gets it
+        later = now + timedelta(seconds=5)  # a's lease ran out
+        second = store.claim(worker_id="b", token="tok-b", limit=10, lease_seconds=60,
+                             now=later)
+        assert [r["result_id"] for r in second] == [first[0]["result_id"]]
+        assert second[0]["attempts"] == 2
+        rid = first[0]["result_id"]
+        store.write([UpdateResult(rid, {"status": "done", "score": 0.1}, lease_token="tok-a")])
+        store.write([UpdateResult(rid, {"status": "done", "score": 0.9}, lease_token="tok-b")])
+        store.write([UpdateResult(rid, {"status": "done", "score": 0.5}, lease_token="tok-a")])
+        row = store.results_by_ids([rid])[0]
+        assert (row["status"], row["score"]) == ("done", 0.9)
+
+
+def test_resume_pending_finishes_what_a_closed_session_left(backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    first = Session(url, table_prefix=prefix)
+    hang = Feedback(fbs.slow_forever_unless_resumed).on_output()
+    quick = Feedback(fbs.length).on_output()
+    first.ingest(make_record(), [hang, quick])
+    assert first.flush(10)
+    _wait_until(lambda: first.stats()["unfinished_feedback"] == 1, 20, "the quick one")
+    assert first.close(timeout=0.5) is False  # the slow one is released as pending
+    with Session(url, table_prefix=prefix) as second:
+        counts = second.store.count_results()
+        assert counts == {"done": 1, "pending": 1}
+        os.environ["SCRUTINY_TEST_RESUMED"] = "1"
+        try:
+            assert second.resume_pending(timeout=30) == 1  # only the unfinished one
+        finally:
+            del os.environ["SCRUTINY_TEST_RESUMED"]
+        assert second.store.count_results() == {"done": 2}
+
+
+# ---------------------------------------------------------------------- worker processes
+@pytest.mark.timeout(240)
+def test_four_worker_processes_evaluate_1000_results_exactly_once(
+        pg: tuple[str, str], tmp_path: Path) -> None:
+    url, prefix = pg
+    calls = tmp_path / "calls.txt"
+    with Session(url, table_prefix=prefix, feedback_mode="deferred") as app:
+        fb = Feedback(fbs.marks_calls).on_output()
+        for i in range(1000):
+            app.ingest(make_record(i), [fb])
+        assert app.flush(60)
+        assert app.store.count_results() == {"pending": 1000}
+        workers = [_worker(url, prefix, "--concurrency", "8",
+                           env={"SCRUTINY_TEST_CALLS": str(calls)}) for _ in range(4)]
+        try:
+            _wait_until(lambda: app.store.count_results().get("done") == 1000, 180,
+                        "1000 results done")
+        finally:
+            outputs = [_stop(w) for w in workers]
+        assert [w.returncode for w in workers] == [0, 0, 0, 0], outputs
+        lines = calls.read_text().splitlines()
+        assert len(lines) == 1000
+        assert len(set(lines)) == 1000  # none twice, none lost
+        df, _ = app.get_records_and_feedback(limit=2000)
+    assert (df["marks_calls status"] == "done").all()
+    assert sum("stopped cleanly" in out for out in outputs) == 4
+    with _engine(url).connect() as conn:
+        attempts = conn.execute(sa.text(
+            f"SELECT max(attempts), count(DISTINCT worker_id) FROM {prefix}feedback_results"
+        )).one()
+    assert attempts[0] == 1
+    assert attempts[1] >= 2  # the work was really shared
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_workers_claims_are_completed_by_another(pg: tuple[str, str],
+                                                           tmp_path: Path) -> None:
+    url, prefix = pg
+    flag = tmp_path / "hang"
+    flag.write_text("1")
+    env = {"SCRUTINY_TEST_HANG": str(flag)}
+    with Session(url, table_prefix=prefix, feedback_mode="deferred") as app:
+        fb = Feedback(fbs.hangs_once).on_output()
+        records = [app.ingest(make_record(i), [fb]) for i in range(5)]
+        assert app.flush(10)
+        victim = _worker(url, prefix, "--lease", "2", env=env)
+        try:
+            _wait_until(lambda: Path(str(flag) + ".started").exists(), 60, "the hang")
+            _wait_until(lambda: app.store.count_results().get("done") == 4, 60, "4 done")
+        finally:
+            victim.kill()  # SIGKILL: no chance to release its claim
+            victim.communicate(timeout=30)
+        rows = app.store.records_and_results()[1]
+        assert sorted(r["status"] for r in rows) == ["done"] * 4 + ["running"], [
+            r["error"] for r in rows]
+        rescuer = _worker(url, prefix, "--lease", "2", env=env)
+        try:
+            for record in records:
+                assert record.wait_for_feedback_results(timeout=60)[fb].status is \
+                    FeedbackStatus.DONE
+        finally:
+            _stop(rescuer)
+    with _engine(url).connect() as conn:
+        attempts = sorted(conn.execute(sa.text(
+            f"SELECT attempts FROM {prefix}feedback_results")).scalars())
+    assert attempts == [1, 1, 1, 1, 2]
+
+
+APP_SCRIPT = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from scrutiny import Feedback, Record, Session
+from tests.support import deferred_feedbacks as fbs
+s = Session({url!r}, table_prefix={prefix!r}, lease_seconds=2)
+now = time.time()
+s.ingest(Record(app_name="killed", app_version="v", input="q", output="o",
+                start_time=now, end_time=now), [Feedback(fbs.hangs_once).on_output()])
+s.flush(10)
+print("stored", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_app_killed_with_work_in_flight_leaves_it_for_a_worker(pg: tuple[str, str],
+                                                                tmp_path: Path) -> None:
+    url, prefix = pg
+    flag = tmp_path / "hang"
+    flag.write_text("1")
+    env = {**os.environ, "SCRUTINY_TEST_HANG": str(flag)}
+    app = subprocess.Popen([sys.executable, "-c", APP_SCRIPT.format(
+        repo=str(REPO), url=url, prefix=prefix)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert app.stdout is not None and app.stdout.readline().strip() == "stored"
+        _wait_until(lambda: Path(str(flag) + ".started").exists(), 60, "the evaluation")
+    finally:
+        app.kill()
+        app.communicate(timeout=30)
+    with Session(url, table_prefix=prefix) as reader:
+        df, _ = reader.get_records_and_feedback()
+        assert df.loc[0, "hangs_once status"] in ("pending", "running")  # not lost
+        worker = _worker(url, prefix, "--lease", "2", env={"SCRUTINY_TEST_HANG": str(flag)})
+        try:
+            _wait_until(lambda: reader.store.count_results() == {"done": 1}, 60,
+                        "the worker to finish the killed app's work")
+        finally:
+            _stop(worker)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_releases_unfinished_claims(pg: tuple[str, str], tmp_path: Path) -> None:
+    url, prefix = pg
+    flag = tmp_path / "hang"
+    flag.write_text("1")
+    with Session(url, table_prefix=prefix, feedback_mode="deferred") as app:
+        app.ingest(make_record(), [Feedback(fbs.hangs_once).on_output()])
+        assert app.flush(10)
+        worker = _worker(url, prefix, "--grace", "1", env={"SCRUTINY_TEST_HANG": str(flag)})
+        _wait_until(lambda: Path(str(flag) + ".started").exists(), 60, "the claim")
+        out = _stop(worker)
+        assert worker.returncode == 0, out
+        assert "released as pending" in out
+        rows = app.store.records_and_results()[1]
+        assert [(r["status"], r["worker_id"]) for r in rows] == [("pending", None)]
+
+
+def test_dropped_connection_is_survived(pg: tuple[str, str]) -> None:
+    url, prefix = pg
+    with Session(url, table_prefix=prefix) as s:
+        fb = Feedback(fbs.length).on_output()
+        s.ingest(make_record(1), [fb]).wait_for_feedback_results(timeout=10)
+        with _engine(url).connect() as admin:
+            killed = admin.execute(sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'")).scalar()
+            admin.commit()
+        assert killed and killed >= 1
+        result = s.ingest(make_record(2), [fb]).wait_for_feedback_results(timeout=30)[fb]
+        assert result.status is FeedbackStatus.DONE
+        assert len(s.get_records_and_feedback()[0]) == 2
+
+
+# ---------------------------------------------------------------------- migrations
+def _engine(url: str) -> sa.Engine:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    return engine
+
+
+def test_migrations_create_a_fresh_database_and_rerun_harmlessly(
+        backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    store = SQLStore(url, table_prefix=prefix)
+    assert store.found_revision is None
+    store.close()
+    again = SQLStore(url, table_prefix=prefix)
+    assert again.found_revision == HEAD_REVISION
+    again.close()
+    with _engine(url).connect() as conn:
+        assert current_revision(conn, prefix) == HEAD_REVISION
+        tables = set(sa.inspect(conn).get_table_names())
+    assert {f"{prefix}records", f"{prefix}feedback_results",
+            f"{prefix}alembic_version"} <= tables
+
+
+def test_a_database_at_the_first_revision_is_upgraded_with_its_data(
+        backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    engine = _engine(url)
+    with engine.begin() as conn:
+        upgrade(conn, prefix, "0001")
+        conn.execute(sa.text(
+            f"INSERT INTO {prefix}apps (app_id, app_name, app_version, created_at) "
+            "VALUES ('old:v0', 'old', 'v0', :now)"), {"now": datetime.now(timezone.utc)})
+    with pytest.raises(ConfigurationError, match="scrutiny db upgrade"):
+        Session(url, table_prefix=prefix, migrate="refuse")
+    with Session(url, table_prefix=prefix) as s:
+        s.ingest(make_record(), [Feedback(fbs.length).on_output()])
+        assert s.wait_for_feedback(20)
+        assert len(s.get_records_and_feedback()[0]) == 1
+    with engine.connect() as conn:
+        assert current_revision(conn, prefix) == HEAD_REVISION
+        assert conn.execute(sa.text(f"SELECT app_name FROM {prefix}apps "
+                                    "WHERE app_id = 'old:v0'")).scalar() == "old"
+
+
+def test_a_foreign_alembic_version_table_is_left_alone(backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    foreign = f"{prefix}x_alembic_version"  # stands for the app's own `alembic_version`
+    engine = _engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {foreign} (version_num VARCHAR(32) NOT NULL)"))
+        conn.execute(sa.text(f"INSERT INTO {foreign} VALUES ('app_rev_42')"))
+    Session(url, table_prefix=prefix).close()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text(f"SELECT version_num FROM {foreign}")).scalars().all() \
+            == ["app_rev_42"]
+        assert current_revision(conn, prefix) == HEAD_REVISION
+
+
+def test_default_prefix_uses_scrutiny_alembic_version_next_to_alembic_version(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.sqlite"
+    engine = _engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32))"))
+        conn.execute(sa.text("INSERT INTO alembic_version VALUES ('their_head')"))
+    Session(url).close()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() \
+            == "their_head"
+        assert conn.execute(sa.text(
+            "SELECT version_num FROM scrutiny_alembic_version")).scalar() == HEAD_REVISION
+
+
+def test_cli_db_upgrade(backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    env = {**os.environ, "SCRUTINY_DATABASE_URL": url}
+    cmd = [sys.executable, "-m", "scrutiny.cli", "db", "upgrade", "--table-prefix", prefix]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert f"upgraded from an empty database to {HEAD_REVISION}" in first.stdout
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert f"already at revision {HEAD_REVISION}" in again.stdout
+    assert url.split("@")[0] not in first.stdout + first.stderr or "://" not in url
+
+
+# ---------------------------------------------------------------------- retention
+def test_delete_records_by_age_and_app(backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    with Session(url, table_prefix=prefix) as s:
+        old = make_record(1)
+        old.start_time -= 86400 * 30
+        s.ingest(old, [Feedback(fbs.length).on_output()])
+        s.ingest(make_record(2), [Feedback(fbs.length).on_output()])
+        assert s.wait_for_feedback(20)
+        with pytest.raises(ConfigurationError):
+            s.delete_records()
+        cutoff = datetime.now(timezone.utc) - timedelta(days=1)
+        assert s.delete_records(before=cutoff) == 1
+        df, _ = s.get_records_and_feedback()
+        assert list(df["input"]) == ["q2"]
+        assert s.store.count_results() == {"done": 1}
+        assert s.delete_records(app_ids=["scale"]) == 1
+        assert s.get_records_and_feedback()[0].empty
+
+
+def test_paginated_reads(backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    with Session(url, table_prefix=prefix) as s:
+        for i in range(25):
+            r = make_record(i)
+            r.start_time = r.end_time = 1_700_000_000 + i
+            s.ingest(r, [])
+        pages = [s.get_records_and_feedback(limit=10, offset=o)[0] for o in (0, 10, 20)]
+    assert [len(p) for p in pages] == [10, 10, 5]
+    seen = [q for p in pages for q in p["input"]]
+    assert seen == [f"q{i}" for i in range(24, -1, -1)]
+
+
+# ---------------------------------------------------------------------- Dask
+@pytest.fixture(scope="module")
+def dask_client() -> Iterator[object]:
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
+                                       dashboard_address=None, silence_logs=40)
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.mark.timeout(180)
+def test_dask_cluster_evaluates_and_results_surface_here(dask_client: object,
+                                                          tmp_path: Path) -> None:
+    import threading
+
+    executor = dask_client.get_executor()  # type: ignore[attr-defined]
+    fired = threading.Event()
+    with Session(f"sqlite:///{tmp_path}/dask.sqlite", executor=executor) as s:
+        pid_fb = Feedback(fbs.worker_pid).on_output()
+        async_fb = Feedback(fbs.slow_async).on_output()
+        record = s.ingest(make_record(), [pid_fb, async_fb])
+        record.wait_for_feedback_results(callback=lambda results: fired.set())
+        results = record.wait_for_feedback_results(timeout=120)
+        assert fired.wait(30)
+        assert {r.status for r in results.values()} == {FeedbackStatus.DONE}
+        assert results[pid_fb].result != float(os.getpid())  # ran in a Dask worker
+        assert results[async_fb].result == 0.5
+        df, _ = s.get_records_and_feedback()
+    assert df.loc[0, "worker_pid status"] == "done"
