@@ -95,7 +95,7 @@ def test_collect_passes_the_whole_list() -> None:
 
 def test_empty_selection_raises_empty_selection() -> None:
     fb = Feedback(lambda c: 1.0, name="x").on_contexts()
-    with pytest.raises(EmptySelection, match="Select.contexts found nothing"):
+    with pytest.raises(EmptySelection, match=r"Select\.contexts found nothing"):
         fb.calls_for(_record(contexts=[]))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -625,5 +626,5 @@ def test_rate_limit_holds_its_rate(db_url: str) -> None:
             s.ingest(make_record(i), [fb])
         assert s.wait_for_feedback(30)
     assert len(starts) == 6
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert min(gaps) >= 0.2, gaps  # spaced out, not all at once

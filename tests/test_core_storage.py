@@ -146,10 +146,12 @@ def test_timestamps_are_utc_aware(tmp_path: Path) -> None:
         df, _ = s.get_records_and_feedback()
         record = s.get_record(df.loc[0, "record_id"])
     assert str(df["start_time"].dt.tz) == "UTC"
-    assert result.created_at.tzinfo is not None and result.ended_at is not None
+    assert result.created_at.tzinfo is not None
+    assert result.ended_at is not None
     assert record is not None
     stored = next(iter(record.feedback_results.values()))
-    assert stored.ended_at is not None and stored.ended_at.utcoffset() == dt.timedelta(0)
+    assert stored.ended_at is not None
+    assert stored.ended_at.utcoffset() == dt.timedelta(0)
 
 
 def test_table_prefix_keeps_tables_apart(tmp_path: Path) -> None:

@@ -245,7 +245,8 @@ def test_app_killed_with_work_in_flight_leaves_it_for_a_worker(pg: tuple[str, st
     app = subprocess.Popen([sys.executable, "-c", APP_SCRIPT.format(
         repo=str(REPO), url=url, prefix=prefix)], env=env, stdout=subprocess.PIPE, text=True)
     try:
-        assert app.stdout is not None and app.stdout.readline().strip() == "stored"
+        assert app.stdout is not None
+        assert app.stdout.readline().strip() == "stored"
         _wait_until(lambda: Path(str(flag) + ".started").exists(), 60, "the evaluation")
     finally:
         app.kill()
@@ -289,7 +290,8 @@ def test_dropped_connection_is_survived(pg: tuple[str, str]) -> None:
                 "WHERE datname = current_database() AND pid <> pg_backend_pid() "
                 "AND backend_type = 'client backend'")).scalar()
             admin.commit()
-        assert killed and killed >= 1
+        assert killed
+        assert killed >= 1
         result = s.ingest(make_record(2), [fb]).wait_for_feedback_results(timeout=30)[fb]
         assert result.status is FeedbackStatus.DONE
         assert len(s.get_records_and_feedback()[0]) == 2

@@ -1,0 +1,159 @@
+"""Streamed answers: one record, finalized when the stream ends, with the full text."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+
+from llama_index.core import Document, VectorStoreIndex
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.llms import MockLLM
+from llama_index.core.memory import ChatMemoryBuffer
+
+from scrutiny import Record, RecordStatus, Session, Span
+from scrutiny.integrations.llama_index import LlamaIndexRecorder
+from scrutiny.integrations.llama_index._handlers import tracer
+
+TEXTS = ("The sky is blue.", "Grass is green.", "Snow is white.")
+
+
+@pytest.fixture(scope="module")
+def index() -> VectorStoreIndex:
+    return VectorStoreIndex.from_documents([Document(text=t) for t in TEXTS],
+                                           embed_model=MockEmbedding(embed_dim=8))
+
+
+@pytest.fixture
+def thread_loop() -> Iterator[None]:
+    """LlamaIndex's sync chat path runs coroutines on `asyncio.get_event_loop()`, which
+    creates a loop for the thread that nobody closes: provide one and close it."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_traces() -> Iterator[None]:
+    yield
+    assert tracer.open_traces() == 0
+
+
+def _streaming_engine(index: VectorStoreIndex) -> Any:
+    return index.as_query_engine(streaming=True, llm=MockLLM(max_tokens=8),
+                                 similarity_top_k=2)
+
+
+def _chat_engine(index: VectorStoreIndex) -> Any:
+    return index.as_chat_engine(chat_mode="context", llm=MockLLM(max_tokens=6),
+                                similarity_top_k=2,
+                                memory=ChatMemoryBuffer.from_defaults(token_limit=4000))
+
+
+def _ancestors(record: Record, span: Span) -> list[str]:
+    by_id = {s.span_id: s for s in record.spans}
+    names = []
+    parent = by_id.get(span.parent_id or "")
+    while parent is not None:
+        names.append(parent.name)
+        parent = by_id.get(parent.parent_id or "")
+    return names
+
+
+def _assert_llm_spans_inside(record: Record, root_name: str) -> None:
+    llm_spans = [s for s in record.spans if s.name.startswith("MockLLM.")]
+    assert llm_spans
+    for span in llm_spans:
+        assert _ancestors(record, span)[-1] == root_name
+
+
+def test_streaming_query_is_recorded_when_the_stream_is_consumed(
+        index: VectorStoreIndex, session: Session) -> None:
+    engine = _streaming_engine(index)
+    with LlamaIndexRecorder(engine, session=session) as recording:
+        response = engine.query("What color is the sky?")
+        assert recording.records == []
+        assert recording.open_calls == 1
+        tokens = list(response.response_gen)
+    record = recording.get()
+    assert len(tokens) == 8
+    assert record.output == "".join(tokens)
+    assert record.status is RecordStatus.OK
+    assert record.input == "What color is the sky?"
+    assert record.contexts == [n.node.get_content() for n in response.source_nodes]
+    assert record.root_span().outputs == record.output  # type: ignore[union-attr]
+    _assert_llm_spans_inside(record, "RetrieverQueryEngine.query")
+    stream = next(s for s in record.spans if s.name == "MockLLM.stream_complete")
+    assert isinstance(stream.outputs, str)
+    assert stream.outputs
+    assert stream.end_time is not None
+
+
+def test_stream_stopped_early_gives_a_cancelled_record_with_partial_text(
+        index: VectorStoreIndex, session: Session) -> None:
+    engine = _streaming_engine(index)
+    with LlamaIndexRecorder(engine, session=session) as recording:
+        gen = engine.query("What color is snow?").response_gen
+        first = next(gen)
+        gen.close()
+    record = recording.get()
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output == first
+    assert record.error is not None
+    assert "stopped" in record.error
+
+
+def test_stream_dropped_unconsumed_still_gives_its_record(index: VectorStoreIndex,
+                                                          session: Session) -> None:
+    engine = _streaming_engine(index)
+    with LlamaIndexRecorder(engine, session=session) as recording:
+        response = engine.query("Never read")
+        del response
+        gc.collect()
+    record = recording.get()
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output == ""
+
+
+async def test_async_streaming_query(index: VectorStoreIndex, session: Session) -> None:
+    engine = _streaming_engine(index)
+    async with LlamaIndexRecorder(engine, session=session) as recording:
+        response = await engine.aquery("What color is grass?")
+        tokens = [t async for t in response.async_response_gen()]
+    record = recording.get()
+    assert record.output == "".join(tokens) == response.response_txt
+    assert record.status is RecordStatus.OK
+    assert record.root_span().name == "RetrieverQueryEngine.aquery"  # type: ignore[union-attr]
+    _assert_llm_spans_inside(record, "RetrieverQueryEngine.aquery")
+
+
+@pytest.mark.usefixtures("thread_loop")
+def test_stream_chat(index: VectorStoreIndex, session: Session) -> None:
+    chat = _chat_engine(index)
+    with LlamaIndexRecorder(chat, session=session) as recording:
+        response = chat.stream_chat("Tell me about snow")
+        tokens = list(response.response_gen)
+    record = recording.get()
+    assert record.input == "Tell me about snow"
+    assert record.output == "".join(tokens)
+    assert record.status is RecordStatus.OK
+    assert len(record.contexts) == 2
+    _assert_llm_spans_inside(record, "ContextChatEngine.stream_chat")
+
+
+async def test_astream_chat(index: VectorStoreIndex, session: Session) -> None:
+    chat = _chat_engine(index)
+    async with LlamaIndexRecorder(chat, session=session) as recording:
+        response = await chat.astream_chat("Tell me about grass")
+        tokens = [t async for t in response.async_response_gen()]
+    record = recording.get()
+    assert record.output == "".join(tokens)
+    assert record.status is RecordStatus.OK
+    _assert_llm_spans_inside(record, "ContextChatEngine.astream_chat")

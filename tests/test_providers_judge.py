@@ -1,0 +1,300 @@
+"""LLMJudge over real LangChain and LlamaIndex models with scripted answers.
+
+Every evaluation goes through a real `Session` (SQLite in tmp_path) with `session.ingest`,
+the path recorders take, unless a test is about calling the judge directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from scrutiny import (
+    ConfigurationError,
+    Feedback,
+    FeedbackResult,
+    FeedbackStatus,
+    RateLimit,
+    Record,
+    Select,
+    Session,
+)
+from scrutiny.providers import LLMJudge, TransientJudgeError, rag_triad
+
+pytest.importorskip("langchain_core")
+from langchain_core.language_models import (
+    FakeListChatModel,
+    FakeListLLM,
+    GenericFakeChatModel,
+)
+from langchain_core.messages import AIMessage
+
+QUESTION = "What is the capital of France?"
+ANSWER = "Paris is the capital of France."
+CONTEXTS = ["Paris is the capital of France.", "Berlin is the capital of Germany."]
+METHODS = ("answer_relevance", "context_relevance", "groundedness", "correctness",
+           "coherence", "conciseness", "harmfulness")
+
+
+def make_record(i: int = 0, *, output: str = ANSWER, contexts: Sequence[str] = CONTEXTS,
+                question: str = QUESTION) -> Record:
+    now = time.time()
+    return Record(app_name="qa", app_version="v1", input=question, output=output,
+                  contexts=list(contexts), metadata={"expected": "Paris."},
+                  start_time=now, end_time=now)
+
+
+def all_feedbacks(judge: LLMJudge) -> list[Feedback]:
+    """Every judge method, wired the way its docs say."""
+    return [
+        Feedback(judge.answer_relevance).on_input_output(),
+        Feedback(judge.context_relevance).on(question=Select.input, context=Select.contexts),
+        Feedback(judge.groundedness).on(contexts=Select.contexts.collect(),
+                                        answer=Select.output),
+        Feedback(judge.correctness).on(answer=Select.output,
+                                       expected=Select.metadata("expected")),
+        Feedback(judge.coherence).on_output(),
+        Feedback(judge.conciseness).on_output(),
+        Feedback(judge.harmfulness).on_output(),
+    ]
+
+
+def evaluate(session: Session, feedbacks: Sequence[Feedback], record: Record | None = None,
+             timeout: float = 30) -> dict[str, FeedbackResult]:
+    record = record or make_record()
+    session.ingest(record, feedbacks)
+    results = record.wait_for_feedback_results(timeout=timeout)
+    return {fb.name: res for fb, res in results.items()}
+
+
+# ---------------------------------------------------------------------------- parsing
+def test_good_answers_score_every_criterion(session: Session) -> None:
+    judge = LLMJudge(FakeListChatModel(responses=['{"score": 8, "reasons": "fine"}']))
+    results = evaluate(session, all_feedbacks(judge))
+    assert sorted(results) == sorted(METHODS)
+    for name, result in results.items():
+        assert result.status is FeedbackStatus.DONE, (name, result.error)
+        assert result.result == pytest.approx(0.8)
+        assert "fine" in (result.explanation or "")
+    assert len(results["context_relevance"].calls) == len(CONTEXTS)  # one call per context
+
+
+@pytest.mark.parametrize(("answer", "why"), [
+    ("This answer looks quite good to me.", "no score"),
+    ('{"score": 7, "reasons": "The answer is on', "cut off"),
+    ('{"score": 42, "reasons": "great"}', "outside the scale 0-10"),
+    ('{"score": -1}', "outside the scale 0-10"),
+])
+def test_malformed_and_out_of_range_answers_fail_with_the_raw_text(
+        session: Session, answer: str, why: str) -> None:
+    judge = LLMJudge(FakeListChatModel(responses=[answer]))
+    results = evaluate(session, all_feedbacks(judge))
+    for name, result in results.items():
+        assert result.status is FeedbackStatus.FAILED, name
+        assert result.result is None  # never 0, never -1
+        assert why in (result.error or ""), (name, result.error)
+        assert result.attempts == 1  # an unreadable answer is not retried
+        raw = [c.metadata.get("raw_value", "") for c in result.calls]
+        assert any(answer[:20] in r for r in raw), (name, raw)
+    df, _ = session.get_records_and_feedback()
+    assert (df["harmfulness status"] == "failed").all()
+    assert df["harmfulness"].isna().all()
+
+
+def test_groundedness_judges_each_statement_and_explains(session: Session) -> None:
+    verdicts = ('{"statements": [{"statement": 1, "score": 10, "reason": "stated"}, '
+                '{"statement": 2, "score": 0, "reason": "not in the sources"}]}')
+    judge = LLMJudge(FakeListChatModel(responses=[verdicts]))
+    fb = Feedback(judge.groundedness).on(contexts=Select.contexts.collect(),
+                                         answer=Select.output)
+    record = make_record(output="Paris is the capital of France. It has 40 million cats.")
+    result = evaluate(session, [fb], record)["groundedness"]
+    assert result.status is FeedbackStatus.DONE
+    assert result.result == pytest.approx(0.5)
+    assert 'It has 40 million cats."' in (result.explanation or "")
+    assert "0/10 - not in the sources" in (result.explanation or "")
+
+
+def test_groundedness_fails_when_a_statement_has_no_verdict(session: Session) -> None:
+    judge = LLMJudge(FakeListChatModel(
+        responses=['{"statements": [{"statement": 1, "score": 10}]}']))
+    fb = Feedback(judge.groundedness).on(contexts=Select.contexts.collect(),
+                                         answer=Select.output)
+    record = make_record(output="Paris is the capital. Berlin is bigger.")
+    result = evaluate(session, [fb], record)["groundedness"]
+    assert result.status is FeedbackStatus.FAILED
+    assert "1 verdict(s) for 2 statement(s)" in (result.error or "")
+
+
+def test_completion_llms_get_one_prompt(session: Session) -> None:
+    judge = LLMJudge(FakeListLLM(responses=["Score: 3/10\nReasons: vague"]))
+    result = evaluate(session, [Feedback(judge.coherence).on_output()])["coherence"]
+    assert result.status is FeedbackStatus.DONE
+    assert result.result == pytest.approx(0.3)
+    assert result.explanation == "vague"
+
+
+def test_judge_token_usage_is_stored_as_evaluation_cost(session: Session) -> None:
+    usage = {"input_tokens": 120, "output_tokens": 9, "total_tokens": 129}
+    model = GenericFakeChatModel(messages=iter(
+        [AIMessage(content='{"score": 6, "reasons": "ok"}', usage_metadata=usage)] * 3))
+    judge = LLMJudge(model)
+    record = make_record()
+    result = evaluate(session, [Feedback(judge.context_relevance).on(
+        question=Select.input, context=Select.contexts)], record)["context_relevance"]
+    assert result.status is FeedbackStatus.DONE
+    # two contexts, two judge calls: their usage adds up on the result
+    assert result.cost == {"prompt_tokens": 240, "completion_tokens": 18, "total_tokens": 258}
+    assert record.usage is None  # the app's own usage is untouched
+    stored = session.get_record(record.record_id)
+    assert stored is not None
+    (stored_result,) = stored.feedback_results.values()
+    assert stored_result.cost == result.cost
+
+
+def test_models_without_usage_give_no_cost(session: Session) -> None:
+    judge = LLMJudge(FakeListChatModel(responses=['{"score": 6}']))
+    result = evaluate(session, [Feedback(judge.coherence).on_output()])["coherence"]
+    assert result.status is FeedbackStatus.DONE
+    assert result.cost is None  # not a cost of 0
+
+
+# ---------------------------------------------------------------------------- LlamaIndex
+def test_llama_index_llm_with_scripted_answers(session: Session) -> None:
+    pytest.importorskip("llama_index.core")
+    from llama_index.core.base.llms.types import ChatMessage, MessageRole
+    from llama_index.core.llms.mock import MockFunctionCallingLLM
+
+    seen: list[list[Any]] = []
+
+    def answer(messages: Sequence[ChatMessage], **kwargs: Any) -> ChatMessage:
+        seen.append(list(messages))
+        return ChatMessage(role=MessageRole.ASSISTANT,
+                           content='{"score": 9, "reasons": "directly answers"}')
+
+    judge = LLMJudge(MockFunctionCallingLLM(response_generator=answer))
+    results = evaluate(session, all_feedbacks(judge))
+    for name, result in results.items():
+        assert result.status is FeedbackStatus.DONE, (name, result.error)
+        assert result.result == pytest.approx(0.9)
+    assert seen
+    assert all(m[0].role == MessageRole.SYSTEM for m in seen)
+    assert all(m[1].role == MessageRole.USER for m in seen)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 5])
+def test_llama_index_mock_llm_answers_are_never_scored(session: Session,
+                                                       max_tokens: int | None) -> None:
+    """MockLLM echoes the prompt (or says "text text ..."): no score may be read from it."""
+    pytest.importorskip("llama_index.core")
+    from llama_index.core.llms import MockLLM
+
+    judge = LLMJudge(MockLLM(max_tokens=max_tokens))
+    results = evaluate(session, all_feedbacks(judge))
+    for name, result in results.items():
+        assert result.status is FeedbackStatus.FAILED, (name, result.result)
+        assert result.result is None
+        assert "InvalidFeedbackValue" in (result.error or "")
+
+
+# ---------------------------------------------------------------------------- wiring
+def test_feedback_picks_up_the_judges_options() -> None:
+    limit = RateLimit(per_minute=60, max_concurrent=2)
+    judge = LLMJudge(FakeListChatModel(responses=["5"]), rate_limit=limit, retries=2,
+                     timeout=15.0)
+    harm = Feedback(judge.harmfulness).on_output()
+    assert harm.name == "harmfulness"
+    assert harm.higher_is_better is False
+    assert harm.retry.attempts == 3
+    assert TransientJudgeError in harm.retry.retry_on
+    assert harm.timeout == 15.0
+    assert harm.rate_limit is not None
+    assert (harm.rate_limit.per_minute, harm.rate_limit.max_concurrent) == (60, 2)
+    assert harm.rate_limit.group == judge.group
+    relevance = Feedback(judge.answer_relevance, name="relevance").on_input_output()
+    assert (relevance.name, relevance.higher_is_better) == ("relevance", True)
+    assert relevance.rate_limit == harm.rate_limit  # one budget per judge
+    other = LLMJudge(FakeListChatModel(responses=["5"]), rate_limit=limit)
+    assert other.group != judge.group
+    shared = RateLimit(per_minute=60, group="my-api-key")
+    assert LLMJudge(FakeListChatModel(responses=["5"]), rate_limit=shared).rate_limit is shared
+
+
+def test_rag_triad_wires_input_contexts_and_output(session: Session) -> None:
+    judge = LLMJudge(FakeListChatModel(responses=['{"score": 10, "reasons": "yes"}']))
+    triad = rag_triad(judge)
+    assert [fb.name for fb in triad] == ["context_relevance", "groundedness",
+                                         "answer_relevance"]
+    assert triad.context_relevance.selectors == {"question": "Select.input",
+                                                 "context": "Select.contexts (each)"}
+    assert triad.groundedness.selectors == {"contexts": "Select.contexts.collect()",
+                                            "answer": "Select.output"}
+    assert triad.answer_relevance.selectors == {"question": "Select.input",
+                                                "answer": "Select.output"}
+    results = evaluate(session, triad)
+    assert all(r.status is FeedbackStatus.DONE and r.result == 1.0 for r in results.values())
+    without = evaluate(session, triad, make_record(1, contexts=[]))
+    assert without["context_relevance"].status is FeedbackStatus.SKIPPED
+    assert without["groundedness"].status is FeedbackStatus.SKIPPED
+    assert without["answer_relevance"].status is FeedbackStatus.DONE
+
+
+def test_methods_can_be_awaited_directly() -> None:
+    judge = LLMJudge(FakeListChatModel(responses=['{"score": 3, "reasons": "padded"}']))
+    score, why = asyncio.run(judge.conciseness("Well, so, basically, Paris."))
+    assert (score, why) == (pytest.approx(0.3), "padded")
+
+
+def test_unusable_models_and_options_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="ainvoke"):
+        LLMJudge(object())
+    model = FakeListChatModel(responses=["5"])
+    with pytest.raises(ConfigurationError, match="on_over_budget"):
+        LLMJudge(model, on_over_budget="drop")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        LLMJudge(model, max_prompt_tokens=0)
+    with pytest.raises(ConfigurationError):
+        LLMJudge(model, retries=-1)
+
+
+# ---------------------------------------------------------------------------- recording
+def test_judge_calls_are_not_recorded_as_app_records(
+        session: Session, make_retrieval_chain: Any) -> None:
+    """The judge's model even carries the app's recording handler: still one record."""
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    from scrutiny.integrations.langchain import ChainRecorder
+
+    class Calls(BaseCallbackHandler):
+        run_inline = True
+
+        def __init__(self) -> None:
+            self.count = 0
+
+        def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+            self.count += 1
+
+    chain = make_retrieval_chain(["Paris is the capital of France."])
+    judge_model = FakeListChatModel(responses=['{"score": 9, "reasons": "ok"}'])
+    judge = LLMJudge(judge_model)
+    recorder = ChainRecorder(chain, app_name="rag", session=session,
+                             feedbacks=rag_triad(judge))
+    calls = Calls()
+    judge_model.callbacks = [recorder.handler, calls]
+    with recorder as recording:
+        chain.invoke(QUESTION)
+    record = recording.get()
+    results = record.wait_for_feedback_results(timeout=30)
+    assert {r.status for r in results.values()} == {FeedbackStatus.DONE}
+    assert calls.count == len(record.contexts) + 2  # the judge model really ran
+    assert session.wait_for_feedback(30)
+    df, _ = session.get_records_and_feedback()
+    assert list(df["app_name"]) == ["rag"]  # one record: the app's
+    # control: outside an evaluation the same handler does record the model's calls
+    asyncio.run(judge.coherence("Paris."))
+    df, _ = session.get_records_and_feedback()
+    assert len(df) == 2

@@ -1,0 +1,291 @@
+"""The judge under pressure: rate limits, concurrency caps, retries, timeouts, prompt budget.
+
+The judge models are real LangChain runnables: `FakeListChatModel` bound to
+``stream=True`` (its async streaming path awaits ``asyncio.sleep(sleep)`` per chunk, so a
+one-character answer takes one real async wait), and `RunnableLambda` for models that fail.
+Call times come from a LangChain callback handler on the model. Every evaluation runs
+through a `Session` on SQLite; waiting is on `wait_for_feedback`, never on sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, ClassVar
+
+import pytest
+
+from scrutiny import Feedback, FeedbackStatus, RateLimit, Record, RetryPolicy, Session
+from scrutiny.providers import LLMJudge, TransientJudgeError
+
+pytest.importorskip("langchain_core")
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models import FakeListChatModel
+from langchain_core.runnables import RunnableLambda
+
+N = 200
+
+
+class CallLog(BaseCallbackHandler):
+    """Start times, prompts and the most calls in flight at once, from LangChain's events."""
+
+    run_inline = True
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+        self.prompts: list[str] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        with self._lock:
+            self.starts.append(time.monotonic())
+            self.prompts.append("\n".join(str(m.content) for m in messages[0]))
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    on_llm_error = on_llm_end
+
+
+def slow_model(log: CallLog, delay: float, answer: str = "8") -> Any:
+    """A chat model that answers `answer` after one `await asyncio.sleep(delay)`."""
+    return FakeListChatModel(responses=[answer], sleep=delay,
+                             callbacks=[log]).bind(stream=True)
+
+
+def make_record(i: int, output: str = "Paris is the capital of France.") -> Record:
+    now = time.time()
+    return Record(app_name="qa", app_version="v1", input=f"Capital of France? ({i})",
+                  output=output, start_time=now, end_time=now)
+
+
+def run(session: Session, feedbacks: list[Feedback], n: int, **kw: Any) -> list[Record]:
+    records = [session.ingest(make_record(i, **kw), feedbacks) for i in range(n)]
+    assert session.wait_for_feedback(60)
+    return records
+
+
+def statuses(records: list[Record], fb: Feedback) -> set[FeedbackStatus]:
+    return {r.feedback_results[fb].status for r in records}
+
+
+# ---------------------------------------------------------------------------- limits
+def test_concurrency_cap_holds_under_200_evaluations(database_url: str) -> None:
+    log = CallLog()
+    judge = LLMJudge(slow_model(log, 0.02), rate_limit=RateLimit(max_concurrent=4))
+    judged = Feedback(judge.answer_relevance).on_input_output()
+    others_in_flight = [0, 0]  # now, most
+
+    async def unthrottled(output: str) -> float:
+        others_in_flight[0] += 1  # one event loop: no lock needed
+        others_in_flight[1] = max(others_in_flight)
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            others_in_flight[0] -= 1
+        return 1.0
+
+    other = Feedback(unthrottled).on_output()
+    with Session(database_url, max_concurrency=64) as session:
+        records = run(session, [judged, other], N)
+    assert statuses(records, judged) == {FeedbackStatus.DONE}
+    assert statuses(records, other) == {FeedbackStatus.DONE}
+    assert len(log.starts) == N
+    assert log.max_in_flight == 4  # reached, never exceeded
+    assert others_in_flight[1] > 4  # the judge's cap throttles the judge only
+
+
+def test_rate_limit_holds_its_rate_under_200_evaluations(database_url: str) -> None:
+    per_minute = 12_000  # 200 per second: one call every 5 ms
+    spacing = 60 / per_minute
+    log = CallLog()
+    judge = LLMJudge(slow_model(log, 0.001), rate_limit=RateLimit(per_minute=per_minute))
+    judged = Feedback(judge.coherence).on_output()
+    with Session(database_url, max_concurrency=64) as session:
+        records = run(session, [judged], N)
+    assert statuses(records, judged) == {FeedbackStatus.DONE}
+    starts = sorted(log.starts)
+    assert len(starts) == N
+    elapsed = starts[-1] - starts[0]
+    assert elapsed >= (N - 1) * spacing * 0.95  # never faster than the stated rate
+    window = 20  # no burst: any 20 consecutive starts span at least ~20 intervals
+    assert min(b - a for a, b in zip(starts, starts[window:], strict=False)) >= \
+        (window - 1) * spacing * 0.9
+
+
+# ---------------------------------------------------------------------------- retries
+class RateLimited(Exception):
+    """Looks like an SDK's 429 error: a status code and a retry-after hint."""
+
+    status_code = 429
+
+    def __init__(self, retry_after: float | None = None) -> None:
+        super().__init__("Too Many Requests")
+        self.retry_after = retry_after
+
+
+def failing_model(times: int, error: type[Exception] | Exception, answer: str = "7",
+                  calls: list[float] | None = None) -> Any:
+    """A LangChain runnable that raises `error` `times` times, then answers."""
+    made: list[float] = calls if calls is not None else []
+
+    async def call(messages: Any) -> str:
+        made.append(time.monotonic())
+        if len(made) <= times:
+            raise error if isinstance(error, Exception) else error()
+        return answer
+
+    return RunnableLambda(call)
+
+
+def test_retries_stop_at_their_budget_with_failed(session: Session) -> None:
+    calls: list[float] = []
+    judge = LLMJudge(failing_model(99, RateLimited, calls=calls), retries=2, backoff=0.01)
+    fb = Feedback(judge.coherence).on_output()
+    (record,) = run(session, [fb], 1)
+    result = record.feedback_results[fb]
+    assert result.status is FeedbackStatus.FAILED
+    assert result.result is None
+    assert result.attempts == 3
+    assert len(calls) == 3
+    assert "TransientJudgeError" in (result.error or "")
+    assert "after 3 attempts" in (result.error or "")
+
+
+def test_transient_errors_are_retried_until_an_answer(session: Session) -> None:
+    judge = LLMJudge(failing_model(2, ConnectionResetError, answer="6"), retries=3,
+                     backoff=0.01)
+    fb = Feedback(judge.coherence).on_output()
+    (record,) = run(session, [fb], 1)
+    result = record.feedback_results[fb]
+    assert (result.status, result.result, result.attempts) == (FeedbackStatus.DONE, 0.6, 3)
+
+
+def test_retry_after_hints_are_honoured(session: Session) -> None:
+    calls: list[float] = []
+    judge = LLMJudge(failing_model(1, RateLimited(retry_after=0.3), calls=calls), retries=1,
+                     backoff=0.001)
+    fb = Feedback(judge.coherence).on_output()
+    (record,) = run(session, [fb], 1)
+    assert record.feedback_results[fb].status is FeedbackStatus.DONE
+    assert calls[1] - calls[0] >= 0.29
+
+
+def test_other_errors_are_not_retried(session: Session) -> None:
+    calls: list[float] = []
+    judge = LLMJudge(failing_model(99, ValueError("invalid api key"), calls=calls),
+                     retries=3, backoff=0.01)
+    fb = Feedback(judge.coherence).on_output()
+    (record,) = run(session, [fb], 1)
+    result = record.feedback_results[fb]
+    assert result.status is FeedbackStatus.FAILED
+    assert (result.attempts, len(calls)) == (1, 1)
+    assert "invalid api key" in (result.error or "")
+
+
+def test_a_judge_that_never_answers_times_out_per_attempt(session: Session) -> None:
+    calls: list[float] = []
+
+    async def hang(messages: Any) -> str:
+        calls.append(time.monotonic())
+        await asyncio.Event().wait()
+        return "never"
+
+    judge = LLMJudge(RunnableLambda(hang), timeout=0.2, retries=1, backoff=0.01)
+    fb = Feedback(judge.coherence).on_output()
+    (record,) = run(session, [fb], 1)
+    result = record.feedback_results[fb]
+    assert result.status is FeedbackStatus.FAILED
+    assert "timed out after 0.2 s" in (result.error or "")
+    assert (result.attempts, len(calls)) == (2, 2)
+
+
+def test_a_full_retry_policy_replaces_the_default(session: Session) -> None:
+    policy = RetryPolicy(attempts=2, initial_backoff=0.01, retry_on=(ValueError,))
+    judge = LLMJudge(failing_model(1, ValueError("flaky")), retry=policy)
+    fb = Feedback(judge.coherence).on_output()
+    assert fb.retry is policy
+    (record,) = run(session, [fb], 1)
+    assert record.feedback_results[fb].status is FeedbackStatus.DONE
+
+
+def test_transient_classification_follows_status_codes_and_names() -> None:
+    from scrutiny.providers._models import is_transient, retry_after_hint
+
+    class APITimeoutError(Exception):
+        pass
+
+    class BadRequestError(Exception):
+        status_code = 400
+
+    class Response:
+        status_code = 503
+        headers: ClassVar[dict[str, str]] = {"retry-after": "2"}
+
+    class HTTPError(Exception):
+        response = Response()
+
+    assert is_transient(RateLimited())
+    assert is_transient(APITimeoutError())
+    assert is_transient(TimeoutError())
+    assert is_transient(HTTPError())
+    assert not is_transient(BadRequestError())
+    assert not is_transient(ValueError())
+    wrapped = RuntimeError("wrapped")
+    wrapped.__cause__ = RateLimited(retry_after=4)
+    assert is_transient(wrapped)
+    assert retry_after_hint(wrapped) == 4.0
+    assert retry_after_hint(HTTPError()) == 2.0
+    assert TransientJudgeError("x", retry_after=1.5).retry_after == 1.5
+
+
+# ---------------------------------------------------------------------------- budget
+def test_over_budget_prompts_are_truncated_with_a_notice(session: Session) -> None:
+    log = CallLog()
+    judge = LLMJudge(FakeListChatModel(responses=['{"score": 4, "reasons": "rambling"}'],
+                                       callbacks=[log]), max_prompt_tokens=400)
+    fb = Feedback(judge.conciseness).on_output()
+    long_answer = "Paris is the capital of France. " * 2000  # ~16k tokens
+    (record,) = run(session, [fb], 1, output=long_answer)
+    result = record.feedback_results[fb]
+    assert result.status is FeedbackStatus.DONE
+    assert result.result == pytest.approx(0.4)
+    explanation = result.explanation or ""
+    assert explanation.startswith("[NOTICE: the judge prompt is too large")
+    assert "max_prompt_tokens=400" in explanation
+    assert "rambling" in explanation
+    (prompt,) = log.prompts
+    assert len(prompt) <= 400 * 4  # within the budget (about 4 characters per token)
+    assert "truncated by Scrutiny" in prompt
+
+
+def test_over_budget_prompts_can_be_skipped_instead(session: Session) -> None:
+    log = CallLog()
+    judge = LLMJudge(FakeListChatModel(responses=["5"], callbacks=[log]),
+                     max_prompt_tokens=400, on_over_budget="skip")
+    fb = Feedback(judge.conciseness).on_output()
+    (record,) = run(session, [fb], 1, output="word " * 5000)
+    result = record.feedback_results[fb]
+    assert result.status is FeedbackStatus.SKIPPED
+    assert result.result is None
+    assert "too large" in (result.error or "")
+    assert log.prompts == []  # the model was never called
+    df, _ = session.get_records_and_feedback()
+    assert list(df["conciseness status"]) == ["skipped"]
+
+
+def test_a_custom_token_counter_sets_the_budget(session: Session) -> None:
+    log = CallLog()
+    judge = LLMJudge(FakeListChatModel(responses=["5"], callbacks=[log]),
+                     max_prompt_tokens=300, count_tokens=lambda text: len(text.split()))
+    fb = Feedback(judge.coherence).on_output()
+    (record,) = run(session, [fb], 1, output="Paris " * 1000)
+    assert record.feedback_results[fb].status is FeedbackStatus.DONE
+    (prompt,) = log.prompts
+    assert len(prompt.split()) <= 300

@@ -1,0 +1,255 @@
+"""Offline evaluators on fixed cases: lexical metrics, sentiment, PII and ground truth.
+
+(The embedding model has its own module, tests/test_providers_embeddings.py.)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from typing import Any
+
+import pytest
+
+from scrutiny import ConfigurationError, Feedback, FeedbackStatus, Record, Select, Session
+from scrutiny.providers import (
+    Contains,
+    GroundTruth,
+    LengthBounds,
+    LLMJudge,
+    PIIDetector,
+    Regex,
+    Rouge,
+    bleu,
+    exact_match,
+    sentiment,
+    token_f1,
+)
+from scrutiny.providers._lexical import sentence_bleu
+from scrutiny.providers._pii import iban_valid, luhn_valid
+
+
+def make_record(question: Any, output: str) -> Record:
+    now = time.time()
+    return Record(app_name="qa", app_version="v1", input=question, output=output,
+                  start_time=now, end_time=now)
+
+
+# ---------------------------------------------------------------------------- lexical
+@pytest.mark.parametrize(("answer", "expected", "score"), [
+    ("The Paris.", "paris", 1.0),
+    ("  PARIS  ", "Paris!", 1.0),
+    ("Lyon", "Paris", 0.0),
+])
+def test_exact_match_normalizes_case_punctuation_and_articles(
+        answer: str, expected: str, score: float) -> None:
+    assert exact_match(answer, expected)[0] == score
+
+
+def test_token_f1() -> None:
+    assert token_f1("Paris is the capital", "the capital is Paris")[0] == 1.0
+    assert token_f1("Paris France", "Paris")[0] == pytest.approx(2 / 3)
+    assert token_f1("Lyon", "Paris")[0] == 0.0
+
+
+def test_bleu_of_identical_and_unrelated_sentences() -> None:
+    assert bleu("The cat sat on the mat.", "the cat sat on the mat.")[0] == pytest.approx(1.0)
+    assert bleu("Bananas are yellow", "The cat sat on the mat")[0] == 0.0
+
+
+@pytest.mark.parametrize(("hyp", "ref"), [
+    ("the cat sat on a mat today", "the cat sat on the mat"),
+    ("a cat is on the mat", "the cat sat on the mat"),
+    ("the the the the", "the cat sat on the mat"),
+    ("cat mat", "the cat sat on the mat"),
+    ("it is a guide to action which ensures that the military always obeys the commands "
+     "of the party", "it is a guide to action that ensures that the military will forever "
+     "heed party commands"),
+])
+def test_sentence_bleu_agrees_with_nltk_method3(hyp: str, ref: str) -> None:
+    pytest.importorskip("nltk")  # installed with rouge-score; used only as the reference
+    from nltk.translate.bleu_score import SmoothingFunction
+    from nltk.translate.bleu_score import sentence_bleu as nltk_bleu
+
+    ours = sentence_bleu(hyp.split(), [ref.split()])
+    theirs = nltk_bleu([ref.split()], hyp.split(),
+                       smoothing_function=SmoothingFunction().method3)
+    assert ours == pytest.approx(theirs, abs=1e-12)
+
+
+def test_rouge_l_on_a_fixed_pair() -> None:
+    pytest.importorskip("rouge_score")
+    # LCS("the cat was sitting on the mat", "the cat sat on the mat") = the cat on the mat
+    score, why = Rouge("rougeL", stemmer=False)("the cat was sitting on the mat",
+                                                "the cat sat on the mat")
+    precision, recall = 5 / 7, 5 / 6
+    assert score == pytest.approx(2 * precision * recall / (precision + recall))
+    assert "rougeL fmeasure" in why
+    recall_only = Rouge("rouge1", measure="recall", stemmer=False)
+    assert recall_only("the cat", "the cat sat")[0] == pytest.approx(2 / 3)
+    assert Feedback(Rouge("rouge2")).name == "rouge_2"
+    with pytest.raises(ConfigurationError):
+        Rouge("rouge-x")
+
+
+def test_regex_contains_and_length_bounds() -> None:
+    has_year = Regex(r"\b(19|20)\d{2}\b", name="has_year")
+    assert has_year("Founded in 1998.")[0] == 1.0
+    assert has_year("Founded long ago.") == (0.0, r"does not match /\b(19|20)\d{2}\b/")
+    assert Regex(r"(?i)as an ai", must_match=False)("As an AI, I cannot")[0] == 0.0
+    assert Feedback(has_year).on_output().name == "has_year"
+    with pytest.raises(ConfigurationError, match="invalid regular expression"):
+        Regex("(")
+
+    both = Contains(["Paris", "France"])
+    assert both("Paris is lovely.") == (0.5, "found 1 of 2; missing: 'France'")
+    assert both("PARIS, FRANCE")[0] == 1.0
+    assert Contains(["Paris", "France"], case_sensitive=True)("PARIS, FRANCE")[0] == 0.0
+    assert Contains(["Rome", "Paris"], mode="any")("Paris.")[0] == 1.0
+
+    short = LengthBounds(max_words=5, min_chars=3)
+    assert short("Paris is the capital.")[0] == 1.0
+    assert short("Paris is the capital of France.") == (0.0, "6 words > maximum 5")
+    assert short("Hi")[0] == 0.0
+    with pytest.raises(ConfigurationError):
+        LengthBounds()
+    with pytest.raises(ConfigurationError):
+        LengthBounds(min_words=5, max_words=2)
+
+
+def test_a_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+
+    def without_rouge(name: str, *args: Any) -> Any:
+        return None if name == "rouge_score" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_rouge)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'scrutiny\[lexical\]'"):
+        Rouge()
+
+
+# ---------------------------------------------------------------------------- sentiment
+def test_sentiment_orders_positive_neutral_negative() -> None:
+    pytest.importorskip("vaderSentiment")
+    positive, why = sentiment("I love this, it is wonderful and helpful!")
+    neutral, _ = sentiment("The report has four pages.")
+    negative, _ = sentiment("This is terrible, useless and I hate it.")
+    assert positive > 0.8
+    assert negative < 0.2
+    assert neutral == pytest.approx(0.5)
+    assert why.startswith("positive (VADER compound +")
+
+
+# ---------------------------------------------------------------------------- PII
+def test_checksums() -> None:
+    assert luhn_valid("4111 1111 1111 1111")
+    assert not luhn_valid("4111 1111 1111 1112")
+    assert not luhn_valid("0000 0000 0000 0000")
+    assert iban_valid("DE89 3704 0044 0532 0130 00")
+    assert iban_valid("GB82WEST12345698765432")
+    assert not iban_valid("DE89 3704 0044 0532 0130 01")
+
+
+@pytest.mark.parametrize(("text", "kinds"), [
+    ("Write to john.doe@example.com today.", ["email"]),
+    ("Card: 4111 1111 1111 1111, exp 12/29.", ["credit_card"]),
+    ("Card: 4111-1111-1111-1112 (a typo).", []),
+    ("IBAN DE89 3704 0044 0532 0130 00 THANKS", ["iban"]),
+    ("Pay to GB82WEST12345698765432.", ["iban"]),
+    ("Server 192.168.1.20, not 999.1.1.1 nor version 1.2.3.", ["ipv4"]),
+    ("Host 2001:db8::8a2e:370:7334 at 12:30:45.", ["ipv6"]),
+    ("Call +1 (555) 123-4567, 555-123-4567, +44 20 7946 0958 or 020 7946 0958.",
+     ["phone", "phone", "phone", "phone"]),
+    ("On 2024-01-15, order 12345678 cost 1,000,000 and took 10.5 hours.", []),
+    ("Mail a@b.co or +33 1 23 45 67 89.", ["email", "phone"]),
+])
+def test_pii_kinds_on_fixed_cases(text: str, kinds: list[str]) -> None:
+    assert [m.kind for m in PIIDetector().find(text)] == kinds
+
+
+def test_pii_explanations_never_show_the_pii(session: Session) -> None:
+    text = ("Reach jane.roe@example.org or +44 20 7946 0958; card 4111 1111 1111 1111; "
+            "IBAN DE89 3704 0044 0532 0130 00; from 203.0.113.7.")
+    fb = Feedback(PIIDetector()).on_output()
+    assert (fb.name, fb.higher_is_better) == ("pii", False)
+    record = session.ingest(make_record("q", text), [fb])
+    result = record.wait_for_feedback_results(timeout=30)[fb]
+    assert result.status is FeedbackStatus.DONE
+    assert result.result == 1.0
+    explanation = result.explanation or ""
+    for secret in ("jane.roe", "example.org", "7946", "4111 1111", "3704", "203.0.113"):
+        assert secret not in explanation
+    assert "****1111" in explanation
+    assert "j***@***.org" in explanation
+    (call,) = result.calls
+    assert call.metadata["kinds"] == ["credit_card", "email", "iban", "ipv4", "phone"]
+    assert call.metadata["counts"]["email"] == 1
+    clean = session.ingest(make_record("q", "Paris is the capital of France."), [fb])
+    assert clean.wait_for_feedback_results(timeout=30)[fb].result == 0.0
+
+
+def test_pii_kinds_can_be_chosen() -> None:
+    only_email = PIIDetector(["email"])
+    assert only_email("a@b.co, 4111 1111 1111 1111")["kinds"] == ["email"]
+    with pytest.raises(ConfigurationError, match="unknown PII kind"):
+        PIIDetector(["ssn"])
+
+
+# ---------------------------------------------------------------------------- ground truth
+def test_ground_truth_scores_known_questions_and_skips_others(session: Session) -> None:
+    truth = GroundTruth({"What is the capital of France?": "Paris is the capital of France.",
+                         "Who wrote Hamlet?": "Shakespeare"})
+    fb = Feedback(truth.agreement).on_input_output()
+    assert fb.name == "ground_truth_agreement"
+    known = session.ingest(make_record("  what is the capital of france  ",
+                                       "The capital of France is Paris."), [fb])
+    as_dict = session.ingest(make_record({"question": "Who wrote Hamlet?"}, "Shakespeare"),
+                             [fb])
+    unknown = session.ingest(make_record("Who painted the Mona Lisa?", "Leonardo"), [fb])
+    assert session.wait_for_feedback(30)
+    first = known.feedback_results[fb]
+    assert first.status is FeedbackStatus.DONE
+    assert first.result == pytest.approx(1.0)
+    assert "expected 'Paris is the capital of France.'; token_f1" in (first.explanation or "")
+    assert as_dict.feedback_results[fb].result == 1.0
+    skipped = unknown.feedback_results[fb]
+    assert skipped.status is FeedbackStatus.SKIPPED
+    assert skipped.error == "the question is not in the ground-truth set"
+    df, _ = session.get_records_and_feedback()
+    assert sorted(df["ground_truth_agreement status"]) == ["done", "done", "skipped"]
+
+
+def test_ground_truth_with_an_llm_judge_as_metric(session: Session) -> None:
+    pytest.importorskip("langchain_core")
+    from langchain_core.language_models import FakeListChatModel
+
+    judge = LLMJudge(FakeListChatModel(responses=['{"score": 10, "reasons": "same fact"}']),
+                     retries=1)
+    truth = GroundTruth([{"question": "Capital of France?", "answer": "Paris"}],
+                        metric=judge.correctness, name="correct")
+    fb = Feedback(truth.agreement).on_input_output()
+    assert fb.retry is judge.retry  # the judge's retry policy carries over
+    record = session.ingest(make_record("Capital of France?", "It is Paris."), [fb])
+    result = record.wait_for_feedback_results(timeout=30)[fb]
+    assert result.status is FeedbackStatus.DONE
+    assert result.result == 1.0
+    assert "correctness: same fact" in (result.explanation or "")
+
+
+def test_ground_truth_rows_are_checked() -> None:
+    with pytest.raises(ConfigurationError, match="two different expected answers"):
+        GroundTruth([("Q?", "a"), ("q", "b")])
+    with pytest.raises(ConfigurationError):
+        GroundTruth([{"question": "Q?"}])
+    with pytest.raises(ConfigurationError):
+        GroundTruth({})
+    assert GroundTruth([("Q?", "a")]).expected_for("q") == "a"
+
+
+def test_metric_results_that_are_not_scores_fail(session: Session) -> None:
+    truth = GroundTruth({"Q": "A"}, metric=lambda answer, expected: math.nan)
+    fb = Feedback(truth.agreement).on(question=Select.input, answer=Select.output)
+    record = session.ingest(make_record("Q", "A"), [fb])
+    result = record.wait_for_feedback_results(timeout=30)[fb]
+    assert result.status is FeedbackStatus.FAILED  # NaN is never stored as a score

@@ -1,0 +1,124 @@
+"""Reading scores out of judge answers: what is accepted, and what fails with the raw text."""
+
+from __future__ import annotations
+
+import pytest
+
+from scrutiny import InvalidFeedbackValue
+from scrutiny.providers._budget import estimate_tokens, fit_prompt
+from scrutiny.providers._parse import parse_score, parse_statement_scores
+from scrutiny.providers._prompts import CRITERIA, GROUNDEDNESS, SYSTEM
+from scrutiny.providers._text import as_text, split_statements
+
+
+@pytest.mark.parametrize(("answer", "score", "reasons"), [
+    ('{"score": 8, "reasons": "on topic"}', 0.8, "on topic"),
+    ('```json\n{"score": 10, "reason": "exact"}\n```', 1.0, "exact"),
+    ('{"Score": "7/10", "explanation": "mostly"}', 0.7, "mostly"),
+    ('{"score": 0, "reasons": ["off topic", "evasive"]}', 0.0, "off topic; evasive"),
+    ("7", 0.7, ""),
+    ("  **9**  ", 0.9, ""),
+    ("4/5", 0.8, ""),
+    ("3 out of 10", 0.3, ""),
+    ("Score: 6\nReasons: partly answers", 0.6, "partly answers"),
+    ("The answer is close.\n**Rating:** 5/10", 0.5, "The answer is close."),
+    ('Here is my verdict: {"score": 2, "reasons": "wrong city"}', 0.2, "wrong city"),
+    ("7.5", 0.75, ""),
+])
+def test_good_answers_are_read_on_the_stated_scale(answer: str, score: float,
+                                                   reasons: str) -> None:
+    parsed = parse_score(answer, 10)
+    assert parsed.score == pytest.approx(score)
+    assert parsed.reasons == reasons
+
+
+@pytest.mark.parametrize(("answer", "why"), [
+    ("", "empty"),
+    ("The answer is quite good.", "no score"),
+    ('{"score": 8, "reasons": "the answer', "cut off"),
+    ('{"score": 8,, }', "not valid JSON"),
+    ('{"reasons": "fine"}', "no 'score'"),
+    ('{"score": null}', "not a number"),
+    ('{"score": true}', "not a number"),
+    ('{"score": "high"}', "not a number"),
+    ('{"score": NaN}', "finite"),
+    ("[1, 2]", "not an object"),
+    ("Score: 3\nOn reflection, Score: 8", "several different scores"),
+])
+def test_malformed_answers_fail_with_the_raw_text(answer: str, why: str) -> None:
+    with pytest.raises(InvalidFeedbackValue, match=why) as info:
+        parse_score(answer, 10)
+    assert info.value.value == answer
+
+
+@pytest.mark.parametrize("answer", ['{"score": 11}', '{"score": -1}', "12", "-3", "6/5",
+                                    "Score: 42", '{"score": "11/10"}'])
+def test_out_of_range_scores_fail_and_are_never_clamped(answer: str) -> None:
+    with pytest.raises(InvalidFeedbackValue, match="outside the scale") as info:
+        parse_score(answer, 10)
+    assert info.value.value == answer
+
+
+def test_an_echoed_prompt_never_yields_a_score() -> None:
+    for criterion in CRITERIA.values():
+        echoed = SYSTEM + "\n\n" + criterion.template.format(
+            **dict.fromkeys(criterion.fields, "Paris, 10 out of 10 sources."))
+        with pytest.raises(InvalidFeedbackValue):
+            parse_score(echoed, 10)
+    echoed = GROUNDEDNESS.template.format(contexts="[1] a", statements="1. b\n2. c", count=2)
+    with pytest.raises(InvalidFeedbackValue):
+        parse_statement_scores(echoed, 2)
+
+
+def test_statement_verdicts_are_read_in_order_or_by_number() -> None:
+    answer = ('{"statements": [{"statement": 2, "score": 0, "reason": "absent"}, '
+              '{"statement": 1, "score": 10, "reason": "stated"}]}')
+    first, second = parse_statement_scores(answer, 2)
+    assert (first.score, first.reasons) == (1.0, "stated")
+    assert (second.score, second.reasons) == (0.0, "absent")
+    assert [v.score for v in parse_statement_scores("[10, 5, 0]", 3)] == [1.0, 0.5, 0.0]
+    assert parse_statement_scores('{"score": 9, "reasons": "ok"}', 1)[0].score == 0.9
+    assert parse_statement_scores("Score: 4", 1)[0].score == 0.4
+
+
+@pytest.mark.parametrize(("answer", "why"), [
+    ('{"statements": [{"statement": 1, "score": 10}]}', "1 verdict"),
+    ('{"statements": [{"statement": 1, "score": 10}, {"statement": 2, "score": 20}]}',
+     "outside the scale"),
+    ('{"statements": [{"statement": 1, "score": 10}, {"statement": 2, "sc', "cut off"),
+    ("Both are supported.", "not JSON"),
+    ('{"statements": [{"statement": 1, "score": 1}, {"statement": 1, "score": 2}]}',
+     "two verdicts"),
+])
+def test_bad_statement_verdicts_fail(answer: str, why: str) -> None:
+    with pytest.raises(InvalidFeedbackValue, match=why) as info:
+        parse_statement_scores(answer, 2)
+    assert info.value.value == answer
+
+
+def test_statements_are_lines_bullets_and_sentences() -> None:
+    text = "Paris is the capital. It has 2 million people!\n- The Seine flows through it.\n\n"
+    assert split_statements(text) == [
+        "Paris is the capital.", "It has 2 million people!", "The Seine flows through it."]
+    assert split_statements(" ... \n") == []
+
+
+def test_selections_become_the_text_a_person_reads() -> None:
+    assert as_text({"question": "Why?", "lang": "en"}) == "Why?"
+    assert as_text({"q": "Why?"}) == "Why?"
+    assert as_text(None) == ""
+    assert as_text(["a", "b"]) == "a\nb"
+
+
+def test_the_budget_keeps_short_fields_whole_and_truncates_long_ones() -> None:
+    fields = {"question": "Why is the sky blue?", "answer": "x" * 40_000}
+    fitted = fit_prompt("instructions " * 20, fields, max_tokens=1000,
+                        on_over_budget="truncate")
+    assert fitted.fields["question"] == fields["question"]
+    assert "truncated by Scrutiny" in fitted.fields["answer"]
+    total = estimate_tokens("instructions " * 20) + sum(
+        estimate_tokens(v) for v in fitted.fields.values())
+    assert total <= 1000
+    assert fitted.notice is not None
+    assert "answer 40,000 ->" in fitted.notice
+    assert fit_prompt("x", fields, max_tokens=None, on_over_budget="skip").fields == fields
