@@ -315,11 +315,11 @@ class Session:
         if started and self._writer is not None:
             writer = self._writer
             clean = writer.flush(timeout)
+            if self._watcher is not None:  # deferred results are the workers' business
+                self._watcher.stop()
             clean = self._wait_outstanding(deadline) and clean
             if self._loop is not None:
                 self._loop.close(max(0.1, deadline - time.monotonic()))
-            if self._watcher is not None:
-                self._watcher.stop()
             with self._outstanding_cond:
                 unfinished = list(self._inflight.values())
             released = [job for job in unfinished if job.lease_token is not None]
@@ -464,7 +464,7 @@ class Session:
     # ------------------------------------------------------------------ results (loop side)
     def _on_running(self, job: Job, running: FeedbackResult) -> None:
         writer = self._writer
-        if writer is None:
+        if writer is None or job.pending.attempts:  # a claimed row is already running
             return
         slot = job.record._slots.get(job.feedback)
         writer.submit(WriteItem(

@@ -221,7 +221,14 @@ class ResultWatcher:
             self._session._outstanding_cond.notify_all()
 
     def stop(self) -> None:
+        """Stop watching; results still awaited here stay in the database for later."""
         self._stop.set()
+        with self._lock:
+            jobs, self._jobs = list(self._jobs.values()), {}
+        with self._session._outstanding_cond:
+            for job in jobs:
+                self._session._inflight.pop(job.pending.result_id or "", None)
+            self._session._outstanding_cond.notify_all()
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -230,13 +237,11 @@ class ResultWatcher:
             if not ids:
                 continue
             try:
-                rows = self._session.store.results_by_ids(ids)
+                rows = self._session.store.results_final(ids)
             except Exception:
                 logger.debug("scrutiny: polling deferred results failed", exc_info=True)
                 continue
             for row in rows:
-                if row["status"] not in ("done", "failed", "skipped"):
-                    continue
                 with self._lock:
                     job = self._jobs.pop(row["result_id"], None)
                 if job is not None:

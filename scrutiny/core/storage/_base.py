@@ -91,6 +91,11 @@ class Store(Protocol):
         """The current rows of these results."""
         ...
 
+    def results_final(self, result_ids: Sequence[str]) -> list[Row]:
+        """The rows of those of these results that have an end state (done, failed,
+        skipped)."""
+        ...
+
     def records_by_ids(self, record_ids: Sequence[str]) -> list[Row]:
         """The rows of these records."""
         ...

@@ -105,6 +105,10 @@ class MemoryStore:
         with self._lock:
             return [dict(self._results[i]) for i in result_ids if i in self._results]
 
+    def results_final(self, result_ids: Sequence[str]) -> list[Row]:
+        return [r for r in self.results_by_ids(result_ids)
+                if r["status"] in ("done", "failed", "skipped")]
+
     def records_by_ids(self, record_ids: Sequence[str]) -> list[Row]:
         with self._lock:
             return [dict(self._records[i]) for i in record_ids if i in self._records]

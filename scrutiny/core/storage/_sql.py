@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    bindparam,
     Engine,
     create_engine,
     delete,
@@ -176,19 +177,44 @@ class SQLStore:
                     conn.execute(t.records.insert(), records)
                 if results:
                     conn.execute(t.results.insert(), results)
-                for u in updates:
-                    stmt = (update(t.results)
-                            .where(t.results.c.result_id == u.result_id)
-                            .where(t.results.c.status.in_(u.from_statuses)))
-                    if u.lease_token is not None:
-                        stmt = stmt.where(t.results.c.lease_token == u.lease_token)
-                    conn.execute(stmt.values(**u.values))
+                self._apply_updates(conn, updates)
                 for r in renewals:
                     conn.execute(
                         update(t.results)
                         .where(t.results.c.worker_id == r.worker_id)
                         .where(t.results.c.status.in_(("pending", "running")))
                         .values(lease_expires_at=r.expires_at))
+
+    def _apply_updates(self, conn: Connection, updates: list[UpdateResult]) -> None:
+        """Apply result updates, one executemany per shape of update."""
+        t = self.tables.results
+        groups: dict[tuple[tuple[str, ...], tuple[str, ...], bool], list[Row]] = {}
+        for u in updates:
+            key = (tuple(sorted(u.values)), u.from_statuses, u.lease_token is not None)
+            params = {f"v_{k}": v for k, v in u.values.items()}
+            params["w_result_id"] = u.result_id
+            if u.lease_token is not None:
+                params["w_lease_token"] = u.lease_token
+            groups.setdefault(key, []).append(params)
+        for (columns, from_statuses, guarded), rows in groups.items():
+            stmt = (update(t)  # no IN (...): executemany cannot expand it
+                    .where(t.c.result_id == bindparam("w_result_id"))
+                    .where(or_(*(t.c.status == status for status in from_statuses))))
+            if guarded:
+                stmt = stmt.where(t.c.lease_token == bindparam("w_lease_token"))
+            stmt = stmt.values({c: bindparam(f"v_{c}") for c in columns})
+            conn.execute(stmt, rows)
+
+    def results_final(self, result_ids: Sequence[str]) -> list[Row]:
+        """The rows of those of these results that have an end state."""
+        t = self.tables.results
+        out: list[Row] = []
+        with self.engine.connect() as conn, conn.begin():
+            for chunk in _chunks(list(result_ids), 500):
+                out.extend(dict(r._mapping) for r in conn.execute(
+                    select(t).where(t.c.result_id.in_(chunk))
+                    .where(t.c.status.in_(("done", "failed", "skipped")))))
+        return out
 
     def _insert_missing(self, conn: Connection, table: Any, key: str, rows: list[Row]) -> None:
         if self._dialect == "sqlite":
