@@ -99,7 +99,8 @@ def main() -> None:
         payload["reason"] = "no PostgreSQL URL (eval \"$(.ci/postgres.sh)\" first)"
         emit(payload)
         return
-    payload["ingest_records_per_s_postgres"] = r(ingest_rate(pg_url, f"i{uuid.uuid4().hex[:8]}_"), 1)
+    pg_ingest = ingest_rate(pg_url, f"i{uuid.uuid4().hex[:8]}_")
+    payload["ingest_records_per_s_postgres"] = r(pg_ingest, 1)
     rates = {n: deferred_throughput(pg_url, n) for n in (1, 2, 4)}
     payload.update({
         "feedback_wait_s": 0.05,

@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
-    bindparam,
     Engine,
+    bindparam,
     create_engine,
     delete,
     event,
