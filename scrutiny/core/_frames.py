@@ -71,46 +71,35 @@ def records_frame(records: Sequence[Row], results: Sequence[Row]) -> tuple[pd.Da
     return frame, feedback_columns
 
 
-def leaderboard_frame(records: Sequence[Row], results: Sequence[Row],
+def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
                       higher_is_better: dict[str, bool]) -> pd.DataFrame:
     """Mean score per app version per feedback (done results only), with counts.
 
-    Columns: one per feedback (the mean), then `records`, `latency` (mean seconds),
-    `total_tokens` (mean, where reported), `pending`, `running`, `failed`, `skipped` (counts
-    over all feedbacks). Rows are ranked best first by the mean of per-feedback ranks, each
-    rank following that feedback's `higher_is_better`. `frame.attrs["higher_is_better"]`
-    keeps the directions.
+    Takes the database's aggregates (:meth:`Store.aggregates`). Columns: one per feedback
+    (the mean), then `records`, `latency` (mean seconds), `total_tokens` (mean, where
+    reported), `pending`, `running`, `failed`, `skipped` (counts over all feedbacks). Rows are
+    ranked best first by the mean of per-feedback ranks, each rank following that
+    feedback's `higher_is_better`. `frame.attrs["higher_is_better"]` keeps the directions.
     """
     index_cols = ["app_name", "app_version"]
-    recs = pd.DataFrame(records, columns=["record_id", "app_id", "app_name", "app_version",
-                                          "latency_s", "total_tokens"])
-    if recs.empty:
+    base = pd.DataFrame(apps, columns=["app_id", *index_cols, "records", "latency",
+                                       "total_tokens"])
+    if base.empty:
         empty = pd.DataFrame(columns=[*index_cols, "records"]).set_index(index_cols)
         empty.attrs["higher_is_better"] = {}
         return empty
-    apps = recs[["app_id", *index_cols]].drop_duplicates("app_id")
-    base = recs.groupby(index_cols).agg(
-        records=("record_id", "count"),
-        latency=("latency_s", "mean"),
-        total_tokens=("total_tokens", "mean"),
-    )
-    res = pd.DataFrame(results, columns=["app_id", "feedback_id", "feedback_name", "status",
-                                         "score"])
-    res = res.merge(apps, on="app_id", how="inner")
-    done = res[res["status"] == "done"]
-    means = done.pivot_table(index=index_cols, columns="feedback_name", values="score",
-                             aggfunc="mean")
-    counts = res.pivot_table(index=index_cols, columns="status", values="feedback_name",
-                             aggfunc="count")
-    frame = means.join(base, how="outer") if not means.empty else base
-    for status in ("pending", "running", "failed", "skipped"):
-        col = counts[status] if status in counts.columns else None
-        frame[status] = (col.reindex(frame.index) if col is not None else 0)
-        frame[status] = frame[status].fillna(0).astype(int)
+    res = pd.DataFrame(results, columns=["app_id", "feedback_name", "status", "n", "mean"])
+    res = res.merge(base[["app_id", *index_cols]], on="app_id", how="inner")
+    frame = base.set_index(index_cols).drop(columns="app_id")
+    frame["records"] = frame["records"].astype(int)
     feedback_names = sorted(set(res["feedback_name"]))
+    done = res[res["status"] == "done"]
     for name in feedback_names:
-        if name not in frame.columns:
-            frame[name] = float("nan")
+        means = done[done["feedback_name"] == name].set_index(index_cols)["mean"]
+        frame[name] = means.reindex(frame.index).astype("float64")
+    for status in ("pending", "running", "failed", "skipped"):
+        counts = res[res["status"] == status].groupby(index_cols)["n"].sum()
+        frame[status] = counts.reindex(frame.index).fillna(0).astype(int)
     if feedback_names and len(frame) > 1:
         ranks = pd.concat(
             [frame[n].rank(ascending=not higher_is_better.get(n, True)) for n in feedback_names],
@@ -120,6 +109,7 @@ def leaderboard_frame(records: Sequence[Row], results: Sequence[Row],
         frame = frame.drop(columns="_rank")
     frame = frame[[*feedback_names, "records", "latency", "total_tokens", "pending", "running",
                    "failed", "skipped"]]
+    frame["total_tokens"] = frame["total_tokens"].astype("float64")
     frame.columns.name = None
     frame.attrs["higher_is_better"] = {n: higher_is_better.get(n, True)
                                        for n in feedback_names}

@@ -44,14 +44,16 @@ from scrutiny.core.storage import (
     InsertRecord,
     MemoryStore,
     MigratePolicy,
+    RecordQuery,
     RenewLeases,
+    Row,
     SQLStore,
     Store,
     UpdateResult,
     WriteOp,
 )
 
-__all__ = ["DEFAULT_DATABASE_URL", "FeedbackMode", "ResultListener", "Session"]
+__all__ = ["DEFAULT_DATABASE_URL", "FeedbackMode", "RecordPage", "ResultListener", "Session"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -597,7 +599,7 @@ class Session:
                         timeout: float | None = None) -> pd.DataFrame:
         """Mean score per app version per feedback, best first, with counts by status."""
         self.flush(self.flush_timeout if timeout is None else timeout)
-        records, results = self.store.summary(app_ids=app_ids)
+        records, results = self.store.aggregates(app_ids=app_ids)
         directions = {d["name"]: bool(d["higher_is_better"]) for d in self.store.definitions()}
         directions.update(self._higher_is_better)
         return leaderboard_frame(records, results, directions)
@@ -606,17 +608,104 @@ class Session:
         """One stored record with its results (as stored now), or None."""
         self.flush(self.flush_timeout)
         row, result_rows = self.store.record(record_id)
-        if row is None:
-            return None
-        record = _rows.record_from_row(row)
-        for res_row in result_rows:
-            result = _rows.result_from_row(res_row)
-            key = _StoredFeedback(result.feedback_name, result.feedback_id)
-            slot = _ResultSlot(result)
-            if result.is_final:
-                slot.finish(result)
-            record._slots[key] = slot  # type: ignore[index]
-        return record
+        return None if row is None else _stored_record(row, result_rows)
+
+    def query_records(
+        self,
+        *,
+        app_ids: Sequence[str] | None = None,
+        app_versions: Sequence[str] | None = None,
+        record_status: str | None = None,
+        feedback_name: str | None = None,
+        statuses: Sequence[str] | None = None,
+        min_score: float | None = None,
+        max_score: float | None = None,
+        search: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> RecordPage:
+        """A page of stored records (newest first) with their results, filtered.
+
+        Args:
+            app_ids: app ids (``name:version``) or app names.
+            app_versions: app versions.
+            record_status: ``ok``, ``error`` or ``cancelled``.
+            feedback_name: with `statuses` and/or `min_score`/`max_score`, keep records
+                whose result of this feedback matches.
+            search: text that the input or the output contains (case-insensitive).
+            limit, offset: the page (limit at most 1000).
+        """
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise ConfigurationError("limit must be 1..1000 and offset >= 0")
+        bad = [st for st in statuses or () if st not in {m.value for m in FeedbackStatus}]
+        if bad:
+            raise ConfigurationError(f"unknown status(es) {bad}; use "
+                                     f"{[m.value for m in FeedbackStatus]}")
+        if (statuses or min_score is not None or max_score is not None) and not feedback_name:
+            raise ConfigurationError("statuses and score ranges need feedback_name=")
+        self.flush(self.flush_timeout)
+        query = RecordQuery(
+            app_ids=tuple(app_ids or ()), app_versions=tuple(app_versions or ()),
+            record_status=record_status, feedback_name=feedback_name,
+            statuses=tuple(statuses or ()), min_score=min_score, max_score=max_score,
+            search=search or None, limit=limit, offset=offset)
+        rows, result_rows, total = self.store.query_records(query)
+        by_record: dict[str, list[Row]] = {}
+        for res in result_rows:
+            by_record.setdefault(res["record_id"], []).append(res)
+        records = [_stored_record(r, by_record.get(r["record_id"], [])) for r in rows]
+        return RecordPage(records, total, limit, offset)
+
+    def get_apps(self) -> list[dict[str, Any]]:
+        """Every app version with its record count, mean latency and tokens."""
+        self.flush(self.flush_timeout)
+        apps, _ = self.store.aggregates()
+        return sorted(apps, key=lambda a: (a["app_name"], a["app_version"]))
+
+    def get_feedback_summary(self, app_ids: Sequence[str] | None = None
+                             ) -> list[dict[str, Any]]:
+        """Per app version and feedback: counts by status, the mean of done scores and
+        the feedback's direction (`higher_is_better`)."""
+        self.flush(self.flush_timeout)
+        apps, results = self.store.aggregates(app_ids=app_ids)
+        names = {a["app_id"]: (a["app_name"], a["app_version"]) for a in apps}
+        directions = {d["name"]: bool(d["higher_is_better"]) for d in self.store.definitions()}
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for res in results:
+            key = (res["app_id"], res["feedback_name"])
+            entry = out.setdefault(key, {
+                "app_id": res["app_id"], "app_name": names[res["app_id"]][0],
+                "app_version": names[res["app_id"]][1], "feedback_name": res["feedback_name"],
+                "higher_is_better": directions.get(res["feedback_name"], True), "mean": None,
+                **{st.value: 0 for st in FeedbackStatus}})
+            entry[res["status"]] = int(res["n"])
+            if res["status"] == "done":
+                entry["mean"] = res["mean"]
+        return sorted(out.values(), key=lambda e: (e["app_name"], e["app_version"],
+                                                   e["feedback_name"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordPage:
+    """One page of :meth:`Session.query_records`."""
+
+    records: list[Record]
+    total: int
+    limit: int
+    offset: int
+
+
+def _stored_record(row: Row, result_rows: Sequence[Row]) -> Record:
+    """A record read back from storage, with its results attached as they are stored."""
+    record = _rows.record_from_row(row)
+    for res_row in result_rows:
+        result = _rows.result_from_row(res_row)
+        key = _StoredFeedback(result.feedback_name, result.feedback_id)
+        slot = _ResultSlot(result)
+        if result.is_final:
+            slot.finish(result)
+        record._slots[key] = slot  # type: ignore[index]
+    return record
 
 
 class _StoredFeedback:

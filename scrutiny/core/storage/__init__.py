@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from scrutiny.core.storage._base import (
     InsertRecord,
+    RecordQuery,
     RenewLeases,
     Row,
     Store,
@@ -20,6 +21,7 @@ __all__ = [
     "InsertRecord",
     "MemoryStore",
     "MigratePolicy",
+    "RecordQuery",
     "RenewLeases",
     "Row",
     "SQLStore",

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["InsertRecord", "RenewLeases", "Row", "Store", "UpdateResult", "WriteOp"]
+__all__ = ["InsertRecord", "RecordQuery", "RenewLeases", "Row", "Store", "UpdateResult",
+           "WriteOp"]
 
 Row = dict[str, Any]
 
@@ -45,6 +46,34 @@ class RenewLeases:
 WriteOp = InsertRecord | UpdateResult | RenewLeases
 
 
+@dataclass(frozen=True, slots=True)
+class RecordQuery:
+    """Which records to read: filters and a page.
+
+    Args:
+        app_ids: app ids (``name:version``) or app names.
+        app_versions: app versions.
+        record_status: ``ok``, ``error`` or ``cancelled``.
+        feedback_name: with `statuses` and/or a score range, keep records whose result of
+            this feedback matches.
+        statuses: result statuses of `feedback_name` to keep.
+        min_score, max_score: score range (inclusive) of `feedback_name`.
+        search: text the input or output contains (case-insensitive).
+        limit, offset: the page.
+    """
+
+    app_ids: tuple[str, ...] = ()
+    app_versions: tuple[str, ...] = ()
+    record_status: str | None = None
+    feedback_name: str | None = None
+    statuses: tuple[str, ...] = ()
+    min_score: float | None = None
+    max_score: float | None = None
+    search: str | None = None
+    limit: int = 50
+    offset: int = 0
+
+
 @runtime_checkable
 class Store(Protocol):
     """Where records and results live. Implementations: SQL (SQLAlchemy) and in-memory."""
@@ -68,10 +97,14 @@ class Store(Protocol):
         """One record row and its result rows."""
         ...
 
-    def summary(self, *, app_ids: Sequence[str] | None = None) -> tuple[list[Row], list[Row]]:
-        """Light rows for aggregates: records (record_id, app_id, app_name, app_version,
-        latency_s, total_tokens) and results (app_id, feedback_id, feedback_name, status,
-        score)."""
+    def aggregates(self, *, app_ids: Sequence[str] | None = None
+                   ) -> tuple[list[Row], list[Row]]:
+        """Per app version (app_id, app_name, app_version, records, latency, total_tokens)
+        and per app version, feedback and status (app_id, feedback_name, status, n, mean)."""
+        ...
+
+    def query_records(self, query: RecordQuery) -> tuple[list[Row], list[Row], int]:
+        """A page of matching records (newest first), their results, and the total count."""
         ...
 
     def definitions(self) -> list[Row]:

@@ -7,7 +7,14 @@ import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from scrutiny.core.storage._base import InsertRecord, RenewLeases, Row, UpdateResult, WriteOp
+from scrutiny.core.storage._base import (
+    InsertRecord,
+    RecordQuery,
+    RenewLeases,
+    Row,
+    UpdateResult,
+    WriteOp,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -68,19 +75,66 @@ class MemoryStore:
             results = [r for r in self._results.values() if r["record_id"] == record_id]
             return copy.deepcopy(row), copy.deepcopy(results)
 
-    def summary(self, *, app_ids: Sequence[str] | None = None) -> tuple[list[Row], list[Row]]:
+    def aggregates(self, *, app_ids: Sequence[str] | None = None
+                   ) -> tuple[list[Row], list[Row]]:
         with self._lock:
-            records = [
-                {k: r[k] for k in ("record_id", "app_id", "app_name", "app_version",
-                                   "latency_s", "total_tokens")}
-                for r in self._records.values() if _wanted(r, app_ids)
-            ]
-            apps = {r["app_id"] for r in records}
-            results = [
-                {k: r[k] for k in ("app_id", "feedback_id", "feedback_name", "status", "score")}
-                for r in self._results.values() if r["app_id"] in apps
-            ]
-            return records, results
+            apps: dict[str, Row] = {}
+            for r in self._records.values():
+                if not _wanted(r, app_ids):
+                    continue
+                a = apps.setdefault(r["app_id"], {
+                    "app_id": r["app_id"], "app_name": r["app_name"],
+                    "app_version": r["app_version"], "records": 0, "_lat": [], "_tok": []})
+                a["records"] += 1
+                a["_lat"].append(r["latency_s"])
+                if r.get("total_tokens") is not None:
+                    a["_tok"].append(r["total_tokens"])
+            for a in apps.values():
+                lat, tok = a.pop("_lat"), a.pop("_tok")
+                a["latency"] = sum(lat) / len(lat)
+                a["total_tokens"] = sum(tok) / len(tok) if tok else None
+            groups: dict[tuple[str, str, str], list[float | None]] = {}
+            for res in self._results.values():
+                if res["app_id"] in apps:
+                    key = (res["app_id"], res["feedback_name"], res["status"])
+                    groups.setdefault(key, []).append(res.get("score"))
+            results = []
+            for (app, name, status), scores in groups.items():
+                present = [s for s in scores if s is not None]
+                results.append({"app_id": app, "feedback_name": name, "status": status,
+                                "n": len(scores),
+                                "mean": sum(present) / len(present) if present else None})
+            return list(apps.values()), results
+
+    def query_records(self, query: RecordQuery) -> tuple[list[Row], list[Row], int]:
+        with self._lock:
+            by_record: dict[str, list[Row]] = {}
+            for res in self._results.values():
+                by_record.setdefault(res["record_id"], []).append(res)
+
+            def keep(r: Row) -> bool:
+                if not _wanted(r, query.app_ids or None):
+                    return False
+                if query.app_versions and r["app_version"] not in query.app_versions:
+                    return False
+                if query.record_status and r["status"] != query.record_status:
+                    return False
+                if query.search:
+                    needle = query.search.lower()
+                    if needle not in (r.get("input_json") or "").lower() and \
+                            needle not in (r.get("output_json") or "").lower():
+                        return False
+                if query.feedback_name and (query.statuses or query.min_score is not None
+                                            or query.max_score is not None):
+                    return any(_result_matches(res, query)
+                               for res in by_record.get(r["record_id"], []))
+                return True
+
+            rows = sorted((r for r in self._records.values() if keep(r)),
+                          key=lambda r: (-r["start_time"].timestamp(), r["record_id"]))
+            page = rows[query.offset: query.offset + query.limit]
+            results = [res for r in page for res in by_record.get(r["record_id"], [])]
+            return copy.deepcopy(page), copy.deepcopy(results), len(rows)
 
     def definitions(self) -> list[Row]:
         with self._lock:
@@ -137,3 +191,14 @@ class MemoryStore:
 
 def _wanted(row: Row, app_ids: Sequence[str] | None) -> bool:
     return not app_ids or row["app_id"] in app_ids or row["app_name"] in app_ids
+
+
+def _result_matches(res: Row, query: RecordQuery) -> bool:
+    if res["feedback_name"] != query.feedback_name:
+        return False
+    if query.statuses and res["status"] not in query.statuses:
+        return False
+    score = res.get("score")
+    if query.min_score is not None and (score is None or score < query.min_score):
+        return False
+    return not (query.max_score is not None and (score is None or score > query.max_score))

@@ -34,7 +34,14 @@ from sqlalchemy.exc import (
 from sqlalchemy.pool import StaticPool
 
 from scrutiny.core._errors import ConfigurationError, StorageError
-from scrutiny.core.storage._base import InsertRecord, RenewLeases, Row, UpdateResult, WriteOp
+from scrutiny.core.storage._base import (
+    InsertRecord,
+    RecordQuery,
+    RenewLeases,
+    Row,
+    UpdateResult,
+    WriteOp,
+)
 from scrutiny.core.storage._migrate import MigratePolicy, ensure_schema
 from scrutiny.core.storage._schema import Tables, build_tables
 
@@ -279,23 +286,78 @@ class SQLStore:
             ]
         return (dict(row._mapping) if row is not None else None), results
 
-    def summary(self, *, app_ids: Sequence[str] | None = None) -> tuple[list[Row], list[Row]]:
-        """Light rows for aggregates: records (app, latency, tokens) and results (scores)."""
+    def _app_filter(self, app_ids: Sequence[str] | None) -> Any:
+        t = self.tables.records
+        if not app_ids:
+            return None
+        ids = list(app_ids)
+        return or_(t.c.app_id.in_(ids), t.c.app_name.in_(ids))
+
+    def aggregates(self, *, app_ids: Sequence[str] | None = None
+                   ) -> tuple[list[Row], list[Row]]:
+        """Per app version: record count, mean latency and tokens; per app version, feedback
+        and status: result count and mean score. Computed by the database."""
         t = self.tables
-        rq = select(t.records.c.record_id, t.records.c.app_id, t.records.c.app_name,
-                    t.records.c.app_version, t.records.c.latency_s, t.records.c.total_tokens)
-        if app_ids:
-            ids = list(app_ids)
-            rq = rq.where(or_(t.records.c.app_id.in_(ids), t.records.c.app_name.in_(ids)))
-        sub = rq.with_only_columns(t.records.c.app_id).distinct().subquery()
-        resq = select(t.results.c.app_id, t.results.c.feedback_id, t.results.c.feedback_name,
-                      t.results.c.status, t.results.c.score)
-        if app_ids:
-            resq = resq.where(t.results.c.app_id.in_(select(sub)))
+        rq = (select(t.records.c.app_id, t.records.c.app_name, t.records.c.app_version,
+                     func.count().label("records"), func.avg(t.records.c.latency_s)
+                     .label("latency"), func.avg(t.records.c.total_tokens)
+                     .label("total_tokens"))
+              .group_by(t.records.c.app_id, t.records.c.app_name, t.records.c.app_version))
+        where = self._app_filter(app_ids)
+        if where is not None:
+            rq = rq.where(where)
+        resq = (select(t.results.c.app_id, t.results.c.feedback_name, t.results.c.status,
+                       func.count().label("n"), func.avg(t.results.c.score).label("mean"))
+                .group_by(t.results.c.app_id, t.results.c.feedback_name, t.results.c.status))
         with self.engine.connect() as conn, conn.begin():
-            records = [dict(r._mapping) for r in conn.execute(rq)]
-            results = [dict(r._mapping) for r in conn.execute(resq)]
-        return records, results
+            apps = [dict(r._mapping) for r in conn.execute(rq)]
+            wanted = {a["app_id"] for a in apps}
+            results = [dict(r._mapping) for r in conn.execute(resq)
+                       if r.app_id in wanted]
+        return apps, results
+
+    def query_records(self, query: RecordQuery) -> tuple[list[Row], list[Row], int]:
+        """A page of records matching `query` (newest first), their results, and the total
+        number of matching records."""
+        t = self.tables
+        cond = []
+        where = self._app_filter(query.app_ids)
+        if where is not None:
+            cond.append(where)
+        if query.app_versions:
+            cond.append(t.records.c.app_version.in_(list(query.app_versions)))
+        if query.record_status:
+            cond.append(t.records.c.status == query.record_status)
+        if query.search:
+            pattern = "%" + query.search.replace("\\", "\\\\").replace("%", "\\%") \
+                .replace("_", "\\_") + "%"
+            cond.append(or_(t.records.c.input_json.ilike(pattern, escape="\\"),
+                            t.records.c.output_json.ilike(pattern, escape="\\")))
+        if query.feedback_name and (query.statuses or query.min_score is not None
+                                    or query.max_score is not None):
+            r = t.results
+            sub = select(r.c.record_id).where(r.c.feedback_name == query.feedback_name)
+            if query.statuses:
+                sub = sub.where(r.c.status.in_(list(query.statuses)))
+            if query.min_score is not None:
+                sub = sub.where(r.c.score >= query.min_score)
+            if query.max_score is not None:
+                sub = sub.where(r.c.score <= query.max_score)
+            cond.append(t.records.c.record_id.in_(sub))
+        base = select(t.records)
+        count = select(func.count()).select_from(t.records)
+        for c in cond:
+            base = base.where(c)
+            count = count.where(c)
+        page = (base.order_by(t.records.c.start_time.desc(), t.records.c.record_id)
+                .limit(query.limit).offset(query.offset))
+        with self.engine.connect() as conn, conn.begin():
+            records = [dict(row._mapping) for row in conn.execute(page)]
+            ids = [rec["record_id"] for rec in records]
+            results = [dict(row._mapping) for row in conn.execute(
+                select(t.results).where(t.results.c.record_id.in_(ids)))] if ids else []
+            total = int(conn.execute(count).scalar() or 0)
+        return records, results, total
 
     def definitions(self) -> list[Row]:
         with self.engine.connect() as conn, conn.begin():
