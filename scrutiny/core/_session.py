@@ -685,6 +685,28 @@ class Session:
                                                    e["feedback_name"]))
 
 
+    def run_dashboard(self, *, host: str = "127.0.0.1", port: int = 0,
+                      token: str | None = None) -> Any:
+        """Serve the web dashboard of this session's database in the background.
+
+        Args:
+            host: the address to bind; anything but loopback requires `token`.
+            port: the port; 0 picks a free one.
+            token: an access token the page and API require (``?token=`` or a header).
+
+        Returns:
+            A handle with `.url` and `.stop()`. Needs the extra: ``pip install
+            'scrutiny[dashboard]'``.
+        """
+        try:
+            from scrutiny.dashboard import start_dashboard
+        except ModuleNotFoundError as exc:
+            raise ConfigurationError(
+                f"the dashboard needs the extra: pip install 'scrutiny[dashboard]' ({exc})"
+            ) from exc
+        return start_dashboard(self, host=host, port=port, token=token)
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordPage:
     """One page of :meth:`Session.query_records`."""
