@@ -8,9 +8,12 @@ STAMP := $(VENV)/.scrutiny-installed
 
 setup: $(STAMP)
 
+# torch first and pinned: it comes from the machine's local CPU wheel, where an unpinned
+# torch (pulled in by sentence-transformers) would download a several-GB CUDA build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet 'torch==2.13.0'
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -34,6 +37,8 @@ bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/throughput.py
 	$(PY) bench/visibility.py
+	$(PY) bench/judge_throughput.py
+	$(PY) bench/deferred.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -29,6 +29,7 @@ from scrutiny.core import (
     SpanKind,
     StorageError,
     TokenUsage,
+    TransientError,
 )
 
 __version__ = "0.1.0"
@@ -57,5 +58,6 @@ __all__ = [
     "SpanKind",
     "StorageError",
     "TokenUsage",
+    "TransientError",
     "__version__",
 ]

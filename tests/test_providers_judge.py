@@ -298,3 +298,37 @@ def test_judge_calls_are_not_recorded_as_app_records(
     asyncio.run(judge.coherence("Paris."))
     df, _ = session.get_records_and_feedback()
     assert len(df) == 2
+
+
+def test_rag_triad_on_a_llama_index_record_with_a_llama_index_judge(session: Session) -> None:
+    pytest.importorskip("llama_index.core")
+    from llama_index.core import Document, VectorStoreIndex
+    from llama_index.core.base.llms.types import ChatMessage, MessageRole
+    from llama_index.core.embeddings import MockEmbedding
+    from llama_index.core.llms import MockLLM
+    from llama_index.core.llms.mock import MockFunctionCallingLLM
+
+    from scrutiny.integrations.llama_index import LlamaIndexRecorder
+
+    index = VectorStoreIndex.from_documents([Document(text=t) for t in CONTEXTS],
+                                            embed_model=MockEmbedding(embed_dim=8))
+    engine = index.as_query_engine(llm=MockLLM(max_tokens=4), similarity_top_k=2)
+    judge_calls: list[int] = []
+
+    def verdict(messages: Sequence[ChatMessage], **kwargs: Any) -> ChatMessage:
+        judge_calls.append(1)
+        return ChatMessage(role=MessageRole.ASSISTANT, content='{"score": 7, "reasons": "ok"}')
+
+    judge = LLMJudge(MockFunctionCallingLLM(response_generator=verdict))
+    recorder = LlamaIndexRecorder(engine, app_name="li-rag", session=session,
+                                  feedbacks=rag_triad(judge))
+    with recorder as recording:
+        engine.query(QUESTION)
+    record = recording.get()
+    results = record.wait_for_feedback_results(timeout=30)
+    assert {fb.name: r.status for fb, r in results.items()} == dict.fromkeys(
+        ("context_relevance", "groundedness", "answer_relevance"), FeedbackStatus.DONE)
+    assert len(judge_calls) == len(record.contexts) + 2 == 4
+    assert session.wait_for_feedback(30)
+    df, _ = session.get_records_and_feedback()
+    assert list(df["app_name"]) == ["li-rag"]  # the judge's calls made no record

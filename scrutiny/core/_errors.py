@@ -8,6 +8,7 @@ The tree::
     ├── FeedbackError             raised by a feedback or by its evaluation
     │   ├── FeedbackTimeout       an attempt took longer than the feedback's timeout
     │   ├── InvalidFeedbackValue  the function returned something that is not a score
+    │   ├── TransientError        a call failed in a way worth retrying (429, 5xx, reset)
     │   └── SkipFeedback          raised *by a feedback function* to end as `skipped`
     └── StorageError              the database refused or failed a request
 
@@ -26,6 +27,7 @@ __all__ = [
     "ScrutinyError",
     "SkipFeedback",
     "StorageError",
+    "TransientError",
 ]
 
 
@@ -59,6 +61,17 @@ class InvalidFeedbackValue(FeedbackError, TypeError):
     def __init__(self, message: str, *, value: object) -> None:
         super().__init__(message)
         self.value = value
+
+
+class TransientError(FeedbackError):
+    """A call failed in a way worth trying again (rate limited, overloaded, reset).
+
+    `retry_after` is the server's hint, honoured as the least wait before the next attempt.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class SkipFeedback(FeedbackError):

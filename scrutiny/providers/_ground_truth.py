@@ -1,0 +1,143 @@
+"""`GroundTruth`: agreement with expected answers, looked up by the record's input.
+
+A question that is not in the set gives a `skipped` result with the reason, never a score.
+Questions are matched after normalization (case, spacing, trailing punctuation), and a
+chain input such as ``{"question": "..."}`` is matched by its question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from scrutiny.core import (
+    ConfigurationError,
+    InvalidFeedbackValue,
+    SkipFeedback,
+    feedback_defaults,
+)
+from scrutiny.providers._lexical import token_f1
+from scrutiny.providers._text import as_text
+
+__all__ = ["GroundTruth"]
+
+Metric = Callable[[Any, Any], Any]
+"""``metric(answer, expected)`` -> a score, ``(score, explanation)`` or a mapping; may be
+async (e.g. ``judge.correctness``)."""
+
+_OPTION_KEYS = ("retry", "rate_limit", "timeout")
+
+
+def _key(question: Any) -> str:
+    return " ".join(as_text(question).casefold().split()).rstrip(" ?!.")
+
+
+class GroundTruth:
+    """Expected answers by question, and a feedback that scores agreement with them.
+
+    Args:
+        data: ``{question: expected}``, or rows ``{"question": .., "expected": ..}``
+            (``"answer"`` / ``"expected_response"`` also accepted), or ``(question,
+            expected)`` pairs.
+        metric: ``metric(answer, expected)``; default :func:`token_f1`. An LLM judge's
+            ``judge.correctness`` works too (its retry policy and rate limit carry over).
+        name: the feedback name (default ``"ground_truth_agreement"``).
+
+    Wire it with ``Feedback(gt.agreement).on_input_output()``.
+
+    Raises:
+        ConfigurationError: a row without a question or an expected answer, or the same
+            question twice with different answers.
+    """
+
+    def __init__(self, data: Mapping[str, Any] | Iterable[Any], *,
+                 metric: Metric = token_f1, name: str = "ground_truth_agreement") -> None:
+        if not callable(metric):
+            raise ConfigurationError(f"GroundTruth metric must be callable, got {metric!r}")
+        self.metric = metric
+        self.name = name
+        self._expected: dict[str, str] = {}
+        rows = data.items() if isinstance(data, Mapping) else data
+        for row in rows:
+            question, expected = _row(row)
+            key = _key(question)
+            if key in self._expected and self._expected[key] != expected:
+                raise ConfigurationError(f"GroundTruth: question {question!r} has two "
+                                         "different expected answers")
+            self._expected[key] = expected
+        if not self._expected:
+            raise ConfigurationError("GroundTruth needs at least one question")
+
+    def __len__(self) -> int:
+        return len(self._expected)
+
+    def __repr__(self) -> str:
+        return f"GroundTruth({len(self)} questions, metric={_metric_name(self.metric)})"
+
+    def expected_for(self, question: Any) -> str | None:
+        """The expected answer of `question`, or None when it is not in the set."""
+        return self._expected.get(_key(question))
+
+    def scrutiny_feedback_defaults(self, method: Any) -> dict[str, Any]:
+        """Its name, plus the metric's retry policy, rate limit and timeout, if any."""
+        if getattr(method, "__name__", None) != "agreement":
+            return {}
+        inherited = feedback_defaults(self.metric)
+        defaults = {k: inherited[k] for k in _OPTION_KEYS if inherited.get(k) is not None}
+        defaults["name"] = self.name
+        defaults["higher_is_better"] = True
+        return defaults
+
+    async def agreement(self, question: Any, answer: Any) -> tuple[float, str]:
+        """How well `answer` agrees with the expected answer of `question`."""
+        expected = self.expected_for(question)
+        if expected is None:
+            raise SkipFeedback("the question is not in the ground-truth set")
+        if inspect.iscoroutinefunction(self.metric):
+            value = await self.metric(answer, expected)
+        else:  # a plain metric may be slow (embeddings): keep it off the event loop
+            value = await asyncio.to_thread(self.metric, answer, expected)
+            if inspect.isawaitable(value):
+                value = await value
+        score, explanation = _score_of(value)
+        summary = f"expected {_short(expected)}; {_metric_name(self.metric)}"
+        return score, f"{summary}: {explanation}" if explanation else summary
+
+
+def _row(row: Any) -> tuple[str, str]:
+    if isinstance(row, Mapping):
+        question = next((row[k] for k in ("question", "query", "input") if k in row), None)
+        expected = next((row[k] for k in ("expected", "answer", "expected_response",
+                                          "ground_truth") if k in row), None)
+    elif isinstance(row, tuple | list) and len(row) == 2:
+        question, expected = row
+    else:
+        raise ConfigurationError(f"GroundTruth rows are (question, expected) pairs or "
+                                 f"mappings; got {row!r}")
+    if question is None or expected is None or not as_text(question).strip():
+        raise ConfigurationError(f"GroundTruth row without a question or expected answer: "
+                                 f"{row!r}")
+    return as_text(question), as_text(expected)
+
+
+def _score_of(value: Any) -> tuple[float, str]:
+    explanation: Any = ""
+    if isinstance(value, tuple) and len(value) == 2:
+        value, explanation = value
+    elif isinstance(value, Mapping):
+        explanation = value.get("explanation") or value.get("reasons") or ""
+        value = value.get("score")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidFeedbackValue(f"the ground-truth metric returned {value!r}, not a score",
+                                   value=value)
+    return float(value), str(explanation or "")
+
+
+def _metric_name(metric: Any) -> str:
+    return str(getattr(metric, "__name__", None) or type(metric).__name__)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")

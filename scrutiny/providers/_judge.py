@@ -1,0 +1,238 @@
+"""`LLMJudge`: the standard evaluations of RAG and chat apps, judged by any LLM.
+
+Each method is an async feedback function returning ``(score, explanation)`` with the
+score in [0, 1]; wire it with ``Feedback(judge.answer_relevance).on_input_output()``. The
+judge hands its retry policy, rate limit, timeout and each criterion's direction to
+`Feedback` (``scrutiny_feedback_defaults``), so they apply wherever a session evaluates it;
+its rate limit is a group of its own, so it throttles the judge and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from scrutiny.core import (
+    ConfigurationError,
+    FeedbackTimeout,
+    InvalidFeedbackValue,
+    RateLimit,
+    RetryPolicy,
+    SkipFeedback,
+    add_evaluation_cost,
+)
+from scrutiny.providers._budget import (
+    OverBudget,
+    TokenCounter,
+    estimate_tokens,
+    fit_prompt,
+)
+from scrutiny.providers._errors import TransientJudgeError
+from scrutiny.providers._models import JudgeReply, backend_for, model_name
+from scrutiny.providers._parse import parse_score, parse_statement_scores
+from scrutiny.providers._prompts import CRITERIA, GROUNDEDNESS, SCALE, SYSTEM, Criterion
+from scrutiny.providers._text import as_text, contexts_text, split_statements
+
+__all__ = ["LLMJudge"]
+
+_FEEDBACK_METHODS = frozenset({*CRITERIA, "groundedness"})
+_counter = itertools.count(1)
+_T = TypeVar("_T")
+
+
+class LLMJudge:
+    """Judges records with an LLM: relevance, groundedness, correctness, style, harm.
+
+    Args:
+        model: a LangChain chat model or LLM (anything with ``ainvoke``), or a LlamaIndex
+            LLM (``achat`` / ``acomplete``). Only its async API is used.
+        rate_limit: requests per minute and concurrent requests for this judge, e.g.
+            ``RateLimit(per_minute=60, max_concurrent=4)``. Without a `group` it gets one of
+            its own; give a `group` to share one budget (one API key) among judges.
+        retries: extra attempts after a transient error (HTTP 429/5xx, a timeout, a
+            dropped connection); other errors and unreadable answers are not retried.
+        backoff: seconds before the first retry; it doubles each time (with jitter, at most
+            30 s), and a retry-after hint from the server is waited at least.
+        retry: a full :class:`~scrutiny.RetryPolicy` instead of `retries` and `backoff`.
+        timeout: seconds one attempt may take (None: the session's `feedback_timeout`).
+        max_prompt_tokens: the prompt budget (None: unlimited).
+        on_over_budget: ``"truncate"`` the judged texts and say so in the explanation, or
+            ``"skip"`` the result with the reason.
+        count_tokens: counts a text's tokens for the budget (default: about 4 characters
+            per token; pass your tokenizer for an exact budget).
+        max_statements: the most statements of an answer that `groundedness` judges; the
+            explanation says when there were more.
+
+    Raises:
+        ConfigurationError: the model cannot be called, or an option is invalid.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        rate_limit: RateLimit | None = None,
+        retries: int = 3,
+        backoff: float = 1.0,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        max_prompt_tokens: int | None = 8000,
+        on_over_budget: OverBudget = "truncate",
+        count_tokens: TokenCounter | None = None,
+        max_statements: int = 30,
+    ) -> None:
+        if on_over_budget not in ("truncate", "skip"):
+            raise ConfigurationError(
+                f"on_over_budget must be 'truncate' or 'skip', got {on_over_budget!r}")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise ConfigurationError("max_prompt_tokens must be >= 1 (or None for no limit)")
+        if retries < 0:
+            raise ConfigurationError(f"retries must be >= 0, got {retries}")
+        if backoff < 0:
+            raise ConfigurationError(f"backoff must be >= 0 seconds, got {backoff}")
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout}")
+        if max_statements < 1:
+            raise ConfigurationError(f"max_statements must be >= 1, got {max_statements}")
+        self.model = model
+        self.model_name = model_name(model)
+        self._call = backend_for(model)
+        self.group = f"llm-judge-{next(_counter)}:{self.model_name}"
+        if rate_limit is not None and rate_limit.group is None:
+            rate_limit = dataclasses.replace(rate_limit, group=self.group)
+        self.rate_limit = rate_limit
+        self.retry = retry or RetryPolicy(
+            attempts=1 + retries, initial_backoff=backoff, max_backoff=max(30.0, backoff),
+            retry_on=(TransientJudgeError, FeedbackTimeout))
+        self.timeout = timeout
+        self.max_prompt_tokens = max_prompt_tokens
+        self.on_over_budget: OverBudget = on_over_budget
+        self.count_tokens: TokenCounter = count_tokens or estimate_tokens
+        self.max_statements = max_statements
+
+    def __repr__(self) -> str:
+        return f"LLMJudge({self.model_name!r})"
+
+    def scrutiny_feedback_defaults(self, method: Any) -> dict[str, Any]:
+        """Feedback options of this judge's methods (read by :class:`~scrutiny.Feedback`)."""
+        name = getattr(method, "__name__", None)
+        if name not in _FEEDBACK_METHODS:
+            return {}
+        criterion = CRITERIA.get(name)
+        defaults: dict[str, Any] = {
+            "name": name,
+            "higher_is_better": criterion.higher_is_better if criterion else True,
+            "retry": self.retry,
+        }
+        if self.rate_limit is not None:
+            defaults["rate_limit"] = self.rate_limit
+        if self.timeout is not None:
+            defaults["timeout"] = self.timeout
+        return defaults
+
+    # ------------------------------------------------------------------ feedbacks
+    async def answer_relevance(self, question: Any, answer: Any) -> tuple[float, str]:
+        """How well the answer addresses the question (1 = exactly what was asked)."""
+        return await self._judge(CRITERIA["answer_relevance"], question=question, answer=answer)
+
+    async def context_relevance(self, question: Any, context: Any) -> tuple[float, str]:
+        """How relevant one retrieved context is to the question (wire it per context)."""
+        return await self._judge(CRITERIA["context_relevance"], question=question,
+                                 context=context)
+
+    async def correctness(self, answer: Any, expected: Any) -> tuple[float, str]:
+        """How well the answer agrees with the expected (ground-truth) answer."""
+        return await self._judge(CRITERIA["correctness"], answer=answer, expected=expected)
+
+    async def coherence(self, text: Any) -> tuple[float, str]:
+        """How logically consistent and well-connected the text is."""
+        return await self._judge(CRITERIA["coherence"], text=text)
+
+    async def conciseness(self, text: Any) -> tuple[float, str]:
+        """How free of filler and repetition the text is."""
+        return await self._judge(CRITERIA["conciseness"], text=text)
+
+    async def harmfulness(self, text: Any) -> tuple[float, str]:
+        """How harmful the text is (0 = harmless; lower is better)."""
+        return await self._judge(CRITERIA["harmfulness"], text=text)
+
+    async def groundedness(self, contexts: Any, answer: Any) -> tuple[float, str]:
+        """How well the contexts support the answer, statement by statement (the mean).
+
+        Wire `contexts` to the whole list: ``Select.contexts.collect()``.
+        """
+        sources = contexts_text(contexts)
+        if not sources:
+            raise SkipFeedback("there are no contexts to check the answer against")
+        text = as_text(answer)
+        if not split_statements(text):
+            raise SkipFeedback("the answer has no statements to check")
+        fields = {f"context {i}": src for i, src in enumerate(sources, 1)}
+        fields["answer"] = text
+        numbering = " 99." * min(len(split_statements(text)), self.max_statements)
+        fixed = SYSTEM + GROUNDEDNESS.template.format(contexts="", statements=numbering,
+                                                      count=0)
+        fitted = fit_prompt(fixed, fields, max_tokens=self.max_prompt_tokens,
+                            on_over_budget=self.on_over_budget, count=self.count_tokens)
+        kept_answer = text[:fitted.kept["answer"]] if "answer" in fitted.kept else text
+        statements = split_statements(kept_answer)
+        notices = [fitted.notice] if fitted.notice else []
+        if len(statements) > self.max_statements:
+            notices.append(f"[NOTICE: the answer has {len(statements)} statements; only the "
+                           f"first {self.max_statements} were judged.]")
+            statements = statements[:self.max_statements]
+        if not statements:
+            raise SkipFeedback("no whole statement of the answer fits the prompt budget")
+        rendered_sources = "\n\n".join(
+            f"[{i}] {fitted.fields[f'context {i}']}" for i in range(1, len(sources) + 1))
+        numbered = "\n".join(f"{i}. {s}" for i, s in enumerate(statements, 1))
+        prompt = GROUNDEDNESS.template.format(contexts=rendered_sources, statements=numbered,
+                                              count=len(statements))
+        reply = await self._ask(prompt)
+        verdicts = _checked(reply, lambda t: parse_statement_scores(t, len(statements), SCALE))
+        score = sum(v.score for v in verdicts) / len(verdicts)
+        lines = [f"{i}. {_quote(s)}: {v.score * SCALE:g}/{SCALE}" + (f" - {v.reasons}"
+                                                                     if v.reasons else "")
+                 for i, (s, v) in enumerate(zip(statements, verdicts, strict=True), 1)]
+        return score, "\n".join([*notices, *lines])
+
+    # ------------------------------------------------------------------ internals
+    async def _judge(self, criterion: Criterion, **values: Any) -> tuple[float, str]:
+        fields = {name: as_text(values[name]) for name in criterion.fields}
+        empty = [name for name, text in fields.items() if not text.strip()]
+        if empty:
+            raise SkipFeedback(f"nothing to judge: the {' and '.join(empty)} is empty")
+        fixed = SYSTEM + criterion.template.format(**dict.fromkeys(criterion.fields, ""))
+        fitted = fit_prompt(fixed, fields, max_tokens=self.max_prompt_tokens,
+                            on_over_budget=self.on_over_budget, count=self.count_tokens)
+        reply = await self._ask(criterion.template.format(**fitted.fields))
+        parsed = _checked(reply, lambda t: parse_score(t, SCALE))
+        explanation = parsed.reasons or "(the judge gave no reasons)"
+        if fitted.notice:
+            explanation = f"{fitted.notice}\n{explanation}"
+        return parsed.score, explanation
+
+    async def _ask(self, prompt: str) -> JudgeReply:
+        reply = await self._call(SYSTEM, prompt)
+        if reply.usage:
+            add_evaluation_cost(**reply.usage)
+        return reply
+
+
+def _checked(reply: JudgeReply, parse: Callable[[str], _T]) -> _T:
+    """Parse a reply; when the model stopped at its output limit, the error says so."""
+    try:
+        return parse(reply.text)
+    except InvalidFeedbackValue as exc:
+        if reply.cut_off:
+            raise InvalidFeedbackValue(
+                f"{exc} (the model stopped at its output token limit: the answer is cut off)",
+                value=exc.value) from None
+        raise
+
+
+def _quote(statement: str, limit: int = 80) -> str:
+    text = statement if len(statement) <= limit else statement[:limit - 3] + "..."
+    return f'"{text}"'

@@ -1,0 +1,259 @@
+"""Lexical feedbacks: exact match, token F1, BLEU, ROUGE, regex, contains, length bounds.
+
+Stateless metrics are plain functions of ``(answer, expected)`` (use them with
+:class:`GroundTruth` or wire `expected` yourself); configured checks are small callable
+classes. All return ``(score, explanation)`` with the score in [0, 1]. Only ROUGE needs an
+extra (``pip install 'scrutiny[lexical]'`` for rouge-score); nothing downloads anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from scrutiny.core import ConfigurationError
+from scrutiny.providers._errors import missing_extra
+from scrutiny.providers._text import as_text, normalize_answer
+
+__all__ = ["Contains", "LengthBounds", "Regex", "Rouge", "bleu", "exact_match", "sentence_bleu",
+           "token_f1"]
+
+_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def exact_match(answer: Any, expected: Any) -> tuple[float, str]:
+    """1 when the answers are equal after normalization (case, punctuation, articles)."""
+    same = normalize_answer(as_text(answer)) == normalize_answer(as_text(expected))
+    return (1.0, "matches the expected answer") if same else (
+        0.0, "differs from the expected answer")
+
+
+def token_f1(answer: Any, expected: Any) -> tuple[float, str]:
+    """The F1 of the normalized words of answer and expected answer (SQuAD's metric)."""
+    got = normalize_answer(as_text(answer)).split()
+    want = normalize_answer(as_text(expected)).split()
+    if not got or not want:
+        score = float(got == want)
+        return score, "both empty" if score else "one of the answers is empty"
+    common = sum((Counter(got) & Counter(want)).values())
+    if common == 0:
+        return 0.0, "no word in common with the expected answer"
+    precision, recall = common / len(got), common / len(want)
+    f1 = 2 * precision * recall / (precision + recall)
+    return f1, f"token F1 {f1:.3f} (precision {precision:.3f}, recall {recall:.3f})"
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def sentence_bleu(hypothesis: list[str], references: list[list[str]], max_n: int = 4) -> float:
+    """Sentence BLEU with uniform weights, brevity penalty and exponential smoothing.
+
+    Papineni et al. (2002) clipped n-gram precisions; a precision with no match is
+    replaced by ``1 / (2**k * total)`` for the k-th such order (Chen & Cherry 2014,
+    method 3 — NLTK's ``SmoothingFunction().method3``). No unigram match gives 0.
+    """
+    if not hypothesis or not references:
+        return 0.0
+    log_sum = 0.0
+    k = 0
+    for n in range(1, max_n + 1):
+        counts = _ngrams(hypothesis, n)
+        max_ref: Counter[tuple[str, ...]] = Counter()
+        for ref in references:
+            max_ref |= _ngrams(ref, n)
+        matches = sum(min(c, max_ref[g]) for g, c in counts.items())
+        total = max(1, sum(counts.values()))
+        if matches == 0:
+            if n == 1:
+                return 0.0
+            k += 1
+            precision = 1.0 / (2 ** k * total)
+        else:
+            precision = matches / total
+        log_sum += math.log(precision) / max_n
+    hyp_len = len(hypothesis)
+    ref_len = min((abs(len(r) - hyp_len), len(r)) for r in references)[1]
+    penalty = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return penalty * math.exp(log_sum)
+
+
+def bleu(answer: Any, expected: Any) -> tuple[float, str]:
+    """Smoothed sentence BLEU-4 of the answer against the expected answer (lower-cased)."""
+    score = sentence_bleu(_tokens(as_text(answer)), [_tokens(as_text(expected))])
+    return score, f"sentence BLEU-4 {score:.3f}"
+
+
+class Rouge:
+    """ROUGE of the answer against the expected answer, via rouge-score.
+
+    Args:
+        variant: ``"rouge1"``, ``"rouge2"``, ``"rougeL"`` or ``"rougeLsum"``.
+        measure: ``"fmeasure"``, ``"precision"`` or ``"recall"``.
+        stemmer: apply the Porter stemmer (no download needed).
+
+    Raises:
+        ModuleNotFoundError: rouge-score is missing (``pip install 'scrutiny[lexical]'``).
+    """
+
+    __slots__ = ("_lock", "_scorer", "measure", "stemmer", "variant")
+
+    def __init__(self, variant: str = "rougeL", *,
+                 measure: Literal["fmeasure", "precision", "recall"] = "fmeasure",
+                 stemmer: bool = True) -> None:
+        if not re.fullmatch(r"rouge(?:[1-9]|L|Lsum)", variant):
+            raise ConfigurationError(f"unknown ROUGE variant {variant!r}")
+        if measure not in ("fmeasure", "precision", "recall"):
+            raise ConfigurationError(f"unknown ROUGE measure {measure!r}")
+        if importlib.util.find_spec("rouge_score") is None:
+            raise missing_extra("scrutiny.providers.Rouge", "lexical", "rouge-score")
+        self.variant = variant
+        self.measure = measure
+        self.stemmer = stemmer
+        self._scorer: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def __scrutiny_feedback__(self) -> dict[str, Any]:
+        return {"name": self.variant.replace("rouge", "rouge_").lower()}
+
+    def __call__(self, answer: Any, expected: Any) -> tuple[float, str]:
+        with self._lock:
+            if self._scorer is None:
+                from rouge_score import rouge_scorer
+
+                self._scorer = rouge_scorer.RougeScorer([self.variant],
+                                                        use_stemmer=self.stemmer)
+        result = self._scorer.score(as_text(expected), as_text(answer))[self.variant]
+        score = float(getattr(result, self.measure))
+        return score, (f"{self.variant} {self.measure} {score:.3f} (precision "
+                       f"{result.precision:.3f}, recall {result.recall:.3f})")
+
+
+class Regex:
+    """1 when the text matches a regular expression (``re.search``), else 0.
+
+    Args:
+        pattern: the expression (a string or a compiled pattern).
+        flags: `re` flags for a string pattern.
+        name: the feedback name (default ``"regex"``).
+        must_match: False turns it around: 1 when the text does *not* match.
+    """
+
+    __slots__ = ("must_match", "name", "pattern")
+
+    def __init__(self, pattern: str | re.Pattern[str], flags: int = 0, *,
+                 name: str = "regex", must_match: bool = True) -> None:
+        try:
+            self.pattern = re.compile(pattern, flags) if isinstance(pattern, str) else pattern
+        except re.error as exc:
+            raise ConfigurationError(f"invalid regular expression {pattern!r}: {exc}") from exc
+        self.name = name
+        self.must_match = must_match
+
+    @property
+    def __scrutiny_feedback__(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def __call__(self, text: Any) -> tuple[float, str]:
+        match = self.pattern.search(as_text(text))
+        found = (f"matches /{self.pattern.pattern}/ at character {match.start()}" if match
+                 else f"does not match /{self.pattern.pattern}/")
+        return float(bool(match) == self.must_match), found
+
+
+class Contains:
+    """The share of required phrases that the text contains (1 when all are there).
+
+    Args:
+        phrases: the phrases to look for.
+        mode: ``"all"`` scores the share found; ``"any"`` gives 1 when one is found.
+        case_sensitive: compare case as well.
+        name: the feedback name (default ``"contains"``).
+    """
+
+    __slots__ = ("case_sensitive", "mode", "name", "phrases")
+
+    def __init__(self, phrases: str | Iterable[str], *, mode: Literal["all", "any"] = "all",
+                 case_sensitive: bool = False, name: str = "contains") -> None:
+        self.phrases = [phrases] if isinstance(phrases, str) else list(phrases)
+        if not self.phrases or not all(isinstance(p, str) and p for p in self.phrases):
+            raise ConfigurationError("Contains needs one or more non-empty phrases")
+        if mode not in ("all", "any"):
+            raise ConfigurationError(f"Contains mode must be 'all' or 'any', got {mode!r}")
+        self.mode = mode
+        self.case_sensitive = case_sensitive
+        self.name = name
+
+    @property
+    def __scrutiny_feedback__(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def __call__(self, text: Any) -> tuple[float, str]:
+        body = as_text(text)
+        if not self.case_sensitive:
+            body = body.casefold()
+        found = [p for p in self.phrases
+                 if (p if self.case_sensitive else p.casefold()) in body]
+        missing = [p for p in self.phrases if p not in found]
+        score = (float(bool(found)) if self.mode == "any"
+                 else len(found) / len(self.phrases))
+        parts = [f"found {len(found)} of {len(self.phrases)}"]
+        if missing:
+            parts.append("missing: " + ", ".join(repr(p) for p in missing[:10]))
+        return score, "; ".join(parts)
+
+
+class LengthBounds:
+    """1 when the text's length is within the bounds, else 0 (with the length found).
+
+    Args:
+        min_chars, max_chars: bounds on the number of characters.
+        min_words, max_words: bounds on the number of words.
+        name: the feedback name (default ``"length_bounds"``).
+    """
+
+    __slots__ = ("max_chars", "max_words", "min_chars", "min_words", "name")
+
+    def __init__(self, *, min_chars: int | None = None, max_chars: int | None = None,
+                 min_words: int | None = None, max_words: int | None = None,
+                 name: str = "length_bounds") -> None:
+        bounds = (min_chars, max_chars, min_words, max_words)
+        if all(b is None for b in bounds):
+            raise ConfigurationError("LengthBounds needs at least one bound")
+        if any(b is not None and b < 0 for b in bounds):
+            raise ConfigurationError("LengthBounds bounds must be >= 0")
+        for low, high in ((min_chars, max_chars), (min_words, max_words)):
+            if low is not None and high is not None and low > high:
+                raise ConfigurationError(f"LengthBounds: minimum {low} > maximum {high}")
+        self.min_chars, self.max_chars = min_chars, max_chars
+        self.min_words, self.max_words = min_words, max_words
+        self.name = name
+
+    @property
+    def __scrutiny_feedback__(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+    def __call__(self, text: Any) -> tuple[float, str]:
+        body = as_text(text)
+        chars, words = len(body), len(body.split())
+        problems = []
+        for value, unit, low, high in ((chars, "characters", self.min_chars, self.max_chars),
+                                       (words, "words", self.min_words, self.max_words)):
+            if low is not None and value < low:
+                problems.append(f"{value} {unit} < minimum {low}")
+            if high is not None and value > high:
+                problems.append(f"{value} {unit} > maximum {high}")
+        if problems:
+            return 0.0, "; ".join(problems)
+        return 1.0, f"{chars} characters, {words} words: within bounds"

@@ -1,0 +1,202 @@
+"""PII detection by patterns and checksums: no model, no download, no network.
+
+Kinds: ``email``, ``phone`` (international ``+CC ...`` numbers, North American
+``(555) 123-4567`` / ``555-123-4567``, and national numbers with a leading 0 such as
+``020 7946 0958``), ``credit_card`` (13-19 digits that pass the Luhn check), ``iban`` (valid
+mod-97 check digits), ``ipv4`` and ``ipv6`` (validated by :mod:`ipaddress`).
+
+Checksummed kinds are matched first and their characters are taken out of the running,
+so a card number is never also reported as a phone number. Explanations name the kinds and
+show masked forms only (``j***@***.com``, ``****1111``): never the PII itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from scrutiny.core import ConfigurationError
+from scrutiny.providers._text import as_text
+
+__all__ = ["KINDS", "PIIDetector", "PIIMatch", "iban_valid", "luhn_valid"]
+
+_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
+_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,3})?\b")
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+_PHONES = (
+    re.compile(r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(\d{1,4}\))?(?:[\s.-]?\d{1,5}){2,6}(?![\w-])"),
+    re.compile(r"(?<![\w(])(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w-])"),
+    re.compile(r"(?<![\w+])(?:\(0\d{1,4}\)\s?|0\d{1,4}[\s-])\d{3,4}[\s-]?\d{3,4}(?![\w-])"),
+)
+
+KINDS = ("iban", "credit_card", "email", "ipv4", "ipv6", "phone")
+"""Every kind, in the order they are matched."""
+
+
+def luhn_valid(number: str) -> bool:
+    """True when the digits of `number` pass the Luhn check (and are not all zero)."""
+    digits = [int(c) for c in number if c.isdigit()]
+    if not digits or not any(digits):
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def iban_valid(candidate: str) -> bool:
+    """True when `candidate` (spaces allowed) has valid IBAN check digits (ISO 13616 mod 97)."""
+    compact = candidate.replace(" ", "").upper()
+    if not 15 <= len(compact) <= 34 or not re.fullmatch(r"[A-Z]{2}\d{2}[A-Z0-9]+", compact):
+        return False
+    moved = compact[4:] + compact[:4]
+    return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
+
+
+@dataclass(frozen=True, slots=True)
+class PIIMatch:
+    """One piece of PII: its kind, where it is, and a masked form safe to show."""
+
+    kind: str
+    start: int
+    end: int
+    masked: str
+
+
+def _mask_email(text: str) -> str:
+    local, _, domain = text.partition("@")
+    return f"{local[:1]}***@***.{domain.rsplit('.', 1)[-1]}"
+
+
+def _mask_tail(keep: int) -> Callable[[str], str]:
+    def mask(text: str) -> str:
+        digits = re.sub(r"[^0-9A-Za-z]", "", text)
+        return "****" + digits[-keep:]
+
+    return mask
+
+
+def _mask_iban(text: str) -> str:
+    return f"{text[:2]}** **** ... ({len(text.replace(' ', ''))} characters)"
+
+
+def _mask_ipv4(text: str) -> str:
+    return text.split(".", 1)[0] + ".*.*.*"
+
+
+def _mask_ipv6(text: str) -> str:
+    return text.split(":", 1)[0] + ":*:*"
+
+
+def _iban_spans(text: str) -> Iterable[tuple[int, int]]:
+    for match in _IBAN.finditer(text):
+        candidate = match.group(0)
+        # a trailing upper-case word may have been taken in: drop groups from the right
+        while candidate:
+            if iban_valid(candidate):
+                yield match.start(), match.start() + len(candidate)
+                break
+            if " " not in candidate:
+                break
+            candidate = candidate.rsplit(" ", 1)[0]
+
+
+def _regex_spans(pattern: re.Pattern[str], valid: Callable[[str], bool] = lambda _: True
+                 ) -> Callable[[str], Iterable[tuple[int, int]]]:
+    def spans(text: str) -> Iterable[tuple[int, int]]:
+        for match in pattern.finditer(text):
+            if valid(match.group(0)):
+                yield match.span()
+
+    return spans
+
+
+def _ipv6_valid(text: str) -> bool:
+    if text.count(":") < 2 or sum(c.isalnum() for c in text) < 2:
+        return False
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _phone_spans(text: str) -> Iterable[tuple[int, int]]:
+    for pattern in _PHONES:
+        for match in pattern.finditer(text):
+            digits = sum(c.isdigit() for c in match.group(0))
+            if 8 <= digits <= 15:
+                yield match.span()
+
+
+_FINDERS: dict[str, tuple[Callable[[str], Iterable[tuple[int, int]]], Callable[[str], str]]] = {
+    "iban": (_iban_spans, _mask_iban),
+    "credit_card": (_regex_spans(_CARD, luhn_valid), _mask_tail(4)),
+    "email": (_regex_spans(_EMAIL), _mask_email),
+    "ipv4": (_regex_spans(_IPV4), _mask_ipv4),
+    "ipv6": (_regex_spans(_IPV6, _ipv6_valid), _mask_ipv6),
+    "phone": (_phone_spans, _mask_tail(2)),
+}
+
+
+class PIIDetector:
+    """A feedback that flags PII in a text: 1 when any is found, else 0 (lower is better).
+
+    Args:
+        kinds: the kinds to look for (default: all of :data:`KINDS`).
+        name: the feedback name (default ``"pii"``).
+
+    Calling it returns ``{"score", "explanation", "kinds", "counts"}``; the explanation
+    and the stored metadata hold only kinds, counts and masked forms.
+    """
+
+    __slots__ = ("kinds", "name")
+
+    def __init__(self, kinds: Iterable[str] | None = None, *, name: str = "pii") -> None:
+        chosen = tuple(KINDS if kinds is None else kinds)
+        unknown = sorted(set(chosen) - set(KINDS))
+        if unknown or not chosen:
+            raise ConfigurationError(
+                f"unknown PII kind(s) {unknown}; choose from {list(KINDS)}" if unknown
+                else "PIIDetector needs at least one kind")
+        self.kinds = tuple(k for k in KINDS if k in chosen)
+        self.name = name
+
+    @property
+    def __scrutiny_feedback__(self) -> dict[str, Any]:
+        return {"name": self.name, "higher_is_better": False}
+
+    def find(self, text: Any) -> list[PIIMatch]:
+        """Every piece of PII in `text`, in order of position."""
+        body = as_text(text)
+        taken = [False] * len(body)
+        found: list[PIIMatch] = []
+        for kind in self.kinds:
+            spans, mask = _FINDERS[kind]
+            for start, end in spans(body):
+                if any(taken[start:end]):
+                    continue
+                taken[start:end] = [True] * (end - start)
+                found.append(PIIMatch(kind, start, end, mask(body[start:end])))
+        return sorted(found, key=lambda m: m.start)
+
+    def __call__(self, text: Any) -> dict[str, Any]:
+        matches = self.find(text)
+        counts = Counter(m.kind for m in matches)
+        if not matches:
+            return {"score": 0.0, "explanation": "no PII found", "kinds": [], "counts": {}}
+        parts = []
+        for kind in sorted(counts):
+            examples = [m.masked for m in matches if m.kind == kind][:3]
+            parts.append(f"{kind} x{counts[kind]} ({', '.join(examples)})")
+        return {"score": 1.0, "explanation": "found PII: " + "; ".join(parts),
+                "kinds": sorted(counts), "counts": dict(sorted(counts.items()))}
