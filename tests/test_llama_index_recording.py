@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -223,6 +224,24 @@ def test_two_recorders_record_only_their_own_engine(index: VectorStoreIndex,
     assert {r.app_name for r in rec1.records} == {"first"}
 
 
+def test_nested_watched_objects_each_get_their_record(index: VectorStoreIndex,
+                                                     session: Session) -> None:
+    engine = _engine(index)
+    retriever = engine.retriever
+    with LlamaIndexRecorder(engine, app_name="engine", session=session) as outer, \
+            LlamaIndexRecorder(retriever, app_name="retriever", session=session) as inner:
+        engine.query("Which colors?")
+    engine_record, retriever_record = outer.get(), inner.get()
+    retriever_root = retriever_record.root_span()
+    assert retriever_root is not None
+    assert retriever_root.name == "VectorIndexRetriever.retrieve"
+    assert retriever_root.parent_id is None
+    in_engine = next(s for s in engine_record.spans if s.span_id == retriever_root.span_id)
+    assert in_engine.parent_id is not None  # the same call, inside the engine's tree
+    assert retriever_record.contexts == engine_record.contexts
+    assert {s.span_id for s in retriever_record.spans} < {s.span_id for s in engine_record.spans}
+
+
 def test_engine_called_inside_another_span_is_recorded(index: VectorStoreIndex,
                                                        session: Session) -> None:
     engine = _engine(index)
@@ -253,6 +272,24 @@ def test_error_gives_an_error_record_and_reraises(index: VectorStoreIndex,
     failed = [s for s in record.spans if s.error]
     assert record.root_span() in failed
     assert any(s.kind == SpanKind.LLM.value for s in failed)
+
+
+def test_a_failure_inside_scrutiny_is_logged_and_never_reaches_the_app(
+        index: VectorStoreIndex, session: Session, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import scrutiny.integrations.llama_index._tracer as tracer_module
+
+    def broken(span_id: str, instance: Any) -> Any:
+        raise RuntimeError("bug in scrutiny")
+
+    monkeypatch.setattr(tracer_module, "name_and_kind", broken)
+    engine = _engine(index)
+    with caplog.at_level(logging.DEBUG, logger="scrutiny"), \
+            LlamaIndexRecorder(engine, session=session) as recording:
+        response = engine.query("Still fine?")
+    assert response.response
+    assert recording.records == []
+    assert any("bug in scrutiny" in str(r.exc_info) for r in caplog.records if r.exc_info)
 
 
 def test_token_usage_is_recorded_once_per_model_call(index: VectorStoreIndex,

@@ -134,6 +134,23 @@ async def test_async_streaming_query(index: VectorStoreIndex, session: Session) 
     _assert_llm_spans_inside(record, "RetrieverQueryEngine.aquery")
 
 
+async def test_async_stream_left_early_is_cancelled_with_partial_text(
+        index: VectorStoreIndex, session: Session) -> None:
+    engine = _streaming_engine(index)
+
+    async def first_token(question: str) -> str:
+        response = await engine.aquery(question)
+        async for token in response.async_response_gen():
+            return token  # the response (and its stream) is released here
+        raise AssertionError("no token")
+
+    async with LlamaIndexRecorder(engine, session=session) as recording:
+        first = await first_token("Just the start")
+    record = recording.get()  # leaving the block let the loop finalize the stream
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output == first
+
+
 @pytest.mark.usefixtures("thread_loop")
 def test_stream_chat(index: VectorStoreIndex, session: Session) -> None:
     chat = _chat_engine(index)

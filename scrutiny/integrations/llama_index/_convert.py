@@ -1,0 +1,302 @@
+"""Reading LlamaIndex values: span kinds, main input and output, nodes, token usage.
+
+These run on the application's thread, so they only look at the shape of values: attribute
+reads and `isinstance` checks, no copying of payloads and no serialization (the one
+exception, :meth:`SpanInputs.model_dump`, runs on Scrutiny's writer thread).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from llama_index.core.base.base_query_engine import BaseQueryEngine
+from llama_index.core.base.base_retriever import BaseRetriever
+from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.base.llms.base import BaseLLM
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse
+from llama_index.core.base.response.schema import (
+    AsyncStreamingResponse,
+    PydanticResponse,
+    Response,
+    StreamingResponse,
+)
+from llama_index.core.chat_engine.types import (
+    AgentChatResponse,
+    BaseChatEngine,
+    StreamingAgentChatResponse,
+)
+from llama_index.core.node_parser.interface import NodeParser
+from llama_index.core.prompts.base import BasePromptTemplate
+from llama_index.core.response_synthesizers.base import BaseSynthesizer
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+
+from scrutiny.core import SpanKind, TokenUsage
+
+__all__ = [
+    "STREAM_WRITER_METHODS",
+    "SpanInputs",
+    "embedding_view",
+    "kind_of",
+    "llm_text",
+    "main_input",
+    "main_output",
+    "name_and_kind",
+    "node_text",
+    "nodes_view",
+    "span_name",
+    "span_output",
+    "usage_of",
+]
+
+_UUID_TAIL = 37  # "-" + str(uuid4())
+_INPUT_KEYS = ("str_or_query_bundle", "message", "query_str", "query_bundle", "query",
+               "prompt", "messages")
+STREAM_WRITER_METHODS = frozenset({"write_response_to_history", "awrite_response_to_history"})
+"""Methods of a streaming chat response that finish its stream (they outlive the call)."""
+
+_KINDS: tuple[tuple[type, str], ...] = (
+    (BaseQueryEngine, SpanKind.QUERY.value),
+    (BaseChatEngine, SpanKind.QUERY.value),
+    (BaseRetriever, SpanKind.RETRIEVER.value),
+    (BaseEmbedding, SpanKind.EMBEDDING.value),
+    (BaseSynthesizer, SpanKind.SYNTHESIZE.value),
+    (NodeParser, SpanKind.PARSER.value),
+    (BasePromptTemplate, SpanKind.PROMPT.value),
+)
+_kind_cache: dict[tuple[type, str], str] = {}
+_name_kind_cache: dict[tuple[type, str], tuple[str, str]] = {}
+
+
+def span_name(span_id: str) -> str:
+    """``"RetrieverQueryEngine.query-<uuid4>"`` -> ``"RetrieverQueryEngine.query"``."""
+    if len(span_id) > _UUID_TAIL and span_id[-_UUID_TAIL] == "-":
+        return span_id[:-_UUID_TAIL]
+    return span_id
+
+
+def name_and_kind(span_id: str, instance: Any) -> tuple[str, str]:
+    """The span's name (its id without the uuid) and :class:`SpanKind` value, cached."""
+    name = span_name(span_id)
+    key = (type(instance), name)
+    known = _name_kind_cache.get(key)
+    if known is None:
+        known = (name, kind_of(instance, name.rpartition(".")[2]))
+        if len(_name_kind_cache) < 10_000:
+            _name_kind_cache[key] = known
+    return known
+
+
+def kind_of(instance: Any, method: str) -> str:
+    """The :class:`SpanKind` value of a call of `method` on `instance` (cached per type)."""
+    if instance is None:
+        return SpanKind.OTHER.value
+    key = (type(instance), method)
+    kind = _kind_cache.get(key)
+    if kind is None:
+        kind = SpanKind.OTHER.value
+        if isinstance(instance, BaseLLM):
+            kind = SpanKind.CHAT_MODEL.value if "chat" in method else SpanKind.LLM.value
+        else:
+            for cls, value in _KINDS:
+                if isinstance(instance, cls):
+                    kind = value
+                    break
+        _kind_cache[key] = kind
+    return kind
+
+
+class SpanInputs(Mapping[str, Any]):
+    """The arguments of a span's call, read-only and as given.
+
+    Holding them costs the application nothing; when the record is stored (on Scrutiny's
+    writer thread) they are reduced to a light plain form by :meth:`model_dump`: nodes to
+    their ids and scores, query bundles to their query string (not their embedding), prompt
+    templates to their text, chat messages to role and content.
+    """
+
+    __slots__ = ("_arguments",)
+
+    def __init__(self, arguments: Mapping[str, Any]) -> None:
+        self._arguments = arguments
+
+    def __getitem__(self, key: str) -> Any:
+        return self._arguments[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arguments)
+
+    def __len__(self) -> int:
+        return len(self._arguments)
+
+    def __repr__(self) -> str:
+        return f"SpanInputs({dict(self._arguments)!r})"
+
+    def model_dump(self, **_: Any) -> dict[str, Any]:
+        """The stored form (Scrutiny's serializer calls this off the application's thread)."""
+        return {key: _stored(value, 2) for key, value in self._arguments.items()}
+
+
+def _stored(value: Any, depth: int) -> Any:
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, NodeWithScore):
+        return {"node_id": value.node.node_id, "score": value.score}
+    if isinstance(value, QueryBundle):
+        return value.query_str
+    if isinstance(value, ChatMessage):
+        return {"role": str(value.role.value), "content": value.content}
+    if isinstance(value, BasePromptTemplate):
+        try:
+            return {"prompt_template": value.get_template()}
+        except Exception:
+            return {"prompt_template": type(value).__name__}
+    if depth > 0 and isinstance(value, list | tuple):
+        return [_stored(v, depth - 1) for v in value]
+    if depth > 0 and isinstance(value, Mapping):
+        return {str(k): _stored(v, depth - 1) for k, v in value.items()}
+    return value
+
+
+def _query_text(value: Any) -> Any:
+    if isinstance(value, QueryBundle):
+        return value.query_str
+    content = getattr(value, "content", None)  # a ChatMessage
+    if isinstance(content, str) and hasattr(value, "role"):
+        return content
+    return value
+
+
+def main_input(arguments: Mapping[str, Any]) -> Any:
+    """The question a user would name: the query string or the chat message."""
+    for key in _INPUT_KEYS:
+        if key in arguments:
+            return _query_text(arguments[key])
+    if len(arguments) == 1:
+        return _query_text(next(iter(arguments.values())))
+    return dict(arguments) or None
+
+
+def node_text(node: NodeWithScore) -> str:
+    """The text of a retrieved node, without its metadata."""
+    return node.node.get_content(metadata_mode=MetadataMode.NONE)
+
+
+def nodes_view(nodes: list[Any]) -> list[dict[str, Any]]:
+    """Retrieved nodes as plain values: id, score and text."""
+    view = []
+    for n in nodes:
+        if isinstance(n, NodeWithScore):
+            view.append({"node_id": n.node.node_id, "score": n.score, "text": node_text(n)})
+        else:
+            view.append({"node_id": None, "score": None, "text": str(n)})
+    return view
+
+
+def llm_text(response: Any) -> Any:
+    """The text of an LLM response (completion or chat)."""
+    if isinstance(response, CompletionResponse):
+        return response.text
+    if isinstance(response, ChatResponse):
+        return response.message.content
+    return response
+
+
+def _same(result: Any) -> Any:
+    return result
+
+
+def _none(result: Any) -> Any:
+    return None
+
+
+def _response_text(result: Any) -> Any:
+    return result.response
+
+
+def _nodes_or_list(result: Any) -> Any:
+    if result and isinstance(result[0], NodeWithScore):
+        return nodes_view(result)
+    return result
+
+
+_OUTPUTS: dict[type, Any] = {
+    type(None): _same, str: _same, int: _same, float: _same, bool: _same,
+    list: _nodes_or_list,
+}
+_OUTPUT_KINDS: tuple[tuple[Any, Any], ...] = (
+    ((Response, AgentChatResponse, PydanticResponse), _response_text),
+    ((CompletionResponse, ChatResponse), llm_text),
+    ((StreamingResponse, AsyncStreamingResponse, StreamingAgentChatResponse), _none),
+    (list, _nodes_or_list),
+)
+
+
+def span_output(result: Any) -> Any:
+    """What a span's output is stored as; None for streams (filled in when they end)."""
+    convert = _OUTPUTS.get(type(result))
+    if convert is None:
+        convert = _same
+        for classes, fn in _OUTPUT_KINDS:
+            if isinstance(result, classes):
+                convert = fn
+                break
+        else:
+            if hasattr(result, "__next__") or hasattr(result, "__anext__"):
+                convert = _none  # a token generator: its text arrives with the end event
+        if len(_OUTPUTS) < 1_000:
+            _OUTPUTS[type(result)] = convert
+    return convert(result)
+
+
+def embedding_view(value: Any) -> Any:
+    """Embedding vectors are stored as their shape, not their numbers."""
+    if isinstance(value, list) and value:
+        if isinstance(value[0], float | int):
+            return {"dimensions": len(value)}
+        if isinstance(value[0], list):
+            return {"vectors": len(value), "dimensions": len(value[0])}
+    return value
+
+
+def main_output(result: Any) -> Any:
+    """The answer a user would name: the response text (or the retrieved texts)."""
+    if isinstance(result, list) and (not result or isinstance(result[0], NodeWithScore)):
+        return [node_text(n) for n in result]
+    if isinstance(result, StreamingResponse | AsyncStreamingResponse):
+        return result.response_txt  # a stream that had nothing to stream
+    if isinstance(result, StreamingAgentChatResponse):
+        return result.response
+    return span_output(result)
+
+
+def _count(usage: Mapping[str, Any], keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        value = usage.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def usage_of(response: Any) -> TokenUsage | None:
+    """Token usage as the model reported it; None when it reported none (never 0)."""
+    raw = getattr(response, "raw", None)
+    usage: Any = None
+    if isinstance(raw, Mapping):
+        usage = raw.get("usage") or raw.get("usage_metadata")
+    elif raw is not None:
+        usage = getattr(raw, "usage", None) or getattr(raw, "usage_metadata", None)
+    if usage is None:
+        usage = getattr(response, "additional_kwargs", None)
+    if usage is not None and not isinstance(usage, Mapping):
+        dump = getattr(usage, "model_dump", None)
+        usage = dump() if callable(dump) else getattr(usage, "__dict__", None)
+    if not isinstance(usage, Mapping) or not usage:
+        return None
+    prompt = _count(usage, ("prompt_tokens", "input_tokens", "prompt_token_count"))
+    completion = _count(usage, ("completion_tokens", "output_tokens",
+                                "candidates_token_count"))
+    total = _count(usage, ("total_tokens", "total_token_count"))
+    if prompt is None and completion is None and total is None:
+        return None
+    return TokenUsage.total([TokenUsage(prompt, completion, total)])

@@ -1,0 +1,266 @@
+"""`LlamaIndexRecorder`: record the calls of one LlamaIndex object made inside a `with` block.
+
+Inside the block, every root call of the recorded object (a query engine, a chat engine, a
+retriever) becomes one record with its span tree, built from LlamaIndex's own
+instrumentation: Scrutiny's span and event handlers on the root dispatcher (added on first
+use) route each notice through a context variable to the active recorders. Nothing is
+patched; calls outside the block, or of other objects, are not recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from scrutiny.core import (
+    ConfigurationError,
+    Feedback,
+    FeedbackMode,
+    Record,
+    RecordingError,
+    RecordStatus,
+    Session,
+    Span,
+    TokenUsage,
+)
+from scrutiny.integrations.llama_index._convert import main_input, main_output
+from scrutiny.integrations.llama_index._events import FeedbackEventBridge
+from scrutiny.integrations.llama_index._handlers import ensure_installed
+from scrutiny.integrations.llama_index._tracer import (
+    Scope,
+    Trace,
+    active_scopes,
+    describe_error,
+)
+
+__all__ = ["LlamaIndexRecorder", "Recording"]
+
+_CANCELLED = ("CancelledError", "GeneratorExit", "KeyboardInterrupt")
+_FINALIZE_TURNS = 50
+
+
+class Recording:
+    """The records made inside one ``with recorder as recording:`` block.
+
+    A streamed answer's record is added when its stream ends, which may be after the block.
+    """
+
+    def __init__(self, feedback_mode: FeedbackMode | None) -> None:
+        self.feedback_mode = feedback_mode
+        self._records: list[Record] = []
+        self._open = 0  # recorded calls started in the block that have not ended yet
+        self._lock = threading.Lock()
+
+    def _opened(self) -> None:
+        with self._lock:
+            self._open += 1
+
+    def _add(self, record: Record) -> None:
+        with self._lock:
+            self._records.append(record)
+            self._open = max(0, self._open - 1)
+
+    @property
+    def open_calls(self) -> int:
+        """Recorded calls started in the block whose record is not made yet (e.g. a
+        streamed answer that is still being consumed)."""
+        with self._lock:
+            return self._open
+
+    @property
+    def records(self) -> list[Record]:
+        """Every record made in the block, in the order the calls ended."""
+        with self._lock:
+            return list(self._records)
+
+    def get(self) -> Record:
+        """The one record of the block.
+
+        Raises:
+            RecordingError: the block made no record, or several (use `.records`).
+        """
+        records = self.records
+        if len(records) == 1:
+            return records[0]
+        if not records:
+            if self.open_calls:
+                raise RecordingError(
+                    f"no record yet: {self.open_calls} recorded call(s) have not ended; a "
+                    "streamed answer is recorded when its stream has been consumed, closed or "
+                    "released")
+            raise RecordingError(
+                "no record was made in this recording: call the recorded object itself "
+                "inside the `with` block (threads started by hand do not inherit the block: "
+                "run them with contextvars.copy_context().run), and consume a streamed "
+                "answer to the end")
+        raise RecordingError(
+            f"this recording holds {len(records)} records; use recording.records or "
+            "recording[i]")
+
+    def __getitem__(self, index: int) -> Record:
+        return self.records[index]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+
+class LlamaIndexRecorder:
+    """Records a LlamaIndex query engine, chat engine or retriever.
+
+    Args:
+        app: the object whose calls are recorded (calls of other objects are not, even
+            inside the block); its class name is the default app name.
+        app_name, app_version: what the records belong to.
+        feedbacks: evaluated on every record.
+        session: where records go (default: the session created last).
+        feedback_mode: overrides the session's mode for this recorder.
+        tags, metadata: added to every record.
+
+    Raises:
+        ConfigurationError: no app, or a feedback that is not wired.
+
+    Use ``with recorder as recording:`` (or ``async with``); each root call of `app` in the
+    block gives exactly one record, also under threads (run with the block's context) and
+    concurrent asyncio tasks.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        app_name: str | None = None,
+        app_version: str = "v1",
+        feedbacks: Sequence[Feedback] = (),
+        session: Session | None = None,
+        feedback_mode: FeedbackMode | str | None = None,
+        tags: Sequence[str] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if app is None:
+            raise ConfigurationError("LlamaIndexRecorder needs the object to record "
+                                     "(a query engine, chat engine or retriever)")
+        for fb in feedbacks:
+            fb.check_wired()
+        self.app = app
+        self.app_name = app_name or type(app).__name__
+        self.app_version = app_version
+        self.feedbacks = list(feedbacks)
+        self._session = session
+        self.feedback_mode = None if feedback_mode is None else FeedbackMode(feedback_mode)
+        self.tags = list(tags)
+        self.metadata = dict(metadata or {})
+
+    @property
+    def session(self) -> Session:
+        if self._session is None or self._session.closed:
+            self._session = Session.current()
+        return self._session
+
+    def _mode(self) -> FeedbackMode:
+        return self.feedback_mode or self.session.feedback_mode
+
+    # ------------------------------------------------------------------ the block
+    def __enter__(self) -> Recording:
+        ensure_installed()
+        recording = Recording(self.feedback_mode)
+        active_scopes.set((*active_scopes.get(), Scope(self, recording)))
+        return recording
+
+    def _leave(self) -> Recording:
+        scopes = active_scopes.get()
+        for i in range(len(scopes) - 1, -1, -1):
+            if scopes[i].recorder is self:
+                active_scopes.set(scopes[:i] + scopes[i + 1:])
+                return scopes[i].recording
+        raise RecordingError("this recorder's block was left in another context than the "
+                             "one it was entered in")
+
+    def __exit__(self, *exc: object) -> None:
+        recording = self._leave()
+        if self._mode() is FeedbackMode.WITH_APP:
+            for record in recording.records:
+                record.wait_for_feedback_results()
+
+    async def __aenter__(self) -> Recording:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc: object) -> None:
+        recording = self._leave()
+        # An async stream the consumer left early ends when the event loop finalizes its
+        # generators, a few loop turns later: give the loop those turns.
+        for _ in range(_FINALIZE_TURNS):
+            if recording.open_calls == 0:
+                break
+            await asyncio.sleep(0)
+        if self._mode() is FeedbackMode.WITH_APP:
+            await asyncio.gather(*(r.await_feedback_results() for r in recording.records))
+
+    # ------------------------------------------------------------------ records
+    def _trace_finished(self, trace: Trace) -> None:
+        """Build the record of a finished trace and hand it to the session (on the thread
+        that ended the call or its stream)."""
+        record = self._build(trace)
+        trace.scope.recording._add(record)
+        bridge = FeedbackEventBridge(trace.root.span_id, trace.tags)
+        self.session.ingest(record, self.feedbacks, mode=trace.scope.recording.feedback_mode,
+                            listeners=[bridge])
+
+    def _build(self, trace: Trace) -> Record:
+        root = trace.root
+        error = trace.root_error or trace.stream_error
+        if trace.streamed:
+            output: Any = "".join(str(t) for t in trace.tokens)
+            root.outputs = output
+        else:
+            output = main_output(trace.root_result)
+        if error is not None:
+            cancelled = type(error).__name__ in _CANCELLED
+            status = RecordStatus.CANCELLED if cancelled else RecordStatus.ERROR
+            error_text: str | None = describe_error(error)
+        elif not trace.stream_complete:
+            status = RecordStatus.CANCELLED
+            error_text = "the consumer stopped the stream before its end"
+        else:
+            status, error_text = RecordStatus.OK, None
+        metadata = dict(self.metadata)
+        if trace.tags:
+            metadata["instrument_tags"] = dict(trace.tags)
+        return Record(
+            app_name=self.app_name,
+            app_version=self.app_version,
+            input=main_input(root.inputs or {}),
+            output=output,
+            status=status,
+            error=error_text,
+            start_time=root.start_time,
+            end_time=trace.end_time or time.time(),
+            spans=trace.spans,
+            contexts=list(trace.contexts),
+            usage=_usage(trace.spans),
+            tags=list(self.tags),
+            metadata=metadata,
+            framework="llama_index",
+            root_run_id=root.span_id,
+        )
+
+
+def _usage(spans: list[Span]) -> TokenUsage | None:
+    """Total usage of the innermost model calls that reported it (a call that wraps another
+    call, like `acomplete` around `complete`, reports the same tokens again)."""
+    reporting = [s for s in spans if s.usage is not None]
+    if not reporting:
+        return None
+    by_id = {s.span_id: s for s in spans}
+    covered: set[str] = set()
+    for s in reporting:
+        parent = by_id.get(s.parent_id) if s.parent_id is not None else None
+        while parent is not None and parent.span_id not in covered:
+            covered.add(parent.span_id)
+            parent = by_id.get(parent.parent_id) if parent.parent_id is not None else None
+    return TokenUsage.total([s.usage for s in reporting if s.span_id not in covered])
