@@ -185,6 +185,7 @@ class EvaluationLoop:
             default_timeout=self._default_timeout, limiter_for=self._limiter_for,
             executor=self._executor)
         ready.set()
+        self._pool.prestart()
         try:
             self._loop.run_forever()
         finally:

@@ -196,6 +196,8 @@ class Feedback:
         new = copy.copy(self)
         new.bindings = dict(self.bindings)
         new.__dict__.pop("_spec", None)
+        new.__dict__.pop("_id", None)
+        new.__dict__.pop("_definition_row", None)
         return new
 
     # ------------------------------------------------------------------ identity
@@ -220,8 +222,11 @@ class Feedback:
     @property
     def feedback_id(self) -> str:
         """A stable id of the definition (name, implementation and wiring)."""
-        text = repr((self.name, self.implementation, sorted(self.selectors.items())))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        cached = self.__dict__.get("_id")
+        if cached is None:
+            text = repr((self.name, self.implementation, sorted(self.selectors.items())))
+            cached = self.__dict__["_id"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return str(cached)
 
     def check_wired(self) -> None:
         """Raise :class:`ConfigurationError` unless every required parameter is wired."""

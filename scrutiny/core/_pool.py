@@ -36,6 +36,19 @@ class DaemonThreadPool(concurrent.futures.Executor):
         self._lock = threading.Lock()
         self._shutdown = False
 
+    def prestart(self) -> None:
+        """Start every thread now (off the application's thread), so that a burst of work
+        does not pay for thread starts one by one."""
+        with self._lock:
+            while len(self._threads) < self._max and not self._shutdown:
+                self._spawn()
+
+    def _spawn(self) -> None:
+        thread = threading.Thread(target=self._work, daemon=True,
+                                  name=f"{self._prefix}-{len(self._threads)}")
+        self._threads.append(thread)
+        thread.start()
+
     def submit(self, fn: Callable[..., T], /, *args: Any,
                **kwargs: Any) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -44,10 +57,7 @@ class DaemonThreadPool(concurrent.futures.Executor):
                 raise RuntimeError("cannot submit to a pool that is shut down")
             self._queue.put((future, fn, args, kwargs))
             if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
-                thread = threading.Thread(target=self._work, daemon=True,
-                                          name=f"{self._prefix}-{len(self._threads)}")
-                self._threads.append(thread)
-                thread.start()
+                self._spawn()
         return future
 
     def _work(self) -> None:

@@ -16,12 +16,12 @@ import concurrent.futures
 import enum
 import logging
 import threading
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from scrutiny.core._ids import new_uuid
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class Record:
     app_version: str
     input: Any = None
     output: Any = None
-    record_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    record_id: str = field(default_factory=new_uuid)
     status: RecordStatus = RecordStatus.OK
     error: str | None = None
     start_time: float = 0.0
@@ -282,36 +282,54 @@ class _CallbackState:
 
 
 class _ResultSlot:
-    """The current state of one (record, feedback) result and the future of its end."""
+    """The current state of one (record, feedback) result and the future of its end.
 
-    __slots__ = ("_listeners", "_lock", "current", "future")
+    The future is made only when someone asks for it: most results are never awaited one
+    by one, and the application's thread should not pay for a future per feedback.
+    """
+
+    __slots__ = ("_done", "_future", "_listeners", "_lock", "current")
 
     def __init__(self, initial: FeedbackResult) -> None:
         self.current = initial
-        self.future: concurrent.futures.Future[FeedbackResult] = concurrent.futures.Future()
-        self._listeners: list[Callable[[], object]] = []
+        self._future: concurrent.futures.Future[FeedbackResult] | None = None
+        self._listeners: list[Callable[[], object]] | None = None
         self._lock = threading.Lock()
+        self._done = False
+
+    @property
+    def future(self) -> concurrent.futures.Future[FeedbackResult]:
+        with self._lock:
+            if self._future is None:
+                self._future = concurrent.futures.Future()
+                if self._done:
+                    self._future.set_result(self.current)
+            return self._future
 
     def update(self, result: FeedbackResult) -> None:
         """A new state that has been stored (running, or an end state)."""
-        if self.future.done():
-            return  # an end state is final
-        self.current = result
+        if not self._done:  # an end state is final
+            self.current = result
 
     def finish(self, result: FeedbackResult) -> list[Callable[[], object]]:
         """Resolve the future with a stored end state; returns the listeners to notify."""
         with self._lock:
-            if self.future.done():
+            if self._done:
                 return []
+            self._done = True
             self.current = result
-            listeners, self._listeners = self._listeners, []
-        self.future.set_result(result)
+            listeners, self._listeners = self._listeners or [], None
+            future = self._future
+        if future is not None:
+            future.set_result(result)
         return listeners
 
     def on_done(self, listener: Callable[[], object]) -> None:
         """Call `listener()` once the end state is stored (at once if it already is)."""
         with self._lock:
-            if not self.future.done():
+            if not self._done:
+                if self._listeners is None:
+                    self._listeners = []
                 self._listeners.append(listener)
                 return
         listener()

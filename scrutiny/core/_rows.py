@@ -86,7 +86,11 @@ def record_row(record: Record, *, max_bytes: int) -> Row:
 
 
 def definition_row(feedback: Feedback) -> Row:
-    return {
+    """The definition row of a feedback (built once per feedback object)."""
+    cached = feedback.__dict__.get("_definition_row")
+    if cached is not None:
+        return dict(cached)
+    row = {
         "feedback_id": feedback.feedback_id,
         "name": feedback.name,
         "higher_is_better": feedback.higher_is_better,
@@ -95,6 +99,8 @@ def definition_row(feedback: Feedback) -> Row:
         "created_at": datetime.now(timezone.utc),
         "spec_json": _spec_json(feedback),
     }
+    feedback.__dict__["_definition_row"] = row
+    return dict(row)
 
 
 def _spec_json(feedback: Feedback) -> str | None:

@@ -35,6 +35,7 @@ from scrutiny.core._dispatch import (
 from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._feedback import Feedback
 from scrutiny.core._frames import leaderboard_frame, records_frame
+from scrutiny.core._ids import new_hex_id
 from scrutiny.core._records import Record, _ResultSlot
 from scrutiny.core._refs import NotReferenceable
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
@@ -415,10 +416,9 @@ class Session:
         for fb in feedbacks:
             pending = FeedbackResult(
                 record_id=record.record_id, feedback_name=fb.name,
-                status=FeedbackStatus.PENDING, result_id=uuid.uuid4().hex,
+                status=FeedbackStatus.PENDING, result_id=new_hex_id(),
                 feedback_id=fb.feedback_id)
             record._slots[fb] = _ResultSlot(pending)
-            self._higher_is_better[fb.name] = fb.higher_is_better
             job = Job(fb, record, pending, listeners, token)
             jobs.append(job)
             first = policy.initial(job)
@@ -434,32 +434,37 @@ class Session:
             for job in jobs:
                 self._inflight[job.pending.result_id or ""] = job
         max_bytes = self.max_payload_bytes
-        lease = None if token is None else (
-            self.owner_id, token,
-            datetime.now(timezone.utc) + timedelta(seconds=self.lease_seconds))
+        to_run = [job for job, first in zip(jobs, initial, strict=True)
+                  if not first.status.is_final]
 
-        def prepare() -> list[InsertRecord]:
-            return [InsertRecord(
+        def prepare() -> list[InsertRecord]:  # on the writer thread
+            lease = None if token is None else (
+                self.owner_id, token,
+                datetime.now(timezone.utc) + timedelta(seconds=self.lease_seconds))
+            for fb in feedbacks:
+                self._higher_is_better[fb.name] = fb.higher_is_better
+            op = InsertRecord(
                 app=_rows.app_row(record),
                 record=_rows.record_row(record, max_bytes=max_bytes),
                 definitions=[_rows.definition_row(j.feedback) for j in jobs],
                 results=[_rows.result_row(record, r, None if r.is_final else lease)
                          for r in initial],
-            )]
+            )
+            # Start evaluating now, while the insert commits: every update of these
+            # results is queued behind this insert, so nothing is announced before it is
+            # stored, and the evaluation does not wait for the commit.
+            if to_run:
+                policy.dispatch(to_run)
+            return [op]
 
         def after_commit(stored: bool) -> None:
             if not stored:
                 for job in jobs:
                     self._finish(job, _unstored(job.pending))
                 return
-            to_run = []
             for job, first in zip(jobs, initial, strict=True):
                 if first.status.is_final:
                     self._finish(job, first)
-                else:
-                    to_run.append(job)
-            if to_run:
-                policy.dispatch(to_run)
 
         writer.submit(WriteItem(prepare, after_commit))
 
@@ -494,12 +499,13 @@ class Session:
         ))
 
     def _finish(self, job: Job, final: FeedbackResult) -> None:
-        """Runs after the end state is stored: resolve the future, then notify."""
+        """Runs after the end state is stored: resolve the future, then notify (once)."""
+        with self._outstanding_cond:
+            if self._inflight.pop(job.pending.result_id or "", None) is None:
+                return  # already finished (e.g. failed because its record was not stored)
+            self._outstanding_cond.notify_all()
         slot = job.record._slots.get(job.feedback)
         record_listeners = slot.finish(final) if slot is not None else []
-        with self._outstanding_cond:
-            self._inflight.pop(job.pending.result_id or "", None)
-            self._outstanding_cond.notify_all()
         notifier = self._notifier
         if notifier is None:
             return

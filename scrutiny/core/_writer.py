@@ -76,7 +76,8 @@ class StorageWriter:
         with self._cond:
             self._submitted += 1
         self._queue.append(item)
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
         return True
 
     def flush(self, timeout: float | None) -> bool:
@@ -135,12 +136,14 @@ class StorageWriter:
     def _write_batch(self, batch: list[WriteItem]) -> None:
         ops: list[WriteOp] = []
         prepared: list[tuple[WriteItem, Sequence[WriteOp]]] = []
+        unprepared: list[WriteItem] = []
         for item in batch:
             try:
                 item_ops = item.prepare()
             except Exception:
-                logger.exception("scrutiny: preparing a write failed; it is skipped")
-                item_ops = ()
+                logger.exception("scrutiny: preparing a write failed; it is not stored")
+                unprepared.append(item)
+                continue
             prepared.append((item, item_ops))
             ops.extend(item_ops)
         stored = self._commit(ops)
@@ -149,6 +152,7 @@ class StorageWriter:
             results = [(item, self._commit(list(item_ops))) for item, item_ops in prepared]
         else:
             results = [(item, stored) for item, _ in prepared]
+        results += [(item, False) for item in unprepared]
         for item, ok in results:
             if not ok:
                 self.failed += 1

@@ -138,6 +138,8 @@ class SQLStore:
         self.engine = _make_engine(url)
         self._dialect = self.engine.dialect.name
         self.found_revision: str | None = None
+        self._known_apps: set[str] = set()  # rows this store has written (skip re-inserts)
+        self._known_definitions: set[str] = set()
         self._create_schema(migrate)
 
     def _create_schema(self, policy: MigratePolicy) -> None:
@@ -172,14 +174,16 @@ class SQLStore:
                 results.extend(op.results)
             else:
                 updates.append(op)
+        new_apps = [a for k, a in apps.items() if k not in self._known_apps]
+        new_definitions = [d for k, d in definitions.items()
+                           if k not in self._known_definitions]
         with self.engine.connect() as conn:
             conn = conn.execution_options(**{_WRITE: True})
             with conn.begin():
-                if apps:
-                    self._insert_missing(conn, t.apps, "app_id", list(apps.values()))
-                if definitions:
-                    self._insert_missing(conn, t.definitions, "feedback_id",
-                                         list(definitions.values()))
+                if new_apps:
+                    self._insert_missing(conn, t.apps, "app_id", new_apps)
+                if new_definitions:
+                    self._insert_missing(conn, t.definitions, "feedback_id", new_definitions)
                 if records:
                     conn.execute(t.records.insert(), records)
                 if results:
@@ -191,6 +195,8 @@ class SQLStore:
                         .where(t.results.c.worker_id == r.worker_id)
                         .where(t.results.c.status.in_(("pending", "running")))
                         .values(lease_expires_at=r.expires_at))
+        self._known_apps.update(a["app_id"] for a in new_apps)
+        self._known_definitions.update(d["feedback_id"] for d in new_definitions)
 
     def _apply_updates(self, conn: Connection, updates: list[UpdateResult]) -> None:
         """Apply result updates, one executemany per shape of update."""

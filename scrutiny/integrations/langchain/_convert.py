@@ -39,6 +39,11 @@ def _from_mapping(value: Mapping[str, Any], keys: Sequence[str]) -> Any:
 
 
 def _plain(value: Any, keys: Sequence[str]) -> Any:
+    kind = type(value)
+    if kind is str or kind is int or kind is float or value is None:
+        return value
+    if kind is dict:
+        return _from_mapping(value, keys)
     if isinstance(value, BaseMessage):
         return _message_text(value)
     if isinstance(value, Mapping):

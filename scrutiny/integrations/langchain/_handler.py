@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import inspect
 import logging
 import sys
@@ -19,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
@@ -58,6 +57,9 @@ FEEDBACK_EVENT = "scrutiny.feedback_result"
 _F = TypeVar("_F", bound=Callable[..., None])
 
 _STOPPED_EARLY = "cancelled: the consumer stopped the stream early"
+_RETRIEVER = SpanKind.RETRIEVER.value
+_CHAIN = SpanKind.CHAIN.value
+
 
 _DISPATCH_CODES = {handle_event.__code__, ahandle_event.__code__}
 
@@ -97,18 +99,10 @@ def _run_handlers(default: BaseCallbackHandler) -> list[BaseCallbackHandler]:
     return [default]
 
 
-def _never_raises(method: _F) -> _F:
-    """Run a LangChain callback; a failure of ours is logged and never reaches the app."""
-
-    @functools.wraps(method)
-    def safe(self: ScrutinyCallbackHandler, *args: Any, **kwargs: Any) -> None:
-        try:
-            method(self, *args, **kwargs)
-        except Exception:
-            logger.exception("scrutiny: handling %s failed; the application is not affected",
-                             method.__name__)
-
-    return cast(_F, safe)
+def _log_failure(callback: str) -> None:
+    """A failure of ours inside a LangChain callback: logged, never raised into the app."""
+    logger.exception("scrutiny: handling %s failed; the application is not affected",
+                     callback)
 
 
 class ScrutinyCallbackHandler(BaseCallbackHandler):
@@ -195,9 +189,9 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 parent_id = None
             else:
                 root = parent[1]
-                parent_id = str(parent_run_id)
-            span = Span(str(run_id), parent_id, name, kind, time.time(), inputs=inputs,
-                        model=model, tags=list(tags) if tags else [])
+                parent_id = parent[0].span_id
+            span = Span(str(run_id), parent_id, name, kind, time.time(), None, inputs, None,
+                        None, None, model, tags or [], {})
             root.spans.append(span)
             root.run_ids.append(run_id)
             self._runs[run_id] = (span, root)
@@ -227,7 +221,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         root = self._roots.pop(run_id)
         for rid in root.run_ids:
             self._runs.pop(rid, None)
-        contexts = [document_text(d) for s in root.spans if s.kind == SpanKind.RETRIEVER.value
+        contexts = [document_text(d) for s in root.spans if s.kind == _RETRIEVER
                     and isinstance(s.outputs, list) for d in s.outputs]
         # Child runs still open when the root ends: the consumer stopped a stream early.
         # LangChain then ends a sync stream's root run normally (it swallows the
@@ -289,24 +283,30 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         return self.feedback_mode
 
     # ------------------------------------------------------------------ chains
-    @_never_raises
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *,
                        run_id: UUID, parent_run_id: UUID | None = None,
                        tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
                        **kwargs: Any) -> None:
-        kind = kwargs.get("run_type") or SpanKind.CHAIN.value
-        self._start(run_id, parent_run_id, _name(serialized, kwargs), kind, inputs, tags,
-                    metadata)
+        try:
+            kind = kwargs.get("run_type") or _CHAIN
+            self._start(run_id, parent_run_id, _name(serialized, kwargs), kind, inputs, tags,
+                        metadata)
+        except Exception:
+            _log_failure("on_chain_start")
 
-    @_never_raises
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._streamed_inputs(run_id, kwargs)
-        self._end(run_id, outputs)
+        try:
+            self._streamed_inputs(run_id, kwargs)
+            self._end(run_id, outputs)
+        except Exception:
+            _log_failure("on_chain_end")
 
-    @_never_raises
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._streamed_inputs(run_id, kwargs)
-        self._end(run_id, error=error)
+        try:
+            self._streamed_inputs(run_id, kwargs)
+            self._end(run_id, error=error)
+        except Exception:
+            _log_failure("on_chain_error")
 
     def _streamed_inputs(self, run_id: UUID, kwargs: dict[str, Any]) -> None:
         """A streamed run's input is only known at its end."""
@@ -315,80 +315,102 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             entry[0].inputs = kwargs["inputs"]
 
     # ------------------------------------------------------------------ models
-    @_never_raises
     def on_chat_model_start(self, serialized: dict[str, Any] | None, messages: Any, *,
                             run_id: UUID, parent_run_id: UUID | None = None,
                             tags: list[str] | None = None,
                             metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        inputs = messages[0] if isinstance(messages, list) and len(messages) == 1 else messages
-        self._start(run_id, parent_run_id, _name(serialized, kwargs),
-                    SpanKind.CHAT_MODEL.value, inputs, tags, metadata, _model(kwargs, metadata))
+        try:
+            inputs = messages[0] if isinstance(messages, list) and len(messages) == 1 else messages
+            self._start(run_id, parent_run_id, _name(serialized, kwargs),
+                        SpanKind.CHAT_MODEL.value, inputs, tags, metadata, _model(kwargs, metadata))
+        except Exception:
+            _log_failure("on_chat_model_start")
 
-    @_never_raises
     def on_llm_start(self, serialized: dict[str, Any] | None, prompts: list[str], *,
                      run_id: UUID, parent_run_id: UUID | None = None,
                      tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
                      **kwargs: Any) -> None:
-        inputs = prompts[0] if len(prompts) == 1 else prompts
-        self._start(run_id, parent_run_id, _name(serialized, kwargs), SpanKind.LLM.value,
-                    inputs, tags, metadata, _model(kwargs, metadata))
+        try:
+            inputs = prompts[0] if len(prompts) == 1 else prompts
+            self._start(run_id, parent_run_id, _name(serialized, kwargs), SpanKind.LLM.value,
+                        inputs, tags, metadata, _model(kwargs, metadata))
+        except Exception:
+            _log_failure("on_llm_start")
 
-    @_never_raises
     def on_llm_new_token(self, token: str | list[str | dict[str, Any]], *, run_id: UUID,
                          **kwargs: Any) -> None:
-        entry = self._runs.get(run_id)
-        if entry is not None:
-            if not isinstance(token, str):
-                token = "".join(t if isinstance(t, str) else str(t.get("text", ""))
-                                for t in token)
-            entry[1].tokens.append(token)
+        try:
+            entry = self._runs.get(run_id)
+            if entry is not None:
+                if not isinstance(token, str):
+                    token = "".join(t if isinstance(t, str) else str(t.get("text", ""))
+                                    for t in token)
+                entry[1].tokens.append(token)
+        except Exception:
+            _log_failure("on_llm_new_token")
 
-    @_never_raises
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
-            outputs, usage = llm_output(response), usage_of(response)
+            try:
+                outputs, usage = llm_output(response), usage_of(response)
+            except Exception:
+                outputs, usage = response, None
+            self._end(run_id, outputs, usage=usage)
         except Exception:
-            outputs, usage = response, None
-        self._end(run_id, outputs, usage=usage)
+            _log_failure("on_llm_end")
 
-    @_never_raises
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._end(run_id, error=error)
+        try:
+            self._end(run_id, error=error)
+        except Exception:
+            _log_failure("on_llm_error")
 
     # ------------------------------------------------------------------ retrievers, tools
-    @_never_raises
     def on_retriever_start(self, serialized: dict[str, Any] | None, query: str, *,
                            run_id: UUID, parent_run_id: UUID | None = None,
                            tags: list[str] | None = None,
                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self._start(run_id, parent_run_id, _name(serialized, kwargs),
-                    SpanKind.RETRIEVER.value, query, tags, metadata)
+        try:
+            self._start(run_id, parent_run_id, _name(serialized, kwargs),
+                        SpanKind.RETRIEVER.value, query, tags, metadata)
+        except Exception:
+            _log_failure("on_retriever_start")
 
-    @_never_raises
     def on_retriever_end(self, documents: Sequence[Any], *, run_id: UUID,
                          **kwargs: Any) -> None:
-        self._end(run_id, list(documents))
+        try:
+            self._end(run_id, list(documents))
+        except Exception:
+            _log_failure("on_retriever_end")
 
-    @_never_raises
     def on_retriever_error(self, error: BaseException, *, run_id: UUID,
                            **kwargs: Any) -> None:
-        self._end(run_id, error=error)
+        try:
+            self._end(run_id, error=error)
+        except Exception:
+            _log_failure("on_retriever_error")
 
-    @_never_raises
     def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *,
                       run_id: UUID, parent_run_id: UUID | None = None,
                       tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
                       inputs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        self._start(run_id, parent_run_id, _name(serialized, kwargs), SpanKind.TOOL.value,
-                    inputs if inputs is not None else input_str, tags, metadata)
+        try:
+            self._start(run_id, parent_run_id, _name(serialized, kwargs), SpanKind.TOOL.value,
+                        inputs if inputs is not None else input_str, tags, metadata)
+        except Exception:
+            _log_failure("on_tool_start")
 
-    @_never_raises
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._end(run_id, output)
+        try:
+            self._end(run_id, output)
+        except Exception:
+            _log_failure("on_tool_end")
 
-    @_never_raises
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._end(run_id, error=error)
+        try:
+            self._end(run_id, error=error)
+        except Exception:
+            _log_failure("on_tool_error")
 
     # ------------------------------------------------------------------ surfacing
     def on_feedback_result(self, result: FeedbackResult, record: Record) -> None:
