@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	rm -rf build/demo && mkdir -p build/demo
 	cd build/demo && ../../$(PY) ../../examples/quickstart.py
+	cd build/demo && ../../$(PY) ../../examples/llama_index_quickstart.py
+	cd build/demo && ../../$(PY) ../../examples/providers_quickstart.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check scrutiny tests examples bench
@@ -37,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/throughput.py
 	$(PY) bench/visibility.py
+	$(PY) bench/llama_index_overhead.py
 	$(PY) bench/judge_throughput.py
 	$(PY) bench/deferred.py
 
