@@ -628,3 +628,14 @@ def test_rate_limit_holds_its_rate(db_url: str) -> None:
     assert len(starts) == 6
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert min(gaps) >= 0.2, gaps  # spaced out, not all at once
+
+
+def test_a_timeout_error_raised_by_the_function_is_not_called_our_timeout(
+        session: Session) -> None:
+    async def network(output: str) -> float:
+        raise TimeoutError("upstream read timed out")
+
+    fb = Feedback(network, timeout=30).on_output()
+    result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+    assert result.status is FeedbackStatus.FAILED
+    assert result.error == "TimeoutError: upstream read timed out"

@@ -51,6 +51,7 @@ class Job:
     pending: FeedbackResult
     listeners: Sequence[Callable[[FeedbackResult, Record], object]] = ()
     lease_token: str | None = None
+    running_timer: asyncio.TimerHandle | None = None
 
 
 ResultHook = Callable[[Job, FeedbackResult], None]
@@ -241,6 +242,7 @@ class EvaluationLoop:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.join(0.5)  # idle threads end at once; a stuck sync feedback is not waited
         return unfinished
 
     # ------------------------------------------------------------------ on the loop

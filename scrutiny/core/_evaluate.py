@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import random
+import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime, timezone
@@ -56,6 +57,31 @@ def _retry_after(exc: BaseException) -> float | None:
         except (TypeError, ValueError, AttributeError):
             return None
     return None
+
+
+async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
+    """Await with a deadline, without wrapping a coroutine in a task of its own.
+
+    Raises:
+        FeedbackTimeout: the deadline passed (a TimeoutError the function raised itself
+            stays what it is).
+    """
+    if timeout is None:
+        return await awaitable
+    if sys.version_info >= (3, 11):
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                return await awaitable
+        except TimeoutError:
+            if deadline.expired():
+                raise FeedbackTimeout(f"timed out after {timeout:g} s",
+                                      timeout=timeout) from None
+            raise
+    try:  # pragma: no cover - Python 3.10
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:  # pragma: no cover
+        raise FeedbackTimeout(f"timed out after {timeout:g} s", timeout=timeout) from None
 
 
 def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any]) -> Any:
@@ -117,11 +143,15 @@ class Evaluator:
         except Exception as exc:
             return self._end(pending, FeedbackStatus.FAILED, started,
                              error=f"selecting the arguments failed: {describe_error(exc)}")
-        running = dataclasses.replace(pending, status=FeedbackStatus.RUNNING,
+        running = pending.evolve(status=FeedbackStatus.RUNNING,
                                       started_at=started, attempts=1)
         on_started(running)
         with evaluation_cost_scope() as cost:
-            outcomes = await asyncio.gather(*(self._call(feedback, args) for args in calls))
+            if len(calls) == 1:  # the common case: no extra task for a gather
+                outcomes = [await self._call(feedback, calls[0])]
+            else:
+                outcomes = list(await asyncio.gather(
+                    *(self._call(feedback, args) for args in calls)))
         return self._verdict(feedback, pending, started, outcomes, dict(cost) or None)
 
     # ------------------------------------------------------------------ one call
@@ -181,13 +211,9 @@ class Evaluator:
             loop = asyncio.get_running_loop()
             ctx = contextvars.copy_context()
             awaitable = loop.run_in_executor(self._pool, lambda: ctx.run(fn, **args))
-        try:
-            value = await asyncio.wait_for(awaitable, timeout)
-        except asyncio.TimeoutError:
-            raise FeedbackTimeout(
-                f"timed out after {timeout:g} s", timeout=timeout or 0.0) from None
+        value = await _within(awaitable, timeout)
         if asyncio.iscoroutine(value):  # a sync wrapper that returned a coroutine
-            value = await asyncio.wait_for(value, timeout)
+            value = await _within(value, timeout)
         return value
 
     # ------------------------------------------------------------------ the verdict
@@ -199,8 +225,7 @@ class Evaluator:
         done = [o for o in outcomes if o.status is FeedbackStatus.DONE]
 
         def end(status: FeedbackStatus, **values: Any) -> FeedbackResult:
-            return dataclasses.replace(
-                pending, status=status, started_at=started,
+            return pending.evolve(status=status, started_at=started,
                 ended_at=datetime.now(timezone.utc), calls=calls, attempts=attempts,
                 cost=cost, **values)
 
@@ -231,8 +256,7 @@ class Evaluator:
     def _end(pending: FeedbackResult, status: FeedbackStatus, started: datetime, *,
              error: str) -> FeedbackResult:
         """An end state reached before any call was made."""
-        return dataclasses.replace(
-            pending, status=status, error=error, started_at=started,
+        return pending.evolve(status=status, error=error, started_at=started,
             ended_at=datetime.now(timezone.utc))
 
     def _log_failure(self, feedback: Feedback, reason: str) -> None:

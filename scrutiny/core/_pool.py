@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -88,6 +89,13 @@ class DaemonThreadPool(concurrent.futures.Executor):
                     item[0].cancel()
         self._queue.put(None)
         if wait:
-            for thread in list(self._threads):
-                if thread is not threading.current_thread():
-                    thread.join()
+            self.join(None)
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait (at most `timeout` seconds in all) for the threads to end after shutdown."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in list(self._threads):
+            if thread is threading.current_thread():
+                continue
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)

@@ -81,6 +81,18 @@ class FeedbackResult:
     result_id: str | None = None
     feedback_id: str | None = None
 
+    def evolve(self, **changes: Any) -> FeedbackResult:
+        """A copy with some fields changed (a cheaper `dataclasses.replace`)."""
+        values: dict[str, Any] = {
+            "record_id": self.record_id, "feedback_name": self.feedback_name,
+            "status": self.status, "result": self.result, "explanation": self.explanation,
+            "error": self.error, "attempts": self.attempts, "created_at": self.created_at,
+            "started_at": self.started_at, "ended_at": self.ended_at, "cost": self.cost,
+            "calls": self.calls, "result_id": self.result_id, "feedback_id": self.feedback_id,
+        }
+        values.update(changes)
+        return FeedbackResult(**values)
+
     @property
     def score(self) -> float | None:
         """Alias of :attr:`result`."""

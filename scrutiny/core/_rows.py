@@ -151,12 +151,20 @@ def result_update_values(result: FeedbackResult, *, max_bytes: int) -> Row:
         "ended_at": result.ended_at,
         "updated_at": datetime.now(timezone.utc),
         "cost_json": _serialize.dumps(result.cost) if result.cost is not None else None,
-        "calls_json": _serialize.dumps([c.as_dict() for c in result.calls],
-                                       max_bytes=max_bytes) if result.calls else None,
+        "calls_json": _calls_json(result, max_bytes),
     }
     if result.is_final:
         values["lease_expires_at"] = None
     return values
+
+
+def _calls_json(result: FeedbackResult, max_bytes: int) -> str | None:
+    """The calls of a fanned-out feedback (a single call adds nothing the result and its
+    record do not already hold, unless it left metadata such as a raw judge answer)."""
+    calls = result.calls
+    if not calls or (len(calls) == 1 and not calls[0].metadata):
+        return None
+    return _serialize.dumps([c.as_dict() for c in calls], max_bytes=max_bytes)
 
 
 def _span_from(d: dict[str, Any]) -> Span:

@@ -8,6 +8,7 @@ future resolves and before any callback runs.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import enum
@@ -60,6 +61,9 @@ logger = logging.getLogger("scrutiny")
 
 DEFAULT_DATABASE_URL = "sqlite:///scrutiny.sqlite"
 ENV_DATABASE_URL = "SCRUTINY_DATABASE_URL"
+
+RUNNING_AFTER = 0.25
+"""Seconds an evaluation runs before its `running` status is stored."""
 
 ResultListener = Callable[[FeedbackResult, Record], object]
 """Called with each stored end state (done, failed, skipped) and its record."""
@@ -426,8 +430,8 @@ class Session:
                 try:
                     fb.spec()
                 except NotReferenceable as exc:
-                    first = dataclasses.replace(
-                        pending, status=FeedbackStatus.FAILED, ended_at=pending.created_at,
+                    first = pending.evolve(
+                        status=FeedbackStatus.FAILED, ended_at=pending.created_at,
                         error=f"cannot be evaluated by a worker: {exc}")
             initial.append(first)
         with self._outstanding_cond:
@@ -470,8 +474,17 @@ class Session:
 
     # ------------------------------------------------------------------ results (loop side)
     def _on_running(self, job: Job, running: FeedbackResult) -> None:
+        """Runs on the evaluation loop when an evaluation starts. Its `running` status is
+        stored once it has run RUNNING_AFTER seconds: quick ones go straight from pending to
+        their end state without a write in between."""
+        if self._writer is None or job.pending.attempts:  # a claimed row is running already
+            return
+        job.running_timer = asyncio.get_running_loop().call_later(
+            RUNNING_AFTER, self._store_running, job, running)
+
+    def _store_running(self, job: Job, running: FeedbackResult) -> None:
         writer = self._writer
-        if writer is None or job.pending.attempts:  # a claimed row is already running
+        if writer is None:
             return
         slot = job.record._slots.get(job.feedback)
         writer.submit(WriteItem(
@@ -483,9 +496,10 @@ class Session:
         ))
 
     def _on_final(self, job: Job, final: FeedbackResult) -> None:
+        if job.running_timer is not None:
+            job.running_timer.cancel()
         if job.pending.attempts:  # claimed by a worker: count earlier claims too
-            final = dataclasses.replace(
-                final, attempts=job.pending.attempts - 1 + max(final.attempts, 1))
+            final = final.evolve(attempts=job.pending.attempts - 1 + max(final.attempts, 1))
         writer = self._writer
         if writer is None:
             self._finish(job, final)

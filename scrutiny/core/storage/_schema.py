@@ -27,27 +27,48 @@ from sqlalchemy import (
     Table,
     Text,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.types import TypeDecorator
 
 __all__ = ["HEAD_REVISION", "Tables", "UTCDateTime", "build_tables"]
 
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 """The newest migration; keep it equal to the last file in migrations/versions."""
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes in, timezone-aware UTC datetimes out, on every backend."""
+    """Timezone-aware UTC datetimes in, timezone-aware UTC datetimes out, on every backend.
+
+    On SQLite the value is bound as the fixed-width text SQLAlchemy's own SQLite DATETIME
+    stores (``YYYY-MM-DD HH:MM:SS.ffffff``, UTC), formatted here in one C call instead of
+    SQLAlchemy's per-value Python formatting: the same bytes on disk, sortable as text.
+    """
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(_SQLiteUTCText())
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: Scrutiny stores UTC-aware datetimes")
-        value = value.astimezone(timezone.utc)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        if dialect.name == "sqlite":
+            return self.sqlite_text(value)
+        return value.astimezone(timezone.utc) if value.utcoffset() else value
+
+    @staticmethod
+    def sqlite_text(value: datetime) -> str:
+        """The stored text of an aware datetime on SQLite (UTC, fixed width)."""
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: Scrutiny stores UTC-aware datetimes")
+        if value.utcoffset():
+            value = value.astimezone(timezone.utc)
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -56,6 +77,15 @@ class UTCDateTime(TypeDecorator[datetime]):
         if moment.tzinfo is None:
             return moment.replace(tzinfo=timezone.utc)
         return moment.astimezone(timezone.utc)
+
+
+class _SQLiteUTCText(String):
+    """DATETIME in the DDL (as before), plain text on the wire."""
+
+
+@compiles(_SQLiteUTCText, "sqlite")
+def _sqlite_utc_text_ddl(element: _SQLiteUTCText, compiler: Any, **kw: Any) -> str:
+    return "DATETIME"
 
 
 @dataclass(frozen=True)
@@ -103,6 +133,8 @@ def build_tables(prefix: str = "scrutiny_") -> Tables:
         Column("created_at", UTCDateTime, nullable=False),
         Index(f"{prefix}ix_records_app_time", "app_id", "start_time"),
         Index(f"{prefix}ix_records_time", "start_time"),
+        Index(f"{prefix}ix_records_app_summary", "app_id", "app_name", "app_version",
+              "latency_s", "total_tokens"),
     )
     definitions = Table(
         f"{prefix}feedback_definitions", md,
@@ -138,7 +170,8 @@ def build_tables(prefix: str = "scrutiny_") -> Tables:
         Column("lease_expires_at", UTCDateTime),
         Index(f"{prefix}ix_results_record", "record_id"),
         Index(f"{prefix}ix_results_status", "status"),
-        Index(f"{prefix}ix_results_app_feedback", "app_id", "feedback_name", "status"),
+        Index(f"{prefix}ix_results_app_feedback_score", "app_id", "feedback_name", "status",
+              "score"),
         Index(f"{prefix}ix_results_claim", "status", "lease_expires_at"),
     )
     return Tables(md, apps, records, definitions, results)

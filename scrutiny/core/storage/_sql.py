@@ -43,7 +43,7 @@ from scrutiny.core.storage._base import (
     WriteOp,
 )
 from scrutiny.core.storage._migrate import MigratePolicy, ensure_schema
-from scrutiny.core.storage._schema import Tables, build_tables
+from scrutiny.core.storage._schema import Tables, UTCDateTime, build_tables
 
 __all__ = ["SQLStore", "redact_url"]
 
@@ -138,6 +138,8 @@ class SQLStore:
         self.engine = _make_engine(url)
         self._dialect = self.engine.dialect.name
         self.found_revision: str | None = None
+        self._compiled: dict[tuple[Any, ...],
+                             tuple[str, list[str], dict[str, Any], list[int], bool]] = {}
         self._known_apps: set[str] = set()  # rows this store has written (skip re-inserts)
         self._known_definitions: set[str] = set()
         self._create_schema(migrate)
@@ -185,9 +187,9 @@ class SQLStore:
                 if new_definitions:
                     self._insert_missing(conn, t.definitions, "feedback_id", new_definitions)
                 if records:
-                    conn.execute(t.records.insert(), records)
+                    self._executemany(conn, ("insert", "records"), t.records.insert(), records)
                 if results:
-                    conn.execute(t.results.insert(), results)
+                    self._executemany(conn, ("insert", "results"), t.results.insert(), results)
                 self._apply_updates(conn, updates)
                 for r in renewals:
                     conn.execute(
@@ -216,7 +218,43 @@ class SQLStore:
             if guarded:
                 stmt = stmt.where(t.c.lease_token == bindparam("w_lease_token"))
             stmt = stmt.values({c: bindparam(f"v_{c}") for c in columns})
-            conn.execute(stmt, rows)
+            self._executemany(conn, ("update", columns, from_statuses, guarded), stmt, rows)
+
+    def _executemany(self, conn: Connection, key: tuple[Any, ...], stmt: Any,
+                     rows: list[Row]) -> None:
+        """Run `stmt` once per row through the driver's executemany.
+
+        The statement is compiled once per shape; rows go to the driver as they are, with
+        datetimes turned into SQLite's stored text here — SQLAlchemy's per-value bind
+        processing cost more than the database itself on the writer's hot path (records,
+        results and their updates). PostgreSQL's driver takes the aware datetimes as they
+        are.
+        """
+        names = tuple(rows[0].keys())
+        cache_key = (*key, names)
+        entry = self._compiled.get(cache_key)
+        if entry is None:
+            compiled = stmt.compile(dialect=self.engine.dialect, column_keys=list(names))
+            defaults = compiled.params  # rendered bind name -> value (literals included)
+            order = list(compiled.positiontup) if compiled.positional else list(defaults)
+            fixed = {k: v for k, v in defaults.items() if k not in names}
+            table = stmt.table
+            dates = [i for i, n in enumerate(order) if n in names and isinstance(
+                getattr(table.c.get(n.removeprefix("v_")), "type", None), UTCDateTime)]
+            entry = self._compiled[cache_key] = (str(compiled), order, fixed,
+                                                 dates if self._dialect == "sqlite" else [],
+                                                 compiled.positional)
+        sql, order, fixed, dates, positional = entry
+        text = UTCDateTime.sqlite_text
+        params: list[Any] = []
+        for row in rows:
+            values = [row[n] if n in row else fixed[n] for n in order]
+            for i in dates:
+                if values[i] is not None:
+                    values[i] = text(values[i])
+            params.append(tuple(values) if positional else dict(zip(order, values,
+                                                                       strict=True)))
+        conn.exec_driver_sql(sql, params)
 
     def results_final(self, result_ids: Sequence[str]) -> list[Row]:
         """The rows of those of these results that have an end state."""
