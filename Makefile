@@ -6,6 +6,9 @@ STAMP := $(VENV)/.scrutiny-installed
 
 .PHONY: setup demo test lint typecheck unit bench clean
 
+# The browser tests drive Debian's Chromium (no browser downloads here); install it once.
+CHROMIUM := /usr/bin/chromium
+
 setup: $(STAMP)
 
 # torch first and pinned: it comes from the machine's local CPU wheel, where an unpinned
@@ -30,7 +33,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-unit: $(STAMP)
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends chromium fonts-liberation
+
+unit: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test: lint typecheck unit
@@ -42,6 +49,7 @@ bench: $(STAMP)
 	$(PY) bench/llama_index_overhead.py
 	$(PY) bench/judge_throughput.py
 	$(PY) bench/deferred.py
+	$(PY) bench/dashboard.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -205,5 +205,87 @@ def leaderboard(database_url: str | None, table_prefix: str, apps: tuple[str, ..
         click.echo(board.to_string() if not board.empty else "no records")
 
 
+# ---------------------------------------------------------------------- dashboard
+def _url_password(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).password is not None
+    except ArgumentError:
+        return False
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    """The path of a SQLite database file that does not exist (None otherwise)."""
+    import os
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or path in (None, "", ":memory:"):
+        return None
+    return None if os.path.exists(path) or path.startswith("file:") else path
+
+
+@main.command()
+@_URL
+@_PREFIX
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback requires an access token.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on; 0 picks a free one.")
+@click.option("--token", envvar="SCRUTINY_DASHBOARD_TOKEN", metavar="TOKEN",
+              help="Access token every request must carry (default: "
+                   "$SCRUTINY_DASHBOARD_TOKEN, which keeps it out of `ps`).")
+def dashboard(database_url: str | None, table_prefix: str, host: str, port: int,
+              token: str | None) -> None:
+    """Serve the read-only web dashboard until Ctrl-C."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    if (database_url and ctx.get_parameter_source("database_url") is ParameterSource.COMMANDLINE
+            and _url_password(database_url)):
+        _fail("the database URL holds a password, and every user can read a command line "
+              "(ps); put the URL in $SCRUTINY_DATABASE_URL instead of --database-url")
+    if token and ctx.get_parameter_source("token") is ParameterSource.COMMANDLINE:
+        click.echo("scrutiny: note: --token is visible to other users in `ps`; prefer "
+                   "$SCRUTINY_DASHBOARD_TOKEN", err=True)
+    try:
+        from scrutiny.dashboard import start_dashboard
+    except ModuleNotFoundError as exc:
+        _fail(f"the dashboard needs the extra: pip install 'scrutiny[dashboard]' ({exc})")
+        return
+    missing = _missing_sqlite_file(database_url or _default_url())
+    if missing is not None:
+        _fail(f"no database at {missing}: record something first, or point "
+              "$SCRUTINY_DATABASE_URL (or --database-url) at your database")
+    session = _session(database_url, table_prefix, migrate="refuse")
+    try:
+        handle = start_dashboard(session, host=host, port=port, token=token)
+    except ScrutinyError as exc:
+        session.close()
+        _fail(str(exc))
+        return
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    click.echo(f"Scrutiny dashboard: {handle.url}")
+    click.echo(f"reading {session._redacted_url()} (read-only); Ctrl-C stops it", err=True)
+    while not stopping.wait(1.0) and handle.running:
+        pass
+    handle.stop()
+    session.close()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,217 @@
+"""The dashboard page in headless Chromium (Debian's `chromium`, driven by Playwright).
+
+Skipped when Playwright or Chromium is missing, unless ``SCRUTINY_REQUIRE_BROWSER=1`` (set
+by CI), which makes that a failure. ``SCRUTINY_DOCS_SCREENSHOTS=1`` also writes the record
+view's screenshot to ``docs/record-view.png`` (and the overview to ``docs/dashboard.png``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+from scrutiny import Feedback, Session
+from tests.test_dashboard_api import SCRIPT, TOKEN, fill, rag_record
+
+CHROMIUM = os.environ.get("SCRUTINY_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-quic"]
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+WAIT_MS = 15_000
+
+
+class Seen:
+    """What a page did that a test must see: dialogs opened, JavaScript errors."""
+
+    def __init__(self) -> None:
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+
+
+SEEN: dict[int, Seen] = {}
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("SCRUTINY_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"SCRUTINY_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("Playwright is not installed (pip install playwright)")
+    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+        _missing(f"Chromium is not at {CHROMIUM} (apt-get install -y chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    seen = Seen()
+    pg.on("dialog", lambda d: (seen.dialogs.append(d.message), d.dismiss()))
+    pg.on("pageerror", lambda e: seen.errors.append(str(e)))
+    SEEN[id(pg)] = seen
+    yield pg
+    context.close()
+    del SEEN[id(pg)]
+    assert seen.errors == [], "the page raised JavaScript errors"
+
+
+
+@pytest.fixture
+def served(database_url: str) -> Iterator[tuple[Session, str, list[Any]]]:
+    session = Session(database_url)
+    records = fill(session)
+    handle = session.run_dashboard()
+    try:
+        yield session, handle.url, records
+    finally:
+        handle.stop()
+        session.close()
+
+
+def _screenshot(page: Any, tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    if os.environ.get("SCRUTINY_DOCS_SCREENSHOTS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        shutil.copyfile(path, DOCS / name)
+
+
+def test_leaderboard_and_a_records_span_tree(page: Any, served: Any, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    _session, url, records = served
+    page.goto(url)
+    board = page.locator("#leaderboard table")
+    expect(board.locator("tbody tr")).to_have_count(3)
+    expect(board.locator("thead")).to_contain_text("quality ↑")
+    expect(board.locator("thead")).to_contain_text("verbosity ↓")
+    v2 = board.locator("tr[data-app='qa:v2']")
+    expect(v2.locator("td[data-feedback='quality'] .mean")).to_have_text("0.900")
+    expect(v2.locator("td[data-feedback='broken']")).to_contain_text("1 failed")
+    expect(page.locator("#records tbody tr")).to_have_count(8)
+    expect(page.locator("#chart-scores .dist-row")).to_have_count(3)
+    expect(page.locator("#chart-latency circle")).to_have_count(8)
+    _screenshot(page, tmp_path, "dashboard.png")
+
+    target = records[5]
+    page.locator(f"#records tr[data-record-id='{target.record_id}'] a").click()
+    spans = page.locator(".waterfall .wf-row[data-span-id]")
+    expect(spans).to_have_count(5)
+    expect(spans.nth(0)).to_contain_text("RunnableSequence")
+    expect(spans.nth(3)).to_contain_text("ChatOpenAI")
+    expect(spans.nth(3).locator(".wf-dur")).to_have_text("910 ms")
+    assert [spans.nth(i).get_attribute("data-depth") for i in range(5)] == [
+        "0", "1", "1", "1", "1"]
+    expect(page.locator("#record-input")).to_have_text(target.input)
+    expect(page.locator("ol.contexts li")).to_have_count(2)
+    expect(page.locator(".card[data-feedback='quality'] .big")).to_have_text("0.900")
+    expect(page.locator(".card[data-feedback='quality']")).to_contain_text(
+        "The answer names a city from the context.")
+    expect(page.locator(".card[data-feedback='broken']")).to_contain_text("judge unavailable")
+    spans.nth(3).click()
+    expect(page.locator(".wf-detail:visible")).to_contain_text("gpt-4o-mini")
+    _screenshot(page, tmp_path, "record-view.png")
+
+
+def test_pending_feedback_becomes_its_score_without_a_reload(page: Any,
+                                                             database_url: str) -> None:
+    from playwright.sync_api import expect
+
+    gate = threading.Event()
+
+    def gated(output: str) -> tuple[float, str]:
+        gate.wait(30)
+        return 0.75, "released by the test"
+
+    session = Session(database_url)
+    handle = None
+    try:
+        record = session.ingest(rag_record(1), [Feedback(gated, name="gated").on_output()])
+        assert session.flush(10)
+        handle = session.run_dashboard()
+        page.goto(handle.url + f"#/record/{record.record_id}")
+        card = page.locator(".card[data-feedback='gated']")
+        expect(card).to_have_attribute("data-status", re.compile("pending|running"))
+        expect(card.locator(".big")).to_have_text("—")
+        expect(page.locator("#live")).to_have_text("live")
+        page.evaluate("window.__still_the_same_page = true")
+        gate.set()
+        expect(card.locator(".big")).to_have_text("0.750")
+        expect(card).to_have_attribute("data-status", "done")
+        expect(card).to_contain_text("released by the test")
+        expect(page.locator("#live")).to_have_text("idle")
+        assert page.evaluate("window.__still_the_same_page") is True
+
+        page.goto(handle.url)  # the records table shows the stored score too
+        cell = page.locator(f"tr[data-record-id='{record.record_id}'] td[data-feedback='gated']")
+        expect(cell).to_have_text("0.750")
+    finally:
+        gate.set()
+        if handle is not None:
+            handle.stop()
+        session.close()
+
+
+def test_a_script_in_an_output_is_shown_as_text(page: Any, served: Any) -> None:
+    from playwright.sync_api import expect
+
+    _session, url, records = served
+    evil = next(r for r in records if r.output == SCRIPT)
+    page.goto(url)
+    row = page.locator(f"#records tr[data-record-id='{evil.record_id}']")
+    expect(row.locator("td.output")).to_have_text(SCRIPT)
+    expect(row.locator("td.output")).to_be_visible()
+    row.locator("a").click()
+    expect(page.locator("#record-output")).to_have_text(SCRIPT)
+    expect(page.locator("#record-output")).to_be_visible()
+    expect(page.locator(".wf-row[data-span-id]")).to_have_count(5)
+    assert page.locator("main script").count() == 0
+    assert SEEN[id(page)].dialogs == []
+
+
+def test_the_token_in_the_url_becomes_a_cookie(page: Any, database_url: str) -> None:
+    from playwright.sync_api import expect
+
+    session = Session(database_url)
+    try:
+        session.ingest(rag_record(3), [])
+        assert session.flush(10)
+        with session.run_dashboard(token=TOKEN) as handle:
+            page.goto(handle.url)
+            expect(page.locator("#records tbody tr")).to_have_count(1)
+            assert "token" not in page.url
+            page.reload()
+            expect(page.locator("#records tbody tr")).to_have_count(1)
+            anonymous = page.context.browser.new_page()
+            try:
+                anonymous.goto(handle.url.split("?")[0])
+                expect(anonymous.locator("body")).to_contain_text("needs its access token")
+            finally:
+                anonymous.close()
+    finally:
+        session.close()
