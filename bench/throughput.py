@@ -1,0 +1,142 @@
+"""Feedback throughput: can 64 concurrent slow feedbacks actually run 64 at a time?
+
+200 recorded calls of the 3-step chain, each with 3 feedbacks that wait 50 ms — variant
+`async` (``await asyncio.sleep``) and variant `sync` (``time.sleep`` in the thread pool),
+each in its own session (max_concurrency=64) and SQLite file. The wall time runs from the
+first call until `session.wait_for_feedback` returns True (every end state stored).
+effective_concurrency = (600 x 0.05 s) / wall; ratio = effective_concurrency / 64.
+Finally a fresh Session on the same file must see all 600 results `done`.
+
+The figure that counts is the median of REPEATS warm runs (LangChain, SQLAlchemy's statement
+cache and all 64 threads of the sync pool started beforehand, as in a running app); one cold
+run per variant (fresh session, a single warm-up call) is reported beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import emit, make_chain, r, temp_db
+
+from scrutiny import Feedback, Session
+from scrutiny.integrations.langchain import ChainRecorder
+
+CALLS = int(os.environ.get("BENCH_CALLS", "200"))
+FEEDBACKS = 3
+DELAY = 0.05
+CONCURRENCY = 64
+TARGET = 0.9
+# Enough warm-up calls for max_concurrency feedbacks at once, so the thread pool of the sync
+# variant has all its threads (a long-running app pays their start-up once).
+WARMUP_CALLS = -(-CONCURRENCY // FEEDBACKS) + 1
+REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+
+
+def async_feedbacks() -> list[Feedback]:
+    async def slow_async(text: str) -> float:
+        await asyncio.sleep(DELAY)
+        return 1.0
+
+    return [Feedback(slow_async, name=f"async_{i}").on_output() for i in range(FEEDBACKS)]
+
+
+def sync_feedbacks() -> list[Feedback]:
+    def slow_sync(text: str) -> float:
+        time.sleep(DELAY)
+        return 1.0
+
+    return [Feedback(slow_sync, name=f"sync_{i}").on_output() for i in range(FEEDBACKS)]
+
+
+def run_once(make_feedbacks: Callable[[], list[Feedback]], warmup_calls: int) -> dict[str, Any]:
+    """One timed run on a fresh session and SQLite file."""
+    chain = make_chain()
+    question = {"question": "What is the capital of France?"}
+    feedbacks = make_feedbacks()
+    names = [fb.name for fb in feedbacks]
+    with temp_db() as url:
+        session = Session(url, max_concurrency=CONCURRENCY)
+        recorder = ChainRecorder(chain, app_name="bench", app_version="v1",
+                                 feedbacks=feedbacks, session=session)
+        # Warm up LangChain, the session's threads and SQLAlchemy's statement cache (record,
+        # result and update statements) with the same feedbacks under another app name;
+        # only app "bench" is counted below.
+        warm = ChainRecorder(chain, app_name="warmup", app_version="v1",
+                             feedbacks=make_feedbacks(), session=session)
+        for _ in range(warmup_calls):
+            with warm:
+                chain.invoke(question)
+        session.wait_for_feedback(30)
+
+        t0 = time.perf_counter()
+        for _ in range(CALLS):
+            with recorder:
+                chain.invoke(question)
+        t_calls = time.perf_counter() - t0
+        finished = session.wait_for_feedback(120)
+        wall = time.perf_counter() - t0
+        session.close()
+
+        reader = Session(url)  # a fresh session on the same file
+        try:
+            df, _cols = reader.get_records_and_feedback(app_ids=["bench"])
+        finally:
+            reader.close()
+    done = int(sum((df[f"{n} status"] == "done").sum() for n in names))
+    return {"wall": wall, "calls": t_calls, "finished": finished, "records": len(df),
+            "done": done}
+
+
+def ratio_of(wall: float) -> float:
+    return CALLS * FEEDBACKS * DELAY / wall / CONCURRENCY
+
+
+def run_variant(make_feedbacks: Callable[[], list[Feedback]]) -> dict[str, Any]:
+    # Cold: a fresh session whose only warm-up is one call (its sync pool has 3 threads).
+    cold = run_once(make_feedbacks, warmup_calls=1)
+    # Warm (the figure that counts): the pool already has its threads, as in a running app.
+    # The machine is shared, so the median of a few runs is reported.
+    runs = [run_once(make_feedbacks, warmup_calls=WARMUP_CALLS) for _ in range(REPEATS)]
+    runs.sort(key=lambda x: x["wall"])
+    med = runs[len(runs) // 2]
+    expected = CALLS * FEEDBACKS
+    ratio = ratio_of(med["wall"])
+    all_done = all(x["done"] == expected and x["finished"] for x in [*runs, cold])
+    return {
+        "wall_s": r(med["wall"]),
+        "calls_s": r(med["calls"]),
+        "effective_concurrency": r(expected * DELAY / med["wall"], 1),
+        "ratio": r(ratio),
+        "pass": bool(ratio >= TARGET and all_done),
+        "walls_s": [r(x["wall"]) for x in runs],
+        "cold_wall_s": r(cold["wall"]),
+        "cold_ratio": r(ratio_of(cold["wall"])),
+        "results_done": med["done"],
+        "results_expected": expected,
+        "all_runs_all_done": all_done,
+    }
+
+
+def main() -> None:
+    variants = {"async": run_variant(async_feedbacks), "sync": run_variant(sync_feedbacks)}
+    emit({
+        "bench": "throughput",
+        "calls": CALLS,
+        "feedbacks_per_call": FEEDBACKS,
+        "delay_s": DELAY,
+        "max_concurrency": CONCURRENCY,
+        "ideal_wall_s": r(CALLS * FEEDBACKS * DELAY / CONCURRENCY),
+        "target_ratio": TARGET,
+        **variants,
+    })
+
+
+if __name__ == "__main__":
+    main()
