@@ -8,10 +8,9 @@ context — are not recorded.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.tracers.context import register_configure_hook
@@ -20,7 +19,7 @@ from scrutiny.core import (
     ConfigurationError,
     Feedback,
     FeedbackMode,
-    Record,
+    Recording,
     RecordingError,
     Session,
 )
@@ -31,7 +30,10 @@ __all__ = ["ChainRecorder", "Recording"]
 _hook_lock = threading.Lock()
 _hook_vars: list[contextvars.ContextVar[ScrutinyCallbackHandler | None]] = []
 _depth: contextvars.ContextVar[int] = contextvars.ContextVar("scrutiny_lc_depth", default=0)
-_FINALIZE_TURNS = 50
+_OPEN_HINT = ("an async stream that was stopped early ends when the event loop finalizes "
+              "it: use `async with recorder:` or await once more")
+_EMPTY_HINT = ("call the chain inside the `with` block (threads started by hand do not "
+               "inherit the block; pass config={'callbacks': [recorder.handler]} there)")
 
 
 def _hook_var(level: int) -> contextvars.ContextVar[ScrutinyCallbackHandler | None]:
@@ -43,71 +45,6 @@ def _hook_var(level: int) -> contextvars.ContextVar[ScrutinyCallbackHandler | No
             register_configure_hook(var, True)
             _hook_vars.append(var)
         return _hook_vars[level]
-
-
-class Recording:
-    """The records made inside one ``with recorder as recording:`` block."""
-
-    def __init__(self, feedback_mode: FeedbackMode | None) -> None:
-        self.feedback_mode = feedback_mode
-        self._records: list[Record] = []
-        self._open = 0  # root runs started in the block that have not ended yet
-        self._lock = threading.Lock()
-
-    def _opened(self) -> None:
-        with self._lock:
-            self._open += 1
-
-    def _add(self, record: Record) -> None:
-        with self._lock:
-            self._records.append(record)
-            if self._open > 0:
-                self._open -= 1
-
-    @property
-    def open_runs(self) -> int:
-        """Root runs started in the block that have not ended yet."""
-        with self._lock:
-            return self._open
-
-    @property
-    def records(self) -> list[Record]:
-        """Every record made in the block, in the order the root runs ended."""
-        with self._lock:
-            return list(self._records)
-
-    def get(self) -> Record:
-        """The one record of the block.
-
-        Raises:
-            RecordingError: the block made no record, or several (use `.records`).
-        """
-        records = self.records
-        if len(records) == 1:
-            return records[0]
-        if not records:
-            still_open = self.open_runs
-            if still_open:
-                raise RecordingError(
-                    f"no record yet: {still_open} run(s) started in this recording have not "
-                    "ended (an async stream that was stopped early ends when the event loop "
-                    "finalizes it: use `async with recorder:` or await once more)")
-            raise RecordingError(
-                "no record was made in this recording: call the chain inside the `with` "
-                "block (threads started by hand do not inherit the block; pass "
-                "config={'callbacks': [recorder.handler]} there)")
-        raise RecordingError(
-            f"this recording holds {len(records)} records; use recording.records or "
-            "recording[i]")
-
-    def __getitem__(self, index: int) -> Record:
-        return self.records[index]
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __iter__(self) -> Iterator[Record]:
-        return iter(self.records)
 
 
 class _Block:
@@ -185,7 +122,8 @@ class ChainRecorder:
 
     # ------------------------------------------------------------------ the block
     def __enter__(self) -> Recording:
-        recording = Recording(self.feedback_mode)
+        recording = Recording(self.feedback_mode, open_hint=_OPEN_HINT,
+                              empty_hint=_EMPTY_HINT)
         level = _depth.get()
         var = _hook_var(level)
         tokens: list[contextvars.Token[Any]] = [
@@ -215,22 +153,10 @@ class ChainRecorder:
         return block.recording
 
     def __exit__(self, *exc: object) -> None:
-        recording = self._leave()
-        if self._mode() is FeedbackMode.WITH_APP:
-            for record in recording.records:
-                record.wait_for_feedback_results()
+        self._leave().finish(self._mode())
 
     async def __aenter__(self) -> Recording:
         return self.__enter__()
 
     async def __aexit__(self, *exc: object) -> None:
-        recording = self._leave()
-        # An async stream stopped early (`break` + `aclose()`) ends its root run only when
-        # the event loop finalizes LangChain's inner generators, a few loop turns later:
-        # give the loop those turns so the block's record is there when it is left.
-        for _ in range(_FINALIZE_TURNS):
-            if recording.open_runs == 0:
-                break
-            await asyncio.sleep(0)
-        if self._mode() is FeedbackMode.WITH_APP:
-            await asyncio.gather(*(r.await_feedback_results() for r in recording.records))
+        await self._leave().afinish(self._mode())

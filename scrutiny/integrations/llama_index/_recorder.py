@@ -9,10 +9,8 @@ patched; calls outside the block, or of other objects, are not recorded.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from scrutiny.core import (
@@ -20,6 +18,7 @@ from scrutiny.core import (
     Feedback,
     FeedbackMode,
     Record,
+    Recording,
     RecordingError,
     RecordStatus,
     Session,
@@ -39,75 +38,11 @@ from scrutiny.integrations.llama_index._tracer import (
 __all__ = ["LlamaIndexRecorder", "Recording"]
 
 _CANCELLED = ("CancelledError", "GeneratorExit", "KeyboardInterrupt")
-_FINALIZE_TURNS = 50
-
-
-class Recording:
-    """The records made inside one ``with recorder as recording:`` block.
-
-    A streamed answer's record is added when its stream ends, which may be after the block.
-    """
-
-    def __init__(self, feedback_mode: FeedbackMode | None) -> None:
-        self.feedback_mode = feedback_mode
-        self._records: list[Record] = []
-        self._open = 0  # recorded calls started in the block that have not ended yet
-        self._lock = threading.Lock()
-
-    def _opened(self) -> None:
-        with self._lock:
-            self._open += 1
-
-    def _add(self, record: Record) -> None:
-        with self._lock:
-            self._records.append(record)
-            self._open = max(0, self._open - 1)
-
-    @property
-    def open_calls(self) -> int:
-        """Recorded calls started in the block whose record is not made yet (e.g. a
-        streamed answer that is still being consumed)."""
-        with self._lock:
-            return self._open
-
-    @property
-    def records(self) -> list[Record]:
-        """Every record made in the block, in the order the calls ended."""
-        with self._lock:
-            return list(self._records)
-
-    def get(self) -> Record:
-        """The one record of the block.
-
-        Raises:
-            RecordingError: the block made no record, or several (use `.records`).
-        """
-        records = self.records
-        if len(records) == 1:
-            return records[0]
-        if not records:
-            if self.open_calls:
-                raise RecordingError(
-                    f"no record yet: {self.open_calls} recorded call(s) have not ended; a "
-                    "streamed answer is recorded when its stream has been consumed, closed or "
-                    "released")
-            raise RecordingError(
-                "no record was made in this recording: call the recorded object itself "
-                "inside the `with` block (threads started by hand do not inherit the block: "
-                "run them with contextvars.copy_context().run), and consume a streamed "
-                "answer to the end")
-        raise RecordingError(
-            f"this recording holds {len(records)} records; use recording.records or "
-            "recording[i]")
-
-    def __getitem__(self, index: int) -> Record:
-        return self.records[index]
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __iter__(self) -> Iterator[Record]:
-        return iter(self.records)
+_OPEN_HINT = ("a streamed answer is recorded when its stream has been consumed, closed or "
+              "released")
+_EMPTY_HINT = ("call the recorded object itself inside the `with` block (threads started "
+               "by hand do not inherit the block: run them with "
+               "contextvars.copy_context().run), and consume a streamed answer to the end")
 
 
 class LlamaIndexRecorder:
@@ -168,7 +103,8 @@ class LlamaIndexRecorder:
     # ------------------------------------------------------------------ the block
     def __enter__(self) -> Recording:
         ensure_installed()
-        recording = Recording(self.feedback_mode)
+        recording = Recording(self.feedback_mode, open_hint=_OPEN_HINT,
+                              empty_hint=_EMPTY_HINT)
         active_scopes.set((*active_scopes.get(), Scope(self, recording)))
         return recording
 
@@ -182,24 +118,13 @@ class LlamaIndexRecorder:
                              "one it was entered in")
 
     def __exit__(self, *exc: object) -> None:
-        recording = self._leave()
-        if self._mode() is FeedbackMode.WITH_APP:
-            for record in recording.records:
-                record.wait_for_feedback_results()
+        self._leave().finish(self._mode())
 
     async def __aenter__(self) -> Recording:
         return self.__enter__()
 
     async def __aexit__(self, *exc: object) -> None:
-        recording = self._leave()
-        # An async stream the consumer left early ends when the event loop finalizes its
-        # generators, a few loop turns later: give the loop those turns.
-        for _ in range(_FINALIZE_TURNS):
-            if recording.open_calls == 0:
-                break
-            await asyncio.sleep(0)
-        if self._mode() is FeedbackMode.WITH_APP:
-            await asyncio.gather(*(r.await_feedback_results() for r in recording.records))
+        await self._leave().afinish(self._mode())
 
     # ------------------------------------------------------------------ records
     def _trace_finished(self, trace: Trace) -> None:
