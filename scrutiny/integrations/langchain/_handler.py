@@ -119,7 +119,8 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         session: where records go (default: the session created last).
         feedback_mode: overrides the session's :class:`FeedbackMode`.
         tags, metadata: added to every record.
-        keep_records: how many of its latest records the handler keeps in `records`.
+        keep_records: how many of its latest records the handler keeps in `records`
+            (they hold inputs and outputs: keep it small in a long-running app).
     """
 
     run_inline = True
@@ -135,7 +136,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         feedback_mode: FeedbackMode | str | None = None,
         tags: Sequence[str] = (),
         metadata: dict[str, Any] | None = None,
-        keep_records: int = 1000,
+        keep_records: int = 100,
     ) -> None:
         super().__init__()
         mode = None if feedback_mode is None else FeedbackMode(feedback_mode)
