@@ -169,6 +169,9 @@ class EvaluationLoop:
         self._loop = asyncio.new_event_loop()
         self._limits: dict[str, _GroupLimit] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inbox: list[Job] = []
+        self._inbox_lock = threading.Lock()
+        self._inbox_scheduled = False
         self._max_concurrency = max_concurrency
         self._default_timeout = default_timeout
         self._executor = executor
@@ -208,12 +211,27 @@ class EvaluationLoop:
         return len(self._tasks)
 
     def submit(self, jobs: list[Job]) -> None:
-        """Schedule jobs; thread-safe, returns at once."""
+        """Schedule jobs; thread-safe, returns at once.
+
+        Jobs submitted while the loop has not yet picked up earlier ones join them: one
+        wake-up of the loop (a write to its self-pipe) serves them all.
+        """
+        with self._inbox_lock:
+            self._inbox.extend(jobs)
+            if self._inbox_scheduled:
+                return
+            self._inbox_scheduled = True
         try:
-            self._loop.call_soon_threadsafe(self._start, jobs)
+            self._loop.call_soon_threadsafe(self._take_inbox)
         except RuntimeError:  # the loop is closed: the results stay pending in the database
             logger.warning("scrutiny: evaluation loop closed; %d result(s) stay pending",
                            len(jobs))
+
+    def _take_inbox(self) -> None:
+        with self._inbox_lock:
+            jobs, self._inbox = self._inbox, []
+            self._inbox_scheduled = False
+        self._start(jobs)
 
     @property
     def thread(self) -> threading.Thread:

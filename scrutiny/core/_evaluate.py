@@ -69,15 +69,27 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
     if timeout is None:
         return await awaitable
     if sys.version_info >= (3, 11):
-        deadline = asyncio.timeout(timeout)
+        # One timer and a flag: what asyncio.timeout() does, without its state machine,
+        # which cost more than the rest of a quick evaluation.
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        handle = asyncio.get_running_loop().call_later(timeout, expire)
         try:
-            async with deadline:
-                return await awaitable
-        except TimeoutError:
-            if deadline.expired():
+            return await awaitable
+        except asyncio.CancelledError:
+            if expired and task.uncancel() == 0:
                 raise FeedbackTimeout(f"timed out after {timeout:g} s",
                                       timeout=timeout) from None
             raise
+        finally:
+            handle.cancel()
     try:  # pragma: no cover - Python 3.10
         return await asyncio.wait_for(awaitable, timeout)
     except asyncio.TimeoutError:  # pragma: no cover
