@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from scrutiny.core._context import _suppressed, evaluation_cost_scope
 from scrutiny.core._errors import FeedbackTimeout, InvalidFeedbackValue, SkipFeedback
 from scrutiny.core._feedback import Feedback, coerce_feedback_value
+from scrutiny.core._pool import DaemonThreadPool
 from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
 from scrutiny.core._select import EmptySelection
 
@@ -222,7 +223,10 @@ class Evaluator:
         else:
             loop = asyncio.get_running_loop()
             ctx = contextvars.copy_context()
-            awaitable = loop.run_in_executor(self._pool, lambda: ctx.run(fn, **args))
+            if isinstance(self._pool, DaemonThreadPool):
+                awaitable = self._pool.run(loop, lambda: ctx.run(fn, **args))
+            else:
+                awaitable = loop.run_in_executor(self._pool, lambda: ctx.run(fn, **args))
         value = await _within(awaitable, timeout)
         if asyncio.iscoroutine(value):  # a sync wrapper that returned a coroutine
             value = await _within(value, timeout)

@@ -8,6 +8,7 @@ in the database.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import queue
 import threading
@@ -19,8 +20,8 @@ __all__ = ["DaemonThreadPool"]
 
 T = TypeVar("T")
 
-_Item = tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...],
-              dict[str, Any]]
+_Item = tuple["concurrent.futures.Future[Any] | asyncio.Future[Any]", Callable[..., Any],
+              tuple[Any, ...], dict[str, Any]]
 
 
 class DaemonThreadPool(concurrent.futures.Executor):
@@ -36,6 +37,10 @@ class DaemonThreadPool(concurrent.futures.Executor):
         self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
         self._shutdown = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._done_lock = threading.Lock()
+        self._done_scheduled = False
 
     def prestart(self) -> None:
         """Start every thread now (off the application's thread), so that a burst of work
@@ -50,16 +55,33 @@ class DaemonThreadPool(concurrent.futures.Executor):
         self._threads.append(thread)
         thread.start()
 
+    def run(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., T], /,
+            *args: Any) -> asyncio.Future[T]:
+        """Run `fn(*args)` on a pool thread; the result arrives as an asyncio future of
+        `loop` (call this on the loop's thread).
+
+        Results finished while the loop has not yet collected earlier ones are delivered
+        together, with one wake-up of the loop, instead of one per result as
+        `run_in_executor` does.
+        """
+        self._loop = loop
+        future: asyncio.Future[T] = loop.create_future()
+        self._enqueue((future, fn, args, {}))
+        return future
+
     def submit(self, fn: Callable[..., T], /, *args: Any,
                **kwargs: Any) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._enqueue((future, fn, args, kwargs))
+        return future
+
+    def _enqueue(self, item: _Item) -> None:
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit to a pool that is shut down")
-            self._queue.put((future, fn, args, kwargs))
+            self._queue.put(item)
             if not self._idle.acquire(blocking=False) and len(self._threads) < self._max:
                 self._spawn()
-        return future
 
     def _work(self) -> None:
         while True:
@@ -68,13 +90,46 @@ class DaemonThreadPool(concurrent.futures.Executor):
                 self._queue.put(None)  # wake the next thread to stop too
                 return
             future, fn, args, kwargs = item
-            if future.set_running_or_notify_cancel():
+            if isinstance(future, asyncio.Future):
+                try:
+                    self._deliver_later(future, fn(*args, **kwargs), None)
+                except BaseException as exc:
+                    self._deliver_later(future, None, exc)
+            elif future.set_running_or_notify_cancel():
                 try:
                     future.set_result(fn(*args, **kwargs))
                 except BaseException as exc:
                     future.set_exception(exc)
             del item, future
             self._idle.release()
+
+    def _deliver_later(self, future: asyncio.Future[Any], value: Any,
+                       error: BaseException | None) -> None:
+        with self._done_lock:
+            self._done.append((future, value, error))
+            if self._done_scheduled:
+                return
+            self._done_scheduled = True
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody waits for these any more
+            pass
+
+    def _deliver(self) -> None:
+        """On the loop: hand every finished result to its future."""
+        with self._done_lock:
+            done, self._done = self._done, []
+            self._done_scheduled = False
+        for future, value, error in done:
+            if future.cancelled():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
