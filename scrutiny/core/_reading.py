@@ -1,0 +1,195 @@
+"""Reading what a session stored: the tables users read, pages, summaries, one record.
+
+Every reader (the dashboard and the command line included) goes through these methods, so
+no two views can disagree. Each first waits, bounded, for writes already queued, so a record
+whose call has returned is in the next table read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from scrutiny.core import _rows
+from scrutiny.core._errors import ConfigurationError
+from scrutiny.core._frames import leaderboard_frame, records_frame
+from scrutiny.core._records import Record, _ResultSlot
+from scrutiny.core._results import FeedbackStatus
+from scrutiny.core.storage import RecordQuery, Row, Store
+
+__all__ = ["RecordPage", "SessionReading"]
+
+
+class SessionReading:
+    """The read side of :class:`Session` (a mixin: the session supplies these members)."""
+
+    store: Store
+    flush_timeout: float
+    _higher_is_better: dict[str, bool]
+
+    if TYPE_CHECKING:  # provided by Session
+        def flush(self, timeout: float | None = None) -> bool: ...
+
+        def wait_for_feedback(self, timeout: float | None = None) -> bool: ...
+
+    def get_records_and_feedback(
+        self,
+        app_ids: Sequence[str] | None = None,
+        *,
+        wait: bool = False,
+        timeout: float | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> tuple[pd.DataFrame, list[str]]:
+        """Records with their feedback, newest first.
+
+        Args:
+            app_ids: app ids (``"name:version"``) or app names to keep; None for all.
+            wait: first wait for every feedback accepted so far (bounded by `timeout`).
+            timeout: the most seconds to wait (for queued writes, and with `wait=True` for
+                feedback); default `flush_timeout`.
+            limit, offset: a page of records.
+
+        Returns:
+            `(frame, feedback_columns)`: per feedback a score column (float; NaN unless
+            done) and beside it a ``"<name> status"`` column with pending, running, done,
+            failed or skipped.
+        """
+        timeout = self.flush_timeout if timeout is None else timeout
+        if wait:
+            self.wait_for_feedback(timeout)
+        else:
+            self.flush(timeout)
+        records, results = self.store.records_and_results(app_ids=app_ids, limit=limit,
+                                                          offset=offset)
+        return records_frame(records, results)
+
+    def get_leaderboard(self, app_ids: Sequence[str] | None = None, *,
+                        timeout: float | None = None) -> pd.DataFrame:
+        """Mean score per app version per feedback, best first, with counts by status."""
+        self.flush(self.flush_timeout if timeout is None else timeout)
+        records, results = self.store.aggregates(app_ids=app_ids)
+        directions = {d["name"]: bool(d["higher_is_better"]) for d in self.store.definitions()}
+        directions.update(self._higher_is_better)
+        return leaderboard_frame(records, results, directions)
+
+    def get_record(self, record_id: str) -> Record | None:
+        """One stored record with its results (as stored now), or None."""
+        self.flush(self.flush_timeout)
+        row, result_rows = self.store.record(record_id)
+        return None if row is None else _stored_record(row, result_rows)
+
+    def query_records(
+        self,
+        *,
+        app_ids: Sequence[str] | None = None,
+        app_versions: Sequence[str] | None = None,
+        record_status: str | None = None,
+        feedback_name: str | None = None,
+        statuses: Sequence[str] | None = None,
+        min_score: float | None = None,
+        max_score: float | None = None,
+        search: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> RecordPage:
+        """A page of stored records (newest first) with their results, filtered.
+
+        Args:
+            app_ids: app ids (``name:version``) or app names.
+            app_versions: app versions.
+            record_status: ``ok``, ``error`` or ``cancelled``.
+            feedback_name: with `statuses` and/or `min_score`/`max_score`, keep records
+                whose result of this feedback matches.
+            search: text that the input or the output contains (case-insensitive).
+            limit, offset: the page (limit at most 1000).
+        """
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise ConfigurationError("limit must be 1..1000 and offset >= 0")
+        bad = [st for st in statuses or () if st not in {m.value for m in FeedbackStatus}]
+        if bad:
+            raise ConfigurationError(f"unknown status(es) {bad}; use "
+                                     f"{[m.value for m in FeedbackStatus]}")
+        if (statuses or min_score is not None or max_score is not None) and not feedback_name:
+            raise ConfigurationError("statuses and score ranges need feedback_name=")
+        self.flush(self.flush_timeout)
+        query = RecordQuery(
+            app_ids=tuple(app_ids or ()), app_versions=tuple(app_versions or ()),
+            record_status=record_status, feedback_name=feedback_name,
+            statuses=tuple(statuses or ()), min_score=min_score, max_score=max_score,
+            search=search or None, limit=limit, offset=offset)
+        rows, result_rows, total = self.store.query_records(query)
+        by_record: dict[str, list[Row]] = {}
+        for res in result_rows:
+            by_record.setdefault(res["record_id"], []).append(res)
+        records = [_stored_record(r, by_record.get(r["record_id"], [])) for r in rows]
+        return RecordPage(records, total, limit, offset)
+
+    def get_apps(self) -> list[dict[str, Any]]:
+        """Every app version with its record count, mean latency and tokens."""
+        self.flush(self.flush_timeout)
+        apps, _ = self.store.aggregates()
+        return sorted(apps, key=lambda a: (a["app_name"], a["app_version"]))
+
+    def get_feedback_summary(self, app_ids: Sequence[str] | None = None
+                             ) -> list[dict[str, Any]]:
+        """Per app version and feedback: counts by status, the mean of done scores and
+        the feedback's direction (`higher_is_better`)."""
+        self.flush(self.flush_timeout)
+        apps, results = self.store.aggregates(app_ids=app_ids)
+        names = {a["app_id"]: (a["app_name"], a["app_version"]) for a in apps}
+        directions = {d["name"]: bool(d["higher_is_better"]) for d in self.store.definitions()}
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for res in results:
+            key = (res["app_id"], res["feedback_name"])
+            entry = out.setdefault(key, {
+                "app_id": res["app_id"], "app_name": names[res["app_id"]][0],
+                "app_version": names[res["app_id"]][1], "feedback_name": res["feedback_name"],
+                "higher_is_better": directions.get(res["feedback_name"], True), "mean": None,
+                **{st.value: 0 for st in FeedbackStatus}})
+            entry[res["status"]] = int(res["n"])
+            if res["status"] == "done":
+                entry["mean"] = res["mean"]
+        return sorted(out.values(), key=lambda e: (e["app_name"], e["app_version"],
+                                                   e["feedback_name"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordPage:
+    """One page of :meth:`Session.query_records`."""
+
+    records: list[Record]
+    total: int
+    limit: int
+    offset: int
+
+
+def _stored_record(row: Row, result_rows: Sequence[Row]) -> Record:
+    """A record read back from storage, with its results attached as they are stored."""
+    record = _rows.record_from_row(row)
+    for res_row in result_rows:
+        result = _rows.result_from_row(res_row)
+        key = _StoredFeedback(result.feedback_name, result.feedback_id)
+        slot = _ResultSlot(result)
+        if result.is_final:
+            slot.finish(result)
+        record._slots[key] = slot  # type: ignore[index]
+    return record
+
+
+class _StoredFeedback:
+    """Stands for a feedback definition in records read back from the database."""
+
+    __slots__ = ("feedback_id", "name")
+
+    def __init__(self, name: str, feedback_id: str | None) -> None:
+        self.name = name
+        self.feedback_id = feedback_id
+
+    def __repr__(self) -> str:
+        return f"StoredFeedback({self.name!r})"
+
+
