@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,7 +21,7 @@ from pydantic import PrivateAttr
 
 from scrutiny import Record, Session
 from scrutiny.integrations.llama_index import LlamaIndexRecorder
-from scrutiny.integrations.llama_index._handlers import tracer
+from tests.support.llama_index_fixtures import _no_leaked_traces  # noqa: F401
 
 TEXTS = ("The sky is blue.", "Grass is green.", "Snow is white.", "Coal is black.")
 WAIT = 10.0
@@ -32,12 +31,6 @@ WAIT = 10.0
 def index() -> VectorStoreIndex:
     return VectorStoreIndex.from_documents([Document(text=t) for t in TEXTS],
                                            embed_model=MockEmbedding(embed_dim=8))
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_traces() -> Iterator[None]:
-    yield
-    assert tracer.open_traces() == 0
 
 
 class GatedLLM(MockLLM):

@@ -22,7 +22,7 @@ from pydantic import PrivateAttr
 
 from scrutiny import Feedback, FeedbackStatus, Select, Session
 from scrutiny.integrations.llama_index import FeedbackResultEvent, LlamaIndexRecorder
-from scrutiny.integrations.llama_index._handlers import tracer
+from tests.support.llama_index_fixtures import _no_leaked_traces  # noqa: F401
 
 TEXTS = ("The sky is blue.", "Grass is green.", "Snow is white.")
 WAIT = 10.0
@@ -32,12 +32,6 @@ WAIT = 10.0
 def index() -> VectorStoreIndex:
     return VectorStoreIndex.from_documents([Document(text=t) for t in TEXTS],
                                            embed_model=MockEmbedding(embed_dim=8))
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_traces() -> Iterator[None]:
-    yield
-    assert tracer.open_traces() == 0
 
 
 class Collector(BaseEventHandler):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,7 +32,7 @@ from scrutiny import (
 )
 from scrutiny.core import suppress_recording
 from scrutiny.integrations.llama_index import LlamaIndexRecorder
-from scrutiny.integrations.llama_index._handlers import tracer
+from tests.support.llama_index_fixtures import _no_leaked_traces, thread_loop  # noqa: F401
 
 TEXTS = ("The sky is blue.", "Grass is green.", "Snow is white.", "Coal is black.")
 WAIT = 10.0
@@ -44,23 +42,6 @@ WAIT = 10.0
 def index() -> VectorStoreIndex:
     return VectorStoreIndex.from_documents([Document(text=t) for t in TEXTS],
                                            embed_model=MockEmbedding(embed_dim=8))
-
-
-@pytest.fixture
-def thread_loop() -> Iterator[None]:
-    """LlamaIndex's sync chat path runs coroutines on `asyncio.get_event_loop()`, which
-    creates a loop for the thread that nobody closes: provide one and close it."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield
-    asyncio.set_event_loop(None)
-    loop.close()
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_traces() -> Iterator[None]:
-    yield
-    assert tracer.open_traces() == 0
 
 
 def _engine(index: VectorStoreIndex, **kwargs: Any) -> Any:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +16,7 @@ from llama_index.core.memory import ChatMemoryBuffer
 
 from scrutiny import Record, RecordStatus, Session, Span
 from scrutiny.integrations.llama_index import LlamaIndexRecorder
-from scrutiny.integrations.llama_index._handlers import tracer
+from tests.support.llama_index_fixtures import _no_leaked_traces, thread_loop  # noqa: F401
 
 TEXTS = ("The sky is blue.", "Grass is green.", "Snow is white.")
 
@@ -27,23 +25,6 @@ TEXTS = ("The sky is blue.", "Grass is green.", "Snow is white.")
 def index() -> VectorStoreIndex:
     return VectorStoreIndex.from_documents([Document(text=t) for t in TEXTS],
                                            embed_model=MockEmbedding(embed_dim=8))
-
-
-@pytest.fixture
-def thread_loop() -> Iterator[None]:
-    """LlamaIndex's sync chat path runs coroutines on `asyncio.get_event_loop()`, which
-    creates a loop for the thread that nobody closes: provide one and close it."""
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield
-    asyncio.set_event_loop(None)
-    loop.close()
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_traces() -> Iterator[None]:
-    yield
-    assert tracer.open_traces() == 0
 
 
 def _streaming_engine(index: VectorStoreIndex) -> Any:
