@@ -235,3 +235,34 @@ def test_async_handler_methods_are_awaited(session: Session) -> None:
     _wait_delivered(session, done)
     assert sorted(got) == ["direct:length", "direct:relevance", "event:length",
                            "event:relevance"]
+
+
+def test_only_handlers_that_listen_are_sent_feedback_events() -> None:
+    from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+
+    from scrutiny.integrations.langchain import ScrutinyCallbackHandler
+    from scrutiny.integrations.langchain._handler import _listens
+
+    class Custom(BaseCallbackHandler):
+        def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            return None
+
+    class AsyncCustom(AsyncCallbackHandler):
+        async def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+            return None
+
+    class Results(ScrutinyCallbackHandler):
+        def on_feedback_result(self, result: Any, record: Any) -> None:
+            return None
+
+    class Plain:
+        def on_feedback_result(self, result: Any, record: Any) -> None:
+            return None
+
+    assert not _listens(BaseCallbackHandler())
+    assert not _listens(AsyncCallbackHandler())
+    assert not _listens(ScrutinyCallbackHandler())
+    assert _listens(Custom())
+    assert _listens(AsyncCustom())
+    assert _listens(Results())
+    assert _listens(Plain())  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.callbacks.manager import ahandle_event, handle_event
 
 from scrutiny.core import (
@@ -272,9 +272,11 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 logger.warning("scrutiny: the session of app %r is closed; its records are "
                                "not stored (the application is not affected)", self.app_name)
         else:
-            bridge = _FeedbackBridge(root.handlers, run_id, root.tags, root.metadata)
+            listening = [h for h in root.handlers if _listens(h)]
+            bridge = [_FeedbackBridge(listening, run_id, root.tags, root.metadata)] \
+                if listening else []
             session.ingest(record, self.feedbacks, mode=self._mode_for(root),
-                           listeners=[bridge])
+                           listeners=bridge)
         for fn in self._on_record:
             fn(record)
 
@@ -420,6 +422,26 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         Any LangChain handler attached to the recorded run may define this method; all of
         them also receive the custom event ``"scrutiny.feedback_result"``.
         """
+
+
+_LISTENS: dict[type, bool] = {}
+
+
+def _listens(handler: BaseCallbackHandler) -> bool:
+    """Whether a handler does anything with feedback results: it overrides
+    `on_custom_event` or defines its own `on_feedback_result`. Others are not sent the
+    events (a plain Scrutiny handler or a no-op handler would only cost a thread hop)."""
+    kind = type(handler)
+    known = _LISTENS.get(kind)
+    if known is None:
+        custom = getattr(kind, "on_custom_event", None)
+        on_result = getattr(kind, "on_feedback_result", None)
+        known = custom not in (BaseCallbackHandler.on_custom_event,
+                               AsyncCallbackHandler.on_custom_event) or (
+            on_result is not None and on_result is not
+            ScrutinyCallbackHandler.on_feedback_result)
+        _LISTENS[kind] = known
+    return known
 
 
 def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any]) -> str:
