@@ -29,6 +29,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
     NoSuchModuleError,
+    OperationalError,
     SQLAlchemyError,
 )
 from sqlalchemy.pool import StaticPool
@@ -140,6 +141,8 @@ class SQLStore:
         self.found_revision: str | None = None
         self._compiled: dict[tuple[Any, ...],
                              tuple[str, list[str], dict[str, Any], list[int], bool]] = {}
+        self._multirow = self._dialect == "sqlite"
+        self._multi_sql: dict[tuple[Any, ...], str] = {}
         self._known_apps: set[str] = set()  # rows this store has written (skip re-inserts)
         self._known_definitions: set[str] = set()
         self._create_schema(migrate)
@@ -187,9 +190,9 @@ class SQLStore:
                 if new_definitions:
                     self._insert_missing(conn, t.definitions, "feedback_id", new_definitions)
                 if records:
-                    self._executemany(conn, ("insert", "records"), t.records.insert(), records)
+                    self._insert_rows(conn, t.records, records)
                 if results:
-                    self._executemany(conn, ("insert", "results"), t.results.insert(), results)
+                    self._insert_rows(conn, t.results, results)
                 self._apply_updates(conn, updates)
                 for r in renewals:
                     conn.execute(
@@ -212,6 +215,15 @@ class SQLStore:
                 params["w_lease_token"] = u.lease_token
             groups.setdefault(key, []).append(params)
         for (columns, from_statuses, guarded), rows in groups.items():
+            if self._multirow and len(rows) > 1 and len(
+                    {r["w_result_id"] for r in rows}) == len(rows):
+                try:
+                    self._update_multirow(conn, columns, from_statuses, guarded, rows)
+                    continue
+                except OperationalError as exc:  # SQLite older than 3.33: no UPDATE FROM
+                    if "syntax" not in str(exc):
+                        raise
+                    self._multirow = False
             stmt = (update(t)  # no IN (...): executemany cannot expand it
                     .where(t.c.result_id == bindparam("w_result_id"))
                     .where(or_(*(t.c.status == status for status in from_statuses))))
@@ -219,6 +231,66 @@ class SQLStore:
                 stmt = stmt.where(t.c.lease_token == bindparam("w_lease_token"))
             stmt = stmt.values({c: bindparam(f"v_{c}") for c in columns})
             self._executemany(conn, ("update", columns, from_statuses, guarded), stmt, rows)
+
+    # SQLite releases the GIL around every statement step, and a thread that gives the GIL
+    # away waits up to a switch interval (5 ms) to get it back while the application's
+    # thread is busy: an executemany of N rows is N such waits. So on SQLite a batch is
+    # written as one multi-row statement per table and per shape of update.
+    _MAX_VARIABLES = 30_000
+
+    def _insert_rows(self, conn: Connection, table: Any, rows: list[Row]) -> None:
+        if not self._multirow or len(rows) == 1:
+            self._executemany(conn, ("insert", table.name), table.insert(), rows)
+            return
+        names = list(rows[0].keys())
+        per_chunk = max(1, self._MAX_VARIABLES // len(names))
+        text = UTCDateTime.sqlite_text
+        dates = {n for n in names if isinstance(table.c[n].type, UTCDateTime)}
+        for start in range(0, len(rows), per_chunk):
+            chunk = rows[start:start + per_chunk]
+            key = ("insert-multi", table.name, tuple(names), len(chunk))
+            sql = self._multi_sql.get(key)
+            if sql is None:
+                row_marks = "(" + ", ".join("?" * len(names)) + ")"
+                sql = self._multi_sql[key] = (
+                    f"INSERT INTO {table.name} ({', '.join(names)}) VALUES "
+                    + ", ".join([row_marks] * len(chunk)))
+            params: list[Any] = []
+            for row in chunk:
+                for n in names:
+                    v = row[n]
+                    params.append(text(v) if v is not None and n in dates else v)
+            conn.exec_driver_sql(sql, tuple(params))
+
+    def _update_multirow(self, conn: Connection, columns: tuple[str, ...],
+                         from_statuses: tuple[str, ...], guarded: bool,
+                         rows: list[Row]) -> None:
+        t = self.tables.results
+        cte = ["w_result_id", "w_lease_token", *(f"v_{c}" for c in columns)]
+        per_chunk = max(1, self._MAX_VARIABLES // len(cte))
+        text = UTCDateTime.sqlite_text
+        dates = {f"v_{c}" for c in columns if isinstance(t.c[c].type, UTCDateTime)}
+        statuses = ", ".join(f"'{st}'" for st in from_statuses)  # our own constants
+        for start in range(0, len(rows), per_chunk):
+            chunk = rows[start:start + per_chunk]
+            key = ("update-multi", columns, from_statuses, guarded, len(chunk))
+            sql = self._multi_sql.get(key)
+            if sql is None:
+                row_marks = "(" + ", ".join("?" * len(cte)) + ")"
+                sets = ", ".join(f"{c} = u.v_{c}" for c in columns)
+                guard = f" AND {t.name}.lease_token = u.w_lease_token" if guarded else ""
+                sql = self._multi_sql[key] = (
+                    f"WITH u({', '.join(cte)}) AS (VALUES "
+                    + ", ".join([row_marks] * len(chunk))
+                    + f") UPDATE {t.name} SET {sets} FROM u WHERE "
+                    f"{t.name}.result_id = u.w_result_id AND {t.name}.status IN "
+                    f"({statuses}){guard}")
+            params: list[Any] = []
+            for row in chunk:
+                for n in cte:
+                    v = row.get(n)
+                    params.append(text(v) if v is not None and n in dates else v)
+            conn.exec_driver_sql(sql, tuple(params))
 
     def _executemany(self, conn: Connection, key: tuple[Any, ...], stmt: Any,
                      rows: list[Row]) -> None:
