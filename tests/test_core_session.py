@@ -639,3 +639,22 @@ def test_a_timeout_error_raised_by_the_function_is_not_called_our_timeout(
     result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
     assert result.status is FeedbackStatus.FAILED
     assert result.error == "TimeoutError: upstream read timed out"
+
+
+def test_a_retry_after_longer_than_max_backoff_fails_at_once(session: Session) -> None:
+    class RateLimited(Exception):
+        retry_after = 3600
+
+    calls: list[int] = []
+
+    def limited(output: str) -> float:
+        calls.append(1)
+        raise RateLimited("429 slow down")
+
+    fb = Feedback(limited, retry=RetryPolicy(attempts=5, max_backoff=10)).on_output()
+    start = time.monotonic()
+    result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+    assert time.monotonic() - start < 5
+    assert len(calls) == 1
+    assert result.status is FeedbackStatus.FAILED
+    assert "retry after 3600 s, longer than max_backoff=10 s" in (result.error or "")

@@ -190,17 +190,23 @@ class Evaluator:
             except Exception as exc:
                 retryable = isinstance(exc, policy.retry_on) and not isinstance(
                     exc, policy.never_retry_on)
+                hint = _retry_after(exc) if retryable else None
+                if hint is not None and hint > policy.max_backoff:
+                    retryable = False  # the server asks for longer than the policy waits
+                    too_long = (f" (the server asked to retry after {hint:g} s, longer than "
+                                f"max_backoff={policy.max_backoff:g} s)")
+                else:
+                    too_long = ""
                 if retryable and attempt < policy.attempts:
                     delay = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))
                     delay = delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter
-                    hint = _retry_after(exc)
                     if hint is not None:
                         delay = max(delay, hint)
                     logger.debug("feedback %r attempt %d failed (%s); retrying in %.2fs",
                                  feedback.name, attempt, describe_error(exc), delay)
                     await asyncio.sleep(delay)
                     continue
-                reason = describe_error(exc)
+                reason = describe_error(exc) + too_long
                 if isinstance(exc, InvalidFeedbackValue):
                     metadata = {"raw_value": repr(exc.value)[:2000]}
                 else:

@@ -38,7 +38,8 @@ class RetryPolicy:
     Args:
         attempts: total attempts (1 means no retry).
         initial_backoff: seconds before the first retry; doubles each time, with jitter.
-        max_backoff: the longest wait between attempts.
+        max_backoff: the longest wait between attempts; a server's retry-after hint longer
+            than this ends the result `failed` with the reason instead of waiting.
         retry_on: exception types that are worth another attempt.
         never_retry_on: exception types that are final even if they match `retry_on`
             (by default, values that are not a score: running again would not change them).
