@@ -142,6 +142,14 @@ class Record:
     framework: str | None = None
     root_run_id: str | None = None
     _slots: dict[Feedback, _ResultSlot] = field(default_factory=dict, repr=False)
+    _pending_init: Callable[[], object] | None = field(default=None, repr=False)
+
+    def _result_slots(self) -> dict[Feedback, _ResultSlot]:
+        """The result slots, made first if the session has not made them yet."""
+        init = self._pending_init
+        if init is not None:
+            init()
+        return self._slots
 
     # ----------------------------------------------------------------- derived values
     @property
@@ -191,11 +199,11 @@ class Record:
     @property
     def feedback_results(self) -> dict[Feedback, FeedbackResult]:
         """The latest known result of each feedback (pending ones included)."""
-        return {fb: slot.current for fb, slot in self._slots.items()}
+        return {fb: slot.current for fb, slot in self._result_slots().items()}
 
     def feedback_futures(self) -> dict[Feedback, concurrent.futures.Future[FeedbackResult]]:
         """One future per feedback; each resolves after its result is stored."""
-        return {fb: slot.future for fb, slot in self._slots.items()}
+        return {fb: slot.future for fb, slot in self._result_slots().items()}
 
     def wait_for_feedback_results(
         self,
@@ -219,7 +227,7 @@ class Record:
         if callback is not None:
             self._add_completion_callback(callback)
             return self.feedback_results
-        futures = [slot.future for slot in self._slots.values()]
+        futures = [slot.future for slot in self._result_slots().values()]
         _, not_done = concurrent.futures.wait(futures, timeout=timeout)
         if not_done:
             logger.warning(
@@ -234,7 +242,8 @@ class Record:
         self, timeout: float | None = None
     ) -> dict[Feedback, FeedbackResult]:
         """The async form of :meth:`wait_for_feedback_results`: never blocks the event loop."""
-        futures = [asyncio.wrap_future(slot.future) for slot in self._slots.values()]
+        futures = [asyncio.wrap_future(slot.future)
+                   for slot in self._result_slots().values()]
         if futures:
             _, not_done = await asyncio.wait(futures, timeout=timeout)
             for f in not_done:  # stop the wrappers; the evaluation itself goes on
@@ -242,7 +251,7 @@ class Record:
         return self.feedback_results
 
     def _add_completion_callback(self, callback: ResultsCallback) -> None:
-        slots = list(self._slots.values())
+        slots = list(self._result_slots().values())
         state = _CallbackState(callback, len(slots), self)
         if not slots:
             state.fire()
@@ -350,4 +359,4 @@ def new_slot(record: Record, feedback: Feedback) -> _ResultSlot:
 
 def result_statuses(record: Record) -> Mapping[str, FeedbackStatus]:
     """Feedback name -> current status, for messages and tests."""
-    return {fb.name: slot.current.status for fb, slot in record._slots.items()}
+    return {fb.name: slot.current.status for fb, slot in record._result_slots().items()}

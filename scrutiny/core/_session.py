@@ -170,6 +170,7 @@ class Session(SessionReading):
         self.store: Store = store
         self._lock = threading.Lock()
         self._inflight: dict[str, Job] = {}
+        self._unmaterialized = 0  # accepted records whose results are not made yet
         self._outstanding_cond = threading.Condition()
         self._state = "unstarted"  # -> started -> closed
         self._pid = os.getpid()
@@ -260,6 +261,7 @@ class Session(SessionReading):
         self._watcher = None
         self._workers = []
         self._inflight = {}
+        self._unmaterialized = 0
         self._outstanding_cond = threading.Condition()
         self._lock = threading.Lock()
         if self._state == "started":
@@ -341,7 +343,7 @@ class Session(SessionReading):
 
     def _wait_outstanding(self, deadline: float | None) -> bool:
         with self._outstanding_cond:
-            while self._inflight:
+            while self._inflight or self._unmaterialized:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -408,64 +410,20 @@ class Session(SessionReading):
     def _ingest(self, record: Record, feedbacks: Sequence[Feedback], mode: FeedbackMode,
                 listeners: Sequence[ResultListener]) -> None:
         writer = self._start()
-        policy = self._policies[mode]
-        token = self._token if policy.owns_rows else None
-        jobs: list[Job] = []
-        initial: list[FeedbackResult] = []
-        for fb in feedbacks:
-            pending = FeedbackResult(
-                record_id=record.record_id, feedback_name=fb.name,
-                status=FeedbackStatus.PENDING, result_id=new_hex_id(),
-                feedback_id=fb.feedback_id)
-            record._slots[fb] = _ResultSlot(pending)
-            job = Job(fb, record, pending, listeners, token)
-            jobs.append(job)
-            first = policy.initial(job)
-            if mode is FeedbackMode.DEFERRED:
-                try:
-                    fb.spec()
-                except NotReferenceable as exc:
-                    first = pending.evolve(
-                        status=FeedbackStatus.FAILED, ended_at=pending.created_at,
-                        error=f"cannot be evaluated by a worker: {exc}")
-            initial.append(first)
+        ingest = _Ingest(self, record, feedbacks, mode, listeners)
+        if feedbacks:
+            record._pending_init = ingest.materialize
+            with self._outstanding_cond:
+                self._unmaterialized += 1
+        writer.submit(WriteItem(ingest.prepare, ingest.after_commit))
+
+    def _materialized(self, jobs: list[Job]) -> None:
+        """An ingest made its jobs (on whichever thread asked first)."""
         with self._outstanding_cond:
             for job in jobs:
                 self._inflight[job.pending.result_id or ""] = job
-        max_bytes = self.max_payload_bytes
-        to_run = [job for job, first in zip(jobs, initial, strict=True)
-                  if not first.status.is_final]
-
-        def prepare() -> list[InsertRecord]:  # on the writer thread
-            lease = None if token is None else (
-                self.owner_id, token,
-                datetime.now(timezone.utc) + timedelta(seconds=self.lease_seconds))
-            for fb in feedbacks:
-                self._higher_is_better[fb.name] = fb.higher_is_better
-            op = InsertRecord(
-                app=_rows.app_row(record),
-                record=_rows.record_row(record, max_bytes=max_bytes),
-                definitions=[_rows.definition_row(j.feedback) for j in jobs],
-                results=[_rows.result_row(record, r, None if r.is_final else lease)
-                         for r in initial],
-            )
-            # Start evaluating now, while the insert commits: every update of these
-            # results is queued behind this insert, so nothing is announced before it is
-            # stored, and the evaluation does not wait for the commit.
-            if to_run:
-                policy.dispatch(to_run)
-            return [op]
-
-        def after_commit(stored: bool) -> None:
-            if not stored:
-                for job in jobs:
-                    self._finish(job, _unstored(job.pending))
-                return
-            for job, first in zip(jobs, initial, strict=True):
-                if first.status.is_final:
-                    self._finish(job, first)
-
-        writer.submit(WriteItem(prepare, after_commit))
+            self._unmaterialized -= 1
+            self._outstanding_cond.notify_all()
 
     # ------------------------------------------------------------------ results (loop side)
     def _on_running(self, job: Job, running: FeedbackResult) -> None:
@@ -597,6 +555,96 @@ class Session(SessionReading):
                 f"the dashboard needs the extra: pip install 'scrutiny[dashboard]' ({exc})"
             ) from exc
         return start_dashboard(self, host=host, port=port, token=token)
+
+
+class _Ingest:
+    """One accepted record: its pending results are made lazily, by the writer thread when
+    it stores the record or by the application when it first looks at them — so the
+    application's thread pays only for queueing the record."""
+
+    __slots__ = ("_lock", "feedbacks", "initial", "jobs", "listeners", "mode", "record",
+                 "session")
+
+    def __init__(self, session: Session, record: Record, feedbacks: Sequence[Feedback],
+                 mode: FeedbackMode, listeners: Sequence[ResultListener]) -> None:
+        self.session = session
+        self.record = record
+        self.feedbacks = feedbacks
+        self.mode = mode
+        self.listeners = listeners
+        self.jobs: list[Job] | None = None
+        self.initial: list[FeedbackResult] = []
+        self._lock = threading.Lock()
+
+    def materialize(self) -> list[Job]:
+        """Make the pending results and their jobs once (thread-safe, idempotent)."""
+        with self._lock:
+            if self.jobs is not None:
+                return self.jobs
+            session, record, mode = self.session, self.record, self.mode
+            policy = session._policies[mode]
+            token = session._token if policy.owns_rows else None
+            jobs: list[Job] = []
+            for fb in self.feedbacks:
+                pending = FeedbackResult(
+                    record_id=record.record_id, feedback_name=fb.name,
+                    status=FeedbackStatus.PENDING, result_id=new_hex_id(),
+                    feedback_id=fb.feedback_id)
+                record._slots[fb] = _ResultSlot(pending)
+                job = Job(fb, record, pending, self.listeners, token)
+                jobs.append(job)
+                first = policy.initial(job)
+                if mode is FeedbackMode.DEFERRED:
+                    try:
+                        fb.spec()
+                    except NotReferenceable as exc:
+                        first = pending.evolve(
+                            status=FeedbackStatus.FAILED, ended_at=pending.created_at,
+                            error=f"cannot be evaluated by a worker: {exc}")
+                self.initial.append(first)
+            self.jobs = jobs
+            record._pending_init = None
+            if jobs:
+                session._materialized(jobs)
+            return jobs
+
+    def prepare(self) -> list[InsertRecord]:
+        """On the writer thread: the rows to insert; evaluation starts now."""
+        session, record = self.session, self.record
+        jobs = self.materialize()
+        policy = session._policies[self.mode]
+        token = jobs[0].lease_token if jobs else None
+        lease = None if token is None else (
+            session.owner_id, token,
+            datetime.now(timezone.utc) + timedelta(seconds=session.lease_seconds))
+        for fb in self.feedbacks:
+            session._higher_is_better[fb.name] = fb.higher_is_better
+        op = InsertRecord(
+            app=_rows.app_row(record),
+            record=_rows.record_row(record, max_bytes=session.max_payload_bytes),
+            definitions=[_rows.definition_row(j.feedback) for j in jobs],
+            results=[_rows.result_row(record, r, None if r.is_final else lease)
+                     for r in self.initial],
+        )
+        # Start evaluating now, while the insert commits: every update of these results
+        # is queued behind this insert, so nothing is announced before it is stored, and
+        # the evaluation does not wait for the commit.
+        to_run = [job for job, first in zip(jobs, self.initial, strict=True)
+                  if not first.status.is_final]
+        if to_run:
+            policy.dispatch(to_run)
+        return [op]
+
+    def after_commit(self, stored: bool) -> None:
+        session = self.session
+        jobs = self.materialize()
+        if not stored:
+            for job in jobs:
+                session._finish(job, _unstored(job.pending))
+            return
+        for job, first in zip(jobs, self.initial, strict=True):
+            if first.status.is_final:
+                session._finish(job, first)
 
 
 def _release(job: Job) -> UpdateResult:
