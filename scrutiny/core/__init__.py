@@ -22,7 +22,7 @@ from scrutiny.core._errors import (
     TransientError,
 )
 from scrutiny.core._feedback import Feedback, RateLimit, RetryPolicy, feedback_defaults
-from scrutiny.core._recording import Recording
+from scrutiny.core._recording import RecorderSettings, Recording
 from scrutiny.core._records import Record, RecordStatus, Span, SpanKind, TokenUsage
 from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
 from scrutiny.core._select import Select, Selector
@@ -41,6 +41,7 @@ __all__ = [
     "RateLimit",
     "Record",
     "RecordStatus",
+    "RecorderSettings",
     "Recording",
     "RecordingError",
     "ResultListener",

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-from scrutiny.core._errors import RecordingError
+from scrutiny.core._errors import ConfigurationError, RecordingError
+from scrutiny.core._feedback import Feedback
 from scrutiny.core._records import Record
-from scrutiny.core._session import FeedbackMode
+from scrutiny.core._session import FeedbackMode, ResultListener, Session, _mode
 
-__all__ = ["Recording"]
+__all__ = ["RecorderSettings", "Recording"]
+
+logger = logging.getLogger("scrutiny")
 
 _FINALIZE_TURNS = 50
 
@@ -106,3 +111,75 @@ class Recording:
             await asyncio.sleep(0)
         if mode is FeedbackMode.WITH_APP:
             await asyncio.gather(*(r.await_feedback_results() for r in self.records))
+
+
+class RecorderSettings:
+    """What every recorder knows about its app, shared by the framework integrations.
+
+    Args:
+        app_name, app_version: what the records belong to.
+        feedbacks: evaluated on every record; checked here (wired, and loadable by a
+            worker when the mode is deferred).
+        session: where records go; None means the session created last, looked up when
+            a record is made. A session given explicitly is kept even once closed: records
+            made then are logged and dropped, never sent to another database.
+        feedback_mode: overrides the session's mode.
+        tags, metadata: added to every record.
+
+    Raises:
+        ConfigurationError: an empty app name, an unknown mode, a feedback that cannot run.
+    """
+
+    def __init__(self, app_name: str, app_version: str, *, feedbacks: Sequence[Feedback],
+                 session: Session | None, feedback_mode: FeedbackMode | str | None,
+                 tags: Sequence[str], metadata: dict[str, Any] | None) -> None:
+        if not app_name or not isinstance(app_name, str):
+            raise ConfigurationError("a recorder needs a non-empty app_name")
+        if not isinstance(app_version, str) or not app_version:
+            raise ConfigurationError("app_version must be a non-empty string")
+        self.app_name = app_name
+        self.app_version = app_version
+        self.feedback_mode = None if feedback_mode is None else _mode(feedback_mode)
+        self.explicit_session = session
+        self.feedbacks: list[Feedback] = []
+        self.set_feedbacks(feedbacks)
+        self.tags = list(tags)
+        self.metadata = dict(metadata or {})
+        self._warned_closed = False
+
+    def set_feedbacks(self, feedbacks: Sequence[Feedback]) -> None:
+        """Check and set the feedbacks (wired; loadable by a worker in deferred mode)."""
+        if self.explicit_session is not None:
+            self.explicit_session.check_feedbacks(feedbacks, self.feedback_mode)
+        else:
+            for fb in feedbacks:
+                fb.check_wired()
+                if self.feedback_mode is FeedbackMode.DEFERRED:
+                    fb.check_referenceable()
+        self.feedbacks = list(feedbacks)
+
+    @property
+    def session(self) -> Session:
+        """The session given, else the session created last."""
+        return self.explicit_session if self.explicit_session is not None \
+            else Session.current()
+
+    def mode(self, recording: Recording | None = None) -> FeedbackMode:
+        """The mode in force: the block's, else the recorder's, else the session's."""
+        if recording is not None and recording.feedback_mode is not None:
+            return recording.feedback_mode
+        return self.feedback_mode or self.session.feedback_mode
+
+    def ingest(self, record: Record, recording: Recording | None,
+               listeners: Sequence[ResultListener] = ()) -> None:
+        """Hand a finished record to the session (never raises into the app)."""
+        session = self.session
+        if session.closed:
+            if not self._warned_closed:
+                self._warned_closed = True
+                logger.warning("scrutiny: the session of app %r is closed; its records are "
+                               "not stored (the application is not affected)", self.app_name)
+            return
+        mode = recording.feedback_mode if recording is not None else None
+        session.ingest(record, self.feedbacks, mode=mode or self.feedback_mode,
+                       listeners=listeners)

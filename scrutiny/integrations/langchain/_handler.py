@@ -29,6 +29,7 @@ from scrutiny.core import (
     FeedbackMode,
     FeedbackResult,
     Record,
+    RecorderSettings,
     RecordStatus,
     Session,
     Span,
@@ -139,21 +140,9 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         keep_records: int = 100,
     ) -> None:
         super().__init__()
-        mode = None if feedback_mode is None else FeedbackMode(feedback_mode)
-        if session is not None:
-            session.check_feedbacks(feedbacks, mode)
-        else:
-            for fb in feedbacks:
-                fb.check_wired()
-                if mode is FeedbackMode.DEFERRED:
-                    fb.check_referenceable()
-        self.app_name = app_name
-        self.app_version = app_version
-        self.feedbacks = list(feedbacks)
-        self._session = session
-        self.feedback_mode = None if feedback_mode is None else FeedbackMode(feedback_mode)
-        self.tags = list(tags)
-        self.metadata = dict(metadata or {})
+        self.settings = RecorderSettings(
+            app_name, app_version, feedbacks=feedbacks, session=session,
+            feedback_mode=feedback_mode, tags=tags, metadata=metadata)
         self.records: deque[Record] = deque(maxlen=keep_records)
         self._runs: dict[UUID, tuple[Span, _Root]] = {}
         self._roots: dict[UUID, _Root] = {}
@@ -161,18 +150,42 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             "scrutiny_langchain_recording", default=None)
         self._on_record: list[Callable[[Record], object]] = []
         self._lock = threading.Lock()
-        self._warned_closed = False
 
+    # what the records belong to and where they go (see RecorderSettings)
     @property
     def session(self) -> Session:
-        """Where records go: the session given, else the session created last.
+        """Where records go: the session given (kept even once closed), else the session
+        created last."""
+        return self.settings.session
 
-        A session given explicitly is kept even after it is closed (records made then are
-        logged and dropped): they never go to another database behind the user's back.
-        """
-        if self._session is None:
-            return Session.current()
-        return self._session
+    @property
+    def app_name(self) -> str:
+        return self.settings.app_name
+
+    @property
+    def app_version(self) -> str:
+        return self.settings.app_version
+
+    @property
+    def feedbacks(self) -> list[Feedback]:
+        return self.settings.feedbacks
+
+    @feedbacks.setter
+    def feedbacks(self, feedbacks: Sequence[Feedback]) -> None:
+        """Replace the feedbacks (checked like those given at construction)."""
+        self.settings.set_feedbacks(feedbacks)
+
+    @property
+    def feedback_mode(self) -> FeedbackMode | None:
+        return self.settings.feedback_mode
+
+    @property
+    def tags(self) -> list[str]:
+        return self.settings.tags
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.settings.metadata
 
     # ------------------------------------------------------------------ span bookkeeping
     def _start(self, run_id: UUID, parent_run_id: UUID | None, name: str, kind: str,
@@ -265,25 +278,12 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         self.records.append(record)
         if root.recording is not None:
             root.recording._add(record)
-        session = self.session
-        if session.closed:
-            if not self._warned_closed:
-                self._warned_closed = True
-                logger.warning("scrutiny: the session of app %r is closed; its records are "
-                               "not stored (the application is not affected)", self.app_name)
-        else:
-            listening = [h for h in root.handlers if _listens(h)]
-            bridge = [_FeedbackBridge(listening, run_id, root.tags, root.metadata)] \
-                if listening else []
-            session.ingest(record, self.feedbacks, mode=self._mode_for(root),
-                           listeners=bridge)
+        listening = [h for h in root.handlers if _listens(h)]
+        bridge = [_FeedbackBridge(listening, run_id, root.tags, root.metadata)] \
+            if listening else []
+        self.settings.ingest(record, root.recording, bridge)
         for fn in self._on_record:
             fn(record)
-
-    def _mode_for(self, root: _Root) -> FeedbackMode | None:
-        if root.recording is not None and root.recording.feedback_mode is not None:
-            return root.recording.feedback_mode
-        return self.feedback_mode
 
     # ------------------------------------------------------------------ chains
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *,

@@ -16,7 +16,6 @@ from typing import Any
 from langchain_core.tracers.context import register_configure_hook
 
 from scrutiny.core import (
-    ConfigurationError,
     Feedback,
     FeedbackMode,
     Recording,
@@ -88,13 +87,11 @@ class ChainRecorder:
         if app_name is None:
             get_name = getattr(app, "get_name", None)
             app_name = get_name() if callable(get_name) else type(app).__name__
-        if not app_name:
-            raise ConfigurationError("ChainRecorder needs an app_name")
         self.app = app
-        self.feedback_mode = None if feedback_mode is None else FeedbackMode(feedback_mode)
         self.handler = ScrutinyCallbackHandler(
             app_name, app_version, feedbacks=feedbacks, session=session,
-            feedback_mode=self.feedback_mode, tags=tags, metadata=metadata)
+            feedback_mode=feedback_mode, tags=tags, metadata=metadata)
+        self.feedback_mode = self.handler.feedback_mode
         # The open blocks of this recorder, per context: one recorder may be entered at
         # once by many threads and asyncio tasks (one block per web request), and each
         # must leave its own block.
@@ -118,7 +115,7 @@ class ChainRecorder:
         return self.handler.feedbacks
 
     def _mode(self) -> FeedbackMode:
-        return self.feedback_mode or self.session.feedback_mode
+        return self.handler.settings.mode()
 
     # ------------------------------------------------------------------ the block
     def __enter__(self) -> Recording:

@@ -18,6 +18,7 @@ from scrutiny.core import (
     Feedback,
     FeedbackMode,
     Record,
+    RecorderSettings,
     Recording,
     RecordingError,
     RecordStatus,
@@ -80,25 +81,25 @@ class LlamaIndexRecorder:
         if app is None:
             raise ConfigurationError("LlamaIndexRecorder needs the object to record "
                                      "(a query engine, chat engine or retriever)")
-        for fb in feedbacks:
-            fb.check_wired()
         self.app = app
-        self.app_name = app_name or type(app).__name__
-        self.app_version = app_version
-        self.feedbacks = list(feedbacks)
-        self._session = session
-        self.feedback_mode = None if feedback_mode is None else FeedbackMode(feedback_mode)
-        self.tags = list(tags)
-        self.metadata = dict(metadata or {})
+        self.settings = RecorderSettings(
+            app_name or type(app).__name__, app_version, feedbacks=feedbacks,
+            session=session, feedback_mode=feedback_mode, tags=tags, metadata=metadata)
+        self.app_name = self.settings.app_name
+        self.app_version = self.settings.app_version
+        self.feedbacks = self.settings.feedbacks
+        self.feedback_mode = self.settings.feedback_mode
+        self.tags = self.settings.tags
+        self.metadata = self.settings.metadata
 
     @property
     def session(self) -> Session:
-        if self._session is None or self._session.closed:
-            self._session = Session.current()
-        return self._session
+        """Where records go: the session given (kept even once closed), else the session
+        created last."""
+        return self.settings.session
 
     def _mode(self) -> FeedbackMode:
-        return self.feedback_mode or self.session.feedback_mode
+        return self.settings.mode()
 
     # ------------------------------------------------------------------ the block
     def __enter__(self) -> Recording:
@@ -133,8 +134,7 @@ class LlamaIndexRecorder:
         record = self._build(trace)
         trace.scope.recording._add(record)
         bridge = FeedbackEventBridge(trace.root.span_id, trace.tags)
-        self.session.ingest(record, self.feedbacks, mode=trace.scope.recording.feedback_mode,
-                            listeners=[bridge])
+        self.settings.ingest(record, trace.scope.recording, [bridge])
 
     def _build(self, trace: Trace) -> Record:
         root = trace.root
