@@ -94,6 +94,17 @@ def bleu(answer: Any, expected: Any) -> tuple[float, str]:
     return score, f"sentence BLEU-4 {score:.3f}"
 
 
+class _Named:
+    """A named evaluator: `Feedback(evaluator)` takes its name as the feedback's name."""
+
+    __slots__ = ()
+    name: str
+
+    @property
+    def __scrutiny_feedback__(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
 class Rouge:
     """ROUGE of the answer against the expected answer, via rouge-score.
 
@@ -140,7 +151,7 @@ class Rouge:
                        f"{result.precision:.3f}, recall {result.recall:.3f})")
 
 
-class Regex:
+class Regex(_Named):
     """1 when the text matches a regular expression (``re.search``), else 0.
 
     Args:
@@ -161,10 +172,6 @@ class Regex:
         self.name = name
         self.must_match = must_match
 
-    @property
-    def __scrutiny_feedback__(self) -> dict[str, Any]:
-        return {"name": self.name}
-
     def __call__(self, text: Any) -> tuple[float, str]:
         match = self.pattern.search(as_text(text))
         found = (f"matches /{self.pattern.pattern}/ at character {match.start()}" if match
@@ -172,7 +179,7 @@ class Regex:
         return float(bool(match) == self.must_match), found
 
 
-class Contains:
+class Contains(_Named):
     """The share of required phrases that the text contains (1 when all are there).
 
     Args:
@@ -195,10 +202,6 @@ class Contains:
         self.case_sensitive = case_sensitive
         self.name = name
 
-    @property
-    def __scrutiny_feedback__(self) -> dict[str, Any]:
-        return {"name": self.name}
-
     def __call__(self, text: Any) -> tuple[float, str]:
         body = as_text(text)
         if not self.case_sensitive:
@@ -214,7 +217,7 @@ class Contains:
         return score, "; ".join(parts)
 
 
-class LengthBounds:
+class LengthBounds(_Named):
     """1 when the text's length is within the bounds, else 0 (with the length found).
 
     Args:
@@ -239,10 +242,6 @@ class LengthBounds:
         self.min_chars, self.max_chars = min_chars, max_chars
         self.min_words, self.max_words = min_words, max_words
         self.name = name
-
-    @property
-    def __scrutiny_feedback__(self) -> dict[str, Any]:
-        return {"name": self.name}
 
     def __call__(self, text: Any) -> tuple[float, str]:
         body = as_text(text)
