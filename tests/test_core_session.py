@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
 import threading
 import time
@@ -658,3 +659,88 @@ def test_a_retry_after_longer_than_max_backoff_fails_at_once(session: Session) -
     assert len(calls) == 1
     assert result.status is FeedbackStatus.FAILED
     assert "retry after 3600 s, longer than max_backoff=10 s" in (result.error or "")
+
+
+def test_concurrency_limit_holds_for_sync_and_async_together(db_url: str) -> None:
+    """Plain and async feedbacks share one limit, however the slots are handed on."""
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def enter() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+
+    def leave() -> None:
+        nonlocal running
+        with lock:
+            running -= 1
+
+    def plain(output: str) -> float:
+        enter()
+        time.sleep(0.02)
+        leave()
+        return 1.0
+
+    async def awaiting(output: str) -> float:
+        enter()
+        await asyncio.sleep(0.02)
+        leave()
+        return 1.0
+
+    fbs = [Feedback(plain, name="plain").on_output(),
+           Feedback(awaiting, name="awaiting").on_output()]
+    with Session(db_url, max_concurrency=4) as s:
+        records = [s.ingest(make_record(i), fbs) for i in range(15)]
+        assert s.wait_for_feedback(30)
+        statuses = {r.status for rec in records
+                    for r in rec.wait_for_feedback_results(timeout=5).values()}
+    assert statuses == {FeedbackStatus.DONE}
+    assert peak == 4
+
+
+def test_a_sync_timeout_counts_from_its_start_not_its_wait_for_a_slot(db_url: str) -> None:
+    def long(output: str) -> float:
+        time.sleep(0.4)
+        return 1.0
+
+    def short(output: str) -> float:
+        time.sleep(0.02)
+        return 1.0
+
+    f_long = Feedback(long, name="long", timeout=5).on_output()
+    f_short = Feedback(short, name="short", timeout=0.2).on_output()
+    with Session(db_url, max_concurrency=1) as s:
+        record = s.ingest(make_record(), [f_long, f_short])
+        results = record.wait_for_feedback_results(timeout=20)
+    first, second = sorted(results.values(), key=lambda r: r.started_at)  # type: ignore[arg-type, return-value]
+    # one slot: the second waited about 0.4 s for it, twice its own timeout, and is done
+    assert {first.status, second.status} == {FeedbackStatus.DONE}
+    assert second.started_at is not None
+    assert first.ended_at is not None
+    assert second.started_at >= first.ended_at - dt.timedelta(milliseconds=50)
+
+
+def test_a_timed_out_sync_call_gives_its_slot_back(db_url: str) -> None:
+    release = threading.Event()
+
+    def stuck(output: str) -> float:
+        release.wait(10)
+        return 1.0
+
+    async def quick(output: str) -> float:
+        return 1.0
+
+    f_stuck = Feedback(stuck, name="stuck", timeout=0.2).on_output()
+    f_quick = Feedback(quick, name="quick").on_output()
+    try:
+        with Session(db_url, max_concurrency=1) as s:
+            record = s.ingest(make_record(), [f_stuck, f_quick])
+            results = record.wait_for_feedback_results(timeout=10)
+    finally:
+        release.set()
+    assert results[f_stuck].status is FeedbackStatus.FAILED
+    assert "timed out" in (results[f_stuck].error or "")
+    assert results[f_quick].status is FeedbackStatus.DONE  # the stuck thread's slot moved on

@@ -18,6 +18,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiolimiter import AsyncLimiter
@@ -51,10 +52,10 @@ class Job:
     pending: FeedbackResult
     listeners: Sequence[Callable[[FeedbackResult, Record], object]] = ()
     lease_token: str | None = None
-    running_timer: asyncio.TimerHandle | None = None
 
 
 ResultHook = Callable[[Job, FeedbackResult], None]
+StartHook = Callable[[Job, datetime], None]
 
 
 class DispatchPolicy(Protocol):
@@ -155,12 +156,12 @@ class EvaluationLoop:
         executor: run every feedback call there instead (e.g. a Dask cluster's executor);
             results still come back here to be stored and announced.
         default_timeout: seconds per attempt when a feedback sets none.
-        on_running: called (on the loop) when a job starts.
+        on_running: called (on the loop) with the time a job got its concurrency slot.
         on_final: called (on the loop) with the end state of each job.
     """
 
     def __init__(self, *, max_concurrency: int, thread_pool_size: int,
-                 default_timeout: float | None, on_running: ResultHook,
+                 default_timeout: float | None, on_running: StartHook,
                  on_final: ResultHook, name: str = "scrutiny-eval",
                  executor: concurrent.futures.Executor | None = None) -> None:
         self._on_running = on_running
@@ -185,7 +186,7 @@ class EvaluationLoop:
     def _run(self, ready: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
         self._evaluator = Evaluator(
-            pool=self._pool, max_concurrency=self._max_concurrency,
+            loop=self._loop, pool=self._pool, max_concurrency=self._max_concurrency,
             default_timeout=self._default_timeout, limiter_for=self._limiter_for,
             executor=self._executor)
         ready.set()
@@ -276,7 +277,7 @@ class EvaluationLoop:
         try:
             final = await self._evaluator.evaluate(
                 job.feedback, job.record, job.pending,
-                lambda running: self._on_running(job, running))
+                lambda started: self._on_running(job, started))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug of ours: still a failed result, never a lost one

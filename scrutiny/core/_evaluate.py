@@ -25,6 +25,7 @@ from scrutiny.core._feedback import Feedback, coerce_feedback_value
 from scrutiny.core._pool import DaemonThreadPool
 from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
 from scrutiny.core._select import EmptySelection
+from scrutiny.core._slots import SlotGate, SyncCall
 
 if TYPE_CHECKING:
     from scrutiny.core._records import Record
@@ -115,6 +116,7 @@ class Evaluator:
     """Runs feedbacks on the session's event loop.
 
     Args:
+        loop: the event loop it runs on (create it on that loop's thread).
         pool: the thread pool for plain (sync) feedback functions.
         max_concurrency: the most feedback calls running at once in this session.
         default_timeout: seconds one attempt may take when the feedback sets none.
@@ -126,7 +128,8 @@ class Evaluator:
     def __init__(
         self,
         *,
-        pool: concurrent.futures.Executor,
+        loop: asyncio.AbstractEventLoop,
+        pool: DaemonThreadPool,
         max_concurrency: int,
         default_timeout: float | None,
         limiter_for: Callable[[Feedback], Limiter | None],
@@ -134,7 +137,8 @@ class Evaluator:
     ) -> None:
         self._pool = pool
         self._executor = executor
-        self._semaphore = asyncio.Semaphore(max_concurrency)
+        pool.bind(loop)
+        self._gate = SlotGate(max_concurrency, loop, pool)
         self._default_timeout = default_timeout
         self._limiter_for = limiter_for
         self._warned: set[str] = set()
@@ -144,31 +148,41 @@ class Evaluator:
         feedback: Feedback,
         record: Record,
         pending: FeedbackResult,
-        on_started: Callable[[FeedbackResult], None],
+        on_started: Callable[[datetime], None],
     ) -> FeedbackResult:
-        """The end state of `feedback` on `record` (done, failed or skipped)."""
+        """The end state of `feedback` on `record` (done, failed or skipped).
+
+        `on_started(started_at)` is called once, when the first call of this evaluation
+        has its concurrency slot (and rate-limit permit): time spent queued behind other
+        evaluations is neither `running` nor part of the evaluation's timing.
+        """
         _suppressed.set(True)  # this task's own context: evaluator calls are not recorded
-        started = datetime.now(timezone.utc)
         try:
             calls = feedback.calls_for(record)
         except EmptySelection as exc:
-            return self._end(pending, FeedbackStatus.SKIPPED, started, error=str(exc))
+            return self._end(pending, FeedbackStatus.SKIPPED, error=str(exc))
         except Exception as exc:
-            return self._end(pending, FeedbackStatus.FAILED, started,
+            return self._end(pending, FeedbackStatus.FAILED,
                              error=f"selecting the arguments failed: {describe_error(exc)}")
-        running = pending.evolve(status=FeedbackStatus.RUNNING,
-                                      started_at=started, attempts=1)
-        on_started(running)
+        started: list[datetime] = []
+
+        def begin(at: datetime | None = None) -> None:
+            if not started:
+                started.append(at or datetime.now(timezone.utc))
+                on_started(started[0])
+
         with evaluation_cost_scope() as cost:
             if len(calls) == 1:  # the common case: no extra task for a gather
-                outcomes = [await self._call(feedback, calls[0])]
+                outcomes = [await self._call(feedback, calls[0], begin)]
             else:
                 outcomes = list(await asyncio.gather(
-                    *(self._call(feedback, args) for args in calls)))
-        return self._verdict(feedback, pending, started, outcomes, dict(cost) or None)
+                    *(self._call(feedback, args, begin) for args in calls)))
+        start = started[0] if started else datetime.now(timezone.utc)
+        return self._verdict(feedback, pending, start, outcomes, dict(cost) or None)
 
     # ------------------------------------------------------------------ one call
-    async def _call(self, feedback: Feedback, args: dict[str, Any]) -> _CallOutcome:
+    async def _call(self, feedback: Feedback, args: dict[str, Any],
+                    begin: Callable[[datetime | None], None]) -> _CallOutcome:
         policy = feedback.retry
         timeout = feedback.timeout if feedback.timeout is not None else self._default_timeout
         limiter = self._limiter_for(feedback)
@@ -176,8 +190,13 @@ class Evaluator:
         while True:
             attempt += 1
             try:
-                async with limiter() if limiter else nullcontext(), self._semaphore:
-                    value = await self._attempt(feedback, args, timeout)
+                async with limiter() if limiter else nullcontext():
+                    if feedback.is_async or self._executor is not None:
+                        async with self._gate:
+                            begin(None)
+                            value = await self._attempt(feedback, args, timeout)
+                    else:
+                        value = await self._run_sync(feedback.fn, args, timeout, begin)
                 score, explanation, metadata = coerce_feedback_value(value)
                 call = FeedbackCall(args=args, score=score, explanation=explanation,
                                     metadata=metadata)
@@ -219,23 +238,61 @@ class Evaluator:
 
     async def _attempt(self, feedback: Feedback, args: dict[str, Any],
                        timeout: float | None) -> Any:
-        fn = feedback.fn
+        """One async call (or one call on the external executor), holding a slot."""
         awaitable: Awaitable[Any]
         if self._executor is not None:
             awaitable = asyncio.wrap_future(
-                self._executor.submit(_call_anywhere, fn, feedback.is_async, args))
-        elif feedback.is_async:
-            awaitable = fn(**args)
+                self._executor.submit(_call_anywhere, feedback.fn, feedback.is_async, args))
         else:
-            loop = asyncio.get_running_loop()
-            ctx = contextvars.copy_context()
-            if isinstance(self._pool, DaemonThreadPool):
-                awaitable = self._pool.run(loop, lambda: ctx.run(fn, **args))
-            else:
-                awaitable = loop.run_in_executor(self._pool, lambda: ctx.run(fn, **args))
+            awaitable = feedback.fn(**args)
         value = await _within(awaitable, timeout)
         if asyncio.iscoroutine(value):  # a sync wrapper that returned a coroutine
             value = await _within(value, timeout)
+        return value
+
+    async def _run_sync(self, fn: Callable[..., Any], args: dict[str, Any],
+                        timeout: float | None,
+                        begin: Callable[[datetime | None], None]) -> Any:
+        """One call of a plain function on the pool, once it has a slot.
+
+        The timeout counts from the moment the call starts on its thread, not from when it
+        was queued for a slot.
+        """
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        call = SyncCall(lambda: ctx.run(fn, **args), loop.create_future(), begin)
+        self._gate.start_sync(call)
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+        handle: asyncio.TimerHandle | None = None
+        limit = timeout if timeout is not None else math.inf
+
+        def check() -> None:
+            nonlocal expired, handle
+            now = loop.time()  # the monotonic clock, as `call.started`
+            if call.started is not None and now - call.started >= limit:
+                expired = True
+                task.cancel()
+                return
+            wait = limit if call.started is None else call.started + limit - now
+            handle = loop.call_later(wait, check)
+
+        if timeout is not None:
+            handle = loop.call_later(limit, check)
+        try:
+            value = await call.future
+        except asyncio.CancelledError:
+            self._gate.abandon(call)
+            if expired and (sys.version_info < (3, 11) or task.uncancel() == 0):
+                raise FeedbackTimeout(f"timed out after {limit:g} s", timeout=limit) from None
+            raise
+        finally:
+            if handle is not None:
+                handle.cancel()
+        if asyncio.iscoroutine(value):  # a sync wrapper that returned a coroutine
+            async with self._gate:
+                value = await _within(value, timeout)
         return value
 
     # ------------------------------------------------------------------ the verdict
@@ -275,11 +332,11 @@ class Evaluator:
         return end(FeedbackStatus.DONE, result=score, explanation=explanation)
 
     @staticmethod
-    def _end(pending: FeedbackResult, status: FeedbackStatus, started: datetime, *,
+    def _end(pending: FeedbackResult, status: FeedbackStatus, *,
              error: str) -> FeedbackResult:
         """An end state reached before any call was made."""
-        return pending.evolve(status=status, error=error, started_at=started,
-            ended_at=datetime.now(timezone.utc))
+        now = datetime.now(timezone.utc)
+        return pending.evolve(status=status, error=error, started_at=now, ended_at=now)
 
     def _log_failure(self, feedback: Feedback, reason: str) -> None:
         if feedback.name in self._warned:

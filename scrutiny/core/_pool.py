@@ -14,14 +14,20 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from scrutiny.core._slots import SlotGate, SyncCall
 
 __all__ = ["DaemonThreadPool"]
 
 T = TypeVar("T")
 
-_Item = tuple["concurrent.futures.Future[Any] | asyncio.Future[Any]", Callable[..., Any],
-              tuple[Any, ...], dict[str, Any]]
+_Item = tuple["concurrent.futures.Future[Any]", Callable[..., Any], tuple[Any, ...],
+              dict[str, Any]] | tuple["SlotGate", "SyncCall"]
+# Something for the loop: a future to resolve with (value, error), or fn(value) to call.
+_Delivery = tuple["asyncio.Future[Any] | Callable[[Any], object]", Any, "BaseException | None"]
 
 
 class DaemonThreadPool(concurrent.futures.Executor):
@@ -38,7 +44,8 @@ class DaemonThreadPool(concurrent.futures.Executor):
         self._lock = threading.Lock()
         self._shutdown = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        self._loop_thread: threading.Thread | None = None
+        self._done: list[_Delivery] = []
         self._done_lock = threading.Lock()
         self._done_scheduled = False
 
@@ -55,19 +62,18 @@ class DaemonThreadPool(concurrent.futures.Executor):
         self._threads.append(thread)
         thread.start()
 
-    def run(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., T], /,
-            *args: Any) -> asyncio.Future[T]:
-        """Run `fn(*args)` on a pool thread; the result arrives as an asyncio future of
-        `loop` (call this on the loop's thread).
-
-        Results finished while the loop has not yet collected earlier ones are delivered
-        together, with one wake-up of the loop, instead of one per result as
-        `run_in_executor` does.
-        """
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver results to `loop` (call this on the loop's thread)."""
         self._loop = loop
-        future: asyncio.Future[T] = loop.create_future()
-        self._enqueue((future, fn, args, {}))
-        return future
+        self._loop_thread = threading.current_thread()
+
+    def on_loop_thread(self) -> bool:
+        return threading.current_thread() is self._loop_thread
+
+    def run_calls(self, call: SyncCall, gate: SlotGate) -> None:
+        """Run `call`, which holds a slot of `gate`, on a pool thread; that thread then runs
+        whichever sync call the slot goes to next (see :mod:`scrutiny.core._slots`)."""
+        self._enqueue((gate, call))
 
     def submit(self, fn: Callable[..., T], /, *args: Any,
                **kwargs: Any) -> concurrent.futures.Future[T]:
@@ -89,24 +95,44 @@ class DaemonThreadPool(concurrent.futures.Executor):
             if item is None:
                 self._queue.put(None)  # wake the next thread to stop too
                 return
-            future, fn, args, kwargs = item
-            if isinstance(future, asyncio.Future):
-                try:
-                    self._deliver_later(future, fn(*args, **kwargs), None)
-                except BaseException as exc:
-                    self._deliver_later(future, None, exc)
-            elif future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn(*args, **kwargs))
-                except BaseException as exc:
-                    future.set_exception(exc)
-            del item, future
+            if len(item) == 2:
+                self._run_calls(*item)
+            else:
+                future, fn, args, kwargs = item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args, **kwargs))
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                del future
+            del item
             self._idle.release()
 
-    def _deliver_later(self, future: asyncio.Future[Any], value: Any,
-                       error: BaseException | None) -> None:
+    def _run_calls(self, gate: SlotGate, call: SyncCall | None) -> None:
+        """Run `call`, then every sync call its slot is handed to, on this thread; results
+        (and start times) reach the loop in batches."""
+        while call is not None:
+            if not call.abandoned:
+                call.started = time.monotonic()
+                call.started_at = datetime.now(timezone.utc)
+                self.deliver_later(call.on_start, call.started_at, None)
+                try:
+                    value, error = call.fn(), None
+                except BaseException as exc:
+                    value, error = None, exc
+                self.deliver_later(call.future, value, error)
+                del value, error
+            call = gate.finish(call)
+
+    def deliver_later(self, target: asyncio.Future[Any] | Callable[[Any], object],
+                      value: Any, error: BaseException | None) -> None:
+        """Resolve a future of the loop (or call ``target(value)`` there), from any thread.
+
+        Deliveries made while the loop has not yet collected earlier ones go together, with
+        one wake-up of the loop (`call_soon_threadsafe` wakes it once per call).
+        """
         with self._done_lock:
-            self._done.append((future, value, error))
+            self._done.append((target, value, error))
             if self._done_scheduled:
                 return
             self._done_scheduled = True
@@ -123,13 +149,15 @@ class DaemonThreadPool(concurrent.futures.Executor):
         with self._done_lock:
             done, self._done = self._done, []
             self._done_scheduled = False
-        for future, value, error in done:
-            if future.cancelled():
+        for target, value, error in done:
+            if not isinstance(target, asyncio.Future):
+                target(value)
+            elif target.cancelled():
                 continue
-            if error is not None:
-                future.set_exception(error)
+            elif error is not None:
+                target.set_exception(error)
             else:
-                future.set_result(value)
+                target.set_result(value)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -140,8 +168,8 @@ class DaemonThreadPool(concurrent.futures.Executor):
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is not None:
-                    item[0].cancel()
+                if item is not None and len(item) == 4:
+                    item[0].cancel()  # sync calls of the loop end with its tasks
         self._queue.put(None)
         if wait:
             self.join(None)

@@ -171,6 +171,9 @@ class Session(SessionReading):
         self._lock = threading.Lock()
         self._inflight: dict[str, Job] = {}
         self._unmaterialized = 0  # accepted records whose results are not made yet
+        # On the evaluation loop only: evaluations started, not ended, running not stored.
+        self._started: dict[Job, tuple[float, datetime]] = {}
+        self._running_sweep: asyncio.TimerHandle | None = None
         self._outstanding_cond = threading.Condition()
         self._state = "unstarted"  # -> started -> closed
         self._pid = os.getpid()
@@ -262,6 +265,8 @@ class Session(SessionReading):
         self._workers = []
         self._inflight = {}
         self._unmaterialized = 0
+        self._started = {}
+        self._running_sweep = None
         self._outstanding_cond = threading.Condition()
         self._lock = threading.Lock()
         if self._state == "started":
@@ -426,14 +431,32 @@ class Session(SessionReading):
             self._outstanding_cond.notify_all()
 
     # ------------------------------------------------------------------ results (loop side)
-    def _on_running(self, job: Job, running: FeedbackResult) -> None:
-        """Runs on the evaluation loop when an evaluation starts. Its `running` status is
-        stored once it has run RUNNING_AFTER seconds: quick ones go straight from pending to
-        their end state without a write in between."""
+    def _on_running(self, job: Job, started_at: datetime) -> None:
+        """Runs on the evaluation loop when an evaluation gets its slot. Its `running` status
+        is stored once it has run RUNNING_AFTER seconds: quick ones go straight from pending
+        to their end state without a write in between. One sweep timer serves every
+        evaluation in flight (a timer each cost more than a quick evaluation itself)."""
         if self._writer is None or job.pending.attempts:  # a claimed row is running already
             return
-        job.running_timer = asyncio.get_running_loop().call_later(
-            RUNNING_AFTER, self._store_running, job, running)
+        self._started[job] = (time.monotonic(), started_at)  # start order = insertion order
+        if self._running_sweep is None:
+            self._running_sweep = asyncio.get_running_loop().call_later(
+                RUNNING_AFTER, self._sweep_running)
+
+    def _sweep_running(self) -> None:
+        """On the loop: store `running` for the evaluations started RUNNING_AFTER ago."""
+        self._running_sweep = None
+        now = time.monotonic()
+        started = self._started
+        while started:
+            job, (began, started_at) = next(iter(started.items()))
+            if now - began < RUNNING_AFTER:
+                self._running_sweep = asyncio.get_running_loop().call_later(
+                    began + RUNNING_AFTER - now, self._sweep_running)
+                return
+            del started[job]
+            self._store_running(job, job.pending.evolve(
+                status=FeedbackStatus.RUNNING, started_at=started_at, attempts=1))
 
     def _store_running(self, job: Job, running: FeedbackResult) -> None:
         writer = self._writer
@@ -449,8 +472,7 @@ class Session(SessionReading):
         ))
 
     def _on_final(self, job: Job, final: FeedbackResult) -> None:
-        if job.running_timer is not None:
-            job.running_timer.cancel()
+        self._started.pop(job, None)
         if job.pending.attempts:  # claimed by a worker: count earlier claims too
             final = final.evolve(attempts=job.pending.attempts - 1 + max(final.attempts, 1))
         writer = self._writer
