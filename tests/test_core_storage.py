@@ -201,3 +201,55 @@ def test_oversized_contexts_stay_a_list_with_each_one_marked(tmp_path: Path) -> 
     assert back.contexts[0].startswith("x" * 1024)
     assert f"[{TRUNCATED_KEY}: 3000 bytes in all]" in back.contexts[0]
     assert back.contexts[1] == "short"
+
+
+def _insert_op(record: Record, feedback: Feedback) -> tuple[object, str]:
+    from scrutiny.core import _rows
+    from scrutiny.core.storage import InsertRecord
+
+    pending = _rows.FeedbackResult(record_id=record.record_id, feedback_name=feedback.name,
+                                   status=FeedbackStatus.PENDING,
+                                   result_id=f"r-{record.record_id}",
+                                   feedback_id=feedback.feedback_id)
+    op = InsertRecord(app=_rows.app_row(record),
+                      record=_rows.record_row(record, max_bytes=1_000_000),
+                      definitions=[_rows.definition_row(feedback)],
+                      results=[_rows.result_row(record, pending)])
+    return op, pending.result_id or ""
+
+
+def test_a_sqlite_batch_is_one_statement_and_updates_apply_in_order(tmp_path: Path) -> None:
+    """Records, results and updates of a batch go in one statement (no BEGIN/COMMIT round
+    trips); a batch that updates one result twice still applies the updates in order."""
+    from sqlalchemy import event
+
+    from scrutiny.core.storage import SQLStore, UpdateResult
+
+    store = SQLStore(f"sqlite:///{tmp_path}/one.sqlite")
+    traced: list[str] = []
+    event.listen(store.engine, "connect",
+                 lambda dbapi, _rec: dbapi.set_trace_callback(traced.append))
+    store.engine.dispose()
+    fb = Feedback(lambda output: 1.0, name="f").on_output()
+    first, first_id = _insert_op(make_record(), fb)
+    store.write([first])  # a new app and definition: the general path
+    store.write([_insert_op(make_record(), fb)[0]])  # the first one-statement batch
+    traced.clear()
+    ops_ids = [_insert_op(make_record(input=f"q{i}"), fb) for i in range(5)]
+    done = {"status": "done", "score": 0.5, "ended_at": dt.datetime.now(dt.timezone.utc)}
+    store.write([op for op, _ in ops_ids] + [UpdateResult(first_id, done)])
+    statements = {s for s in traced if not s.startswith("--")}  # not trigger sub-steps
+    assert len(statements) == 1, statements  # no BEGIN, no COMMIT, one statement
+    assert statements.pop().startswith("INSERT INTO temp.scrutiny_write_batch")
+
+    running = {"status": "running"}
+    store.write([UpdateResult(ops_ids[0][1], running, from_statuses=("pending",)),
+                 UpdateResult(ops_ids[0][1], done)])
+    _, results = store.records_and_results()
+    by_id = {r["result_id"]: r for r in results}
+    assert by_id[first_id]["status"] == "done"
+    assert by_id[first_id]["score"] == 0.5
+    assert by_id[ops_ids[0][1]]["status"] == "done"  # running, then done: in order
+    assert {by_id[i]["status"] for _, i in ops_ids[1:]} == {"pending"}
+    assert len(results) == 7
+    store.engine.dispose()
