@@ -1,16 +1,21 @@
 """Judge throughput: do 500 LLM-judge calls that each take 50 ms really run 64 at a time?
 
-The judge model is LangChain's `FakeListChatModel` with ``sleep=0.05``. Its plain ``_call``
-sleeps with `time.sleep` (LangChain runs it in a small thread pool, which would cap the
-concurrency), but its async streaming path ``_astream`` awaits ``asyncio.sleep(sleep)``
-once per chunk; ``.bind(stream=True)`` makes ``ainvoke`` take that path. Its answer is the
-single character ``"8"`` (a bare score on the judge's 0-10 scale), so every call answers
-after exactly one 50 ms await — a model that "answers after 50 ms" without holding a thread.
+The judge model answers ``"8"`` (a bare score on the judge's 0-10 scale) after awaiting 50 ms:
+`AnswersAfter`, LangChain's own `FakeListChatModel` with an async ``_agenerate`` that awaits
+``asyncio.sleep`` — the shape of every chat model behind an async HTTP client (ChatOpenAI,
+ChatAnthropic, ... await their client in ``_agenerate``). `FakeListChatModel` as shipped
+cannot stand for such a model: its async path either runs the blocking ``_call`` (which
+``time.sleep``s) in a 6-thread executor, or, with ``.bind(stream=True)``, awaits the sleep
+per chunk and then runs LangChain's ``generate_from_stream`` in that executor — one thread
+hop per call, which is LangChain's cost, not the judge's. That variant is still measured
+(`langchain_stream_path`, with its own no-session baseline) so the difference is visible.
+`llama_index` runs the same judge over a LlamaIndex `MockLLM` whose ``achat`` awaits 50 ms
+(through LlamaIndex's real instrumentation decorator).
 
 Variant `rag_triad`: 100 records with 3 retrieved contexts each, judged with
 ``rag_triad(judge)``: 3 context-relevance calls, 1 groundedness call and 1 answer-relevance
 call per record = 500 judge calls (300 stored results). Variant `per_record`: 500 records,
-one answer-relevance call each (500 results). Both go through the real path: a `Session`
+one answer-relevance call each (500 results). All go through the real path: a `Session`
 on SQLite with ``max_concurrency=64`` and ``session.ingest(record, feedbacks)``.
 
 The wall time runs from the first ingest until `session.wait_for_feedback` returns True
@@ -45,11 +50,56 @@ CONTEXTS = ["Paris is the capital of France.", "France is in Western Europe.",
             "The Eiffel Tower is in Paris."]
 
 
-def make_judge() -> LLMJudge:
-    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+def _answers_after() -> Any:
+    import itertools
 
-    model = FakeListChatModel(responses=["8"], sleep=DELAY).bind(stream=True)
-    return LLMJudge(model)
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    class AnswersAfter(FakeListChatModel):
+        """FakeListChatModel whose async path awaits `sleep`, then answers."""
+
+        async def _agenerate(self, messages: Any, stop: Any = None, run_manager: Any = None,
+                             **kwargs: Any) -> ChatResult:
+            await asyncio.sleep(self.sleep or 0.0)
+            text = next(self._answers)
+            return ChatResult(generations=[ChatGeneration(message=AIMessage(content=text))])
+
+        @property
+        def _answers(self) -> Any:
+            cycle = self.__dict__.get("_cycle")
+            if cycle is None:
+                cycle = self.__dict__["_cycle"] = itertools.cycle(self.responses)
+            return cycle
+
+    return AnswersAfter
+
+
+def _slow_mock_llm() -> Any:
+    from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole
+    from llama_index.core.llms.callbacks import llm_chat_callback
+    from llama_index.core.llms.mock import MockLLM
+
+    class SlowMockLLM(MockLLM):
+        """LlamaIndex's MockLLM whose async chat awaits 50 ms, then answers "8"."""
+
+        @llm_chat_callback()
+        async def achat(self, messages: Any, **kwargs: Any) -> ChatResponse:
+            await asyncio.sleep(DELAY)
+            return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content="8"))
+
+    return SlowMockLLM()
+
+
+def make_judge(kind: str = "langchain") -> LLMJudge:
+    if kind == "llama_index":
+        return LLMJudge(_slow_mock_llm())
+    if kind == "langchain_stream":
+        from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+        return LLMJudge(FakeListChatModel(responses=["8"], sleep=DELAY).bind(stream=True))
+    return LLMJudge(_answers_after()(responses=["8"], sleep=DELAY))
 
 
 def make_record(i: int, app: str) -> Record:
@@ -65,8 +115,8 @@ async def sleep_only(question: str, answer: str) -> float:
     return 0.8
 
 
-def run_variant(variant: str) -> dict[str, Any]:
-    judge = make_judge()
+def run_variant(variant: str, kind: str = "langchain") -> dict[str, Any]:
+    judge = make_judge(kind)
     if variant == "rag_triad":
         feedbacks: list[Feedback] = list(rag_triad(judge))
         records, calls_per_record = CALLS // 5, 5
@@ -117,9 +167,9 @@ def run_variant(variant: str) -> dict[str, Any]:
     }
 
 
-def run_direct() -> dict[str, Any]:
+def run_direct(kind: str = "langchain") -> dict[str, Any]:
     """The judge alone: 500 answer-relevance calls under asyncio.gather, 64 at a time."""
-    judge = make_judge()
+    judge = make_judge(kind)
 
     async def main() -> float:
         gate = asyncio.Semaphore(CONCURRENCY)
@@ -144,9 +194,14 @@ def run_direct() -> dict[str, Any]:
 
 
 def main() -> None:
-    variants = {name: run_variant(name)
-                for name in ("rag_triad", "per_record", "baseline_sleep")}
+    variants: dict[str, Any] = {name: run_variant(name)
+                                for name in ("rag_triad", "per_record", "baseline_sleep")}
     variants["direct_no_session"] = run_direct()
+    variants["llama_index"] = run_variant("per_record", "llama_index")
+    variants["langchain_stream_path"] = {
+        "per_record": run_variant("per_record", "langchain_stream"),
+        "direct_no_session": run_direct("langchain_stream"),
+    }
     emit({
         "bench": "judge_throughput",
         "judge_calls": CALLS,
