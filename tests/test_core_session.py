@@ -744,3 +744,31 @@ def test_a_timed_out_sync_call_gives_its_slot_back(db_url: str) -> None:
     assert results[f_stuck].status is FeedbackStatus.FAILED
     assert "timed out" in (results[f_stuck].error or "")
     assert results[f_quick].status is FeedbackStatus.DONE  # the stuck thread's slot moved on
+
+
+def test_evaluations_leave_no_reference_cycles_behind(db_url: str) -> None:
+    """Records, jobs and results are freed by reference counting when their evaluation
+    ends, not kept for the garbage collector (a cycle per evaluation once kept each
+    record alive until a full collection: memory and long GC pauses in the app)."""
+    import gc
+
+    def plain(output: str) -> float:
+        return 1.0
+
+    async def awaiting(output: str) -> float:
+        return 1.0
+
+    fbs = [Feedback(plain, name="plain", timeout=5).on_output(),
+           Feedback(awaiting, name="awaiting", timeout=5).on_output()]
+    with Session(db_url) as s:
+        s.ingest(make_record(), fbs).wait_for_feedback_results(timeout=10)  # warm up
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(50):
+                s.ingest(make_record(i), fbs)
+            assert s.wait_for_feedback(20)
+            garbage = gc.collect()
+        finally:
+            gc.enable()
+    assert garbage < 50 * 3, f"{garbage} objects in reference cycles after 50 records"

@@ -105,6 +105,34 @@ def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any])
     return fn(**args)
 
 
+class _RunDeadline:
+    """Cancels `task` once `call` has run `limit` seconds on its thread; the time it waited
+    for a slot does not count. (A class, not a closure that reschedules itself: such a
+    closure refers to itself, a reference cycle that kept each evaluation's objects alive
+    until the garbage collector's next full pass.)"""
+
+    __slots__ = ("call", "expired", "handle", "limit", "loop", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
+                 call: SyncCall, limit: float) -> None:
+        self.loop, self.task, self.call, self.limit = loop, task, call, limit
+        self.expired = False
+        self.handle = loop.call_later(limit, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()  # the monotonic clock, as `call.started`
+        started = self.call.started
+        if started is not None and now - started >= self.limit:
+            self.expired = True
+            self.task.cancel()
+            return
+        wait = self.limit if started is None else started + self.limit - now
+        self.handle = self.loop.call_later(wait, self._check)
+
+    def cancel(self) -> None:
+        self.handle.cancel()  # drops its reference to _check: no cycle is left
+
+
 @dataclasses.dataclass(slots=True)
 class _CallOutcome:
     call: FeedbackCall
@@ -264,32 +292,19 @@ class Evaluator:
         self._gate.start_sync(call)
         task = asyncio.current_task()
         assert task is not None
-        expired = False
-        handle: asyncio.TimerHandle | None = None
-        limit = timeout if timeout is not None else math.inf
-
-        def check() -> None:
-            nonlocal expired, handle
-            now = loop.time()  # the monotonic clock, as `call.started`
-            if call.started is not None and now - call.started >= limit:
-                expired = True
-                task.cancel()
-                return
-            wait = limit if call.started is None else call.started + limit - now
-            handle = loop.call_later(wait, check)
-
-        if timeout is not None:
-            handle = loop.call_later(limit, check)
+        deadline = None if timeout is None else _RunDeadline(loop, task, call, timeout)
         try:
             value = await call.future
         except asyncio.CancelledError:
             self._gate.abandon(call)
-            if expired and (sys.version_info < (3, 11) or task.uncancel() == 0):
-                raise FeedbackTimeout(f"timed out after {limit:g} s", timeout=limit) from None
+            if deadline is not None and deadline.expired and (
+                    sys.version_info < (3, 11) or task.uncancel() == 0):
+                raise FeedbackTimeout(f"timed out after {deadline.limit:g} s",
+                                      timeout=deadline.limit) from None
             raise
         finally:
-            if handle is not None:
-                handle.cancel()
+            if deadline is not None:
+                deadline.cancel()
         if asyncio.iscoroutine(value):  # a sync wrapper that returned a coroutine
             async with self._gate:
                 value = await _within(value, timeout)
