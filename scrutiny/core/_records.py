@@ -16,7 +16,7 @@ import concurrent.futures
 import enum
 import logging
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -72,7 +72,7 @@ class TokenUsage:
     total_tokens: int | None = None
 
     @staticmethod
-    def total(usages: list[TokenUsage | None]) -> TokenUsage | None:
+    def total(usages: Sequence[TokenUsage | None]) -> TokenUsage | None:
         """Add up several usages; None when none of them reported anything."""
         reported = [u for u in usages if u is not None]
         if not reported:

@@ -687,6 +687,8 @@ def _unstored(pending: FeedbackResult) -> FeedbackResult:
 
 
 def _mode(value: FeedbackMode | str) -> FeedbackMode:
+    if type(value) is FeedbackMode:  # the common case, on the app's thread: no Enum call
+        return value
     try:
         return FeedbackMode(value)
     except ValueError:

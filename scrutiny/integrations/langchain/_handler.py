@@ -35,8 +35,8 @@ from scrutiny.core import (
     Span,
     SpanKind,
     TokenUsage,
-    recording_suppressed,
 )
+from scrutiny.core._context import _suppressed
 from scrutiny.integrations.langchain._convert import (
     document_text,
     llm_output,
@@ -63,6 +63,11 @@ _CHAIN = SpanKind.CHAIN.value
 
 
 _DISPATCH_CODES = {handle_event.__code__, ahandle_event.__code__}
+_NO_INPUTS: Any = object()  # on_chain_end without the streamed run's inputs
+
+OPEN_BLOCKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
+    "scrutiny_lc_open_blocks", default=())
+"""The ``with recorder:`` blocks open in this context, innermost last (any recorder)."""
 
 
 class _Root:
@@ -75,7 +80,7 @@ class _Root:
         self.recording = recording
         self.handlers = handlers
         self.spans: list[Span] = []
-        self.run_ids: list[UUID] = []
+        self.run_ids: list[int] = []
         self.tags = list(tags or [])
         self.metadata = dict(metadata or {})
         self.tokens: list[str] = []
@@ -87,8 +92,8 @@ def _run_handlers(default: BaseCallbackHandler) -> list[BaseCallbackHandler]:
     LangChain does not pass them to handlers, so we read them from its dispatch frame;
     if that ever fails, the result goes to this handler alone.
     """
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(6):
+    frame: FrameType | None = sys._getframe(3)  # on_*_start <- _start <- us
+    for _ in range(4):
         if frame is None:
             break
         if frame.f_code in _DISPATCH_CODES:
@@ -144,10 +149,10 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             app_name, app_version, feedbacks=feedbacks, session=session,
             feedback_mode=feedback_mode, tags=tags, metadata=metadata)
         self.records: deque[Record] = deque(maxlen=keep_records)
-        self._runs: dict[UUID, tuple[Span, _Root]] = {}
-        self._roots: dict[UUID, _Root] = {}
-        self._recording: contextvars.ContextVar[Recording | None] = contextvars.ContextVar(
-            "scrutiny_langchain_recording", default=None)
+        # Keyed by `run_id.int`: a UUID hashes in Python code, an int in C, and a run is
+        # looked up a few times per event (about 25 hashes per call of a 3-step chain).
+        self._runs: dict[int, tuple[Span, _Root]] = {}
+        self._roots: dict[int, _Root] = {}
         self._on_record: list[Callable[[Record], object]] = []
         self._lock = threading.Lock()
 
@@ -192,14 +197,20 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                inputs: Any, tags: list[str] | None, metadata: dict[str, Any] | None,
                model: str | None = None) -> None:
         try:
-            if recording_suppressed():
+            if _suppressed.get():
                 return
-            parent = None if parent_run_id is None else self._runs.get(parent_run_id)
+            key = run_id.int
+            parent = None if parent_run_id is None else self._runs.get(parent_run_id.int)
             if parent is None:
-                root = _Root(self._recording.get(), _run_handlers(self), tags, metadata)
+                recording = None
+                for block in reversed(OPEN_BLOCKS.get()):  # the innermost block of ours
+                    if block.handler is self:
+                        recording = block.recording
+                        break
+                root = _Root(recording, _run_handlers(self), tags, metadata)
                 if root.recording is not None:
                     root.recording._opened()
-                self._roots[run_id] = root
+                self._roots[key] = root
                 parent_id = None
             else:
                 root = parent[1]
@@ -207,40 +218,45 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             span = Span(str(run_id), parent_id, name, kind, time.time(), None, inputs, None,
                         None, None, model, tags or [], {})
             root.spans.append(span)
-            root.run_ids.append(run_id)
-            self._runs[run_id] = (span, root)
+            root.run_ids.append(key)
+            self._runs[key] = (span, root)
         except Exception:  # never let our failure reach the app
             logger.exception("scrutiny: recording the start of a run failed")
 
     def _end(self, run_id: UUID, outputs: Any = None, error: BaseException | None = None,
-             **fields: Any) -> None:
+             usage: TokenUsage | None = None, inputs: Any = _NO_INPUTS) -> None:
         try:
-            entry = self._runs.get(run_id)
+            key = run_id.int
+            entry = self._runs.get(key)
             if entry is None:
                 return
             span = entry[0]
             span.end_time = time.time()
+            if inputs is not _NO_INPUTS:  # a streamed run's input is only known at its end
+                span.inputs = inputs
             if error is None:
                 span.outputs = outputs
             else:
                 span.error = _describe(error)
-            for key, value in fields.items():
-                setattr(span, key, value)
-            if run_id in self._roots:
+            if usage is not None:
+                span.usage = usage
+            if key in self._roots:
                 self._finish_root(run_id, span, error)
         except Exception:
             logger.exception("scrutiny: recording the end of a run failed")
 
     def _finish_root(self, run_id: UUID, span: Span, error: BaseException | None) -> None:
-        root = self._roots.pop(run_id)
+        root = self._roots.pop(run_id.int)
+        runs = self._runs
         for rid in root.run_ids:
-            self._runs.pop(rid, None)
-        contexts = [document_text(d) for s in root.spans if s.kind == _RETRIEVER
+            runs.pop(rid, None)
+        spans = root.spans
+        contexts = [document_text(d) for s in spans if s.kind == _RETRIEVER
                     and isinstance(s.outputs, list) for d in s.outputs]
         # Child runs still open when the root ends: the consumer stopped a stream early.
         # LangChain then ends a sync stream's root run normally (it swallows the
         # GeneratorExit) with the output gathered so far, and never ends the children.
-        unfinished = [s for s in root.spans if s.end_time is None]
+        unfinished = [s for s in spans if s.end_time is None]
         for child in unfinished:
             child.end_time = span.end_time
             child.error = child.error or _STOPPED_EARLY
@@ -258,30 +274,34 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 output = "".join(root.tokens) if root.tokens else None
             if isinstance(error, GeneratorExit) or (error is None and unfinished):
                 error_text = _STOPPED_EARLY
+        settings = self.settings
+        usages = [s.usage for s in spans if s.usage is not None]
         record = Record(
-            app_name=self.app_name,
-            app_version=self.app_version,
+            app_name=settings.app_name,
+            app_version=settings.app_version,
             input=main_input(span.inputs),
             output=output,
             status=status,
             error=error_text,
             start_time=span.start_time,
             end_time=span.end_time or time.time(),
-            spans=root.spans,
+            spans=spans,
             contexts=contexts,
-            usage=TokenUsage.total([s.usage for s in root.spans]),
-            tags=[*self.tags, *root.tags],
-            metadata={**self.metadata, **root.metadata},
+            usage=TokenUsage.total(usages) if usages else None,
+            tags=[*settings.tags, *root.tags] if root.tags else list(settings.tags),
+            metadata={**settings.metadata, **root.metadata} if root.metadata
+            else dict(settings.metadata),
             framework="langchain",
             root_run_id=str(run_id),
         )
         self.records.append(record)
-        if root.recording is not None:
-            root.recording._add(record)
+        recording = root.recording
+        if recording is not None:
+            recording._add(record)
         listening = [h for h in root.handlers if _listens(h)]
         bridge = [_FeedbackBridge(listening, run_id, root.tags, root.metadata)] \
             if listening else []
-        self.settings.ingest(record, root.recording, bridge)
+        settings.ingest(record, recording, bridge)
         for fn in self._on_record:
             fn(record)
 
@@ -299,23 +319,15 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
-            self._streamed_inputs(run_id, kwargs)
-            self._end(run_id, outputs)
+            self._end(run_id, outputs, inputs=kwargs.get("inputs", _NO_INPUTS))
         except Exception:
             _log_failure("on_chain_end")
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         try:
-            self._streamed_inputs(run_id, kwargs)
-            self._end(run_id, error=error)
+            self._end(run_id, error=error, inputs=kwargs.get("inputs", _NO_INPUTS))
         except Exception:
             _log_failure("on_chain_error")
-
-    def _streamed_inputs(self, run_id: UUID, kwargs: dict[str, Any]) -> None:
-        """A streamed run's input is only known at its end."""
-        entry = self._runs.get(run_id)
-        if entry is not None and "inputs" in kwargs:
-            entry[0].inputs = kwargs["inputs"]
 
     # ------------------------------------------------------------------ models
     def on_chat_model_start(self, serialized: dict[str, Any] | None, messages: Any, *,
@@ -343,7 +355,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
     def on_llm_new_token(self, token: str | list[str | dict[str, Any]], *, run_id: UUID,
                          **kwargs: Any) -> None:
         try:
-            entry = self._runs.get(run_id)
+            entry = self._runs.get(run_id.int)
             if entry is not None:
                 if not isinstance(token, str):
                     token = "".join(t if isinstance(t, str) else str(t.get("text", ""))

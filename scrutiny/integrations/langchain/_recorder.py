@@ -22,13 +22,12 @@ from scrutiny.core import (
     RecordingError,
     Session,
 )
-from scrutiny.integrations.langchain._handler import ScrutinyCallbackHandler
+from scrutiny.integrations.langchain._handler import OPEN_BLOCKS, ScrutinyCallbackHandler
 
 __all__ = ["ChainRecorder", "Recording"]
 
 _hook_lock = threading.Lock()
 _hook_vars: list[contextvars.ContextVar[ScrutinyCallbackHandler | None]] = []
-_depth: contextvars.ContextVar[int] = contextvars.ContextVar("scrutiny_lc_depth", default=0)
 _OPEN_HINT = ("an async stream that was stopped early ends when the event loop finalizes "
               "it: use `async with recorder:` or await once more")
 _EMPTY_HINT = ("call the chain inside the `with` block (threads started by hand do not "
@@ -37,6 +36,8 @@ _EMPTY_HINT = ("call the chain inside the `with` block (threads started by hand 
 
 def _hook_var(level: int) -> contextvars.ContextVar[ScrutinyCallbackHandler | None]:
     """One configure hook per nesting level, registered with LangChain on first use."""
+    if level < len(_hook_vars):  # registered already (the list only grows)
+        return _hook_vars[level]
     with _hook_lock:
         while len(_hook_vars) <= level:
             var: contextvars.ContextVar[ScrutinyCallbackHandler | None] = \
@@ -47,13 +48,16 @@ def _hook_var(level: int) -> contextvars.ContextVar[ScrutinyCallbackHandler | No
 
 
 class _Block:
-    """One open ``with recorder:`` block: its recording and the context tokens to reset."""
+    """One open ``with recorder:`` block: its recorder's handler, its recording and the
+    context tokens to reset when it is left."""
 
-    __slots__ = ("recording", "tokens")
+    __slots__ = ("handler", "hook_token", "open_token", "recording")
 
-    def __init__(self, recording: Recording, tokens: list[contextvars.Token[Any]]) -> None:
+    def __init__(self, handler: ScrutinyCallbackHandler, recording: Recording) -> None:
+        self.handler = handler
         self.recording = recording
-        self.tokens = tokens
+        self.hook_token: contextvars.Token[Any] | None = None
+        self.open_token: contextvars.Token[Any] | None = None
 
 
 class ChainRecorder:
@@ -92,11 +96,6 @@ class ChainRecorder:
             app_name, app_version, feedbacks=feedbacks, session=session,
             feedback_mode=feedback_mode, tags=tags, metadata=metadata)
         self.feedback_mode = self.handler.feedback_mode
-        # The open blocks of this recorder, per context: one recorder may be entered at
-        # once by many threads and asyncio tasks (one block per web request), and each
-        # must leave its own block.
-        self._blocks: contextvars.ContextVar[tuple[_Block, ...]] = contextvars.ContextVar(
-            f"scrutiny_lc_blocks_{id(self):x}", default=())
 
     @property
     def app_name(self) -> str:
@@ -119,34 +118,41 @@ class ChainRecorder:
 
     # ------------------------------------------------------------------ the block
     def __enter__(self) -> Recording:
+        # The open blocks live in the context: one recorder may be entered at once by many
+        # threads and asyncio tasks (one block per web request), and each leaves its own.
         recording = Recording(self.feedback_mode, open_hint=_OPEN_HINT,
                               empty_hint=_EMPTY_HINT)
-        level = _depth.get()
-        var = _hook_var(level)
-        tokens: list[contextvars.Token[Any]] = [
-            var.set(self.handler),
-            _depth.set(level + 1),
-            self.handler._recording.set(recording),
-        ]
-        tokens.append(self._blocks.set((*self._blocks.get(), _Block(recording, tokens))))
+        handler = self.handler
+        blocks = OPEN_BLOCKS.get()
+        block = _Block(handler, recording)
+        block.hook_token = _hook_var(len(blocks)).set(handler)
+        block.open_token = OPEN_BLOCKS.set((*blocks, block))
         return recording
 
     def _leave(self) -> Recording:
-        blocks = self._blocks.get()
-        if not blocks:
+        blocks = OPEN_BLOCKS.get()
+        handler = self.handler
+        block: _Block
+        for i in range(len(blocks) - 1, -1, -1):
+            if blocks[i].handler is handler:
+                block = blocks[i]
+                break
+        else:
             raise RecordingError(
                 "leaving a ChainRecorder block that was not entered in this thread or task "
                 "(enter and leave a block in the same context)")
-        block = blocks[-1]
-        for token in reversed(block.tokens):
-            try:
-                token.var.reset(token)
-            except ValueError:  # entered in a context this one was copied from
-                old = token.old_value
-                if old is contextvars.Token.MISSING:
-                    old = () if token.var is self._blocks else 0 if token.var is _depth \
-                        else None
-                token.var.set(old)
+        level = i
+        assert block.open_token is not None
+        assert block.hook_token is not None
+        try:
+            OPEN_BLOCKS.reset(block.open_token)
+        except ValueError:  # entered in a context this one was copied from
+            OPEN_BLOCKS.set(blocks[:i] + blocks[i + 1:])
+        try:
+            _hook_vars[level].reset(block.hook_token)
+        except ValueError:
+            old = block.hook_token.old_value
+            _hook_vars[level].set(None if old is contextvars.Token.MISSING else old)
         return block.recording
 
     def __exit__(self, *exc: object) -> None:
