@@ -772,3 +772,61 @@ def test_evaluations_leave_no_reference_cycles_behind(db_url: str) -> None:
         finally:
             gc.enable()
     assert garbage < 50 * 3, f"{garbage} objects in reference cycles after 50 records"
+
+
+def test_network_io_in_a_feedback_is_served_while_the_loop_is_busy(db_url: str) -> None:
+    """The evaluation loop skips zero-timeout polls for a millisecond when it is busy;
+    I/O must still be seen while other evaluations keep it busy."""
+    stop = threading.Event()
+
+    async def busy(output: str) -> float:
+        while not stop.is_set():  # always ready: the loop never waits for I/O
+            await asyncio.sleep(0)
+        return 1.0
+
+    async def echo(output: str) -> float:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(await reader.readline())
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            for _ in range(20):  # 20 round trips through the selector
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"ping\n")
+                assert await reader.readline() == b"ping\n"
+                writer.close()
+        finally:
+            server.close()
+            stop.set()
+        return 1.0
+
+    f_busy = Feedback(busy, name="busy", timeout=30).on_output()
+    f_busy2 = Feedback(busy, name="busy2", timeout=30).on_output()
+    f_echo = Feedback(echo, name="echo", timeout=30).on_output()
+    with Session(db_url) as s:
+        record = s.ingest(make_record(), [f_busy, f_busy2, f_echo])
+        results = record.wait_for_feedback_results(timeout=30)
+    stop.set()
+    assert {r.status for r in results.values()} == {FeedbackStatus.DONE}
+
+
+def test_records_arriving_as_the_writer_goes_idle_are_stored(db_url: str) -> None:
+    """The writer polls while work keeps coming and sleeps after IDLE_AFTER without any;
+    a record queued right at that moment must not wait for a wake-up that never comes."""
+    from scrutiny.core._writer import IDLE_AFTER
+
+    async def quick(output: str) -> float:
+        return 1.0
+
+    fb = Feedback(quick).on_output()
+    with Session(db_url) as s:
+        for i in range(12):
+            # gaps around IDLE_AFTER, so some records arrive as the writer decides to sleep
+            time.sleep(IDLE_AFTER * (0.9 + 0.02 * i))
+            record = s.ingest(make_record(i), [fb])
+            # waits on the result's future (stored by the writer), never wakes the writer
+            result = record.wait_for_feedback_results(timeout=5)[fb]
+            assert result.status is FeedbackStatus.DONE, f"record {i} was not stored"

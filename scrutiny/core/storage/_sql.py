@@ -148,6 +148,7 @@ class SQLStore:
         # SQLite 3.38+ (JSON ->> operator, UPDATE FROM): a batch is one statement.
         self._one_statement = self._multirow and sqlite3.sqlite_version_info >= (3, 38, 0)
         self._batch_view = f"{table_prefix}write_batch"
+        self._date_columns: dict[str, tuple[str, ...]] = {}
         self._known_apps: set[str] = set()  # rows this store has written (skip re-inserts)
         self._known_definitions: set[str] = set()
         self._create_schema(migrate)
@@ -246,12 +247,17 @@ class SQLStore:
                         (payload,))
         return True
 
-    @staticmethod
-    def _sqlite_values(table: Any, row: Row) -> Row:
+    def _sqlite_values(self, table: Any, row: Row) -> Row:
+        """`row` with its datetimes as SQLite's stored text."""
+        dates = self._date_columns.get(table.name)
+        if dates is None:
+            dates = self._date_columns[table.name] = tuple(
+                c.name for c in table.columns if isinstance(c.type, UTCDateTime))
         text = UTCDateTime.sqlite_text
         out = dict(row)
-        for name, value in row.items():
-            if isinstance(value, datetime) and isinstance(table.c[name].type, UTCDateTime):
+        for name in dates:
+            value = out.get(name)
+            if value is not None:
                 out[name] = text(value)
         return out
 
