@@ -830,3 +830,36 @@ def test_records_arriving_as_the_writer_goes_idle_are_stored(db_url: str) -> Non
             # waits on the result's future (stored by the writer), never wakes the writer
             result = record.wait_for_feedback_results(timeout=5)[fb]
             assert result.status is FeedbackStatus.DONE, f"record {i} was not stored"
+
+
+def test_a_lazy_record_is_built_once_whoever_asks_first() -> None:
+    """Integrations hand the session a LazyRecord at the end of a root run: the writer
+    thread builds it when it stores it, or the user's thread when it looks first."""
+    from scrutiny.core import LazyRecord
+
+    calls: list[str] = []
+    gate = threading.Event()
+
+    def build(record_id: str) -> Record:
+        calls.append(record_id)
+        assert gate.wait(5)
+        return make_record(record_id=record_id)
+
+    lazy = LazyRecord(build)
+    hooked: list[Record] = []
+    lazy.on_build(hooked.append)
+    got: list[Record] = []
+    threads = [threading.Thread(target=lambda: got.append(lazy.get())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join(5)
+    assert len(calls) == 1
+    assert len(got) == 8
+    assert all(r is got[0] for r in got)
+    assert got[0].record_id == lazy.record_id == calls[0]
+    assert hooked == [got[0]]
+    late: list[Record] = []
+    lazy.on_build(late.append)  # after the build: called at once
+    assert late == [got[0]]

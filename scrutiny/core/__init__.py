@@ -23,7 +23,14 @@ from scrutiny.core._errors import (
 )
 from scrutiny.core._feedback import Feedback, RateLimit, RetryPolicy, feedback_defaults
 from scrutiny.core._recording import RecorderSettings, Recording
-from scrutiny.core._records import Record, RecordStatus, Span, SpanKind, TokenUsage
+from scrutiny.core._records import (
+    LazyRecord,
+    Record,
+    RecordStatus,
+    Span,
+    SpanKind,
+    TokenUsage,
+)
 from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
 from scrutiny.core._select import Select, Selector
 from scrutiny.core._session import FeedbackMode, ResultListener, Session
@@ -39,6 +46,7 @@ __all__ = [
     "FeedbackTimeout",
     "InvalidFeedbackValue",
     "RateLimit",
+    "LazyRecord",
     "Record",
     "RecordStatus",
     "RecorderSettings",

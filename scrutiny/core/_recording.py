@@ -10,7 +10,7 @@ from typing import Any
 
 from scrutiny.core._errors import ConfigurationError, RecordingError
 from scrutiny.core._feedback import Feedback
-from scrutiny.core._records import Record
+from scrutiny.core._records import LazyRecord, Record, materialized
 from scrutiny.core._session import FeedbackMode, ResultListener, Session, _mode
 
 __all__ = ["RecorderSettings", "Recording"]
@@ -32,7 +32,7 @@ class Recording:
     def __init__(self, feedback_mode: FeedbackMode | None, *, open_hint: str = "",
                  empty_hint: str = "") -> None:
         self.feedback_mode = feedback_mode
-        self._records: list[Record] = []
+        self._records: list[Record | LazyRecord] = []
         self._open = 0  # recorded calls started in the block whose record is not made yet
         self._lock = threading.Lock()
         self._open_hint = open_hint
@@ -42,7 +42,7 @@ class Recording:
         with self._lock:
             self._open += 1
 
-    def _add(self, record: Record) -> None:
+    def _add(self, record: Record | LazyRecord) -> None:
         with self._lock:
             self._records.append(record)
             self._open = max(0, self._open - 1)
@@ -58,7 +58,8 @@ class Recording:
     def records(self) -> list[Record]:
         """Every record made in the block, in the order the calls ended."""
         with self._lock:
-            return list(self._records)
+            records = list(self._records)
+        return [materialized(r) for r in records]
 
     def get(self) -> Record:
         """The one record of the block.
@@ -170,7 +171,7 @@ class RecorderSettings:
             return recording.feedback_mode
         return self.feedback_mode or self.session.feedback_mode
 
-    def ingest(self, record: Record, recording: Recording | None,
+    def ingest(self, record: Record | LazyRecord, recording: Recording | None,
                listeners: Sequence[ResultListener] = ()) -> None:
         """Hand a finished record to the session (never raises into the app)."""
         session = self.session

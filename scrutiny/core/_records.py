@@ -290,6 +290,50 @@ class _CallbackState:
             logger.exception("feedback results callback %r raised", self._callback)
 
 
+class LazyRecord:
+    """A record whose :class:`Record` is built on first use: by the session's writer thread
+    when it stores it, or by whoever asks first (``get()``). An integration hands one over
+    at the end of a root run, so the application's thread pays only for queueing the raw
+    material, not for assembling the record. The id is fixed at once."""
+
+    __slots__ = ("_build", "_lock", "_on_build", "_record", "record_id")
+
+    def __init__(self, build: Callable[[str], Record]) -> None:
+        self.record_id = new_uuid()
+        self._build: Callable[[str], Record] | None = build
+        self._on_build: Callable[[Record], None] | None = None
+        self._record: Record | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Record:
+        """The record (built once, whichever thread asks first)."""
+        record = self._record
+        if record is not None:
+            return record
+        with self._lock:
+            if self._record is None:
+                assert self._build is not None
+                record = self._build(self.record_id)
+                if self._on_build is not None:
+                    self._on_build(record)
+                self._record = record
+                self._build = self._on_build = None  # free what the builder held
+            return self._record
+
+    def on_build(self, fn: Callable[[Record], None]) -> None:
+        """Call `fn(record)` when the record is built (at once if it is built already)."""
+        with self._lock:
+            if self._record is None:
+                self._on_build = fn
+                return
+        fn(self._record)
+
+
+def materialized(record: Record | LazyRecord) -> Record:
+    """The :class:`Record` itself (a lazy one is built now)."""
+    return record.get() if isinstance(record, LazyRecord) else record
+
+
 class _ResultSlot:
     """The current state of one (record, feedback) result and the future of its end.
 

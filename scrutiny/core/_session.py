@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from scrutiny.core import _rows
 from scrutiny.core._dispatch import (
@@ -34,7 +34,7 @@ from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._feedback import Feedback
 from scrutiny.core._ids import new_hex_id
 from scrutiny.core._reading import RecordPage, SessionReading
-from scrutiny.core._records import Record, _ResultSlot
+from scrutiny.core._records import LazyRecord, Record, _ResultSlot, materialized
 from scrutiny.core._refs import NotReferenceable
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
 from scrutiny.core._runtime import Notifier, install_process_hooks, live_sessions
@@ -53,6 +53,8 @@ from scrutiny.core.storage import (
 __all__ = ["DEFAULT_DATABASE_URL", "FeedbackMode", "RecordPage", "ResultListener", "Session"]
 
 logger = logging.getLogger("scrutiny")
+
+_R = TypeVar("_R", bound="Record | LazyRecord")
 
 DEFAULT_DATABASE_URL = "sqlite:///scrutiny.sqlite"
 ENV_DATABASE_URL = "SCRUTINY_DATABASE_URL"
@@ -394,16 +396,17 @@ class Session(SessionReading):
 
     def ingest(
         self,
-        record: Record,
+        record: _R,
         feedbacks: Sequence[Feedback] = (),
         *,
         mode: FeedbackMode | str | None = None,
         listeners: Sequence[ResultListener] = (),
-    ) -> Record:
+    ) -> _R:
         """Store `record` and evaluate `feedbacks` on it; returns at once, never raises.
 
         Called by the recorders on the application's thread: it only creates the pending
-        results in memory and queues the record for the writer thread.
+        results in memory and queues the record for the writer thread (an integration may
+        hand over a :class:`LazyRecord`, assembled there too).
         """
         try:
             self._ingest(record, feedbacks, _mode(mode or self.feedback_mode), listeners)
@@ -412,12 +415,15 @@ class Session(SessionReading):
                              "not affected", record.record_id)
         return record
 
-    def _ingest(self, record: Record, feedbacks: Sequence[Feedback], mode: FeedbackMode,
-                listeners: Sequence[ResultListener]) -> None:
+    def _ingest(self, record: Record | LazyRecord, feedbacks: Sequence[Feedback],
+                mode: FeedbackMode, listeners: Sequence[ResultListener]) -> None:
         writer = self._start()
         ingest = _Ingest(self, record, feedbacks, mode, listeners)
         if feedbacks:
-            record._pending_init = ingest.materialize
+            if isinstance(record, LazyRecord):
+                record.on_build(ingest.attach)
+            else:
+                record._pending_init = ingest.materialize
             with self._outstanding_cond:
                 self._unmaterialized += 1
         writer.submit(WriteItem(ingest.prepare, ingest.after_commit))
@@ -584,19 +590,28 @@ class _Ingest:
     it stores the record or by the application when it first looks at them — so the
     application's thread pays only for queueing the record."""
 
-    __slots__ = ("_lock", "feedbacks", "initial", "jobs", "listeners", "mode", "record",
-                 "session")
+    __slots__ = ("_lock", "feedbacks", "initial", "jobs", "listeners", "mode", "session",
+                 "source")
 
-    def __init__(self, session: Session, record: Record, feedbacks: Sequence[Feedback],
-                 mode: FeedbackMode, listeners: Sequence[ResultListener]) -> None:
+    def __init__(self, session: Session, record: Record | LazyRecord,
+                 feedbacks: Sequence[Feedback], mode: FeedbackMode,
+                 listeners: Sequence[ResultListener]) -> None:
         self.session = session
-        self.record = record
+        self.source = record
         self.feedbacks = feedbacks
         self.mode = mode
         self.listeners = listeners
         self.jobs: list[Job] | None = None
         self.initial: list[FeedbackResult] = []
         self._lock = threading.Lock()
+
+    @property
+    def record(self) -> Record:
+        return materialized(self.source)
+
+    def attach(self, record: Record) -> None:
+        """A lazy record was just built: its results are made on first look."""
+        record._pending_init = self.materialize
 
     def materialize(self) -> list[Job]:
         """Make the pending results and their jobs once (thread-safe, idempotent)."""

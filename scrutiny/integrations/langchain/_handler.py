@@ -23,11 +23,13 @@ from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.callbacks.manager import ahandle_event, handle_event
+from langchain_core.outputs import LLMResult
 
 from scrutiny.core import (
     Feedback,
     FeedbackMode,
     FeedbackResult,
+    LazyRecord,
     Record,
     RecorderSettings,
     RecordStatus,
@@ -37,6 +39,7 @@ from scrutiny.core import (
     TokenUsage,
 )
 from scrutiny.core._context import _suppressed
+from scrutiny.core._records import materialized
 from scrutiny.integrations.langchain._convert import (
     document_text,
     llm_output,
@@ -148,13 +151,17 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         self.settings = RecorderSettings(
             app_name, app_version, feedbacks=feedbacks, session=session,
             feedback_mode=feedback_mode, tags=tags, metadata=metadata)
-        self.records: deque[Record] = deque(maxlen=keep_records)
+        self._records: deque[Record | LazyRecord] = deque(maxlen=keep_records)
         # Keyed by `run_id.int`: a UUID hashes in Python code, an int in C, and a run is
         # looked up a few times per event (about 25 hashes per call of a 3-step chain).
         self._runs: dict[int, tuple[Span, _Root]] = {}
         self._roots: dict[int, _Root] = {}
-        self._on_record: list[Callable[[Record], object]] = []
         self._lock = threading.Lock()
+
+    @property
+    def records(self) -> list[Record]:
+        """The latest records this handler made (at most `keep_records`), oldest first."""
+        return [materialized(r) for r in list(self._records)]
 
     # what the records belong to and where they go (see RecorderSettings)
     @property
@@ -246,55 +253,22 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             logger.exception("scrutiny: recording the end of a run failed")
 
     def _finish_root(self, run_id: UUID, span: Span, error: BaseException | None) -> None:
+        """The root run ended: hand its spans over as a record. The Record itself is
+        assembled later, off the application's thread (or when first looked at)."""
         root = self._roots.pop(run_id.int)
         runs = self._runs
         for rid in root.run_ids:
             runs.pop(rid, None)
-        spans = root.spans
-        contexts = [document_text(d) for s in spans if s.kind == _RETRIEVER
-                    and isinstance(s.outputs, list) for d in s.outputs]
-        # Child runs still open when the root ends: the consumer stopped a stream early.
-        # LangChain then ends a sync stream's root run normally (it swallows the
-        # GeneratorExit) with the output gathered so far, and never ends the children.
-        unfinished = [s for s in spans if s.end_time is None]
-        for child in unfinished:
-            child.end_time = span.end_time
-            child.error = child.error or _STOPPED_EARLY
-        error_text = span.error
-        if error is None and not unfinished:
-            status, output = RecordStatus.OK, main_output(span.outputs)
-        else:
-            cancelled = error is None or isinstance(
-                error, GeneratorExit | KeyboardInterrupt) or type(
-                error).__name__ == "CancelledError"
-            status = RecordStatus.CANCELLED if cancelled else RecordStatus.ERROR
-            if span.outputs is not None:
-                output = main_output(span.outputs)
-            else:
-                output = "".join(root.tokens) if root.tokens else None
-            if isinstance(error, GeneratorExit) or (error is None and unfinished):
-                error_text = _STOPPED_EARLY
+        if error is None:
+            ended = _ENDED_OK
+        else:  # classify now: the exception (and its traceback's frames) is not kept
+            ended = _STOPPED if isinstance(error, GeneratorExit) else _CANCELLED if (
+                isinstance(error, KeyboardInterrupt)
+                or type(error).__name__ == "CancelledError") else _FAILED
         settings = self.settings
-        usages = [s.usage for s in spans if s.usage is not None]
-        record = Record(
-            app_name=settings.app_name,
-            app_version=settings.app_version,
-            input=main_input(span.inputs),
-            output=output,
-            status=status,
-            error=error_text,
-            start_time=span.start_time,
-            end_time=span.end_time or time.time(),
-            spans=spans,
-            contexts=contexts,
-            usage=TokenUsage.total(usages) if usages else None,
-            tags=[*settings.tags, *root.tags] if root.tags else list(settings.tags),
-            metadata={**settings.metadata, **root.metadata} if root.metadata
-            else dict(settings.metadata),
-            framework="langchain",
-            root_run_id=str(run_id),
-        )
-        self.records.append(record)
+        record = LazyRecord(lambda record_id: _build_record(
+            record_id, settings, root, span, ended, run_id))
+        self._records.append(record)
         recording = root.recording
         if recording is not None:
             recording._add(record)
@@ -302,8 +276,6 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         bridge = [_FeedbackBridge(listening, run_id, root.tags, root.metadata)] \
             if listening else []
         settings.ingest(record, recording, bridge)
-        for fn in self._on_record:
-            fn(record)
 
     # ------------------------------------------------------------------ chains
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *,
@@ -366,11 +338,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
 
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
-            try:
-                outputs, usage = llm_output(response), usage_of(response)
-            except Exception:
-                outputs, usage = response, None
-            self._end(run_id, outputs, usage=usage)
+            self._end(run_id, response)  # read into text and usage when the record is built
         except Exception:
             _log_failure("on_llm_end")
 
@@ -482,6 +450,61 @@ def _model(kwargs: dict[str, Any], metadata: dict[str, Any] | None) -> str | Non
 def _describe(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+_ENDED_OK, _STOPPED, _CANCELLED, _FAILED = range(4)  # how a root run ended
+
+
+def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span: Span,
+                  ended: int, run_id: UUID) -> Record:
+    """The record of a finished root run (runs once, on whichever thread asks first)."""
+    spans = root.spans
+    for s in spans:
+        if isinstance(s.outputs, LLMResult):  # a model's response, kept as it came
+            response = s.outputs
+            try:
+                s.outputs, s.usage = llm_output(response), usage_of(response)
+            except Exception:
+                s.usage = None
+    contexts = [document_text(d) for s in spans if s.kind == _RETRIEVER
+                and isinstance(s.outputs, list) for d in s.outputs]
+    # Child runs still open when the root ends: the consumer stopped a stream early.
+    # LangChain then ends a sync stream's root run normally (it swallows the
+    # GeneratorExit) with the output gathered so far, and never ends the children.
+    unfinished = [s for s in spans if s.end_time is None]
+    for child in unfinished:
+        child.end_time = span.end_time
+        child.error = child.error or _STOPPED_EARLY
+    error_text = span.error
+    if ended == _ENDED_OK and not unfinished:
+        status, output = RecordStatus.OK, main_output(span.outputs)
+    else:
+        status = RecordStatus.ERROR if ended == _FAILED else RecordStatus.CANCELLED
+        if span.outputs is not None:
+            output = main_output(span.outputs)
+        else:
+            output = "".join(root.tokens) if root.tokens else None
+        if ended == _STOPPED or (ended == _ENDED_OK and unfinished):
+            error_text = _STOPPED_EARLY
+    usages = [s.usage for s in spans if s.usage is not None]
+    return Record(
+        record_id=record_id,
+        app_name=settings.app_name,
+        app_version=settings.app_version,
+        input=main_input(span.inputs),
+        output=output,
+        status=status,
+        error=error_text,
+        start_time=span.start_time,
+        end_time=span.end_time or span.start_time,
+        spans=spans,
+        contexts=contexts,
+        usage=TokenUsage.total(usages) if usages else None,
+        tags=[*settings.tags, *root.tags],
+        metadata={**settings.metadata, **root.metadata},
+        framework="langchain",
+        root_run_id=str(run_id),
+    )
 
 
 class _FeedbackBridge:
