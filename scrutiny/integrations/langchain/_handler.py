@@ -222,8 +222,9 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             else:
                 root = parent[1]
                 parent_id = parent[0].span_id
-            span = Span(str(run_id), parent_id, name, kind, time.time(), None, inputs, None,
-                        None, None, model, tags or [], {})
+            # ids stay UUIDs until the record is built (str() costs more than the rest)
+            span = Span(run_id, parent_id, name, kind, time.time(), None,  # type: ignore[arg-type]
+                        inputs, None, None, None, model, tags or [], {})
             root.spans.append(span)
             root.run_ids.append(key)
             self._runs[key] = (span, root)
@@ -460,6 +461,9 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
     """The record of a finished root run (runs once, on whichever thread asks first)."""
     spans = root.spans
     for s in spans:
+        s.span_id = str(s.span_id)
+        if s.parent_id is not None:
+            s.parent_id = str(s.parent_id)
         if isinstance(s.outputs, LLMResult):  # a model's response, kept as it came
             response = s.outputs
             try:
