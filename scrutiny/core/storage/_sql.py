@@ -189,6 +189,7 @@ class SQLStore:
         new_definitions = [d for k, d in definitions.items()
                            if k not in self._known_definitions]
         if (self._one_statement and not new_apps and not new_definitions and not renewals
+                and len(records) + len(results) + len(updates) <= self._ONE_STATEMENT_ROWS
                 and self._write_one_statement(records, results, updates)):
             return
         with self.engine.connect() as conn:
@@ -218,7 +219,11 @@ class SQLStore:
     # about fifteen such waits. Written as one INSERT into a view whose INSTEAD OF trigger
     # inserts and updates the real tables from a JSON payload, a batch is one statement of
     # constant text (prepared once per connection), atomic on its own, with its rows parsed
-    # by SQLite outside the GIL: about three waits.
+    # by SQLite outside the GIL: about three waits. SQLite's JSON parsing costs more than
+    # binding the rows (1.3x for one record, 1.75x for 256, without contention), so only
+    # small batches — an interactive app's, where the waits dominate — go this way; bulk
+    # batches (ingest at full speed, workers) keep the multi-row statements.
+    _ONE_STATEMENT_ROWS = 16
     def _write_one_statement(self, records: list[Row], results: list[Row],
                              updates: list[UpdateResult]) -> bool:
         """Write the batch as one statement; False when it needs the general path."""
