@@ -863,3 +863,34 @@ def test_a_lazy_record_is_built_once_whoever_asks_first() -> None:
     late: list[Record] = []
     lazy.on_build(late.append)  # after the build: called at once
     assert late == [got[0]]
+
+
+def test_a_sync_call_that_never_gets_a_thread_ends_with_the_reason(db_url: str) -> None:
+    """Every pool thread stuck in a call that never returns: later sync calls hold a slot
+    but get no thread, and must still end (failed, saying why) rather than wait forever."""
+    release = threading.Event()
+
+    def stuck(output: str) -> float:
+        release.wait(10)
+        return 1.0
+
+    def later(output: str) -> float:
+        return 1.0
+
+    async def quick(output: str) -> float:
+        return 1.0
+
+    f_stuck = Feedback(stuck, name="stuck", timeout=0.2).on_output()
+    f_later = Feedback(later, name="later", timeout=0.3).on_output()
+    f_quick = Feedback(quick, name="quick").on_output()
+    try:
+        with Session(db_url, max_concurrency=4, thread_pool_size=1) as s:
+            first = s.ingest(make_record(0), [f_stuck]).wait_for_feedback_results(timeout=10)
+            results = s.ingest(make_record(1), [f_later, f_quick]).wait_for_feedback_results(
+                timeout=10)
+    finally:
+        release.set()
+    assert first[f_stuck].status is FeedbackStatus.FAILED
+    assert results[f_later].status is FeedbackStatus.FAILED
+    assert "waiting for a thread" in (results[f_later].error or "")
+    assert results[f_quick].status is FeedbackStatus.DONE

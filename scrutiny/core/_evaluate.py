@@ -106,10 +106,12 @@ def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any])
 
 
 class _RunDeadline:
-    """Cancels `task` once `call` has run `limit` seconds on its thread; the time it waited
-    for a slot does not count. (A class, not a closure that reschedules itself: such a
-    closure refers to itself, a reference cycle that kept each evaluation's objects alive
-    until the garbage collector's next full pass.)"""
+    """Cancels `task` once `call` has held its slot `limit` seconds (normally: run that
+    long on its thread; a call that got a slot but no thread, because every pool thread is
+    stuck in a call that never returned, also ends). The time it waited for a slot does not
+    count. (A class, not a closure that reschedules itself: such a closure refers to itself,
+    a reference cycle that kept each evaluation's objects alive until the garbage
+    collector's next full pass.)"""
 
     __slots__ = ("call", "expired", "handle", "limit", "loop", "task")
 
@@ -121,13 +123,20 @@ class _RunDeadline:
 
     def _check(self) -> None:
         now = self.loop.time()  # the monotonic clock, as `call.started`
-        started = self.call.started
-        if started is not None and now - started >= self.limit:
+        since = self.call.started or self.call.granted_at
+        if since is not None and now - since >= self.limit:
             self.expired = True
             self.task.cancel()
             return
-        wait = self.limit if started is None else started + self.limit - now
+        wait = self.limit if since is None else since + self.limit - now
         self.handle = self.loop.call_later(wait, self._check)
+
+    def reason(self) -> str:
+        if self.call.started is None:
+            return (f"timed out after {self.limit:g} s waiting for a thread: every thread of "
+                    "the sync pool is busy with a call that has not returned (see "
+                    "thread_pool_size)")
+        return f"timed out after {self.limit:g} s"
 
     def cancel(self) -> None:
         self.handle.cancel()  # drops its reference to _check: no cycle is left
@@ -299,8 +308,7 @@ class Evaluator:
             self._gate.abandon(call)
             if deadline is not None and deadline.expired and (
                     sys.version_info < (3, 11) or task.uncancel() == 0):
-                raise FeedbackTimeout(f"timed out after {deadline.limit:g} s",
-                                      timeout=deadline.limit) from None
+                raise FeedbackTimeout(deadline.reason(), timeout=deadline.limit) from None
             raise
         finally:
             if deadline is not None:

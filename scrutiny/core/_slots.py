@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
@@ -30,7 +31,7 @@ class SyncCall:
     call has started. `started` is the monotonic time it started (set by its thread).
     """
 
-    __slots__ = ("abandoned", "fn", "future", "granted", "on_start", "started",
+    __slots__ = ("abandoned", "fn", "future", "granted", "granted_at", "on_start", "started",
                  "started_at")
 
     def __init__(self, fn: Callable[[], Any], future: asyncio.Future[Any],
@@ -42,6 +43,8 @@ class SyncCall:
         self.started_at: datetime | None = None
         self.granted = False
         """Holds a slot (set under the gate's lock)."""
+        self.granted_at: float | None = None
+        """When it got its slot (monotonic): from then on it only waits for a thread."""
         self.abandoned = False
         """The loop stopped waiting (timeout, cancellation) and took its slot back."""
 
@@ -97,6 +100,7 @@ class SlotGate:
             if self._free > 0 and not self._waiters:
                 self._free -= 1
                 call.granted = True
+                call.granted_at = time.monotonic()
             else:
                 self._waiters.append(call)
                 return
@@ -142,6 +146,8 @@ class SlotGate:
         if self._waiters:
             waiter = self._waiters.popleft()
             waiter.granted = True
+            if isinstance(waiter, SyncCall):
+                waiter.granted_at = time.monotonic()
             return waiter
         self._free += 1
         return None
