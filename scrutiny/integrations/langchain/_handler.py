@@ -202,7 +202,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
     # ------------------------------------------------------------------ span bookkeeping
     def _start(self, run_id: UUID, parent_run_id: UUID | None, name: str, kind: str,
                inputs: Any, tags: list[str] | None, metadata: dict[str, Any] | None,
-               model: str | None = None) -> None:
+               model: _ModelHint | None = None) -> None:
         try:
             if _suppressed.get():
                 return
@@ -222,9 +222,10 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             else:
                 root = parent[1]
                 parent_id = parent[0].span_id
-            # ids stay UUIDs until the record is built (str() costs more than the rest)
+            # Ids stay UUIDs and the model a hint until the record is built (str() of a
+            # UUID costs more than the rest of this): see _build_record.
             span = Span(run_id, parent_id, name, kind, time.time(), None,  # type: ignore[arg-type]
-                        inputs, None, None, None, model, tags or [], {})
+                        inputs, None, None, None, model, tags or [], {})  # type: ignore[arg-type]
             root.spans.append(span)
             root.run_ids.append(key)
             self._runs[key] = (span, root)
@@ -310,7 +311,8 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         try:
             inputs = messages[0] if isinstance(messages, list) and len(messages) == 1 else messages
             self._start(run_id, parent_run_id, _name(serialized, kwargs),
-                        SpanKind.CHAT_MODEL.value, inputs, tags, metadata, _model(kwargs, metadata))
+                        SpanKind.CHAT_MODEL.value, inputs, tags, metadata,
+                        _ModelHint(kwargs.get("invocation_params"), metadata))
         except Exception:
             _log_failure("on_chat_model_start")
 
@@ -321,7 +323,8 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         try:
             inputs = prompts[0] if len(prompts) == 1 else prompts
             self._start(run_id, parent_run_id, _name(serialized, kwargs), SpanKind.LLM.value,
-                        inputs, tags, metadata, _model(kwargs, metadata))
+                        inputs, tags, metadata,
+                        _ModelHint(kwargs.get("invocation_params"), metadata))
         except Exception:
             _log_failure("on_llm_start")
 
@@ -428,7 +431,7 @@ def _listens(handler: BaseCallbackHandler) -> bool:
 def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any]) -> str:
     name = kwargs.get("name")
     if name:
-        return str(name)
+        return name if type(name) is str else str(name)
     if serialized:
         if serialized.get("name"):
             return str(serialized["name"])
@@ -438,8 +441,21 @@ def _name(serialized: dict[str, Any] | None, kwargs: dict[str, Any]) -> str:
     return "run"
 
 
-def _model(kwargs: dict[str, Any], metadata: dict[str, Any] | None) -> str | None:
-    params = kwargs.get("invocation_params") or {}
+class _ModelHint:
+    """What names a model, read into its name when the record is built."""
+
+    __slots__ = ("metadata", "params")
+
+    def __init__(self, params: dict[str, Any] | None, metadata: dict[str, Any] | None) -> None:
+        self.params = params
+        self.metadata = metadata
+
+    def name(self) -> str | None:
+        return _model(self.params, self.metadata)
+
+
+def _model(params: dict[str, Any] | None, metadata: dict[str, Any] | None) -> str | None:
+    params = params or {}
     for key in ("model", "model_name", "model_id"):
         if params.get(key):
             return str(params[key])
@@ -464,6 +480,8 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         s.span_id = str(s.span_id)
         if s.parent_id is not None:
             s.parent_id = str(s.parent_id)
+        if isinstance(s.model, _ModelHint):
+            s.model = s.model.name()
         if isinstance(s.outputs, LLMResult):  # a model's response, kept as it came
             response = s.outputs
             try:
