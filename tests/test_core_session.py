@@ -894,3 +894,55 @@ def test_a_sync_call_that_never_gets_a_thread_ends_with_the_reason(db_url: str) 
     assert results[f_later].status is FeedbackStatus.FAILED
     assert "waiting for a thread" in (results[f_later].error or "")
     assert results[f_quick].status is FeedbackStatus.DONE
+
+
+def test_the_concurrency_slots_all_come_back_after_timeouts_failures_and_retries(
+        db_url: str) -> None:
+    """Slots are handed between the loop and the pool threads; whatever the mix of end
+    states, every one of them is free again once the work is done."""
+    release = threading.Event()
+    seen: set[str] = set()
+
+    def stuck(output: str) -> float:
+        release.wait(10)
+        return 1.0
+
+    def flaky(output: str) -> float:  # fails the first attempt of each record
+        if output not in seen:
+            seen.add(output)
+            raise ConnectionError("transient")
+        return 1.0
+
+    async def boom(output: str) -> float:
+        raise ValueError("no")
+
+    async def fine(output: str) -> float:
+        await asyncio.sleep(0.001)
+        return 1.0
+
+    fbs = [Feedback(stuck, name="stuck", timeout=0.05).on_output(),
+           Feedback(flaky, name="flaky", retry=RetryPolicy(
+               attempts=3, initial_backoff=0.001, retry_on=(ConnectionError,))).on_output(),
+           Feedback(boom, name="boom").on_output(),
+           Feedback(fine, name="fine").on_output()]
+    limit = 3
+    with Session(db_url, max_concurrency=limit, thread_pool_size=8) as s:
+        records = [s.ingest(make_record(i), fbs) for i in range(6)]
+        assert s.wait_for_feedback(20), "a slot was lost: evaluations wait for it forever"
+        outcome = [r.wait_for_feedback_results(timeout=1) for r in records]
+        release.set()
+        gate = s._evaluation_loop()._evaluator._gate  # type: ignore[union-attr]
+        done = threading.Event()
+        free: list[int] = []
+
+        def look() -> None:  # on the loop, where the gate is handed out
+            free.append(gate._free)
+            free.append(len(gate._waiters))
+            done.set()
+
+        s._evaluation_loop()._loop.call_soon_threadsafe(look)
+        assert done.wait(5)
+    by_name = {fb.name: {o[fb].status for o in outcome} for fb in fbs}
+    assert by_name == {"stuck": {FeedbackStatus.FAILED}, "flaky": {FeedbackStatus.DONE},
+                       "boom": {FeedbackStatus.FAILED}, "fine": {FeedbackStatus.DONE}}
+    assert free == [limit, 0]
