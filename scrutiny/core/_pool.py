@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
 import time
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from scrutiny.core._slots import SlotGate, SyncCall
 
 __all__ = ["DaemonThreadPool"]
+
+logger = logging.getLogger("scrutiny")
 
 T = TypeVar("T")
 
@@ -151,7 +154,10 @@ class DaemonThreadPool(concurrent.futures.Executor):
             self._done_scheduled = False
         for target, value, error in done:
             if not isinstance(target, asyncio.Future):
-                target(value)
+                try:
+                    target(value)
+                except Exception:  # a bug of ours must not cost the other deliveries
+                    logger.exception("scrutiny: a sync call's notice to the loop failed")
             elif target.cancelled():
                 continue
             elif error is not None:
