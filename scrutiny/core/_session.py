@@ -176,7 +176,8 @@ class Session(SessionReading):
         # On the evaluation loop only: evaluations started, not ended, running not stored.
         self._started: dict[Job, tuple[float, datetime]] = {}
         self._running_sweep: asyncio.TimerHandle | None = None
-        self._outstanding_cond = threading.Condition()
+        self._outstanding_lock = threading.RLock()  # the condition's: C-level `with` on hot paths
+        self._outstanding_cond = threading.Condition(self._outstanding_lock)
         self._state = "unstarted"  # -> started -> closed
         self._pid = os.getpid()
         self._new_identity()
@@ -269,7 +270,8 @@ class Session(SessionReading):
         self._unmaterialized = 0
         self._started = {}
         self._running_sweep = None
-        self._outstanding_cond = threading.Condition()
+        self._outstanding_lock = threading.RLock()  # the condition's: C-level `with` on hot paths
+        self._outstanding_cond = threading.Condition(self._outstanding_lock)
         self._lock = threading.Lock()
         if self._state == "started":
             self._state = "unstarted"
@@ -424,7 +426,7 @@ class Session(SessionReading):
                 record.on_build(ingest.attach)
             else:
                 record._pending_init = ingest.materialize
-            with self._outstanding_cond:
+            with self._outstanding_lock:
                 self._unmaterialized += 1
         writer.submit(WriteItem(ingest.prepare, ingest.after_commit))
 

@@ -55,7 +55,8 @@ class StorageWriter:
         self._max_batch = max_batch
         self._queue: collections.deque[WriteItem] = collections.deque()
         self._wake = threading.Event()
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()  # the condition's: C-level `with` in submit()
+        self._cond = threading.Condition(self._lock)
         self._submitted = 0
         self._finished = 0
         self._stopping = False
@@ -83,7 +84,7 @@ class StorageWriter:
                 except Exception:
                     logger.exception("scrutiny: after-commit hook failed")
             return False
-        with self._cond:
+        with self._lock:
             self._submitted += 1
         self._queue.append(item)
         if not self._polling and not self._wake.is_set():

@@ -156,7 +156,10 @@ class ChainRecorder:
         return block.recording
 
     def __exit__(self, *exc: object) -> None:
-        self._leave().finish(self._mode())
+        recording = self._leave()
+        mode = recording.feedback_mode or self._mode()
+        if mode is FeedbackMode.WITH_APP:  # (the only mode that waits on leaving)
+            recording.finish(mode)
 
     async def __aenter__(self) -> Recording:
         return self.__enter__()
