@@ -64,6 +64,8 @@ class UTCDateTime(TypeDecorator[datetime]):
     @staticmethod
     def sqlite_text(value: datetime) -> str:
         """The stored text of an aware datetime on SQLite (UTC, fixed width)."""
+        if value.tzinfo is timezone.utc:  # ours always are: no offset arithmetic
+            return value.isoformat(" ", "microseconds")[:26]
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: Scrutiny stores UTC-aware datetimes")
         if value.utcoffset():

@@ -12,6 +12,7 @@ import os
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -345,10 +346,14 @@ class SQLStore:
                     f"INSERT INTO {table.name} ({', '.join(names)}) VALUES "
                     + ", ".join([row_marks] * len(chunk)))
             params: list[Any] = []
+            values_of = itemgetter(*names)  # one C call per row instead of one per value
+            date_at = [i for i, n in enumerate(names) if n in dates]
             for row in chunk:
-                for n in names:
-                    v = row[n]
-                    params.append(text(v) if v is not None and n in dates else v)
+                values = list(values_of(row)) if len(names) > 1 else [row[names[0]]]
+                for i in date_at:
+                    if values[i] is not None:
+                        values[i] = text(values[i])
+                params.extend(values)
             conn.exec_driver_sql(sql, tuple(params))
 
     def _update_multirow(self, conn: Connection, columns: tuple[str, ...],
