@@ -172,8 +172,12 @@ class RecorderSettings:
         return self.feedback_mode or self.session.feedback_mode
 
     def ingest(self, record: Record | LazyRecord, recording: Recording | None,
-               listeners: Sequence[ResultListener] = ()) -> None:
-        """Hand a finished record to the session (never raises into the app)."""
+               listeners: Sequence[ResultListener] = (), dispose: object = None) -> None:
+        """Hand a finished record to the session (never raises into the app).
+
+        `dispose`: something the caller no longer needs (a record it stopped keeping),
+        freed on the session's writer thread instead of the application's.
+        """
         session = self.session
         if session.closed:
             if not self._warned_closed:
@@ -182,5 +186,10 @@ class RecorderSettings:
                                "not stored (the application is not affected)", self.app_name)
             return
         mode = recording.feedback_mode if recording is not None else None
-        session.ingest(record, self.feedbacks, mode=mode or self.feedback_mode,
-                       listeners=listeners)
+        try:
+            session._ingest(record, self.feedbacks, _mode(mode or self.feedback_mode
+                                                          or session.feedback_mode),
+                            listeners, dispose)
+        except Exception:
+            logger.exception("scrutiny: could not accept record %s; the application is "
+                             "not affected", record.record_id)

@@ -418,9 +418,12 @@ class Session(SessionReading):
         return record
 
     def _ingest(self, record: Record | LazyRecord, feedbacks: Sequence[Feedback],
-                mode: FeedbackMode, listeners: Sequence[ResultListener]) -> None:
+                mode: FeedbackMode, listeners: Sequence[ResultListener],
+                dispose: object = None) -> None:
+        """(`dispose`: an object whose last reference the caller hands over, to be freed
+        on the writer thread rather than the application's.)"""
         writer = self._start()
-        ingest = _Ingest(self, record, feedbacks, mode, listeners)
+        ingest = _Ingest(self, record, feedbacks, mode, listeners, dispose)
         if feedbacks:
             if isinstance(record, LazyRecord):
                 record.on_build(ingest.attach)
@@ -592,14 +595,15 @@ class _Ingest:
     it stores the record or by the application when it first looks at them — so the
     application's thread pays only for queueing the record."""
 
-    __slots__ = ("_lock", "feedbacks", "initial", "jobs", "listeners", "mode", "session",
-                 "source")
+    __slots__ = ("_lock", "dispose", "feedbacks", "initial", "jobs", "listeners", "mode",
+                 "session", "source")
 
     def __init__(self, session: Session, record: Record | LazyRecord,
                  feedbacks: Sequence[Feedback], mode: FeedbackMode,
-                 listeners: Sequence[ResultListener]) -> None:
+                 listeners: Sequence[ResultListener], dispose: object = None) -> None:
         self.session = session
         self.source = record
+        self.dispose = dispose  # freed with this object, on the writer thread
         self.feedbacks = feedbacks
         self.mode = mode
         self.listeners = listeners

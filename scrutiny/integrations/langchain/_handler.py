@@ -270,14 +270,18 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         settings = self.settings
         record = LazyRecord(lambda record_id: _build_record(
             record_id, settings, root, span, ended, run_id))
-        self._records.append(record)
+        kept = self._records
+        # The record this one pushes out would be freed here, with its spans and the
+        # framework objects they hold (~10 us); the session frees it on its writer thread.
+        evicted = kept.popleft() if kept.maxlen and len(kept) >= kept.maxlen else None
+        kept.append(record)
         recording = root.recording
         if recording is not None:
             recording._add(record)
         listening = [h for h in root.handlers if _listens(h)]
         bridge = [_FeedbackBridge(listening, run_id, root.tags, root.metadata)] \
             if listening else []
-        settings.ingest(record, recording, bridge)
+        settings.ingest(record, recording, bridge, evicted)
 
     # ------------------------------------------------------------------ chains
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *,
