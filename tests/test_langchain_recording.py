@@ -722,3 +722,29 @@ def test_a_plain_llm_is_an_llm_span_without_usage(session: Session) -> None:
     assert span.inputs == "Q: q"
     assert record.usage is None
     assert record.output == "plain text"
+
+
+class _Unreadable:
+    """An output shaped like a prompt value whose text cannot be read."""
+
+    def to_messages(self) -> list[Any]:
+        return []
+
+    def to_string(self) -> str:
+        raise RuntimeError("cannot render")
+
+
+def test_a_run_whose_values_cannot_be_read_still_gives_a_record(session: Session) -> None:
+    """The record is assembled after the call, off the app's thread or when first looked
+    at; a value our readers choke on is kept as it is and nothing raises."""
+    app = RunnableLambda(lambda q: _Unreadable())
+    recorder = ChainRecorder(app, app_name="unreadable", session=session)
+    with recorder as recording:
+        out = app.invoke(QUESTION)
+    assert isinstance(out, _Unreadable)  # the app's call is untouched
+    record = recording.get()  # does not raise
+    assert record.input == QUESTION
+    assert record.output is out  # kept as it is
+    assert session.flush(10)
+    df, _ = session.get_records_and_feedback(app_ids=["unreadable"])
+    assert len(df) == 1

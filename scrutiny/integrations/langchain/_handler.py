@@ -476,6 +476,16 @@ def _describe(error: BaseException) -> str:
 _ENDED_OK, _STOPPED, _CANCELLED, _FAILED = range(4)  # how a root run ended
 
 
+def _read(main: Callable[[Any], Any], value: Any) -> Any:
+    """The main input or output of a run; the value as it is when it cannot be read (the
+    record is built off the app's thread or on a user's look: it must not raise)."""
+    try:
+        return main(value)
+    except Exception:
+        logger.exception("scrutiny: reading the main value of a run failed; kept as is")
+        return value
+
+
 def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span: Span,
                   ended: int, run_id: UUID) -> Record:
     """The record of a finished root run (runs once, on whichever thread asks first)."""
@@ -492,8 +502,12 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
                 s.outputs, s.usage = llm_output(response), usage_of(response)
             except Exception:
                 s.usage = None
-    contexts = [document_text(d) for s in spans if s.kind == _RETRIEVER
-                and isinstance(s.outputs, list) for d in s.outputs]
+    try:
+        contexts = [document_text(d) for s in spans if s.kind == _RETRIEVER
+                    and isinstance(s.outputs, list) for d in s.outputs]
+    except Exception:  # a document whose text cannot be read: the record is kept without
+        logger.exception("scrutiny: reading the retrieved documents of a run failed")
+        contexts = []
     # Child runs still open when the root ends: the consumer stopped a stream early.
     # LangChain then ends a sync stream's root run normally (it swallows the
     # GeneratorExit) with the output gathered so far, and never ends the children.
@@ -503,11 +517,11 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         child.error = child.error or _STOPPED_EARLY
     error_text = span.error
     if ended == _ENDED_OK and not unfinished:
-        status, output = RecordStatus.OK, main_output(span.outputs)
+        status, output = RecordStatus.OK, _read(main_output, span.outputs)
     else:
         status = RecordStatus.ERROR if ended == _FAILED else RecordStatus.CANCELLED
         if span.outputs is not None:
-            output = main_output(span.outputs)
+            output = _read(main_output, span.outputs)
         else:
             output = "".join(root.tokens) if root.tokens else None
         if ended == _STOPPED or (ended == _ENDED_OK and unfinished):
@@ -517,7 +531,7 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         record_id=record_id,
         app_name=settings.app_name,
         app_version=settings.app_version,
-        input=main_input(span.inputs),
+        input=_read(main_input, span.inputs),
         output=output,
         status=status,
         error=error_text,
