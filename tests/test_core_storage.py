@@ -8,6 +8,7 @@ import multiprocessing
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydantic
@@ -218,18 +219,26 @@ def _insert_op(record: Record, feedback: Feedback) -> tuple[object, str]:
     return op, pending.result_id or ""
 
 
-def test_a_sqlite_batch_is_one_statement_and_updates_apply_in_order(tmp_path: Path) -> None:
-    """Records, results and updates of a batch go in one statement (no BEGIN/COMMIT round
-    trips); a batch that updates one result twice still applies the updates in order."""
+def _traced_store(path: Path) -> tuple[Any, list[str]]:
+    """A SQLStore on `path` and the list every SQL statement it runs is appended to."""
     from sqlalchemy import event
 
-    from scrutiny.core.storage import SQLStore, UpdateResult
+    from scrutiny.core.storage import SQLStore
 
-    store = SQLStore(f"sqlite:///{tmp_path}/one.sqlite")
+    store = SQLStore(f"sqlite:///{path}")
     traced: list[str] = []
     event.listen(store.engine, "connect",
                  lambda dbapi, _rec: dbapi.set_trace_callback(traced.append))
     store.engine.dispose()
+    return store, traced
+
+
+def test_a_sqlite_batch_is_one_statement_and_updates_apply_in_order(tmp_path: Path) -> None:
+    """Records, results and updates of a batch go in one statement (no BEGIN/COMMIT round
+    trips); a batch that updates one result twice still applies the updates in order."""
+    from scrutiny.core.storage import UpdateResult
+
+    store, traced = _traced_store(tmp_path / "one.sqlite")
     fb = Feedback(lambda output: 1.0, name="f").on_output()
     first, first_id = _insert_op(make_record(), fb)
     store.write([first])  # a new app and definition: the general path
@@ -252,4 +261,36 @@ def test_a_sqlite_batch_is_one_statement_and_updates_apply_in_order(tmp_path: Pa
     assert by_id[ops_ids[0][1]]["status"] == "done"  # running, then done: in order
     assert {by_id[i]["status"] for _, i in ops_ids[1:]} == {"pending"}
     assert len(results) == 7
+    store.engine.dispose()
+
+
+def test_a_big_sqlite_batch_is_one_statement_while_writes_wait_for_the_gil(
+        tmp_path: Path) -> None:
+    """Bulk batches bind rows in multi-row statements (SQLite parses JSON more slowly) —
+    unless recent writes spent their time waiting rather than working (a busy app holds the
+    GIL, and each statement's round trips wait for it): then one statement."""
+    store, traced = _traced_store(tmp_path / "big.sqlite")
+    fb = Feedback(lambda output: 1.0, name="f").on_output()
+    store.write([_insert_op(make_record(), fb)[0]])  # a new app and definition
+
+    def batch_statements(n: int) -> set[str]:
+        traced.clear()
+        store.write([_insert_op(make_record(input=f"q{i}"), fb)[0] for i in range(n)])
+        return {s.split(" (")[0] for s in traced  # (not trigger steps, nor its DDL)
+                if not s.startswith(("--", "CREATE TEMP"))}
+
+    assert not store._contended
+    quiet = batch_statements(20)  # 40 rows
+    assert "BEGIN IMMEDIATE" in quiet
+    assert len(quiet) > 2
+
+    # a write that took 50 ms of wall time and no CPU time: it waited
+    store._note_contention(time.perf_counter() - 0.05, time.thread_time())
+    assert store._contended
+    busy = batch_statements(20)
+    assert busy == {"INSERT INTO temp.scrutiny_write_batch"}
+    store._contended_until = 0.0
+    assert "BEGIN IMMEDIATE" in batch_statements(20)
+    _, results = store.records_and_results()
+    assert len(results) == 61
     store.engine.dispose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from operator import itemgetter
@@ -149,6 +150,7 @@ class SQLStore:
         # SQLite 3.38+ (JSON ->> operator, UPDATE FROM): a batch is one statement.
         self._one_statement = self._multirow and sqlite3.sqlite_version_info >= (3, 38, 0)
         self._batch_view = f"{table_prefix}write_batch"
+        self._contended_until = 0.0  # a recent write mostly waited (see _note_contention)
         self._date_columns: dict[str, tuple[str, ...]] = {}
         self._known_apps: set[str] = set()  # rows this store has written (skip re-inserts)
         self._known_definitions: set[str] = set()
@@ -189,10 +191,15 @@ class SQLStore:
         new_apps = [a for k, a in apps.items() if k not in self._known_apps]
         new_definitions = [d for k, d in definitions.items()
                            if k not in self._known_definitions]
+        rows = len(records) + len(results) + len(updates)
         if (self._one_statement and not new_apps and not new_definitions and not renewals
-                and len(records) + len(results) + len(updates) <= self._ONE_STATEMENT_ROWS
-                and self._write_one_statement(records, results, updates)):
-            return
+                and (rows <= self._ONE_STATEMENT_ROWS
+                     or (self._contended and rows <= self._CONTENDED_ROWS))):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            if self._write_one_statement(records, results, updates):
+                self._note_contention(wall, cpu)
+                return
+        wall, cpu = time.perf_counter(), time.thread_time()
         with self.engine.connect() as conn:
             conn = conn.execution_options(**{_WRITE: True})
             with conn.begin():
@@ -213,6 +220,18 @@ class SQLStore:
                         .values(lease_expires_at=r.expires_at))
         self._known_apps.update(a["app_id"] for a in new_apps)
         self._known_definitions.update(d["feedback_id"] for d in new_definitions)
+        self._note_contention(wall, cpu)
+
+    def _note_contention(self, wall: float, cpu: float) -> None:
+        """Whether the write that began at (`wall`, `cpu`) spent most of its time waiting
+        (for the GIL, mostly) rather than working."""
+        now = time.perf_counter()
+        if (now - wall) - (time.thread_time() - cpu) > self._CONTENDED_WAIT:
+            self._contended_until = now + self._CONTENDED_FOR
+
+    @property
+    def _contended(self) -> bool:
+        return time.perf_counter() < self._contended_until
 
     # SQLite releases the GIL around every prepare, step and reset of a statement, and a
     # thread that gives the GIL away waits up to a switch interval (5 ms) to get it back
@@ -223,8 +242,15 @@ class SQLStore:
     # by SQLite outside the GIL: about three waits. SQLite's JSON parsing costs more than
     # binding the rows (1.3x for one record, 1.75x for 256, without contention), so only
     # small batches — an interactive app's, where the waits dominate — go this way; bulk
-    # batches (ingest at full speed, workers) keep the multi-row statements.
+    # batches (ingest at full speed, workers) keep the multi-row statements — unless the last
+    # write in the last _CONTENDED_FOR seconds spent more than _CONTENDED_WAIT seconds waiting
+    # rather than working: then the application is keeping the GIL busy, each of the general
+    # path's dozen or more waits costs up to a switch interval, and JSON parsed outside the
+    # GIL is the cheaper way.
     _ONE_STATEMENT_ROWS = 16
+    _CONTENDED_ROWS = 4096
+    _CONTENDED_WAIT = 0.01
+    _CONTENDED_FOR = 1.0
     def _write_one_statement(self, records: list[Row], results: list[Row],
                              updates: list[UpdateResult]) -> bool:
         """Write the batch as one statement; False when it needs the general path."""
