@@ -946,3 +946,58 @@ def test_the_concurrency_slots_all_come_back_after_timeouts_failures_and_retries
     assert by_name == {"stuck": {FeedbackStatus.FAILED}, "flaky": {FeedbackStatus.DONE},
                        "boom": {FeedbackStatus.FAILED}, "fine": {FeedbackStatus.DONE}}
     assert free == [limit, 0]
+
+
+def test_evaluation_starts_without_waiting_for_the_writer() -> None:
+    """The evaluation loop starts a record's evaluations as soon as it sees the record, not
+    when the writer gets to it (under a busy app every commit waits for the GIL several
+    times); the result is still stored after its record and announced only then."""
+    store = _GatedStore()
+    s = Session(store=store)  # type: ignore[arg-type]
+    seen: dict[str, threading.Event] = {"answer 0": threading.Event(),
+                                        "answer 1": threading.Event()}
+
+    async def probe(output: str) -> float:
+        seen[output].set()
+        return 1.0
+
+    fb = Feedback(probe, name="probe").on_output()
+    try:
+        s.ingest(make_record(0), [fb])
+        assert store.entered.wait(10)  # the writer is stuck storing the first record
+        second = s.ingest(make_record(1), [fb])  # queued behind it
+        assert seen["answer 1"].wait(10), "the second record waited for the writer"
+        # evaluated, but not stored yet: still pending, its future unresolved
+        assert second.feedback_results[fb].status is FeedbackStatus.PENDING
+        assert not second.feedback_futures()[fb].done()
+    finally:
+        store.gate.set()
+    assert second.wait_for_feedback_results(timeout=10)[fb].status is FeedbackStatus.DONE
+    assert s.wait_for_feedback(10)
+    _, results = store.records_and_results()
+    assert sorted(r["status"] for r in results) == ["done", "done"]
+    s.close()
+
+
+def test_the_loop_takes_records_handed_over_while_it_goes_idle(db_url: str) -> None:
+    """The loop looks for handed-over records by itself while they keep coming and is woken
+    once it stops looking; a record handed over right as it stops must still start."""
+    from scrutiny.core._dispatch import ARRIVALS_IDLE_AFTER
+
+    started: list[str] = []
+
+    async def probe(output: str) -> float:
+        started.append(output)
+        return 1.0
+
+    fb = Feedback(probe, name="probe").on_output()
+    with Session(db_url) as s:
+        s.ingest(make_record(-1), [fb]).wait_for_feedback_results(timeout=10)
+        loop = s._evaluation_loop()
+        for i in range(10):
+            time.sleep(ARRIVALS_IDLE_AFTER * (0.9 + 0.03 * i))  # around the moment it stops
+            record = s.ingest(make_record(i), [fb])
+            result = record.wait_for_feedback_results(timeout=10)[fb]
+            assert result.status is FeedbackStatus.DONE, f"record {i} was not evaluated"
+        assert not loop._arrivals
+    assert started.count("answer 9") == 1  # started once, by the loop or the writer

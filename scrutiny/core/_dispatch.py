@@ -11,6 +11,7 @@ feedback functions run on it directly, plain ones in a bounded thread pool.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiolimiter import AsyncLimiter
 
+from scrutiny.core._courtesy import Courtesy, register, unregister
 from scrutiny.core._evaluate import Evaluator, describe_error
 from scrutiny.core._feedback import Feedback
 from scrutiny.core._pool import DaemonThreadPool
@@ -44,6 +46,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("scrutiny")
+
+ARRIVALS_POLL = 0.002
+ARRIVALS_IDLE_AFTER = 0.05
+_INF = float("inf")
 
 
 @dataclass(slots=True, eq=False)
@@ -74,7 +80,12 @@ class DispatchPolicy(Protocol):
         ...
 
     def dispatch(self, jobs: list[Job]) -> None:
-        """Start evaluating (called on the writer thread after the rows are committed)."""
+        """Start evaluating (called once per record, by the writer thread as it writes
+        the record's rows or earlier by :meth:`start_soon`'s starter)."""
+
+    def start_soon(self, starter: Callable[[], object]) -> bool:
+        """Run `starter` (which calls :meth:`dispatch`) soon on the evaluation side, without
+        waiting for the writer; False when this policy has no such side."""
 
 
 class NoDispatch:
@@ -95,6 +106,9 @@ class NoDispatch:
     def dispatch(self, jobs: list[Job]) -> None:
         return None
 
+    def start_soon(self, starter: Callable[[], object]) -> bool:
+        return False
+
 
 class BackgroundDispatch:
     """Evaluate on the session's evaluation loop."""
@@ -110,6 +124,10 @@ class BackgroundDispatch:
 
     def dispatch(self, jobs: list[Job]) -> None:
         self._loop().submit(jobs)
+
+    def start_soon(self, starter: Callable[[], object]) -> bool:
+        self._loop().accept(starter)
+        return True
 
 
 class DeferredDispatch:
@@ -127,6 +145,9 @@ class DeferredDispatch:
 
     def dispatch(self, jobs: list[Job]) -> None:
         self._watch(jobs)
+
+    def start_soon(self, starter: Callable[[], object]) -> bool:
+        return False
 
 
 class _GroupLimit:
@@ -160,27 +181,57 @@ class _BusySelector(selectors.DefaultSelector):
     paid several such waits. Zero-timeout polls are skipped when the last poll is less than
     a millisecond old: I/O readiness is still seen within a millisecond, and waiting polls
     (a positive timeout: nothing is ready) are never skipped.
+
+    Before each poll it runs `before_poll()`, which returns how long the poll may block at
+    most (None: no limit); and it tells `courtesy` when the poll is due to end, so that the
+    application's thread can hand over the GIL when the loop is late (see
+    :mod:`scrutiny.core._courtesy`).
     """
 
     _POLL_EVERY = 0.001
 
-    def __init__(self) -> None:
+    def __init__(self, courtesy: Courtesy) -> None:
         super().__init__()
         self._last_poll = 0.0
+        self.courtesy = courtesy
+        self.before_poll: Callable[[], float | None] | None = None
 
     def select(self, timeout: float | None = None) -> list[Any]:
-        if (timeout is not None and timeout <= 0
-                and time.monotonic() - self._last_poll < self._POLL_EVERY):
+        # when the loop's next timer is due (a cap of our own below is no one's deadline)
+        due = _INF if timeout is None else time.monotonic() + timeout
+        before = self.before_poll
+        cap = None if before is None else before()
+        now = time.monotonic()
+        wait = None if timeout is None else max(0.0, due - now)
+        if cap is not None and (wait is None or wait > cap):
+            wait = cap
+        if wait is not None and wait <= 0 and now - self._last_poll < self._POLL_EVERY:
             return []
-        events: list[Any] = super().select(timeout)
+        courtesy = self.courtesy
+        courtesy.due = due
+        try:
+            if wait is None or wait <= 0:
+                events: list[Any] = super().select(wait)
+            else:
+                # epoll counts whole milliseconds and the selector rounds up, so every
+                # timer ran 0-1 ms late (0.5 ms per 50 ms evaluation, 1 %): wait the whole
+                # milliseconds for I/O, then sleep the rest precisely.
+                events = super().select(int(wait * 1000) / 1000 - 1e-7)
+                if not events:
+                    rest = now + wait - time.monotonic()
+                    if rest > 0:
+                        time.sleep(rest)
+        finally:
+            courtesy.due = _INF
         self._last_poll = time.monotonic()
         return events
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
+def _new_loop(courtesy: Courtesy) -> tuple[asyncio.AbstractEventLoop, _BusySelector | None]:
     if sys.platform == "win32":  # pragma: no cover - the proactor loop has no selector
-        return asyncio.new_event_loop()
-    return asyncio.SelectorEventLoop(_BusySelector())
+        return asyncio.new_event_loop(), None
+    selector = _BusySelector(courtesy)
+    return asyncio.SelectorEventLoop(selector), selector
 
 
 class EvaluationLoop:
@@ -202,13 +253,23 @@ class EvaluationLoop:
                  executor: concurrent.futures.Executor | None = None) -> None:
         self._on_running = on_running
         self._on_final = on_final
-        self._pool = DaemonThreadPool(thread_pool_size, thread_name_prefix=f"{name}-sync")
-        self._loop = _new_loop()
+        self._courtesy = Courtesy()
+        self._pool = DaemonThreadPool(thread_pool_size, thread_name_prefix=f"{name}-sync",
+                                      courtesy=self._courtesy)
+        self._loop, selector = _new_loop(self._courtesy)
+        if selector is not None:
+            selector.before_poll = self._before_poll
         self._limits: dict[str, _GroupLimit] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._inbox: list[Job] = []
         self._inbox_lock = threading.Lock()
         self._inbox_scheduled = False
+        # Records handed over by the application (see accept()): looked at every
+        # ARRIVALS_POLL seconds while they keep coming, the loop woken only when it is not.
+        self._arrivals: collections.deque[Callable[[], object]] = collections.deque()
+        self._watching = False
+        self._wake_sent = False
+        self._last_arrival = 0.0
         self._max_concurrency = max_concurrency
         self._default_timeout = default_timeout
         self._executor = executor
@@ -227,9 +288,11 @@ class EvaluationLoop:
             executor=self._executor)
         ready.set()
         self._pool.prestart()
+        register(self._courtesy)
         try:
             self._loop.run_forever()
         finally:
+            unregister(self._courtesy)
             self._loop.close()
 
     def _limiter_for(self, feedback: Feedback) -> Callable[
@@ -253,6 +316,9 @@ class EvaluationLoop:
         Jobs submitted while the loop has not yet picked up earlier ones join them: one
         wake-up of the loop (a write to its self-pipe) serves them all.
         """
+        if threading.get_ident() == self._thread.ident:
+            self._start(jobs)
+            return
         with self._inbox_lock:
             self._inbox.extend(jobs)
             if self._inbox_scheduled:
@@ -263,6 +329,59 @@ class EvaluationLoop:
         except RuntimeError:  # the loop is closed: the results stay pending in the database
             logger.warning("scrutiny: evaluation loop closed; %d result(s) stay pending",
                            len(jobs))
+
+    def accept(self, starter: Callable[[], object]) -> None:
+        """Run `starter` on the loop soon; thread-safe, returns at once, never raises.
+
+        This is how a record's evaluations start without waiting for the writer: while the
+        application's thread keeps the interpreter busy, every commit of the writer waits
+        for the interpreter lock several times, and evaluations that waited for it started
+        tens of milliseconds late. While records keep arriving the loop looks for them at
+        least every ARRIVALS_POLL seconds by itself, so handing one over costs the
+        application an append, not a wake-up (a system call).
+        """
+        self._arrivals.append(starter)
+        if self._watching or self._wake_sent:
+            return
+        self._wake_sent = True
+        try:
+            self._loop.call_soon_threadsafe(self._on_arrival_wake)
+        except RuntimeError:  # the loop is closed: the writer's dispatch reports it
+            pass
+
+    def _on_arrival_wake(self) -> None:
+        self._wake_sent = False
+        self._take_arrivals()
+
+    def _before_poll(self) -> float | None:
+        """(On the loop, before each poll for I/O.) Start what was handed over; returns how
+        long the poll may block."""
+        if self._arrivals:
+            self._take_arrivals()
+            return 0.0  # their tasks are ready to run
+        if not self._watching:
+            return None
+        if time.monotonic() - self._last_arrival < ARRIVALS_IDLE_AFTER:
+            return ARRIVALS_POLL
+        self._watching = False
+        if self._arrivals:  # handed over while we decided: nobody woke us for it
+            self._take_arrivals()
+            return 0.0
+        return None
+
+    def _take_arrivals(self) -> None:
+        arrivals = self._arrivals
+        if not arrivals:
+            return
+        self._watching = True
+        self._last_arrival = time.monotonic()
+        while arrivals:
+            starter = arrivals.popleft()
+            try:
+                starter()
+            except Exception:
+                logger.exception("scrutiny: starting evaluations failed; the writer "
+                                 "starts them when it stores the record")
 
     def _take_inbox(self) -> None:
         with self._inbox_lock:

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from scrutiny.core._courtesy import Courtesy
     from scrutiny.core._slots import SlotGate, SyncCall
 
 __all__ = ["DaemonThreadPool"]
@@ -36,9 +37,11 @@ _Delivery = tuple["asyncio.Future[Any] | Callable[[Any], object]", Any, "BaseExc
 class DaemonThreadPool(concurrent.futures.Executor):
     """Up to `max_workers` daemon threads, started as work arrives."""
 
-    def __init__(self, max_workers: int, thread_name_prefix: str = "scrutiny-sync") -> None:
+    def __init__(self, max_workers: int, thread_name_prefix: str = "scrutiny-sync", *,
+                 courtesy: Courtesy | None = None) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be >= 1")
+        self._blocked = None if courtesy is None else courtesy.blocked
         self._max = max_workers
         self._prefix = thread_name_prefix
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
@@ -114,15 +117,22 @@ class DaemonThreadPool(concurrent.futures.Executor):
     def _run_calls(self, gate: SlotGate, call: SyncCall | None) -> None:
         """Run `call`, then every sync call its slot is handed to, on this thread; results
         (and start times) reach the loop in batches."""
+        blocked = self._blocked
+        me = threading.get_ident()
         while call is not None:
             if not call.abandoned:
                 call.started = time.monotonic()
                 call.started_at = datetime.now(timezone.utc)
                 self.deliver_later(call.on_start, call.started_at, None)
+                if blocked is not None:  # inside the call (see scrutiny.core._courtesy)
+                    blocked.add(me)
                 try:
                     value, error = call.fn(), None
                 except BaseException as exc:
                     value, error = None, exc
+                finally:
+                    if blocked is not None:
+                        blocked.discard(me)
                 self.deliver_later(call.future, value, error)
                 del value, error
             call = gate.finish(call)

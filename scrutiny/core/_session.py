@@ -431,7 +431,10 @@ class Session(SessionReading):
                 record._pending_init = ingest.materialize
             with self._outstanding_lock:
                 self._unmaterialized += 1
-        writer.submit(WriteItem(ingest.prepare, ingest.after_commit))
+        if writer.submit(WriteItem(ingest.prepare, ingest.after_commit)) and feedbacks:
+            # evaluation may start before the writer gets to the record (its updates are
+            # queued behind the record's insert, so nothing is stored out of order)
+            self._policies[mode].start_soon(ingest.start)
 
     def _materialized(self, jobs: list[Job]) -> None:
         """An ingest made its jobs (on whichever thread asked first)."""
@@ -596,7 +599,7 @@ class _Ingest:
     application's thread pays only for queueing the record."""
 
     __slots__ = ("_lock", "dispose", "feedbacks", "initial", "jobs", "listeners", "mode",
-                 "session", "source")
+                 "session", "source", "started")
 
     def __init__(self, session: Session, record: Record | LazyRecord,
                  feedbacks: Sequence[Feedback], mode: FeedbackMode,
@@ -609,6 +612,7 @@ class _Ingest:
         self.listeners = listeners
         self.jobs: list[Job] | None = None
         self.initial: list[FeedbackResult] = []
+        self.started = False
         self._lock = threading.Lock()
 
     @property
@@ -651,11 +655,26 @@ class _Ingest:
                 session._materialized(jobs)
             return jobs
 
-    def prepare(self) -> list[InsertRecord]:
-        """On the writer thread: the rows to insert; evaluation starts now."""
-        session, record = self.session, self.record
+    def start(self) -> list[Job]:
+        """Make the jobs and start evaluating them, once: on the evaluation loop as soon
+        as it sees the record, or on the writer thread when it stores the record first."""
         jobs = self.materialize()
-        policy = session._policies[self.mode]
+        with self._lock:
+            if self.started:
+                return jobs
+            self.started = True
+        to_run = [job for job, first in zip(jobs, self.initial, strict=True)
+                  if not first.status.is_final]
+        if to_run:
+            self.session._policies[self.mode].dispatch(to_run)
+        return jobs
+
+    def prepare(self) -> list[InsertRecord]:
+        """On the writer thread: the rows to insert (evaluation has started by now: every
+        update of these results is queued behind this insert, so nothing is announced
+        before it is stored, and the evaluation does not wait for the commit)."""
+        session, record = self.session, self.record
+        jobs = self.start()
         token = jobs[0].lease_token if jobs else None
         lease = None if token is None else (
             session.owner_id, token,
@@ -669,13 +688,6 @@ class _Ingest:
             results=[_rows.result_row(record, r, None if r.is_final else lease)
                      for r in self.initial],
         )
-        # Start evaluating now, while the insert commits: every update of these results
-        # is queued behind this insert, so nothing is announced before it is stored, and
-        # the evaluation does not wait for the commit.
-        to_run = [job for job, first in zip(jobs, self.initial, strict=True)
-                  if not first.status.is_final]
-        if to_run:
-            policy.dispatch(to_run)
         return [op]
 
     def after_commit(self, stored: bool) -> None:

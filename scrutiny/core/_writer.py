@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from sqlalchemy.exc import OperationalError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from scrutiny.core._courtesy import offer
 from scrutiny.core.storage import Store, WriteOp
 
 __all__ = ["StorageWriter", "WriteItem"]
@@ -159,6 +160,7 @@ class StorageWriter:
         prepared: list[tuple[WriteItem, Sequence[WriteOp]]] = []
         unprepared: list[WriteItem] = []
         for item in batch:
+            offer()  # the evaluations' timers go first (see scrutiny.core._courtesy)
             try:
                 item_ops = item.prepare()
             except Exception:
@@ -175,6 +177,7 @@ class StorageWriter:
             results = [(item, stored) for item, _ in prepared]
         results += [(item, False) for item in unprepared]
         for item, ok in results:
+            offer()
             if not ok:
                 self.failed += 1
             if item.after_commit is not None:

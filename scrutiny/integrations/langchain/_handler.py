@@ -39,6 +39,7 @@ from scrutiny.core import (
     TokenUsage,
 )
 from scrutiny.core._context import _suppressed
+from scrutiny.core._courtesy import offer as _offer_gil
 from scrutiny.core._records import materialized
 from scrutiny.integrations.langchain._convert import (
     document_text,
@@ -206,6 +207,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         try:
             if _suppressed.get():
                 return
+            _offer_gil()  # to evaluations that are late (see scrutiny.core._courtesy)
             key = run_id.int
             parent = None if parent_run_id is None else self._runs.get(parent_run_id.int)
             if parent is None:

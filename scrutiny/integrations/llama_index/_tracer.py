@@ -38,6 +38,7 @@ from llama_index.core.instrumentation.events.llm import (
 
 from scrutiny.core import Span, SpanKind
 from scrutiny.core import recording_suppressed as _suppressed
+from scrutiny.core._courtesy import offer as _offer_gil
 from scrutiny.integrations.llama_index._convert import (
     STREAM_WRITER_METHODS,
     SpanInputs,
@@ -208,6 +209,7 @@ class Tracer:
             return
         if _suppressed():
             return
+        _offer_gil()  # to evaluations that are late (see scrutiny.core._courtesy)
         name, kind = name_and_kind(id_, instance)
         now = time.time()
         inputs = SpanInputs(arguments)
