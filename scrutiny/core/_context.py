@@ -11,8 +11,7 @@ import contextvars
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["add_evaluation_cost", "evaluation_cost_scope", "recording_suppressed",
-           "suppress_recording"]
+__all__ = ["add_evaluation_cost", "recording_suppressed", "suppress_recording"]
 
 _suppressed: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "scrutiny_recording_suppressed", default=False
@@ -35,17 +34,6 @@ def suppress_recording() -> Iterator[None]:
         yield
     finally:
         _suppressed.reset(token)
-
-
-@contextlib.contextmanager
-def evaluation_cost_scope() -> Iterator[dict[str, float]]:
-    """Collect what :func:`add_evaluation_cost` reports inside the block."""
-    bucket: dict[str, float] = {}
-    token = _cost.set(bucket)
-    try:
-        yield bucket
-    finally:
-        _cost.reset(token)
 
 
 def add_evaluation_cost(**amounts: Any) -> None:

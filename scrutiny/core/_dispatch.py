@@ -424,8 +424,7 @@ class EvaluationLoop:
         for job in jobs:
             task = self._loop.create_task(self._evaluate(job))
             task.scrutiny_job = job  # type: ignore[attr-defined]
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.add(task)  # (it leaves the set itself: no done-callback to schedule)
 
     async def _evaluate(self, job: Job) -> None:
         assert self._evaluator is not None
@@ -442,4 +441,6 @@ class EvaluationLoop:
                 status=FeedbackStatus.FAILED, error=f"internal error: {describe_error(exc)}",
                 result_id=job.pending.result_id, feedback_id=job.pending.feedback_id,
                 created_at=job.pending.created_at)
+        finally:
+            self._tasks.discard(asyncio.current_task())
         self._on_final(job, final)

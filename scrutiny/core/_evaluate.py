@@ -19,7 +19,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from scrutiny.core._context import _suppressed, evaluation_cost_scope
+from scrutiny.core._context import _cost, _suppressed
 from scrutiny.core._errors import FeedbackTimeout, InvalidFeedbackValue, SkipFeedback
 from scrutiny.core._feedback import Feedback, coerce_feedback_value
 from scrutiny.core._pool import DaemonThreadPool
@@ -193,7 +193,10 @@ class Evaluator:
         has its concurrency slot (and rate-limit permit): time spent queued behind other
         evaluations is neither `running` nor part of the evaluation's timing.
         """
-        _suppressed.set(True)  # this task's own context: evaluator calls are not recorded
+        # This runs in its evaluation's own task, so its own context: set, never reset.
+        _suppressed.set(True)  # the evaluator's own framework calls are not recorded
+        cost: dict[str, float] = {}
+        _cost.set(cost)  # what add_evaluation_cost() reports during this evaluation
         try:
             calls = feedback.calls_for(record)
         except EmptySelection as exc:
@@ -208,12 +211,11 @@ class Evaluator:
                 started.append(at or datetime.now(timezone.utc))
                 on_started(started[0])
 
-        with evaluation_cost_scope() as cost:
-            if len(calls) == 1:  # the common case: no extra task for a gather
-                outcomes = [await self._call(feedback, calls[0], begin)]
-            else:
-                outcomes = list(await asyncio.gather(
-                    *(self._call(feedback, args, begin) for args in calls)))
+        if len(calls) == 1:  # the common case: no extra task for a gather
+            outcomes = [await self._call(feedback, calls[0], begin)]
+        else:
+            outcomes = list(await asyncio.gather(
+                *(self._call(feedback, args, begin) for args in calls)))
         start = started[0] if started else datetime.now(timezone.utc)
         return self._verdict(feedback, pending, start, outcomes, dict(cost) or None)
 

@@ -204,7 +204,12 @@ class Feedback:
     # ------------------------------------------------------------------ identity
     @property
     def is_async(self) -> bool:
-        return _is_async_callable(self.fn)
+        known = self.__dict__.get("_async_of")  # (fn, answer): asked once per evaluation
+        if known is not None and known[0] is self.fn:
+            return bool(known[1])
+        answer = _is_async_callable(self.fn)
+        self.__dict__["_async_of"] = (self.fn, answer)
+        return answer
 
     @property
     def implementation(self) -> str | None:
