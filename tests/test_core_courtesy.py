@@ -17,57 +17,85 @@ from scrutiny.core._courtesy import Courtesy, offer, register, unregister
 from scrutiny.core._dispatch import _BusySelector
 
 
+class _Clock:
+    """A fake monotonic clock; each sleep of offer() 'costs' `cost` seconds."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.cost = 0.0
+        self.sleeps = 0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.now += self.cost
+
+
 @pytest.fixture
-def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Every sleep offer() makes (instead of making it)."""
-    calls: list[float] = []
-    monkeypatch.setattr(_courtesy, "_sleep", calls.append)
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    fake = _Clock()
+    monkeypatch.setattr(_courtesy, "_monotonic", fake.monotonic)
+    monkeypatch.setattr(_courtesy, "_sleep", fake.sleep)
     monkeypatch.setattr(_courtesy, "_live", ())  # only the courtesies a test registers
-    return calls
+    return fake
 
 
-def test_nothing_is_offered_while_the_loop_is_not_late(sleeps: list[float]) -> None:
+def test_nothing_is_offered_while_the_loop_is_not_late(clock: _Clock) -> None:
     courtesy = Courtesy()
     register(courtesy)
     offer()  # polling without a timer
-    courtesy.due = time.monotonic() + 60
+    courtesy.due = clock.now + 60
     offer()  # its next timer is not due
-    assert sleeps == []
+    assert clock.sleeps == 0
     unregister(courtesy)
 
 
-def test_a_late_loop_is_offered_the_gil_once_per_gap(sleeps: list[float]) -> None:
+def test_a_late_loop_is_offered_the_gil_within_the_apps_budget(clock: _Clock) -> None:
     courtesy = Courtesy()
     register(courtesy)
-    courtesy.due = time.monotonic() - 0.001  # its timer is due and it has not come back
-    offer()
-    offer()  # at once again: within MIN_GAP, not again
-    assert sleeps == [0]
-    courtesy.last_offer -= _courtesy.MIN_GAP
-    offer()
-    assert sleeps == [0, 0]
+    courtesy.due = clock.now - 0.001  # its timer is due and it has not come back
+    clock.cost = 0.001  # each offer costs the app 1 ms
+    start = clock.now
+
+    def within_budget() -> bool:  # what the offers cost <= what the app's time allows
+        spent = clock.sleeps * clock.cost
+        return spent <= _courtesy.BURST + (clock.now - start) * _courtesy.BUDGET + clock.cost
+
+    for _ in range(20):
+        offer()
+    assert clock.sleeps >= round(_courtesy.BURST / clock.cost)
+    assert within_budget()
+    refused = clock.sleeps
+    clock.now += 0.1  # 100 ms later: BUDGET of them may go to offers again
+    for _ in range(20):
+        offer()
+    assert clock.sleeps > refused
+    assert within_budget()
     unregister(courtesy)
-    courtesy.last_offer = 0.0
+    clock.now += 1
+    before = clock.sleeps
     offer()  # a closed loop is never offered anything
-    assert sleeps == [0, 0]
+    assert clock.sleeps == before
     assert courtesy.due == float("inf")
 
 
 def test_blocked_sync_calls_are_offered_the_gil_at_most_every_sync_every(
-        sleeps: list[float]) -> None:
+        clock: _Clock) -> None:
     courtesy = Courtesy()
     register(courtesy)
     courtesy.blocked.add(1)
     offer()
     offer()
-    assert sleeps == [0]
-    courtesy.last_offer -= _courtesy.SYNC_EVERY
+    assert clock.sleeps == 1
+    clock.now += 2 * _courtesy.SYNC_EVERY
     offer()
-    assert sleeps == [0, 0]
+    assert clock.sleeps == 2
     courtesy.blocked.clear()
-    courtesy.last_offer -= _courtesy.SYNC_EVERY
+    clock.now += 2 * _courtesy.SYNC_EVERY
     offer()  # nobody inside a call any more
-    assert sleeps == [0, 0]
+    assert clock.sleeps == 2
     unregister(courtesy)
 
 

@@ -4,8 +4,8 @@ CPython lets a thread that waits for the GIL take it from a busy thread only aft
 interval (5 ms by default). While the application's thread runs Python code without pause,
 every timer of the evaluation loop (an async feedback's `await` ending) and every sync
 feedback coming back from its blocking call waits up to that long, so each 50 ms
-evaluation took 55-65 ms: a tenth of the session's concurrency lost exactly while the app
-is busiest.
+evaluation took 55-65 ms: a tenth or more of the session's concurrency lost exactly while
+the app is busiest.
 
 The recorders' callbacks run on the application's thread anyway; on each one they call
 :func:`offer`, which gives the GIL away briefly (``time.sleep(0)``) when
@@ -16,10 +16,12 @@ The recorders' callbacks run on the application's thread anyway; on each one the
   back at any moment, and nothing tells us when, so the offer is made at most every
   SYNC_EVERY seconds while any is.
 
-Nothing is offered while the loop is idle or quick feedbacks come and go, so an app whose
-feedbacks are cheap pays one clock read per callback. ``time.sleep(0)`` and not
-``os.sched_yield()``: the latter gives the GIL back before a waiting thread can take it,
-and resets that thread's wait, which starves it.
+The app comes first: what the offers cost its thread (the sleep, and waiting to get the GIL
+back) is measured and held to BUDGET of its time, so evaluations can slow the app's calls
+by about that much at most, however many are in flight. Nothing is offered while the loop
+is idle or quick feedbacks come and go, so an app whose feedbacks are cheap pays one clock
+read per callback. ``time.sleep(0)`` and not ``os.sched_yield()``: the latter gives the GIL
+back before a waiting thread can take it, and resets that thread's wait, which starves it.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ __all__ = ["Courtesy", "offer"]
 
 SYNC_EVERY = 0.001
 """While sync feedbacks are blocked in their calls: offer the GIL this often."""
-MIN_GAP = 0.0005
-"""Never offer more often than this (a loop stuck outside its poll must not turn every
-callback of the app into a sleep)."""
+BUDGET = 0.04
+"""The share of the application's time the offers may cost it."""
+BURST = 0.004
+"""The most offer time saved up while none was needed (seconds)."""
 
 _INF = float("inf")
 _monotonic = time.monotonic
@@ -42,9 +45,9 @@ _sleep = time.sleep
 
 class Courtesy:
     """What one evaluation loop tells the application's thread (written by the loop and the
-    pool threads, read by :func:`offer`)."""
+    pool threads, read by :func:`offer`), and what the offers have cost."""
 
-    __slots__ = ("blocked", "due", "last_offer")
+    __slots__ = ("allowance", "blocked", "due", "last_offer", "refilled")
 
     def __init__(self) -> None:
         self.due = _INF
@@ -53,6 +56,9 @@ class Courtesy:
         self.blocked: set[int] = set()
         """The pool threads inside a sync feedback call (thread idents)."""
         self.last_offer = 0.0
+        self.allowance = BURST
+        """Seconds the offers may still cost; grows by BUDGET per second, up to BURST."""
+        self.refilled = _monotonic()
 
 
 _live: tuple[Courtesy, ...] = ()  # replaced, never changed in place: read without a lock
@@ -77,9 +83,15 @@ def offer() -> None:
     """On the application's thread: give the GIL to an overdue evaluation thread, if any."""
     for courtesy in _live:
         now = _monotonic()
-        since = now - courtesy.last_offer
-        if since >= MIN_GAP and (now >= courtesy.due
-                                 or (courtesy.blocked and since >= SYNC_EVERY)):
-            courtesy.last_offer = now
-            _sleep(0)
+        if now < courtesy.due and not (courtesy.blocked
+                                       and now - courtesy.last_offer >= SYNC_EVERY):
+            continue
+        allowance = min(BURST, courtesy.allowance + (now - courtesy.refilled) * BUDGET)
+        courtesy.refilled = now
+        if allowance <= 0:
+            courtesy.allowance = allowance
             return
+        courtesy.last_offer = now
+        _sleep(0)
+        courtesy.allowance = allowance - (_monotonic() - now)
+        return
