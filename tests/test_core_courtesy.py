@@ -157,6 +157,14 @@ def test_the_selector_publishes_when_its_wait_ends_and_waits_whole_milliseconds(
     assert waited >= 0.0123  # never early
     assert courtesy.due == float("inf")  # back on the GIL: not waiting any more
 
+    # callbacks ready (a zero timeout): a quick poll, and no deadline for the app to honour
+    selector.seen = []
+    selector._last_poll = 0.0  # (a zero-timeout poll right after another is skipped)
+    assert selector.select(0) == []
+    (asked, due), = selector.seen
+    assert asked == 0
+    assert due == float("inf")
+
     # a cap of our own (looking for handed-over records) is nobody's deadline
     selector.seen = []
     selector.before_poll = lambda: 0.001
