@@ -143,7 +143,7 @@ class _Probe(_BusySelector, _Spy):
     pass
 
 
-def test_the_selector_publishes_when_its_wait_ends_and_waits_whole_milliseconds() -> None:
+def test_the_selector_publishes_when_its_wait_ends() -> None:
     courtesy = Courtesy()
     selector = _Probe(courtesy)
     selector.seen = []
@@ -152,7 +152,7 @@ def test_the_selector_publishes_when_its_wait_ends_and_waits_whole_milliseconds(
     waited = time.monotonic() - t0
     (asked, due), = selector.seen
     assert asked is not None
-    assert 0.0119 < asked <= 0.012
+    assert 0.0 < asked <= 0.0123
     assert t0 + 0.0123 <= due < t0 + 0.5  # when the wait was due to end
     assert waited >= 0.0123  # never early
     assert courtesy.due == float("inf")  # back on the GIL: not waiting any more
@@ -178,8 +178,8 @@ def test_the_selector_publishes_when_its_wait_ends_and_waits_whole_milliseconds(
 
 
 def test_a_timer_never_fires_early(tmp_path: Path) -> None:
-    """The loop waits whole milliseconds for I/O and sleeps the rest: timers must still
-    never run before they are due."""
+    """The loop shortens its wait for I/O by the time it spent starting handed-over records,
+    and caps it while it looks for more: timers must still never run before they are due."""
     early: list[float] = []
 
     async def precise(output: str) -> float:

@@ -213,17 +213,7 @@ class _BusySelector(selectors.DefaultSelector):
         courtesy = self.courtesy
         courtesy.due = due
         try:
-            if wait is None or wait <= 0:
-                events: list[Any] = super().select(wait)
-            else:
-                # epoll counts whole milliseconds and the selector rounds up, so every
-                # timer ran 0-1 ms late (0.5 ms per 50 ms evaluation, 1 %): wait the whole
-                # milliseconds for I/O, then sleep the rest precisely.
-                events = super().select(int(wait * 1000) / 1000 - 1e-7)
-                if not events:
-                    rest = now + wait - time.monotonic()
-                    if rest > 0:
-                        time.sleep(rest)
+            events: list[Any] = super().select(wait)
         finally:
             courtesy.due = _INF
         self._last_poll = time.monotonic()
