@@ -196,3 +196,16 @@ def test_a_timer_never_fires_early(tmp_path: Path) -> None:
         results = s.ingest(_make_record(), [fb]).wait_for_feedback_results(timeout=10)
     assert results[fb].status is FeedbackStatus.DONE
     assert early == []
+
+
+def test_scrutinys_own_threads_offer_the_gil_without_spending_the_apps_budget(
+        clock: _Clock) -> None:
+    courtesy = Courtesy()
+    register(courtesy)
+    courtesy.due = clock.now - 0.001
+    clock.cost = 0.001
+    for _ in range(20):
+        offer(budgeted=False)  # the writer, between the items of a batch
+    assert clock.sleeps == 20
+    assert courtesy.allowance == _courtesy.BURST  # the app's budget is untouched
+    unregister(courtesy)

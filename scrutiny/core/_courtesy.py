@@ -79,13 +79,18 @@ def unregister(courtesy: Courtesy) -> None:
         _live = tuple(c for c in _live if c is not courtesy)
 
 
-def offer() -> None:
-    """On the application's thread: give the GIL to an overdue evaluation thread, if any."""
+def offer(*, budgeted: bool = True) -> None:
+    """Give the GIL to an overdue evaluation thread, if any: on the application's thread
+    within its budget; on a thread of Scrutiny's own (`budgeted=False`) whenever needed."""
     for courtesy in _live:
         now = _monotonic()
         if now < courtesy.due and not (courtesy.blocked
                                        and now - courtesy.last_offer >= SYNC_EVERY):
             continue
+        if not budgeted:
+            courtesy.last_offer = now
+            _sleep(0)
+            return
         allowance = min(BURST, courtesy.allowance + (now - courtesy.refilled) * BUDGET)
         courtesy.refilled = now
         if allowance <= 0:

@@ -160,7 +160,7 @@ class StorageWriter:
         prepared: list[tuple[WriteItem, Sequence[WriteOp]]] = []
         unprepared: list[WriteItem] = []
         for item in batch:
-            offer()  # the evaluations' timers go first (see scrutiny.core._courtesy)
+            offer(budgeted=False)  # late evaluations go first (see scrutiny.core._courtesy)
             try:
                 item_ops = item.prepare()
             except Exception:
@@ -177,7 +177,7 @@ class StorageWriter:
             results = [(item, stored) for item, _ in prepared]
         results += [(item, False) for item in unprepared]
         for item, ok in results:
-            offer()
+            offer(budgeted=False)
             if not ok:
                 self.failed += 1
             if item.after_commit is not None:
