@@ -1001,3 +1001,23 @@ def test_the_loop_takes_records_handed_over_while_it_goes_idle(db_url: str) -> N
             assert result.status is FeedbackStatus.DONE, f"record {i} was not evaluated"
         assert not loop._arrivals
     assert started.count("answer 9") == 1  # started once, by the loop or the writer
+
+
+def test_an_idle_session_keeps_no_finished_record_alive(db_url: str) -> None:
+    """Once a record's results are stored and the app lets go of it, nothing of ours
+    holds it (the writer used to keep its last batch until the next one)."""
+    import gc
+    import weakref
+
+    async def quick(output: str) -> float:
+        return 1.0
+
+    fb = Feedback(quick, name="quick").on_output()
+    with Session(db_url) as s:
+        record = s.ingest(make_record(), [fb])
+        assert record.wait_for_feedback_results(timeout=10)[fb].status is FeedbackStatus.DONE
+        assert s.flush(10)
+        ref = weakref.ref(record)
+        del record
+        gc.collect()
+        assert ref() is None

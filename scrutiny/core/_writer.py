@@ -156,6 +156,27 @@ class StorageWriter:
                 return
 
     def _write_batch(self, batch: list[WriteItem]) -> None:
+        ops, prepared, unprepared = self._prepare(batch)
+        stored = self._commit(ops)
+        if not stored and len(prepared) > 1:
+            # isolate the bad item: write one by one so the others are kept
+            results = [(item, self._commit(list(item_ops))) for item, item_ops in prepared]
+        else:
+            results = [(item, stored) for item, _ in prepared]
+        results += [(item, False) for item in unprepared]
+        self._announce(results)
+        # Let go of the batch before telling waiters it is done: a flush that returns must
+        # find no record of it still held here.
+        count = len(batch)
+        for held in (batch, ops, prepared, unprepared, results):
+            held.clear()
+        with self._cond:
+            self._finished += count
+            self._cond.notify_all()
+
+    @staticmethod
+    def _prepare(batch: list[WriteItem]) -> tuple[
+            list[WriteOp], list[tuple[WriteItem, Sequence[WriteOp]]], list[WriteItem]]:
         ops: list[WriteOp] = []
         prepared: list[tuple[WriteItem, Sequence[WriteOp]]] = []
         unprepared: list[WriteItem] = []
@@ -169,13 +190,9 @@ class StorageWriter:
                 continue
             prepared.append((item, item_ops))
             ops.extend(item_ops)
-        stored = self._commit(ops)
-        if not stored and len(prepared) > 1:
-            # isolate the bad item: write one by one so the others are kept
-            results = [(item, self._commit(list(item_ops))) for item, item_ops in prepared]
-        else:
-            results = [(item, stored) for item, _ in prepared]
-        results += [(item, False) for item in unprepared]
+        return ops, prepared, unprepared
+
+    def _announce(self, results: list[tuple[WriteItem, bool]]) -> None:
         for item, ok in results:
             offer(budgeted=False)
             if not ok:
@@ -185,9 +202,6 @@ class StorageWriter:
                     item.after_commit(ok)
                 except Exception:
                     logger.exception("scrutiny: after-commit hook failed")
-        with self._cond:
-            self._finished += len(batch)
-            self._cond.notify_all()
 
     def _commit(self, ops: list[WriteOp]) -> bool:
         if not ops:
