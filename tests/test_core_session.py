@@ -1021,3 +1021,44 @@ def test_an_idle_session_keeps_no_finished_record_alive(db_url: str) -> None:
         del record
         gc.collect()
         assert ref() is None
+
+
+class _FlakyStore:
+    """A memory store whose every write fails twice (a locked database), then succeeds."""
+
+    def __init__(self) -> None:
+        from scrutiny.core.storage import MemoryStore
+
+        self.inner = MemoryStore()
+        self.url = "memory://flaky"
+        self.failures = 0
+
+    def write(self, ops: object) -> None:
+        from sqlalchemy.exc import OperationalError
+
+        if self.failures % 3 < 2:
+            self.failures += 1
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        self.failures += 1
+        self.inner.write(ops)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_every_write_retries_a_locked_database_afresh() -> None:
+    """One retry policy serves every commit: each commit gets its full budget of attempts,
+    whatever the commits before it used."""
+    store = _FlakyStore()
+    fb = Feedback(lambda output: 1.0, name="x").on_output()
+    s = Session(store=store)  # type: ignore[arg-type]
+    try:
+        for i in range(3):  # one at a time: each record is its own commit
+            record = s.ingest(make_record(i), [fb])
+            assert record.wait_for_feedback_results(timeout=30)[fb].status is \
+                FeedbackStatus.DONE
+            assert s.flush(30)
+        assert s.stats()["failed_writes"] == 0
+        assert len(store.inner.records_and_results()[0]) == 3
+    finally:
+        s.close(timeout=1)

@@ -66,6 +66,14 @@ class StorageWriter:
         self._idle_interval = idle_interval
         self._on_idle = on_idle
         self._polling = False  # the writer looks at its queue by itself: no need to wake it
+        # One policy object for every commit (on the writer thread only): a new one per
+        # commit left a reference cycle of some 14 objects for the garbage collector.
+        self._retrying = Retrying(
+            retry=retry_if_exception_type(OperationalError),
+            stop=stop_after_attempt(5),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            reraise=True,
+        )
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -207,12 +215,7 @@ class StorageWriter:
         if not ops:
             return True
         try:
-            for attempt in Retrying(
-                retry=retry_if_exception_type(OperationalError),
-                stop=stop_after_attempt(5),
-                wait=wait_exponential(multiplier=0.05, max=2.0),
-                reraise=True,
-            ):
+            for attempt in self._retrying:
                 with attempt:
                     self._store.write(ops)
             return True
