@@ -207,10 +207,10 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         try:
             if _suppressed.get():
                 return
-            _offer_gil()  # to evaluations that are late (see scrutiny.core._courtesy)
             key = run_id.int
             parent = None if parent_run_id is None else self._runs.get(parent_run_id.int)
             if parent is None:
+                _offer_gil()  # to late evaluations, once a call (see scrutiny.core._courtesy)
                 recording = None
                 for block in reversed(OPEN_BLOCKS.get()):  # the innermost block of ours
                     if block.handler is self:
