@@ -1062,3 +1062,57 @@ def test_every_write_retries_a_locked_database_afresh() -> None:
         assert len(store.inner.records_and_results()[0]) == 3
     finally:
         s.close(timeout=1)
+
+
+def test_a_burst_of_records_starts_evaluating_before_the_loop_has_taken_them_all(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records handed over faster than the loop takes them are taken a few per pass, and
+    the evaluations of the first ones run in between: taking a whole burst at once made
+    every evaluation wait until the jobs of all of them were made (500 records handed
+    over during one GC pause or switch interval: tens of milliseconds)."""
+    from scrutiny.core import _session
+
+    log: list[tuple[str, str]] = []
+    all_ran = threading.Event()
+    burst = 20
+
+    async def probe(output: str) -> float:
+        log.append(("eval", output))
+        if sum(kind == "eval" for kind, _ in log) == burst + 1:
+            all_ran.set()
+        return 1.0
+
+    real_start = _session._Ingest.start
+
+    def start(self: _session._Ingest) -> list[object]:
+        if threading.current_thread() is loop.thread:
+            log.append(("start", self.record.output))
+        return real_start(self)  # type: ignore[return-value]
+
+    monkeypatch.setattr(_session._Ingest, "start", start)
+    store = _GatedStore()
+    s = Session(store=store)  # type: ignore[arg-type]
+    fb = Feedback(probe, name="probe").on_output()
+    loop = s._evaluation_loop()
+    try:
+        s.ingest(make_record(0), [fb])
+        assert store.entered.wait(10)  # the writer is stuck: only the loop starts records
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            held.set()
+            release.wait(10)
+
+        loop._loop.call_soon_threadsafe(hold)
+        assert held.wait(10)
+        for i in range(1, burst + 1):  # handed over while the loop is busy
+            s.ingest(make_record(i), [fb])
+        release.set()
+        assert all_ran.wait(10)
+    finally:
+        store.gate.set()
+        s.close()
+    burst_log = log[log.index(("start", "answer 1")):]
+    first_eval = burst_log.index(("eval", "answer 1"))
+    last_start = burst_log.index(("start", f"answer {burst}"))
+    assert first_eval < last_start, burst_log
