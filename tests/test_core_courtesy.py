@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import select
 import selectors
+import socket
 import threading
 import time
 from pathlib import Path
@@ -129,18 +131,14 @@ def test_the_pool_says_which_threads_are_inside_a_call_and_the_loop_registers(
     assert courtesy.due == float("inf")
 
 
-class _Spy(selectors.DefaultSelector):
+class _Probe(_BusySelector):
     """Sees what the loop's selector asks the system for, and what it published then."""
 
     seen: list[tuple[float | None, float]]
 
-    def select(self, timeout: float | None = None) -> list[Any]:
-        self.seen.append((timeout, self.courtesy.due))  # type: ignore[attr-defined]
-        return super().select(timeout)
-
-
-class _Probe(_BusySelector, _Spy):
-    pass
+    def _wait(self, wait: float | None) -> list[Any]:
+        self.seen.append((wait, self.courtesy.due))
+        return super()._wait(wait)
 
 
 def test_the_selector_publishes_when_its_wait_ends() -> None:
@@ -209,3 +207,47 @@ def test_scrutinys_own_threads_offer_the_gil_without_spending_the_apps_budget(
     assert clock.sleeps == 20
     assert courtesy.allowance == _courtesy.BURST  # the app's budget is untouched
     unregister(courtesy)
+
+
+def test_timed_waits_end_on_time_not_at_the_next_millisecond(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """epoll rounds every wait up to a whole millisecond; a wait with a fraction of one
+    waits with select() on the epoll descriptor (microseconds), and still reports events."""
+    real = select.select
+    asked: list[float | None] = []
+
+    def spy(r: Any, w: Any, x: Any, timeout: float | None = None) -> Any:
+        asked.append(timeout)
+        return real(r, w, x, timeout)
+
+    monkeypatch.setattr(select, "select", spy)
+    selector = _BusySelector(Courtesy())
+    reader, writer = socket.socketpair()
+    try:
+        t0 = time.monotonic()
+        assert selector.select(0.0025) == []
+        assert time.monotonic() - t0 >= 0.0025  # never early
+        assert len(asked) == 1
+        assert asked[0] is not None
+        assert 0.002 < asked[0] <= 0.0025  # the fraction is kept, not rounded to 3 ms
+
+        selector.register(reader, selectors.EVENT_READ, "reader")
+        writer.send(b"x")
+        events = selector.select(0.0025)
+        assert [(key.data, mask) for key, mask in events] == [("reader", selectors.EVENT_READ)]
+
+        refused: list[int] = []
+
+        def out_of_range(*args: Any) -> Any:
+            refused.append(1)
+            raise ValueError("filedescriptor out of range in select()")
+
+        monkeypatch.setattr(select, "select", out_of_range)
+        events = selector.select(0.0015)  # falls back to epoll, and stays there
+        assert [(key.data, mask) for key, mask in events] == [("reader", selectors.EVENT_READ)]
+        assert selector.select(0.0015) == [(selector.get_key(reader), selectors.EVENT_READ)]
+        assert len(refused) == 1
+    finally:
+        selector.close()
+        reader.close()
+        writer.close()
