@@ -12,7 +12,9 @@ cache and all 64 threads of the sync pool started beforehand, as in a running ap
 run per variant (fresh session, a single warm-up call) is reported beside it. One more,
 untimed, run per variant reports how late the feedbacks' 50 ms waits end (the thread getting
 the interpreter lock back included) while the app's calls run and after they are over
-(`diagnostic_wait_late_ms`); `calls_s` is how long the app's 200 calls took.
+(`diagnostic_wait_late_ms`); `calls_s` is how long the app's 200 calls took. Each timed run
+starts from a collected heap (see `_common.FullCollections`); `full_gc_in_timed_runs` counts
+the full garbage-collector passes that still fell inside them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import emit, make_chain, percentile, r, temp_db
+from _common import FullCollections, emit, make_chain, percentile, r, temp_db
 
 from scrutiny import Feedback, Session
 from scrutiny.integrations.langchain import ChainRecorder
@@ -91,13 +93,14 @@ def run_once(make_feedbacks: Callable[[], list[Feedback]], warmup_calls: int,
                 chain.invoke(question)
         session.wait_for_feedback(30)
         LATE.clear()
-        t0 = time.perf_counter()
-        for _ in range(CALLS):
-            with recorder:
-                chain.invoke(question)
-        t_calls = time.perf_counter() - t0
-        finished = session.wait_for_feedback(120)
-        wall = time.perf_counter() - t0
+        with FullCollections() as full_gc:
+            t0 = time.perf_counter()
+            for _ in range(CALLS):
+                with recorder:
+                    chain.invoke(question)
+            t_calls = time.perf_counter() - t0
+            finished = session.wait_for_feedback(120)
+            wall = time.perf_counter() - t0
         session.close()
 
         reader = Session(url)  # a fresh session on the same file
@@ -107,7 +110,7 @@ def run_once(make_feedbacks: Callable[[], list[Feedback]], warmup_calls: int,
             reader.close()
     done = int(sum((df[f"{n} status"] == "done").sum() for n in names))
     out: dict[str, Any] = {"wall": wall, "calls": t_calls, "finished": finished,
-                           "records": len(df), "done": done}
+                           "records": len(df), "done": done, "full_gc": full_gc.count}
     if watch_lag:
         during = [lag * 1e3 for at, lag in LATE if at - t0 < t_calls]
         after = [lag * 1e3 for at, lag in LATE if at - t0 >= t_calls]
@@ -149,6 +152,7 @@ def run_variant(make_feedbacks: Callable[[], list[Feedback]]) -> dict[str, Any]:
         "results_done": med["done"],
         "results_expected": expected,
         "all_runs_all_done": all_done,
+        "full_gc_in_timed_runs": [x["full_gc"] for x in runs],
         "diagnostic_wait_late_ms": lag,
     }
 
