@@ -10,8 +10,9 @@ the app is busiest.
 The recorders' callbacks run on the application's thread anyway; on each one they call
 :func:`offer`, which gives the GIL away briefly (``time.sleep(0)``) when
 
-- an evaluation loop is *overdue*: its poll for I/O was due to end (its next timer) and it
-  has not come back to poll again, so it is waiting for the GIL; or
+- an evaluation loop is *overdue*: its poll for I/O was due to end (its next timer, or the
+  moment a record handed over to an idle loop woke it) and it has not come back to poll
+  again, so it is waiting for the GIL; or
 - sync feedbacks are *blocked* in their calls (not merely queued): each may want the GIL
   back at any moment, and nothing tells us when, so the offer is made at most every
   SYNC_EVERY seconds while any is.

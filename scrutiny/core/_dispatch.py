@@ -370,7 +370,9 @@ class EvaluationLoop:
         try:
             self._loop.call_soon_threadsafe(self._on_arrival_wake)
         except RuntimeError:  # the loop is closed: the writer's dispatch reports it
-            pass
+            return
+        # Its poll ends now: the loop waits for the GIL from here on (see _courtesy).
+        self._courtesy.due = time.monotonic()
 
     def _on_arrival_wake(self) -> None:
         self._wake_sent = False
