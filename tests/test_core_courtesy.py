@@ -227,9 +227,9 @@ def test_timed_waits_end_on_time_not_at_the_next_millisecond(
         t0 = time.monotonic()
         assert selector.select(0.0025) == []
         assert time.monotonic() - t0 >= 0.0025  # never early
-        assert len(asked) == 1
+        assert len(asked) == 1  # select(), not epoll: epoll would have waited 3 ms
         assert asked[0] is not None
-        assert 0.002 < asked[0] <= 0.0025  # the fraction is kept, not rounded to 3 ms
+        assert 0 < asked[0] <= 0.0025  # the fraction is kept, not rounded up
 
         selector.register(reader, selectors.EVENT_READ, "reader")
         writer.send(b"x")
