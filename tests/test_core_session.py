@@ -1116,3 +1116,67 @@ def test_a_burst_of_records_starts_evaluating_before_the_loop_has_taken_them_all
     first_eval = burst_log.index(("eval", "answer 1"))
     last_start = burst_log.index(("start", f"answer {burst}"))
     assert first_eval < last_start, burst_log
+
+
+def test_a_chain_of_sync_calls_wakes_the_loop_only_at_its_end(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool thread runs the sync calls its slot is handed, one after another; waking the
+    loop for each start and result (a write to its self-pipe) gave up the GIL between two
+    calls, and under a busy app getting it back took up to a switch interval. The loop
+    collects those results by itself meanwhile: stored while the chain still runs."""
+    from scrutiny.core import _slots
+
+    calls = 6
+    pushed = 0
+    all_queued, stored_before_last = threading.Event(), threading.Event()
+    real_start_sync = _slots.SlotGate.start_sync
+
+    def start_sync(self: _slots.SlotGate, call: _slots.SyncCall) -> None:
+        nonlocal pushed
+        real_start_sync(self, call)
+        pushed += 1
+        if pushed == calls:
+            all_queued.set()
+
+    monkeypatch.setattr(_slots.SlotGate, "start_sync", start_sync)
+    ran = itertools.count(1)
+
+    def step(output: str) -> float:
+        n = next(ran)
+        if n == 1:  # the others queue up behind the single slot, for this thread to run
+            assert all_queued.wait(10)
+        elif n == calls:  # the first results are stored while the chain still runs
+            assert stored_before_last.wait(10)
+        else:
+            time.sleep(0.005)  # a call's own work: the loop would wake and go idle between
+        return 1.0
+
+    s = Session(db_url, max_concurrency=1)
+    stored: list[str] = []
+
+    def listener(result: object, record: Record) -> None:
+        stored.append(result.feedback_name)  # type: ignore[attr-defined]
+        if len(stored) == calls - 1:
+            stored_before_last.set()
+
+    s.add_listener(listener)
+    loop = s._evaluation_loop()
+    wakes_from_pool: list[str] = []
+    real_wake = loop._loop.call_soon_threadsafe
+
+    def call_soon_threadsafe(callback: object, *args: object, **kw: object) -> object:
+        if "-sync" in threading.current_thread().name:
+            wakes_from_pool.append(threading.current_thread().name)
+        return real_wake(callback, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop._loop, "call_soon_threadsafe", call_soon_threadsafe)
+    try:
+        fbs = [Feedback(step, name=f"step_{i}").on_output() for i in range(calls)]
+        record = s.ingest(make_record(), fbs)
+        results = record.wait_for_feedback_results(timeout=20)
+    finally:
+        s.close()
+    assert [r.status for r in results.values()] == [FeedbackStatus.DONE] * calls
+    assert stored_before_last.is_set()
+    assert len(set(wakes_from_pool)) == 1  # one thread ran the whole chain
+    assert len(wakes_from_pool) == 1, wakes_from_pool  # and woke the loop once, at its end

@@ -54,6 +54,11 @@ ARRIVALS_PER_PASS = 4
 """Records the loop takes per pass: the evaluations of the first ones of a burst start
 before the jobs of the rest are made (taking 500 records at once delayed every evaluation by
 tens of milliseconds, and started them all in the same millisecond: in lock-step ever after)."""
+SYNC_POLL = 0.002
+SYNC_POLL_MAX = 0.05
+"""While sync feedback calls are out, the loop collects their results every SYNC_POLL
+seconds while they keep coming, up to every SYNC_POLL_MAX while the calls take long (their
+threads wake it only at the end of a chain of calls)."""
 _INF = float("inf")
 _FD_SETSIZE = 1024  # select()'s limit on descriptor numbers (Linux)
 
@@ -293,6 +298,8 @@ class EvaluationLoop:
         self._watching = False
         self._wake_sent = False
         self._last_arrival = 0.0
+        self._last_sync_delivery = 0.0
+        self._syncing = False
         self._max_concurrency = max_concurrency
         self._default_timeout = default_timeout
         self._executor = executor
@@ -379,20 +386,32 @@ class EvaluationLoop:
         self._take_arrivals()
 
     def _before_poll(self) -> float | None:
-        """(On the loop, before each poll for I/O.) Start what was handed over; returns how
-        long the poll may block."""
+        """(On the loop, before each poll for I/O.) Start what was handed over and collect
+        what the sync pool's threads delivered; returns how long the poll may block."""
+        evaluator = self._evaluator
+        sync_poll: float | None = None
+        syncing = evaluator is not None and evaluator.sync_in_flight > 0
+        if syncing:
+            # (their threads do not wake the loop mid-chain: see _pool.deliver_later)
+            now = time.monotonic()
+            if self._pool.collect() or not self._syncing:
+                self._last_sync_delivery = now
+            # Often while results keep coming; less so while the calls take long.
+            sync_poll = min(SYNC_POLL_MAX,
+                            max(SYNC_POLL, (now - self._last_sync_delivery) / 4))
+        self._syncing = syncing
         if self._arrivals:
             self._take_arrivals()
             return 0.0  # their tasks are ready to run
         if not self._watching:
-            return None
+            return sync_poll
         if time.monotonic() - self._last_arrival < ARRIVALS_IDLE_AFTER:
             return ARRIVALS_POLL
         self._watching = False
         if self._arrivals:  # handed over while we decided: nobody woke us for it
             self._take_arrivals()
             return 0.0
-        return None
+        return sync_poll
 
     def _take_arrivals(self) -> None:
         """Start ARRIVALS_PER_PASS handed-over records at most; the poll that follows does

@@ -179,6 +179,9 @@ class Evaluator:
         self._default_timeout = default_timeout
         self._limiter_for = limiter_for
         self._warned: set[str] = set()
+        self.sync_in_flight = 0
+        """Calls of plain functions handed to the pool and not yet come back (on the loop):
+        while there are any, the loop collects their results before each poll."""
 
     async def evaluate(
         self,
@@ -300,7 +303,12 @@ class Evaluator:
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         call = SyncCall(lambda: ctx.run(fn, **args), loop.create_future(), begin)
-        self._gate.start_sync(call)
+        self.sync_in_flight += 1
+        try:
+            self._gate.start_sync(call)
+        except BaseException:
+            self.sync_in_flight -= 1
+            raise
         task = asyncio.current_task()
         assert task is not None
         deadline = None if timeout is None else _RunDeadline(loop, task, call, timeout)
@@ -313,6 +321,7 @@ class Evaluator:
                 raise FeedbackTimeout(deadline.reason(), timeout=deadline.limit) from None
             raise
         finally:
+            self.sync_in_flight -= 1
             if deadline is not None:
                 deadline.cancel()
         if asyncio.iscoroutine(value):  # a sync wrapper that returned a coroutine

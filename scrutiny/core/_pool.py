@@ -120,33 +120,44 @@ class DaemonThreadPool(concurrent.futures.Executor):
         blocked = self._blocked
         me = threading.get_ident()
         while call is not None:
-            if not call.abandoned:
-                call.started = time.monotonic()
-                call.started_at = datetime.now(timezone.utc)
-                self.deliver_later(call.on_start, call.started_at, None)
-                if blocked is not None:  # inside the call (see scrutiny.core._courtesy)
-                    blocked.add(me)
-                try:
-                    value, error = call.fn(), None
-                except BaseException as exc:
-                    value, error = None, exc
-                finally:
-                    if blocked is not None:
-                        blocked.discard(me)
-                self.deliver_later(call.future, value, error)
-                del value, error
-            call = gate.finish(call)
+            if call.abandoned:
+                call = gate.finish(call)
+                continue
+            call.started = time.monotonic()
+            call.started_at = datetime.now(timezone.utc)
+            self.deliver_later(call.on_start, call.started_at, None, wake=False)
+            if blocked is not None:  # inside the call (see scrutiny.core._courtesy)
+                blocked.add(me)
+            try:
+                value, error = call.fn(), None
+            except BaseException as exc:
+                value, error = None, exc
+            finally:
+                if blocked is not None:
+                    blocked.discard(me)
+            following = gate.finish(call)
+            # Mid-chain the loop is not woken: it collects while sync calls are out (see
+            # deliver_later); the chain's last result wakes it.
+            self.deliver_later(call.future, value, error, wake=following is None)
+            del value, error
+            call = following
 
     def deliver_later(self, target: asyncio.Future[Any] | Callable[[Any], object],
-                      value: Any, error: BaseException | None) -> None:
+                      value: Any, error: BaseException | None, *, wake: bool = True) -> None:
         """Resolve a future of the loop (or call ``target(value)`` there), from any thread.
 
         Deliveries made while the loop has not yet collected earlier ones go together, with
         one wake-up of the loop (`call_soon_threadsafe` wakes it once per call).
+
+        With ``wake=False`` the loop is not woken: it finds the delivery when it next
+        :meth:`collect`\\ s, which it does before every poll while sync calls are out. Waking
+        it writes to its self-pipe, a system call that gives up the GIL — and while the app
+        keeps the GIL busy, getting it back takes up to a switch interval (5 ms), which a
+        thread about to start its next call should not wait.
         """
         with self._done_lock:
             self._done.append((target, value, error))
-            if self._done_scheduled:
+            if self._done_scheduled or not wake:
                 return
             self._done_scheduled = True
         loop = self._loop
@@ -156,6 +167,14 @@ class DaemonThreadPool(concurrent.futures.Executor):
             loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the loop is closed: nobody waits for these any more
             pass
+
+    def collect(self) -> bool:
+        """On the loop: hand over whatever the threads delivered (none: a cheap check);
+        whether there was anything."""
+        if not self._done:
+            return False
+        self._deliver()
+        return True
 
     def _deliver(self) -> None:
         """On the loop: hand every finished result to its future."""
