@@ -15,13 +15,22 @@ the interpreter lock back included) while the app's calls run and after they are
 (`diagnostic_wait_late_ms`); `calls_s` is how long the app's 200 calls took. Each timed run
 starts from a collected heap (see `_common.FullCollections`); `full_gc_in_timed_runs` counts
 the full garbage-collector passes that still fell inside them.
+
+`plain_python` is the baseline measured in the same run: the same 200 calls of the chain, not
+recorded, each handing its 3 waits to a plain asyncio loop thread (``asyncio.Semaphore(64)``)
+or to a ``ThreadPoolExecutor(max_workers=64)`` — what an app gets by running its checks
+itself, with nothing stored. `vs_plain_python` = Scrutiny's ratio / that one: on the same
+interpreter lock, beside the same CPU-bound app, is Scrutiny's dispatch better or worse than
+the obvious hand-written one?
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -122,17 +131,90 @@ def run_once(make_feedbacks: Callable[[], list[Feedback]], warmup_calls: int,
     return out
 
 
+def run_plain(kind: str) -> float:
+    """The baseline: the same calls, unrecorded, their waits run by plain Python (no
+    storage, no statuses); returns the wall time from the first call until the last wait."""
+    chain = make_chain()
+    question = {"question": "What is the capital of France?"}
+    total = CALLS * FEEDBACKS
+    left = [total]
+    count_lock = threading.Lock()
+    finished = threading.Event()
+
+    def one_done() -> None:
+        with count_lock:
+            left[0] -= 1
+            if left[0] == 0:
+                finished.set()
+
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=CONCURRENCY)
+
+    async def make_gate() -> asyncio.Semaphore:
+        return asyncio.Semaphore(CONCURRENCY)
+
+    gate = asyncio.run_coroutine_threadsafe(make_gate(), loop).result()
+
+    async def wait_async() -> None:
+        async with gate:
+            await asyncio.sleep(DELAY)
+        one_done()
+
+    tasks: set[asyncio.Task[None]] = set()  # (the loop keeps weak references only)
+
+    def start_async() -> None:
+        for _ in range(FEEDBACKS):
+            task = loop.create_task(wait_async())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    def wait_sync() -> None:
+        time.sleep(DELAY)
+        one_done()
+
+    try:
+        # as warm as Scrutiny's runs: every pool thread started, the chain called before
+        list(pool.map(time.sleep, [0.01] * CONCURRENCY))
+        for _ in range(WARMUP_CALLS):
+            chain.invoke(question)
+        with FullCollections():
+            t0 = time.perf_counter()
+            for _ in range(CALLS):
+                chain.invoke(question)
+                if kind == "async":
+                    loop.call_soon_threadsafe(start_async)
+                else:
+                    for _ in range(FEEDBACKS):
+                        pool.submit(wait_sync)
+            if not finished.wait(120):
+                raise RuntimeError("the plain baseline did not finish")
+            return time.perf_counter() - t0
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(5)
+        loop.close()
+        pool.shutdown()
+
+
 def ratio_of(wall: float) -> float:
     return CALLS * FEEDBACKS * DELAY / wall / CONCURRENCY
 
 
-def run_variant(make_feedbacks: Callable[[], list[Feedback]]) -> dict[str, Any]:
+def run_variant(make_feedbacks: Callable[[], list[Feedback]], kind: str) -> dict[str, Any]:
     # Cold: a fresh session whose only warm-up is one call (its sync pool has 3 threads).
     cold = run_once(make_feedbacks, warmup_calls=1)
     # Warm (the figure that counts): the pool already has its threads, as in a running app.
     # The machine is shared, so the median of a few runs is reported.
-    runs = [run_once(make_feedbacks, warmup_calls=WARMUP_CALLS) for _ in range(REPEATS)]
+    # The plain-Python baseline interleaved with them (same machine, same moment).
+    runs, plain = [], []
+    for _ in range(REPEATS):
+        runs.append(run_once(make_feedbacks, warmup_calls=WARMUP_CALLS))
+        plain.append(run_plain(kind))
     runs.sort(key=lambda x: x["wall"])
+    plain.sort()
+    plain_ratio = ratio_of(plain[len(plain) // 2])
     med = runs[len(runs) // 2]
     expected = CALLS * FEEDBACKS
     ratio = ratio_of(med["wall"])
@@ -147,6 +229,9 @@ def run_variant(make_feedbacks: Callable[[], list[Feedback]]) -> dict[str, Any]:
         "ratio": r(ratio),
         "pass": bool(ratio >= TARGET and all_done),
         "walls_s": [r(x["wall"]) for x in runs],
+        "plain_python_ratio": r(plain_ratio),
+        "plain_python_walls_s": [r(w) for w in plain],
+        "vs_plain_python": r(ratio / plain_ratio),
         "cold_wall_s": r(cold["wall"]),
         "cold_ratio": r(ratio_of(cold["wall"])),
         "results_done": med["done"],
@@ -158,7 +243,8 @@ def run_variant(make_feedbacks: Callable[[], list[Feedback]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    variants = {"async": run_variant(async_feedbacks), "sync": run_variant(sync_feedbacks)}
+    variants = {"async": run_variant(async_feedbacks, "async"),
+                "sync": run_variant(sync_feedbacks, "sync")}
     emit({
         "bench": "throughput",
         "calls": CALLS,
