@@ -309,6 +309,39 @@ async def test_await_feedback_results_does_not_block_the_loop(session: Session) 
     assert ticks > 3
 
 
+async def test_a_timed_out_await_leaves_later_waits_callbacks_and_listeners_working(
+        session: Session) -> None:
+    """Giving up an await (its timeout) must not cancel what other waiters share: a later
+    wait with no timeout hung for ever, and the callback and the session's listeners were
+    never called, once one short await had timed out."""
+    release = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def judge(output: str) -> float:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(release.wait(), loop))
+        return 0.8
+
+    heard: list[str] = []
+    session.add_listener(lambda result, record: heard.append(result.feedback_name))
+    fb = Feedback(judge, name="slow").on_output()
+    record = session.ingest(make_record(), [fb])
+    early = await record.await_feedback_results(timeout=0.01)
+    assert early[fb].status in (FeedbackStatus.PENDING, FeedbackStatus.RUNNING)
+    called = threading.Event()
+    record.wait_for_feedback_results(callback=lambda results: called.set())
+    future = record.feedback_futures()[fb]
+    assert not future.cancel()  # shared: no one waiter can cancel it for the others
+    release.set()
+    later = await record.await_feedback_results(timeout=10)
+    assert later[fb].status is FeedbackStatus.DONE
+    assert later[fb].result == 0.8
+    waited = await asyncio.to_thread(record.wait_for_feedback_results)  # no timeout
+    assert waited[fb].result == 0.8
+    assert await asyncio.to_thread(called.wait, 10)
+    assert future.result(timeout=10).result == 0.8
+    assert heard == ["slow"]
+
+
 def test_mode_none_stores_skipped_with_the_reason(db_url: str) -> None:
     with Session(db_url, feedback_mode=FeedbackMode.NONE) as s:
         fb = Feedback(lambda output: 1.0, name="x").on_output()

@@ -352,9 +352,13 @@ class _ResultSlot:
 
     @property
     def future(self) -> concurrent.futures.Future[FeedbackResult]:
+        """Shared by every waiter, so no one of them may cancel it: it is made *running*,
+        which `cancel()` refuses (a timed-out ``asyncio.wait`` cancels its wrappers, and a
+        cancelled shared future broke every later wait, callback and listener)."""
         with self._lock:
             if self._future is None:
                 self._future = concurrent.futures.Future()
+                self._future.set_running_or_notify_cancel()
                 if self._done:
                     self._future.set_result(self.current)
             return self._future
