@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -107,6 +108,34 @@ def test_deferred_app_stores_pending_and_an_in_process_worker_evaluates(
     df, _ = app.get_records_and_feedback()
     assert (df["length status"] == "done").all()
     app.close()
+
+
+@pytest.mark.parametrize("how", ["start_worker", "resume_pending"])
+def test_a_deferred_record_evaluated_by_its_own_sessions_worker_resolves_here(
+        backend: tuple[str, str], how: str) -> None:
+    """The app's session evaluating its own deferred results: the record's wait, callback
+    and the session's listeners must see them (they stayed pending for ever: the worker
+    finished a copy of the record read back from the database)."""
+    url, prefix = backend
+    heard: list[str] = []
+    with Session(url, table_prefix=prefix, feedback_mode=FeedbackMode.DEFERRED,
+                 on_result=[lambda result, record: heard.append(result.feedback_name)]) as s:
+        fb = Feedback(fbs.length).on_output()
+        record = s.ingest(make_record(), [fb])
+        called = threading.Event()
+        record.wait_for_feedback_results(callback=lambda results: called.set())
+        assert s.flush(10)
+        if how == "start_worker":
+            worker = s.start_worker(poll_interval=0.05)
+            results = record.wait_for_feedback_results(timeout=30)
+            worker.stop(10)
+        else:
+            assert s.resume_pending(timeout=30) == 1
+            results = record.wait_for_feedback_results(timeout=30)
+        assert results[fb].status is FeedbackStatus.DONE
+        assert results[fb].result == pytest.approx(0.05)
+        assert called.wait(10)
+        assert heard == ["length"]  # once, not once per path that saw it end
 
 
 def test_late_result_of_an_expired_lease_cannot_overwrite(backend: tuple[str, str]) -> None:

@@ -130,9 +130,18 @@ class Worker:
                    for r in session.store.records_by_ids(list({r["record_id"] for r in rows}))}
         to_run: list[Job] = []
         failed: list[tuple[Job, str]] = []
+        with session._outstanding_cond:  # this process's own deferred records, waited on here
+            own = {r["result_id"]: session._inflight.get(r["result_id"]) for r in rows}
         for row in rows:
             pending = _rows.result_from_row(row)
             pending.status = FeedbackStatus.PENDING
+            mine = own.get(row["result_id"])
+            if mine is not None and mine.lease_token is None:
+                # Evaluate the app's own feedback on the app's own record object, so that
+                # finishing it resolves what the app waits on (its wait, callbacks,
+                # listeners) once — not a copy read back from the database.
+                to_run.append(Job(mine.feedback, mine.record, pending, mine.listeners, token))
+                continue
             feedback = self._feedback(row["feedback_id"], row["feedback_name"])
             record = records.get(row["record_id"]) or _missing_record(row)
             job = Job(feedback if isinstance(feedback, Feedback) else Feedback(
