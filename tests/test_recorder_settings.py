@@ -47,3 +47,56 @@ def test_a_closed_explicit_session_is_never_swapped_for_another(tmp_path: Path) 
         assert all(r.session is given for r in recorders)
     finally:
         newer.close()
+
+
+def test_the_session_created_last_stays_in_use_once_closed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Without session=, a recorder uses the session created last; once it is closed, its
+    records are not stored (and it says so) — a default session on another database never
+    quietly takes over."""
+    from langchain_core.runnables import RunnableLambda
+
+    from scrutiny.integrations.langchain import ChainRecorder
+
+    team = Session(f"sqlite:///{tmp_path}/team.sqlite")
+    chain = RunnableLambda(lambda q: f"answer to {q}")
+    recorder = ChainRecorder(chain, app_name="qa",
+                             feedbacks=[Feedback(length, name="len").on_output()])
+    with recorder:
+        chain.invoke("before")
+    assert team.wait_for_feedback(10)
+    team.close()
+    with recorder as recording:
+        assert chain.invoke("after") == "answer to after"  # the app is not affected
+    assert recorder.session is team
+    assert recording.get().input == "after"  # recorded in memory, not stored
+    assert "is closed; its records are not stored" in caplog.text
+    assert "team.sqlite" in caplog.text
+    reader = Session(f"sqlite:///{tmp_path}/team.sqlite")
+    try:
+        df, _ = reader.get_records_and_feedback()
+    finally:
+        reader.close()
+    assert list(df["input"]) == ["before"]
+    assert not (tmp_path / "scrutiny.sqlite").exists()
+
+
+def test_two_feedbacks_with_one_name_are_refused_when_the_recorder_is_made() -> None:
+    """Results are stored and shown by name: the second would hide the first's column."""
+    twins = [Feedback(lambda output: 0.1).on_output(), Feedback(lambda output: 0.9).on_output()]
+    for make in range(2):
+        with pytest.raises(ConfigurationError, match="two feedbacks are named 'feedback'"):
+            _recorders(None, feedbacks=twins)[make]
+    named = [Feedback(length, name="a").on_output(), Feedback(length, name="b").on_output()]
+    assert len(_recorders(None, feedbacks=named)) == 2
+
+
+def test_a_recorder_without_session_is_checked_against_the_sessions_deferred_mode(
+        tmp_path: Path) -> None:
+    """The README's shape: the session is deferred, the recorder names no session; a lambda
+    must be refused when the recorder is made, not found failing later in the database."""
+    with Session(f"sqlite:///{tmp_path}/d.sqlite", feedback_mode="deferred"):
+        lam = Feedback(lambda output: 1.0, name="l").on_output()
+        for make in range(2):
+            with pytest.raises(ConfigurationError, match="lambda cannot be imported"):
+                _recorders(None, feedbacks=[lam])[make]

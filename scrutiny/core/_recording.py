@@ -11,7 +11,13 @@ from typing import Any
 from scrutiny.core._errors import ConfigurationError, RecordingError
 from scrutiny.core._feedback import Feedback
 from scrutiny.core._records import LazyRecord, Record, materialized
-from scrutiny.core._session import FeedbackMode, ResultListener, Session, _mode
+from scrutiny.core._session import (
+    FeedbackMode,
+    ResultListener,
+    Session,
+    _mode,
+    check_feedbacks,
+)
 
 __all__ = ["RecorderSettings", "Recording"]
 
@@ -150,13 +156,12 @@ class RecorderSettings:
 
     def set_feedbacks(self, feedbacks: Sequence[Feedback]) -> None:
         """Check and set the feedbacks (wired; loadable by a worker in deferred mode)."""
-        if self.explicit_session is not None:
-            self.explicit_session.check_feedbacks(feedbacks, self.feedback_mode)
-        else:
-            for fb in feedbacks:
-                fb.check_wired()
-                if self.feedback_mode is FeedbackMode.DEFERRED:
-                    fb.check_referenceable()
+        # The session it will use: the one given, else the one created last (none yet: a
+        # default session, whose mode is the default).
+        session = self.explicit_session or Session.latest()
+        mode = self.feedback_mode or (session.feedback_mode if session is not None
+                                      else FeedbackMode.WITH_APP_THREAD)
+        check_feedbacks(feedbacks, _mode(mode))
         self.feedbacks = list(feedbacks)
 
     @property
@@ -182,8 +187,11 @@ class RecorderSettings:
         if session.closed:
             if not self._warned_closed:
                 self._warned_closed = True
-                logger.warning("scrutiny: the session of app %r is closed; its records are "
-                               "not stored (the application is not affected)", self.app_name)
+                logger.warning(
+                    "scrutiny: the session of app %r (%s) is closed; its records are not "
+                    "stored (the application is not affected). Create a new Session — a "
+                    "recorder without session= uses the one created last — or pass "
+                    "session= to the recorder", self.app_name, session._redacted_url())
             return
         mode = recording.feedback_mode if recording is not None else None
         try:

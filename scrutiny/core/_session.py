@@ -66,6 +66,25 @@ ResultListener = Callable[[FeedbackResult, Record], object]
 """Called with each stored end state (done, failed, skipped) and its record."""
 
 
+def check_feedbacks(feedbacks: Sequence[Feedback], mode: FeedbackMode) -> None:
+    """Raise :class:`ConfigurationError` unless `feedbacks` can run together in `mode`:
+    each wired, each loadable by a worker in deferred mode, and no two with one name (the
+    results table has one column per name: one of the two would be hidden)."""
+    seen: dict[str, Feedback] = {}
+    for fb in feedbacks:
+        fb.check_wired()
+        if mode is FeedbackMode.DEFERRED:
+            fb.check_referenceable()
+        if fb.name in seen:
+            hint = (" (a lambda's name is 'feedback', whatever it does)"
+                    if fb.name == "feedback" else "")
+            raise ConfigurationError(
+                f"two feedbacks are named {fb.name!r}{hint}: results are stored and shown "
+                f"by name, so one would hide the other; give each its own name, e.g. "
+                f"Feedback(fn, name='...')")
+        seen[fb.name] = fb
+
+
 class FeedbackMode(str, enum.Enum):
     """When feedback is evaluated."""
 
@@ -206,9 +225,19 @@ class Session(SessionReading):
 
     @classmethod
     def current(cls) -> Session:
-        """The session created last in this process (a default one is created if none)."""
+        """The session created last in this process (a default one is created if none was).
+
+        Once that session is closed it stays the current one — recorders that use it
+        store nothing and say so — rather than a fresh default session quietly taking
+        over, on whatever database the default is.
+        """
         last = _last_session
-        return last if last is not None and not last.closed else cls()
+        return last if last is not None else cls()
+
+    @staticmethod
+    def latest() -> Session | None:
+        """The session created last in this process, if any (None: none yet)."""
+        return _last_session
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -390,11 +419,7 @@ class Session(SessionReading):
         Recorders call this when they are created: every feedback must be wired, and in
         deferred mode each must be loadable by a worker (no lambdas or closures).
         """
-        resolved = _mode(mode or self.feedback_mode)
-        for fb in feedbacks:
-            fb.check_wired()
-            if resolved is FeedbackMode.DEFERRED:
-                fb.check_referenceable()
+        check_feedbacks(feedbacks, _mode(mode or self.feedback_mode))
 
     def ingest(
         self,
