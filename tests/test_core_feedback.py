@@ -58,6 +58,13 @@ def test_too_many_selectors_is_a_clear_error() -> None:
         Feedback(lambda x: 1.0, name="x").on(Select.input, Select.output)
 
 
+def test_variadic_functions_wired_by_position_are_told_to_name_their_parameters() -> None:
+    for fn in (lambda **kw: 1.0, lambda *args: 1.0):
+        with pytest.raises(ConfigurationError, match=r"\*args and \*\*kwargs take no "
+                                                     r"selections by position: name the"):
+            Feedback(fn, name="v").on_input_output()
+
+
 def test_unknown_parameter_name_is_a_clear_error() -> None:
     with pytest.raises(ConfigurationError, match="no parameter 'nope'"):
         Feedback(lambda x: 1.0, name="x").on(nope=Select.input)
@@ -107,6 +114,22 @@ def test_span_selector_and_custom_callable() -> None:
     assert fb.calls_for(rec) == [{"outs": ["o2"]}]
     fb2 = Feedback(lambda n: 1.0, name="y").on(lambda r: len(r.spans))
     assert fb2.calls_for(rec) == [{"n": 2}]
+
+
+def test_span_kind_llm_selects_chat_models_too_and_an_unknown_kind_is_refused() -> None:
+    """A LangChain chat model's span is a `chat_model`: kind="llm" (the README's example)
+    found nothing in a chat app, and a misspelt kind made a feedback that was always
+    skipped."""
+    spans = [Span("1", None, "root", "chain", 0.0, outputs="o1"),
+             Span("2", "1", "FakeListChatModel", "chat_model", 0.0, outputs="chat"),
+             Span("3", "1", "FakeListLLM", "llm", 0.0, outputs="completion")]
+    rec = _record(spans=spans)
+    fb = Feedback(lambda outs: 1.0, name="x").on(Select.spans(kind="llm").outputs)
+    assert fb.calls_for(rec) == [{"outs": ["chat", "completion"]}]
+    only_chat = Feedback(lambda outs: 1.0, name="c").on(Select.spans(kind="chat_model").outputs)
+    assert only_chat.calls_for(rec) == [{"outs": ["chat"]}]
+    with pytest.raises(ConfigurationError, match=r"kind='lmm'.*use one of.*'chat_model'"):
+        Select.spans(kind="lmm")
 
 
 def test_feedback_id_depends_on_wiring() -> None:

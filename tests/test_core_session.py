@@ -486,6 +486,14 @@ def test_invalid_options_are_clear_errors(tmp_path: Path) -> None:
         Session(f"sqlite:///{tmp_path}/missing/dir/x.sqlite")
     with pytest.raises(ConfigurationError, match="postgres"):
         Session("postgresql+nosuchdriver://u@localhost/db")
+    with pytest.raises(ConfigurationError, match=r"max_concurrency must be a whole number, "
+                                                 r"got '8' \(str\)"):
+        Session(f"sqlite:///{tmp_path}/x.sqlite", max_concurrency="8")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="flush_timeout must be a number of seconds"):
+        Session(f"sqlite:///{tmp_path}/x.sqlite", flush_timeout="10")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"'mysql' databases are not supported: "
+                                                 r"Scrutiny stores into SQLite"):
+        Session("mysql://u@localhost/db")
 
 
 def test_default_database_is_a_file_in_the_working_directory(

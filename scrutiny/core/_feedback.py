@@ -162,10 +162,16 @@ class Feedback:
             if key in free:
                 free.remove(key)
         if len(selectors) > len(free):
+            variadic = ""
+            if self._params.var_keyword or self._params.var_positional:
+                variadic = (" (*args and **kwargs take no selections by position: name the "
+                            "parameters, e.g. def relevance(question, answer), or wire them "
+                            "by name with .on(question=Select.input))")
             raise ConfigurationError(
                 f"feedback {self.name!r}: {_function_name(self.fn)}() takes "
                 f"{len(self._params.names)} argument(s) {self._params.names} but "
                 f"{len(selectors) + len(named) + len(self.bindings)} selection(s) were given"
+                f"{variadic}"
             )
         for key, sel in zip(free, selectors, strict=False):
             new.bindings[key] = as_selector(sel)
@@ -356,6 +362,7 @@ class _Params:
     names: list[str]
     required: list[str]
     var_keyword: bool
+    var_positional: bool = False
 
 
 DEFAULTS_ATTRIBUTE = "__scrutiny_feedback__"
@@ -390,7 +397,7 @@ def _parameters(fn: Callable[..., Any]) -> _Params:
         return _Params([], [], True)
     names: list[str] = []
     required: list[str] = []
-    var_keyword = False
+    var_keyword = var_positional = False
     for p in sig.parameters.values():
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY):
             names.append(p.name)
@@ -398,7 +405,9 @@ def _parameters(fn: Callable[..., Any]) -> _Params:
                 required.append(p.name)
         elif p.kind is p.VAR_KEYWORD:
             var_keyword = True
-    return _Params(names, required, var_keyword)
+        elif p.kind is p.VAR_POSITIONAL:
+            var_positional = True
+    return _Params(names, required, var_keyword, var_positional)
 
 
 def _function_name(fn: Callable[..., Any]) -> str:

@@ -132,14 +132,30 @@ def _is_empty(value: Any) -> bool:
     return False
 
 
-def _spans(kind: str | None, name: str | None) -> Callable[[Record], list[Span]]:
-    kind_value = None if kind is None else str(getattr(kind, "value", kind))
+def _kinds(kind: str | None) -> frozenset[str] | None:
+    """The span kinds `kind` selects: "llm" is any language-model call (completion LLMs and
+    chat models alike); an unknown kind is an error, not a selector that finds nothing."""
+    from scrutiny.core._errors import ConfigurationError
+    from scrutiny.core._records import SpanKind
 
+    if kind is None:
+        return None
+    known = [k.value for k in SpanKind]
+    if kind not in known:
+        raise ConfigurationError(
+            f"Select.spans(kind={kind!r}): no span has that kind; use one of "
+            f"{', '.join(repr(k) for k in known)}")
+    if kind == SpanKind.LLM.value:
+        return frozenset((SpanKind.LLM.value, SpanKind.CHAT_MODEL.value))
+    return frozenset((kind,))
+
+
+def _spans(kinds: frozenset[str] | None, name: str | None) -> Callable[[Record], list[Span]]:
     def get(record: Record) -> list[Span]:
         return [
             s
             for s in record.spans
-            if (kind_value is None or str(s.kind) == kind_value)
+            if (kinds is None or str(getattr(s.kind, "value", s.kind)) in kinds)
             and (name is None or s.name == name)
         ]
 
@@ -170,12 +186,19 @@ class Select:
 
     @staticmethod
     def spans(kind: str | None = None, name: str | None = None) -> Selector:
-        """The spans of a kind (``"llm"``, ``"retriever"``, ...) and/or with a name."""
+        """The spans of a kind and/or with a name. Kinds are :class:`SpanKind` values:
+        ``"llm"`` (any model call: completion LLMs and chat models), ``"chat_model"``,
+        ``"retriever"``, ``"tool"``, ``"chain"``, ...
+
+        Raises:
+            ConfigurationError: `kind` is not a span kind.
+        """
         kind = None if kind is None else str(getattr(kind, "value", kind))
+        kinds = _kinds(kind)
         label = "Select.spans(" + ", ".join(
             f"{k}={v!r}" for k, v in (("kind", kind), ("name", name)) if v is not None
         ) + ")"
-        return Selector(label, _spans(kind, name),
+        return Selector(label, _spans(kinds, name),
                         spec={"select": "spans", "kind": kind, "name": name})
 
     @staticmethod

@@ -157,6 +157,21 @@ class Session(SessionReading):
         global _last_session
         if database_url is not None and store is not None:
             raise ConfigurationError("give either database_url= or store=, not both")
+        for name, whole in (("max_concurrency", max_concurrency),
+                            ("thread_pool_size", thread_pool_size),
+                            ("max_queue_size", max_queue_size),
+                            ("max_payload_bytes", max_payload_bytes)):
+            if whole is not None and (isinstance(whole, bool) or not isinstance(whole, int)):
+                raise ConfigurationError(
+                    f"{name} must be a whole number, got {whole!r} ({type(whole).__name__})")
+        for name, seconds in (("feedback_timeout", feedback_timeout),
+                              ("flush_timeout", flush_timeout),
+                              ("lease_seconds", lease_seconds)):
+            if seconds is not None and (isinstance(seconds, bool)
+                                        or not isinstance(seconds, int | float)):
+                raise ConfigurationError(
+                    f"{name} must be a number of seconds, got {seconds!r} "
+                    f"({type(seconds).__name__})")
         if max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if thread_pool_size is not None and thread_pool_size < 1:

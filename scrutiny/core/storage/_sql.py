@@ -77,7 +77,17 @@ def _make_engine(url: str) -> Engine:
             f"not a database URL: {url!r}; use e.g. 'sqlite:///scrutiny.sqlite' or "
             "'postgresql+psycopg://user@host/db'"
         ) from exc
-    if parsed.get_backend_name() != "sqlite":
+    backend = parsed.get_backend_name()
+    if backend == "postgres":
+        raise ConfigurationError(
+            f"{redact_url(url)}: write PostgreSQL URLs as 'postgresql+psycopg://user@host/db' "
+            "(SQLAlchemy does not accept the 'postgres://' alias)")
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigurationError(
+            f"{backend!r} databases are not supported: Scrutiny stores into SQLite (the "
+            "default, e.g. 'sqlite:///scrutiny.sqlite') or PostgreSQL (e.g. "
+            "'postgresql+psycopg://user@host/db', with pip install 'scrutiny[postgres]')")
+    if backend != "sqlite":
         try:
             return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
         except (ImportError, NoSuchModuleError) as exc:
