@@ -28,8 +28,10 @@ __all__ = ["ChainRecorder", "Recording"]
 
 _hook_lock = threading.Lock()
 _hook_vars: list[contextvars.ContextVar[ScrutinyCallbackHandler | None]] = []
-_OPEN_HINT = ("an async stream that was stopped early ends when the event loop finalizes "
-              "it: use `async with recorder:` or await once more")
+_OPEN_HINT = ("a stream that was stopped early is recorded when it is closed: call "
+              "`.close()` on a stream you broke out of (or let it be released); an async "
+              "one ends when the event loop finalizes it: use `async with recorder:` or "
+              "await once more")
 _EMPTY_HINT = ("call the chain inside the `with` block (threads started by hand do not "
                "inherit the block; pass config={'callbacks': [recorder.handler]} there)")
 
