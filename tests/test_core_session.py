@@ -459,6 +459,23 @@ def test_filter_by_app_name_or_id(session: Session) -> None:
     assert list(df["app_name"]) == ["two"]
 
 
+def test_a_table_of_two_apps_says_which_feedbacks_an_app_never_had(session: Session) -> None:
+    """Score NaN with a status beside it, always: `n/a` where the app has no such
+    feedback, so that a blank never reads like a lost result."""
+    fa = Feedback(lambda output: 0.5, name="only_a").on_output()
+    fb = Feedback(lambda output: 0.7, name="only_b").on_output()
+    session.ingest(make_record(app_name="a"), [fa])
+    session.ingest(make_record(app_name="b"), [fb])
+    df, cols = session.get_records_and_feedback(wait=True, timeout=10)
+    assert cols == ["only_a", "only_b"]
+    by_app = df.set_index("app_name")
+    assert by_app.loc["a", "only_a status"] == "done"
+    assert by_app.loc["a", "only_b status"] == "n/a"
+    assert by_app.loc["b", "only_a status"] == "n/a"
+    assert by_app.loc["b", "only_b"] == 0.7
+    assert not df[[c + " status" for c in cols]].isna().any().any()
+
+
 def test_get_record_reads_back_spans_and_results(session: Session) -> None:
     from scrutiny import Span
 

@@ -10,9 +10,12 @@ import pandas as pd
 from scrutiny.core import _serialize
 from scrutiny.core.storage import Row
 
-__all__ = ["STATUS_SUFFIX", "leaderboard_frame", "records_frame"]
+__all__ = ["NOT_APPLICABLE", "STATUS_SUFFIX", "leaderboard_frame", "records_frame"]
 
 STATUS_SUFFIX = " status"
+NOT_APPLICABLE = "n/a"
+"""The status of a feedback the record's app was never evaluated with (tables that mix
+apps): said, not left a blank that reads like a lost result."""
 
 _RECORD_COLUMNS = [
     "app_id", "app_name", "app_version", "record_id", "input", "output", "status", "error",
@@ -51,7 +54,7 @@ def records_frame(records: Sequence[Row], results: Sequence[Row]) -> tuple[pd.Da
         }
         for name in feedback_columns:
             row[name] = float("nan")
-            row[name + STATUS_SUFFIX] = None
+            row[name + STATUS_SUFFIX] = NOT_APPLICABLE
         for res in by_record.get(rec["record_id"], []):
             name = res["feedback_name"]
             row[name] = res["score"] if res["score"] is not None else float("nan")

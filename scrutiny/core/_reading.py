@@ -56,7 +56,8 @@ class SessionReading:
         Returns:
             `(frame, feedback_columns)`: per feedback a score column (float; NaN unless
             done) and beside it a ``"<name> status"`` column with pending, running, done,
-            failed or skipped.
+            failed or skipped — or ``n/a`` where the record was not evaluated with that
+            feedback at all (a table of several apps).
         """
         timeout = self.flush_timeout if timeout is None else timeout
         if wait:
