@@ -140,6 +140,38 @@ def test_unicode_and_nul_bytes_in_content_round_trip(tmp_path: Path) -> None:
     assert back.output == text
 
 
+def test_nul_bytes_in_names_explanations_and_errors_survive_every_write_path(
+        tmp_path: Path) -> None:
+    """SQLite's JSON extraction (the one-statement batch a small write takes) cuts text at
+    a NUL: names, explanations and errors came back cut, and an app name with a NUL lost
+    every record after the first (its app id no longer matched)."""
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    explain = Feedback(lambda output: (0.5, "why\x00after"), name="ex\x00plain").on_output()
+
+    def boom(output: str) -> float:
+        raise ValueError("bad\x00after")
+
+    fail = Feedback(boom, name="fa\x00il").on_output()
+    with Session(url) as s:
+        records = []
+        for i in range(4):  # the first write of a session takes the general path
+            record = s.ingest(make_record(app_name="my\x00app", input=f"q{i}"),
+                              [explain, fail])
+            record.wait_for_feedback_results(timeout=10)
+            records.append(record)
+    with Session(url) as reader:
+        df, cols = reader.get_records_and_feedback()
+        assert len(df) == 4
+        assert cols == ["ex\x00plain", "fa\x00il"]
+        for record in records:
+            back = reader.get_record(record.record_id)
+            assert back is not None
+            assert back.app_name == "my\x00app"
+            by_name = {r.feedback_name: r for r in back.feedback_results.values()}
+            assert by_name["ex\x00plain"].explanation == "why\x00after"
+            assert by_name["fa\x00il"].error == "ValueError: bad\x00after"
+
+
 def test_timestamps_are_utc_aware(tmp_path: Path) -> None:
     with Session(f"sqlite:///{tmp_path}/s.sqlite") as s:
         fb = Feedback(lambda output: 1.0, name="x").on_output()

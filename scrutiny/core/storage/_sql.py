@@ -277,6 +277,11 @@ class SQLStore:
             }).decode()
         except TypeError:
             return False  # a value orjson does not know: the general path binds it
+        if "\\u0000" in payload:
+            # SQLite's JSON extraction cuts text at a NUL character: a name, an error or an
+            # explanation holding one would be stored cut (and an app id that no longer
+            # matches its row loses the record). The general path binds it whole.
+            return False
         with self.engine.connect() as conn:
             proxied = conn.connection
             raw = proxied.driver_connection
