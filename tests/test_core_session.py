@@ -655,6 +655,71 @@ def test_storage_errors_are_counted_and_results_fail_with_a_reason(
     s.close(timeout=1)
 
 
+class _RefusesEndStates:
+    """A memory store that stores records and pending rows but refuses end states."""
+
+    def __init__(self) -> None:
+        from scrutiny.core.storage import MemoryStore
+
+        self.inner = MemoryStore()
+        self.url = "memory://refuses-end-states"
+
+    def write(self, ops: list[object]) -> None:
+        from scrutiny.core.storage import UpdateResult
+
+        if any(isinstance(op, UpdateResult) and op.values.get("status") in
+               ("done", "failed", "skipped") for op in ops):
+            raise ValueError("the database refused the row")
+        self.inner.write(ops)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_an_end_state_that_could_not_be_stored_is_not_reported_as_stored() -> None:
+    """Waiters were told `done` although the database kept the row pending (the writer's
+    verdict was ignored): every returned end state must be a stored one."""
+    s = Session(store=_RefusesEndStates())  # type: ignore[arg-type]
+    fb = Feedback(lambda output: 0.7, name="x").on_output()
+    try:
+        result = s.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=30)[fb]
+        df, _ = s.get_records_and_feedback()
+    finally:
+        s.close(timeout=1)
+    assert result.status is FeedbackStatus.FAILED
+    assert result.result is None
+    assert "evaluated (done with score 0.7) but storing the result failed" in (
+        result.error or "")
+    assert list(df["x status"]) == ["pending"]  # what the database holds, for a worker
+
+
+def test_undecodable_text_in_errors_and_names_is_stored_not_lost(db_url: str) -> None:
+    """A lone surrogate (an undecodable file name read with surrogateescape) cannot be
+    encoded as UTF-8: the database refused the whole row and the record or result was
+    lost. It is stored as a backslash escape."""
+    name = "file-\udcff.txt"
+
+    def missing(output: str) -> float:
+        raise FileNotFoundError(f"no such file: {name}")
+
+    fb = Feedback(missing, name="reads_a_file").on_output()
+    explained = Feedback(lambda output: (0.5, f"looked at {name}"), name="ex").on_output()
+    with Session(db_url) as s:
+        record = s.ingest(make_record(error=f"app failed on {name}", app_version=name),
+                          [fb, explained])
+        live = record.wait_for_feedback_results(timeout=10)
+    with Session(db_url) as reader:
+        back = reader.get_record(record.record_id)
+    assert back is not None
+    assert back.error == "app failed on file-\\udcff.txt"
+    assert back.app_version == "file-\\udcff.txt"
+    stored = {r.feedback_name: r for r in back.feedback_results.values()}
+    assert stored["reads_a_file"].status is FeedbackStatus.FAILED
+    assert stored["reads_a_file"].error == "FileNotFoundError: no such file: file-\\udcff.txt"
+    assert stored["ex"].explanation == "looked at file-\\udcff.txt"
+    assert live[explained].status is FeedbackStatus.DONE
+
+
 def test_feedback_that_uses_its_own_thread_pool_does_not_deadlock(db_url: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 

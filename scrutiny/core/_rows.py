@@ -28,6 +28,20 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, tz=timezone.utc)
 
 
+def _text(value: str | None) -> str | None:
+    """`value` as storable text: a lone surrogate (what Python makes of undecodable bytes,
+    e.g. a file name, with ``surrogateescape``) cannot be encoded as UTF-8, and the
+    database refused the whole row — the record or result was lost. It is kept as a
+    backslash escape."""
+    if value is None or value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def _span_dict(span: Span) -> dict[str, Any]:
     return {
         "span_id": span.span_id,
@@ -48,9 +62,9 @@ def _span_dict(span: Span) -> dict[str, Any]:
 
 def app_row(record: Record) -> Row:
     return {
-        "app_id": record.app_id,
-        "app_name": record.app_name,
-        "app_version": record.app_version,
+        "app_id": _text(record.app_id),
+        "app_name": _text(record.app_name),
+        "app_version": _text(record.app_version),
         "metadata_json": None,
         "created_at": datetime.now(timezone.utc),
     }
@@ -60,13 +74,13 @@ def record_row(record: Record, *, max_bytes: int) -> Row:
     usage = record.usage
     return {
         "record_id": record.record_id,
-        "app_id": record.app_id,
-        "app_name": record.app_name,
-        "app_version": record.app_version,
+        "app_id": _text(record.app_id),
+        "app_name": _text(record.app_name),
+        "app_version": _text(record.app_version),
         "status": record.status._value_,
         "input_json": _serialize.dumps(record.input, max_bytes=max_bytes),
         "output_json": _serialize.dumps(record.output, max_bytes=max_bytes),
-        "error": record.error,
+        "error": _text(record.error),
         "start_time": _utc(record.start_time),
         "end_time": _utc(record.end_time),
         "latency_s": record.latency,
@@ -92,7 +106,7 @@ def definition_row(feedback: Feedback) -> Row:
         return dict(cached)
     row = {
         "feedback_id": feedback.feedback_id,
-        "name": feedback.name,
+        "name": _text(feedback.name),
         "higher_is_better": feedback.higher_is_better,
         "implementation": feedback.implementation,
         "selectors_json": _serialize.dumps(feedback.selectors),
@@ -119,13 +133,13 @@ def result_row(record: Record, result: FeedbackResult,
     return {
         "result_id": result.result_id,
         "record_id": record.record_id,
-        "app_id": record.app_id,
+        "app_id": _text(record.app_id),
         "feedback_id": result.feedback_id,
-        "feedback_name": result.feedback_name,
+        "feedback_name": _text(result.feedback_name),
         "status": result.status._value_,
         "score": result.result,
-        "explanation": result.explanation,
-        "error": result.error,
+        "explanation": _text(result.explanation),
+        "error": _text(result.error),
         "attempts": result.attempts,
         "created_at": result.created_at,
         "started_at": result.started_at,
@@ -144,8 +158,8 @@ def result_update_values(result: FeedbackResult, *, max_bytes: int) -> Row:
     values = {
         "status": result.status._value_,
         "score": result.result,
-        "explanation": result.explanation,
-        "error": result.error,
+        "explanation": _text(result.explanation),
+        "error": _text(result.error),
         "attempts": result.attempts,
         "started_at": result.started_at,
         "ended_at": result.ended_at,

@@ -66,6 +66,18 @@ ResultListener = Callable[[FeedbackResult, Record], object]
 """Called with each stored end state (done, failed, skipped) and its record."""
 
 
+def _unstored_end(final: FeedbackResult) -> FeedbackResult:
+    """What waiters are told when an end state could not be stored: not the end state
+    itself (that would claim a stored result), but `failed` with what it was; the row stays
+    pending in the database for a worker or Session.resume_pending()."""
+    outcome = final.status.value + (f" with score {final.result:g}"
+                                    if final.result is not None else "")
+    return final.evolve(
+        status=FeedbackStatus.FAILED, result=None,
+        error=f"evaluated ({outcome}) but storing the result failed (see the log); the "
+              f"database still holds it as pending")
+
+
 def check_feedbacks(feedbacks: Sequence[Feedback], mode: FeedbackMode) -> None:
     """Raise :class:`ConfigurationError` unless `feedbacks` can run together in `mode`:
     each wired, each loadable by a worker in deferred mode, and no two with one name (the
@@ -538,7 +550,7 @@ class Session(SessionReading):
             lambda: [UpdateResult(final.result_id or "",
                                   _rows.result_update_values(final, max_bytes=max_bytes),
                                   lease_token=job.lease_token)],
-            lambda ok: self._finish(job, final),
+            lambda ok: self._finish(job, final if ok else _unstored_end(final)),
         ))
 
     def _finish(self, job: Job, final: FeedbackResult) -> None:
