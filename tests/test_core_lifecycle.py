@@ -63,6 +63,82 @@ def test_short_script_exit_is_bounded_and_leaves_slow_work_pending(tmp_path: Pat
     assert df.loc[0, "quick status"] == "done"
 
 
+SYNC_MODEL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from scrutiny import Feedback, Record, Session
+
+    class SyncOnly(FakeListChatModel):  # no native async: LangChain runs it in an executor
+        sleep: float = 30.0
+
+    model = SyncOnly(responses=["8"])
+    async def judge(output):
+        return float((await model.ainvoke(output)).content) / 10
+    session = Session(sys.argv[1], flush_timeout=1.0)
+    now = time.time()
+    session.ingest(Record(app_name="s", app_version="v", input="q", output="a",
+                          start_time=now, end_time=now), [Feedback(judge).on_output()])
+    session.close(timeout=1.0)
+""")
+
+
+def test_exit_is_bounded_when_an_async_feedback_waits_on_a_sync_only_model(
+        tmp_path: Path) -> None:
+    """LangChain runs a sync-only model's call in the loop's default executor: asyncio's
+    own pool is joined at exit, so one hung call kept the process alive past close()."""
+    script = tmp_path / "sync_model.py"
+    script.write_text(SYNC_MODEL_SCRIPT)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script), f"sqlite:///{tmp_path}/x.sqlite"],
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 20  # the model call hangs 30 s
+    with Session(f"sqlite:///{tmp_path}/x.sqlite") as reader:
+        df, _ = reader.get_records_and_feedback()
+    assert df.loc[0, "judge status"] == "pending"  # left for a worker, not lost
+
+
+def test_sync_only_models_called_from_async_feedbacks_run_as_many_at_once_as_allowed(
+        tmp_path: Path) -> None:
+    """asyncio's default executor has min(32, cpus + 4) threads: 6 such calls at once on
+    two cores, the rest timing out in its queue."""
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    lock = threading.Lock()
+    running = most = 0
+    everyone_in = threading.Event()
+    calls = 40
+
+    class SyncOnly(FakeListChatModel):
+        def _call(self, *args: object, **kwargs: object) -> str:
+            nonlocal running, most
+            with lock:
+                running += 1
+                most = max(most, running)
+                if most == calls:
+                    everyone_in.set()
+            everyone_in.wait(10)  # (returns at once when all are in: no fixed sleep)
+            with lock:
+                running -= 1
+            return "8"
+
+    model = SyncOnly(responses=["8"])
+
+    async def judge(output: str) -> float:
+        return float((await model.ainvoke(output)).content) / 10
+
+    fb = Feedback(judge, timeout=30).on_output()
+    now = time.time()
+    with Session(f"sqlite:///{tmp_path}/x.sqlite", max_concurrency=calls) as s:
+        for i in range(calls):
+            s.ingest(Record(app_name="a", app_version="v", input=f"q{i}", output="o",
+                            start_time=now, end_time=now), [fb])
+        assert s.wait_for_feedback(60)
+        df, _ = s.get_records_and_feedback()
+    assert most == calls
+    assert (df["judge status"] == "done").all()
+
+
 def test_one_session_per_request_keeps_thread_count_flat(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/many.sqlite"
     fb = Feedback(lambda output: 1.0, name="x").on_output()

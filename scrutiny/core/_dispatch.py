@@ -255,11 +255,33 @@ class _BusySelector(selectors.DefaultSelector):
         return super().select(0) if ready else []
 
 
-def _new_loop(courtesy: Courtesy) -> tuple[asyncio.AbstractEventLoop, _BusySelector | None]:
+class _Loop(asyncio.SelectorEventLoop):
+    """The evaluation loop: ``run_in_executor(None, ...)`` runs on daemon threads.
+
+    Frameworks fall back to the default executor for models without native async
+    (LangChain runs a sync-only chat model's ``_generate`` there). asyncio's own is a
+    ``ThreadPoolExecutor`` of cpus + 4 threads — 6 judge calls at once on two cores,
+    whatever the session's limit, with the rest timing out in its queue — whose threads
+    the interpreter joins at exit: one hung model call kept the process alive past
+    ``close()``. (``set_default_executor`` takes only a ``ThreadPoolExecutor``.)
+    """
+
+    def __init__(self, selector: selectors.BaseSelector, default_pool: DaemonThreadPool) -> None:
+        super().__init__(selector)
+        self._default_pool = default_pool
+
+    def run_in_executor(self, executor: Any, func: Any,  # type: ignore[override]
+                        *args: Any) -> asyncio.Future[Any]:
+        return super().run_in_executor(
+            self._default_pool if executor is None else executor, func, *args)
+
+
+def _new_loop(courtesy: Courtesy, default_pool: DaemonThreadPool) -> tuple[
+        asyncio.AbstractEventLoop, _BusySelector | None]:
     if sys.platform == "win32":  # pragma: no cover - the proactor loop has no selector
         return asyncio.new_event_loop(), None
     selector = _BusySelector(courtesy)
-    return asyncio.SelectorEventLoop(selector), selector
+    return _Loop(selector, default_pool), selector
 
 
 class EvaluationLoop:
@@ -284,7 +306,11 @@ class EvaluationLoop:
         self._courtesy = Courtesy()
         self._pool = DaemonThreadPool(thread_pool_size, thread_name_prefix=f"{name}-sync",
                                       courtesy=self._courtesy)
-        self._loop, selector = _new_loop(self._courtesy)
+        # For run_in_executor(None, ...) on the loop (see _Loop): as many threads as
+        # feedback calls may run at once, started as needed.
+        self._default_pool = DaemonThreadPool(max_concurrency,
+                                              thread_name_prefix=f"{name}-executor")
+        self._loop, selector = _new_loop(self._courtesy, self._default_pool)
         if selector is not None:
             selector.before_poll = self._before_poll
         self._limits: dict[str, _GroupLimit] = {}
@@ -462,7 +488,9 @@ class EvaluationLoop:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._default_pool.shutdown(wait=False, cancel_futures=True)
         self._pool.join(0.5)  # idle threads end at once; a stuck sync feedback is not waited
+        self._default_pool.join(0.1)
         return unfinished
 
     # ------------------------------------------------------------------ on the loop
