@@ -206,6 +206,46 @@ def test_a_judge_that_never_answers_times_out_per_attempt(session: Session) -> N
     assert (result.attempts, len(calls)) == (2, 2)
 
 
+def test_a_llamaindex_custom_llm_that_blocks_times_out_without_freezing_the_rest(
+        session: Session) -> None:
+    """A LlamaIndex CustomLLM's inherited async methods call its sync ones on the event
+    loop: a stuck call froze every evaluation of the session and its own timeout could not
+    fire. The judge runs such a model's sync call on a thread."""
+    from llama_index.core.base.llms.types import CompletionResponse, LLMMetadata
+    from llama_index.core.llms.custom import CustomLLM
+
+    released = threading.Event()
+
+    class Stuck(CustomLLM):  # a typical community LLM: sync methods only
+        @property
+        def metadata(self) -> LLMMetadata:
+            return LLMMetadata()
+
+        def complete(self, prompt: str, formatted: bool = False,
+                     **kwargs: Any) -> CompletionResponse:
+            released.wait(20)
+            return CompletionResponse(text="8")
+
+        def stream_complete(self, prompt: str, formatted: bool = False,
+                            **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+    judge = LLMJudge(Stuck(), timeout=0.3, retries=0)
+    slow = Feedback(judge.coherence).on_output()
+    quick = Feedback(lambda output: 1.0, name="quick").on_output()
+    try:
+        stuck_record = session.ingest(make_record(0), [slow])
+        other = session.ingest(make_record(1), [quick])
+        assert other.wait_for_feedback_results(timeout=10)[quick].status is \
+            FeedbackStatus.DONE
+        result = stuck_record.wait_for_feedback_results(timeout=10)[slow]
+        assert not released.is_set()  # ended by its timeout, not by the call returning
+    finally:
+        released.set()
+    assert result.status is FeedbackStatus.FAILED
+    assert "timed out after 0.3 s" in (result.error or "")
+
+
 def test_a_full_retry_policy_replaces_the_default(session: Session) -> None:
     policy = RetryPolicy(attempts=2, initial_backoff=0.01, retry_on=(ValueError,))
     judge = LLMJudge(failing_model(1, ValueError("flaky")), retry=policy)

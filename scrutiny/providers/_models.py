@@ -13,6 +13,8 @@ Errors worth retrying (rate limits, timeouts, overload, HTTP 5xx) are re-raised 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -211,27 +213,52 @@ class _LangChainBackend:
 
 
 # ---------------------------------------------------------------------------- LlamaIndex
-class _LlamaIndexBackend:
-    """Calls ``llm.achat`` with a system and a user message (``acomplete`` without chat)."""
+def _sync_underneath(model: Any, method: str) -> bool:
+    """Whether `model`'s async `method` is LlamaIndex's ``CustomLLM`` default, which calls
+    the blocking sync method right on the event loop (MockLLM and many community LLMs)."""
+    qualname = getattr(getattr(type(model), method, None), "__qualname__", "")
+    return bool(qualname == f"CustomLLM.{method}")
 
-    __slots__ = ("_chat", "_model", "name")
+
+def _in_thread(fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+    """Run a blocking call on the running loop's default executor, in this context (so
+    the judge's own framework calls stay unrecorded, wherever they run)."""
+    ctx = contextvars.copy_context()
+    return asyncio.get_running_loop().run_in_executor(None, functools.partial(ctx.run, fn,
+                                                                              *args))
+
+
+class _LlamaIndexBackend:
+    """Calls ``llm.achat`` with a system and a user message (``acomplete`` without chat).
+
+    A ``CustomLLM`` whose async methods are the inherited ones (they call the sync ones
+    directly) is called with its sync method on a thread instead: awaited on the loop, a
+    slow call froze every other evaluation and its own timeout could not fire.
+    """
+
+    __slots__ = ("_chat", "_model", "_sync", "name")
 
     def __init__(self, model: Any, name: str) -> None:
         self._model = model
         self.name = name
         self._chat = callable(getattr(model, "achat", None))
+        self._sync = _sync_underneath(model, "achat" if self._chat else "acomplete")
 
     async def __call__(self, system: str, user: str) -> JudgeReply:
+        model = self._model
         if self._chat:
             from llama_index.core.base.llms.types import ChatMessage, MessageRole
 
             messages = [ChatMessage(role=MessageRole.SYSTEM, content=system),
                         ChatMessage(role=MessageRole.USER, content=user)]
-            response = await _guarded(self.name, self._model.achat(messages))
+            call = _in_thread(model.chat, messages) if self._sync else model.achat(messages)
+            response = await _guarded(self.name, call)
             message = getattr(response, "message", None)
             text = _content_text(getattr(message, "content", None))
         else:
-            response = await _guarded(self.name, self._model.acomplete(f"{system}\n\n{user}"))
+            prompt = f"{system}\n\n{user}"
+            call = _in_thread(model.complete, prompt) if self._sync else model.acomplete(prompt)
+            response = await _guarded(self.name, call)
             text = _content_text(getattr(response, "text", None))
         if text is None:
             raise _not_text(self.name, response)
