@@ -195,6 +195,22 @@ def test_table_prefix_keeps_tables_apart(tmp_path: Path) -> None:
         assert len(b.get_records_and_feedback()[0]) == 0
 
 
+def test_a_table_prefix_that_sqlite_cannot_take_unquoted_is_refused(tmp_path: Path) -> None:
+    """'1x_' opened (the migrations quote names) and then most writes failed: SQLite
+    reads 1x_records as a bad number in the hand-written batch statements."""
+    from scrutiny import ConfigurationError
+
+    for bad in ("1x_", "", "é_", "a-b_"):
+        with pytest.raises(ConfigurationError, match="must start with a letter or '_'"):
+            Session(f"sqlite:///{tmp_path}/p.sqlite", table_prefix=bad)
+    with Session(f"sqlite:///{tmp_path}/p.sqlite", table_prefix="_x1_") as s:
+        fb = Feedback(lambda output: 1.0, name="f").on_output()
+        for _ in range(3):
+            s.ingest(make_record(), [fb])
+        assert s.wait_for_feedback(10)
+        assert s.stats()["failed_writes"] == 0
+
+
 def _write_many(url: str, n: int) -> None:
     with Session(url) as s:
         fb = Feedback(_score, name="proc").on_output()

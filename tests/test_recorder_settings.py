@@ -91,6 +91,15 @@ def test_two_feedbacks_with_one_name_are_refused_when_the_recorder_is_made() -> 
     assert len(_recorders(None, feedbacks=named)) == 2
 
 
+def test_feedback_names_that_are_table_columns_are_refused() -> None:
+    """A feedback named `output` doubled the records table's output column; one named
+    `records` or `failed` replaced the leaderboard's counts; `q status` collided with the
+    status column of a feedback `q`."""
+    for name in ("output", "records", "failed", "q status"):
+        with pytest.raises(ConfigurationError, match=f"cannot be named '{name}'"):
+            _recorders(None, feedbacks=[Feedback(length, name=name).on_output()])
+
+
 def test_a_recorder_without_session_is_checked_against_the_sessions_deferred_mode(
         tmp_path: Path) -> None:
     """The README's shape: the session is deferred, the recorder names no session; a lambda

@@ -10,7 +10,8 @@ import pandas as pd
 from scrutiny.core import _serialize
 from scrutiny.core.storage import Row
 
-__all__ = ["NOT_APPLICABLE", "STATUS_SUFFIX", "leaderboard_frame", "records_frame"]
+__all__ = ["NOT_APPLICABLE", "RESERVED_NAMES", "STATUS_SUFFIX", "leaderboard_frame",
+           "records_frame"]
 
 STATUS_SUFFIX = " status"
 NOT_APPLICABLE = "n/a"
@@ -22,6 +23,11 @@ _RECORD_COLUMNS = [
     "latency", "prompt_tokens", "completion_tokens", "total_tokens", "start_time",
     "end_time", "tags",
 ]
+_LEADERBOARD_COLUMNS = ["records", "latency", "total_tokens", "pending", "running", "failed",
+                        "skipped", "done"]
+RESERVED_NAMES = frozenset(_RECORD_COLUMNS + _LEADERBOARD_COLUMNS)
+"""Column names of the tables a feedback's name must not take (its score column would
+replace or double them)."""
 
 
 def records_frame(records: Sequence[Row], results: Sequence[Row]) -> tuple[pd.DataFrame,

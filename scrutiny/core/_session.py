@@ -82,8 +82,15 @@ def check_feedbacks(feedbacks: Sequence[Feedback], mode: FeedbackMode) -> None:
     """Raise :class:`ConfigurationError` unless `feedbacks` can run together in `mode`:
     each wired, each loadable by a worker in deferred mode, and no two with one name (the
     results table has one column per name: one of the two would be hidden)."""
+    from scrutiny.core._frames import RESERVED_NAMES, STATUS_SUFFIX
+
     seen: dict[str, Feedback] = {}
     for fb in feedbacks:
+        if fb.name in RESERVED_NAMES or fb.name.endswith(STATUS_SUFFIX):
+            raise ConfigurationError(
+                f"a feedback cannot be named {fb.name!r}: the records table and the "
+                f"leaderboard have a column of that name (and '<name>{STATUS_SUFFIX}' is "
+                f"each feedback's status column); choose another name=")
         fb.check_wired()
         if mode is FeedbackMode.DEFERRED:
             fb.check_referenceable()

@@ -143,9 +143,11 @@ class SQLStore:
 
     def __init__(self, url: str, *, table_prefix: str = "scrutiny_",
                  migrate: MigratePolicy = "upgrade"):
-        if not table_prefix.replace("_", "").isalnum():
+        if not (table_prefix.replace("_", "").isalnum() and table_prefix.isascii()
+                and not table_prefix[0].isdigit()):
             raise ConfigurationError(
-                f"table_prefix {table_prefix!r} may hold only letters, digits and '_'"
+                f"table_prefix {table_prefix!r} must start with a letter or '_' and hold "
+                "only ASCII letters, digits and '_' (it begins every table name)"
             )
         self.url = url
         self.prefix = table_prefix
