@@ -168,7 +168,7 @@ def _default_url() -> str:
 def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...], limit: int,
             offset: int, fmt: str) -> None:
     """Records with their feedback scores and statuses, newest first."""
-    session = _session(database_url, table_prefix)
+    session = _session(database_url, table_prefix, migrate="refuse")  # reads: creates nothing
     try:
         df, _ = session.get_records_and_feedback(list(apps) or None, limit=limit,
                                                  offset=offset)
@@ -192,7 +192,7 @@ def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...], 
 def leaderboard(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
                 fmt: str) -> None:
     """Mean score per app version per feedback, best first."""
-    session = _session(database_url, table_prefix)
+    session = _session(database_url, table_prefix, migrate="refuse")  # reads: creates nothing
     try:
         board = session.get_leaderboard(list(apps) or None)
     finally:

@@ -18,7 +18,7 @@ pytest.importorskip("uvicorn")
 import httpx
 from click.testing import CliRunner
 
-from scrutiny import ConfigurationError, Session
+from scrutiny import ConfigurationError, Record, Session
 from scrutiny.cli import main
 from tests.test_dashboard_api import QUALITY, TOKEN, rag_record
 
@@ -156,6 +156,37 @@ def test_cli_does_not_create_a_missing_database(tmp_path: Path) -> None:
     line = _fails(["dashboard", "--database-url", f"sqlite:///{tmp_path}/none.sqlite"])
     assert "no database at" in line
     assert not (tmp_path / "none.sqlite").exists()
+
+
+@pytest.mark.parametrize("command", ["records", "leaderboard"])
+def test_cli_reads_create_neither_a_database_nor_tables(tmp_path: Path, command: str) -> None:
+    """A mistyped path made a new empty database ('no records'); a mistyped prefix made
+    Scrutiny's tables inside the user's own database."""
+    line = _fails([command, "--database-url", f"sqlite:///{tmp_path}/typo.sqlite"])
+    assert "there is no SQLite database at" in line
+    assert not (tmp_path / "typo.sqlite").exists()
+    with Session(f"sqlite:///{tmp_path}/app.sqlite") as s:
+        s.ingest(Record(app_name="a", app_version="v", input="q", output="o",
+                        start_time=0.0, end_time=0.0), [])
+    line = _fails([command, "--database-url", f"sqlite:///{tmp_path}/app.sqlite",
+                   "--table-prefix", "scrutny_"])
+    assert "no Scrutiny tables with the prefix 'scrutny_'" in line
+    import sqlalchemy as sa
+
+    tables = sa.inspect(sa.create_engine(f"sqlite:///{tmp_path}/app.sqlite")).get_table_names()
+    assert not [t for t in tables if t.startswith("scrutny_")]
+
+
+def test_migrate_refuse_creates_no_tables_in_a_database_without_them(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/own.sqlite"
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE users (id INTEGER PRIMARY KEY)"))
+    with pytest.raises(ConfigurationError, match="no Scrutiny tables with the prefix"):
+        Session(url, migrate="refuse")
+    assert sa.inspect(engine).get_table_names() == ["users"]
 
 
 def test_cli_serves_until_interrupted(stored: Session, database_url: str) -> None:

@@ -72,6 +72,12 @@ def ensure_schema(engine: Engine, write_options: dict[str, object], prefix: str,
                 raise ConfigurationError(
                     f"the database has Scrutiny schema revision {found!r}, newer than this "
                     f"version knows ({HEAD_REVISION}); upgrade the scrutiny package")
+            if found is None and policy == "refuse":
+                raise ConfigurationError(
+                    f"the database has no Scrutiny tables with the prefix {prefix!r}: check "
+                    "the database URL and table_prefix, or create them with `scrutiny db "
+                    "upgrade --database-url ...` (or open the Session with "
+                    "migrate='upgrade')")
             if found is not None and policy == "refuse":
                 raise ConfigurationError(
                     f"the database has Scrutiny schema revision {found}, older than "

@@ -69,6 +69,21 @@ def redact_url(url: str) -> str:
         return "<invalid database url>"
 
 
+def _check_file_exists(url: str) -> None:
+    """With migrate='refuse' nothing is created: not even the SQLite file, which opening a
+    mistyped path would (an empty database, then 'no records')."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return  # _make_engine says what is wrong with it
+    database = parsed.database
+    if (parsed.get_backend_name() == "sqlite" and database not in (None, "", ":memory:")
+            and not str(database).startswith("file:") and not os.path.exists(database)):
+        raise ConfigurationError(
+            f"there is no SQLite database at {database!r}: check the path (opened with "
+            "migrate='refuse', nothing is created)")
+
+
 def _make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
@@ -149,6 +164,8 @@ class SQLStore:
                 f"table_prefix {table_prefix!r} must start with a letter or '_' and hold "
                 "only ASCII letters, digits and '_' (it begins every table name)"
             )
+        if migrate == "refuse":
+            _check_file_exists(url)
         self.url = url
         self.prefix = table_prefix
         self.tables: Tables = build_tables(table_prefix)
