@@ -307,6 +307,32 @@ async def test_astream_cancelled_mid_stream_gives_one_cancelled_record(
 
 
 # ---------------------------------------------------------------------------- shapes
+def test_an_input_the_app_reuses_for_its_next_call_is_recorded_as_it_was(
+        session: Session) -> None:
+    """The record is assembled off the app's thread, later: an app that fills one request
+    dict per call (and appends to its chat history) changed what had been recorded — and
+    judged — for the calls before."""
+    from scrutiny import Feedback
+
+    chain = RunnableLambda(lambda x: f"answer to {x['question']}")
+    matches = Feedback(lambda question, answer: float(answer == f"answer to {question}"),
+                       name="matches").on_input_output()
+    recorder = ChainRecorder(chain, app_name="reuse", feedbacks=[matches], session=session)
+    payload: dict[str, Any] = {"question": "", "history": []}
+    records = []
+    for i in range(10):
+        payload["question"] = f"q{i}"
+        with recorder as recording:
+            chain.invoke(payload)
+        payload["history"].append(f"turn {i}")
+        records.append(recording.get())
+    for i, record in enumerate(records):
+        assert record.input == f"q{i}"
+        assert record.output == f"answer to q{i}"
+        assert record.spans[0].inputs["history"] == [f"turn {j}" for j in range(i)]
+        assert record.wait_for_feedback_results(timeout=10)[matches].result == 1.0
+
+
 def test_nested_chains_nest_their_spans(session: Session) -> None:
     inner = prompt_model_parser(["inner answer"]).with_config(run_name="inner")
     outer = (RunnableLambda(lambda q: {"question": q}).with_config(run_name="pre")

@@ -90,6 +90,30 @@ class _Root:
         self.tokens: list[str] = []
 
 
+def _snapshot(value: Any) -> Any:
+    """A root run's input or output as it is now, two levels deep: the record is assembled
+    later, off the app's thread, and an app that reuses its request dict (or appends to a
+    chat history) for the next call changed what had been recorded for this one — and
+    what its feedbacks judged."""
+    kind = type(value)
+    if kind is dict:
+        copied = value.copy()
+        for k, v in copied.items():
+            if type(v) in _MUTABLE:
+                copied[k] = v.copy()
+        return copied
+    if kind is list:
+        copied = value.copy()
+        for i, v in enumerate(copied):
+            if type(v) in _MUTABLE:
+                copied[i] = v.copy()
+        return copied
+    return value
+
+
+_MUTABLE = frozenset((dict, list))
+
+
 def _run_handlers(default: BaseCallbackHandler) -> list[BaseCallbackHandler]:
     """The handlers LangChain is dispatching the current event to (those of the run).
 
@@ -221,6 +245,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                     root.recording._opened()
                 self._roots[key] = root
                 parent_id = None
+                inputs = _snapshot(inputs)  # the record's input: as it was at the call
             else:
                 root = parent[1]
                 parent_id = parent[0].span_id
@@ -243,15 +268,16 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 return
             span = entry[0]
             span.end_time = time.time()
+            root = key in self._roots
             if inputs is not _NO_INPUTS:  # a streamed run's input is only known at its end
-                span.inputs = inputs
+                span.inputs = _snapshot(inputs) if root else inputs
             if error is None:
-                span.outputs = outputs
+                span.outputs = _snapshot(outputs) if root else outputs
             else:
                 span.error = _describe(error)
             if usage is not None:
                 span.usage = usage
-            if key in self._roots:
+            if root:
                 self._finish_root(run_id, span, error)
         except Exception:
             logger.exception("scrutiny: recording the end of a run failed")
