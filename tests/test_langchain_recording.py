@@ -242,16 +242,17 @@ def test_stream_stopped_early_gives_one_cancelled_record(
         stream = rag.stream(QUESTION)
         for chunk in stream:
             got.append(chunk)
-            break
+            if len(got) == 3:
+                break
         stream.close()
 
-    assert got == [ANSWER[0]]  # the caller's tokens are untouched
+    assert "".join(got) == ANSWER[:3]  # the caller's tokens are untouched
     record = recording.get()
     assert record.status is RecordStatus.CANCELLED
     assert record.error
-    assert record.output is None or (isinstance(record.output, str)
-                                     and ANSWER.startswith(record.output)
-                                     and record.output != ANSWER)
+    # exactly what reached the caller (LangChain's own output of the run lacks the last
+    # chunk of a sync stream)
+    assert record.output == "".join(got)
     assert stored_count(session) == 1
     df, _ = session.get_records_and_feedback()
     assert df.loc[0, "status"] == "cancelled"

@@ -548,10 +548,17 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         status, output = RecordStatus.OK, _read(main_output, span.outputs)
     else:
         status = RecordStatus.ERROR if ended == _FAILED else RecordStatus.CANCELLED
+        streamed = "".join(root.tokens) if root.tokens else None
         if span.outputs is not None:
             output = _read(main_output, span.outputs)
+            # LangChain adds a sync stream's chunk to the run's output only once the
+            # generator is resumed past its yield: a consumer that stopped after k chunks
+            # left k - 1 there. The model's tokens hold the k the caller saw.
+            if (isinstance(output, str) and streamed is not None
+                    and len(streamed) > len(output) and streamed.startswith(output)):
+                output = streamed
         else:
-            output = "".join(root.tokens) if root.tokens else None
+            output = streamed
         if ended == _STOPPED or (ended == _ENDED_OK and unfinished):
             error_text = _STOPPED_EARLY
     usages = [s.usage for s in spans if s.usage is not None]
