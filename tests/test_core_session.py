@@ -676,6 +676,78 @@ class _RefusesEndStates:
         return getattr(self.inner, name)
 
 
+class _OutageStore:
+    """A memory store behind a database that can go away: while `down`, every write fails
+    and so does the ping."""
+
+    def __init__(self) -> None:
+        from scrutiny.core.storage import MemoryStore
+
+        self.inner = MemoryStore()
+        self.url = "memory://outage"
+        self.down = False
+        self.refused = threading.Event()
+        self.refusals = 0
+        self.outlasted_quick_retries = threading.Event()
+
+    def write(self, ops: object) -> None:
+        from sqlalchemy.exc import OperationalError
+
+        if self.down:
+            self.refusals += 1
+            self.refused.set()
+            if self.refusals == 12:  # more than one batch's five quick retries, and more
+                self.outlasted_quick_retries.set()
+            raise OperationalError("INSERT", {}, Exception("connection refused"))
+        self.inner.write(ops)  # type: ignore[arg-type]
+
+    def ping(self) -> bool:
+        return not self.down
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_records_made_while_the_database_is_unreachable_are_stored_once_it_is_back() -> None:
+    """A few seconds of outage lost every record made during it (each batch was given up
+    after five quick retries): they are held, bounded by the queue, until it answers."""
+    store = _OutageStore()
+    s = Session(store=store)  # type: ignore[arg-type]
+    fb = Feedback(lambda output: 0.5, name="x").on_output()
+    try:
+        s.ingest(make_record(0), [fb]).wait_for_feedback_results(timeout=10)
+        store.down = True
+        records = [s.ingest(make_record(i), [fb]) for i in range(1, 6)]
+        assert store.outlasted_quick_retries.wait(20)
+        assert records[0].feedback_results[fb].status is not \
+            FeedbackStatus.FAILED  # held, not given up
+        store.down = False
+        for record in records:
+            assert record.wait_for_feedback_results(timeout=30)[fb].status is \
+                FeedbackStatus.DONE
+        df, _ = s.get_records_and_feedback()
+        assert len(df) == 6
+        assert (df["x status"] == "done").all()
+        assert s.stats()["failed_writes"] == 0
+    finally:
+        s.close(timeout=5)
+
+
+def test_closing_while_the_database_is_unreachable_is_bounded_and_counts_the_loss() -> None:
+    store = _OutageStore()
+    s = Session(store=store, flush_timeout=0.5)  # type: ignore[arg-type]
+    fb = Feedback(lambda output: 0.5, name="x").on_output()
+    s.ingest(make_record(0), [fb]).wait_for_feedback_results(timeout=10)
+    store.down = True
+    record = s.ingest(make_record(1), [fb])
+    assert store.refused.wait(10)
+    started = time.monotonic()
+    s.close(timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert s.stats()["failed_writes"] >= 1
+    assert record.wait_for_feedback_results(timeout=5)[fb].status is FeedbackStatus.FAILED
+
+
 def test_an_end_state_that_could_not_be_stored_is_not_reported_as_stored() -> None:
     """Waiters were told `done` although the database kept the row pending (the writer's
     verdict was ignored): every returned end state must be a stored one."""

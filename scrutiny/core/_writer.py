@@ -22,7 +22,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.exc import OperationalError
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_any,
+    stop_when_event_set,
+    wait_exponential,
+)
 
 from scrutiny.core._courtesy import offer
 from scrutiny.core.storage import Store, WriteOp
@@ -33,6 +40,8 @@ logger = logging.getLogger("scrutiny")
 
 POLL = 0.002
 IDLE_AFTER = 0.05
+OUTAGE_BACKOFF = 0.25
+OUTAGE_BACKOFF_MAX = 5.0
 
 
 @dataclass(slots=True)
@@ -66,12 +75,14 @@ class StorageWriter:
         self._idle_interval = idle_interval
         self._on_idle = on_idle
         self._polling = False  # the writer looks at its queue by itself: no need to wake it
+        self._outage = threading.Event()  # set by close(): stop waiting out an outage
         # One policy object for every commit (on the writer thread only): a new one per
         # commit left a reference cycle of some 14 objects for the garbage collector.
         self._retrying = Retrying(
             retry=retry_if_exception_type(OperationalError),
-            stop=stop_after_attempt(5),
+            stop=stop_any(stop_after_attempt(5), stop_when_event_set(self._outage)),
             wait=wait_exponential(multiplier=0.05, max=2.0),
+            sleep=self._pause,  # close() cuts the wait short
             reraise=True,
         )
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -125,6 +136,7 @@ class StorageWriter:
         """Store what is queued (bounded by `timeout`), then stop the thread; idempotent."""
         flushed = self.flush(timeout)
         self._stopping = True
+        self._outage.set()
         self._wake.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=1.0 if timeout is None else max(timeout, 0.1))
@@ -166,7 +178,7 @@ class StorageWriter:
     def _write_batch(self, batch: list[WriteItem]) -> None:
         ops, prepared, unprepared = self._prepare(batch)
         stored = self._commit(ops)
-        if not stored and len(prepared) > 1:
+        if not stored and len(prepared) > 1 and not self._stopping:
             # isolate the bad item: write one by one so the others are kept
             results = [(item, self._commit(list(item_ops))) for item, item_ops in prepared]
         else:
@@ -212,13 +224,57 @@ class StorageWriter:
                     logger.exception("scrutiny: after-commit hook failed")
 
     def _commit(self, ops: list[WriteOp]) -> bool:
+        """Store `ops`; False when the database refused them (or the writer is stopping
+        while it is unreachable).
+
+        When a write fails and the database does not answer a ping either (a PostgreSQL
+        server restarting, a dropped network) the batch is kept and retried, backing off
+        up to OUTAGE_BACKOFF_MAX seconds: a few seconds of outage lost every record made
+        during it. Work queued meanwhile waits behind it, bounded by the queue size (beyond it,
+        new work is dropped, counted and logged); `close()` gives up what is still held.
+        """
         if not ops:
             return True
-        try:
-            for attempt in self._retrying:
-                with attempt:
-                    self._store.write(ops)
-            return True
-        except Exception as exc:
-            logger.error("scrutiny: storing %d operation(s) failed: %s", len(ops), exc)
+        backoff, since = OUTAGE_BACKOFF, 0.0
+        while True:
+            try:
+                for attempt in self._retrying:
+                    with attempt:
+                        self._store.write(ops)
+                if since:
+                    logger.warning("scrutiny: the database answers again after %.1f s; "
+                                   "the records held meanwhile are being stored",
+                                   time.monotonic() - since)
+                return True
+            except Exception as exc:
+                if not self._unreachable():  # it answers: these operations are the problem
+                    logger.error("scrutiny: storing %d operation(s) failed: %s", len(ops),
+                                 exc)
+                    return False
+                if self._stopping:
+                    logger.error("scrutiny: the database is unreachable and the session is "
+                                 "closing: %d operation(s) not stored: %s", len(ops), exc)
+                    return False
+                if not since:
+                    since = time.monotonic()
+                    logger.error("scrutiny: the database cannot be reached (%s); holding "
+                                 "%d operation(s) and retrying (queued: %d)", exc, len(ops),
+                                 len(self._queue))
+                if self._outage.wait(backoff):  # closing: do not try again
+                    logger.error("scrutiny: the database is unreachable and the session is "
+                                 "closing: %d operation(s) not stored", len(ops))
+                    return False
+                backoff = min(backoff * 2, OUTAGE_BACKOFF_MAX)
+
+    def _pause(self, seconds: float) -> None:
+        self._outage.wait(seconds)
+
+    def _unreachable(self) -> bool:
+        """Whether the database itself fails to answer (rather than refusing a write)."""
+        ping = getattr(self._store, "ping", None)
+        if ping is None:
             return False
+        try:
+            return not ping()
+        except Exception:
+            return True

@@ -197,6 +197,15 @@ class SQLStore:
             raise StorageError(
                 f"could not open or migrate {redact_url(self.url)}: {exc}") from exc
 
+    def ping(self) -> bool:
+        """Whether the database answers a trivial query now."""
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return True
+        except SQLAlchemyError:
+            return False
+
     # ------------------------------------------------------------------ writes
     def write(self, ops: Sequence[WriteOp]) -> None:
         t = self.tables
