@@ -71,18 +71,60 @@ def test_anything_serializes_without_raising(value: object) -> None:
     assert isinstance(_serialize.loads(text), dict | list | str | int | float)
 
 
-def test_self_referencing_value_becomes_a_description() -> None:
-    loop: list[object] = []
+def test_only_the_odd_part_of_a_value_becomes_a_description() -> None:
+    """One value orjson refuses (a cycle, an int over 64 bits, a tuple key, nesting past
+    its depth) turned the whole structure — a record's whole span tree — into a repr."""
+    loop: list[object] = ["kept"]
     loop.append(loop)
-    back = _serialize.loads(_serialize.dumps(loop))
-    assert "__repr__" in back
+    deep: list[object] = []
+    level = deep
+    for _ in range(300):
+        level.append([])
+        level = level[0]  # type: ignore[assignment]
+    value = {"cycle": loop, "big": 2 ** 70, ("a", 1): "tuple key", "deep": deep, "ok": 1}
+    back = _serialize.loads(_serialize.dumps(value))
+    assert back["cycle"][0] == "kept"
+    assert back["cycle"][1] == {"__type__": "list", "__repr__": "<cycle>"}
+    assert back["big"] == str(2 ** 70)
+    assert back["('a', 1)"] == "tuple key"
+    assert back["ok"] == 1
+    assert "<nested too deep>" in _serialize.dumps(back["deep"])
 
 
-def test_oversized_payload_is_truncated_with_an_explicit_marker() -> None:
-    back = _serialize.loads(_serialize.dumps("x" * 5000, max_bytes=1000))
-    assert back[TRUNCATED_KEY] is True
-    assert back["original_bytes"] == 5002
-    assert back["preview"].startswith('"xxx')
+def test_oversized_payload_is_truncated_with_an_explicit_marker_within_the_limit() -> None:
+    """The marker held a prefix of the JSON text, escaped again: over the limit (quotes
+    and newlines doubled it), and a preview that was not the text."""
+    for text in ("x" * 5000, 'say "hi"\n' * 600, "\x00" * 5000, "🎉" * 2000):
+        dumped = _serialize.dumps(text, max_bytes=1000)
+        assert len(dumped.encode()) <= 1000
+        back = _serialize.loads(dumped)
+        assert back[TRUNCATED_KEY] is True
+        assert back["original_bytes"] == len(_serialize.dumps(text).encode())
+        assert text.startswith(back["preview"])
+        assert len(back["preview"]) > 0
+
+
+def test_a_huge_or_odd_value_in_one_span_keeps_the_span_tree(tmp_path: Path) -> None:
+    """The span tree is one JSON list: one span's 5 MB output, or a value orjson refuses,
+    replaced the whole tree with one marker or repr and the record read back no spans."""
+    from scrutiny import Span
+
+    spans = [Span("1", None, "root", "chain", 0.0, end_time=1.0, outputs="answer"),
+             Span("2", "1", "retriever", "retriever", 0.0, end_time=1.0,
+                  outputs="x" * 5_000_000),
+             Span("3", "1", "model", "chat_model", 0.0, end_time=1.0,
+                  outputs={"tokens": 2 ** 70})]
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    with Session(url, max_payload_bytes=100_000) as s:
+        record = s.ingest(make_record(spans=spans), [])
+    with Session(url) as reader:
+        back = reader.get_record(record.record_id)
+    assert back is not None
+    assert [sp.name for sp in back.spans] == ["root", "retriever", "model"]
+    assert back.spans[0].outputs == "answer"
+    assert "[__scrutiny_truncated__" in back.spans[1].outputs or \
+        back.spans[1].outputs[TRUNCATED_KEY] is True
+    assert back.spans[2].outputs == {"tokens": str(2 ** 70)}
 
 
 def test_non_serializable_output_is_stored_safely(tmp_path: Path) -> None:

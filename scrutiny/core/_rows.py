@@ -60,6 +60,21 @@ def _span_dict(span: Span) -> dict[str, Any]:
     }
 
 
+def _spans_json(spans: list[Span], max_bytes: int) -> str:
+    """The span tree as JSON within `max_bytes`: when it is over, each span's inputs,
+    outputs and metadata are cut to a share of it (with truncation markers) rather than
+    the whole tree replaced by one marker."""
+    dicts = [_span_dict(s) for s in spans]
+    text = _serialize.dumps(dicts, max_bytes=max_bytes)
+    if not text.startswith('{"' + _serialize.TRUNCATED_KEY):
+        return text
+    share = max(1024, max_bytes // (3 * max(1, len(dicts))))
+    for d in dicts:
+        for key in ("inputs", "outputs", "metadata"):
+            d[key] = _serialize.to_jsonable(d[key], max_bytes=share)
+    return _serialize.dumps(dicts, max_bytes=max_bytes)
+
+
 def app_row(record: Record) -> Row:
     return {
         "app_id": _text(record.app_id),
@@ -87,8 +102,7 @@ def record_row(record: Record, *, max_bytes: int) -> Row:
         "prompt_tokens": usage.prompt_tokens if usage else None,
         "completion_tokens": usage.completion_tokens if usage else None,
         "total_tokens": usage.total_tokens if usage else None,
-        "spans_json": _serialize.dumps([_span_dict(s) for s in record.spans],
-                                       max_bytes=max_bytes * 4),
+        "spans_json": _spans_json(record.spans, max_bytes * 4),
         "contexts_json": _serialize.dumps(
             [_serialize.truncate_text(c, max_bytes) for c in record.contexts]),
         "tags_json": _serialize.dumps(record.tags),

@@ -65,22 +65,70 @@ def _default(obj: Any) -> Any:
     return _describe(obj)
 
 
+_MAX_DEPTH = 200  # orjson's own limit is 254 levels
+
+
+def _sanitized(value: Any, depth: int = 0, seen: frozenset[int] = frozenset()) -> Any:
+    """`value` with only the parts orjson refuses replaced (an int over 64 bits as text,
+    a cycle or an over-deep level described, a key made text), so that one odd value
+    does not turn a whole structure — a record's span tree — into a description."""
+    if isinstance(value, int) and not isinstance(value, bool) and not (
+            -(2 ** 63) <= value < 2 ** 64):
+        return str(value)
+    if isinstance(value, dict | list | tuple):
+        if id(value) in seen:
+            return {"__type__": type(value).__qualname__, "__repr__": "<cycle>"}
+        if depth >= _MAX_DEPTH:
+            return {"__type__": type(value).__qualname__, "__repr__": "<nested too deep>"}
+        inner = seen | {id(value)}
+        if isinstance(value, dict):
+            return {(k if isinstance(k, str) else str(k)): _sanitized(v, depth + 1, inner)
+                    for k, v in value.items()}
+        return [_sanitized(v, depth + 1, inner) for v in value]
+    try:
+        orjson.dumps(value, default=_default, option=_OPTIONS)
+        return value
+    except Exception:
+        try:  # its plain form may hold the odd parts (a model's fields, a dataclass's)
+            plain = _default(value)
+        except Exception:
+            return _describe(value)
+        return _describe(value) if plain is value or depth >= _MAX_DEPTH else _sanitized(
+            plain, depth + 1, seen)
+
+
 def dumps(value: Any, *, max_bytes: int | None = None) -> str:
-    """Encode `value` as JSON text, never raising; over `max_bytes`, a truncation marker."""
+    """Encode `value` as JSON text, never raising; over `max_bytes`, a truncation marker
+    (itself within `max_bytes`, with a prefix of the text when `value` is a string)."""
     try:
         data = orjson.dumps(value, default=_default, option=_OPTIONS)
     except Exception as exc:  # recursion, a broken __getattr__, an int over 64 bits, ...
-        logger.debug("falling back to a description of %s: %r", type(value).__name__, exc)
+        logger.debug("encoding %s part by part: %r", type(value).__name__, exc)
         try:
-            data = orjson.dumps(_describe(value), option=_OPTIONS)
+            data = orjson.dumps(_sanitized(value), default=_default, option=_OPTIONS)
         except Exception:
-            data = b'{"__type__": "unserializable"}'
+            try:
+                data = orjson.dumps(_describe(value), option=_OPTIONS)
+            except Exception:
+                data = b'{"__type__": "unserializable"}'
     if max_bytes is not None and len(data) > max_bytes:
-        preview = data[:max_bytes].decode("utf-8", errors="ignore")
-        data = orjson.dumps(
-            {TRUNCATED_KEY: True, "original_bytes": len(data), "preview": preview}
-        )
+        data = _truncated(value, data, max_bytes)
     return data.decode("utf-8")
+
+
+def _truncated(value: Any, data: bytes, max_bytes: int) -> bytes:
+    """The truncation marker for `value` (encoded as `data`), within `max_bytes`."""
+    # A string keeps a prefix of its text; anything else a prefix of its JSON.
+    source = value.encode("utf-8", "backslashreplace") if isinstance(value, str) else data
+    budget = max(0, max_bytes - 100)
+    for _ in range(4):  # escaping can grow the prefix: shrink until the marker fits
+        preview = source[:budget].decode("utf-8", errors="ignore")
+        marker = orjson.dumps(
+            {TRUNCATED_KEY: True, "original_bytes": len(data), "preview": preview})
+        if len(marker) <= max_bytes or budget == 0:
+            return marker
+        budget = int(budget * max_bytes / len(marker) * 0.9)
+    return orjson.dumps({TRUNCATED_KEY: True, "original_bytes": len(data)})
 
 
 def truncate_text(value: Any, max_bytes: int) -> Any:
