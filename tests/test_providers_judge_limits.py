@@ -177,6 +177,33 @@ def test_retry_after_hints_are_honoured(session: Session) -> None:
     assert calls[1] - calls[0] >= 0.29
 
 
+def test_a_retry_after_pauses_the_judges_whole_rate_limit_group(session: Session) -> None:
+    """A 429 is about the key the judge's calls share: the other calls kept firing into
+    the hinted window (each drawing another 429 and burning its retries)."""
+    calls: list[float] = []
+    judge = LLMJudge(failing_model(1, RateLimited(retry_after=0.4), calls=calls),
+                     retries=1, backoff=0.001, rate_limit=RateLimit(per_minute=6000))
+    fb = Feedback(judge.coherence).on_output()
+    records = run(session, [fb], 8)
+    assert statuses(records, fb) == {FeedbackStatus.DONE}
+    refused_at = calls[0]
+    later = [t - refused_at for t in calls[1:]]
+    assert len(later) == 8  # one retry and seven first calls, none refused
+    assert min(later) >= 0.39  # nobody called into the window
+
+
+def test_an_http_date_retry_after_is_honoured() -> None:
+    import email.utils
+
+    from scrutiny.core._evaluate import retry_after_seconds
+
+    in_two = email.utils.formatdate(time.time() + 2, usegmt=True)
+    assert 1.0 <= (retry_after_seconds(in_two) or 0) <= 2.0
+    assert retry_after_seconds("Thu, 01 Jan 2015 00:00:00 GMT") == 0.0
+    assert retry_after_seconds("1.5") == 1.5
+    assert retry_after_seconds("soon") is None
+
+
 def test_other_errors_are_not_retried(session: Session) -> None:
     calls: list[float] = []
     judge = LLMJudge(failing_model(99, ValueError("invalid api key"), calls=calls),

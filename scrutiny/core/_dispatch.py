@@ -168,14 +168,28 @@ class _GroupLimit:
         # capacity 1: calls are spaced evenly, never a burst of a minute's budget at once
         self._rate = AsyncLimiter(1, 60.0 / per_minute) if per_minute else None
         self._sem = asyncio.Semaphore(max_concurrent) if max_concurrent else None
+        self._resume_at = 0.0  # (loop time) a server asked the group to wait until then
+
+    def pause(self, seconds: float) -> None:
+        """A server answered one call with "retry after `seconds`": that is about the key
+        or account the whole group shares, so no call of it starts before then (the others
+        kept calling into the window, each drawing another 429 and burning its retries)."""
+        loop = asyncio.get_running_loop()
+        self._resume_at = max(self._resume_at, loop.time() + seconds)
 
     @contextlib.asynccontextmanager
     async def __call__(self) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
         if self._sem is not None:
             await self._sem.acquire()
         try:
             if self._rate is not None:
                 await self._rate.acquire()
+            # Last, right before the call: a pause that began while this one queued for a
+            # permit holds it too. (It can grow while this waits — another 429 — so it is
+            # read again.)
+            while (wait := self._resume_at - loop.time()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(wait)
             yield
         finally:
             if self._sem is not None:

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import dataclasses
+import email.utils
 import logging
 import math
 import random
@@ -30,7 +31,7 @@ from scrutiny.core._slots import SlotGate, SyncCall
 if TYPE_CHECKING:
     from scrutiny.core._records import Record
 
-__all__ = ["Evaluator", "describe_error"]
+__all__ = ["Evaluator", "describe_error", "retry_after_seconds"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -44,6 +45,25 @@ def describe_error(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
+def retry_after_seconds(value: Any) -> float | None:
+    """A Retry-After value in seconds: a number of seconds, or an HTTP date (RFC 9110
+    allows both; a date already past is 0)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(str(value))
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+        return max(0.0, seconds)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
 def _retry_after(exc: BaseException) -> float | None:
     """A server's retry-after hint, when the exception carries one."""
     for attr in ("retry_after", "retry_after_seconds"):
@@ -54,8 +74,7 @@ def _retry_after(exc: BaseException) -> float | None:
     headers = getattr(response, "headers", None)
     if headers is not None:
         try:
-            value = headers.get("retry-after") or headers.get("Retry-After")
-            return float(value) if value is not None else None
+            return retry_after_seconds(headers.get("retry-after") or headers.get("Retry-After"))
         except (TypeError, ValueError, AttributeError):
             return None
     return None
@@ -258,6 +277,10 @@ class Evaluator:
                                 f"max_backoff={policy.max_backoff:g} s)")
                 else:
                     too_long = ""
+                if hint is not None and limiter is not None:
+                    pause = getattr(limiter, "pause", None)
+                    if pause is not None:  # the whole rate-limit group waits, not this call
+                        pause(hint)
                 if retryable and attempt < policy.attempts:
                     delay = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))
                     delay = delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scrutiny.core import ConfigurationError, InvalidFeedbackValue
+from scrutiny.core._evaluate import retry_after_seconds
 from scrutiny.providers._errors import TransientJudgeError
 
 __all__ = ["JudgeBackend", "JudgeReply", "backend_for", "is_transient", "retry_after_hint"]
@@ -100,7 +101,7 @@ def retry_after_hint(exc: BaseException) -> float | None:
                 return float(millis) / 1000.0
             value = headers.get("retry-after") or headers.get("Retry-After")
             if value is not None:
-                return float(value)
+                return retry_after_seconds(value)
         except (TypeError, ValueError, AttributeError):
             continue
     return None
