@@ -273,6 +273,29 @@ def test_a_llamaindex_custom_llm_that_blocks_times_out_without_freezing_the_rest
     assert "timed out after 0.3 s" in (result.error or "")
 
 
+def test_a_judge_that_never_answers_stops_at_its_overall_deadline(session: Session) -> None:
+    """Per-attempt timeouts alone let one result take attempts x timeout (8 minutes with
+    the defaults): the deadline bounds all attempts together."""
+    calls: list[float] = []
+
+    async def hang(messages: Any) -> str:
+        calls.append(time.monotonic())
+        await asyncio.Event().wait()
+        return "never"
+
+    judge = LLMJudge(RunnableLambda(hang), timeout=0.3, retries=10, backoff=0.01,
+                     deadline=0.5)
+    fb = Feedback(judge.coherence).on_output()
+    (record,) = run(session, [fb], 1)
+    result = record.feedback_results[fb]
+    assert result.status is FeedbackStatus.FAILED
+    assert len(calls) == 2  # 0.3 s, then what was left of the 0.5 s
+    assert "timed out" in (result.error or "")
+    assert result.ended_at is not None
+    assert result.started_at is not None
+    assert (result.ended_at - result.started_at).total_seconds() < 0.5 + 0.3
+
+
 def test_a_full_retry_policy_replaces_the_default(session: Session) -> None:
     policy = RetryPolicy(attempts=2, initial_backoff=0.01, retry_on=(ValueError,))
     judge = LLMJudge(failing_model(1, ValueError("flaky")), retry=policy)

@@ -245,19 +245,32 @@ class Evaluator:
     async def _call(self, feedback: Feedback, args: dict[str, Any],
                     begin: Callable[[datetime | None], None]) -> _CallOutcome:
         policy = feedback.retry
-        timeout = feedback.timeout if feedback.timeout is not None else self._default_timeout
+        per_attempt = feedback.timeout if feedback.timeout is not None \
+            else self._default_timeout
         limiter = self._limiter_for(feedback)
+        loop = asyncio.get_running_loop()
+        first: list[float] = []  # when the first attempt got its slot (loop time)
+
+        def began(at: datetime | None = None) -> None:
+            if not first:
+                first.append(loop.time())
+            begin(at)
+
         attempt = 0
         while True:
             attempt += 1
+            timeout = per_attempt
+            if policy.deadline is not None:  # what is left of it bounds this attempt
+                left = max(0.001, policy.deadline - (loop.time() - first[0] if first else 0.0))
+                timeout = left if timeout is None else min(timeout, left)
             try:
                 async with limiter() if limiter else nullcontext():
                     if feedback.is_async or self._executor is not None:
                         async with self._gate:
-                            begin(None)
+                            began(None)
                             value = await self._attempt(feedback, args, timeout)
                     else:
-                        value = await self._run_sync(feedback.fn, args, timeout, begin)
+                        value = await self._run_sync(feedback.fn, args, timeout, began)
                 score, explanation, metadata = coerce_feedback_value(value)
                 call = FeedbackCall(args=args, score=score, explanation=explanation,
                                     metadata=metadata)
@@ -281,16 +294,23 @@ class Evaluator:
                     pause = getattr(limiter, "pause", None)
                     if pause is not None:  # the whole rate-limit group waits, not this call
                         pause(hint)
+                past_deadline = ""
                 if retryable and attempt < policy.attempts:
                     delay = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))
                     delay = delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter
                     if hint is not None:
                         delay = max(delay, hint)
+                    if policy.deadline is not None and first and (
+                            loop.time() - first[0] + delay >= policy.deadline):
+                        retryable = False
+                        past_deadline = (f" (no more attempts: the deadline of "
+                                         f"{policy.deadline:g} s for all of them has passed)")
+                if retryable and attempt < policy.attempts:
                     logger.debug("feedback %r attempt %d failed (%s); retrying in %.2fs",
                                  feedback.name, attempt, describe_error(exc), delay)
                     await asyncio.sleep(delay)
                     continue
-                reason = describe_error(exc) + too_long
+                reason = describe_error(exc) + too_long + past_deadline
                 if isinstance(exc, InvalidFeedbackValue):
                     metadata = {"raw_value": repr(exc.value)[:2000]}
                 else:

@@ -43,6 +43,9 @@ class RetryPolicy:
         retry_on: exception types that are worth another attempt.
         never_retry_on: exception types that are final even if they match `retry_on`
             (by default, values that are not a score: running again would not change them).
+        deadline: the most seconds all attempts of a call may take together, waits between
+            them included, counted from when the first one started (None: attempts times
+            the timeout). Each attempt's timeout is cut to what is left of it.
     """
 
     attempts: int = 1
@@ -50,12 +53,16 @@ class RetryPolicy:
     max_backoff: float = 30.0
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     never_retry_on: tuple[type[BaseException], ...] = (InvalidFeedbackValue,)
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ConfigurationError(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
         if self.initial_backoff < 0 or self.max_backoff < 0:
             raise ConfigurationError("RetryPolicy backoff values must be >= 0 seconds")
+        if self.deadline is not None and self.deadline <= 0:
+            raise ConfigurationError(f"RetryPolicy.deadline must be > 0 seconds (or None), "
+                                     f"got {self.deadline}")
 
 
 @dataclass(frozen=True, slots=True)

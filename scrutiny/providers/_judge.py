@@ -57,6 +57,9 @@ class LLMJudge:
             30 s), and a retry-after hint from the server is waited at least.
         retry: a full :class:`~scrutiny.RetryPolicy` instead of `retries` and `backoff`.
         timeout: seconds one attempt may take (None: the session's `feedback_timeout`).
+        deadline: the most seconds one judge call may take with all its attempts and the
+            waits between them (None: attempts times the timeout, which with the defaults
+            is 8 minutes for a model that never answers).
         max_prompt_tokens: the prompt budget (None: unlimited).
         on_over_budget: ``"truncate"`` the judged texts and say so in the explanation, or
             ``"skip"`` the result with the reason.
@@ -78,6 +81,7 @@ class LLMJudge:
         backoff: float = 1.0,
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        deadline: float | None = 300.0,
         max_prompt_tokens: int | None = 8000,
         on_over_budget: OverBudget = "truncate",
         count_tokens: TokenCounter | None = None,
@@ -103,9 +107,11 @@ class LLMJudge:
         if rate_limit is not None and rate_limit.group is None:
             rate_limit = dataclasses.replace(rate_limit, group=self.group)
         self.rate_limit = rate_limit
+        if deadline is not None and deadline <= 0:
+            raise ConfigurationError(f"deadline must be > 0 seconds (or None), got {deadline}")
         self.retry = retry or RetryPolicy(
             attempts=1 + retries, initial_backoff=backoff, max_backoff=max(30.0, backoff),
-            retry_on=(TransientJudgeError, FeedbackTimeout))
+            retry_on=(TransientJudgeError, FeedbackTimeout), deadline=deadline)
         self.timeout = timeout
         self.max_prompt_tokens = max_prompt_tokens
         self.on_over_budget: OverBudget = on_over_budget
