@@ -139,6 +139,30 @@ def test_sync_only_models_called_from_async_feedbacks_run_as_many_at_once_as_all
     assert (df["judge status"] == "done").all()
 
 
+def test_many_sessions_left_open_are_pointed_out(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Session per request without close() keeps each one's threads for good (35 a
+    request): the log says so once, and what to do."""
+    from scrutiny.core import _session
+
+    monkeypatch.setattr(_session, "_warned_many", False)
+    now = time.time()
+    sessions = []
+    try:
+        for i in range(_session.MANY_OPEN + 2):
+            s = Session(f"sqlite:///{tmp_path}/s{i}.sqlite")
+            s.ingest(Record(app_name="a", app_version="v", input="q", output="o",
+                            start_time=now, end_time=now), [])
+            sessions.append(s)
+    finally:
+        for s in sessions:
+            s.close()
+    warnings = [r for r in caplog.records if "sessions are open in this process" in r.message]
+    assert len(warnings) == 1
+    assert "close() each when done" in warnings[0].message
+
+
 def test_one_session_per_request_keeps_thread_count_flat(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/many.sqlite"
     fb = Feedback(lambda output: 1.0, name="x").on_output()

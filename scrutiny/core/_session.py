@@ -66,6 +66,25 @@ ResultListener = Callable[[FeedbackResult, Record], object]
 """Called with each stored end state (done, failed, skipped) and its record."""
 
 
+MANY_OPEN = 8
+"""Started sessions open at once beyond which a warning says to reuse or close them."""
+_warned_many = False
+
+
+def _warn_if_many_open() -> None:
+    """A session started and never closed keeps its threads (a writer, an evaluation loop,
+    a sync pool of max_concurrency threads) for the life of the process: one per request
+    without close() grew a server by some 35 threads a request."""
+    global _warned_many
+    open_now = sum(1 for s in list(live_sessions) if not s.closed)
+    if open_now > MANY_OPEN and not _warned_many:
+        _warned_many = True
+        logger.warning(
+            "scrutiny: %d sessions are open in this process, each with its own threads; "
+            "reuse one Session (it is thread-safe) or close() each when done — `with "
+            "Session(...) as s:` does", open_now)
+
+
 def _unstored_end(final: FeedbackResult) -> FeedbackResult:
     """What waiters are told when an end state could not be stored: not the end state
     itself (that would claim a stored result), but `failed` with what it was; the row stays
@@ -295,6 +314,7 @@ class Session(SessionReading):
                     idle_interval=self.lease_seconds / 3, on_idle=self._heartbeat)
                 self._state = "started"
                 live_sessions.add(self)
+                _warn_if_many_open()
             return self._writer
 
     def _evaluation_loop(self) -> EvaluationLoop:
