@@ -342,6 +342,29 @@ async def test_a_timed_out_await_leaves_later_waits_callbacks_and_listeners_work
     assert heard == ["slow"]
 
 
+def test_a_feedback_that_blocks_the_loop_fails_no_other_feedback_and_is_named_in_the_log(
+        session: Session, caplog: pytest.LogCaptureFixture) -> None:
+    """An async feedback that makes a blocking call holds the whole loop: a quick
+    feedback whose work was done on time then failed by its own timeout (both timers came
+    due together when the loop got free), and nothing said why."""
+    async def quick(output: str) -> float:
+        await asyncio.sleep(0.01)
+        return 1.0
+
+    async def blocking(output: str) -> float:
+        time.sleep(1.2)  # the mistake this test is about: a blocking call in async def
+        return 0.5
+
+    f_quick = Feedback(quick, name="quick", timeout=0.3).on_output()
+    f_block = Feedback(blocking, name="blocking").on_output()
+    record = session.ingest(make_record(), [f_quick, f_block])
+    results = record.wait_for_feedback_results(timeout=20)
+    assert results[f_quick].status is FeedbackStatus.DONE, results[f_quick].error
+    assert results[f_block].status is FeedbackStatus.DONE
+    assert "the evaluation loop was held for" in caplog.text
+    assert "asyncio.to_thread" in caplog.text
+
+
 def test_mode_none_stores_skipped_with_the_reason(db_url: str) -> None:
     with Session(db_url, feedback_mode=FeedbackMode.NONE) as s:
         fb = Feedback(lambda output: 1.0, name="x").on_output()

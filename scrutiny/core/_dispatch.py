@@ -59,6 +59,8 @@ SYNC_POLL_MAX = 0.05
 """While sync feedback calls are out, the loop collects their results every SYNC_POLL
 seconds while they keep coming, up to every SYNC_POLL_MAX while the calls take long (their
 threads wake it only at the end of a chain of calls)."""
+HELD_WARNING = 1.0
+"""Seconds without a poll for I/O after which the loop says it was held by a blocking call."""
 _INF = float("inf")
 _FD_SETSIZE = 1024  # select()'s limit on descriptor numbers (Linux)
 
@@ -227,6 +229,7 @@ class _BusySelector(selectors.DefaultSelector):
     def __init__(self, courtesy: Courtesy) -> None:
         super().__init__()
         self._last_poll = 0.0
+        self._warned_held = False
         self.courtesy = courtesy
         self.before_poll: Callable[[], float | None] | None = None
         epoll = getattr(selectors, "EpollSelector", None)
@@ -238,6 +241,8 @@ class _BusySelector(selectors.DefaultSelector):
         # a zero timeout (callbacks ready) is none either: the loop gets back to them at the
         # next switch; offering the app's time for them cost quick feedbacks' apps 1-2 %.
         asked = time.monotonic()
+        if asked - self._last_poll > HELD_WARNING and self._last_poll:
+            self._warn_held(asked - self._last_poll)
         due = _INF if timeout is None or timeout <= 0 else asked + timeout
         before = self.before_poll
         cap = None if before is None else before()
@@ -255,6 +260,16 @@ class _BusySelector(selectors.DefaultSelector):
             courtesy.due = _INF
         self._last_poll = time.monotonic()
         return events
+
+    def _warn_held(self, held: float) -> None:
+        """Nothing but a blocking call keeps the loop from polling this long."""
+        log = logger.debug if self._warned_held else logger.warning
+        self._warned_held = True
+        log("scrutiny: the evaluation loop was held for %.1f s without a break: an async "
+            "feedback made a blocking call (a sync client, time.sleep, a sync model call). "
+            "Every other evaluation waited, and their timeouts counted it. Make that "
+            "feedback a plain def (it then runs on a thread) or await "
+            "asyncio.to_thread(...) around the call", held)
 
     def _wait(self, wait: float | None) -> list[Any]:
         if not self._precise or wait is None or wait <= 0 or (wait * 1e3).is_integer():

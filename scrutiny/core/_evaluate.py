@@ -80,6 +80,11 @@ def _retry_after(exc: BaseException) -> float | None:
     return None
 
 
+_HELD = 0.05
+"""A timeout firing this much later than due means the loop was held, not that the awaited
+work was slow."""
+
+
 async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
     """Await with a deadline, without wrapping a coroutine in a task of its own.
 
@@ -94,14 +99,24 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
         # which cost more than the rest of a quick evaluation.
         task = asyncio.current_task()
         assert task is not None
-        expired = False
+        expired = rechecked = False
+        loop = asyncio.get_running_loop()
+        due = loop.time() + timeout
+        handle: asyncio.Handle | None = None
 
         def expire() -> None:
-            nonlocal expired
+            nonlocal expired, rechecked, handle
+            if not rechecked and loop.time() - due > _HELD:
+                # The loop was held (a blocking call in some other feedback): what ended
+                # meanwhile is queued to resume right now — let it run first, rather than
+                # fail a feedback whose work was done on time.
+                rechecked = True
+                handle = loop.call_soon(expire)
+                return
             expired = True
             task.cancel()
 
-        handle = asyncio.get_running_loop().call_later(timeout, expire)
+        handle = loop.call_later(timeout, expire)
         try:
             return await awaitable
         except asyncio.CancelledError:
