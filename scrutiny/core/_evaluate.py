@@ -85,6 +85,36 @@ _HELD = 0.05
 work was slow."""
 
 
+class _Deadline:
+    """Cancels `task` once `timeout` seconds have passed (one timer and a flag: what
+    asyncio.timeout() does, without its state machine, which cost more than the rest of a
+    quick evaluation). A class, not a closure: rescheduling itself, a closure would refer to
+    itself — a reference cycle per evaluation, for the garbage collector."""
+
+    __slots__ = ("due", "expired", "handle", "loop", "rechecked", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
+                 timeout: float) -> None:
+        self.loop, self.task = loop, task
+        self.due = loop.time() + timeout
+        self.expired = self.rechecked = False
+        self.handle: asyncio.Handle = loop.call_later(timeout, self._fire)
+
+    def _fire(self) -> None:
+        if not self.rechecked and self.loop.time() - self.due > _HELD:
+            # The loop was held (a blocking call in some other feedback): what ended
+            # meanwhile is queued to resume right now — let it run first, rather than fail
+            # a feedback whose work was done on time.
+            self.rechecked = True
+            self.handle = self.loop.call_soon(self._fire)
+            return
+        self.expired = True
+        self.task.cancel()
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
 async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
     """Await with a deadline, without wrapping a coroutine in a task of its own.
 
@@ -99,33 +129,16 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
         # which cost more than the rest of a quick evaluation.
         task = asyncio.current_task()
         assert task is not None
-        expired = rechecked = False
-        loop = asyncio.get_running_loop()
-        due = loop.time() + timeout
-        handle: asyncio.Handle | None = None
-
-        def expire() -> None:
-            nonlocal expired, rechecked, handle
-            if not rechecked and loop.time() - due > _HELD:
-                # The loop was held (a blocking call in some other feedback): what ended
-                # meanwhile is queued to resume right now — let it run first, rather than
-                # fail a feedback whose work was done on time.
-                rechecked = True
-                handle = loop.call_soon(expire)
-                return
-            expired = True
-            task.cancel()
-
-        handle = loop.call_later(timeout, expire)
+        deadline = _Deadline(asyncio.get_running_loop(), task, timeout)
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if expired and task.uncancel() == 0:
+            if deadline.expired and task.uncancel() == 0:
                 raise FeedbackTimeout(f"timed out after {timeout:g} s",
                                       timeout=timeout) from None
             raise
         finally:
-            handle.cancel()
+            deadline.cancel()  # drops its handle's reference to it: no cycle is left
     try:  # pragma: no cover - Python 3.10
         return await asyncio.wait_for(awaitable, timeout)
     except asyncio.TimeoutError:  # pragma: no cover
