@@ -24,7 +24,7 @@ _RECORD_COLUMNS = [
     "end_time", "tags",
 ]
 _LEADERBOARD_COLUMNS = ["records", "latency", "total_tokens", "pending", "running", "failed",
-                        "skipped", "done"]
+                        "skipped"]
 RESERVED_NAMES = frozenset(_RECORD_COLUMNS + _LEADERBOARD_COLUMNS)
 """Column names of the tables a feedback's name must not take (its score column would
 replace or double them)."""
