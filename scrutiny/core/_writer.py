@@ -26,8 +26,6 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
-    stop_any,
-    stop_when_event_set,
     wait_exponential,
 )
 
@@ -76,13 +74,14 @@ class StorageWriter:
         self._on_idle = on_idle
         self._polling = False  # the writer looks at its queue by itself: no need to wake it
         self._outage = threading.Event()  # set by close(): stop waiting out an outage
+        self._gave_up = False  # the last commit gave up on an unreachable database
         # One policy object for every commit (on the writer thread only): a new one per
         # commit left a reference cycle of some 14 objects for the garbage collector.
         self._retrying = Retrying(
             retry=retry_if_exception_type(OperationalError),
-            stop=stop_any(stop_after_attempt(5), stop_when_event_set(self._outage)),
+            stop=stop_after_attempt(5),
             wait=wait_exponential(multiplier=0.05, max=2.0),
-            sleep=self._pause,  # close() cuts the wait short
+            sleep=self._pause,  # close() cuts the waits short (the attempts still run)
             reraise=True,
         )
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -178,7 +177,7 @@ class StorageWriter:
     def _write_batch(self, batch: list[WriteItem]) -> None:
         ops, prepared, unprepared = self._prepare(batch)
         stored = self._commit(ops)
-        if not stored and len(prepared) > 1 and not self._stopping:
+        if not stored and len(prepared) > 1 and not self._gave_up:
             # isolate the bad item: write one by one so the others are kept
             results = [(item, self._commit(list(item_ops))) for item, item_ops in prepared]
         else:
@@ -233,6 +232,7 @@ class StorageWriter:
         during it. Work queued meanwhile waits behind it, bounded by the queue size (beyond it,
         new work is dropped, counted and logged); `close()` gives up what is still held.
         """
+        self._gave_up = False
         if not ops:
             return True
         backoff, since = OUTAGE_BACKOFF, 0.0
@@ -254,6 +254,7 @@ class StorageWriter:
                 if self._stopping:
                     logger.error("scrutiny: the database is unreachable and the session is "
                                  "closing: %d operation(s) not stored: %s", len(ops), exc)
+                    self._gave_up = True  # (one by one would not fare better)
                     return False
                 if not since:
                     since = time.monotonic()
@@ -263,6 +264,7 @@ class StorageWriter:
                 if self._outage.wait(backoff):  # closing: do not try again
                     logger.error("scrutiny: the database is unreachable and the session is "
                                  "closing: %d operation(s) not stored", len(ops))
+                    self._gave_up = True
                     return False
                 backoff = min(backoff * 2, OUTAGE_BACKOFF_MAX)
 
