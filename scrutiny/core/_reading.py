@@ -8,6 +8,7 @@ whose call has returned is in the next table read.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +17,13 @@ import pandas as pd
 from scrutiny.core import _rows
 from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._frames import leaderboard_frame, records_frame
-from scrutiny.core._records import Record, _ResultSlot
+from scrutiny.core._records import Record, RecordStatus, _ResultSlot
 from scrutiny.core._results import FeedbackStatus
 from scrutiny.core.storage import RecordQuery, Row, Store
+
+MAX_OFFSET = 2 ** 62
+MAX_SEARCH = 1000
+"""Characters of a search text (SQLite refuses LIKE patterns over 50,000 bytes)."""
 
 __all__ = ["RecordPage", "SessionReading"]
 
@@ -108,8 +113,19 @@ class SessionReading:
             search: text that the input or the output contains (case-insensitive).
             limit, offset: the page (limit at most 1000).
         """
-        if not 1 <= limit <= 1000 or offset < 0:
-            raise ConfigurationError("limit must be 1..1000 and offset >= 0")
+        if not 1 <= limit <= 1000 or not 0 <= offset <= MAX_OFFSET:
+            raise ConfigurationError(f"limit must be 1..1000 and offset 0..{MAX_OFFSET}")
+        if record_status is not None and record_status not in {m.value for m in RecordStatus}:
+            raise ConfigurationError(f"unknown record_status {record_status!r}; use "
+                                     f"{[m.value for m in RecordStatus]}")
+        if search is not None and len(search) > MAX_SEARCH:
+            raise ConfigurationError(f"the search text has {len(search)} characters; at most "
+                                     f"{MAX_SEARCH} are searched for")
+        for name, bound in (("min_score", min_score), ("max_score", max_score)):
+            if bound is not None and not math.isfinite(bound):
+                raise ConfigurationError(f"{name} must be a finite number, got {bound}")
+        if min_score is not None and max_score is not None and min_score > max_score:
+            raise ConfigurationError(f"min_score {min_score} is above max_score {max_score}")
         bad = [st for st in statuses or () if st not in {m.value for m in FeedbackStatus}]
         if bad:
             raise ConfigurationError(f"unknown status(es) {bad}; use "
