@@ -470,11 +470,17 @@ def test_dask_cluster_evaluates_and_results_surface_here(dask_client: object,
     with Session(f"sqlite:///{tmp_path}/dask.sqlite", executor=executor) as s:
         pid_fb = Feedback(fbs.worker_pid).on_output()
         async_fb = Feedback(fbs.slow_async).on_output()
-        record = s.ingest(make_record(), [pid_fb, async_fb])
+        # The same call as async_fb, timing out: Dask named both by hashing their arguments
+        # (pure=True), so they shared one task, and cancelling it left async_fb hanging.
+        twin_fb = Feedback(fbs.slow_async, name="twin", timeout=0.01).on_output()
+        record = s.ingest(make_record(), [pid_fb, async_fb, twin_fb])
         record.wait_for_feedback_results(callback=lambda results: fired.set())
         results = record.wait_for_feedback_results(timeout=120)
         assert fired.wait(30)
-        assert {r.status for r in results.values()} == {FeedbackStatus.DONE}
+        assert results[twin_fb].status is FeedbackStatus.FAILED
+        assert "timed out" in (results[twin_fb].error or "")
+        assert results[pid_fb].status is FeedbackStatus.DONE
+        assert results[async_fb].status is FeedbackStatus.DONE
         assert results[pid_fb].result != float(os.getpid())  # ran in a Dask worker
         assert results[async_fb].result == 0.5
         df, _ = s.get_records_and_feedback()

@@ -11,6 +11,7 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import email.utils
+import itertools
 import logging
 import math
 import random
@@ -145,8 +146,16 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
         raise FeedbackTimeout(f"timed out after {timeout:g} s", timeout=timeout) from None
 
 
-def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any]) -> Any:
-    """Run a feedback call in another process or thread (an external executor)."""
+_call_ids = itertools.count(1)
+
+
+def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any],
+                   call_id: int = 0) -> Any:
+    """Run a feedback call in another process or thread (an external executor).
+
+    `call_id` makes each call's arguments unique: Dask names a task by hashing them
+    (``pure=True`` by default), so two identical calls shared one task — and a timeout
+    that cancelled it left the other waiting for good."""
     if is_async:
         return asyncio.run(fn(**args))
     return fn(**args)
@@ -355,7 +364,8 @@ class Evaluator:
         awaitable: Awaitable[Any]
         if self._executor is not None:
             awaitable = asyncio.wrap_future(
-                self._executor.submit(_call_anywhere, feedback.fn, feedback.is_async, args))
+                self._executor.submit(_call_anywhere, feedback.fn, feedback.is_async, args,
+                                      next(_call_ids)))
         else:
             awaitable = feedback.fn(**args)
         value = await _within(awaitable, timeout)
