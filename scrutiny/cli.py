@@ -86,12 +86,15 @@ class _Progress:
 @click.option("--concurrency", default=32, show_default=True,
               help="Feedback calls running at once in this worker.")
 @click.option("--lease", "lease_seconds", default=60.0, show_default=True,
+              type=click.FloatRange(min=1, max=86_400),
               help="Seconds a claim stays reserved without a heartbeat.")
 @click.option("--poll-interval", default=0.5, show_default=True,
+              type=click.FloatRange(min=0.01, max=3600),
               help="Seconds to wait when nothing is pending.")
 @click.option("--grace", default=30.0, show_default=True,
               help="On SIGTERM/SIGINT, seconds to finish claimed work before releasing it.")
 @click.option("--log-every", default=10.0, show_default=True,
+              type=click.FloatRange(min=0.1, max=86_400),
               help="Seconds between progress lines.")
 @click.option("--import-path", "import_paths", multiple=True, metavar="DIR",
               help="Add DIR to sys.path so feedback modules can be imported (repeatable).")
@@ -161,8 +164,8 @@ def _default_url() -> str:
 @_URL
 @_PREFIX
 @click.option("--app", "apps", multiple=True, help="App name or name:version (repeatable).")
-@click.option("--limit", default=20, show_default=True)
-@click.option("--offset", default=0, show_default=True)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
               default="table", show_default=True)
 def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...], limit: int,

@@ -67,3 +67,23 @@ def test_a_trulens_llama_index_quickstart_runs(tmp_path: Path) -> None:
     assert result.status is FeedbackStatus.DONE
     assert session.get_records_and_feedback()[0].loc[0, "app_name"] == "docs-qa"
     session.close()
+
+
+def test_a_recorders_app_id_is_what_its_records_are_filtered_by(tmp_path: Path) -> None:
+    """TruLens code filters with `app_ids=[tru.app_id]`: the attribute was missing."""
+    from langchain_core.runnables import RunnableLambda
+
+    from scrutiny.compat.trulens import TruChain, TruSession
+
+    session = TruSession(f"sqlite:///{tmp_path}/t.sqlite")
+    chain = RunnableLambda(lambda q: f"answer to {q}")
+    try:
+        tru = TruChain(chain, app_name="qa", app_version="v2", session=session)
+        with tru:
+            chain.invoke("q")
+        assert tru.app_id == "qa:v2"
+        df, _ = session.get_records_and_feedback(app_ids=[tru.app_id])
+        assert list(df["app_id"]) == ["qa:v2"]
+        assert len(session.get_leaderboard(app_ids=[tru.app_id])) == 1
+    finally:
+        session.close()

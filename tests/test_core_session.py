@@ -529,11 +529,22 @@ def test_invalid_options_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"max_concurrency must be a whole number, "
                                                  r"got '8' \(str\)"):
         Session(f"sqlite:///{tmp_path}/x.sqlite", max_concurrency="8")  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match="flush_timeout must be a number of seconds"):
+    with pytest.raises(ConfigurationError, match="flush_timeout must be a finite number of "):
         Session(f"sqlite:///{tmp_path}/x.sqlite", flush_timeout="10")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match=r"'mysql' databases are not supported: "
                                                  r"Scrutiny stores into SQLite"):
         Session("mysql://u@localhost/db")
+    for name in ("lease_seconds", "flush_timeout", "feedback_timeout"):
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ConfigurationError, match=f"{name} must be a finite number"):
+                Session(f"sqlite:///{tmp_path}/x.sqlite", **{name: bad})
+    with Session(f"sqlite:///{tmp_path}/x.sqlite") as s:
+        with pytest.raises(ConfigurationError, match="poll_interval must be > 0"):
+            s.start_worker(poll_interval=-1)
+        with pytest.raises(ConfigurationError, match="limit must be >= 1"):
+            s.get_records_and_feedback(limit=-1)
+        with pytest.raises(ConfigurationError, match=r"offset 0\.\."):
+            s.get_records_and_feedback(offset=-5)
 
 
 def test_default_database_is_a_file_in_the_working_directory(

@@ -212,3 +212,24 @@ def test_cli_serves_until_interrupted(stored: Session, database_url: str) -> Non
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["records", "--limit", "-1"], "Invalid value for '--limit'"),
+    (["records", "--offset", "-5"], "Invalid value for '--offset'"),
+    (["worker", "--log-every", "0"], "Invalid value for '--log-every'"),  # spun the CPU
+    (["worker", "--poll-interval", "-1"], "Invalid value for '--poll-interval'"),
+    (["worker", "--lease", "0.5"], "Invalid value for '--lease'"),
+])
+def test_cli_refuses_out_of_range_numbers(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+
+
+def test_cli_worker_refuses_a_lease_that_is_not_a_number(tmp_path: Path) -> None:
+    with Session(f"sqlite:///{tmp_path}/w.sqlite"):
+        pass
+    line = _fails(["worker", "--database-url", f"sqlite:///{tmp_path}/w.sqlite",
+                   "--lease", "nan"])
+    assert "lease_seconds must be a finite number of seconds" in line

@@ -64,6 +64,9 @@ class SessionReading:
             failed or skipped — or ``n/a`` where the record was not evaluated with that
             feedback at all (a table of several apps).
         """
+        if (limit is not None and limit < 1) or offset < 0 or offset > MAX_OFFSET:
+            raise ConfigurationError(f"limit must be >= 1 (or None for all) and offset "
+                                     f"0..{MAX_OFFSET}; got limit={limit}, offset={offset}")
         timeout = self.flush_timeout if timeout is None else timeout
         if wait:
             self.wait_for_feedback(timeout)

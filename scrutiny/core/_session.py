@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import enum
 import logging
+import math
 import os
 import socket
 import threading
@@ -206,10 +207,10 @@ class Session(SessionReading):
                               ("flush_timeout", flush_timeout),
                               ("lease_seconds", lease_seconds)):
             if seconds is not None and (isinstance(seconds, bool)
-                                        or not isinstance(seconds, int | float)):
+                                        or not isinstance(seconds, int | float)
+                                        or not math.isfinite(seconds)):
                 raise ConfigurationError(
-                    f"{name} must be a number of seconds, got {seconds!r} "
-                    f"({type(seconds).__name__})")
+                    f"{name} must be a finite number of seconds, got {seconds!r}")
         if max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if thread_pool_size is not None and thread_pool_size < 1:
@@ -613,6 +614,10 @@ class Session(SessionReading):
         that died or exited early) with a lease, evaluates them with this session's
         evaluation loop and stores them. Returns a :class:`Worker`; `worker.stop()` ends it.
         """
+        if not (math.isfinite(poll_interval) and poll_interval > 0):
+            raise ConfigurationError(f"poll_interval must be > 0 seconds, got {poll_interval}")
+        if batch_size < 1 or max_claims < 1:
+            raise ConfigurationError("batch_size and max_claims must be >= 1")
         from scrutiny.core._worker import Worker
 
         worker = Worker(self, poll_interval=poll_interval, batch_size=batch_size,

@@ -22,6 +22,7 @@ from scrutiny.core import (
     RecordingError,
     Session,
 )
+from scrutiny.core._records import app_id_for
 from scrutiny.integrations.langchain._handler import OPEN_BLOCKS, ScrutinyCallbackHandler
 
 __all__ = ["ChainRecorder", "Recording"]
@@ -106,6 +107,11 @@ class ChainRecorder:
     @property
     def app_version(self) -> str:
         return self.handler.app_version
+
+    @property
+    def app_id(self) -> str:
+        """``"app_name:app_version"``, the id its records are stored and filtered under."""
+        return app_id_for(self.app_name, self.app_version)
 
     @property
     def session(self) -> Session:

@@ -26,6 +26,7 @@ from scrutiny.core import (
     Span,
     TokenUsage,
 )
+from scrutiny.core._records import app_id_for
 from scrutiny.integrations.llama_index._convert import main_input, main_output
 from scrutiny.integrations.llama_index._events import FeedbackEventBridge
 from scrutiny.integrations.llama_index._handlers import ensure_installed
@@ -87,6 +88,8 @@ class LlamaIndexRecorder:
             session=session, feedback_mode=feedback_mode, tags=tags, metadata=metadata)
         self.app_name = self.settings.app_name
         self.app_version = self.settings.app_version
+        self.app_id = app_id_for(self.app_name, self.app_version)
+        """``"app_name:app_version"``, the id its records are stored and filtered under."""
         self.feedbacks = self.settings.feedbacks
         self.feedback_mode = self.settings.feedback_mode
         self.tags = self.settings.tags
