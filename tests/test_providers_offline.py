@@ -267,3 +267,19 @@ def test_metric_results_that_are_not_scores_fail(session: Session) -> None:
     record = session.ingest(make_record("Q", "A"), [fb])
     result = record.wait_for_feedback_results(timeout=30)[fb]
     assert result.status is FeedbackStatus.FAILED  # NaN is never stored as a score
+
+
+def test_rouge_and_bleu_score_an_identical_answer_1_in_any_script_and_length() -> None:
+    """rouge-score's tokenizer keeps only a-z and 0-9 (Russian or Chinese answers had no
+    tokens: identical ones scored 0), and BLEU counted the missing 3- and 4-grams of a
+    short answer as misses (an exact '42' scored 0.35)."""
+    from scrutiny.providers import Rouge, bleu
+
+    rouge = Rouge()
+    for text in ("Москва является столицей России", "北京是中国的首都", "Ελλάδα"):
+        assert rouge(text, text)[0] == 1.0
+    assert 0.0 < rouge("Москва столица", "Москва является столицей России")[0] < 1.0
+    assert rouge("the cats are running", "the cat runs")[0] > 0.5  # ASCII keeps stemming
+    for short in ("42", "yes please", "Москва"):
+        assert bleu(short, short)[0] == 1.0
+    assert bleu("a b", "c d")[0] == 0.0
