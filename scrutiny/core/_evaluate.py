@@ -32,7 +32,7 @@ from scrutiny.core._slots import SlotGate, SyncCall
 if TYPE_CHECKING:
     from scrutiny.core._records import Record
 
-__all__ = ["Evaluator", "describe_error", "retry_after_seconds"]
+__all__ = ["Evaluator", "describe_error", "retry_after_hint", "retry_after_seconds"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -65,19 +65,31 @@ def retry_after_seconds(value: Any) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def _retry_after(exc: BaseException) -> float | None:
-    """A server's retry-after hint, when the exception carries one."""
-    for attr in ("retry_after", "retry_after_seconds"):
-        value = getattr(exc, attr, None)
-        if isinstance(value, int | float) and value >= 0:
-            return float(value)
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None)
-    if headers is not None:
-        try:
-            return retry_after_seconds(headers.get("retry-after") or headers.get("Retry-After"))
-        except (TypeError, ValueError, AttributeError):
-            return None
+def retry_after_hint(exc: BaseException) -> float | None:
+    """Seconds a server asked us to wait, if `exc` (or an exception it was raised from)
+    carries the hint: a ``retry_after`` attribute, or a ``retry-after-ms`` / ``Retry-After``
+    header on its ``response``."""
+    current: BaseException | None = exc
+    seen: list[BaseException] = []
+    while current is not None and current not in seen and len(seen) < 5:
+        seen.append(current)
+        for attr in ("retry_after", "retry_after_seconds"):
+            value = getattr(current, attr, None)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+                return float(value)
+        headers = getattr(getattr(current, "response", None), "headers", None)
+        if headers is not None:
+            try:
+                millis = headers.get("retry-after-ms")
+                if millis is not None:
+                    return float(millis) / 1000.0
+                seconds = retry_after_seconds(
+                    headers.get("retry-after") or headers.get("Retry-After"))
+                if seconds is not None:
+                    return seconds
+            except (TypeError, ValueError, AttributeError):
+                pass
+        current = current.__cause__ or current.__context__
     return None
 
 
@@ -126,8 +138,6 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
     if timeout is None:
         return await awaitable
     if sys.version_info >= (3, 11):
-        # One timer and a flag: what asyncio.timeout() does, without its state machine,
-        # which cost more than the rest of a quick evaluation.
         task = asyncio.current_task()
         assert task is not None
         deadline = _Deadline(asyncio.get_running_loop(), task, timeout)
@@ -320,7 +330,7 @@ class Evaluator:
             except Exception as exc:
                 retryable = isinstance(exc, policy.retry_on) and not isinstance(
                     exc, policy.never_retry_on)
-                hint = _retry_after(exc) if retryable else None
+                hint = retry_after_hint(exc) if retryable else None
                 if hint is not None and hint > policy.max_backoff:
                     retryable = False  # the server asks for longer than the policy waits
                     too_long = (f" (the server asked to retry after {hint:g} s, longer than "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scrutiny.core import ConfigurationError, InvalidFeedbackValue
-from scrutiny.core._evaluate import retry_after_seconds
+from scrutiny.core._evaluate import retry_after_hint
 from scrutiny.providers._errors import TransientJudgeError
 
 __all__ = ["JudgeBackend", "JudgeReply", "backend_for", "is_transient", "retry_after_hint"]
@@ -83,28 +83,6 @@ def is_transient(exc: BaseException) -> bool:
         if any(key in name for name in names for key in _TRANSIENT_NAMES):
             return True
     return False
-
-
-def retry_after_hint(exc: BaseException) -> float | None:
-    """Seconds the server asked us to wait (``retry_after`` or a Retry-After header)."""
-    for err in _chain(exc):
-        for attr in ("retry_after", "retry_after_seconds"):
-            value = getattr(err, attr, None)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-                return float(value)
-        headers = getattr(getattr(err, "response", None), "headers", None)
-        if headers is None:
-            continue
-        try:
-            millis = headers.get("retry-after-ms")
-            if millis is not None:
-                return float(millis) / 1000.0
-            value = headers.get("retry-after") or headers.get("Retry-After")
-            if value is not None:
-                return retry_after_seconds(value)
-        except (TypeError, ValueError, AttributeError):
-            continue
-    return None
 
 
 async def _guarded(name: str, call: Awaitable[Any]) -> Any:
