@@ -12,7 +12,10 @@ cache and all 64 threads of the sync pool started beforehand, as in a running ap
 run per variant (fresh session, a single warm-up call) is reported beside it. One more,
 untimed, run per variant reports how late the feedbacks' 50 ms waits end (the thread getting
 the interpreter lock back included) while the app's calls run and after they are over
-(`diagnostic_wait_late_ms`); `calls_s` is how long the app's 200 calls took. Each timed run
+(`diagnostic_wait_late_ms`) and, for the sync variant, how many waits each pool thread ran
+(`diagnostic_calls_per_thread`: 9 or 10 when the 64 slots work side by side from the start;
+a spread such as 7 to 11 means some slots sat granted while their call waited for a
+thread); `calls_s` is how long the app's 200 calls took. Each timed run
 starts from a collected heap (see `_common.FullCollections`); `full_gc_in_timed_runs` counts
 the full garbage-collector passes that still fell inside them.
 
@@ -27,6 +30,7 @@ the obvious hand-written one?
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import os
 import sys
@@ -53,15 +57,15 @@ WARMUP_CALLS = -(-CONCURRENCY // FEEDBACKS) + 1
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
 
 
-# (started at, seconds late) of every wait of the feedbacks, for the diagnostic run
-LATE: list[tuple[float, float]] = []
+# (started at, seconds late, thread) of every wait of the feedbacks, for the diagnostic run
+LATE: list[tuple[float, float, int]] = []
 
 
 def async_feedbacks() -> list[Feedback]:
     async def slow_async(text: str) -> float:
         began = time.perf_counter()
         await asyncio.sleep(DELAY)
-        LATE.append((began, time.perf_counter() - began - DELAY))
+        LATE.append((began, time.perf_counter() - began - DELAY, threading.get_ident()))
         return 1.0
 
     return [Feedback(slow_async, name=f"async_{i}").on_output() for i in range(FEEDBACKS)]
@@ -71,7 +75,7 @@ def sync_feedbacks() -> list[Feedback]:
     def slow_sync(text: str) -> float:
         began = time.perf_counter()
         time.sleep(DELAY)  # (returns once its thread has the interpreter lock back)
-        LATE.append((began, time.perf_counter() - began - DELAY))
+        LATE.append((began, time.perf_counter() - began - DELAY, threading.get_ident()))
         return 1.0
 
     return [Feedback(slow_sync, name=f"sync_{i}").on_output() for i in range(FEEDBACKS)]
@@ -121,13 +125,15 @@ def run_once(make_feedbacks: Callable[[], list[Feedback]], warmup_calls: int,
     out: dict[str, Any] = {"wall": wall, "calls": t_calls, "finished": finished,
                            "records": len(df), "done": done, "full_gc": full_gc.count}
     if watch_lag:
-        during = [lag * 1e3 for at, lag in LATE if at - t0 < t_calls]
-        after = [lag * 1e3 for at, lag in LATE if at - t0 >= t_calls]
+        during = [lag * 1e3 for at, lag, _ in LATE if at - t0 < t_calls]
+        after = [lag * 1e3 for at, lag, _ in LATE if at - t0 >= t_calls]
         out["wait_late_ms"] = {
             "during_calls_p50": r(percentile(during, 50), 2),
             "during_calls_p90": r(percentile(during, 90), 2),
             "after_calls_p50": r(percentile(after, 50), 2),
             "after_calls_p90": r(percentile(after, 90), 2)}
+        per_thread = collections.Counter(thread for _, _, thread in LATE)
+        out["calls_per_thread"] = sorted(collections.Counter(per_thread.values()).items())
     return out
 
 
@@ -221,7 +227,7 @@ def run_variant(make_feedbacks: Callable[[], list[Feedback]], kind: str) -> dict
     all_done = all(x["done"] == expected and x["finished"] for x in [*runs, cold])
     # Why the ratio is what it is: how late the feedbacks' waits end while the app's
     # CPU-bound calls hold the interpreter lock, and once they are over.
-    lag = run_once(make_feedbacks, warmup_calls=WARMUP_CALLS, watch_lag=True)["wait_late_ms"]
+    diagnostic = run_once(make_feedbacks, warmup_calls=WARMUP_CALLS, watch_lag=True)
     return {
         "wall_s": r(med["wall"]),
         "calls_s": r(med["calls"]),
@@ -238,7 +244,10 @@ def run_variant(make_feedbacks: Callable[[], list[Feedback]], kind: str) -> dict
         "results_expected": expected,
         "all_runs_all_done": all_done,
         "full_gc_in_timed_runs": [x["full_gc"] for x in runs],
-        "diagnostic_wait_late_ms": lag,
+        "diagnostic_wait_late_ms": diagnostic["wait_late_ms"],
+        **({"diagnostic_calls_per_thread": {str(k): v for k, v in
+                                            diagnostic["calls_per_thread"]}}
+           if kind == "sync" else {}),
     }
 
 

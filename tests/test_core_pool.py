@@ -1,0 +1,73 @@
+"""The sync pool's daemon threads: work handed to idle threads, a backlog when all are busy,
+and shutdown that either finishes or cancels what is queued."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from scrutiny.core._pool import DaemonThreadPool
+
+
+def test_a_burst_runs_on_as_many_threads_at_once() -> None:
+    pool = DaemonThreadPool(8)
+    pool.prestart()
+    barrier = threading.Barrier(8, timeout=10)  # breaks unless all 8 calls run together
+    try:
+        futures = [pool.submit(lambda: (barrier.wait(), threading.get_ident())[1])
+                   for _ in range(8)]
+        idents = {f.result(timeout=10) for f in futures}
+    finally:
+        pool.shutdown(wait=True)
+    assert len(idents) == 8
+
+
+def test_work_beyond_the_threads_waits_for_one_and_runs_in_order() -> None:
+    pool = DaemonThreadPool(2)
+    release = threading.Event()
+    order: list[int] = []
+    try:
+        blockers = [pool.submit(release.wait, 10) for _ in range(2)]
+        queued = [pool.submit(order.append, i) for i in range(5)]
+        assert not any(f.done() for f in queued)  # both threads are busy
+        release.set()
+        for f in blockers + queued:
+            f.result(timeout=10)
+    finally:
+        pool.shutdown(wait=True)
+    assert sorted(order) == list(range(5))
+    assert len(pool._threads) == 2  # never more threads than max_workers
+
+
+def test_shutdown_finishes_queued_work_unless_told_to_cancel_it() -> None:
+    pool = DaemonThreadPool(1)
+    release = threading.Event()
+    ran: list[str] = []
+    blocker = pool.submit(release.wait, 10)
+    kept = pool.submit(ran.append, "kept")
+    release.set()
+    pool.shutdown(wait=True)
+    assert blocker.result(timeout=0) is True
+    assert kept.result(timeout=0) is None and ran == ["kept"]
+    with pytest.raises(RuntimeError, match="shut down"):
+        pool.submit(ran.append, "late")
+
+    pool = DaemonThreadPool(1)
+    release = threading.Event()
+    blocker = pool.submit(release.wait, 10)
+    dropped = pool.submit(ran.append, "dropped")
+    pool.shutdown(wait=False, cancel_futures=True)
+    release.set()
+    assert pool.join(10)
+    assert dropped.cancelled()
+    assert ran == ["kept"]
+
+
+def test_idle_threads_end_at_shutdown() -> None:
+    pool = DaemonThreadPool(4)
+    pool.prestart()
+    assert pool.submit(lambda: 1).result(timeout=10) == 1
+    pool.shutdown(wait=False)
+    assert pool.join(10)
+    assert not any(t.is_alive() for t in pool._threads)
