@@ -49,7 +49,8 @@ def test_shutdown_finishes_queued_work_unless_told_to_cancel_it() -> None:
     release.set()
     pool.shutdown(wait=True)
     assert blocker.result(timeout=0) is True
-    assert kept.result(timeout=0) is None and ran == ["kept"]
+    assert kept.result(timeout=0) is None
+    assert ran == ["kept"]
     with pytest.raises(RuntimeError, match="shut down"):
         pool.submit(ran.append, "late")
 
