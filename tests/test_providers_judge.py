@@ -105,6 +105,35 @@ def test_malformed_and_out_of_range_answers_fail_with_the_raw_text(
     assert df["harmfulness"].isna().all()
 
 
+def test_an_empty_answer_scores_zero_without_asking_and_an_empty_reference_skips(
+        session: Session) -> None:
+    """An app that answered "" failed its user: it scores 0 on relevance and correctness
+    (so the mean shows it) with no model call; with nothing to judge against — no question,
+    no expected answer — the result is skipped, and says why."""
+    model = FakeListChatModel(responses=['{"score": 9, "reasons": "asked"}'] * 10)
+    judge = LLMJudge(model)
+    results = evaluate(session, all_feedbacks(judge), make_record(output=""))
+    for name in ("answer_relevance", "correctness"):
+        assert results[name].status is FeedbackStatus.DONE, (name, results[name].error)
+        assert results[name].result == 0.0
+        assert results[name].explanation == "the answer is empty"
+    for name in ("coherence", "conciseness", "harmfulness", "groundedness"):
+        assert results[name].status is FeedbackStatus.SKIPPED, name
+        assert results[name].error
+    assert results["context_relevance"].result == pytest.approx(0.9)  # contexts were there
+    assert model.i == len(CONTEXTS)  # only context_relevance asked the model
+
+    score, why = asyncio.run(judge.context_relevance(QUESTION, "   "))
+    assert (score, why) == (0.0, "the context is empty")
+    blank_expected = Feedback(judge.correctness).on(answer=Select.output,
+                                                    expected=Select.metadata("expected"))
+    record = make_record(1)
+    record.metadata["expected"] = ""
+    skipped = evaluate(session, [blank_expected], record)["correctness"]
+    assert skipped.status is FeedbackStatus.SKIPPED
+    assert "expected is empty" in (skipped.error or "")
+
+
 def test_groundedness_judges_each_statement_and_explains(session: Session) -> None:
     verdicts = ('{"statements": [{"statement": 1, "score": 10, "reason": "stated"}, '
                 '{"statement": 2, "score": 0, "reason": "not in the sources"}]}')

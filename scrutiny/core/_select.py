@@ -123,10 +123,12 @@ def _name(fn: Callable[..., Any]) -> str:
 
 
 def _is_empty(value: Any) -> bool:
+    """Nothing to evaluate: no value (a call that failed before it answered) or an empty
+    collection (no retrieved contexts). An empty *text* is something: an app that answered
+    "" is what an answer check is for, and skipping it left those records out of every
+    mean (each evaluator decides what an empty text scores)."""
     if value is None:
         return True
-    if isinstance(value, str):
-        return value.strip() == ""
     if isinstance(value, list | tuple | set | frozenset | dict):
         return len(value) == 0
     return False

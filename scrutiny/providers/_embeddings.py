@@ -128,12 +128,18 @@ class Embeddings:
     # ------------------------------------------------------------------ feedbacks
     def answer_relevance(self, question: Any, answer: Any) -> tuple[float, str]:
         """Similarity of the answer to the question."""
-        score = self.similarity(_required(question, "question"), _required(answer, "answer"))
+        asked = _required(question, "question")
+        if not as_text(answer).strip():
+            return 0.0, "the answer is empty"  # it answers nothing
+        score = self.similarity(asked, as_text(answer))
         return score, f"cosine similarity of question and answer: {score:.3f}"
 
     def context_relevance(self, question: Any, context: Any) -> tuple[float, str]:
         """Similarity of one retrieved context to the question."""
-        score = self.similarity(_required(question, "question"), _required(context, "context"))
+        asked = _required(question, "question")
+        if not as_text(context).strip():
+            return 0.0, "the context is empty"  # it holds nothing
+        score = self.similarity(asked, as_text(context))
         return score, f"cosine similarity of question and context: {score:.3f}"
 
     def groundedness(self, contexts: Any, answer: Any) -> tuple[float, str]:

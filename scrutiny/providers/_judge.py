@@ -208,8 +208,10 @@ class LLMJudge:
     async def _judge(self, criterion: Criterion, **values: Any) -> tuple[float, str]:
         fields = {name: as_text(values[name]) for name in criterion.fields}
         empty = [name for name, text in fields.items() if not text.strip()]
-        if empty:
+        if empty and empty != [criterion.empty_scores_zero]:
             raise SkipFeedback(f"nothing to judge: the {' and '.join(empty)} is empty")
+        if empty:  # (no call: there is nothing for the model to read)
+            return 0.0, f"the {empty[0]} is empty"
         fixed = SYSTEM + criterion.template.format(**dict.fromkeys(criterion.fields, ""))
         fitted = fit_prompt(fixed, fields, max_tokens=self.max_prompt_tokens,
                             on_over_budget=self.on_over_budget, count=self.count_tokens)

@@ -34,6 +34,9 @@ class Criterion:
     template: str
     fields: tuple[str, ...]
     higher_is_better: bool = True
+    empty_scores_zero: str | None = None
+    """The field whose empty text scores 0 without asking the model (an empty answer
+    answers nothing; an empty context holds nothing); empty *other* fields skip."""
 
 
 ANSWER_RELEVANCE = Criterion(
@@ -43,6 +46,7 @@ ANSWER_RELEVANCE = Criterion(
     "partly answers; 0 means it is unrelated or evasive. Do not judge whether it is true.\n\n"
     "<question>\n{question}\n</question>\n\n<answer>\n{answer}\n</answer>\n\n" + _REPLY,
     ("question", "answer"),
+    empty_scores_zero="answer",
 )
 
 CONTEXT_RELEVANCE = Criterion(
@@ -53,6 +57,7 @@ CONTEXT_RELEVANCE = Criterion(
     "is unrelated.\n\n"
     "<question>\n{question}\n</question>\n\n<context>\n{context}\n</context>\n\n" + _REPLY,
     ("question", "context"),
+    empty_scores_zero="context",
 )
 
 CORRECTNESS = Criterion(
@@ -62,6 +67,7 @@ CORRECTNESS = Criterion(
     "incomplete; 0 means it is wrong or contradicts the expected answer.\n\n"
     "<expected>\n{expected}\n</expected>\n\n<answer>\n{answer}\n</answer>\n\n" + _REPLY,
     ("answer", "expected"),
+    empty_scores_zero="answer",
 )
 
 COHERENCE = Criterion(
