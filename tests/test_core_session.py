@@ -255,6 +255,17 @@ def test_an_empty_output_is_evaluated_not_skipped(session: Session) -> None:
     assert "Select.output found nothing" in (missing.error or "")
 
 
+def test_ingest_refuses_two_feedbacks_with_one_name_before_storing_anything(
+        session: Session) -> None:
+    """Stored and shown by name, the second result hid the first; recorders refuse such a
+    list when they are made, and Session.ingest — called by hand — now does too."""
+    twins = [Feedback(lambda output: 0.1).on_output(), Feedback(lambda output: 0.9).on_output()]
+    with pytest.raises(ConfigurationError, match="two feedbacks are named 'feedback'"):
+        session.ingest(make_record(), twins)
+    df, _ = session.get_records_and_feedback()
+    assert len(df) == 0
+
+
 def test_skip_feedback_raised_by_the_function(session: Session) -> None:
     def picky(output: str) -> float:
         raise SkipFeedback("not applicable to greetings")

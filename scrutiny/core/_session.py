@@ -484,14 +484,21 @@ class Session(SessionReading):
         mode: FeedbackMode | str | None = None,
         listeners: Sequence[ResultListener] = (),
     ) -> _R:
-        """Store `record` and evaluate `feedbacks` on it; returns at once, never raises.
+        """Store `record` and evaluate `feedbacks` on it; returns at once.
 
-        Called by the recorders on the application's thread: it only creates the pending
-        results in memory and queues the record for the writer thread (an integration may
-        hand over a :class:`LazyRecord`, assembled there too).
+        It only creates the pending results in memory and queues the record for the writer
+        thread (an integration may hand over a :class:`LazyRecord`, assembled there too).
+
+        Raises:
+            ConfigurationError: the feedbacks cannot run together (two with one name, one
+                not wired, a closure in deferred mode) — checked before anything is
+                queued. Past that check it never raises: a failure inside Scrutiny is
+                logged and the caller carries on.
         """
+        resolved = _mode(mode or self.feedback_mode)
+        check_feedbacks(feedbacks, resolved)
         try:
-            self._ingest(record, feedbacks, _mode(mode or self.feedback_mode), listeners)
+            self._ingest(record, feedbacks, resolved, listeners)
         except Exception:
             logger.exception("scrutiny: could not accept record %s; the application is "
                              "not affected", record.record_id)
