@@ -207,3 +207,15 @@ def test_forked_child_records_and_flushes(tmp_path: Path) -> None:
         df, _ = reader.get_records_and_feedback()
     assert sorted(df["app_name"]) == ["child", "parent"]
     assert (df["x status"] == "done").all()
+
+
+def test_a_session_closed_as_its_evaluation_loop_starts_closes_at_once(tmp_path: Path) -> None:
+    """close() skipped stopping a loop whose thread was still starting its sync pool: that
+    loop then ran for ever and close() waited out its whole timeout (60 s here)."""
+    session = Session(f"sqlite:///{tmp_path}/quick.sqlite", thread_pool_size=256)
+    loop = session._evaluation_loop()  # returns while its thread starts 256 pool threads
+    closer = threading.Thread(target=session.close, kwargs={"timeout": 60})
+    closer.start()
+    closer.join(20)
+    assert not closer.is_alive(), "close() is waiting for a loop that was never stopped"
+    assert not loop.thread.is_alive()

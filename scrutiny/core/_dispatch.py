@@ -507,7 +507,9 @@ class EvaluationLoop:
                     unfinished.append(job)
             done.set()
 
-        if self._loop.is_running():
+        # Not is_running(): a loop whose thread is still starting its pool runs these
+        # as soon as it starts (skipped, it ran for ever and close waited its whole timeout).
+        if not self._loop.is_closed():
             try:
                 self._loop.call_soon_threadsafe(cancel_all)
                 done.wait(timeout)
