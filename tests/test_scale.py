@@ -5,6 +5,7 @@ PostgreSQL server (``SCRUTINY_TEST_POSTGRES_URL``; `.ci/run` starts one and sets
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from scrutiny import ConfigurationError, Feedback, FeedbackMode, FeedbackStatus, Record, Session
+from scrutiny.core._worker import Worker
 from scrutiny.core.storage import HEAD_REVISION, SQLStore, UpdateResult, current_revision, upgrade
 from tests.support import deferred_feedbacks as fbs
 
@@ -180,6 +182,37 @@ def test_resume_pending_finishes_what_a_closed_session_left(backend: tuple[str, 
         finally:
             del os.environ["SCRUTINY_TEST_RESUMED"]
         assert second.store.count_results() == {"done": 2}
+
+
+def test_a_worker_without_a_feedbacks_code_leaves_its_results_for_one_with_it(
+        backend: tuple[str, str], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A worker deployed without a feedback's module failed its results for good: the
+    worker that had the code never got them. Now it gives the claims back (pending, free,
+    attempts as before), says why, and claims none of that feedback for a while."""
+    url, prefix = backend
+    with Session(url, table_prefix=prefix, feedback_mode="deferred") as app:
+        fb = Feedback(fbs.length).on_output()
+        record = app.ingest(make_record(), [fb])
+        assert app.flush(10)
+        monkeypatch.setitem(sys.modules, fbs.__name__, None)  # "not installed here"
+        with Session(url, table_prefix=prefix) as lacking, caplog.at_level(
+                logging.ERROR, logger="scrutiny"):
+            worker = Worker(lacking, poll_interval=0.0, batch_size=10, max_claims=5)
+            assert worker.drain() == 0
+            assert worker.drain() == 0  # not claimed again meanwhile
+            assert worker.claimed == 0
+        rows = app.store.records_and_results()[1]
+        assert [(r["status"], r["worker_id"], r["lease_token"], r["attempts"])
+                for r in rows] == [("pending", None, None, 0)]
+        assert caplog.text.count("could not be loaded") == 1
+        assert "stay pending for a worker that can load it" in caplog.text
+        monkeypatch.undo()
+        with Session(url, table_prefix=prefix) as equipped:
+            assert equipped.resume_pending(timeout=30) == 1
+        result = record.wait_for_feedback_results(timeout=30)[fb]
+        assert result.status is FeedbackStatus.DONE
+        assert result.attempts == 1
 
 
 # ---------------------------------------------------------------------- worker processes

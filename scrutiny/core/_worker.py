@@ -11,8 +11,10 @@ renewing, and its claims become claimable again when the lease runs out.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,18 @@ def _unloadable(*_: Any, **__: Any) -> float:  # stands in for a feedback that c
     raise RuntimeError("unreachable")
 
 
+RETRY_LOAD_AFTER = 60.0
+"""Seconds a worker leaves alone the results of a feedback it could not import before it
+tries again (the missing package may have been installed meanwhile)."""
+
+
+class _NotHere(str):
+    """Why a feedback cannot be loaded *in this process* (its module or function is
+    missing here): another worker, deployed with that code, may load it."""
+
+    __slots__ = ()
+
+
 class Worker:
     """Claims pending results from the session's database and evaluates them here.
 
@@ -56,6 +70,8 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._feedbacks: dict[str, Feedback | str] = {}
+        self._not_here: dict[str, float] = {}  # feedback id -> when to try loading it again
+        self._feedbacks_warned: set[str] = set()
         self.claimed = 0
 
     # ------------------------------------------------------------------ control
@@ -114,22 +130,33 @@ class Worker:
             return 1 if wait_for_room else 0  # not idle: try again at once
         session._evaluation_loop()
         token = uuid.uuid4().hex
+        now = time.monotonic()
+        due = [f for f, retry_at in self._not_here.items() if retry_at <= now]
+        if due:  # load them again when they next come up (their code may be there now)
+            importlib.invalidate_caches()
+            for feedback_id in due:
+                del self._not_here[feedback_id]
+                self._feedbacks.pop(feedback_id, None)
         rows = session.store.claim(worker_id=session.owner_id, token=token,
                                    limit=min(room, self._batch),
                                    lease_seconds=session.lease_seconds,
-                                   now=datetime.now(timezone.utc))
+                                   now=datetime.now(timezone.utc),
+                                   exclude_feedback_ids=list(self._not_here))
         if not rows:
             return 0
-        self.claimed += len(rows)
-        self._dispatch(rows, token)
-        return len(rows)
+        taken = self._dispatch(rows, token)
+        self.claimed += taken
+        return taken
 
-    def _dispatch(self, rows: list[Row], token: str) -> None:
+    def _dispatch(self, rows: list[Row], token: str) -> int:
+        """Evaluate (or end) the claimed rows; claims of feedbacks this process cannot
+        import are given back. Returns how many rows it kept."""
         session = self._session
         records = {r["record_id"]: _rows.record_from_row(r)
                    for r in session.store.records_by_ids(list({r["record_id"] for r in rows}))}
         to_run: list[Job] = []
         failed: list[tuple[Job, str]] = []
+        give_back: list[str] = []
         with session._outstanding_cond:  # this process's own deferred records, waited on here
             own = {r["result_id"]: session._inflight.get(r["result_id"]) for r in rows}
         for row in rows:
@@ -143,6 +170,10 @@ class Worker:
                 to_run.append(Job(mine.feedback, mine.record, pending, mine.listeners, token))
                 continue
             feedback = self._feedback(row["feedback_id"], row["feedback_name"])
+            if isinstance(feedback, _NotHere):
+                give_back.append(row["result_id"])
+                self._leave_for_others(row["feedback_id"], feedback)
+                continue
             record = records.get(row["record_id"]) or _missing_record(row)
             job = Job(feedback if isinstance(feedback, Feedback) else Feedback(
                 _unloadable, name=row["feedback_name"]), record, pending, (), token)
@@ -165,8 +196,21 @@ class Worker:
                 status=FeedbackStatus.FAILED, error=reason, result_id=job.pending.result_id,
                 feedback_id=job.pending.feedback_id, created_at=job.pending.created_at,
                 started_at=now, ended_at=now, attempts=1))
+        if give_back:
+            session.store.release(give_back, token=token)
         if to_run:
             session._evaluation_loop().submit(to_run)
+        return len(rows) - len(give_back)
+
+    def _leave_for_others(self, feedback_id: str, reason: str) -> None:
+        """Claim no results of this feedback for RETRY_LOAD_AFTER seconds; say so once."""
+        if feedback_id not in self._not_here:
+            log = logger.debug if feedback_id in self._feedbacks_warned else logger.error
+            self._feedbacks_warned.add(feedback_id)
+            log("scrutiny worker: %s. Its results stay pending for a worker that can load "
+                "it (install that code here, or run such a worker); this one tries again "
+                "in %g s", reason, RETRY_LOAD_AFTER)
+        self._not_here[feedback_id] = time.monotonic() + RETRY_LOAD_AFTER
 
     def _feedback(self, feedback_id: str, name: str) -> Feedback | str:
         """The feedback rebuilt from its stored spec, or the reason it cannot be."""
@@ -187,6 +231,9 @@ def _load(definition: Row) -> Feedback | str:
                 "are not importable by path (a lambda, a closure or code in __main__)")
     try:
         return Feedback.from_spec(spec)
+    except (ImportError, AttributeError) as exc:  # its code is not installed here
+        return _NotHere(f"feedback {name!r} could not be loaded from {spec.get('fn')!r} "
+                        f"in this process: {type(exc).__name__}: {exc}")
     except Exception as exc:
         return f"feedback {name!r} could not be loaded from {spec.get('fn')!r}: {exc}"
 

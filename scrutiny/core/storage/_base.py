@@ -112,12 +112,18 @@ class Store(Protocol):
         ...
 
     def claim(self, *, worker_id: str, token: str, limit: int, lease_seconds: float,
-              now: datetime) -> list[Row]:
-        """Take up to `limit` claimable results: pending or running with no live lease.
+              now: datetime, exclude_feedback_ids: Sequence[str] = ()) -> list[Row]:
+        """Take up to `limit` claimable results: pending or running with no live lease,
+        of any feedback but those in `exclude_feedback_ids`.
 
         Claimed rows become `running`, held by `worker_id` with `token` until `now +
         lease_seconds`, their `attempts` counted up; two callers never get the same row.
         """
+        ...
+
+    def release(self, result_ids: Sequence[str], *, token: str) -> int:
+        """Give back claims still held with `token`: the results are `pending` again, free
+        for any worker, their `attempts` as before the claim. Returns how many."""
         ...
 
     def results_by_ids(self, result_ids: Sequence[str]) -> list[Row]:

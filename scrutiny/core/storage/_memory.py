@@ -141,11 +141,13 @@ class MemoryStore:
             return copy.deepcopy(list(self._definitions.values()))
 
     def claim(self, *, worker_id: str, token: str, limit: int, lease_seconds: float,
-              now: datetime) -> list[Row]:
+              now: datetime, exclude_feedback_ids: Sequence[str] = ()) -> list[Row]:
+        excluded = set(exclude_feedback_ids)
         with self._lock:
             claimable = sorted(
                 (r for r in self._results.values() if r["status"] in ("pending", "running")
-                 and (r.get("lease_expires_at") is None or r["lease_expires_at"] < now)),
+                 and (r.get("lease_expires_at") is None or r["lease_expires_at"] < now)
+                 and r.get("feedback_id") not in excluded),
                 key=lambda r: r["created_at"])[:limit]
             claimed = []
             for r in claimable:
@@ -154,6 +156,19 @@ class MemoryStore:
                          attempts=(r.get("attempts") or 0) + 1, started_at=now, updated_at=now)
                 claimed.append(dict(r))
             return claimed
+
+    def release(self, result_ids: Sequence[str], *, token: str) -> int:
+        released = 0
+        with self._lock:
+            for result_id in result_ids:
+                r = self._results.get(result_id)
+                if r is None or r["status"] != "running" or r.get("lease_token") != token:
+                    continue
+                r.update(status="pending", worker_id=None, lease_token=None,
+                         lease_expires_at=None, started_at=None,
+                         attempts=max(0, (r.get("attempts") or 1) - 1))
+                released += 1
+        return released
 
     def results_by_ids(self, result_ids: Sequence[str]) -> list[Row]:
         with self._lock:

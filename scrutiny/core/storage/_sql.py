@@ -21,6 +21,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -644,15 +645,16 @@ class SQLStore:
 
     # ------------------------------------------------------------------ workers
     def claim(self, *, worker_id: str, token: str, limit: int, lease_seconds: float,
-              now: datetime) -> list[Row]:
+              now: datetime, exclude_feedback_ids: Sequence[str] = ()) -> list[Row]:
         t = self.tables.results
         claimable = (
             select(t.c.result_id)
             .where(t.c.status.in_(("pending", "running")))
             .where(or_(t.c.lease_expires_at.is_(None), t.c.lease_expires_at < now))
-            .order_by(t.c.created_at)
-            .limit(limit)
         )
+        if exclude_feedback_ids:
+            claimable = claimable.where(t.c.feedback_id.not_in(list(exclude_feedback_ids)))
+        claimable = claimable.order_by(t.c.created_at).limit(limit)
         values = {
             "status": "running", "worker_id": worker_id, "lease_token": token,
             "lease_expires_at": now + timedelta(seconds=lease_seconds),
@@ -674,6 +676,24 @@ class SQLStore:
                 conn.execute(update(t).where(t.c.result_id.in_(ids)).values(**values))
                 return [dict(r._mapping) for r in conn.execute(
                     select(t).where(t.c.result_id.in_(ids)))]
+
+    def release(self, result_ids: Sequence[str], *, token: str) -> int:
+        t = self.tables.results
+        released = 0
+        with self.engine.connect() as raw:
+            conn = raw.execution_options(**{_WRITE: True})
+            with conn.begin():
+                for chunk in _chunks(list(result_ids), 500):
+                    released += conn.execute(
+                        update(t)
+                        .where(t.c.result_id.in_(chunk))
+                        .where(t.c.status == "running")
+                        .where(t.c.lease_token == token)
+                        .values(status="pending", worker_id=None, lease_token=None,
+                                lease_expires_at=None, started_at=None,
+                                attempts=case((t.c.attempts > 0, t.c.attempts - 1),
+                                              else_=0))).rowcount
+        return released
 
     def results_by_ids(self, result_ids: Sequence[str]) -> list[Row]:
         t = self.tables.results
