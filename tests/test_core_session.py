@@ -16,6 +16,7 @@ from scrutiny import (
     ConfigurationError,
     Feedback,
     FeedbackMode,
+    FeedbackResult,
     FeedbackStatus,
     Record,
     RetryPolicy,
@@ -452,6 +453,35 @@ def test_close_is_bounded_and_leaves_unfinished_work_pending(db_url: str) -> Non
         df, _ = reader.get_records_and_feedback()
     assert df.loc[0, "record_id"] == record.record_id
     assert df.loc[0, "forever status"] == "pending"
+
+
+def test_waits_on_what_close_left_pending_return_with_it_pending(db_url: str) -> None:
+    """Nothing in this process finishes them after close(): a wait without a timeout, a
+    callback and the session's own wait used to block (or never fire) for ever."""
+    async def forever(output: str) -> float:
+        await asyncio.sleep(30)
+        return 1.0
+
+    s = Session(db_url)
+    fb = Feedback(forever, timeout=60).on_output()
+    record = s.ingest(make_record(), [fb])
+    called: list[dict[Feedback, FeedbackResult]] = []
+    fired = threading.Event()
+    record.wait_for_feedback_results(callback=lambda results: (called.append(results),
+                                                               fired.set()))
+    assert s.flush(10)
+    assert s.close(timeout=0.2) is False
+    waited: dict[str, object] = {}
+    waiter = threading.Thread(target=lambda: waited.update(
+        record=record.wait_for_feedback_results(), session=s.wait_for_feedback()))
+    waiter.start()
+    waiter.join(20)
+    assert not waiter.is_alive(), "a wait on a closed session's unfinished result hangs"
+    assert waited["record"][fb].status is FeedbackStatus.PENDING  # type: ignore[index]
+    assert waited["session"] is False  # close left work unfinished: not "all done"
+    assert fired.wait(10)
+    assert [r[fb].status for r in called] == [FeedbackStatus.PENDING]
+    assert s.stats()["unfinished_feedback"] == 0
 
 
 def test_close_is_idempotent_and_finishes_quick_work(db_url: str) -> None:

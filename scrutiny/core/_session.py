@@ -245,6 +245,7 @@ class Session(SessionReading):
         self.store: Store = store
         self._lock = threading.Lock()
         self._inflight: dict[str, Job] = {}
+        self._left_pending = 0  # results close() left unfinished (pending in the database)
         self._unmaterialized = 0  # accepted records whose results are not made yet
         # On the evaluation loop only: evaluations started, not ended, running not stored.
         self._started: dict[Job, tuple[float, datetime]] = {}
@@ -379,10 +380,10 @@ class Session(SessionReading):
 
         In deferred mode this waits for the workers. Returns True when all are done;
         False when the timeout ran out first (what is left stays pending or running and
-        will still be stored).
+        will still be stored), or when :meth:`close` left some unfinished.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._wait_outstanding(deadline):
+        if not self._wait_outstanding(deadline) or self._left_pending:
             return False
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.flush(remaining)
@@ -412,13 +413,15 @@ class Session(SessionReading):
         if started and self._writer is not None:
             writer = self._writer
             clean = writer.flush(timeout)
+            left: list[Job] = []  # unfinished here: their waits end with them pending
             if self._watcher is not None:  # deferred results are the workers' business
-                self._watcher.stop()
+                left += self._watcher.stop()
             clean = self._wait_outstanding(deadline) and clean
             if self._loop is not None:
                 self._loop.close(max(0.1, deadline - time.monotonic()))
             with self._outstanding_cond:
                 unfinished = list(self._inflight.values())
+            left += unfinished
             released = [job for job in unfinished if job.lease_token is not None]
             if released:
                 writer.submit(WriteItem(lambda: [_release(job) for job in released]))
@@ -429,10 +432,29 @@ class Session(SessionReading):
                     "are left pending in %s for a worker or Session.resume_pending()",
                     len(unfinished), timeout, self._redacted_url())
             clean = writer.close(max(1.0, deadline - time.monotonic())) and clean
+            self._left_pending = len(left)
+            self._settle_unfinished(left)
             if self._notifier is not None:
                 self._notifier.close(0.5)
         self.store.close()
         return clean
+
+    def _settle_unfinished(self, jobs: list[Job]) -> None:
+        """(Closing, once their release is stored.) Nothing in this process will finish
+        these any more: their records' waits and callbacks get them as they are in the
+        database, `pending` (a wait without a timeout blocked for ever)."""
+        with self._outstanding_cond:
+            for job in jobs:
+                self._inflight.pop(job.pending.result_id or "", None)
+            self._outstanding_cond.notify_all()
+        notifier = self._notifier
+        for job in jobs:
+            slot = job.record._slots.get(job.feedback)
+            if slot is None:
+                continue
+            for fn in slot.finish(job.pending.evolve(status=FeedbackStatus.PENDING)):
+                if notifier is not None:
+                    notifier.call(fn)
 
     def _wait_outstanding(self, deadline: float | None) -> bool:
         with self._outstanding_cond:

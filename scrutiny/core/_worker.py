@@ -276,8 +276,9 @@ class ResultWatcher:
             self._session._inflight.pop(job.pending.result_id or "", None)
             self._session._outstanding_cond.notify_all()
 
-    def stop(self) -> None:
-        """Stop watching; results still awaited here stay in the database for later."""
+    def stop(self) -> list[Job]:
+        """Stop watching; results still awaited here stay in the database for later.
+        Returns the jobs no longer watched."""
         self._stop.set()
         with self._lock:
             jobs, self._jobs = list(self._jobs.values()), {}
@@ -285,6 +286,7 @@ class ResultWatcher:
             for job in jobs:
                 self._session._inflight.pop(job.pending.result_id or "", None)
             self._session._outstanding_cond.notify_all()
+        return jobs
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
