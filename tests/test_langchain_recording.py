@@ -433,6 +433,35 @@ def test_tool_called_alone_is_a_root_record(session: Session) -> None:
     assert record.output == 3
 
 
+def test_a_models_tool_calls_are_recorded_on_its_span_and_in_the_output(
+        session: Session) -> None:
+    """An agent step that only asks for a tool has no text: its span and its record held
+    '' and the call itself was stored nowhere."""
+    asks = AIMessage(content="", tool_calls=[
+        {"name": "get_weather", "args": {"city": "Dublin"}, "id": "call_1"}])
+    talks = AIMessage(content="Let me check both.", tool_calls=[
+        {"name": "get_weather", "args": {"city": "Cork"}, "id": "call_2"},
+        {"name": "get_time", "args": {"tz": "Europe/Dublin"}, "id": "call_3"}])
+    model = GenericFakeChatModel(messages=iter([asks, talks]))
+    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | model
+    with ChainRecorder(chain, app_name="agent", session=session) as recording:
+        assert chain.invoke({"q": "weather in Dublin?"}).tool_calls
+        assert chain.invoke({"q": "weather in Cork, and the time?"}).tool_calls
+    first, second = recording.records
+    span = one(first, "chat_model")
+    assert span.outputs == {"text": "", "tool_calls": [
+        {"name": "get_weather", "args": {"city": "Dublin"}, "id": "call_1"}]}
+    assert first.output == '[tool call] get_weather({"city": "Dublin"})'
+    assert second.output == ("Let me check both.\n"
+                             '[tool call] get_weather({"city": "Cork"})\n'
+                             '[tool call] get_time({"tz": "Europe/Dublin"})')
+    assert session.flush(10)
+    stored = session.get_record(first.record_id)
+    assert stored is not None
+    assert one(stored, "chat_model").outputs == span.outputs
+    assert stored.output == first.output
+
+
 # ---------------------------------------------------------------------------- errors
 class AppError(RuntimeError):
     pass

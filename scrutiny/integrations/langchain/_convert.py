@@ -6,6 +6,7 @@ shape of values (no copying, no serialization).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,13 +16,14 @@ from langchain_core.outputs import ChatGeneration, LLMResult
 
 from scrutiny.core import TokenUsage
 
-__all__ = ["document_text", "llm_output", "main_input", "main_output", "usage_of"]
+__all__ = ["document_text", "llm_output", "main_input", "main_output", "tool_calls_of",
+           "usage_of"]
 
 _INPUT_KEYS = ("question", "input", "query", "prompt", "text", "message", "messages")
 _OUTPUT_KEYS = ("answer", "output", "result", "text", "response", "content")
 
 
-def _message_text(message: BaseMessage) -> Any:
+def _content_text(message: BaseMessage) -> Any:
     content = message.content
     if isinstance(content, list):  # content blocks
         texts = [b.get("text", "") if isinstance(b, Mapping) else str(b) for b in content]
@@ -29,7 +31,41 @@ def _message_text(message: BaseMessage) -> Any:
     return content
 
 
+def tool_calls_of(message: Any) -> list[dict[str, Any]]:
+    """The tool calls a model's message asks for (malformed ones with their error)."""
+    calls: list[dict[str, Any]] = []
+    for call in getattr(message, "tool_calls", None) or ():
+        calls.append({"name": call.get("name"), "args": call.get("args"),
+                      "id": call.get("id")})
+    for call in getattr(message, "invalid_tool_calls", None) or ():
+        calls.append({"name": call.get("name"), "args": call.get("args"),
+                      "id": call.get("id"), "error": call.get("error")})
+    return calls
+
+
+def _rendered(call: Mapping[str, Any]) -> str:
+    args = call.get("args")
+    shown = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False,
+                                                          default=str)
+    return f"[tool call] {call.get('name')}({shown})"
+
+
+def _message_text(message: BaseMessage) -> Any:
+    """A message's text; the tool calls it asks for follow, one line each (an agent's
+    step that only calls a tool has no text, and its record said nothing at all)."""
+    return _with_calls(_content_text(message), tool_calls_of(message))
+
+
+def _with_calls(text: Any, calls: Sequence[Mapping[str, Any]]) -> Any:
+    if not calls:
+        return text
+    lines = "\n".join(_rendered(c) for c in calls)
+    return f"{text}\n{lines}" if isinstance(text, str) and text else lines
+
+
 def _from_mapping(value: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    if len(value) == 2 and "tool_calls" in value and "text" in value:  # see llm_output
+        return _with_calls(value["text"], value["tool_calls"])
     if len(value) == 1:
         return _plain(next(iter(value.values())), keys)
     for key in keys:
@@ -68,11 +104,16 @@ def main_output(outputs: Any) -> Any:
 
 
 def llm_output(response: LLMResult) -> Any:
-    """The text of the first generation (a list of texts when there are several)."""
-    texts = [g.text for gens in response.generations for g in gens]
-    if len(texts) == 1:
-        return texts[0]
-    return texts
+    """The text of the generation (a list when there are several); a generation that asks
+    for tools is ``{"text": ..., "tool_calls": [{"name", "args", "id"}, ...]}``."""
+    outputs: list[Any] = []
+    for gens in response.generations:
+        for g in gens:
+            calls = tool_calls_of(g.message) if isinstance(g, ChatGeneration) else []
+            outputs.append({"text": g.text, "tool_calls": calls} if calls else g.text)
+    if len(outputs) == 1:
+        return outputs[0]
+    return outputs
 
 
 def usage_of(response: LLMResult) -> TokenUsage | None:
