@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import math
 
 import numpy as np
@@ -157,6 +158,9 @@ def test_implementation_path_of_module_function_and_lambda() -> None:
         (True, 1.0, None),
         (np.float32(0.5), 0.5, None),
         (np.int64(3), 3.0, None),
+        (np.bool_(True), 1.0, None),  # what (scores > x).all() returns
+        (np.array(0.7), 0.7, None),  # what some numpy reductions return
+        (decimal.Decimal("0.75"), 0.75, None),
         ((0.7, "because"), 0.7, "because"),
         ((0.7, {"reason": "ok", "n": 2}), 0.7, "ok"),
         ({"score": 0.1, "explanation": "low"}, 0.1, "low"),
@@ -169,7 +173,8 @@ def test_coercion_of_good_values(value: object, score: float, explanation: str |
 
 
 @pytest.mark.parametrize(
-    "value", ["0.5", None, float("nan"), float("inf"), {"value": 1}, [0.5], object()]
+    "value", ["0.5", None, float("nan"), float("inf"), {"value": 1}, [0.5], object(),
+              10**400, 1 + 2j, np.array([0.5, 0.5]), decimal.Decimal("NaN")]
 )
 def test_coercion_rejects_non_scores_with_the_value_kept(value: object) -> None:
     with pytest.raises(InvalidFeedbackValue) as info:

@@ -9,6 +9,7 @@ recorder if you want to look results up by them.
 from __future__ import annotations
 
 import copy
+import decimal
 import hashlib
 import inspect
 import itertools
@@ -456,8 +457,12 @@ def coerce_feedback_value(value: Any) -> tuple[float, str | None, dict[str, Any]
         value = value["score"]
     if isinstance(value, bool):
         return float(value), explanation, metadata
-    if isinstance(value, numbers.Real):
-        score = float(value)
+    if _numeric(value):
+        try:
+            score = float(value)
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise InvalidFeedbackValue(f"returned {_short(value)}, which is not a float: "
+                                       f"{exc}", value=raw) from None
         if not math.isfinite(score):
             raise InvalidFeedbackValue(f"returned {score}, which is not a finite number",
                                        value=raw)
@@ -467,6 +472,18 @@ def coerce_feedback_value(value: Any) -> tuple[float, str | None, dict[str, Any]
         "a (number, explanation) pair or a mapping with a 'score' key",
         value=raw,
     )
+
+
+def _numeric(value: Any) -> bool:
+    """A real number by any other name: numbers.Real (int, float, numpy's floats and ints),
+    Decimal, numpy's bool and a 0-d array (what ``(a > b).all()`` or ``np.mean`` give) —
+    not text, not a complex number, not an array of several values."""
+    if isinstance(value, numbers.Real | decimal.Decimal):
+        return True
+    if isinstance(value, str | bytes | complex) or not hasattr(value, "__float__"):
+        return False
+    return getattr(value, "ndim", 0) == 0 and getattr(value, "dtype", None) is not None and \
+        getattr(value.dtype, "kind", "") in "biuf"
 
 
 def _explanation_from(metadata: Mapping[str, Any]) -> str | None:
