@@ -98,3 +98,63 @@ def test_get_record_matches_the_page(filled: Session) -> None:
     one = filled.get_record(listed.record_id)
     assert one is not None
     assert (one.input, one.output) == (listed.input, listed.output)
+
+
+def test_one_name_may_be_given_as_a_string_everywhere(filled: Session) -> None:
+    """A plain string was read letter by letter: app_ids="qa" matched apps "q" and "a" —
+    nothing to read, and for delete_records, the wrong apps to delete."""
+    df, _ = filled.get_records_and_feedback("qa")
+    assert len(df) == 10
+    assert list(filled.get_leaderboard("qa").index) == [("qa", "v2"), ("qa", "v1")]
+    assert {e["app_name"] for e in filled.get_feedback_summary("qa")} == {"qa"}
+    assert filled.query_records(app_ids="qa", app_versions="v2").total == 4
+    assert filled.query_records(feedback_name="broken", statuses="failed").total == 2
+    assert filled.delete_records(app_ids="other") == 1
+    assert filled.get_records_and_feedback()[0]["app_name"].unique().tolist() == ["qa"]
+    with pytest.raises(ConfigurationError, match="app_ids must be names"):
+        filled.get_leaderboard([1, 2])  # type: ignore[list-item]
+
+
+def test_an_empty_leaderboard_has_the_columns_of_a_filled_one(tmp_path: Path) -> None:
+    with Session(f"sqlite:///{tmp_path}/empty.sqlite") as s:
+        board = s.get_leaderboard()
+        assert board.empty
+        assert list(board.columns) == ["records", "latency", "total_tokens", "pending",
+                                       "running", "failed", "skipped"]
+        assert list(board[["pending", "failed"]].columns) == ["pending", "failed"]
+
+
+def test_any_feedback_name_ranks_including_the_sorting_helpers_own(tmp_path: Path) -> None:
+    """The leaderboard sorted through a temporary `_rank` column: a feedback of that
+    name raised KeyError once there were two versions."""
+    with Session(f"sqlite:///{tmp_path}/rank.sqlite") as s:
+        fb = Feedback(_score, name="_rank").on_output()
+        for version, n in (("v1", 2), ("v2", 8)):
+            s.ingest(Record(app_name="qa", app_version=version, input="q",
+                            output=f"answer {n}", start_time=1.0, end_time=2.0), [fb])
+        assert s.wait_for_feedback(20)
+        board = s.get_leaderboard()
+    assert list(board.index) == [("qa", "v2"), ("qa", "v1")]
+    assert board["_rank"].tolist() == pytest.approx([0.8, 0.2])
+
+
+def test_the_latest_direction_of_a_feedback_is_what_every_reader_sees(
+        tmp_path: Path) -> None:
+    """The direction is not part of a feedback's id, and its stored definition kept the
+    first one: a reader (dashboard, CLI, another session) ranked the old way."""
+    url = f"sqlite:///{tmp_path}/direction.sqlite"
+
+    def toxicity(output: str) -> float:
+        return 0.1 if output == "calm" else 0.9
+
+    for version, output, higher in (("v1", "calm", True), ("v2", "rude", False)):
+        with Session(url) as writer:
+            fb = Feedback(toxicity, higher_is_better=higher).on_output()
+            writer.ingest(Record(app_name="qa", app_version=version, input="q",
+                                 output=output, start_time=1.0, end_time=2.0), [fb])
+            assert writer.wait_for_feedback(20)
+    with Session(url) as reader:
+        board = reader.get_leaderboard()
+        assert board.attrs["higher_is_better"] == {"toxicity": False}
+        assert list(board.index) == [("qa", "v1"), ("qa", "v2")]  # less toxic first
+        assert {e["higher_is_better"] for e in reader.get_feedback_summary()} == {False}

@@ -583,6 +583,8 @@ def test_invalid_options_are_clear_errors(tmp_path: Path) -> None:
         Session(f"sqlite:///{tmp_path}/missing/dir/x.sqlite")
     with pytest.raises(ConfigurationError, match="postgres"):
         Session("postgresql+nosuchdriver://u@localhost/db")
+    with pytest.raises(ConfigurationError, match=r"the SQLite driver of .* is not available"):
+        Session(f"sqlite+pysqlit:///{tmp_path}/typo.sqlite")
     with pytest.raises(ConfigurationError, match=r"max_concurrency must be a whole number, "
                                                  r"got '8' \(str\)"):
         Session(f"sqlite:///{tmp_path}/x.sqlite", max_concurrency="8")  # type: ignore[arg-type]

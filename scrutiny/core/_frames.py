@@ -93,8 +93,10 @@ def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
     index_cols = ["app_name", "app_version"]
     base = pd.DataFrame(apps, columns=["app_id", *index_cols, "records", "latency",
                                        "total_tokens"])
-    if base.empty:
-        empty = pd.DataFrame(columns=[*index_cols, "records"]).set_index(index_cols)
+    if base.empty:  # the same columns as a filled one: code reading it does not break
+        empty = pd.DataFrame(columns=[*index_cols, *_LEADERBOARD_COLUMNS]).set_index(
+            index_cols)
+        empty.columns.name = None
         empty.attrs["higher_is_better"] = {}
         return empty
     res = pd.DataFrame(results, columns=["app_id", "feedback_name", "status", "n", "mean"])
@@ -114,8 +116,9 @@ def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
             [frame[n].rank(ascending=not higher_is_better.get(n, True)) for n in feedback_names],
             axis=1,
         )
-        frame = frame.assign(_rank=ranks.mean(axis=1)).sort_values("_rank", na_position="last")
-        frame = frame.drop(columns="_rank")
+        # (ordered by a Series, not a temporary column: any name may be a feedback's)
+        order = ranks.mean(axis=1).sort_values(na_position="last", kind="stable").index
+        frame = frame.loc[order]
     frame = frame[[*feedback_names, "records", "latency", "total_tokens", "pending", "running",
                    "failed", "skipped"]]
     frame["total_tokens"] = frame["total_tokens"].astype("float64")

@@ -28,6 +28,18 @@ MAX_SEARCH = 1000
 __all__ = ["RecordPage", "SessionReading"]
 
 
+
+def as_names(value: str | Sequence[str] | None, what: str) -> tuple[str, ...] | None:
+    """A filter's names as a tuple; one name may be given as a plain string (which used to
+    be read letter by letter: app_ids="qa" matched apps "q" and "a")."""
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else tuple(value)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise ConfigurationError(f"{what} must be names (strings); got {bad[:3]!r}")
+    return names
+
 class SessionReading:
     """The read side of :class:`Session` (a mixin: the session supplies these members)."""
 
@@ -72,7 +84,8 @@ class SessionReading:
             self.wait_for_feedback(timeout)
         else:
             self.flush(timeout)
-        records, results = self.store.records_and_results(app_ids=app_ids, limit=limit,
+        records, results = self.store.records_and_results(app_ids=as_names(app_ids, "app_ids"),
+                                                          limit=limit,
                                                           offset=offset)
         return records_frame(records, results)
 
@@ -80,7 +93,7 @@ class SessionReading:
                         timeout: float | None = None) -> pd.DataFrame:
         """Mean score per app version per feedback, best first, with counts by status."""
         self.flush(self.flush_timeout if timeout is None else timeout)
-        records, results = self.store.aggregates(app_ids=app_ids)
+        records, results = self.store.aggregates(app_ids=as_names(app_ids, "app_ids"))
         directions = {d["name"]: bool(d["higher_is_better"]) for d in self.store.definitions()}
         directions.update(self._higher_is_better)
         return leaderboard_frame(records, results, directions)
@@ -129,6 +142,9 @@ class SessionReading:
                 raise ConfigurationError(f"{name} must be a finite number, got {bound}")
         if min_score is not None and max_score is not None and min_score > max_score:
             raise ConfigurationError(f"min_score {min_score} is above max_score {max_score}")
+        app_ids, app_versions = as_names(app_ids, "app_ids"), as_names(app_versions,
+                                                                      "app_versions")
+        statuses = as_names(statuses, "statuses")
         bad = [st for st in statuses or () if st not in {m.value for m in FeedbackStatus}]
         if bad:
             raise ConfigurationError(f"unknown status(es) {bad}; use "
@@ -159,9 +175,10 @@ class SessionReading:
         """Per app version and feedback: counts by status, the mean of done scores and
         the feedback's direction (`higher_is_better`)."""
         self.flush(self.flush_timeout)
-        apps, results = self.store.aggregates(app_ids=app_ids)
+        apps, results = self.store.aggregates(app_ids=as_names(app_ids, "app_ids"))
         names = {a["app_id"]: (a["app_name"], a["app_version"]) for a in apps}
         directions = {d["name"]: bool(d["higher_is_better"]) for d in self.store.definitions()}
+        directions.update(self._higher_is_better)  # (as the leaderboard does)
         out: dict[tuple[str, str], dict[str, Any]] = {}
         for res in results:
             key = (res["app_id"], res["feedback_name"])

@@ -34,7 +34,7 @@ from scrutiny.core._dispatch import (
 from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._feedback import Feedback
 from scrutiny.core._ids import new_hex_id
-from scrutiny.core._reading import RecordPage, SessionReading
+from scrutiny.core._reading import RecordPage, SessionReading, as_names
 from scrutiny.core._records import LazyRecord, Record, _ResultSlot, materialized
 from scrutiny.core._refs import NotReferenceable
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
@@ -676,6 +676,7 @@ class Session(SessionReading):
         Returns:
             how many records were deleted.
         """
+        app_ids = as_names(app_ids, "app_ids")  # ("qa" meant app "qa", not "q" and "a")
         if before is None and not app_ids:
             raise ConfigurationError("delete_records needs before= and/or app_ids=; "
                                      "refusing to delete everything")

@@ -37,8 +37,10 @@ class MemoryStore:
             for op in ops:
                 if isinstance(op, InsertRecord):
                     self._apps.setdefault(op.app["app_id"], dict(op.app))
-                    for d in op.definitions:
-                        self._definitions.setdefault(d["feedback_id"], dict(d))
+                    for d in op.definitions:  # (the latest says the direction, options)
+                        self._definitions.setdefault(d["feedback_id"], dict(d)).update(
+                            higher_is_better=d["higher_is_better"],
+                            spec_json=d.get("spec_json"))
                     records[op.record["record_id"]] = dict(op.record)
                     for r in op.results:
                         results[r["result_id"]] = dict(r)

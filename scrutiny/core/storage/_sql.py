@@ -121,11 +121,16 @@ def _make_engine(url: str) -> Engine:
                 f"the folder of the SQLite database {database!r} does not exist: create "
                 f"{folder!r} first or choose another path"
             )
-    engine = create_engine(
-        parsed,
-        connect_args={"timeout": 30.0, "check_same_thread": False},
-        poolclass=StaticPool if in_memory else None,
-    )
+    try:
+        engine = create_engine(
+            parsed,
+            connect_args={"timeout": 30.0, "check_same_thread": False},
+            poolclass=StaticPool if in_memory else None,
+        )
+    except (ImportError, NoSuchModuleError) as exc:
+        raise ConfigurationError(
+            f"the SQLite driver of {redact_url(url)} is not available ({exc}): use "
+            "'sqlite:///path/to/file.sqlite' (Python's own sqlite3 driver)") from exc
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -246,6 +251,16 @@ class SQLStore:
                     self._insert_missing(conn, t.apps, "app_id", new_apps)
                 if new_definitions:
                     self._insert_missing(conn, t.definitions, "feedback_id", new_definitions)
+                    # The id covers name, code and wiring, not the direction or the options:
+                    # the latest definition of it says what they are now (a feedback changed
+                    # to higher_is_better=False kept ranking the old way in other readers).
+                    conn.execute(
+                        update(t.definitions)
+                        .where(t.definitions.c.feedback_id == bindparam("w_id"))
+                        .values(higher_is_better=bindparam("w_higher"),
+                                spec_json=bindparam("w_spec")),
+                        [{"w_id": d["feedback_id"], "w_higher": d["higher_is_better"],
+                          "w_spec": d.get("spec_json")} for d in new_definitions])
                 if records:
                     self._insert_rows(conn, t.records, records)
                 if results:
