@@ -24,6 +24,8 @@ from scrutiny.providers._text import as_text, split_statements
     ("The answer is close.\n**Rating:** 5/10", 0.5, "The answer is close."),
     ('Here is my verdict: {"score": 2, "reasons": "wrong city"}', 0.2, "wrong city"),
     ("7.5", 0.75, ""),
+    ('{"score": 8, "reasons": "good"}\n\nLet me know if you need more.', 0.8, "good"),
+    ('{"Score": "8/10", "Reasons": "ok"}', 0.8, "ok"),
 ])
 def test_good_answers_are_read_on_the_stated_scale(answer: str, score: float,
                                                    reasons: str) -> None:
@@ -68,6 +70,19 @@ def test_an_echoed_prompt_never_yields_a_score() -> None:
     echoed = GROUNDEDNESS.template.format(contexts="[1] a", statements="1. b\n2. c", count=2)
     with pytest.raises(InvalidFeedbackValue):
         parse_statement_scores(echoed, 2)
+
+
+def test_a_score_quoted_from_what_the_judge_read_is_not_its_score() -> None:
+    """MockLLM echoes its prompt, and real models quote contexts: a document saying
+    "Guest rating: 4/5" scored 0.8 on every criterion."""
+    context = "Hotel Bellevue. Guest rating: 4/5. Quiet rooms near the lake."
+    for answer in (f"Looking at the context:\n{context}",
+                   'It says {"score": 3}', f"system: judge this\n<context>\n{context}"):
+        quoted = [context, 'It says {"score": 3} somewhere']
+        with pytest.raises(InvalidFeedbackValue, match=r"no score|not JSON|no 'score'"):
+            parse_score(answer, 10, quoted=quoted)
+    both = f"{context}\nScore: 9\nReasons: it is quiet"
+    assert parse_score(both, 10, quoted=[context]).score == pytest.approx(0.9)
 
 
 def test_statement_verdicts_are_read_in_order_or_by_number() -> None:

@@ -216,7 +216,8 @@ class LLMJudge:
         fitted = fit_prompt(fixed, fields, max_tokens=self.max_prompt_tokens,
                             on_over_budget=self.on_over_budget, count=self.count_tokens)
         reply = await self._ask(criterion.template.format(**fitted.fields))
-        parsed = _checked(reply, lambda t: parse_score(t, SCALE))
+        quoted = [v for v in fitted.fields.values() if v]
+        parsed = _checked(reply, lambda t: parse_score(t, SCALE, quoted=quoted))
         explanation = parsed.reasons or "(the judge gave no reasons)"
         if fitted.notice:
             explanation = f"{fitted.notice}\n{explanation}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,11 @@ def _load_json(candidate: str, raw: str) -> Any:
     try:
         return json.loads(candidate)
     except ValueError:
+        pass
+    try:  # the object, then prose after it ("{...}\n\nLet me know if ...")
+        value, _end = json.JSONDecoder().raw_decode(candidate)
+        return value
+    except ValueError:
         opened = candidate.count("{") + candidate.count("[")
         closed = candidate.count("}") + candidate.count("]")
         hint = "cut off" if opened > closed else "not valid JSON"
@@ -110,8 +115,9 @@ def _normalize(number: float, denominator: float, raw: str) -> float:
 
 
 def _reasons_of(obj: Mapping[str, Any]) -> str:
+    lowered = {str(k).lower(): v for k, v in obj.items()}  # ("Reasons", as "Score" is read)
     for key in _REASON_KEYS:
-        value = obj.get(key)
+        value = lowered.get(key)
         if value:
             if isinstance(value, list):
                 return "; ".join(str(v) for v in value)
@@ -127,12 +133,28 @@ def _score_of(obj: Mapping[str, Any], raw: str, scale: float) -> float:
     raise _invalid("the judge's JSON has no 'score'", raw)
 
 
-def parse_score(raw: str, scale: float = 10) -> ParsedScore:
+def _echoed(text: str, quoted: Sequence[str]) -> bool:
+    """Whether `text` (a line of the answer, a JSON object in it) is copied from what the
+    judge was asked to read: a model that echoes its prompt (LlamaIndex's MockLLM) or
+    quotes a context holding "Guest rating: 4/5" has not given a score."""
+    piece = text.strip()
+    return bool(piece) and any(piece in q for q in quoted)
+
+
+def _line_of(body: str, match: re.Match[str]) -> str:
+    start = body.rfind("\n", 0, match.start()) + 1
+    end = body.find("\n", match.end())
+    return body[start:] if end == -1 else body[start:end]
+
+
+def parse_score(raw: str, scale: float = 10, *, quoted: Sequence[str] = ()) -> ParsedScore:
     """Read one score on ``0..scale`` from a judge's answer and normalize it to [0, 1].
 
     Args:
         raw: the model's answer, as text.
         scale: the top of the scale the prompt stated.
+        quoted: the texts the judge was given to read (question, answer, contexts): a
+            "score: n" line or JSON object copied from them is not the judge's score.
 
     Raises:
         InvalidFeedbackValue: no score, an invalid or cut-off JSON answer, a score outside
@@ -150,9 +172,10 @@ def parse_score(raw: str, scale: float = 10) -> ParsedScore:
     if bare:
         return ParsedScore(_from_match(bare, raw, scale), "")
     embedded = _embedded_json(body)
-    if isinstance(embedded, Mapping) and any(str(k).lower() in _SCORE_KEYS for k in embedded):
+    if isinstance(embedded, Mapping) and any(str(k).lower() in _SCORE_KEYS for k in embedded) \
+            and not _echoed(body[body.find("{"):body.rfind("}") + 1], quoted):
         return ParsedScore(_score_of(embedded, raw, scale), _reasons_of(embedded))
-    found = list(_LABELLED.finditer(body))
+    found = [m for m in _LABELLED.finditer(body) if not _echoed(_line_of(body, m), quoted)]
     values = {(m.group(1), m.group(2)) for m in found}
     if len(values) > 1:
         raise _invalid("the judge gave several different scores", raw)
