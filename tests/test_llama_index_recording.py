@@ -18,6 +18,8 @@ from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr
 from llama_index.core.llms import CustomLLM, MockLLM
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.memory import ChatMemoryBuffer
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from scrutiny import (
     ConfigurationError,
@@ -118,6 +120,29 @@ def test_retrieved_nodes_become_contexts_with_text_score_and_id(index: VectorSto
     assert [n["node_id"] for n in nodes] == [n.node.node_id for n in response.source_nodes]
     assert [n["score"] for n in nodes] == [n.score for n in response.source_nodes]
     assert [n["text"] for n in nodes] == record.contexts
+
+
+class _KeepFirst(BaseNodePostprocessor):
+    """A reranker's effect: only the best node reaches the answer."""
+
+    def _postprocess_nodes(self, nodes: list[NodeWithScore],
+                           query_bundle: QueryBundle | None = None) -> list[NodeWithScore]:
+        return nodes[:1]
+
+
+def test_contexts_are_the_nodes_the_answer_was_written_from(index: VectorStoreIndex,
+                                                            session: Session) -> None:
+    """With a postprocessor (a reranker, a similarity cutoff) the retriever returns more
+    nodes than the model reads: groundedness and context relevance judged text the answer
+    never saw. The retriever's span still shows all it returned."""
+    engine = _engine(index, node_postprocessors=[_KeepFirst()])
+    with LlamaIndexRecorder(engine, session=session) as recording:
+        response = engine.query("What color is snow?")
+    record = recording.get()
+    assert len(response.source_nodes) == 1
+    assert record.contexts == [response.source_nodes[0].node.get_content()]
+    retrieved = [s for s in record.spans if s.name == "VectorIndexRetriever.retrieve"]
+    assert len(retrieved[0].outputs) == 2
 
 
 def test_select_contexts_feedback_judges_each_retrieved_text(index: VectorStoreIndex,

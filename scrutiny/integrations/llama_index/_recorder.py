@@ -169,7 +169,9 @@ class LlamaIndexRecorder:
             start_time=root.start_time,
             end_time=trace.end_time or time.time(),
             spans=trace.spans,
-            contexts=list(trace.contexts),
+            # what the answer was written from; else every node a retriever returned
+            contexts=list(trace.contexts if trace.source_contexts is None
+                          else trace.source_contexts),
             usage=_usage(trace.spans),
             tags=list(self.tags),
             metadata=metadata,

@@ -45,6 +45,7 @@ from scrutiny.integrations.llama_index._convert import (
     embedding_view,
     llm_text,
     name_and_kind,
+    nodes_view,
     span_output,
     usage_of,
 )
@@ -89,8 +90,8 @@ class Trace:
     """
 
     __slots__ = ("_lock", "_root_ended", "_stream_ended", "_tracer", "contexts", "end_time",
-                 "finished", "root", "root_error", "root_result", "scope", "spans",
-                 "stream_complete", "stream_error", "streamed", "tags", "tokens")
+                 "finished", "root", "root_error", "root_result", "scope", "source_contexts",
+                 "spans", "stream_complete", "stream_error", "streamed", "tags", "tokens")
 
     def __init__(self, tracer: Tracer, scope: Scope, root: Span,
                  tags: Mapping[str, Any] | None) -> None:
@@ -99,6 +100,9 @@ class Trace:
         self.root = root
         self.spans: list[Span] = [root]
         self.contexts: list[str] = []
+        self.source_contexts: list[str] | None = None
+        """The texts of the nodes the answer was written from (the response's
+        `source_nodes`, after postprocessors and rerankers), when the root returned them."""
         self.tokens: list[Any] = []
         self.tags = dict(tags) if tags else {}
         self.root_result: Any = None
@@ -122,6 +126,7 @@ class Trace:
             self._root_ended = True
             self.root_result = result
             self.root_error = error
+            self.source_contexts = _source_texts(result)
             if error is None:
                 self._follow_stream(result)
             if self.streamed:
@@ -328,6 +333,18 @@ def _ends_stream(span: Span, trace: Trace) -> bool:
     """Is `span` (of a streaming chat response) the writer of `trace`'s streamed answer?"""
     return span.parent_id == trace.root.span_id and \
         span.name.rpartition(".")[2] in STREAM_WRITER_METHODS
+
+
+def _source_texts(result: Any) -> list[str] | None:
+    """The texts of a response's `source_nodes` (query and chat engines' responses), or
+    None when the result has none to give."""
+    try:
+        nodes = getattr(result, "source_nodes", None)
+        if not isinstance(nodes, list):
+            return None
+        return _texts(nodes_view(nodes))
+    except Exception:  # a response we cannot read: the retrieved nodes stand in
+        return None
 
 
 def _texts(output: Any) -> list[str] | None:
