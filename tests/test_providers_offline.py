@@ -163,6 +163,7 @@ def test_checksums() -> None:
     assert iban_valid("DE89 3704 0044 0532 0130 00")
     assert iban_valid("GB82WEST12345698765432")
     assert not iban_valid("DE89 3704 0044 0532 0130 01")
+    assert iban_valid("de89-3704-0044-0532-0130-00")
 
 
 @pytest.mark.parametrize(("text", "kinds"), [
@@ -180,6 +181,11 @@ def test_checksums() -> None:
     # digits inside a longer token (a hex hash, an id) are no card, even when they pass Luhn
     ("commit 4111111111111111deadbeef, id x4111111111111111", []),
     ("card:4111-1111-1111-1111", ["credit_card"]),
+    # a card or IBAN whose checksum fails is nothing — not a phone number either
+    ("card 5500 0000 0000 0005, iban DE00 3704 0044 0532 0130 00", []),
+    ("iban de89 3704 0044 0532 0130 00 or DE89-3704-0044-0532-0130-00", ["iban", "iban"]),
+    ("version 1.2.3.4 released; python 3.11.4.0; RFC 1.2.3.4; host 10.0.0.1", ["ipv4"]),
+    ("call 0044 20 7946 0958 or 011 44 20 7946 0958", ["phone", "phone"]),
 ])
 def test_pii_kinds_on_fixed_cases(text: str, kinds: list[str]) -> None:
     assert [m.kind for m in PIIDetector().find(text)] == kinds

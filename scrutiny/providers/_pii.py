@@ -1,12 +1,14 @@
 """PII detection by patterns and checksums: no model, no download, no network.
 
-Kinds: ``email``, ``phone`` (international ``+CC ...`` numbers, North American
-``(555) 123-4567`` / ``555-123-4567``, and national numbers with a leading 0 such as
-``020 7946 0958``), ``credit_card`` (13-19 digits that pass the Luhn check), ``iban`` (valid
-mod-97 check digits), ``ipv4`` and ``ipv6`` (validated by :mod:`ipaddress`).
+Kinds: ``email``, ``phone`` (international ``+CC ...`` or ``00 CC ...`` / ``011 CC ...``
+numbers, North American ``(555) 123-4567`` / ``555-123-4567``, and national numbers with a
+leading 0 such as ``020 7946 0958``), ``credit_card`` (13-19 digits that pass the Luhn
+check), ``iban`` (valid mod-97 check digits, any case, spaces or dashes), ``ipv4`` (not a
+version number: "python 3.11.4.0") and ``ipv6`` (validated by :mod:`ipaddress`).
 
 Checksummed kinds are matched first and their characters are taken out of the running,
-so a card number is never also reported as a phone number. Explanations name the kinds and
+so a card number is never also reported as a phone number; nor is a card- or IBAN-shaped
+number whose checksum fails. Explanations name the kinds and
 show masked forms only (``j***@***.com``, ``****1111``): never the PII itself.
 """
 
@@ -27,12 +29,24 @@ __all__ = ["KINDS", "PIIDetector", "PIIMatch", "iban_valid", "luhn_valid"]
 _EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
 # Not inside a longer token: digits of a hex hash or an id ("…deadbeef") are no card.
 _CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
-_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,3})?\b")
+# Printed in groups of 4 (or not at all): a number with this shape that fails the Luhn
+# check is a card number mistyped or made up, and no phone number either.
+_CARD_SHAPED = re.compile(r"(?<![\w-])(?:\d{4}(?:[ -]\d{4}){3}(?:[ -]\d{1,3})?|\d{13,19})(?![\w-])")
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]{4}){2,7}(?:[ -]?[A-Z0-9]{1,3})?\b",
+                   re.IGNORECASE)
+# An IBAN's shape with wrong check digits is not a phone number either.
+_IBAN_SHAPED = re.compile(r"\b[A-Z]{2}\d{2}(?:[ -][A-Z0-9]{4}){3,7}(?:[ -][A-Z0-9]{1,3})?\b",
+                          re.IGNORECASE)
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+# A dotted quad after one of these words is a version, not an address ("python 3.11.4.0").
+_VERSION_WORD = re.compile(r"(?:\b(?:v|ver|version|release|build|python|node|java|firmware|"
+                           r"kernel|rfc|revision|rev)\.?\s*)$", re.IGNORECASE)
 _PHONES = (
     re.compile(r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(\d{1,4}\))?(?:[\s.-]?\d{1,5}){2,6}(?![\w-])"),
+    # the international prefix dialled instead of "+": 00 (most countries), 011 (N. America)
+    re.compile(r"(?<![\w+])(?:00|011)[\s.-]?[1-9]\d{0,2}(?:[\s.-]?\d{1,5}){2,6}(?![\w-])"),
     re.compile(r"(?<![\w(])(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w-])"),
     re.compile(r"(?<![\w+])(?:\(0\d{1,4}\)\s?|0\d{1,4}[\s-])\d{3,4}[\s-]?\d{3,4}(?![\w-])"),
 )
@@ -55,8 +69,9 @@ def luhn_valid(number: str) -> bool:
 
 
 def iban_valid(candidate: str) -> bool:
-    """True when `candidate` (spaces allowed) has valid IBAN check digits (ISO 13616 mod 97)."""
-    compact = candidate.replace(" ", "").upper()
+    """True when `candidate` (spaces or dashes allowed, any case) has valid IBAN check digits
+    (ISO 13616 mod 97)."""
+    compact = candidate.replace(" ", "").replace("-", "").upper()
     if not 15 <= len(compact) <= 34 or not re.fullmatch(r"[A-Z]{2}\d{2}[A-Z0-9]+", compact):
         return False
     moved = compact[4:] + compact[:4]
@@ -87,7 +102,8 @@ def _mask_tail(keep: int) -> Callable[[str], str]:
 
 
 def _mask_iban(text: str) -> str:
-    return f"{text[:2]}** **** ... ({len(text.replace(' ', ''))} characters)"
+    compact = text.replace(" ", "").replace("-", "")
+    return f"{text[:2]}** **** ... ({len(compact)} characters)"
 
 
 def _mask_ipv4(text: str) -> str:
@@ -106,9 +122,10 @@ def _iban_spans(text: str) -> Iterable[tuple[int, int]]:
             if iban_valid(candidate):
                 yield match.start(), match.start() + len(candidate)
                 break
-            if " " not in candidate:
+            cut = max(candidate.rfind(" "), candidate.rfind("-"))
+            if cut <= 0:
                 break
-            candidate = candidate.rsplit(" ", 1)[0]
+            candidate = candidate[:cut]
 
 
 def _regex_spans(pattern: re.Pattern[str], valid: Callable[[str], bool] = lambda _: True
@@ -131,6 +148,12 @@ def _ipv6_valid(text: str) -> bool:
     return True
 
 
+def _ipv4_spans(text: str) -> Iterable[tuple[int, int]]:
+    for match in _IPV4.finditer(text):
+        if not _VERSION_WORD.search(text, max(0, match.start() - 12), match.start()):
+            yield match.span()
+
+
 def _phone_spans(text: str) -> Iterable[tuple[int, int]]:
     for pattern in _PHONES:
         for match in pattern.finditer(text):
@@ -139,11 +162,22 @@ def _phone_spans(text: str) -> Iterable[tuple[int, int]]:
                 yield match.span()
 
 
+def _shaped_but_invalid(text: str) -> Iterable[tuple[int, int]]:
+    """Card- and IBAN-shaped numbers whose checksum fails: reported as nothing, and not
+    left for the looser phone patterns to report as phone numbers."""
+    for match in _CARD_SHAPED.finditer(text):
+        if not luhn_valid(match.group(0)):
+            yield match.span()
+    for match in _IBAN_SHAPED.finditer(text):
+        if not iban_valid(match.group(0)):
+            yield match.span()
+
+
 _FINDERS: dict[str, tuple[Callable[[str], Iterable[tuple[int, int]]], Callable[[str], str]]] = {
     "iban": (_iban_spans, _mask_iban),
     "credit_card": (_regex_spans(_CARD, luhn_valid), _mask_tail(4)),
     "email": (_regex_spans(_EMAIL), _mask_email),
-    "ipv4": (_regex_spans(_IPV4), _mask_ipv4),
+    "ipv4": (_ipv4_spans, _mask_ipv4),
     "ipv6": (_regex_spans(_IPV6, _ipv6_valid), _mask_ipv6),
     "phone": (_phone_spans, _mask_tail(2)),
 }
@@ -182,6 +216,9 @@ class PIIDetector:
         taken = [False] * len(body)
         found: list[PIIMatch] = []
         for kind in self.kinds:
+            if kind == "phone":  # (after the checksummed kinds had their pick)
+                for start, end in _shaped_but_invalid(body):
+                    taken[start:end] = [True] * (end - start)
             spans, mask = _FINDERS[kind]
             for start, end in spans(body):
                 if any(taken[start:end]):
