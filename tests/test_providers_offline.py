@@ -292,3 +292,33 @@ def test_rouge_and_bleu_score_an_identical_answer_1_in_any_script_and_length() -
     for short in ("42", "yes please", "Москва"):
         assert bleu(short, short)[0] == 1.0
     assert bleu("a b", "c d")[0] == 0.0
+
+
+def test_lexical_metrics_read_chinese_and_japanese_word_by_character() -> None:
+    """Written without spaces, a whole sentence was one token: one character different
+    and ROUGE, token F1 (and BLEU, but for the full stop) gave 0."""
+    from scrutiny.providers import Rouge, bleu
+
+    assert Rouge()("我喜欢吃苹果", "我喜欢吃香果")[0] == pytest.approx(5 / 6)
+    assert Rouge("rouge1")("東京は日本の首都です", "東京は日本の首都である")[0] > 0.8
+    assert token_f1("我喜欢吃苹果", "我喜欢吃香果")[0] == pytest.approx(5 / 6)
+    assert bleu("我喜欢吃苹果。", "我喜欢吃香果。")[0] > 0.4
+
+
+def test_one_non_ascii_character_does_not_change_how_rouge_reads_the_rest() -> None:
+    """The tokenizer was chosen per text: an en dash in the answer cost it its stemming
+    while the expected answer kept it (0.36 for the same words)."""
+    from scrutiny.providers import Rouge
+
+    assert Rouge()("The cats are running quickly \u2013 yes", "The cats are running quickly")[
+        0] == pytest.approx(2 * (5 / 6) * 1 / (5 / 6 + 1))
+    assert Rouge()("The cats are running, isn\u2019t it", "The cats are running, isn't it")[
+        0] == 1.0
+
+
+def test_two_empty_answers_match_in_every_lexical_metric() -> None:
+    from scrutiny.providers import Rouge, bleu
+
+    for metric in (exact_match, token_f1, bleu, Rouge()):
+        assert metric("", "")[0] == 1.0, metric
+        assert metric("", "Paris")[0] == 0.0, metric

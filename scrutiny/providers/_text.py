@@ -71,6 +71,19 @@ def split_statements(text: str) -> list[str]:
     return statements
 
 
+# Scripts written without spaces between words: each character counts as a word (as
+# MLQA and CMRC score Chinese), or a whole sentence was one token and a one-character
+# difference scored 0.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+_WORDS = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
+
+
+def words(text: str) -> list[str]:
+    """The words of `text`: runs of letters and digits in any script, each character of
+    Chinese and Japanese text on its own."""
+    return _WORDS.findall(text)
+
+
 def normalize_answer(text: str) -> str:
     """Lower case, no punctuation, no articles, single spaces (SQuAD's normalization)."""
     lowered = text.casefold().translate(_PUNCT)
