@@ -243,6 +243,17 @@ def test_ground_truth_scores_known_questions_and_skips_others(session: Session) 
     assert sorted(df["ground_truth_agreement status"]) == ["done", "done", "skipped"]
 
 
+def test_ground_truth_matches_questions_typed_with_other_marks() -> None:
+    """A curly apostrophe, a full-width question mark (an IME's) or a Chinese full stop
+    made a known question 'not in the ground-truth set'."""
+    truth = GroundTruth({"What's the capital of France?": "Paris", "\u4e2d\u56fd\u7684\u9996\u90fd"
+                         "\u662f\u54ea\u91cc\uff1f": "\u5317\u4eac"})
+    assert truth.expected_for("What\u2019s the capital of France\uff1f") == "Paris"
+    assert truth.expected_for("\u4e2d\u56fd\u7684\u9996\u90fd\u662f\u54ea\u91cc\u3002") == (
+        "\u5317\u4eac")
+    assert truth.expected_for("What is the capital of Spain?") is None
+
+
 def test_ground_truth_with_an_llm_judge_as_metric(session: Session) -> None:
     pytest.importorskip("langchain_core")
     from langchain_core.language_models import FakeListChatModel

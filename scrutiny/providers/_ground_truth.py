@@ -1,7 +1,8 @@
 """`GroundTruth`: agreement with expected answers, looked up by the record's input.
 
 A question that is not in the set gives a `skipped` result with the reason, never a score.
-Questions are matched after normalization (case, spacing, trailing punctuation), and a
+Questions are matched after normalization (Unicode forms, curly quotes, case, spacing,
+trailing punctuation), and a
 chain input such as ``{"question": "..."}`` is matched by its question.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -30,8 +32,14 @@ async (e.g. ``judge.correctness``)."""
 _OPTION_KEYS = ("retry", "rate_limit", "timeout")
 
 
+_SAME_MARKS = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+
+
 def _key(question: Any) -> str:
-    return " ".join(as_text(question).casefold().split()).rstrip(" ?!.")
+    """The question as it is matched: Unicode-normalized (a full-width question mark is '?'), curly
+    quotes straight, case, spacing and the closing punctuation ignored."""
+    text = unicodedata.normalize("NFKC", as_text(question)).translate(_SAME_MARKS)
+    return " ".join(text.casefold().split()).rstrip(" ?!.\u3002")
 
 
 class GroundTruth:
