@@ -2,8 +2,8 @@
 
 A question that is not in the set gives a `skipped` result with the reason, never a score.
 Questions are matched after normalization (Unicode forms, curly quotes, case, spacing,
-trailing punctuation), and a
-chain input such as ``{"question": "..."}`` is matched by its question.
+trailing punctuation), and a chain input such as ``{"question": "..."}`` is matched by its
+question.
 """
 
 from __future__ import annotations
