@@ -745,7 +745,7 @@ def test_storage_errors_are_counted_and_results_fail_with_a_reason(
     assert "could not be stored" in (result.error or "")
     assert s.stats()["failed_writes"] == 1
     assert "disk I/O error" in caplog.text
-    s.close(timeout=1)
+    assert s.close(timeout=1) is False  # the record was lost: not a clean close
 
 
 class _RefusesEndStates:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pydantic
 import pytest
+import sqlalchemy as sa
 
 from scrutiny import Feedback, FeedbackStatus, Record, Session
 from scrutiny.core import _serialize
@@ -147,6 +148,39 @@ def test_huge_output_is_truncated_in_storage(tmp_path: Path) -> None:
         df, _ = s.get_records_and_feedback()
     assert df.loc[0, "output"][TRUNCATED_KEY] is True
     assert df.loc[0, "output"]["original_bytes"] == 100_002
+
+
+def test_every_stored_text_keeps_within_the_payload_limit(tmp_path: Path) -> None:
+    """Each context was cut on its own (4.5 MB of them under a 100 kB limit), and tags,
+    explanations and errors were not cut at all; a 5 MB error also filled the log line."""
+    limit = 100_000
+
+    def wordy(output: str) -> tuple[float, str]:
+        return 0.5, "because " * 600_000
+
+    def noisy(output: str) -> float:
+        raise ValueError("x" * 5_000_000)
+
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    with Session(url, max_payload_bytes=limit) as s:
+        record = s.ingest(make_record(contexts=["c" * 90_000] * 50, tags=["t" * 1000] * 1000),
+                          [Feedback(wordy).on_output(), Feedback(noisy).on_output()])
+        assert s.wait_for_feedback(30)
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        sizes = conn.execute(sa.text(
+            "SELECT length(contexts_json), length(tags_json) FROM scrutiny_records")).one()
+        messages = dict(conn.execute(sa.text(
+            "SELECT feedback_name, coalesce(explanation, error) FROM scrutiny_feedback_results"
+        )).all())
+    engine.dispose()
+    assert max(sizes) <= limit
+    assert all(len(text.encode()) <= limit for text in messages.values())
+    assert all(TRUNCATED_KEY in text for text in messages.values())
+    with Session(url) as reader:
+        back = reader.get_record(record.record_id)
+    assert back is not None
+    assert back.contexts  # still a list to read, marked as cut
 
 
 WEIRD_NAMES = [
@@ -289,8 +323,9 @@ def test_oversized_contexts_stay_a_list_with_each_one_marked(tmp_path: Path) -> 
         back = s.get_record(record.record_id)
     assert back is not None
     assert isinstance(back.contexts, list)
-    assert back.contexts[0].startswith("x" * 1024)
-    assert f"[{TRUNCATED_KEY}: 3000 bytes in all]" in back.contexts[0]
+    assert back.contexts[0].startswith("x" * 800)
+    assert back.contexts[0].endswith(f"[{TRUNCATED_KEY}: 3000 bytes in all]")
+    assert len(back.contexts[0]) <= 1024  # the marker counts in the limit
     assert back.contexts[1] == "short"
 
 

@@ -93,6 +93,8 @@ def retry_after_hint(exc: BaseException) -> float | None:
     return None
 
 
+_LOGGED_REASON = 1000
+"""Characters of a failure's reason that go into the log line."""
 _HELD = 0.05
 """A timeout firing this much later than due means the loop was held, not that the awaited
 work was slow."""
@@ -464,6 +466,9 @@ class Evaluator:
         return pending.evolve(status=status, error=error, started_at=now, ended_at=now)
 
     def _log_failure(self, feedback: Feedback, reason: str) -> None:
+        if len(reason) > _LOGGED_REASON:  # (a 5 MB error message filled the log line)
+            reason = f"{reason[:_LOGGED_REASON]}... ({len(reason)} characters; the stored " \
+                     "result has more)"
         if feedback.name in self._warned:
             logger.debug("feedback %r failed: %s", feedback.name, reason)
             return

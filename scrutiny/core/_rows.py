@@ -103,9 +103,8 @@ def record_row(record: Record, *, max_bytes: int) -> Row:
         "completion_tokens": usage.completion_tokens if usage else None,
         "total_tokens": usage.total_tokens if usage else None,
         "spans_json": _spans_json(record.spans, max_bytes * 4),
-        "contexts_json": _serialize.dumps(
-            [_serialize.truncate_text(c, max_bytes) for c in record.contexts]),
-        "tags_json": _serialize.dumps(record.tags),
+        "contexts_json": _contexts_json(record.contexts, max_bytes),
+        "tags_json": _serialize.dumps(record.tags, max_bytes=max_bytes),
         "metadata_json": _serialize.dumps(record.metadata, max_bytes=max_bytes),
         "framework": record.framework,
         "root_run_id": record.root_run_id,
@@ -140,8 +139,44 @@ def _spec_json(feedback: Feedback) -> str | None:
         return None
 
 
+def _contexts_json(contexts: list[Any], max_bytes: int) -> str:
+    """The contexts as a list of texts within the limit *as a whole* (each one cut to the
+    limit on its own let 4.5 MB of contexts through a 100 kB limit): each is cut to what
+    room is left, and where none is left one marker says how many more there were."""
+    if sum(len(c) if isinstance(c, str) else 64 for c in contexts) * 4 <= max_bytes:
+        return _serialize.dumps(contexts)
+    kept: list[Any] = []
+    used = 2 + 96  # the brackets, and room kept for the marker of what did not fit
+    for i, context in enumerate(contexts):
+        room = max_bytes - used - 1
+        whole = len(_serialize.dumps(context))
+        if whole <= room:
+            kept.append(context)
+            used += whole + 1
+            continue
+        if room < 256:  # (no room for a useful piece: say what is missing instead)
+            kept.append(f"[{_serialize.TRUNCATED_KEY}: {len(contexts) - i} more "
+                        "context(s) not stored]")
+            break
+        piece = _serialize.truncate_text(context, room - 2 - len(_serialize.TRUNCATED_KEY))
+        size = len(_serialize.dumps(piece))
+        if size > room:  # escapes made it longer than its bytes: cut it once more
+            piece = _serialize.truncate_text(context, max(0, room - (size - room) - 64))
+            size = len(_serialize.dumps(piece))
+        kept.append(piece)
+        used += size + 1
+    return _serialize.dumps(kept)
+
+
+def _message(value: str | None, max_bytes: int) -> str | None:
+    """An explanation or error as stored: within the payload limit, with the marker."""
+    text = _text(value)
+    return text if text is None else _serialize.truncate_text(text, max_bytes)
+
+
 def result_row(record: Record, result: FeedbackResult,
-               lease: tuple[str, str, datetime] | None = None) -> Row:
+               lease: tuple[str, str, datetime] | None = None, *,
+               max_bytes: int = 1_000_000) -> Row:
     """The first row of a result; `lease` = (worker_id, token, expires_at) of its holder."""
     now = datetime.now(timezone.utc)
     return {
@@ -152,8 +187,8 @@ def result_row(record: Record, result: FeedbackResult,
         "feedback_name": _text(result.feedback_name),
         "status": result.status._value_,
         "score": result.result,
-        "explanation": _text(result.explanation),
-        "error": _text(result.error),
+        "explanation": _message(result.explanation, max_bytes),
+        "error": _message(result.error, max_bytes),
         "attempts": result.attempts,
         "created_at": result.created_at,
         "started_at": result.started_at,
@@ -172,8 +207,8 @@ def result_update_values(result: FeedbackResult, *, max_bytes: int) -> Row:
     values = {
         "status": result.status._value_,
         "score": result.result,
-        "explanation": _text(result.explanation),
-        "error": _text(result.error),
+        "explanation": _message(result.explanation, max_bytes),
+        "error": _message(result.error, max_bytes),
         "attempts": result.attempts,
         "started_at": result.started_at,
         "ended_at": result.ended_at,

@@ -138,8 +138,9 @@ def truncate_text(value: Any, max_bytes: int) -> Any:
     data = value.encode("utf-8")
     if len(data) <= max_bytes:
         return value
-    kept = data[:max_bytes].decode("utf-8", errors="ignore")
-    return f"{kept}[{TRUNCATED_KEY}: {len(data)} bytes in all]"
+    marker = f"[{TRUNCATED_KEY}: {len(data)} bytes in all]"  # (counted in the limit)
+    kept = data[:max(0, max_bytes - len(marker))].decode("utf-8", errors="ignore")
+    return kept + marker
 
 
 def loads(text: str | None) -> Any:

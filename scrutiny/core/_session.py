@@ -164,8 +164,9 @@ class Session(SessionReading):
             without a heartbeat; if it dies, workers take them over after this.
         max_queue_size: records and updates that may wait for the database; beyond it new
             ones are dropped, counted in :meth:`stats` and logged (the app is never blocked).
-        max_payload_bytes: the largest stored input, output or context list; larger
-            ones are replaced by an explicit truncation marker with a prefix.
+        max_payload_bytes: the largest stored input, output, context list, tag list,
+            metadata, explanation or error; larger ones are cut, with an explicit
+            truncation marker after what is kept.
         table_prefix: prefix of every table name.
         migrate: ``"upgrade"`` (default) brings an older database to the current schema;
             ``"refuse"`` raises instead (run ``scrutiny db upgrade`` yourself).
@@ -397,7 +398,8 @@ class Session(SessionReading):
         :meth:`resume_pending`. Idempotent.
 
         Returns:
-            True when nothing was left unfinished.
+            True when nothing was left unfinished and every write was stored (False also
+            when the database refused writes or the queue dropped some: see :meth:`stats`).
         """
         with self._lock:
             if self._state == "closed":
@@ -432,6 +434,8 @@ class Session(SessionReading):
                     "are left pending in %s for a worker or Session.resume_pending()",
                     len(unfinished), timeout, self._redacted_url())
             clean = writer.close(max(1.0, deadline - time.monotonic())) and clean
+            if writer.failed or writer.dropped:  # stored nothing of those: not clean
+                clean = False
             self._left_pending = len(left)
             self._settle_unfinished(left)
             if self._notifier is not None:
@@ -799,7 +803,8 @@ class _Ingest:
             app=_rows.app_row(record),
             record=_rows.record_row(record, max_bytes=session.max_payload_bytes),
             definitions=[_rows.definition_row(j.feedback) for j in jobs],
-            results=[_rows.result_row(record, r, None if r.is_final else lease)
+            results=[_rows.result_row(record, r, None if r.is_final else lease,
+                                      max_bytes=session.max_payload_bytes)
                      for r in self.initial],
         )
         return [op]
