@@ -107,6 +107,19 @@ def test_empty_selection_raises_empty_selection() -> None:
         fb.calls_for(_record(contexts=[]))
 
 
+def test_a_fanned_out_element_with_no_value_is_not_called() -> None:
+    """The output of a tool span that failed is None: the feedback was called with it,
+    raised, and the whole result ended failed for one failed tool."""
+    spans = [Span("1", None, "root", "chain", 0.0, outputs="o"),
+             Span("2", "1", "search", "tool", 0.0, outputs=None, error="boom"),
+             Span("3", "1", "lookup", "tool", 0.0, outputs="found it")]
+    fb = Feedback(lambda out: 1.0, name="x").on(Select.spans(kind="tool").outputs.each())
+    assert fb.calls_for(_record(spans=spans)) == [{"out": "found it"}]
+    only_failed = [spans[0], spans[1]]
+    with pytest.raises(EmptySelection, match="nothing but empty values"):
+        fb.calls_for(_record(spans=only_failed))
+
+
 def test_span_selector_and_custom_callable() -> None:
     spans = [Span("1", None, "root", "chain", 0.0, outputs="o1"),
              Span("2", "1", "llm", "llm", 0.0, outputs="o2")]

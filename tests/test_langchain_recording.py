@@ -467,6 +467,39 @@ class AppError(RuntimeError):
     pass
 
 
+async def test_a_branch_that_outlives_a_failed_sibling_adds_no_record(
+        session: Session) -> None:
+    """A parallel step fails while another branch still runs: that branch was marked
+    'the consumer stopped the stream early' (no stream was involved), and the runs it
+    started afterwards became a second record of their own after the block had closed."""
+    release, finished = asyncio.Event(), asyncio.Event()
+    child = RunnableLambda(lambda x: f"child({x})", name="child")
+
+    async def slow(x: str, config: Any) -> str:
+        await release.wait()
+        out = await child.ainvoke(x, config)
+        finished.set()
+        return str(out)
+
+    def bad(x: str) -> str:
+        raise AppError("branch failed")
+
+    par = RunnableParallel(a=RunnableLambda(slow, name="slow"), b=RunnableLambda(bad))
+    async with ChainRecorder(par, app_name="outlived", session=session) as recording:
+        with pytest.raises(AppError):
+            await par.ainvoke("x")
+    release.set()
+    await asyncio.wait_for(finished.wait(), 10)
+    assert len(recording.records) == 1
+    record = recording.records[0]
+    assert record.status is RecordStatus.ERROR
+    slow_span = next(sp for sp in record.spans if sp.name == "slow")
+    assert "still running when another step failed" in (slow_span.error or "")
+    assert session.flush(10)
+    df, _ = session.get_records_and_feedback()
+    assert len(df) == 1
+
+
 def test_exception_reaches_the_caller_unchanged_and_an_error_record_is_stored(
         session: Session) -> None:
     error = AppError("the retriever is down")

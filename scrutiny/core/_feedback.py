@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from scrutiny.core._errors import ConfigurationError, InvalidFeedbackValue
 from scrutiny.core._refs import NotReferenceable, reference, resolve
-from scrutiny.core._select import Select, Selector, as_selector, selector_from_spec
+from scrutiny.core._select import (
+    EmptySelection,
+    Select,
+    Selector,
+    as_selector,
+    selector_from_spec,
+)
 
 if TYPE_CHECKING:
     from scrutiny.core._records import Record
@@ -353,7 +359,13 @@ class Feedback:
         for param, selector in self.bindings.items():
             value = selector.select(record)
             if selector.fan_out:
-                fanned.append((param, list(value)))
+                # An element with no value (the output of a span that failed) is nothing to
+                # evaluate, as a whole selection of nothing is: the call is not made.
+                present = [v for v in value if v is not None]
+                if not present:
+                    raise EmptySelection(f"{selector.label} found nothing but empty values "
+                                         f"in record {record.record_id}")
+                fanned.append((param, present))
             else:
                 fixed[param] = value
         if not fanned:

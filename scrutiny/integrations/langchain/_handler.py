@@ -62,6 +62,9 @@ FEEDBACK_EVENT = "scrutiny.feedback_result"
 _F = TypeVar("_F", bound=Callable[..., None])
 
 _STOPPED_EARLY = "cancelled: the consumer stopped the stream early"
+_MAX_OUTLIVED = 10_000
+_OUTLIVED = ("unfinished when the call ended: it was still running when another step "
+             "failed (what it did afterwards is not recorded)")
 _RETRIEVER = SpanKind.RETRIEVER.value
 _CHAIN = SpanKind.CHAIN.value
 
@@ -181,6 +184,9 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         # looked up a few times per event (about 25 hashes per call of a 3-step chain).
         self._runs: dict[int, tuple[Span, _Root]] = {}
         self._roots: dict[int, _Root] = {}
+        self._outlived: dict[int, None] = {}
+        """Runs still going when their root's record was made (a branch that outlived a
+        failed sibling), and their children: not new records (bounded, oldest dropped)."""
         self._lock = threading.Lock()
 
     @property
@@ -233,6 +239,10 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 return
             key = run_id.int
             parent = None if parent_run_id is None else self._runs.get(parent_run_id.int)
+            if parent is None and parent_run_id is not None and self._outlived and \
+                    parent_run_id.int in self._outlived:
+                self._outlive(key)  # a late step of a call already recorded
+                return
             if parent is None:
                 _offer_gil()  # to late evaluations, once a call (see scrutiny.core._courtesy)
                 recording = None
@@ -282,6 +292,13 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         except Exception:
             logger.exception("scrutiny: recording the end of a run failed")
 
+    def _outlive(self, key: int) -> None:
+        outlived = self._outlived
+        outlived[key] = None
+        if len(outlived) > _MAX_OUTLIVED:
+            for old in list(outlived)[:len(outlived) - _MAX_OUTLIVED]:
+                outlived.pop(old, None)
+
     def _finish_root(self, run_id: UUID, span: Span, error: BaseException | None) -> None:
         """The root run ended: hand its spans over as a record. The Record itself is
         assembled later, off the application's thread (or when first looked at)."""
@@ -289,6 +306,10 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         runs = self._runs
         for rid in root.run_ids:
             runs.pop(rid, None)
+        if error is not None:  # branches still running go on without a record of their own
+            for child, rid in zip(root.spans, root.run_ids, strict=True):
+                if child.end_time is None:
+                    self._outlive(rid)
         if error is None:
             ended = _ENDED_OK
         else:  # classify now: the exception (and its traceback's frames) is not kept
@@ -536,13 +557,14 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
     except Exception:  # a document whose text cannot be read: the record is kept without
         logger.exception("scrutiny: reading the retrieved documents of a run failed")
         contexts = []
-    # Child runs still open when the root ends: the consumer stopped a stream early.
-    # LangChain then ends a sync stream's root run normally (it swallows the
-    # GeneratorExit) with the output gathered so far, and never ends the children.
+    # Child runs still open when the root ends: the consumer stopped a stream early
+    # (LangChain then ends a sync stream's root run normally — it swallows the
+    # GeneratorExit — with the output gathered so far, and never ends the children), or,
+    # when the root failed, a sibling step raised while these still ran (async branches).
     unfinished = [s for s in spans if s.end_time is None]
     for child in unfinished:
         child.end_time = span.end_time
-        child.error = child.error or _STOPPED_EARLY
+        child.error = child.error or (_OUTLIVED if ended == _FAILED else _STOPPED_EARLY)
     error_text = span.error
     if ended == _ENDED_OK and not unfinished:
         status, output = RecordStatus.OK, _read(main_output, span.outputs)
