@@ -4,6 +4,7 @@ PostgreSQL server (``SCRUTINY_TEST_POSTGRES_URL``; `.ci/run` starts one and sets
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -52,6 +53,11 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
 def pg() -> tuple[str, str]:
     """(url, table_prefix) of fresh tables on the PostgreSQL server."""
     return _pg_url(), f"t{uuid.uuid4().hex[:10]}_"
+
+
+@dataclasses.dataclass
+class _Answer:
+    text: str
 
 
 def make_record(i: int = 0) -> Record:
@@ -182,6 +188,29 @@ def test_resume_pending_finishes_what_a_closed_session_left(backend: tuple[str, 
         finally:
             del os.environ["SCRUTINY_TEST_RESUMED"]
         assert second.store.count_results() == {"done": 2}
+
+
+@pytest.mark.parametrize("how", ["start_worker", "resume_pending"])
+def test_a_deferred_feedback_reads_the_stored_record_in_the_apps_process_too(
+        backend: tuple[str, str], how: str) -> None:
+    """Evaluated by the app's own session, a deferred feedback got the live objects (a
+    Document, a pydantic model); by a worker elsewhere, their stored JSON form — so it
+    passed in development and failed in production."""
+    url, prefix = backend
+    with Session(url, table_prefix=prefix, feedback_mode="deferred") as s:
+        fb = Feedback(fbs.output_kind).on_output()
+        record = s.ingest(Record(app_name="scale", app_version="v1", input="q",
+                                 output=_Answer("hi"), start_time=1.0, end_time=2.0), [fb])
+        assert s.flush(10)
+        if how == "start_worker":
+            worker = s.start_worker(poll_interval=0.05)
+            result = record.wait_for_feedback_results(timeout=30)[fb]
+            worker.stop(10)
+        else:
+            assert s.resume_pending(timeout=30) == 1
+            result = record.wait_for_feedback_results(timeout=30)[fb]
+    assert result.status is FeedbackStatus.DONE
+    assert result.explanation == "dict"  # as a worker in another process reads it
 
 
 def test_a_worker_without_a_feedbacks_code_leaves_its_results_for_one_with_it(

@@ -74,6 +74,9 @@ class Job:
     pending: FeedbackResult
     listeners: Sequence[Callable[[FeedbackResult, Record], object]] = ()
     lease_token: str | None = None
+    evaluate_on: Record | None = None
+    """The record the feedback reads, when not `record` itself: a deferred record
+    evaluated in the app's own process reads it as stored, as any worker does."""
 
 
 ResultHook = Callable[[Job, FeedbackResult], None]
@@ -536,7 +539,7 @@ class EvaluationLoop:
         task = asyncio.current_task()
         try:
             final = await self._evaluator.evaluate(
-                job.feedback, job.record, job.pending,
+                job.feedback, job.evaluate_on or job.record, job.pending,
                 lambda started: self._on_running(job, started))
         except asyncio.CancelledError:
             raise

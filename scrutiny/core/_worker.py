@@ -164,10 +164,14 @@ class Worker:
             pending.status = FeedbackStatus.PENDING
             mine = own.get(row["result_id"])
             if mine is not None and mine.lease_token is None:
-                # Evaluate the app's own feedback on the app's own record object, so that
-                # finishing it resolves what the app waits on (its wait, callbacks,
-                # listeners) once — not a copy read back from the database.
-                to_run.append(Job(mine.feedback, mine.record, pending, mine.listeners, token))
+                # The app's own feedback on the app's own record object, so that finishing
+                # it resolves what the app waits on (its wait, callbacks, listeners) once —
+                # but reading the record as stored, as a worker in another process does:
+                # live objects here (a Document, a pydantic model) and their JSON form
+                # there made a feedback pass in one and fail in the other.
+                stored = records.get(row["record_id"])
+                to_run.append(Job(mine.feedback, mine.record, pending, mine.listeners, token,
+                                  evaluate_on=stored))
                 continue
             feedback = self._feedback(row["feedback_id"], row["feedback_name"])
             if isinstance(feedback, _NotHere):

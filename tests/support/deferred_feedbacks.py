@@ -59,3 +59,8 @@ def slow_forever_unless_resumed(output: str) -> float:
 def worker_pid(output: str) -> float:
     """The process id of whoever evaluated it."""
     return float(os.getpid())
+
+
+def output_kind(output: object) -> tuple[float, str]:
+    """Says what type the feedback was given (live object, or its stored JSON form)."""
+    return 1.0, type(output).__name__
