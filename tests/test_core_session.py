@@ -267,6 +267,48 @@ def test_ingest_refuses_two_feedbacks_with_one_name_before_storing_anything(
     assert len(df) == 0
 
 
+def test_a_stored_record_can_be_given_more_feedbacks(session: Session, db_url: str) -> None:
+    """Evaluating a new feedback on a stored record failed with the database's raw
+    IntegrityError and 'the record could not be stored', though it was."""
+    first = Feedback(lambda output: 0.1, name="first").on_output()
+    second = Feedback(lambda output: 0.2, name="second").on_output()
+    record = session.ingest(make_record(), [first])
+    assert record.wait_for_feedback_results(timeout=10)[first].status is FeedbackStatus.DONE
+    stored = session.get_record(record.record_id)
+    assert stored is not None
+    added = session.ingest(stored, [second]).wait_for_feedback_results(timeout=10)
+    assert {fb.name: r.result for fb, r in added.items()} == {"first": 0.1, "second": 0.2}
+    assert session.stats()["failed_writes"] == 0
+    with pytest.raises(ConfigurationError, match="already has a result of \\['first'\\]"):
+        session.ingest(stored, [first])
+    with Session(db_url) as reader:
+        df, _ = reader.get_records_and_feedback()
+    assert len(df) == 1
+    assert (df.loc[0, "first"], df.loc[0, "second"]) == (0.1, 0.2)
+
+
+def test_one_record_object_given_twice_waits_for_both(session: Session) -> None:
+    slow_started, release = threading.Event(), threading.Event()
+
+    def slow(output: str) -> float:
+        slow_started.set()
+        assert release.wait(10)
+        return 0.5
+
+    record = make_record()
+    quick = Feedback(lambda output: 1.0, name="quick").on_output()
+    waits = Feedback(slow).on_output()
+    session.ingest(record, [waits])
+    session.ingest(record, [quick])
+    assert slow_started.wait(10)
+    results = record.wait_for_feedback_results(timeout=0.5)
+    assert results[waits].status in (FeedbackStatus.PENDING, FeedbackStatus.RUNNING)
+    release.set()
+    results = record.wait_for_feedback_results(timeout=10)
+    assert {fb.name: r.status for fb, r in results.items()} == {
+        "slow": FeedbackStatus.DONE, "quick": FeedbackStatus.DONE}
+
+
 def test_skip_feedback_raised_by_the_function(session: Session) -> None:
     def picky(output: str) -> float:
         raise SkipFeedback("not applicable to greetings")

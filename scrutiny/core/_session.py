@@ -523,6 +523,14 @@ class Session(SessionReading):
         """
         resolved = _mode(mode or self.feedback_mode)
         check_feedbacks(feedbacks, resolved)
+        if isinstance(record, Record) and (record._slots or record._pending_init):
+            had = {str(getattr(fb, "name", "")) for fb in record._result_slots()}
+            again = sorted(had & {fb.name for fb in feedbacks})
+            if again:
+                raise ConfigurationError(
+                    f"record {record.record_id} already has a result of {again}: give it "
+                    "only feedbacks it has not been evaluated with (a second result under "
+                    "one name would hide the first)")
         try:
             self._ingest(record, feedbacks, resolved, listeners)
         except Exception:
@@ -540,8 +548,11 @@ class Session(SessionReading):
         if feedbacks:
             if isinstance(record, LazyRecord):
                 record.on_build(ingest.attach)
-            else:
+            elif record._pending_init is None:
                 record._pending_init = ingest.materialize
+            else:  # the same record given again, before its first results were made
+                record._pending_init = _BothInits(record, record._pending_init,
+                                                  ingest.materialize)
             with self._outstanding_lock:
                 self._unmaterialized += 1
         if writer.submit(WriteItem(ingest.prepare, ingest.after_commit)) and feedbacks:
@@ -711,6 +722,22 @@ class Session(SessionReading):
         return start_dashboard(self, host=host, port=port, token=token)
 
 
+class _BothInits:
+    """The pending results of two ingests of one record, made on first look."""
+
+    __slots__ = ("first", "record", "second")
+
+    def __init__(self, record: Record, first: Callable[[], object],
+                 second: Callable[[], object]) -> None:
+        self.record, self.first, self.second = record, first, second
+
+    def __call__(self) -> None:
+        self.first()
+        self.second()
+        if self.record._pending_init is self:
+            self.record._pending_init = None
+
+
 class _Ingest:
     """One accepted record: its pending results are made lazily, by the writer thread when
     it stores the record or by the application when it first looks at them — so the
@@ -768,7 +795,8 @@ class _Ingest:
                             error=f"cannot be evaluated by a worker: {exc}")
                 self.initial.append(first)
             self.jobs = jobs
-            record._pending_init = None
+            if record._pending_init == self.materialize:  # (not another ingest's)
+                record._pending_init = None
             if jobs:
                 session._materialized(jobs)
             return jobs

@@ -261,8 +261,8 @@ class SQLStore:
                                 spec_json=bindparam("w_spec")),
                         [{"w_id": d["feedback_id"], "w_higher": d["higher_is_better"],
                           "w_spec": d.get("spec_json")} for d in new_definitions])
-                if records:
-                    self._insert_rows(conn, t.records, records)
+                if records:  # (a stored record given again, with more feedbacks: kept)
+                    self._insert_rows(conn, t.records, records, keep_existing=True)
                 if results:
                     self._insert_rows(conn, t.results, results)
                 self._apply_updates(conn, updates)
@@ -356,11 +356,15 @@ class SQLStore:
         t = self.tables
         view = self._batch_view
 
-        def insert(table: Any, key: str) -> str:
+        def insert(table: Any, key: str, keep_existing: bool = False) -> str:
             names = [c.name for c in table.columns]
             values = ", ".join(f"value ->> '$.{n}'" for n in names)
+            # ("WHERE true": SQLite's parser needs it before an upsert clause after SELECT)
+            key_names = ", ".join(c.name for c in table.primary_key.columns)
+            keep = (f" WHERE true ON CONFLICT ({key_names}) DO NOTHING" if keep_existing
+                    else "")
             return (f"INSERT INTO {table.name} ({', '.join(names)}) "
-                    f"SELECT {values} FROM json_each(NEW.payload, '$.{key}');")
+                    f"SELECT {values} FROM json_each(NEW.payload, '$.{key}'){keep};")
 
         res = t.results.name
         settable = [c.name for c in t.results.columns if not c.primary_key]
@@ -375,7 +379,8 @@ class SQLStore:
         return [
             f"CREATE TEMP VIEW IF NOT EXISTS {view} (payload) AS SELECT NULL",
             f"CREATE TEMP TRIGGER IF NOT EXISTS {view}_insert INSTEAD OF INSERT ON {view} "
-            f"BEGIN {insert(t.records, 'r')} {insert(t.results, 'p')} {update} END",
+            f"BEGIN {insert(t.records, 'r', keep_existing=True)} {insert(t.results, 'p')} "
+            f"{update} END",
         ]
 
     def _apply_updates(self, conn: Connection, updates: list[UpdateResult]) -> None:
@@ -413,9 +418,20 @@ class SQLStore:
     # written as one multi-row statement per table and per shape of update.
     _MAX_VARIABLES = 30_000
 
-    def _insert_rows(self, conn: Connection, table: Any, rows: list[Row]) -> None:
+    def _insert_rows(self, conn: Connection, table: Any, rows: list[Row], *,
+                     keep_existing: bool = False) -> None:
+        """Insert `rows`; with `keep_existing`, a row whose key is already there is left
+        as it is (not an error)."""
         if not self._multirow or len(rows) == 1:
-            self._executemany(conn, ("insert", table.name), table.insert(), rows)
+            stmt = table.insert()
+            if keep_existing and self._dialect in ("sqlite", "postgresql"):
+                from sqlalchemy.dialects import postgresql, sqlite
+
+                dialect_insert = sqlite.insert if self._dialect == "sqlite" else \
+                    postgresql.insert
+                stmt = dialect_insert(table).on_conflict_do_nothing(
+                    index_elements=[c.name for c in table.primary_key.columns])
+            self._executemany(conn, ("insert", table.name, keep_existing), stmt, rows)
             return
         names = list(rows[0].keys())
         per_chunk = max(1, self._MAX_VARIABLES // len(names))
@@ -423,13 +439,17 @@ class SQLStore:
         dates = {n for n in names if isinstance(table.c[n].type, UTCDateTime)}
         for start in range(0, len(rows), per_chunk):
             chunk = rows[start:start + per_chunk]
-            key = ("insert-multi", table.name, tuple(names), len(chunk))
+            key = ("insert-multi", table.name, tuple(names), len(chunk), keep_existing)
             sql = self._multi_sql.get(key)
             if sql is None:
                 row_marks = "(" + ", ".join("?" * len(names)) + ")"
+                # ON CONFLICT on the key only: OR IGNORE would also drop, unsaid, a row
+                # that breaks any other constraint
+                keep = (f" ON CONFLICT ({', '.join(c.name for c in table.primary_key.columns)})"
+                        " DO NOTHING") if keep_existing else ""
                 sql = self._multi_sql[key] = (
                     f"INSERT INTO {table.name} ({', '.join(names)}) VALUES "
-                    + ", ".join([row_marks] * len(chunk)))
+                    + ", ".join([row_marks] * len(chunk)) + keep)
             params: list[Any] = []
             values_of = itemgetter(*names)  # one C call per row instead of one per value
             date_at = [i for i, n in enumerate(names) if n in dates]
