@@ -279,6 +279,32 @@ async def test_astream_stopped_early_gives_one_cancelled_record(
     assert stored_count(session) == 1
 
 
+async def test_a_stream_stopped_early_keeps_only_the_answer_models_tokens(
+        session: Session) -> None:
+    """A chain that rewrites the question with one model and answers with another: the
+    rewrite's tokens were glued in front of the partial answer the consumer saw."""
+    rewrite = FakeListChatModel(responses=["REWRITTEN QUESTION "] * 3)
+    answer = FakeListChatModel(responses=["final answer text"] * 3)
+    chain = (ChatPromptTemplate.from_template("rewrite {q}") | rewrite | StrOutputParser()
+             | ChatPromptTemplate.from_template("answer {text}") | answer | StrOutputParser())
+    async with ChainRecorder(chain, app_name="two", session=session) as recording:
+        stream = chain.astream({"q": "x"})
+        seen = []
+        async for chunk in stream:
+            seen.append(chunk)
+            if len(seen) == 4:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+    record = recording.get()
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output == "".join(seen) == "fina"
+    with ChainRecorder(chain, app_name="two", session=session) as recording:
+        it = chain.stream({"q": "x"})
+        sync_seen = [next(it) for _ in range(4)]
+        it.close()  # type: ignore[attr-defined]
+    assert recording.get().output == "".join(sync_seen) == "fina"
+
+
 async def test_astream_cancelled_mid_stream_gives_one_cancelled_record(
         session: Session) -> None:
     app = prompt_model_parser([ANSWER])

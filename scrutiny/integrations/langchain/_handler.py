@@ -62,6 +62,7 @@ FEEDBACK_EVENT = "scrutiny.feedback_result"
 _F = TypeVar("_F", bound=Callable[..., None])
 
 _STOPPED_EARLY = "cancelled: the consumer stopped the stream early"
+_MODEL_KINDS = frozenset((SpanKind.CHAT_MODEL.value, SpanKind.LLM.value))
 _MAX_OUTLIVED = 10_000
 _OUTLIVED = ("unfinished when the call ended: it was still running when another step "
              "failed (what it did afterwards is not recorded)")
@@ -259,6 +260,10 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             else:
                 root = parent[1]
                 parent_id = parent[0].span_id
+                if kind in _MODEL_KINDS and root.tokens:
+                    # A later model's stream is what reaches the consumer: an earlier one's
+                    # tokens (a question rewritten first) were glued to its partial answer.
+                    root.tokens = []
             # Ids stay UUIDs and the model a hint until the record is built (str() of a
             # UUID costs more than the rest of this): see _build_record.
             span = Span(run_id, parent_id, name, kind, time.time(), None,  # type: ignore[arg-type]
