@@ -158,3 +158,16 @@ def test_the_latest_direction_of_a_feedback_is_what_every_reader_sees(
         assert board.attrs["higher_is_better"] == {"toxicity": False}
         assert list(board.index) == [("qa", "v1"), ("qa", "v2")]  # less toxic first
         assert {e["higher_is_better"] for e in reader.get_feedback_summary()} == {False}
+
+
+def test_search_finds_quotes_escapes_and_any_letters_in_any_case(filled: Session) -> None:
+    """Texts are stored as JSON: a quote, a newline or a backslash is escaped there and
+    such terms found nothing; SQLite folded only ASCII letters (ПРИВЕТ missed привет)."""
+    for i, text in enumerate(['she said "hello"', "one\nline", "C:\\temp\\x", "привет мир",
+                              "Ünïcode été"]):
+        filled.ingest(Record(app_name="search", app_version="v1", input=f"s{i}",
+                             output=text, start_time=1.0, end_time=2.0), [])
+    for term in ['said "hello"', "one\nline", "C:\\temp", "ПРИВЕТ", "привет", "ünïcode ÉTÉ"]:
+        page = filled.query_records(app_ids="search", search=term)
+        assert page.total == 1, term
+    assert filled.query_records(app_ids="search", search="пока").total == 0

@@ -7,6 +7,8 @@ import threading
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+import orjson
+
 from scrutiny.core.storage._base import (
     InsertRecord,
     RecordQuery,
@@ -121,10 +123,10 @@ class MemoryStore:
                     return False
                 if query.record_status and r["status"] != query.record_status:
                     return False
-                if query.search:
-                    needle = query.search.lower()
-                    if needle not in (r.get("input_json") or "").lower() and \
-                            needle not in (r.get("output_json") or "").lower():
+                if query.search:  # (as stored: JSON text, its escapes included)
+                    needle = orjson.dumps(query.search).decode()[1:-1].casefold()
+                    if needle not in (r.get("input_json") or "").casefold() and \
+                            needle not in (r.get("output_json") or "").casefold():
                         return False
                 if query.feedback_name and (query.statuses or query.min_score is not None
                                             or query.max_score is not None):

@@ -142,6 +142,8 @@ def _make_engine(url: str) -> Engine:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
+        # SQLite folds only ASCII letters in LIKE: searches with other letters fold here
+        dbapi_conn.create_function(_FOLD, 1, _fold, deterministic=True)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -149,6 +151,13 @@ def _make_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+_FOLD = "scrutiny_fold"
+
+
+def _fold(text: str | None) -> str | None:
+    return None if text is None else text.casefold()
 
 
 class SQLStore:
@@ -644,10 +653,7 @@ class SQLStore:
         if query.record_status:
             cond.append(t.records.c.status == query.record_status)
         if query.search:
-            pattern = "%" + query.search.replace("\\", "\\\\").replace("%", "\\%") \
-                .replace("_", "\\_") + "%"
-            cond.append(or_(t.records.c.input_json.ilike(pattern, escape="\\"),
-                            t.records.c.output_json.ilike(pattern, escape="\\")))
+            cond.append(self._search_condition(query.search))
         if query.feedback_name and (query.statuses or query.min_score is not None
                                     or query.max_score is not None):
             r = t.results
@@ -729,6 +735,25 @@ class SQLStore:
                                 attempts=case((t.c.attempts > 0, t.c.attempts - 1),
                                               else_=0))).rowcount
         return released
+
+    def _search_condition(self, search: str) -> Any:
+        """Input or output containing `search`, case-insensitively.
+
+        The texts are stored as JSON, where a quote, a newline or a backslash is escaped:
+        the term is escaped the same way, or 'said "hi"' found nothing. SQLite's LIKE folds
+        ASCII letters only: a term with other letters is matched on both sides folded by
+        Python (slower: only those searches pay for it); PostgreSQL's ILIKE folds them all.
+        """
+        term = orjson.dumps(search).decode()[1:-1]  # the JSON escapes, without the quotes
+        like = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        t = self.tables.records
+        if self._dialect == "sqlite" and not search.isascii():
+            pattern = "%" + like.casefold() + "%"
+            return or_(func.scrutiny_fold(t.c.input_json).like(pattern, escape="\\"),
+                       func.scrutiny_fold(t.c.output_json).like(pattern, escape="\\"))
+        pattern = "%" + like + "%"
+        return or_(t.c.input_json.ilike(pattern, escape="\\"),
+                   t.c.output_json.ilike(pattern, escape="\\"))
 
     def results_by_ids(self, result_ids: Sequence[str]) -> list[Row]:
         t = self.tables.results
