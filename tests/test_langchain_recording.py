@@ -434,6 +434,37 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+def test_each_step_keeps_its_values_as_they_were_though_the_app_changes_them(
+        session: Session) -> None:
+    """A state dict passed along and changed in place (as state-passing apps do): every
+    step showed the last state, including what the app appended after the call."""
+    def step1(state: dict[str, Any]) -> dict[str, Any]:
+        state["history"].append("step1")
+        state["n"] = 1
+        return state
+
+    def step2(state: dict[str, Any]) -> dict[str, Any]:
+        state["history"].append("step2")
+        state["n"] = 2
+        return {"answer": "done", "state": state}
+
+    chain = RunnableLambda(step1, name="step1") | RunnableLambda(step2, name="step2")
+    history = ["user: hi"]
+    with ChainRecorder(chain, app_name="state", session=session) as recording:
+        chain.invoke({"question": "q", "history": history})
+    history.append("appended after the call")
+    assert session.flush(10)
+    stored = session.get_record(recording.get().record_id)
+    assert stored is not None
+    spans = {sp.name: sp for sp in stored.spans}
+    assert spans["step1"].inputs == {"question": "q", "history": ["user: hi"]}
+    assert spans["step1"].outputs["history"] == ["user: hi", "step1"]
+    assert spans["step2"].inputs["n"] == 1
+    root = stored.root_span()
+    assert root is not None
+    assert root.outputs["state"]["history"] == ["user: hi", "step1", "step2"]
+
+
 def test_tool_called_inside_a_chain_is_a_child_tool_span(session: Session) -> None:
     app: Any = RunnableLambda(lambda d: {"a": d["x"], "b": 2}).with_config(
         run_name="args") | add

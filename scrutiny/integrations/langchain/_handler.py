@@ -95,26 +95,40 @@ class _Root:
 
 
 def _snapshot(value: Any) -> Any:
-    """A root run's input or output as it is now, two levels deep: the record is assembled
-    later, off the app's thread, and an app that reuses its request dict (or appends to a
-    chat history) for the next call changed what had been recorded for this one — and
-    what its feedbacks judged."""
+    """A run's input or output as it is now: its dicts and lists copied, however deep
+    (up to _SNAPSHOT_DEPTH levels and _SNAPSHOT_ITEMS items; beyond that, as they are).
+
+    The record is assembled later, off the app's thread, and an app that passes a state
+    dict along and changes it in place (appends to a chat history, sets a field per
+    step) — or reuses it for the next call — changed what had been recorded for each
+    step, and what its feedbacks judged. Other objects (messages, documents, model
+    responses) are not copied: LangChain makes new ones rather than changing them.
+    """
+    kind = type(value)
+    if kind is not dict and kind is not list:
+        return value
+    budget = [_SNAPSHOT_ITEMS]
+    return _copied(value, _SNAPSHOT_DEPTH, budget)
+
+
+def _copied(value: Any, depth: int, budget: list[int]) -> Any:
     kind = type(value)
     if kind is dict:
-        copied = value.copy()
-        for k, v in copied.items():
-            if type(v) in _MUTABLE:
-                copied[k] = v.copy()
-        return copied
+        budget[0] -= len(value)
+        if budget[0] < 0 or depth == 0:
+            return value
+        return {k: _copied(v, depth - 1, budget) if type(v) in _MUTABLE else v
+                for k, v in value.items()}
     if kind is list:
-        copied = value.copy()
-        for i, v in enumerate(copied):
-            if type(v) in _MUTABLE:
-                copied[i] = v.copy()
-        return copied
+        budget[0] -= len(value)
+        if budget[0] < 0 or depth == 0:
+            return value
+        return [_copied(v, depth - 1, budget) if type(v) in _MUTABLE else v for v in value]
     return value
 
 
+_SNAPSHOT_DEPTH = 8
+_SNAPSHOT_ITEMS = 2000
 _MUTABLE = frozenset((dict, list))
 
 
@@ -260,6 +274,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             else:
                 root = parent[1]
                 parent_id = parent[0].span_id
+                inputs = _snapshot(inputs)  # (as it was when this step began)
                 if kind in _MODEL_KINDS and root.tokens:
                     # A later model's stream is what reaches the consumer: an earlier one's
                     # tokens (a question rewritten first) were glued to its partial answer.
@@ -285,9 +300,9 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             span.end_time = time.time()
             root = key in self._roots
             if inputs is not _NO_INPUTS:  # a streamed run's input is only known at its end
-                span.inputs = _snapshot(inputs) if root else inputs
+                span.inputs = _snapshot(inputs)
             if error is None:
-                span.outputs = _snapshot(outputs) if root else outputs
+                span.outputs = _snapshot(outputs)
             else:
                 span.error = _describe(error)
             if usage is not None:
