@@ -171,3 +171,26 @@ def test_search_finds_quotes_escapes_and_any_letters_in_any_case(filled: Session
         page = filled.query_records(app_ids="search", search=term)
         assert page.total == 1, term
     assert filled.query_records(app_ids="search", search="пока").total == 0
+
+
+def test_a_version_failing_a_feedback_everywhere_does_not_rank_first(tmp_path: Path) -> None:
+    """A feedback with no done result was left out of a version's rank: one failing its
+    safety check on every record ranked above a safe one on the strength of the rest."""
+    def safety(output: str) -> float:
+        if output == "unsafe":
+            raise RuntimeError("judge crashed")
+        return 0.99
+
+    def quality(output: str) -> float:
+        return 0.9 if output == "unsafe" else 0.8
+
+    with Session(f"sqlite:///{tmp_path}/rank.sqlite") as s:
+        fbs = [Feedback(safety).on_output(), Feedback(quality).on_output()]
+        for version, output in (("A", "unsafe"), ("B", "safe")):
+            for _ in range(3):
+                s.ingest(Record(app_name="qa", app_version=version, input="q", output=output,
+                                start_time=1.0, end_time=2.0), fbs)
+        assert s.wait_for_feedback(20)
+        board = s.get_leaderboard("qa")
+    assert list(board.index.get_level_values("app_version")) == ["B", "A"]
+    assert board.loc[("qa", "A"), "failed"] == 3

@@ -88,7 +88,9 @@ def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
     (the mean), then `records`, `latency` (mean seconds), `total_tokens` (mean, where
     reported), `pending`, `running`, `failed`, `skipped` (counts over all feedbacks). Rows are
     ranked best first by the mean of per-feedback ranks, each rank following that
-    feedback's `higher_is_better`. `frame.attrs["higher_is_better"]` keeps the directions.
+    feedback's `higher_is_better`; a version with no done result of a feedback ranks below
+    the worst score on it when some of its results failed (left out when there are simply
+    none yet). `frame.attrs["higher_is_better"]` keeps the directions.
     """
     index_cols = ["app_name", "app_version"]
     base = pd.DataFrame(apps, columns=["app_id", *index_cols, "records", "latency",
@@ -112,10 +114,19 @@ def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
         counts = res[res["status"] == status].groupby(index_cols)["n"].sum()
         frame[status] = counts.reindex(frame.index).fillna(0).astype(int)
     if feedback_names and len(frame) > 1:
-        ranks = pd.concat(
-            [frame[n].rank(ascending=not higher_is_better.get(n, True)) for n in feedback_names],
-            axis=1,
-        )
+        failed = res[res["status"] == "failed"]
+        columns = []
+        for n in feedback_names:
+            rank = frame[n].rank(ascending=not higher_is_better.get(n, True))
+            # A version whose results of this feedback all failed has no mean, but it is
+            # not a version this feedback says nothing about: it ranks below the worst
+            # score there (left out, a version failing its safety check on every record
+            # ranked first).
+            broke = failed[failed["feedback_name"] == n].groupby(index_cols)["n"].sum()
+            broke = broke.reindex(frame.index).fillna(0) > 0
+            rank[broke & frame[n].isna()] = len(frame) + 1  # below the worst score
+            columns.append(rank)
+        ranks = pd.concat(columns, axis=1)
         # (ordered by a Series, not a temporary column: any name may be a feedback's)
         order = ranks.mean(axis=1).sort_values(na_position="last", kind="stable").index
         frame = frame.loc[order]
