@@ -501,6 +501,7 @@ class EvaluationLoop:
         """Cancel what is still running; return the jobs that did not finish."""
         unfinished: list[Job] = []
         done = threading.Event()
+        deadline = None if timeout is None else time.monotonic() + timeout
 
         def cancel_all() -> None:
             for task in list(self._tasks):
@@ -523,8 +524,11 @@ class EvaluationLoop:
             self._thread.join(timeout=timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._default_pool.shutdown(wait=False, cancel_futures=True)
-        self._pool.join(0.5)  # idle threads end at once; a stuck sync feedback is not waited
-        self._default_pool.join(0.1)
+        # Idle threads end at once; a stuck sync feedback is not waited for past the
+        # deadline (its thread is a daemon).
+        left = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+        self._pool.join(left)
+        self._default_pool.join(min(0.1, left))
         return unfinished
 
     # ------------------------------------------------------------------ on the loop
