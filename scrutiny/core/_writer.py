@@ -93,10 +93,15 @@ class StorageWriter:
         if self._stopping or len(self._queue) >= self._max_queue:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
-                logger.error(
-                    "scrutiny: the storage queue is %s; %d item(s) dropped so far (the "
-                    "database is too slow or down). The application is not affected.",
-                    "closed" if self._stopping else f"full ({self._max_queue})", self.dropped)
+                if self._stopping:
+                    logger.error(
+                        "scrutiny: the session is closed; %d item(s) given to it since were "
+                        "not stored. The application is not affected.", self.dropped)
+                else:
+                    logger.error(
+                        "scrutiny: the storage queue is full (%d); %d item(s) dropped so far "
+                        "(the database is too slow or down). The application is not "
+                        "affected.", self._max_queue, self.dropped)
             if item.after_commit is not None:
                 try:
                     item.after_commit(False)
