@@ -23,7 +23,7 @@ from langchain_core.runnables import (
 )
 from langchain_core.tools import tool
 
-from scrutiny import Record, RecordStatus, Session, Span
+from scrutiny import Record, RecordingError, RecordStatus, Session, Span
 from scrutiny.integrations.langchain import ChainRecorder, ScrutinyCallbackHandler
 
 QUESTION = "What is the capital of France?"
@@ -636,6 +636,32 @@ def test_nested_with_blocks_of_one_recorder_give_one_record(session: Session) ->
     assert [r.input for r in inner.records] == ["q"]
     assert [r.input for r in outer.records] == ["q2"]
     assert stored_count(session) == 2
+
+
+def test_a_block_opened_inside_a_recorded_call_says_where_its_call_went(
+        session: Session) -> None:
+    """A chain called by a chain, each in a block of one recorder: the inner call is part
+    of the outer record, and the inner block's get() said 'call the chain inside the
+    with block' — though it had been."""
+    inner = RunnableLambda(lambda x: f"inner({x})", name="inner")
+    recorder = ChainRecorder(inner, app_name="same", session=session)
+    errors: list[str] = []
+
+    def outer_step(x: str) -> str:
+        with recorder as nested:
+            out = inner.invoke(x)
+        try:
+            nested.get()
+        except RecordingError as exc:
+            errors.append(str(exc))
+        return str(out)
+
+    outer = RunnableLambda(outer_step, name="outer")
+    with recorder as recording:
+        outer.invoke("z")
+    assert [r.output for r in recording.records] == ["inner(z)"]
+    assert len(errors) == 1
+    assert "part of that call's record, in the outer recording" in errors[0]
 
 
 @pytest.mark.parametrize("how", ["per_call", "context", "both", "construction",

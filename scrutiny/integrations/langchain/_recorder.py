@@ -33,6 +33,10 @@ _OPEN_HINT = ("a stream that was stopped early is recorded when it is closed: ca
               "`.close()` on a stream you broke out of (or let it be released); an async "
               "one ends when the event loop finalizes it: use `async with recorder:` or "
               "await once more")
+_NESTED_HINT = ("this block is inside another block of the same recorder: a call made "
+                "while one of the outer block's calls runs (a chain called by a chain) is "
+                "part of that call's record, in the outer recording; a call made directly "
+                "in this block is recorded here")
 _EMPTY_HINT = ("call the chain inside the `with` block (threads started by hand do not "
                "inherit the block; pass config={'callbacks': [recorder.handler]} there)")
 
@@ -128,10 +132,11 @@ class ChainRecorder:
     def __enter__(self) -> Recording:
         # The open blocks live in the context: one recorder may be entered at once by many
         # threads and asyncio tasks (one block per web request), and each leaves its own.
-        recording = Recording(self.feedback_mode, open_hint=_OPEN_HINT,
-                              empty_hint=_EMPTY_HINT)
         handler = self.handler
         blocks = OPEN_BLOCKS.get()
+        nested = any(b.handler is handler for b in blocks)
+        recording = Recording(self.feedback_mode, open_hint=_OPEN_HINT,
+                              empty_hint=_NESTED_HINT if nested else _EMPTY_HINT)
         block = _Block(handler, recording)
         block.hook_token = _hook_var(len(blocks)).set(handler)
         block.open_token = OPEN_BLOCKS.set((*blocks, block))
