@@ -419,3 +419,23 @@ def test_a_big_sqlite_batch_is_one_statement_while_writes_wait_for_the_gil(
     _, results = store.records_and_results()
     assert len(results) == 61
     store.engine.dispose()
+
+
+def test_a_read_only_database_error_says_whether_the_file_or_its_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'attempt to write a readonly database' blamed the file when SQLite could not create
+    its -wal/-shm files in a read-only folder. (As root every file is writable, so the
+    folder's access check is stood in for.)"""
+    from scrutiny.core.storage import SQLStore
+
+    store = SQLStore(f"sqlite:///{tmp_path}/ro.sqlite")
+    refused = Exception("attempt to write a readonly database")
+    try:
+        assert "the file" in store._readonly_hint(refused)
+        monkeypatch.setattr("os.access", lambda path, mode: False)
+        hint = store._readonly_hint(refused)
+        assert f"the folder {str(tmp_path)!r} is not writable" in hint
+        assert "'-wal' and '-shm'" in hint
+        assert store._readonly_hint(Exception("disk I/O error")) == ""
+    finally:
+        store.close()

@@ -253,8 +253,10 @@ class StorageWriter:
                 return True
             except Exception as exc:
                 if not self._unreachable():  # it answers: these operations are the problem
-                    logger.error("scrutiny: storing %d operation(s) failed: %s", len(ops),
-                                 exc)
+                    hint = (" (the database file, or its folder, is not writable by this "
+                            "process)" if "readonly" in str(exc) else "")
+                    logger.error("scrutiny: storing %d operation(s) failed: %s%s", len(ops),
+                                 exc, hint)
                     return False
                 if self._stopping:
                     logger.error("scrutiny: the database is unreachable and the session is "

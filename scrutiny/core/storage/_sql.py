@@ -210,7 +210,22 @@ class SQLStore:
         except SQLAlchemyError as exc:
             self.engine.dispose()
             raise StorageError(
-                f"could not open or migrate {redact_url(self.url)}: {exc}") from exc
+                f"could not open or migrate {redact_url(self.url)}: {exc}"
+                f"{self._readonly_hint(exc)}") from exc
+
+    def _readonly_hint(self, exc: Exception) -> str:
+        """What to do when SQLite cannot write: the file, or (WAL mode writes '-wal' and
+        '-shm' files beside it) its folder."""
+        database = self.engine.url.database
+        if self._dialect != "sqlite" or not database or "readonly" not in str(exc):
+            return ""
+        folder = os.path.dirname(os.path.abspath(database))
+        if not os.access(folder, os.W_OK):
+            return (f" — the folder {folder!r} is not writable, and SQLite (in WAL mode) "
+                    "keeps its '-wal' and '-shm' files beside the database: make the folder "
+                    "writable or use a database in a writable folder")
+        return (f" — the file {database!r} is not writable: make it writable or use "
+                "another file")
 
     def ping(self) -> bool:
         """Whether the database answers a trivial query now."""
