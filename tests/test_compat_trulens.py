@@ -87,3 +87,29 @@ def test_a_recorders_app_id_is_what_its_records_are_filtered_by(tmp_path: Path) 
         assert len(session.get_leaderboard(app_ids=[tru.app_id])) == 1
     finally:
         session.close()
+
+
+async def test_with_record_returns_the_result_and_its_record(tmp_path: Path) -> None:
+    """TruLens code writes `response, record = tru.with_record(chain.invoke, q)`: the
+    method was missing."""
+    from langchain_core.runnables import RunnableLambda
+
+    from scrutiny import ConfigurationError
+
+    session = TruSession(f"sqlite:///{tmp_path}/w.sqlite")
+    chain = RunnableLambda(lambda q: f"answer to {q}")
+    f_len = Feedback(lambda output: len(output) / 100, name="Length").on_output()
+    try:
+        tru = TruChain(chain, app_name="qa", feedbacks=[f_len], session=session)
+        response, record = tru.with_record(chain.invoke, "q1")
+        assert response == "answer to q1"
+        assert (record.input, record.output) == ("q1", "answer to q1")
+        assert record.wait_for_feedback_results(timeout=10)[f_len].result == 0.12
+        response, record = await tru.awith_record(chain.ainvoke, "q2")
+        assert (response, record.input) == ("answer to q2", "q2")
+        with pytest.raises(ConfigurationError, match="record_metadata"):
+            tru.with_record(chain.invoke, "q3", record_metadata={"user": "u1"})
+        assert session.wait_for_feedback(10)
+        assert len(session.get_records_and_feedback()[0]) == 2
+    finally:
+        session.close()

@@ -9,7 +9,8 @@ covers the common surface: ``TruSession()`` (``get_records_and_feedback``,
 ``Select.RecordOutput``, ``TruChain.select_context(app)`` and
 ``TruLlama.select_source_nodes()`` (both the retrieved contexts), ``TruChain(app,
 app_name=..., app_version=..., feedbacks=[...])`` and ``TruLlama(...)`` used as
-``with tru as recording: ...``, ``recording.get()`` and
+``with tru as recording: ...``, ``recording.get()``,
+``response, record = tru.with_record(chain.invoke, question)`` (and ``awith_record``) and
 ``record.wait_for_feedback_results()``. TruLens lenses into arbitrary call paths
 (``Select.RecordCalls...``) have no equivalent: use ``Select.spans(kind=..., name=...)`` or a
 ``callable(record)`` instead.
@@ -17,10 +18,11 @@ app_name=..., app_version=..., feedbacks=[...])`` and ``TruLlama(...)`` used as
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from scrutiny.core import Feedback, Select, Selector, Session
+from scrutiny.core import ConfigurationError, Feedback, Record, Select, Selector, Session
 
 __all__ = ["Feedback", "Select", "TruChain", "TruLlama", "TruSession"]
 
@@ -47,13 +49,45 @@ def _recorder_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+_NO_RECORD_METADATA = (
+    "with_record(record_metadata=...) is not supported: the record is stored as the call "
+    "ends, before it could be added. Give the recorder metadata={...} (every record), or "
+    "a LangChain call config={'metadata': {...}} (that record)")
+
+
+class _WithRecord:
+    """TruLens's ``with_record`` / ``awith_record`` on a recorder."""
+
+    def with_record(self, func: Callable[..., Any], *args: Any,
+                    record_metadata: dict[str, Any] | None = None,
+                    **kwargs: Any) -> tuple[Any, Record]:
+        """Call ``func(*args, **kwargs)`` recorded; ``(its result, the record)``."""
+        if record_metadata:
+            raise ConfigurationError(_NO_RECORD_METADATA)
+        with self as recording:  # type: ignore[attr-defined]
+            result = func(*args, **kwargs)
+        return result, recording.get()
+
+    async def awith_record(self, func: Callable[..., Awaitable[Any]], *args: Any,
+                           record_metadata: dict[str, Any] | None = None,
+                           **kwargs: Any) -> tuple[Any, Record]:
+        """The async form of :meth:`with_record`."""
+        if record_metadata:
+            raise ConfigurationError(_NO_RECORD_METADATA)
+        async with self as recording:  # type: ignore[attr-defined]
+            result = await func(*args, **kwargs)
+        return result, recording.get()
+
+
 class _TruChainFactory:
-    """``TruChain(app, app_name=..., app_version=..., feedbacks=[...])``: a ChainRecorder."""
+    """``TruChain(app, app_name=..., app_version=..., feedbacks=[...])``: a ChainRecorder
+    with ``with_record`` / ``awith_record``."""
 
     def __call__(self, app: Any, **kwargs: Any) -> Any:
         from scrutiny.integrations.langchain import ChainRecorder
 
-        return ChainRecorder(app, **_recorder_kwargs(kwargs))
+        recorder_class = type("TruChain", (_WithRecord, ChainRecorder), {})
+        return recorder_class(app, **_recorder_kwargs(kwargs))
 
     @staticmethod
     def select_context(app: Any = None) -> Selector:
@@ -67,7 +101,8 @@ class _TruLlamaFactory:
     def __call__(self, app: Any, **kwargs: Any) -> Any:
         from scrutiny.integrations.llama_index import LlamaIndexRecorder
 
-        return LlamaIndexRecorder(app, **_recorder_kwargs(kwargs))
+        recorder_class = type("TruLlama", (_WithRecord, LlamaIndexRecorder), {})
+        return recorder_class(app, **_recorder_kwargs(kwargs))
 
     @staticmethod
     def select_context(app: Any = None) -> Selector:
