@@ -475,13 +475,14 @@ def test_a_raising_callback_is_logged_and_others_still_run(
     assert "callback bug" in caplog.text
 
 
+async def forever(output: str) -> float:
+    """A feedback that does not finish while a test runs."""
+    await asyncio.sleep(30)
+    return 1.0
+
+
 def test_close_is_bounded_and_leaves_unfinished_work_pending(db_url: str) -> None:
     release = threading.Event()
-
-    async def forever(output: str) -> float:
-        await asyncio.sleep(30)
-        return 1.0
-
     s = Session(db_url)
     fb = Feedback(forever, timeout=60).on_output()
     record = s.ingest(make_record(), [fb])
@@ -500,10 +501,6 @@ def test_close_is_bounded_and_leaves_unfinished_work_pending(db_url: str) -> Non
 def test_waits_on_what_close_left_pending_return_with_it_pending(db_url: str) -> None:
     """Nothing in this process finishes them after close(): a wait without a timeout, a
     callback and the session's own wait used to block (or never fire) for ever."""
-    async def forever(output: str) -> float:
-        await asyncio.sleep(30)
-        return 1.0
-
     s = Session(db_url)
     fb = Feedback(forever, timeout=60).on_output()
     record = s.ingest(make_record(), [fb])
