@@ -19,6 +19,11 @@ thread); `calls_s` is how long the app's 200 calls took. Each timed run
 starts from a collected heap (see `_common.FullCollections`); `full_gc_in_timed_runs` counts
 the full garbage-collector passes that still fell inside them.
 
+`schedule_bound_ratio` is the best ratio the run's own calls allow (its feedbacks started
+the moment each call returned, on the first free slot, taking exactly 50 ms: no dispatch,
+storage or interpreter lock — see `schedule_bound`), and `of_schedule_bound` how much of it
+Scrutiny reached.
+
 `plain_python` is the baseline measured in the same run: the same 200 calls of the chain, not
 recorded, each handing its 3 waits to a plain asyncio loop thread (``asyncio.Semaphore(64)``)
 or to a ``ThreadPoolExecutor(max_workers=64)`` — what an app gets by running its checks
@@ -32,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import heapq
 import os
 import sys
 import threading
@@ -108,9 +114,11 @@ def run_once(make_feedbacks: Callable[[], list[Feedback]], warmup_calls: int,
         LATE.clear()
         with FullCollections() as full_gc:
             t0 = time.perf_counter()
+            returned: list[float] = []  # when each call returned (its records arrive then)
             for _ in range(CALLS):
                 with recorder:
                     chain.invoke(question)
+                returned.append(time.perf_counter() - t0)
             t_calls = time.perf_counter() - t0
             finished = session.wait_for_feedback(120)
             wall = time.perf_counter() - t0
@@ -123,6 +131,7 @@ def run_once(make_feedbacks: Callable[[], list[Feedback]], warmup_calls: int,
             reader.close()
     done = int(sum((df[f"{n} status"] == "done").sum() for n in names))
     out: dict[str, Any] = {"wall": wall, "calls": t_calls, "finished": finished,
+                           "bound": schedule_bound(returned),
                            "records": len(df), "done": done, "full_gc": full_gc.count}
     if watch_lag:
         during = [lag * 1e3 for at, lag, _ in LATE if at - t0 < t_calls]
@@ -135,6 +144,21 @@ def run_once(make_feedbacks: Callable[[], list[Feedback]], warmup_calls: int,
         per_thread = collections.Counter(thread for _, _, thread in LATE)
         out["calls_per_thread"] = sorted(collections.Counter(per_thread.values()).items())
     return out
+
+
+def schedule_bound(returned: list[float]) -> float:
+    """The least wall time these calls allow: their feedbacks started the moment each call
+    returned, on the first free of CONCURRENCY slots, each taking exactly DELAY — no
+    dispatch, no storage, no waiting for the interpreter lock. (Some slot must run
+    ceil(600 / 64) = 10 waits in a row, after the calls that feed it.)"""
+    free = [0.0] * CONCURRENCY  # a heap of the times each slot is free again
+    end = 0.0
+    for at in returned:
+        for _ in range(FEEDBACKS):
+            start = max(at, heapq.heappop(free))
+            heapq.heappush(free, start + DELAY)
+            end = max(end, start + DELAY)
+    return end
 
 
 def run_plain(kind: str) -> float:
@@ -238,6 +262,8 @@ def run_variant(make_feedbacks: Callable[[], list[Feedback]], kind: str) -> dict
         "plain_python_ratio": r(plain_ratio),
         "plain_python_walls_s": [r(w) for w in plain],
         "vs_plain_python": r(ratio / plain_ratio),
+        "schedule_bound_ratio": r(ratio_of(med["bound"])),
+        "of_schedule_bound": r(ratio / ratio_of(med["bound"])),
         "cold_wall_s": r(cold["wall"]),
         "cold_ratio": r(ratio_of(cold["wall"])),
         "results_done": med["done"],
