@@ -25,6 +25,7 @@ from scrutiny import ConfigurationError, Feedback, FeedbackMode, FeedbackStatus,
 from scrutiny.core._worker import Worker
 from scrutiny.core.storage import HEAD_REVISION, SQLStore, UpdateResult, current_revision, upgrade
 from tests.support import deferred_feedbacks as fbs
+from tests.support import other_feedbacks
 
 REPO = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("SCRUTINY_TEST_POSTGRES_URL")
@@ -224,16 +225,22 @@ def test_a_worker_without_a_feedbacks_code_leaves_its_results_for_one_with_it(
         fb = Feedback(fbs.length).on_output()
         record = app.ingest(make_record(), [fb])
         assert app.flush(10)
+        other = app.ingest(make_record(1), [Feedback(other_feedbacks.text_length).on_output()])
+        assert app.flush(10)
         monkeypatch.setitem(sys.modules, fbs.__name__, None)  # "not installed here"
         with Session(url, table_prefix=prefix) as lacking, caplog.at_level(
                 logging.ERROR, logger="scrutiny"):
-            worker = Worker(lacking, poll_interval=0.0, batch_size=10, max_claims=5)
-            assert worker.drain() == 0
+            worker = Worker(lacking, poll_interval=0.0, batch_size=1, max_claims=5)
+            assert worker.drain() == 1  # past the one it gives back, to the one it can load
             assert worker.drain() == 0  # not claimed again meanwhile
-            assert worker.claimed == 0
-        rows = app.store.records_and_results()[1]
+            assert worker.claimed == 1
+            assert lacking.wait_for_feedback(10)
+        rows = [r for r in app.store.records_and_results()[1]
+                if r["feedback_name"] == "length"]
         assert [(r["status"], r["worker_id"], r["lease_token"], r["attempts"])
                 for r in rows] == [("pending", None, None, 0)]
+        assert other.wait_for_feedback_results(timeout=10)[
+            next(iter(other.feedback_results))].status is FeedbackStatus.DONE
         assert caplog.text.count("could not be loaded") == 1
         assert "stay pending for a worker that can load it" in caplog.text
         monkeypatch.undo()

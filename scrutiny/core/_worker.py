@@ -137,16 +137,20 @@ class Worker:
             for feedback_id in due:
                 del self._not_here[feedback_id]
                 self._feedbacks.pop(feedback_id, None)
-        rows = session.store.claim(worker_id=session.owner_id, token=token,
-                                   limit=min(room, self._batch),
-                                   lease_seconds=session.lease_seconds,
-                                   now=datetime.now(timezone.utc),
-                                   exclude_feedback_ids=list(self._not_here))
-        if not rows:
-            return 0
-        taken = self._dispatch(rows, token)
-        self.claimed += taken
-        return taken
+        while True:
+            rows = session.store.claim(worker_id=session.owner_id, token=token,
+                                       limit=min(room, self._batch),
+                                       lease_seconds=session.lease_seconds,
+                                       now=datetime.now(timezone.utc),
+                                       exclude_feedback_ids=list(self._not_here))
+            if not rows:
+                return 0
+            taken = self._dispatch(rows, token)
+            self.claimed += taken
+            if taken:
+                return taken
+            # Every row was of feedbacks it cannot load (now excluded): claim again at once,
+            # or a drain stopped here with loadable work left behind them.
 
     def _dispatch(self, rows: list[Row], token: str) -> int:
         """Evaluate (or end) the claimed rows; claims of feedbacks this process cannot
