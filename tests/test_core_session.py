@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -1520,3 +1521,36 @@ def test_a_chain_of_sync_calls_wakes_the_loop_only_at_its_end(
     assert stored_before_last.is_set()
     assert len(set(wakes_from_pool)) == 1  # one thread ran the whole chain
     assert len(wakes_from_pool) == 1, wakes_from_pool  # and woke the loop once, at its end
+
+
+def test_a_fault_in_the_writer_loses_its_batch_not_the_writer(
+        db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An unexpected error in the writer's own code (not a database error: those are
+    handled) ended its thread: every later record was kept in memory, never stored, and
+    only close() said anything. The batch it failed on is reported, the rest goes on."""
+    s = Session(db_url)
+    writer = s._start()
+    prepare = writer._prepare
+    faults = [RuntimeError("injected")]
+
+    def faulty(batch: list[Any]) -> Any:
+        if faults:
+            raise faults.pop()
+        return prepare(batch)
+
+    fb = Feedback(lambda output: 1.0, name="one").on_output()
+    try:
+        writer._prepare = faulty  # type: ignore[method-assign]
+        lost = s.ingest(make_record(1), [fb])
+        lost_results = lost.wait_for_feedback_results(timeout=10)
+        kept = s.ingest(make_record(2), [fb])
+        kept_results = kept.wait_for_feedback_results(timeout=10)
+        df, _ = s.get_records_and_feedback()
+    finally:
+        s.close(timeout=5)
+    assert not faults
+    assert "the storage writer failed on a batch" in caplog.text
+    assert lost_results[fb].status is not FeedbackStatus.DONE  # never claimed stored
+    assert kept_results[fb].status is FeedbackStatus.DONE
+    assert list(df["input"]) == ["question 2"]
+    assert list(df["one status"]) == ["done"]

@@ -175,9 +175,31 @@ class StorageWriter:
                 batch: list[WriteItem] = []
                 while self._queue and len(batch) < self._max_batch:
                     batch.append(self._queue.popleft())
-                self._write_batch(batch)
+                try:
+                    self._write_batch(batch)
+                except Exception:  # a bug of ours: this batch is lost, not the writer
+                    self._abandon(batch)
             if self._stopping and not self._queue:
                 return
+
+    def _abandon(self, batch: list[WriteItem]) -> None:
+        """After an unexpected error in `_write_batch`: tell whoever waits on the batch's
+        items that they were not stored, and count them finished, so the thread goes on
+        (it ended, and every later record was silently kept in memory until dropped)."""
+        logger.exception("scrutiny: the storage writer failed on a batch of %d item(s); "
+                         "they may not be stored. The writer goes on with the next ones",
+                         len(batch))
+        self.failed += len(batch)
+        for item in batch:
+            hook, item.after_commit = item.after_commit, None
+            if hook is not None:
+                try:
+                    hook(False)
+                except Exception:
+                    logger.exception("scrutiny: after-commit hook failed")
+        with self._cond:
+            self._finished += len(batch)
+            self._cond.notify_all()
 
     def _write_batch(self, batch: list[WriteItem]) -> None:
         ops, prepared, unprepared = self._prepare(batch)
@@ -221,9 +243,10 @@ class StorageWriter:
             offer(budgeted=False)
             if not ok:
                 self.failed += 1
-            if item.after_commit is not None:
+            hook, item.after_commit = item.after_commit, None  # (told once, see _abandon)
+            if hook is not None:
                 try:
-                    item.after_commit(ok)
+                    hook(ok)
                 except Exception:
                     logger.exception("scrutiny: after-commit hook failed")
 
