@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -1554,3 +1555,58 @@ def test_a_fault_in_the_writer_loses_its_batch_not_the_writer(
     assert kept_results[fb].status is FeedbackStatus.DONE
     assert list(df["input"]) == ["question 2"]
     assert list(df["one status"]) == ["done"]
+
+
+def test_a_cancelled_error_the_feedback_lets_escape_fails_it(session: Session) -> None:
+    """A client awaiting something another party cancelled raises CancelledError out of
+    the feedback. Taken for a cancellation of the evaluation, the result stayed `running`
+    for ever and every wait on it hung."""
+    async def judge(output: str) -> float:
+        inner = asyncio.ensure_future(asyncio.sleep(10))
+        asyncio.get_running_loop().call_later(0.01, inner.cancel)
+        await inner
+        return 1.0
+
+    fb = Feedback(judge, name="judge").on_output()
+    record = session.ingest(make_record(), [fb])
+    result = record.wait_for_feedback_results(timeout=10)[fb]
+    assert result.status is FeedbackStatus.FAILED
+    assert "CancelledError (raised by the feedback itself" in (result.error or "")
+    assert session.wait_for_feedback(10)
+    df, _ = session.get_records_and_feedback()
+    assert list(df["judge status"]) == ["failed"]
+
+
+def test_system_exit_and_keyboard_interrupt_in_feedbacks_fail_only_them(
+        session: Session) -> None:
+    """sys.exit() in a sync feedback, KeyboardInterrupt raised in an async one: each ended
+    the evaluation thread, and every later result stayed pending."""
+    def exits(output: str) -> float:
+        sys.exit("feedback called sys.exit")
+
+    async def interrupts(output: str) -> float:
+        raise KeyboardInterrupt
+
+    ok = Feedback(lambda output: 0.5, name="ok").on_output()
+    bad = [Feedback(exits, name="exits").on_output(),
+           Feedback(interrupts, name="interrupts").on_output()]
+    first = session.ingest(make_record(1), [*bad, ok]).wait_for_feedback_results(timeout=10)
+    later = session.ingest(make_record(2), [ok]).wait_for_feedback_results(timeout=10)
+    assert first[bad[0]].status is FeedbackStatus.FAILED
+    assert first[bad[0]].error == "SystemExit: feedback called sys.exit"
+    assert first[bad[1]].status is FeedbackStatus.FAILED
+    assert first[bad[1]].error == "KeyboardInterrupt"
+    assert first[ok].status is FeedbackStatus.DONE
+    assert later[ok].status is FeedbackStatus.DONE
+
+
+def test_a_callback_calling_sys_exit_leaves_later_callbacks_working(
+        session: Session, caplog: pytest.LogCaptureFixture) -> None:
+    fb = Feedback(lambda output: 1.0, name="one").on_output()
+    session.ingest(make_record(1), [fb]).wait_for_feedback_results(
+        callback=lambda results: sys.exit(0))
+    fired = threading.Event()
+    session.ingest(make_record(2), [fb]).wait_for_feedback_results(
+        callback=lambda results: fired.set())
+    assert fired.wait(10)
+    assert "raised" in caplog.text

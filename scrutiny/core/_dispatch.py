@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiolimiter import AsyncLimiter
 
 from scrutiny.core._courtesy import Courtesy, register, unregister
-from scrutiny.core._evaluate import Evaluator, describe_error
+from scrutiny.core._evaluate import Evaluator, cancel_task, cancelled_by_us, describe_error
 from scrutiny.core._feedback import Feedback
 from scrutiny.core._pool import DaemonThreadPool
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
@@ -505,7 +505,7 @@ class EvaluationLoop:
 
         def cancel_all() -> None:
             for task in list(self._tasks):
-                task.cancel()
+                cancel_task(task)
                 job = getattr(task, "scrutiny_job", None)
                 if job is not None:
                     unfinished.append(job)
@@ -545,9 +545,9 @@ class EvaluationLoop:
             final = await self._evaluator.evaluate(
                 job.feedback, job.evaluate_on or job.record, job.pending,
                 lambda started: self._on_running(job, started))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug of ours: still a failed result, never a lost one
+        except BaseException as exc:  # a bug of ours: still a failed result, never a lost one
+            if isinstance(exc, asyncio.CancelledError) and cancelled_by_us(task):
+                raise
             logger.exception("scrutiny: evaluating %r failed unexpectedly", job.feedback.name)
             final = FeedbackResult(
                 record_id=job.pending.record_id, feedback_name=job.pending.feedback_name,

@@ -32,7 +32,8 @@ from scrutiny.core._slots import SlotGate, SyncCall
 if TYPE_CHECKING:
     from scrutiny.core._records import Record
 
-__all__ = ["Evaluator", "describe_error", "retry_after_hint", "retry_after_seconds"]
+__all__ = ["Evaluator", "cancel_task", "cancelled_by_us", "describe_error", "retry_after_hint",
+           "retry_after_seconds"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -100,6 +101,26 @@ _HELD = 0.05
 work was slow."""
 
 
+def cancel_task(task: asyncio.Future[Any]) -> None:
+    """Cancel an evaluation's task on Scrutiny's behalf (its timeout, or close()), so that
+    a CancelledError the feedback raises on its own can be told apart (see
+    :func:`cancelled_by_us`)."""
+    task.scrutiny_cancelled = True  # type: ignore[attr-defined]
+    task.cancel()
+
+
+def cancelled_by_us(task: asyncio.Task[Any] | None) -> bool:
+    """Whether the CancelledError reaching an evaluation is a cancellation of it (its
+    timeout, the session closing) rather than one the feedback let escape (a client
+    awaiting a future someone else cancelled): that one is the feedback's failure; taken
+    for ours, the evaluation ended without a verdict and stayed `running` for ever."""
+    if task is None:
+        return True
+    if sys.version_info >= (3, 11) and task.cancelling() > 0:
+        return True
+    return bool(getattr(task, "scrutiny_cancelled", False))
+
+
 class _Deadline:
     """Cancels `task` once `timeout` seconds have passed (one timer and a flag: what
     asyncio.timeout() does, without its state machine, which cost more than the rest of a
@@ -124,7 +145,7 @@ class _Deadline:
             self.handle = self.loop.call_soon(self._fire)
             return
         self.expired = True
-        self.task.cancel()
+        self.task.cancel()  # (told apart by `expired`: not cancel_task)
 
     def cancel(self) -> None:
         self.handle.cancel()
@@ -327,9 +348,10 @@ class Evaluator:
             except SkipFeedback as exc:
                 return _CallOutcome(FeedbackCall(args=args, error=exc.reason),
                                     FeedbackStatus.SKIPPED, attempt)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except BaseException as exc:  # (SystemExit from a feedback: its failure too)
+                if isinstance(exc, asyncio.CancelledError) and cancelled_by_us(
+                        asyncio.current_task()):
+                    raise
                 retryable = isinstance(exc, policy.retry_on) and not isinstance(
                     exc, policy.never_retry_on)
                 hint = retry_after_hint(exc) if retryable else None
@@ -360,6 +382,9 @@ class Evaluator:
                     await asyncio.sleep(delay)
                     continue
                 reason = describe_error(exc) + too_long + past_deadline
+                if isinstance(exc, asyncio.CancelledError):
+                    reason += (" (raised by the feedback itself: the evaluation was not "
+                               "cancelled)")
                 if isinstance(exc, InvalidFeedbackValue):
                     metadata = {"raw_value": repr(exc.value)[:2000]}
                 else:

@@ -78,7 +78,7 @@ class Notifier:
             fn, args = item
             try:
                 fn(*args)
-            except Exception:
+            except BaseException:  # (sys.exit() in a callback ended this thread: no more)
                 logger.exception("scrutiny: callback %r raised", fn)
 
     def close(self, timeout: float | None) -> None:
