@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import decimal
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from scrutiny import (
     ConfigurationError,
     Feedback,
     InvalidFeedbackValue,
+    RateLimit,
     Record,
     RetryPolicy,
     Select,
@@ -89,6 +91,29 @@ def test_not_callable_is_refused() -> None:
 def test_retries_and_retry_are_exclusive() -> None:
     with pytest.raises(ConfigurationError):
         Feedback(lambda x: 1.0, retries=1, retry=RetryPolicy(attempts=2))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Feedback(lambda x: 1.0, timeout=math.nan),
+    lambda: Feedback(lambda x: 1.0, timeout=math.inf),
+    lambda: Feedback(lambda x: 1.0, timeout="5"),
+    lambda: Feedback(lambda x: 1.0, retries=1.5),
+    lambda: RetryPolicy(attempts=2.5),
+    lambda: RetryPolicy(attempts=True),
+    lambda: RetryPolicy(max_backoff=math.nan),
+    lambda: RetryPolicy(initial_backoff=math.inf),
+    lambda: RetryPolicy(deadline=math.nan),
+    lambda: RateLimit(per_minute=math.nan),
+    lambda: RateLimit(per_minute=math.inf),
+    lambda: RateLimit(max_concurrent=1.5),
+], ids=["timeout-nan", "timeout-inf", "timeout-str", "retries-float", "attempts-float",
+        "attempts-bool", "max_backoff-nan", "initial_backoff-inf", "deadline-nan",
+        "per_minute-nan", "per_minute-inf", "max_concurrent-float"])
+def test_numbers_that_are_no_durations_or_counts_are_refused(make: Any) -> None:
+    """A NaN timeout passed every `<= 0` check and, as a timer, broke the loop's timer
+    heap: unrelated feedbacks failed with timeouts they never had."""
+    with pytest.raises(ConfigurationError, match="must be a"):
+        make()
 
 
 def test_contexts_fan_out_one_call_per_context() -> None:

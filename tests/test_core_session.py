@@ -335,6 +335,35 @@ def test_custom_aggregate(session: Session) -> None:
     assert result.result == 1.0
 
 
+def test_a_custom_aggregate_applies_to_a_single_context_too(session: Session) -> None:
+    """With one retrieved context the aggregate was skipped: a share of relevant contexts
+    stored the raw 0.7 instead of 1.0."""
+    def share_relevant(scores: list[float]) -> float:
+        return sum(x > 0.5 for x in scores) / len(scores)
+
+    fb = Feedback(lambda context: 0.7, name="precision",
+                  aggregate=share_relevant).on_contexts()
+    results = [session.ingest(make_record(i, contexts=contexts), [fb])
+               .wait_for_feedback_results(timeout=10)[fb]
+               for i, contexts in enumerate([["only"], ["one", "two"]])]
+    assert [r.result for r in results] == [1.0, 1.0]
+
+
+def test_a_fan_outs_explanations_are_numbered_by_call(session: Session) -> None:
+    """Numbers counted the explanations given, not the calls: with call 1 skipped, calls
+    2 and 3 were labelled [0] and [1]."""
+    def judge(context: str) -> tuple[float, str | None]:
+        if context == "b":
+            raise SkipFeedback("empty context")
+        return 1.0, (None if context == "a" else f"{context} ok")
+
+    fb = Feedback(judge, name="judge").on_contexts()
+    record = make_record(contexts=["a", "b", "c", "d"])
+    result = session.ingest(record, [fb]).wait_for_feedback_results(timeout=10)[fb]
+    assert result.status is FeedbackStatus.DONE
+    assert result.explanation == "[1] skipped: empty context\n[2] c ok\n[3] d ok"
+
+
 def test_one_failing_call_of_a_fan_out_fails_the_result(session: Session) -> None:
     def half(c: str) -> float:
         if c.endswith("b"):

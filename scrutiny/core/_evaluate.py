@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from scrutiny.core._context import _cost, _suppressed
 from scrutiny.core._errors import FeedbackTimeout, InvalidFeedbackValue, SkipFeedback
-from scrutiny.core._feedback import Feedback, coerce_feedback_value
+from scrutiny.core._feedback import Feedback, coerce_feedback_value, mean_of
 from scrutiny.core._pool import DaemonThreadPool
 from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
 from scrutiny.core._select import EmptySelection
@@ -470,17 +470,23 @@ class Evaluator:
             return end(FeedbackStatus.SKIPPED, error="; ".join(reasons))
         scores = [o.call.score for o in done if o.call.score is not None]
         try:
-            score = float(feedback.aggregator(scores)) if len(scores) > 1 else scores[0]
+            # (an aggregate of one context is still the aggregate: a share of relevant
+            # contexts is 1.0 for one 0.7, not 0.7; the mean of one score is that score)
+            score = float(feedback.aggregator(scores)) if (
+                len(scores) > 1 or feedback.aggregator is not mean_of) else scores[0]
         except Exception as exc:
             return end(FeedbackStatus.FAILED, error=f"aggregating {len(scores)} scores "
                                                     f"failed: {describe_error(exc)}")
         if not math.isfinite(score):
             return end(FeedbackStatus.FAILED, error=f"the aggregate score is {score}")
-        explanations = [o.call.explanation for o in done if o.call.explanation]
-        if len(done) == 1:
-            explanation = explanations[0] if explanations else None
-        else:
-            explanation = "\n".join(f"[{i}] {e}" for i, e in enumerate(explanations)) or None
+        if len(outcomes) == 1:
+            explanation = outcomes[0].call.explanation or None
+        else:  # numbered by call (context) position; skipped calls say why
+            explanation = "\n".join(
+                f"[{i}] {o.call.explanation}" if o.status is FeedbackStatus.DONE
+                else f"[{i}] skipped: {o.call.error or 'no reason given'}"
+                for i, o in enumerate(outcomes)
+                if o.status is not FeedbackStatus.DONE or o.call.explanation) or None
         return end(FeedbackStatus.DONE, result=score, explanation=explanation)
 
     @staticmethod

@@ -38,6 +38,21 @@ __all__ = ["Feedback", "RateLimit", "RetryPolicy", "coerce_feedback_value", "fee
 Aggregator = Callable[[list[float]], float]
 
 
+def _check_seconds(value: object, what: str, *, zero_ok: bool = False) -> None:
+    """A duration option must be a finite number of seconds: NaN passed every `<= 0` test
+    and, as a timer, broke the evaluation loop's timer heap (other feedbacks timed out)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
+            value) or value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigurationError(f"{what} must be a finite number of seconds {bound}, got "
+                                 f"{value!r} (None means no limit where it is allowed)")
+
+
+def _check_count(value: object, what: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigurationError(f"{what} must be a whole number >= {minimum}, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How often and how patiently a failing feedback call is tried again.
@@ -63,13 +78,11 @@ class RetryPolicy:
     deadline: float | None = None
 
     def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ConfigurationError(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
-        if self.initial_backoff < 0 or self.max_backoff < 0:
-            raise ConfigurationError("RetryPolicy backoff values must be >= 0 seconds")
-        if self.deadline is not None and self.deadline <= 0:
-            raise ConfigurationError(f"RetryPolicy.deadline must be > 0 seconds (or None), "
-                                     f"got {self.deadline}")
+        _check_count(self.attempts, "RetryPolicy.attempts", 1)
+        _check_seconds(self.initial_backoff, "RetryPolicy.initial_backoff", zero_ok=True)
+        _check_seconds(self.max_backoff, "RetryPolicy.max_backoff", zero_ok=True)
+        if self.deadline is not None:
+            _check_seconds(self.deadline, "RetryPolicy.deadline")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +100,18 @@ class RateLimit:
     group: str | None = None
 
     def __post_init__(self) -> None:
-        if self.per_minute is not None and self.per_minute <= 0:
-            raise ConfigurationError("RateLimit.per_minute must be > 0 (or None for no limit)")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            raise ConfigurationError("RateLimit.max_concurrent must be >= 1 (or None)")
+        if self.per_minute is not None and (
+                isinstance(self.per_minute, bool)
+                or not isinstance(self.per_minute, numbers.Real)
+                or not math.isfinite(self.per_minute) or self.per_minute <= 0):
+            raise ConfigurationError(f"RateLimit.per_minute must be a finite number > 0 (or "
+                                     f"None for no limit), got {self.per_minute!r}")
+        if self.max_concurrent is not None:
+            _check_count(self.max_concurrent, "RateLimit.max_concurrent", 1)
 
 
-def _mean(scores: list[float]) -> float:
+def mean_of(scores: list[float]) -> float:
+    """The default aggregate of a fan-out's scores."""
     return statistics.fmean(scores)
 
 
@@ -144,10 +162,10 @@ class Feedback:
         aggregate = defaults.get("aggregate") if aggregate is None else aggregate
         if retries is not None and retry is not None:
             raise ConfigurationError("give either retries= or retry=, not both")
-        if retries is not None and retries < 0:
-            raise ConfigurationError(f"retries must be >= 0, got {retries}")
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout}")
+        if retries is not None:
+            _check_count(retries, "retries", 0)
+        if timeout is not None:
+            _check_seconds(timeout, "timeout")
         self.fn = fn
         self.name = name or _function_name(fn)
         if not self.name or not isinstance(self.name, str):
@@ -155,7 +173,7 @@ class Feedback:
         self.higher_is_better = higher_is_better
         self.timeout = timeout
         self.retry = retry or RetryPolicy(attempts=1 + (retries or 0))
-        self.aggregator: Aggregator = aggregate or _mean
+        self.aggregator: Aggregator = aggregate or mean_of
         self.rate_limit = rate_limit
         self.bindings: dict[str, Selector] = {}
         self._params = _parameters(fn)
@@ -300,7 +318,7 @@ class Feedback:
                 "retry_on": [reference(t) for t in policy.retry_on],
                 "never_retry_on": [reference(t) for t in policy.never_retry_on],
             },
-            "aggregate": None if self.aggregator is _mean else reference(self.aggregator),
+            "aggregate": None if self.aggregator is mean_of else reference(self.aggregator),
             "rate_limit": None if self.rate_limit is None else {
                 "per_minute": self.rate_limit.per_minute,
                 "max_concurrent": self.rate_limit.max_concurrent,
