@@ -215,3 +215,78 @@ def test_the_token_in_the_url_becomes_a_cookie(page: Any, database_url: str) -> 
                 anonymous.close()
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("address", ["%E0%A4%A", "no-such-record"])
+def test_a_bad_or_unknown_record_address_says_so(page: Any, served: Any,
+                                                 address: str) -> None:
+    from playwright.sync_api import expect
+
+    _session, url, _records = served
+    page.goto(url + f"#/record/{address}")
+    missing = page.locator("#record-view #record-missing")
+    expect(missing).to_contain_text("No such record")
+    expect(missing).to_contain_text(address)
+    expect(page.locator("#error")).to_be_hidden()
+    assert SEEN[id(page)].errors == []
+    page.get_by_role("link", name="← All records").click()
+    expect(page.locator("#records tbody tr")).to_have_count(8)
+
+
+def test_an_offset_past_the_end_offers_the_first_page(page: Any, served: Any) -> None:
+    from playwright.sync_api import expect
+
+    _session, url, _records = served
+    page.goto(url + "#/?offset=5000")
+    expect(page.locator("#records-count")).to_have_text("8 matching")
+    expect(page.locator("#records #past-end")).to_contain_text("last of the 8 matching records")
+    pager = page.locator("#pager")
+    expect(pager.locator("span")).to_have_text("past the last of 8")
+    expect(pager).not_to_contain_text("5,001")
+    expect(pager.get_by_role("button", name="Older →")).to_be_disabled()
+    page.locator("#past-end").get_by_role("link", name="← First page").click()
+    expect(page.locator("#records tbody tr")).to_have_count(8)
+    expect(pager.locator("span")).to_have_text("1\u20138 of 8")
+    expect(page).not_to_have_url(re.compile("offset"))
+
+    page.goto(url + "#/?offset=5000")
+    expect(pager.locator("span")).to_have_text("past the last of 8")
+    pager.get_by_role("button", name="← Newer").click()  # to the last page with records
+    expect(page.locator("#records tbody tr")).to_have_count(8)
+    expect(pager.locator("span")).to_have_text("1\u20138 of 8")
+
+
+def test_the_leaderboard_shows_a_running_result_as_running(page: Any,
+                                                           database_url: str) -> None:
+    from playwright.sync_api import expect
+
+    gate, started = threading.Event(), threading.Event()
+
+    def gated(output: str) -> float:
+        started.set()
+        gate.wait(30)
+        return 0.5
+
+    session = Session(database_url)
+    handle = None
+    try:
+        record = session.ingest(rag_record(1), [Feedback(gated, name="gated").on_output()])
+        assert started.wait(10)
+        handle = session.run_dashboard()
+        page.goto(handle.url)
+        row = page.locator("#leaderboard tr[data-app='qa:v1']")
+        expect(row.locator("td[data-feedback='gated'] .badge")).to_have_text(["1 running"])
+        expect(row.locator("td[data-count='running']")).to_have_text("1")
+        expect(row.locator("td[data-count='pending']")).to_have_text("0")
+        expect(page.locator("#leaderboard thead")).to_contain_text("Running")
+        cell = page.locator(f"tr[data-record-id='{record.record_id}'] td[data-feedback='gated']")
+        expect(cell).to_have_attribute("data-status", "running")
+        gate.set()
+        expect(row.locator("td[data-feedback='gated'] .mean")).to_have_text("0.500")
+        expect(row.locator("td[data-feedback='gated'] .badge")).to_have_count(0)
+        expect(row.locator("td[data-count='running']")).to_have_text("0")
+    finally:
+        gate.set()
+        if handle is not None:
+            handle.stop()
+        session.close()

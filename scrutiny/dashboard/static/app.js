@@ -101,7 +101,9 @@ function scoreClass(name, score) {
 function color(i) { return PALETTE[i % PALETTE.length]; }
 
 // ------------------------------------------------------------------ API
-class ApiError extends Error {}
+class ApiError extends Error {
+  constructor(message, status) { super(message); this.status = status; }
+}
 
 async function api(path, params) {
   const qs = params ? params.toString() : "";
@@ -111,7 +113,7 @@ async function api(path, params) {
   try { body = await resp.json(); } catch (e) { body = null; }
   if (!resp.ok) {
     const msg = body && body.error ? body.error : `${resp.status} ${resp.statusText}`;
-    throw new ApiError(resp.status === 401 ? `${msg}: open the URL with ?token=...` : msg);
+    throw new ApiError(resp.status === 401 ? `${msg}: open the URL with ?token=...` : msg, resp.status);
   }
   return body;
 }
@@ -164,7 +166,15 @@ function route() {
   if (m) {
     $("home-view").hidden = true;
     $("record-view").hidden = false;
-    showRecord(decodeURIComponent(m[1]), state.gen);
+    let id = null;
+    try { id = decodeURIComponent(m[1]); } catch (err) { id = null; }  // e.g. "%E0%A4%A"
+    if (id === null) {
+      showError(null);
+      setLive(false);
+      renderMissing($("record-view"), `The address "${m[1]}" is not a valid record id.`);
+    } else {
+      showRecord(id, state.gen);
+    }
   } else {
     $("record-view").hidden = true;
     $("home-view").hidden = false;
@@ -178,11 +188,13 @@ function filters() {
   return new URLSearchParams(i >= 0 ? hash.slice(i + 1) : "");
 }
 
-function setFilters(params) {
+function filtersHash(params) {
   for (const [k, v] of [...params.entries()]) if (!v) params.delete(k);
   const qs = params.toString();
-  location.hash = `#/${qs ? "?" + qs : ""}`;
+  return `#/${qs ? "?" + qs : ""}`;
 }
+
+function setFilters(params) { location.hash = filtersHash(params); }
 
 // ------------------------------------------------------------------ home
 async function loadApps(force) {
@@ -285,7 +297,8 @@ function renderLeaderboard(board) {
     board.feedbacks.map((fb) => h("th", { class: "num", title: fb.higher_is_better ? "higher is better" : "lower is better" },
       fb.name, " ", h("span", { class: "arrow", text: fb.higher_is_better ? "↑" : "↓" }))),
     h("th", { class: "num", text: "Latency" }), h("th", { class: "num", text: "Tokens" }),
-    h("th", { class: "num", text: "Pending" }), h("th", { class: "num", text: "Failed" }));
+    h("th", { class: "num", text: "Pending" }), h("th", { class: "num", text: "Running" }),
+    h("th", { class: "num", text: "Failed" }));
   const rows = board.rows.map((row) => h("tr", {
     class: "clickable", dataset: { app: row.app_id },
     title: "Show the records of this version",
@@ -304,14 +317,16 @@ function renderLeaderboard(board) {
     return h("td", { class: `num cell${isBest ? " best" : ""}`, dataset: { feedback: fb.name } },
       h("div", { class: "mean", text: fmtScore(c.mean) }),
       h("div", { class: "counts", text: `n=${fmtInt(c.done)}` }),
-      c.pending + c.running ? h("span", { class: "badge pending", text: `${fmtInt(c.pending + c.running)} pending` }) : null,
+      c.pending ? h("span", { class: "badge pending", text: `${fmtInt(c.pending)} pending` }) : null,
+      c.running ? h("span", { class: "badge running", text: `${fmtInt(c.running)} running` }) : null,
       c.failed ? h("span", { class: "badge failed", text: `${fmtInt(c.failed)} failed` }) : null,
       c.skipped ? h("span", { class: "badge skipped", text: `${fmtInt(c.skipped)} skipped` }) : null);
   }),
   h("td", { class: "num", text: fmtSeconds(row.latency) }),
   h("td", { class: "num", text: row.total_tokens === null ? "—" : fmtInt(Math.round(row.total_tokens)) }),
-  h("td", { class: "num", text: fmtInt(row.pending + row.running) }),
-  h("td", { class: "num", text: fmtInt(row.failed) })));
+  h("td", { class: "num", dataset: { count: "pending" }, text: fmtInt(row.pending) }),
+  h("td", { class: "num", dataset: { count: "running" }, text: fmtInt(row.running) }),
+  h("td", { class: "num", dataset: { count: "failed" }, text: fmtInt(row.failed) })));
   wrap.appendChild(h("table", { class: "leaderboard" }, h("thead", null, head), h("tbody", null, rows)));
 }
 
@@ -320,7 +335,14 @@ function renderRecords(page, board) {
   $("records-count").textContent = `${fmtInt(page.total)} matching`;
   const names = [...new Set([...board.feedbacks.map((fb) => fb.name),
     ...page.records.flatMap((r) => Object.keys(r.feedback))])].sort();
-  if (!page.records.length) {
+  const pastEnd = !page.records.length && page.total > 0;
+  if (pastEnd) {
+    const first = filters();
+    first.delete("offset");
+    wrap.appendChild(h("div", { class: "empty", id: "past-end" },
+      `Nothing on this page: it starts after the last of the ${fmtInt(page.total)} matching records. `,
+      h("a", { href: filtersHash(first), text: "← First page" })));
+  } else if (!page.records.length) {
     wrap.appendChild(h("div", { class: "empty", text: "No records match." }));
   } else {
     const head = h("tr", null, h("th", { text: "Time" }), h("th", { text: "App" }),
@@ -346,12 +368,17 @@ function renderRecords(page, board) {
     wrap.appendChild(h("table", { class: "records" }, h("thead", null, head), h("tbody", null, rows)));
   }
   const pager = clear($("pager"));
-  const from = page.total ? page.offset + 1 : 0;
+  const from = page.offset + 1;
   const to = page.offset + page.records.length;
+  // Past the end, "Newer" goes to the last page that has records.
+  const last = Math.floor(Math.max(0, page.total - 1) / page.limit) * page.limit;
+  const newer = pastEnd ? Math.min(page.offset - page.limit, last) : page.offset - page.limit;
   const go = (offset) => { const f = filters(); f.set("offset", String(Math.max(0, offset))); setFilters(f); };
+  const range = page.records.length ? `${fmtInt(from)}–${fmtInt(to)} of ${fmtInt(page.total)}`
+    : pastEnd ? `past the last of ${fmtInt(page.total)}` : "0 of 0";
   pager.append(
-    h("button", { type: "button", disabled: page.offset <= 0, onclick: () => go(page.offset - page.limit), text: "← Newer" }),
-    h("span", { class: "muted", text: `${fmtInt(from)}–${fmtInt(to)} of ${fmtInt(page.total)}` }),
+    h("button", { type: "button", disabled: page.offset <= 0, onclick: () => go(newer), text: "← Newer" }),
+    h("span", { class: "muted", text: range }),
     h("button", { type: "button", disabled: to >= page.total, onclick: () => go(page.offset + page.limit), text: "Older →" }));
 }
 
@@ -479,10 +506,26 @@ async function showRecord(id, gen) {
     if (!rec.final) schedule((g) => showRecord(id, g), state.poller.next(sig, true, cost));
   } catch (err) {
     if (gen !== state.gen) return;
-    showError(err);
     setLive(false);
+    if (err instanceof ApiError && err.status === 404) {
+      showError(null);
+      renderMissing(view, `There is no record "${id}" in this database.`);
+      return;
+    }
+    showError(err);
     if (!(err instanceof ApiError)) schedule((g) => showRecord(id, g), 5000);
   }
+}
+
+// An unknown or malformed record address: say so, with the way back (never a blank page).
+function renderMissing(view, detail) {
+  clear(view);
+  delete view.dataset.recordId;
+  view.append(
+    h("p", null, h("a", { href: state.homeHash || "#/", text: "← All records" })),
+    h("section", { class: "panel", id: "record-missing" },
+      h("h2", { text: "No such record" }),
+      h("div", { class: "empty", text: detail })));
 }
 
 function renderRecord(view, rec) {
