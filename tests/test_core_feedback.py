@@ -243,3 +243,24 @@ def test_provider_defaults_are_used_and_explicit_options_win() -> None:
     assert fb.timeout == 30.0
     explicit = Feedback(judge.harm, timeout=5.0, higher_is_better=True, retries=0)
     assert (explicit.timeout, explicit.higher_is_better, explicit.retry.attempts) == (5.0, True, 1)
+
+
+def _length(output: str) -> float:
+    return float(len(output))
+
+
+def test_a_stored_spec_rebuilds_every_option_a_worker_needs() -> None:
+    """RetryPolicy.deadline was left out of the spec: a worker retried for as long as
+    attempts allowed while the same feedback in-process stopped at its deadline."""
+    fb = Feedback(_length, name="length", higher_is_better=False, timeout=7.5,
+                  retry=RetryPolicy(attempts=6, initial_backoff=0.2, max_backoff=0.4,
+                                    retry_on=(ValueError,), never_retry_on=(KeyError,),
+                                    deadline=1.5),
+                  rate_limit=RateLimit(per_minute=30, max_concurrent=2, group="g"),
+                  aggregate=max).on_output()
+    again = Feedback.from_spec(fb.spec())
+    assert again.retry == fb.retry
+    assert (again.name, again.higher_is_better, again.timeout, again.rate_limit,
+            again.aggregator, again.feedback_id) == (
+        fb.name, fb.higher_is_better, fb.timeout, fb.rate_limit, fb.aggregator,
+        fb.feedback_id)

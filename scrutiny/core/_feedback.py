@@ -317,6 +317,7 @@ class Feedback:
                 "max_backoff": policy.max_backoff,
                 "retry_on": [reference(t) for t in policy.retry_on],
                 "never_retry_on": [reference(t) for t in policy.never_retry_on],
+                "deadline": policy.deadline,
             },
             "aggregate": None if self.aggregator is mean_of else reference(self.aggregator),
             "rate_limit": None if self.rate_limit is None else {
@@ -355,6 +356,7 @@ class Feedback:
                 max_backoff=float(retry.get("max_backoff", 30.0)),
                 retry_on=tuple(resolve(t) for t in retry.get("retry_on", [])) or (Exception,),
                 never_retry_on=tuple(resolve(t) for t in retry.get("never_retry_on", [])),
+                deadline=retry.get("deadline"),
             ),
             aggregate=resolve(aggregate) if aggregate else None,
             rate_limit=RateLimit(**rate) if rate else None,
