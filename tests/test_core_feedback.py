@@ -264,3 +264,15 @@ def test_a_stored_spec_rebuilds_every_option_a_worker_needs() -> None:
             again.aggregator, again.feedback_id) == (
         fb.name, fb.higher_is_better, fb.timeout, fb.rate_limit, fb.aggregator,
         fb.feedback_id)
+
+
+def test_a_parameter_given_by_position_and_by_name_is_refused() -> None:
+    """`.on(Select.input, question=Select.output)` moved the positional selection to the
+    next parameter: question and answer silently swapped."""
+    def two(question: str, answer: str) -> float:
+        return 1.0
+
+    with pytest.raises(ConfigurationError, match="both by position and by name"):
+        Feedback(two).on(Select.input, question=Select.output)
+    fb = Feedback(two).on(Select.output, answer=Select.input)  # as a Python call would
+    assert fb.calls_for(_record()) == [{"question": "answer", "answer": "q"}]

@@ -1639,3 +1639,17 @@ def test_a_callback_calling_sys_exit_leaves_later_callbacks_working(
         callback=lambda results: fired.set())
     assert fired.wait(10)
     assert "raised" in caplog.text
+
+
+def test_positional_only_functions_and_builtins_are_called_positionally(
+        session: Session) -> None:
+    """`def f(text, /)` and builtins such as `len` were called by keyword: a TypeError on
+    every record."""
+    def words(text: str, /) -> float:
+        return float(len(text.split()))
+
+    fbs = [Feedback(words).on_output(), Feedback(len, name="chars").on_output()]
+    results = session.ingest(make_record(output="two words"), fbs).wait_for_feedback_results(
+        timeout=10)
+    assert [(r.status, r.result) for r in results.values()] == [
+        (FeedbackStatus.DONE, 2.0), (FeedbackStatus.DONE, 9.0)]

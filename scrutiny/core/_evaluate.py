@@ -183,15 +183,15 @@ _call_ids = itertools.count(1)
 
 
 def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any],
-                   call_id: int = 0) -> Any:
+                   call_id: int = 0, positional: tuple[Any, ...] = ()) -> Any:
     """Run a feedback call in another process or thread (an external executor).
 
     `call_id` makes each call's arguments unique: Dask names a task by hashing them
     (``pure=True`` by default), so two identical calls shared one task — and a timeout
     that cancelled it left the other waiting for good."""
     if is_async:
-        return asyncio.run(fn(**args))
-    return fn(**args)
+        return asyncio.run(fn(*positional, **args))
+    return fn(*positional, **args)
 
 
 class _RunDeadline:
@@ -340,7 +340,7 @@ class Evaluator:
                             began(None)
                             value = await self._attempt(feedback, args, timeout)
                     else:
-                        value = await self._run_sync(feedback.fn, args, timeout, began)
+                        value = await self._run_sync(feedback, args, timeout, began)
                 score, explanation, metadata = coerce_feedback_value(value)
                 call = FeedbackCall(args=args, score=score, explanation=explanation,
                                     metadata=metadata)
@@ -399,18 +399,19 @@ class Evaluator:
                        timeout: float | None) -> Any:
         """One async call (or one call on the external executor), holding a slot."""
         awaitable: Awaitable[Any]
+        positional, named = feedback.call_args(args)
         if self._executor is not None:
             awaitable = asyncio.wrap_future(
-                self._executor.submit(_call_anywhere, feedback.fn, feedback.is_async, args,
-                                      next(_call_ids)))
+                self._executor.submit(_call_anywhere, feedback.fn, feedback.is_async, named,
+                                      next(_call_ids), tuple(positional)))
         else:
-            awaitable = feedback.fn(**args)
+            awaitable = feedback.fn(*positional, **named)
         value = await _within(awaitable, timeout)
         if asyncio.iscoroutine(value):  # a sync wrapper that returned a coroutine
             value = await _within(value, timeout)
         return value
 
-    async def _run_sync(self, fn: Callable[..., Any], args: dict[str, Any],
+    async def _run_sync(self, feedback: Feedback, args: dict[str, Any],
                         timeout: float | None,
                         begin: Callable[[datetime | None], None]) -> Any:
         """One call of a plain function on the pool, once it has a slot.
@@ -420,7 +421,9 @@ class Evaluator:
         """
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
-        call = SyncCall(lambda: ctx.run(fn, **args), loop.create_future(), begin)
+        fn = feedback.fn
+        positional, named = feedback.call_args(args)
+        call = SyncCall(lambda: ctx.run(fn, *positional, **named), loop.create_future(), begin)
         self.sync_in_flight += 1
         try:
             self._gate.start_sync(call)

@@ -184,6 +184,15 @@ class Feedback:
         """Wire the function's parameters to selectors, positionally and/or by name."""
         new = self._copy()
         free = [p for p in self._params.names if p not in new.bindings]
+        # As in a Python call: the first len(selectors) free parameters are taken by
+        # position, so naming one of them too is a clash (it silently moved the positional
+        # selection to the next parameter: question and answer swapped).
+        clash = [key for key in named if key in free[:len(selectors)]]
+        if clash:
+            raise ConfigurationError(
+                f"feedback {self.name!r}: parameter {clash[0]!r} of "
+                f"{_function_name(self.fn)}() is given a selection both by position and by "
+                f"name; wire it once (e.g. all by name: .on({clash[0]}=...))")
         for key, sel in named.items():
             if key not in self._params.names and not self._params.var_keyword:
                 raise ConfigurationError(
@@ -224,6 +233,21 @@ class Feedback:
     def on_contexts(self) -> Feedback:
         """Pass each retrieved context (the function is called once per context)."""
         return self.on(Select.contexts)
+
+    def call_args(self, args: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """`args` split into what goes by position (positional-only parameters, as in
+        ``def f(text, /)`` or builtins such as ``len``: by name they were a TypeError on
+        every record) and by name."""
+        only = self._params.positional_only
+        if not only:
+            return [], args
+        named = dict(args)
+        positional = []
+        for name in only:
+            if name not in named:
+                break  # (an unselected one keeps its default, and so must the rest)
+            positional.append(named.pop(name))
+        return positional, named
 
     def aggregate(self, fn: Aggregator) -> Feedback:
         """How the scores of a fanned-out selection are combined (default: mean)."""
@@ -403,6 +427,7 @@ class _Params:
     required: list[str]
     var_keyword: bool
     var_positional: bool = False
+    positional_only: tuple[str, ...] = ()
 
 
 DEFAULTS_ATTRIBUTE = "__scrutiny_feedback__"
@@ -437,17 +462,20 @@ def _parameters(fn: Callable[..., Any]) -> _Params:
         return _Params([], [], True)
     names: list[str] = []
     required: list[str] = []
+    positional_only: list[str] = []
     var_keyword = var_positional = False
     for p in sig.parameters.values():
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY):
             names.append(p.name)
+            if p.kind is p.POSITIONAL_ONLY:
+                positional_only.append(p.name)
             if p.default is p.empty:
                 required.append(p.name)
         elif p.kind is p.VAR_KEYWORD:
             var_keyword = True
         elif p.kind is p.VAR_POSITIONAL:
             var_positional = True
-    return _Params(names, required, var_keyword, var_positional)
+    return _Params(names, required, var_keyword, var_positional, tuple(positional_only))
 
 
 def _function_name(fn: Callable[..., Any]) -> str:
