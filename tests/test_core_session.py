@@ -466,6 +466,28 @@ def test_a_feedback_that_blocks_the_loop_fails_no_other_feedback_and_is_named_in
     assert "asyncio.to_thread" in caplog.text
 
 
+def test_an_async_feedback_blocking_past_its_timeout_fails_as_a_timeout(
+        session: Session) -> None:
+    """It never gave the loop back, so its timer never fired and it ended `done` after
+    three times its timeout; the same call in a plain def, or awaited, fails."""
+    async def blocking(output: str) -> float:
+        time.sleep(0.4)  # the mistake: a blocking call in async def
+        return 0.5
+
+    async def awaiting(output: str) -> float:
+        await asyncio.sleep(0.01)
+        return 1.0
+
+    f_block = Feedback(blocking, name="blocking", timeout=0.15).on_output()
+    f_ok = Feedback(awaiting, name="awaiting", timeout=0.15).on_output()
+    results = session.ingest(make_record(), [f_block, f_ok]).wait_for_feedback_results(
+        timeout=20)
+    assert results[f_block].status is FeedbackStatus.FAILED
+    assert "timed out after 0.15 s: it ran" in (results[f_block].error or "")
+    assert "without once giving the event loop back" in (results[f_block].error or "")
+    assert results[f_ok].status is FeedbackStatus.DONE, results[f_ok].error
+
+
 def test_mode_none_stores_skipped_with_the_reason(db_url: str) -> None:
     with Session(db_url, feedback_mode=FeedbackMode.NONE) as s:
         fb = Feedback(lambda output: 1.0, name="x").on_output()

@@ -233,6 +233,7 @@ class _BusySelector(selectors.DefaultSelector):
         super().__init__()
         self._last_poll = 0.0
         self._warned_held = False
+        self.passes = 0
         self.courtesy = courtesy
         self.before_poll: Callable[[], float | None] | None = None
         epoll = getattr(selectors, "EpollSelector", None)
@@ -240,6 +241,7 @@ class _BusySelector(selectors.DefaultSelector):
                          and self.fileno() < _FD_SETSIZE)
 
     def select(self, timeout: float | None = None) -> list[Any]:
+        self.passes += 1  # (one per pass of the loop: see _evaluate._within)
         # When the loop's next timer is due. A cap of our own below is no one's deadline, and
         # a zero timeout (callbacks ready) is none either: the loop gets back to them at the
         # next switch; offering the app's time for them cost quick feedbacks' apps 1-2 %.
@@ -301,6 +303,7 @@ class _Loop(asyncio.SelectorEventLoop):
     def __init__(self, selector: selectors.BaseSelector, default_pool: DaemonThreadPool) -> None:
         super().__init__(selector)
         self._default_pool = default_pool
+        self.scrutiny_selector = selector
 
     def run_in_executor(self, executor: Any, func: Any,  # type: ignore[override]
                         *args: Any) -> asyncio.Future[Any]:

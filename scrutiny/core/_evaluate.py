@@ -163,9 +163,23 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
     if sys.version_info >= (3, 11):
         task = asyncio.current_task()
         assert task is not None
-        deadline = _Deadline(asyncio.get_running_loop(), task, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = _Deadline(loop, task, timeout)
+        selector = getattr(loop, "scrutiny_selector", None)
+        passes = getattr(selector, "passes", None)
         try:
-            return await awaitable
+            value = await awaitable
+            if selector is not None and passes is not None and selector.passes == passes:
+                # It never gave the loop back, so its timer could not fire: all the time
+                # since it began was its own (a blocking call in an async feedback).
+                took = loop.time() - deadline.due + timeout
+                if took > timeout:
+                    raise FeedbackTimeout(
+                        f"timed out after {timeout:g} s: it ran {took:.2f} s without once "
+                        "giving the event loop back (a blocking call in an async "
+                        "feedback; make it a plain def, or await asyncio.to_thread(...))",
+                        timeout=timeout)
+            return value
         except asyncio.CancelledError:
             if deadline.expired and task.uncancel() == 0:
                 raise FeedbackTimeout(f"timed out after {timeout:g} s",
