@@ -1675,3 +1675,17 @@ def test_positional_only_functions_and_builtins_are_called_positionally(
         timeout=10)
     assert [(r.status, r.result) for r in results.values()] == [
         (FeedbackStatus.DONE, 2.0), (FeedbackStatus.DONE, 9.0)]
+
+
+def test_calls_queued_for_a_smaller_pool_are_not_timed_out(db_url: str) -> None:
+    """thread_pool_size below max_concurrency: calls granted a slot waited for a thread
+    and failed as 'stuck' timeouts although every call returned in time."""
+    def takes_a_while(output: str) -> float:
+        time.sleep(0.15)  # (the feedback's own work, not a wait on background work)
+        return 1.0
+
+    fb = Feedback(takes_a_while, name="slow", timeout=0.5).on_output()
+    with Session(db_url, max_concurrency=16, thread_pool_size=2) as s:
+        records = [s.ingest(make_record(i), [fb]) for i in range(12)]
+        results = [r.wait_for_feedback_results(timeout=30)[fb] for r in records]
+    assert [r.error for r in results if r.status is not FeedbackStatus.DONE] == []

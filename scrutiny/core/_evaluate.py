@@ -212,21 +212,26 @@ class _RunDeadline:
     """Cancels `task` once `call` has held its slot `limit` seconds (normally: run that
     long on its thread; a call that got a slot but no thread, because every pool thread is
     stuck in a call that never returned, also ends). The time it waited for a slot does not
-    count. (A class, not a closure that reschedules itself: such a closure refers to itself,
-    a reference cycle that kept each evaluation's objects alive until the garbage
-    collector's next full pass.)"""
+    count, nor the time it waited for a thread while the pool's threads kept starting calls
+    (a pool smaller than the concurrency limit queues calls: they failed as timeouts,
+    said to be stuck, although every call returned). (A class, not a closure that
+    reschedules itself: such a closure refers to itself, a reference cycle that kept each
+    evaluation's objects alive until the garbage collector's next full pass.)"""
 
-    __slots__ = ("call", "expired", "handle", "limit", "loop", "task")
+    __slots__ = ("call", "expired", "handle", "limit", "loop", "pool", "task")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any],
-                 call: SyncCall, limit: float) -> None:
+                 call: SyncCall, limit: float, pool: DaemonThreadPool) -> None:
         self.loop, self.task, self.call, self.limit = loop, task, call, limit
+        self.pool = pool
         self.expired = False
         self.handle = loop.call_later(limit, self._check)
 
     def _check(self) -> None:
         now = self.loop.time()  # the monotonic clock, as `call.started`
-        since = self.call.started or self.call.granted_at
+        since = self.call.started
+        if since is None and self.call.granted_at is not None:
+            since = max(self.call.granted_at, self.pool.last_start)
         if since is not None and now - since >= self.limit:
             self.expired = True
             self.task.cancel()
@@ -236,9 +241,9 @@ class _RunDeadline:
 
     def reason(self) -> str:
         if self.call.started is None:
-            return (f"timed out after {self.limit:g} s waiting for a thread: every thread of "
-                    "the sync pool is busy with a call that has not returned (see "
-                    "thread_pool_size)")
+            return (f"timed out after {self.limit:g} s waiting for a thread: no call started "
+                    "on the sync pool meanwhile, every thread is busy with a call that has "
+                    "not returned (see thread_pool_size)")
         return f"timed out after {self.limit:g} s"
 
     def cancel(self) -> None:
@@ -446,7 +451,8 @@ class Evaluator:
             raise
         task = asyncio.current_task()
         assert task is not None
-        deadline = None if timeout is None else _RunDeadline(loop, task, call, timeout)
+        deadline = None if timeout is None else _RunDeadline(loop, task, call, timeout,
+                                                             self._pool)
         try:
             value = await call.future
         except asyncio.CancelledError:

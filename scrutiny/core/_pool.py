@@ -68,6 +68,9 @@ class DaemonThreadPool(concurrent.futures.Executor):
         self._lock = threading.Lock()
         self._shutdown = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.last_start = 0.0
+        """When a sync feedback call last started on one of the threads (monotonic): while
+        calls keep starting, one granted a slot but queued for a thread is only queued."""
         self._loop_thread: threading.Thread | None = None
         self._done: list[_Delivery] = []
         self._done_lock = threading.Lock()
@@ -156,7 +159,7 @@ class DaemonThreadPool(concurrent.futures.Executor):
             if call.abandoned:
                 call = gate.finish(call)
                 continue
-            call.started = time.monotonic()
+            call.started = self.last_start = time.monotonic()
             call.started_at = datetime.now(timezone.utc)
             self.deliver_later(call.on_start, call.started_at, None, wake=False)
             if blocked is not None:  # inside the call (see scrutiny.core._courtesy)
