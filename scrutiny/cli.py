@@ -34,6 +34,16 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _refuse_memory(url: str | None, what: str) -> None:
+    """`memory://` is a store private to one process: a command run on it starts with an
+    empty store of its own and sees nothing any app stored."""
+    if url is not None and url.strip() == "memory://":
+        _fail(f"{what} needs a database shared with the app: memory:// keeps everything "
+              "inside the process that opened it, so this command would start with an "
+              "empty store of its own; point --database-url (or $SCRUTINY_DATABASE_URL) at "
+              "the app's database")
+
+
 def _session(url: str | None, prefix: str, **kwargs: Any) -> Session:
     try:
         return Session(url, table_prefix=prefix, **kwargs)
@@ -92,6 +102,7 @@ class _Progress:
               type=click.FloatRange(min=0.01, max=3600),
               help="Seconds to wait when nothing is pending.")
 @click.option("--grace", default=30.0, show_default=True,
+              type=click.FloatRange(min=0, max=86_400),
               help="On SIGTERM/SIGINT, seconds to finish claimed work before releasing it.")
 @click.option("--log-every", default=10.0, show_default=True,
               type=click.FloatRange(min=0.1, max=86_400),
@@ -102,6 +113,7 @@ def worker(database_url: str | None, table_prefix: str, concurrency: int,
            lease_seconds: float, poll_interval: float, grace: float, log_every: float,
            import_paths: tuple[str, ...]) -> None:
     """Claim pending feedback results from the database and evaluate them."""
+    _refuse_memory(database_url, "a worker (it claims what apps stored)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sys.path[:0] = list(import_paths)
     progress = _Progress(log_every)
@@ -171,6 +183,7 @@ def _default_url() -> str:
 def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...], limit: int,
             offset: int, fmt: str) -> None:
     """Records with their feedback scores and statuses, newest first."""
+    _refuse_memory(database_url, "`scrutiny records` (it reads what apps stored)")
     session = _session(database_url, table_prefix, migrate="refuse")  # reads: creates nothing
     try:
         df, _ = session.get_records_and_feedback(list(apps) or None, limit=limit,
@@ -195,6 +208,7 @@ def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...], 
 def leaderboard(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
                 fmt: str) -> None:
     """Mean score per app version per feedback, best first."""
+    _refuse_memory(database_url, "`scrutiny leaderboard` (it reads what apps stored)")
     session = _session(database_url, table_prefix, migrate="refuse")  # reads: creates nothing
     try:
         board = session.get_leaderboard(list(apps) or None)
