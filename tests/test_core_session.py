@@ -821,7 +821,8 @@ def test_slow_storage_never_blocks_the_app_and_counts_what_it_drops() -> None:
         assert lost[-15:] == [f"question {i}" for i in range(7, 22)]
     finally:
         store.gate.set()
-    assert s.wait_for_feedback(10)
+    # Dropped end states stay pending in the database: the wait says it was not clean.
+    assert s.wait_for_feedback(10) is False
     df, _ = s.get_records_and_feedback()
     assert len(df) == 2 + len(records) - len(lost)  # nothing that was queued is lost
     assert df.loc[df["input"] == "question 0", "x status"].tolist() == ["done"]

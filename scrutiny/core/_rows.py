@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +17,14 @@ if TYPE_CHECKING:
 __all__ = [
     "app_row",
     "definition_row",
+    "holds_truncation",
     "record_from_row",
     "record_row",
     "result_from_row",
     "result_row",
     "result_update_values",
+    "truncated_selection",
+    "truncation",
 ]
 
 
@@ -298,3 +302,75 @@ def result_from_row(row: Row) -> FeedbackResult:
 
 def app_id(app_name: str, app_version: str) -> str:
     return app_id_for(app_name, app_version)
+
+
+# ---------------------------------------------------------------------- truncated values
+_RECORD_JSON_COLUMNS = ("input_json", "output_json", "contexts_json", "spans_json",
+                        "tags_json", "metadata_json")
+_CUT_TEXT = re.compile(re.escape(f"[{_serialize.TRUNCATED_KEY}: ")
+                       + r"(\d+) (bytes in all|more context\(s\) not stored)\]\Z")
+_MAX_DEPTH = 32
+
+
+def holds_truncation(row: Row) -> bool:
+    """Whether a stored record row has a value cut at storage anywhere (a cheap look at
+    its JSON texts, before anything is selected from it)."""
+    key = _serialize.TRUNCATED_KEY
+    return any(key in text for c in _RECORD_JSON_COLUMNS
+               if isinstance(text := row.get(c), str))
+
+
+def truncation(value: Any, depth: int = 0) -> str | None:
+    """How `value`, read back from storage, was cut when it was stored (None: it was
+    not): a truncation marker in its place or anywhere in it, or a text ending in one."""
+    if isinstance(value, dict):
+        if value.get(_serialize.TRUNCATED_KEY) is True:
+            whole = value.get("original_bytes")
+            preview = value.get("preview")
+            kept = len(preview.encode("utf-8", "backslashreplace")) if isinstance(
+                preview, str) else 0
+            return (f"{whole} bytes stored as a truncation marker keeping a preview of "
+                    f"{kept} bytes")
+        items: Any = value.values()
+    elif isinstance(value, list | tuple):
+        items = value
+    elif isinstance(value, str):
+        if _serialize.TRUNCATED_KEY not in value:
+            return None
+        found = _CUT_TEXT.search(value)
+        if found is None:
+            return None
+        if found.group(2) != "bytes in all":
+            return f"{found.group(1)} more context(s) were not stored"
+        kept = len(value[:found.start()].encode("utf-8", "backslashreplace"))
+        return f"a text of {found.group(1)} bytes cut to its first {kept}"
+    else:
+        return None
+    if depth >= _MAX_DEPTH:
+        return None
+    for item in items:
+        cut = truncation(item, depth + 1)
+        if cut is not None:
+            return cut
+    return None
+
+
+def truncated_selection(feedback: Feedback, record: Record) -> str | None:
+    """Why `feedback` must not be evaluated on `record` as stored: a value it selects was
+    cut at storage (over the app session's `max_payload_bytes`), and a score of what is
+    left — or of the truncation marker — would be a wrong score. None: nothing it selects
+    was cut (or the selection fails, which evaluating it reports)."""
+    try:
+        calls = feedback.calls_for(record)
+    except Exception:
+        return None
+    for call in calls:
+        for param, value in call.items():
+            cut = truncation(value)
+            if cut is not None:
+                label = feedback.selectors.get(param, param)
+                return (f"not evaluated: the value selected for {param!r} ({label}) was "
+                        f"truncated when the record was stored ({cut}), so scoring it "
+                        "would score the cut value; store larger values whole (the app's "
+                        "Session(max_payload_bytes=...)) to evaluate them")
+    return None

@@ -246,7 +246,11 @@ class Session(SessionReading):
         self.store: Store = store
         self._lock = threading.Lock()
         self._inflight: dict[str, Job] = {}
+        # Of those, the ones evaluated in this process (they hold a lease: a deferred result
+        # only waited on here holds none). Workers size their claims by it.
+        self._evaluating = 0
         self._left_pending = 0  # results close() left unfinished (pending in the database)
+        self._unstored_ends = 0  # end states told to waiters but not stored (see _finish)
         self._unmaterialized = 0  # accepted records whose results are not made yet
         # On the evaluation loop only: evaluations started, not ended, running not stored.
         self._started: dict[Job, tuple[float, datetime]] = {}
@@ -336,9 +340,7 @@ class Session(SessionReading):
 
     def _heartbeat(self) -> list[WriteOp]:
         """Keep the leases of the results this process holds (runs on the writer)."""
-        with self._outstanding_cond:
-            holding = any(job.lease_token is not None for job in self._inflight.values())
-        if not holding:
+        if not self._evaluating:  # (the jobs here that hold a lease)
             return []
         expires = datetime.now(timezone.utc) + timedelta(seconds=self.lease_seconds)
         return [RenewLeases(self.owner_id, expires)]
@@ -353,6 +355,8 @@ class Session(SessionReading):
         self._watcher = None
         self._workers = []
         self._inflight = {}
+        self._evaluating = 0
+        self._unstored_ends = 0
         self._unmaterialized = 0
         self._started = {}
         self._running_sweep = None
@@ -381,10 +385,14 @@ class Session(SessionReading):
 
         In deferred mode this waits for the workers. Returns True when all are done;
         False when the timeout ran out first (what is left stays pending or running and
-        will still be stored), or when :meth:`close` left some unfinished.
+        will still be stored), when :meth:`close` left some unfinished, or when some end
+        state (or its record) could not be stored (a full queue, a refused write: see
+        :meth:`stats`) — those results are still `pending` in the database.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._wait_outstanding(deadline) or self._left_pending:
+            return False
+        if self._unstored_ends:
             return False
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.flush(remaining)
@@ -410,8 +418,14 @@ class Session(SessionReading):
         timeout = self.flush_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         clean = True
-        for worker in list(self._workers):
+        workers = list(self._workers)
+        for worker in workers:
             worker.stop_claiming()
+        # A worker thread may be between a claim and handing the rows to the evaluation
+        # loop: wait for it (bounded) before the loop closes, so that what it claimed is
+        # either in flight here (finished or released below) or given back by the worker.
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
         if started and self._writer is not None:
             writer = self._writer
             clean = writer.flush(timeout)
@@ -449,16 +463,39 @@ class Session(SessionReading):
         database, `pending` (a wait without a timeout blocked for ever)."""
         with self._outstanding_cond:
             for job in jobs:
-                self._inflight.pop(job.pending.result_id or "", None)
+                self._let_go(job.pending.result_id or "")
             self._outstanding_cond.notify_all()
         notifier = self._notifier
         for job in jobs:
             slot = job.record._slots.get(job.feedback)
             if slot is None:
                 continue
-            for fn in slot.finish(job.pending.evolve(status=FeedbackStatus.PENDING)):
+            as_released = job.pending.evolve(  # (as _release leaves it stored)
+                status=FeedbackStatus.PENDING, attempts=max(0, job.pending.attempts - 1))
+            for fn in slot.finish(as_released):
                 if notifier is not None:
                     notifier.call(fn)
+
+    def _hold(self, job: Job) -> None:
+        """(Under `_outstanding_cond`.) Wait here for `job`'s end state, in place of any
+        job of the same result."""
+        key = job.pending.result_id or ""
+        old = self._inflight.get(key)
+        self._inflight[key] = job
+        self._evaluating += ((job.lease_token is not None)
+                             - (old is not None and old.lease_token is not None))
+
+    def _let_go(self, result_id: str, job: Job | None = None) -> Job | None:
+        """(Under `_outstanding_cond`.) Stop waiting for this result here — only when the
+        job waited for is `job`, if given (a worker of this session may have taken it
+        over). Returns the job let go."""
+        held = self._inflight.get(result_id)
+        if held is None or (job is not None and held is not job):
+            return None
+        del self._inflight[result_id]
+        if held.lease_token is not None:
+            self._evaluating -= 1
+        return held
 
     def _wait_outstanding(self, deadline: float | None) -> bool:
         with self._outstanding_cond:
@@ -563,8 +600,11 @@ class Session(SessionReading):
     def _materialized(self, jobs: list[Job]) -> None:
         """An ingest made its jobs (on whichever thread asked first)."""
         with self._outstanding_cond:
+            inflight = self._inflight
             for job in jobs:
-                self._inflight[job.pending.result_id or ""] = job
+                inflight[job.pending.result_id or ""] = job
+                if job.lease_token is not None:
+                    self._evaluating += 1
             self._unmaterialized -= 1
             self._outstanding_cond.notify_all()
 
@@ -622,14 +662,23 @@ class Session(SessionReading):
             lambda: [UpdateResult(final.result_id or "",
                                   _rows.result_update_values(final, max_bytes=max_bytes),
                                   lease_token=job.lease_token)],
-            lambda ok: self._finish(job, final if ok else _unstored_end(final)),
+            lambda ok: self._finish(job, final) if ok else self._finish(
+                job, _unstored_end(final), stored=False),
         ))
 
-    def _finish(self, job: Job, final: FeedbackResult) -> None:
-        """Runs after the end state is stored: resolve the future, then notify (once)."""
+    def _finish(self, job: Job, final: FeedbackResult, *, stored: bool = True) -> None:
+        """Runs after the end state is stored: resolve the future, then notify (once).
+
+        `stored=False`: it could not be stored (nor the record, maybe); waiters are told
+        so and no longer wait, but :meth:`wait_for_feedback` says False from now on."""
         with self._outstanding_cond:
-            if self._inflight.pop(job.pending.result_id or "", None) is None:
+            held = self._inflight.pop(job.pending.result_id or "", None)
+            if held is None:
                 return  # already finished (e.g. failed because its record was not stored)
+            if held.lease_token is not None:
+                self._evaluating -= 1
+            if not stored:
+                self._unstored_ends += 1
             self._outstanding_cond.notify_all()
         slot = job.record._slots.get(job.feedback)
         record_listeners = slot.finish(final) if slot is not None else []
@@ -657,6 +706,9 @@ class Session(SessionReading):
         Claims pending results (those of deferred recorders, and those left by processes
         that died or exited early) with a lease, evaluates them with this session's
         evaluation loop and stores them. Returns a :class:`Worker`; `worker.stop()` ends it.
+
+        Raises:
+            RuntimeError: the session is closed.
         """
         if not (math.isfinite(poll_interval) and poll_interval > 0):
             raise ConfigurationError(f"poll_interval must be > 0 seconds, got {poll_interval}")
@@ -664,6 +716,7 @@ class Session(SessionReading):
             raise ConfigurationError("batch_size and max_claims must be >= 1")
         from scrutiny.core._worker import Worker
 
+        self._open_for_workers("start_worker()")
         worker = Worker(self, poll_interval=poll_interval, batch_size=batch_size,
                         max_claims=max_claims)
         self._workers.append(worker)
@@ -673,16 +726,37 @@ class Session(SessionReading):
     def resume_pending(self, timeout: float | None = None, *, max_claims: int = 5) -> int:
         """Evaluate every result that is pending and free in the database now, and wait.
 
+        Claims as they can be evaluated (at most about twice `max_concurrency` at a time)
+        until nothing is left or `timeout` runs out, then waits for what it claimed within
+        what is left of `timeout`.
+
         Returns:
             how many results were claimed (they are stored when this returns, unless the
             timeout ran out first).
+
+        Raises:
+            RuntimeError: the session is closed.
         """
         from scrutiny.core._worker import Worker
 
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        self._open_for_workers("resume_pending()")
         worker = Worker(self, poll_interval=0.0, batch_size=100, max_claims=max_claims)
-        claimed = worker.drain()
-        self.wait_for_feedback(timeout)
+        self._workers.append(worker)  # (close() from another thread stops it)
+        try:
+            claimed = worker.drain(deadline)
+        finally:
+            self._workers.remove(worker)
+        self.wait_for_feedback(None if deadline is None
+                               else max(0.0, deadline - time.monotonic()))
         return claimed
+
+    def _open_for_workers(self, what: str) -> None:
+        """Start the evaluation loop, or raise when the session is closed."""
+        if self.closed:
+            raise RuntimeError(f"session is closed: {what} needs an open session (create a "
+                               "new Session)")
+        self._evaluation_loop()
 
     def delete_records(self, *, before: datetime | None = None,
                        app_ids: Sequence[str] | None = None) -> int:
@@ -842,7 +916,7 @@ class _Ingest:
         jobs = self.materialize()
         if not stored:
             for job in jobs:
-                session._finish(job, _unstored(job.pending))
+                session._finish(job, _unstored(job.pending), stored=False)
             return
         for job, first in zip(jobs, self.initial, strict=True):
             if first.status.is_final:
@@ -850,11 +924,18 @@ class _Ingest:
 
 
 def _release(job: Job) -> UpdateResult:
-    """Give an unfinished result back to the pool: pending, unheld, claimable at once."""
+    """Give an unfinished result back to the pool: pending, unheld, claimable at once.
+
+    The claim's attempt is given back too (as `SQLStore.release` does): a process that
+    stops on purpose is not one that died, and five graceful stops of workers while a
+    long feedback ran ended it `failed: abandoned after 5 claims`. (A worker's job starts
+    from the claimed row, whose count includes this claim; the app's own starts at 0.)"""
     return UpdateResult(
         job.pending.result_id or "",
         {"status": FeedbackStatus.PENDING.value, "worker_id": None, "lease_token": None,
-         "lease_expires_at": None, "updated_at": datetime.now(timezone.utc)},
+         "lease_expires_at": None, "started_at": None,
+         "attempts": max(0, job.pending.attempts - 1),
+         "updated_at": datetime.now(timezone.utc)},
         lease_token=job.lease_token)
 
 

@@ -50,6 +50,14 @@ class _NotHere(str):
     __slots__ = ()
 
 
+class _NoSpecYet(_NotHere):
+    """Why a feedback cannot be loaded *yet*: its definition has no stored spec (written
+    before specs were stored, in a database upgraded since); the app stores it when it
+    next records with that feedback."""
+
+    __slots__ = ()
+
+
 class Worker:
     """Claims pending results from the session's database and evaluates them here.
 
@@ -68,8 +76,12 @@ class Worker:
         self._batch = batch_size
         self._max_claims = max_claims
         self._stop = threading.Event()
+        # Held from the last look at _stop to the hand-over of claimed rows: once
+        # stop_claiming() returns, nothing more is handed over (claims are given back).
+        self._handing_over = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._feedbacks: dict[str, Feedback | str] = {}
+        # feedback id -> (the stored spec text it was loaded from, what loading gave)
+        self._feedbacks: dict[str, tuple[str | None, Feedback | str]] = {}
         self._not_here: dict[str, float] = {}  # feedback id -> when to try loading it again
         self._feedbacks_warned: set[str] = set()
         self.claimed = 0
@@ -80,36 +92,58 @@ class Worker:
         self._thread.start()
 
     def stop_claiming(self) -> None:
-        """Claim nothing more; what is running goes on."""
-        self._stop.set()
+        """Claim nothing more; what is running goes on. Rows claimed but not yet handed to
+        the evaluation loop when this returns are given back (pending)."""
+        with self._handing_over:
+            self._stop.set()
+        cond = self._session._outstanding_cond
+        with cond:  # (a claim waiting for room stops waiting)
+            cond.notify_all()
+
+    def join(self, timeout: float | None) -> bool:
+        """Wait for the worker thread to end (after :meth:`stop_claiming`); False when it
+        is still running."""
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop claiming and wait (bounded) for the claimed work to be stored."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.stop_claiming()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        return self._session.wait_for_feedback(timeout)
+        self.join(timeout)
+        return self._session.wait_for_feedback(
+            None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def run(self) -> None:
-        """Claim and evaluate until :meth:`stop_claiming`."""
-        while not self._stop.is_set():
+        """Claim and evaluate until :meth:`stop_claiming` (or the session closes)."""
+        while not self._stop.is_set() and not self._session.closed:
             try:
                 got = self._claim_once()
             except Exception:
+                if self._session.closed:
+                    break
                 logger.exception("scrutiny worker: claiming failed; retrying")
                 got = 0
             if got == 0:
                 self._stop.wait(max(self._poll, 0.01))
 
-    def drain(self) -> int:
-        """Claim until nothing is claimable (evaluation goes on in the background)."""
+    def drain(self, deadline: float | None = None) -> int:
+        """Claim until nothing is claimable, or until `deadline` (a `time.monotonic()`
+        time); evaluation goes on in the background. Returns how many it claimed."""
         total = 0
         while not self._stop.is_set():
-            got = self._claim_once(wait_for_room=True)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            got = self._claim_once(deadline)
+            if got is None:  # no room yet: evaluations here are still running
+                continue
             if got == 0:
                 break
             total += got
@@ -117,17 +151,25 @@ class Worker:
 
     # ------------------------------------------------------------------ claiming
     def _room(self) -> int:
+        """Claims this process can take on: twice what it evaluates at once, less what it
+        evaluates or has queued now. (Deferred results this process only waits for are not
+        counted: they hold no room, and they may be the very rows to claim.)"""
         session = self._session
-        return session.max_concurrency * 2 - len(session._inflight)
+        return session.max_concurrency * 2 - session._evaluating
 
-    def _claim_once(self, wait_for_room: bool = False) -> int:
+    def _claim_once(self, deadline: float | None = None) -> int | None:
+        """Claim one batch and hand it over. Returns how many rows it took (0: nothing
+        claimable), or None when there was no room (after waiting a while for some)."""
         session = self._session
+        if self._stop.is_set():
+            return 0
         room = self._room()
         if room <= 0:
+            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
             with session._outstanding_cond:
                 session._outstanding_cond.wait_for(lambda: self._room() > 0 or
-                                                   self._stop.is_set(), timeout=1.0)
-            return 1 if wait_for_room else 0  # not idle: try again at once
+                                                   self._stop.is_set(), timeout=wait)
+            return None
         session._evaluation_loop()
         token = uuid.uuid4().hex
         now = time.monotonic()
@@ -137,7 +179,7 @@ class Worker:
             for feedback_id in due:
                 del self._not_here[feedback_id]
                 self._feedbacks.pop(feedback_id, None)
-        while True:
+        while not self._stop.is_set():
             rows = session.store.claim(worker_id=session.owner_id, token=token,
                                        limit=min(room, self._batch),
                                        lease_seconds=session.lease_seconds,
@@ -145,24 +187,45 @@ class Worker:
                                        exclude_feedback_ids=list(self._not_here))
             if not rows:
                 return 0
-            taken = self._dispatch(rows, token)
+            try:
+                taken = self._dispatch(rows, token)
+            except BaseException:  # not left running under a lease no one evaluates
+                self._give_back([r["result_id"] for r in rows], token)
+                raise
             self.claimed += taken
             if taken:
                 return taken
-            # Every row was of feedbacks it cannot load (now excluded): claim again at once,
-            # or a drain stopped here with loadable work left behind them.
+            # Every row was of feedbacks it cannot load (now excluded), or it is stopping:
+            # claim again at once, or a drain stopped here with loadable work left behind.
+        return 0
+
+    def _give_back(self, result_ids: list[str], token: str) -> None:
+        if not result_ids:
+            return
+        try:
+            self._session.store.release(result_ids, token=token)
+        except Exception:
+            logger.exception("scrutiny worker: giving back %d claim(s) failed; they are "
+                             "claimable again when their lease runs out", len(result_ids))
 
     def _dispatch(self, rows: list[Row], token: str) -> int:
         """Evaluate (or end) the claimed rows; claims of feedbacks this process cannot
-        import are given back. Returns how many rows it kept."""
+        import, and every claim once it is stopping, are given back. Returns how many
+        rows it kept."""
         session = self._session
-        records = {r["record_id"]: _rows.record_from_row(r)
-                   for r in session.store.records_by_ids(list({r["record_id"] for r in rows}))}
+        if self._stop.is_set():
+            self._give_back([r["result_id"] for r in rows], token)
+            return 0
+        record_rows = session.store.records_by_ids(list({r["record_id"] for r in rows}))
+        records = {r["record_id"]: _rows.record_from_row(r) for r in record_rows}
+        cut = {r["record_id"] for r in record_rows if _rows.holds_truncation(r)}
         to_run: list[Job] = []
-        failed: list[tuple[Job, str]] = []
+        ended: list[tuple[Job, FeedbackStatus, str]] = []
         give_back: list[str] = []
         with session._outstanding_cond:  # this process's own deferred records, waited on here
             own = {r["result_id"]: session._inflight.get(r["result_id"]) for r in rows}
+        feedbacks = self._feedbacks_of([r for r in rows if (mine := own.get(
+            r["result_id"])) is None or mine.lease_token is not None])
         for row in rows:
             pending = _rows.result_from_row(row)
             pending.status = FeedbackStatus.PENDING
@@ -174,10 +237,17 @@ class Worker:
                 # live objects here (a Document, a pydantic model) and their JSON form
                 # there made a feedback pass in one and fail in the other.
                 stored = records.get(row["record_id"])
-                to_run.append(Job(mine.feedback, mine.record, pending, mine.listeners, token,
-                                  evaluate_on=stored))
+                job = Job(mine.feedback, mine.record, pending, mine.listeners, token,
+                          evaluate_on=stored)
+                why = None if stored is None or row["record_id"] not in cut else (
+                    _rows.truncated_selection(mine.feedback, stored))
+                if why is not None:
+                    ended.append((job, FeedbackStatus.SKIPPED, why))
+                else:
+                    to_run.append(job)
                 continue
-            feedback = self._feedback(row["feedback_id"], row["feedback_name"])
+            feedback = feedbacks.get(row["feedback_id"]) or (
+                f"feedback {row['feedback_name']!r} has no stored definition")
             if isinstance(feedback, _NotHere):
                 give_back.append(row["result_id"])
                 self._leave_for_others(row["feedback_id"], feedback)
@@ -186,57 +256,97 @@ class Worker:
             job = Job(feedback if isinstance(feedback, Feedback) else Feedback(
                 _unloadable, name=row["feedback_name"]), record, pending, (), token)
             if isinstance(feedback, str):
-                failed.append((job, feedback))
+                ended.append((job, FeedbackStatus.FAILED, feedback))
             elif row["record_id"] not in records:
-                failed.append((job, "its record is no longer in the database"))
+                ended.append((job, FeedbackStatus.FAILED,
+                              "its record is no longer in the database"))
             elif (row.get("attempts") or 0) > self._max_claims:
-                failed.append((job, f"abandoned after {self._max_claims} claims: every "
-                                    "worker that took it stopped before finishing"))
+                ended.append((job, FeedbackStatus.FAILED,
+                              f"abandoned after {self._max_claims} claims: every worker "
+                              "that took it stopped before finishing"))
+            elif row["record_id"] in cut and (
+                    why := _rows.truncated_selection(feedback, record)) is not None:
+                ended.append((job, FeedbackStatus.SKIPPED, why))
             else:
                 to_run.append(job)
-        with session._outstanding_cond:
-            for job in to_run + [j for j, _ in failed]:
-                session._inflight[job.pending.result_id or ""] = job
-        for job, reason in failed:
-            now = datetime.now(timezone.utc)
-            session._on_final(job, FeedbackResult(
-                record_id=job.pending.record_id, feedback_name=job.pending.feedback_name,
-                status=FeedbackStatus.FAILED, error=reason, result_id=job.pending.result_id,
-                feedback_id=job.pending.feedback_id, created_at=job.pending.created_at,
-                started_at=now, ended_at=now, attempts=1))
-        if give_back:
-            session.store.release(give_back, token=token)
-        if to_run:
-            session._evaluation_loop().submit(to_run)
-        return len(rows) - len(give_back)
+        self._give_back(give_back, token)
+        kept = [j.pending.result_id or "" for j in to_run] + [
+            j.pending.result_id or "" for j, _, _ in ended]
+        with self._handing_over:
+            stopping = self._stop.is_set()
+            if not stopping:
+                with session._outstanding_cond:
+                    for job in to_run + [j for j, _, _ in ended]:
+                        session._hold(job)
+                for job, status, reason in ended:
+                    now = datetime.now(timezone.utc)
+                    session._on_final(job, FeedbackResult(
+                        record_id=job.pending.record_id,
+                        feedback_name=job.pending.feedback_name, status=status,
+                        error=reason, result_id=job.pending.result_id,
+                        feedback_id=job.pending.feedback_id,
+                        created_at=job.pending.created_at, started_at=now, ended_at=now,
+                        attempts=1))
+                if to_run:
+                    session._evaluation_loop().submit(to_run)
+        if stopping:  # (the session may be closing: its loop takes nothing more)
+            self._give_back(kept, token)
+            return 0
+        return len(kept)
 
     def _leave_for_others(self, feedback_id: str, reason: str) -> None:
         """Claim no results of this feedback for RETRY_LOAD_AFTER seconds; say so once."""
         if feedback_id not in self._not_here:
             log = logger.debug if feedback_id in self._feedbacks_warned else logger.error
             self._feedbacks_warned.add(feedback_id)
-            log("scrutiny worker: %s. Its results stay pending for a worker that can load "
-                "it (install that code here, or run such a worker); this one tries again "
-                "in %g s", reason, RETRY_LOAD_AFTER)
+            if isinstance(reason, _NoSpecYet):
+                log("scrutiny worker: %s. Its results stay pending (the app stores the spec "
+                    "when it next records with this feedback); this worker looks again in "
+                    "%g s", reason, RETRY_LOAD_AFTER)
+            else:
+                log("scrutiny worker: %s. Its results stay pending for a worker that can "
+                    "load it (install that code here, or run such a worker); this one tries "
+                    "again in %g s", reason, RETRY_LOAD_AFTER)
         self._not_here[feedback_id] = time.monotonic() + RETRY_LOAD_AFTER
 
-    def _feedback(self, feedback_id: str, name: str) -> Feedback | str:
-        """The feedback rebuilt from its stored spec, or the reason it cannot be."""
-        if feedback_id not in self._feedbacks:
-            for d in self._session.store.definitions():
-                if d["feedback_id"] not in self._feedbacks or isinstance(
-                        self._feedbacks[d["feedback_id"]], str):
-                    self._feedbacks[d["feedback_id"]] = _load(d)
-        return self._feedbacks.get(
-            feedback_id, f"feedback {name!r} has no stored definition")
+    def _feedbacks_of(self, rows: list[Row]) -> dict[str, Feedback | str]:
+        """The feedbacks of these claimed rows, rebuilt from their stored specs (or the
+        reason each cannot be). A feedback is loaded again when its stored spec changed:
+        its id covers its name, code and wiring, not its options (a timeout raised from 1
+        to 30 s kept timing out at 1 s in a running worker)."""
+        wanted = {r["feedback_id"] for r in rows}
+        if not wanted:
+            return {}
+        definitions = {d["feedback_id"]: d for d in self._session.store.definitions()
+                       if d["feedback_id"] in wanted}
+        out: dict[str, Feedback | str] = {}
+        for feedback_id, definition in definitions.items():
+            text = definition.get("spec_json")
+            cached = self._feedbacks.get(feedback_id)
+            if cached is None or cached[0] != text:
+                if cached is not None:
+                    logger.info("scrutiny worker: the stored spec of feedback %r changed; "
+                                "loading it again", definition["name"])
+                cached = self._feedbacks[feedback_id] = (text, _load(definition))
+            out[feedback_id] = cached[1]
+        return out
 
 
 def _load(definition: Row) -> Feedback | str:
     spec = _serialize.loads(definition.get("spec_json"))
     name = definition["name"]
     if not spec:
-        return (f"feedback {name!r} cannot be loaded by a worker: its function or selectors "
-                "are not importable by path (a lambda, a closure or code in __main__)")
+        implementation = definition.get("implementation")
+        if not implementation or implementation.startswith("__main__:"):
+            return (f"feedback {name!r} cannot be loaded by a worker: its function is not "
+                    "importable by path (a lambda, a closure or code in __main__)")
+        # Before specs were stored (a database upgraded from revision 0001), or a selector
+        # of it cannot be imported by path: not a reason to fail it for good.
+        return _NoSpecYet(
+            f"feedback {name!r} ({implementation}) has no stored spec yet: its definition "
+            "was stored without one (by a Scrutiny version older than deferred workers, in "
+            "a database upgraded since; or by an app whose selectors of it cannot be "
+            "imported by path)")
     try:
         return Feedback.from_spec(spec)
     except (ImportError, AttributeError) as exc:  # its code is not installed here
@@ -281,20 +391,22 @@ class ResultWatcher:
                            "the newest are not watched (their results are still stored by "
                            "the workers)", self.MAX_WATCHED)
         with self._session._outstanding_cond:
-            self._session._inflight.pop(job.pending.result_id or "", None)
+            self._session._let_go(job.pending.result_id or "", job)
             self._session._outstanding_cond.notify_all()
 
     def stop(self) -> list[Job]:
         """Stop watching; results still awaited here stay in the database for later.
-        Returns the jobs no longer watched."""
+        Returns the jobs no longer waited for here: not those a worker of this session has
+        taken over (they are in flight here, finished or released by close())."""
         self._stop.set()
         with self._lock:
             jobs, self._jobs = list(self._jobs.values()), {}
-        with self._session._outstanding_cond:
-            for job in jobs:
-                self._session._inflight.pop(job.pending.result_id or "", None)
-            self._session._outstanding_cond.notify_all()
-        return jobs
+        session = self._session
+        with session._outstanding_cond:
+            left = [job for job in jobs
+                    if session._let_go(job.pending.result_id or "", job) is not None]
+            session._outstanding_cond.notify_all()
+        return left
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

@@ -1,0 +1,393 @@
+"""Workers in the app's own process and in `scrutiny worker`: claiming as room allows,
+timeouts, stored values cut at storage, old definitions, changed specs, closing with a
+worker running, and what the CLI refuses — on real SQLite files (and PostgreSQL where a
+fixture says so, ``SCRUTINY_TEST_POSTGRES_URL``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+
+from scrutiny import Feedback, FeedbackMode, FeedbackStatus, Record, Session
+from scrutiny.core._worker import Worker
+from scrutiny.core.storage import SQLStore, UpdateResult
+from tests.support import deferred_feedbacks as fbs
+
+REPO = Path(__file__).resolve().parents[1]
+PG_URL = os.environ.get("SCRUTINY_TEST_POSTGRES_URL")
+REQUIRE_PG = os.environ.get("SCRUTINY_REQUIRE_POSTGRES") == "1"
+
+# Feedbacks a worker in this process can import (this module is `tests.test_core_worker`).
+GATE = threading.Event()
+STARTED = threading.Event()
+
+
+def gated(output: str) -> float:
+    """Runs until the test opens GATE (STARTED says it began)."""
+    STARTED.set()
+    GATE.wait(20)
+    return 0.5
+
+
+@pytest.fixture(autouse=True)
+def _gate() -> Iterator[None]:
+    GATE.clear()
+    STARTED.clear()
+    yield
+    GATE.set()  # whatever still runs ends now
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(url, table_prefix): a fresh SQLite file, or fresh tables on the PostgreSQL server."""
+    prefix = f"w{uuid.uuid4().hex[:10]}_"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/worker.sqlite", prefix
+    if not PG_URL:
+        if REQUIRE_PG:
+            pytest.fail("SCRUTINY_REQUIRE_POSTGRES=1 but SCRUTINY_TEST_POSTGRES_URL is unset")
+        pytest.skip("set SCRUTINY_TEST_POSTGRES_URL to run this test on PostgreSQL")
+    return PG_URL, prefix
+
+
+@pytest.fixture
+def sqlite(tmp_path: Path) -> tuple[str, str]:
+    return f"sqlite:///{tmp_path}/worker.sqlite", "scrutiny_"
+
+
+def make_record(i: int = 0, output: object = None, **extra: Any) -> Record:
+    now = time.time()
+    return Record(app_name="work", app_version="v1", input=f"q{i}",
+                  output=f"out-{i}" if output is None else output, start_time=now,
+                  end_time=now, **extra)
+
+
+def stored_results(url: str, prefix: str) -> list[dict[str, Any]]:
+    """The results table as stored (read through a connection of its own)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.text(
+                f"SELECT status, attempts, worker_id, lease_token, score, error "
+                f"FROM {prefix}feedback_results"))]
+    finally:
+        engine.dispose()
+
+
+def in_thread(fn: Callable[[], Any], timeout: float) -> Any:
+    """fn()'s value, or an AssertionError when it has not returned within `timeout`."""
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"did not return within {timeout} s"
+    return out[0]
+
+
+def pending_rows(url: str, prefix: str, n: int, feedback: Feedback) -> None:
+    """`n` records whose results wait in the database for a worker."""
+    with Session(url, table_prefix=prefix, feedback_mode="deferred") as app:
+        for i in range(n):
+            app.ingest(make_record(i), [feedback])
+        assert app.flush(10)
+
+
+# ---------------------------------------------------------------------- room to claim
+@pytest.mark.parametrize("how", ["resume_pending", "start_worker"])
+def test_a_deferred_apps_own_worker_claims_more_than_twice_max_concurrency(
+        sqlite: tuple[str, str], how: str) -> None:
+    """The results the app waits on counted as work in flight: with twice max_concurrency
+    of them waiting, its own worker found no room, claimed nothing (start_worker) or
+    looped for ever (resume_pending)."""
+    url, prefix = sqlite
+    with Session(url, feedback_mode="deferred", max_concurrency=2) as s:
+        fb = Feedback(fbs.length).on_output()
+        records = [s.ingest(make_record(i), [fb]) for i in range(9)]
+        assert s.flush(10)
+        if how == "resume_pending":
+            assert in_thread(lambda: s.resume_pending(timeout=5), 8) == 9
+        else:
+            worker = s.start_worker(poll_interval=0.05)
+            assert s.wait_for_feedback(5)
+            assert worker.claimed == 9
+        assert all(r.wait_for_feedback_results(timeout=5)[fb].status is FeedbackStatus.DONE
+                   for r in records)
+    assert {r["status"] for r in stored_results(url, prefix)} == {"done"}
+
+
+def test_resume_pending_keeps_to_its_timeout_and_counts_what_it_claimed(
+        sqlite: tuple[str, str]) -> None:
+    """It looped waiting for room past its timeout, and counted each wait as a claim."""
+    url, prefix = sqlite
+    pending_rows(url, prefix, 6, Feedback(gated).on_output())
+    with Session(url, max_concurrency=1) as s:
+        start = time.monotonic()
+        claimed = in_thread(lambda: s.resume_pending(timeout=0.5), 4)
+        assert time.monotonic() - start < 2.0
+        assert claimed == 2  # room for twice max_concurrency; those never finish
+        assert s.store.count_results() == {"running": 2, "pending": 4}
+        GATE.set()
+        assert s.wait_for_feedback(5)
+
+
+# ---------------------------------------------------------------------- what is evaluated
+@pytest.mark.parametrize("where", ["own session", "another worker"])
+def test_a_value_cut_at_storage_is_not_scored(sqlite: tuple[str, str], where: str) -> None:
+    """A worker reads the record as stored: an output over max_payload_bytes is a
+    truncation marker there, and the feedback scored the marker."""
+    url, prefix = sqlite
+    on_output = Feedback(fbs.length).on_output()
+    on_input = Feedback(fbs.length, name="in_len").on_input()  # the input is whole
+    with Session(url, feedback_mode="deferred", max_payload_bytes=1024) as app:
+        cut = app.ingest(make_record(0, output="x" * 5000), [on_output])
+        whole = app.ingest(make_record(1, output="y" * 5000), [on_input])
+        contexts = app.ingest(make_record(2, contexts=["c" * 3000, "short"]),
+                              [Feedback(fbs.length, name="ctx").on_contexts()])
+        assert app.flush(10)
+        if where == "own session":
+            assert app.resume_pending(timeout=5) == 3
+        else:
+            with Session(url) as worker:
+                assert worker.resume_pending(timeout=5) == 3
+        result = cut.wait_for_feedback_results(timeout=5)[on_output]
+        other = whole.wait_for_feedback_results(timeout=5)[on_input]
+        ctx = next(iter(contexts.wait_for_feedback_results(timeout=5).values()))
+    assert result.status is FeedbackStatus.SKIPPED
+    assert result.result is None
+    assert "truncated when the record was stored" in (result.error or "")
+    assert "5002 bytes" in (result.error or "")  # how much there was
+    assert other.status is FeedbackStatus.DONE  # what it selects was stored whole
+    assert ctx.status is FeedbackStatus.SKIPPED
+    assert "cut to its first" in (ctx.error or "")
+    rows = stored_results(url, prefix)
+    assert sorted(r["status"] for r in rows) == ["done", "skipped", "skipped"]
+
+
+def _drop_specs(url: str, prefix: str) -> None:
+    """As migration 0002 left a definition written before specs were stored."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {prefix}feedback_definitions SET spec_json = NULL"))
+    engine.dispose()
+
+
+def test_a_definition_without_a_stored_spec_leaves_its_results_pending(
+        sqlite: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    """After `scrutiny db upgrade` of an old database its definitions have no spec: their
+    results failed for good, 'not importable by path' (they are)."""
+    url, prefix = sqlite
+    fb = Feedback(fbs.length).on_output()
+    pending_rows(url, prefix, 1, fb)
+    _drop_specs(url, prefix)
+    with Session(url) as s, caplog.at_level(logging.ERROR, logger="scrutiny"):
+        assert Worker(s, poll_interval=0.0, batch_size=10, max_claims=5).drain() == 0
+        assert s.wait_for_feedback(5)
+    assert [(r["status"], r["attempts"], r["lease_token"])
+            for r in stored_results(url, prefix)] == [("pending", 0, None)]
+    assert "has no stored spec yet" in caplog.text
+    assert "not importable" not in caplog.text
+    pending_rows(url, prefix, 1, fb)  # the app records with it again: the spec is stored
+    with Session(url) as s:
+        assert s.resume_pending(timeout=5) == 2
+    assert [r["status"] for r in stored_results(url, prefix)] == ["done", "done"]
+
+
+def test_a_running_worker_uses_a_feedbacks_newer_stored_spec(sqlite: tuple[str, str]) -> None:
+    """Options are not part of a feedback's id: a worker kept the spec it loaded first."""
+    url, prefix = sqlite
+    pending_rows(url, prefix, 1, Feedback(fbs.slow_sync, timeout=0.01).on_output())
+    with Session(url) as s:
+        worker = Worker(s, poll_interval=0.0, batch_size=10, max_claims=5)
+        assert worker.drain() == 1
+        assert s.wait_for_feedback(5)
+        assert "timed out" in (stored_results(url, prefix)[0]["error"] or "")
+        longer = Feedback(fbs.slow_sync, timeout=30).on_output()  # the app changed it
+        pending_rows(url, prefix, 1, longer)  # (its definition row is updated)
+        assert json.loads(next(d["spec_json"] for d in s.store.definitions()))[
+            "timeout"] == 30
+        assert worker.drain() == 1
+        assert s.wait_for_feedback(5)
+    assert sorted(r["status"] for r in stored_results(url, prefix)) == ["done", "failed"]
+
+
+# ---------------------------------------------------------------------- closing
+def test_close_releases_what_its_own_worker_evaluates_for_a_deferred_app(
+        backend: tuple[str, str]) -> None:
+    """Stopping the watcher let go of the worker's jobs too (same result id): close()
+    neither waited for them nor released them, and said True."""
+    url, prefix = backend
+    s = Session(url, table_prefix=prefix, feedback_mode="deferred")
+    record = s.ingest(make_record(), [Feedback(gated).on_output()])
+    assert s.flush(10)
+    s.start_worker(poll_interval=0.05)
+    assert STARTED.wait(5)
+    assert s.close(timeout=0.5) is False
+    assert [(r["status"], r["attempts"], r["worker_id"], r["lease_token"])
+            for r in stored_results(url, prefix)] == [("pending", 0, None, None)]
+    result = next(iter(record.wait_for_feedback_results(timeout=1).values()))
+    assert result.status is FeedbackStatus.PENDING
+
+
+def test_a_graceful_release_gives_the_claims_attempt_back(backend: tuple[str, str]) -> None:
+    """Released by close(), a claim still counted as a worker that died: six graceful
+    worker restarts ended a long feedback `failed: abandoned after 5 claims`."""
+    url, prefix = backend
+    pending_rows(url, prefix, 1, Feedback(gated).on_output())
+    store = SQLStore(url, table_prefix=prefix)  # a worker that died holding it once
+    long_ago = datetime.now(timezone.utc) - timedelta(seconds=600)
+    assert len(store.claim(worker_id="dead", token="t", limit=1, lease_seconds=1,
+                           now=long_ago)) == 1
+    store.close()
+    s = Session(url, table_prefix=prefix)
+    s.start_worker(poll_interval=0.05)
+    assert STARTED.wait(5)
+    assert s.close(timeout=0.5) is False
+    assert [(r["status"], r["attempts"]) for r in stored_results(url, prefix)] == [
+        ("pending", 1)]  # the dead worker's claim counts, the graceful one does not
+
+
+class _HeldClaims:
+    """Wraps a store: a claim that took rows waits for `proceed` before returning."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.claimed = threading.Event()
+        self.proceed = threading.Event()
+
+    def claim(self, **kwargs: Any) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self.inner.claim(**kwargs)
+        if rows:
+            self.claimed.set()
+            self.proceed.wait(10)
+        return rows
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_close_while_a_worker_holds_fresh_claims_leaves_none_running(
+        sqlite: tuple[str, str]) -> None:
+    """close() did not wait for its worker thread: rows it had just claimed went to the
+    closed evaluation loop and stayed `running` under a lease, and close() said True."""
+    url, prefix = sqlite
+    pending_rows(url, prefix, 3, Feedback(fbs.length).on_output())
+    held = _HeldClaims(SQLStore(url))
+    s = Session(store=held)  # type: ignore[arg-type]
+    worker = s.start_worker(poll_interval=0.05)
+    assert held.claimed.wait(5)
+    start = time.monotonic()
+    s.close(timeout=0.5)  # the worker is still between its claim and the loop
+    assert time.monotonic() - start < 3
+    held.proceed.set()
+    assert worker._thread is not None
+    worker._thread.join(5)
+    assert not worker.running
+    assert [(r["status"], r["attempts"], r["lease_token"])
+            for r in stored_results(url, prefix)] == [("pending", 0, None)] * 3
+
+
+def test_closing_waits_for_a_worker_between_claim_and_hand_over(
+        sqlite: tuple[str, str]) -> None:
+    url, prefix = sqlite
+    pending_rows(url, prefix, 3, Feedback(fbs.length).on_output())
+    held = _HeldClaims(SQLStore(url))
+    s = Session(store=held)  # type: ignore[arg-type]
+    s.start_worker(poll_interval=0.05)
+    assert held.claimed.wait(5)
+    threading.Timer(0.2, held.proceed.set).start()
+    assert s.close(timeout=5) is True
+    assert {r["status"] for r in stored_results(url, prefix)} == {"pending"}
+
+
+def test_a_closed_session_starts_no_worker(sqlite: tuple[str, str]) -> None:
+    """start_worker() on a closed session returned a worker that logged 'session is
+    closed' tracebacks for ever."""
+    url, _ = sqlite
+    s = Session(url)
+    s.close()
+    with pytest.raises(RuntimeError, match="session is closed"):
+        s.start_worker(poll_interval=0.05)
+    with pytest.raises(RuntimeError, match="session is closed"):
+        s.resume_pending(timeout=1)
+
+
+# ---------------------------------------------------------------------- stored end states
+class _RefusingUpdates:
+    """A store that refuses every result update (it answers: a refusal, not an outage)."""
+
+    def __init__(self, inner: SQLStore) -> None:
+        self.inner = inner
+
+    def write(self, ops: list[Any]) -> None:
+        if any(isinstance(op, UpdateResult) for op in ops):
+            raise ValueError("refused")
+        self.inner.write(ops)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_wait_for_feedback_is_false_when_end_states_were_not_stored(
+        sqlite: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    """It returned True while the results were still pending in the database."""
+    url, prefix = sqlite
+    s = Session(store=_RefusingUpdates(SQLStore(url)))  # type: ignore[arg-type]
+    fb = Feedback(fbs.length).on_output()
+    record = s.ingest(make_record(), [fb])
+    start = time.monotonic()
+    with caplog.at_level(logging.CRITICAL, logger="scrutiny"):
+        assert s.wait_for_feedback(5) is False
+        assert time.monotonic() - start < 3  # not waiting for what will not come
+        result = record.wait_for_feedback_results(timeout=1)[fb]
+        assert "storing the result failed" in (result.error or "")
+        assert [r["status"] for r in stored_results(url, prefix)] == ["pending"]
+        s.close(timeout=1)
+
+
+# ---------------------------------------------------------------------- the CLI
+def test_cli_refuses_a_private_memory_store_and_a_negative_grace() -> None:
+    from scrutiny.cli import main
+
+    runner = CliRunner()
+    for command in (["records"], ["leaderboard"]):
+        out = runner.invoke(main, [*command, "--database-url", "memory://"])
+        assert out.exit_code == 2, out.output
+        assert "memory://" in out.output
+    out = runner.invoke(main, ["worker", "--database-url", "sqlite:///unused.sqlite",
+                               "--grace", "-5"])
+    assert out.exit_code == 2
+    assert "--grace" in out.output
+    assert "flush_timeout" not in out.output
+    # (a process of its own: a worker that is not refused runs until it is stopped)
+    proc = subprocess.run([sys.executable, "-m", "scrutiny.cli", "worker", "--database-url",
+                           "memory://"], capture_output=True, text=True, timeout=20,
+                          cwd=REPO)
+    assert proc.returncode == 2
+    assert "memory://" in proc.stderr
+    assert "app's database" in proc.stderr
+
+
+def test_a_deferred_session_and_its_worker_still_end_cleanly(sqlite: tuple[str, str]) -> None:
+    url, prefix = sqlite
+    with Session(url, feedback_mode=FeedbackMode.DEFERRED) as s:
+        fb = Feedback(fbs.length).on_output()
+        record = s.ingest(make_record(), [fb])
+        worker = s.start_worker(poll_interval=0.05)
+        assert record.wait_for_feedback_results(timeout=5)[fb].status is FeedbackStatus.DONE
+        assert worker.stop(5)
+    assert s.close() is True
+    assert [r["status"] for r in stored_results(url, prefix)] == ["done"]
