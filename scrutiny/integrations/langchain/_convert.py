@@ -20,7 +20,12 @@ __all__ = ["document_text", "llm_output", "main_input", "main_output", "tool_cal
            "usage_of"]
 
 _INPUT_KEYS = ("question", "input", "query", "prompt", "text", "message", "messages")
-_OUTPUT_KEYS = ("answer", "output", "result", "text", "response", "content")
+# (a LangGraph state: the RAG tutorials' "generation", a chat graph's "messages" — its last
+# message is the answer; an extra key beside them left the whole state as the output)
+_OUTPUT_KEYS = ("answer", "output", "result", "text", "response", "content", "generation",
+                "messages")
+_ROLES = frozenset({"user", "human", "assistant", "ai", "system", "tool", "developer",
+                    "function"})
 
 
 def _content_text(message: BaseMessage) -> Any:
@@ -86,11 +91,38 @@ def _plain(value: Any, keys: Sequence[str]) -> Any:
         return _from_mapping(value, keys)
     if isinstance(value, list) and value and all(isinstance(v, BaseMessage) for v in value):
         return _message_text(value[-1])
+    if isinstance(value, list) and value and all(_is_message_like(v) for v in value):
+        return _message_like_text(value[-1])  # [("user", "hi")], [{"role": ..., ...}]
     if isinstance(value, LLMResult):
         return llm_output(value)
     if hasattr(value, "to_string") and hasattr(value, "to_messages"):  # a PromptValue
         return value.to_string()
+    if type(value).__name__ == "Command" and hasattr(value, "resume"):  # LangGraph's
+        return _plain(value.resume, keys)  # (a run resumed after an interrupt: the answer)
     return value
+
+
+def _is_message_like(value: Any) -> bool:
+    """A message in one of the forms LangChain accepts besides BaseMessage: a
+    ``(role, content)`` pair or a ``{"role": ..., "content": ...}`` dict."""
+    if isinstance(value, BaseMessage):
+        return True
+    if isinstance(value, tuple) and len(value) == 2:
+        return isinstance(value[0], str) and value[0] in _ROLES
+    if isinstance(value, Mapping):
+        role = value.get("role", value.get("type"))
+        return isinstance(role, str) and role in _ROLES and "content" in value
+    return False
+
+
+def _message_like_text(value: Any) -> Any:
+    if isinstance(value, BaseMessage):
+        return _message_text(value)
+    content = value[1] if isinstance(value, tuple) else value["content"]
+    if isinstance(content, list):  # content blocks
+        return "".join(b.get("text", "") if isinstance(b, Mapping) else str(b)
+                       for b in content)
+    return content
 
 
 def main_input(inputs: Any) -> Any:

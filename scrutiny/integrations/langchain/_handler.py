@@ -550,6 +550,20 @@ def _read(main: Callable[[Any], Any], value: Any) -> Any:
         return value
 
 
+def _last_step_output(spans: list[Span], root: Span, unfinished: list[Span]) -> Any:
+    """The main output of the root's last direct step that finished with an output (not
+    LangGraph's ``__start__``, which only hands the input on); None if there is none."""
+    cut = {id(s) for s in unfinished}
+    root_id = str(root.span_id)
+    last: Span | None = None
+    for s in spans:
+        if (s.parent_id == root_id and id(s) not in cut and s.outputs is not None
+                and s.error is None and s.name != "__start__"
+                and (last is None or (s.end_time or 0) >= (last.end_time or 0))):
+            last = s
+    return None if last is None else _read(main_output, last.outputs)
+
+
 def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span: Span,
                   ended: int, run_id: UUID) -> Record:
     """The record of a finished root run (runs once, on whichever thread asks first)."""
@@ -596,6 +610,11 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
                 output = streamed
         else:
             output = streamed
+        if output is None and ended == _STOPPED:
+            # A LangGraph stream stopped early ends its root with no output and streams no
+            # tokens of its own: what the consumer last saw is the last step that finished
+            # (a node's update), so feedbacks judge that rather than nothing.
+            output = _last_step_output(spans, span, unfinished)
         if ended == _STOPPED or (ended == _ENDED_OK and unfinished):
             error_text = _STOPPED_EARLY
     usages = [s.usage for s in spans if s.usage is not None]

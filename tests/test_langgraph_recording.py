@@ -1,0 +1,166 @@
+"""LangGraph apps (compiled graphs are LangChain runnables): what a record's input and
+output are, so that `.on_input()` / `.on_output()` feedbacks judge the question and the
+answer rather than a whole graph state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.language_models import FakeListChatModel
+from langchain_core.messages import AIMessage, ToolMessage
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.types import Command, interrupt
+from typing_extensions import TypedDict
+
+from scrutiny import Feedback, FeedbackStatus, RecordStatus, Session
+from scrutiny.integrations.langchain import ChainRecorder
+
+ANSWER = "Dublin is mild and wet."
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Iterator[Session]:
+    s = Session(f"sqlite:///{tmp_path}/graph.sqlite")
+    yield s
+    s.close()
+
+
+def _text_checks() -> list[Feedback]:
+    return [Feedback(lambda input: float(isinstance(input, str)), name="input_is_text")
+            .on_input(),
+            Feedback(lambda output: float(isinstance(output, str)), name="output_is_text")
+            .on_output()]
+
+
+class ChatState(MessagesState):
+    user_id: str
+
+
+def _chat_graph() -> Any:
+    model = FakeListChatModel(responses=[ANSWER])
+
+    def agent(state: ChatState) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    graph = StateGraph(ChatState)
+    graph.add_node("agent", agent)
+    graph.add_edge(START, "agent")
+    graph.add_edge("agent", END)
+    return graph.compile()
+
+
+@pytest.mark.parametrize("messages", [
+    [("user", "What is the weather in Ireland?")],
+    [{"role": "user", "content": "What is the weather in Ireland?"}],
+], ids=["tuple", "role-dict"])
+def test_a_chat_graphs_record_holds_the_question_and_the_last_messages_text(
+        session: Session, messages: list[Any]) -> None:
+    """A state with a key beside `messages` was stored whole as the output (the message
+    history, every field), and LangGraph's message forms stayed lists as the input: text
+    feedbacks failed or scored the wrong thing."""
+    app = _chat_graph()
+    fbs = _text_checks()
+    recorder = ChainRecorder(app, app_name="chat", feedbacks=fbs, session=session)
+    with recorder as recording:
+        state = app.invoke({"messages": messages, "user_id": "u1"})
+    record = recording.get()
+    assert state["messages"][-1].content == ANSWER
+    assert (record.input, record.output, record.status) == (
+        "What is the weather in Ireland?", ANSWER, RecordStatus.OK)
+    results = record.wait_for_feedback_results(timeout=10)
+    assert [(r.status, r.result) for r in results.values()] == [
+        (FeedbackStatus.DONE, 1.0), (FeedbackStatus.DONE, 1.0)]
+
+
+class RagState(TypedDict):
+    question: str
+    documents: list[str]
+    generation: str
+
+
+def test_a_rag_graphs_output_is_its_generation(session: Session) -> None:
+    def retrieve(state: RagState) -> dict[str, Any]:
+        return {"documents": ["Ireland has a mild, wet climate."]}
+
+    def generate(state: RagState) -> dict[str, Any]:
+        return {"generation": ANSWER}
+
+    graph = StateGraph(RagState)
+    graph.add_node("retrieve", retrieve)
+    graph.add_node("generate", generate)
+    graph.add_edge(START, "retrieve")
+    graph.add_edge("retrieve", "generate")
+    graph.add_edge("generate", END)
+    app = graph.compile()
+    recorder = ChainRecorder(app, app_name="rag", session=session)
+    with recorder as recording:
+        app.invoke({"question": "Weather in Ireland?"})
+    record = recording.get()
+    assert (record.input, record.output) == ("Weather in Ireland?", ANSWER)
+
+
+def _tool_loop() -> Any:
+    """An agent step asking for a tool, the tool's answer, then the final answer."""
+    def agent(state: MessagesState) -> dict[str, Any]:
+        if isinstance(state["messages"][-1], ToolMessage):
+            return {"messages": [AIMessage(content=ANSWER)]}
+        return {"messages": [AIMessage(content="", tool_calls=[
+            {"name": "weather", "args": {"city": "Dublin"}, "id": "c1"}])]}
+
+    def tools(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [ToolMessage(content="Sunny in Dublin.", tool_call_id="c1")]}
+
+    def route(state: MessagesState) -> str:
+        return "tools" if state["messages"][-1].tool_calls else END  # type: ignore[attr-defined]
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("agent", agent)
+    graph.add_node("tools", tools)
+    graph.add_edge(START, "agent")
+    graph.add_conditional_edges("agent", route, ["tools", END])
+    graph.add_edge("tools", "agent")
+    return graph.compile()
+
+
+def test_a_graph_stream_stopped_early_keeps_what_the_consumer_last_saw(
+        session: Session) -> None:
+    """LangGraph ends the root with no output and streams no tokens of its own: the
+    record was `cancelled` with output None and every output feedback was skipped."""
+    app = _tool_loop()
+    fb = Feedback(lambda output: float(len(output) > 0), name="said").on_output()
+    recorder = ChainRecorder(app, app_name="loop", feedbacks=[fb], session=session)
+    with recorder as recording:
+        stream = app.stream({"messages": [("user", "Weather in Dublin?")]},
+                            stream_mode="updates")
+        seen = [next(stream), next(stream)]
+        stream.close()
+    record = recording.get()
+    assert [list(update) for update in seen] == [["agent"], ["tools"]]
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output == "Sunny in Dublin."  # the last update the consumer saw
+    result = record.wait_for_feedback_results(timeout=10)[fb]
+    assert (result.status, result.result) == (FeedbackStatus.DONE, 1.0)
+
+
+def test_a_resumed_run_records_the_answer_it_was_resumed_with(session: Session) -> None:
+    """`invoke(Command(resume=...))` recorded the Command object as the input."""
+    def ask(state: MessagesState) -> dict[str, Any]:
+        approved = interrupt("Book the flight?")
+        return {"messages": [AIMessage(content=f"Booked: {approved}")]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("ask", ask)
+    graph.add_edge(START, "ask")
+    graph.add_edge("ask", END)
+    app = graph.compile(checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "t1"}}
+    recorder = ChainRecorder(app, app_name="hitl", session=session)
+    app.invoke({"messages": [("user", "Fly me to Dublin")]}, config)
+    with recorder as recording:
+        app.invoke(Command(resume="yes"), config)
+    record = recording.get()
+    assert (record.input, record.output) == ("yes", "Booked: yes")
