@@ -164,3 +164,34 @@ def test_a_resumed_run_records_the_answer_it_was_resumed_with(session: Session) 
         app.invoke(Command(resume="yes"), config)
     record = recording.get()
     assert (record.input, record.output) == ("yes", "Booked: yes")
+
+
+def test_a_run_paused_by_interrupt_is_marked_interrupted(session: Session) -> None:
+    """interrupt() makes invoke return normally: the pause was recorded as a finished
+    answer, indistinguishable in filters and leaderboards."""
+    def draft(state: RagState) -> dict[str, Any]:
+        return {"generation": "draft answer"}
+
+    def review(state: RagState) -> dict[str, Any]:
+        verdict = interrupt({"approve": state["generation"]})
+        return {"generation": f"{state['generation']} ({verdict})"}
+
+    graph = StateGraph(RagState)
+    graph.add_node("draft", draft)
+    graph.add_node("review", review)
+    graph.add_edge(START, "draft")
+    graph.add_edge("draft", "review")
+    graph.add_edge("review", END)
+    app = graph.compile(checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "t2"}}
+    recorder = ChainRecorder(app, app_name="review", session=session)
+    with recorder as paused:
+        app.invoke({"question": "q1"}, config)
+    with recorder as resumed:
+        app.invoke(Command(resume="approved"), config)
+    first, second = paused.get(), resumed.get()
+    assert (first.tags, first.metadata["interrupted_at"]) == (["interrupted"], "review")
+    assert (second.tags, second.output) == ([], "draft answer (approved)")
+    assert "interrupted_at" not in second.metadata
+    df, _ = session.get_records_and_feedback()
+    assert sorted(map(list, df["tags"])) == [[], ["interrupted"]]

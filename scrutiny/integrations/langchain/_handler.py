@@ -538,6 +538,7 @@ def _describe(error: BaseException) -> str:
 
 
 _ENDED_OK, _STOPPED, _CANCELLED, _FAILED = range(4)  # how a root run ended
+_INTERRUPTS = ("GraphInterrupt", "NodeInterrupt")  # LangGraph's pauses, as a step's error
 
 
 def _read(main: Callable[[Any], Any], value: Any) -> Any:
@@ -618,6 +619,14 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         if ended == _STOPPED or (ended == _ENDED_OK and unfinished):
             error_text = _STOPPED_EARLY
     usages = [s.usage for s in spans if s.usage is not None]
+    tags = [*settings.tags, *root.tags]
+    metadata = {**settings.metadata, **root.metadata}
+    paused = next((s for s in spans if s.error and s.error.startswith(_INTERRUPTS)), None)
+    if paused is not None and status is RecordStatus.OK:
+        # A LangGraph run paused by interrupt() returns normally, so it looked like a
+        # finished answer: said so, for filters and for feedbacks that should not judge it.
+        tags.append("interrupted")
+        metadata["interrupted_at"] = paused.name
     return Record(
         record_id=record_id,
         app_name=settings.app_name,
@@ -631,8 +640,8 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         spans=spans,
         contexts=contexts,
         usage=TokenUsage.total(usages) if usages else None,
-        tags=[*settings.tags, *root.tags],
-        metadata={**settings.metadata, **root.metadata},
+        tags=tags,
+        metadata=metadata,
         framework="langchain",
         root_run_id=str(run_id),
     )
