@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from scrutiny import ConfigurationError, Feedback, Record, Session
+from scrutiny.core._records import app_id_for
 
 
 def _score(output: str) -> float:
@@ -194,3 +198,77 @@ def test_a_version_failing_a_feedback_everywhere_does_not_rank_first(tmp_path: P
         board = s.get_leaderboard("qa")
     assert list(board.index.get_level_values("app_version")) == ["B", "A"]
     assert board.loc[("qa", "A"), "failed"] == 3
+
+
+# ---------------------------------------------------------------------- app ids and names
+THREE_APPS = {("team", "qa"): 1, ("team:qa", "v1"): 2, ("team", "qa:v1"): 3}
+"""Apps whose ids were all made of "team", "qa" and "v1" joined by ":", and their scores
+(tenths): "team:qa:v1" was two apps' id, and "team:qa" one app's id and another's name."""
+
+
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
+def three_apps(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
+    if request.param == "postgresql":
+        url = os.environ.get("SCRUTINY_TEST_POSTGRES_URL")
+        if not url:
+            if os.environ.get("SCRUTINY_REQUIRE_POSTGRES") == "1":
+                pytest.fail("SCRUTINY_REQUIRE_POSTGRES=1 but SCRUTINY_TEST_POSTGRES_URL is "
+                            "not set")
+            pytest.skip("set SCRUTINY_TEST_POSTGRES_URL to run this test on PostgreSQL")
+        s = Session(url, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
+    else:
+        s = Session(f"sqlite:///{tmp_path}/ids.sqlite" if request.param == "sqlite"
+                    else "memory://")
+    fb = Feedback(_score, name="quality").on_output()
+    for (name, version), n in {**THREE_APPS, ("ops:eu", "v2"): 4}.items():
+        s.ingest(Record(app_name=name, app_version=version, input=f"q{n}",
+                        output=f"answer {n}", start_time=1.0 + n, end_time=2.0 + n), [fb])
+    assert s.wait_for_feedback(20)
+    yield s
+    s.close()
+
+
+def _apps_of(frame: Any) -> list[tuple[str, str]]:
+    return sorted(zip(frame["app_name"], frame["app_version"], strict=True))
+
+
+def test_apps_whose_names_hold_colons_keep_apart(three_apps: Session) -> None:
+    """Ids were "name:version": app "team" version "qa:v1" and app "team:qa" version "v1"
+    shared one id, and the filter took "team:qa" as the id of ("team", "qa") and the name
+    of ("team:qa", "v1") at once: tables, leaderboard and deletes mixed the apps."""
+    s = three_apps
+    ids = {(a["app_name"], a["app_version"]): a["app_id"] for a in s.get_apps()}
+    assert ids == {**{key: app_id_for(*key) for key in THREE_APPS},
+                   ("ops:eu", "v2"): "ops\\:eu:v2"}
+    assert ids[("team", "qa")] == "team:qa"  # (ids without ":" or "\" in a part: as ever)
+    assert len(set(ids.values())) == 4
+    assert {a["records"] for a in s.get_apps()} == {1}
+
+    for key, n in THREE_APPS.items():  # an app's id selects that app only
+        frame, _ = s.get_records_and_feedback([ids[key]])
+        assert _apps_of(frame) == [key]
+        assert frame["quality"].tolist() == pytest.approx([n / 10])
+        assert s.query_records(app_ids=[ids[key]]).total == 1
+        assert list(s.get_leaderboard([ids[key]]).index) == [key]
+        assert [(e["app_name"], e["app_version"]) for e in
+                s.get_feedback_summary([ids[key]])] == [key]
+    # a value that is no app's id is an app name: all its versions
+    assert _apps_of(s.get_records_and_feedback(["team"])[0]) == [("team", "qa"),
+                                                                  ("team", "qa:v1")]
+    assert _apps_of(s.get_records_and_feedback("ops:eu")[0]) == [("ops:eu", "v2")]
+    assert _apps_of(s.get_records_and_feedback(["team:qa", "ops:eu"])[0]) == [
+        ("ops:eu", "v2"), ("team", "qa")]
+
+    board = s.get_leaderboard()
+    assert sorted(board.index) == sorted([*THREE_APPS, ("ops:eu", "v2")])
+    assert board["records"].tolist() == [1, 1, 1, 1]
+    for key, n in THREE_APPS.items():
+        assert board.loc[key, "quality"] == pytest.approx(n / 10)
+
+    assert s.delete_records(app_ids=["team:qa"]) == 1  # ("team", "qa") only
+    assert _apps_of(s.get_records_and_feedback()[0]) == [
+        ("ops:eu", "v2"), ("team", "qa:v1"), ("team:qa", "v1")]
+    # still the id of ("team", "qa"), records or not: not the name of ("team:qa", "v1")
+    assert s.delete_records(app_ids="team:qa") == 0
+    assert s.delete_records(app_ids=[ids[("team", "qa:v1")]]) == 1
+    assert _apps_of(s.get_records_and_feedback()[0]) == [("ops:eu", "v2"), ("team:qa", "v1")]

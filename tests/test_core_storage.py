@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import multiprocessing
+import os
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -439,3 +441,176 @@ def test_a_read_only_database_error_says_whether_the_file_or_its_folder(
         assert store._readonly_hint(Exception("disk I/O error")) == ""
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------------- app ids (0004)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(url, table_prefix): a fresh SQLite file, or fresh tables on the PostgreSQL server
+    (``SCRUTINY_TEST_POSTGRES_URL``)."""
+    prefix = f"t{uuid.uuid4().hex[:10]}_"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/ids.sqlite", prefix
+    url = os.environ.get("SCRUTINY_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("SCRUTINY_REQUIRE_POSTGRES") == "1":
+            pytest.fail("SCRUTINY_REQUIRE_POSTGRES=1 but SCRUTINY_TEST_POSTGRES_URL is not set")
+        pytest.skip("set SCRUTINY_TEST_POSTGRES_URL to run this test on PostgreSQL")
+    return url, prefix
+
+
+# (name, version) -> the id the old "name:version" rule stored it under
+OLD_IDS = {
+    ("plain", "v1"): "plain:v1",
+    ("team", "qa"): "team:qa",
+    ("team:qa", "v1"): "team:qa:v1",
+    ("team", "qa:v1"): "team:qa:v1",  # collided: its records sat under the other's row
+    ("a\\b", "v"): "a\\b:v",
+    ("a\\\\b", "v"): "a\\\\b:v",  # its old id is the new id of ("a\\b", "v")
+    ("gone:x", "v"): "gone:x:v",  # an apps row without records
+}
+
+
+def test_migration_0004_splits_apps_whose_old_ids_collided(
+        backend: tuple[str, str]) -> None:
+    """A database at 0003 holding apps whose names or versions hold ":" or "\\": 0004
+    gives every app, record and result the id `app_id_for` gives now (an app that had lost
+    its apps row to a collision gets one), leaves other ids alone, and reruns harmlessly."""
+    from scrutiny.core._records import app_id_for
+    from scrutiny.core.storage import build_tables, current_revision, upgrade
+
+    url, prefix = backend
+    t = build_tables(prefix)
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    scores = {key: i / 10 for i, key in enumerate(OLD_IDS)}
+    with engine.begin() as conn:
+        upgrade(conn, prefix, "0003")
+        stored: set[str] = set()
+        for (name, version), old in OLD_IDS.items():
+            if old not in stored:  # (one row per old id: the first app to use it)
+                stored.add(old)
+                conn.execute(t.apps.insert().values(
+                    app_id=old, app_name=name, app_version=version, metadata_json=None,
+                    created_at=now))
+            if name.startswith("gone"):
+                continue
+            record_id = f"rec-{len(stored)}-{name}-{version}"
+            conn.execute(t.records.insert().values(
+                record_id=record_id, app_id=old, app_name=name, app_version=version,
+                status="ok", start_time=now, end_time=now, latency_s=1.0, created_at=now))
+            conn.execute(t.results.insert().values(
+                result_id=f"res-{record_id}", record_id=record_id, app_id=old,
+                feedback_id="fb", feedback_name="quality", status="done",
+                score=scores[(name, version)], attempts=1, created_at=now, updated_at=now))
+
+    def state() -> tuple[dict[str, tuple[str, str]], set[tuple[str, str, str]],
+                         set[tuple[str, str]]]:
+        with engine.connect() as conn:
+            apps = {r.app_id: (r.app_name, r.app_version)
+                    for r in conn.execute(sa.select(t.apps))}
+            records = {(r.app_id, r.app_name, r.app_version)
+                       for r in conn.execute(sa.select(t.records))}
+            results = {(res, rec) for res, rec in conn.execute(
+                sa.select(t.results.c.app_id.label("result_app"),
+                          t.records.c.app_id.label("record_app"))
+                .join(t.records, t.records.c.record_id == t.results.c.record_id))}
+        return apps, records, results
+
+    with Session(url, table_prefix=prefix) as s:
+        assert s.store.found_revision == "0003"  # type: ignore[attr-defined]
+        board = s.get_leaderboard()
+        expected = sorted(k for k in OLD_IDS if not k[0].startswith("gone"))
+        assert sorted(board.index) == expected
+        assert board["records"].tolist() == [1] * len(expected)
+        for key in expected:
+            assert board.loc[key, "quality"] == pytest.approx(scores[key]), key
+        frame, _ = s.get_records_and_feedback(["team:qa"])
+        assert list(zip(frame["app_name"], frame["app_version"], strict=True)) == [
+            ("team", "qa")]
+    apps, records, results = state()
+    assert apps == {app_id_for(*key): key for key in OLD_IDS}
+    assert records == {(app_id_for(*key), *key) for key in expected}
+    assert {new for new, _ in results} == {app_id for app_id, _, _ in records}
+    assert all(result == record for result, record in results)
+    assert len(results) == len(expected)
+    assert apps["plain:v1"] == ("plain", "v1")
+    assert apps["team:qa"] == ("team", "qa")
+    assert apps["team\\:qa:v1"] == ("team:qa", "v1")
+    assert apps["team:qa\\:v1"] == ("team", "qa:v1")
+    assert apps["a\\\\b:v"] == ("a\\b", "v")
+    with engine.connect() as conn:
+        assert current_revision(conn, prefix) == "0004"
+
+    # run again (as if stamped back to 0003): nothing changes
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {prefix}alembic_version SET version_num = '0003'"))
+    with Session(url, table_prefix=prefix) as again:
+        assert again.store.found_revision == "0003"  # type: ignore[attr-defined]
+    assert state() == (apps, records, results)
+    engine.dispose()
+
+
+# ---------------------------------------------------------------------- definitions
+def toxicity(output: str) -> float:
+    return 0.1 if output == "calm" else 0.9
+
+
+def test_a_changed_direction_or_option_reaches_the_database_in_the_same_process(
+        tmp_path: Path) -> None:
+    """A definition is written once per feedback id, and the id covers the name, the code
+    and the wiring only: v2's higher_is_better=False and timeout=5 stayed in the process
+    that recorded it, while a new Session (the dashboard, the CLI) ranked toxicity with
+    higher_is_better=True and workers rebuilt it without its timeout."""
+    url = f"sqlite:///{tmp_path}/direction.sqlite"
+    with Session(url) as writer:
+        for version, output, fb in (
+                ("v1", "calm", Feedback(toxicity, name="toxicity")),
+                ("v2", "rude", Feedback(toxicity, name="toxicity", higher_is_better=False,
+                                        timeout=5))):
+            writer.ingest(Record(app_name="qa", app_version=version, input="q",
+                                 output=output, start_time=1.0, end_time=2.0),
+                          [fb.on_output()])
+            assert writer.wait_for_feedback(20)
+        assert list(writer.get_leaderboard().index) == [("qa", "v1"), ("qa", "v2")]
+    with Session(url) as reader:
+        [definition] = reader.store.definitions()
+        assert definition["higher_is_better"] is False
+        spec = _serialize.loads(definition["spec_json"])
+        assert (spec["higher_is_better"], spec["timeout"]) == (False, 5)
+        board = reader.get_leaderboard()
+        assert board.attrs["higher_is_better"] == {"toxicity": False}
+        assert list(board.index) == [("qa", "v1"), ("qa", "v2")]  # less toxic first
+
+
+def test_a_definition_is_written_again_only_when_it_changed(tmp_path: Path) -> None:
+    """The writer's batches carry every record's definitions: a known, unchanged one is not
+    written again (the batch stays one statement); a changed one is, the latest of a batch
+    winning."""
+    store, traced = _traced_store(tmp_path / "defs.sqlite")
+    first = Feedback(toxicity, name="toxicity").on_output()
+    changed = Feedback(toxicity, name="toxicity", higher_is_better=False,
+                       timeout=5).on_output()
+    assert first.feedback_id == changed.feedback_id
+    store.write([_insert_op(make_record(), first)[0]])
+    store.write([_insert_op(make_record(), first)[0]])
+    traced.clear()
+    store.write([_insert_op(make_record(), first)[0]])  # unchanged: one statement
+    statements = {s for s in traced if not s.startswith("--")}  # not trigger sub-steps
+    assert len(statements) == 1, statements
+    assert statements.pop().startswith("INSERT INTO temp.scrutiny_write_batch")
+
+    traced.clear()
+    store.write([_insert_op(make_record(), first)[0], _insert_op(make_record(), changed)[0]])
+    assert any(s.startswith("UPDATE scrutiny_feedback_definitions") for s in traced)
+    [row] = store.definitions()
+    assert row["higher_is_better"] is False
+    assert _serialize.loads(row["spec_json"])["timeout"] == 5
+
+    traced.clear()
+    store.write([_insert_op(make_record(), changed)[0]])  # known again: one statement
+    assert not any("feedback_definitions" in s for s in traced)
+    store.write([_insert_op(make_record(), first)[0]])  # and back
+    [row] = store.definitions()
+    assert row["higher_is_better"] is True
+    store.engine.dispose()

@@ -280,6 +280,66 @@ def test_charts_sample_is_bounded(client: TestClient) -> None:
     assert client.get("/api/charts", params={"sample": "1"}).status_code == 400
 
 
+# ---------------------------------------------------------------------- app ids and names
+def _three_apps_client(database_url: str) -> tuple[Session, TestClient, dict[Any, str]]:
+    """Apps ("team", "qa"), ("team:qa", "v1"), ("team", "qa:v1"), one record each (quality
+    0.2, 0.9, 0.2 and verbosity 0.1, 0.2, 0.3 by output length); and their ids."""
+    session = Session(database_url)
+    outputs = {("team", "qa"): "x" * 10, ("team:qa", "v1"): "City" + "x" * 16,
+               ("team", "qa:v1"): "x" * 30}
+    for i, ((name, version), output) in enumerate(outputs.items()):
+        session.ingest(rag_record(i, app=name, version=version, output=output),
+                       [QUALITY, VERBOSITY])
+    assert session.wait_for_feedback(30)
+    ids = {(a["app_name"], a["app_version"]): a["app_id"] for a in session.get_apps()}
+    assert len(set(ids.values())) == 3
+    return session, TestClient(create_app(session), base_url="http://127.0.0.1:8765"), ids
+
+
+def test_apps_whose_names_hold_colons_keep_apart_on_every_page(database_url: str) -> None:
+    """The dashboard built ids as "name:version" itself, and the session's filters took a
+    value as an id and a name at once: ("team", "qa:v1") and ("team:qa", "v1") shared the
+    leaderboard's cells and the charts' samples, and app=team:qa listed both apps."""
+    session, client, ids = _three_apps_client(database_url)
+    expected = {("team", "qa"): (0.2, 0.1), ("team:qa", "v1"): (0.9, 0.2),
+                ("team", "qa:v1"): (0.2, 0.3)}
+    with session, client:
+        rows = get(client, "/api/leaderboard")["rows"]
+        assert sorted((r["app_name"], r["app_version"]) for r in rows) == sorted(expected)
+        for row in rows:
+            key = (row["app_name"], row["app_version"])
+            assert row["app_id"] == ids[key]
+            assert row["records"] == 1
+            for name, mean in zip(("quality", "verbosity"), expected[key], strict=True):
+                assert row["scores"][name]["done"] == 1, (key, name)
+                assert row["scores"][name]["mean"] == pytest.approx(mean), (key, name)
+        only = get(client, "/api/leaderboard", app="team:qa")["rows"]
+        assert [(r["app_name"], r["app_version"]) for r in only] == [("team", "qa")]
+
+        charts = get(client, "/api/charts")
+        assert sorted(v["app_id"] for v in charts["versions"]) == sorted(ids.values())
+        assert {v["sampled"] for v in charts["versions"]} == {1}
+        verbosity = {v["app_id"]: v for v in charts["distributions"]["verbosity"]["versions"]}
+        for key, (_, mean) in expected.items():
+            assert verbosity[ids[key]]["n"] == 1
+            assert verbosity[ids[key]]["mean"] == pytest.approx(mean)
+        latency = {s["app_id"]: s["points"] for s in charts["latency"]}
+        assert {len(points) for points in latency.values()} == {1}
+        one = get(client, "/api/charts", app="team:qa")
+        assert [v["app_id"] for v in one["versions"]] == ["team:qa"]
+        both = get(client, "/api/charts", app="team")  # a name: all its versions
+        assert sorted(v["app_id"] for v in both["versions"]) == sorted(
+            [ids[("team", "qa")], ids[("team", "qa:v1")]])
+
+        for key, app_id in ids.items():
+            page = get(client, "/api/records", app=app_id)
+            assert page["total"] == 1
+            assert [(r["app_name"], r["app_version"]) for r in page["records"]] == [key]
+            assert page["records"][0]["app_id"] == app_id
+        named = get(client, "/api/records", app="team")
+        assert sorted(r["app_version"] for r in named["records"]) == ["qa", "qa:v1"]
+
+
 # ---------------------------------------------------------------------- safety
 def test_only_reads_are_served(client: TestClient, filled: Session) -> None:
     before = filled.store.count_results()

@@ -64,7 +64,12 @@ class SessionReading:
         """Records with their feedback, newest first.
 
         Args:
-            app_ids: app ids (``"name:version"``) or app names to keep; None for all.
+            app_ids: apps to keep, None for all. A value is an app id (``"name:version"``,
+                a ``":"`` or ``"\\"`` inside the name or version escaped with a ``"\\"``)
+                when an app in the database has that id (even one whose records were
+                deleted), and otherwise an app name (all its versions): ``"team:qa"`` is
+                app ``"team"`` version ``"qa"``, not app ``"team:qa"`` (whose ids are
+                ``"team\\:qa:<version>"``).
             wait: first wait for every feedback accepted so far (bounded by `timeout`).
             timeout: the most seconds to wait (for queued writes, and with `wait=True` for
                 feedback); default `flush_timeout`.
@@ -91,7 +96,11 @@ class SessionReading:
 
     def get_leaderboard(self, app_ids: Sequence[str] | None = None, *,
                         timeout: float | None = None) -> pd.DataFrame:
-        """Mean score per app version per feedback, best first, with counts by status."""
+        """Mean score per app version per feedback, best first, with counts by status.
+
+        `app_ids` are app ids or names as in :meth:`get_records_and_feedback`: an app's id
+        when some app has it, otherwise an app name.
+        """
         self.flush(self.flush_timeout if timeout is None else timeout)
         records, results = self.store.aggregates(app_ids=as_names(app_ids, "app_ids"))
         directions = {d["name"]: bool(d["higher_is_better"]) for d in self.store.definitions()}
@@ -121,7 +130,8 @@ class SessionReading:
         """A page of stored records (newest first) with their results, filtered.
 
         Args:
-            app_ids: app ids (``name:version``) or app names.
+            app_ids: app ids or app names, as in :meth:`get_records_and_feedback` (a value
+                is an app's id when some app has it, otherwise an app name).
             app_versions: app versions.
             record_status: ``ok``, ``error`` or ``cancelled``.
             feedback_name: with `statuses` and/or `min_score`/`max_score`, keep records
@@ -173,7 +183,8 @@ class SessionReading:
     def get_feedback_summary(self, app_ids: Sequence[str] | None = None
                              ) -> list[dict[str, Any]]:
         """Per app version and feedback: counts by status, the mean of done scores and
-        the feedback's direction (`higher_is_better`)."""
+        the feedback's direction (`higher_is_better`); `app_ids` as in
+        :meth:`get_records_and_feedback`."""
         self.flush(self.flush_timeout)
         apps, results = self.store.aggregates(app_ids=as_names(app_ids, "app_ids"))
         names = {a["app_id"]: (a["app_name"], a["app_version"]) for a in apps}

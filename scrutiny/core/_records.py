@@ -261,8 +261,30 @@ class Record:
 
 
 def app_id_for(app_name: str, app_version: str) -> str:
-    """A stable, readable id for an app version."""
-    return f"{app_name}:{app_version}"
+    """A stable, readable id for an app version, one per (name, version) pair.
+
+    ``"name:version"`` when neither part holds ``":"`` or ``"\\"`` (the ids every database
+    has always had); otherwise each part has ``"\\"`` written as ``"\\\\"`` and ``":"`` as
+    ``"\\:"`` before they are joined, so app ``"team"`` version ``"qa:v1"`` (``team:qa\\:v1``)
+    and app ``"team:qa"`` version ``"v1"`` (``team\\:qa:v1``) stay two apps. A part that
+    cannot be stored as UTF-8 (a lone surrogate) is taken as it is stored (a backslash
+    escape), so the id is the same whether computed from the app or from its stored row.
+    Migration 0004 gives stored rows these ids; it repeats this rule in SQL.
+    """
+    if (app_name.isascii() and app_version.isascii() and ":" not in app_name
+            and "\\" not in app_name and ":" not in app_version and "\\" not in app_version):
+        return f"{app_name}:{app_version}"  # (the common case, on every record's rows)
+    parts = []
+    for part in (app_name, app_version):
+        if not part.isascii():
+            try:
+                part.encode("utf-8")
+            except UnicodeEncodeError:
+                part = part.encode("utf-8", "backslashreplace").decode("utf-8")
+        if ":" in part or "\\" in part:
+            part = part.replace("\\", "\\\\").replace(":", "\\:")
+        parts.append(part)
+    return f"{parts[0]}:{parts[1]}"
 
 
 class _CallbackState:

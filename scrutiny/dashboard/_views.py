@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from scrutiny.core import FeedbackResult, Record, Session
+from scrutiny.core._records import app_id_for
 from scrutiny.core._serialize import dumps, to_jsonable
 
 __all__ = [
@@ -95,7 +96,7 @@ def leaderboard(session: Session, app_ids: Sequence[str] | None = None) -> dict[
     rows = []
     for index, row in board.iterrows():
         app_name, app_version = str(index[0]), str(index[1])  # type: ignore[index]
-        app_id = f"{app_name}:{app_version}"
+        app_id = app_id_for(app_name, app_version)  # (the id the summary's cells carry)
         scores = {}
         for name in names:
             cell = cells.get((app_id, name))
@@ -251,10 +252,12 @@ def charts(session: Session, app_ids: Sequence[str] | None = None,
         [{"app_id", "counts", "n", "mean"}]}}, "latency": [{"app_id", "points": [[epoch
         seconds, latency seconds], ...]}]}``.
     """
-    wanted = set(app_ids or ())
-    versions = [a for a in session.get_apps()
-                if (not wanted or a["app_id"] in wanted or a["app_name"] in wanted)
-                and (not app_versions or a["app_version"] in app_versions)]
+    versions = session.get_apps()
+    if app_ids:  # the versions the session's own filter selects (an app id is one app)
+        chosen = set(session.get_leaderboard(list(app_ids)).index)
+        versions = [a for a in versions if (a["app_name"], a["app_version"]) in chosen]
+    if app_versions:
+        versions = [a for a in versions if a["app_version"] in app_versions]
     truncated = len(versions) > max_versions
     versions = versions[:max_versions]
     scores: dict[str, dict[str, list[float]]] = {}

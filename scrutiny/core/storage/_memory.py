@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 import orjson
@@ -66,7 +66,8 @@ class MemoryStore:
         offset: int = 0,
     ) -> tuple[list[Row], list[Row]]:
         with self._lock:
-            rows = [r for r in self._records.values() if _wanted(r, app_ids)]
+            wanted = self._app_matcher(app_ids)
+            rows = [r for r in self._records.values() if wanted(r)]
             rows.sort(key=lambda r: r["start_time"], reverse=True)
             rows = rows[offset: None if limit is None else offset + limit]
             ids = {r["record_id"] for r in rows}
@@ -83,8 +84,9 @@ class MemoryStore:
                    ) -> tuple[list[Row], list[Row]]:
         with self._lock:
             apps: dict[str, Row] = {}
+            wanted = self._app_matcher(app_ids)
             for r in self._records.values():
-                if not _wanted(r, app_ids):
+                if not wanted(r):
                     continue
                 a = apps.setdefault(r["app_id"], {
                     "app_id": r["app_id"], "app_name": r["app_name"],
@@ -116,8 +118,10 @@ class MemoryStore:
             for res in self._results.values():
                 by_record.setdefault(res["record_id"], []).append(res)
 
+            wanted = self._app_matcher(query.app_ids or None)
+
             def keep(r: Row) -> bool:
-                if not _wanted(r, query.app_ids or None):
+                if not wanted(r):
                     return False
                 if query.app_versions and r["app_version"] not in query.app_versions:
                     return False
@@ -189,9 +193,9 @@ class MemoryStore:
     def delete_records(self, *, before: datetime | None = None,
                        app_ids: Sequence[str] | None = None) -> int:
         with self._lock:
+            wanted = self._app_matcher(app_ids)
             doomed = {rid for rid, r in self._records.items()
-                      if (before is None or r["start_time"] < before)
-                      and (not app_ids or _wanted(r, app_ids))}
+                      if (before is None or r["start_time"] < before) and wanted(r)}
             self._records = {k: v for k, v in self._records.items() if k not in doomed}
             self._results = {k: v for k, v in self._results.items()
                              if v["record_id"] not in doomed}
@@ -207,9 +211,14 @@ class MemoryStore:
     def close(self) -> None:
         return None
 
-
-def _wanted(row: Row, app_ids: Sequence[str] | None) -> bool:
-    return not app_ids or row["app_id"] in app_ids or row["app_name"] in app_ids
+    def _app_matcher(self, app_ids: Sequence[str] | None) -> Callable[[Row], bool]:
+        """Whether a record is of these apps, by the SQL store's rule: a value is an app
+        id when some app has that id, and otherwise an app name (all its versions)."""
+        if not app_ids:
+            return lambda row: True
+        ids = {v for v in app_ids if v in self._apps}
+        names = {v for v in app_ids if v not in self._apps}
+        return lambda row: row["app_id"] in ids or row["app_name"] in names
 
 
 def _result_matches(res: Row, query: RecordQuery) -> bool:

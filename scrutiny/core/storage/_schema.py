@@ -32,7 +32,7 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = ["HEAD_REVISION", "Tables", "UTCDateTime", "build_tables"]
 
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 """The newest migration; keep it equal to the last file in migrations/versions."""
 
 

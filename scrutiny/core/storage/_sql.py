@@ -20,6 +20,7 @@ import orjson
 from sqlalchemy import (
     Connection,
     Engine,
+    and_,
     bindparam,
     case,
     create_engine,
@@ -197,7 +198,9 @@ class SQLStore:
         self._contended_until = 0.0  # a recent write mostly waited (see _note_contention)
         self._date_columns: dict[str, tuple[str, ...]] = {}
         self._known_apps: set[str] = set()  # rows this store has written (skip re-inserts)
-        self._known_definitions: set[str] = set()
+        # per feedback id, the (higher_is_better, spec_json) this store last wrote: the id
+        # does not cover them, so a definition is written again only when they changed
+        self._known_definitions: dict[str, tuple[bool, str | None]] = {}
         self._create_schema(migrate)
 
     def _create_schema(self, policy: MigratePolicy) -> None:
@@ -250,15 +253,16 @@ class SQLStore:
                 renewals.append(op)
             elif isinstance(op, InsertRecord):
                 apps.setdefault(op.app["app_id"], op.app)
-                for d in op.definitions:
-                    definitions.setdefault(d["feedback_id"], d)
+                for d in op.definitions:  # (the latest in the batch says what it is now)
+                    definitions[d["feedback_id"]] = d
                 records.append(op.record)
                 results.extend(op.results)
             else:
                 updates.append(op)
         new_apps = [a for k, a in apps.items() if k not in self._known_apps]
+        known = self._known_definitions
         new_definitions = [d for k, d in definitions.items()
-                           if k not in self._known_definitions]
+                           if known.get(k) != (d["higher_is_better"], d.get("spec_json"))]
         rows = len(records) + len(results) + len(updates)
         if (self._one_statement and not new_apps and not new_definitions and not renewals
                 and (rows <= self._ONE_STATEMENT_ROWS
@@ -297,7 +301,8 @@ class SQLStore:
                         .where(t.results.c.status.in_(("pending", "running")))
                         .values(lease_expires_at=r.expires_at))
         self._known_apps.update(a["app_id"] for a in new_apps)
-        self._known_definitions.update(d["feedback_id"] for d in new_definitions)
+        known.update((d["feedback_id"], (d["higher_is_better"], d.get("spec_json")))
+                     for d in new_definitions)
         self._note_contention(wall, cpu)
 
     def _note_contention(self, wall: float, cpu: float) -> None:
@@ -593,9 +598,9 @@ class SQLStore:
         t = self.tables
         query = select(t.records).order_by(t.records.c.start_time.desc(),
                                            t.records.c.record_id)
-        if app_ids:
-            ids = list(app_ids)
-            query = query.where(or_(t.records.c.app_id.in_(ids), t.records.c.app_name.in_(ids)))
+        where = self._app_filter(app_ids)
+        if where is not None:
+            query = query.where(where)
         if limit is not None:
             query = query.limit(limit)
         if offset:
@@ -626,11 +631,17 @@ class SQLStore:
         return (dict(row._mapping) if row is not None else None), results
 
     def _app_filter(self, app_ids: Sequence[str] | None) -> Any:
+        """Records of these apps: a value is an app id when some app has that id, and
+        otherwise an app name (all its versions). "team:qa" is app "team" version "qa",
+        not the versions of an app named "team:qa" (whose ids are "team\\:qa:...")."""
         t = self.tables.records
         if not app_ids:
             return None
-        ids = list(app_ids)
-        return or_(t.c.app_id.in_(ids), t.c.app_name.in_(ids))
+        ids = list(dict.fromkeys(app_ids))
+        apps = self.tables.apps
+        taken = select(apps.c.app_id).where(apps.c.app_id.in_(ids))  # (no NULLs: the key)
+        return or_(t.c.app_id.in_(ids),
+                   and_(t.c.app_name.in_(ids), t.c.app_name.not_in(taken)))
 
     def aggregates(self, *, app_ids: Sequence[str] | None = None
                    ) -> tuple[list[Row], list[Row]]:
@@ -794,10 +805,9 @@ class SQLStore:
         doomed = select(t.records.c.record_id)
         if before is not None:
             doomed = doomed.where(t.records.c.start_time < before)
-        if app_ids:
-            ids = list(app_ids)
-            doomed = doomed.where(or_(t.records.c.app_id.in_(ids),
-                                      t.records.c.app_name.in_(ids)))
+        where = self._app_filter(app_ids)
+        if where is not None:
+            doomed = doomed.where(where)
         with self.engine.connect() as raw:
             conn = raw.execution_options(**{_WRITE: True})
             with conn.begin():
