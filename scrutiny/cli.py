@@ -175,7 +175,8 @@ def _default_url() -> str:
 @main.command()
 @_URL
 @_PREFIX
-@click.option("--app", "apps", multiple=True, help="App name or name:version (repeatable).")
+@click.option("--app", "apps", multiple=True,
+              help="App id (name:version), or app name when no app has that id (repeatable).")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
@@ -202,7 +203,8 @@ def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...], 
 @main.command()
 @_URL
 @_PREFIX
-@click.option("--app", "apps", multiple=True, help="App name or name:version (repeatable).")
+@click.option("--app", "apps", multiple=True,
+              help="App id (name:version), or app name when no app has that id (repeatable).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
               default="table", show_default=True)
 def leaderboard(database_url: str | None, table_prefix: str, apps: tuple[str, ...],

@@ -290,3 +290,34 @@ def test_the_leaderboard_shows_a_running_result_as_running(page: Any,
         if handle is not None:
             handle.stop()
         session.close()
+
+
+def test_choosing_an_app_whose_name_holds_a_colon_shows_only_that_app(
+        page: Any, database_url: str) -> None:
+    """The page filtered by "name:version" (an id it built itself) and by bare names: app
+    "team:qa" showed app "team" version "qa" too, and the three apps below mixed."""
+    from playwright.sync_api import expect
+
+    session = Session(database_url)
+    handle = None
+    try:
+        fb = Feedback(lambda output: 1.0, name="one").on_output()
+        for i, (app, version) in enumerate([("team", "qa"), ("team:qa", "v1"),
+                                            ("team", "qa:v1")]):
+            session.ingest(rag_record(i, app=app, version=version), [fb])
+        assert session.wait_for_feedback(30)
+        handle = session.run_dashboard()
+        rows = page.locator("#records tbody tr")
+        page.goto(handle.url + "#/?app=team%3Aqa")
+        expect(rows).to_have_count(1)
+        expect(rows).to_contain_text("country 1?")
+        expect(page.locator("#leaderboard tbody tr")).to_have_count(1)
+        page.goto(handle.url + "#/?app=team&version=qa")
+        expect(rows).to_have_count(1)
+        expect(rows).to_contain_text("country 0?")
+        page.goto(handle.url + "#/?app=team")
+        expect(rows).to_have_count(2)
+    finally:
+        if handle is not None:
+            handle.stop()
+        session.close()

@@ -762,6 +762,12 @@ class Session(SessionReading):
                        app_ids: Sequence[str] | None = None) -> int:
         """Delete stored records (and their results) older than `before` and/or of apps.
 
+        Args:
+            before: delete records that started before this (timezone-aware) time.
+            app_ids: apps whose records to delete. A value is an app id when an app in the
+                database has that id, otherwise an app name (all its versions):
+                ``"team:qa"`` is app ``"team"`` version ``"qa"`` while that app exists.
+
         Returns:
             how many records were deleted.
         """

@@ -170,10 +170,10 @@ def _int(request: Request, name: str, default: int) -> int:
 def _record_filters(request: Request) -> dict[str, Any]:
     """Query parameters of ``/api/records`` as :meth:`Session.query_records` arguments.
 
-    ``app`` (name or ``name:version``, repeatable), ``version`` (repeatable),
-    ``record_status`` (ok, error, cancelled), ``feedback`` with ``status`` (repeatable)
-    and/or ``min_score`` / ``max_score``, ``q`` (text in the input or output), ``limit``
-    (1..1000, default 50), ``offset``.
+    ``app`` (an app id, or a name when no app has that id; repeatable), ``version``
+    (repeatable), ``record_status`` (ok, error, cancelled), ``feedback`` with ``status``
+    (repeatable) and/or ``min_score`` / ``max_score``, ``q`` (text in the input or output),
+    ``limit`` (1..1000, default 50), ``offset``.
     """
     return {
         "app_ids": _many(request, "app") or None,

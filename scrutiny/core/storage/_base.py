@@ -51,7 +51,7 @@ class RecordQuery:
     """Which records to read: filters and a page.
 
     Args:
-        app_ids: app ids (``name:version``) or app names.
+        app_ids: app ids, or app names (a value no app has as its id).
         app_versions: app versions.
         record_status: ``ok``, ``error`` or ``cancelled``.
         feedback_name: with `statuses` and/or a score range, keep records whose result of

@@ -238,12 +238,20 @@ async function showHome(gen, first) {
       state.forceApps = false;
     }
     const f = filters();
+    // The chosen app (and version) as app ids: a name such as "team:qa" can also be the id
+    // of app "team" version "qa", and the server reads a value as an id first.
+    const chosen = f.get("app") ? state.apps.filter((a) => a.app_name === f.get("app")
+      && (!f.get("version") || a.app_version === f.get("version"))) : [];
     const appParams = new URLSearchParams();
-    if (f.get("version") && f.get("app")) appParams.set("app", `${f.get("app")}:${f.get("version")}`);
-    else if (f.get("app")) appParams.set("app", f.get("app"));
-    const recParams = new URLSearchParams();
-    for (const k of ["app", "version", "record_status", "feedback", "status", "min_score",
-      "max_score", "q", "offset"]) {
+    for (const a of chosen) appParams.append("app", a.app_id);
+    if (f.get("app") && !chosen.length) {  // (not among the apps loaded: as it was given)
+      appParams.set("app", f.get("app"));
+      if (f.get("version")) appParams.set("version", f.get("version"));
+    }
+    const recParams = new URLSearchParams(appParams);
+    if (!f.get("app") && f.get("version")) recParams.set("version", f.get("version"));
+    for (const k of ["record_status", "feedback", "status", "min_score", "max_score", "q",
+      "offset"]) {
       if (f.get(k)) recParams.set(k, f.get(k));
     }
     recParams.set("limit", "50");
@@ -389,7 +397,7 @@ async function loadCharts(gen, appParams, version, key) {
   state.chartsAt = Date.now();
   state.chartsKey = key;
   const params = new URLSearchParams(appParams);
-  if (version && !params.get("app")) params.set("version", version);
+  if (version && !params.get("app")) params.set("version", version);  // (every app's)
   try {
     const data = await api("charts", params);
     if (gen !== state.gen) return;
