@@ -1690,3 +1690,45 @@ def test_calls_queued_for_a_smaller_pool_are_not_timed_out(db_url: str) -> None:
         records = [s.ingest(make_record(i), [fb]) for i in range(12)]
         results = [r.wait_for_feedback_results(timeout=30)[fb] for r in records]
     assert [r.error for r in results if r.status is not FeedbackStatus.DONE] == []
+
+
+def test_waiting_on_a_record_read_back_from_storage_sees_its_results_end(
+        db_url: str) -> None:
+    """A record from get_record() showed its result pending; waiting on it then blocked
+    until the timeout (for ever without one) although the result had been stored."""
+    gate, fb = _gate()
+    with Session(db_url) as s:
+        live = s.ingest(make_record(), [fb])
+        stored = s.get_record(live.record_id)
+        assert stored is not None
+        assert [r.status for r in stored.feedback_results.values()] == [
+            FeedbackStatus.PENDING]
+        called = threading.Event()
+        stored.wait_for_feedback_results(callback=lambda results: called.set())
+        gate.set()
+        results = stored.wait_for_feedback_results(timeout=10)
+        assert [(r.status, r.result) for r in results.values()] == [
+            (FeedbackStatus.DONE, 1.0)]
+        assert called.wait(10)
+        other = Session(db_url)  # a reader in another session (a dashboard, a script)
+        try:
+            page = other.query_records()
+            assert [r.status for r in page.records[0].feedback_results.values()] == [
+                FeedbackStatus.DONE]
+        finally:
+            other.close()
+
+
+async def test_awaiting_a_stored_records_results_does_not_block_the_loop(
+        db_url: str) -> None:
+    gate, fb = _gate()
+    with Session(db_url) as s:
+        live = s.ingest(make_record(), [fb])
+        stored = s.get_record(live.record_id)
+        assert stored is not None
+        waiting = asyncio.ensure_future(stored.await_feedback_results(timeout=10))
+        await asyncio.sleep(0)  # (lets the wait begin: the loop must stay free meanwhile)
+        assert not waiting.done()
+        gate.set()
+        results = await waiting
+        assert [r.status for r in results.values()] == [FeedbackStatus.DONE]

@@ -8,8 +8,11 @@ whose call has returned is in the next table read.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -26,6 +29,8 @@ MAX_SEARCH = 1000
 """Characters of a search text (SQLite refuses LIKE patterns over 50,000 bytes)."""
 
 __all__ = ["RecordPage", "SessionReading"]
+
+logger = logging.getLogger("scrutiny")
 
 
 
@@ -51,6 +56,12 @@ class SessionReading:
         def flush(self, timeout: float | None = None) -> bool: ...
 
         def wait_for_feedback(self, timeout: float | None = None) -> bool: ...
+
+        @property
+        def closed(self) -> bool: ...
+
+    def _still_open(self) -> bool:
+        return not self.closed
 
     def get_records_and_feedback(
         self,
@@ -111,7 +122,8 @@ class SessionReading:
         """One stored record with its results (as stored now), or None."""
         self.flush(self.flush_timeout)
         row, result_rows = self.store.record(record_id)
-        return None if row is None else _stored_record(row, result_rows)
+        return None if row is None else _stored_record(row, result_rows, self.store,
+                                                       self._still_open)
 
     def query_records(
         self,
@@ -171,7 +183,8 @@ class SessionReading:
         by_record: dict[str, list[Row]] = {}
         for res in result_rows:
             by_record.setdefault(res["record_id"], []).append(res)
-        records = [_stored_record(r, by_record.get(r["record_id"], [])) for r in rows]
+        records = [_stored_record(r, by_record.get(r["record_id"], []), self.store,
+                                  self._still_open) for r in rows]
         return RecordPage(records, total, limit, offset)
 
     def get_apps(self) -> list[dict[str, Any]]:
@@ -215,17 +228,89 @@ class RecordPage:
     offset: int
 
 
-def _stored_record(row: Row, result_rows: Sequence[Row]) -> Record:
-    """A record read back from storage, with its results attached as they are stored."""
+def _stored_record(row: Row, result_rows: Sequence[Row], store: Store | None = None,
+                   alive: Callable[[], bool] | None = None) -> Record:
+    """A record read back from storage, with its results attached as they are stored.
+
+    With `store`, waits on it (blocking, async, or a callback) read its unfinished results
+    again until they end: nothing else would finish them here (whoever evaluates them —
+    this session, another process, a worker — stores them), and a wait blocked for good.
+    `alive()` False (its session closed) ends such a wait with what was read last.
+    """
     record = _rows.record_from_row(row)
+    by_result: dict[str, _ResultSlot] = {}
     for res_row in result_rows:
         result = _rows.result_from_row(res_row)
         key = _StoredFeedback(result.feedback_name, result.feedback_id)
         slot = _ResultSlot(result)
         if result.is_final:
             slot.finish(result)
+        elif result.result_id:
+            by_result[result.result_id] = slot
         record._slots[key] = slot  # type: ignore[index]
+    if store is not None and by_result:
+        record._watch = _StoredWatch(store, record.record_id, by_result,
+                                     alive or (lambda: True))
     return record
+
+
+class _StoredWatch:
+    """Reads a stored record's unfinished results again, backing off, until they end."""
+
+    FIRST = 0.02
+    LONGEST = 1.0
+
+    def __init__(self, store: Store, record_id: str, slots: dict[str, _ResultSlot],
+                 alive: Callable[[], bool]) -> None:
+        self._store = store
+        self._record_id = record_id
+        self._slots = slots
+        self._alive = alive
+        self._lock = threading.Lock()  # one reader at a time; the others wait for it
+
+    def _read(self) -> bool:
+        """Read the results once; True when every one has ended."""
+        _, rows = self._store.record(self._record_id)
+        for row in rows:
+            slot = self._slots.get(row["result_id"])
+            if slot is None:
+                continue
+            result = _rows.result_from_row(row)
+            if result.is_final:
+                for listener in slot.finish(result):
+                    try:
+                        listener()
+                    except Exception:
+                        logger.exception("scrutiny: a results callback failed")
+            else:
+                slot.update(result)
+        return all(slot.current.is_final for slot in self._slots.values())
+
+    def follow(self, deadline: float | None, stop: threading.Event | None = None) -> None:
+        """Read until every result has ended, `deadline` (monotonic) passes, `stop` is set
+        or the session is closed."""
+        pause = self.FIRST
+        stop = stop or threading.Event()
+        while self._alive() and not stop.is_set():
+            with self._lock:
+                try:
+                    if self._read():
+                        return
+                except Exception:
+                    logger.exception("scrutiny: reading record %s's results again failed",
+                                     self._record_id)
+                    return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            stop.wait(pause if left is None else min(pause, left))
+            pause = min(pause * 2, self.LONGEST)
+
+    def follow_in_background(self) -> None:
+        """For a callback: read on a daemon thread until the results end (or the session
+        closes)."""
+        threading.Thread(target=self.follow, args=(None,), daemon=True,
+                         name="scrutiny-stored-wait").start()
 
 
 class _StoredFeedback:

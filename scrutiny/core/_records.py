@@ -16,6 +16,7 @@ import concurrent.futures
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -143,6 +144,9 @@ class Record:
     root_run_id: str | None = None
     _slots: dict[Feedback, _ResultSlot] = field(default_factory=dict, repr=False)
     _pending_init: Callable[[], object] | None = field(default=None, repr=False)
+    _watch: Any = field(default=None, repr=False)
+    """For a record read back from storage: reads its unfinished results again while
+    someone waits on them (see _reading._StoredWatch)."""
 
     def _result_slots(self) -> dict[Feedback, _ResultSlot]:
         """The result slots, made first if the session has not made them yet."""
@@ -224,9 +228,14 @@ class Record:
             timeout runs out are returned with that status (and a warning is logged); they
             are never dropped or turned into a score.
         """
+        watch = self._watch
         if callback is not None:
             self._add_completion_callback(callback)
+            if watch is not None:
+                watch.follow_in_background()
             return self.feedback_results
+        if watch is not None:
+            watch.follow(None if timeout is None else time.monotonic() + timeout)
         futures = [slot.future for slot in self._result_slots().values()]
         _, not_done = concurrent.futures.wait(futures, timeout=timeout)
         if not_done:
@@ -242,6 +251,15 @@ class Record:
         self, timeout: float | None = None
     ) -> dict[Feedback, FeedbackResult]:
         """The async form of :meth:`wait_for_feedback_results`: never blocks the event loop."""
+        watch = self._watch
+        if watch is not None:
+            stop = threading.Event()
+            try:  # (on a thread: it reads the database)
+                await asyncio.to_thread(
+                    watch.follow, None if timeout is None else time.monotonic() + timeout,
+                    stop)
+            finally:
+                stop.set()  # (an await cancelled by its caller stops reading)
         futures = [asyncio.wrap_future(slot.future)
                    for slot in self._result_slots().values()]
         if futures:
