@@ -219,3 +219,58 @@ def test_a_session_closed_as_its_evaluation_loop_starts_closes_at_once(tmp_path:
     closer.join(20)
     assert not closer.is_alive(), "close() is waiting for a loop that was never stopped"
     assert not loop.thread.is_alive()
+
+
+NOTEBOOK = textwrap.dedent("""
+    import asyncio, sys
+    import nest_asyncio
+    from langchain_core.language_models import FakeListChatModel
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+    from scrutiny import Feedback, Session
+    from scrutiny.integrations.langchain import ChainRecorder
+
+    if sys.argv[2] == "nest":
+        nest_asyncio.apply()  # what notebooks do to call asyncio.run() in a running loop
+    chain = (ChatPromptTemplate.from_template("{q}")
+             | FakeListChatModel(responses=["an answer"]) | StrOutputParser())
+
+    async def judge(output):
+        await asyncio.sleep(0.01)
+        return 0.5
+
+    session = Session(sys.argv[1])
+    recorder = ChainRecorder(chain, app_name="nb", session=session, feedbacks=[
+        Feedback(judge).on_output(), Feedback(lambda output: 1.0, name="plain").on_output()])
+
+    async def cell():  # a notebook cell / an async web handler: a loop is running
+        with recorder as blocking:
+            chain.invoke({"q": "hi"})
+        got = [blocking.get().wait_for_feedback_results(timeout=20)]
+        async with recorder as awaited:
+            await chain.ainvoke({"q": "hi"})
+        got.append(await awaited.get().await_feedback_results(timeout=20))
+        if sys.argv[2] == "nest":
+            with recorder as nested:
+                asyncio.run(chain.ainvoke({"q": "x"}))
+            got.append(nested.get().wait_for_feedback_results(timeout=20))
+        return got
+
+    for results in asyncio.run(cell()):
+        print(sorted(r.status.value for r in results.values()))
+    print("closed", session.close(timeout=10))
+""")
+
+
+@pytest.mark.parametrize("mode", ["plain", "nest"])
+def test_recording_and_waiting_inside_a_running_loop(tmp_path: Path, mode: str) -> None:
+    """Inside a running event loop (a notebook cell, an async handler), with and without
+    nest_asyncio patching asyncio: blocking and awaited waits both end with the scores."""
+    script = tmp_path / "notebook.py"
+    script.write_text(NOTEBOOK)
+    proc = subprocess.run([sys.executable, str(script), f"sqlite:///{tmp_path}/nb.sqlite",
+                           mode], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("\n")
+    waits = 3 if mode == "nest" else 2
+    assert lines[:waits + 1] == ["['done', 'done']"] * waits + ["closed True"]
