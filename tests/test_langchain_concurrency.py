@@ -249,3 +249,33 @@ def test_nested_blocks_of_two_recorders_both_record(session: Session) -> None:
     assert [r.input for r in outer_rec.records] == ["both", "outer only"]
     df, _ = session.get_records_and_feedback()
     assert sorted(df["app_id"]) == ["inner:v1", "outer:v1", "outer:v1"]
+
+
+async def test_child_runs_on_other_threads_stay_under_their_parent(session: Session) -> None:
+    """A step handing a sub-chain to a thread (asyncio.to_thread, LangChain's
+    run_in_executor, a pool given the context) gives one record with the sub-chain's span
+    under the step — not a second record, not a lost span."""
+    from langchain_core.runnables.config import run_in_executor
+
+    sub = RunnableLambda(lambda x: x.upper()).with_config(run_name="sub")
+
+    async def to_thread(x: str) -> str:
+        return await asyncio.to_thread(sub.invoke, x)
+
+    async def lc_executor(x: str) -> str:
+        return await run_in_executor(None, sub.invoke, x)
+
+    def pool(x: str) -> str:
+        with ThreadPoolExecutor(2) as executor:
+            return executor.submit(contextvars.copy_context().run, sub.invoke, x).result()
+
+    for step in (to_thread, lc_executor, pool):
+        app = RunnableLambda(step).with_config(run_name="step")  # type: ignore[arg-type]
+        recorder = ChainRecorder(app, app_name=step.__name__, session=session)
+        async with recorder as recording:
+            assert await app.ainvoke("hi") == "HI"
+        record = recording.get()
+        by_id = {s.span_id: s for s in record.spans}
+        assert [(s.name, by_id[s.parent_id].name if s.parent_id else None)
+                for s in record.spans] == [("step", None), ("sub", "step")], step.__name__
+        assert len(recording.records) == 1
