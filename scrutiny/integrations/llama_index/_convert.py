@@ -161,6 +161,9 @@ def _stored(value: Any, depth: int) -> Any:
 def _query_text(value: Any) -> Any:
     if isinstance(value, QueryBundle):
         return value.query_str
+    if isinstance(value, list) and value and all(isinstance(m, ChatMessage) for m in value):
+        users = [m for m in value if str(m.role.value) == "user"]
+        value = (users or value)[-1]  # an LLM's chat messages: the last user message
     content = getattr(value, "content", None)  # a ChatMessage
     if isinstance(content, str) and hasattr(value, "role"):
         return content
@@ -168,13 +171,53 @@ def _query_text(value: Any) -> Any:
 
 
 def main_input(arguments: Mapping[str, Any]) -> Any:
-    """The question a user would name: the query string or the chat message."""
+    """The question a user would name: the query string or the chat message (or, for a
+    workflow or an agent, what its start event was given)."""
     for key in _INPUT_KEYS:
         if key in arguments:
             return _query_text(arguments[key])
+    start = arguments.get("start_event")
+    if _is_event(start, "StartEvent"):  # a workflow run: (init_state, start_event, tags)
+        return _start_text(start)
     if len(arguments) == 1:
         return _query_text(next(iter(arguments.values())))
     return dict(arguments) or None
+
+
+_EVENT_INPUT_KEYS = ("user_msg", "query", "query_str", "question", "input", "message", "msg",
+                     "prompt", "topic")
+
+
+def _is_event(value: Any, kind: str) -> bool:
+    """Whether `value` is a LlamaIndex workflow event of class `kind` (or a subclass): by
+    name, so that workflows stay optional."""
+    return value is not None and any(c.__name__ == kind for c in type(value).__mro__)
+
+
+def _start_text(event: Any) -> Any:
+    """What a workflow was asked: `user_msg` of an agent, `query` of a RAG workflow, ...;
+    else the one value it was given, else all of them. (The whole run's arguments were the
+    input: runtime state with the question buried in it.)"""
+    for key in _EVENT_INPUT_KEYS:
+        try:
+            value = getattr(event, key, None)
+        except Exception:
+            value = None
+        if value is not None:
+            return _query_text(value)
+    data = getattr(event, "_data", None)
+    if isinstance(data, Mapping) and data:
+        return _query_text(next(iter(data.values()))) if len(data) == 1 else dict(data)
+    return None
+
+
+def _stop_result(event: Any) -> Any:
+    """A workflow's answer: its stop event's result; an agent's response text."""
+    result = getattr(event, "result", None)
+    response = getattr(result, "response", None)  # an agent's AgentOutput
+    if isinstance(response, ChatMessage):
+        return response.content
+    return main_output(result)
 
 
 def node_text(node: NodeWithScore) -> str:
@@ -263,6 +306,8 @@ def main_output(result: Any) -> Any:
     """The answer a user would name: the response text (or the retrieved texts)."""
     if isinstance(result, list) and (not result or isinstance(result[0], NodeWithScore)):
         return [node_text(n) for n in result]
+    if _is_event(result, "StopEvent"):
+        return _stop_result(result)
     if isinstance(result, StreamingResponse | AsyncStreamingResponse):
         return result.response_txt  # a stream that had nothing to stream
     if isinstance(result, StreamingAgentChatResponse):

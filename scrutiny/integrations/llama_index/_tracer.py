@@ -17,6 +17,7 @@ and does O(1) work per notice, apart from the end of a trace (linear in its span
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import threading
@@ -50,6 +51,14 @@ from scrutiny.integrations.llama_index._convert import (
     usage_of,
 )
 from scrutiny.integrations.llama_index._streams import traced_agen, traced_gen
+
+_SpanCancelledEvent: type | None
+try:  # (LlamaIndex's workflows package; older llama-index-core has none)
+    from workflows.runtime.types.step_function import SpanCancelledEvent
+
+    _SpanCancelledEvent = SpanCancelledEvent
+except ImportError:  # pragma: no cover - depends on the installed llama-index-core
+    _SpanCancelledEvent = None
 
 if TYPE_CHECKING:
     from scrutiny.integrations.llama_index._recorder import LlamaIndexRecorder, Recording
@@ -202,6 +211,8 @@ class Tracer:
             LLMChatEndEvent: _on_model_end,
             StreamChatDeltaReceivedEvent: _on_chat_delta,
         }
+        if _SpanCancelledEvent is not None:
+            self._events[_SpanCancelledEvent] = _on_span_cancelled
 
     # ------------------------------------------------------------------ spans
     def enter(self, id_: str, arguments: Mapping[str, Any], instance: Any,
@@ -210,6 +221,8 @@ class Tracer:
         scopes = active_scopes.get()
         owners = [s for s in scopes if s.app is instance] if scopes and instance is not None \
             else None
+        if owners and len(owners) > 1:
+            owners = _innermost_per_recorder(owners)
         if parents is None and not owners:
             return
         if _suppressed():
@@ -329,6 +342,20 @@ class Tracer:
         return len({id(m[1]) for ms in list(self.members.values()) for m in ms})
 
 
+def _innermost_per_recorder(owners: list[Scope]) -> list[Scope]:
+    """Nested blocks of one recorder record a call once, in the innermost block (each made
+    a record of it: the call was stored twice and judged twice); two recorders of one app
+    each record it."""
+    seen: set[int] = set()
+    kept: list[Scope] = []
+    for scope in reversed(owners):
+        if id(scope.recorder) not in seen:
+            seen.add(id(scope.recorder))
+            kept.append(scope)
+    kept.reverse()
+    return kept
+
+
 def _ends_stream(span: Span, trace: Trace) -> bool:
     """Is `span` (of a streaming chat response) the writer of `trace`'s streamed answer?"""
     return span.parent_id == trace.root.span_id and \
@@ -380,6 +407,17 @@ def _on_model_end(members: tuple[Member, ...], event: Any) -> None:
             span.outputs = llm_text(response)
         if span.end_time is not None:  # a stream: its call returned before the tokens
             span.end_time = time.time()
+
+
+def _on_span_cancelled(members: tuple[Member, ...], event: Any) -> None:
+    """A workflow run cancelled by its handler (``handler.cancel_run()``) sends this, then
+    ends its span normally with no result: it was recorded as an `ok` run."""
+    reason = str(getattr(event, "reason", "") or "cancelled")
+    for span, trace, _ in members:
+        if span is trace.root:
+            span.end_time = time.time()
+            span.error = f"CancelledError: {reason}"
+            trace.root_ended(None, asyncio.CancelledError(reason))
 
 
 def _on_chat_delta(members: tuple[Member, ...], event: Any) -> None:
