@@ -195,9 +195,8 @@ def test_nested_blocks_of_one_recorder_record_a_call_once(session: Session) -> N
                                             embed_model=MockEmbedding(embed_dim=8))
     engine = index.as_query_engine(llm=MockLLM())
     recorder = LlamaIndexRecorder(engine, app_name="nested", session=session)
-    with recorder as outer:
-        with recorder as inner:
-            engine.query("Is Ireland rainy?")
+    with recorder as outer, recorder as inner:
+        engine.query("Is Ireland rainy?")
     assert (len(outer.records), len(inner.records)) == (0, 1)
     session.wait_for_feedback(10)
     df, _ = session.get_records_and_feedback()
