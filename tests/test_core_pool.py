@@ -72,3 +72,26 @@ def test_idle_threads_end_at_shutdown() -> None:
     pool.shutdown(wait=False)
     assert pool.join(10)
     assert not any(t.is_alive() for t in pool._threads)
+
+
+def test_a_slot_handed_on_after_shutdown_starts_nothing_and_raises_nothing() -> None:
+    """Closing a session with work queued: an evaluation being cancelled frees its slot,
+    which goes to a queued sync call. With the pool already shut down that raised, and the
+    error was stored and logged as that (cancelled) feedback's failure."""
+    import asyncio
+
+    from scrutiny.core._slots import SlotGate, SyncCall
+
+    loop = asyncio.new_event_loop()
+    pool = DaemonThreadPool(1)
+    try:
+        gate = SlotGate(1, loop, pool)
+        ran = threading.Event()
+        call = SyncCall(ran.set, loop.create_future(), lambda started: None)
+        pool.shutdown(wait=True)
+        pool.run_calls(call, gate)  # (what SlotGate.release does with a queued call)
+        assert not ran.is_set()
+        with pytest.raises(RuntimeError, match="shut down"):
+            pool.submit(ran.set)  # work given to a closed pool is still refused
+    finally:
+        loop.close()

@@ -1732,3 +1732,59 @@ async def test_awaiting_a_stored_records_results_does_not_block_the_loop(
         gate.set()
         results = await waiting
         assert [r.status for r in results.values()] == [FeedbackStatus.DONE]
+
+
+def test_a_full_backlog_leaves_new_results_pending_in_the_database(
+        db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Feedbacks slower than the traffic kept every record and evaluation task in memory:
+    RSS grew without limit. Past max_backlog the results of new records are stored
+    pending (free for a worker), said so, and nothing else changes."""
+    gate = threading.Event()
+
+    def held_back(output: str) -> float:
+        assert gate.wait(10)
+        return 1.0
+
+    gated = Feedback(held_back, name="first").on_output()
+    quick = Feedback(held_back, name="second").on_output()
+    s = Session(db_url, max_backlog=4)
+    try:
+        held = [s.ingest(make_record(i), [gated, quick]) for i in range(2)]
+        for record in held:
+            assert len(record.feedback_results) == 2  # (their evaluations are made now)
+        assert s.stats()["unfinished_feedback"] <= 4
+        shed = s.ingest(make_record(2), [gated, quick])
+        at_once = shed.wait_for_feedback_results(timeout=10)
+        assert [r.status for r in at_once.values()] == [FeedbackStatus.PENDING] * 2
+        assert s.stats()["left_pending_over_backlog"] == 2
+        assert "evaluation is falling behind" in caplog.text
+        gate.set()
+        for record in held:
+            results = record.wait_for_feedback_results(timeout=10)
+            assert [r.status for r in results.values()] == [FeedbackStatus.DONE] * 2
+        assert s.wait_for_feedback(10) is False  # (some results are left to a worker)
+        page = s.query_records(search="question 2")
+        stored = list(page.records[0].feedback_results.values())
+        assert [r.status for r in stored] == [FeedbackStatus.PENDING] * 2
+        rows = s.store.record(shed.record_id)[1]
+        assert [(r["status"], r["worker_id"]) for r in rows] == [("pending", None)] * 2
+    finally:
+        gate.set()
+        s.close(timeout=5)
+
+
+
+def test_close_on_a_stalled_database_keeps_to_its_timeout() -> None:
+    """The writer's flush took the whole timeout and its join as long again, after a
+    first flush that had taken it too: close(0.4) on a stalled database took ~2.5 s."""
+    store = _GatedStore()
+    s = Session(store=store)  # type: ignore[arg-type]
+    try:
+        s.ingest(make_record(), [Feedback(lambda output: 1.0, name="x").on_output()])
+        assert store.entered.wait(10)  # the writer is stuck in a write
+        started = time.monotonic()
+        assert s.close(timeout=0.4) is False
+        took = time.monotonic() - started
+    finally:
+        store.gate.set()
+    assert took < 1.5, took

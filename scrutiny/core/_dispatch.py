@@ -234,6 +234,7 @@ class _BusySelector(selectors.DefaultSelector):
         self._last_poll = 0.0
         self._warned_held = False
         self.passes = 0
+        self.closing = False
         self.courtesy = courtesy
         self.before_poll: Callable[[], float | None] | None = None
         epoll = getattr(selectors, "EpollSelector", None)
@@ -246,7 +247,7 @@ class _BusySelector(selectors.DefaultSelector):
         # a zero timeout (callbacks ready) is none either: the loop gets back to them at the
         # next switch; offering the app's time for them cost quick feedbacks' apps 1-2 %.
         asked = time.monotonic()
-        if asked - self._last_poll > HELD_WARNING and self._last_poll:
+        if asked - self._last_poll > HELD_WARNING and self._last_poll and not self.closing:
             self._warn_held(asked - self._last_poll)
         due = _INF if timeout is None or timeout <= 0 else asked + timeout
         before = self.before_poll
@@ -346,6 +347,7 @@ class EvaluationLoop:
         self._default_pool = DaemonThreadPool(max_concurrency,
                                               thread_name_prefix=f"{name}-executor")
         self._loop, selector = _new_loop(self._courtesy, self._default_pool)
+        self._selector = selector
         if selector is not None:
             selector.before_poll = self._before_poll
         self._limits: dict[str, _GroupLimit] = {}
@@ -506,7 +508,11 @@ class EvaluationLoop:
         done = threading.Event()
         deadline = None if timeout is None else time.monotonic() + timeout
 
+        selector = self._selector
+
         def cancel_all() -> None:
+            if selector is not None:  # unwinding thousands of tasks is no blocking feedback
+                selector.closing = True
             for task in list(self._tasks):
                 cancel_task(task)
                 job = getattr(task, "scrutiny_job", None)
@@ -524,7 +530,8 @@ class EvaluationLoop:
             except RuntimeError:
                 pass
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=timeout)
+            self._thread.join(timeout=None if deadline is None
+                              else max(0.0, deadline - time.monotonic()))
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._default_pool.shutdown(wait=False, cancel_futures=True)
         # Idle threads end at once; a stuck sync feedback is not waited for past the

@@ -99,8 +99,16 @@ class DaemonThreadPool(concurrent.futures.Executor):
 
     def run_calls(self, call: SyncCall, gate: SlotGate) -> None:
         """Run `call`, which holds a slot of `gate`, on a pool thread; that thread then runs
-        whichever sync call the slot goes to next (see :mod:`scrutiny.core._slots`)."""
-        self._enqueue((gate, call))
+        whichever sync call the slot goes to next (see :mod:`scrutiny.core._slots`).
+
+        After shutdown (the session closing) it does nothing: a slot freed by an evaluation
+        being cancelled went to a queued call, whose evaluation is cancelled too — the
+        error raised here was stored as that feedback's failure."""
+        try:
+            self._enqueue((gate, call))
+        except RuntimeError:
+            if not self._shutdown:
+                raise
 
     def submit(self, fn: Callable[..., T], /, *args: Any,
                **kwargs: Any) -> concurrent.futures.Future[T]:

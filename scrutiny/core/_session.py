@@ -164,6 +164,10 @@ class Session(SessionReading):
             without a heartbeat; if it dies, workers take them over after this.
         max_queue_size: records and updates that may wait for the database; beyond it new
             ones are dropped, counted in :meth:`stats` and logged (the app is never blocked).
+        max_backlog: the most evaluations this process holds, waiting or running (each
+            keeps its record in memory); beyond it, the results of new records are stored
+            `pending` and left to workers or :meth:`resume_pending` — memory stays bounded
+            when feedbacks are slower than the traffic. Counted in :meth:`stats` and logged.
         max_payload_bytes: the largest stored input, output, context list, tag list,
             metadata, explanation or error; larger ones are cut, with an explicit
             truncation marker after what is kept.
@@ -189,6 +193,7 @@ class Session(SessionReading):
         flush_timeout: float = 10.0,
         lease_seconds: float = 60.0,
         max_queue_size: int = 100_000,
+        max_backlog: int = 20_000,
         max_payload_bytes: int = 1_000_000,
         table_prefix: str = "scrutiny_",
         migrate: MigratePolicy = "upgrade",
@@ -200,6 +205,7 @@ class Session(SessionReading):
         for name, whole in (("max_concurrency", max_concurrency),
                             ("thread_pool_size", thread_pool_size),
                             ("max_queue_size", max_queue_size),
+                            ("max_backlog", max_backlog),
                             ("max_payload_bytes", max_payload_bytes)):
             if whole is not None and (isinstance(whole, bool) or not isinstance(whole, int)):
                 raise ConfigurationError(
@@ -222,6 +228,8 @@ class Session(SessionReading):
             raise ConfigurationError("flush_timeout must be >= 0 seconds")
         if lease_seconds < 1:
             raise ConfigurationError("lease_seconds must be >= 1")
+        if max_backlog < 1:
+            raise ConfigurationError(f"max_backlog must be >= 1, got {max_backlog}")
         if max_queue_size < 1 or max_payload_bytes < 1024:
             raise ConfigurationError("max_queue_size must be >= 1 and max_payload_bytes "
                                      ">= 1024")
@@ -237,6 +245,8 @@ class Session(SessionReading):
         self.flush_timeout = flush_timeout
         self.lease_seconds = lease_seconds
         self.max_queue_size = max_queue_size
+        self.max_backlog = max_backlog
+        self._shed = 0  # results left pending because the backlog was full
         self.max_payload_bytes = max_payload_bytes
         self._listeners: list[ResultListener] = list(on_result)
         if store is None:
@@ -392,7 +402,7 @@ class Session(SessionReading):
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._wait_outstanding(deadline) or self._left_pending:
             return False
-        if self._unstored_ends:
+        if self._unstored_ends or self._shed:
             return False
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.flush(remaining)
@@ -400,10 +410,11 @@ class Session(SessionReading):
     def close(self, timeout: float | None = None) -> bool:
         """Finish or hand over everything, then release threads and connections.
 
-        Waits at most `timeout` seconds (default: `flush_timeout`) in all. Records are
-        stored first; evaluations still unfinished at the deadline are cancelled and their
-        results released as `pending` in the database, for any worker or a later
-        :meth:`resume_pending`. Idempotent.
+        Waits about `timeout` seconds (default: `flush_timeout`) at most in all (a backlog
+        of thousands of evaluations adds a fraction of a second to hand them over).
+        Records are stored first; evaluations still unfinished near the deadline are
+        cancelled and their results released as `pending` in the database, for any worker
+        or a later :meth:`resume_pending`. Idempotent.
 
         Returns:
             True when nothing was left unfinished and every write was stored (False also
@@ -428,13 +439,16 @@ class Session(SessionReading):
             worker.join(max(0.0, deadline - time.monotonic()))
         if started and self._writer is not None:
             writer = self._writer
-            clean = writer.flush(timeout)
+            clean = writer.flush(max(0.0, deadline - time.monotonic()))
             left: list[Job] = []  # unfinished here: their waits end with them pending
             if self._watcher is not None:  # deferred results are the workers' business
                 left += self._watcher.stop()
-            clean = self._wait_outstanding(deadline) and clean
+            # What is unfinished at the deadline is cancelled and released as pending: keep
+            # part of the time for that (it ran up to a second and a half past the timeout).
+            reserve = min(1.0, timeout / 4)
+            clean = self._wait_outstanding(deadline - reserve) and clean
             if self._loop is not None:
-                self._loop.close(max(0.1, deadline - time.monotonic()))
+                self._loop.close(max(0.05, (deadline - time.monotonic()) / 2))
             with self._outstanding_cond:
                 unfinished = list(self._inflight.values())
             left += unfinished
@@ -447,13 +461,13 @@ class Session(SessionReading):
                     "scrutiny: %d feedback evaluation(s) were unfinished after %.1fs; they "
                     "are left pending in %s for a worker or Session.resume_pending()",
                     len(unfinished), timeout, self._redacted_url())
-            clean = writer.close(max(1.0, deadline - time.monotonic())) and clean
+            clean = writer.close(max(0.1, deadline - time.monotonic())) and clean
             if writer.failed or writer.dropped:  # stored nothing of those: not clean
                 clean = False
             self._left_pending = len(left)
             self._settle_unfinished(left)
             if self._notifier is not None:
-                self._notifier.close(0.5)
+                self._notifier.close(min(0.5, max(0.05, deadline - time.monotonic())))
         self.store.close()
         return clean
 
@@ -527,6 +541,7 @@ class Session(SessionReading):
             "dropped_writes": w.dropped if w else 0,
             "failed_writes": w.failed if w else 0,
             "unfinished_feedback": len(self._inflight),
+            "left_pending_over_backlog": self._shed,
         }
 
     # ------------------------------------------------------------------ ingest
@@ -607,6 +622,34 @@ class Session(SessionReading):
                     self._evaluating += 1
             self._unmaterialized -= 1
             self._outstanding_cond.notify_all()
+
+    def _backlog_full(self, adding: int) -> bool:
+        """Whether `adding` more evaluations would hold more than `max_backlog` (read
+        without the lock: a bound, not an exact count)."""
+        return len(self._inflight) + adding > self.max_backlog
+
+    def _leave_pending(self, jobs: list[Job]) -> None:
+        """(The backlog is full.) These stay `pending` in the database for a worker; their
+        waits and callbacks get them so at once."""
+        with self._outstanding_lock:
+            self._shed += len(jobs)
+            shed = self._shed
+        if shed == len(jobs) or shed // 1000 != (shed - len(jobs)) // 1000:
+            logger.warning(
+                "scrutiny: evaluation is falling behind: %d evaluations are waiting or "
+                "running in this process (max_backlog=%d), so the results of new records "
+                "are stored pending and left for a worker (scrutiny worker, for importable "
+                "feedbacks) or session.resume_pending() — %d so far. Raise max_concurrency "
+                "or max_backlog, or run workers. The app is not affected.",
+                len(self._inflight), self.max_backlog, shed)
+        notifier = self._notifier
+        for job in jobs:
+            slot = job.record._slots.get(job.feedback)
+            if slot is None:
+                continue
+            for fn in slot.finish(job.pending):
+                if notifier is not None:
+                    notifier.call(fn)
 
     # ------------------------------------------------------------------ results (loop side)
     def _on_running(self, job: Job, started_at: datetime) -> None:
@@ -824,7 +867,7 @@ class _Ingest:
     application's thread pays only for queueing the record."""
 
     __slots__ = ("_lock", "dispose", "feedbacks", "initial", "jobs", "listeners", "mode",
-                 "session", "source", "started")
+                 "session", "shed", "source", "started")
 
     def __init__(self, session: Session, record: Record | LazyRecord,
                  feedbacks: Sequence[Feedback], mode: FeedbackMode,
@@ -838,6 +881,8 @@ class _Ingest:
         self.jobs: list[Job] | None = None
         self.initial: list[FeedbackResult] = []
         self.started = False
+        self.shed = False
+        """The backlog was full: its results stay pending for a worker (see max_backlog)."""
         self._lock = threading.Lock()
 
     @property
@@ -877,7 +922,13 @@ class _Ingest:
             self.jobs = jobs
             if record._pending_init == self.materialize:  # (not another ingest's)
                 record._pending_init = None
-            if jobs:
+            live = [job for job, first in zip(jobs, self.initial, strict=True)
+                    if not first.status.is_final]
+            if live and mode is not FeedbackMode.NONE and session._backlog_full(len(live)):
+                self.shed = True
+                session._materialized([j for j in jobs if j not in live])
+                session._leave_pending(live)
+            elif jobs:
                 session._materialized(jobs)
             return jobs
 
@@ -891,7 +942,7 @@ class _Ingest:
             self.started = True
         to_run = [job for job, first in zip(jobs, self.initial, strict=True)
                   if not first.status.is_final]
-        if to_run:
+        if to_run and not self.shed:
             self.session._policies[self.mode].dispatch(to_run)
         return jobs
 
@@ -901,7 +952,7 @@ class _Ingest:
         before it is stored, and the evaluation does not wait for the commit)."""
         session, record = self.session, self.record
         jobs = self.start()
-        token = jobs[0].lease_token if jobs else None
+        token = jobs[0].lease_token if jobs and not self.shed else None  # (shed: free)
         lease = None if token is None else (
             session.owner_id, token,
             datetime.now(timezone.utc) + timedelta(seconds=session.lease_seconds))

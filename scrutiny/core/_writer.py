@@ -138,12 +138,16 @@ class StorageWriter:
 
     def close(self, timeout: float | None) -> bool:
         """Store what is queued (bounded by `timeout`), then stop the thread; idempotent."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         flushed = self.flush(timeout)
         self._stopping = True
         self._outage.set()
         self._wake.set()
         if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=1.0 if timeout is None else max(timeout, 0.1))
+            # (within the same timeout: a flush that used it all was followed by a join as
+            # long again)
+            self._thread.join(timeout=1.0 if deadline is None
+                              else max(0.05, deadline - time.monotonic()))
         return flushed
 
     # ------------------------------------------------------------------ the thread
