@@ -1762,7 +1762,7 @@ def test_a_full_backlog_leaves_new_results_pending_in_the_database(
         for record in held:
             results = record.wait_for_feedback_results(timeout=10)
             assert [r.status for r in results.values()] == [FeedbackStatus.DONE] * 2
-        assert s.wait_for_feedback(10) is False  # (some results are left to a worker)
+        assert s.wait_for_feedback(10)  # (what is left pending waits in the database)
         page = s.query_records(search="question 2")
         stored = list(page.records[0].feedback_results.values())
         assert [r.status for r in stored] == [FeedbackStatus.PENDING] * 2
@@ -1788,3 +1788,70 @@ def test_close_on_a_stalled_database_keeps_to_its_timeout() -> None:
     finally:
         store.gate.set()
     assert took < 1.5, took
+
+
+def test_a_stored_records_wait_keeps_to_its_timeout_and_ends_when_its_session_closes(
+        db_url: str) -> None:
+    """After reading the database until the timeout, the wait blocked on the results as
+    long again; once the reading session closed, a wait without a timeout never ended."""
+    gate, fb = _gate()
+    s = Session(db_url)
+    try:
+        live = s.ingest(make_record(), [fb])
+        stored = s.get_record(live.record_id)
+        assert stored is not None
+        started = time.monotonic()
+        results = stored.wait_for_feedback_results(timeout=0.3)
+        took = time.monotonic() - started
+        assert [r.status.is_final for r in results.values()] == [False]
+        assert took < 0.55, took  # (it was 0.6: twice the timeout)
+        reader = Session(db_url)
+        elsewhere = reader.get_record(live.record_id)
+        assert elsewhere is not None
+        reader.close()
+        ended = threading.Event()
+        threading.Thread(target=lambda: (elsewhere.wait_for_feedback_results(), ended.set()),
+                         daemon=True).start()
+        assert ended.wait(10)
+    finally:
+        gate.set()
+        s.close(timeout=5)
+
+
+def test_a_callback_on_a_stored_record_may_wait_on_it(db_url: str) -> None:
+    """The callback ran while the record's reader held its lock: a wait inside it
+    deadlocked the reading thread."""
+    gate, fb = _gate()
+    with Session(db_url) as s:
+        live = s.ingest(make_record(), [fb])
+        stored = s.get_record(live.record_id)
+        assert stored is not None
+        inner: list[FeedbackStatus] = []
+        done = threading.Event()
+
+        def callback(results: dict[Any, FeedbackResult]) -> None:
+            again = stored.wait_for_feedback_results(timeout=5)
+            inner.extend(r.status for r in again.values())
+            done.set()
+
+        stored.wait_for_feedback_results(callback=callback)
+        gate.set()
+        assert done.wait(10)
+        assert inner == [FeedbackStatus.DONE]
+
+
+def test_deferred_results_are_never_shed_by_the_backlog(db_url: str) -> None:
+    """In deferred mode this process evaluates nothing: the backlog cap left the waits of
+    records past it resolved `pending` at once, although a worker finished them."""
+    from tests.support.deferred_feedbacks import length
+
+    fb = Feedback(length).on_output()
+    with Session(db_url, feedback_mode="deferred", max_backlog=2) as s:
+        records = [s.ingest(make_record(i), [fb]) for i in range(5)]
+        for record in records:
+            assert len(record.feedback_results) == 1
+        assert s.stats()["left_pending_over_backlog"] == 0
+        assert s.flush(10)
+        assert s.resume_pending(timeout=20) == 5
+        done = [r.wait_for_feedback_results(timeout=10)[fb].status for r in records]
+    assert done == [FeedbackStatus.DONE] * 5

@@ -212,3 +212,26 @@ def test_a_models_chat_messages_give_the_last_user_message_as_input() -> None:
                 ChatMessage(role="user", content="Which city is in France?"),
                 ChatMessage(role="assistant", content="Paris.")]
     assert main_input({"messages": messages}) == "Which city is in France?"
+
+
+class ReportStart(StartEvent):
+    document_path: str
+    language: str
+
+
+class Report(Workflow):
+    @step
+    async def summarize(self, ev: ReportStart) -> StopEvent:
+        return StopEvent(result=f"summary of {ev.document_path} in {ev.language}")
+
+
+async def test_a_typed_start_events_fields_are_the_input(session: Session) -> None:
+    """A StartEvent subclass keeps its values in declared fields, not in the free-form
+    data the input was read from: the input was None."""
+    workflow = Report(timeout=10)
+    recorder = LlamaIndexRecorder(workflow, app_name="report", session=session)
+    with recorder as recording:
+        await workflow.run(start_event=ReportStart(document_path="/r.pdf", language="en"))
+    record = recording.get()
+    assert record.input == {"document_path": "/r.pdf", "language": "en"}
+    assert record.output == "summary of /r.pdf in en"

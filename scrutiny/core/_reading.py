@@ -267,23 +267,26 @@ class _StoredWatch:
         self._slots = slots
         self._alive = alive
         self._lock = threading.Lock()  # one reader at a time; the others wait for it
+        self._following = False
 
     def _read(self) -> bool:
-        """Read the results once; True when every one has ended."""
+        """Read the results once; True when every one has ended. Callbacks of results
+        that ended run on a thread of their own, outside the lock (one that waited on
+        this record again deadlocked)."""
         _, rows = self._store.record(self._record_id)
+        listeners: list[Callable[[], object]] = []
         for row in rows:
             slot = self._slots.get(row["result_id"])
             if slot is None:
                 continue
             result = _rows.result_from_row(row)
             if result.is_final:
-                for listener in slot.finish(result):
-                    try:
-                        listener()
-                    except Exception:
-                        logger.exception("scrutiny: a results callback failed")
+                listeners += slot.finish(result)
             else:
                 slot.update(result)
+        if listeners:
+            threading.Thread(target=_call_all, args=(listeners,), daemon=True,
+                             name="scrutiny-stored-callbacks").start()
         return all(slot.current.is_final for slot in self._slots.values())
 
     def follow(self, deadline: float | None, stop: threading.Event | None = None) -> None:
@@ -308,9 +311,28 @@ class _StoredWatch:
 
     def follow_in_background(self) -> None:
         """For a callback: read on a daemon thread until the results end (or the session
-        closes)."""
-        threading.Thread(target=self.follow, args=(None,), daemon=True,
+        closes); one such thread per record, however many callbacks wait on it."""
+        with self._lock:
+            if self._following:
+                return
+            self._following = True
+        threading.Thread(target=self._follow_then_stop, daemon=True,
                          name="scrutiny-stored-wait").start()
+
+    def _follow_then_stop(self) -> None:
+        try:
+            self.follow(None)
+        finally:
+            with self._lock:
+                self._following = False
+
+
+def _call_all(listeners: list[Callable[[], object]]) -> None:
+    for listener in listeners:
+        try:
+            listener()
+        except BaseException:
+            logger.exception("scrutiny: a results callback failed")
 
 
 class _StoredFeedback:

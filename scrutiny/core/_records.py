@@ -234,8 +234,9 @@ class Record:
             if watch is not None:
                 watch.follow_in_background()
             return self.feedback_results
-        if watch is not None:
+        if watch is not None:  # (it waits itself: no second wait as long again after it)
             watch.follow(None if timeout is None else time.monotonic() + timeout)
+            timeout = 0
         futures = [slot.future for slot in self._result_slots().values()]
         _, not_done = concurrent.futures.wait(futures, timeout=timeout)
         if not_done:
@@ -260,6 +261,7 @@ class Record:
                     stop)
             finally:
                 stop.set()  # (an await cancelled by its caller stops reading)
+            timeout = 0  # (it waited itself)
         futures = [asyncio.wrap_future(slot.future)
                    for slot in self._result_slots().values()]
         if futures:

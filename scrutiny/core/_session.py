@@ -402,7 +402,7 @@ class Session(SessionReading):
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._wait_outstanding(deadline) or self._left_pending:
             return False
-        if self._unstored_ends or self._shed:
+        if self._unstored_ends:
             return False
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.flush(remaining)
@@ -924,7 +924,8 @@ class _Ingest:
                 record._pending_init = None
             live = [job for job, first in zip(jobs, self.initial, strict=True)
                     if not first.status.is_final]
-            if live and mode is not FeedbackMode.NONE and session._backlog_full(len(live)):
+            if live and mode in (FeedbackMode.WITH_APP_THREAD, FeedbackMode.WITH_APP) \
+                    and session._backlog_full(len(live)):  # (deferred: workers evaluate)
                 self.shed = True
                 session._materialized([j for j in jobs if j not in live])
                 session._leave_pending(live)

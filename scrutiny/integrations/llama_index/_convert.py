@@ -205,10 +205,17 @@ def _start_text(event: Any) -> Any:
             value = None
         if value is not None:
             return _query_text(value)
+    given: dict[str, Any] = {}
+    for name in getattr(type(event), "model_fields", {}):  # a typed start event's fields
+        value = getattr(event, name, None)
+        if value is not None:
+            given[name] = value
     data = getattr(event, "_data", None)
-    if isinstance(data, Mapping) and data:
-        return _query_text(next(iter(data.values()))) if len(data) == 1 else dict(data)
-    return None
+    if isinstance(data, Mapping):
+        given.update(data)
+    if not given:
+        return None
+    return _query_text(next(iter(given.values()))) if len(given) == 1 else given
 
 
 def _stop_result(event: Any) -> Any:
