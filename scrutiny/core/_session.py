@@ -479,14 +479,20 @@ class Session(SessionReading):
             for job in jobs:
                 self._let_go(job.pending.result_id or "")
             self._outstanding_cond.notify_all()
+        self._resolve_pending(jobs, released=True)
+
+    def _resolve_pending(self, jobs: list[Job], *, released: bool) -> None:
+        """End the waits on `jobs` with their results as the database keeps them, `pending`
+        (`released`: the claim's attempt given back, as `_release` stores it)."""
         notifier = self._notifier
         for job in jobs:
             slot = job.record._slots.get(job.feedback)
             if slot is None:
                 continue
-            as_released = job.pending.evolve(  # (as _release leaves it stored)
-                status=FeedbackStatus.PENDING, attempts=max(0, job.pending.attempts - 1))
-            for fn in slot.finish(as_released):
+            pending = job.pending.evolve(
+                status=FeedbackStatus.PENDING,
+                attempts=max(0, job.pending.attempts - 1)) if released else job.pending
+            for fn in slot.finish(pending):
                 if notifier is not None:
                     notifier.call(fn)
 
@@ -615,11 +621,8 @@ class Session(SessionReading):
     def _materialized(self, jobs: list[Job]) -> None:
         """An ingest made its jobs (on whichever thread asked first)."""
         with self._outstanding_cond:
-            inflight = self._inflight
             for job in jobs:
-                inflight[job.pending.result_id or ""] = job
-                if job.lease_token is not None:
-                    self._evaluating += 1
+                self._hold(job)
             self._unmaterialized -= 1
             self._outstanding_cond.notify_all()
 
@@ -642,14 +645,7 @@ class Session(SessionReading):
                 "feedbacks) or session.resume_pending() — %d so far. Raise max_concurrency "
                 "or max_backlog, or run workers. The app is not affected.",
                 len(self._inflight), self.max_backlog, shed)
-        notifier = self._notifier
-        for job in jobs:
-            slot = job.record._slots.get(job.feedback)
-            if slot is None:
-                continue
-            for fn in slot.finish(job.pending):
-                if notifier is not None:
-                    notifier.call(fn)
+        self._resolve_pending(jobs, released=False)
 
     # ------------------------------------------------------------------ results (loop side)
     def _on_running(self, job: Job, started_at: datetime) -> None:
@@ -715,11 +711,8 @@ class Session(SessionReading):
         `stored=False`: it could not be stored (nor the record, maybe); waiters are told
         so and no longer wait, but :meth:`wait_for_feedback` says False from now on."""
         with self._outstanding_cond:
-            held = self._inflight.pop(job.pending.result_id or "", None)
-            if held is None:
+            if self._let_go(job.pending.result_id or "") is None:
                 return  # already finished (e.g. failed because its record was not stored)
-            if held.lease_token is not None:
-                self._evaluating -= 1
             if not stored:
                 self._unstored_ends += 1
             self._outstanding_cond.notify_all()
