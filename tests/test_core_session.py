@@ -1653,15 +1653,29 @@ def test_system_exit_and_keyboard_interrupt_in_feedbacks_fail_only_them(
 
 
 def test_a_callback_calling_sys_exit_leaves_later_callbacks_working(
-        session: Session, caplog: pytest.LogCaptureFixture) -> None:
-    fb = Feedback(lambda output: 1.0, name="one").on_output()
-    session.ingest(make_record(1), [fb]).wait_for_feedback_results(
-        callback=lambda results: sys.exit(0))
-    fired = threading.Event()
-    session.ingest(make_record(2), [fb]).wait_for_feedback_results(
-        callback=lambda results: fired.set())
-    assert fired.wait(10)
-    assert "raised" in caplog.text
+        session: Session) -> None:
+    import logging
+
+    exited = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info and record.exc_info[0] is SystemExit:
+                exited.set()
+
+    seen = Seen()
+    logging.getLogger("scrutiny").addHandler(seen)
+    try:
+        fb = Feedback(lambda output: 1.0, name="one").on_output()
+        session.ingest(make_record(1), [fb]).wait_for_feedback_results(
+            callback=lambda results: sys.exit(0))
+        assert exited.wait(10)  # the exiting callback has run (and was logged) first
+        fired = threading.Event()
+        session.ingest(make_record(2), [fb]).wait_for_feedback_results(
+            callback=lambda results: fired.set())
+        assert fired.wait(10)
+    finally:
+        logging.getLogger("scrutiny").removeHandler(seen)
 
 
 def test_positional_only_functions_and_builtins_are_called_positionally(
