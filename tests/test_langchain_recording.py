@@ -772,6 +772,28 @@ async def test_astream_events_fully_consumed_gives_one_record(
     assert len(record.contexts) == 2
 
 
+async def test_astream_events_stopped_early_says_the_consumer_stopped(
+        session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
+    """LangChain ends an event stream closed early with a CancelledError; the record says
+    what happened, as for astream, and keeps the tokens the consumer saw."""
+    rag = make_retrieval_chain([ANSWER])
+    seen: list[str] = []
+    async with ChainRecorder(rag, app_name="ev", session=session) as recording:
+        events = rag.astream_events(QUESTION, version="v2")
+        async for event in events:
+            if event["event"] == "on_chat_model_stream":
+                seen.append(event["data"]["chunk"].content)
+                if len(seen) == 3:
+                    break
+        await events.aclose()  # type: ignore[attr-defined]
+    record = recording.get()
+    assert record.status is RecordStatus.CANCELLED
+    assert record.error == "cancelled: the consumer stopped the stream early"
+    assert record.output == "".join(seen) == ANSWER[:3]
+    assert not [s.name for s in record.spans if s.error == "CancelledError"]
+    assert stored_count(session) == 1
+
+
 def test_a_retriever_alone_is_recorded_with_its_contexts(
         session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
     from langchain_core.embeddings import DeterministicFakeEmbedding
@@ -842,6 +864,9 @@ async def test_a_cancelled_ainvoke_gives_a_cancelled_record(session: Session) ->
     record = recording.get()
     assert record.status is RecordStatus.CANCELLED
     assert record.output is None
+    # a sentence, not the bare exception name
+    assert record.error is not None
+    assert record.error.startswith("cancelled: the call's asyncio task was cancelled")
     assert_nothing_open(recorder.handler)
 
 

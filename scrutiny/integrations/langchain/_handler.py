@@ -62,6 +62,9 @@ FEEDBACK_EVENT = "scrutiny.feedback_result"
 _F = TypeVar("_F", bound=Callable[..., None])
 
 _STOPPED_EARLY = "cancelled: the consumer stopped the stream early"
+_CANCELLED_ERROR = "CancelledError"  # (how _describe writes a bare asyncio cancellation)
+_CANCELLED_TEXT = ("cancelled: the call's asyncio task was cancelled before it finished "
+                   "(a timeout or a client going away, for example)")
 _MODEL_KINDS = frozenset((SpanKind.CHAT_MODEL.value, SpanKind.LLM.value))
 _MAX_OUTLIVED = 10_000
 _OUTLIVED = ("unfinished when the call ended: it was still running when another step "
@@ -328,9 +331,10 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         if error is None:
             ended = _ENDED_OK
         else:  # classify now: the exception (and its traceback's frames) is not kept
-            ended = _STOPPED if isinstance(error, GeneratorExit) else _CANCELLED if (
-                isinstance(error, KeyboardInterrupt)
-                or type(error).__name__ == "CancelledError") else _FAILED
+            cancelled = type(error).__name__ == "CancelledError"
+            ended = _STOPPED if isinstance(error, GeneratorExit) or (
+                cancelled and _streaming_events(root.handlers)) else _CANCELLED if (
+                cancelled or isinstance(error, KeyboardInterrupt)) else _FAILED
         settings = self.settings
         record = LazyRecord(lambda record_id: _build_record(
             record_id, settings, root, span, ended, run_id))
@@ -532,6 +536,13 @@ def _model(params: dict[str, Any] | None, metadata: dict[str, Any] | None) -> st
     return str(params["_type"]) if params.get("_type") else None
 
 
+def _streaming_events(handlers: list[BaseCallbackHandler]) -> bool:
+    """Whether the run was streamed as events (``astream_events``, ``astream_log``):
+    LangChain then ends it with a CancelledError when the consumer stops early."""
+    return any(c.__name__ == "_StreamingCallbackHandler"
+               for h in handlers for c in type(h).__mro__)
+
+
 def _describe(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -595,6 +606,12 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
     for child in unfinished:
         child.end_time = span.end_time
         child.error = child.error or (_OUTLIVED if ended == _FAILED else _STOPPED_EARLY)
+    if ended == _STOPPED:  # (an event stream's steps end with the CancelledError it used)
+        for s in spans:
+            if s.error == _CANCELLED_ERROR:
+                s.error = _STOPPED_EARLY
+    elif ended == _CANCELLED and span.error == _CANCELLED_ERROR:
+        span.error = _CANCELLED_TEXT
     error_text = span.error
     if ended == _ENDED_OK and not unfinished:
         status, output = RecordStatus.OK, _read(main_output, span.outputs)
