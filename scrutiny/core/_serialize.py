@@ -65,6 +65,28 @@ def _default(obj: Any) -> Any:
     return _describe(obj)
 
 
+class _Memo:
+    """`_default` for one encoding, converting each object once however often it occurs.
+
+    A record's spans share their objects: every step of a LangGraph chat holds the same
+    message objects of its history, and each was converted (a pydantic dump) once per
+    occurrence — for a 60-turn chat, 14,580 dumps where 3,000 objects were distinct.
+    """
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[Any, Any]] = {}  # id -> (the object, its plain form)
+
+    def default(self, obj: Any) -> Any:
+        seen = self._seen.get(id(obj))
+        if seen is not None and seen[0] is obj:
+            return seen[1]
+        plain = _default(obj)
+        self._seen[id(obj)] = (obj, plain)  # (holding obj keeps its id its own)
+        return plain
+
+
 _MAX_DEPTH = 200  # orjson's own limit is 254 levels
 
 
@@ -101,7 +123,7 @@ def dumps(value: Any, *, max_bytes: int | None = None) -> str:
     """Encode `value` as JSON text, never raising; over `max_bytes`, a truncation marker
     (itself within `max_bytes`, with a prefix of the text when `value` is a string)."""
     try:
-        data = orjson.dumps(value, default=_default, option=_OPTIONS)
+        data = orjson.dumps(value, default=_Memo().default, option=_OPTIONS)
     except Exception as exc:  # recursion, a broken __getattr__, an int over 64 bits, ...
         logger.debug("encoding %s part by part: %r", type(value).__name__, exc)
         try:
