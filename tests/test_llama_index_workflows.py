@@ -4,7 +4,8 @@ internal state and stop event), a cancelled run is `cancelled`, nested blocks re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import gc
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.tools import FunctionTool
 from llama_index.core.workflow import StartEvent, StopEvent, Workflow, step
+from pydantic import PrivateAttr
 
 from scrutiny import Feedback, FeedbackStatus, RecordStatus, Session
 from scrutiny.integrations.llama_index import LlamaIndexRecorder
@@ -235,3 +237,320 @@ async def test_a_typed_start_events_fields_are_the_input(session: Session) -> No
     record = recording.get()
     assert record.input == {"document_path": "/r.pdf", "language": "en"}
     assert record.output == "summary of /r.pdf in en"
+
+
+# ---------------------------------------------------------------------- streamed answers
+WORDS = ("Snow ", "is ", "white.")
+
+
+class StreamedAnswer(Workflow):
+    """Answers with a stream rather than a text: `make(question)` gives the stop event's
+    result (a query engine's or chat engine's streaming response, a token generator)."""
+
+    def __init__(self, make: Callable[[str], Awaitable[Any]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.make = make
+
+    @step
+    async def answer(self, ev: StartEvent) -> StopEvent:
+        return StopEvent(result=await self.make(ev.query))
+
+
+def _snow_index() -> Any:
+    from llama_index.core import Document, VectorStoreIndex
+    from llama_index.core.embeddings import MockEmbedding
+
+    return VectorStoreIndex.from_documents(
+        [Document(text="Snow is white."), Document(text="Grass is green.")],
+        embed_model=MockEmbedding(embed_dim=8))
+
+
+async def _words(question: str) -> Any:
+    async def tokens() -> Any:
+        for word in WORDS:
+            yield word
+
+    return tokens()
+
+
+async def _words_sync(question: str) -> Any:
+    return _iter_words()
+
+
+def _iter_words() -> Any:
+    yield from WORDS
+
+
+async def _read_async(stream: Any) -> list[str]:
+    return [t async for t in stream]
+
+
+async def _read_list(stream: Any) -> list[str]:
+    return list(stream)
+
+
+def _stream_kinds() -> dict[str, tuple[Any, Any]]:
+    """name -> (make the stream from an index, read the workflow's result)."""
+    from llama_index.core.llms import MockLLM
+    from llama_index.core.memory import ChatMemoryBuffer
+
+    def query_engine(index: Any) -> Any:
+        return index.as_query_engine(streaming=True, llm=MockLLM(max_tokens=6),
+                                     similarity_top_k=1)
+
+    async def read_sync(result: Any) -> list[str]:
+        return list(result.response_gen)
+
+    async def read_response_gen(result: Any) -> list[str]:
+        return await _read_async(result.async_response_gen())
+
+    def sync_query(index: Any) -> Any:
+        engine = query_engine(index)
+
+        async def make(question: str) -> Any:
+            return engine.query(question)
+        return make
+
+    def async_query(index: Any) -> Any:
+        return query_engine(index).aquery
+
+    def model(index: Any) -> Any:
+        return MockLLM(max_tokens=5).astream_complete
+
+    async def read_deltas(result: Any) -> list[str]:
+        return [r.delta async for r in result]
+
+    def chat(index: Any) -> Any:
+        return index.as_chat_engine(
+            chat_mode="context", llm=MockLLM(max_tokens=6), similarity_top_k=1,
+            memory=ChatMemoryBuffer.from_defaults(token_limit=4000)).astream_chat
+
+    return {
+        "query_engine_stream": (sync_query, read_sync),
+        "async_query_engine_stream": (async_query, read_response_gen),
+        "chat_engine_stream": (chat, read_response_gen),
+        "token_generator": (lambda index: _words, _read_async),
+        "sync_token_generator": (lambda index: _words_sync, _read_list),
+        "model_stream": (model, read_deltas),  # (responses: their deltas are the text)
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_stream_kinds()))
+async def test_a_workflow_answering_with_a_stream_is_recorded_once_it_is_read(
+        session: Session, kind: str) -> None:
+    """The record was made when the run ended, before the stream was read: its output was
+    the stream's repr and its tokens were missing."""
+    make, read = _stream_kinds()[kind]
+    workflow = StreamedAnswer(make(_snow_index()), timeout=10)
+    length = Feedback(lambda output: float(len(output) > 0), name="said_something").on_output()
+    recorder = LlamaIndexRecorder(workflow, app_name="streamed", feedbacks=[length],
+                                  session=session)
+    async with recorder as recording:
+        result = await workflow.run(query="What color is snow?")
+        if kind != "chat_engine_stream":  # (a chat engine writes its stream by itself)
+            assert (recording.records, recording.open_calls) == ([], 1)
+        tokens = await read(result)
+    record = recording.get()
+    assert tokens
+    assert (record.input, record.output, record.status) == (
+        "What color is snow?", "".join(tokens), RecordStatus.OK)
+    root = record.root_span()
+    assert root is not None
+    assert (root.name, root.outputs) == ("StreamedAnswer.run", record.output)
+    if kind.endswith("engine_stream"):
+        assert len(record.contexts) == 1  # what the answer was written from
+        assert record.contexts == [n.node.get_content() for n in result.source_nodes]
+        models = [s for s in record.spans if s.name.startswith("MockLLM.")]
+        assert models  # the model streamed after the run ended: still inside its record
+    result_ = record.wait_for_feedback_results(timeout=10)[length]
+    assert (result_.status, result_.result) == (FeedbackStatus.DONE, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["async_query_engine_stream", "token_generator",
+                                  "sync_token_generator"])
+async def test_a_workflows_stream_never_read_still_gives_its_record(
+        session: Session, kind: str) -> None:
+    """Dropped unread, the stream still ends its record (`cancelled`, with what is known)."""
+    make, _ = _stream_kinds()[kind]
+    workflow = StreamedAnswer(make(_snow_index()), timeout=10)
+    recorder = LlamaIndexRecorder(workflow, app_name="unread", session=session)
+    async with recorder as recording:
+        result = await workflow.run(query="What color is snow?")
+        assert recording.open_calls == 1
+        del result
+    gc.collect()  # (the run's handler keeps its result in a reference cycle)
+    record = recording.get()
+    assert (record.input, record.output, record.status) == (
+        "What color is snow?", "", RecordStatus.CANCELLED)
+    assert "stopped the stream" in (record.error or "")
+    session.wait_for_feedback(10)
+    df, _ = session.get_records_and_feedback()
+    assert list(df["status"]) == ["cancelled"]
+
+
+async def test_a_workflows_stream_read_in_part_is_cancelled_with_the_partial_text(
+        session: Session) -> None:
+    workflow = StreamedAnswer(_words, timeout=10)
+    async with LlamaIndexRecorder(workflow, app_name="part", session=session) as recording:
+        result = await workflow.run(query="What color is snow?")
+        first = await result.__anext__()
+        await result.aclose()
+    record = recording.get()
+    assert (record.output, record.status) == (first, RecordStatus.CANCELLED)
+
+
+# ---------------------------------------------------------------------- agents of a workflow
+class HandsOff(ToolThenAnswer):
+    """A router's model: hands the conversation to `to_agent` (its handoff tool)."""
+
+    to_agent: str = "calc"
+
+    def _respond(self, messages: Any, tools: Any = None) -> ChatResponse:
+        call = {"id": "h1", "name": "handoff",
+                "args": {"to_agent": self.to_agent, "reason": "it is arithmetic"}}
+        return ChatResponse(message=ChatMessage(
+            role="assistant", content="", additional_kwargs={"tool_calls": [call]}))
+
+
+class Broken(ToolThenAnswer):
+    """A model that is down."""
+
+    def _respond(self, messages: Any, tools: Any = None) -> ChatResponse:
+        raise RuntimeError("model down")
+
+
+def _calc() -> FunctionAgent:
+    return FunctionAgent(name="calc", description="Does arithmetic.",
+                         tools=[FunctionTool.from_defaults(multiply)], llm=ToolThenAnswer())
+
+
+def _models(record: Any) -> set[str]:
+    return {s.name.partition(".")[0] for s in record.spans if s.kind == "chat_model"}
+
+
+_AGENT_WARNINGS = ("ignore::pydantic.warnings.PydanticDeprecatedSince20",
+                   "ignore::pydantic.warnings.PydanticDeprecatedSince211")
+
+
+@pytest.mark.filterwarnings(*_AGENT_WARNINGS)
+async def test_a_recorded_agent_inside_an_agent_workflow_records_its_turn(
+        session: Session) -> None:
+    """The agent's calls were the workflow's steps, not calls of the agent: nothing was
+    recorded."""
+    from llama_index.core.agent.workflow import AgentWorkflow
+
+    calc = _calc()
+    workflow = AgentWorkflow(agents=[calc], timeout=10)
+    qa = _question_and_answer()
+    recorder = LlamaIndexRecorder(calc, app_name="calc", feedbacks=[qa], session=session)
+    with recorder as recording:
+        response = await workflow.run(user_msg="What is 6 times 7?")
+    record = recording.get()
+    assert str(response) == "The answer is 42."
+    assert (record.input, record.output, record.status) == (
+        "What is 6 times 7?", "The answer is 42.", RecordStatus.OK)
+    root = record.root_span()
+    assert root is not None
+    assert (root.name, root.metadata["agent_name"]) == ("FunctionAgent.turn", "calc")
+    names = {s.name for s in record.spans}
+    assert {"AgentWorkflow.run_agent_step", "AgentWorkflow.call_tool", "FunctionTool.acall",
+            "ToolThenAnswer.astream_chat"} <= names
+    assert "AgentWorkflow.init_run" not in names  # (the workflow's, before the turn)
+    by_id = {s.span_id: s for s in record.spans}
+    assert all(s.parent_id in by_id for s in record.spans if s is not root)
+    tool = next(s for s in record.spans if s.name == "FunctionTool.acall")
+    assert "42" in str(tool.outputs)
+    result = record.wait_for_feedback_results(timeout=10)[qa]
+    assert (result.status, result.result) == (FeedbackStatus.DONE, 1.0)
+
+
+@pytest.mark.filterwarnings(*_AGENT_WARNINGS)
+async def test_each_recorded_agent_of_a_multi_agent_workflow_records_its_own_turn(
+        session: Session) -> None:
+    from llama_index.core.agent.workflow import AgentWorkflow
+
+    router = FunctionAgent(name="router", description="Routes questions.", llm=HandsOff(),
+                           can_handoff_to=["calc"])
+    calc = _calc()
+    idle = FunctionAgent(name="idle", description="Never asked.", llm=ToolThenAnswer())
+    workflow = AgentWorkflow(agents=[router, calc, idle], root_agent="router", timeout=10)
+    recorders = {name: LlamaIndexRecorder(app, app_name=name, session=session)
+                 for name, app in [("router", router), ("calc", calc), ("idle", idle),
+                                   ("workflow", workflow)]}
+    with recorders["router"] as routed, recorders["calc"] as calculated, \
+            recorders["idle"] as idled, recorders["workflow"] as whole:
+        response = await workflow.run(user_msg="What is 6 times 7?")
+    assert str(response) == "The answer is 42."
+    turn, answer, run = routed.get(), calculated.get(), whole.get()
+    assert (idled.records, idled.open_calls) == ([], 0)  # it took no turn
+    assert (turn.input, turn.status) == ("What is 6 times 7?", RecordStatus.OK)
+    assert turn.output == ('[tool call] handoff({"to_agent": "calc", '
+                           '"reason": "it is arithmetic"})')
+    assert (answer.input, answer.output) == ("What is 6 times 7?", "The answer is 42.")
+    assert (run.input, run.output) == ("What is 6 times 7?", "The answer is 42.")
+    # each turn holds its own agent's model calls; the run holds both
+    assert _models(turn) == {"HandsOff"}
+    assert _models(answer) == {"ToolThenAnswer"}
+    assert _models(run) == {"HandsOff", "ToolThenAnswer"}
+    assert turn.end_time <= answer.start_time
+    session.wait_for_feedback(10)
+    df, _ = session.get_records_and_feedback()
+    assert sorted(df["app_name"]) == ["calc", "router", "workflow"]
+
+
+@pytest.mark.filterwarnings(*_AGENT_WARNINGS)
+async def test_a_turn_ended_by_a_failing_run_is_recorded_as_an_error(
+        session: Session) -> None:
+    from llama_index.core.agent.workflow import AgentWorkflow
+
+    agent = FunctionAgent(name="down", description="Broken.", llm=Broken())
+    workflow = AgentWorkflow(agents=[agent], timeout=10)
+    recorder = LlamaIndexRecorder(agent, app_name="down", session=session)
+    with recorder as recording, pytest.raises(Exception, match="model down"):
+        await workflow.run(user_msg="Anyone there?")
+    record = recording.get()
+    assert (record.input, record.status) == ("Anyone there?", RecordStatus.ERROR)
+    assert "model down" in (record.error or "")
+
+
+@pytest.mark.filterwarnings(*_AGENT_WARNINGS)
+async def test_concurrent_runs_give_one_turn_record_each(session: Session) -> None:
+    from llama_index.core.agent.workflow import AgentWorkflow
+
+    calc = _calc()
+    workflow = AgentWorkflow(agents=[calc], timeout=10)
+    questions = [f"What is 6 times 7, take {i}?" for i in range(4)]
+    with LlamaIndexRecorder(calc, app_name="calc", session=session) as recording:
+        await asyncio.gather(*(workflow.run(user_msg=q) for q in questions))
+    assert sorted((r.input, r.output) for r in recording.records) == [
+        (q, "The answer is 42.") for q in questions]
+
+
+class Stalls(ToolThenAnswer):
+    """A model that never answers; `started` is set once it has been called."""
+
+    _started: asyncio.Event = PrivateAttr(default_factory=asyncio.Event)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Any, tools: Any = None, **kwargs: Any) -> Any:
+        self._started.set()
+        await asyncio.Event().wait()
+
+
+@pytest.mark.filterwarnings(*_AGENT_WARNINGS)
+async def test_a_turn_of_a_cancelled_run_is_cancelled(session: Session) -> None:
+    from llama_index.core.agent.workflow import AgentWorkflow
+
+    llm = Stalls()
+    agent = FunctionAgent(name="stalls", description="Stalls.", llm=llm)
+    workflow = AgentWorkflow(agents=[agent], timeout=None)
+    with LlamaIndexRecorder(agent, app_name="stalls", session=session) as recording:
+        handler = workflow.run(user_msg="Still there?")
+        await asyncio.wait_for(llm._started.wait(), timeout=10)
+        await handler.cancel_run()
+        with pytest.raises(Exception) as raised:  # (LlamaIndex's own exception)
+            await handler
+    record = recording.get()
+    assert type(raised.value).__name__ == "WorkflowCancelledByUser"
+    assert (record.input, record.status) == ("Still there?", RecordStatus.CANCELLED)
+    assert "workflow cancelled by user" in (record.error or "")

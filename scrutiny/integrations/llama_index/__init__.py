@@ -1,4 +1,4 @@
-"""Record LlamaIndex query engines, chat engines and retrievers.
+"""Record LlamaIndex query engines, chat engines, retrievers, workflows and agents.
 
 Built on LlamaIndex's own instrumentation (a span handler and an event handler on the root
 dispatcher, added on first use of a recorder). Importing this module needs

@@ -7,6 +7,7 @@ exception, :meth:`SpanInputs.model_dump`, runs on Scrutiny's writer thread).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from llama_index.core.chat_engine.types import (
     BaseChatEngine,
     StreamingAgentChatResponse,
 )
+from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.node_parser.interface import NodeParser
 from llama_index.core.prompts.base import BasePromptTemplate
 from llama_index.core.response_synthesizers.base import BaseSynthesizer
@@ -34,9 +36,10 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from scrutiny.core import SpanKind, TokenUsage
 
 __all__ = [
-    "STREAM_WRITER_METHODS",
     "SpanInputs",
+    "answer_of",
     "embedding_view",
+    "is_event",
     "kind_of",
     "llm_text",
     "main_input",
@@ -46,14 +49,13 @@ __all__ = [
     "nodes_view",
     "span_name",
     "span_output",
+    "token_text",
     "usage_of",
 ]
 
 _UUID_TAIL = 37  # "-" + str(uuid4())
 _INPUT_KEYS = ("str_or_query_bundle", "message", "query_str", "query_bundle", "query",
                "prompt", "messages")
-STREAM_WRITER_METHODS = frozenset({"write_response_to_history", "awrite_response_to_history"})
-"""Methods of a streaming chat response that finish its stream (they outlive the call)."""
 
 _KINDS: tuple[tuple[type, str], ...] = (
     (BaseQueryEngine, SpanKind.QUERY.value),
@@ -177,7 +179,7 @@ def main_input(arguments: Mapping[str, Any]) -> Any:
         if key in arguments:
             return _query_text(arguments[key])
     start = arguments.get("start_event")
-    if _is_event(start, "StartEvent"):  # a workflow run: (init_state, start_event, tags)
+    if is_event(start, "StartEvent"):  # a workflow run: (init_state, start_event, tags)
         return _start_text(start)
     if len(arguments) == 1:
         return _query_text(next(iter(arguments.values())))
@@ -188,7 +190,7 @@ _EVENT_INPUT_KEYS = ("user_msg", "query", "query_str", "question", "input", "mes
                      "prompt", "topic")
 
 
-def _is_event(value: Any, kind: str) -> bool:
+def is_event(value: Any, kind: str) -> bool:
     """Whether `value` is a LlamaIndex workflow event of class `kind` (or a subclass): by
     name, so that workflows stay optional."""
     return value is not None and any(c.__name__ == kind for c in type(value).__mro__)
@@ -218,13 +220,37 @@ def _start_text(event: Any) -> Any:
     return _query_text(next(iter(given.values()))) if len(given) == 1 else given
 
 
+def answer_of(result: Any) -> Any:
+    """What the caller of a workflow gets: its stop event's result (else `result`)."""
+    if not is_event(result, "StopEvent"):
+        return result
+    try:
+        return result.result
+    except Exception:  # a stop event whose result cannot be read
+        return None
+
+
 def _stop_result(event: Any) -> Any:
     """A workflow's answer: its stop event's result; an agent's response text."""
-    result = getattr(event, "result", None)
-    response = getattr(result, "response", None)  # an agent's AgentOutput
-    if isinstance(response, ChatMessage):
-        return response.content
+    result = answer_of(event)
+    if isinstance(getattr(result, "response", None), ChatMessage):  # an AgentOutput
+        return _agent_text(result)
     return main_output(result)
+
+
+def _agent_text(output: Any) -> Any:
+    """An agent's answer (an `AgentOutput`): its response text; for a step that only asks
+    for tools (a hand-off), the calls, one ``[tool call] name({...})`` line each."""
+    text = output.response.content
+    if text:
+        return text
+    calls = [c for c in getattr(output, "tool_calls", None) or ()
+             if isinstance(c, ToolSelection)]  # (not the results of earlier calls)
+    if not calls:
+        return text
+    return "\n".join(
+        f"[tool call] {c.tool_name}({json.dumps(c.tool_kwargs, ensure_ascii=False, default=str)})"
+        for c in calls)
 
 
 def node_text(node: NodeWithScore) -> str:
@@ -270,6 +296,7 @@ def _nodes_or_list(result: Any) -> Any:
     return result
 
 
+_STREAMS = (StreamingResponse, AsyncStreamingResponse, StreamingAgentChatResponse)
 _OUTPUTS: dict[type, Any] = {
     type(None): _same, str: _same, int: _same, float: _same, bool: _same,
     list: _nodes_or_list,
@@ -277,9 +304,19 @@ _OUTPUTS: dict[type, Any] = {
 _OUTPUT_KINDS: tuple[tuple[Any, Any], ...] = (
     ((Response, AgentChatResponse, PydanticResponse), _response_text),
     ((CompletionResponse, ChatResponse), llm_text),
-    ((StreamingResponse, AsyncStreamingResponse, StreamingAgentChatResponse), _none),
+    (_STREAMS, _none),
     (list, _nodes_or_list),
 )
+
+
+def _stop_event_output(event: Any) -> Any:
+    """A stop event, unless it carries a stream (a span holding it would keep the stream
+    alive, and a stream dropped unread would never end its record)."""
+    answer = answer_of(event)
+    if isinstance(answer, _STREAMS) or hasattr(answer, "__next__") or \
+            hasattr(answer, "__anext__"):
+        return None
+    return event
 
 
 def span_output(result: Any) -> Any:
@@ -294,6 +331,8 @@ def span_output(result: Any) -> Any:
         else:
             if hasattr(result, "__next__") or hasattr(result, "__anext__"):
                 convert = _none  # a token generator: its text arrives with the end event
+            elif is_event(result, "StopEvent"):
+                convert = _stop_event_output
         if len(_OUTPUTS) < 1_000:
             _OUTPUTS[type(result)] = convert
     return convert(result)
@@ -313,13 +352,25 @@ def main_output(result: Any) -> Any:
     """The answer a user would name: the response text (or the retrieved texts)."""
     if isinstance(result, list) and (not result or isinstance(result[0], NodeWithScore)):
         return [node_text(n) for n in result]
-    if _is_event(result, "StopEvent"):
+    if is_event(result, "StopEvent"):
         return _stop_result(result)
+    if is_event(result, "AgentOutput") and isinstance(getattr(result, "response", None),
+                                                        ChatMessage):
+        return _agent_text(result)
     if isinstance(result, StreamingResponse | AsyncStreamingResponse):
         return result.response_txt  # a stream that had nothing to stream
     if isinstance(result, StreamingAgentChatResponse):
         return result.response
     return span_output(result)
+
+
+def token_text(token: Any) -> str:
+    """The text of one streamed token: a string, or a model's response (its delta)."""
+    if isinstance(token, str):
+        return token
+    if isinstance(token, CompletionResponse | ChatResponse):
+        return token.delta or ""
+    return str(token)
 
 
 def _count(usage: Mapping[str, Any], keys: tuple[str, ...]) -> int | None:

@@ -97,7 +97,7 @@ class ScrutinyEventHandler(BaseEventHandler):
         return "ScrutinyEventHandler"
 
     def handle(self, event: BaseEvent, **kwargs: Any) -> None:
-        if not tracer.members:
+        if not tracer.members and not tracer.runs:
             return
         try:
             tracer.event(event)

@@ -1,7 +1,8 @@
 """`LlamaIndexRecorder`: record the calls of one LlamaIndex object made inside a `with` block.
 
 Inside the block, every root call of the recorded object (a query engine, a chat engine, a
-retriever) becomes one record with its span tree, built from LlamaIndex's own
+retriever, a workflow or agent run) becomes one record with its span tree — and each turn
+a recorded agent takes in a run of an `AgentWorkflow` — built from LlamaIndex's own
 instrumentation: Scrutiny's span and event handlers on the root dispatcher (added on first
 use) route each notice through a context variable to the active recorders. Nothing is
 patched; calls outside the block, or of other objects, are not recorded.
@@ -27,7 +28,7 @@ from scrutiny.core import (
     TokenUsage,
 )
 from scrutiny.core._records import app_id_for
-from scrutiny.integrations.llama_index._convert import main_input, main_output
+from scrutiny.integrations.llama_index._convert import main_input, main_output, token_text
 from scrutiny.integrations.llama_index._events import FeedbackEventBridge
 from scrutiny.integrations.llama_index._handlers import ensure_installed
 from scrutiny.integrations.llama_index._tracer import (
@@ -48,7 +49,7 @@ _EMPTY_HINT = ("call the recorded object itself inside the `with` block (threads
 
 
 class LlamaIndexRecorder:
-    """Records a LlamaIndex query engine, chat engine or retriever.
+    """Records a LlamaIndex query engine, chat engine, retriever, workflow or agent.
 
     Args:
         app: the object whose calls are recorded (calls of other objects are not, even
@@ -65,6 +66,32 @@ class LlamaIndexRecorder:
     Use ``with recorder as recording:`` (or ``async with``); each root call of `app` in the
     block gives exactly one record, also under threads (run with the block's context) and
     concurrent asyncio tasks.
+
+    What a record is:
+
+    * A call of `app`, with everything it called. A call of `app` made inside another
+      call of `app` belongs to the outer call's record; one made inside a call of another
+      object (a retriever inside a query engine) is a record of its own — of that call
+      only.
+    * A streamed answer — a streaming query or chat, or a workflow run whose stop event's
+      result is a stream (a query or chat engine's streaming response, a generator of
+      tokens) — is recorded when its stream ends, with the full text: once the caller has
+      read it to the end (a chat engine's stream, once written). A stream stopped early
+      gives a `cancelled` record with the partial text; one dropped unread, a `cancelled`
+      record with what is known, when it is released (by the garbage collector, for a
+      workflow's result: its handler holds it in a reference cycle).
+    * An agent (`FunctionAgent`, `ReActAgent`, ...) run by an `AgentWorkflow` makes no
+      calls of its own: the workflow's steps run it. As for any object called inside
+      another one, only its part is recorded: each *turn* it takes in a run — from the
+      step that hands it the conversation to the step that answers (ends the run) or
+      hands the conversation to another agent — is one record, with root span
+      ``<AgentClass>.turn``, the steps of the turn (the model's calls, the tool calls) as
+      its spans, the last user message it was given as input and its answer as output (a
+      turn that ends by handing off has the call it ended with as output, e.g.
+      ``[tool call] handoff({"to_agent": "calc", ...})``). An agent that takes two turns
+      in a run gives two records, one that takes none gives none; a run that fails or is
+      cancelled during a turn ends that turn's record as `error` or `cancelled`. To record
+      whole runs (the user's question, the final answer), record the `AgentWorkflow`.
     """
 
     def __init__(
@@ -143,7 +170,7 @@ class LlamaIndexRecorder:
         root = trace.root
         error = trace.root_error or trace.stream_error
         if trace.streamed:
-            output: Any = "".join(str(t) for t in trace.tokens)
+            output: Any = "".join(token_text(t) for t in trace.tokens)
             root.outputs = output
         else:
             output = main_output(trace.root_result)

@@ -8,8 +8,12 @@ calls outside a ``with recorder:`` block cost one dict lookup and one context-va
 A span starts a :class:`Trace` when its `instance` is the object of an active recorder and
 none of its tracked ancestors belongs to that recorder already (the nearest watched
 ancestor owns the record). Children join the traces of their parent. A trace ends when its
-root span ends — or, for a streamed answer, when the stream ends — and is handed to its
-recorder, which builds the record.
+root span ends — or, for a streamed answer (also a workflow's stop event's stream), when
+the stream ends — and is handed to its recorder, which builds the record.
+
+An agent run by an `AgentWorkflow` has no span of its own: an :class:`AgentRun` watches
+each run of a workflow with a recorded agent, and starts a trace (with a root span of its
+own) for each turn such an agent takes, which that turn's steps join.
 
 Every method here runs on the application's thread (or a thread LlamaIndex started for it)
 and does O(1) work per notice, apart from the end of a trace (linear in its spans).
@@ -20,10 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import sys
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Mapping
+from types import AsyncGeneratorType, GeneratorType
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.response.schema import AsyncStreamingResponse, StreamingResponse
@@ -41,10 +48,14 @@ from scrutiny.core import Span, SpanKind
 from scrutiny.core import recording_suppressed as _suppressed
 from scrutiny.core._courtesy import offer as _offer_gil
 from scrutiny.integrations.llama_index._convert import (
-    STREAM_WRITER_METHODS,
     SpanInputs,
+    answer_of,
     embedding_view,
+    is_event,
+    kind_of,
     llm_text,
+    main_input,
+    main_output,
     name_and_kind,
     nodes_view,
     span_output,
@@ -98,9 +109,10 @@ class Trace:
     stream, in which case when that stream ends too.
     """
 
-    __slots__ = ("_lock", "_root_ended", "_stream_ended", "_tracer", "contexts", "end_time",
-                 "finished", "root", "root_error", "root_result", "scope", "source_contexts",
-                 "spans", "stream_complete", "stream_error", "streamed", "tags", "tokens")
+    __slots__ = ("_awaited", "_following", "_lock", "_root_ended", "_stream_ended", "_tracer",
+                 "_writers", "contexts", "end_time", "finished", "root", "root_error",
+                 "root_result", "scope", "source_contexts", "spans", "stream_complete",
+                 "stream_error", "streamed", "tags", "tokens")
 
     def __init__(self, tracer: Tracer, scope: Scope, root: Span,
                  tags: Mapping[str, Any] | None) -> None:
@@ -123,6 +135,12 @@ class Trace:
         self.finished = False
         self._root_ended = False
         self._stream_ended = False
+        self._writers: dict[str, _Writer] = {}
+        """The streaming chat responses written in this trace, by their writer's span id."""
+        self._following: _Writer | None = None
+        """The writer of the streaming chat response the root answered with."""
+        self._awaited: weakref.ref[Any] | None = None
+        """That response, while its writer has not started."""
         # Reentrant: a stream's finalizer may run (from the garbage collector) anywhere.
         self._lock = threading.RLock()
 
@@ -135,7 +153,7 @@ class Trace:
             self._root_ended = True
             self.root_result = result
             self.root_error = error
-            self.source_contexts = _source_texts(result)
+            self.source_contexts = _source_texts(answer_of(result))
             if error is None:
                 self._follow_stream(result)
             if self.streamed:
@@ -147,6 +165,20 @@ class Trace:
 
     def _follow_stream(self, result: Any) -> None:
         root_id = self.root.span_id
+        if is_event(result, "StopEvent"):
+            # A workflow's answer is its stop event's result: the stream the caller gets.
+            answer = answer_of(result)
+            # (a token generator is replaced where the caller will get it from)
+            in_place = answer is not None and getattr(result, "_result", None) is answer
+            if in_place and isinstance(answer, GeneratorType):
+                self.streamed = True
+                result._result = traced_gen(answer, root_id, self.tokens, self.stream_ended)
+                return
+            if in_place and isinstance(answer, AsyncGeneratorType):
+                self.streamed = True
+                result._result = traced_agen(answer, root_id, self.tokens, self.stream_ended)
+                return
+            result = answer
         if isinstance(result, StreamingResponse) and result.response_gen is not None \
                 and result.response_txt is None:
             self.streamed = True
@@ -160,23 +192,67 @@ class Trace:
         elif isinstance(result, StreamingAgentChatResponse) and (
                 result.write_response_to_history_thread is not None
                 or result.awrite_response_to_history_task is not None):
-            # Its (a)write_response_to_history span ends the stream (see Tracer.exit).
+            # Its (a)write_response_to_history span ends the stream (see writer_ended).
             self.streamed = True
+            writer = next((w for w in self._writers.values() if w.response() is result),
+                          None)
+            if writer is not None:
+                self._follow(writer)
+            else:  # its writer has not started yet (see writer_started)
+                self._awaited = weakref.ref(result)
             if not self._stream_ended:
                 weakref.finalize(result, self.stream_ended, None, False).atexit = False
+
+    def _follow(self, writer: _Writer) -> None:
+        self._following = writer
+        self._awaited = None
+        self.tokens = writer.tokens
+        if writer.ended is not None:
+            self._end_stream(*writer.ended)
+
+    def writer_started(self, span_id: str, response: StreamingAgentChatResponse) -> None:
+        """A streaming chat response started writing its stream (a span of this trace)."""
+        with self._lock:
+            writer = _Writer(response)
+            self._writers[span_id] = writer
+            awaited = self._awaited
+            if awaited is not None and awaited() is response:
+                self._follow(writer)
+
+    def writer_delta(self, span_id: str, delta: Any) -> None:
+        writer = self._writers.get(span_id)
+        if writer is not None:
+            writer.tokens.append(delta)
+
+    def writer_ended(self, span_id: str, error: BaseException | None,
+                     complete: bool) -> None:
+        """A streaming chat response of this trace is written (or failed writing)."""
+        with self._lock:
+            writer = self._writers.get(span_id)
+            if writer is None:
+                return
+            writer.ended = (error, complete)
+            ready = writer is self._following and self._end_stream(error, complete) \
+                and self._root_ended
+        if ready:
+            self.finish()
 
     def stream_ended(self, error: BaseException | None, complete: bool) -> None:
         """The stream of the root's answer ended (exhausted, failed, stopped or dropped)."""
         with self._lock:
-            if self._stream_ended:
-                return
-            self._stream_ended = True
-            self.stream_error = error
-            self.stream_complete = complete
-            self.end_time = time.time()
-            ready = self._root_ended
+            ready = self._end_stream(error, complete) and self._root_ended
         if ready:
             self.finish()
+
+    def _end_stream(self, error: BaseException | None, complete: bool) -> bool:
+        """Note the end of the answer's stream; False if it had ended already."""
+        if self._stream_ended:
+            return False
+        self._stream_ended = True
+        self.stream_error = error
+        self.stream_complete = complete
+        self.end_time = time.time()
+        return True
 
     def finish(self) -> None:
         with self._lock:
@@ -193,6 +269,17 @@ class Trace:
                              "the application is not affected")
 
 
+class _Writer:
+    """A streaming chat response being written inside a trace: its deltas and its end."""
+
+    __slots__ = ("ended", "response", "tokens")
+
+    def __init__(self, response: StreamingAgentChatResponse) -> None:
+        self.response = weakref.ref(response)
+        self.tokens: list[Any] = []
+        self.ended: tuple[BaseException | None, bool] | None = None
+
+
 Member = tuple[Span, Trace, bool]
 """A span in one trace, and whether it runs inside a retrieval of that trace."""
 
@@ -202,6 +289,10 @@ class Tracer:
 
     def __init__(self) -> None:
         self.members: dict[str, tuple[Member, ...]] = {}
+        self.runs: dict[str, AgentRun] = {}
+        """Multi-agent runs (`AgentWorkflow`) with a recorded agent, by run span id."""
+        self.steps: dict[str, AgentRun] = {}
+        """The steps of those runs that are part of a recorded agent's turn."""
         self._lock = threading.Lock()
         self._events: dict[type, Callable[[tuple[Member, ...], Any], None]] = {
             LLMCompletionStartEvent: _on_model_start,
@@ -223,7 +314,11 @@ class Tracer:
             else None
         if owners and len(owners) > 1:
             owners = _innermost_per_recorder(owners)
-        if parents is None and not owners:
+        # a step of a multi-agent run in which a recorded agent may take a turn
+        run = self.runs.get(parent_id) if self.runs and parent_id is not None else None
+        # a multi-agent run with a recorded agent among its agents
+        agents = _agent_scopes(instance, scopes) if scopes else None
+        if parents is None and not owners and run is None and not agents:
             return
         if _suppressed():
             return
@@ -231,13 +326,16 @@ class Tracer:
         name, kind = name_and_kind(id_, instance)
         now = time.time()
         inputs = SpanInputs(arguments)
-        if parents is not None and len(parents) == 1 and not owners:  # the common case
+        if parents is not None and len(parents) == 1 and not owners and run is None \
+                and not agents:  # the common case
             parent, trace, in_retrieval = parents[0]
             if trace.finished:
                 return
             span = Span(id_, parent_id, name, kind, now, inputs=inputs)
             trace.spans.append(span)
             self.members[id_] = ((span, trace, in_retrieval or parent.kind == _RETRIEVER),)
+            if isinstance(instance, StreamingAgentChatResponse):
+                trace.writer_started(id_, instance)
             if trace.finished:  # it ended while this span was being added
                 self._prune(id_)
             return
@@ -255,9 +353,17 @@ class Tracer:
                     root.metadata["llama_index_parent_id"] = parent_id
                 members.append((root, Trace(self, scope, root, tags), False))
                 scope.recording._opened()
+        if agents and name.rpartition(".")[2] == "run":
+            self.runs[id_] = AgentRun(self, id_, instance, agents)
+        if run is not None:
+            members.extend(run.step_entered(id_, name, kind, now, inputs, arguments, tags,
+                                            parents or ()))
         if not members:
             return
         self.members[id_] = tuple(members)
+        if isinstance(instance, StreamingAgentChatResponse):
+            for member in members:
+                member[1].writer_started(id_, instance)
         for member in members:
             if member[1].finished:  # a trace ended while this span was being added
                 self._prune(id_)
@@ -265,8 +371,13 @@ class Tracer:
 
     def exit(self, id_: str, instance: Any, result: Any) -> None:
         members = self.members.get(id_)
-        if members is None:
-            return
+        if members is not None:
+            self._exited(members, id_, instance, result)
+        if self.runs:
+            self._agent_span_ended(id_, result, None)
+
+    def _exited(self, members: tuple[Member, ...], id_: str, instance: Any,
+                result: Any) -> None:
         now = time.time()
         kind = members[0][0].kind
         output = span_output(result)
@@ -282,13 +393,18 @@ class Tracer:
                 trace.contexts.extend(contexts)
             if span is trace.root:
                 trace.root_ended(result, None)
-            elif writer and _ends_stream(span, trace):
-                trace.stream_ended(None, True)
+            elif writer:
+                trace.writer_ended(id_, None, True)
 
     def drop(self, id_: str, instance: Any, error: BaseException | None) -> None:
         members = self.members.get(id_)
-        if members is None:
-            return
+        if members is not None:
+            self._dropped(members, id_, instance, error)
+        if self.runs:
+            self._agent_span_ended(id_, None, error or RuntimeError("dropped"))
+
+    def _dropped(self, members: tuple[Member, ...], id_: str, instance: Any,
+                 error: BaseException | None) -> None:
         now = time.time()
         text = describe_error(error) if error is not None else "dropped"
         writer = isinstance(instance, StreamingAgentChatResponse)
@@ -297,20 +413,35 @@ class Tracer:
             span.error = text
             if span is trace.root:
                 trace.root_ended(None, error or RuntimeError("dropped"))
-            elif writer and _ends_stream(span, trace):
-                trace.stream_ended(error, False)
+            elif writer:
+                trace.writer_ended(id_, error, False)
 
     # ------------------------------------------------------------------ events
     def event(self, event: Any) -> None:
         span_id = event.span_id
         if span_id is None:
             return
+        if self.runs and type(event) is _SpanCancelledEvent:
+            run = self.runs.get(span_id)
+            if run is not None:  # (the run's span then ends normally, with no result)
+                run.cancelled = str(getattr(event, "reason", "") or "cancelled")
         members = self.members.get(span_id)
         if members is None:
             return
         action = self._events.get(type(event))
         if action is not None:
             action(members, event)
+
+    def _agent_span_ended(self, id_: str, result: Any, error: BaseException | None) -> None:
+        """A multi-agent run with a recorded agent, or one of its steps in a turn, ended."""
+        run = self.steps.pop(id_, None)
+        if run is not None:
+            if error is None:  # (a failed step may be retried: the run's end tells)
+                run.step_ended(result)
+            return
+        run = self.runs.pop(id_, None)
+        if run is not None:
+            run.ended(result, error)
 
     # ------------------------------------------------------------------ cleanup
     def forget(self, trace: Trace) -> None:
@@ -338,8 +469,148 @@ class Tracer:
             del self.members[span_id]
 
     def open_traces(self) -> int:
-        """How many traces are still being recorded (for tests and diagnostics)."""
-        return len({id(m[1]) for ms in list(self.members.values()) for m in ms})
+        """How many traces are still being recorded, and multi-agent runs watched for a
+        recorded agent (for tests and diagnostics)."""
+        traces = len({id(m[1]) for ms in list(self.members.values()) for m in ms})
+        return traces + len(self.runs)
+
+
+_MULTI_AGENT_MODULE = "llama_index.core.agent.workflow.multi_agent_workflow"
+_multi_agent_types: dict[type, bool] = {}
+
+
+def _agent_scopes(instance: Any, scopes: tuple[Scope, ...]) -> list[Scope] | None:
+    """The active blocks recording one of the agents of `instance`, when it is a
+    multi-agent workflow (an `AgentWorkflow`); None for anything else."""
+    if instance is None:
+        return None
+    cls = type(instance)
+    multi = _multi_agent_types.get(cls)
+    if multi is None:  # (not imported: no AgentWorkflow can exist, none is imported here)
+        base = getattr(sys.modules.get(_MULTI_AGENT_MODULE), "AgentWorkflow", None)
+        multi = isinstance(base, type) and issubclass(cls, base)
+        if len(_multi_agent_types) < 1_000:
+            _multi_agent_types[cls] = multi
+    if not multi:
+        return None
+    agents = getattr(instance, "agents", None)
+    if not isinstance(agents, Mapping):
+        return None
+    found = [s for s in scopes if any(s.app is a for a in agents.values())]
+    return _innermost_per_recorder(found) if len(found) > 1 else found
+
+
+class AgentRun:
+    """One run of a multi-agent workflow (an `AgentWorkflow`) with a recorded agent.
+
+    The agents of such a run make no calls of their own: the workflow's steps run them,
+    each step naming the agent whose turn it is. A *turn* of an agent lasts from the step
+    that hands it the conversation (an event naming it the current agent) to the step
+    that ends the run (a stop event) or hands the conversation to another agent; the
+    steps in between (tool calls, the model's calls) belong to it. Each turn of a recorded
+    agent is one record of its recorder, under a root span ``<AgentClass>.turn``: input
+    the last user message the agent was given, output its answer (or, for a turn that
+    ends with a hand-off, the tool call it ended with). The run ending — failed or
+    cancelled — ends an open turn with it.
+    """
+
+    __slots__ = ("agent", "cancelled", "last_output", "run_id", "scopes", "steps", "tracer",
+                 "turns", "workflow")
+
+    def __init__(self, tracer: Tracer, run_id: str, workflow: Any,
+                 scopes: list[Scope]) -> None:
+        self.tracer = tracer
+        self.run_id = run_id
+        self.workflow = workflow
+        self.scopes = scopes
+        self.agent: Any = None
+        """The agent whose turn it is (recorded or not)."""
+        self.turns: list[Trace] = []
+        """Its turn's traces, one per recorder of that agent."""
+        self.last_output: Any = None
+        """Its last output (an `AgentOutput`) in this turn."""
+        self.cancelled: str | None = None
+        self.steps: set[str] = set()
+
+    def _agent_named(self, name: Any) -> Any:
+        agents = getattr(self.workflow, "agents", None)
+        return agents.get(name) if isinstance(agents, Mapping) else None
+
+    def step_entered(self, id_: str, name: str, kind: str, now: float, inputs: SpanInputs,
+                     arguments: Mapping[str, Any], tags: Mapping[str, Any] | None,
+                     run_members: tuple[Member, ...]) -> list[Member]:
+        """A step of the run starts: it may start a turn; it joins the turn going on."""
+        event = arguments.get("ev")
+        agent_name = getattr(event, "current_agent_name", None) if event is not None \
+            else None
+        if isinstance(agent_name, str):
+            agent = self._agent_named(agent_name)
+            if agent is not self.agent:
+                self._end_turn(self.last_output, None)
+                self.agent = agent
+                self._start_turn(agent, agent_name, event, now, tags, run_members)
+        members: list[Member] = []
+        for trace in self.turns:
+            if not trace.finished:
+                span = Span(id_, trace.root.span_id, name, kind, now, inputs=inputs)
+                trace.spans.append(span)
+                members.append((span, trace, False))
+        if members:
+            self.steps.add(id_)
+            self.tracer.steps[id_] = self
+        return members
+
+    def _start_turn(self, agent: Any, agent_name: str, event: Any, now: float,
+                    tags: Mapping[str, Any] | None, run_members: tuple[Member, ...]) -> None:
+        self.last_output = None
+        # (a run already inside a record of a recorder stays in that record)
+        owners = [s for s in self.scopes if s.app is agent
+                  and not any(m[1].scope is s for m in run_members)]
+        if not owners:
+            return
+        cls = type(agent).__name__
+        question = main_input({"messages": getattr(event, "input", None)})
+        inputs = SpanInputs({"message": question, "agent": agent_name})
+        for scope in owners:
+            root = Span(f"{cls}.turn-{uuid.uuid4()}", None, f"{cls}.turn",
+                        kind_of(agent, "turn"), now, inputs=inputs)
+            root.metadata["llama_index_parent_id"] = self.run_id
+            root.metadata["agent_name"] = agent_name
+            self.turns.append(Trace(self.tracer, scope, root, tags))
+            scope.recording._opened()
+
+    def step_ended(self, result: Any) -> None:
+        """A step of a turn returned `result` (the event it sends on)."""
+        if is_event(result, "AgentOutput"):
+            self.last_output = result
+        elif is_event(result, "StopEvent"):  # the run's answer
+            self._end_turn(result, None)
+        elif is_event(result, "AgentInput") and \
+                self._agent_named(getattr(result, "current_agent_name", None)) \
+                is not self.agent:  # a hand-off
+            self._end_turn(self.last_output, None)
+
+    def ended(self, result: Any, error: BaseException | None) -> None:
+        """The run's span ended (with its stop event) or was dropped."""
+        for id_ in self.steps:
+            self.tracer.steps.pop(id_, None)
+        if error is None and self.cancelled is not None:
+            error = asyncio.CancelledError(self.cancelled)
+        self._end_turn(self.last_output if result is None else result, error)
+
+    def _end_turn(self, result: Any, error: BaseException | None) -> None:
+        turns, self.turns = self.turns, []
+        if not turns:
+            return
+        now = time.time()
+        output = main_output(result) if error is None else None
+        for trace in turns:
+            trace.root.end_time = now
+            if error is not None:
+                trace.root.error = describe_error(error)
+            elif output is not None:
+                trace.root.outputs = output
+            trace.root_ended(result if error is None else None, error)
 
 
 def _innermost_per_recorder(owners: list[Scope]) -> list[Scope]:
@@ -354,12 +625,6 @@ def _innermost_per_recorder(owners: list[Scope]) -> list[Scope]:
             kept.append(scope)
     kept.reverse()
     return kept
-
-
-def _ends_stream(span: Span, trace: Trace) -> bool:
-    """Is `span` (of a streaming chat response) the writer of `trace`'s streamed answer?"""
-    return span.parent_id == trace.root.span_id and \
-        span.name.rpartition(".")[2] in STREAM_WRITER_METHODS
 
 
 def _source_texts(result: Any) -> list[str] | None:
@@ -421,5 +686,5 @@ def _on_span_cancelled(members: tuple[Member, ...], event: Any) -> None:
 
 
 def _on_chat_delta(members: tuple[Member, ...], event: Any) -> None:
-    for _, trace, _ in members:
-        trace.tokens.append(event.delta)
+    for span, trace, _ in members:  # (sent inside the writer's span)
+        trace.writer_delta(span.span_id, event.delta)
