@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from scrutiny import Feedback, FeedbackMode, FeedbackStatus, Record, Session
 from scrutiny.core._worker import Worker
-from scrutiny.core.storage import SQLStore, UpdateResult
+from scrutiny.core.storage import MemoryStore, SQLStore, Store, UpdateResult
 from tests.support import deferred_feedbacks as fbs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,10 +43,23 @@ def gated(output: str) -> float:
     return 0.5
 
 
+ENTERED: dict[str, datetime] = {}  # output -> when a call of gated_timed began
+_ENTERED_LOCK = threading.Lock()
+
+
+def gated_timed(output: str) -> float:
+    """`gated`, saying in ENTERED when its call began."""
+    with _ENTERED_LOCK:
+        ENTERED[output] = datetime.now(timezone.utc)
+    GATE.wait(20)
+    return 0.5
+
+
 @pytest.fixture(autouse=True)
 def _gate() -> Iterator[None]:
     GATE.clear()
     STARTED.clear()
+    ENTERED.clear()
     yield
     GATE.set()  # whatever still runs ends now
 
@@ -98,6 +111,15 @@ def in_thread(fn: Callable[[], Any], timeout: float) -> Any:
     return out[0]
 
 
+def poll(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Ask `check` (the API under test) until it says True; fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)  # between two looks at the database, bounded by the deadline
+
+
 def pending_rows(url: str, prefix: str, n: int, feedback: Feedback) -> None:
     """`n` records whose results wait in the database for a worker."""
     with Session(url, table_prefix=prefix, feedback_mode="deferred") as app:
@@ -139,9 +161,155 @@ def test_resume_pending_keeps_to_its_timeout_and_counts_what_it_claimed(
         claimed = in_thread(lambda: s.resume_pending(timeout=0.5), 4)
         assert time.monotonic() - start < 2.0
         assert claimed == 2  # room for twice max_concurrency; those never finish
-        assert s.store.count_results() == {"running": 2, "pending": 4}
+        # one runs; the other waits for the one slot: claimed, but not started
+        poll(lambda: s.store.count_results() == {"running": 1, "pending": 5}, 5,
+             "the evaluation that has the slot to be running")
         GATE.set()
         assert s.wait_for_feedback(5)
+
+
+# ---------------------------------------------------------------------- claimed, not started
+def results_by_output(store: Any) -> dict[str, dict[str, Any]]:
+    """Each result row as the store reads it back, by its record's output."""
+    records, results = store.records_and_results()
+    output = {r["record_id"]: json.loads(r["output_json"]) for r in records}
+    return {output[r["record_id"]]: r for r in results}
+
+
+def test_a_claim_waiting_for_a_slot_stays_pending_until_its_evaluation_starts(
+        backend: tuple[str, str]) -> None:
+    """A worker claims twice what it evaluates at once, and the claim stored every row
+    `running` from the claim time: with max_concurrency=2 a user saw four evaluations
+    running, two of them not started, with start times (and latencies) that were not
+    theirs. Claimed rows now stay pending (held by the worker) until they get a slot."""
+    url, prefix = backend
+    fb = Feedback(gated_timed).on_output()
+    pending_rows(url, prefix, 6, fb)
+    status = f"{fb.name} status"
+    with Session(url, table_prefix=prefix) as reader, \
+            Session(url, table_prefix=prefix, max_concurrency=2) as s:
+        before = datetime.now(timezone.utc)
+        worker = s.start_worker(poll_interval=0.05)
+        seen: list[dict[str, int]] = []
+
+        def statuses() -> dict[str, int]:
+            df, _ = reader.get_records_and_feedback()
+            counts = {k: int(v) for k, v in df[status].value_counts().items()}
+            seen.append(counts)
+            assert counts.get("running", 0) <= 2, seen  # never more than its slots
+            return counts
+
+        poll(lambda: statuses() == {"running": 2, "pending": 4} and len(ENTERED) == 2, 10,
+             "the two evaluations that have a slot to be running")
+        rows = results_by_output(reader.store)
+        running = {out: r for out, r in rows.items() if r["status"] == "running"}
+        assert sorted(running) == sorted(ENTERED)  # the ones whose calls began
+        for out, r in running.items():  # their own start, not the claim's
+            assert before <= r["started_at"] <= ENTERED[out]
+            assert (r["worker_id"], r["attempts"]) == (s.owner_id, 1)
+        claimed = [r for r in rows.values() if r["status"] == "pending" and r["lease_token"]]
+        assert [(r["worker_id"], r["attempts"], r["started_at"]) for r in claimed] == [
+            (s.owner_id, 1, None)] * 2  # held by the worker, waiting for a slot
+        free = [r for r in rows.values() if r["status"] == "pending" and not r["lease_token"]]
+        assert len(free) == 2
+
+        # Held rows are not claimable by anyone else; the free ones are, and go back.
+        other = SQLStore(url, table_prefix=prefix)
+        try:
+            taken = other.claim(worker_id="other", token="tok", limit=10, lease_seconds=60,
+                                now=datetime.now(timezone.utc))
+            assert sorted(r["result_id"] for r in taken) == sorted(
+                r["result_id"] for r in free)
+            assert {r["status"] for r in taken} == {"pending"}
+            assert other.release([r["result_id"] for r in taken], token="tok") == 2
+        finally:
+            other.close()
+        assert statuses() == {"running": 2, "pending": 4}
+
+        released = datetime.now(timezone.utc)
+        GATE.set()
+        poll(lambda: statuses() == {"done": 6}, 20, "all six to be done")
+        assert worker.stop(5)
+        rows = results_by_output(reader.store)
+    assert sorted(ENTERED) == sorted(rows)  # each evaluated once
+    for out, r in rows.items():
+        assert r["attempts"] == 1
+        assert r["started_at"] <= ENTERED[out] <= r["ended_at"]
+        if out not in running:  # it waited for a slot: it started once the gate opened
+            assert r["started_at"] >= released
+            assert r["ended_at"] - r["started_at"] < timedelta(seconds=5)
+
+
+def test_closing_gives_back_the_claims_that_waited_for_a_slot(
+        backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    pending_rows(url, prefix, 3, Feedback(gated_timed).on_output())
+    s = Session(url, table_prefix=prefix, max_concurrency=1)
+    s.start_worker(poll_interval=0.05)
+    poll(lambda: s.store.count_results() == {"running": 1, "pending": 2}, 10,
+         "one running, one claimed waiting for the slot, one free")
+    assert sorted((r["status"], r["worker_id"] or "") for r in stored_results(url, prefix)
+                  ) == [("pending", ""), ("pending", s.owner_id), ("running", s.owner_id)]
+    assert s.close(timeout=0.5) is False  # the running one did not finish
+    assert [(r["status"], r["attempts"], r["worker_id"], r["lease_token"])
+            for r in stored_results(url, prefix)] == [("pending", 0, None, None)] * 3
+    assert len(ENTERED) == 1  # the one that waited never started
+
+
+def check_claims(store: Store) -> None:
+    """What a claim does to the two pending rows in `store` (see the tests below)."""
+    now = datetime.now(timezone.utc)
+
+    def held(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return sorted((r["status"], r["worker_id"], r["lease_token"], r["attempts"],
+                       r["started_at"]) for r in rows)
+
+    first = store.claim(worker_id="a", token="ta", limit=1, lease_seconds=60, now=now)
+    assert held(first) == [("pending", "a", "ta", 1, None)]
+    x = first[0]["result_id"]
+    second = store.claim(worker_id="b", token="tb", limit=5, lease_seconds=60, now=now)
+    assert held(second) == [("pending", "b", "tb", 1, None)]  # not a's
+    y = second[0]["result_id"]
+    assert store.release([y], token="ta") == 0  # not a's to give back
+    assert store.release([y], token="tb") == 1  # unstarted, given back
+    assert held(store.results_by_ids([y])) == [("pending", None, None, 0, None)]
+    store.write([UpdateResult(x, {"status": "running", "started_at": now},
+                              from_statuses=("pending",), lease_token="ta")])  # a started
+    assert store.results_by_ids([x])[0]["status"] == "running"
+    assert [r["result_id"] for r in store.claim(
+        worker_id="b", token="tb", limit=5, lease_seconds=60, now=now)] == [y]
+    # a and b die; their leases run out: c takes both, started by nobody alive
+    later = now + timedelta(seconds=120)
+    third = store.claim(worker_id="c", token="tc", limit=5, lease_seconds=60, now=later)
+    assert held(third) == [("pending", "c", "tc", 2, None)] * 2
+    store.write([UpdateResult(x, {"status": "running", "started_at": now},
+                              from_statuses=("pending",), lease_token="ta")])  # too late
+    assert store.results_by_ids([x])[0]["status"] == "pending"
+    assert store.release([x, y], token="tc") == 2
+    assert held(store.results_by_ids([x, y])) == [("pending", None, None, 1, None)] * 2
+
+
+def test_a_claim_holds_a_pending_row_until_released_or_its_lease_runs_out(
+        backend: tuple[str, str]) -> None:
+    """The store's side: a claimed row is pending with a live lease (its holder stores
+    `running` when it starts); nobody else can claim it; a release or an expired lease
+    makes it claimable again, pending and unstarted, its claims counted."""
+    url, prefix = backend
+    pending_rows(url, prefix, 2, Feedback(fbs.length).on_output())
+    store = SQLStore(url, table_prefix=prefix)
+    try:
+        check_claims(store)
+    finally:
+        store.close()
+
+
+def test_the_in_memory_store_claims_as_the_database_does() -> None:
+    store = MemoryStore()
+    with Session(store=store, feedback_mode="deferred") as app:
+        for i in range(2):
+            app.ingest(make_record(i), [Feedback(fbs.length).on_output()])
+        assert app.flush(10)
+    check_claims(store)
 
 
 # ---------------------------------------------------------------------- what is evaluated

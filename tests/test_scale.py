@@ -299,7 +299,9 @@ def test_a_killed_workers_claims_are_completed_by_another(pg: tuple[str, str],
         victim = _worker(url, prefix, "--lease", "2", env=env)
         try:
             _wait_until(lambda: Path(str(flag) + ".started").exists(), 60, "the hang")
-            _wait_until(lambda: app.store.count_results().get("done") == 4, 60, "4 done")
+            # (the hanging one is stored `running` once it has run a quarter second)
+            _wait_until(lambda: app.store.count_results() == {"done": 4, "running": 1}, 60,
+                        "4 done and the hanging one running")
         finally:
             victim.kill()  # SIGKILL: no chance to release its claim
             victim.communicate(timeout=30)

@@ -652,8 +652,11 @@ class Session(SessionReading):
         """Runs on the evaluation loop when an evaluation gets its slot. Its `running` status
         is stored once it has run RUNNING_AFTER seconds: quick ones go straight from pending
         to their end state without a write in between. One sweep timer serves every
-        evaluation in flight (a timer each cost more than a quick evaluation itself)."""
-        if self._writer is None or job.pending.attempts:  # a claimed row is running already
+        evaluation in flight (a timer each cost more than a quick evaluation itself).
+        A row a worker claimed is `pending` until then too (held by its lease): a worker
+        claims more than it evaluates at once, and those waiting for a slot have not
+        started."""
+        if self._writer is None:
             return
         self._started[job] = (time.monotonic(), started_at)  # start order = insertion order
         if self._running_sweep is None:
@@ -672,8 +675,10 @@ class Session(SessionReading):
                     began + RUNNING_AFTER - now, self._sweep_running)
                 return
             del started[job]
+            # (a claimed row keeps its count of claims: max_claims reads it)
             self._store_running(job, job.pending.evolve(
-                status=FeedbackStatus.RUNNING, started_at=started_at, attempts=1))
+                status=FeedbackStatus.RUNNING, started_at=started_at,
+                attempts=max(1, job.pending.attempts)))
 
     def _store_running(self, job: Job, running: FeedbackResult) -> None:
         writer = self._writer

@@ -7,6 +7,12 @@ SQLite under the single-writer lock), rebuilds each feedback from the spec store
 definition, evaluates it on the session's evaluation loop and stores the end state guarded
 by the lease token. The session's heartbeat renews the lease; a worker that dies stops
 renewing, and its claims become claimable again when the lease runs out.
+
+A claimed row stays `pending` (held: its worker, token and lease are set) until its
+evaluation gets one of the session's concurrency slots: a worker claims up to twice what it
+evaluates at once, and the rows waiting for a slot have not started. Once an evaluation has
+run RUNNING_AFTER seconds its row is stored `running` with the time it really started, as
+for the evaluations of the session's own records (see `Session._on_running`).
 """
 
 from __future__ import annotations

@@ -116,14 +116,18 @@ class Store(Protocol):
         """Take up to `limit` claimable results: pending or running with no live lease,
         of any feedback but those in `exclude_feedback_ids`.
 
-        Claimed rows become `running`, held by `worker_id` with `token` until `now +
-        lease_seconds`, their `attempts` counted up; two callers never get the same row.
+        Claimed rows are held by `worker_id` with `token` until `now + lease_seconds`,
+        their `attempts` counted up; two callers never get the same row. They are `pending`
+        (with no `started_at`) until their evaluation really starts: the holder stores
+        `running`, with the time it started, itself. A claimed row is a pending one with a
+        live lease, as the rows an app evaluates itself are from the start.
         """
         ...
 
     def release(self, result_ids: Sequence[str], *, token: str) -> int:
-        """Give back claims still held with `token`: the results are `pending` again, free
-        for any worker, their `attempts` as before the claim. Returns how many."""
+        """Give back claims still held with `token` (started or not): the results are
+        `pending` again, free for any worker, their `attempts` as before the claim. Returns
+        how many."""
         ...
 
     def results_by_ids(self, result_ids: Sequence[str]) -> list[Row]:

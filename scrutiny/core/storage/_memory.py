@@ -159,9 +159,9 @@ class MemoryStore:
                 key=lambda r: r["created_at"])[:limit]
             claimed = []
             for r in claimable:
-                r.update(status="running", worker_id=worker_id, lease_token=token,
+                r.update(status="pending", worker_id=worker_id, lease_token=token,
                          lease_expires_at=now + timedelta(seconds=lease_seconds),
-                         attempts=(r.get("attempts") or 0) + 1, started_at=now, updated_at=now)
+                         attempts=(r.get("attempts") or 0) + 1, started_at=None, updated_at=now)
                 claimed.append(dict(r))
             return claimed
 
@@ -170,7 +170,8 @@ class MemoryStore:
         with self._lock:
             for result_id in result_ids:
                 r = self._results.get(result_id)
-                if r is None or r["status"] != "running" or r.get("lease_token") != token:
+                if r is None or r["status"] not in ("pending", "running") or r.get(
+                        "lease_token") != token:
                     continue
                 r.update(status="pending", worker_id=None, lease_token=None,
                          lease_expires_at=None, started_at=None,

@@ -722,10 +722,12 @@ class SQLStore:
         if exclude_feedback_ids:
             claimable = claimable.where(t.c.feedback_id.not_in(list(exclude_feedback_ids)))
         claimable = claimable.order_by(t.c.created_at).limit(limit)
+        # Held, not started: `pending` until its evaluation gets a slot (then the worker
+        # stores `running` with that time). A row a dead holder had started is pending again.
         values = {
-            "status": "running", "worker_id": worker_id, "lease_token": token,
+            "status": "pending", "worker_id": worker_id, "lease_token": token,
             "lease_expires_at": now + timedelta(seconds=lease_seconds),
-            "attempts": t.c.attempts + 1, "started_at": now, "updated_at": now,
+            "attempts": t.c.attempts + 1, "started_at": None, "updated_at": now,
         }
         with self.engine.connect() as raw:
             conn = raw.execution_options(**{_WRITE: True})
@@ -754,7 +756,7 @@ class SQLStore:
                     released += conn.execute(
                         update(t)
                         .where(t.c.result_id.in_(chunk))
-                        .where(t.c.status == "running")
+                        .where(t.c.status.in_(("pending", "running")))
                         .where(t.c.lease_token == token)
                         .values(status="pending", worker_id=None, lease_token=None,
                                 lease_expires_at=None, started_at=None,
