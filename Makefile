@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) bench/judge_throughput.py
 	$(PY) bench/deferred.py
 	$(PY) bench/dashboard.py
+	$(PY) bench/pii.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

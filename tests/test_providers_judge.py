@@ -7,6 +7,7 @@ the path recorders take, unless a test is about calling the judge directly.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from langchain_core.language_models import (
     GenericFakeChatModel,
 )
 from langchain_core.messages import AIMessage
+from langchain_core.outputs import Generation, LLMResult
 
 QUESTION = "What is the capital of France?"
 ANSWER = "Paris is the capital of France."
@@ -46,6 +48,26 @@ def make_record(i: int = 0, *, output: str = ANSWER, contexts: Sequence[str] = C
     return Record(app_name="qa", app_version="v1", input=question, output=output,
                   contexts=list(contexts), metadata={"expected": "Paris."},
                   start_time=now, end_time=now)
+
+
+class UsageReportingLLM(FakeListLLM):
+    """A LangChain completion LLM that reports token usage and finish reasons the way
+    OpenAI's completion models do: in the LLMResult, not in the string it returns."""
+
+    finish_reason: str = "stop"
+
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: Any = None, **kwargs: Any) -> LLMResult:
+        texts = [self._call(p, stop=stop, **kwargs) for p in prompts]
+        return LLMResult(
+            generations=[[Generation(text=t, generation_info={
+                "finish_reason": self.finish_reason})] for t in texts],
+            llm_output={"token_usage": {"prompt_tokens": 100, "completion_tokens": 5,
+                                        "total_tokens": 105}})
+
+    async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
+                         run_manager: Any = None, **kwargs: Any) -> LLMResult:
+        return self._generate(prompts, stop=stop, **kwargs)
 
 
 def all_feedbacks(judge: LLMJudge) -> list[Feedback]:
@@ -159,6 +181,100 @@ def test_groundedness_fails_when_a_statement_has_no_verdict(session: Session) ->
     assert "1 verdict(s) for 2 statement(s)" in (result.error or "")
 
 
+def test_groundedness_budgets_only_the_statements_it_judges(session: Session) -> None:
+    """A long answer (400 statements, 30 judged) counted whole against the budget: the
+    sources were cut short for statements that were never sent, and the judged statements
+    were checked against half a source."""
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Prompts(BaseCallbackHandler):
+        run_inline = True
+
+        def __init__(self) -> None:
+            self.prompts: list[str] = []
+
+        def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+            self.prompts.append("\n".join(str(m.content) for m in messages[0]))
+
+    verdicts = json.dumps({"statements": [{"statement": i, "score": 10}
+                                          for i in range(1, 31)]})
+    log = Prompts()
+    judge = LLMJudge(FakeListChatModel(responses=[verdicts], callbacks=[log]),
+                     max_prompt_tokens=4000)
+    source = "Paris is the capital of France. " * 300 + "THE END OF THE SOURCE."
+    answer = " ".join(f"Fact {i} is about Paris." for i in range(400))
+    fb = Feedback(judge.groundedness).on(contexts=Select.contexts.collect(),
+                                         answer=Select.output)
+    result = evaluate(session, [fb], make_record(output=answer, contexts=[source]))
+    grounded = result["groundedness"]
+    assert grounded.status is FeedbackStatus.DONE, grounded.error
+    assert grounded.result == 1.0
+    (prompt,) = log.prompts
+    assert "THE END OF THE SOURCE." in prompt  # the source was sent whole
+    assert "truncated by Scrutiny" not in prompt
+    explanation = grounded.explanation or ""
+    assert "too large" not in explanation
+    assert "the answer has 400 statements; only the first 30 were judged" in explanation
+
+
+def test_groundedness_never_judges_a_statement_cut_in_half_by_the_budget(
+        session: Session) -> None:
+    """The budget cut the answer mid-sentence and the fragment was judged as a statement:
+    "Paris is not" of "Paris is not the capital of Spain."."""
+    import re
+
+    from langchain_core.runnables import RunnableLambda
+
+    prompts: list[str] = []
+
+    def verdicts(messages: Any) -> str:
+        prompt = str(messages[-1].content)
+        prompts.append(prompt)
+        count = int(re.search(r"with exactly (\d+) entries", prompt).group(1))  # type: ignore[union-attr]
+        return json.dumps({"statements": [{"statement": i, "score": 10}
+                                          for i in range(1, count + 1)]})
+
+    sentences = [f"Fact {i}: Paris is not the capital of Spain." for i in range(40)]
+    judge = LLMJudge(RunnableLambda(verdicts), max_prompt_tokens=700)
+    fb = Feedback(judge.groundedness).on(contexts=Select.contexts.collect(),
+                                         answer=Select.output)
+    record = make_record(output=" ".join(sentences), contexts=["Madrid is. " * 400])
+    result = evaluate(session, [fb], record)["groundedness"]
+    assert result.status is FeedbackStatus.DONE, result.error
+    assert "truncated before judging" in (result.explanation or "")
+    (prompt,) = prompts
+    judged = re.findall(r"^\d+\. (.*)$", prompt.split("<statements>")[1], re.MULTILINE)
+    assert 0 < len(judged) < len(sentences)
+    assert all(statement in sentences for statement in judged), judged[-1]
+
+
+def test_the_default_budget_holds_for_chinese_text(session: Session) -> None:
+    """About 4 characters per token is English; a Chinese character is a token or more
+    in every GPT tokenizer, and a Chinese answer ran to four times the budget."""
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Prompts(BaseCallbackHandler):
+        run_inline = True
+
+        def __init__(self) -> None:
+            self.prompts: list[str] = []
+
+        def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+            self.prompts.append("\n".join(str(m.content) for m in messages[0]))
+
+    log = Prompts()
+    judge = LLMJudge(FakeListChatModel(responses=['{"score": 6, "reasons": "long"}'],
+                                       callbacks=[log]), max_prompt_tokens=1000)
+    answer = "巴黎是法国的首都\uff0c也是法国最大的城市\u3002" * 1000  # 19,000 characters
+    result = evaluate(session, [Feedback(judge.conciseness).on_output()],
+                      make_record(output=answer))["conciseness"]
+    assert result.status is FeedbackStatus.DONE, result.error
+    assert (result.explanation or "").startswith("[NOTICE: the judge prompt is too large")
+    (prompt,) = log.prompts
+    chinese = sum(1 for c in prompt if "\u4e00" <= c <= "\u9fff" or c in "\uff0c\u3002")
+    assert 100 < chinese <= 1000  # truncated, and at least a token each: within budget
+
+
 def test_completion_llms_get_one_prompt(session: Session) -> None:
     judge = LLMJudge(FakeListLLM(responses=["Score: 3/10\nReasons: vague"]))
     result = evaluate(session, [Feedback(judge.coherence).on_output()])["coherence"]
@@ -183,6 +299,45 @@ def test_judge_token_usage_is_stored_as_evaluation_cost(session: Session) -> Non
     assert stored is not None
     (stored_result,) = stored.feedback_results.values()
     assert stored_result.cost == result.cost
+
+
+def test_a_completion_llms_token_usage_is_stored_as_evaluation_cost(session: Session) -> None:
+    """A LangChain LLM returns a bare string: its usage is only in the call's LLMResult
+    (`llm_output["token_usage"]`, as OpenAI's completion models report it), and was lost."""
+    judge = LLMJudge(UsageReportingLLM(responses=["Score: 7\nReasons: clear"]))
+    result = evaluate(session, [Feedback(judge.coherence).on_output()])["coherence"]
+    assert result.status is FeedbackStatus.DONE, result.error
+    assert result.result == pytest.approx(0.7)
+    assert result.cost == {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105}
+
+
+@pytest.mark.parametrize("metadata", [
+    {"finish_reason": "length"},          # OpenAI
+    {"stop_reason": "max_tokens"},        # Anthropic
+    {"done_reason": "length"},            # Ollama
+    {"finish_reason": "MAX_TOKENS"},      # Gemini
+])
+def test_a_cut_off_answer_fails_even_when_a_score_can_be_read(
+        session: Session, metadata: dict[str, str]) -> None:
+    """The model stopped at its output limit after "Score: 7": what it did not write (a
+    second thought, the JSON it was asked for) might have changed the verdict."""
+    answer = "Score: 7\nReasons: the answer names the capital but then"
+    model = GenericFakeChatModel(messages=iter(
+        [AIMessage(content=answer, response_metadata=metadata)] * 3))
+    result = evaluate(session, [Feedback(LLMJudge(model).coherence).on_output()])["coherence"]
+    assert result.status is FeedbackStatus.FAILED
+    assert result.result is None
+    assert "cut off" in (result.error or "")
+    assert repr(answer) in result.calls[0].metadata.get("raw_value", "")  # kept whole
+
+
+def test_a_cut_off_completion_llm_answer_fails(session: Session) -> None:
+    judge = LLMJudge(UsageReportingLLM(responses=["Score: 7\nReasons: the"],
+                                       finish_reason="length"))
+    result = evaluate(session, [Feedback(judge.coherence).on_output()])["coherence"]
+    assert result.status is FeedbackStatus.FAILED
+    assert "cut off" in (result.error or "")
+    assert result.cost is not None  # the tokens were spent all the same
 
 
 def test_models_without_usage_give_no_cost(session: Session) -> None:
@@ -213,6 +368,31 @@ def test_llama_index_llm_with_scripted_answers(session: Session) -> None:
     assert seen
     assert all(m[0].role == MessageRole.SYSTEM for m in seen)
     assert all(m[1].role == MessageRole.USER for m in seen)
+
+
+def test_a_llama_index_answer_cut_off_by_the_sdk_fails(session: Session) -> None:
+    """LlamaIndex's OpenAI LLM keeps the SDK's response object as `raw` (not a dict): its
+    `choices[0].finish_reason` of "length" went unseen and the cut answer was scored."""
+    pytest.importorskip("llama_index.core")
+    from types import SimpleNamespace
+
+    from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole
+    from llama_index.core.llms.mock import MockFunctionCallingLLM
+
+    class SDKBacked(MockFunctionCallingLLM):
+        async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+            completion = SimpleNamespace(  # the shape of openai's ChatCompletion
+                choices=[SimpleNamespace(finish_reason="length")],
+                usage=SimpleNamespace(prompt_tokens=50, completion_tokens=8, total_tokens=58))
+            return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT,
+                                                    content="Score: 8\nReasons: it"),
+                                raw=completion)
+
+    result = evaluate(session, [Feedback(LLMJudge(SDKBacked()).coherence).on_output()])
+    coherence = result["coherence"]
+    assert coherence.status is FeedbackStatus.FAILED
+    assert "cut off" in (coherence.error or "")
+    assert coherence.cost == {"prompt_tokens": 50, "completion_tokens": 8, "total_tokens": 58}
 
 
 @pytest.mark.parametrize("max_tokens", [None, 5])
@@ -323,10 +503,59 @@ def test_judge_calls_are_not_recorded_as_app_records(
     assert session.wait_for_feedback(30)
     df, _ = session.get_records_and_feedback()
     assert list(df["app_name"]) == ["rag"]  # one record: the app's
-    # control: outside an evaluation the same handler does record the model's calls
-    asyncio.run(judge.coherence("Paris."))
+    # control: called by anything but the judge, the same handler does record the model
+    asyncio.run(judge_model.ainvoke("Paris."))
     df, _ = session.get_records_and_feedback()
     assert len(df) == 2
+
+
+def test_a_judge_awaited_inside_a_recorder_block_is_not_recorded(session: Session) -> None:
+    """An app that judges its own answer inline: the recorder records every LangChain call
+    made in its block, and the judge's call became a second app record, its JSON verdict
+    stored as the app's output."""
+    from scrutiny.integrations.langchain import ChainRecorder
+
+    app = FakeListChatModel(responses=["Paris."])
+    judge = LLMJudge(FakeListChatModel(responses=['{"score": 9, "reasons": "on topic"}']))
+    recorder = ChainRecorder(app, app_name="self-checking", session=session)
+
+    async def answer_and_judge() -> tuple[float, str]:
+        async with recorder:
+            answer = await app.ainvoke(QUESTION)
+            return await judge.answer_relevance(QUESTION, answer.content)
+
+    assert asyncio.run(answer_and_judge()) == (pytest.approx(0.9), "on topic")
+    assert session.wait_for_feedback(30)
+    df, _ = session.get_records_and_feedback()
+    assert list(df["output"]) == ["Paris."]  # the app's call, and only it
+
+
+def test_a_llama_index_judge_awaited_inside_a_recorder_block_is_not_recorded(
+        session: Session) -> None:
+    """The same with LlamaIndex: the app's LLM, recorded, also serves as the judge."""
+    pytest.importorskip("llama_index.core")
+    from llama_index.core.base.llms.types import ChatMessage, MessageRole
+    from llama_index.core.llms.mock import MockFunctionCallingLLM
+
+    from scrutiny.integrations.llama_index import LlamaIndexRecorder
+
+    def reply(messages: Sequence[ChatMessage], **kwargs: Any) -> ChatMessage:
+        text = '{"score": 8, "reasons": "ok"}' if len(messages) > 1 else "Paris."
+        return ChatMessage(role=MessageRole.ASSISTANT, content=text)
+
+    llm = MockFunctionCallingLLM(response_generator=reply)
+    judge = LLMJudge(llm)
+    recorder = LlamaIndexRecorder(llm, app_name="li-self-checking", session=session)
+
+    async def answer_and_judge() -> tuple[float, str]:
+        async with recorder:
+            answer = await llm.achat([ChatMessage(role=MessageRole.USER, content=QUESTION)])
+            return await judge.answer_relevance(QUESTION, answer.message.content)
+
+    assert asyncio.run(answer_and_judge()) == (pytest.approx(0.8), "ok")
+    assert session.wait_for_feedback(30)
+    df, _ = session.get_records_and_feedback()
+    assert len(df) == 1
 
 
 def test_rag_triad_on_a_llama_index_record_with_a_llama_index_judge(session: Session) -> None:

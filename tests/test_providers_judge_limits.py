@@ -177,6 +177,60 @@ def test_retry_after_hints_are_honoured(session: Session) -> None:
     assert calls[1] - calls[0] >= 0.29
 
 
+class HeadersOnTheError(Exception):
+    """aiohttp's ClientResponseError and Fern-generated SDKs (Cohere...) carry the response
+    headers on the error itself, not on a `response`."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        super().__init__("429, message='Too Many Requests'")
+        self.status = 429
+        self.headers = headers
+
+
+class RetryAfterText(Exception):
+    status_code = 429
+    retry_after = "0.3"  # a header value passed on as it came
+
+
+class QuotaExceeded(Exception):
+    """Google's and OpenAI's 429s name the wait only in their message."""
+
+    code = 429
+
+
+@pytest.mark.parametrize("error", [
+    HeadersOnTheError({"Retry-After": "0.3"}),
+    HeadersOnTheError({"retry-after-ms": "300"}),
+    RetryAfterText(),
+    QuotaExceeded("429 RESOURCE_EXHAUSTED. You exceeded your current quota. "
+                  "Please retry in 0.3s."),
+    QuotaExceeded("Rate limit reached for gpt-4o on tokens per min. Please try again in "
+                  "300ms. Visit https://platform.openai.com/account/rate-limits"),
+], ids=["headers-on-error", "retry-after-ms-on-error", "string-attribute", "gemini-message",
+        "openai-message"])
+def test_retry_after_hints_in_other_shapes_are_honoured(session: Session,
+                                                        error: Exception) -> None:
+    calls: list[float] = []
+    judge = LLMJudge(failing_model(1, error, calls=calls), retries=1, backoff=0.001)
+    fb = Feedback(judge.coherence).on_output()
+    (record,) = run(session, [fb], 1)
+    assert record.feedback_results[fb].status is FeedbackStatus.DONE
+    assert calls[1] - calls[0] >= 0.29  # not the 1 ms backoff
+
+
+@pytest.mark.parametrize("error", ["RemoteProtocolError", "ReadError", "ConnectError"])
+def test_dropped_httpx_connections_are_retried(session: Session, error: str) -> None:
+    """Clients that let httpx's errors through (Ollama's, for one): a server that closed
+    the connection under load failed the result at once."""
+    httpx = pytest.importorskip("httpx")
+    dropped = getattr(httpx, error)("Server disconnected without sending a response.")
+    judge = LLMJudge(failing_model(1, dropped, answer="6"), retries=1, backoff=0.001)
+    fb = Feedback(judge.coherence).on_output()
+    (record,) = run(session, [fb], 1)
+    result = record.feedback_results[fb]
+    assert (result.status, result.result, result.attempts) == (FeedbackStatus.DONE, 0.6, 2)
+
+
 def test_a_retry_after_pauses_the_judges_whole_rate_limit_group(session: Session) -> None:
     """A 429 is about the key the judge's calls share: the other calls kept firing into
     the hinted window (each drawing another 429 and burning its retries)."""

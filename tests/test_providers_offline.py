@@ -186,9 +186,30 @@ def test_checksums() -> None:
     ("iban de89 3704 0044 0532 0130 00 or DE89-3704-0044-0532-0130-00", ["iban", "iban"]),
     ("version 1.2.3.4 released; python 3.11.4.0; RFC 1.2.3.4; host 10.0.0.1", ["ipv4"]),
     ("call 0044 20 7946 0958 or 011 44 20 7946 0958", ["phone", "phone"]),
+    # a time with microseconds ends in "00.123456": no call to country 1
+    ("Logged at 2024-01-15 10:30:00.123456 UTC, took 12:00:00.5 hours", []),
+    # a millisecond timestamp passing Luhn is no card (no card starts with 1); Visa's can
+    ("created_at 1712345678907, updated_at 1700000000008", []),
+    ("old Visa 4222222222222", ["credit_card"]),
+    # French numbers are written in pairs
+    ("Appelez le 01 23 45 67 89 ou le 06.12.34.56.78", ["phone", "phone"]),
+    ("Écrivez à josé@exämple.fr", ["email"]),
+    ("Supported versions: 3.11.4.0; releases 3.12.1.0", []),
+    # signed decimals (coordinates, changes) are no phone numbers
+    ("Eiffel Tower: +48.8582602, +2.2944991; the index moved +0.123456789", []),
+    # a phone number passing Luhn after "+" is no card; a compact one is still a phone
+    ("Ruf an: +49 15112345678 oder +4915112345678", ["phone", "phone"]),
+    ("call 0044 (0)20 7946 0958 or 00442079460958", ["phone", "phone"]),
 ])
 def test_pii_kinds_on_fixed_cases(text: str, kinds: list[str]) -> None:
     assert [m.kind for m in PIIDetector().find(text)] == kinds
+
+
+def test_long_signed_numbers_are_not_phone_numbers() -> None:
+    """(How long such text takes, which was quadratic in regex backtracking — a 1 MB table
+    took 46 s — is measured by bench/pii.py.)"""
+    text = ("+1" + "2" * 50 + " ") * 300
+    assert PIIDetector().find(text) == []
 
 
 def test_pii_explanations_never_show_the_pii(session: Session) -> None:

@@ -26,6 +26,26 @@ from scrutiny.providers._text import as_text, split_statements
     ("7.5", 0.75, ""),
     ('{"score": 8, "reasons": "good"}\n\nLet me know if you need more.', 0.8, "good"),
     ('{"Score": "8/10", "Reasons": "ok"}', 0.8, "ok"),
+    ('{"rating": 4, "out_of": 5, "reason": "good"}', 0.8, "good"),  # its own scale, stated
+    # the score first, then the reasons (which may hold other numbers)
+    ("9\nThe answer is relevant. It names 3 facts.", 0.9,
+     "The answer is relevant. It names 3 facts."),
+    ("8/10 - mostly relevant", 0.8, "mostly relevant"),
+    ("7 out of 10: partly answers", 0.7, "partly answers"),
+    ("**8**\n\nCovers 2 of the 3 points.", 0.8, "Covers 2 of the 3 points."),
+    # a reasoning model's thinking before its answer is not the answer
+    ('<think>\nScore: 3? No: it answers it. {"score": 9} then.\n</think>\n\n'
+     '{"score": 9, "reasons": "on topic"}', 0.9, "on topic"),
+    ("<think>Hmm, Score: 6?</think>\nScore: 8\nReasons: fine", 0.8, "fine"),
+    ("The prompt opened the block; Score: 2 at first.</think>\n\n8", 0.8, ""),
+    # what is left of the score line is no reason
+    ("Score: 7.\nReasons: fine", 0.7, "fine"),
+    ("**Score:** 8\n**Reasons:** good", 0.8, "good"),
+    ("Score: 8, because it is on topic", 0.8, "because it is on topic"),
+    ("Score: 7\nReasons: short.\nScore: 7", 0.7, "short."),
+    # a rating the judge quotes mid-sentence is not a second score
+    ('The source gives the hotel a guest rating: 4/5.\n{"score": 7, "reasons": "partly"}',
+     0.7, "partly"),
 ])
 def test_good_answers_are_read_on_the_stated_scale(answer: str, score: float,
                                                    reasons: str) -> None:
@@ -46,6 +66,19 @@ def test_good_answers_are_read_on_the_stated_scale(answer: str, score: float,
     ('{"score": NaN}', "finite"),
     ("[1, 2]", "not an object"),
     ("Score: 3\nOn reflection, Score: 8", "several different scores"),
+    # a reasoning block cut off before the answer: its "Score: 6" is a draft
+    ("<think>\nThe answer is on topic, so Score: 6 seems right, unless", "never closes"),
+    ("<think>All reasoning.</think>\n", "no answer after its reasoning"),
+    # the prose around the JSON disagrees with it
+    ('Score: 3\n{"score": 7, "reasons": "fine"}', "several different scores"),
+    ('{"score": 7, "reasons": "fine"}\n\nOn reflection, Score: 4', "several different scores"),
+    ("Score: 8-9", "a range"),
+    ("Rating: 6 to 7", "a range"),
+    ("Score: 1e1", "no score"),
+    # a 0-1 answer on the 0-10 scale: read as stated, 0.7 was 0.07
+    ('{"score": 0.7, "reasons": "mostly"}', "0-1 scale"),
+    ("Score: 0.8", "0-1 scale"),
+    ("0.9", "0-1 scale"),
 ])
 def test_malformed_answers_fail_with_the_raw_text(answer: str, why: str) -> None:
     with pytest.raises(InvalidFeedbackValue, match=why) as info:
@@ -54,6 +87,7 @@ def test_malformed_answers_fail_with_the_raw_text(answer: str, why: str) -> None
 
 
 @pytest.mark.parametrize("answer", ['{"score": 11}', '{"score": -1}', "12", "-3", "6/5",
+                                    '{"score": 6, "max_score": 5}',
                                     "Score: 42", '{"score": "11/10"}'])
 def test_out_of_range_scores_fail_and_are_never_clamped(answer: str) -> None:
     with pytest.raises(InvalidFeedbackValue, match="outside the scale") as info:
@@ -94,6 +128,9 @@ def test_statement_verdicts_are_read_in_order_or_by_number() -> None:
     assert [v.score for v in parse_statement_scores("[10, 5, 0]", 3)] == [1.0, 0.5, 0.0]
     assert parse_statement_scores('{"score": 9, "reasons": "ok"}', 1)[0].score == 0.9
     assert parse_statement_scores("Score: 4", 1)[0].score == 0.4
+    thought = ('<think>Statement {1} is in source [1]; {2} is not.</think>\n'
+               '{"statements": [{"statement": 1, "score": 10}, {"statement": 2, "score": 0}]}')
+    assert [v.score for v in parse_statement_scores(thought, 2)] == [1.0, 0.0]
 
 
 @pytest.mark.parametrize(("answer", "why"), [
@@ -104,6 +141,9 @@ def test_statement_verdicts_are_read_in_order_or_by_number() -> None:
     ("Both are supported.", "not JSON"),
     ('{"statements": [{"statement": 1, "score": 1}, {"statement": 1, "score": 2}]}',
      "two verdicts"),
+    ('{"statements": [{"statement": 1, "score": 0.9}, {"statement": 2, "score": 0.5}]}',
+     "0-1 scale"),
+    ('<think>\n1. supported {"statement": 1, "score": 10}', "never closes"),
 ])
 def test_bad_statement_verdicts_fail(answer: str, why: str) -> None:
     with pytest.raises(InvalidFeedbackValue, match=why) as info:
@@ -116,6 +156,9 @@ def test_statements_are_lines_bullets_and_sentences() -> None:
     assert split_statements(text) == [
         "Paris is the capital.", "It has 2 million people!", "The Seine flows through it."]
     assert split_statements(" ... \n") == []
+    # Chinese and Japanese put no space after a full stop: each sentence is still one
+    assert split_statements("巴黎是法国的首都。它很美\uff01你去过吗\uff1f") == [
+        "巴黎是法国的首都。", "它很美\uff01", "你去过吗\uff1f"]
 
 
 def test_selections_become_the_text_a_person_reads() -> None:

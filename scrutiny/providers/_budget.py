@@ -8,6 +8,7 @@ says so in the explanation. It never scores a prompt it could not send.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -26,9 +27,27 @@ _MIN_FIELD_TOKENS = 16
 _MARGIN_PER_FIELD = 4  # token boundaries at the cut points
 
 
+# Scripts BPE tokenizers spend a token or more per character on: Chinese, Japanese, Korean,
+# the Indic scripts, Thai, Myanmar, Ethiopic (and their full-width forms).
+_WIDE = re.compile("[\u0900-\u0dff\u0e00-\u0eff\u1000-\u109f\u1100-\u11ff\u1200-\u139f"
+                   "\u2e80-\ua4cf\uac00-\ud7af\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef"
+                   "\U00020000-\U0003134f]")
+_ASTRAL = re.compile("[\U00010000-\U0001ffff]")  # emoji and symbols: several tokens each
+
+
 def estimate_tokens(text: str) -> int:
-    """About four characters per token: the usual estimate for English with BPE tokenizers."""
-    return (len(text) + 3) // 4
+    """A cautious estimate of BPE tokens: four characters of ASCII text per token (the
+    usual estimate for English), two characters per token for other alphabets (accented
+    Latin, Cyrillic, Greek, Arabic, Hebrew), a token per character of Chinese, Japanese,
+    Korean, Indic or Thai text, and two per emoji. (Four characters per token everywhere
+    let a Chinese prompt run to four times its budget.)"""
+    if text.isascii():
+        return (len(text) + 3) // 4
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    wide = len(text) - len(_WIDE.sub("", text))
+    astral = len(text) - len(_ASTRAL.sub("", text))
+    other = len(text) - ascii_chars - wide - astral
+    return (ascii_chars + 3) // 4 + wide + 2 * astral + (other + 1) // 2
 
 
 @dataclass(frozen=True, slots=True)

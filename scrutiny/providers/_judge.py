@@ -22,6 +22,7 @@ from scrutiny.core import (
     RetryPolicy,
     SkipFeedback,
     add_evaluation_cost,
+    suppress_recording,
 )
 from scrutiny.providers._budget import (
     OverBudget,
@@ -63,8 +64,9 @@ class LLMJudge:
         max_prompt_tokens: the prompt budget (None: unlimited).
         on_over_budget: ``"truncate"`` the judged texts and say so in the explanation, or
             ``"skip"`` the result with the reason.
-        count_tokens: counts a text's tokens for the budget (default: about 4 characters
-            per token; pass your tokenizer for an exact budget).
+        count_tokens: counts a text's tokens for the budget (default: a cautious estimate,
+            about 4 characters per token of English and one per Chinese, Japanese or Korean
+            character; pass your tokenizer for an exact budget).
         max_statements: the most statements of an answer that `groundedness` judges; the
             explanation says when there were more.
 
@@ -173,22 +175,27 @@ class LLMJudge:
         if not sources:
             raise SkipFeedback("there are no contexts to check the answer against")
         text = as_text(answer)
-        if not split_statements(text):
+        all_statements = split_statements(text)
+        if not all_statements:
             raise SkipFeedback("the answer has no statements to check")
+        # Only the statements that will be judged count against the budget: the whole
+        # answer's length cut the sources short for statements that were never sent.
+        judged = _through(text, all_statements[:self.max_statements])
         fields = {f"context {i}": src for i, src in enumerate(sources, 1)}
-        fields["answer"] = text
-        numbering = " 99." * min(len(split_statements(text)), self.max_statements)
+        fields["answer"] = judged
+        numbering = " 99." * min(len(all_statements), self.max_statements)
         fixed = SYSTEM + GROUNDEDNESS.template.format(contexts="", statements=numbering,
                                                       count=0)
         fitted = fit_prompt(fixed, fields, max_tokens=self.max_prompt_tokens,
                             on_over_budget=self.on_over_budget, count=self.count_tokens)
-        kept_answer = text[:fitted.kept["answer"]] if "answer" in fitted.kept else text
-        statements = split_statements(kept_answer)
+        statements = split_statements(judged)[:self.max_statements]
+        if "answer" in fitted.kept:  # whole statements only: "The capital is not" (Lyon)
+            kept = split_statements(judged[:fitted.kept["answer"]])
+            statements = [s for s, whole in zip(kept, statements, strict=False) if s == whole]
         notices = [fitted.notice] if fitted.notice else []
-        if len(statements) > self.max_statements:
-            notices.append(f"[NOTICE: the answer has {len(statements)} statements; only the "
-                           f"first {self.max_statements} were judged.]")
-            statements = statements[:self.max_statements]
+        if len(all_statements) > self.max_statements:
+            notices.append(f"[NOTICE: the answer has {len(all_statements)} statements; only "
+                           f"the first {self.max_statements} were judged.]")
         if not statements:
             raise SkipFeedback("no whole statement of the answer fits the prompt budget")
         rendered_sources = "\n\n".join(
@@ -224,22 +231,43 @@ class LLMJudge:
         return parsed.score, explanation
 
     async def _ask(self, prompt: str) -> JudgeReply:
-        reply = await self._call(SYSTEM, prompt)
+        # Never recorded as an app call, wherever the judge is awaited: in a session's
+        # evaluation (which suppresses recording too) or directly, inside a recorder's block.
+        with suppress_recording():
+            reply = await self._call(SYSTEM, prompt)
         if reply.usage:
             add_evaluation_cost(**reply.usage)
         return reply
 
 
 def _checked(reply: JudgeReply, parse: Callable[[str], _T]) -> _T:
-    """Parse a reply; when the model stopped at its output limit, the error says so."""
+    """Parse a reply; one the model cut off at its output limit is never scored (what it
+    did not write may have changed the verdict), and the error says so."""
+    cut = "the model stopped at its output token limit: the answer is cut off"
     try:
-        return parse(reply.text)
+        parsed = parse(reply.text)
     except InvalidFeedbackValue as exc:
         if reply.cut_off:
-            raise InvalidFeedbackValue(
-                f"{exc} (the model stopped at its output token limit: the answer is cut off)",
-                value=exc.value) from None
+            raise InvalidFeedbackValue(f"{exc} ({cut})", value=exc.value) from None
         raise
+    if reply.cut_off:
+        text = " ".join(reply.text.split())
+        raise InvalidFeedbackValue(
+            f"{cut}; the judge answered {text[:160]!r}{'...' if len(text) > 160 else ''}",
+            value=reply.text)
+    return parsed
+
+
+def _through(text: str, statements: list[str]) -> str:
+    """`text` up to the end of the last of `statements` (which were split from it, in
+    order)."""
+    end = 0
+    for statement in statements:
+        found = text.find(statement, end)
+        if found == -1:  # (cannot happen: each is a piece of a line of `text`)
+            return text
+        end = found + len(statement)
+    return text[:end]
 
 
 def _quote(statement: str, limit: int = 80) -> str:

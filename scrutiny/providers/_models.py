@@ -7,20 +7,34 @@ so dozens of judge calls share one event loop. The framework's message classes a
 lazily, inside the backend that needs them.
 
 Errors worth retrying (rate limits, timeouts, overload, HTTP 5xx) are re-raised as
-:class:`TransientJudgeError` with the server's retry-after hint; others propagate as they are.
+:class:`TransientJudgeError` with the server's retry-after hint — a ``retry_after``
+attribute (seconds, a numeric string, a timedelta), a ``Retry-After`` / ``retry-after-ms``
+header on the error or its ``response`` (OpenAI, Anthropic, httpx, aiohttp, Fern-generated
+SDKs), or the wait the message names ("Please try again in 6.5s", Gemini's
+``retryDelay``); others propagate as they are.
+
+Token usage and whether the answer was cut off are read from what the framework reports:
+a LangChain message's ``usage_metadata`` / ``response_metadata``, and the ``LLMResult`` of
+the call (``llm_output["token_usage"]``, ``generation_info["finish_reason"]``), which is
+all a completion LLM (a string out) reports; a LlamaIndex response's ``raw`` and
+``additional_kwargs``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime
 import functools
+import re
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from scrutiny.core import ConfigurationError, InvalidFeedbackValue
-from scrutiny.core._evaluate import retry_after_hint
+from scrutiny.core._evaluate import retry_after_hint as _core_retry_after_hint
+from scrutiny.core._evaluate import retry_after_seconds
 from scrutiny.providers._errors import TransientJudgeError
 
 __all__ = ["JudgeBackend", "JudgeReply", "backend_for", "is_transient", "retry_after_hint"]
@@ -28,8 +42,19 @@ __all__ = ["JudgeBackend", "JudgeReply", "backend_for", "is_transient", "retry_a
 _TRANSIENT_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529})
 _TRANSIENT_NAMES = ("ratelimit", "timeout", "timedout", "toomanyrequests", "overloaded",
                     "unavailable", "internalserver", "apiconnection", "connectionerror",
-                    "resourceexhausted", "throttl", "tryagain", "serviceerror")
-_CUT_OFF_REASONS = frozenset({"length", "max_tokens", "max_output_tokens"})
+                    "resourceexhausted", "throttl", "tryagain", "serviceerror",
+                    # httpx, raw under Ollama's and other clients: a dropped connection
+                    # ("Server disconnected without sending a response"), a reset read
+                    "networkerror", "remoteprotocolerror", "serverdisconnected")
+_CUT_OFF_REASONS = frozenset({"length", "max_tokens", "max_output_tokens", "model_length"})
+# where frameworks and SDKs put why the model stopped (OpenAI, Anthropic, Ollama, Bedrock)
+_REASON_KEYS = ("finish_reason", "stop_reason", "done_reason", "stopReason", "finishReason")
+# "Please try again in 6.5s" (OpenAI), "Please retry in 23.4s" (Gemini), "retry after 20
+# seconds", "'retryDelay': '23s'" (Google's RetryInfo)
+_HINT_IN_TEXT = re.compile(
+    r"(?:try again|retry|retrying)(?: after| in)\s+(\d+(?:\.\d+)?)\s*(ms|milliseconds?|s|sec|"
+    r"secs|seconds?|m|mins?|minutes?)\b|retry_?delay['\"]?\s*[:=]\s*['\"]?(\d+(?:\.\d+)?)s",
+    re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +95,9 @@ def is_transient(exc: BaseException) -> bool:
     """True for errors a later attempt may not hit: 429, 5xx, timeouts, dropped connections.
 
     Recognised without importing any SDK: by HTTP status attributes and by the names of
-    the error's classes (``RateLimitError``, ``APITimeoutError``, ``ServiceUnavailable``...),
-    following ``raise ... from`` chains.
+    the error's classes (``RateLimitError``, ``APITimeoutError``, ``ServiceUnavailable``,
+    httpx's ``NetworkError`` and ``RemoteProtocolError``...), following ``raise ... from``
+    chains.
     """
     for err in _chain(exc):
         if isinstance(err, TransientJudgeError | TimeoutError | ConnectionError):
@@ -83,6 +109,65 @@ def is_transient(exc: BaseException) -> bool:
         if any(key in name for name in names for key in _TRANSIENT_NAMES):
             return True
     return False
+
+
+def _header(headers: Any, *names: str) -> Any:
+    for name in names:
+        try:
+            value = headers.get(name)
+        except (AttributeError, TypeError):
+            return None
+        if value is not None:
+            return value
+    return None
+
+
+def _hint_of(err: BaseException) -> float | None:
+    """The hint one error carries, in any of the shapes the core does not read."""
+    for attr in ("retry_after", "retry_after_seconds"):
+        value = getattr(err, attr, None)
+        if isinstance(value, datetime.timedelta):
+            return max(0.0, value.total_seconds())
+        if isinstance(value, str | bytes):
+            seconds = retry_after_seconds(value.decode() if isinstance(value, bytes) else value)
+            if seconds is not None:
+                return seconds
+    headers = getattr(err, "headers", None)  # aiohttp's ClientResponseError, Fern SDKs
+    if headers is not None:
+        millis = _header(headers, "retry-after-ms", "Retry-After-Ms")
+        try:
+            if millis is not None and float(millis) >= 0:
+                return float(millis) / 1000.0
+        except (TypeError, ValueError):
+            pass
+        seconds = retry_after_seconds(_header(headers, "retry-after", "Retry-After",
+                                              "RETRY-AFTER"))
+        if seconds is not None:
+            return seconds
+    match = _HINT_IN_TEXT.search(str(err)[:4000])
+    if match:
+        if match.group(3):
+            return float(match.group(3))
+        value, unit = float(match.group(1)), match.group(2).lower()
+        if unit.startswith("m") and unit not in ("m", "min", "mins", "minute", "minutes"):
+            return value / 1000.0
+        return value * 60.0 if unit.startswith("m") else value
+    return None
+
+
+def retry_after_hint(exc: BaseException) -> float | None:
+    """Seconds the server asked to wait, if `exc` (or an exception it was raised from) says:
+    what the core reads (a numeric ``retry_after``, a ``Retry-After`` / ``retry-after-ms``
+    header on ``exc.response``), then a ``retry_after`` string or timedelta, the headers on
+    the error itself, and the wait its message names."""
+    hint = _core_retry_after_hint(exc)
+    if hint is not None:
+        return hint
+    for err in _chain(exc):
+        hint = _hint_of(err)
+        if hint is not None:
+            return hint
+    return None
 
 
 async def _guarded(name: str, call: Awaitable[Any]) -> Any:
@@ -157,15 +242,84 @@ def _is_completion_llm(model: Any) -> bool:
     return False
 
 
-class _LangChainBackend:
-    """Calls ``model.ainvoke`` with a system and a human message (a prompt for LLMs)."""
+def _stop_reason(metadata: Any) -> Any:
+    if not isinstance(metadata, Mapping):
+        return None
+    return next((metadata[k] for k in _REASON_KEYS if metadata.get(k)), None)
 
-    __slots__ = ("_completion", "_model", "_system", "name")
+
+def _cut_off(reason: Any) -> bool:
+    return reason is not None and str(reason).lower().rsplit(".", 1)[-1] in _CUT_OFF_REASONS
+
+
+@functools.cache
+def _collector_class() -> type:
+    """A LangChain callback handler that keeps what a call's ``LLMResult`` reports (the
+    class is made on first use: importing this module imports no LangChain)."""
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class _Collector(BaseCallbackHandler):
+        run_inline = True
+
+        def __init__(self) -> None:
+            self.usage: dict[str, int] | None = None
+            self.cut_off = False
+            self._lock = threading.Lock()
+
+        def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+            usage = None
+            per_generation = []
+            for gens in getattr(response, "generations", None) or ():
+                for gen in gens:
+                    message = getattr(gen, "message", None)
+                    per_generation.append(_usage_from(getattr(message, "usage_metadata", None)))
+                    info = getattr(gen, "generation_info", None)
+                    reason = _stop_reason(info) or _stop_reason(
+                        getattr(message, "response_metadata", None))
+                    if _cut_off(reason):
+                        self.cut_off = True
+            if any(per_generation):
+                usage = _summed([u for u in per_generation if u])
+            else:
+                out = getattr(response, "llm_output", None) or {}
+                usage = _usage_from(out.get("token_usage") or out.get("usage")) if isinstance(
+                    out, Mapping) else None
+            if usage:
+                with self._lock:
+                    self.usage = _summed([self.usage, usage] if self.usage else [usage])
+
+    return _Collector
+
+
+def _summed(usages: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for usage in usages:
+        for key, value in usage.items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+class _LangChainBackend:
+    """Calls ``model.ainvoke`` with a system and a human message (a prompt for LLMs).
+
+    For anything but a chat model, a callback handler for the one call collects its
+    ``LLMResult``: a completion LLM returns a bare string, so its token usage
+    (``llm_output``) and finish reason exist only there; and a runnable around a model
+    reports every model call it made.
+    """
+
+    __slots__ = ("_completion", "_model", "_runnable", "_system", "name")
 
     def __init__(self, model: Any, name: str) -> None:
         self._model = model
         self.name = name
         self._completion = _is_completion_llm(model)
+        # The collector costs a callback run per call (a quarter of a judge call's CPU):
+        # a chat model's message carries its usage and finish reason already; a completion
+        # LLM, a runnable around a model (a binding, a chain) and the like need it. (An
+        # object that only looks like a runnable takes no config.)
+        names = {cls.__name__ for cls in type(model).__mro__}
+        self._runnable = "Runnable" in names and "BaseChatModel" not in names
         self._system: dict[str, Any] = {}
 
     def _messages(self, system: str, user: str) -> list[Any]:
@@ -178,17 +332,21 @@ class _LangChainBackend:
 
     async def __call__(self, system: str, user: str) -> JudgeReply:
         prompt: Any = f"{system}\n\n{user}" if self._completion else self._messages(system, user)
-        out = await _guarded(self.name, self._model.ainvoke(prompt))
+        collector = _collector_class()() if self._runnable else None
+        call = self._model.ainvoke(prompt) if collector is None else \
+            self._model.ainvoke(prompt, config={"callbacks": [collector]})
+        out = await _guarded(self.name, call)
+        usage, cut_off = (None, False) if collector is None else (collector.usage,
+                                                                   collector.cut_off)
         if isinstance(out, str):
-            return JudgeReply(out)
+            return JudgeReply(out, usage, cut_off)
         text = _content_text(getattr(out, "content", None))
         if text is None:
             raise _not_text(self.name, out)
         metadata = getattr(out, "response_metadata", None) or {}
-        usage = _usage_from(getattr(out, "usage_metadata", None)) or _usage_from(
-            metadata.get("token_usage") or metadata.get("usage"))
-        reason = metadata.get("finish_reason") or metadata.get("stop_reason")
-        return JudgeReply(text, usage, str(reason).lower() in _CUT_OFF_REASONS)
+        usage = usage or _usage_from(getattr(out, "usage_metadata", None)) or \
+            _usage_from(metadata.get("token_usage") or metadata.get("usage"))
+        return JudgeReply(text, usage, cut_off or _cut_off(_stop_reason(metadata)))
 
 
 # ---------------------------------------------------------------------------- LlamaIndex
@@ -246,12 +404,16 @@ class _LlamaIndexBackend:
         usage = _usage_from(raw_usage) or _usage_from(
             getattr(response, "additional_kwargs", None))
         reason = None
-        if isinstance(raw, Mapping):
-            choices = raw.get("choices")
-            if isinstance(choices, list) and choices and isinstance(choices[0], Mapping):
-                reason = choices[0].get("finish_reason")
-            reason = reason or raw.get("stop_reason")
-        return JudgeReply(text, usage, str(reason).lower() in _CUT_OFF_REASONS)
+        choices = raw.get("choices") if isinstance(raw, Mapping) else getattr(raw, "choices",
+                                                                              None)
+        if isinstance(choices, list) and choices:
+            first = choices[0]
+            reason = first.get("finish_reason") if isinstance(first, Mapping) else getattr(
+                first, "finish_reason", None)
+        if reason is None:
+            reason = _stop_reason(raw) if isinstance(raw, Mapping) else next(
+                (getattr(raw, k) for k in _REASON_KEYS if getattr(raw, k, None)), None)
+        return JudgeReply(text, usage, _cut_off(reason))
 
 
 def model_name(model: Any) -> str:

@@ -2,8 +2,12 @@
 
 A judge is asked for JSON (``{"score": <0-10>, "reasons": "..."}``) on a stated scale. Its
 answer is accepted when it is that JSON, a bare number on the scale (``"7"``, ``"7/10"``),
-or plain text with exactly one ``Score: 7`` line. Everything else — no number, invalid or
-cut-off JSON, a number outside the scale, two different scores — raises
+a first line that is a score followed by reasons (``"8/10 - mostly relevant"``), or plain
+text with ``Score: 7`` lines that agree. A reasoning model's ``<think>...</think>`` block
+before its answer is set aside. Everything else — no number, invalid or cut-off JSON, a
+reasoning block that never closes, a number outside the scale, a fraction such as ``0.7``
+on the 0-10 scale (a 0-1 answer: read as 0.07 it would be a silent misreading), a range
+(``"8-9"``), two different scores anywhere in the answer — raises
 :class:`InvalidFeedbackValue` with the raw answer kept, so the result ends `failed` with the
 text that caused it: never 0, never -1, never a number picked out of an echoed prompt.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +31,25 @@ _BARE = re.compile(rf"^\s*\**\s*({_NUMBER})\s*(?:(?:/|out of)\s*(\d+(?:\.\d+)?))
                    re.IGNORECASE)
 _LABELLED = re.compile(
     rf"(?<![\w\"'])(?:final\s+)?(?:score|rating|grade)\s*\**\s*[:=]\s*\**\s*({_NUMBER})"
-    rf"\s*(?:(?:/|out of)\s*(\d+(?:\.\d+)?))?",
+    rf"(?![\d.]*[eE][-+]?\d)\**\s*(?:(?:/|out of)\s*\**\s*(\d+(?:\.\d+)?))?"
+    rf"(\s*(?:-|\u2013|\u2014|to)\s*\d)?",
     re.IGNORECASE,
 )
+# A first line that is a score and then the reasons: "9" alone, "8/10 - mostly relevant",
+# "7 out of 10: partly answers", "9 - on topic". (Not "3. The answer ...": a numbered list.)
+_LEADING = re.compile(
+    rf"^[ \t]*\**[ \t]*({_NUMBER})(?:"
+    rf"[ \t]*(?:/|out of)[ \t]*(\d+(?:\.\d+)?)[ \t]*\**[ \t]*(?:[-\u2013\u2014:,;.(]|\n|$)"
+    rf"|[ \t]*\**[ \t]*\.?[ \t]*(?:\n|$)"
+    rf"|[ \t]*\**[ \t]*[-\u2013\u2014][ \t])",
+    re.IGNORECASE,
+)
+_THINK = re.compile(r"^\s*<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
+_THINK_OPEN = re.compile(r"^\s*<(?:think|thinking|reasoning)>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</(?:think|thinking|reasoning)>", re.IGNORECASE)
+_REASONS_LABEL = re.compile(
+    r"^(?:\**\s*)(?:reasons?|reasoning|explanation|rationale|justification)\s*\**\s*[:=]"
+    r"\s*\**\s*", re.IGNORECASE)
 _REASON_KEYS = ("reasons", "reason", "explanation", "rationale", "justification")
 _SCORE_KEYS = ("score", "rating", "grade")
 _EXCERPT = 160
@@ -69,14 +89,14 @@ def _embedded_json(body: str) -> Any:
         return None
 
 
-def _load_json(candidate: str, raw: str) -> Any:
+def _load_json(candidate: str, raw: str) -> tuple[Any, int]:
+    """The JSON value at the start of `candidate`, and where it ends (prose may follow)."""
     try:
-        return json.loads(candidate)
+        return json.loads(candidate), len(candidate)
     except ValueError:
         pass
     try:  # the object, then prose after it ("{...}\n\nLet me know if ...")
-        value, _end = json.JSONDecoder().raw_decode(candidate)
-        return value
+        return json.JSONDecoder().raw_decode(candidate)
     except ValueError:
         opened = candidate.count("{") + candidate.count("[")
         closed = candidate.count("}") + candidate.count("]")
@@ -87,6 +107,7 @@ def _load_json(candidate: str, raw: str) -> Any:
 def _number(value: Any, raw: str, scale: float) -> float:
     """A number on the judge's scale, from a JSON value (number, or "7" / "7/10")."""
     denominator = scale
+    stated = True
     if isinstance(value, bool) or value is None:
         raise _invalid(f"the score is {value!r}, not a number", raw)
     if isinstance(value, int | float):
@@ -98,19 +119,28 @@ def _number(value: Any, raw: str, scale: float) -> float:
         number = float(match.group(1))
         if match.group(2):
             denominator = float(match.group(2))
+            stated = False
     else:
         raise _invalid(f"the score is a {type(value).__name__}, not a number", raw)
-    return _normalize(number, denominator, raw)
+    return _normalize(number, denominator, raw, stated=stated)
 
 
-def _normalize(number: float, denominator: float, raw: str) -> float:
-    """`number` out of `denominator` as a fraction; a fraction states its own scale."""
+def _normalize(number: float, denominator: float, raw: str, *, stated: bool = False) -> float:
+    """`number` out of `denominator` as a fraction; a fraction states its own scale.
+
+    `stated`: the denominator is the scale the prompt stated (the answer gave none). A
+    score strictly between 0 and 1 on a stated scale of more than 1 is a 0-1 answer
+    (``{"score": 0.7}`` when asked for 0-10): read on the stated scale it was 0.07.
+    """
     if not math.isfinite(number):
         raise _invalid(f"the score {number} is not a finite number", raw)
     if denominator <= 0:
         raise _invalid(f"the score is out of {denominator:g}", raw)
     if number < 0 or number > denominator:
         raise _invalid(f"the score {number:g} is outside the scale 0-{denominator:g}", raw)
+    if stated and denominator > 1 and 0 < number < 1:
+        raise _invalid(f"the score {number:g} looks like it is on a 0-1 scale, not the stated "
+                       f"0-{denominator:g}", raw)
     return number / denominator
 
 
@@ -125,10 +155,18 @@ def _reasons_of(obj: Mapping[str, Any]) -> str:
     return ""
 
 
+_OUT_OF_KEYS = ("out_of", "max_score", "max", "scale", "scale_max")
+
+
 def _score_of(obj: Mapping[str, Any], raw: str, scale: float) -> float:
     lowered = {str(k).lower(): v for k, v in obj.items()}
     for key in _SCORE_KEYS:
         if key in lowered:
+            # a scale the judge states beside its score: {"rating": 4, "out_of": 5} is 0.8
+            stated = next((lowered[k] for k in _OUT_OF_KEYS if k in lowered), None)
+            if isinstance(stated, int | float) and not isinstance(stated, bool) and \
+                    isinstance(lowered[key], int | float) and stated > 0:
+                return _normalize(float(lowered[key]), float(stated), raw)
             return _number(lowered[key], raw, scale)
     raise _invalid("the judge's JSON has no 'score'", raw)
 
@@ -147,6 +185,69 @@ def _line_of(body: str, match: re.Match[str]) -> str:
     return body[start:] if end == -1 else body[start:end]
 
 
+def _final_answer(raw: str) -> str:
+    """The answer after a reasoning model's ``<think>...</think>`` block (Qwen, DeepSeek-R1
+    served through Ollama or vLLM put it in the text). A block that never closes is all
+    reasoning and no answer (the model stopped while thinking): a score in it is a draft."""
+    text = raw
+    closed = _THINK.match(text)
+    if closed:
+        text = text[closed.end():]
+    elif _THINK_OPEN.match(text):
+        raise _invalid("the judge's answer is only its reasoning: its <think> block never "
+                       "closes (cut off?)", raw)
+    else:
+        # chat templates that open the block in the prompt: reasoning, "</think>", answer
+        ends = list(_THINK_CLOSE.finditer(text))
+        if ends:
+            text = text[ends[-1].end():]
+    if not text.strip():
+        raise _invalid("the judge gave no answer after its reasoning", raw)
+    return text
+
+
+def _clean_reasons(text: str) -> str:
+    """Reasons as a person reads them: without the score's leftovers ("." ", because" "**")
+    or a "Reasons:" label."""
+    text = text.strip().lstrip(" \n\t-*:#.,;\u2013\u2014").rstrip(" \n\t*#")
+    return _REASONS_LABEL.sub("", text).strip()
+
+
+def _candidates(body: str, raw: str, scale: float, quoted: Sequence[str],
+                keep: Callable[[re.Match[str]], bool] = lambda _: True,
+                ) -> list[tuple[re.Match[str], float]]:
+    """Every score the text states (labelled anywhere, or leading its first line) that
+    `keep` keeps, each normalized; echoed lines are not the judge's."""
+    found: list[tuple[re.Match[str], float]] = []
+    leading = _LEADING.match(body)
+    if leading and keep(leading) and not _echoed(_line_of(body, leading), quoted):
+        found.append((leading, _from_match(leading, raw, scale)))
+    for match in _LABELLED.finditer(body):
+        if not keep(match) or _echoed(_line_of(body, match), quoted):
+            continue
+        if match.group(3):
+            raise _invalid("the judge gave a range, not one score", raw)
+        found.append((match, _from_match(match, raw, scale)))
+    return found
+
+
+def _agreeing(score: float, prose: str, raw: str, scale: float, quoted: Sequence[str]) -> float:
+    """`score`, unless the prose around the JSON states a different one: a score, or a
+    rating on a line of its own (not one the judge quotes mid-sentence: "the hotel has a
+    guest rating: 4/5")."""
+    def stated(match: re.Match[str]) -> bool:
+        before = prose[prose.rfind("\n", 0, match.start()) + 1:match.start()]
+        return "score" in match.group(0).lower() or not before.strip(" \t*#>-_")
+
+    try:
+        others = _candidates(prose, raw, scale, quoted, keep=stated)
+    except InvalidFeedbackValue:  # (a range, a score off the scale: not this one either)
+        raise _invalid("the judge gave several different scores", raw) from None
+    if any(not math.isclose(value, score) for _, value in others):
+        raise _invalid("the judge gave several different scores", raw)
+    return score
+
+
 def parse_score(raw: str, scale: float = 10, *, quoted: Sequence[str] = ()) -> ParsedScore:
     """Read one score on ``0..scale`` from a judge's answer and normalize it to [0, 1].
 
@@ -158,39 +259,43 @@ def parse_score(raw: str, scale: float = 10, *, quoted: Sequence[str] = ()) -> P
 
     Raises:
         InvalidFeedbackValue: no score, an invalid or cut-off JSON answer, a score outside
-            the scale, or several different scores; `.value` is the raw answer.
+            the scale, a range, or several different scores; `.value` is the raw answer.
     """
     if not isinstance(raw, str) or not raw.strip():
         raise _invalid("the judge gave an empty answer", str(raw))
-    body = _strip_fence(raw).strip()
+    body = _strip_fence(_final_answer(raw)).strip()
     if body.startswith(("{", "[")):
-        data = _load_json(body, raw)
+        data, end = _load_json(body, raw)
         if isinstance(data, Mapping):
-            return ParsedScore(_score_of(data, raw, scale), _reasons_of(data))
+            score = _agreeing(_score_of(data, raw, scale), body[end:], raw, scale, quoted)
+            return ParsedScore(score, _reasons_of(data))
         raise _invalid("the judge's JSON is not an object with a 'score'", raw)
     bare = _BARE.match(body)
     if bare:
         return ParsedScore(_from_match(bare, raw, scale), "")
     embedded = _embedded_json(body)
+    start, end = body.find("{"), body.rfind("}") + 1
     if isinstance(embedded, Mapping) and any(str(k).lower() in _SCORE_KEYS for k in embedded) \
-            and not _echoed(body[body.find("{"):body.rfind("}") + 1], quoted):
-        return ParsedScore(_score_of(embedded, raw, scale), _reasons_of(embedded))
-    found = [m for m in _LABELLED.finditer(body) if not _echoed(_line_of(body, m), quoted)]
-    values = {(m.group(1), m.group(2)) for m in found}
-    if len(values) > 1:
-        raise _invalid("the judge gave several different scores", raw)
+            and not _echoed(body[start:end], quoted):
+        score = _agreeing(_score_of(embedded, raw, scale), f"{body[:start]}\n{body[end:]}",
+                          raw, scale, quoted)
+        return ParsedScore(score, _reasons_of(embedded))
+    found = _candidates(body, raw, scale, quoted)
     if not found:
         raise _invalid(f"no score on the scale 0-{scale:g} found", raw)
-    match = found[0]
-    reasons = (body[:match.start()] + body[match.end():]).strip(" \n\t-*:#")
-    reasons = re.sub(r"^(?:reasons?|explanation)\s*[:=]\s*", "", reasons, flags=re.IGNORECASE)
-    return ParsedScore(_from_match(match, raw, scale), reasons.strip())
+    match, score = found[0]
+    if any(not math.isclose(value, score) for _, value in found):
+        raise _invalid("the judge gave several different scores", raw)
+    rest = body[:match.start()] + "\n" + body[match.end():]
+    for other, _ in found[1:]:  # the same score said again is no reason
+        rest = rest.replace(other.group(0), "", 1)
+    return ParsedScore(score, _clean_reasons(rest))
 
 
 def _from_match(match: re.Match[str], raw: str, scale: float) -> float:
     number = float(match.group(1))
     denominator = float(match.group(2)) if match.group(2) else scale
-    return _normalize(number, denominator, raw)
+    return _normalize(number, denominator, raw, stated=not match.group(2))
 
 
 def parse_statement_scores(raw: str, count: int, scale: float = 10) -> list[ParsedScore]:
@@ -205,9 +310,9 @@ def parse_statement_scores(raw: str, count: int, scale: float = 10) -> list[Pars
     """
     if not isinstance(raw, str) or not raw.strip():
         raise _invalid("the judge gave an empty answer", str(raw))
-    body = _strip_fence(raw).strip()
+    body = _strip_fence(_final_answer(raw)).strip()
     if body.startswith(("{", "[")):
-        data = _load_json(body, raw)
+        data, _end = _load_json(body, raw)
     else:
         data = _embedded_json(body)
         if data is None:

@@ -1,14 +1,18 @@
 """PII detection by patterns and checksums: no model, no download, no network.
 
-Kinds: ``email``, ``phone`` (international ``+CC ...`` or ``00 CC ...`` / ``011 CC ...``
-numbers, North American ``(555) 123-4567`` / ``555-123-4567``, and national numbers with a
-leading 0 such as ``020 7946 0958``), ``credit_card`` (13-19 digits that pass the Luhn
-check), ``iban`` (valid mod-97 check digits, any case, spaces or dashes), ``ipv4`` (not a
-version number: "python 3.11.4.0") and ``ipv6`` (validated by :mod:`ipaddress`).
+Kinds: ``email`` (internationalized addresses too), ``phone`` (international ``+CC ...`` or
+``00 CC ...`` / ``011 CC ...`` numbers, North American ``(555) 123-4567`` /
+``555-123-4567``, national numbers with a leading 0 such as ``020 7946 0958``, and the French
+``01 23 45 67 89``; never the end of a time ("10:30:00.123456") nor a signed decimal such
+as a coordinate, "+48.8582602"), ``credit_card`` (13-19 digits of a payment card — first
+digit 2 to 6, 13 digits only for Visa's 4 — that pass the Luhn check, not after a "+": a
+13-digit millisecond timestamp or "+49 15112345678" is no card),
+``iban`` (valid mod-97 check digits, any case, spaces or dashes), ``ipv4`` (not a version
+number: "python 3.11.4.0") and ``ipv6`` (validated by :mod:`ipaddress`).
 
 Checksummed kinds are matched first and their characters are taken out of the running,
 so a card number is never also reported as a phone number; nor is a card- or IBAN-shaped
-number whose checksum fails. Explanations name the kinds and
+number that is not a valid one. Explanations name the kinds and
 show masked forms only (``j***@***.com``, ``****1111``): never the PII itself.
 """
 
@@ -24,14 +28,17 @@ from typing import Any
 from scrutiny.core import ConfigurationError
 from scrutiny.providers._text import as_text
 
-__all__ = ["KINDS", "PIIDetector", "PIIMatch", "iban_valid", "luhn_valid"]
+__all__ = ["KINDS", "PIIDetector", "PIIMatch", "card_valid", "iban_valid", "luhn_valid"]
 
-_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b")
+_EMAIL = re.compile(r"(?<![\w.%+-])[\w.%+-]+@(?:[\w-]+\.)+[^\W\d_]{2,}\b")
 # Not inside a longer token: digits of a hex hash or an id ("…deadbeef") are no card.
-_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
-# Printed in groups of 4 (or not at all): a number with this shape that fails the Luhn
-# check is a card number mistyped or made up, and no phone number either.
-_CARD_SHAPED = re.compile(r"(?<![\w-])(?:\d{4}(?:[ -]\d{4}){3}(?:[ -]\d{1,3})?|\d{13,19})(?![\w-])")
+# (not after "+": "+49 15112345678" is a phone number, even when it passes Luhn)
+_CARD = re.compile(r"(?<![\w+-])\d(?:[ -]?\d){12,18}(?![\w-])")
+# Printed in groups of 4 (or not at all), with a card's first digit: a number with this
+# shape that fails the Luhn check is a card number mistyped or made up, and no phone number
+# either ("00442079460958" has no card's first digit: it is one).
+_CARD_SHAPED = re.compile(
+    r"(?<![\w+-])(?:[2-6]\d{3}(?:[ -]\d{4}){3}(?:[ -]\d{1,3})?|[2-6]\d{12,18})(?![\w-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]{4}){2,7}(?:[ -]?[A-Z0-9]{1,3})?\b",
                    re.IGNORECASE)
 # An IBAN's shape with wrong check digits is not a phone number either.
@@ -41,14 +48,27 @@ _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 # A dotted quad after one of these words is a version, not an address ("python 3.11.4.0").
-_VERSION_WORD = re.compile(r"(?:\b(?:v|ver|version|release|build|python|node|java|firmware|"
-                           r"kernel|rfc|revision|rev)\.?\s*)$", re.IGNORECASE)
+_VERSION_WORD = re.compile(r"(?:\b(?:v|ver|versions?|releases?|build|python|node|java|firmware|"
+                           r"kernel|rfc|revision|rev)\.?:?\s*)$", re.IGNORECASE)
+# Not the rest of a time or a number: "10:30:00.123456" ends in "00.123456", which is no
+# call to country 1.
+_NOT_AFTER = r"(?<!\d[:.,])"
+# Each run of digits is taken whole ("(?!\d)"): splitting a long run every possible way
+# to find a phone number in it cost milliseconds per "+" (a minute for a long table).
 _PHONES = (
-    re.compile(r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(\d{1,4}\))?(?:[\s.-]?\d{1,5}){2,6}(?![\w-])"),
+    re.compile(rf"{_NOT_AFTER}(?<![\w+])\+\d{{1,15}}(?!\d)"
+               rf"(?:[\s.-]?\(\d{{1,4}}\)[\s.-]?\d{{1,12}}(?!\d))?"
+               rf"(?:[\s.-]\d{{1,12}}(?!\d)){{0,6}}(?![\w-])"),
     # the international prefix dialled instead of "+": 00 (most countries), 011 (N. America)
-    re.compile(r"(?<![\w+])(?:00|011)[\s.-]?[1-9]\d{0,2}(?:[\s.-]?\d{1,5}){2,6}(?![\w-])"),
-    re.compile(r"(?<![\w(])(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w-])"),
-    re.compile(r"(?<![\w+])(?:\(0\d{1,4}\)\s?|0\d{1,4}[\s-])\d{3,4}[\s-]?\d{3,4}(?![\w-])"),
+    re.compile(rf"{_NOT_AFTER}(?<![\w+])(?:00|011)[\s.-]?[1-9]\d{{0,13}}(?!\d)"
+               rf"(?:[\s.-]?\(\d{{1,4}}\)[\s.-]?\d{{1,12}}(?!\d))?"
+               rf"(?:[\s.-]\d{{1,12}}(?!\d)){{0,6}}(?![\w-])"),
+    re.compile(rf"{_NOT_AFTER}(?<![\w(])(?:\(\d{{3}}\)\s?|\d{{3}}[\s.-])\d{{3}}[\s.-]\d{{4}}"
+               rf"(?![\w-])"),
+    re.compile(rf"{_NOT_AFTER}(?<![\w+])(?:\(0\d{{1,4}}\)\s?|0\d{{1,4}}[\s-])\d{{3,4}}[\s-]?"
+               rf"\d{{3,4}}(?![\w-])"),
+    # French: five pairs, the same separator between each ("06 12 34 56 78", "01.23.45.67.89")
+    re.compile(rf"{_NOT_AFTER}(?<![\w+.-])0[1-9]([\s.-])\d{{2}}(?:\1\d{{2}}){{3}}(?![\w-]|\.\d)"),
 )
 
 KINDS = ("iban", "credit_card", "email", "ipv4", "ipv6", "phone")
@@ -66,6 +86,18 @@ def luhn_valid(number: str) -> bool:
             d = d * 2 - 9 if d > 4 else d * 2
         total += d
     return total % 10 == 0
+
+
+def card_valid(number: str) -> bool:
+    """True when `number` can be a payment card's: 13-19 digits, a first digit of 2-6 (the
+    banking and travel industries of ISO/IEC 7812; 13 digits only for Visa's 4), passing
+    the Luhn check."""
+    digits = "".join(c for c in number if c.isdigit())
+    if not 13 <= len(digits) <= 19 or digits[0] not in "23456":
+        return False
+    if len(digits) == 13 and digits[0] != "4":
+        return False
+    return luhn_valid(digits)
 
 
 def iban_valid(candidate: str) -> bool:
@@ -154,11 +186,14 @@ def _ipv4_spans(text: str) -> Iterable[tuple[int, int]]:
             yield match.span()
 
 
+_DECIMAL = re.compile(r"[+]?\d+\.\d+")  # "+48.8566140": a coordinate, a signed change
+
+
 def _phone_spans(text: str) -> Iterable[tuple[int, int]]:
     for pattern in _PHONES:
         for match in pattern.finditer(text):
             digits = sum(c.isdigit() for c in match.group(0))
-            if 8 <= digits <= 15:
+            if 8 <= digits <= 15 and not _DECIMAL.fullmatch(match.group(0)):
                 yield match.span()
 
 
@@ -166,7 +201,7 @@ def _shaped_but_invalid(text: str) -> Iterable[tuple[int, int]]:
     """Card- and IBAN-shaped numbers whose checksum fails: reported as nothing, and not
     left for the looser phone patterns to report as phone numbers."""
     for match in _CARD_SHAPED.finditer(text):
-        if not luhn_valid(match.group(0)):
+        if not card_valid(match.group(0)):
             yield match.span()
     for match in _IBAN_SHAPED.finditer(text):
         if not iban_valid(match.group(0)):
@@ -175,7 +210,7 @@ def _shaped_but_invalid(text: str) -> Iterable[tuple[int, int]]:
 
 _FINDERS: dict[str, tuple[Callable[[str], Iterable[tuple[int, int]]], Callable[[str], str]]] = {
     "iban": (_iban_spans, _mask_iban),
-    "credit_card": (_regex_spans(_CARD, luhn_valid), _mask_tail(4)),
+    "credit_card": (_regex_spans(_CARD, card_valid), _mask_tail(4)),
     "email": (_regex_spans(_EMAIL), _mask_email),
     "ipv4": (_ipv4_spans, _mask_ipv4),
     "ipv6": (_regex_spans(_IPV6, _ipv6_valid), _mask_ipv6),

@@ -16,7 +16,11 @@ from typing import Any
 __all__ = ["as_text", "contexts_text", "normalize_answer", "split_statements"]
 
 _QUESTION_KEYS = ("question", "query", "input", "query_str", "prompt", "text", "content")
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
+# after ". " before a capital or a digit; after an ideographic full stop or a full-width
+# "!" or "?" (Chinese and Japanese write no space between sentences: a whole paragraph
+# was one statement)
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])"
+                           r"|(?<=[\u3002\uff01\uff1f])[\u300d\u300f\uff09\"')\]]*\s*(?=\S)")
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
