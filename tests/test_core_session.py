@@ -1869,3 +1869,39 @@ def test_deferred_results_are_never_shed_by_the_backlog(db_url: str) -> None:
         assert s.resume_pending(timeout=20) == 5
         done = [r.wait_for_feedback_results(timeout=10)[fb].status for r in records]
     assert done == [FeedbackStatus.DONE] * 5
+
+
+def test_a_hand_built_record_with_none_fields_is_stored(db_url: str) -> None:
+    """`Record(contexts=None)` failed on the writer thread: the record was lost and every
+    result of it failed "the record could not be stored"."""
+    fb = Feedback(lambda output: 1.0, name="one").on_output()
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    with Session(db_url) as session:
+        record = session.ingest(make_record(contexts=None, tags=None, metadata=None,
+                                            spans=None, status="error",
+                                            start_time=when, end_time=when), [fb])
+        result = record.wait_for_feedback_results(timeout=10)[fb]
+        assert result.status is FeedbackStatus.DONE
+        stored = session.get_record(record.record_id)
+    assert stored is not None
+    assert (stored.contexts, stored.tags, stored.metadata) == ([], [], {})
+    assert stored.status.value == "error"
+    assert stored.start_time == when.timestamp()
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("contexts", "one retrieved text", "contexts=[text]"),
+    ("tags", "prod", 'tags=["prod"]'),
+    ("metadata", ["a"], "is a dict"),
+    ("status", "done", "one of ['ok', 'error', 'cancelled']"),
+    ("start_time", "2026-01-01", "seconds since the epoch"),
+])
+def test_a_record_field_of_the_wrong_shape_is_refused_saying_how(
+        field: str, value: object, says: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=says.replace("[", r"\[")):
+        make_record(**{field: value})
+
+
+def test_record_fields_given_as_other_iterables_become_lists() -> None:
+    record = make_record(contexts=(c for c in ["a", "b"]), tags={"x"})
+    assert (record.contexts, record.tags) == (["a", "b"], ["x"])

@@ -122,6 +122,24 @@ class Span:
         return None if self.end_time is None else self.end_time - self.start_time
 
 
+def _listed(value: Any, name: str, example: str) -> list[Any]:
+    """A field that must be a list: another iterable becomes one; a string is refused."""
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        raise TypeError(f"Record.{name} is a list ({example}); got "
+                        f"{type(value).__name__} {str(value)[:60]!r}")
+    return list(value)
+
+
+def _seconds(value: Any, name: str) -> float:
+    """A time as seconds since the epoch (a datetime is converted; naive ones are local)."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"Record.{name} is seconds since the epoch (time.time()) or a "
+                        f"datetime; got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 @dataclass(eq=False)
 class Record:
     """One root invocation of an application, with its span tree and feedback results."""
@@ -147,6 +165,35 @@ class Record:
     _watch: Any = field(default=None, repr=False)
     """For a record read back from storage: reads its unfinished results again while
     someone waits on them (see _reading._StoredWatch)."""
+
+    def __post_init__(self) -> None:
+        # A record built by hand is stored on the writer thread, long after this call: a
+        # field of the wrong shape failed there (the record lost, its results failed), so
+        # it is made right — or refused, saying how — here.
+        if self.contexts is None:
+            self.contexts = []
+        elif isinstance(self.contexts, str | bytes) or not isinstance(self.contexts, Sequence):
+            self.contexts = _listed(self.contexts, "contexts",
+                                    "the retrieved texts, e.g. contexts=[text]")
+        if self.tags is None:
+            self.tags = []
+        elif isinstance(self.tags, str | bytes) or not isinstance(self.tags, Sequence):
+            self.tags = _listed(self.tags, "tags", 'e.g. tags=["prod"]')
+        if self.metadata is None:
+            self.metadata = {}
+        elif not isinstance(self.metadata, Mapping):
+            raise TypeError(f"Record.metadata is a dict; got {type(self.metadata).__name__}")
+        if self.spans is None:
+            self.spans = []
+        if not isinstance(self.status, RecordStatus):
+            try:
+                self.status = RecordStatus(self.status)
+            except ValueError:
+                raise ValueError(
+                    f"Record.status is one of {[s.value for s in RecordStatus]}; got "
+                    f"{self.status!r}") from None
+        self.start_time = _seconds(self.start_time, "start_time")
+        self.end_time = _seconds(self.end_time, "end_time")
 
     def _result_slots(self) -> dict[Feedback, _ResultSlot]:
         """The result slots, made first if the session has not made them yet."""
