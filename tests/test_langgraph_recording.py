@@ -195,3 +195,42 @@ def test_a_run_paused_by_interrupt_is_marked_interrupted(session: Session) -> No
     assert "interrupted_at" not in second.metadata
     df, _ = session.get_records_and_feedback()
     assert sorted(map(list, df["tags"])) == [[], ["interrupted"]]
+
+
+def test_a_stream_stopped_after_a_node_that_returned_a_command_keeps_its_update(
+        session: Session) -> None:
+    """Nodes that return `Command(update=..., goto=...)` (hand-offs, and every model step
+    of LangChain's `create_agent`, as a list of them): a stream stopped after one kept the
+    Command objects as the output, and feedbacks judged them (or None, for one alone)."""
+    def triage(state: MessagesState) -> Command[Any]:
+        return Command(update={"messages": [AIMessage(content="Handing you to billing.")]},
+                       goto="billing")
+
+    def billing(state: MessagesState) -> list[Command[Any]]:
+        return [Command(update={"messages": [AIMessage(content="Your bill is 10 EUR.")]})]
+
+    def goodbye(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [AIMessage(content="Bye.")]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("triage", triage, destinations=("billing",))
+    graph.add_node("billing", billing)
+    graph.add_node("goodbye", goodbye)
+    graph.add_edge(START, "triage")
+    graph.add_edge("billing", "goodbye")
+    graph.add_edge("goodbye", END)
+    app = graph.compile()
+    checks = _text_checks()
+    recorder = ChainRecorder(app, app_name="handoff", feedbacks=checks, session=session)
+    with recorder as recording:
+        for steps in (1, 2):
+            stream = app.stream({"messages": [("user", "My bill?")]}, stream_mode="updates")
+            assert [list(next(stream)) for _ in range(steps)] == [["triage"], ["billing"]][:steps]
+            stream.close()
+    after_triage, after_billing = recording.records
+    assert after_triage.status is RecordStatus.CANCELLED
+    assert after_triage.output == "Handing you to billing."
+    assert after_billing.output == "Your bill is 10 EUR."
+    for record in (after_triage, after_billing):
+        results = record.wait_for_feedback_results(timeout=10)
+        assert {(r.status, r.result) for r in results.values()} == {(FeedbackStatus.DONE, 1.0)}

@@ -22,8 +22,12 @@ __all__ = ["document_text", "llm_output", "main_input", "main_output", "tool_cal
 _INPUT_KEYS = ("question", "input", "query", "prompt", "text", "message", "messages")
 # (a LangGraph state: the RAG tutorials' "generation", a chat graph's "messages" — its last
 # message is the answer; an extra key beside them left the whole state as the output)
+# (an agent of `create_agent(..., response_format=...)`: its "structured_response" is the
+# answer; its last message only says "Returning structured response: ...")
 _OUTPUT_KEYS = ("answer", "output", "result", "text", "response", "content", "generation",
-                "messages")
+                "structured_response", "messages")
+# with_structured_output(..., include_raw=True)
+_WITH_RAW = frozenset(("raw", "parsed", "parsing_error"))
 _ROLES = frozenset({"user", "human", "assistant", "ai", "system", "tool", "developer",
                     "function"})
 
@@ -73,6 +77,10 @@ def _from_mapping(value: Mapping[str, Any], keys: Sequence[str]) -> Any:
         return _with_calls(value["text"], value["tool_calls"])
     if len(value) == 1:
         return _plain(next(iter(value.values())), keys)
+    if len(value) == 3 and value.keys() == _WITH_RAW:
+        # the parsed object; the model's own text when it could not be parsed
+        parsed = value["parsed"]
+        return _plain(value["raw"] if parsed is None else parsed, keys)
     for key in keys:
         if key in value:
             return _plain(value[key], keys)
@@ -97,9 +105,28 @@ def _plain(value: Any, keys: Sequence[str]) -> Any:
         return llm_output(value)
     if hasattr(value, "to_string") and hasattr(value, "to_messages"):  # a PromptValue
         return value.to_string()
-    if type(value).__name__ == "Command" and hasattr(value, "resume"):  # LangGraph's
-        return _plain(value.resume, keys)  # (a run resumed after an interrupt: the answer)
+    if _is_command(value):
+        return _from_command(value, keys)
+    if isinstance(value, list) and value and all(_is_command(v) for v in value):
+        # a node's list of Commands (each model step of `create_agent`): the last update
+        for command in reversed(value):
+            if command.update is not None:
+                return _from_command(command, keys)
     return value
+
+
+def _is_command(value: Any) -> bool:
+    """LangGraph's ``Command`` (not imported: LangGraph is optional)."""
+    return type(value).__name__ == "Command" and hasattr(value, "resume") and \
+        hasattr(value, "update")
+
+
+def _from_command(command: Any, keys: Sequence[str]) -> Any:
+    """A run resumed after an interrupt: the answer it was resumed with; a node's
+    ``Command(update=..., goto=...)`` (a hand-off): the update it made."""
+    if command.resume is not None:
+        return _plain(command.resume, keys)
+    return _plain(command.update, keys)
 
 
 def _is_message_like(value: Any) -> bool:

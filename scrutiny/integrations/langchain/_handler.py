@@ -23,7 +23,10 @@ from uuid import UUID
 
 from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.callbacks.manager import ahandle_event, handle_event
+from langchain_core.documents import Document
+from langchain_core.messages import ToolMessage
 from langchain_core.outputs import LLMResult
+from langchain_core.runnables.config import var_child_runnable_config
 
 from scrutiny.core import (
     Feedback,
@@ -70,6 +73,7 @@ _MAX_OUTLIVED = 10_000
 _OUTLIVED = ("unfinished when the call ended: it was still running when another step "
              "failed (what it did afterwards is not recorded)")
 _RETRIEVER = SpanKind.RETRIEVER.value
+_TOOL = SpanKind.TOOL.value
 _CHAIN = SpanKind.CHAIN.value
 
 
@@ -149,6 +153,41 @@ def _run_handlers(default: BaseCallbackHandler) -> list[BaseCallbackHandler]:
     return [default]
 
 
+_CLAIM_FRAMES = 200
+
+
+def _claim(mine: Any, blocks: tuple[Any, ...], inside_foreign: bool) -> bool | None:
+    """Whether the run starting now is a call of this block's app, while other recorders'
+    blocks are open too: True when the innermost app of an open block found on the stack
+    is ours (or, for a run not inside another app's call, when no other open block has
+    another app), False when it is another block's app, None when none of them is on the
+    stack (a chain no recorder was given).
+
+    Only runs when several recorders' blocks are open, or inside another app's call
+    (LangChain does not say which runnable starts a run: the frame of the app's method
+    tells).
+    """
+    app = None if mine is None else mine.app
+    if app is None and mine is not None:  # a recorder given no app records every call
+        return None
+    apps = {id(b.app): b.app for b in blocks if b.app is not None}
+    if app is not None and len(apps) == 1 and not inside_foreign:
+        return True
+    if not apps:
+        return None
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(_CLAIM_FRAMES):
+        if frame is None:
+            break
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if id(owner) in apps and apps[id(owner)] is owner:
+                return app is not None and owner is app
+        frame = frame.f_back
+    return None
+
+
 def _log_failure(callback: str) -> None:
     """A failure of ours inside a LangChain callback: logged, never raised into the app."""
     logger.exception("scrutiny: handling %s failed; the application is not affected",
@@ -200,6 +239,9 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         self._outlived: dict[int, None] = {}
         """Runs still going when their root's record was made (a branch that outlived a
         failed sibling), and their children: not new records (bounded, oldest dropped)."""
+        self._foreign: dict[int, None] = {}
+        """Open runs of another recorder's app (and their steps), seen while several
+        recorders' blocks were open: not this handler's records."""
         self._lock = threading.Lock()
 
     @property
@@ -252,17 +294,30 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 return
             key = run_id.int
             parent = None if parent_run_id is None else self._runs.get(parent_run_id.int)
-            if parent is None and parent_run_id is not None and self._outlived and \
-                    parent_run_id.int in self._outlived:
-                self._outlive(key)  # a late step of a call already recorded
-                return
+            if parent is None and parent_run_id is None and self._roots:
+                parent = self._enclosing()
+            foreign_parent = False
+            if parent is None and parent_run_id is not None:
+                if self._outlived and parent_run_id.int in self._outlived:
+                    self._outlive(key)  # a late step of a call already recorded
+                    return
+                foreign_parent = bool(self._foreign) and parent_run_id.int in self._foreign
             if parent is None:
-                _offer_gil()  # to late evaluations, once a call (see scrutiny.core._courtesy)
-                recording = None
-                for block in reversed(OPEN_BLOCKS.get()):  # the innermost block of ours
+                blocks = OPEN_BLOCKS.get()
+                mine = None
+                for block in reversed(blocks):  # the innermost block of ours
                     if block.handler is self:
-                        recording = block.recording
+                        mine = block
                         break
+                if foreign_parent or (mine is not None and len(blocks) > 1):
+                    # Several recorders' blocks are open: a call is recorded by the
+                    # recorder of the app making it (not by every open recorder).
+                    claim = _claim(mine, blocks, foreign_parent)
+                    if claim is False or (foreign_parent and claim is not True):
+                        self._mark_foreign(key)
+                        return
+                _offer_gil()  # to late evaluations, once a call (see scrutiny.core._courtesy)
+                recording = None if mine is None else mine.recording
                 root = _Root(recording, _run_handlers(self), tags, metadata)
                 if root.recording is not None:
                     root.recording._opened()
@@ -293,6 +348,8 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             key = run_id.int
             entry = self._runs.get(key)
             if entry is None:
+                if self._foreign:
+                    self._foreign.pop(key, None)
                 return
             span = entry[0]
             span.end_time = time.time()
@@ -309,6 +366,29 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 self._finish_root(run_id, span, error)
         except Exception:
             logger.exception("scrutiny: recording the end of a run failed")
+
+    def _enclosing(self) -> tuple[Span, _Root] | None:
+        """The open run of ours this run is a step of, when LangChain gave it no parent.
+
+        `with_fallbacks` runs its runnables with the config it was called with, not its
+        child's: called with ``config={"callbacks": [...]}`` its steps had no parent, and
+        a failed primary and the fallback that answered were two more records of the
+        call. LangChain's context still names the run they are steps of.
+        """
+        config = var_child_runnable_config.get()
+        if not config:
+            return None
+        run_id = getattr(config.get("callbacks"), "parent_run_id", None)
+        return None if run_id is None else self._runs.get(run_id.int)
+
+    def _mark_foreign(self, key: int) -> None:
+        foreign = self._foreign
+        foreign[key] = None
+        if len(foreign) > _MAX_OUTLIVED:  # (runs that never ended: oldest dropped)
+            try:
+                del foreign[next(iter(foreign))]
+            except (RuntimeError, StopIteration, KeyError):  # (another thread's change)
+                pass
 
     def _outlive(self, key: int) -> None:
         outlived = self._outlived
@@ -576,6 +656,38 @@ def _last_step_output(spans: list[Span], root: Span, unfinished: list[Span]) -> 
     return None if last is None else _read(main_output, last.outputs)
 
 
+def _artifact_documents(output: Any) -> list[Any] | None:
+    """The documents a tool returned as its artifact (``response_format=
+    "content_and_artifact"``, as LangChain's RAG agents retrieve), when it did."""
+    artifact = getattr(output, "artifact", None) if isinstance(output, ToolMessage) else None
+    if isinstance(artifact, list | tuple) and artifact and all(
+            isinstance(d, Document) for d in artifact):
+        return list(artifact)
+    return None
+
+
+def _contexts(spans: list[Span]) -> list[str]:
+    """The texts of the retrieved documents: those retrievers returned, and those tools
+    returned as their artifact (unless a retriever inside the tool returned them)."""
+    tools = {s.span_id for s in spans if s.kind == _TOOL and _artifact_documents(s.outputs)}
+    if tools:  # the tools' spans above a retriever: that retriever's documents are kept
+        by_id = {s.span_id: s for s in spans}
+        for s in spans:
+            if s.kind == _RETRIEVER:
+                parent = by_id.get(s.parent_id) if s.parent_id is not None else None
+                while parent is not None:
+                    tools.discard(parent.span_id)
+                    parent = by_id.get(parent.parent_id) \
+                        if parent.parent_id is not None else None
+    texts: list[str] = []
+    for s in spans:
+        if s.kind == _RETRIEVER and isinstance(s.outputs, list):
+            texts.extend(document_text(d) for d in s.outputs)
+        elif s.span_id in tools:
+            texts.extend(document_text(d) for d in _artifact_documents(s.outputs) or ())
+    return texts
+
+
 def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span: Span,
                   ended: int, run_id: UUID) -> Record:
     """The record of a finished root run (runs once, on whichever thread asks first)."""
@@ -593,8 +705,7 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
             except Exception:
                 s.usage = None
     try:
-        contexts = [document_text(d) for s in spans if s.kind == _RETRIEVER
-                    and isinstance(s.outputs, list) for d in s.outputs]
+        contexts = _contexts(spans)
     except Exception:  # a document whose text cannot be read: the record is kept without
         logger.exception("scrutiny: reading the retrieved documents of a run failed")
         contexts = []

@@ -3,7 +3,10 @@
 Inside the block the recorder's handler is attached to every LangChain run through
 LangChain's own configure hooks (the mechanism its tracers use): nothing is patched, and
 calls outside the block — or in other threads and tasks that did not inherit the block's
-context — are not recorded.
+context — are not recorded. While the blocks of several recorders are open, a call is
+recorded by the recorder of the app that makes it (each recorder records its own chain,
+also when another recorded chain calls it); a call of a chain no open recorder was given
+is recorded by each.
 """
 
 from __future__ import annotations
@@ -58,11 +61,13 @@ class _Block:
     """One open ``with recorder:`` block: its recorder's handler, its recording and the
     context tokens to reset when it is left."""
 
-    __slots__ = ("handler", "hook_token", "open_token", "recording")
+    __slots__ = ("app", "handler", "hook_token", "open_token", "recording")
 
-    def __init__(self, handler: ScrutinyCallbackHandler, recording: Recording) -> None:
+    def __init__(self, handler: ScrutinyCallbackHandler, recording: Recording,
+                 app: Any) -> None:
         self.handler = handler
         self.recording = recording
+        self.app = app  # (which calls are its own when other recorders' blocks are open)
         self.hook_token: contextvars.Token[Any] | None = None
         self.open_token: contextvars.Token[Any] | None = None
 
@@ -71,7 +76,8 @@ class ChainRecorder:
     """Records a LangChain app (a chain, a runnable, a model, a retriever).
 
     Args:
-        app: the LangChain object being recorded (its name is the default app name).
+        app: the LangChain object being recorded (its name is the default app name;
+            with other recorders' blocks open, its calls are the ones this one records).
         app_name, app_version: what the records belong to.
         feedbacks: evaluated on every record.
         session: where records go (default: the session created last).
@@ -137,7 +143,7 @@ class ChainRecorder:
         nested = any(b.handler is handler for b in blocks)
         recording = Recording(self.feedback_mode, open_hint=_OPEN_HINT,
                               empty_hint=_NESTED_HINT if nested else _EMPTY_HINT)
-        block = _Block(handler, recording)
+        block = _Block(handler, recording, self.app)
         block.hook_token = _hook_var(len(blocks)).set(handler)
         block.open_token = OPEN_BLOCKS.set((*blocks, block))
         return recording
