@@ -189,6 +189,9 @@ def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...], 
     try:
         df, _ = session.get_records_and_feedback(list(apps) or None, limit=limit,
                                                  offset=offset)
+    except ScrutinyError as exc:  # (the database went away, a lock: said, not a traceback)
+        _fail(str(exc))
+        return
     finally:
         session.close()
     if fmt == "json":
@@ -214,6 +217,9 @@ def leaderboard(database_url: str | None, table_prefix: str, apps: tuple[str, ..
     session = _session(database_url, table_prefix, migrate="refuse")  # reads: creates nothing
     try:
         board = session.get_leaderboard(list(apps) or None)
+    except ScrutinyError as exc:
+        _fail(str(exc))
+        return
     finally:
         session.close()
     if fmt == "json":

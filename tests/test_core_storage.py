@@ -500,7 +500,7 @@ def test_migration_0004_splits_apps_whose_old_ids_collided(
     gives every app, record and result the id `app_id_for` gives now (an app that had lost
     its apps row to a collision gets one), leaves other ids alone, and reruns harmlessly."""
     from scrutiny.core._records import app_id_for
-    from scrutiny.core.storage import build_tables, current_revision, upgrade
+    from scrutiny.core.storage import HEAD_REVISION, build_tables, current_revision, upgrade
 
     url, prefix = backend
     t = build_tables(prefix)
@@ -563,7 +563,7 @@ def test_migration_0004_splits_apps_whose_old_ids_collided(
     assert apps["team:qa\\:v1"] == ("team", "qa:v1")
     assert apps["a\\\\b:v"] == ("a\\b", "v")
     with engine.connect() as conn:
-        assert current_revision(conn, prefix) == "0004"
+        assert current_revision(conn, prefix) == HEAD_REVISION
 
     # run again (as if stamped back to 0003): nothing changes
     with engine.begin() as conn:

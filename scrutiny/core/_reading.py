@@ -46,7 +46,11 @@ def as_names(value: str | Sequence[str] | None, what: str) -> tuple[str, ...] | 
     return names
 
 class SessionReading:
-    """The read side of :class:`Session` (a mixin: the session supplies these members)."""
+    """The read side of :class:`Session` (a mixin: the session supplies these members).
+
+    A read the database refuses (it is down, a lock past its timeout) raises
+    :class:`~scrutiny.StorageError` saying what could not be read where, with the
+    driver's error as its cause."""
 
     store: Store
     flush_timeout: float
@@ -270,10 +274,16 @@ class _StoredWatch:
         self._following = False
 
     def _read(self) -> bool:
-        """Read the results once; True when every one has ended. Callbacks of results
-        that ended run on a thread of their own, outside the lock (one that waited on
-        this record again deadlocked)."""
-        _, rows = self._store.record(self._record_id)
+        """Read the results once; True when every one has ended, or when the record is no
+        longer stored (deleted: its results never end, and a callback's wait read it every
+        second for the life of the session). Callbacks of results that ended run on a
+        thread of their own, outside the lock (one that waited on this record again
+        deadlocked)."""
+        row, rows = self._store.record(self._record_id)
+        if row is None:
+            logger.warning("scrutiny: record %s was deleted from the database before its "
+                           "results ended; no longer waiting for them", self._record_id)
+            return True
         listeners: list[Callable[[], object]] = []
         for row in rows:
             slot = self._slots.get(row["result_id"])
@@ -294,20 +304,40 @@ class _StoredWatch:
         or the session is closed."""
         pause = self.FIRST
         stop = stop or threading.Event()
+        failing = False
         while self._alive() and not stop.is_set():
             with self._lock:
                 try:
                     if self._read():
                         return
-                except Exception:
-                    logger.exception("scrutiny: reading record %s's results again failed",
-                                     self._record_id)
-                    return
+                    failing = False
+                except Exception as exc:
+                    if not self._passing(exc):
+                        logger.exception("scrutiny: reading record %s's results again "
+                                         "failed", self._record_id)
+                        return
+                    # A server restarting, a lock, a lost connection: one failed read
+                    # ended the wait early, and a callback's wait for good (never called).
+                    if not failing:
+                        logger.warning("scrutiny: reading record %s's results again failed "
+                                       "(%s); trying again", self._record_id, exc)
+                    failing = True
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
             stop.wait(pause if left is None else min(pause, left))
             pause = min(pause * 2, self.LONGEST)
+
+    def _passing(self, exc: Exception) -> bool:
+        """Whether the read that failed with `exc` may succeed later: the store says so
+        of the error, or the database does not answer at all."""
+        transient = getattr(self._store, "transient", None)
+        ping = getattr(self._store, "ping", None)
+        try:
+            return bool(transient is not None and transient(exc)) or (
+                ping is not None and not ping())
+        except Exception:
+            return False
 
     def follow_in_background(self) -> None:
         """For a callback: read on a daemon thread until the results end (or the session

@@ -49,6 +49,10 @@ RETRY_LOAD_AFTER = 60.0
 tries again (the missing package may have been installed meanwhile)."""
 
 
+CLAIM_BACKOFF_MAX = 5.0
+"""The longest wait between two claims while the database is down or busy."""
+
+
 class _NotHere(str):
     """Why a feedback cannot be loaded *in this process* (its module or function is
     missing here): another worker, deployed with that code, may load it."""
@@ -128,17 +132,49 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     def run(self) -> None:
-        """Claim and evaluate until :meth:`stop_claiming` (or the session closes)."""
+        """Claim and evaluate until :meth:`stop_claiming` (or the session closes).
+
+        While the database is down or refuses the claim for a reason that passes (a lock,
+        too many connections), it says so once and tries again backing off up to
+        CLAIM_BACKOFF_MAX seconds: it logged a full traceback at every poll (hundreds of
+        lines a second with a short poll interval, for as long as the outage lasted)."""
+        failing_since = 0.0
+        backoff = self._poll
         while not self._stop.is_set() and not self._session.closed:
+            wait = max(self._poll, 0.01)
             try:
                 got = self._claim_once()
-            except Exception:
+                if failing_since:
+                    logger.warning("scrutiny worker: claiming works again after %.1f s",
+                                   time.monotonic() - failing_since)
+                    failing_since, backoff = 0.0, self._poll
+            except Exception as exc:
                 if self._session.closed:
                     break
-                logger.exception("scrutiny worker: claiming failed; retrying")
                 got = 0
+                if not self._passing(exc):
+                    logger.exception("scrutiny worker: claiming failed; retrying")
+                else:
+                    if not failing_since:
+                        failing_since = time.monotonic()
+                        logger.error("scrutiny worker: claiming failed (%s): the database "
+                                     "is unreachable or busy; trying again, backing off "
+                                     "up to %g s", exc, CLAIM_BACKOFF_MAX)
+                    backoff = min(max(backoff * 2, 0.25), CLAIM_BACKOFF_MAX)
+                    wait = max(wait, backoff)
             if got == 0:
-                self._stop.wait(max(self._poll, 0.01))
+                self._stop.wait(wait)
+
+    def _passing(self, exc: Exception) -> bool:
+        """Whether a claim that failed with `exc` may succeed later unchanged."""
+        store = self._session.store
+        transient = getattr(store, "transient", None)
+        ping = getattr(store, "ping", None)
+        try:
+            return bool(transient is not None and transient(exc)) or (
+                ping is not None and not ping())
+        except Exception:
+            return False
 
     def drain(self, deadline: float | None = None) -> int:
         """Claim until nothing is claimable, or until `deadline` (a `time.monotonic()`

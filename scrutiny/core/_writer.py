@@ -261,8 +261,12 @@ class StorageWriter:
         When a write fails and the database does not answer a ping either (a PostgreSQL
         server restarting, a dropped network) the batch is kept and retried, backing off
         up to OUTAGE_BACKOFF_MAX seconds: a few seconds of outage lost every record made
-        during it. Work queued meanwhile waits behind it, bounded by the queue size (beyond it,
-        new work is dropped, counted and logged); `close()` gives up what is still held.
+        during it. So is a write that failed for a reason that passes though the database
+        answers (the store's `transient(exc)`: a table locked past lock_timeout or
+        statement_timeout, a deadlock, too many connections): a migration or a VACUUM FULL
+        holding a table for a few seconds lost every record made meanwhile. Work queued
+        meanwhile waits behind it, bounded by the queue size (beyond it, new work is
+        dropped, counted and logged); `close()` gives up what is still held.
         """
         self._gave_up = False
         if not ops:
@@ -274,36 +278,55 @@ class StorageWriter:
                     with attempt:
                         self._store.write(ops)
                 if since:
-                    logger.warning("scrutiny: the database answers again after %.1f s; "
-                                   "the records held meanwhile are being stored",
+                    logger.warning("scrutiny: the database takes writes again after %.1f "
+                                   "s; the records held meanwhile are being stored",
                                    time.monotonic() - since)
                 return True
             except Exception as exc:
-                if not self._unreachable():  # it answers: these operations are the problem
+                down = self._unreachable()
+                busy = not down and self._transient(exc)
+                if not down and not busy:  # it answers: these operations are the problem
                     hint = (" (the database file, or its folder, is not writable by this "
                             "process)" if "readonly" in str(exc) else "")
                     logger.error("scrutiny: storing %d operation(s) failed: %s%s", len(ops),
                                  exc, hint)
                     return False
                 if self._stopping:
-                    logger.error("scrutiny: the database is unreachable and the session is "
-                                 "closing: %d operation(s) not stored: %s", len(ops), exc)
+                    logger.error("scrutiny: the database is unreachable (or refuses writes) "
+                                 "and the session is closing: %d operation(s) not stored: %s",
+                                 len(ops), exc)
                     self._gave_up = True  # (one by one would not fare better)
                     return False
                 if not since:
                     since = time.monotonic()
-                    logger.error("scrutiny: the database cannot be reached (%s); holding "
-                                 "%d operation(s) and retrying (queued: %d)", exc, len(ops),
-                                 len(self._queue))
+                    if busy:
+                        logger.error("scrutiny: the database refuses writes for now (%s); "
+                                     "holding %d operation(s) and retrying (queued: %d)",
+                                     exc, len(ops), len(self._queue))
+                    else:
+                        logger.error("scrutiny: the database cannot be reached (%s); "
+                                     "holding %d operation(s) and retrying (queued: %d)",
+                                     exc, len(ops), len(self._queue))
                 if self._outage.wait(backoff):  # closing: do not try again
-                    logger.error("scrutiny: the database is unreachable and the session is "
-                                 "closing: %d operation(s) not stored", len(ops))
+                    logger.error("scrutiny: the database is unreachable (or refuses writes) "
+                                 "and the session is closing: %d operation(s) not stored",
+                                 len(ops))
                     self._gave_up = True
                     return False
                 backoff = min(backoff * 2, OUTAGE_BACKOFF_MAX)
 
     def _pause(self, seconds: float) -> None:
         self._outage.wait(seconds)
+
+    def _transient(self, exc: Exception) -> bool:
+        """Whether the store says the write can succeed unchanged later."""
+        transient = getattr(self._store, "transient", None)
+        if transient is None:
+            return False
+        try:
+            return bool(transient(exc))
+        except Exception:
+            return False
 
     def _unreachable(self) -> bool:
         """Whether the database itself fails to answer (rather than refusing a write)."""

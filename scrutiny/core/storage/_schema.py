@@ -32,7 +32,7 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = ["HEAD_REVISION", "Tables", "UTCDateTime", "build_tables"]
 
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 """The newest migration; keep it equal to the last file in migrations/versions."""
 
 
@@ -104,18 +104,18 @@ def build_tables(prefix: str = "scrutiny_") -> Tables:
     md = MetaData()
     apps = Table(
         f"{prefix}apps", md,
-        Column("app_id", String(512), primary_key=True),
-        Column("app_name", String(255), nullable=False),
-        Column("app_version", String(255), nullable=False),
+        Column("app_id", Text, primary_key=True),  # (any length: migration 0005)
+        Column("app_name", Text, nullable=False),
+        Column("app_version", Text, nullable=False),
         Column("metadata_json", Text),
         Column("created_at", UTCDateTime, nullable=False),
     )
     records = Table(
         f"{prefix}records", md,
-        Column("record_id", String(64), primary_key=True),
-        Column("app_id", String(512), ForeignKey(f"{prefix}apps.app_id"), nullable=False),
-        Column("app_name", String(255), nullable=False),
-        Column("app_version", String(255), nullable=False),
+        Column("record_id", Text, primary_key=True),
+        Column("app_id", Text, ForeignKey(f"{prefix}apps.app_id"), nullable=False),
+        Column("app_name", Text, nullable=False),
+        Column("app_version", Text, nullable=False),
         Column("status", String(16), nullable=False),
         Column("input_json", Text),
         Column("output_json", Text),
@@ -130,8 +130,8 @@ def build_tables(prefix: str = "scrutiny_") -> Tables:
         Column("contexts_json", Text),
         Column("tags_json", Text),
         Column("metadata_json", Text),
-        Column("framework", String(64)),
-        Column("root_run_id", String(128)),
+        Column("framework", Text),
+        Column("root_run_id", Text),
         Column("created_at", UTCDateTime, nullable=False),
         Index(f"{prefix}ix_records_app_time", "app_id", "start_time"),
         Index(f"{prefix}ix_records_time", "start_time"),
@@ -151,9 +151,9 @@ def build_tables(prefix: str = "scrutiny_") -> Tables:
     results = Table(
         f"{prefix}feedback_results", md,
         Column("result_id", String(64), primary_key=True),
-        Column("record_id", String(64),
+        Column("record_id", Text,
                ForeignKey(f"{prefix}records.record_id", ondelete="CASCADE"), nullable=False),
-        Column("app_id", String(512), nullable=False),
+        Column("app_id", Text, nullable=False),
         Column("feedback_id", String(64), nullable=False),
         Column("feedback_name", Text, nullable=False),
         Column("status", String(16), nullable=False),
@@ -167,7 +167,7 @@ def build_tables(prefix: str = "scrutiny_") -> Tables:
         Column("updated_at", UTCDateTime, nullable=False),
         Column("cost_json", Text),
         Column("calls_json", Text),
-        Column("worker_id", String(255)),
+        Column("worker_id", Text),
         Column("lease_token", String(64)),
         Column("lease_expires_at", UTCDateTime),
         Index(f"{prefix}ix_results_record", "record_id"),

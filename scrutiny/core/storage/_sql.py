@@ -7,14 +7,16 @@ second process can share one file without "database is locked".
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from operator import itemgetter
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import orjson
 from sqlalchemy import (
@@ -61,6 +63,70 @@ _WRITE = "scrutiny_write"
 
 def _chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+NUL_STAND_IN = "\ufffd"
+"""What a NUL character in a text column becomes on PostgreSQL, whose text cannot hold
+one: the driver refused the whole row, and the record (every record of an app whose name
+held one) or the result was lost. (In JSON payloads it is escaped and kept as it is.)"""
+
+
+def _without_nul(row: Row) -> Row:
+    """`row` with NUL characters in its texts replaced (the same row when it has none)."""
+    for value in row.values():
+        if type(value) is str and "\x00" in value:
+            return {k: v.replace("\x00", NUL_STAND_IN) if type(v) is str else v
+                    for k, v in row.items()}
+    return row
+
+
+def _op_without_nul(op: WriteOp) -> WriteOp:
+    """`op` with NUL characters in its texts replaced (the same op when it has none)."""
+    if isinstance(op, InsertRecord):
+        rows = [op.app, op.record, *op.definitions, *op.results]
+        fixed = [_without_nul(row) for row in rows]
+        if all(a is b for a, b in zip(rows, fixed, strict=True)):
+            return op
+        n = len(op.definitions)
+        return InsertRecord(fixed[0], fixed[1], fixed[2:2 + n], fixed[2 + n:])
+    if isinstance(op, UpdateResult):
+        values = _without_nul(op.values)
+        if values is not op.values:
+            return UpdateResult(op.result_id, values, op.from_statuses, op.lease_token)
+    return op
+
+
+# SQLSTATEs of PostgreSQL errors after which the same write can succeed unchanged later:
+# a lost or refused connection (08..., not 08P01, a protocol violation; 57P: the server
+# shutting down or starting), a deadlock or serialization failure, too many connections
+# or a full disk (53), a lock not granted within lock_timeout (55P03) or a statement
+# cancelled by statement_timeout (57014: mostly one waiting for a lock).
+_TRANSIENT_SQLSTATES = ("08000", "08001", "08003", "08004", "08006", "08007", "57P",
+                        "40001", "40P01", "53", "55P03", "57014")
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _reads(what: str) -> Callable[[Callable[Concatenate[SQLStore, _P], _R]],
+                                   Callable[Concatenate[SQLStore, _P], _R]]:
+    """A read (or a deletion the user asked for) that fails in the database raises
+    :class:`StorageError` saying what and where, the driver's error as its cause: the raw
+    SQLAlchemy error reached the dashboard as a 500 with a traceback (its handler answers
+    503 with the reason for a StorageError) and the command line as a traceback."""
+    def wrap(method: Callable[Concatenate[SQLStore, _P], _R]
+             ) -> Callable[Concatenate[SQLStore, _P], _R]:
+        def run(self: SQLStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return method(self, *args, **kwargs)
+            except SQLAlchemyError as exc:
+                reason = getattr(exc, "orig", None) or exc
+                raise StorageError(f"could not {what} {redact_url(self.url)}: "
+                                   f"{str(reason).strip()}") from exc
+        functools.update_wrapper(run, method)
+        return run
+    return wrap
 
 
 def redact_url(url: str) -> str:
@@ -230,6 +296,26 @@ class SQLStore:
         return (f" — the file {database!r} is not writable: make it writable or use "
                 "another file")
 
+    def transient(self, exc: BaseException) -> bool:
+        """Whether a write that failed with `exc` can succeed unchanged later, though the
+        database answers: a lock it waited for past lock_timeout or statement_timeout
+        (a migration, VACUUM FULL, a long transaction holding the table), a deadlock, too
+        many connections, a connection lost or refused, SQLite's file locked past its busy
+        timeout. Such a write is held and retried (as in an outage), not given up."""
+        if isinstance(exc, StorageError) and exc.__cause__ is not None:
+            exc = exc.__cause__  # (a read's, see _reads)
+        if getattr(exc, "connection_invalidated", False):
+            return True  # (SQLAlchemy found the connection dead: "server closed the
+            # connection unexpectedly", the answer to a COMMIT lost on the way)
+        orig = getattr(exc, "orig", None)
+        state = getattr(orig, "sqlstate", None)
+        if isinstance(state, str):
+            return state.startswith(_TRANSIENT_SQLSTATES)
+        if isinstance(orig, sqlite3.OperationalError):
+            return "locked" in str(orig) or getattr(orig, "sqlite_errorname", "") in (
+                "SQLITE_BUSY", "SQLITE_LOCKED")
+        return False
+
     def ping(self) -> bool:
         """Whether the database answers a trivial query now."""
         try:
@@ -242,6 +328,8 @@ class SQLStore:
     # ------------------------------------------------------------------ writes
     def write(self, ops: Sequence[WriteOp]) -> None:
         t = self.tables
+        if self._dialect == "postgresql":
+            ops = [_op_without_nul(op) for op in ops]
         apps: dict[str, Row] = {}
         definitions: dict[str, Row] = {}
         records: list[Row] = []
@@ -291,8 +379,9 @@ class SQLStore:
                           "w_spec": d.get("spec_json")} for d in new_definitions])
                 if records:  # (a stored record given again, with more feedbacks: kept)
                     self._insert_rows(conn, t.records, records, keep_existing=True)
-                if results:
-                    self._insert_rows(conn, t.results, results)
+                if results:  # (a batch retried after its commit's answer was lost:
+                    # its rows are there already, and a duplicate key lost it for good)
+                    self._insert_rows(conn, t.results, results, keep_existing=True)
                 self._apply_updates(conn, updates)
                 for r in renewals:
                     conn.execute(
@@ -556,6 +645,7 @@ class SQLStore:
                                                                        strict=True)))
         conn.exec_driver_sql(sql, params)
 
+    @_reads("read results from")
     def results_final(self, result_ids: Sequence[str]) -> list[Row]:
         """The rows of those of these results that have an end state."""
         t = self.tables.results
@@ -588,6 +678,20 @@ class SQLStore:
             conn.execute(table.insert(), missing)
 
     # ------------------------------------------------------------------ reads
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[Connection]:
+        """A read transaction whose statements all see the database as it was at its first
+        one. PostgreSQL's default (READ COMMITTED) gives each statement its own view: a
+        page of records read in one statement and their results in the next, while apps
+        stored newer records, came back with some records' results missing (shown "n/a").
+        SQLite's read transactions are snapshots already."""
+        with self.engine.connect() as conn, conn.begin():
+            if self._dialect == "postgresql":
+                conn.exec_driver_sql(
+                    "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield conn
+
+    @_reads("read records from")
     def records_and_results(
         self,
         *,
@@ -605,7 +709,7 @@ class SQLStore:
             query = query.limit(limit)
         if offset:
             query = query.offset(offset)
-        with self.engine.connect() as conn, conn.begin():
+        with self._snapshot() as conn:
             records = [dict(r._mapping) for r in conn.execute(query)]
             ids_query = query.with_only_columns(t.records.c.record_id).subquery()
             results = [
@@ -616,9 +720,11 @@ class SQLStore:
             ]
         return records, results
 
+    @_reads("read a record from")
     def record(self, record_id: str) -> tuple[Row | None, list[Row]]:
         t = self.tables
-        with self.engine.connect() as conn, conn.begin():
+        [record_id] = self._texts([record_id])
+        with self._snapshot() as conn:
             row = conn.execute(
                 select(t.records).where(t.records.c.record_id == record_id)
             ).first()
@@ -630,6 +736,15 @@ class SQLStore:
             ]
         return (dict(row._mapping) if row is not None else None), results
 
+    def _texts(self, values: Sequence[str]) -> list[str]:
+        """Filter values as they are stored (on PostgreSQL, a NUL as NUL_STAND_IN): a NUL
+        in a filter made the driver raise rather than find nothing, or what was stored
+        with one."""
+        if self._dialect != "postgresql":
+            return list(values)
+        return [v.replace("\x00", NUL_STAND_IN) if isinstance(v, str) else v
+                for v in values]
+
     def _app_filter(self, app_ids: Sequence[str] | None) -> Any:
         """Records of these apps: a value is an app id when some app has that id, and
         otherwise an app name (all its versions). "team:qa" is app "team" version "qa",
@@ -637,12 +752,13 @@ class SQLStore:
         t = self.tables.records
         if not app_ids:
             return None
-        ids = list(dict.fromkeys(app_ids))
+        ids = list(dict.fromkeys(self._texts(app_ids)))
         apps = self.tables.apps
         taken = select(apps.c.app_id).where(apps.c.app_id.in_(ids))  # (no NULLs: the key)
         return or_(t.c.app_id.in_(ids),
                    and_(t.c.app_name.in_(ids), t.c.app_name.not_in(taken)))
 
+    @_reads("read the summaries from")
     def aggregates(self, *, app_ids: Sequence[str] | None = None
                    ) -> tuple[list[Row], list[Row]]:
         """Per app version: record count, mean latency and tokens; per app version, feedback
@@ -659,13 +775,14 @@ class SQLStore:
         resq = (select(t.results.c.app_id, t.results.c.feedback_name, t.results.c.status,
                        func.count().label("n"), func.avg(t.results.c.score).label("mean"))
                 .group_by(t.results.c.app_id, t.results.c.feedback_name, t.results.c.status))
-        with self.engine.connect() as conn, conn.begin():
+        with self._snapshot() as conn:
             apps = [dict(r._mapping) for r in conn.execute(rq)]
             wanted = {a["app_id"] for a in apps}
             results = [dict(r._mapping) for r in conn.execute(resq)
                        if r.app_id in wanted]
         return apps, results
 
+    @_reads("read records from")
     def query_records(self, query: RecordQuery) -> tuple[list[Row], list[Row], int]:
         """A page of records matching `query` (newest first), their results, and the total
         number of matching records."""
@@ -675,7 +792,7 @@ class SQLStore:
         if where is not None:
             cond.append(where)
         if query.app_versions:
-            cond.append(t.records.c.app_version.in_(list(query.app_versions)))
+            cond.append(t.records.c.app_version.in_(self._texts(query.app_versions)))
         if query.record_status:
             cond.append(t.records.c.status == query.record_status)
         if query.search:
@@ -683,7 +800,8 @@ class SQLStore:
         if query.feedback_name and (query.statuses or query.min_score is not None
                                     or query.max_score is not None):
             r = t.results
-            sub = select(r.c.record_id).where(r.c.feedback_name == query.feedback_name)
+            sub = select(r.c.record_id).where(
+                r.c.feedback_name == self._texts([query.feedback_name])[0])
             if query.statuses:
                 sub = sub.where(r.c.status.in_(list(query.statuses)))
             if query.min_score is not None:
@@ -698,7 +816,7 @@ class SQLStore:
             count = count.where(c)
         page = (base.order_by(t.records.c.start_time.desc(), t.records.c.record_id)
                 .limit(query.limit).offset(query.offset))
-        with self.engine.connect() as conn, conn.begin():
+        with self._snapshot() as conn:
             records = [dict(row._mapping) for row in conn.execute(page)]
             ids = [rec["record_id"] for rec in records]
             results = [dict(row._mapping) for row in conn.execute(
@@ -706,6 +824,7 @@ class SQLStore:
             total = int(conn.execute(count).scalar() or 0)
         return records, results, total
 
+    @_reads("read feedback definitions from")
     def definitions(self) -> list[Row]:
         with self.engine.connect() as conn, conn.begin():
             return [dict(r._mapping) for r in conn.execute(select(self.tables.definitions))]
@@ -783,6 +902,7 @@ class SQLStore:
         return or_(t.c.input_json.ilike(pattern, escape="\\"),
                    t.c.output_json.ilike(pattern, escape="\\"))
 
+    @_reads("read results from")
     def results_by_ids(self, result_ids: Sequence[str]) -> list[Row]:
         t = self.tables.results
         out: list[Row] = []
@@ -792,6 +912,7 @@ class SQLStore:
                     select(t).where(t.c.result_id.in_(chunk))))
         return out
 
+    @_reads("read records from")
     def records_by_ids(self, record_ids: Sequence[str]) -> list[Row]:
         t = self.tables.records
         out: list[Row] = []
@@ -801,6 +922,7 @@ class SQLStore:
                     select(t).where(t.c.record_id.in_(chunk))))
         return out
 
+    @_reads("delete records from")
     def delete_records(self, *, before: datetime | None = None,
                        app_ids: Sequence[str] | None = None) -> int:
         t = self.tables
@@ -817,6 +939,7 @@ class SQLStore:
                 return conn.execute(delete(t.records).where(
                     t.records.c.record_id.in_(doomed))).rowcount or 0
 
+    @_reads("count results in")
     def count_results(self) -> dict[str, int]:
         t = self.tables.results
         with self.engine.connect() as conn, conn.begin():
