@@ -12,7 +12,13 @@ if [ -z "$bindir" ]; then
   for d in /usr/lib/postgresql/*/bin; do [ -x "$d/initdb" ] && bindir="$d"; done
 fi
 [ -n "$bindir" ] || { echo "no PostgreSQL server available" >&2; exit 1; }
+if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+  echo "port $PORT is in use (a server left from an earlier run?): stop it, or set" \
+       "SCRUTINY_PG_PORT to a free port" >&2
+  exit 1
+fi
 data=$(mktemp -d -t scrutiny-pg-XXXX)
+trap 'rm -rf "$data"' ERR  # (a server that did not start leaves nothing behind)
 chown postgres:postgres "$data"
 run() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 run "$bindir/initdb" -D "$data/db" --auth=trust --username=postgres -E UTF8 >/dev/null
