@@ -202,6 +202,32 @@ async def test_fallbacks_with_the_handler_passed_per_call_give_one_record(
     assert app_ids(session) == ["fb:v1"]
 
 
+@pytest.mark.parametrize("call", ["invoke", "ainvoke"])
+async def test_a_call_given_its_own_callbacks_inside_a_step_is_a_record_of_its_own(
+        session: Session, call: str) -> None:
+    """The fallbacks fix attached any run without a parent to the run the context named:
+    a chain a step calls with `config={"callbacks": [handler]}` (a root run for LangChain)
+    lost its record and became a span of the step's."""
+    recorder = ChainRecorder(app_name="calls", session=session)
+    handler = recorder.handler
+    inner = RunnableLambda(lambda q: q + "!", name="inner")
+
+    def step(q: str) -> str:
+        return inner.invoke(q, config={"callbacks": [handler]})
+
+    async def astep(q: str) -> str:
+        return await inner.ainvoke(q, config={"callbacks": [handler]})
+
+    outer = RunnableLambda(step, afunc=astep, name="outer")
+    if call == "invoke":
+        out = outer.invoke("hi", config={"callbacks": [handler]})
+    else:
+        out = await outer.ainvoke("hi", config={"callbacks": [handler]})
+    assert out == "hi!"
+    assert sorted((r.root_span().name, [s.name for s in r.spans])  # type: ignore[union-attr]
+                  for r in handler.records) == [("inner", ["inner"]), ("outer", ["outer"])]
+
+
 def test_retries_inside_a_recorded_call_are_spans_of_its_record(session: Session) -> None:
     attempts: list[str] = []
 

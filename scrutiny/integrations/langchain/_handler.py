@@ -27,6 +27,7 @@ from langchain_core.documents import Document
 from langchain_core.messages import ToolMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.runnables.config import var_child_runnable_config
+from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 
 from scrutiny.core import (
     Feedback,
@@ -88,12 +89,15 @@ OPEN_BLOCKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
 class _Root:
     """What is known about one root run while it is open."""
 
-    __slots__ = ("handlers", "metadata", "recording", "run_ids", "spans", "tags", "tokens")
+    __slots__ = ("fallbacks", "handlers", "metadata", "recording", "run_ids", "spans", "tags",
+                 "tokens")
 
-    def __init__(self, recording: Recording | None, handlers: list[BaseCallbackHandler],
+    def __init__(self, recording: Recording | None,
+                 handlers: tuple[list[BaseCallbackHandler], bool],
                  tags: list[str] | None, metadata: dict[str, Any] | None) -> None:
         self.recording = recording
-        self.handlers = handlers
+        self.handlers, self.fallbacks = handlers
+        """(the handlers of the run; whether it is a `with_fallbacks` run: see _enclosing)"""
         self.spans: list[Span] = []
         self.run_ids: list[int] = []
         self.tags = list(tags or [])
@@ -134,8 +138,9 @@ _SNAPSHOT_ITEMS = 2000
 _MUTABLE = frozenset((dict, list))
 
 
-def _run_handlers(default: BaseCallbackHandler) -> list[BaseCallbackHandler]:
-    """The handlers LangChain is dispatching the current event to (those of the run).
+def _run_handlers(default: BaseCallbackHandler) -> tuple[list[BaseCallbackHandler], bool]:
+    """The handlers LangChain is dispatching the current event to (those of the run), and
+    whether a `with_fallbacks` runnable is starting the run.
 
     LangChain does not pass them to handlers, so we read them from its dispatch frame;
     if that ever fails, the result goes to this handler alone.
@@ -147,10 +152,20 @@ def _run_handlers(default: BaseCallbackHandler) -> list[BaseCallbackHandler]:
         if frame.f_code in _DISPATCH_CODES:
             handlers = frame.f_locals.get("handlers")
             if isinstance(handlers, list):
-                return list(handlers)
+                # <- the callback manager's on_chain_start <- the runnable's method
+                caller = frame.f_back
+                caller = None if caller is None else caller.f_back
+                return list(handlers), caller is not None and \
+                    caller.f_code in _FALLBACK_CODES
             break
         frame = frame.f_back
-    return [default]
+    return [default], False
+
+
+_FALLBACK_CODES = frozenset(
+    code for name in ("invoke", "ainvoke", "stream", "astream")
+    if (code := getattr(getattr(RunnableWithFallbacks, name, None), "__code__", None)))
+"""The methods of `with_fallbacks` that give their runnables their own config."""
 
 
 _CLAIM_FRAMES = 200
@@ -379,7 +394,13 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         if not config:
             return None
         run_id = getattr(config.get("callbacks"), "parent_run_id", None)
-        return None if run_id is None else self._runs.get(run_id.int)
+        entry = None if run_id is None else self._runs.get(run_id.int)
+        # (only the fallbacks run's own runnables: a call made inside a step with callbacks
+        # of its own, `other.invoke(x, config={"callbacks": [handler]})`, is a root run of
+        # LangChain's and a record of its own, though the step's context names its run)
+        if entry is None or not entry[1].fallbacks or entry[1].spans[0] is not entry[0]:
+            return None
+        return entry
 
     def _mark_foreign(self, key: int) -> None:
         foreign = self._foreign
