@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) bench/deferred.py
 	$(PY) bench/dashboard.py
 	$(PY) bench/pii.py
+	$(PY) bench/parse.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1905,3 +1905,28 @@ def test_a_record_field_of_the_wrong_shape_is_refused_saying_how(
 def test_record_fields_given_as_other_iterables_become_lists() -> None:
     record = make_record(contexts=(c for c in ["a", "b"]), tags={"x"})
     assert (record.contexts, record.tags) == (["a", "b"], ["x"])
+
+
+def test_times_from_numpy_or_a_decimal_are_stored(session: Session) -> None:
+    """Times taken from a numpy array or a pandas column (numpy int64, float32) were stored
+    before Record checked its fields; the check refused them, and the record was lost."""
+    numpy = pytest.importorskip("numpy")
+    from decimal import Decimal
+
+    start = 1_700_000_000
+    built = [Record(app_name="np", app_version="v1", input=f"q{i}", output="a",
+                    start_time=begin, end_time=end)
+             for i, (begin, end) in enumerate([
+                 (numpy.int64(start), numpy.int64(start + 2)),
+                 (numpy.float32(start), numpy.float64(start + 2)),
+                 (Decimal(start), Decimal(start) + Decimal("2.5"))])]
+    assert [type(r.start_time) for r in built] == [float] * 3
+    for record in built:
+        session.ingest(record, [])
+    assert session.flush(10)
+    for record in built:
+        stored = session.get_record(record.record_id)
+        assert stored is not None
+        assert stored.start_time == pytest.approx(start, abs=1)
+        assert stored.end_time - stored.start_time == pytest.approx(
+            record.end_time - record.start_time, abs=0.01)

@@ -559,3 +559,23 @@ def test_a_deferred_session_and_its_worker_still_end_cleanly(sqlite: tuple[str, 
         assert worker.stop(5)
     assert s.close() is True
     assert [r["status"] for r in stored_results(url, prefix)] == ["done"]
+
+
+def record_tags(record: Record) -> Any:
+    return record.tags
+
+
+def test_a_tag_list_cut_at_storage_is_not_scored(sqlite: tuple[str, str]) -> None:
+    """A tag list over max_payload_bytes is stored as a truncation marker (a JSON object):
+    read back, Record made it the list of the marker's keys, which said nothing of the cut,
+    and a feedback on the tags scored those keys."""
+    url, _ = sqlite
+    on_tags = Feedback(fbs.length, name="tag_length").on(record_tags)
+    with Session(url, feedback_mode="deferred", max_payload_bytes=1024) as app:
+        cut = app.ingest(make_record(0, tags=[f"tag-{i:04d}" for i in range(300)]),
+                         [on_tags])
+        assert app.flush(10)
+        assert app.resume_pending(timeout=5) == 1
+        result = cut.wait_for_feedback_results(timeout=5)[on_tags]
+    assert result.status is FeedbackStatus.SKIPPED, result
+    assert "truncated when the record was stored" in (result.error or "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from scrutiny import InvalidFeedbackValue
@@ -27,6 +29,9 @@ from scrutiny.providers._text import as_text, split_statements
     ('{"score": 8, "reasons": "good"}\n\nLet me know if you need more.', 0.8, "good"),
     ('{"Score": "8/10", "Reasons": "ok"}', 0.8, "ok"),
     ('{"rating": 4, "out_of": 5, "reason": "good"}', 0.8, "good"),  # its own scale, stated
+    # a dash then a smaller number is the reasons, not a range ("8 - 9" is one)
+    ("Score: 7 - 2 minor issues keep it from a 9", 0.7, "2 minor issues keep it from a 9"),
+    ("Rating: 6/10 \u2014 3 of the 5 facts are right", 0.6, "3 of the 5 facts are right"),
     # the score first, then the reasons (which may hold other numbers)
     ("9\nThe answer is relevant. It names 3 facts.", 0.9,
      "The answer is relevant. It names 3 facts."),
@@ -180,3 +185,17 @@ def test_the_budget_keeps_short_fields_whole_and_truncates_long_ones() -> None:
     assert fitted.notice is not None
     assert "answer 40,000 ->" in fitted.notice
     assert fit_prompt("x", fields, max_tokens=None, on_over_budget="skip").fields == fields
+
+
+@pytest.mark.parametrize(("answer", "score"), [
+    ("9" + "\n" * 400 + "Reasons: on topic", 0.9),  # a small model's run of blank lines
+    ("9" + " " * 400 + "- on topic", 0.9),
+    ("```json" + " " * 2000 + '{"score": 7}', 0.7),  # a fence never closed (cut off)
+])
+def test_answers_padded_with_long_runs_of_spaces_are_read(answer: str, score: float) -> None:
+    # Optional runs of spaces side by side in the patterns backtracked over every way of
+    # splitting a long run (cubic): 400 blank lines after "9" took seconds, thousands
+    # hours (this test then runs into the suite's timeout). bench/parse.py measures it.
+    assert parse_score(answer).score == pytest.approx(score)
+    with contextlib.suppress(InvalidFeedbackValue):
+        parse_statement_scores(answer, 2)

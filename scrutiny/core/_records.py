@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import decimal
 import enum
 import logging
+import numbers
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from scrutiny.core._ids import new_uuid
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
+from scrutiny.core._serialize import TRUNCATED_KEY
 
 if TYPE_CHECKING:
     from scrutiny.core._feedback import Feedback
@@ -122,8 +125,13 @@ class Span:
         return None if self.end_time is None else self.end_time - self.start_time
 
 
-def _listed(value: Any, name: str, example: str) -> list[Any]:
-    """A field that must be a list: another iterable becomes one; a string is refused."""
+def _listed(value: Any, name: str, example: str) -> Any:
+    """A field that must be a list: another iterable becomes one; a string is refused.
+    A truncation marker read back from storage (a list cut at `max_payload_bytes`, stored
+    as ``{"__scrutiny_truncated__": true, ...}``) stays as it is: as the list of its keys
+    it no longer said it was cut, and feedbacks scored those keys."""
+    if isinstance(value, Mapping) and value.get(TRUNCATED_KEY) is True:
+        return value
     if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
         raise TypeError(f"Record.{name} is a list ({example}); got "
                         f"{type(value).__name__} {str(value)[:60]!r}")
@@ -134,7 +142,9 @@ def _seconds(value: Any, name: str) -> float:
     """A time as seconds since the epoch (a datetime is converted; naive ones are local)."""
     if isinstance(value, datetime):
         return value.timestamp()
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    # (numbers.Real: numpy's int64 and float32, a pandas column's values; a Decimal from
+    # a database driver. All were stored before, and refusing them lost the record.)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | decimal.Decimal):
         raise TypeError(f"Record.{name} is seconds since the epoch (time.time()) or a "
                         f"datetime; got {type(value).__name__} {value!r}")
     return float(value)

@@ -25,31 +25,34 @@ from scrutiny.core import InvalidFeedbackValue
 
 __all__ = ["ParsedScore", "parse_score", "parse_statement_scores"]
 
-_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?\s*```\s*$", re.DOTALL)
+_FENCE_LANGUAGE = re.compile(r"[a-zA-Z]*+")
 _NUMBER = r"[-+]?\d+(?:\.\d+)?"
-_BARE = re.compile(rf"^\s*\**\s*({_NUMBER})\s*(?:(?:/|out of)\s*(\d+(?:\.\d+)?))?\s*\**\s*\.?\s*$",
-                   re.IGNORECASE)
+# Possessive quantifiers ("*+") throughout: runs of spaces and stars next to each other,
+# each optional, let the engine try every way of splitting a long run between them ("9", a
+# thousand blank lines, then the reasons: minutes on an evaluation thread).
+_BARE = re.compile(rf"^\s*+\**+\s*+({_NUMBER})\s*+(?:(?:/|out of)\s*+(\d+(?:\.\d+)?))?"
+                   rf"\s*+\**+\s*+\.?\s*+$", re.IGNORECASE)
 _LABELLED = re.compile(
-    rf"(?<![\w\"'])(?:final\s+)?(?:score|rating|grade)\s*\**\s*[:=]\s*\**\s*({_NUMBER})"
-    rf"(?![\d.]*[eE][-+]?\d)\**\s*(?:(?:/|out of)\s*\**\s*(\d+(?:\.\d+)?))?"
-    rf"(\s*(?:-|\u2013|\u2014|to)\s*\d)?",
+    rf"(?<![\w\"'])(?:final\s+)?(?:score|rating|grade)\s*+\**+\s*+[:=]\s*+\**+\s*+({_NUMBER})"
+    rf"(?![\d.]*[eE][-+]?\d)\**+\s*+(?:(?:/|out of)\s*+\**+\s*+(\d+(?:\.\d+)?))?"
+    rf"(\s*+(?:-|\u2013|\u2014|to)\s*+(\d+(?:\.\d+)?))?",
     re.IGNORECASE,
 )
 # A first line that is a score and then the reasons: "9" alone, "8/10 - mostly relevant",
 # "7 out of 10: partly answers", "9 - on topic". (Not "3. The answer ...": a numbered list.)
 _LEADING = re.compile(
-    rf"^[ \t]*\**[ \t]*({_NUMBER})(?:"
-    rf"[ \t]*(?:/|out of)[ \t]*(\d+(?:\.\d+)?)[ \t]*\**[ \t]*(?:[-\u2013\u2014:,;.(]|\n|$)"
-    rf"|[ \t]*\**[ \t]*\.?[ \t]*(?:\n|$)"
-    rf"|[ \t]*\**[ \t]*[-\u2013\u2014][ \t])",
+    rf"^[ \t]*+\**+[ \t]*+({_NUMBER})(?:"
+    rf"[ \t]*+(?:/|out of)[ \t]*+(\d+(?:\.\d+)?)[ \t]*+\**+[ \t]*+(?:[-\u2013\u2014:,;.(]|\n|$)"
+    rf"|[ \t]*+\**+[ \t]*+\.?[ \t]*+(?:\n|$)"
+    rf"|[ \t]*+\**+[ \t]*+[-\u2013\u2014][ \t])",
     re.IGNORECASE,
 )
 _THINK = re.compile(r"^\s*<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
 _THINK_OPEN = re.compile(r"^\s*<(?:think|thinking|reasoning)>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</(?:think|thinking|reasoning)>", re.IGNORECASE)
 _REASONS_LABEL = re.compile(
-    r"^(?:\**\s*)(?:reasons?|reasoning|explanation|rationale|justification)\s*\**\s*[:=]"
-    r"\s*\**\s*", re.IGNORECASE)
+    r"^(?:\**+\s*+)(?:reasons?|reasoning|explanation|rationale|justification)\s*+\**+\s*+[:=]"
+    r"\s*+\**+\s*+", re.IGNORECASE)
 _REASON_KEYS = ("reasons", "reason", "explanation", "rationale", "justification")
 _SCORE_KEYS = ("score", "rating", "grade")
 _EXCERPT = 160
@@ -73,8 +76,14 @@ def _invalid(message: str, raw: str) -> InvalidFeedbackValue:
 
 
 def _strip_fence(text: str) -> str:
-    match = _FENCE.match(text)
-    return match.group(1) if match else text
+    """What a ```` ```json ... ``` ```` fence holds (the text itself when it is not fenced).
+    (Without a regex: one with optional whitespace on both sides of a lazy ``.*?`` took
+    minutes on an answer with a long run of spaces after its opening fence.)"""
+    stripped = text.strip()
+    if len(stripped) < 6 or not stripped.startswith("```") or not stripped.endswith("```"):
+        return text
+    inner = stripped[3:-3]
+    return inner[_FENCE_LANGUAGE.match(inner).end():].strip()  # type: ignore[union-attr]
 
 
 def _embedded_json(body: str) -> Any:
@@ -225,7 +234,8 @@ def _candidates(body: str, raw: str, scale: float, quoted: Sequence[str],
     for match in _LABELLED.finditer(body):
         if not keep(match) or _echoed(_line_of(body, match), quoted):
             continue
-        if match.group(3):
+        # "8 - 9" is a range; "7 - 2 minor issues" is a score and then its reasons
+        if match.group(3) and float(match.group(4)) > float(match.group(1)):
             raise _invalid("the judge gave a range, not one score", raw)
         found.append((match, _from_match(match, raw, scale)))
     return found
@@ -286,7 +296,9 @@ def parse_score(raw: str, scale: float = 10, *, quoted: Sequence[str] = ()) -> P
     match, score = found[0]
     if any(not math.isclose(value, score) for _, value in found):
         raise _invalid("the judge gave several different scores", raw)
-    rest = body[:match.start()] + "\n" + body[match.end():]
+    # (a number after a dash that is no range is the reasons': "7 - 2 minor issues")
+    end = match.start(3) if match.re is _LABELLED and match.group(3) else match.end()
+    rest = body[:match.start()] + "\n" + body[end:]
     for other, _ in found[1:]:  # the same score said again is no reason
         rest = rest.replace(other.group(0), "", 1)
     return ParsedScore(score, _clean_reasons(rest))
