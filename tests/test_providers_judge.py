@@ -27,6 +27,7 @@ from scrutiny import (
 from scrutiny.providers import LLMJudge, TransientJudgeError, rag_triad
 
 pytest.importorskip("langchain_core")
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import (
     FakeListChatModel,
     FakeListLLM,
@@ -91,6 +92,18 @@ def evaluate(session: Session, feedbacks: Sequence[Feedback], record: Record | N
     session.ingest(record, feedbacks)
     results = record.wait_for_feedback_results(timeout=timeout)
     return {fb.name: res for fb, res in results.items()}
+
+
+class Prompts(BaseCallbackHandler):
+    """Keeps the prompt text of every chat-model call it sees."""
+
+    run_inline = True
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        self.prompts.append("\n".join(str(m.content) for m in messages[0]))
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -185,17 +198,6 @@ def test_groundedness_budgets_only_the_statements_it_judges(session: Session) ->
     """A long answer (400 statements, 30 judged) counted whole against the budget: the
     sources were cut short for statements that were never sent, and the judged statements
     were checked against half a source."""
-    from langchain_core.callbacks import BaseCallbackHandler
-
-    class Prompts(BaseCallbackHandler):
-        run_inline = True
-
-        def __init__(self) -> None:
-            self.prompts: list[str] = []
-
-        def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
-            self.prompts.append("\n".join(str(m.content) for m in messages[0]))
-
     verdicts = json.dumps({"statements": [{"statement": i, "score": 10}
                                           for i in range(1, 31)]})
     log = Prompts()
@@ -251,17 +253,6 @@ def test_groundedness_never_judges_a_statement_cut_in_half_by_the_budget(
 def test_the_default_budget_holds_for_chinese_text(session: Session) -> None:
     """About 4 characters per token is English; a Chinese character is a token or more
     in every GPT tokenizer, and a Chinese answer ran to four times the budget."""
-    from langchain_core.callbacks import BaseCallbackHandler
-
-    class Prompts(BaseCallbackHandler):
-        run_inline = True
-
-        def __init__(self) -> None:
-            self.prompts: list[str] = []
-
-        def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
-            self.prompts.append("\n".join(str(m.content) for m in messages[0]))
-
     log = Prompts()
     judge = LLMJudge(FakeListChatModel(responses=['{"score": 6, "reasons": "long"}'],
                                        callbacks=[log]), max_prompt_tokens=1000)
