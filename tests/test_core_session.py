@@ -1892,6 +1892,8 @@ def test_a_hand_built_record_with_none_fields_is_stored(db_url: str) -> None:
 @pytest.mark.parametrize(("field", "value", "says"), [
     ("contexts", "one retrieved text", "contexts=[text]"),
     ("tags", "prod", 'tags=["prod"]'),
+    ("tags", {"env": "prod"}, "belong in metadata="),
+    ("contexts", {"doc-1": "a text"}, "contexts=list"),
     ("metadata", ["a"], "is a dict"),
     ("status", "done", "one of ['ok', 'error', 'cancelled']"),
     ("start_time", "2026-01-01", "seconds since the epoch"),

@@ -125,6 +125,10 @@ class Span:
         return None if self.end_time is None else self.end_time - self.start_time
 
 
+_FROM_A_DICT = {"tags": "key/value pairs belong in metadata={...}",
+                "contexts": "pass its texts, e.g. contexts=list(texts_by_id.values())"}
+
+
 def _listed(value: Any, name: str, example: str) -> Any:
     """A field that must be a list: another iterable becomes one; a string is refused.
     A truncation marker read back from storage (a list cut at `max_payload_bytes`, stored
@@ -132,6 +136,9 @@ def _listed(value: Any, name: str, example: str) -> Any:
     it no longer said it was cut, and feedbacks scored those keys."""
     if isinstance(value, Mapping) and value.get(TRUNCATED_KEY) is True:
         return value
+    if isinstance(value, Mapping):  # (its keys alone were kept, its values silently lost)
+        raise TypeError(f"Record.{name} is a list ({example}); got a dict "
+                        f"{str(value)[:60]!r}: {_FROM_A_DICT[name]}")
     if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
         raise TypeError(f"Record.{name} is a list ({example}); got "
                         f"{type(value).__name__} {str(value)[:60]!r}")
