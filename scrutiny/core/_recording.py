@@ -11,6 +11,7 @@ from typing import Any
 from scrutiny.core._errors import ConfigurationError, RecordingError
 from scrutiny.core._feedback import Feedback
 from scrutiny.core._records import LazyRecord, Record, materialized
+from scrutiny.core._runtime import exit_stage
 from scrutiny.core._session import (
     FeedbackMode,
     ResultListener,
@@ -184,6 +185,12 @@ class RecorderSettings:
         freed on the session's writer thread instead of the application's.
         """
         session = self.session
+        if exit_stage() == 2:  # a call that ended as the interpreter tore down
+            if not self._warned_closed:
+                self._warned_closed = True
+                logger.error("scrutiny: a call of app %r ended after the sessions were closed "
+                             "at interpreter exit; its record is not stored", self.app_name)
+            return
         if session.closed:
             if not self._warned_closed:
                 self._warned_closed = True

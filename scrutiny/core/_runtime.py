@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -13,13 +14,25 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from scrutiny.core._session import Session
 
-__all__ = ["Notifier", "install_process_hooks", "live_sessions"]
+__all__ = ["Notifier", "at_exit", "end_when_dropped", "exit_stage", "install_process_hooks",
+           "live_sessions"]
 
 logger = logging.getLogger("scrutiny")
 
 live_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
 _hooks_lock = threading.Lock()
 _hooks_installed = False
+_exit_hooks: list[Callable[[], object]] = []
+_unfinished: set[weakref.finalize[Any, Any]] = set()
+"""Ends still owed for objects alive (see end_when_dropped); each removes itself."""
+_unfinished_lock = threading.Lock()
+_stage = 0  # 0: running; 1: ending what is unfinished at exit; 2: sessions closed at exit
+
+
+def exit_stage() -> int:
+    """0 while the process runs; 1 while what is unfinished is ended at exit (see
+    :func:`end_when_dropped`, :func:`at_exit`); 2 once the sessions are closed at exit."""
+    return _stage
 
 
 def install_process_hooks() -> None:
@@ -36,20 +49,59 @@ def install_process_hooks() -> None:
         if register is None:
             raise RuntimeError
         register(_close_all_at_exit)
-    except RuntimeError:
-        import atexit
-
+    except RuntimeError:  # (or the interpreter is past that point: atexit still runs)
         atexit.register(_close_all_at_exit)
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def at_exit(hook: Callable[[], object]) -> None:
+    """Run `hook` at interpreter exit before the sessions are closed (once, however often
+    it is registered): an integration ends there the calls still open, whose records
+    would otherwise reach a closed session (or none) when the interpreter tears down."""
+    install_process_hooks()
+    with _hooks_lock:
+        if hook not in _exit_hooks:
+            _exit_hooks.append(hook)
+
+
+def end_when_dropped(obj: object, end: Callable[..., object], *args: Any) -> None:
+    """Call ``end(*args)`` when `obj` is garbage-collected — or at interpreter exit, before
+    the sessions close, if it is still alive then (a stream the app still held unread:
+    weakref.finalize's own exit call comes after the sessions are closed, and its record
+    was lost). `end` must tolerate being called after the object ended by other means."""
+    install_process_hooks()
+    fin: weakref.finalize[Any, Any]
+
+    def run() -> None:
+        with _unfinished_lock:
+            _unfinished.discard(fin)
+        end(*args)
+
+    fin = weakref.finalize(obj, run)
+    fin.atexit = False
+    with _unfinished_lock:
+        _unfinished.add(fin)
+
+
 def _close_all_at_exit() -> None:
+    global _stage
+    _stage = 1
+    with _unfinished_lock:
+        ends: list[Callable[[], object]] = list(_unfinished)
+    with _hooks_lock:
+        ends += _exit_hooks
+    for end in ends:
+        try:
+            end()
+        except Exception:
+            logger.exception("scrutiny: ending the calls still open at exit failed")
     for session in list(live_sessions):
         try:
             session.close()
         except Exception:
             logger.exception("scrutiny: closing a session at exit failed")
+    _stage = 2
 
 
 def _after_fork_in_child() -> None:

@@ -180,7 +180,9 @@ class LlamaIndexRecorder:
             error_text: str | None = describe_error(error)
         elif not trace.stream_complete:
             status = RecordStatus.CANCELLED
-            error_text = "the consumer stopped the stream before its end"
+            error_text = ("the process exited before the stream was read to its end"
+                          if trace.stream_unread_at_exit
+                          else "the consumer stopped the stream before its end")
         else:
             status, error_text = RecordStatus.OK, None
         metadata = dict(self.metadata)

@@ -10,11 +10,12 @@ without ever being consumed.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 from llama_index.core.instrumentation.span import active_span_id
+
+from scrutiny.core._runtime import end_when_dropped
 
 __all__ = ["StreamEnd", "traced_agen", "traced_gen"]
 
@@ -54,7 +55,7 @@ def traced_gen(gen: Iterator[Any], span_id: str, tokens: list[Any],
 
     wrapped = run()
     # A stream that is never started is closed without running `run`'s body.
-    weakref.finalize(wrapped, end, None, False).atexit = False
+    end_when_dropped(wrapped, end, None, False)
     return wrapped
 
 
@@ -86,5 +87,5 @@ def traced_agen(agen: AsyncIterator[Any], span_id: str, tokens: list[Any],
             end(error, complete)
 
     wrapped = run()
-    weakref.finalize(wrapped, end, None, False).atexit = False
+    end_when_dropped(wrapped, end, None, False)
     return wrapped

@@ -47,6 +47,7 @@ from llama_index.core.instrumentation.events.llm import (
 from scrutiny.core import Span, SpanKind
 from scrutiny.core import recording_suppressed as _suppressed
 from scrutiny.core._courtesy import offer as _offer_gil
+from scrutiny.core._runtime import end_when_dropped, exit_stage
 from scrutiny.integrations.llama_index._convert import (
     SpanInputs,
     answer_of,
@@ -112,7 +113,7 @@ class Trace:
     __slots__ = ("_awaited", "_following", "_lock", "_root_ended", "_stream_ended", "_tracer",
                  "_writers", "contexts", "end_time", "finished", "root", "root_error",
                  "root_result", "scope", "source_contexts", "spans", "stream_complete",
-                 "stream_error", "streamed", "tags", "tokens")
+                 "stream_error", "stream_unread_at_exit", "streamed", "tags", "tokens")
 
     def __init__(self, tracer: Tracer, scope: Scope, root: Span,
                  tags: Mapping[str, Any] | None) -> None:
@@ -131,6 +132,8 @@ class Trace:
         self.streamed = False
         self.stream_error: BaseException | None = None
         self.stream_complete = True
+        self.stream_unread_at_exit = False
+        """The process exited with the stream still unread (see end_when_dropped)."""
         self.end_time: float | None = None
         self.finished = False
         self._root_ended = False
@@ -201,7 +204,7 @@ class Trace:
             else:  # its writer has not started yet (see writer_started)
                 self._awaited = weakref.ref(result)
             if not self._stream_ended:
-                weakref.finalize(result, self.stream_ended, None, False).atexit = False
+                end_when_dropped(result, self.stream_ended, None, False)
 
     def _follow(self, writer: _Writer) -> None:
         self._following = writer
@@ -251,6 +254,7 @@ class Trace:
         self._stream_ended = True
         self.stream_error = error
         self.stream_complete = complete
+        self.stream_unread_at_exit = not complete and error is None and exit_stage() == 1
         self.end_time = time.time()
         return True
 

@@ -1,0 +1,70 @@
+"""Calls still open when the interpreter exits: their records are stored, as cancelled.
+
+Each case runs a real interpreter that records a streamed call, reads part of the stream,
+still holds it, and exits; a fresh Session on the same file must then show the record.
+(Python finalizes the held stream only while tearing down, after the sessions were closed
+at exit: the record was lost, and the session printed a traceback.)
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from scrutiny import Session
+
+LLAMA_INDEX_SCRIPT = """
+import sys
+from llama_index.core import Document, Settings, VectorStoreIndex
+from llama_index.core.embeddings import MockEmbedding
+from llama_index.core.llms import MockLLM
+from scrutiny import Feedback, Session
+from scrutiny.integrations.llama_index import LlamaIndexRecorder
+
+Settings.llm = MockLLM(max_tokens=8)
+Settings.embed_model = MockEmbedding(embed_dim=8)
+session = Session(sys.argv[1])
+engine = VectorStoreIndex.from_documents(
+    [Document(text="Ireland is rainy.")]).as_query_engine(streaming=True)
+recorder = LlamaIndexRecorder(engine, app_name="held", feedbacks=[
+    Feedback(lambda output: 1.0, name="one").on_output()])
+with recorder:
+    response = engine.query("What is the weather like?")
+    first = next(response.response_gen)
+print("read", repr(first))
+"""
+
+
+def _run(tmp_path: Path, script: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+    url = f"sqlite:///{tmp_path}/exit.sqlite"
+    path = tmp_path / "app.py"
+    path.write_text(textwrap.dedent(script))
+    proc = subprocess.run([sys.executable, str(path), url], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return url, proc
+
+
+def _only_record(url: str) -> dict[str, object]:
+    reader = Session(url)
+    try:
+        df, columns = reader.get_records_and_feedback()
+    finally:
+        reader.close()
+    assert len(df) == 1, "the record of the call still open at exit was lost"
+    row: dict[str, object] = df.iloc[0].to_dict()
+    row["columns"] = columns
+    return row
+
+
+def test_a_llama_index_stream_held_unread_at_exit_is_stored_as_cancelled(
+        tmp_path: Path) -> None:
+    url, proc = _run(tmp_path, LLAMA_INDEX_SCRIPT)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    row = _only_record(url)
+    assert row["status"] == "cancelled"
+    assert row["error"] == "the process exited before the stream was read to its end"
+    assert str(row["output"]).strip() == "text"  # the part the app had read
+    assert row["one status"] == "done"
