@@ -532,6 +532,58 @@ def dask_client() -> Iterator[object]:
 
 
 @pytest.mark.timeout(180)
+def test_on_a_cluster_a_timeout_counts_from_the_start_of_the_call_not_its_queue(
+        dask_client: object, tmp_path: Path) -> None:
+    """12 calls of 0.4 s at once on a cluster of 4 threads: the last ones wait 0.8 s in
+    the cluster's queue. Counted from the hand-over, their 1 s timeout failed them before
+    they had run; counted where they run, all are done. A call that does not come back
+    still fails on its timeout, on a worker's thread."""
+    executor = dask_client.get_executor()  # type: ignore[attr-defined]
+    patient = Feedback(fbs.takes_a_while, timeout=1.0).on_output()
+    stuck = Feedback(fbs.hangs, timeout=0.3).on_output()
+    with Session(f"sqlite:///{tmp_path}/queue.sqlite", executor=executor,
+                 max_concurrency=12) as s:
+        records = [s.ingest(make_record(i), [patient]) for i in range(12)]
+        statuses = [r.wait_for_feedback_results(timeout=60)[patient] for r in records]
+        hung = s.ingest(make_record(99), [stuck]).wait_for_feedback_results(timeout=60)[stuck]
+    assert [(r.status, r.error) for r in statuses] == [(FeedbackStatus.DONE, None)] * 12
+    assert hung.status is FeedbackStatus.FAILED
+    assert "timed out after 0.3 s" in (hung.error or ""), hung.error
+
+
+def test_a_call_the_executor_never_runs_fails_after_its_queue_allowance(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import concurrent.futures
+
+    from scrutiny.core import _evaluate
+
+    class NoWorkers(concurrent.futures.Executor):
+        """A cluster that accepts work and has nobody to run it."""
+
+        def submit(self, fn: object, /, *args: object,
+                   **kwargs: object) -> concurrent.futures.Future[object]:
+            return concurrent.futures.Future()
+
+    monkeypatch.setattr(_evaluate, "EXECUTOR_QUEUE_ALLOWANCE", 0.2)
+    fb = Feedback(fbs.length, timeout=0.1).on_output()
+    with Session(f"sqlite:///{tmp_path}/nowhere.sqlite", executor=NoWorkers()) as s:
+        result = s.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=30)[fb]
+    assert result.status is FeedbackStatus.FAILED
+    assert "the executor had not run the call 0.1 s long 0.3 s after" in (result.error or "")
+
+
+def test_feedback_errors_come_back_from_a_worker_with_what_they_carry() -> None:
+    import pickle
+
+    from scrutiny.core._errors import InvalidFeedbackValue, TransientError
+
+    limited = pickle.loads(pickle.dumps(TransientError("429", retry_after=7.5)))
+    assert (type(limited), str(limited), limited.retry_after) == (TransientError, "429", 7.5)
+    invalid = pickle.loads(pickle.dumps(InvalidFeedbackValue("not a score", value="x")))
+    assert (str(invalid), invalid.value) == ("not a score", "x")
+
+
+@pytest.mark.timeout(180)
 def test_dask_cluster_evaluates_and_results_surface_here(dask_client: object,
                                                           tmp_path: Path) -> None:
     import threading

@@ -18,6 +18,8 @@ results with the reason. Errors are raised to the user only for misuse of the AP
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "ConfigurationError",
     "FeedbackError",
@@ -45,6 +47,20 @@ class RecordingError(ScrutinyError, RuntimeError):
 
 class FeedbackError(ScrutinyError):
     """A feedback function could not produce a score."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled back from a cluster worker (Session(executor=...)) with what it carries:
+        # the default rebuilt it by calling the class with its message alone, which lost
+        # `retry_after` and failed outright for those with keyword-only arguments.
+        return (_rebuilt, (type(self), self.args, self.__dict__))
+
+
+def _rebuilt(cls: type[FeedbackError], args: tuple[Any, ...],
+             state: dict[str, Any]) -> FeedbackError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class FeedbackTimeout(FeedbackError, TimeoutError):

@@ -16,6 +16,7 @@ import logging
 import math
 import random
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime, timezone
@@ -196,16 +197,61 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
 _call_ids = itertools.count(1)
 
 
+EXECUTOR_QUEUE_ALLOWANCE = 300.0
+"""On an external executor a feedback's timeout is kept where the call runs, from the
+moment it starts; here, where the queue before it is out of sight, the wait for it gives up
+this many seconds later still (a cluster with no workers, a call lost with its worker)."""
+
+
 def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any],
-                   call_id: int = 0, positional: tuple[Any, ...] = ()) -> Any:
-    """Run a feedback call in another process or thread (an external executor).
+                   call_id: int = 0, positional: tuple[Any, ...] = (),
+                   timeout: float | None = None) -> Any:
+    """Run a feedback call in another process or thread (an external executor), within
+    `timeout` seconds of its start there.
 
     `call_id` makes each call's arguments unique: Dask names a task by hashing them
     (``pure=True`` by default), so two identical calls shared one task — and a timeout
-    that cancelled it left the other waiting for good."""
+    that cancelled it left the other waiting for good.
+
+    The timeout counts where the call runs: counted from the hand-over to the executor,
+    calls queued on a cluster with fewer threads than `max_concurrency` timed out before
+    they started. A plain function with a timeout runs on a thread of its own, which is left
+    to finish on its own when the time is up (as on the session's own pool).
+    """
     if is_async:
-        return asyncio.run(fn(*positional, **args))
-    return fn(*positional, **args)
+        if timeout is None:
+            return asyncio.run(fn(*positional, **args))
+        return asyncio.run(_bounded(fn(*positional, **args), timeout))
+    if timeout is None:
+        return fn(*positional, **args)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((fn(*positional, **args), None))
+        except BaseException as exc:
+            outcome.append((None, exc))
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), daemon=True,
+                              name="scrutiny-executor-call")
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise FeedbackTimeout(f"timed out after {timeout:g} s", timeout=timeout)
+    value, error = outcome[0]
+    if error is not None:
+        raise error
+    return value
+
+
+async def _bounded(coro: Awaitable[Any], timeout: float) -> Any:
+    """`coro` within `timeout` seconds (a TimeoutError it raises itself stays what it is)."""
+    task = asyncio.ensure_future(coro)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        raise FeedbackTimeout(f"timed out after {timeout:g} s", timeout=timeout)
+    return task.result()
 
 
 class _RunDeadline:
@@ -420,11 +466,26 @@ class Evaluator:
         awaitable: Awaitable[Any]
         positional, named = feedback.call_args(args)
         if self._executor is not None:
-            awaitable = asyncio.wrap_future(
+            future = asyncio.wrap_future(
                 self._executor.submit(_call_anywhere, feedback.fn, feedback.is_async, named,
-                                      next(_call_ids), tuple(positional)))
-        else:
-            awaitable = feedback.fn(*positional, **named)
+                                      next(_call_ids), tuple(positional), timeout))
+            if timeout is None:
+                return await future
+            try:
+                done, _ = await asyncio.wait({future},
+                                             timeout=timeout + EXECUTOR_QUEUE_ALLOWANCE)
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
+            if done:
+                return future.result()  # (a timeout where it ran is raised here)
+            future.cancel()
+            raise FeedbackTimeout(
+                f"timed out: the executor had not run the call {timeout:g} s long "
+                f"{timeout + EXECUTOR_QUEUE_ALLOWANCE:g} s after it was handed over (its "
+                "queue is out of Scrutiny's sight: a cluster without workers, or with far "
+                "fewer threads than max_concurrency)", timeout=timeout)
+        awaitable = feedback.fn(*positional, **named)
         value = await _within(awaitable, timeout)
         if asyncio.iscoroutine(value):  # a sync wrapper that returned a coroutine
             value = await _within(value, timeout)

@@ -64,3 +64,15 @@ def worker_pid(output: str) -> float:
 def output_kind(output: object) -> tuple[float, str]:
     """Says what type the feedback was given (live object, or its stored JSON form)."""
     return 1.0, type(output).__name__
+
+
+def takes_a_while(output: str) -> float:
+    """A plain feedback whose work takes 0.4 s (a model call, say)."""
+    time.sleep(0.4)
+    return 1.0
+
+
+def hangs(output: str) -> float:
+    """A plain feedback that does not come back in any reasonable time."""
+    time.sleep(30)
+    return 1.0
