@@ -255,7 +255,7 @@ def test_a_stored_spec_rebuilds_every_option_a_worker_needs() -> None:
     fb = Feedback(_length, name="length", higher_is_better=False, timeout=7.5,
                   retry=RetryPolicy(attempts=6, initial_backoff=0.2, max_backoff=0.4,
                                     retry_on=(ValueError,), never_retry_on=(KeyError,),
-                                    deadline=1.5),
+                                    deadline=1.5, max_retry_after=42.0),
                   rate_limit=RateLimit(per_minute=30, max_concurrent=2, group="g"),
                   aggregate=max).on_output()
     again = Feedback.from_spec(fb.spec())

@@ -1036,7 +1036,7 @@ def test_a_timeout_error_raised_by_the_function_is_not_called_our_timeout(
     assert result.error == "TimeoutError: upstream read timed out"
 
 
-def test_a_retry_after_longer_than_max_backoff_fails_at_once(session: Session) -> None:
+def test_a_retry_after_longer_than_max_retry_after_fails_at_once(session: Session) -> None:
     class RateLimited(Exception):
         retry_after = 3600
 
@@ -1046,13 +1046,35 @@ def test_a_retry_after_longer_than_max_backoff_fails_at_once(session: Session) -
         calls.append(1)
         raise RateLimited("429 slow down")
 
-    fb = Feedback(limited, retry=RetryPolicy(attempts=5, max_backoff=10)).on_output()
+    fb = Feedback(limited, retry=RetryPolicy(attempts=5, max_retry_after=600)).on_output()
     start = time.monotonic()
     result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
     assert time.monotonic() - start < 5
     assert len(calls) == 1
     assert result.status is FeedbackStatus.FAILED
-    assert "retry after 3600 s, longer than max_backoff=10 s" in (result.error or "")
+    assert "asked to wait 3600 s before retrying, longer than max_retry_after=600 s" in (
+        result.error or "")
+
+
+def test_a_retry_after_longer_than_max_backoff_is_waited(session: Session) -> None:
+    """max_backoff caps the doubling backoff, not the wait a server asks for: a hint
+    longer than it failed the result although the server would have answered."""
+    times: list[float] = []
+
+    class RateLimited(Exception):
+        retry_after = 0.3
+
+    def limited(output: str) -> float:
+        times.append(time.monotonic())
+        if len(times) == 1:
+            raise RateLimited("429 slow down")
+        return 1.0
+
+    fb = Feedback(limited, retry=RetryPolicy(attempts=2, initial_backoff=0.0,
+                                             max_backoff=0.05)).on_output()
+    result = session.ingest(make_record(), [fb]).wait_for_feedback_results(timeout=10)[fb]
+    assert result.status is FeedbackStatus.DONE
+    assert times[1] - times[0] >= 0.29
 
 
 def test_concurrency_limit_holds_for_sync_and_async_together(db_url: str) -> None:

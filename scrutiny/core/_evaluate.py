@@ -420,10 +420,12 @@ class Evaluator:
                 retryable = isinstance(exc, policy.retry_on) and not isinstance(
                     exc, policy.never_retry_on)
                 hint = retry_after_hint(exc) if retryable else None
-                if hint is not None and hint > policy.max_backoff:
+                cap = policy.max_retry_after
+                if hint is not None and cap is not None and hint > cap:
                     retryable = False  # the server asks for longer than the policy waits
-                    too_long = (f" (the server asked to retry after {hint:g} s, longer than "
-                                f"max_backoff={policy.max_backoff:g} s)")
+                    too_long = (f" (the provider asked to wait {hint:g} s before retrying, "
+                                f"longer than max_retry_after={cap:g} s: raise "
+                                f"max_retry_after to wait that long)")
                 else:
                     too_long = ""
                 if hint is not None and limiter is not None:
@@ -439,8 +441,17 @@ class Evaluator:
                     if policy.deadline is not None and first and (
                             loop.time() - first[0] + delay >= policy.deadline):
                         retryable = False
-                        past_deadline = (f" (no more attempts: the deadline of "
-                                         f"{policy.deadline:g} s for all of them has passed)")
+                        left = max(0.0, policy.deadline - (loop.time() - first[0]))
+                        if hint is not None and hint >= delay:
+                            past_deadline = (
+                                f" (the provider asked to wait {hint:g} s before retrying, "
+                                f"more than the {left:.3g} s left of the deadline of "
+                                f"{policy.deadline:g} s for all attempts: raise the deadline "
+                                f"to wait that long)")
+                        else:
+                            past_deadline = (f" (no more attempts: the deadline of "
+                                             f"{policy.deadline:g} s for all of them has "
+                                             f"passed)")
                 if retryable and attempt < policy.attempts:
                     logger.debug("feedback %r attempt %d failed (%s); retrying in %.2fs",
                                  feedback.name, attempt, describe_error(exc), delay)

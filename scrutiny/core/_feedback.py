@@ -60,8 +60,11 @@ class RetryPolicy:
     Args:
         attempts: total attempts (1 means no retry).
         initial_backoff: seconds before the first retry; doubles each time, with jitter.
-        max_backoff: the longest wait between attempts; a server's retry-after hint longer
-            than this ends the result `failed` with the reason instead of waiting.
+        max_backoff: the longest wait of the doubling backoff between attempts.
+        max_retry_after: the longest retry-after hint from a server that is waited (it is
+            waited even when longer than `max_backoff`); a longer one, or one that does
+            not fit in what is left of the `deadline`, ends the result `failed` with the
+            wait asked for (None: any hint that fits the deadline).
         retry_on: exception types that are worth another attempt.
         never_retry_on: exception types that are final even if they match `retry_on`
             (by default, values that are not a score: running again would not change them).
@@ -76,6 +79,7 @@ class RetryPolicy:
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     never_retry_on: tuple[type[BaseException], ...] = (InvalidFeedbackValue,)
     deadline: float | None = None
+    max_retry_after: float | None = 300.0
 
     def __post_init__(self) -> None:
         _check_count(self.attempts, "RetryPolicy.attempts", 1)
@@ -83,6 +87,8 @@ class RetryPolicy:
         _check_seconds(self.max_backoff, "RetryPolicy.max_backoff", zero_ok=True)
         if self.deadline is not None:
             _check_seconds(self.deadline, "RetryPolicy.deadline")
+        if self.max_retry_after is not None:
+            _check_seconds(self.max_retry_after, "RetryPolicy.max_retry_after", zero_ok=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +348,7 @@ class Feedback:
                 "retry_on": [reference(t) for t in policy.retry_on],
                 "never_retry_on": [reference(t) for t in policy.never_retry_on],
                 "deadline": policy.deadline,
+                "max_retry_after": policy.max_retry_after,
             },
             "aggregate": None if self.aggregator is mean_of else reference(self.aggregator),
             "rate_limit": None if self.rate_limit is None else {
@@ -381,6 +388,7 @@ class Feedback:
                 retry_on=tuple(resolve(t) for t in retry.get("retry_on", [])) or (Exception,),
                 never_retry_on=tuple(resolve(t) for t in retry.get("never_retry_on", [])),
                 deadline=retry.get("deadline"),
+                max_retry_after=retry.get("max_retry_after", 300.0),
             ),
             aggregate=resolve(aggregate) if aggregate else None,
             rate_limit=RateLimit(**rate) if rate else None,

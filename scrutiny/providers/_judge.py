@@ -56,7 +56,11 @@ class LLMJudge:
             dropped connection); other errors and unreadable answers are not retried.
         backoff: seconds before the first retry; it doubles each time (with jitter, at most
             30 s), and a retry-after hint from the server is waited at least.
-        retry: a full :class:`~scrutiny.RetryPolicy` instead of `retries` and `backoff`.
+        max_retry_after: the longest retry-after hint from the server that is waited (even
+            beyond the 30 s backoff), if it fits in what is left of the `deadline`; a
+            longer one ends the result `failed` with the wait the server asked for.
+        retry: a full :class:`~scrutiny.RetryPolicy` instead of `retries`, `backoff` and
+            `max_retry_after`.
         timeout: seconds one attempt may take (None: the session's `feedback_timeout`).
         deadline: the most seconds one judge call may take with all its attempts and the
             waits between them (None: attempts times the timeout, which with the defaults
@@ -84,6 +88,7 @@ class LLMJudge:
         retry: RetryPolicy | None = None,
         timeout: float | None = None,
         deadline: float | None = 300.0,
+        max_retry_after: float | None = 300.0,
         max_prompt_tokens: int | None = 8000,
         on_over_budget: OverBudget = "truncate",
         count_tokens: TokenCounter | None = None,
@@ -111,9 +116,13 @@ class LLMJudge:
         self.rate_limit = rate_limit
         if deadline is not None and deadline <= 0:
             raise ConfigurationError(f"deadline must be > 0 seconds (or None), got {deadline}")
+        if max_retry_after is not None and max_retry_after < 0:
+            raise ConfigurationError(
+                f"max_retry_after must be >= 0 seconds (or None), got {max_retry_after}")
         self.retry = retry or RetryPolicy(
             attempts=1 + retries, initial_backoff=backoff, max_backoff=max(30.0, backoff),
-            retry_on=(TransientJudgeError, FeedbackTimeout), deadline=deadline)
+            retry_on=(TransientJudgeError, FeedbackTimeout), deadline=deadline,
+            max_retry_after=max_retry_after)
         self.timeout = timeout
         self.max_prompt_tokens = max_prompt_tokens
         self.on_over_budget: OverBudget = on_over_budget

@@ -10,8 +10,8 @@ Errors worth retrying (rate limits, timeouts, overload, HTTP 5xx) are re-raised 
 :class:`TransientJudgeError` with the server's retry-after hint — a ``retry_after``
 attribute (seconds, a numeric string, a timedelta), a ``Retry-After`` / ``retry-after-ms``
 header on the error or its ``response`` (OpenAI, Anthropic, httpx, aiohttp, Fern-generated
-SDKs), or the wait the message names ("Please try again in 6.5s", Gemini's
-``retryDelay``); others propagate as they are.
+SDKs), or the wait the message names ("Please try again in 6.5s", "... in 1m30s",
+Gemini's ``retryDelay``); others propagate as they are.
 
 Token usage and whether the answer was cut off are read from what the framework reports:
 a LangChain message's ``usage_metadata`` / ``response_metadata``, and the ``LLMResult`` of
@@ -49,12 +49,38 @@ _TRANSIENT_NAMES = ("ratelimit", "timeout", "timedout", "toomanyrequests", "over
 _CUT_OFF_REASONS = frozenset({"length", "max_tokens", "max_output_tokens", "model_length"})
 # where frameworks and SDKs put why the model stopped (OpenAI, Anthropic, Ollama, Bedrock)
 _REASON_KEYS = ("finish_reason", "stop_reason", "done_reason", "stopReason", "finishReason")
+# A duration as servers and proxies write it: "6.5s", "300ms", "20 seconds", "2h", and
+# compounds: Go's "1m30s" / "1h2m3.5s", "1m 30s", "1 minute and 30 seconds". Every part is
+# bounded (digits, spaces, at most six components), so a search is linear in the text.
+_UNIT = (r"(?:milliseconds?|msecs?|ms|hours?|hrs?|h|minutes?|mins?|m|seconds?|secs?|s)"
+         r"(?![a-z])")  # ("m" then "30s" is minutes; "5 messages" is no unit)
+_PART = rf"\d{{1,12}}(?:\.\d{{1,9}})?\s{{0,2}}{_UNIT}"
+_DURATION = rf"{_PART}(?:,?\s{{0,3}}(?:and\s{{1,3}})?{_PART}){{0,5}}"
 # "Please try again in 6.5s" (OpenAI), "Please retry in 23.4s" (Gemini), "retry after 20
-# seconds", "'retryDelay': '23s'" (Google's RetryInfo)
+# seconds", "try again in 1m30s", "'retryDelay': '23s'" (Google's RetryInfo)
 _HINT_IN_TEXT = re.compile(
-    r"(?:try again|retry|retrying)(?: after| in)\s+(\d+(?:\.\d+)?)\s*(ms|milliseconds?|s|sec|"
-    r"secs|seconds?|m|mins?|minutes?)\b|retry_?delay['\"]?\s*[:=]\s*['\"]?(\d+(?:\.\d+)?)s",
+    rf"(?:try again|retry|retrying)(?: after| in)\s{{1,3}}({_DURATION})"
+    r"|retry_?delay['\"]?\s{0,3}[:=]\s{0,3}['\"]?(\d{1,12}(?:\.\d{1,9})?)s",
     re.IGNORECASE)
+_PART_IN_DURATION = re.compile(rf"(\d{{1,12}}(?:\.\d{{1,9}})?)\s{{0,2}}({_UNIT})",
+                               re.IGNORECASE)
+
+
+def _seconds_in(duration: str) -> float:
+    """The seconds a duration matched by `_DURATION` names (its parts summed)."""
+    total = 0.0
+    for number, unit in _PART_IN_DURATION.findall(duration):
+        unit = unit.lower()
+        if unit.startswith(("ms", "milli")):
+            scale = 0.001
+        elif unit.startswith("h"):
+            scale = 3600.0
+        elif unit.startswith("m"):
+            scale = 60.0
+        else:
+            scale = 1.0
+        total += float(number) * scale
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +172,9 @@ def _hint_of(err: BaseException) -> float | None:
             return seconds
     match = _HINT_IN_TEXT.search(str(err)[:4000])
     if match:
-        if match.group(3):
-            return float(match.group(3))
-        value, unit = float(match.group(1)), match.group(2).lower()
-        if unit.startswith("m") and unit not in ("m", "min", "mins", "minute", "minutes"):
-            return value / 1000.0
-        return value * 60.0 if unit.startswith("m") else value
+        if match.group(2):
+            return float(match.group(2))
+        return _seconds_in(match.group(1))
     return None
 
 
