@@ -28,6 +28,7 @@ from langchain_core.messages import ToolMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.runnables.fallbacks import RunnableWithFallbacks
+from langchain_core.tools import BaseTool
 
 from scrutiny.core import (
     Feedback,
@@ -358,7 +359,10 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             logger.exception("scrutiny: recording the start of a run failed")
 
     def _end(self, run_id: UUID, outputs: Any = None, error: BaseException | None = None,
-             usage: TokenUsage | None = None, inputs: Any = _NO_INPUTS) -> None:
+             usage: TokenUsage | None = None, inputs: Any = _NO_INPUTS,
+             handled: str | None = None) -> None:
+        """A run ended: with its outputs, or with `error`. `handled` is the error of a
+        run that caught it itself and returned `outputs` (a tool's handled error)."""
         try:
             key = run_id.int
             entry = self._runs.get(key)
@@ -373,6 +377,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 span.inputs = _snapshot(inputs)
             if error is None:
                 span.outputs = _snapshot(outputs)
+                span.error = handled
             else:
                 span.error = _describe(error)
             if usage is not None:
@@ -562,7 +567,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
-            self._end(run_id, output)
+            self._end(run_id, output, handled=_handled_tool_error(output))
         except Exception:
             _log_failure("on_tool_end")
 
@@ -642,6 +647,39 @@ def _streaming_events(handlers: list[BaseCallbackHandler]) -> bool:
     LangChain then ends it with a CancelledError when the consumer stops early."""
     return any(c.__name__ == "_StreamingCallbackHandler"
                for h in handlers for c in type(h).__mro__)
+
+
+_TOOL_RUN_CODES = frozenset((BaseTool.run.__code__, BaseTool.arun.__code__))
+_HANDLED_TOOL_ERROR = "handled tool error (its message was returned as the tool's output): "
+_TOOL_FRAMES = 8
+
+
+def _handled_tool_error(output: Any) -> str | None:
+    """The error of a tool that failed but returned its message as its output (a
+    ToolException with ``handle_tool_error``, input refused with
+    ``handle_validation_error``); None for a tool that succeeded.
+
+    LangChain ends such a run with on_tool_end, not on_tool_error. Called with a tool call
+    the output is a ToolMessage with ``status="error"``; called with plain arguments it is
+    the bare message, and only the `status` of the tool's `run` (or `arun`) frame — a few
+    frames up, in the same call stack — says it failed.
+    """
+    if isinstance(output, ToolMessage):
+        failed = output.status == "error"
+    else:
+        failed = False
+        frame: FrameType | None = sys._getframe(2)  # <- on_tool_end <- LangChain's dispatch
+        for _ in range(_TOOL_FRAMES):
+            if frame is None:
+                break
+            if frame.f_code in _TOOL_RUN_CODES:
+                failed = frame.f_locals.get("status") == "error"
+                break
+            frame = frame.f_back
+    if not failed:
+        return None
+    text = _read(main_output, output)
+    return _HANDLED_TOOL_ERROR + (text if isinstance(text, str) else repr(text))
 
 
 def _describe(error: BaseException) -> str:
@@ -745,8 +783,10 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
     elif ended == _CANCELLED and span.error == _CANCELLED_ERROR:
         span.error = _CANCELLED_TEXT
     error_text = span.error
+    partial = None
     if ended == _ENDED_OK and not unfinished:
         status, output = RecordStatus.OK, _read(main_output, span.outputs)
+        error_text = None  # (a tool called as the app that handled its own error)
     else:
         status = RecordStatus.ERROR if ended == _FAILED else RecordStatus.CANCELLED
         streamed = "".join(root.tokens) if root.tokens else None
@@ -767,6 +807,11 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
             output = _last_step_output(spans, span, unfinished)
         if ended == _STOPPED or (ended == _ENDED_OK and unfinished):
             error_text = _STOPPED_EARLY
+        elif ended == _FAILED:
+            # A failed call has no answer, streamed or not: what it produced before it
+            # failed (a stream's chunks) is kept to be seen, but not as the output that
+            # feedbacks judge — they end `skipped`, as for a failed invoke.
+            partial, output = output, None
     usages = [s.usage for s in spans if s.usage is not None]
     tags = [*settings.tags, *root.tags]
     metadata = {**settings.metadata, **root.metadata}
@@ -776,6 +821,8 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         # finished answer: said so, for filters and for feedbacks that should not judge it.
         tags.append("interrupted")
         metadata["interrupted_at"] = paused.name
+    if partial is not None:
+        metadata["partial_output"] = partial
     return Record(
         record_id=record_id,
         app_name=settings.app_name,
