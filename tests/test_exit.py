@@ -15,6 +15,25 @@ from pathlib import Path
 
 from scrutiny import Session
 
+LANGCHAIN_SCRIPT = """
+import sys
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from scrutiny import Feedback, Session
+from scrutiny.integrations.langchain import ChainRecorder
+
+session = Session(sys.argv[1])
+chain = (ChatPromptTemplate.from_template("Q: {q}")
+         | FakeListChatModel(responses=["hello there world"]) | StrOutputParser())
+recorder = ChainRecorder(chain, app_name="held", feedbacks=[
+    Feedback(lambda output: 1.0, name="one").on_output()])
+with recorder:
+    stream = chain.stream({"q": "hi"})
+    first = next(stream)
+print("read", repr(first))
+"""
+
 LLAMA_INDEX_SCRIPT = """
 import sys
 from llama_index.core import Document, Settings, VectorStoreIndex
@@ -68,3 +87,40 @@ def test_a_llama_index_stream_held_unread_at_exit_is_stored_as_cancelled(
     assert row["error"] == "the process exited before the stream was read to its end"
     assert str(row["output"]).strip() == "text"  # the part the app had read
     assert row["one status"] == "done"
+
+
+def test_a_langchain_stream_held_unread_at_exit_is_stored_as_cancelled(tmp_path: Path) -> None:
+    url, proc = _run(tmp_path, LANGCHAIN_SCRIPT)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    row = _only_record(url)
+    assert row["status"] == "cancelled"
+    assert str(row["error"]).startswith("cancelled: the process exited before the call ended")
+    assert row["output"] == "h"  # the part the app had read
+    assert row["one status"] == "done"
+
+
+LATE_INGEST_SCRIPT = """
+import sys
+from scrutiny import Record, Session
+
+session = Session(sys.argv[1])  # never started: nothing was stored before exit
+
+
+class StoredOnCollection:
+    def __del__(self):
+        session.ingest(Record(app_name="late", app_version="v1", input="q", output="a"), [])
+
+
+keep = StoredOnCollection()  # collected only as the interpreter tears down
+print("exiting")
+"""
+
+
+def test_a_record_given_while_the_interpreter_tears_down_does_not_hang_the_exit(
+        tmp_path: Path) -> None:
+    """A session that started then waited forever for its threads to start (new threads
+    never run once the interpreter finalizes): the process never exited."""
+    _url, proc = _run(tmp_path, LATE_INGEST_SCRIPT)
+    assert "was given as the interpreter shuts down: the session can no longer store it" \
+        in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -185,11 +186,13 @@ class RecorderSettings:
         freed on the session's writer thread instead of the application's.
         """
         session = self.session
-        if exit_stage() == 2:  # a call that ended as the interpreter tore down
+        if exit_stage() == 2 or sys.is_finalizing():  # ended as the interpreter tore down
+            # (a session started now would wait forever for its threads to start)
             if not self._warned_closed:
                 self._warned_closed = True
-                logger.error("scrutiny: a call of app %r ended after the sessions were closed "
-                             "at interpreter exit; its record is not stored", self.app_name)
+                logger.error("scrutiny: a call of app %r ended as the interpreter shut down, "
+                             "after the sessions were closed; its record is not stored",
+                             self.app_name)
             return
         if session.closed:
             if not self._warned_closed:

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -324,6 +325,9 @@ class Session(SessionReading):
             if self._writer is None:
                 if self._state == "closed":
                     raise RuntimeError("session is closed")
+                if sys.is_finalizing():  # (a thread started now never runs: start() hangs)
+                    raise RuntimeError("the interpreter is shutting down: the session can "
+                                       "no longer start")
                 install_process_hooks()
                 self._notifier = Notifier()
                 self._writer = StorageWriter(
@@ -579,6 +583,10 @@ class Session(SessionReading):
                 queued. Past that check it never raises: a failure inside Scrutiny is
                 logged and the caller carries on.
         """
+        if sys.is_finalizing():  # (from a __del__ as the interpreter tears down)
+            logger.error("scrutiny: record %s was given as the interpreter shuts down: the "
+                         "session can no longer store it", record.record_id)
+            return record
         resolved = _mode(mode or self.feedback_mode)
         check_feedbacks(feedbacks, resolved)
         if isinstance(record, Record) and (record._slots or record._pending_init):

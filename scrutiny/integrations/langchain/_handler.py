@@ -15,6 +15,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
@@ -46,6 +47,7 @@ from scrutiny.core import (
 from scrutiny.core._context import _suppressed
 from scrutiny.core._courtesy import offer as _offer_gil
 from scrutiny.core._records import materialized
+from scrutiny.core._runtime import at_exit
 from scrutiny.integrations.langchain._convert import (
     document_text,
     llm_output,
@@ -74,6 +76,8 @@ _MODEL_KINDS = frozenset((SpanKind.CHAT_MODEL.value, SpanKind.LLM.value))
 _MAX_OUTLIVED = 10_000
 _OUTLIVED = ("unfinished when the call ended: it was still running when another step "
              "failed (what it did afterwards is not recorded)")
+_EXITED = ("cancelled: the process exited before the call ended (a stream never read to "
+           "its end, or a call still running on another thread)")
 _RETRIEVER = SpanKind.RETRIEVER.value
 _TOOL = SpanKind.TOOL.value
 _CHAIN = SpanKind.CHAIN.value
@@ -259,6 +263,8 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         """Open runs of another recorder's app (and their steps), seen while several
         recorders' blocks were open: not this handler's records."""
         self._lock = threading.Lock()
+        _handlers.add(self)
+        at_exit(_end_open_calls)
 
     @property
     def records(self) -> list[Record]:
@@ -423,27 +429,37 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             for old in list(outlived)[:len(outlived) - _MAX_OUTLIVED]:
                 outlived.pop(old, None)
 
-    def _finish_root(self, run_id: UUID, span: Span, error: BaseException | None) -> None:
+    def _end_at_exit(self) -> None:
+        """(At interpreter exit, before the sessions close.) Every call still open becomes
+        a `cancelled` record with what it had done: a stream still held unread is
+        finalized only while the interpreter tears down, after the sessions were closed,
+        and its record was lost."""
+        for key, root in list(self._roots.items()):
+            try:
+                span = root.spans[0]  # (the root run's own span)
+                span.end_time = time.time()
+                span.error = _EXITED
+                self._finish_root(UUID(int=key), span, None, _ENDED_AT_EXIT)
+            except Exception:  # (it ended meanwhile, on a thread still running)
+                logger.debug("scrutiny: a call open at exit ended meanwhile", exc_info=True)
+
+    def _finish_root(self, run_id: UUID, span: Span, error: BaseException | None,
+                     ended: int | None = None) -> None:
         """The root run ended: hand its spans over as a record. The Record itself is
         assembled later, off the application's thread (or when first looked at)."""
         root = self._roots.pop(run_id.int)
         runs = self._runs
         for rid in root.run_ids:
             runs.pop(rid, None)
-        if error is not None:  # branches still running go on without a record of their own
+        how = _how_it_ended(error, root) if ended is None else ended
+        if error is not None or how == _ENDED_AT_EXIT:
+            # branches still running go on without a record of their own
             for child, rid in zip(root.spans, root.run_ids, strict=True):
                 if child.end_time is None:
                     self._outlive(rid)
-        if error is None:
-            ended = _ENDED_OK
-        else:  # classify now: the exception (and its traceback's frames) is not kept
-            cancelled = type(error).__name__ == "CancelledError"
-            ended = _STOPPED if isinstance(error, GeneratorExit) or (
-                cancelled and _streaming_events(root.handlers)) else _CANCELLED if (
-                cancelled or isinstance(error, KeyboardInterrupt)) else _FAILED
         settings = self.settings
         record = LazyRecord(lambda record_id: _build_record(
-            record_id, settings, root, span, ended, run_id))
+            record_id, settings, root, span, how, run_id))
         kept = self._records
         # The record this one pushes out would be freed here, with its spans and the
         # framework objects they hold (~10 us); the session frees it on its writer thread.
@@ -687,7 +703,18 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-_ENDED_OK, _STOPPED, _CANCELLED, _FAILED = range(4)  # how a root run ended
+_ENDED_OK, _STOPPED, _CANCELLED, _FAILED, _ENDED_AT_EXIT = range(5)  # how a root run ended
+
+
+def _how_it_ended(error: BaseException | None, root: _Root) -> int:
+    """Classified when the run ends: the exception (and its traceback's frames) is not
+    kept."""
+    if error is None:
+        return _ENDED_OK
+    cancelled = type(error).__name__ == "CancelledError"
+    if isinstance(error, GeneratorExit) or (cancelled and _streaming_events(root.handlers)):
+        return _STOPPED
+    return _CANCELLED if cancelled or isinstance(error, KeyboardInterrupt) else _FAILED
 _INTERRUPTS = ("GraphInterrupt", "NodeInterrupt")  # LangGraph's pauses, as a step's error
 
 
@@ -775,7 +802,8 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
     unfinished = [s for s in spans if s.end_time is None]
     for child in unfinished:
         child.end_time = span.end_time
-        child.error = child.error or (_OUTLIVED if ended == _FAILED else _STOPPED_EARLY)
+        child.error = child.error or (_OUTLIVED if ended == _FAILED else _EXITED
+                                      if ended == _ENDED_AT_EXIT else _STOPPED_EARLY)
     if ended == _STOPPED:  # (an event stream's steps end with the CancelledError it used)
         for s in spans:
             if s.error == _CANCELLED_ERROR:
@@ -800,7 +828,7 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
                 output = streamed
         else:
             output = streamed
-        if output is None and ended == _STOPPED:
+        if output is None and ended in (_STOPPED, _ENDED_AT_EXIT):
             # A LangGraph stream stopped early ends its root with no output and streams no
             # tokens of its own: what the consumer last saw is the last step that finished
             # (a node's update), so feedbacks judge that rather than nothing.
@@ -880,3 +908,12 @@ class _FeedbackBridge:
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+_handlers: weakref.WeakSet[ScrutinyCallbackHandler] = weakref.WeakSet()
+
+
+def _end_open_calls() -> None:
+    """At interpreter exit: the calls every handler still has open become records."""
+    for handler in list(_handlers):
+        handler._end_at_exit()
