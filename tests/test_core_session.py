@@ -1954,3 +1954,21 @@ def test_times_from_numpy_or_a_decimal_are_stored(session: Session) -> None:
         assert stored.start_time == pytest.approx(start, abs=1)
         assert stored.end_time - stored.start_time == pytest.approx(
             record.end_time - record.start_time, abs=0.01)
+
+
+def test_a_truncation_inside_a_compressed_span_tree_is_seen() -> None:
+    """Deferred workers skip a feedback whose value was cut at storage; they look for the
+    marker in a record row's JSON, which a compressed span tree hides."""
+    from scrutiny.core import _rows
+    from scrutiny.core._records import Span
+
+    cut = Span("s1", None, "big", "chain", 1.0, 2.0, {"text": "x" * 50_000}, None, None,
+               None, None, [], {})
+    row = {"spans_json": _rows._spans_json([cut], max_bytes=40_000, compress=True)}
+    assert row["spans_json"].startswith("zlib:")
+    assert _rows.holds_truncation(row)
+    whole = Span("s1", None, "big", "chain", 1.0, 2.0, {"text": "y" * 9_000}, None, None,
+                 None, None, [], {})
+    row = {"spans_json": _rows._spans_json([whole], max_bytes=20_000, compress=True)}
+    assert row["spans_json"].startswith("zlib:")
+    assert not _rows.holds_truncation(row)

@@ -17,6 +17,7 @@ from langgraph.types import Command, interrupt
 from typing_extensions import TypedDict
 
 from scrutiny import Feedback, FeedbackStatus, RecordStatus, Session
+from scrutiny.core import _rows
 from scrutiny.integrations.langchain import ChainRecorder
 
 ANSWER = "Dublin is mild and wet."
@@ -234,3 +235,43 @@ def test_a_stream_stopped_after_a_node_that_returned_a_command_keeps_its_update(
     for record in (after_triage, after_billing):
         results = record.wait_for_feedback_results(timeout=10)
         assert {(r.status, r.result) for r in results.values()} == {(FeedbackStatus.DONE, 1.0)}
+
+
+def test_a_long_chat_is_stored_compressed_and_read_back_whole(tmp_path: Path) -> None:
+    """Each node span of a chat graph with memory holds the conversation so far, so the
+    stored spans grew with the square of the turns (4.5 MB for 60 turns). On SQLite long
+    span trees are stored compressed; reading them back gives the same spans."""
+    import sqlite3
+
+    reply = "The weather in Ireland is mild and wet, with frequent showers. " * 3
+    model = FakeListChatModel(responses=[f"{i}: {reply}" for i in range(40)])
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("agent", agent)
+    graph.add_edge(START, "agent")
+    graph.add_edge("agent", END)
+    app = graph.compile(checkpointer=InMemorySaver())
+    path = tmp_path / "chat.sqlite"
+    config: Any = {"configurable": {"thread_id": "t1"}}
+    with Session(f"sqlite:///{path}") as session:
+        recorder = ChainRecorder(app, app_name="chat", session=session)
+        for turn in range(40):
+            with recorder as recording:
+                app.invoke({"messages": [("user", f"Question {turn}: and tomorrow?")]}, config)
+        last = recording.get()
+        records = recorder.handler.records
+        assert session.flush(30)
+    assert len(records) == 40
+    with sqlite3.connect(path) as db:
+        stored = db.execute("SELECT sum(length(spans_json)) FROM scrutiny_records").fetchone()[0]
+    whole = sum(len(_rows._spans_json(r.spans, 4_000_000)) for r in records)
+    assert stored * 5 < whole, (stored, whole)
+    with Session(f"sqlite:///{path}") as reader:
+        back = reader.get_record(last.record_id)
+    assert back is not None
+    assert [(s.name, s.kind, s.inputs) for s in back.spans] == \
+        [(s.name, s.kind, _rows._serialize.loads(_rows._serialize.dumps(s.inputs)))
+         for s in last.spans]

@@ -255,6 +255,8 @@ class Session(SessionReading):
             store = MemoryStore() if url == "memory://" else SQLStore(
                 url, table_prefix=table_prefix, migrate=migrate)
         self.store: Store = store
+        self._compress_spans = getattr(getattr(store, "engine", None), "name", None) == "sqlite"
+        """Long span trees are stored compressed (see _rows.COMPRESS_SPANS_OVER)."""
         self._lock = threading.Lock()
         self._inflight: dict[str, Job] = {}
         # Of those, the ones evaluated in this process (they hold a lease: a deferred result
@@ -967,7 +969,8 @@ class _Ingest:
             session._higher_is_better[fb.name] = fb.higher_is_better
         op = InsertRecord(
             app=_rows.app_row(record),
-            record=_rows.record_row(record, max_bytes=session.max_payload_bytes),
+            record=_rows.record_row(record, max_bytes=session.max_payload_bytes,
+                                    compress_spans=session._compress_spans),
             definitions=[_rows.definition_row(j.feedback) for j in jobs],
             results=[_rows.result_row(record, r, None if r.is_final else lease,
                                       max_bytes=session.max_payload_bytes)
