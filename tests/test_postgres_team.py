@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 
 from scrutiny import Feedback, FeedbackStatus, Record, Session
-from scrutiny.core.storage import SQLStore
+from scrutiny.core.storage import SQLStore, build_tables
 from tests.support import deferred_feedbacks as fbs
 
 pytestmark = pytest.mark.postgres
@@ -118,6 +118,39 @@ def test_nul_characters_in_names_explanations_and_errors_are_stored(
         board = reader.get_leaderboard()
         assert board.loc[("my\ufffdapp", "v1"), "ex\ufffdplain"] == pytest.approx(0.5)
         assert reader.delete_records(app_ids=["my\x00app"]) == 3
+
+
+def test_a_search_for_text_with_a_nul_finds_it_rather_than_failing(
+        pg: tuple[str, str]) -> None:
+    """PostgreSQL's text cannot hold a NUL, and a NUL given to the driver raises: a search
+    term holding one (the dashboard's search box, `query_records(search=...)`) must find
+    what was stored with it — inputs and outputs are JSON, the NUL escaped — or nothing,
+    never a StorageError (a 503 in the dashboard)."""
+    pytest.importorskip("starlette")
+    import json
+    import urllib.parse
+    import urllib.request
+
+    url, prefix = pg
+    with Session(url, table_prefix=prefix) as app:
+        app.ingest(make_record(0, input="before\x00after", output="out\x00put"))
+        app.ingest(make_record(1))
+        assert app.flush(20)
+    with Session(url, table_prefix=prefix, migrate="refuse") as reader:
+        assert reader.query_records(search="e\x00a").total == 1
+        assert reader.query_records(search="T\x00P").total == 1  # (case-insensitive)
+        assert reader.query_records(search="\x00").total == 1
+        assert reader.query_records(search="no\x00such").total == 0
+        handle = reader.run_dashboard()
+        try:
+            for term, found in (("before\x00after", 1), ("\x00q", 0)):
+                with urllib.request.urlopen(
+                        handle.url.rstrip("/") + "/api/records?"
+                        + urllib.parse.urlencode({"q": term}), timeout=30) as answer:
+                    assert answer.status == 200
+                    assert json.loads(answer.read())["total"] == found
+        finally:
+            handle.stop()
 
 
 def test_names_versions_and_run_ids_of_any_length_are_stored(pg: tuple[str, str]) -> None:
@@ -316,6 +349,53 @@ def test_writes_wait_for_a_locked_table_instead_of_being_lost(
         assert s.stats()["failed_writes"] == 0
         assert len(s.get_records_and_feedback()[0]) == 6
     assert "takes writes again" in caplog.text
+
+
+@pytest.mark.parametrize("timeout_setting", ["lock_timeout", "statement_timeout"])
+def test_one_write_that_always_times_out_does_not_hold_the_others_for_ever(
+        pg: tuple[str, str], admin: sa.Engine, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch, timeout_setting: str) -> None:
+    """A write refused for a passing reason is held and retried — but one that always is
+    (here a record whose key another transaction holds uncommitted, so its insert waits
+    past the timeout every time) held every record and result made after it until the
+    session closed. Past the bound the others are stored and it alone is given up: logged
+    by name, counted, its waiter told."""
+    from scrutiny.core import _writer
+
+    monkeypatch.setattr(_writer, "TRANSIENT_HOLD_MAX", 1.0, raising=False)
+    url, prefix = pg
+    fb = Feedback(fbs.length).on_output()
+    poisoned = str(uuid.uuid4())
+    with Session(with_options(url, f"-c {timeout_setting}=100"), table_prefix=prefix) as s, \
+            caplog.at_level(logging.WARNING, logger="scrutiny"), admin.connect() as holder:
+        first = s.ingest(make_record(0), [fb])
+        assert first.wait_for_feedback_results(timeout=20)[fb].status is FeedbackStatus.DONE
+        columns = ", ".join(c.name for c in build_tables(prefix).records.columns
+                            if c.name != "record_id")
+        holder.execute(sa.text(  # (uncommitted: an insert of this key waits for it)
+            f"INSERT INTO {prefix}records (record_id, {columns}) "
+            f"SELECT :id, {columns} FROM {prefix}records"), {"id": poisoned})
+        try:
+            stuck = s.ingest(make_record(1, record_id=poisoned), [fb])
+            others = [s.ingest(make_record(i), [fb]) for i in range(2, 7)]
+            for record in others:
+                assert record.wait_for_feedback_results(timeout=30)[fb].status is \
+                    FeedbackStatus.DONE
+            lost = stuck.wait_for_feedback_results(timeout=30)[fb]
+        finally:
+            holder.rollback()
+        assert lost.status is FeedbackStatus.FAILED
+        assert "could not be stored" in (lost.error or "")
+        assert s.stats()["failed_writes"] == 1
+    told = [r.getMessage() for r in caplog.records if "gave up storing" in r.getMessage()]
+    assert len(told) == 1, told
+    assert f"record {poisoned}" in told[0]
+    assert "timeout" in told[0]
+    with Session(url, table_prefix=prefix, migrate="refuse") as reader:
+        df, _ = reader.get_records_and_feedback()
+        assert sorted(df["record_id"]) == sorted(r.record_id for r in [first, *others])
+        assert (df["length status"] == "done").all()
+        assert reader.get_record(poisoned) is None
 
 
 def test_a_worker_says_once_that_it_cannot_claim_while_the_database_is_busy(

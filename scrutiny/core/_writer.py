@@ -10,11 +10,16 @@ recording a call costs the app). So while work keeps coming the writer does not 
 until woken: it looks at its queue every POLL seconds by itself, and producers append
 without waking it. Only after IDLE_AFTER seconds without work does it sleep until the next
 producer wakes it.
+
+A batch the database refuses is held while the reason passes (an outage, a lock): only one
+it keeps refusing past TRANSIENT_HOLD_MAX seconds while it answers is split, so that one
+poisoned item does not hold every later one behind it (see `StorageWriter._commit`).
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import threading
 import time
@@ -30,7 +35,7 @@ from tenacity import (
 )
 
 from scrutiny.core._courtesy import offer
-from scrutiny.core.storage import Store, WriteOp
+from scrutiny.core.storage import InsertRecord, Store, UpdateResult, WriteOp
 
 __all__ = ["StorageWriter", "WriteItem"]
 
@@ -40,6 +45,26 @@ POLL = 0.002
 IDLE_AFTER = 0.05
 OUTAGE_BACKOFF = 0.25
 OUTAGE_BACKOFF_MAX = 5.0
+TRANSIENT_HOLD_MAX = 60.0
+"""Seconds a batch is held and retried while the database answers but refuses it for a
+passing reason (the store's `transient(exc)`). Past them its items are tried one by one and
+those still refused are given up: a write that always times out (one row locked for good, a
+statement one item always takes too long for) held every later record and result behind it
+until the session closed. A lock held for some seconds (a migration, VACUUM FULL) loses
+nothing; an unreachable database is waited for without this bound."""
+GIVE_UP_IN_A_ROW = 3
+"""Trying a stuck batch's items one by one: once this many in a row are refused too (a
+whole table locked rather than one row), the rest is held again as a batch instead of
+each paying its timeout."""
+
+
+class _Outcome(enum.Enum):
+    """What became of a commit."""
+
+    STORED = "stored"
+    REFUSED = "refused"  # the database answers and refuses these operations
+    STUCK = "stuck"  # refused for a passing reason, past the patience given
+    ABANDONED = "abandoned"  # unreachable (or refusing) while the session closes
 
 
 @dataclass(slots=True)
@@ -74,7 +99,8 @@ class StorageWriter:
         self._on_idle = on_idle
         self._polling = False  # the writer looks at its queue by itself: no need to wake it
         self._outage = threading.Event()  # set by close(): stop waiting out an outage
-        self._gave_up = False  # the last commit gave up on an unreachable database
+        self._last_error: Exception | None = None  # why the last commit got STUCK
+        self._busy_since = 0.0  # when the last STUCK commit's ops were first refused
         # One policy object for every commit (on the writer thread only): a new one per
         # commit left a reference cycle of some 14 objects for the garbage collector.
         self._retrying = Retrying(
@@ -171,8 +197,11 @@ class StorageWriter:
                 except Exception:
                     logger.exception("scrutiny: the writer's periodic task failed")
                     ops = ()
-                if ops:
-                    self._commit(list(ops))
+                if ops and self._commit(list(ops), patience=0.0) is _Outcome.STUCK:
+                    # (the next one comes in idle_interval: a lease outlives two of them)
+                    logger.warning("scrutiny: the writer's periodic write was refused "
+                                   "(%s) and is skipped: %s", self._last_error,
+                                   _describe(ops))
             if self._queue:
                 last_work = now
             while self._queue:
@@ -207,22 +236,77 @@ class StorageWriter:
 
     def _write_batch(self, batch: list[WriteItem]) -> None:
         ops, prepared, unprepared = self._prepare(batch)
-        stored = self._commit(ops)
-        if not stored and len(prepared) > 1 and not self._gave_up:
-            # isolate the bad item: write one by one so the others are kept
-            results = [(item, self._commit(list(item_ops))) for item, item_ops in prepared]
-        else:
-            results = [(item, stored) for item, _ in prepared]
-        results += [(item, False) for item in unprepared]
-        self._announce(results)
+        held = prepared
+        while held:
+            outcome = self._commit(ops)
+            if outcome is _Outcome.STORED:
+                self._announce([(item, True) for item, _ in held])
+            elif outcome is _Outcome.REFUSED and len(held) > 1:
+                # isolate the bad item: write one by one so the others are kept
+                for item, item_ops in held:
+                    self._announce([(item, self._commit_alone(item_ops))])
+            elif outcome is not _Outcome.STUCK:  # (abandoned, or the one item refused)
+                self._announce([(item, False) for item, _ in held])
+            else:  # maybe one item the database can never take (a row locked for good)
+                logger.error(
+                    "scrutiny: the database answers but has refused %d operation(s) for "
+                    "%.0f s (%s); trying its %d item(s) one by one, to store what can be "
+                    "and give up what cannot (queued behind them: %d)", len(ops),
+                    time.monotonic() - self._busy_since, self._last_error, len(held),
+                    len(self._queue))
+                held = self._isolate(held, self._busy_since)
+                ops = [op for _, item_ops in held for op in item_ops]
+                continue
+            break
+        self._announce([(item, False) for item in unprepared])
         # Let go of the batch before telling waiters it is done: a flush that returns must
         # find no record of it still held here.
         count = len(batch)
-        for held in (batch, ops, prepared, unprepared, results):
-            held.clear()
+        for held_list in (batch, ops, prepared, unprepared, held):
+            held_list.clear()
         with self._cond:
             self._finished += count
             self._cond.notify_all()
+
+    def _commit_alone(self, item_ops: Sequence[WriteOp]) -> bool:
+        """Store one item's operations (held as a batch's are); False when given up."""
+        outcome = self._commit(list(item_ops))
+        if outcome is _Outcome.STUCK:
+            self._lose(item_ops, self._busy_since)
+        return outcome is _Outcome.STORED
+
+    def _isolate(self, held: list[tuple[WriteItem, Sequence[WriteOp]]], since: float
+                 ) -> list[tuple[WriteItem, Sequence[WriteOp]]]:
+        """Try each item of a batch stuck since `since` once on its own (it has waited
+        long enough): store those the database takes, give up those it still refuses.
+        Returns the items to hold again as a batch: those after GIVE_UP_IN_A_ROW refusals
+        in a row."""
+        in_a_row = 0
+        for i, (item, item_ops) in enumerate(held):
+            outcome = self._commit(list(item_ops), patience=0.0, quick_retries=False)
+            if outcome is _Outcome.ABANDONED:  # closing: the rest would not fare better
+                self._announce([(it, False) for it, _ in held[i:]])
+                return []
+            if outcome is _Outcome.STUCK:
+                self._lose(item_ops, since)
+                in_a_row += 1
+            else:
+                in_a_row = 0
+            self._announce([(item, outcome is _Outcome.STORED)])
+            if in_a_row >= GIVE_UP_IN_A_ROW and i + 1 < len(held):
+                logger.error("scrutiny: %d item(s) in a row were refused on their own too "
+                             "(a whole table locked?); holding the other %d again",
+                             in_a_row, len(held) - i - 1)
+                return held[i + 1:]
+        return []
+
+    def _lose(self, item_ops: Sequence[WriteOp], since: float) -> None:
+        """Say what is given up: the database answers but has refused it since `since`."""
+        logger.error(
+            "scrutiny: gave up storing %s: the database answers but kept refusing it for "
+            "%.0f s, on its own too (%s); it is not stored (counted in failed_writes) so "
+            "that the work queued behind it is", _describe(item_ops),
+            time.monotonic() - since, self._last_error)
 
     @staticmethod
     def _prepare(batch: list[WriteItem]) -> tuple[
@@ -254,9 +338,9 @@ class StorageWriter:
                 except Exception:
                     logger.exception("scrutiny: after-commit hook failed")
 
-    def _commit(self, ops: list[WriteOp]) -> bool:
-        """Store `ops`; False when the database refused them (or the writer is stopping
-        while it is unreachable).
+    def _commit(self, ops: list[WriteOp], *, patience: float | None = None,
+                quick_retries: bool = True) -> _Outcome:
+        """Store `ops` and say how that went.
 
         When a write fails and the database does not answer a ping either (a PostgreSQL
         server restarting, a dropped network) the batch is kept and retried, backing off
@@ -264,24 +348,35 @@ class StorageWriter:
         during it. So is a write that failed for a reason that passes though the database
         answers (the store's `transient(exc)`: a table locked past lock_timeout or
         statement_timeout, a deadlock, too many connections): a migration or a VACUUM FULL
-        holding a table for a few seconds lost every record made meanwhile. Work queued
-        meanwhile waits behind it, bounded by the queue size (beyond it, new work is
-        dropped, counted and logged); `close()` gives up what is still held.
+        holding a table for a few seconds lost every record made meanwhile — but only for
+        `patience` seconds (default TRANSIENT_HOLD_MAX), then it is STUCK: one row locked
+        for good held every later write behind it. Work queued meanwhile waits behind it,
+        bounded by the queue size (beyond it, new work is dropped, counted and logged);
+        `close()` gives up what is still held (ABANDONED).
+
+        Args:
+            patience: seconds to keep retrying a transient refusal (0: one attempt).
+            quick_retries: whether an attempt is retried at once a few times
+                (OperationalError), as a batch's is.
         """
-        self._gave_up = False
         if not ops:
-            return True
-        backoff, since = OUTAGE_BACKOFF, 0.0
+            return _Outcome.STORED
+        if patience is None:
+            patience = TRANSIENT_HOLD_MAX  # (read now: tests shrink it)
+        backoff, since, busy_since = OUTAGE_BACKOFF, 0.0, 0.0
         while True:
             try:
-                for attempt in self._retrying:
-                    with attempt:
-                        self._store.write(ops)
+                if quick_retries:
+                    for attempt in self._retrying:
+                        with attempt:
+                            self._store.write(ops)
+                else:
+                    self._store.write(ops)
                 if since:
                     logger.warning("scrutiny: the database takes writes again after %.1f "
                                    "s; the records held meanwhile are being stored",
                                    time.monotonic() - since)
-                return True
+                return _Outcome.STORED
             except Exception as exc:
                 down = self._unreachable()
                 busy = not down and self._transient(exc)
@@ -290,15 +385,22 @@ class StorageWriter:
                             "process)" if "readonly" in str(exc) else "")
                     logger.error("scrutiny: storing %d operation(s) failed: %s%s", len(ops),
                                  exc, hint)
-                    return False
+                    return _Outcome.REFUSED
                 if self._stopping:
                     logger.error("scrutiny: the database is unreachable (or refuses writes) "
                                  "and the session is closing: %d operation(s) not stored: %s",
                                  len(ops), exc)
-                    self._gave_up = True  # (one by one would not fare better)
-                    return False
+                    return _Outcome.ABANDONED
+                now = time.monotonic()
+                if not busy:
+                    busy_since = 0.0  # (unreachable: waited for without a bound)
+                elif not busy_since:
+                    busy_since = now
+                if busy and now - busy_since >= patience:
+                    self._last_error, self._busy_since = exc, busy_since
+                    return _Outcome.STUCK
                 if not since:
-                    since = time.monotonic()
+                    since = now
                     if busy:
                         logger.error("scrutiny: the database refuses writes for now (%s); "
                                      "holding %d operation(s) and retrying (queued: %d)",
@@ -311,8 +413,7 @@ class StorageWriter:
                     logger.error("scrutiny: the database is unreachable (or refuses writes) "
                                  "and the session is closing: %d operation(s) not stored",
                                  len(ops))
-                    self._gave_up = True
-                    return False
+                    return _Outcome.ABANDONED
                 backoff = min(backoff * 2, OUTAGE_BACKOFF_MAX)
 
     def _pause(self, seconds: float) -> None:
@@ -337,3 +438,20 @@ class StorageWriter:
             return not ping()
         except Exception:
             return True
+
+
+def _describe(ops: Sequence[WriteOp], most: int = 5) -> str:
+    """What `ops` would have stored, for a log line (the first `most` of them)."""
+    parts: list[str] = []
+    for op in ops[:most]:
+        if isinstance(op, InsertRecord):
+            parts.append(f"record {op.record.get('record_id')} (app "
+                         f"{op.app.get('app_id')!r}) with {len(op.results)} result(s)")
+        elif isinstance(op, UpdateResult):
+            status = op.values.get("status")
+            parts.append(f"result {op.result_id}" + (f" ({status})" if status else ""))
+        else:
+            parts.append(f"the lease renewal of {op.worker_id}")
+    if len(ops) > most:
+        parts.append(f"{len(ops) - most} more operation(s)")
+    return ", ".join(parts)
