@@ -3,13 +3,15 @@
 A question that is not in the set gives a `skipped` result with the reason, never a score.
 Questions are matched after normalization (Unicode forms, curly quotes, case, spacing,
 trailing punctuation), and a chain input such as ``{"question": "..."}`` is matched by its
-question.
+question. A question may have several acceptable answers (a list): the answer scores its
+best agreement with any of them, as SQuAD scores it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -48,9 +50,11 @@ class GroundTruth:
     Args:
         data: ``{question: expected}``, or rows ``{"question": .., "expected": ..}``
             (``"answer"`` / ``"expected_response"`` also accepted), or ``(question,
-            expected)`` pairs.
-        metric: ``metric(answer, expected)``; default :func:`token_f1`. An LLM judge's
-            ``judge.correctness`` works too (its retry policy and rate limit carry over).
+            expected)`` pairs. `expected` may be a list of acceptable answers.
+        metric: ``metric(answer, expected)`` -> a score in [0, 1] (or ``(score,
+            explanation)``, or a mapping with ``"score"``); default :func:`token_f1`. An
+            LLM judge's ``judge.correctness`` works too (its retry policy and rate limit
+            carry over). A score outside [0, 1] fails the result.
         name: the feedback name (default ``"ground_truth_agreement"``).
 
     Wire it with ``Feedback(gt.agreement).on_input_output()``.
@@ -66,7 +70,7 @@ class GroundTruth:
             raise ConfigurationError(f"GroundTruth metric must be callable, got {metric!r}")
         self.metric = metric
         self.name = name
-        self._expected: dict[str, str] = {}
+        self._expected: dict[str, tuple[str, ...]] = {}
         rows = data.items() if isinstance(data, Mapping) else data
         for row in rows:
             question, expected = _row(row)
@@ -84,9 +88,13 @@ class GroundTruth:
     def __repr__(self) -> str:
         return f"GroundTruth({len(self)} questions, metric={_metric_name(self.metric)})"
 
-    def expected_for(self, question: Any) -> str | None:
-        """The expected answer of `question`, or None when it is not in the set."""
-        return self._expected.get(_key(question))
+    def expected_for(self, question: Any) -> str | list[str] | None:
+        """The expected answer of `question` (a list when it has several), or None when it
+        is not in the set."""
+        found = self._expected.get(_key(question))
+        if found is None:
+            return None
+        return found[0] if len(found) == 1 else list(found)
 
     def scrutiny_feedback_defaults(self, method: Any) -> dict[str, Any]:
         """Its name, plus the metric's retry policy, rate limit and timeout, if any."""
@@ -100,21 +108,35 @@ class GroundTruth:
 
     async def agreement(self, question: Any, answer: Any) -> tuple[float, str]:
         """How well `answer` agrees with the expected answer of `question`."""
-        expected = self.expected_for(question)
-        if expected is None:
+        references = self._expected.get(_key(question))
+        if references is None:
             raise SkipFeedback("the question is not in the ground-truth set")
-        if inspect.iscoroutinefunction(self.metric):
-            value = await self.metric(answer, expected)
-        else:  # a plain metric may be slow (embeddings): keep it off the event loop
-            value = await asyncio.to_thread(self.metric, answer, expected)
-            if inspect.isawaitable(value):
-                value = await value
-        score, explanation = _score_of(value)
-        summary = f"expected {_short(expected)}; {_metric_name(self.metric)}"
+        best: tuple[float, str, str] | None = None
+        for expected in references:
+            score, explanation = _score_of(await self._measure(answer, expected))
+            if best is None or score > best[0]:
+                best = (score, explanation, expected)
+            if score >= 1.0:
+                break
+        assert best is not None
+        score, explanation, expected = best
+        summary = f"expected {_short(expected)}"
+        if len(references) > 1:
+            summary += f" (the closest of {len(references)} acceptable answers)"
+        summary += f"; {_metric_name(self.metric)}"
         return score, f"{summary}: {explanation}" if explanation else summary
 
+    async def _measure(self, answer: Any, expected: str) -> Any:
+        if inspect.iscoroutinefunction(self.metric):
+            return await self.metric(answer, expected)
+        # a plain metric may be slow (embeddings): keep it off the event loop
+        value = await asyncio.to_thread(self.metric, answer, expected)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
 
-def _row(row: Any) -> tuple[str, str]:
+
+def _row(row: Any) -> tuple[str, tuple[str, ...]]:
     if isinstance(row, Mapping):
         question = next((row[k] for k in ("question", "query", "input") if k in row), None)
         expected = next((row[k] for k in ("expected", "answer", "expected_response",
@@ -127,7 +149,14 @@ def _row(row: Any) -> tuple[str, str]:
     if question is None or expected is None or not as_text(question).strip():
         raise ConfigurationError(f"GroundTruth row without a question or expected answer: "
                                  f"{row!r}")
-    return as_text(question), as_text(expected)
+    if isinstance(expected, list | tuple | set | frozenset):
+        # several acceptable answers (they were joined into one text, which none matched)
+        references = tuple(dict.fromkeys(as_text(e, answer=True) for e in expected))
+        if not references:
+            raise ConfigurationError(f"GroundTruth row with an empty list of expected "
+                                     f"answers: {row!r}")
+        return as_text(question), references
+    return as_text(question), (as_text(expected, answer=True),)
 
 
 def _score_of(value: Any) -> tuple[float, str]:
@@ -140,6 +169,11 @@ def _score_of(value: Any) -> tuple[float, str]:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidFeedbackValue(f"the ground-truth metric returned {value!r}, not a score",
                                    value=value)
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        # a metric on another scale (0-10, a percentage) was stored as it was: a 7 beside
+        # token F1's 0.7
+        raise InvalidFeedbackValue(f"the ground-truth metric returned {value!r}, outside "
+                                   "[0, 1]", value=value)
     return float(value), str(explanation or "")
 
 

@@ -8,35 +8,37 @@ extra (``pip install 'scrutiny[lexical]'`` for rouge-score); nothing downloads a
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import re
 import threading
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Literal
 
 from scrutiny.core import ConfigurationError
 from scrutiny.providers._errors import missing_extra
-from scrutiny.providers._text import _CJK, as_text, normalize_answer, words
+from scrutiny.providers._text import _UNSPACED, _unicode_classes, as_text, normalize_answer, words
 
 __all__ = ["Contains", "LengthBounds", "Regex", "Rouge", "bleu", "exact_match", "sentence_bleu",
            "token_f1"]
 
-_TOKEN = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+|[^\w\s]", re.UNICODE)
 
 
 def exact_match(answer: Any, expected: Any) -> tuple[float, str]:
     """1 when the answers are equal after normalization (case, punctuation, articles)."""
-    same = normalize_answer(as_text(answer)) == normalize_answer(as_text(expected))
+    same = normalize_answer(as_text(answer, answer=True)) == normalize_answer(
+        as_text(expected, answer=True))
     return (1.0, "matches the expected answer") if same else (
         0.0, "differs from the expected answer")
 
 
 def token_f1(answer: Any, expected: Any) -> tuple[float, str]:
     """The F1 of the normalized words of answer and expected answer (SQuAD's metric)."""
-    got = words(normalize_answer(as_text(answer)))
-    want = words(normalize_answer(as_text(expected)))
+    got = words(normalize_answer(as_text(answer, answer=True)))
+    want = words(normalize_answer(as_text(expected, answer=True)))
     if not got or not want:
         score = float(got == want)
         return score, "both empty" if score else "one of the answers is empty"
@@ -48,8 +50,15 @@ def token_f1(answer: Any, expected: Any) -> tuple[float, str]:
     return f1, f"token F1 {f1:.3f} (precision {precision:.3f}, recall {recall:.3f})"
 
 
+@functools.cache
+def _token_pattern() -> re.Pattern[str]:
+    # words (with their combining marks) and each punctuation mark, as BLEU's 13a tokenizer
+    marks = _unicode_classes()[0]
+    return re.compile(rf"[{_UNSPACED}]|(?:[^\W{_UNSPACED}]|[{marks}])+|[^\w\s{marks}]")
+
+
 def _tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower())
+    return _token_pattern().findall(unicodedata.normalize("NFKC", text).lower())
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
@@ -94,7 +103,8 @@ def sentence_bleu(hypothesis: list[str], references: list[list[str]], max_n: int
 
 def bleu(answer: Any, expected: Any) -> tuple[float, str]:
     """Smoothed sentence BLEU-4 of the answer against the expected answer (lower-cased)."""
-    got, want = _tokens(as_text(answer)), _tokens(as_text(expected))
+    got = _tokens(as_text(answer, answer=True))
+    want = _tokens(as_text(expected, answer=True))
     if not got and not want:  # (as exact_match and token_f1 have it)
         return 1.0, "both empty"
     score = sentence_bleu(got, [want])
@@ -152,7 +162,8 @@ class Rouge:
 
                 self._scorer = rouge_scorer.RougeScorer(
                     [self.variant], tokenizer=_WordTokenizer(self.stemmer))
-        answer_text, expected_text = as_text(answer), as_text(expected)
+        answer_text = as_text(answer, answer=True)
+        expected_text = as_text(expected, answer=True)
         if not words(answer_text) and not words(expected_text):  # (as exact_match has it)
             return 1.0, "both empty"
         result = self._scorer.score(expected_text, answer_text)[self.variant]
@@ -187,24 +198,41 @@ class Regex(_Named):
 
     Args:
         pattern: the expression (a string or a compiled pattern).
-        flags: `re` flags for a string pattern.
+        flags: `re` flags for a string pattern (a compiled pattern carries its own).
         name: the feedback name (default ``"regex"``).
         must_match: False turns it around: 1 when the text does *not* match.
+
+    Raises:
+        ConfigurationError: an invalid expression, a bytes pattern, or flags given with a
+            compiled pattern (they were ignored) — at definition, not once per record.
     """
 
     __slots__ = ("must_match", "name", "pattern")
 
     def __init__(self, pattern: str | re.Pattern[str], flags: int = 0, *,
                  name: str = "regex", must_match: bool = True) -> None:
-        try:
-            self.pattern = re.compile(pattern, flags) if isinstance(pattern, str) else pattern
-        except re.error as exc:
-            raise ConfigurationError(f"invalid regular expression {pattern!r}: {exc}") from exc
+        if isinstance(pattern, re.Pattern):
+            if not isinstance(pattern.pattern, str):
+                raise ConfigurationError(f"Regex needs a text pattern, not bytes: {pattern!r}")
+            if flags:
+                raise ConfigurationError(
+                    "Regex: flags cannot be added to a compiled pattern; compile it with "
+                    "them, or pass the expression as a string")
+            self.pattern = pattern
+        elif isinstance(pattern, str):
+            try:
+                self.pattern = re.compile(pattern, flags)
+            except (re.error, ValueError, TypeError) as exc:
+                raise ConfigurationError(
+                    f"invalid regular expression {pattern!r}: {exc}") from exc
+        else:
+            raise ConfigurationError(f"Regex needs a string or a compiled pattern, got "
+                                     f"{type(pattern).__name__}: {pattern!r}")
         self.name = name
         self.must_match = must_match
 
     def __call__(self, text: Any) -> tuple[float, str]:
-        match = self.pattern.search(as_text(text))
+        match = self.pattern.search(as_text(text, answer=True))
         found = (f"matches /{self.pattern.pattern}/ at character {match.start()}" if match
                  else f"does not match /{self.pattern.pattern}/")
         return float(bool(match) == self.must_match), found
@@ -218,6 +246,9 @@ class Contains(_Named):
         mode: ``"all"`` scores the share found; ``"any"`` gives 1 when one is found.
         case_sensitive: compare case as well.
         name: the feedback name (default ``"contains"``).
+
+    Phrase and text are compared Unicode-normalized (NFKC) with runs of whitespace as one
+    space: "New York" is found in "New\u00a0York" and across a line break.
     """
 
     __slots__ = ("case_sensitive", "mode", "name", "phrases")
@@ -225,20 +256,22 @@ class Contains(_Named):
     def __init__(self, phrases: str | Iterable[str], *, mode: Literal["all", "any"] = "all",
                  case_sensitive: bool = False, name: str = "contains") -> None:
         self.phrases = [phrases] if isinstance(phrases, str) else list(phrases)
-        if not self.phrases or not all(isinstance(p, str) and p for p in self.phrases):
-            raise ConfigurationError("Contains needs one or more non-empty phrases")
+        if not self.phrases or not all(isinstance(p, str) and p.strip() for p in self.phrases):
+            # (a blank phrase is found in nearly any text, whatever the answer said)
+            raise ConfigurationError("Contains needs one or more non-blank phrases")
         if mode not in ("all", "any"):
             raise ConfigurationError(f"Contains mode must be 'all' or 'any', got {mode!r}")
         self.mode = mode
         self.case_sensitive = case_sensitive
         self.name = name
 
+    def _fold(self, text: str) -> str:
+        text = " ".join(unicodedata.normalize("NFKC", text).split())
+        return text if self.case_sensitive else text.casefold()
+
     def __call__(self, text: Any) -> tuple[float, str]:
-        body = as_text(text)
-        if not self.case_sensitive:
-            body = body.casefold()
-        found = [p for p in self.phrases
-                 if (p if self.case_sensitive else p.casefold()) in body]
+        body = self._fold(as_text(text, answer=True))
+        found = [p for p in self.phrases if self._fold(p) in body]
         missing = [p for p in self.phrases if p not in found]
         score = (float(bool(found)) if self.mode == "any"
                  else len(found) / len(self.phrases))
@@ -252,9 +285,14 @@ class LengthBounds(_Named):
     """1 when the text's length is within the bounds, else 0 (with the length found).
 
     Args:
-        min_chars, max_chars: bounds on the number of characters.
-        min_words, max_words: bounds on the number of words.
+        min_chars, max_chars: bounds on the number of characters: Unicode characters of
+            the NFC-normalized text, leading and trailing whitespace not counted.
+        min_words, max_words: bounds on the number of words: runs of letters or digits
+            between spaces (a lone "-" is none), each character of Chinese, Japanese,
+            Thai, Lao, Khmer or Myanmar text one word.
         name: the feedback name (default ``"length_bounds"``).
+
+    There are no token bounds: token counts depend on the model's tokenizer.
     """
 
     __slots__ = ("max_chars", "max_words", "min_chars", "min_words", "name")
@@ -275,15 +313,29 @@ class LengthBounds(_Named):
         self.name = name
 
     def __call__(self, text: Any) -> tuple[float, str]:
-        body = as_text(text)
-        chars, words = len(body), len(body.split())
+        body = unicodedata.normalize("NFC", as_text(text, answer=True)).strip()
+        chars, words = len(body), _word_count(body)
         problems = []
-        for value, unit, low, high in ((chars, "characters", self.min_chars, self.max_chars),
-                                       (words, "words", self.min_words, self.max_words)):
+        for value, unit, low, high in ((chars, "character", self.min_chars, self.max_chars),
+                                       (words, "word", self.min_words, self.max_words)):
             if low is not None and value < low:
-                problems.append(f"{value} {unit} < minimum {low}")
+                problems.append(f"{_counted(value, unit)} < minimum {low}")
             if high is not None and value > high:
-                problems.append(f"{value} {unit} > maximum {high}")
+                problems.append(f"{_counted(value, unit)} > maximum {high}")
         if problems:
             return 0.0, "; ".join(problems)
-        return 1.0, f"{chars} characters, {words} words: within bounds"
+        return 1.0, (f"{_counted(chars, 'character')}, {_counted(words, 'word')}: "
+                     "within bounds")
+
+
+_PIECES = re.compile(rf"[{_UNSPACED}]|[^\s{_UNSPACED}]+")
+
+
+def _word_count(text: str) -> int:
+    """Words as a reader counts them; Chinese (and the like) one per character: a Chinese
+    paragraph was one word, and passed any ``max_words``."""
+    return sum(1 for piece in _PIECES.findall(text) if any(c.isalnum() for c in piece))
+
+
+def _counted(value: int, unit: str) -> str:
+    return f"{value} {unit}" if value == 1 else f"{value} {unit}s"

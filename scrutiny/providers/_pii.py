@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scrutiny.core import ConfigurationError
-from scrutiny.providers._text import as_text
+from scrutiny.providers._text import all_text
 
 __all__ = ["KINDS", "PIIDetector", "PIIMatch", "card_valid", "iban_valid", "luhn_valid"]
 
@@ -246,8 +246,14 @@ class PIIDetector:
         return {"name": self.name, "higher_is_better": False}
 
     def find(self, text: Any) -> list[PIIMatch]:
-        """Every piece of PII in `text`, in order of position."""
-        body = as_text(text)
+        """Every piece of PII in `text`, in order of position.
+
+        A structured value (a mapping, a list, a pydantic model, messages with their tool
+        calls' arguments) is searched whole: every string in it, one per line (positions
+        are in that joined text). Only its question or answer field was searched before:
+        ``{"question": ..., "email": "jane@example.com"}`` had no PII.
+        """
+        body = all_text(text)
         taken = [False] * len(body)
         found: list[PIIMatch] = []
         for kind in self.kinds:
