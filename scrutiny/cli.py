@@ -6,17 +6,24 @@ command line and out of `ps`), from the ``SCRUTINY_DATABASE_URL`` environment va
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import signal
 import sys
 import threading
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from scrutiny.core import FeedbackResult, Record, ScrutinyError, Session
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["main"]
 
@@ -93,7 +100,7 @@ class _Progress:
 @main.command()
 @_URL
 @_PREFIX
-@click.option("--concurrency", default=32, show_default=True,
+@click.option("--concurrency", default=32, show_default=True, type=click.IntRange(min=1),
               help="Feedback calls running at once in this worker.")
 @click.option("--lease", "lease_seconds", default=60.0, show_default=True,
               type=click.FloatRange(min=1, max=86_400),
@@ -114,7 +121,13 @@ def worker(database_url: str | None, table_prefix: str, concurrency: int,
            import_paths: tuple[str, ...]) -> None:
     """Claim pending feedback results from the database and evaluate them."""
     _refuse_memory(database_url, "a worker (it claims what apps stored)")
+    missing = _missing_sqlite_file(database_url or _default_url())
+    if missing is not None:  # (a mistyped path made a new empty database, watched forever)
+        _fail(f"no database at {missing}: a worker evaluates what apps stored there; point "
+              "--database-url (or $SCRUTINY_DATABASE_URL) at the apps' database, or create "
+              "it first with `scrutiny db upgrade`")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # (a line per migration step)
     sys.path[:0] = list(import_paths)
     progress = _Progress(log_every)
     session = _session(database_url, table_prefix, max_concurrency=concurrency,
@@ -172,35 +185,115 @@ def _default_url() -> str:
 
 
 # ---------------------------------------------------------------------- reading
+TABLE_LIMIT = 20
+"""Records a table shows when --limit is not given (JSON and CSV hold them all)."""
+
+
+def _check_apps(session: Session, apps: Sequence[str]) -> None:
+    """Refuse an --app that names no app with records: a typo printed "no records" and
+    exited 0, as if the app had none."""
+    if not apps:
+        return
+    known = session.get_apps()
+    names = {a["app_id"] for a in known} | {a["app_name"] for a in known}
+    unknown = [a for a in apps if a not in names]
+    if unknown:
+        listed = ", ".join(sorted(a["app_id"] for a in known)) or "none"
+        _fail(f"no records of app {', '.join(repr(a) for a in unknown)} in "
+              f"{session._redacted_url()}; an --app is an app id (name:version) or an app "
+              f"name. Apps with records: {listed}")
+
+
+def _plain(value: Any) -> Any:
+    """A cell as JSON data: NaN, NA and NaT as null, times in ISO 8601 (microseconds and
+    offset kept), numpy scalars as numbers, nested containers likewise."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, str | bool) or value is None:
+        return value
+    if isinstance(value, datetime | date):  # (pandas' Timestamp is a datetime)
+        return None if value != value else value.isoformat()  # (NaT is not equal to itself)
+    item = getattr(value, "item", None)  # a numpy scalar
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        value = item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, int | float):
+        return value
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(value)
+
+
+def _to_json(df: pd.DataFrame) -> str:
+    """Every row and column, every digit: pandas' to_json rounded floats to 10 digits and
+    times to milliseconds."""
+    rows = [{str(k): _plain(v) for k, v in row.items()}
+            for row in df.to_dict(orient="records")]
+    return json.dumps(rows, allow_nan=False)
+
+
+def _to_csv(df: pd.DataFrame, index: bool) -> str:
+    """CSV (RFC 4180 quoting: commas, quotes and newlines inside cells survive); lists and
+    mappings as JSON text rather than Python's repr."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object:
+            out[col] = [json.dumps(_plain(v)) if isinstance(v, dict | list | tuple) else v
+                        for v in out[col]]
+    return str(out.to_csv(index=index, lineterminator="\n"))
+
+
 @main.command()
 @_URL
 @_PREFIX
 @click.option("--app", "apps", multiple=True,
               help="App id (name:version), or app name when no app has that id (repeatable).")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
-@click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--limit", default=None, type=click.IntRange(min=1),
+              help=f"Records to show (default: {TABLE_LIMIT} in a table, all in JSON and CSV).")
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0, max=2**62),
+              help="Newest records to skip.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
               default="table", show_default=True)
-def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...], limit: int,
-            offset: int, fmt: str) -> None:
+def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
+            limit: int | None, offset: int, fmt: str) -> None:
     """Records with their feedback scores and statuses, newest first."""
     _refuse_memory(database_url, "`scrutiny records` (it reads what apps stored)")
     session = _session(database_url, table_prefix, migrate="refuse")  # reads: creates nothing
+    table = fmt == "table"
+    if table and limit is None:
+        limit = TABLE_LIMIT
     try:
-        df, _ = session.get_records_and_feedback(list(apps) or None, limit=limit,
-                                                 offset=offset)
+        _check_apps(session, apps)
+        # (one more than shown: a table says when there are more)
+        df, _ = session.get_records_and_feedback(
+            list(apps) or None, limit=None if limit is None else limit + table, offset=offset)
     except ScrutinyError as exc:  # (the database went away, a lock: said, not a traceback)
         _fail(str(exc))
         return
     finally:
         session.close()
     if fmt == "json":
-        click.echo(df.to_json(orient="records", date_format="iso"))
+        click.echo(_to_json(df))
     elif fmt == "csv":
-        click.echo(df.to_csv(index=False), nl=False)
+        click.echo(_to_csv(df, index=False), nl=False)
+    elif df.empty:
+        click.echo("no records" + (f" after the newest {offset}" if offset else ""))
     else:
-        click.echo(df.drop(columns=["app_id", "tags"]).to_string(max_colwidth=40)
-                   if not df.empty else "no records")
+        more = limit is not None and len(df) > limit
+        shown = df.iloc[:limit] if more else df
+        click.echo(shown.drop(columns=["app_id", "tags"]).to_string(max_colwidth=40))
+        if more:
+            click.echo(f"scrutiny: showing records {offset + 1} to {offset + len(shown)}; "
+                       f"more with --offset {offset + len(shown)} or a larger --limit "
+                       "(--format json or csv for all, with full texts)", err=True)
 
 
 @main.command()
@@ -216,6 +309,7 @@ def leaderboard(database_url: str | None, table_prefix: str, apps: tuple[str, ..
     _refuse_memory(database_url, "`scrutiny leaderboard` (it reads what apps stored)")
     session = _session(database_url, table_prefix, migrate="refuse")  # reads: creates nothing
     try:
+        _check_apps(session, apps)
         board = session.get_leaderboard(list(apps) or None)
     except ScrutinyError as exc:
         _fail(str(exc))
@@ -223,9 +317,9 @@ def leaderboard(database_url: str | None, table_prefix: str, apps: tuple[str, ..
     finally:
         session.close()
     if fmt == "json":
-        click.echo(board.reset_index().to_json(orient="records"))
+        click.echo(_to_json(board.reset_index()))
     elif fmt == "csv":
-        click.echo(board.to_csv(), nl=False)
+        click.echo(_to_csv(board, index=True), nl=False)
     else:
         click.echo(board.to_string() if not board.empty else "no records")
 

@@ -1,0 +1,121 @@
+"""TruLens's `Langchain` provider over :class:`~scrutiny.providers.LLMJudge`.
+
+``Langchain(chain=model)`` judges with any LangChain chat model or LLM, under TruLens's
+method names: ``relevance``, ``context_relevance``, ``groundedness_measure_with_cot_reasons``,
+``coherence``, ``conciseness``, ``harmfulness`` and their ``_with_cot_reasons`` forms (a
+``(score, {"reason": ...})`` pair, as in TruLens). Scores are 0 to 1. The methods are
+`async` (Scrutiny awaits them); outside a feedback, ``await provider.relevance(q, a)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scrutiny.core import ConfigurationError
+from scrutiny.providers import LLMJudge
+
+__all__ = ["Langchain"]
+
+_CRITERION = {
+    "relevance": "answer_relevance",
+    "relevance_with_cot_reasons": "answer_relevance",
+    "context_relevance": "context_relevance",
+    "context_relevance_with_cot_reasons": "context_relevance",
+    "qs_relevance": "context_relevance",
+    "qs_relevance_with_cot_reasons": "context_relevance",
+    "groundedness_measure_with_cot_reasons": "groundedness",
+    "coherence": "coherence",
+    "coherence_with_cot_reasons": "coherence",
+    "conciseness": "conciseness",
+    "conciseness_with_cot_reasons": "conciseness",
+    "harmfulness": "harmfulness",
+    "harmfulness_with_cot_reasons": "harmfulness",
+}
+"""TruLens's method -> the LLMJudge method that judges the same criterion."""
+
+
+class Langchain(LLMJudge):
+    """TruLens's ``Langchain(chain=model)`` provider: an :class:`LLMJudge` that also has
+    TruLens's method names.
+
+    Args:
+        chain: a LangChain chat model or LLM (TruLens's argument name).
+        **options: :class:`LLMJudge`'s options (``rate_limit=``, ``retries=``, ...).
+    """
+
+    def __init__(self, chain: Any = None, *, model_engine: str | None = None,
+                 **options: Any) -> None:
+        if chain is None:
+            raise ConfigurationError("Langchain(chain=...) needs the LangChain chat model or "
+                                     "LLM that judges")
+        del model_engine  # (TruLens's label of the model: the model says its own name)
+        super().__init__(chain, **options)
+
+    def scrutiny_feedback_defaults(self, method: Any) -> dict[str, Any]:
+        """Feedback options of TruLens's method names, as of the criteria they judge; the
+        feedback's default name is TruLens's method name."""
+        name = getattr(method, "__name__", None)
+        criterion = _CRITERION.get(str(name))
+        if criterion is None:
+            return super().scrutiny_feedback_defaults(method)
+        defaults = super().scrutiny_feedback_defaults(getattr(LLMJudge, criterion))
+        defaults["name"] = name
+        return defaults
+
+    async def relevance(self, prompt: Any, response: Any) -> float:
+        """How well the response answers the prompt (TruLens: answer relevance)."""
+        return (await self.answer_relevance(prompt, response))[0]
+
+    async def relevance_with_cot_reasons(self, prompt: Any, response: Any
+                                         ) -> tuple[float, dict[str, str]]:
+        """:meth:`relevance` with the judge's reasons."""
+        score, why = await self.answer_relevance(prompt, response)
+        return score, {"reason": why}
+
+    async def context_relevance(self, question: Any, context: Any,  # type: ignore[override]
+                                ) -> float:
+        """How relevant one retrieved context is to the question."""
+        return (await super().context_relevance(question, context))[0]
+
+    async def context_relevance_with_cot_reasons(self, question: Any, context: Any
+                                                 ) -> tuple[float, dict[str, str]]:
+        """:meth:`context_relevance` with the judge's reasons."""
+        score, why = await super().context_relevance(question, context)
+        return score, {"reason": why}
+
+    qs_relevance = context_relevance
+    qs_relevance_with_cot_reasons = context_relevance_with_cot_reasons
+
+    async def groundedness_measure_with_cot_reasons(self, source: Any, statement: Any
+                                                    ) -> tuple[float, dict[str, str]]:
+        """How well the source (a text, or the list of retrieved contexts:
+        ``.on(context.collect())``) supports each statement of the answer."""
+        score, why = await self.groundedness(source, statement)
+        return score, {"reasons": why}
+
+    async def coherence(self, text: Any) -> float:  # type: ignore[override]
+        """How logically consistent and well-connected the text is."""
+        return (await super().coherence(text))[0]
+
+    async def coherence_with_cot_reasons(self, text: Any) -> tuple[float, dict[str, str]]:
+        """:meth:`coherence` with the judge's reasons."""
+        score, why = await super().coherence(text)
+        return score, {"reason": why}
+
+    async def conciseness(self, text: Any) -> float:  # type: ignore[override]
+        """How free of filler and repetition the text is."""
+        return (await super().conciseness(text))[0]
+
+    async def conciseness_with_cot_reasons(self, text: Any) -> tuple[float, dict[str, str]]:
+        """:meth:`conciseness` with the judge's reasons."""
+        score, why = await super().conciseness(text)
+        return score, {"reason": why}
+
+    async def harmfulness(self, text: Any) -> float:  # type: ignore[override]
+        """How harmful the text is (0 = harmless; lower is better)."""
+        return (await super().harmfulness(text))[0]
+
+    async def harmfulness_with_cot_reasons(self, text: Any) -> tuple[float, dict[str, str]]:
+        """:meth:`harmfulness` with the judge's reasons."""
+        score, why = await super().harmfulness(text)
+        return score, {"reason": why}

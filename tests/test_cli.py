@@ -1,0 +1,215 @@
+"""The `scrutiny` command on a real SQLite file: reading records and the leaderboard
+(table, JSON, CSV), wrong input, and starting a worker."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from scrutiny import Feedback, Record, Session
+from scrutiny.cli import TABLE_LIMIT, main
+
+REPO = Path(__file__).resolve().parents[1]
+AWKWARD = 'héllo 🌍 "quoted", comma\nsecond line\ttab'
+LONG = "x" * 200_000
+
+
+def score(output: str) -> float:
+    return 1 / 3
+
+
+SCORE = Feedback(score).on_output()
+
+
+def _record(i: int, *, app: str = "qa", version: str = "v1", text: str | None = None,
+            **fields: object) -> Record:
+    return Record(app_name=app, app_version=version, input=text or f"question {i}",
+                  output=f"answer {i}", start_time=1_700_000_000.123456 + i,
+                  end_time=1_700_000_000.5 + i, **fields)  # type: ignore[arg-type]
+
+
+def _store(url: str, records: list[Record]) -> None:
+    with Session(url) as s:
+        for record in records:
+            s.ingest(record, [SCORE])
+        assert s.wait_for_feedback(30)
+
+
+def _run(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def _csv_rows(text: str) -> list[dict[str, str]]:
+    limit = csv.field_size_limit(1_000_000)  # (its default, 131,072, is under LONG's length)
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    finally:
+        csv.field_size_limit(limit)
+
+
+@pytest.fixture
+def awkward(database_url: str) -> str:
+    """A database whose records hold unicode, quotes, commas, newlines and a long text."""
+    _store(database_url, [_record(0, text=AWKWARD), _record(1, text=LONG),
+                          _record(2, app="team:qa", version="v2")])
+    return database_url
+
+
+# ---------------------------------------------------------------------- records
+def test_json_and_csv_hold_every_record_unless_a_limit_is_asked(database_url: str) -> None:
+    """The table's default of 20 records cut JSON and CSV exports short, silently."""
+    _store(database_url, [_record(i) for i in range(TABLE_LIMIT + 5)])
+    out = _run("records", "--database-url", database_url, "--format", "json")
+    assert out.exit_code == 0, out.output
+    assert len(json.loads(out.stdout)) == TABLE_LIMIT + 5
+    out = _run("records", "--database-url", database_url, "--format", "csv")
+    assert len(_csv_rows(out.stdout)) == TABLE_LIMIT + 5
+    out = _run("records", "--database-url", database_url, "--format", "json", "--limit", "3")
+    assert len(json.loads(out.stdout)) == 3
+
+
+def test_a_table_says_when_it_shows_only_part_of_the_records(database_url: str) -> None:
+    _store(database_url, [_record(i) for i in range(TABLE_LIMIT + 1)])
+    out = _run("records", "--database-url", database_url)
+    assert out.exit_code == 0
+    assert f"question {TABLE_LIMIT}" in out.stdout
+    assert "question 0 " not in out.stdout
+    assert f"more with --offset {TABLE_LIMIT}" in out.stderr
+    out = _run("records", "--database-url", database_url, "--offset", str(TABLE_LIMIT))
+    assert "question 0" in out.stdout
+    assert out.stderr == ""
+
+
+def test_json_keeps_every_digit_and_microsecond(awkward: str) -> None:
+    """pandas' to_json rounded scores to 10 digits and times to milliseconds."""
+    out = _run("records", "--database-url", awkward, "--format", "json")
+    rows = {r["input"]: r for r in json.loads(out.stdout)}
+    row = rows[AWKWARD]
+    assert row["score"] == 1 / 3
+    assert row["latency"] == pytest.approx(0.376544, abs=1e-6)
+    assert row["start_time"] == "2023-11-14T22:13:20.123456+00:00"
+    board = json.loads(_run("leaderboard", "--database-url", awkward, "--format",
+                            "json").stdout)
+    assert {(b["app_name"], b["app_version"], b["score"]) for b in board} == {
+        ("qa", "v1", 1 / 3), ("team:qa", "v2", 1 / 3)}
+
+
+def test_json_and_csv_read_back_unicode_newlines_and_long_texts_exactly(awkward: str) -> None:
+    rows = json.loads(_run("records", "--database-url", awkward, "--format", "json").stdout)
+    assert {r["input"] for r in rows} == {AWKWARD, LONG, "question 2"}
+    out = _run("records", "--database-url", awkward, "--format", "csv")
+    assert out.exit_code == 0
+    rows = _csv_rows(out.stdout)
+    assert {r["input"] for r in rows} == {AWKWARD, LONG, "question 2"}
+    assert {r["app_id"] for r in rows} == {"qa:v1", "team\\:qa:v2"}
+    table = _run("records", "--database-url", awkward)
+    assert table.exit_code == 0
+    assert "héllo 🌍" in table.stdout
+    assert "\\n" in table.stdout
+    assert len(table.stdout.strip().splitlines()) == 4
+
+
+def test_csv_writes_lists_and_mappings_as_json(database_url: str) -> None:
+    """A structured input came out as Python's repr ({'q': ...}), which nothing parses."""
+    _store(database_url, [_record(0, tags=["prod", "é"])])
+    with Session(database_url) as s:
+        s.ingest(Record(app_name="qa", app_version="v1", input={"question": "q", "n": 1},
+                        output=["a", "b"], start_time=1.0, end_time=2.0), [])
+    out = _run("records", "--database-url", database_url, "--format", "csv")
+    rows = _csv_rows(out.stdout)
+    assert json.loads(rows[0]["tags"]) == ["prod", "é"]
+    assert json.loads(rows[1]["input"]) == {"question": "q", "n": 1}
+    assert json.loads(rows[1]["output"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("command", ["records", "leaderboard"])
+def test_an_unknown_app_is_an_error_that_lists_the_apps(awkward: str, command: str) -> None:
+    """A mistyped --app printed "no records" and exited 0, as if the app had none."""
+    out = _run(command, "--database-url", awkward, "--app", "qa:v9")
+    assert out.exit_code == 2
+    assert out.stderr.startswith("scrutiny: error: no records of app 'qa:v9'")
+    assert "qa:v1, team\\:qa:v2" in out.stderr
+    for app in ("qa", "qa:v1", "team:qa"):  # an app's name or id is accepted
+        out = _run(command, "--database-url", awkward, "--app", app, "--format", "json")
+        assert out.exit_code == 0, out.stderr
+        assert json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "csv"])
+def test_an_empty_database_reads_as_no_records(database_url: str, fmt: str) -> None:
+    Session(database_url).close()
+    for command in ("records", "leaderboard"):
+        out = _run(command, "--database-url", database_url, "--format", fmt)
+        assert out.exit_code == 0
+        if fmt == "json":
+            assert json.loads(out.stdout) == []
+        elif fmt == "csv":
+            assert len(out.stdout.splitlines()) == 1  # the header
+        else:
+            assert out.stdout == "no records\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["records", "--database-url", "nonsense"], "not a database URL"),
+    (["records", "--database-url", "mysql://u@h/db"], "databases are not supported"),
+    (["leaderboard", "--database-url", "sqlite:///{tmp}/none.sqlite"],
+     "there is no SQLite database at"),
+    (["records", "--offset", str(2 ** 63)], "Invalid value for '--offset'"),
+    (["records", "--format", "xml"], "Invalid value for '--format'"),
+    (["worker", "--concurrency", "0"], "Invalid value for '--concurrency'"),
+])
+def test_wrong_input_exits_2_saying_what_is_wrong(tmp_path: Path, args: list[str],
+                                                   message: str) -> None:
+    out = _run(*(a.replace("{tmp}", str(tmp_path)) for a in args))
+    assert out.exit_code == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "none.sqlite").exists()
+
+
+# ---------------------------------------------------------------------- worker
+def test_a_worker_refuses_a_database_that_does_not_exist(tmp_path: Path) -> None:
+    """A mistyped path made a new, empty database that the worker then watched forever."""
+    missing = tmp_path / "typo.sqlite"
+    proc = subprocess.run([sys.executable, "-m", "scrutiny.cli", "worker", "--database-url",
+                           f"sqlite:///{missing}"], capture_output=True, text=True,
+                          timeout=30, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"scrutiny: error: no database at {missing}")
+    assert "scrutiny db upgrade" in proc.stderr
+    assert not missing.exists()
+
+
+def test_a_workers_log_is_its_own_lines(tmp_path: Path) -> None:
+    """Alembic's INFO lines (two per migration step) filled the worker's log."""
+    db = tmp_path / "new.sqlite"
+    db.touch()  # exists, no tables yet: the worker creates them
+    proc = subprocess.Popen([sys.executable, "-m", "scrutiny.cli", "worker", "--database-url",
+                             f"sqlite:///{db}"], stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "scrutiny.worker worker " in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = "".join(lines) + rest
+    assert proc.returncode == 0, log
+    assert "stopped cleanly" in log
+    assert "alembic" not in log
