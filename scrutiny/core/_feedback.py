@@ -116,6 +116,15 @@ class RateLimit:
             _check_count(self.max_concurrent, "RateLimit.max_concurrent", 1)
 
 
+def _part_reference(obj: Any, part: str) -> str:
+    """`reference(obj)` of an option of a feedback, saying which one cannot be imported
+    (an `aggregate=lambda ...` was refused as "a lambda" while the function was a `def`)."""
+    try:
+        return reference(obj)
+    except NotReferenceable as exc:
+        raise NotReferenceable(f"{part}: {exc}") from None
+
+
 def mean_of(scores: list[float]) -> float:
     """The default aggregate of a fan-out's scores."""
     return statistics.fmean(scores)
@@ -345,12 +354,15 @@ class Feedback:
                 "attempts": policy.attempts,
                 "initial_backoff": policy.initial_backoff,
                 "max_backoff": policy.max_backoff,
-                "retry_on": [reference(t) for t in policy.retry_on],
-                "never_retry_on": [reference(t) for t in policy.never_retry_on],
+                "retry_on": [_part_reference(t, "its RetryPolicy.retry_on")
+                             for t in policy.retry_on],
+                "never_retry_on": [_part_reference(t, "its RetryPolicy.never_retry_on")
+                                   for t in policy.never_retry_on],
                 "deadline": policy.deadline,
                 "max_retry_after": policy.max_retry_after,
             },
-            "aggregate": None if self.aggregator is mean_of else reference(self.aggregator),
+            "aggregate": None if self.aggregator is mean_of else _part_reference(
+                self.aggregator, "its aggregate function"),
             "rate_limit": None if self.rate_limit is None else {
                 "per_minute": self.rate_limit.per_minute,
                 "max_concurrent": self.rate_limit.max_concurrent,

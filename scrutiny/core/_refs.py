@@ -17,7 +17,8 @@ def reference(obj: Any) -> str:
     """`module:qualname` of `obj`, checked to load back to the same object.
 
     Raises:
-        NotReferenceable: a lambda, a closure, a bound method, or a function of `__main__`.
+        NotReferenceable: a lambda, a closure, a bound method, a callable object, or a
+            function of `__main__`.
     """
     target = obj
     module = getattr(target, "__module__", None)
@@ -27,8 +28,15 @@ def reference(obj: Any) -> str:
         raise NotReferenceable(
             f"{name} is a method bound to an object, which a worker cannot import; wrap it "
             "in a module-level function (def my_feedback(...): return my_object.method(...))")
-    if not module or not qualname:
-        raise NotReferenceable(f"{name!s} has no module and name to import it by")
+    if not qualname:
+        # A callable object (a provider such as PIIDetector(), a functools.partial): the
+        # message named only its repr, with nothing to do about it.
+        raise NotReferenceable(
+            f"{type(target).__name__}(...) is a callable object, not a function or class "
+            "that a worker can import by name; create it at module level and wrap it in a "
+            "module-level function (def my_feedback(...): return my_object(...))")
+    if not module:
+        raise NotReferenceable(f"{name!s} has no module to import it by")
     if "<lambda>" in qualname:
         raise NotReferenceable(
             "a lambda cannot be imported by a worker; define the function with `def` at "

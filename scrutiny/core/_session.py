@@ -777,7 +777,9 @@ class Session(SessionReading):
     def resume_pending(self, timeout: float | None = None, *, max_claims: int = 5) -> int:
         """Evaluate every result that is pending and free in the database now, and wait.
 
-        Claims as they can be evaluated (at most about twice `max_concurrency` at a time)
+        This session's own queued records and results are stored first (within `timeout`),
+        so the pending results of a deferred recording just made are among them. Claims as
+        they can be evaluated (at most about twice `max_concurrency` at a time)
         until nothing is left or `timeout` runs out, then waits for what it claimed within
         what is left of `timeout`.
 
@@ -792,6 +794,11 @@ class Session(SessionReading):
 
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         self._open_for_workers("resume_pending()")
+        # This session's own records and pending results first: still queued for the
+        # writer, they were not in the database yet, and a deferred app that called this
+        # right after recording claimed nothing and left them all pending.
+        self.flush(self.flush_timeout if deadline is None
+                   else max(0.0, deadline - time.monotonic()))
         worker = Worker(self, poll_interval=0.0, batch_size=100, max_claims=max_claims)
         self._workers.append(worker)  # (close() from another thread stops it)
         try:

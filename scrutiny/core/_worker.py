@@ -347,8 +347,9 @@ class Worker:
                     "%g s", reason, RETRY_LOAD_AFTER)
             else:
                 log("scrutiny worker: %s. Its results stay pending for a worker that can "
-                    "load it (install that code here, or run such a worker); this one tries "
-                    "again in %g s", reason, RETRY_LOAD_AFTER)
+                    "load it (install that code here — or give `scrutiny worker` its folder "
+                    "with --import-path DIR — or run such a worker); this one tries again "
+                    "in %g s", reason, RETRY_LOAD_AFTER)
         self._not_here[feedback_id] = time.monotonic() + RETRY_LOAD_AFTER
 
     def _feedbacks_of(self, rows: list[Row]) -> dict[str, Feedback | str]:
