@@ -4,6 +4,7 @@ as a failed invoke is)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -300,3 +301,172 @@ async def test_an_astream_that_failed_midway_is_judged_like_a_failed_ainvoke(
     assert streamed.output is None
     assert streamed.metadata["partial_output"]
     assert _outcomes(streamed) == _outcomes(invoked)
+
+
+# ------------------------------------ a step after the model fails: what the caller received
+def _passes_two_then_breaks(chunks: Iterator[str]) -> Iterator[str]:
+    """Reads the model's whole answer, passes on two pieces of it, then raises."""
+    text = "".join(chunks)
+    yield text[:5]
+    yield text[5:10]
+    raise _Broken("the step broke")
+
+
+async def _apasses_two_then_breaks(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    text = "".join([chunk async for chunk in chunks])
+    yield text[:5]
+    yield text[5:10]
+    raise _Broken("the step broke")
+
+
+def _two_chunks_chain() -> Any:
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
+    step = RunnableGenerator(_passes_two_then_breaks, _apasses_two_then_breaks, name="two")
+    return prompt | FakeListChatModel(responses=[ANSWER] * 3) | StrOutputParser() | step
+
+
+def _model_text(record: Record) -> Any:
+    model, = [s for s in record.spans if s.kind == "chat_model"]
+    return model.outputs
+
+
+def test_a_stream_whose_last_step_failed_keeps_what_the_caller_received(
+        session: Session) -> None:
+    """The model streamed its whole answer, the step after it passed on two chunks and
+    raised: the partial output is those two chunks (it was the model's whole text)."""
+    app = _two_chunks_chain()
+    got: list[str] = []
+
+    def consume() -> None:
+        for chunk in app.stream({"question": "Capital of France?"}):
+            got.append(chunk)
+
+    with ChainRecorder(app, app_name="two", session=session) as recording, \
+            pytest.raises(_Broken):
+        consume()
+    record = recording.get()
+    assert got == [ANSWER[:5], ANSWER[5:10]]
+    assert _model_text(record) == ANSWER  # (the model's text did not reach the caller)
+    assert (record.status, record.output) == (RecordStatus.ERROR, None)
+    assert record.metadata["partial_output"] == "".join(got)
+    assert _stored(session, record).metadata["partial_output"] == "".join(got)
+
+
+async def test_an_astream_whose_last_step_failed_keeps_what_the_caller_received(
+        session: Session) -> None:
+    app = _two_chunks_chain()
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in app.astream({"question": "Capital of France?"}):
+            got.append(chunk)
+
+    async with ChainRecorder(app, app_name="two", session=session) as recording:
+        with pytest.raises(_Broken):
+            await consume()
+    record = recording.get()
+    assert got == [ANSWER[:5], ANSWER[5:10]]
+    assert _model_text(record) == ANSWER
+    assert (record.status, record.output) == (RecordStatus.ERROR, None)
+    assert record.metadata["partial_output"] == "".join(got)
+
+
+def test_a_stream_that_failed_before_its_first_chunk_has_no_partial_output(
+        session: Session) -> None:
+    """The model streamed, the step after it raised before passing anything on: the
+    caller received nothing, so nothing is kept as received."""
+    def breaks_at_once(chunks: Iterator[str]) -> Iterator[str]:
+        "".join(chunks)
+        raise _Broken("the step broke")
+        yield ""  # (a generator)
+
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
+    app = prompt | FakeListChatModel(responses=[ANSWER]) | StrOutputParser() \
+        | RunnableGenerator(breaks_at_once)
+    with ChainRecorder(app, app_name="none", session=session) as recording, \
+            pytest.raises(_Broken):
+        list(app.stream({"question": "Capital of France?"}))
+    record = recording.get()
+    assert _model_text(record) == ANSWER
+    assert record.status is RecordStatus.ERROR
+    assert "partial_output" not in record.metadata
+
+
+async def test_an_astream_cancelled_after_a_later_step_passed_two_chunks_keeps_those(
+        session: Session) -> None:
+    """The step after the model passed on two chunks, then waited; the task was cancelled:
+    the cancelled record's output is the two chunks, not the model's whole text."""
+    received_two = asyncio.Event()
+    never = asyncio.Event()
+
+    async def passes_two_then_waits(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        text = "".join([chunk async for chunk in chunks])
+        yield text[:5]
+        yield text[5:10]
+        await never.wait()
+        yield text[10:]
+
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
+    app = prompt | FakeListChatModel(responses=[ANSWER]) | StrOutputParser() \
+        | RunnableGenerator(passes_two_then_waits)
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for chunk in app.astream({"question": "Capital of France?"}):
+            got.append(chunk)
+            if len(got) == 2:
+                received_two.set()
+
+    async with ChainRecorder(app, app_name="waits", session=session) as recording:
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(received_two.wait(), WAIT)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    record = recording.get()
+    assert _model_text(record) == ANSWER
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output == "".join(got) == ANSWER[:10]
+
+
+@pytest.mark.parametrize("call", ["stream", "astream", "invoke", "ainvoke"])
+async def test_a_generator_app_that_failed_keeps_what_its_stream_passed_on(
+        session: Session, call: str) -> None:
+    """A RunnableGenerator app streamed two chunks, then raised: they are its partial
+    output. Invoked, it reads its own stream and its caller receives none: none is kept."""
+    def two_then_breaks(chunks: Iterator[str]) -> Iterator[str]:
+        for _ in chunks:
+            pass
+        yield "Par"
+        yield "is"
+        raise _Broken("the generator broke")
+
+    async def atwo_then_breaks(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        async for _ in chunks:
+            pass
+        yield "Par"
+        yield "is"
+        raise _Broken("the generator broke")
+
+    app = RunnableGenerator(two_then_breaks, atwo_then_breaks, name="gen")
+    got: list[str] = []
+
+    async def call_it() -> None:
+        if call == "stream":
+            got.extend(app.stream("q"))
+        elif call == "astream":
+            got.extend([chunk async for chunk in app.astream("q")])
+        elif call == "invoke":
+            app.invoke("q")
+        else:
+            await app.ainvoke("q")
+
+    async with ChainRecorder(app, app_name="gen", session=session) as recording:
+        with pytest.raises(_Broken):
+            await call_it()
+    record = recording.get()
+    assert (record.status, record.output) == (RecordStatus.ERROR, None)
+    if call.endswith("stream"):
+        assert record.metadata["partial_output"] == "Paris"
+    else:
+        assert "partial_output" not in record.metadata

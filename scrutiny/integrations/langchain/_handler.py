@@ -27,6 +27,7 @@ from langchain_core.callbacks.manager import ahandle_event, handle_event
 from langchain_core.documents import Document
 from langchain_core.messages import ToolMessage
 from langchain_core.outputs import LLMResult
+from langchain_core.runnables import Runnable, RunnableGenerator
 from langchain_core.runnables.config import var_child_runnable_config
 from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 from langchain_core.tools import BaseTool
@@ -94,15 +95,19 @@ OPEN_BLOCKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
 class _Root:
     """What is known about one root run while it is open."""
 
-    __slots__ = ("fallbacks", "handlers", "metadata", "recording", "run_ids", "spans", "tags",
-                 "tokens")
+    __slots__ = ("fallbacks", "handlers", "metadata", "received", "recording", "run_ids",
+                 "spans", "stream", "tags", "tokens")
+    handlers: list[BaseCallbackHandler]  # (set by _run_handlers)
+    fallbacks: bool
+    stream: FrameType | None  # (set for streamed runs only: unset, it reads as None)
+    received: Any  # (set when a streamed run failed: unset, it reads as _NOT_STREAMED)
 
-    def __init__(self, recording: Recording | None,
-                 handlers: tuple[list[BaseCallbackHandler], bool],
+    def __init__(self, recording: Recording | None, default: BaseCallbackHandler,
                  tags: list[str] | None, metadata: dict[str, Any] | None) -> None:
         self.recording = recording
-        self.handlers, self.fallbacks = handlers
-        """(the handlers of the run; whether it is a `with_fallbacks` run: see _enclosing)"""
+        # the handlers of the run; whether it is a `with_fallbacks` run (see _enclosing);
+        # for a streamed run, its stream loop's frame (`stream`: see _received)
+        _run_handlers(self, default)
         self.spans: list[Span] = []
         self.run_ids: list[int] = []
         self.tags = list(tags or [])
@@ -143,34 +148,80 @@ _SNAPSHOT_ITEMS = 2000
 _MUTABLE = frozenset((dict, list))
 
 
-def _run_handlers(default: BaseCallbackHandler) -> tuple[list[BaseCallbackHandler], bool]:
-    """The handlers LangChain is dispatching the current event to (those of the run), and
-    whether a `with_fallbacks` runnable is starting the run.
+def _run_handlers(root: _Root, default: BaseCallbackHandler) -> None:
+    """Sets on `root` the handlers LangChain is dispatching the current event to (those of
+    the run), whether a `with_fallbacks` runnable is starting the run, and for a run
+    LangChain streams, the frame of its stream loop (`stream`: see _received).
 
     LangChain does not pass them to handlers, so we read them from its dispatch frame;
     if that ever fails, the result goes to this handler alone.
     """
-    frame: FrameType | None = sys._getframe(3)  # on_*_start <- _start <- us
+    frame: FrameType | None = sys._getframe(4)  # on_*_start <- _start <- _Root <- us
     for _ in range(4):
         if frame is None:
             break
         if frame.f_code in _DISPATCH_CODES:
             handlers = frame.f_locals.get("handlers")
             if isinstance(handlers, list):
+                root.handlers = list(handlers)
                 # <- the callback manager's on_chain_start <- the runnable's method
                 caller = frame.f_back
                 caller = None if caller is None else caller.f_back
-                return list(handlers), caller is not None and \
-                    caller.f_code in _FALLBACK_CODES
+                if caller is not None and caller.f_code in _CALLER_CODES:
+                    root.fallbacks = caller.f_code in _FALLBACK_CODES
+                    if not root.fallbacks:  # a stream (not one an invoke reads itself)
+                        reader = caller.f_back
+                        if reader is None or reader.f_code not in _SELF_READERS:
+                            root.stream = caller
+                else:
+                    root.fallbacks = False
+                return
             break
         frame = frame.f_back
-    return [default], False
+    root.handlers, root.fallbacks = [default], False
 
 
 _FALLBACK_CODES = frozenset(
     code for name in ("invoke", "ainvoke", "stream", "astream")
     if (code := getattr(getattr(RunnableWithFallbacks, name, None), "__code__", None)))
 """The methods of `with_fallbacks` that give their runnables their own config."""
+
+_STREAM_CODES = frozenset(
+    code for name in ("_transform_stream_with_config", "_atransform_stream_with_config")
+    if (code := getattr(getattr(Runnable, name, None), "__code__", None)))
+"""The loops of LangChain's streamed runs (`stream`, `astream`, `transform` of chains)."""
+
+_CALLER_CODES = _FALLBACK_CODES | _STREAM_CODES
+
+_SELF_READERS = frozenset(
+    code for name in ("invoke", "ainvoke")
+    if (code := getattr(getattr(RunnableGenerator, name, None), "__code__", None)))
+"""`RunnableGenerator.invoke` reads its own stream: its caller receives no chunks."""
+
+
+_NOT_STREAMED: Any = object()
+
+
+def _received(stream: FrameType) -> Any:
+    """What the caller of a streamed run received before the run failed: the chunks it
+    yielded, added up as LangChain adds them (read in on_chain_error from `stream`, the
+    frame of LangChain's stream loop, kept from the run's start; let go when it fails,
+    else with the root when its record is built).
+
+    LangChain ends a failed stream with the run's inputs, not with the chunks it yielded:
+    only its stream loop holds them (``final_output``). A step after the model that failed
+    after passing on part of the model's text (a generator step that yields two chunks,
+    then raises) left the caller with those two chunks, not with the model's tokens. The
+    frame is kept from the start because an async run manager ends a run on a task of its
+    own (shielded from cancellation), where the stream loop is not on the stack.
+    """
+    try:
+        chunks = stream.f_locals.get("final_output")
+        read = getattr(chunks, "value_for_error", None)  # (a _ChunkAccumulator, since 1.x)
+        return _snapshot(read() if callable(read) else chunks)
+    except Exception:  # (the record keeps the model's tokens, as before)
+        logger.exception("scrutiny: reading what a failed stream yielded failed")
+        return _NOT_STREAMED
 
 
 _CLAIM_FRAMES = 200
@@ -340,7 +391,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                         return
                 _offer_gil()  # to late evaluations, once a call (see scrutiny.core._courtesy)
                 recording = None if mine is None else mine.recording
-                root = _Root(recording, _run_handlers(self), tags, metadata)
+                root = _Root(recording, self, tags, metadata)
                 if root.recording is not None:
                     root.recording._opened()
                 self._roots[key] = root
@@ -493,6 +544,12 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
 
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         try:
+            root = self._roots.get(run_id.int)
+            if root is not None:
+                stream = getattr(root, "stream", None)
+                if stream is not None:  # (read now: the stream loop still holds it)
+                    root.stream = None
+                    root.received = _received(stream)
             self._end(run_id, error=error, inputs=kwargs.get("inputs", _NO_INPUTS))
         except Exception:
             _log_failure("on_chain_error")
@@ -817,7 +874,13 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         error_text = None  # (a tool called as the app that handled its own error)
     else:
         status = RecordStatus.ERROR if ended == _FAILED else RecordStatus.CANCELLED
-        streamed = "".join(root.tokens) if root.tokens else None
+        received = getattr(root, "received", _NOT_STREAMED)
+        if received is not _NOT_STREAMED and ended in (_FAILED, _CANCELLED):
+            # A failed (or cancelled) stream: what its caller received, rather than the
+            # model's tokens (a later step may have passed on only some of them).
+            streamed = None if received is None else _read(main_output, received)
+        else:
+            streamed = "".join(root.tokens) if root.tokens else None
         if span.outputs is not None:
             output = _read(main_output, span.outputs)
             # LangChain adds a sync stream's chunk to the run's output only once the
