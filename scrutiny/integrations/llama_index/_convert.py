@@ -32,6 +32,7 @@ from llama_index.core.node_parser.interface import NodeParser
 from llama_index.core.prompts.base import BasePromptTemplate
 from llama_index.core.response_synthesizers.base import BaseSynthesizer
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
+from llama_index.core.tools.types import BaseTool
 
 from scrutiny.core import SpanKind, TokenUsage
 
@@ -62,6 +63,7 @@ _KINDS: tuple[tuple[type, str], ...] = (
     (BaseChatEngine, SpanKind.QUERY.value),
     (BaseRetriever, SpanKind.RETRIEVER.value),
     (BaseEmbedding, SpanKind.EMBEDDING.value),
+    (BaseTool, SpanKind.TOOL.value),
     (BaseSynthesizer, SpanKind.SYNTHESIZE.value),
     (NodeParser, SpanKind.PARSER.value),
     (BasePromptTemplate, SpanKind.PROMPT.value),
@@ -98,7 +100,8 @@ def kind_of(instance: Any, method: str) -> str:
     if kind is None:
         kind = SpanKind.OTHER.value
         if isinstance(instance, BaseLLM):
-            kind = SpanKind.CHAT_MODEL.value if "chat" in method else SpanKind.LLM.value
+            if not method.startswith("_"):  # (not `_prepare_chat_with_tools`: no model call)
+                kind = SpanKind.CHAT_MODEL.value if "chat" in method else SpanKind.LLM.value
         else:
             for cls, value in _KINDS:
                 if isinstance(instance, cls):
@@ -133,6 +136,15 @@ class SpanInputs(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"SpanInputs({dict(self._arguments)!r})"
+
+    def as_given(self) -> SpanInputs:
+        """These arguments with the lists among them copied, for a recorded call's root
+        span: what it was given, although the callee may append to a list it was passed
+        (a chat engine keeps the `chat_history` it is given as its memory)."""
+        arguments = self._arguments
+        if not any(type(v) is list for v in arguments.values()):
+            return self
+        return SpanInputs({k: list(v) if type(v) is list else v for k, v in arguments.items()})
 
     def model_dump(self, **_: Any) -> dict[str, Any]:
         """The stored form (Scrutiny's serializer calls this off the application's thread)."""

@@ -32,6 +32,7 @@ from scrutiny.integrations.llama_index._convert import main_input, main_output, 
 from scrutiny.integrations.llama_index._events import FeedbackEventBridge
 from scrutiny.integrations.llama_index._handlers import ensure_installed
 from scrutiny.integrations.llama_index._tracer import (
+    USAGE_REPEATS,
     Scope,
     Trace,
     active_scopes,
@@ -174,10 +175,15 @@ class LlamaIndexRecorder:
             root.outputs = output
         else:
             output = main_output(trace.root_result)
+        partial: Any = None
         if error is not None:
             cancelled = type(error).__name__ in _CANCELLED
             status = RecordStatus.CANCELLED if cancelled else RecordStatus.ERROR
             error_text: str | None = describe_error(error)
+            if not cancelled:
+                # A failed call has no answer: what it streamed before failing is kept to
+                # be seen, not as the output feedbacks judge (they end `skipped`).
+                partial, output = output, None
         elif not trace.stream_complete:
             status = RecordStatus.CANCELLED
             error_text = ("the process exited before the stream was read to its end"
@@ -188,6 +194,8 @@ class LlamaIndexRecorder:
         metadata = dict(self.metadata)
         if trace.tags:
             metadata["instrument_tags"] = dict(trace.tags)
+        if partial is not None:
+            metadata["partial_output"] = partial
         return Record(
             app_name=self.app_name,
             app_version=self.app_version,
@@ -211,8 +219,9 @@ class LlamaIndexRecorder:
 
 def _usage(spans: list[Span]) -> TokenUsage | None:
     """Total usage of the innermost model calls that reported it (a call that wraps another
-    call, like `acomplete` around `complete`, reports the same tokens again)."""
-    reporting = [s for s in spans if s.usage is not None]
+    call, like `acomplete` around `complete`, reports the same tokens again; so does one
+    that hands on another call's response, see `Trace.usage_reported`)."""
+    reporting = [s for s in spans if s.usage is not None and USAGE_REPEATS not in s.metadata]
     if not reporting:
         return None
     by_id = {s.span_id: s for s in spans}

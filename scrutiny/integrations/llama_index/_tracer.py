@@ -75,12 +75,16 @@ except ImportError:  # pragma: no cover - depends on the installed llama-index-c
 if TYPE_CHECKING:
     from scrutiny.integrations.llama_index._recorder import LlamaIndexRecorder, Recording
 
-__all__ = ["Scope", "Trace", "Tracer", "active_scopes", "describe_error"]
+__all__ = ["USAGE_REPEATS", "Scope", "Trace", "Tracer", "active_scopes", "describe_error"]
 
 logger = logging.getLogger("scrutiny")
 
 _RETRIEVER = SpanKind.RETRIEVER.value
 _EMBEDDING = SpanKind.EMBEDDING.value
+
+USAGE_REPEATS = "usage_repeats"
+"""Span metadata: the id of the span whose model response (and usage) this span reports
+again; the record's usage counts it once."""
 
 active_scopes: contextvars.ContextVar[tuple[Scope, ...]] = contextvars.ContextVar(
     "scrutiny_llama_index_scopes", default=())
@@ -111,9 +115,10 @@ class Trace:
     """
 
     __slots__ = ("_awaited", "_following", "_lock", "_root_ended", "_stream_ended", "_tracer",
-                 "_writers", "contexts", "end_time", "finished", "root", "root_error",
-                 "root_result", "scope", "source_contexts", "spans", "stream_complete",
-                 "stream_error", "stream_unread_at_exit", "streamed", "tags", "tokens")
+                 "_usage_reports", "_writers", "contexts", "end_time", "finished", "root",
+                 "root_error", "root_result", "scope", "source_contexts", "spans",
+                 "stream_complete", "stream_error", "stream_unread_at_exit", "streamed", "tags",
+                 "tokens")
 
     def __init__(self, tracer: Tracer, scope: Scope, root: Span,
                  tags: Mapping[str, Any] | None) -> None:
@@ -144,6 +149,9 @@ class Trace:
         """The writer of the streaming chat response the root answered with."""
         self._awaited: weakref.ref[Any] | None = None
         """That response, while its writer has not started."""
+        self._usage_reports: dict[int, tuple[Any, str]] | None = None
+        """The model responses that reported usage in this trace (kept alive, by id), each
+        with the span it was first reported to."""
         # Reentrant: a stream's finalizer may run (from the garbage collector) anywhere.
         self._lock = threading.RLock()
 
@@ -258,6 +266,18 @@ class Trace:
         self.end_time = time.time()
         return True
 
+    def usage_reported(self, span: Span, response: Any) -> None:
+        """A model call's span got `response`, which reports usage. A call that hands on
+        the very response of a call it made (a `CustomLLM`'s async stream reads its sync
+        stream, and both report at the end, in sibling spans) repeats that report: it is
+        marked so that the record counts the tokens once."""
+        reports = self._usage_reports
+        if reports is None:
+            reports = self._usage_reports = {}
+        first = reports.setdefault(id(response), (response, span.span_id))
+        if first[1] != span.span_id:
+            span.metadata[USAGE_REPEATS] = first[1]
+
     def finish(self) -> None:
         with self._lock:
             if self.finished:
@@ -352,7 +372,7 @@ class Tracer:
                     members.append((span, trace, in_retrieval or parent.kind == _RETRIEVER))
         for scope in owners or ():
             if not any(m[1].scope is scope for m in members):
-                root = Span(id_, None, name, kind, now, inputs=inputs)
+                root = Span(id_, None, name, kind, now, inputs=inputs.as_given())
                 if parent_id is not None:
                     root.metadata["llama_index_parent_id"] = parent_id
                 members.append((root, Trace(self, scope, root, tags), False))
@@ -638,9 +658,23 @@ def _source_texts(result: Any) -> list[str] | None:
         nodes = getattr(result, "source_nodes", None)
         if not isinstance(nodes, list):
             return None
+        if not nodes:
+            nodes = _sources_nodes(result)
         return _texts(nodes_view(nodes))
     except Exception:  # a response we cannot read: the retrieved nodes stand in
         return None
+
+
+def _sources_nodes(result: Any) -> list[Any]:
+    """The source nodes of the query responses a chat response was made from (its
+    `sources`' raw outputs). LlamaIndex fills a chat response's empty `source_nodes` from
+    them itself, but not from an async stream (``condense_question``'s `astream_chat`)."""
+    found: list[Any] = []
+    for source in getattr(result, "sources", None) or ():
+        nodes = getattr(getattr(source, "raw_output", None), "source_nodes", None)
+        if isinstance(nodes, list):
+            found.extend(nodes)
+    return found
 
 
 def _texts(output: Any) -> list[str] | None:
@@ -670,8 +704,10 @@ def _on_model_end(members: tuple[Member, ...], event: Any) -> None:
     if response is None:
         return
     usage = usage_of(response)
-    for span, _, _ in members:
+    for span, trace, _ in members:
         span.usage = usage
+        if usage is not None:
+            trace.usage_reported(span, response)
         if span.outputs is None:
             span.outputs = llm_text(response)
         if span.end_time is not None:  # a stream: its call returned before the tokens
