@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import click
 
@@ -36,7 +38,91 @@ _PREFIX = click.option("--table-prefix", default="scrutiny_", show_default=True,
                        help="Prefix of Scrutiny's table names.")
 
 
-def _fail(message: str) -> None:
+# ---------------------------------------------------------------------- safe text
+# (query parameters that hold a secret: password, sslpassword, ...; not passfile, a path)
+_SECRET_PARAMETER = re.compile(r"(?!passfile$).*(?:pass|pwd|secret|token)", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"://[^:/]*:([^@]*)@")  # (SQLAlchemy's own rule for user:password@)
+_URL_PARAMETER = re.compile(r"[?&]([^=&#]*)=([^&#]*)")
+
+
+def _url_secrets(url: str | None) -> list[str]:
+    """The secrets a database URL holds, in every spelling a message may show them: the
+    password and the values of ``?password=``-like parameters (which SQLAlchemy's
+    ``hide_password`` leaves in), raw, decoded and re-encoded; longest first."""
+    if not url:
+        return []
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    found: list[str] = []
+    match = _URL_PASSWORD.search(url)
+    if match:
+        found.append(match.group(1))
+    for key, value in _URL_PARAMETER.findall(url):
+        if _SECRET_PARAMETER.match(unquote_plus(key)):
+            found.append(value)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # (a port that is not a number is a ValueError)
+        parsed = None
+    if parsed is not None:
+        found.append(parsed.password or "")
+        for key, values in parsed.query.items():
+            if _SECRET_PARAMETER.match(key):
+                found.extend([values] if isinstance(values, str) else values)
+    spellings = {form for secret in found if secret
+                 for form in (secret, unquote(secret), unquote_plus(secret),
+                              quote(secret, safe=""), quote_plus(secret))}
+    return sorted((s for s in spellings if s), key=len, reverse=True)
+
+
+def redact_secrets(text: str, url: str | None) -> str:
+    """`text` with every secret of the database `url` replaced by ``***`` (also shared by
+    the dashboard, for its error messages)."""
+    for secret in _url_secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def shown_url(url: str) -> str:
+    """A database URL as messages and the dashboard show it: no password, and no
+    ``?password=``-like parameter either."""
+    if "://" not in url or url.startswith("memory:"):
+        return url
+    from scrutiny.core.storage import redact_url
+
+    try:
+        shown = redact_url(url)
+    except ValueError:  # (a port that is not a number)
+        shown = "<invalid database url>"
+    return redact_secrets(shown, url)
+
+
+_CONTROL = (r"\x00-\x08\x0b-\x1f\x7f-\x9f"  # C0 but tab and newline, DEL, C1
+            r"\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069")  # bidi, separators
+_UNPRINTABLE = re.compile(f"[\\t\\n{_CONTROL}]")
+_UNPRINTABLE_BUT_LINES = re.compile(f"[{_CONTROL}]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    named = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}.get(char)
+    return named or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def printable(text: str, *, keep_lines: bool = False) -> str:
+    """`text` safe for a terminal: control characters (escape sequences that set a title,
+    write the clipboard or hide text, carriage returns that overwrite a line) and
+    bidirectional overrides shown as escapes (``\\x1b``); newlines and tabs too unless
+    `keep_lines`. Record content comes from an app's users: it must not drive the
+    terminal of whoever reads it."""
+    return (_UNPRINTABLE_BUT_LINES if keep_lines else _UNPRINTABLE).sub(_escape_char, text)
+
+
+def _fail(message: str, url: str | None = None) -> None:
+    """Exit 2 with `message` (any secret of the database `url` hidden, control characters
+    escaped)."""
+    message = printable(redact_secrets(message, url), keep_lines=True)
     click.echo(f"scrutiny: error: {message}", err=True)
     sys.exit(2)
 
@@ -54,8 +140,9 @@ def _refuse_memory(url: str | None, what: str) -> None:
 def _session(url: str | None, prefix: str, **kwargs: Any) -> Session:
     try:
         return Session(url, table_prefix=prefix, **kwargs)
-    except ScrutinyError as exc:
-        _fail(str(exc))
+    except (ScrutinyError, ValueError) as exc:  # (a port that is not a number: ValueError)
+        _fail(str(exc) if isinstance(exc, ScrutinyError) else f"not a database URL: {exc}",
+              url)
         raise  # unreachable
 
 
@@ -66,6 +153,26 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------------- worker
+class _LogFormatter(logging.Formatter):
+    """A worker's log: one line per event, whatever a message holds (a feedback's error
+    can quote record content: a newline in it forged a log line, an escape sequence drove
+    the terminal); no secret of the database URL."""
+
+    def __init__(self, fmt: str, url: str | None) -> None:
+        super().__init__(fmt)
+        self.url = url
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return printable(redact_secrets(super().formatMessage(record), self.url))
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802
+        return printable(redact_secrets(super().formatException(ei), self.url),
+                         keep_lines=True)
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802
+        return printable(super().formatStack(stack_info), keep_lines=True)
+
+
 class _Progress:
     """Counts end states and logs a line every `every` seconds."""
 
@@ -126,7 +233,9 @@ def worker(database_url: str | None, table_prefix: str, concurrency: int,
         _fail(f"no database at {missing}: a worker evaluates what apps stored there; point "
               "--database-url (or $SCRUTINY_DATABASE_URL) at the apps' database, or create "
               "it first with `scrutiny db upgrade`")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormatter("%(asctime)s %(name)s %(message)s", database_url))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("alembic").setLevel(logging.WARNING)  # (a line per migration step)
     sys.path[:0] = list(import_paths)
     progress = _Progress(log_every)
@@ -142,7 +251,7 @@ def worker(database_url: str | None, table_prefix: str, concurrency: int,
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    logger.info("worker %s on %s", session.owner_id, session._redacted_url())
+    logger.info("worker %s on %s", session.owner_id, shown_url(session.database_url))
     running = session.start_worker(poll_interval=poll_interval)
     while not stopping.wait(min(1.0, log_every)):
         progress.log(running.claimed)
@@ -167,8 +276,9 @@ def db_upgrade(database_url: str | None, table_prefix: str) -> None:
 
     try:
         store = SQLStore(database_url or _default_url(), table_prefix=table_prefix)
-    except ScrutinyError as exc:
-        _fail(str(exc))
+    except (ScrutinyError, ValueError) as exc:
+        _fail(str(exc) if isinstance(exc, ScrutinyError) else f"not a database URL: {exc}",
+              database_url)
         return
     found = store.found_revision
     store.close()
@@ -198,10 +308,10 @@ def _check_apps(session: Session, apps: Sequence[str]) -> None:
     names = {a["app_id"] for a in known} | {a["app_name"] for a in known}
     unknown = [a for a in apps if a not in names]
     if unknown:
-        listed = ", ".join(sorted(a["app_id"] for a in known)) or "none"
+        listed = ", ".join(sorted(printable(a["app_id"]) for a in known)) or "none"
         _fail(f"no records of app {', '.join(repr(a) for a in unknown)} in "
-              f"{session._redacted_url()}; an --app is an app id (name:version) or an app "
-              f"name. Apps with records: {listed}")
+              f"{shown_url(session.database_url)}; an --app is an app id (name:version) or "
+              f"an app name. Apps with records: {listed}", session.database_url)
 
 
 def _plain(value: Any) -> Any:
@@ -240,15 +350,72 @@ def _to_json(df: pd.DataFrame) -> str:
     return json.dumps(rows, allow_nan=False)
 
 
-def _to_csv(df: pd.DataFrame, index: bool) -> str:
+def _map_texts(df: pd.DataFrame, change: Any, kinds: tuple[type, ...] = (str,)
+               ) -> pd.DataFrame:
+    """A copy of `df` with `change` applied to every text (every value of `kinds`): cells,
+    column and index labels."""
+    import pandas as pd
+
+    def one(value: Any) -> Any:
+        return change(value) if isinstance(value, kinds) else value
+
+    out = df.copy()
+    for i in range(out.shape[1]):
+        column = out.iloc[:, i]
+        if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):
+            out.isetitem(i, [one(v) for v in column])
+    out.columns = [one(c) for c in out.columns]
+    if isinstance(out.index, pd.MultiIndex):
+        out.index = pd.MultiIndex.from_tuples(
+            [tuple(one(v) for v in key) for key in out.index], names=out.index.names)
+    else:
+        out.index = pd.Index([one(v) for v in out.index], name=out.index.name)
+    return out
+
+
+def _table_text(value: Any) -> str:
+    # (pandas shows the strings inside a mapping or list raw: their repr escapes them)
+    return printable(value if isinstance(value, str) else str(value))
+
+
+def _to_table(df: pd.DataFrame, **kwargs: Any) -> str:
+    """`df` as a text table with control characters escaped (`printable`), also inside
+    structured inputs and outputs."""
+    return str(_map_texts(df, _table_text, (str, dict, list, tuple)).to_string(**kwargs))
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _defuse(text: str) -> str:
+    """A text a spreadsheet would run as a formula (``=HYPERLINK(...)``, ``-2+3``,
+    ``@SUM(...)``) prefixed with ``'``, which makes it text (OWASP's advice)."""
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def _to_csv(df: pd.DataFrame, index: bool, spreadsheet_safe: bool = False) -> str:
     """CSV (RFC 4180 quoting: commas, quotes and newlines inside cells survive); lists and
-    mappings as JSON text rather than Python's repr."""
+    mappings as JSON text rather than Python's repr. Exact unless `spreadsheet_safe`."""
     out = df.copy()
     for col in out.columns:
         if out[col].dtype == object:
             out[col] = [json.dumps(_plain(v)) if isinstance(v, dict | list | tuple) else v
                         for v in out[col]]
+    if spreadsheet_safe:
+        out = _map_texts(out, _defuse)
     return str(out.to_csv(index=index, lineterminator="\n"))
+
+
+_SPREADSHEET_SAFE = click.option(
+    "--spreadsheet-safe", is_flag=True,
+    help="With --format csv: prefix texts that start with = + - @ or a tab with ' so a "
+         "spreadsheet shows them rather than running them as formulas (record content "
+         "comes from your app's users). Without it the CSV holds every text exactly.")
+
+
+def _check_spreadsheet_safe(spreadsheet_safe: bool, fmt: str) -> None:
+    if spreadsheet_safe and fmt != "csv":
+        _fail("--spreadsheet-safe applies to --format csv only")
 
 
 @main.command()
@@ -262,9 +429,11 @@ def _to_csv(df: pd.DataFrame, index: bool) -> str:
               help="Newest records to skip.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
               default="table", show_default=True)
+@_SPREADSHEET_SAFE
 def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
-            limit: int | None, offset: int, fmt: str) -> None:
+            limit: int | None, offset: int, fmt: str, spreadsheet_safe: bool) -> None:
     """Records with their feedback scores and statuses, newest first."""
+    _check_spreadsheet_safe(spreadsheet_safe, fmt)
     _refuse_memory(database_url, "`scrutiny records` (it reads what apps stored)")
     session = _session(database_url, table_prefix, migrate="refuse")  # reads: creates nothing
     table = fmt == "table"
@@ -276,20 +445,20 @@ def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
         df, _ = session.get_records_and_feedback(
             list(apps) or None, limit=None if limit is None else limit + table, offset=offset)
     except ScrutinyError as exc:  # (the database went away, a lock: said, not a traceback)
-        _fail(str(exc))
+        _fail(str(exc), database_url)
         return
     finally:
         session.close()
     if fmt == "json":
         click.echo(_to_json(df))
     elif fmt == "csv":
-        click.echo(_to_csv(df, index=False), nl=False)
+        click.echo(_to_csv(df, index=False, spreadsheet_safe=spreadsheet_safe), nl=False)
     elif df.empty:
         click.echo("no records" + (f" after the newest {offset}" if offset else ""))
     else:
         more = limit is not None and len(df) > limit
         shown = df.iloc[:limit] if more else df
-        click.echo(shown.drop(columns=["app_id", "tags"]).to_string(max_colwidth=40))
+        click.echo(_to_table(shown.drop(columns=["app_id", "tags"]), max_colwidth=40))
         if more:
             click.echo(f"scrutiny: showing records {offset + 1} to {offset + len(shown)}; "
                        f"more with --offset {offset + len(shown)} or a larger --limit "
@@ -303,36 +472,33 @@ def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
               help="App id (name:version), or app name when no app has that id (repeatable).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
               default="table", show_default=True)
+@_SPREADSHEET_SAFE
 def leaderboard(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
-                fmt: str) -> None:
+                fmt: str, spreadsheet_safe: bool) -> None:
     """Mean score per app version per feedback, best first."""
+    _check_spreadsheet_safe(spreadsheet_safe, fmt)
     _refuse_memory(database_url, "`scrutiny leaderboard` (it reads what apps stored)")
     session = _session(database_url, table_prefix, migrate="refuse")  # reads: creates nothing
     try:
         _check_apps(session, apps)
         board = session.get_leaderboard(list(apps) or None)
     except ScrutinyError as exc:
-        _fail(str(exc))
+        _fail(str(exc), database_url)
         return
     finally:
         session.close()
     if fmt == "json":
         click.echo(_to_json(board.reset_index()))
     elif fmt == "csv":
-        click.echo(_to_csv(board, index=True), nl=False)
+        click.echo(_to_csv(board, index=True, spreadsheet_safe=spreadsheet_safe), nl=False)
     else:
-        click.echo(board.to_string() if not board.empty else "no records")
+        click.echo(_to_table(board) if not board.empty else "no records")
 
 
 # ---------------------------------------------------------------------- dashboard
 def _url_password(url: str) -> bool:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).password is not None
-    except ArgumentError:
-        return False
+    """Whether `url` holds a password (``user:password@`` or ``?password=``)."""
+    return bool(_url_secrets(url))
 
 
 def _missing_sqlite_file(url: str) -> str | None:
@@ -344,7 +510,7 @@ def _missing_sqlite_file(url: str) -> str | None:
 
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # (Session says what is wrong with it)
         return None
     path = parsed.database
     if parsed.get_backend_name() != "sqlite" or path in (None, "", ":memory:"):
@@ -389,7 +555,7 @@ def dashboard(database_url: str | None, table_prefix: str, host: str, port: int,
         handle = start_dashboard(session, host=host, port=port, token=token)
     except ScrutinyError as exc:
         session.close()
-        _fail(str(exc))
+        _fail(str(exc), database_url)
         return
     stopping = threading.Event()
 
@@ -399,7 +565,8 @@ def dashboard(database_url: str | None, table_prefix: str, host: str, port: int,
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     click.echo(f"Scrutiny dashboard: {handle.url}")
-    click.echo(f"reading {session._redacted_url()} (read-only); Ctrl-C stops it", err=True)
+    click.echo(f"reading {shown_url(session.database_url)} (read-only); Ctrl-C stops it",
+               err=True)
     while not stopping.wait(1.0) and handle.running:
         pass
     handle.stop()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ from click.testing import CliRunner, Result
 
 from scrutiny import Feedback, Record, Session
 from scrutiny.cli import TABLE_LIMIT, main
+from tests.support.worker_process import run_worker_until
 
 REPO = Path(__file__).resolve().parents[1]
 AWKWARD = 'héllo 🌍 "quoted", comma\nsecond line\ttab'
@@ -193,23 +192,8 @@ def test_a_workers_log_is_its_own_lines(tmp_path: Path) -> None:
     """Alembic's INFO lines (two per migration step) filled the worker's log."""
     db = tmp_path / "new.sqlite"
     db.touch()  # exists, no tables yet: the worker creates them
-    proc = subprocess.Popen([sys.executable, "-m", "scrutiny.cli", "worker", "--database-url",
-                             f"sqlite:///{db}"], stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        assert proc.stderr is not None
-        lines = []
-        for line in proc.stderr:
-            lines.append(line)
-            if "scrutiny.worker worker " in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        _, rest = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log = "".join(lines) + rest
-    assert proc.returncode == 0, log
+    log, returncode = run_worker_until(["--database-url", f"sqlite:///{db}"],
+                                       "scrutiny.worker worker ")
+    assert returncode == 0, log
     assert "stopped cleanly" in log
     assert "alembic" not in log

@@ -321,3 +321,131 @@ def test_choosing_an_app_whose_name_holds_a_colon_shows_only_that_app(
         if handle is not None:
             handle.stop()
         session.close()
+
+
+# ---------------------------------------------------------------------- hostile content
+PAYLOADS = ['<script>alert("script")</script>', '<img src=x onerror=alert("img")>',
+            'javascript:alert("js")', "&lt;b&gt;&amp;&#60;entity", '"><svg onload=alert("svg")>',
+            "'><iframe srcdoc='<script>alert(1)</script>'>"]
+HOSTILE = " ".join(PAYLOADS)
+INJECTED = ("img, iframe, script:not([src]), svg[onload], [onerror], [onload], "
+            "a[href^='javascript']")
+
+
+def _hostile_record(i: int, record_id: str) -> Any:
+    from scrutiny import Record, RecordStatus, Span, TokenUsage
+
+    t = 1_767_000_000.0 + i
+    root = Span(f"{record_id}-0", None, HOSTILE, HOSTILE, t, t + 1, inputs={HOSTILE: HOSTILE},
+                outputs=HOSTILE, error=HOSTILE, model=HOSTILE, usage=TokenUsage(1, 1, 2))
+    child = Span(f"{record_id}-1", root.span_id, PAYLOADS[1], "tool", t + 0.1, t + 0.5,
+                 inputs=PAYLOADS[0], outputs=PAYLOADS[4])
+    return Record(app_name=HOSTILE, app_version=PAYLOADS[1], input=HOSTILE, output=HOSTILE,
+                  record_id=record_id, status=RecordStatus.ERROR if i else RecordStatus.OK,
+                  start_time=t, end_time=t + 1, spans=[root, child], contexts=PAYLOADS,
+                  tags=PAYLOADS, metadata={HOSTILE: PAYLOADS}, error=HOSTILE if i else None,
+                  framework=HOSTILE)
+
+
+def _explained(output: str) -> tuple[float, str]:
+    return 0.5, HOSTILE
+
+
+def _raises(output: str) -> float:
+    raise RuntimeError(HOSTILE)
+
+
+def test_hostile_content_anywhere_is_shown_as_text(page: Any, database_url: str) -> None:
+    """HTML in every field a record, a span or a result has, in the page's own address and
+    in error messages: shown as text, never parsed; a record whose id holds "/" opens (its
+    address answered 404: "No such record")."""
+    from urllib.parse import quote
+
+    from playwright.sync_api import expect
+
+    session = Session(database_url)
+    handle = None
+    ids = ['"><img src=x onerror=alert(1)>', "../../etc/passwd", "a/b?c#d"]
+    try:
+        feedbacks = [Feedback(_explained, name=HOSTILE).on_output(),
+                     Feedback(_raises, name=PAYLOADS[1]).on_output()]
+        for i, rid in enumerate(ids):
+            session.ingest(_hostile_record(i, rid), feedbacks)
+        assert session.wait_for_feedback(30)
+        handle = session.run_dashboard()
+        seen = SEEN[id(page)]
+
+        def clean() -> None:
+            assert page.locator(INJECTED).count() == 0
+            assert seen.dialogs == []
+
+        page.goto(handle.url)
+        expect(page.locator("#records tbody tr")).to_have_count(3)
+        expect(page.locator("#leaderboard tbody tr").first).to_contain_text(PAYLOADS[0])
+        expect(page.locator("#leaderboard thead")).to_contain_text(HOSTILE)
+        expect(page.locator("#records tbody td.output").first).to_have_text(HOSTILE)
+        expect(page.locator("#chart-scores .dist-row")).to_have_count(1)
+        clean()
+        for rid in ids:
+            page.goto(handle.url + "#/record/" + quote(rid, safe=""))
+            view = page.locator("#record-view")
+            expect(view.locator(".mono.muted").last).to_have_text(rid)
+            expect(page.locator("#record-output")).to_have_text(HOSTILE)
+            expect(view.locator(".card")).to_have_count(2)
+            expect(view.locator(".card[data-status='done']")).to_contain_text(HOSTILE)
+            for row in page.locator(".wf-row[data-span-id]").all():
+                row.click()
+            expect(page.locator(".wf-detail:visible")).to_have_count(2)
+            clean()
+        page.goto(handle.url + "#/?q=" + quote(PAYLOADS[1]))  # (every record holds it)
+        expect(page.locator("#filters input[name=q]")).to_have_value(PAYLOADS[1])
+        expect(page.locator("#records-count")).to_have_text("3 matching")
+        clean()
+        page.goto(handle.url + "#/?app=" + quote(PAYLOADS[4]))
+        expect(page.locator("#records")).to_contain_text("No records match.")
+        clean()
+        for address, shown in [
+                ("#/?feedback=x&min_score=" + quote(PAYLOADS[1]), "#error"),
+                ("#/?status=" + quote(PAYLOADS[0]) + "&feedback=x", "#error"),
+                ("#/record/" + PAYLOADS[1], "#record-missing")]:
+            page.goto(handle.url + address)
+            expect(page.locator(shown)).to_contain_text("<")
+            clean()
+    finally:
+        if handle is not None:
+            handle.stop()
+        session.close()
+
+
+def test_feedback_names_like_object_members_are_plain_names(page: Any,
+                                                            database_url: str) -> None:
+    """A row without a feedback named "constructor" (or "toString", "__proto__") showed
+    Object.prototype's member as its cell ("—", "n=—") instead of nothing."""
+    from playwright.sync_api import expect
+
+    from scrutiny import Record
+
+    session = Session(database_url)
+    handle = None
+    names = ["__proto__", "constructor", "toString"]
+    try:
+        for i, name in enumerate(names):
+            session.ingest(Record(app_name=f"app{i}", app_version="v", input=f"q{i}",
+                                  output="o", start_time=float(i), end_time=i + 1.0),
+                           [Feedback(lambda output: 0.5, name=name).on_output()])
+        assert session.wait_for_feedback(30)
+        handle = session.run_dashboard()
+        page.goto(handle.url)
+        rows = page.locator("#leaderboard tbody tr")
+        expect(rows).to_have_count(3)
+        for i, name in enumerate(names):
+            row = page.locator(f"#leaderboard tr[data-app='app{i}:v']")
+            expect(row.locator("td[data-feedback]")).to_have_count(1)
+            expect(row.locator(f"td[data-feedback='{name}'] .mean")).to_have_text("0.500")
+            record = page.locator("#records tbody tr", has_text=f"q{i}")
+            expect(record.locator("td[data-feedback]")).to_have_count(1)
+            expect(record.locator(".badge")).to_have_count(1)  # (its status only)
+    finally:
+        if handle is not None:
+            handle.stop()
+        session.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from scrutiny.cli import redact_secrets, shown_url
 from scrutiny.core import ConfigurationError, ScrutinyError, Session
 from scrutiny.core._serialize import dumps
 from scrutiny.dashboard import _views
@@ -44,6 +46,7 @@ logger = logging.getLogger("scrutiny.dashboard")
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+_HOST_HEADER = re.compile(r"(?P<name>\[[^\]]*\]|[^:\[\]]*)(?::[0-9]{1,5})?")
 _COOKIE = "scrutiny_token_{port}"
 _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
         "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -106,7 +109,8 @@ class _Guard:
         """A response that refuses `request`, or None to serve it."""
         if self.allowed_hosts is not None:
             host = (request.headers.get("host") or "").lower()
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            match = _HOST_HEADER.fullmatch(host)  # name[:port], nothing else
+            name = match.group("name") if match else None
             if host not in self.allowed_hosts and name not in self.allowed_hosts:
                 return JSONResponse({"error": "this dashboard answers only on its loopback "
                                      "address"}, status_code=421)
@@ -116,8 +120,10 @@ class _Guard:
         given = request.query_params.get("token")
         if given is not None and _same(given, self.token):
             if request.url.path == "/":  # keep the token out of the address bar & history
-                redirect = RedirectResponse(
-                    str(request.url.remove_query_params("token")), status_code=303)
+                rest = request.url.remove_query_params("token").query
+                # (relative: never to whatever host the Host header named)
+                redirect = RedirectResponse("./" + (f"?{rest}" if rest else ""),
+                                            status_code=303)
                 redirect.set_cookie(cookie, self.token, httponly=True, samesite="strict",
                                     path="/")
                 return redirect
@@ -202,10 +208,8 @@ def create_app(session: Session, *, token: str | None = None,
             names only); None serves any.
         poll_interval: seconds between the page's refreshes while results are pending.
     """
-    from scrutiny.core.storage import redact_url
-
     url = session.database_url
-    database = redact_url(url) if "://" in url and not url.startswith("memory:") else url
+    database = shown_url(url)  # (no password, and no ?password= either)
     page = (STATIC / "index.html").read_bytes()
 
     def index(request: Request) -> Response:
@@ -243,11 +247,12 @@ def create_app(session: Session, *, token: str | None = None,
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
 
     async def bad_request(request: Request, exc: Exception) -> Response:
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": redact_secrets(str(exc), url)}, status_code=400)
 
     async def storage_error(request: Request, exc: Exception) -> Response:
-        logger.warning("dashboard: %s failed: %s", request.url.path, exc)
-        return JSONResponse({"error": str(exc)}, status_code=503)
+        message = redact_secrets(str(exc), url)  # (the core's message names the database)
+        logger.warning("dashboard: %s failed: %s", request.url.path, message)
+        return JSONResponse({"error": message}, status_code=503)
 
     routes = [
         Route("/", index),
@@ -255,7 +260,7 @@ def create_app(session: Session, *, token: str | None = None,
         Route("/api/apps", apps),
         Route("/api/leaderboard", leaderboard),
         Route("/api/records", records),
-        Route("/api/records/{record_id:str}", record),
+        Route("/api/records/{record_id:path}", record),  # (an id may hold a "/")
         Route("/api/charts", charts),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

@@ -66,6 +66,12 @@ function clear(el) {
 
 function $(id) { return document.getElementById(id); }
 
+// A value the API keyed by a name that comes from the data (a feedback named "constructor"
+// or "__proto__"): only the object's own entry, never one of Object.prototype's members.
+function own(obj, key) {
+  return obj && Object.prototype.hasOwnProperty.call(obj, key) ? obj[key] : undefined;
+}
+
 // ------------------------------------------------------------------ formatting
 function fmtScore(x) { return x === null || x === undefined ? "—" : Number(x).toFixed(3); }
 function fmtInt(n) { return n === null || n === undefined ? "—" : Number(n).toLocaleString("en-US"); }
@@ -93,7 +99,7 @@ function badge(status) {
 }
 function scoreClass(name, score) {
   if (score === null || score === undefined || score < 0 || score > 1) return "score";
-  const hib = state.directions[name] !== false;
+  const hib = own(state.directions, name) !== false;
   const good = hib ? score >= 0.7 : score <= 0.3;
   const bad = hib ? score < 0.4 : score > 0.6;
   return `score${good ? " good" : bad ? " bad" : ""}`;
@@ -295,10 +301,10 @@ function renderLeaderboard(board) {
     wrap.appendChild(h("div", { class: "empty", text: "No records yet." }));
     return;
   }
-  const best = {};
+  const best = new Map();
   for (const fb of board.feedbacks) {
-    const means = board.rows.map((r) => (r.scores[fb.name] || {}).mean).filter((m) => m !== null && m !== undefined);
-    if (means.length > 1) best[fb.name] = fb.higher_is_better ? Math.max(...means) : Math.min(...means);
+    const means = board.rows.map((r) => (own(r.scores, fb.name) || {}).mean).filter((m) => m !== null && m !== undefined);
+    if (means.length > 1) best.set(fb.name, fb.higher_is_better ? Math.max(...means) : Math.min(...means));
   }
   const head = h("tr", null,
     h("th", { text: "App" }), h("th", { text: "Version" }), h("th", { class: "num", text: "Records" }),
@@ -319,9 +325,9 @@ function renderLeaderboard(board) {
   h("td", { text: row.app_name }), h("td", { class: "mono", text: row.app_version }),
   h("td", { class: "num", text: fmtInt(row.records) }),
   board.feedbacks.map((fb) => {
-    const c = row.scores[fb.name];
+    const c = own(row.scores, fb.name);
     if (!c) return h("td", { class: "num muted", text: "—" });
-    const isBest = best[fb.name] !== undefined && c.mean === best[fb.name];
+    const isBest = best.has(fb.name) && c.mean === best.get(fb.name);
     return h("td", { class: `num cell${isBest ? " best" : ""}`, dataset: { feedback: fb.name } },
       h("div", { class: "mean", text: fmtScore(c.mean) }),
       h("div", { class: "counts", text: `n=${fmtInt(c.done)}` }),
@@ -368,7 +374,7 @@ function renderRecords(page, board) {
     h("td", { class: "preview output", title: r.output_preview, text: r.output_preview }),
     h("td", { class: "num", text: fmtSeconds(r.latency) }),
     names.map((n) => {
-      const x = r.feedback[n];
+      const x = own(r.feedback, n);
       if (!x) return h("td", { class: "num muted", text: "" });
       return h("td", { class: "num", dataset: { feedback: n, status: x.status } },
         x.status === "done" ? h("span", { class: scoreClass(n, x.score), text: fmtScore(x.score) }) : badge(x.status));
@@ -424,7 +430,7 @@ function renderCharts() {
 
 function renderDistribution(data, name, colors) {
   const wrap = clear($("chart-scores"));
-  const dist = data.distributions[name];
+  const dist = own(data.distributions, name);
   if (!dist) { wrap.appendChild(h("div", { class: "empty", text: "No scores yet." })); return; }
   const W = 320, H = 46, bins = data.bins;
   for (const v of dist.versions) {
@@ -457,7 +463,7 @@ function renderDistribution(data, name, colors) {
         h("span", { class: "counts", text: `n=${fmtInt(v.n)} · mean ${fmtScore(v.mean)}` })),
       chart));
   }
-  const dir = state.directions[name];
+  const dir = own(state.directions, name);
   if (dir !== undefined) {
     wrap.appendChild(h("div", { class: "hint", text: dir ? "↑ higher is better" : "↓ lower is better" }));
   }

