@@ -277,3 +277,23 @@ def test_spreadsheet_safe_csv_defuses_formulas(database_url: str) -> None:
     refused = _run("records", "--database-url", database_url, "--spreadsheet-safe")
     assert refused.exit_code == 2
     assert "--format csv" in refused.stderr
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+psycopg://app:hunter2@db.example/scrutiny?password=hunter2",
+    "postgresql+psycopg://app@db.example:notaport/scrutiny?password=hunter2",
+    "postgresql+psycopg://app:hunter2@db.example:notaport/scrutiny",
+])
+def test_the_core_never_shows_a_database_password(url: str) -> None:
+    """redact_url hid only user:password@: a ?password= parameter reached messages, and a
+    URL with a port that is not a number raised a bare ValueError echoing nothing useful,
+    or a ConfigurationError echoing the whole URL."""
+    from scrutiny import ConfigurationError
+    from scrutiny.core.storage import redact_url
+
+    assert "hunter2" not in redact_url(url)
+    if ":notaport" in url:
+        with pytest.raises(ConfigurationError) as refused:
+            Session(url)
+        assert "hunter2" not in str(refused.value)
+        assert "not a database URL" in str(refused.value)

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -129,12 +130,21 @@ def _reads(what: str) -> Callable[[Callable[Concatenate[SQLStore, _P], _R]],
     return wrap
 
 
+_SECRET_PARAMS = re.compile(
+    r"([?&](?:password|passwd|pwd|sslpassword|secret|token|api_?key|access_?key)=)[^&#]*",
+    re.IGNORECASE)
+_USER_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@")
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password hidden, for messages and logs."""
+    """The URL with its password hidden, for messages and logs: the ``user:password@``
+    part and parameters such as ``?password=`` (libpq's, psycopg's), also in a URL that
+    does not parse."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<invalid database url>"
+        shown = make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):  # (ValueError: a port that is not a number)
+        shown = _USER_PASSWORD.sub(r"\1***@", url)
+    return _SECRET_PARAMS.sub(r"\1***", shown)
 
 
 def _check_file_exists(url: str) -> None:
@@ -142,7 +152,7 @@ def _check_file_exists(url: str) -> None:
     mistyped path would (an empty database, then 'no records')."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return  # _make_engine says what is wrong with it
     database = parsed.database
     if (parsed.get_backend_name() == "sqlite" and database not in (None, "", ":memory:")
@@ -155,9 +165,9 @@ def _check_file_exists(url: str) -> None:
 def _make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # (ValueError: a port that is not a number)
         raise ConfigurationError(
-            f"not a database URL: {url!r}; use e.g. 'sqlite:///scrutiny.sqlite' or "
+            f"not a database URL: {redact_url(url)!r}; use e.g. 'sqlite:///scrutiny.sqlite' or "
             "'postgresql+psycopg://user@host/db'"
         ) from exc
     backend = parsed.get_backend_name()
@@ -384,15 +394,30 @@ class SQLStore:
                     self._insert_rows(conn, t.results, results, keep_existing=True)
                 self._apply_updates(conn, updates)
                 for r in renewals:
-                    conn.execute(
-                        update(t.results)
-                        .where(t.results.c.worker_id == r.worker_id)
-                        .where(t.results.c.status.in_(("pending", "running")))
-                        .values(lease_expires_at=r.expires_at))
+                    self._renew(conn, r)
         self._known_apps.update(a["app_id"] for a in new_apps)
         known.update((d["feedback_id"], (d["higher_is_better"], d.get("spec_json")))
                      for d in new_definitions)
         self._note_contention(wall, cpu)
+
+    def _renew(self, conn: Connection, renewal: RenewLeases) -> None:
+        """Extend the leases `renewal` names, skipping (on PostgreSQL) the rows another
+        transaction holds locked: one row locked for good (a transaction left open on it)
+        made the whole renewal wait for it, or fail past lock_timeout — every other lease
+        ran out and workers took over results still being evaluated here, while the
+        writer (whose thread renews) stored nothing. SQLite has no row locks: the writer
+        holds the whole database while it writes."""
+        t = self.tables.results
+        held = and_(t.c.worker_id == renewal.worker_id,
+                    t.c.status.in_(("pending", "running")))
+        ids = renewal.result_ids
+        for chunk in [None] if ids is None else _chunks(list(ids), 500):
+            where = held if chunk is None else and_(held, t.c.result_id.in_(chunk))
+            if self._dialect == "postgresql":
+                where = t.c.result_id.in_(select(t.c.result_id).where(where)
+                                          .with_for_update(skip_locked=True)
+                                          .scalar_subquery())
+            conn.execute(update(t).where(where).values(lease_expires_at=renewal.expires_at))
 
     def _note_contention(self, wall: float, cpu: float) -> None:
         """Whether the write that began at (`wall`, `cpu`) spent most of its time waiting
