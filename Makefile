@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) bench/dashboard.py
 	$(PY) bench/pii.py
 	$(PY) bench/parse.py
+	$(PY) bench/embeddings.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

