@@ -338,19 +338,27 @@ class TruBasicApp(_WithRecord):
         _basic_blocks.set((*_basic_blocks.get(), (self, recording)))
         return recording
 
-    def __exit__(self, *exc: object) -> None:
+    def _leave(self) -> Recording | None:
         blocks = _basic_blocks.get()
         for i in range(len(blocks) - 1, -1, -1):
             if blocks[i][0] is self:
                 _basic_blocks.set(blocks[:i] + blocks[i + 1:])
-                blocks[i][1].finish(self.settings.mode(blocks[i][1]))
-                return
+                return blocks[i][1]
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        recording = self._leave()
+        if recording is not None:
+            recording.finish(self.settings.mode(recording))
 
     async def __aenter__(self) -> Recording:
         return self.__enter__()
 
     async def __aexit__(self, *exc: object) -> None:
-        self.__exit__(*exc)
+        # (awaited: with_app mode waits for the results without blocking the event loop)
+        recording = self._leave()
+        if recording is not None:
+            await recording.afinish(self.settings.mode(recording))
 
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:

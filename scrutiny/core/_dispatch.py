@@ -14,6 +14,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import select
 import selectors
@@ -299,6 +300,11 @@ class _Loop(asyncio.SelectorEventLoop):
     whatever the session's limit, with the rest timing out in its queue — whose threads
     the interpreter joins at exit: one hung model call kept the process alive past
     ``close()``. (``set_default_executor`` takes only a ``ThreadPoolExecutor``.)
+
+    A call sent there runs in the caller's context, as with ``asyncio.to_thread``: an async
+    feedback's ``await loop.run_in_executor(None, model.invoke, text)`` ran without it, so
+    the model's call was recorded as an app record when the model carried a recorder's
+    handler (given at its construction), and its ``add_evaluation_cost`` was lost.
     """
 
     def __init__(self, selector: selectors.BaseSelector, default_pool: DaemonThreadPool) -> None:
@@ -308,8 +314,10 @@ class _Loop(asyncio.SelectorEventLoop):
 
     def run_in_executor(self, executor: Any, func: Any,  # type: ignore[override]
                         *args: Any) -> asyncio.Future[Any]:
-        return super().run_in_executor(
-            self._default_pool if executor is None else executor, func, *args)
+        if executor is not None:  # (maybe a process pool: a context cannot be sent there)
+            return super().run_in_executor(executor, func, *args)
+        return super().run_in_executor(self._default_pool, contextvars.copy_context().run,
+                                       func, *args)
 
 
 def _new_loop(courtesy: Courtesy, default_pool: DaemonThreadPool) -> tuple[

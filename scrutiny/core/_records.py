@@ -320,7 +320,7 @@ class Record:
         if watch is not None:
             stop = threading.Event()
             try:  # (on a thread: it reads the database)
-                await asyncio.to_thread(
+                await _on_a_thread_of_its_own(
                     watch.follow, None if timeout is None else time.monotonic() + timeout,
                     stop)
             finally:
@@ -342,6 +342,42 @@ class Record:
             return
         for slot in slots:
             slot.on_done(state.one_done)
+
+
+async def _on_a_thread_of_its_own(fn: Callable[..., object], *args: Any) -> None:
+    """Run ``fn(*args)`` on a daemon thread of its own; wait for its end without blocking
+    the event loop, and re-raise what it raised.
+
+    Not ``asyncio.to_thread``: the loop's default executor has few threads (cpus + 4),
+    shared with the application's own calls (a sync-only model's ``ainvoke``,
+    ``to_thread``), and each wait on a stored record held one until its results ended:
+    six waits without a timeout on a two-core machine stalled the app's calls for good.
+    """
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: Exception | None) -> None:
+        if ended.done():  # (its waiter was cancelled)
+            return
+        if error is None:
+            ended.set_result(None)
+        else:
+            ended.set_exception(error)
+
+    def run() -> None:
+        error: Exception | None = None
+        try:
+            fn(*args)
+        except Exception as exc:
+            error = exc
+        finally:
+            try:
+                loop.call_soon_threadsafe(settle, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    threading.Thread(target=run, daemon=True, name="scrutiny-stored-wait").start()
+    await ended
 
 
 def app_id_for(app_name: str, app_version: str) -> str:
