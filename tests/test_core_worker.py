@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from scrutiny import Feedback, FeedbackMode, FeedbackStatus, Record, Session
 from scrutiny.core._worker import Worker
-from scrutiny.core.storage import MemoryStore, SQLStore, Store, UpdateResult
+from scrutiny.core.storage import InsertRecord, MemoryStore, SQLStore, Store, UpdateResult
 from tests.support import deferred_feedbacks as fbs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -524,6 +524,75 @@ def test_wait_for_feedback_is_false_when_end_states_were_not_stored(
         assert "storing the result failed" in (result.error or "")
         assert [r["status"] for r in stored_results(url, prefix)] == ["pending"]
         s.close(timeout=1)
+
+
+class _RefusingEndsOf:
+    """A store that refuses, for a passing reason (as a row locked past lock_timeout is),
+    every end state of the results of the records in `records`."""
+
+    def __init__(self, inner: SQLStore, records: set[str]) -> None:
+        self.inner = inner
+        self.records = records
+        self.results: set[str] = set()
+
+    def write(self, ops: list[Any]) -> None:
+        for op in ops:
+            if isinstance(op, InsertRecord) and op.record["record_id"] in self.records:
+                self.results.update(r["result_id"] for r in op.results)
+        if any(isinstance(op, UpdateResult) and op.result_id in self.results
+               and op.values.get("status") in ("done", "failed", "skipped") for op in ops):
+            raise sa.exc.OperationalError("UPDATE", {}, Exception("lock timeout"))
+        self.inner.write(ops)
+
+    def transient(self, exc: BaseException) -> bool:
+        return "lock timeout" in str(exc) or self.inner.transient(exc)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_result_whose_end_state_was_given_up_is_left_to_a_worker(
+        backend: tuple[str, str], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An end state the writer gave up storing (refused past TRANSIENT_HOLD_MAX) left its
+    row pending under this process's lease, renewed with the others' for as long as the
+    process evaluated anything: no worker could take it over until the process exited. It
+    is no longer renewed: once it runs out a worker evaluates it again — while the results
+    still evaluated here stay held by this process."""
+    from scrutiny.core import _writer
+
+    monkeypatch.setattr(_writer, "TRANSIENT_HOLD_MAX", 0.2, raising=False)
+    url, prefix = backend
+    given_up = make_record(0, output="x" * 50)
+    store: Any = _RefusingEndsOf(SQLStore(url, table_prefix=prefix), {given_up.record_id})
+    quick, held = Feedback(fbs.length).on_output(), Feedback(gated).on_output()
+    with Session(store=store, lease_seconds=3) as app, \
+            Session(url, table_prefix=prefix) as other, \
+            caplog.at_level(logging.CRITICAL, logger="scrutiny"):
+        busy = app.ingest(make_record(1), [held])  # evaluated here all along
+        assert STARTED.wait(10)
+        app.ingest(given_up, [quick])
+        told = given_up.wait_for_feedback_results(timeout=30)[quick]
+        assert told.status is FeedbackStatus.FAILED
+        assert "once its lease runs out" in (told.error or "")
+        worker = other.start_worker(poll_interval=0.05)
+
+        def evaluated_again() -> bool:
+            got = other.get_record(given_up.record_id)
+            return got is not None and [r.status for r in got.feedback_results.values()] \
+                == [FeedbackStatus.DONE]
+
+        poll(evaluated_again, 20, "a worker to evaluate the result given up")
+        got = other.get_record(given_up.record_id)
+        assert got is not None
+        assert [r.result for r in got.feedback_results.values()] == [0.5]
+        [row] = [r for r in stored_results(url, prefix) if r["status"] != "done"]
+        assert row["worker_id"] == app.owner_id  # its lease is still renewed
+        assert worker.claimed == 1
+        GATE.set()
+        assert busy.wait_for_feedback_results(timeout=30)[held].status is \
+            FeedbackStatus.DONE
+        assert worker.stop(10)
 
 
 # ---------------------------------------------------------------------- the CLI

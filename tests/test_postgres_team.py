@@ -398,6 +398,58 @@ def test_one_write_that_always_times_out_does_not_hold_the_others_for_ever(
         assert reader.get_record(poisoned) is None
 
 
+@pytest.mark.parametrize("timeout_setting", ["", "lock_timeout"])
+def test_a_row_locked_for_good_does_not_keep_the_other_leases_from_being_renewed(
+        pg: tuple[str, str], admin: sa.Engine, timeout_setting: str) -> None:
+    """The lease renewal was one UPDATE of every row the process held: one row another
+    transaction kept locked made each renewal wait for it (for ever without lock_timeout,
+    the writer storing nothing meanwhile) or fail past lock_timeout — no lease was renewed,
+    and workers took over every result still being evaluated. The locked row is skipped:
+    the others' leases move forward every renewal, and the writer goes on storing."""
+    url, prefix = pg
+    gate = threading.Event()
+
+    def held(output: str) -> float:  # evaluating until the test is done looking
+        gate.wait(60)
+        return 0.5
+
+    fb = Feedback(held).on_output()
+    results = build_tables(prefix).results
+    if timeout_setting:
+        url = with_options(url, f"-c {timeout_setting}=100")
+
+    def leases() -> dict[str, Any]:
+        with admin.connect() as conn:
+            return {r.result_id: r for r in conn.execute(
+                sa.select(results.c.result_id, results.c.status,
+                          results.c.lease_expires_at))}
+
+    with Session(url, table_prefix=prefix, lease_seconds=3) as s, \
+            admin.connect() as locker:
+        try:
+            records = [s.ingest(make_record(i), [fb]) for i in range(3)]
+            # (once every row is stored `running`, only renewals write to them)
+            poll(lambda: [r.status for r in leases().values()] == ["running"] * 3, 30,
+                 "the evaluations to be stored running")
+            before = leases()
+            locked, *others = sorted(before)
+            locker.execute(sa.select(results.c.result_id)
+                           .where(results.c.result_id == locked).with_for_update())
+            poll(lambda: all(leases()[rid].lease_expires_at > before[rid].lease_expires_at
+                             for rid in others), 10,
+                 "the leases of the rows not locked to be renewed")
+            late = s.ingest(make_record(9))  # the writer is not held by the locked row
+            assert s.flush(10)
+            assert s.get_record(late.record_id) is not None
+        finally:
+            locker.rollback()
+            gate.set()
+        for record in records:
+            assert record.wait_for_feedback_results(timeout=30)[fb].status is \
+                FeedbackStatus.DONE
+        assert s.stats()["failed_writes"] == 0
+
+
 def test_a_worker_says_once_that_it_cannot_claim_while_the_database_is_busy(
         pg: tuple[str, str], admin: sa.Engine, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,6 +35,8 @@ class _PoisonStore:
         self.first_refusal = 0.0
         self.refused = threading.Event()
         self.refused_for_a_while = threading.Event()  # refusing for over a second
+        self.slow = 0.0  # seconds each write takes
+
 
     def write(self, ops: Sequence[WriteOp]) -> None:
         ids = {op.record["record_id"] for op in ops if isinstance(op, InsertRecord)}
@@ -47,6 +49,8 @@ class _PoisonStore:
             raise OperationalError("INSERT", {}, Exception(
                 "canceling statement due to statement timeout" if not self.down
                 else "connection refused"))
+        if self.slow:
+            threading.Event().wait(self.slow)  # (a database a little slower than the app)
         self.inner.write(ops)
 
     def ping(self) -> bool:
@@ -179,3 +183,64 @@ def test_an_unreachable_database_is_waited_for_past_the_bound(
     assert told.stored == {"r0": True, "r1": True, "r2": True}
     assert writer.failed == 0
     assert "gave up" not in caplog.text
+
+
+class _Periodic:
+    """A periodic task for the writer (the session's lease renewal): counts its calls."""
+
+    def __init__(self, after: int) -> None:
+        self.calls = 0
+        self.after = after
+        self.called = threading.Event()  # called `after` times
+
+    def __call__(self) -> list[WriteOp]:
+        self.calls += 1
+        if self.calls >= self.after:
+            self.called.set()
+        return []
+
+
+def test_the_periodic_task_runs_while_work_keeps_coming(store: _PoisonStore) -> None:
+    """It ran only once the queue was empty: under steady traffic the leases were never
+    renewed, and workers took over results still being evaluated."""
+    periodic = _Periodic(after=3)
+    store.slow = 0.005
+    writer = StorageWriter(store, max_queue=100_000, max_batch=20,  # type: ignore[arg-type]
+                           idle_interval=0.05, on_idle=periodic)
+    told = _Told()
+    try:
+        i = 0
+        deadline = time.monotonic() + 10
+        while not periodic.called.is_set() and time.monotonic() < deadline:
+            while writer.backlog < 100:  # (the writer takes 20 at a time: never empty)
+                assert writer.submit(told.item(f"r{i}"))
+                i += 1
+            periodic.called.wait(0.001)
+        assert periodic.called.is_set(), f"{periodic.calls} call(s) in 10 s of traffic"
+    finally:
+        assert writer.close(timeout=30)
+
+
+def test_the_periodic_task_runs_while_a_batch_is_held(
+        store: _PoisonStore, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A batch refused for a passing reason is held up to TRANSIENT_HOLD_MAX seconds (60, as
+    long as a lease): the periodic task did not run meanwhile, and the leases ran out."""
+    monkeypatch.setattr(_writer, "TRANSIENT_HOLD_MAX", 60.0, raising=False)
+    periodic = _Periodic(after=3)
+    writer = StorageWriter(store, max_queue=1000,  # type: ignore[arg-type]
+                           idle_interval=0.05, on_idle=periodic)
+    told = _Told()
+    store.poisoned.add("held")
+    try:
+        with caplog.at_level(logging.CRITICAL, logger="scrutiny"):
+            assert writer.submit(told.item("held"))
+            assert store.refused.wait(10)
+            periodic.calls = 0  # (counting from the first refusal)
+            assert periodic.called.wait(10), f"{periodic.calls} call(s)"
+            assert told.stored == {}  # still held
+            store.poisoned.clear()
+            assert writer.flush(30)
+        assert told.stored == {"held": True}
+    finally:
+        writer.close(timeout=5)

@@ -90,13 +90,15 @@ def _warn_if_many_open() -> None:
 def _unstored_end(final: FeedbackResult) -> FeedbackResult:
     """What waiters are told when an end state could not be stored: not the end state
     itself (that would claim a stored result), but `failed` with what it was; the row stays
-    pending in the database for a worker or Session.resume_pending()."""
+    unfinished in the database, and its lease, no longer renewed, runs out: then a worker or
+    Session.resume_pending() evaluates it again (see `Session._heartbeat`)."""
     outcome = final.status.value + (f" with score {final.result:g}"
                                     if final.result is not None else "")
     return final.evolve(
         status=FeedbackStatus.FAILED, result=None,
         error=f"evaluated ({outcome}) but storing the result failed (see the log); the "
-              f"database still holds it as pending")
+              f"database still holds it as pending, for a worker to evaluate again once "
+              f"its lease runs out")
 
 
 def check_feedbacks(feedbacks: Sequence[Feedback], mode: FeedbackMode) -> None:
@@ -355,11 +357,19 @@ class Session(SessionReading):
             return self._loop
 
     def _heartbeat(self) -> list[WriteOp]:
-        """Keep the leases of the results this process holds (runs on the writer)."""
+        """Keep the leases of the results this process evaluates (runs on the writer).
+
+        Only those it still waits for here: a result whose end state the writer gave up
+        storing (see `StorageWriter`) is let go, and stays `pending` in the database. Its
+        lease, renewed with every other one, kept it from any worker until the process
+        exited; now it runs out (within `lease_seconds`) and a worker evaluates it again."""
         if not self._evaluating:  # (the jobs here that hold a lease)
             return []
+        with self._outstanding_lock:
+            held = tuple(result_id for result_id, job in self._inflight.items()
+                         if result_id and job.lease_token is not None)
         expires = datetime.now(timezone.utc) + timedelta(seconds=self.lease_seconds)
-        return [RenewLeases(self.owner_id, expires)]
+        return [RenewLeases(self.owner_id, expires, held)]
 
     def _after_fork(self) -> None:
         """In a forked child: forget the parent's threads, work and connections."""

@@ -14,6 +14,12 @@ producer wakes it.
 A batch the database refuses is held while the reason passes (an outage, a lock): only one
 it keeps refusing past TRANSIENT_HOLD_MAX seconds while it answers is split, so that one
 poisoned item does not hold every later one behind it (see `StorageWriter._commit`).
+
+The periodic task (the session's lease renewal) runs every `idle_interval` whatever the
+writer is doing: between two batches while work keeps coming, and between two attempts at a
+batch the database refuses for a passing reason. Run only when the queue was empty, it
+never ran under steady traffic, nor while a batch was held for up to TRANSIENT_HOLD_MAX
+seconds: the leases ran out and workers took over results still being evaluated here.
 """
 
 from __future__ import annotations
@@ -97,6 +103,8 @@ class StorageWriter:
         self.failed = 0
         self._idle_interval = idle_interval
         self._on_idle = on_idle
+        self._last_idle = time.monotonic()
+        self._in_idle = False  # running the periodic task (its own commit does not nest it)
         self._polling = False  # the writer looks at its queue by itself: no need to wake it
         self._outage = threading.Event()  # set by close(): stop waiting out an outage
         self._last_error: Exception | None = None  # why the last commit got STUCK
@@ -178,7 +186,7 @@ class StorageWriter:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
-        last_idle = last_work = time.monotonic()
+        last_work = time.monotonic()
         while True:
             if time.monotonic() - last_work < IDLE_AFTER:
                 self._polling = True
@@ -189,22 +197,11 @@ class StorageWriter:
                     self._wake.wait(self._idle_interval)
             self._wake.clear()
             now = time.monotonic()
-            if self._on_idle is not None and self._idle_interval is not None and (
-                    now - last_idle >= self._idle_interval):
-                last_idle = now
-                try:
-                    ops = self._on_idle()
-                except Exception:
-                    logger.exception("scrutiny: the writer's periodic task failed")
-                    ops = ()
-                if ops and self._commit(list(ops), patience=0.0) is _Outcome.STUCK:
-                    # (the next one comes in idle_interval: a lease outlives two of them)
-                    logger.warning("scrutiny: the writer's periodic write was refused "
-                                   "(%s) and is skipped: %s", self._last_error,
-                                   _describe(ops))
+            self._periodic()
             if self._queue:
                 last_work = now
             while self._queue:
+                self._periodic()  # (due while work keeps coming, too)
                 batch: list[WriteItem] = []
                 while self._queue and len(batch) < self._max_batch:
                     batch.append(self._queue.popleft())
@@ -214,6 +211,30 @@ class StorageWriter:
                     self._abandon(batch)
             if self._stopping and not self._queue:
                 return
+
+    def _periodic(self, *, quick_retries: bool = True) -> None:
+        """Run the periodic task and store what it returns, when it is due (one attempt:
+        the next one comes in idle_interval, and a lease outlives two of them)."""
+        if (self._on_idle is None or self._idle_interval is None or self._in_idle
+                or time.monotonic() - self._last_idle < self._idle_interval):
+            return
+        self._last_idle = time.monotonic()
+        self._in_idle = True
+        # (a STUCK commit says why in these two: those of a batch held meanwhile are kept)
+        error, busy_since = self._last_error, self._busy_since
+        try:
+            try:
+                ops = self._on_idle()
+            except Exception:
+                logger.exception("scrutiny: the writer's periodic task failed")
+                return
+            if ops and self._commit(list(ops), patience=0.0,
+                                    quick_retries=quick_retries) is _Outcome.STUCK:
+                logger.warning("scrutiny: the writer's periodic write was refused (%s) and "
+                               "is skipped: %s", self._last_error, _describe(ops))
+        finally:
+            self._in_idle = False
+            self._last_error, self._busy_since = error, busy_since
 
     def _abandon(self, batch: list[WriteItem]) -> None:
         """After an unexpected error in `_write_batch`: tell whoever waits on the batch's
@@ -409,12 +430,29 @@ class StorageWriter:
                         logger.error("scrutiny: the database cannot be reached (%s); "
                                      "holding %d operation(s) and retrying (queued: %d)",
                                      exc, len(ops), len(self._queue))
-                if self._outage.wait(backoff):  # closing: do not try again
+                if self._hold(backoff, busy):  # closing: do not try again
                     logger.error("scrutiny: the database is unreachable (or refuses writes) "
                                  "and the session is closing: %d operation(s) not stored",
                                  len(ops))
                     return _Outcome.ABANDONED
                 backoff = min(backoff * 2, OUTAGE_BACKOFF_MAX)
+
+    def _hold(self, seconds: float, answers: bool) -> bool:
+        """Wait `seconds` before trying a refused write again; True when closing. While
+        the database `answers`, the periodic task runs when due meanwhile (the leases can
+        be renewed: a batch may be held as long as a lease lasts) — tried once, not
+        retried at once as a batch is: the database refuses writes for now."""
+        end = time.monotonic() + seconds
+        while (answers and self._on_idle is not None and self._idle_interval is not None
+               and not self._in_idle):
+            self._periodic(quick_retries=False)
+            left = end - time.monotonic()
+            if left <= 0:
+                return self._outage.is_set()
+            due = self._last_idle + self._idle_interval - time.monotonic()
+            if self._outage.wait(max(0.0, min(left, due))):
+                return True
+        return self._outage.wait(max(0.0, end - time.monotonic()))
 
     def _pause(self, seconds: float) -> None:
         self._outage.wait(seconds)

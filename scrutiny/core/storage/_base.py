@@ -37,10 +37,17 @@ class UpdateResult:
 
 @dataclass(slots=True)
 class RenewLeases:
-    """Extend the leases of every unfinished result a worker (or session) holds."""
+    """Extend the leases of the unfinished results a worker (or session) holds: those of
+    `result_ids` (every one it holds when None).
+
+    A row another transaction holds locked is skipped, not waited for (PostgreSQL: `FOR
+    UPDATE SKIP LOCKED`): one row locked for good made every renewal fail or block, every
+    other lease ran out, and workers took over results still being evaluated. The next
+    renewal (a lease outlives two of them) tries it again."""
 
     worker_id: str
     expires_at: datetime
+    result_ids: tuple[str, ...] | None = None
 
 
 WriteOp = InsertRecord | UpdateResult | RenewLeases

@@ -52,9 +52,11 @@ class MemoryStore:
                             op.lease_token is None or row.get("lease_token") == op.lease_token):
                         results[op.result_id] = {**row, **op.values}
                 elif isinstance(op, RenewLeases):
-                    for rid, row in results.items():
-                        if row.get("worker_id") == op.worker_id and row["status"] in (
-                                "pending", "running"):
+                    ids = list(results) if op.result_ids is None else op.result_ids
+                    for rid in ids:
+                        row = results.get(rid)
+                        if row is not None and row.get("worker_id") == op.worker_id and \
+                                row["status"] in ("pending", "running"):
                             results[rid] = {**row, "lease_expires_at": op.expires_at}
             self._records, self._results = records, results
 
