@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from scrutiny.core._ids import new_uuid
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
@@ -320,7 +320,7 @@ class Record:
         if watch is not None:
             stop = threading.Event()
             try:  # (on a thread: it reads the database)
-                await _on_a_thread_of_its_own(
+                await on_a_thread_of_its_own(
                     watch.follow, None if timeout is None else time.monotonic() + timeout,
                     stop)
             finally:
@@ -344,9 +344,12 @@ class Record:
             slot.on_done(state.one_done)
 
 
-async def _on_a_thread_of_its_own(fn: Callable[..., object], *args: Any) -> None:
+T = TypeVar("T")
+
+
+async def on_a_thread_of_its_own(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)`` on a daemon thread of its own; wait for its end without blocking
-    the event loop, and re-raise what it raised.
+    the event loop, and return what it returned (or re-raise what it raised).
 
     Not ``asyncio.to_thread``: the loop's default executor has few threads (cpus + 4),
     shared with the application's own calls (a sync-only model's ``ainvoke``,
@@ -354,30 +357,31 @@ async def _on_a_thread_of_its_own(fn: Callable[..., object], *args: Any) -> None
     six waits without a timeout on a two-core machine stalled the app's calls for good.
     """
     loop = asyncio.get_running_loop()
-    ended: asyncio.Future[None] = loop.create_future()
+    ended: asyncio.Future[T] = loop.create_future()
 
-    def settle(error: Exception | None) -> None:
+    def settle(value: Any, error: Exception | None) -> None:
         if ended.done():  # (its waiter was cancelled)
             return
         if error is None:
-            ended.set_result(None)
+            ended.set_result(value)
         else:
             ended.set_exception(error)
 
     def run() -> None:
+        value: Any = None
         error: Exception | None = None
         try:
-            fn(*args)
+            value = fn(*args)
         except Exception as exc:
             error = exc
         finally:
             try:
-                loop.call_soon_threadsafe(settle, error)
+                loop.call_soon_threadsafe(settle, value, error)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
-    threading.Thread(target=run, daemon=True, name="scrutiny-stored-wait").start()
-    await ended
+    threading.Thread(target=run, daemon=True, name="scrutiny-wait").start()
+    return await ended
 
 
 def app_id_for(app_name: str, app_version: str) -> str:

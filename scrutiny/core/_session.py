@@ -36,7 +36,13 @@ from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._feedback import Feedback
 from scrutiny.core._ids import new_hex_id
 from scrutiny.core._reading import RecordPage, SessionReading, as_names
-from scrutiny.core._records import LazyRecord, Record, _ResultSlot, materialized
+from scrutiny.core._records import (
+    LazyRecord,
+    Record,
+    _ResultSlot,
+    materialized,
+    on_a_thread_of_its_own,
+)
 from scrutiny.core._refs import NotReferenceable
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
 from scrutiny.core._runtime import Notifier, install_process_hooks, live_sessions
@@ -400,6 +406,18 @@ class Session(SessionReading):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self, timeout: float | None = None) -> bool:
+        """:meth:`close` for code on an event loop (a web app's shutdown, a notebook):
+        it waits on a thread of its own, so the loop goes on meanwhile — ``close()`` there
+        held the loop for up to `timeout` while evaluations finished."""
+        return await on_a_thread_of_its_own(self.close, timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued record and update is stored; False on timeout."""
