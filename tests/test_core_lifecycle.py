@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from scrutiny import Feedback, Record, Session
+from scrutiny import Feedback, FeedbackStatus, Record, Session
 
 SCRIPT = textwrap.dedent("""
     import asyncio, sys, time
@@ -274,3 +276,31 @@ def test_recording_and_waiting_inside_a_running_loop(tmp_path: Path, mode: str) 
     lines = proc.stdout.split("\n")
     waits = 3 if mode == "nest" else 2
     assert lines[:waits + 1] == ["['done', 'done']"] * waits + ["closed True"]
+
+
+def test_a_feedback_that_outlives_close_leaves_no_asyncio_errors_behind(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """close() cancels what is unfinished and the evaluation loop closes; a feedback that
+    took its time to unwind was left pending on the closed loop, and when the garbage
+    collector later reached it the app's log got asyncio's "Task was destroyed but it is
+    pending!" and an "Exception ignored in: <coroutine ...>" (a failure under pytest)."""
+    import gc
+
+    async def stubborn(output: str) -> float:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(30)  # (unwinds slowly)
+        return 1.0
+
+    fb = Feedback(stubborn).on_output()
+    session = Session(f"sqlite:///{tmp_path}/s.sqlite")
+    record = session.ingest(Record(app_name="a", app_version="v", input="q", output="o",
+                                   start_time=time.time(), end_time=time.time()), [fb])
+    assert record.wait_for_feedback_results(timeout=0.2)[fb].status is not FeedbackStatus.DONE
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        assert session.close(timeout=1.0) is False
+        del record, session
+        Session(f"sqlite:///{tmp_path}/next.sqlite").close()  # (no longer the latest one)
+        gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text

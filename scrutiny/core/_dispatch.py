@@ -328,6 +328,10 @@ def _new_loop(courtesy: Courtesy, default_pool: DaemonThreadPool) -> tuple[
     return _Loop(selector, default_pool), selector
 
 
+UNWIND = 0.5
+"""Seconds cancelled evaluations get to unwind once the evaluation loop has stopped."""
+
+
 class EvaluationLoop:
     """A daemon thread with an asyncio loop that evaluates jobs.
 
@@ -394,7 +398,31 @@ class EvaluationLoop:
             self._loop.run_forever()
         finally:
             unregister(self._courtesy)
+            self._unwind()
             self._loop.close()
+
+    def _unwind(self) -> None:
+        """(The loop has stopped: close() cancelled what was unfinished.) Let cancelled
+        evaluations unwind for up to UNWIND seconds, then close those that still have not:
+        left pending on the closed loop, each was reported when the garbage collector
+        reached it, at some later moment of the app — "Task was destroyed but it is
+        pending!" from asyncio, and the coroutine's own error as it was closed there."""
+        loop = self._loop
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending, timeout=UNWIND))
+            for task in pending:
+                if task.done():
+                    continue
+                task._log_destroy_pending = False  # type: ignore[attr-defined]
+                try:
+                    task.get_coro().close()  # (its finally blocks run now, here)
+                except BaseException as exc:  # (it would not end: an await in a finally)
+                    logger.debug("scrutiny: closing an evaluation that would not end: %s",
+                                 exc)
+        except Exception:
+            logger.debug("scrutiny: unwinding the evaluation loop failed", exc_info=True)
 
     def _limiter_for(self, feedback: Feedback) -> Callable[
             [], AbstractAsyncContextManager[Any]] | None:
@@ -564,7 +592,8 @@ class EvaluationLoop:
                 job.feedback, job.evaluate_on or job.record, job.pending,
                 lambda started: self._on_running(job, started))
         except BaseException as exc:  # a bug of ours: still a failed result, never a lost one
-            if isinstance(exc, asyncio.CancelledError) and cancelled_by_us(task):
+            if isinstance(exc, GeneratorExit) or (
+                    isinstance(exc, asyncio.CancelledError) and cancelled_by_us(task)):
                 raise
             logger.exception("scrutiny: evaluating %r failed unexpectedly", job.feedback.name)
             final = FeedbackResult(

@@ -414,9 +414,10 @@ class Evaluator:
                 return _CallOutcome(FeedbackCall(args=args, error=exc.reason),
                                     FeedbackStatus.SKIPPED, attempt)
             except BaseException as exc:  # (SystemExit from a feedback: its failure too)
-                if isinstance(exc, asyncio.CancelledError) and cancelled_by_us(
-                        asyncio.current_task()):
-                    raise
+                if isinstance(exc, GeneratorExit) or (
+                        isinstance(exc, asyncio.CancelledError)
+                        and cancelled_by_us(asyncio.current_task())):
+                    raise  # (GeneratorExit: closed with its loop, see EvaluationLoop._unwind)
                 retryable = isinstance(exc, policy.retry_on) and not isinstance(
                     exc, policy.never_retry_on)
                 hint = retry_after_hint(exc) if retryable else None
