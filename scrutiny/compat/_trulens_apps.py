@@ -8,6 +8,7 @@ a TruLens name with no equivalent raises an error that says what to use instead.
 
 from __future__ import annotations
 
+import abc
 import contextvars
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -210,7 +211,7 @@ def recorder_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-class _Factory:
+class _Factory(abc.ABC):
     """``TruChain(app, app_name=..., app_version=..., feedbacks=[...])``: a recorder of
     Scrutiny's, with TruLens's extras."""
 
@@ -219,8 +220,9 @@ class _Factory:
     def __init__(self) -> None:
         self._class: type | None = None
 
+    @abc.abstractmethod
     def _recorder_class(self) -> type:
-        raise NotImplementedError
+        """The integration's recorder class (imported when first used)."""
 
     def __call__(self, app: Any, **kwargs: Any) -> Any:
         if self._class is None:
