@@ -17,6 +17,7 @@ import pytest
 
 from scrutiny import Feedback, FeedbackStatus, Record, Session
 from scrutiny.core import add_evaluation_cost
+from tests.support.loop_ticks import LoopTicks
 
 WAIT = 20.0
 
@@ -310,19 +311,9 @@ async def _takes_a_moment(output: str) -> float:
 async def test_async_with_session_closes_without_holding_the_event_loop(tmp_path: Any) -> None:
     """close() on a running loop held it while evaluations finished: a web app's shutdown
     hook or a notebook cell stopped serving for up to flush_timeout."""
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
     fb = Feedback(_takes_a_moment).on_output()
-    ticker = asyncio.ensure_future(tick())
-    async with Session(f"sqlite:///{tmp_path}/a.sqlite") as session:
+    async with LoopTicks() as ticks, Session(f"sqlite:///{tmp_path}/a.sqlite") as session:
         record = session.ingest(_record(), [fb])
-    ticker.cancel()
     assert session.closed
     assert record.feedback_results[fb].status is FeedbackStatus.DONE  # finished, not dropped
-    assert ticks >= 5, ticks  # the loop went on while the session closed
+    assert ticks.count >= 5, ticks.count  # the loop went on while the session closed

@@ -11,6 +11,7 @@ import pytest
 
 from scrutiny import FeedbackStatus
 from scrutiny.compat.trulens import Feedback, Select, TruChain, TruLlama, TruSession
+from tests.support.loop_ticks import LoopTicks
 
 
 def test_a_trulens_langchain_quickstart_runs(tmp_path: Path,
@@ -346,29 +347,18 @@ async def _slow_relevance(prompt: str, response: str) -> float:
 async def test_leaving_async_with_a_basic_app_in_with_app_mode_keeps_the_loop_running(
         tmp_path: Path) -> None:
     """`async with tru:` waited for the results (with_app mode) by blocking the event loop."""
-    import asyncio
 
     from scrutiny.compat.trulens import TruBasicApp
 
     session = TruSession(f"sqlite:///{tmp_path}/a.sqlite")
     f_slow = Feedback(_slow_relevance, name="slow").on_input_output()
-    ticks = 0
-
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
     try:
         tru = TruBasicApp(lambda prompt: f"answer to {prompt}", app_name="basic",
                           feedbacks=[f_slow], feedback_mode="with_app", session=session)
-        ticker = asyncio.ensure_future(tick())
-        async with tru as recording:
+        async with LoopTicks() as ticks, tru as recording:
             tru.app("the capital?")
-        ticker.cancel()
         assert recording.get().feedback_results[f_slow].status is FeedbackStatus.DONE
-        assert ticks >= 5, ticks  # the loop went on while the block waited
+        assert ticks.count >= 5, ticks.count  # the loop went on while the block waited
     finally:
         session.close()
 
