@@ -638,3 +638,24 @@ def test_a_definition_is_written_again_only_when_it_changed(tmp_path: Path) -> N
     [row] = store.definitions()
     assert row["higher_is_better"] is True
     store.engine.dispose()
+
+
+def test_the_stores_list_of_open_connections_forgets_closed_ones(tmp_path: Path) -> None:
+    """The store keeps its open connections for its finalizer; one a failed connect event
+    closed (no close event) must not stay listed for the life of the app."""
+    import sqlite3
+
+    from scrutiny.core.storage import SQLStore
+
+    store = SQLStore(f"sqlite:///{tmp_path}/c.sqlite")
+    try:
+        for _ in range(70):
+            stranded = sqlite3.connect(":memory:")
+            stranded.close()
+            store._connections.add(stranded)
+        store.engine.dispose()  # the next connect makes a new connection
+        with store.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        assert 1 <= len(store._connections) <= 2
+    finally:
+        store.close()

@@ -76,6 +76,45 @@ def with_options(url: str, options: str) -> str:
 
 
 # ---------------------------------------------------------------------- texts
+def test_a_connection_handed_back_after_the_store_closed_is_closed(pg: tuple[str, str]
+                                                                   ) -> None:
+    """dispose() closes only the pooled connections: one still in use on another thread
+    when the session closed went back to a pool no one held and stayed open until the
+    garbage collector found it, where psycopg warned (an error under -W error, in
+    whichever later test the collection fell)."""
+    store = SQLStore(pg[0], table_prefix=pg[1])
+    in_use = store.engine.connect()
+    in_use.execute(sa.text("SELECT 1"))
+    raw = in_use.connection.dbapi_connection
+    idle = store.engine.connect()  # (one in the pool as well: dispose closes that one)
+    idle_raw = idle.connection.dbapi_connection
+    idle.close()
+    store.close()
+    assert idle_raw is not None
+    assert idle_raw.closed
+    assert raw is not None
+    assert not raw.closed
+    in_use.close()
+    assert raw.closed
+
+
+def test_a_store_never_closed_closes_its_connections_when_collected(pg: tuple[str, str]
+                                                                     ) -> None:
+    import gc
+    import weakref
+
+    store = SQLStore(pg[0], table_prefix=pg[1])
+    with store.engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+    assert raw is not None
+    assert not raw.closed
+    gone = weakref.ref(store)
+    del store, conn
+    gc.collect()
+    assert gone() is None
+    assert raw.closed
+
+
 def test_nul_characters_in_names_explanations_and_errors_are_stored(
         pg: tuple[str, str]) -> None:
     """PostgreSQL's text cannot hold a NUL: the driver refused the whole row, so an app

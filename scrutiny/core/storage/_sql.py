@@ -13,7 +13,9 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from operator import itemgetter
@@ -230,6 +232,64 @@ def _make_engine(url: str) -> Engine:
     return engine
 
 
+_PRUNE_AT = 64  # (the pools hold 15 at most)
+
+
+def _is_closed(dbapi_conn: Any) -> bool:
+    closed = getattr(dbapi_conn, "closed", None)  # (psycopg)
+    if closed is not None:
+        return bool(closed)
+    try:
+        dbapi_conn.in_transaction  # noqa: B018  (sqlite3: raises once closed)
+    except Exception:
+        return True
+    return False
+
+
+def _close_all(connections: set[Any]) -> None:
+    for dbapi_conn in list(connections):
+        with contextlib.suppress(Exception):  # (already broken: nothing left to close)
+            dbapi_conn.close()
+    connections.clear()
+
+
+def _let_go_late(engine: Engine) -> tuple[threading.Event, set[Any]]:
+    """An event that, once set (the store closed), makes every connection handed back to
+    the engine's pool be closed rather than kept; and the set of the engine's open DBAPI
+    connections (for the store's finalizer).
+
+    ``dispose()`` closes the connections in the pool only: one a thread was still using
+    (a write the writer finished past close's deadline, a worker between two statements, a
+    read of the dashboard) went back to the pool dispose had let go of, and stayed open
+    until the garbage collector found it, where psycopg warned that it was deleted while
+    still open (an error under ``-W error``), perhaps minutes later in another test.
+    """
+    closed = threading.Event()
+    connections: set[Any] = set()
+
+    # (dispose() carries these listeners over to the engine's new pool)
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(dbapi_conn: Any, record: Any) -> None:
+        if closed.is_set() and dbapi_conn is not None:
+            record.invalidate()  # closes it; a later checkout (if any) connects anew
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        if len(connections) >= _PRUNE_AT:  # (closed without an event: a failed connect)
+            connections.difference_update([c for c in connections if _is_closed(c)])
+        connections.add(dbapi_conn)
+
+    @event.listens_for(engine, "close")
+    def _on_close(dbapi_conn: Any, _record: Any) -> None:
+        connections.discard(dbapi_conn)
+
+    @event.listens_for(engine, "close_detached")
+    def _on_close_detached(dbapi_conn: Any) -> None:
+        connections.discard(dbapi_conn)
+
+    return closed, connections
+
+
 _FOLD = "scrutiny_fold"
 
 
@@ -262,6 +322,13 @@ class SQLStore:
         self.prefix = table_prefix
         self.tables: Tables = build_tables(table_prefix)
         self.engine = _make_engine(url)
+        self._closed, self._connections = _let_go_late(self.engine)
+        # A store dropped without close() (its session never closed) closes its connections
+        # when it is collected (not at exit: open sessions close then, first). The finalizer
+        # holds the connections, not the engine: holding the engine kept its ~10,000 objects
+        # for one more pass of the garbage collector.
+        self._finalizer = weakref.finalize(self, _close_all, self._connections)
+        self._finalizer.atexit = False
         self._dialect = self.engine.dialect.name
         self.found_revision: str | None = None
         self._compiled: dict[tuple[Any, ...],
@@ -972,8 +1039,12 @@ class SQLStore:
                 select(t.c.status, func.count()).group_by(t.c.status))}
 
     def close(self) -> None:
+        self._closed.set()
         self.engine.dispose()
+        self._finalizer.detach()  # (a connection still in use is closed on its return)
 
     def after_fork(self) -> None:
-        """Forget the parent's pooled connections in a forked child."""
+        """Forget the parent's pooled connections in a forked child (closing one here
+        would end the parent's session on the server)."""
+        self._connections.clear()
         self.engine.dispose(close=False)
