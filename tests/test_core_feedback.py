@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import decimal
+import functools
 import math
+import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,11 +16,13 @@ import pytest
 from scrutiny import (
     ConfigurationError,
     Feedback,
+    FeedbackStatus,
     InvalidFeedbackValue,
     RateLimit,
     Record,
     RetryPolicy,
     Select,
+    Session,
     Span,
 )
 from scrutiny.core._feedback import coerce_feedback_value
@@ -276,3 +282,180 @@ def test_a_parameter_given_by_position_and_by_name_is_refused() -> None:
         Feedback(two).on(Select.input, question=Select.output)
     fb = Feedback(two).on(Select.output, answer=Select.input)  # as a Python call would
     assert fb.calls_for(_record()) == [{"question": "answer", "answer": "q"}]
+
+
+def _fails(output: str) -> float:
+    raise ValueError("no score today")
+
+
+def _judge(output: str, model: str) -> float:
+    return 0.5
+
+
+def _grade(output: str, model: str) -> float:
+    return 1.0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: Feedback(_length, higher_is_better="no"),  # type: ignore[arg-type]
+    lambda: Feedback(_length, higher_is_better=2),  # type: ignore[arg-type]
+    lambda: Feedback(_length, retry=3),  # type: ignore[arg-type]
+    lambda: Feedback(_length, rate_limit=60),  # type: ignore[arg-type]
+    lambda: Feedback(_length, aggregate="mean"),  # type: ignore[arg-type]
+    lambda: Feedback(_length).on_contexts().aggregate(5),  # type: ignore[arg-type]
+    lambda: RetryPolicy(retry_on=(KeyError, "TimeoutError")),  # type: ignore[arg-type]
+    lambda: RetryPolicy(never_retry_on=[ValueError, 3]),  # type: ignore[arg-type]
+    lambda: Feedback(_length, name=""),
+    lambda: Feedback(_length, name="   "),
+], ids=["higher_is_better-str", "higher_is_better-2", "retry-int", "rate_limit-int",
+        "aggregate-str", "aggregate-method-int", "retry_on-str", "never_retry_on-int",
+        "name-empty", "name-blank"])
+def test_options_of_the_wrong_type_are_refused_when_the_feedback_is_defined(
+        make: Any) -> None:
+    """They passed the definition and broke later: higher_is_better="no" made storing the
+    record fail (the record was lost), retry=3 and rate_limit=60 failed every evaluation
+    as an "internal error", an aggregate that is no function failed every fanned-out
+    result, name="" was silently replaced by the function's name and "   " was kept."""
+    with pytest.raises(ConfigurationError, match=r"must be|non-empty name"):
+        make()
+
+
+def test_bool_like_options_and_a_single_exception_class_are_taken_as_meant() -> None:
+    fb = Feedback(_length, higher_is_better=np.bool_(False))  # type: ignore[arg-type]
+    assert fb.higher_is_better is False
+    assert RetryPolicy(retry_on=ValueError).retry_on == (ValueError,)  # type: ignore[arg-type]
+    assert RetryPolicy(never_retry_on=[KeyError]).never_retry_on == (  # type: ignore[arg-type]
+        KeyError,)
+
+
+def test_a_single_retry_on_class_no_longer_loses_the_record(tmp_path: Path) -> None:
+    """`retry_on=ValueError` (not a tuple) broke the stored definition of the feedback:
+    the record itself was not stored and the result said "not evaluated"."""
+    fb = Feedback(_fails, retry=RetryPolicy(attempts=2, initial_backoff=0.0,
+                                            retry_on=ValueError)).on_output()  # type: ignore[arg-type]
+    with Session(f"sqlite:///{tmp_path}/x.sqlite") as session:
+        record = session.ingest(_record(), [fb])
+        result = record.wait_for_feedback_results(timeout=10)[fb]
+        assert result.status is FeedbackStatus.FAILED
+        assert result.error is not None
+        assert "no score today (after 2 attempts)" in result.error
+        df, cols = session.get_records_and_feedback()
+    assert cols == ["_fails"]
+    assert list(df["record_id"]) == [record.record_id]
+
+
+def test_a_stored_spec_keeps_an_empty_retry_on() -> None:
+    """retry_on=() (retry nothing) came back from the stored spec as (Exception,): a
+    worker retried every failure the in-process evaluation gave up on at once."""
+    fb = Feedback(_length, retry=RetryPolicy(attempts=3, retry_on=())).on_output()
+    assert Feedback.from_spec(fb.spec()).retry == fb.retry
+
+
+class _SyncWrapper:
+    """A plain callable that keeps the async function it runs in `.func`."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+
+    def __call__(self, output: str) -> float:
+        import asyncio
+
+        return float(asyncio.run(self.func(output)))
+
+
+class _EndlessFunc:
+    """Like a Mock: `.func` is always there, and leads to itself."""
+
+    @property
+    def func(self) -> _EndlessFunc:
+        return self
+
+    def __call__(self, output: str) -> float:
+        return 0.25
+
+
+async def _async_score(output: str) -> float:
+    return 0.75
+
+
+class _AsyncJudge:
+    async def __call__(self, output: str) -> float:
+        return 0.5
+
+
+def test_only_a_real_partial_is_looked_through_to_tell_an_async_function(
+        tmp_path: Path) -> None:
+    """Any object with a `func` attribute was taken for a functools.partial: a Mock
+    (whose `.func` is another Mock, for ever) hung the evaluation loop, and a plain wrapper
+    keeping an async function in `.func` was run on the loop as async (and failed)."""
+    endless = Feedback(_EndlessFunc(), name="endless").on_output()
+    answer: list[bool] = []
+    thread = threading.Thread(target=lambda: answer.append(endless.is_async), daemon=True)
+    thread.start()
+    thread.join(5)
+    assert answer == [False]
+    assert Feedback(functools.partial(_AsyncJudge())).is_async
+    assert not Feedback(_AsyncJudge, name="cls").is_async  # (a class makes an instance)
+    wrapped = Feedback(_SyncWrapper(_async_score), name="wrapped").on_output()
+    assert not wrapped.is_async
+    with Session(f"sqlite:///{tmp_path}/x.sqlite") as session:
+        record = session.ingest(_record(), [wrapped, endless])
+        results = record.wait_for_feedback_results(timeout=10)
+    assert (results[wrapped].status, results[wrapped].result) == (FeedbackStatus.DONE, 0.75)
+    assert (results[endless].status, results[endless].result) == (FeedbackStatus.DONE, 0.25)
+
+
+def test_a_partial_is_named_after_its_function(tmp_path: Path) -> None:
+    """Every partial was named "partial": two of them were refused as duplicates, and the
+    results column said nothing of what it judged."""
+    judge = Feedback(functools.partial(_judge, model="small")).on_output()
+    grade = Feedback(functools.partial(functools.partial(_grade), model="big")).on_output()
+    assert (judge.name, grade.name) == ("_judge", "_grade")
+    with Session(f"sqlite:///{tmp_path}/x.sqlite") as session:
+        record = session.ingest(_record(), [judge, grade])
+        results = record.wait_for_feedback_results(timeout=10)
+    assert [results[f].result for f in (judge, grade)] == [0.5, 1.0]
+
+
+def test_a_selection_that_finds_nothing_says_what_the_record_has(tmp_path: Path) -> None:
+    """A misspelt span name (or metadata key) was skipped on every record with only
+    "found nothing": nothing said that the span was there under another name."""
+    spans = [Span("1", None, "root", "chain", 0.0, outputs="o"),
+             Span("2", "1", "retriever", "retriever", 0.0, outputs=["doc"])]
+    by_name = Feedback(lambda out: 1.0, name="by_name").on(
+        Select.spans(name="retreiver").outputs.each())
+    by_key = Feedback(lambda v: 1.0, name="by_key").on(Select.metadata("user"))
+    unset = Feedback(lambda v: 1.0, name="unset").on(Select.metadata("lang"))
+    with Session(f"sqlite:///{tmp_path}/x.sqlite") as session:
+        record = session.ingest(_record(spans=spans, metadata={"usr": 1, "lang": None}),
+                                [by_name, by_key, unset])
+        results = record.wait_for_feedback_results(timeout=10)
+        bare = session.ingest(_record(), [by_name])
+        bare_result = bare.wait_for_feedback_results(timeout=10)[by_name]
+    assert {r.status for r in results.values()} == {FeedbackStatus.SKIPPED}
+    assert "its spans: 'root' (chain), 'retriever' (retriever)" in str(results[by_name].error)
+    assert "its metadata keys: 'usr', 'lang'" in str(results[by_key].error)
+    assert "its metadata has 'lang' set to None" in str(results[unset].error)
+    assert bare_result.status is FeedbackStatus.SKIPPED
+    assert "the record has no spans" in str(bare_result.error)
+
+
+def _half(output: str) -> float:
+    return 0.5
+
+
+def test_a_timeout_too_long_for_a_thread_wait_is_refused_when_defined(tmp_path: Path) -> None:
+    """timeout=1e12 was accepted, and every call run on an executor failed with
+    "OverflowError: timestamp out of range for platform time_t" (the wait for its
+    thread); the longest that works is accepted."""
+    for make in (lambda: Feedback(_half, timeout=1e12),
+                 lambda: RetryPolicy(deadline=1e300),
+                 lambda: RetryPolicy(max_backoff=1e300)):
+        with pytest.raises(ConfigurationError, match="at most"):
+            make()
+    longest = Feedback(_half, timeout=threading.TIMEOUT_MAX).on_output()
+    with concurrent.futures.ThreadPoolExecutor(1) as executor, Session(
+            f"sqlite:///{tmp_path}/x.sqlite", executor=executor) as session:
+        record = session.ingest(_record(), [longest])
+        result = record.wait_for_feedback_results(timeout=10)[longest]
+    assert (result.status, result.result) == (FeedbackStatus.DONE, 0.5)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import decimal
+import functools
 import hashlib
 import inspect
 import itertools
 import math
 import numbers
 import statistics
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,19 +40,40 @@ __all__ = ["Feedback", "RateLimit", "RetryPolicy", "coerce_feedback_value", "fee
 Aggregator = Callable[[list[float]], float]
 
 
+MAX_SECONDS = threading.TIMEOUT_MAX
+"""The longest duration an option may give (about 292 years on 64-bit platforms): a
+longer timeout failed every call run on an executor ("OverflowError: timestamp out of range
+for platform time_t", from the thread's wait)."""
+
+
 def _check_seconds(value: object, what: str, *, zero_ok: bool = False) -> None:
     """A duration option must be a finite number of seconds: NaN passed every `<= 0` test
     and, as a timer, broke the evaluation loop's timer heap (other feedbacks timed out)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
-            value) or value < 0 or (value == 0 and not zero_ok):
+            value) or value < 0 or (value == 0 and not zero_ok) or float(value) > MAX_SECONDS:
         bound = ">= 0" if zero_ok else "> 0"
-        raise ConfigurationError(f"{what} must be a finite number of seconds {bound}, got "
-                                 f"{value!r} (None means no limit where it is allowed)")
+        raise ConfigurationError(f"{what} must be a finite number of seconds {bound} and "
+                                 f"at most {MAX_SECONDS:.0f}, got {value!r} (None means no "
+                                 f"limit where it is allowed)")
 
 
 def _check_count(value: object, what: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigurationError(f"{what} must be a whole number >= {minimum}, got {value!r}")
+
+
+def _exception_types(value: object, what: str) -> tuple[type[BaseException], ...]:
+    """`retry_on` / `never_retry_on` as a tuple of exception classes. A single class
+    (``retry_on=ValueError``) is taken as a tuple of one: it broke the stored definition,
+    so the record was not stored at all; anything else that is not an exception class
+    broke `isinstance` on the first failure ("internal error" instead of the failure)."""
+    types = (value,) if isinstance(value, type) else value
+    if not isinstance(types, tuple | list) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in types):
+        raise ConfigurationError(
+            f"{what} must be an exception class or a tuple of them, e.g. "
+            f"(TimeoutError, ConnectionError), got {value!r}")
+    return tuple(types)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +106,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         _check_count(self.attempts, "RetryPolicy.attempts", 1)
+        for field in ("retry_on", "never_retry_on"):  # (frozen: set through object)
+            object.__setattr__(self, field, _exception_types(
+                getattr(self, field), f"RetryPolicy.{field}"))
         _check_seconds(self.initial_backoff, "RetryPolicy.initial_backoff", zero_ok=True)
         _check_seconds(self.max_backoff, "RetryPolicy.max_backoff", zero_ok=True)
         if self.deadline is not None:
@@ -114,6 +140,23 @@ class RateLimit:
                                      f"None for no limit), got {self.per_minute!r}")
         if self.max_concurrent is not None:
             _check_count(self.max_concurrent, "RateLimit.max_concurrent", 1)
+
+
+def _check_flag(value: object, what: str) -> bool:
+    """A yes/no option as a bool: a bool, numpy's bool or 0/1 (not a string: "no" is
+    true)."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str | bytes) and _numeric(value) and value in (0, 1):
+        return bool(value)
+    raise ConfigurationError(f"{what} must be True or False, got {value!r}")
+
+
+def _check_aggregate(fn: object) -> None:
+    if not callable(fn):
+        raise ConfigurationError(
+            f"aggregate must be a function of the list of scores, e.g. aggregate=min or "
+            f"aggregate=statistics.median, got {fn!r}")
 
 
 def _part_reference(obj: Any, part: str) -> str:
@@ -167,7 +210,8 @@ class Feedback:
         if not callable(fn):
             raise ConfigurationError(f"Feedback needs a function, got {fn!r}")
         defaults = feedback_defaults(fn)
-        name = name or defaults.get("name")
+        if name is None:
+            name = defaults.get("name")
         higher_is_better = (defaults.get("higher_is_better", True)
                             if higher_is_better is None else higher_is_better)
         timeout = defaults.get("timeout") if timeout is None else timeout
@@ -181,10 +225,28 @@ class Feedback:
             _check_count(retries, "retries", 0)
         if timeout is not None:
             _check_seconds(timeout, "timeout")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            # (name="" was replaced by the function's name without a word; "  " was kept)
+            raise ConfigurationError(f"a feedback needs a non-empty name: pass name='...' "
+                                     f"(or leave it out for the function's name), got "
+                                     f"{name!r}")
+        # Options of the wrong type used to pass here and break later: a string
+        # higher_is_better made the record's storage fail (the record was lost), retry=3
+        # or rate_limit=5 failed every evaluation as an "internal error", and an aggregate
+        # that cannot be called failed every fanned-out result.
+        higher_is_better = _check_flag(higher_is_better, "higher_is_better")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(
+                f"retry must be a RetryPolicy, e.g. retry=RetryPolicy(attempts=3), got "
+                f"{retry!r} (for a number of extra attempts use retries=n)")
+        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+            raise ConfigurationError(
+                f"rate_limit must be a RateLimit, e.g. rate_limit=RateLimit(per_minute=60), "
+                f"got {rate_limit!r}")
+        if aggregate is not None:
+            _check_aggregate(aggregate)
         self.fn = fn
         self.name = name or _function_name(fn)
-        if not self.name or not isinstance(self.name, str):
-            raise ConfigurationError("a feedback needs a non-empty name: pass name='...'")
         self.higher_is_better = higher_is_better
         self.timeout = timeout
         self.retry = retry or RetryPolicy(attempts=1 + (retries or 0))
@@ -266,6 +328,7 @@ class Feedback:
 
     def aggregate(self, fn: Aggregator) -> Feedback:
         """How the scores of a fanned-out selection are combined (default: mean)."""
+        _check_aggregate(fn)
         new = self._copy()
         new.aggregator = fn
         return new
@@ -397,7 +460,7 @@ class Feedback:
                 attempts=int(retry.get("attempts", 1)),
                 initial_backoff=float(retry.get("initial_backoff", 0.5)),
                 max_backoff=float(retry.get("max_backoff", 30.0)),
-                retry_on=tuple(resolve(t) for t in retry.get("retry_on", [])) or (Exception,),
+                retry_on=tuple(resolve(t) for t in retry.get("retry_on", ["builtins:Exception"])),
                 never_retry_on=tuple(resolve(t) for t in retry.get("never_retry_on", [])),
                 deadline=retry.get("deadline"),
                 max_retry_after=retry.get("max_retry_after", 300.0),
@@ -499,13 +562,27 @@ def _parameters(fn: Callable[..., Any]) -> _Params:
 
 
 def _function_name(fn: Callable[..., Any]) -> str:
+    """The default name: a partial is named after its function (every partial was named
+    "partial", so two of them clashed as duplicates, and the column said nothing)."""
+    fn = _unwrap_partial(fn)
     name = getattr(fn, "__name__", None) or type(fn).__name__
     return "feedback" if name == "<lambda>" else str(name)
 
 
-def _is_async_callable(fn: Any) -> bool:
-    while hasattr(fn, "func"):  # functools.partial
+def _unwrap_partial(fn: Any) -> Any:
+    while isinstance(fn, functools.partial):
         fn = fn.func
+    return fn
+
+
+def _is_async_callable(fn: Any) -> bool:
+    """Whether calling `fn` gives a coroutine to await on the loop. Only a real
+    functools.partial is looked through: any object with a `func` attribute was, so a
+    Mock (whose `.func` is another Mock, for ever) hung the evaluation loop, and a plain
+    wrapper keeping an async function in `.func` was called on the loop as async."""
+    fn = _unwrap_partial(fn)
+    if isinstance(fn, type):  # a class: calling it makes an instance, not a coroutine
+        return False
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - async __call__ of callable objects
     )

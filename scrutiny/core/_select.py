@@ -36,17 +36,20 @@ class Selector:
         fan_out: call the feedback once per element of the selected sequence.
         spec: how to rebuild the selector in another process (None: it cannot be).
         why_not: when `spec` is None, the reason, for the error message.
+        hint: says what the record has instead, when the selection finds nothing.
     """
 
-    __slots__ = ("_get", "fan_out", "label", "spec", "why_not")
+    __slots__ = ("_get", "_hint", "fan_out", "label", "spec", "why_not")
 
     def __init__(self, label: str, get: Callable[[Record], Any], *, fan_out: bool = False,
-                 spec: Spec | None = None, why_not: str | None = None) -> None:
+                 spec: Spec | None = None, why_not: str | None = None,
+                 hint: Callable[[Record], str] | None = None) -> None:
         self.label = label
         self._get = get
         self.fan_out = fan_out
         self.spec = spec
         self.why_not = why_not
+        self._hint = hint
 
     def __repr__(self) -> str:
         return self.label + (" (each)" if self.fan_out else "")
@@ -55,7 +58,14 @@ class Selector:
         """The selected value; raises :class:`EmptySelection` when there is nothing."""
         value = self._get(record)
         if _is_empty(value):
-            raise EmptySelection(f"{self.label} found nothing in record {record.record_id}")
+            hint = ""
+            if self._hint is not None:
+                try:
+                    hint = self._hint(record)
+                except Exception:  # (a hint must not turn a skip into a failure)
+                    hint = ""
+            raise EmptySelection(f"{self.label} found nothing in record {record.record_id}"
+                                 + (f" ({hint})" if hint else ""))
         if self.fan_out and (isinstance(value, str | bytes) or not isinstance(
                 value, Sequence | set | frozenset)):
             return [value]
@@ -66,7 +76,7 @@ class Selector:
               why_not: str | None = None) -> Selector:
         return Selector(label or self.label, get or self._get,
                         fan_out=self.fan_out if fan_out is None else fan_out,
-                        spec=spec, why_not=why_not or self.why_not)
+                        spec=spec, why_not=why_not or self.why_not, hint=self._hint)
 
     def _spec_with(self, **changes: Any) -> Spec | None:
         return None if self.spec is None else {**self.spec, **changes}
@@ -164,6 +174,36 @@ def _spans(kinds: frozenset[str] | None, name: str | None) -> Callable[[Record],
     return get
 
 
+_HINTED = 12
+"""The most span names / metadata keys an empty selection's reason lists."""
+
+
+def _listed(items: list[str]) -> str:
+    shown = ", ".join(items[:_HINTED])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > _HINTED else "")
+
+
+def _spans_hint(record: Record) -> str:
+    """What spans the record has: a misspelt span name found nothing on every record, and
+    the skipped reason did not say that the spans were there under another name."""
+    seen: dict[str, None] = {}
+    for s in record.spans:
+        seen[f"{s.name!r} ({getattr(s.kind, 'value', s.kind)})"] = None
+    if not seen:
+        return "the record has no spans"
+    return "its spans: " + _listed(list(seen))
+
+
+def _metadata_hint(key: str) -> Callable[[Record], str]:
+    def hint(record: Record) -> str:
+        if key in record.metadata:
+            return f"its metadata has {key!r} set to {record.metadata[key]!r}"
+        keys = [repr(k) for k in record.metadata]
+        return "its metadata keys: " + _listed(keys) if keys else "the record has no metadata"
+
+    return hint
+
+
 def _field(name: str) -> Callable[[Record], Any]:
     return lambda r: getattr(r, name)
 
@@ -201,13 +241,14 @@ class Select:
             f"{k}={v!r}" for k, v in (("kind", kind), ("name", name)) if v is not None
         ) + ")"
         return Selector(label, _spans(kinds, name),
-                        spec={"select": "spans", "kind": kind, "name": name})
+                        spec={"select": "spans", "kind": kind, "name": name},
+                        hint=_spans_hint)
 
     @staticmethod
     def metadata(key: str) -> Selector:
         """A value of the record's metadata."""
         return Selector(f"Select.metadata({key!r})", lambda r: r.metadata.get(key),
-                        spec={"select": "metadata", "key": key})
+                        spec={"select": "metadata", "key": key}, hint=_metadata_hint(key))
 
     @staticmethod
     def custom(fn: Callable[[Record], Any], *, label: str | None = None,
