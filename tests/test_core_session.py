@@ -1955,3 +1955,38 @@ def test_a_truncation_inside_a_compressed_span_tree_is_seen() -> None:
     row = {"spans_json": _rows._spans_json([whole], max_bytes=20_000, compress=True)}
     assert row["spans_json"].startswith("zlib:")
     assert not _rows.holds_truncation(row)
+
+
+def test_a_plain_function_in_the_feedback_list_is_refused_saying_how_to_wrap_it(
+        tmp_path: Path) -> None:
+    def relevance(output: str) -> float:
+        return 1.0
+
+    with Session(f"sqlite:///{tmp_path}/f.sqlite") as s:
+        with pytest.raises(ConfigurationError, match=r"Feedback\(relevance\)\.on_output\(\)"):
+            s.ingest(make_record(), [relevance])  # type: ignore[list-item]
+        with pytest.raises(ConfigurationError, match=r"pass \[feedback\]"):
+            s.ingest(make_record(), Feedback(relevance).on_output())  # type: ignore[arg-type]
+
+
+def test_a_session_timeout_too_long_for_a_thread_wait_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="at most"):
+        Session(f"sqlite:///{tmp_path}/t.sqlite", feedback_timeout=1e12)
+
+
+def test_a_feedback_with_very_many_retries_fails_with_its_own_error(tmp_path: Path) -> None:
+    """The backoff doubled per attempt without a cap on the exponent: past 1024 attempts
+    it overflowed a float, and the evaluation ended as an internal error."""
+    calls = itertools.count(1)
+
+    def flaky(output: str) -> float:
+        raise ValueError(f"attempt {next(calls)}")
+
+    fb = Feedback(flaky, retry=RetryPolicy(attempts=1100, initial_backoff=0.0,
+                                           max_backoff=0.0)).on_output()
+    with Session(f"sqlite:///{tmp_path}/r.sqlite") as s:
+        [result] = s.ingest(make_record(), [fb]).wait_for_feedback_results(
+            timeout=60).values()
+    assert result.status is FeedbackStatus.FAILED
+    assert "attempt 1100" in (result.error or "")
+    assert "after 1100 attempts" in (result.error or "")

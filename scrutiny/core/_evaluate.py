@@ -435,7 +435,9 @@ class Evaluator:
                         pause(hint)
                 past_deadline = ""
                 if retryable and attempt < policy.attempts:
-                    delay = min(policy.max_backoff, policy.initial_backoff * 2 ** (attempt - 1))
+                    # (the exponent capped: 2 ** 1024 is past a float's range)
+                    delay = min(policy.max_backoff,
+                                policy.initial_backoff * 2 ** min(attempt - 1, 64))
                     delay = delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter
                     if hint is not None:
                         delay = max(delay, hint)

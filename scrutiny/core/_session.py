@@ -113,8 +113,17 @@ def check_feedbacks(feedbacks: Sequence[Feedback], mode: FeedbackMode) -> None:
     results table has one column per name: one of the two would be hidden)."""
     from scrutiny.core._frames import RESERVED_NAMES, STATUS_SUFFIX
 
+    if isinstance(feedbacks, Feedback):
+        raise ConfigurationError("feedbacks must be a list of Feedback: pass [feedback]")
     seen: dict[str, Feedback] = {}
     for fb in feedbacks:
+        if not isinstance(fb, Feedback):
+            # (a plain function failed deep inside with "'function' object has no
+            # attribute 'name'")
+            what = getattr(fb, "__name__", None) or type(fb).__name__
+            hint = (f"wrap it: Feedback({what}).on_output() (or .on_input(), .on(...))"
+                    if callable(fb) else "make one with Feedback(fn).on_output()")
+            raise ConfigurationError(f"feedbacks must be Feedback objects, got {fb!r}: {hint}")
         if fb.name in RESERVED_NAMES or fb.name.endswith(STATUS_SUFFIX):
             raise ConfigurationError(
                 f"a feedback cannot be named {fb.name!r}: the records table and the "
@@ -224,9 +233,12 @@ class Session(SessionReading):
                               ("lease_seconds", lease_seconds)):
             if seconds is not None and (isinstance(seconds, bool)
                                         or not isinstance(seconds, int | float)
-                                        or not math.isfinite(seconds)):
+                                        or not math.isfinite(seconds)
+                                        or seconds > threading.TIMEOUT_MAX):
+                # (past TIMEOUT_MAX, every thread wait on it raised OverflowError)
                 raise ConfigurationError(
-                    f"{name} must be a finite number of seconds, got {seconds!r}")
+                    f"{name} must be a finite number of seconds, at most "
+                    f"{threading.TIMEOUT_MAX:.0f}, got {seconds!r}")
         if max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency}")
         if thread_pool_size is not None and thread_pool_size < 1:
