@@ -204,7 +204,9 @@ def test_records_page_matches_query_records(client: TestClient, filled: Session)
     ({"limit": "0"}, "limit must be 1..1000"),
     ({"limit": "many"}, "limit must be an integer"),
     ({"feedback": "quality", "min_score": "high"}, "min_score must be a number"),
-    ({"status": "done"}, "need feedback_name"),
+    ({"status": "done"}, "filtering by status needs feedback=<name>"),
+    ({"min_score": "0.5", "max_score": "0.9"},
+     "filtering by min_score and max_score needs feedback=<name>"),
     ({"feedback": "quality", "status": "lost"}, "unknown status"),
     # these were a 500 (SQLite refuses LIKE patterns over 50,000 bytes and integers over
     # 2**63) or an empty 200

@@ -449,3 +449,144 @@ def test_feedback_names_like_object_members_are_plain_names(page: Any,
         if handle is not None:
             handle.stop()
         session.close()
+
+
+# ---------------------------------------------------------------------- what the numbers say
+def test_times_say_which_time_zone_they_are_in(browser: Any, served: Any) -> None:
+    """Times were shown in the browser's zone with nothing saying so: 04:20 in New York
+    read like the UTC 09:20 the record has."""
+    from playwright.sync_api import expect
+
+    _session, url, records = served
+    context = browser.new_context(viewport={"width": 1400, "height": 1000},
+                                  timezone_id="America/New_York")
+    errors: list[str] = []
+    try:
+        page = context.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        first = records[0]  # started at BASE: 2025-12-29 09:20:00 UTC, 04:20:00 in New York
+        cell = page.locator(f"#records tr[data-record-id='{first.record_id}'] td").first
+        expect(cell).to_have_text("2025-12-29 04:20:00")
+        expect(page.locator("#records thead th").first.locator(".zone")).to_have_text(
+            "America/New_York")
+        assert "UTC\u221205:00" in (cell.get_attribute("title") or "")
+        assert "2025-12-29T09:20:00Z" in (cell.get_attribute("title") or "")
+        expect(page.locator("#chart-latency #latency-zone")).to_have_text(
+            "times in America/New_York")
+        cell.click()
+        expect(page.locator("#record-view .facts").first).to_contain_text(
+            "started 2025-12-29 04:20:00 UTC\u221205:00")
+    finally:
+        context.close()
+    assert errors == []
+
+
+def test_a_record_opened_from_its_address_colours_scores_by_their_direction(
+        page: Any, served: Any) -> None:
+    """Opened from its address (a link, a reload) rather than from the records table, a
+    record's low score of a lower-is-better feedback was coloured as bad."""
+    from playwright.sync_api import expect
+
+    _session, url, records = served
+    unsure = records[0]  # "I am not sure.": quality 0.2 (bad), verbosity 0.14 (low: good)
+    page.goto(url + f"#/record/{unsure.record_id}")
+    verbosity = page.locator(".card[data-feedback='verbosity'] .big")
+    expect(verbosity).to_have_text("0.140")
+    expect(verbosity).to_have_class(re.compile(r"\bgood\b"))
+    expect(page.locator(".card[data-feedback='quality'] .big")).to_have_class(
+        re.compile(r"\bbad\b"))
+
+
+def test_means_that_look_equal_are_equally_best(page: Any, database_url: str) -> None:
+    """The leaderboard starred the best mean by exact float comparison: of two versions
+    both showing 0.050, only the one whose mean was 0.05000000000000001 got the star."""
+    from playwright.sync_api import expect
+
+    from scrutiny import Record
+
+    session = Session(database_url)
+    handle = None
+    try:
+        fb = Feedback(lambda output: 0.05, name="coverage").on_output()
+        for i, version in enumerate(["a", "a", "a", "b"]):
+            session.ingest(Record(app_name="app", app_version=version, input=f"q{i}",
+                                  output="o", start_time=float(i), end_time=i + 1.0), [fb])
+        assert session.wait_for_feedback(30)
+        means = session.get_leaderboard()["coverage"]
+        assert len(set(means)) == 2  # (the database's float noise this test is about)
+        handle = session.run_dashboard()
+        page.goto(handle.url)
+        cells = page.locator("#leaderboard td[data-feedback='coverage']")
+        expect(cells).to_have_count(2)
+        expect(cells.locator(".mean")).to_have_text(["0.050", "0.050"])
+        expect(page.locator("#leaderboard td[data-feedback='coverage'].best")).to_have_count(2)
+    finally:
+        if handle is not None:
+            handle.stop()
+        session.close()
+
+
+def test_a_refused_filter_does_not_leave_the_previous_records_on_screen(
+        page: Any, served: Any) -> None:
+    """A filter the server refused (min above max) showed its error over the records of the
+    previous filters, with their count, as if they matched."""
+    from playwright.sync_api import expect
+
+    _session, url, _records = served
+    page.goto(url)
+    expect(page.locator("#records tbody tr")).to_have_count(8)
+    page.goto(url + "#/?feedback=quality&min_score=0.9&max_score=0.1")
+    expect(page.locator("#error")).to_contain_text("min_score 0.9 is above max_score 0.1")
+    expect(page.locator("#records tbody tr")).to_have_count(0)
+    expect(page.locator("#records #records-refused")).to_contain_text(
+        "No records shown: min_score 0.9 is above max_score 0.1")
+    expect(page.locator("#records-count")).to_have_text("")
+    page.locator("#records-refused").get_by_role("link", name="clear them").click()
+    expect(page.locator("#records tbody tr")).to_have_count(8)
+    expect(page.locator("#error")).to_be_hidden()
+
+
+def test_a_version_chosen_without_an_app_filters_the_leaderboard_too(
+        page: Any, served: Any) -> None:
+    """Version "v2" with app "all" filtered the records and the charts, but the leaderboard
+    still ranked every version."""
+    from playwright.sync_api import expect
+
+    _session, url, _records = served
+    page.goto(url)
+    expect(page.locator("#leaderboard tbody tr")).to_have_count(3)
+    page.locator("#filters select[name=version]").select_option("v2")
+    expect(page.locator("#records tbody tr")).to_have_count(3)
+    expect(page.locator("#leaderboard tbody tr")).to_have_count(1)
+    expect(page.locator("#leaderboard tbody tr[data-app='qa:v2']")).to_have_count(1)
+    expect(page.locator("#chart-scores .dist-row")).to_have_count(1)
+    page.locator("#filters select[name=version]").select_option("v1")  # two apps have a v1
+    expect(page.locator("#leaderboard tbody tr")).to_have_count(2)
+    expect(page.locator("#records tbody tr")).to_have_count(5)
+
+
+def test_a_record_without_a_result_says_so_in_the_records_table(page: Any,
+                                                                 database_url: str) -> None:
+    """A record never evaluated with a feedback had an empty cell in that feedback's column,
+    which read as a score that did not load."""
+    from playwright.sync_api import expect
+
+    session = Session(database_url)
+    handle = None
+    try:
+        judged = session.ingest(rag_record(1), [Feedback(lambda output: 0.5,
+                                                         name="judged").on_output()])
+        bare = session.ingest(rag_record(2), [])
+        assert session.wait_for_feedback(30)
+        handle = session.run_dashboard()
+        page.goto(handle.url)
+        expect(page.locator(f"tr[data-record-id='{judged.record_id}'] "
+                            "td[data-feedback='judged']")).to_have_text("0.500")
+        cell = page.locator(f"tr[data-record-id='{bare.record_id}'] td").last
+        expect(cell).to_have_text("—")
+        expect(cell).to_have_attribute("title", "not evaluated with judged")
+    finally:
+        if handle is not None:
+            handle.stop()
+        session.close()

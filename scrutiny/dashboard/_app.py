@@ -181,7 +181,7 @@ def _record_filters(request: Request) -> dict[str, Any]:
     (repeatable) and/or ``min_score`` / ``max_score``, ``q`` (text in the input or output),
     ``limit`` (1..1000, default 50), ``offset``.
     """
-    return {
+    filters = {
         "app_ids": _many(request, "app") or None,
         "app_versions": _many(request, "version") or None,
         "record_status": _one(request, "record_status"),
@@ -193,6 +193,12 @@ def _record_filters(request: Request) -> dict[str, Any]:
         "limit": _int(request, "limit", 50),
         "offset": _int(request, "offset", 0),
     }
+    if not filters["feedback_name"]:  # (the core's message names its own `feedback_name=`)
+        given = [name for name in ("status", "min_score", "max_score") if _one(request, name)]
+        if given:
+            raise HTTPException(400, f"filtering by {' and '.join(given)} needs "
+                                "feedback=<name>: the feedback whose results to filter")
+    return filters
 
 
 # ---------------------------------------------------------------------- the app

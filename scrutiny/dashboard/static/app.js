@@ -84,11 +84,24 @@ function fmtMs(ms) {
   return ms < 1000 ? `${ms < 10 ? ms.toFixed(1) : Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
 }
 function pad(n) { return String(n).padStart(2, "0"); }
-function fmtTime(iso) {
+// Times are shown in the browser's time zone, and always say which: the zone's name in
+// column headers and chart captions, the offset (e.g. "UTC−05:00") after a single time.
+function fmtTime(iso, withZone) {
   if (!iso) return "—";
   const d = new Date(iso);
-  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
+  const text = `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ` +
     `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+  return withZone ? `${text} ${utcOffset(d)}` : text;
+}
+function utcOffset(d) {
+  const minutes = -d.getTimezoneOffset();
+  const a = Math.abs(minutes);
+  return `UTC${minutes < 0 ? "−" : "+"}${pad(Math.floor(a / 60))}:${pad(a % 60)}`;
+}
+function zoneName() {
+  let name = null;
+  try { name = Intl.DateTimeFormat().resolvedOptions().timeZone; } catch (err) { name = null; }
+  return name || `local time, ${utcOffset(new Date())}`;
 }
 function fmtValue(v) {
   if (v === null || v === undefined) return "";
@@ -99,7 +112,9 @@ function badge(status) {
 }
 function scoreClass(name, score) {
   if (score === null || score === undefined || score < 0 || score > 1) return "score";
-  const hib = own(state.directions, name) !== false;
+  const direction = own(state.directions, name);
+  if (direction === undefined) return "score";  // (not known: neither good nor bad)
+  const hib = direction !== false;
   const good = hib ? score >= 0.7 : score <= 0.3;
   const bad = hib ? score < 0.4 : score > 0.6;
   return `score${good ? " good" : bad ? " bad" : ""}`;
@@ -244,9 +259,11 @@ async function showHome(gen, first) {
       state.forceApps = false;
     }
     const f = filters();
-    // The chosen app (and version) as app ids: a name such as "team:qa" can also be the id
-    // of app "team" version "qa", and the server reads a value as an id first.
-    const chosen = f.get("app") ? state.apps.filter((a) => a.app_name === f.get("app")
+    // The chosen app and/or version as app ids: a name such as "team:qa" can also be the id
+    // of app "team" version "qa", and the server reads a value as an id first. A version
+    // alone is every app's version of that name (the leaderboard showed every version).
+    const chosen = f.get("app") || f.get("version") ? state.apps.filter((a) =>
+      (!f.get("app") || a.app_name === f.get("app"))
       && (!f.get("version") || a.app_version === f.get("version"))) : [];
     const appParams = new URLSearchParams();
     for (const a of chosen) appParams.append("app", a.app_id);
@@ -291,8 +308,23 @@ async function showHome(gen, first) {
     if (gen !== state.gen) return;
     showError(err);
     setLive(false);
+    if (err instanceof ApiError && err.status === 400) {
+      // A filter the server refused: the records of the previous filters must not stay on
+      // screen under these ones, as if they matched.
+      renderRefused(err.message);
+      return;
+    }
     schedule((g) => showHome(g, first), 5000);
   }
+}
+
+function renderRefused(message) {
+  $("records-count").textContent = "";
+  clear($("pager"));
+  clear($("records")).appendChild(h("div", { class: "empty", id: "records-refused" },
+    `No records shown: ${message}. Change the filters above or `,
+    h("a", { href: "#/", text: "clear them" }), "."));
+  state.poller.sig = null;  // (the next good answer is drawn in full)
 }
 
 function renderLeaderboard(board) {
@@ -301,9 +333,12 @@ function renderLeaderboard(board) {
     wrap.appendChild(h("div", { class: "empty", text: "No records yet." }));
     return;
   }
+  // The best mean of each feedback, as shown (3 decimals): means that look equal are equally
+  // best, whatever float noise sits past the last shown digit (0.05 vs 0.049999999999999996).
+  const shown = (m) => Number(fmtScore(m));
   const best = new Map();
   for (const fb of board.feedbacks) {
-    const means = board.rows.map((r) => (own(r.scores, fb.name) || {}).mean).filter((m) => m !== null && m !== undefined);
+    const means = board.rows.map((r) => (own(r.scores, fb.name) || {}).mean).filter((m) => m !== null && m !== undefined).map(shown);
     if (means.length > 1) best.set(fb.name, fb.higher_is_better ? Math.max(...means) : Math.min(...means));
   }
   const head = h("tr", null,
@@ -327,7 +362,7 @@ function renderLeaderboard(board) {
   board.feedbacks.map((fb) => {
     const c = own(row.scores, fb.name);
     if (!c) return h("td", { class: "num muted", text: "—" });
-    const isBest = best.has(fb.name) && c.mean === best.get(fb.name);
+    const isBest = best.has(fb.name) && c.mean !== null && shown(c.mean) === best.get(fb.name);
     return h("td", { class: `num cell${isBest ? " best" : ""}`, dataset: { feedback: fb.name } },
       h("div", { class: "mean", text: fmtScore(c.mean) }),
       h("div", { class: "counts", text: `n=${fmtInt(c.done)}` }),
@@ -359,14 +394,15 @@ function renderRecords(page, board) {
   } else if (!page.records.length) {
     wrap.appendChild(h("div", { class: "empty", text: "No records match." }));
   } else {
-    const head = h("tr", null, h("th", { text: "Time" }), h("th", { text: "App" }),
+    const head = h("tr", null, h("th", { title: "Start time, in this browser's time zone" }, "Time",
+      h("div", { class: "hint zone", text: zoneName() })), h("th", { text: "App" }),
       h("th", { text: "Status" }), h("th", { text: "Input" }), h("th", { text: "Output" }),
       h("th", { class: "num", text: "Latency" }), names.map((n) => h("th", { class: "num", text: n })));
     const rows = page.records.map((r) => h("tr", {
       class: "clickable", dataset: { recordId: r.record_id },
       onclick: (ev) => { if (!(ev.target instanceof HTMLAnchorElement)) location.hash = recordHash(r.record_id); },
     },
-    h("td", { class: "mono", text: fmtTime(r.start_time) }),
+    h("td", { class: "mono", text: fmtTime(r.start_time), title: r.start_time ? `${fmtTime(r.start_time, true)} = ${r.start_time}` : null }),
     h("td", null, r.app_name, " ", h("span", { class: "mono muted", text: r.app_version })),
     h("td", null, badge(r.status)),
     h("td", { class: "preview", title: r.input_preview },
@@ -375,7 +411,7 @@ function renderRecords(page, board) {
     h("td", { class: "num", text: fmtSeconds(r.latency) }),
     names.map((n) => {
       const x = own(r.feedback, n);
-      if (!x) return h("td", { class: "num muted", text: "" });
+      if (!x) return h("td", { class: "num muted", title: `not evaluated with ${n}`, text: "—" });
       return h("td", { class: "num", dataset: { feedback: n, status: x.status } },
         x.status === "done" ? h("span", { class: scoreClass(n, x.score), text: fmtScore(x.score) }) : badge(x.status));
     })));
@@ -501,7 +537,8 @@ function renderLatency(data, colors) {
   wrap.appendChild(svg("svg", { viewBox: `0 0 ${W} ${H}`, width: "100%", role: "img" },
     grid, svg("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }), ticks, dots));
   wrap.appendChild(h("div", { class: "legend" }, series.map((s) =>
-    h("span", null, h("span", { class: "swatch", style: { background: colors[s.app_id] } }), s.app_id))));
+    h("span", null, h("span", { class: "swatch", style: { background: colors[s.app_id] } }), s.app_id)),
+  h("span", { class: "hint", id: "latency-zone", text: `times in ${zoneName()}` })));
 }
 
 // ------------------------------------------------------------------ record view
@@ -510,6 +547,8 @@ async function showRecord(id, gen) {
   try {
     const began = performance.now();
     const rec = await api(`records/${encodeURIComponent(id)}`);
+    if (gen !== state.gen) return;
+    await learnDirections(rec);
     if (gen !== state.gen) return;
     const cost = performance.now() - began;
     const sig = JSON.stringify(rec.feedback.map((r) => [r.status, r.score]));
@@ -528,6 +567,22 @@ async function showRecord(id, gen) {
     }
     showError(err);
     if (!(err instanceof ApiError)) schedule((g) => showRecord(id, g), 5000);
+  }
+}
+
+// Whether higher or lower scores are better for each of the record's feedbacks, once per
+// app version: opened straight from its address (not from the records table), the page did
+// not know, and coloured a low score of a lower-is-better feedback as bad.
+async function learnDirections(rec) {
+  if (!rec.feedback.some((r) => own(state.directions, r.feedback_name) === undefined)) return;
+  if (state.directionsAsked === rec.app_id) return;
+  state.directionsAsked = rec.app_id;
+  try {
+    const board = await api("leaderboard", new URLSearchParams({ app: rec.app_id }));
+    state.directions = Object.fromEntries([...Object.entries(state.directions),
+      ...board.feedbacks.map((fb) => [fb.name, fb.higher_is_better])]);
+  } catch (err) {
+    // (scores then stay uncoloured)
   }
 }
 
@@ -554,7 +609,7 @@ function renderRecord(view, rec) {
         badge(rec.status),
         h("span", { class: "mono muted", text: rec.record_id })),
       h("div", { class: "facts" },
-        h("span", null, "started ", h("b", { text: fmtTime(rec.start_time) })),
+        h("span", { title: rec.start_time || null }, "started ", h("b", { text: fmtTime(rec.start_time, true) })),
         h("span", null, "latency ", h("b", { text: fmtSeconds(rec.latency) })),
         h("span", null, "tokens ", h("b", { text: usage.total_tokens === undefined || usage.total_tokens === null ? "—" : fmtInt(usage.total_tokens) })),
         h("span", null, "spans ", h("b", { text: String(rec.spans.length) })),
@@ -596,7 +651,7 @@ function renderFeedback(rec) {
       h("div", { class: "meta", text: [
         r.attempts ? `${r.attempts} attempt${r.attempts > 1 ? "s" : ""}` : null,
         r.latency !== null ? `took ${fmtSeconds(r.latency)}` : null,
-        r.ended_at ? `stored ${fmtTime(r.ended_at)}` : null].filter(Boolean).join(" · ") })));
+        r.ended_at ? `stored ${fmtTime(r.ended_at, true)}` : null].filter(Boolean).join(" · ") })));
   }
 }
 
