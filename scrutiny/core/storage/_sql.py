@@ -870,6 +870,12 @@ class SQLStore:
         with self._snapshot() as conn:
             apps = [dict(r._mapping) for r in conn.execute(rq)]
             wanted = {a["app_id"] for a in apps}
+            if where is not None:
+                # (by the database, on its app_id index: grouping every app's results and
+                # keeping these here cost one app's summary as much as the leaderboard's)
+                if not wanted:
+                    return apps, []
+                resq = resq.where(t.results.c.app_id.in_(sorted(wanted)))
             results = [dict(r._mapping) for r in conn.execute(resq)
                        if r.app_id in wanted]
         return apps, results
