@@ -459,3 +459,13 @@ def test_a_timeout_too_long_for_a_thread_wait_is_refused_when_defined(tmp_path: 
         record = session.ingest(_record(), [longest])
         result = record.wait_for_feedback_results(timeout=10)[longest]
     assert (result.status, result.result) == (FeedbackStatus.DONE, 0.5)
+
+
+def test_a_name_given_where_a_selector_goes_is_a_configuration_error_naming_it() -> None:
+    def judge(output: str) -> float:
+        return 1.0
+
+    with pytest.raises(ConfigurationError, match=r"did you mean Select\.output\?"):
+        Feedback(judge).on("output")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="a callable"):
+        Feedback(judge).on(3)  # type: ignore[arg-type]

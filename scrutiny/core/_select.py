@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._refs import NotReferenceable, reference, resolve
 
 if TYPE_CHECKING:
@@ -269,9 +270,15 @@ def as_selector(value: Selector | Callable[[Record], Any]) -> Selector:
         return value
     if callable(value):
         return Select.custom(value)
-    raise TypeError(
+    hint = ""
+    if isinstance(value, str):  # (.on("output"): a name, not the selector)
+        word = value.strip().lower()
+        hint = (f": did you mean Select.{word}?" if isinstance(getattr(Select, word, None),
+                                                              Selector)
+                else ": a name is not a selection")
+    raise ConfigurationError(
         f"expected a Selector (e.g. Select.output) or a callable(record), got {value!r}"
-    )
+        f"{hint}")
 
 
 def selector_from_spec(spec: Spec) -> Selector:
