@@ -590,3 +590,25 @@ def test_a_record_without_a_result_says_so_in_the_records_table(page: Any,
         if handle is not None:
             handle.stop()
         session.close()
+
+
+def test_a_latency_just_under_a_second_reads_as_seconds(page: Any, database_url: str) -> None:
+    """0.9996 s was rounded to "1000 ms" (the unit chosen before rounding)."""
+    from playwright.sync_api import expect
+
+    from scrutiny import Record
+
+    session = Session(database_url)
+    handle = None
+    try:
+        rec = session.ingest(Record(app_name="timing", app_version="v1", input="q",
+                                    output="a", start_time=100.0, end_time=100.9996))
+        assert session.wait_for_feedback(30)
+        handle = session.run_dashboard()
+        page.goto(handle.url)
+        cell = page.locator(f"tr[data-record-id='{rec.record_id}'] td").nth(5)
+        expect(cell).to_have_text("1.00 s")
+    finally:
+        if handle is not None:
+            handle.stop()
+        session.close()

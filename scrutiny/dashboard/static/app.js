@@ -77,11 +77,13 @@ function fmtScore(x) { return x === null || x === undefined ? "—" : Number(x).
 function fmtInt(n) { return n === null || n === undefined ? "—" : Number(n).toLocaleString("en-US"); }
 function fmtSeconds(s) {
   if (s === null || s === undefined) return "—";
-  return s < 1 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(2)} s`;
+  // (rounded first: 0.9996 s read "1000 ms")
+  return Math.round(s * 1000) < 1000 ? `${Math.round(s * 1000)} ms` : `${s.toFixed(2)} s`;
 }
 function fmtMs(ms) {
   if (ms === null || ms === undefined) return "open";
-  return ms < 1000 ? `${ms < 10 ? ms.toFixed(1) : Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
+  return Math.round(ms) < 1000 ? `${ms < 10 ? ms.toFixed(1) : Math.round(ms)} ms`
+    : `${(ms / 1000).toFixed(2)} s`;
 }
 function pad(n) { return String(n).padStart(2, "0"); }
 // Times are shown in the browser's time zone, and always say which: the zone's name in
