@@ -1990,3 +1990,49 @@ def test_a_feedback_with_very_many_retries_fails_with_its_own_error(tmp_path: Pa
     assert result.status is FeedbackStatus.FAILED
     assert "attempt 1100" in (result.error or "")
     assert "after 1100 attempts" in (result.error or "")
+
+
+def test_an_async_callback_is_run_to_its_end(session: Session) -> None:
+    """`callback=` given an `async def` was called, its coroutine never awaited: it never
+    ran (a RuntimeWarning at best)."""
+    fb = Feedback(lambda output: 0.5, name="half").on_output()
+    got: list[float | None] = []
+    fired = threading.Event()
+
+    async def on_done(results: dict[Feedback, FeedbackResult]) -> None:
+        await asyncio.sleep(0)
+        got.extend(r.result for r in results.values())
+        fired.set()
+
+    session.ingest(make_record(), [fb]).wait_for_feedback_results(callback=on_done)
+    assert fired.wait(10)
+    assert got == [0.5]
+
+
+async def test_an_async_callback_fired_at_once_on_an_event_loop_runs_too(
+        session: Session) -> None:
+    """A record without feedbacks fires its callback at once, on the caller's thread: an
+    async callback there, on a running loop, cannot be run with asyncio.run."""
+    fired = threading.Event()
+
+    async def on_done(results: dict[Feedback, FeedbackResult]) -> None:
+        await asyncio.sleep(0)
+        fired.set()
+
+    session.ingest(make_record(), []).wait_for_feedback_results(callback=on_done)
+    assert await asyncio.to_thread(fired.wait, 10)
+
+
+async def test_a_blocking_wait_run_out_on_an_event_loop_says_to_await(
+        session: Session, caplog: pytest.LogCaptureFixture) -> None:
+    gate, fb = _gate()
+    record = session.ingest(make_record(), [fb])
+    try:
+        results = record.wait_for_feedback_results(timeout=0.05)
+    finally:
+        gate.set()
+    assert results[fb].status in (FeedbackStatus.PENDING, FeedbackStatus.RUNNING)
+    assert "blocked the event loop" in caplog.text
+    assert "await record.await_feedback_results" in caplog.text
+    done = await record.await_feedback_results(timeout=10)
+    assert done[fb].status is FeedbackStatus.DONE

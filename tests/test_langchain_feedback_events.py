@@ -266,3 +266,50 @@ def test_only_handlers_that_listen_are_sent_feedback_events() -> None:
     assert _listens(AsyncCustom())
     assert _listens(Results())
     assert _listens(Plain())  # type: ignore[arg-type]
+
+
+def test_a_handler_that_raises_does_not_keep_the_event_from_the_others(
+        session: Session) -> None:
+    """LangChain re-raises the error of a handler with `raise_error=True`: the handlers
+    after it in the run's list were never sent the event."""
+    class Raises(Collector):
+        raise_error = True
+
+        def on_custom_event(self, name: str, data: Any, *, run_id: UUID,
+                            **kwargs: Any) -> None:
+            super().on_custom_event(name, data, run_id=run_id, **kwargs)
+            raise RuntimeError("handler bug")
+
+    app = _app()
+    first, second = Raises(expected=2), Collector(expected=2)
+    with ChainRecorder(app, app_name="ev", feedbacks=_feedbacks(),
+                       session=session) as recording:
+        app.invoke({"question": "q"}, config={"callbacks": [first, second]})
+    _wait_delivered(session, second.done)
+    assert first.done.wait(WAIT)
+    _check_events(second.events, recording.get())
+    _check_events(first.events, recording.get())
+
+
+def test_the_event_data_names_the_score_and_the_app(session: Session) -> None:
+    """The data is documented (see FEEDBACK_EVENT): `score` as LlamaIndex's event and
+    `FeedbackResult.score` call it, and the record's app."""
+    def broken(answer: str) -> float:
+        raise ValueError("judge exploded")
+
+    app = _app()
+    collector = Collector(expected=3)
+    with ChainRecorder(app, app_name="ev", app_version="v7",
+                       feedbacks=[*_feedbacks(), Feedback(broken).on_output()],
+                       session=session):
+        app.invoke({"question": "q"}, config={"callbacks": [collector]})
+    _wait_delivered(session, collector.done)
+    by_name = {d["feedback_name"]: d for d, _ in collector.events}
+    assert by_name["relevance"]["score"] == by_name["relevance"]["result"] == 0.5
+    assert by_name["broken"]["status"] == "failed"
+    assert by_name["broken"]["score"] is None
+    assert "judge exploded" in by_name["broken"]["error"]
+    for data in by_name.values():
+        assert (data["app_name"], data["app_version"]) == ("ev", "v7")
+        assert {"record_id", "feedback_name", "status", "score", "explanation",
+                "error"} <= set(data)

@@ -15,11 +15,12 @@ import asyncio
 import concurrent.futures
 import decimal
 import enum
+import inspect
 import logging
 import numbers
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -283,8 +284,15 @@ class Record:
 
         Args:
             timeout: the most seconds to block; None waits until all are stored.
-            callback: when given, return at once; `callback(results)` runs exactly once,
-                on a Scrutiny thread, after every result is stored. Its exceptions are logged.
+            callback: when given, return at once (`timeout` does not apply);
+                `callback(results)` runs exactly once, on a Scrutiny thread, after every
+                result is stored. It may be an ``async def`` (run to its end on that
+                thread). Keep it short: the session's callbacks, listeners and feedback
+                events run in turn on that thread (hand long work to a thread of your own).
+                Its exceptions are logged.
+
+        On a thread that runs an event loop this blocks the loop: there, use
+        ``await record.await_feedback_results(timeout)``.
 
         Returns:
             `{feedback: result}`. Every returned result that is `done`, `failed` or
@@ -307,8 +315,8 @@ class Record:
             logger.warning(
                 "wait_for_feedback_results: %d of %d feedback results of record %s were not "
                 "finished after %ss; they are returned with their current status and will "
-                "still be stored when they finish",
-                len(not_done), len(futures), self.record_id, timeout,
+                "still be stored when they finish%s",
+                len(not_done), len(futures), self.record_id, timeout, _on_a_loop_hint(timeout),
             )
         return self.feedback_results
 
@@ -342,6 +350,18 @@ class Record:
             return
         for slot in slots:
             slot.on_done(state.one_done)
+
+
+def _on_a_loop_hint(timeout: float | None) -> str:
+    """What to say to a blocking wait that ran out on a thread running an event loop."""
+    if not timeout:
+        return ""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return ""
+    return (f" (this wait blocked the event loop running on this thread for {timeout}s: "
+            f"in async code use `await record.await_feedback_results(timeout=...)`)")
 
 
 T = TypeVar("T")
@@ -430,10 +450,23 @@ class _CallbackState:
             self.fire()
 
     def fire(self) -> None:
+        callback = self._callback
         try:
-            self._callback(self._record.feedback_results)
+            outcome = callback(self._record.feedback_results)
+            if inspect.isawaitable(outcome):  # an async callback: run to its end
+                try:
+                    asyncio.get_running_loop()
+                except RuntimeError:  # (the usual case: on the session's callback thread)
+                    asyncio.run(_awaited(outcome))
+                else:  # (fired at once, on the caller's loop: not blocked, not nested)
+                    threading.Thread(target=asyncio.run, args=(_awaited(outcome),),
+                                     name="scrutiny-results-callback", daemon=True).start()
         except Exception:
-            logger.exception("feedback results callback %r raised", self._callback)
+            logger.exception("feedback results callback %r raised", callback)
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 class LazyRecord:

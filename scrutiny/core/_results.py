@@ -118,6 +118,7 @@ class FeedbackResult:
             "feedback_id": self.feedback_id,
             "status": self.status.value,
             "result": self.result,
+            "score": self.result,
             "explanation": self.explanation,
             "error": self.error,
             "attempts": self.attempts,

@@ -65,7 +65,18 @@ __all__ = ["FEEDBACK_EVENT", "ScrutinyCallbackHandler"]
 logger = logging.getLogger("scrutiny")
 
 FEEDBACK_EVENT = "scrutiny.feedback_result"
-"""The name of the LangChain custom event that carries a stored feedback result."""
+"""The name of the LangChain custom event that carries a stored feedback result.
+
+Each handler of the recorded root run that overrides ``on_custom_event`` receives it once
+per end state (``done``, ``failed`` or ``skipped``), after it is stored, on a Scrutiny
+thread, as ``on_custom_event(FEEDBACK_EVENT, data, run_id=<the root run's id>, tags=...,
+metadata=...)``. `data` is a plain dict: ``record_id``, ``feedback_name``, ``status``
+(``"done"``, ``"failed"`` or ``"skipped"``), ``score`` (a float only when ``done``, else
+None; ``result`` holds the same value), ``explanation``, ``error`` (the reason of a
+``failed`` or ``skipped`` result), ``app_name``, ``app_version``, ``result_id``,
+``feedback_id``, ``attempts``, ``created_at`` / ``started_at`` / ``ended_at`` (ISO 8601),
+``cost`` and ``calls``.
+"""
 
 _F = TypeVar("_F", bound=Callable[..., None])
 
@@ -964,9 +975,27 @@ class _FeedbackBridge:
             except Exception:
                 logger.exception("scrutiny: %s.on_feedback_result raised",
                                  type(handler).__name__)
-        handle_event(self.handlers, "on_custom_event", "ignore_custom_event", FEEDBACK_EVENT,
-                     result.as_dict(), run_id=self.run_id, tags=self.tags,
-                     metadata=self.metadata)
+        payload = feedback_event_payload(result, record)
+        for handler in self.handlers:
+            # One handler at a time: LangChain re-raises the error of a handler with
+            # `raise_error=True`, which stopped the event before the handlers after it.
+            try:
+                handle_event([handler], "on_custom_event", "ignore_custom_event",
+                             FEEDBACK_EVENT, dict(payload), run_id=self.run_id,
+                             tags=self.tags, metadata=self.metadata)
+            except Exception:
+                logger.exception("scrutiny: %s.on_custom_event raised on a feedback result",
+                                 type(handler).__name__)
+
+
+def feedback_event_payload(result: FeedbackResult, record: Record) -> dict[str, Any]:
+    """The data of a :data:`FEEDBACK_EVENT`: :meth:`FeedbackResult.as_dict` (``record_id``,
+    ``feedback_name``, ``status``, ``result`` and its alias ``score``, ``explanation``,
+    ``error``, ...) with the record's ``app_name`` and ``app_version``."""
+    payload = result.as_dict()
+    payload["app_name"] = record.app_name
+    payload["app_version"] = record.app_version
+    return payload
 
 
 async def _awaited(awaitable: Awaitable[Any]) -> Any:
