@@ -174,7 +174,9 @@ class _LogFormatter(logging.Formatter):
 
 
 class _Progress:
-    """Counts end states and logs a line every `every` seconds."""
+    """Counts end states and logs a line every `every` seconds while there is work: an
+    idle worker logged the same counts every 10 s for as long as it waited (8,640 lines a
+    day each, burying the lines that said something)."""
 
     def __init__(self, every: float) -> None:
         self.every = every
@@ -184,6 +186,7 @@ class _Progress:
         self._start = time.monotonic()
         self._last = self._start
         self._last_total = 0
+        self._last_claimed = 0
 
     def __call__(self, result: FeedbackResult, record: Record) -> None:
         with self._lock:
@@ -197,8 +200,11 @@ class _Progress:
             return
         with self._lock:
             total = sum(self.counts.values())
+            if not force and total == self._last_total and claimed == self._last_claimed:
+                self._last = now  # nothing new to say (the next rate counts from here)
+                return
             rate = (total - self._last_total) / max(now - self._last, 1e-9) * 60
-            self._last, self._last_total = now, total
+            self._last, self._last_total, self._last_claimed = now, total, claimed
             logger.info("claimed %d, done %d, failed %d, skipped %d, retried %d; %.0f/min",
                         claimed, self.counts["done"], self.counts["failed"],
                         self.counts["skipped"], self.retried, rate)
@@ -222,11 +228,16 @@ class _Progress:
               type=click.FloatRange(min=0.1, max=86_400),
               help="Seconds between progress lines.")
 @click.option("--import-path", "import_paths", multiple=True, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, resolve_path=True),
               help="Add DIR to sys.path so feedback modules can be imported (repeatable).")
 def worker(database_url: str | None, table_prefix: str, concurrency: int,
            lease_seconds: float, poll_interval: float, grace: float, log_every: float,
            import_paths: tuple[str, ...]) -> None:
-    """Claim pending feedback results from the database and evaluate them."""
+    """Claim pending feedback results from the database and evaluate them.
+
+    Feedbacks are loaded by their import path (module:function) as the app stored them:
+    their modules must be importable here (installed, or in a folder given with
+    --import-path). Progress is logged every --log-every seconds while there is work."""
     _refuse_memory(database_url, "a worker (it claims what apps stored)")
     missing = _missing_sqlite_file(database_url or _default_url())
     if missing is not None:  # (a mistyped path made a new empty database, watched forever)
@@ -251,7 +262,7 @@ def worker(database_url: str | None, table_prefix: str, concurrency: int,
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    logger.info("worker %s on %s", session.owner_id, shown_url(session.database_url))
+    _say_start(session, table_prefix, concurrency)
     running = session.start_worker(poll_interval=poll_interval)
     while not stopping.wait(min(1.0, log_every)):
         progress.log(running.claimed)
@@ -259,6 +270,27 @@ def worker(database_url: str | None, table_prefix: str, concurrency: int,
     progress.log(running.claimed, force=True)
     logger.info("stopped %s", "cleanly" if clean else "with unfinished work released as "
                 "pending")
+
+
+def _say_start(session: Session, table_prefix: str, concurrency: int) -> None:
+    """The worker's first lines: where it works, what waits there — and when it found no
+    Scrutiny tables there (it created them), that no app has stored anything there: a
+    mistyped database name or --table-prefix on a PostgreSQL server made a worker that
+    waited for ever on tables of its own, its log the same as a worker's with no work."""
+    where = shown_url(session.database_url)
+    try:
+        pending = session.store.count_results().get("pending", 0)
+    except Exception as exc:  # (said; the worker's own retries take it from here)
+        logger.info("worker %s on %s (could not count the pending results: %s)",
+                    session.owner_id, where, exc)
+        return
+    logger.info("worker %s on %s: %d result(s) pending; evaluating up to %d at once",
+                session.owner_id, where, pending, concurrency)
+    if getattr(session.store, "found_revision", "") is None:
+        logger.warning("no Scrutiny tables (prefix %r) were in %s: this worker created them, "
+                       "so no app has stored anything there yet. If the apps store into "
+                       "another database or with another --table-prefix, this worker waits "
+                       "for ever: point it at theirs", table_prefix, where)
 
 
 # ---------------------------------------------------------------------- db

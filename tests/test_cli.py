@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,9 @@ def test_an_empty_database_reads_as_no_records(database_url: str, fmt: str) -> N
     (["records", "--offset", str(2 ** 63)], "Invalid value for '--offset'"),
     (["records", "--format", "xml"], "Invalid value for '--format'"),
     (["worker", "--concurrency", "0"], "Invalid value for '--concurrency'"),
+    # (a mistyped folder was taken: every feedback of it then failed to import)
+    (["worker", "--database-url", "sqlite:///{tmp}/none.sqlite", "--import-path",
+      "{tmp}/nowhere"], "Invalid value for '--import-path': Directory"),
 ])
 def test_wrong_input_exits_2_saying_what_is_wrong(tmp_path: Path, args: list[str],
                                                    message: str) -> None:
@@ -197,3 +201,47 @@ def test_a_workers_log_is_its_own_lines(tmp_path: Path) -> None:
     assert returncode == 0, log
     assert "stopped cleanly" in log
     assert "alembic" not in log
+
+
+def test_a_workers_first_lines_say_what_waits_and_when_no_app_stored_there(
+        tmp_path: Path) -> None:
+    """A worker on the wrong database (or --table-prefix) created tables of its own and
+    waited for ever, its log the same as that of a worker with no work yet."""
+    db = tmp_path / "empty.sqlite"
+    db.touch()
+    log, returncode = run_worker_until(["--database-url", f"sqlite:///{db}"],
+                                       "scrutiny.worker worker ")
+    assert returncode == 0, log
+    assert "0 result(s) pending" in log
+    assert "no app has stored anything there yet" in log
+    used = tmp_path / "used.sqlite"
+    with Session(f"sqlite:///{used}", feedback_mode="deferred") as app:
+        for i in range(2):
+            app.ingest(_record(i), [SCORE])
+        assert app.flush(10)
+    log, returncode = run_worker_until(
+        ["--database-url", f"sqlite:///{used}", "--import-path", str(REPO)],
+        "scrutiny.worker worker ")
+    assert returncode == 0, log
+    assert "2 result(s) pending" in log
+    assert "no app has stored" not in log
+
+
+def test_an_idle_worker_logs_no_progress_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """A worker with nothing to do logged the same counts every --log-every seconds."""
+    from scrutiny.cli import _Progress
+    from scrutiny.core import FeedbackResult, FeedbackStatus
+
+    progress = _Progress(every=0.0)
+    with caplog.at_level(logging.INFO, logger="scrutiny.worker"):
+        progress.log(0)
+        progress.log(0)
+        assert caplog.messages == []
+        progress(FeedbackResult(record_id="r", feedback_name="f",
+                                status=FeedbackStatus.DONE, result=1.0), _record(0))
+        progress.log(1)
+        progress.log(1)
+        assert len(caplog.messages) == 1
+        assert caplog.messages[0].startswith("claimed 1, done 1, failed 0")
+        progress.log(1, force=True)  # (its last line, when it stops)
+        assert len(caplog.messages) == 2

@@ -374,6 +374,73 @@ def test_a_definition_without_a_stored_spec_leaves_its_results_pending(
     assert [r["status"] for r in stored_results(url, prefix)] == ["done", "done"]
 
 
+def _feedback_module(path: Path, name: str, body: str, monkeypatch: pytest.MonkeyPatch
+                     ) -> Any:
+    """A module `name` written to `path` (on sys.path) with `body`, imported afresh."""
+    monkeypatch.syspath_prepend(str(path))
+    (path / f"{name}.py").write_text(body)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    import importlib
+
+    importlib.invalidate_caches()
+    return importlib.import_module(name)
+
+
+def test_a_feedback_module_that_raises_at_import_here_leaves_its_results_pending(
+        sqlite: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A module that raises when imported (a variable it reads at import is not set for
+    this worker) failed every pending result of its feedback for good, in one pass of one
+    misdeployed worker, and said nothing in its log. A worker where it imports can
+    evaluate them: they stay pending, and the worker says why and what to fix."""
+    url, prefix = sqlite
+    name = f"needs_key_{uuid.uuid4().hex[:8]}"
+    module = _feedback_module(tmp_path, name, (
+        "import os\n"
+        "if os.environ.get('SCRUTINY_TEST_NO_KEY'):\n"
+        "    raise RuntimeError('JUDGE_API_KEY is not set')\n"
+        "def judged(output: str) -> float:\n"
+        "    return 0.25\n"), monkeypatch)
+    pending_rows(url, prefix, 3, Feedback(module.judged).on_output())
+    monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setenv("SCRUTINY_TEST_NO_KEY", "1")
+    with Session(url) as s, caplog.at_level(logging.ERROR, logger="scrutiny"):
+        assert Worker(s, poll_interval=0.0, batch_size=10, max_claims=5).drain() == 0
+        assert s.wait_for_feedback(5)
+    assert [(r["status"], r["attempts"], r["lease_token"])
+            for r in stored_results(url, prefix)] == [("pending", 0, None)] * 3
+    assert caplog.text.count("JUDGE_API_KEY is not set") == 1
+    assert "stay pending for a worker where it imports" in caplog.text
+    monkeypatch.delenv("SCRUTINY_TEST_NO_KEY")
+    with Session(url) as s:  # deployed with what it needs
+        assert s.resume_pending(timeout=10) == 3
+    assert [(r["status"], r["score"]) for r in stored_results(url, prefix)] == [
+        ("done", 0.25)] * 3
+
+
+def test_a_feedback_that_cannot_be_loaded_anywhere_says_so_in_the_log(
+        sqlite: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Its function's parameter renamed since the app stored it: its results end failed
+    (with the reason), and the worker's log said nothing of it — only its count of failed
+    results grew."""
+    url, prefix = sqlite
+    name = f"renamed_{uuid.uuid4().hex[:8]}"
+    module = _feedback_module(tmp_path, name, "def judged(output: str) -> float:\n"
+                              "    return 0.25\n", monkeypatch)
+    pending_rows(url, prefix, 2, Feedback(module.judged).on_output())
+    _feedback_module(tmp_path, name, "def judged(answer: str) -> float:\n"
+                     "    return 0.25\n", monkeypatch)
+    with Session(url) as s, caplog.at_level(logging.ERROR, logger="scrutiny"):
+        assert Worker(s, poll_interval=0.0, batch_size=10, max_claims=5).drain() == 2
+        assert s.wait_for_feedback(5)
+    rows = stored_results(url, prefix)
+    assert [r["status"] for r in rows] == ["failed"] * 2
+    assert all("has no parameter 'output'" in (r["error"] or "") for r in rows)
+    assert caplog.text.count("has no parameter 'output'") == 1  # once, not per result
+    assert "stored failed with that reason" in caplog.text
+
+
 def test_a_running_worker_uses_a_feedbacks_newer_stored_spec(sqlite: tuple[str, str]) -> None:
     """Options are not part of a feedback's id: a worker kept the spec it loaded first."""
     url, prefix = sqlite

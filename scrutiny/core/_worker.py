@@ -60,6 +60,14 @@ class _NotHere(str):
     __slots__ = ()
 
 
+class _BrokenHere(_NotHere):
+    """Why a feedback cannot be loaded *in this process*: importing its module raised (a
+    variable or a file it reads at import is missing here, a package it needs is broken):
+    a worker where it imports may load it, and so may this one once that is fixed."""
+
+    __slots__ = ()
+
+
 class _NoSpecYet(_NotHere):
     """Why a feedback cannot be loaded *yet*: its definition has no stored spec (written
     before specs were stored, in a database upgraded since); the app stores it when it
@@ -298,6 +306,7 @@ class Worker:
             job = Job(feedback if isinstance(feedback, Feedback) else Feedback(
                 _unloadable, name=row["feedback_name"]), record, pending, (), token)
             if isinstance(feedback, str):
+                self._say_unloadable(row["feedback_id"], feedback)
                 ended.append((job, FeedbackStatus.FAILED, feedback))
             elif row["record_id"] not in records:
                 ended.append((job, FeedbackStatus.FAILED,
@@ -341,7 +350,12 @@ class Worker:
         if feedback_id not in self._not_here:
             log = logger.debug if feedback_id in self._feedbacks_warned else logger.error
             self._feedbacks_warned.add(feedback_id)
-            if isinstance(reason, _NoSpecYet):
+            if isinstance(reason, _BrokenHere):
+                log("scrutiny worker: %s. Its results stay pending for a worker where it "
+                    "imports (fix what importing it needs in this worker's environment, "
+                    "or run such a worker); this one tries again in %g s", reason,
+                    RETRY_LOAD_AFTER)
+            elif isinstance(reason, _NoSpecYet):
                 log("scrutiny worker: %s. Its results stay pending (the app stores the spec "
                     "when it next records with this feedback); this worker looks again in "
                     "%g s", reason, RETRY_LOAD_AFTER)
@@ -351,6 +365,17 @@ class Worker:
                     "with --import-path DIR — or run such a worker); this one tries again "
                     "in %g s", reason, RETRY_LOAD_AFTER)
         self._not_here[feedback_id] = time.monotonic() + RETRY_LOAD_AFTER
+
+    def _say_unloadable(self, feedback_id: str, reason: str) -> None:
+        """Say once why the results of a feedback that cannot be loaded anywhere end
+        `failed` (they ended so without a line in the worker's log: only its count of
+        failures grew)."""
+        if feedback_id in self._feedbacks_warned:
+            return
+        self._feedbacks_warned.add(feedback_id)
+        logger.error("scrutiny worker: %s. Its results are stored failed with that reason "
+                     "(record with the feedback as its code now is to evaluate new ones)",
+                     reason)
 
     def _feedbacks_of(self, rows: list[Row]) -> dict[str, Feedback | str]:
         """The feedbacks of these claimed rows, rebuilt from their stored specs (or the
@@ -390,6 +415,10 @@ def _load(definition: Row) -> Feedback | str:
             "was stored without one (by a Scrutiny version older than deferred workers, in "
             "a database upgraded since; or by an app whose selectors of it cannot be "
             "imported by path)")
+    not_here = _import_modules(spec, f"feedback {name!r} could not be loaded from "
+                                     f"{spec.get('fn')!r} in this process")
+    if not_here is not None:
+        return not_here
     try:
         return Feedback.from_spec(spec)
     except (ImportError, AttributeError) as exc:  # its code is not installed here
@@ -397,6 +426,26 @@ def _load(definition: Row) -> Feedback | str:
                         f"in this process: {type(exc).__name__}: {exc}")
     except Exception as exc:
         return f"feedback {name!r} could not be loaded from {spec.get('fn')!r}: {exc}"
+
+
+def _import_modules(spec: dict[str, Any], what: str) -> _NotHere | None:
+    """Import the modules a feedback's spec refers to; why one cannot be imported here
+    (None: they all imported). An error raised at import — a variable the module reads
+    missing in this worker's environment, say — failed every pending result of that
+    feedback for good, in one pass of one worker deployed without it."""
+    retry = spec.get("retry") or {}
+    paths = [spec.get("fn"), spec.get("aggregate"), *(retry.get("retry_on") or []),
+             *(retry.get("never_retry_on") or [])]
+    modules = dict.fromkeys(p.partition(":")[0] for p in paths if isinstance(p, str))
+    for module in filter(None, modules):  # (a malformed path: `from_spec` says so)
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:  # its code (or a package it needs) is not installed here
+            return _NotHere(f"{what}: {type(exc).__name__}: {exc}")
+        except (Exception, SystemExit) as exc:  # (a script's argparse exits at import)
+            return _BrokenHere(f"{what}: importing {module!r} raised "
+                               f"{type(exc).__name__}: {exc}")
+    return None
 
 
 def _missing_record(row: Row) -> Record:
