@@ -1265,8 +1265,10 @@ def test_a_lazy_record_is_built_once_whoever_asks_first() -> None:
 
 
 def test_a_sync_call_that_never_gets_a_thread_ends_with_the_reason(db_url: str) -> None:
-    """Every pool thread stuck in a call that never returns: later sync calls hold a slot
-    but get no thread, and must still end (failed, saying why) rather than wait forever."""
+    """Every pool thread stuck in a call that never returns (the pool replaces a stuck
+    thread, once per thread of its size: here the second stuck call takes the last one):
+    later sync calls hold a slot but get no thread, and must still end (failed, saying
+    why) rather than wait forever."""
     release = threading.Event()
 
     def stuck(output: str) -> float:
@@ -1285,11 +1287,13 @@ def test_a_sync_call_that_never_gets_a_thread_ends_with_the_reason(db_url: str) 
     try:
         with Session(db_url, max_concurrency=4, thread_pool_size=1) as s:
             first = s.ingest(make_record(0), [f_stuck]).wait_for_feedback_results(timeout=10)
+            second = s.ingest(make_record(2), [f_stuck]).wait_for_feedback_results(timeout=10)
             results = s.ingest(make_record(1), [f_later, f_quick]).wait_for_feedback_results(
                 timeout=10)
     finally:
         release.set()
     assert first[f_stuck].status is FeedbackStatus.FAILED
+    assert second[f_stuck].status is FeedbackStatus.FAILED
     assert results[f_later].status is FeedbackStatus.FAILED
     assert "waiting for a thread" in (results[f_later].error or "")
     assert results[f_quick].status is FeedbackStatus.DONE
@@ -2036,3 +2040,36 @@ async def test_a_blocking_wait_run_out_on_an_event_loop_says_to_await(
     assert "await record.await_feedback_results" in caplog.text
     done = await record.await_feedback_results(timeout=10)
     assert done[fb].status is FeedbackStatus.DONE
+
+
+def test_sync_calls_stuck_past_their_timeout_do_not_starve_the_other_feedbacks(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A thread cannot be stopped: a sync call that never returns keeps its pool thread
+    after its timeout. Once every thread was stuck so, every later sync call — of any
+    feedback — failed "waiting for a thread", for as long as the process ran."""
+    release = threading.Event()
+
+    def hangs(output: str) -> float:
+        release.wait(60)  # (a network call without a timeout of its own)
+        return 0.0
+
+    def quick(output: str) -> float:
+        return 1.0
+
+    hung = Feedback(hangs, timeout=0.3).on_output()
+    fine = Feedback(quick, timeout=5).on_output()
+    try:
+        with Session(f"sqlite:///{tmp_path}/h.sqlite", thread_pool_size=2,
+                     max_concurrency=4) as s:
+            stuck = [s.ingest(make_record(i), [hung]) for i in range(2)]
+            for record in stuck:
+                [result] = record.wait_for_feedback_results(timeout=20).values()
+                assert result.status is FeedbackStatus.FAILED
+                assert "timed out after 0.3 s" in (result.error or "")
+            later = [s.ingest(make_record(10 + i), [fine]) for i in range(4)]
+            for record in later:
+                [result] = record.wait_for_feedback_results(timeout=20).values()
+                assert result.status is FeedbackStatus.DONE, result.error
+        assert "a new thread takes its place" in caplog.text
+    finally:
+        release.set()

@@ -534,6 +534,8 @@ class Evaluator:
             self._gate.abandon(call)
             if deadline is not None and deadline.expired and (
                     sys.version_info < (3, 11) or task.uncancel() == 0):
+                if call.started is not None:  # its thread is still inside it
+                    self._pool.lost(call)
                 raise FeedbackTimeout(deadline.reason(), timeout=deadline.limit) from None
             raise
         finally:

@@ -61,6 +61,8 @@ class DaemonThreadPool(concurrent.futures.Executor):
             raise ValueError("max_workers must be >= 1")
         self._blocked = None if courtesy is None else courtesy.blocked
         self._max = max_workers
+        self._stuck = 0  # threads still inside a call the loop gave up on (timed out)
+        self._warned_stuck = False
         self._prefix = thread_name_prefix
         self._backlog: collections.deque[_Item] = collections.deque()  # (no idle thread)
         self._threads: list[threading.Thread] = []
@@ -80,8 +82,34 @@ class DaemonThreadPool(concurrent.futures.Executor):
         """Start every thread now (off the application's thread), so that a burst of work
         does not pay for thread starts one by one."""
         with self._lock:
-            while len(self._threads) < self._max and not self._shutdown:
+            while len(self._threads) < self._capacity() and not self._shutdown:
                 self._spawn()
+
+    def _capacity(self) -> int:
+        """(Under the lock.) How many threads may run: `max_workers`, plus one for each
+        thread still stuck in a call that timed out (up to `max_workers` more)."""
+        return self._max + min(self._stuck, self._max)
+
+    def lost(self, call: SyncCall) -> None:
+        """`call` timed out while running: its thread stays inside it (a thread cannot be
+        stopped) and is replaced. Without that, once every thread was stuck in a call that
+        never returned (a network call without a timeout of its own), every later sync
+        call — of any feedback — failed "waiting for a thread", for good."""
+        with self._lock:
+            if self._shutdown or call.stuck:
+                return
+            call.stuck = True
+            self._stuck += 1
+            stuck, capped = self._stuck, self._stuck > self._max
+            if self._backlog and len(self._threads) < self._capacity():
+                self._spawn()
+        log = logger.debug if self._warned_stuck and not capped else logger.warning
+        self._warned_stuck = True
+        log("scrutiny: a sync feedback call is still running after its timeout; %s (%d "
+            "thread(s) stuck so far). A call that never returns keeps its thread: give the "
+            "blocking call inside the feedback a timeout of its own",
+            "no more threads are started for stuck ones" if capped
+            else "a new thread takes its place", stuck)
 
     def _spawn(self) -> None:
         thread = threading.Thread(target=self._work, args=(_Worker(),), daemon=True,
@@ -126,7 +154,7 @@ class DaemonThreadPool(concurrent.futures.Executor):
                 worker.wake.release()
                 return
             self._backlog.append(item)
-            if len(self._threads) < self._max:
+            if len(self._threads) < self._capacity():
                 self._spawn()
 
     def _next(self, worker: _Worker) -> _Item | None:
@@ -140,6 +168,9 @@ class DaemonThreadPool(concurrent.futures.Executor):
                 if self._backlog:
                     return self._backlog.popleft()
                 if self._shutdown:
+                    return None
+                if len(self._threads) > self._capacity():  # (a stuck call came back)
+                    self._threads.remove(threading.current_thread())
                     return None
                 self._idle.append(worker)
             worker.wake.acquire()  # released by _enqueue (or shutdown) for us alone
@@ -179,6 +210,9 @@ class DaemonThreadPool(concurrent.futures.Executor):
             finally:
                 if blocked is not None:
                     blocked.discard(me)
+                if call.stuck:  # (came back after all: its replacement may end)
+                    with self._lock:
+                        self._stuck -= 1
             following = gate.finish(call)
             # Mid-chain the loop is not woken: it collects while sync calls are out (see
             # deliver_later); the chain's last result wakes it.

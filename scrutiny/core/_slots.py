@@ -32,7 +32,7 @@ class SyncCall:
     """
 
     __slots__ = ("abandoned", "fn", "future", "granted", "granted_at", "on_start", "started",
-                 "started_at")
+                 "started_at", "stuck")
 
     def __init__(self, fn: Callable[[], Any], future: asyncio.Future[Any],
                  on_start: Callable[[datetime], None]) -> None:
@@ -47,6 +47,8 @@ class SyncCall:
         """When it got its slot (monotonic): from then on it only waits for a thread."""
         self.abandoned = False
         """The loop stopped waiting (timeout, cancellation) and took its slot back."""
+        self.stuck = False
+        """It timed out while running: its thread was replaced (see the pool's lost())."""
 
 
 class _AsyncWaiter:
