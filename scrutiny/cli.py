@@ -230,9 +230,13 @@ class _Progress:
 @click.option("--import-path", "import_paths", multiple=True, metavar="DIR",
               type=click.Path(exists=True, file_okay=False, resolve_path=True),
               help="Add DIR to sys.path so feedback modules can be imported (repeatable).")
+@click.option("--feedback-timeout", default=120.0, show_default=True,
+              type=click.FloatRange(min=0.001, max=86_400),
+              help="Seconds one attempt of a feedback may take when the feedback sets no "
+                   "timeout of its own.")
 def worker(database_url: str | None, table_prefix: str, concurrency: int,
            lease_seconds: float, poll_interval: float, grace: float, log_every: float,
-           import_paths: tuple[str, ...]) -> None:
+           import_paths: tuple[str, ...], feedback_timeout: float) -> None:
     """Claim pending feedback results from the database and evaluate them.
 
     Feedbacks are loaded by their import path (module:function) as the app stored them:
@@ -252,7 +256,7 @@ def worker(database_url: str | None, table_prefix: str, concurrency: int,
     progress = _Progress(log_every)
     session = _session(database_url, table_prefix, max_concurrency=concurrency,
                        lease_seconds=lease_seconds, flush_timeout=grace,
-                       on_result=[progress])
+                       feedback_timeout=feedback_timeout, on_result=[progress])
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

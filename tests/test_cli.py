@@ -245,3 +245,25 @@ def test_an_idle_worker_logs_no_progress_lines(caplog: pytest.LogCaptureFixture)
         assert caplog.messages[0].startswith("claimed 1, done 1, failed 0")
         progress.log(1, force=True)  # (its last line, when it stops)
         assert len(caplog.messages) == 2
+
+
+def test_a_workers_default_feedback_timeout_can_be_set(tmp_path: Path) -> None:
+    """A feedback without a timeout of its own got 120 s in a worker, whatever the team
+    wanted: the app's Session(feedback_timeout=) is not stored with the record."""
+    from tests.support import deferred_feedbacks as fbs
+
+    db = tmp_path / "slow.sqlite"
+    slow = Feedback(fbs.takes_a_while).on_output()  # (0.4 s, no timeout of its own)
+    with Session(f"sqlite:///{db}", feedback_mode="deferred") as app:
+        record = app.ingest(_record(0), [slow])
+        assert app.flush(10)
+    log, returncode = run_worker_until(
+        ["--database-url", f"sqlite:///{db}", "--import-path", str(REPO),
+         "--feedback-timeout", "0.1", "--log-every", "0.2"], "failed 1,")
+    assert returncode == 0, log
+    with Session(f"sqlite:///{db}") as reader:
+        stored = reader.get_record(record.record_id)
+    assert stored is not None
+    [result] = stored.feedback_results.values()
+    assert result.error is not None
+    assert "timed out after 0.1 s" in result.error
