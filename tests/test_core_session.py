@@ -2073,3 +2073,21 @@ def test_sync_calls_stuck_past_their_timeout_do_not_starve_the_other_feedbacks(
         assert "a new thread takes its place" in caplog.text
     finally:
         release.set()
+
+
+def test_an_async_session_listener_is_run_to_its_end(session: Session) -> None:
+    """`add_listener` / `on_result` given an `async def`: its coroutine was never awaited,
+    so it never ran."""
+    fb = Feedback(lambda output: 0.5, name="half").on_output()
+    heard = threading.Event()
+    got: list[float | None] = []
+
+    async def listener(result: FeedbackResult, record: Record) -> None:
+        await asyncio.sleep(0)
+        got.append(result.result)
+        heard.set()
+
+    session.add_listener(listener)
+    session.ingest(make_record(), [fb])
+    assert heard.wait(10)
+    assert got == [0.5]

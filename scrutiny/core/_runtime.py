@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import inspect
 import logging
 import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -109,8 +111,13 @@ def _after_fork_in_child() -> None:
         session._after_fork()
 
 
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
 class Notifier:
-    """One daemon thread that runs user callbacks in order, never under our locks."""
+    """One daemon thread that runs user callbacks in order, never under our locks (an
+    ``async def`` one is run to its end there)."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...]] | None]
@@ -129,7 +136,9 @@ class Notifier:
                 return
             fn, args = item
             try:
-                fn(*args)
+                outcome = fn(*args)
+                if inspect.isawaitable(outcome):  # an async listener: run to its end here
+                    asyncio.run(_awaited(outcome))  # (it was never awaited: never ran)
             except BaseException:  # (sys.exit() in a callback ended this thread: no more)
                 logger.exception("scrutiny: callback %r raised", fn)
 

@@ -579,7 +579,9 @@ class Session(SessionReading):
 
     # ------------------------------------------------------------------ listeners
     def add_listener(self, listener: ResultListener) -> None:
-        """Call `listener(result, record)` with every stored end state from now on."""
+        """Call `listener(result, record)` with every stored end state from now on (on
+        the session's callback thread, in turn with its other callbacks: keep it short; an
+        ``async def`` is run to its end there)."""
         self._listeners.append(listener)
 
     def remove_listener(self, listener: ResultListener) -> None:
