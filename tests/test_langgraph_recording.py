@@ -275,3 +275,101 @@ def test_a_long_chat_is_stored_compressed_and_read_back_whole(tmp_path: Path) ->
     assert [(s.name, s.kind, s.inputs) for s in back.spans] == \
         [(s.name, s.kind, _rows._serialize.loads(_rows._serialize.dumps(s.inputs)))
          for s in last.spans]
+
+
+def test_a_run_paused_before_it_answered_records_what_it_asked(session: Session) -> None:
+    """A run paused by interrupt() before any answer recorded the user's own question as
+    its output (the state's only text), and the pause's span error was the repr of
+    LangGraph's Interrupt objects: what the run waits for was nowhere readable."""
+    def clarify(state: RagState) -> dict[str, Any]:
+        city = interrupt("Which city?")
+        return {"generation": f"Trip to {city}"}
+
+    graph = StateGraph(RagState)
+    graph.add_node("clarify", clarify)
+    graph.add_edge(START, "clarify")
+    graph.add_edge("clarify", END)
+    app = graph.compile(checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "t3"}}
+    recorder = ChainRecorder(app, app_name="trip", session=session)
+    with recorder as recording:
+        result = app.invoke({"question": "Plan a trip"}, config)
+    record = recording.get()
+    assert [i.value for i in result["__interrupt__"]] == ["Which city?"]
+    assert (record.input, record.output, record.tags) == (
+        "Plan a trip", "Which city?", ["interrupted"])
+    assert record.metadata["interrupt"] == "Which city?"
+    node = next(s for s in record.spans if s.name == "clarify")
+    assert node.error == "GraphInterrupt: paused for human input: Which city?"
+
+
+def test_a_hand_off_to_the_parent_graph_is_not_an_error(session: Session) -> None:
+    """`Command(graph=Command.PARENT, goto=...)` (multi-agent hand-offs) travels up as
+    LangGraph's ParentCommand exception: the node, the subgraph and its node span each
+    had `error="ParentCommand: Command(graph='sub:5f0c...', ...)"` in an `ok` record."""
+    def triage(state: MessagesState) -> Command[Any]:
+        return Command(graph=Command.PARENT, goto="billing",
+                       update={"messages": [AIMessage(content="Handing you to billing.")]})
+
+    team = StateGraph(MessagesState)
+    team.add_node("triage", triage)
+    team.add_edge(START, "triage")
+
+    def billing(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [AIMessage(content="Your bill is 10 EUR.")]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("team", team.compile(), destinations=("billing",))
+    graph.add_node("billing", billing)
+    graph.add_edge(START, "team")
+    graph.add_edge("billing", END)
+    app = graph.compile()
+    recorder = ChainRecorder(app, app_name="handoff", session=session)
+    with recorder as recording:
+        state = app.invoke({"messages": [("user", "My bill?")]})
+    record = recording.get()
+    assert state["messages"][-1].content == "Your bill is 10 EUR."
+    assert (record.status, record.output) == (RecordStatus.OK, "Your bill is 10 EUR.")
+    assert [s.error for s in record.spans] == [None] * len(record.spans)
+    node = next(s for s in record.spans if s.name == "triage")
+    assert node.outputs.goto == "billing"
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("run", ["invoke", "astream"])
+def test_a_run_stopped_at_a_static_breakpoint_is_marked_interrupted(
+        session: Session, when: str, run: str) -> None:
+    """`compile(interrupt_before=[...])` / `interrupt_after` pause a run without raising in
+    any step: the pause was recorded as a finished answer (the model's request for a tool
+    it had not run yet), with no `interrupted` tag."""
+    import asyncio
+
+    app = _tool_loop_with(checkpointer=InMemorySaver(),
+                          **{f"interrupt_{when}": ["tools" if when == "before" else "agent"]})
+    config: Any = {"configurable": {"thread_id": f"{when}-{run}"}}
+    question: Any = {"messages": [("user", "Weather in Dublin?")]}
+    recorder = ChainRecorder(app, app_name="breakpoint", session=session)
+
+    async def astream() -> None:
+        async for _ in app.astream(question, config):
+            pass
+
+    with recorder as recording:
+        if run == "invoke":
+            app.invoke(question, config)
+        else:
+            asyncio.run(astream())
+    record = recording.get()
+    assert record.tags == ["interrupted"]
+    assert record.metadata["breakpoint"] == f"interrupt_{when}"
+    assert record.metadata["interrupted_at"] == ("tools" if when == "before" else "agent")
+    with recorder as resumed:
+        state = app.invoke(None, config)
+    assert state["messages"][-1].content == ANSWER
+    if when == "before":  # (interrupt_after pauses after the agent's final step too)
+        assert resumed.get().tags == []
+
+
+def _tool_loop_with(**compile_kwargs: Any) -> Any:
+    graph = _tool_loop().builder
+    return graph.compile(**compile_kwargs)

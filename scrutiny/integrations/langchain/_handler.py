@@ -106,11 +106,12 @@ OPEN_BLOCKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
 class _Root:
     """What is known about one root run while it is open."""
 
-    __slots__ = ("fallbacks", "handlers", "metadata", "received", "recording", "run_ids",
-                 "spans", "stream", "tags", "tokens")
+    __slots__ = ("fallbacks", "graph", "handlers", "metadata", "received", "recording",
+                 "run_ids", "spans", "stream", "tags", "tokens")
     handlers: list[BaseCallbackHandler]  # (set by _run_handlers)
     fallbacks: bool
     stream: FrameType | None  # (set for streamed runs only: unset, it reads as None)
+    graph: FrameType | None  # (set for LangGraph runs only: see _mark_breakpoint)
     received: Any  # (set when a streamed run failed: unset, it reads as _NOT_STREAMED)
 
     def __init__(self, recording: Recording | None, default: BaseCallbackHandler,
@@ -186,6 +187,9 @@ def _run_handlers(root: _Root, default: BaseCallbackHandler) -> None:
                             root.stream = caller
                 else:
                     root.fallbacks = False
+                    if caller is not None and _PREGEL in sys.modules and \
+                            caller.f_code in _pregel_codes():
+                        root.graph = caller  # a LangGraph run's loop (see _mark_breakpoint)
                 return
             break
         frame = frame.f_back
@@ -446,11 +450,18 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             if error is None:
                 span.outputs = _snapshot(outputs)
                 span.error = handled
+            elif not root and type(error).__name__ in _BUBBLE_UPS:
+                _bubbled_up(span, error)
             else:
                 span.error = _describe(error)
             if usage is not None:
                 span.usage = usage
             if root:
+                graph = getattr(entry[1], "graph", None)
+                if graph is not None:
+                    entry[1].graph = None  # (the record keeps the root: not the frame)
+                    if error is None:
+                        _mark_breakpoint(span, graph)
                 self._finish_root(run_id, span, error)
         except Exception:
             logger.exception("scrutiny: recording the end of a run failed")
@@ -784,6 +795,73 @@ def _how_it_ended(error: BaseException | None, root: _Root) -> int:
         return _STOPPED
     return _CANCELLED if cancelled or isinstance(error, KeyboardInterrupt) else _FAILED
 _INTERRUPTS = ("GraphInterrupt", "NodeInterrupt")  # LangGraph's pauses, as a step's error
+_PREGEL = "langgraph.pregel.main"
+_pregel: list[frozenset[Any]] = []
+
+
+def _pregel_codes() -> frozenset[Any]:
+    """The code of LangGraph's run loops (``Pregel.stream`` / ``astream``; `invoke` runs
+    `stream`), read once LangGraph is loaded."""
+    if not _pregel:
+        pregel = getattr(sys.modules.get(_PREGEL), "Pregel", None)
+        _pregel.append(frozenset(
+            code for name in ("stream", "astream")
+            if (code := getattr(getattr(pregel, name, None), "__code__", None))))
+    return _pregel[0]
+
+
+def _mark_breakpoint(span: Span, graph: FrameType) -> None:
+    """(A LangGraph root run that ended normally.) Marks the run's span when LangGraph
+    stopped it at a static breakpoint (``compile(interrupt_before=[...])`` /
+    ``interrupt_after``): when, and the nodes it stopped before, in its metadata.
+
+    Such a pause raises nothing in any step, so it was recorded as a finished answer —
+    the model's request for a tool not run yet as the output, no `interrupted` tag. Only
+    LangGraph's run loop says so (``loop.status``), read from the frame of its `stream`
+    / `astream`, kept from the run's start (an async run ends on a task of its own).
+    """
+    try:
+        loop = graph.f_locals.get("loop")
+        status = getattr(loop, "status", None)
+        if status in _BREAKPOINTS:
+            tasks = getattr(loop, "tasks", None) or {}
+            nodes = sorted({str(getattr(t, "name", "?")) for t in tasks.values()})
+            span.metadata["breakpoint"] = (_BREAKPOINTS[status], nodes)
+    except Exception:  # (the record is kept, unmarked)
+        logger.exception("scrutiny: reading how a LangGraph run stopped failed")
+
+
+_BREAKPOINTS = {"interrupt_before": "before", "interrupt_after": "after"}
+_PARENT_COMMAND = "ParentCommand"
+_BUBBLE_UPS = frozenset((*_INTERRUPTS, _PARENT_COMMAND))
+_PAUSED = "paused for human input: "
+
+
+def _bubbled_up(span: Span, error: BaseException) -> None:
+    """A step ended by one of LangGraph's control-flow exceptions (raised through its
+    nodes, subgraphs and tools, never reaching the app's code).
+
+    A node's ``Command(graph=Command.PARENT, goto=...)`` — a hand-off to another agent —
+    is a ParentCommand: the step answered with that Command, it did not fail (three red
+    spans, ``ParentCommand: Command(graph='sub:5f0c...', ...)``, in an `ok` record). An
+    ``interrupt(value)`` is a GraphInterrupt: its text was the repr of LangGraph's
+    Interrupt objects (with their ids); it says what the run is waiting for, and the
+    values asked are kept in the span's metadata (``"interrupt"``) for the record.
+    """
+    name = type(error).__name__
+    if name == _PARENT_COMMAND:
+        span.outputs = error.args[0] if error.args else None
+        span.error = None
+        return
+    raised = error.args[0] if error.args else ()
+    asked = [getattr(i, "value", i) for i in raised] \
+        if isinstance(raised, list | tuple) else [raised]
+    if not asked:
+        span.error = _describe(error)
+        return
+    span.metadata["interrupt"] = _snapshot(asked[0] if len(asked) == 1 else asked)
+    text = "; ".join(a if isinstance(a, str) else repr(a) for a in asked)
+    span.error = f"{name}: {_PAUSED}{text}"
 
 
 def _read(main: Callable[[Any], Any], value: Any) -> Any:
@@ -918,18 +996,40 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
     tags = [*settings.tags, *root.tags]
     metadata = {**settings.metadata, **root.metadata}
     paused = next((s for s in spans if s.error and s.error.startswith(_INTERRUPTS)), None)
+    record_input = _read(main_input, span.inputs)
     if paused is not None and status is RecordStatus.OK:
         # A LangGraph run paused by interrupt() returns normally, so it looked like a
         # finished answer: said so, for filters and for feedbacks that should not judge it.
         tags.append("interrupted")
         metadata["interrupted_at"] = paused.name
+        # the deepest step that paused (the node or tool that called interrupt())
+        asked = next((s.metadata["interrupt"] for s in reversed(spans)
+                      if s.error and s.error.startswith(_INTERRUPTS)
+                      and "interrupt" in s.metadata), None)
+        if asked is not None:
+            metadata["interrupt"] = asked
+            if output is None or (isinstance(output, str) and output == record_input):
+                # Paused before it answered anything: the state's last message is the
+                # user's own question, which was recorded (and judged) as the answer.
+                # What the run returned to the user is what it asked them.
+                output = _read(main_output, asked)
+    stopped = span.metadata.get("breakpoint")
+    if stopped is not None and paused is None and status is RecordStatus.OK:
+        # paused at a static breakpoint: the steps that are next (interrupt_before) or
+        # that just ran (interrupt_after) and wait for a human's go-ahead
+        when, nodes = stopped
+        tags.append("interrupted")
+        metadata["interrupted_at"] = ", ".join(nodes) if when == "before" else next(
+            (s.name for s in reversed(spans) if s.parent_id == str(span.span_id)
+             and s.error is None), ", ".join(nodes))
+        metadata["breakpoint"] = f"interrupt_{when}"
     if partial is not None:
         metadata["partial_output"] = partial
     return Record(
         record_id=record_id,
         app_name=settings.app_name,
         app_version=settings.app_version,
-        input=_read(main_input, span.inputs),
+        input=record_input,
         output=output,
         status=status,
         error=error_text,
