@@ -649,3 +649,18 @@ def test_rag_triad_on_a_llama_index_record_with_a_llama_index_judge(session: Ses
     assert session.wait_for_feedback(30)
     df, _ = session.get_records_and_feedback()
     assert list(df["app_name"]) == ["li-rag"]  # the judge's calls made no record
+
+
+@pytest.mark.parametrize("answer", ["8\n9", "8 - 9", '{"score": 8}\n{"score": 3}', "1.0"])
+def test_a_judge_giving_two_scores_a_range_or_a_0_1_top_score_fails(
+        session: Session, answer: str) -> None:
+    """Read as their first number, these scored 0.8 (or 0.1 for a perfect 0-1 verdict)."""
+    judge = LLMJudge(FakeListChatModel(responses=[answer]))
+    fbs = [Feedback(judge.answer_relevance).on_input_output(),
+           Feedback(judge.groundedness).on(contexts=Select.contexts.collect(),
+                                           answer=Select.output)]
+    results = evaluate(session, fbs)
+    for name, result in results.items():
+        assert result.status is FeedbackStatus.FAILED, (name, result.result)
+        assert result.result is None
+        assert repr(answer) in result.calls[0].metadata.get("raw_value", ""), name

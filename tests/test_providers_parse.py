@@ -199,3 +199,55 @@ def test_answers_padded_with_long_runs_of_spaces_are_read(answer: str, score: fl
     assert parse_score(answer).score == pytest.approx(score)
     with contextlib.suppress(InvalidFeedbackValue):
         parse_statement_scores(answer, 2)
+
+
+@pytest.mark.parametrize(("answer", "why"), [
+    # a leading score that is a range was read as its first number, the rest as reasons
+    ("8 - 9", "a range"),
+    ("**7 \u2013 8**", "a range"),
+    ("8/10 - 9/10", "a range"),
+    # a second score on a line of its own was taken for the reasons of the first
+    ("8\n9", "several different scores"),
+    ("7/10\n\n8/10", "several different scores"),
+    ("Score: 7\nReasons: vague.\n**8**", "several different scores"),
+    # a second JSON object after the answer's JSON
+    ('{"score": 8}\n{"score": 3}', "several different scores"),
+    ('{"score": 8, "reasons": "ok"}\n\n```json\n{"score": 3}\n```', "several different scores"),
+    # 1.0 is the top of a 0-1 scale: read on the 0-10 scale, the best answers scored 0.1
+    ("1.0", "0-1 scale"),
+    ("Score: 1.0", "0-1 scale"),
+    ('{"score": 1.0, "reasons": "perfect"}', "0-1 scale"),
+    ('{"score": "1.0"}', "0-1 scale"),
+])
+def test_misreadings_of_ranges_second_scores_and_0_1_answers_fail(answer: str,
+                                                                  why: str) -> None:
+    with pytest.raises(InvalidFeedbackValue, match=why) as info:
+        parse_score(answer, 10)
+    assert info.value.value == answer
+    if answer.startswith("["):
+        return
+    with pytest.raises(InvalidFeedbackValue):  # one statement: read as a plain score
+        parse_statement_scores(answer, 1)
+
+
+@pytest.mark.parametrize(("answer", "score", "reasons"), [
+    # a decimal comma (French, German, Spanish judges): 8,5 was read as 8 with reasons "5"
+    ("Score: 8,5", 0.85, ""),
+    ("Score: 8,5/10", 0.85, ""),
+    ("8,5", 0.85, ""),
+    ('{"score": "7,5", "reasons": "gut"}', 0.75, "gut"),
+    ("Score: 8, because it is on topic", 0.8, "because it is on topic"),  # no decimal
+    # the reasons first, then the score on a line of its own
+    ("The answer names the capital.\n\n8", 0.8, "The answer names the capital."),
+    ("It covers 8 facts.\n**8/10**", 0.8, "It covers 8 facts."),
+    # the same score said again is cut out where it stands, not the first "8" of the text
+    ("Score: 8\nCovers 8 facts.\n8", 0.8, "Covers 8 facts."),
+    ("Score: -0", 0.0, ""),  # 0, not -0.0
+    ("Score: 1\nReasons: off topic", 0.1, "off topic"),  # an integer 1 is 1 of 10
+])
+def test_decimal_commas_and_a_score_after_the_reasons_are_read(answer: str, score: float,
+                                                              reasons: str) -> None:
+    parsed = parse_score(answer, 10)
+    assert parsed.score == pytest.approx(score)
+    assert str(parsed.score) != "-0.0"
+    assert parsed.reasons == reasons

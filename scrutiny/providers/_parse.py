@@ -3,11 +3,12 @@
 A judge is asked for JSON (``{"score": <0-10>, "reasons": "..."}``) on a stated scale. Its
 answer is accepted when it is that JSON, a bare number on the scale (``"7"``, ``"7/10"``),
 a first line that is a score followed by reasons (``"8/10 - mostly relevant"``), or plain
-text with ``Score: 7`` lines that agree. A reasoning model's ``<think>...</think>`` block
+text with ``Score: 7`` lines (or lines that are only a score, after the reasons) that agree;
+a decimal comma is a decimal (``"8,5"``). A reasoning model's ``<think>...</think>`` block
 before its answer is set aside. Everything else — no number, invalid or cut-off JSON, a
 reasoning block that never closes, a number outside the scale, a fraction such as ``0.7``
-on the 0-10 scale (a 0-1 answer: read as 0.07 it would be a silent misreading), a range
-(``"8-9"``), two different scores anywhere in the answer — raises
+or ``1.0`` on the 0-10 scale (a 0-1 answer: read as 0.07 or 0.1 it would be a silent
+misreading), a range (``"8-9"``), two different scores anywhere in the answer — raises
 :class:`InvalidFeedbackValue` with the raw answer kept, so the result ends `failed` with the
 text that caused it: never 0, never -1, never a number picked out of an echoed prompt.
 """
@@ -26,7 +27,9 @@ from scrutiny.core import InvalidFeedbackValue
 __all__ = ["ParsedScore", "parse_score", "parse_statement_scores"]
 
 _FENCE_LANGUAGE = re.compile(r"[a-zA-Z]*+")
-_NUMBER = r"[-+]?\d+(?:\.\d+)?"
+# (a decimal comma too, as French, German or Spanish write a score: "8,5" is 8.5, not 8 and
+# the reasons "5"; "8, because" and "1,000" are no decimals)
+_NUMBER = r"[-+]?\d+(?:\.\d+|,\d{1,2}(?![\d,]))?"
 # Possessive quantifiers ("*+") throughout: runs of spaces and stars next to each other,
 # each optional, let the engine try every way of splitting a long run between them ("9", a
 # thousand blank lines, then the reasons: minutes on an evaluation thread).
@@ -47,6 +50,20 @@ _LEADING = re.compile(
     rf"|[ \t]*+\**+[ \t]*+[-\u2013\u2014][ \t])",
     re.IGNORECASE,
 )
+# A leading score that is a range: "8 - 9", "**7 - 8**", "8/10 - 9/10" ("7 - 2 minor
+# issues" is a score and then its reasons: the second number is the smaller)
+_LEADING_RANGE = re.compile(
+    rf"[ \t]*+\**+[ \t]*+({_NUMBER})(?:[ \t]*+(?:/|out of)[ \t]*+\d+(?:\.\d+)?)?[ \t]*+\**+"
+    rf"[ \t]*+(?:-|\u2013|\u2014|to)[ \t]*+\**+[ \t]*+(\d+(?:\.\d+)?)", re.IGNORECASE)
+# A line that is a score and nothing else ("9", "**8/10**"), anywhere in the answer: the
+# score after the reasoning, or a second score after the first ("8\n9": two scores)
+_BARE_LINE = re.compile(rf"^[ \t]*+\**+[ \t]*+({_NUMBER})[ \t]*+(?:(?:/|out of)[ \t]*+"
+                        rf"(\d+(?:\.\d+)?))?[ \t]*+\**+[ \t]*+\.?[ \t]*+$",
+                        re.IGNORECASE | re.MULTILINE)
+# A score key of a JSON object in the prose after the JSON answer ('{"score": 8}' and then
+# '{"score": 3}': two scores)
+_JSON_SCORE = re.compile(rf"[\"'](?:score|rating|grade)[\"']\s*+:\s*+[\"']?({_NUMBER})"
+                         rf"(?:\s*+/\s*+(\d+(?:\.\d+)?))?", re.IGNORECASE)
 _THINK = re.compile(r"^\s*<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
 _THINK_OPEN = re.compile(r"^\s*<(?:think|thinking|reasoning)>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</(?:think|thinking|reasoning)>", re.IGNORECASE)
@@ -121,25 +138,35 @@ def _number(value: Any, raw: str, scale: float) -> float:
         raise _invalid(f"the score is {value!r}, not a number", raw)
     if isinstance(value, int | float):
         number = float(value)
+        decimal = isinstance(value, float)
     elif isinstance(value, str):
         match = _BARE.match(value)
         if not match:
             raise _invalid(f"the score {value!r} is not a number", raw)
-        number = float(match.group(1))
+        number = _float(match.group(1))
+        decimal = not match.group(1).lstrip("+-").isdigit()
         if match.group(2):
             denominator = float(match.group(2))
             stated = False
     else:
         raise _invalid(f"the score is a {type(value).__name__}, not a number", raw)
-    return _normalize(number, denominator, raw, stated=stated)
+    return _normalize(number, denominator, raw, stated=stated, decimal=decimal)
 
 
-def _normalize(number: float, denominator: float, raw: str, *, stated: bool = False) -> float:
+def _float(number: str) -> float:
+    """A number as the patterns match it (a decimal comma read as a point)."""
+    return float(number.replace(",", "."))
+
+
+def _normalize(number: float, denominator: float, raw: str, *, stated: bool = False,
+               decimal: bool = False) -> float:
     """`number` out of `denominator` as a fraction; a fraction states its own scale.
 
     `stated`: the denominator is the scale the prompt stated (the answer gave none). A
     score strictly between 0 and 1 on a stated scale of more than 1 is a 0-1 answer
-    (``{"score": 0.7}`` when asked for 0-10): read on the stated scale it was 0.07.
+    (``{"score": 0.7}`` when asked for 0-10): read on the stated scale it was 0.07. So is
+    a `decimal` 1 (``1.0``: the top of a 0-1 scale, read as 0.1 the best answers scored
+    lowest); an integer 1 is 1 on the stated scale.
     """
     if not math.isfinite(number):
         raise _invalid(f"the score {number} is not a finite number", raw)
@@ -147,10 +174,11 @@ def _normalize(number: float, denominator: float, raw: str, *, stated: bool = Fa
         raise _invalid(f"the score is out of {denominator:g}", raw)
     if number < 0 or number > denominator:
         raise _invalid(f"the score {number:g} is outside the scale 0-{denominator:g}", raw)
-    if stated and denominator > 1 and 0 < number < 1:
-        raise _invalid(f"the score {number:g} looks like it is on a 0-1 scale, not the stated "
+    if stated and denominator > 1 and (0 < number < 1 or (number == 1 and decimal)):
+        shown = f"{number:g}" if number < 1 else "1.0"
+        raise _invalid(f"the score {shown} looks like it is on a 0-1 scale, not the stated "
                        f"0-{denominator:g}", raw)
-    return number / denominator
+    return number / denominator + 0.0  # (+ 0.0: "-0" is 0, not -0.0)
 
 
 def _reasons_of(obj: Mapping[str, Any]) -> str:
@@ -230,13 +258,21 @@ def _candidates(body: str, raw: str, scale: float, quoted: Sequence[str],
     found: list[tuple[re.Match[str], float]] = []
     leading = _LEADING.match(body)
     if leading and keep(leading) and not _echoed(_line_of(body, leading), quoted):
+        ranged = _LEADING_RANGE.match(body, leading.start())
+        if ranged and float(ranged.group(2)) > _float(ranged.group(1)):
+            raise _invalid("the judge gave a range, not one score", raw)
         found.append((leading, _from_match(leading, raw, scale)))
     for match in _LABELLED.finditer(body):
         if not keep(match) or _echoed(_line_of(body, match), quoted):
             continue
         # "8 - 9" is a range; "7 - 2 minor issues" is a score and then its reasons
-        if match.group(3) and float(match.group(4)) > float(match.group(1)):
+        if match.group(3) and float(match.group(4)) > _float(match.group(1)):
             raise _invalid("the judge gave a range, not one score", raw)
+        found.append((match, _from_match(match, raw, scale)))
+    for match in _BARE_LINE.finditer(body):  # a score alone on its line, not one read above
+        if any(m.start() < match.end() and match.start() < m.end() for m, _ in found) or \
+                not keep(match) or _echoed(match.group(0), quoted):
+            continue
         found.append((match, _from_match(match, raw, scale)))
     return found
 
@@ -251,6 +287,8 @@ def _agreeing(score: float, prose: str, raw: str, scale: float, quoted: Sequence
 
     try:
         others = _candidates(prose, raw, scale, quoted, keep=stated)
+        others += [(m, _from_match(m, raw, scale)) for m in _JSON_SCORE.finditer(prose)
+                   if not _echoed(_line_of(prose, m), quoted)]
     except InvalidFeedbackValue:  # (a range, a score off the scale: not this one either)
         raise _invalid("the judge gave several different scores", raw) from None
     if any(not math.isclose(value, score) for _, value in others):
@@ -293,21 +331,27 @@ def parse_score(raw: str, scale: float = 10, *, quoted: Sequence[str] = ()) -> P
     found = _candidates(body, raw, scale, quoted)
     if not found:
         raise _invalid(f"no score on the scale 0-{scale:g} found", raw)
-    match, score = found[0]
+    score = found[0][1]
     if any(not math.isclose(value, score) for _, value in found):
         raise _invalid("the judge gave several different scores", raw)
-    # (a number after a dash that is no range is the reasons': "7 - 2 minor issues")
-    end = match.start(3) if match.re is _LABELLED and match.group(3) else match.end()
-    rest = body[:match.start()] + "\n" + body[end:]
-    for other, _ in found[1:]:  # the same score said again is no reason
-        rest = rest.replace(other.group(0), "", 1)
+    # The reasons are the rest: without the score, or the same score said again (cut out
+    # where it stands: a "8" said again is not the first "8" of "covers 8 facts"). (A
+    # number after a dash that is no range is the reasons': "7 - 2 minor issues".)
+    spans = sorted((m.start(), m.start(3) if m.re is _LABELLED and m.group(3) else m.end())
+                   for m, _ in found)
+    pieces, at = [], 0
+    for start, end in spans:
+        pieces.append(body[at:max(at, start)])
+        at = max(at, end)
+    rest = "\n".join([*pieces, body[at:]])
     return ParsedScore(score, _clean_reasons(rest))
 
 
 def _from_match(match: re.Match[str], raw: str, scale: float) -> float:
-    number = float(match.group(1))
+    number = _float(match.group(1))
     denominator = float(match.group(2)) if match.group(2) else scale
-    return _normalize(number, denominator, raw, stated=not match.group(2))
+    return _normalize(number, denominator, raw, stated=not match.group(2),
+                      decimal=not match.group(1).lstrip("+-").isdigit())
 
 
 def parse_statement_scores(raw: str, count: int, scale: float = 10) -> list[ParsedScore]:
@@ -335,7 +379,9 @@ def parse_statement_scores(raw: str, count: int, scale: float = 10) -> list[Pars
     if isinstance(data, Mapping):
         items = next((data[k] for k in ("statements", "verdicts", "scores") if k in data), None)
         if items is None and count == 1 and any(k in data for k in _SCORE_KEYS):
-            items = [data]
+            # one statement, one score: read as a plain score is, with the prose around
+            # it ('{"score": 8}' then '{"score": 3}' is two scores)
+            return [parse_score(raw, scale)]
     if not isinstance(items, list):
         raise _invalid("the judge's JSON has no list of statement verdicts", raw)
     if len(items) != count:
