@@ -664,3 +664,65 @@ def test_a_judge_giving_two_scores_a_range_or_a_0_1_top_score_fails(
         assert result.status is FeedbackStatus.FAILED, (name, result.result)
         assert result.result is None
         assert repr(answer) in result.calls[0].metadata.get("raw_value", ""), name
+
+
+# ---------------------------------------------------------------------------- rubrics
+def test_a_rubric_of_your_own_is_judged_like_the_built_in_criteria(session: Session) -> None:
+    log = Prompts()
+    judge = LLMJudge(FakeListChatModel(responses=['{"score": 9, "reasons": "courteous"}'],
+                                       callbacks=[log]))
+    polite = judge.rubric("politeness", "Rate how polite the ANSWER is to the user. 10 "
+                          "means courteous throughout; 0 means rude. {Braces} are fine.",
+                          fields=("answer",))
+    blunt = judge.rubric("bluntness", "Rate how blunt the ANSWER is to the QUESTION.",
+                         higher_is_better=False)
+    fb = Feedback(polite).on_output()
+    both = Feedback(blunt).on_input_output()
+    assert fb.name == "politeness"
+    assert both.higher_is_better is False
+    results = evaluate(session, [fb, both])
+    assert results["politeness"].status is FeedbackStatus.DONE, results["politeness"].error
+    assert results["politeness"].result == pytest.approx(0.9)
+    assert results["politeness"].explanation == "courteous"
+    assert results["bluntness"].status is FeedbackStatus.DONE, results["bluntness"].error
+    polite_prompt = next(p for p in log.prompts if "polite" in p)
+    assert "{Braces} are fine." in polite_prompt
+    assert f"<answer>\n{ANSWER}\n</answer>" in polite_prompt
+    assert "<question>" not in polite_prompt
+    blunt_prompt = next(p for p in log.prompts if "blunt" in p)
+    assert "<question>" in blunt_prompt
+    assert "<answer>" in blunt_prompt
+
+
+def test_a_rubric_whose_instructions_hold_a_score_line_never_reads_it_as_the_score(
+        session: Session) -> None:
+    """The judge echoing the rubric's own example line is no score of its own."""
+    instructions = "Rate the ANSWER's tone. Example of a reply line:\nScore: 7"
+    judge = LLMJudge(FakeListChatModel(responses=[instructions]))
+    tone = judge.rubric("tone", instructions, fields=("answer",))
+    result = evaluate(session, [Feedback(tone).on_output()])["tone"]
+    assert result.status is FeedbackStatus.FAILED
+    assert result.result is None
+
+
+def test_a_rubric_with_an_empty_field_is_skipped(session: Session) -> None:
+    judge = LLMJudge(FakeListChatModel(responses=['{"score": 9, "reasons": "ok"}']))
+    tone = judge.rubric("tone", "Rate the ANSWER's tone.", fields=("answer",))
+    result = evaluate(session, [Feedback(tone).on_output()], make_record(output=""))["tone"]
+    assert result.status is FeedbackStatus.SKIPPED
+    assert "empty" in (result.error or "")
+
+
+@pytest.mark.parametrize(("kwargs", "why"), [
+    ({"name": " ", "instructions": "Rate it."}, "needs a name"),
+    ({"name": "x", "instructions": ""}, "needs instructions"),
+    ({"name": "x", "instructions": "Rate it.", "fields": ("answer", "answer")}, "distinct"),
+    ({"name": "x", "instructions": "Rate it.", "fields": ("my answer",)}, "distinct"),
+    ({"name": "x", "instructions": "Rate it.", "fields": ()}, "distinct"),
+    ({"name": "x", "instructions": "Rate it.", "higher_is_better": "no"}, "True or False"),
+])
+def test_a_rubric_that_cannot_be_used_is_refused_saying_why(kwargs: dict[str, Any],
+                                                            why: str) -> None:
+    judge = LLMJudge(FakeListChatModel(responses=["8"]))
+    with pytest.raises(ConfigurationError, match=why):
+        judge.rubric(**kwargs)

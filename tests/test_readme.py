@@ -123,7 +123,8 @@ PLANS = (
         ''',
         postlude='''
             names = [f.name for f in feedbacks]
-            assert len(names) == len(set(names)) == 9, names
+            assert len(names) == len(set(names)) == 10, names
+            assert "politeness" in names
         ''',
     ),
     Plan(

@@ -67,8 +67,9 @@ class Feedback(_Feedback):
             raise ConfigurationError(
                 f"Feedback({', '.join(k + '=...' for k in llm)}): these shape the prompts of "
                 "TruLens's own LLM providers, which Scrutiny does not have; use a "
-                "scrutiny.providers.LLMJudge method as the function, or write the criterion "
-                "into your own feedback function")
+                "scrutiny.providers.LLMJudge method as the function, or put the criterion "
+                "in a rubric of your own: LLMJudge(model).rubric(name, instructions, "
+                "fields=(...))")
         if agg is not None:
             if "aggregate" in options:
                 raise ConfigurationError("give the aggregate once: agg= or aggregate=")

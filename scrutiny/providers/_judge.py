@@ -14,8 +14,10 @@ state by its last message), a question or a context by ``question``, ``input``, 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
-from collections.abc import Callable
+import keyword
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from scrutiny.core import (
@@ -28,6 +30,7 @@ from scrutiny.core import (
     add_evaluation_cost,
     suppress_recording,
 )
+from scrutiny.core._feedback import DEFAULTS_ATTRIBUTE
 from scrutiny.providers._budget import (
     OverBudget,
     TokenCounter,
@@ -37,7 +40,14 @@ from scrutiny.providers._budget import (
 from scrutiny.providers._errors import TransientJudgeError
 from scrutiny.providers._models import JudgeReply, backend_for, model_name
 from scrutiny.providers._parse import parse_score, parse_statement_scores
-from scrutiny.providers._prompts import CRITERIA, GROUNDEDNESS, SCALE, SYSTEM, Criterion
+from scrutiny.providers._prompts import (
+    CRITERIA,
+    GROUNDEDNESS,
+    SCALE,
+    SYSTEM,
+    Criterion,
+    custom_criterion,
+)
 from scrutiny.providers._text import as_text, contexts_text, split_statements
 
 __all__ = ["LLMJudge"]
@@ -229,8 +239,65 @@ class LLMJudge:
                  for i, (s, v) in enumerate(zip(statements, verdicts, strict=True), 1)]
         return score, "\n".join([*notices, *lines])
 
+    def rubric(self, name: str, instructions: str, *,
+               fields: Sequence[str] = ("question", "answer"),
+               higher_is_better: bool = True) -> Callable[..., Awaitable[tuple[float, str]]]:
+        """A feedback function that judges a criterion of your own.
+
+        ``polite = judge.rubric("politeness", "Rate how polite the ANSWER is to the user. "
+        "10 means courteous throughout; 5 means curt; 0 means rude.", fields=("answer",))``,
+        then ``Feedback(polite).on_output()``. The judge is shown your `instructions`, then
+        each of `fields` in its own tags (its parameters, in that order: wire them as any
+        feedback's, e.g. ``.on_input_output()`` for question and answer), and is asked for
+        a score from 0 to 10 with reasons, read as the built-in criteria are (budget,
+        retries, parsing, an echoed prompt never read as a score). The feedback is named
+        `name`. A field whose text is empty skips the result.
+
+        Raises:
+            ConfigurationError: a name, instructions or field that cannot be used.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigurationError(f"a rubric needs a name (the feedback's), got {name!r}")
+        if not isinstance(instructions, str) or not instructions.strip():
+            raise ConfigurationError(
+                "a rubric needs instructions: what to rate, and what 0, 5 and 10 mean")
+        names = tuple(fields) if not isinstance(fields, str) else (fields,)
+        bad = [f for f in names if not isinstance(f, str) or not f.isidentifier()
+               or keyword.iskeyword(f)]
+        if not names or bad or len(set(names)) != len(names):
+            raise ConfigurationError(
+                f"fields must be distinct parameter names, such as ('question', 'answer'), "
+                f"got {fields!r}")
+        if not isinstance(higher_is_better, bool):
+            raise ConfigurationError(
+                f"higher_is_better must be True or False, got {higher_is_better!r}")
+        criterion = custom_criterion(name.strip(), instructions, names, higher_is_better)
+        quoted = (instructions,)  # (a model echoing them is not giving a score)
+        judge = self
+
+        async def judged(*args: Any, **values: Any) -> tuple[float, str]:
+            values.update(zip(names, args, strict=False))
+            return await judge._judge_fields(criterion, values, quoted)
+
+        judged.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter(f, inspect.Parameter.POSITIONAL_OR_KEYWORD) for f in names])
+        judged.__name__ = judged.__qualname__ = criterion.name
+        judged.__doc__ = instructions
+        defaults: dict[str, Any] = {"name": criterion.name,
+                                    "higher_is_better": higher_is_better, "retry": self.retry}
+        if self.rate_limit is not None:
+            defaults["rate_limit"] = self.rate_limit
+        if self.timeout is not None:
+            defaults["timeout"] = self.timeout
+        setattr(judged, DEFAULTS_ATTRIBUTE, defaults)
+        return judged
+
     # ------------------------------------------------------------------ internals
     async def _judge(self, criterion: Criterion, **values: Any) -> tuple[float, str]:
+        return await self._judge_fields(criterion, values)
+
+    async def _judge_fields(self, criterion: Criterion, values: dict[str, Any],
+                            also_quoted: Sequence[str] = ()) -> tuple[float, str]:
         fields = {name: as_text(values[name], answer=name in _ANSWER_FIELDS)
                   for name in criterion.fields}
         empty = [name for name, text in fields.items() if not text.strip()]
@@ -242,7 +309,7 @@ class LLMJudge:
         fitted = fit_prompt(fixed, fields, max_tokens=self.max_prompt_tokens,
                             on_over_budget=self.on_over_budget, count=self.count_tokens)
         reply = await self._ask(criterion.template.format(**fitted.fields))
-        quoted = [v for v in fitted.fields.values() if v]
+        quoted = [v for v in fitted.fields.values() if v] + list(also_quoted)
         parsed = _checked(reply, lambda t: parse_score(t, SCALE, quoted=quoted))
         explanation = parsed.reasons or "(the judge gave no reasons)"
         if fitted.notice:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CRITERIA", "GROUNDEDNESS", "SCALE", "SYSTEM", "Criterion"]
+__all__ = ["CRITERIA", "GROUNDEDNESS", "SCALE", "SYSTEM", "Criterion", "custom_criterion"]
 
 SCALE = 10
 
@@ -113,3 +113,14 @@ GROUNDEDNESS = Criterion(
     '"reason": "<a short phrase>"}}]}}',
     ("contexts", "statements"),
 )
+
+
+def custom_criterion(name: str, instructions: str, fields: tuple[str, ...],
+                     higher_is_better: bool) -> Criterion:
+    """A criterion of the user's own: their `instructions` (what to rate, and what 0, 5 and
+    10 mean), then each field's text in its own tags, then the reply format."""
+    shown = "\n\n".join(f"<{field}>\n{{{field}}}\n</{field}>" for field in fields)
+    escaped = instructions.strip().replace("{", "{{").replace("}", "}}")
+    template = (f"{escaped}\nRate it on the scale from 0 to 10 as these instructions "
+                f"define it.\n\n{shown}\n\n" + _REPLY)
+    return Criterion(name, template, fields, higher_is_better=higher_is_better)
