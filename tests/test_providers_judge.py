@@ -389,6 +389,28 @@ def test_a_llama_index_answer_cut_off_by_the_sdk_fails(session: Session) -> None
     assert coherence.cost == {"prompt_tokens": 50, "completion_tokens": 8, "total_tokens": 58}
 
 
+def test_a_llama_index_gemini_answers_usage_is_its_cost(session: Session) -> None:
+    """LlamaIndex's Gemini LLMs keep the token counts under `raw["usage_metadata"]`
+    (prompt_token_count, candidates_token_count): they were not read, so cost was None."""
+    pytest.importorskip("llama_index.core")
+    from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole
+    from llama_index.core.llms.mock import MockFunctionCallingLLM
+
+    class GeminiShaped(MockFunctionCallingLLM):
+        async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+            return ChatResponse(
+                message=ChatMessage(role=MessageRole.ASSISTANT,
+                                    content='{"score": 7, "reasons": "clear"}'),
+                raw={"usage_metadata": {"prompt_token_count": 41,
+                                        "candidates_token_count": 9,
+                                        "total_token_count": 50}})
+
+    result = evaluate(session, [Feedback(LLMJudge(GeminiShaped()).coherence).on_output()])
+    coherence = result["coherence"]
+    assert coherence.status is FeedbackStatus.DONE, coherence.error
+    assert coherence.cost == {"prompt_tokens": 41, "completion_tokens": 9, "total_tokens": 50}
+
+
 @pytest.mark.parametrize("max_tokens", [None, 5])
 def test_llama_index_mock_llm_answers_are_never_scored(session: Session,
                                                        max_tokens: int | None) -> None:

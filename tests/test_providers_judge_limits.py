@@ -389,6 +389,27 @@ def test_transient_classification_follows_status_codes_and_names() -> None:
     assert TransientJudgeError("x", retry_after=1.5).retry_after == 1.5
 
 
+def test_bedrock_throttling_is_transient_though_its_class_is_a_generic_client_error() -> None:
+    """botocore raises one ClientError class for every service error; throttling is in its
+    response dict (error code and HTTP status): it was not retried."""
+    from scrutiny.providers._models import is_transient
+
+    class ClientError(Exception):  # (botocore.exceptions.ClientError's shape)
+        def __init__(self, code: str, status: int) -> None:
+            super().__init__(f"An error occurred ({code})")
+            self.response = {"Error": {"Code": code, "Message": "..."},
+                              "ResponseMetadata": {"HTTPStatusCode": status}}
+
+    assert is_transient(ClientError("ThrottlingException", 400))
+    assert is_transient(ClientError("ServiceUnavailableException", 503))
+    assert is_transient(ClientError("ModelNotReadyException", 429))
+    assert not is_transient(ClientError("ValidationException", 400))
+    assert not is_transient(ClientError("AccessDeniedException", 403))
+    wrapped = ValueError("Error raised by bedrock service")
+    wrapped.__cause__ = ClientError("ThrottlingException", 400)
+    assert is_transient(wrapped)
+
+
 # ---------------------------------------------------------------------------- budget
 def test_over_budget_prompts_are_truncated_with_a_notice(session: Session) -> None:
     log = CallLog()

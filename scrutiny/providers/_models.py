@@ -113,8 +113,22 @@ def _status(exc: BaseException) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     response = getattr(exc, "response", None)
-    value = getattr(response, "status_code", None) or getattr(response, "status", None)
+    if isinstance(response, Mapping):  # (botocore's ClientError: a parsed response dict)
+        meta = response.get("ResponseMetadata")
+        value = meta.get("HTTPStatusCode") if isinstance(meta, Mapping) else None
+    else:
+        value = getattr(response, "status_code", None) or getattr(response, "status", None)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _error_code(exc: BaseException) -> str:
+    """The service's error code when the error carries one in a response dict (botocore:
+    ``{"Error": {"Code": "ThrottlingException"}}``, the class being a generic
+    ClientError), lowercased; else ""."""
+    response = getattr(exc, "response", None)
+    error = response.get("Error") if isinstance(response, Mapping) else None
+    code = error.get("Code") if isinstance(error, Mapping) else None
+    return code.lower() if isinstance(code, str) else ""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -122,8 +136,9 @@ def is_transient(exc: BaseException) -> bool:
 
     Recognised without importing any SDK: by HTTP status attributes and by the names of
     the error's classes (``RateLimitError``, ``APITimeoutError``, ``ServiceUnavailable``,
-    httpx's ``NetworkError`` and ``RemoteProtocolError``...), following ``raise ... from``
-    chains.
+    httpx's ``NetworkError`` and ``RemoteProtocolError``...) or, for botocore's generic
+    ``ClientError``, of its error code (``ThrottlingException``...) and the HTTP status in
+    its response dict; following ``raise ... from`` chains.
     """
     for err in _chain(exc):
         if isinstance(err, TransientJudgeError | TimeoutError | ConnectionError):
@@ -132,6 +147,7 @@ def is_transient(exc: BaseException) -> bool:
         if status is not None and status in _TRANSIENT_STATUS:
             return True
         names = [cls.__name__.lower() for cls in type(err).__mro__]
+        names.append(_error_code(err))  # (Bedrock's throttling has no class of its own)
         if any(key in name for name in names for key in _TRANSIENT_NAMES):
             return True
     return False
@@ -423,9 +439,11 @@ class _LlamaIndexBackend:
         if text is None:
             raise _not_text(self.name, response)
         raw = getattr(response, "raw", None)
-        raw_usage = raw.get("usage") if isinstance(raw, Mapping) else getattr(raw, "usage", None)
-        usage = _usage_from(raw_usage) or _usage_from(
-            getattr(response, "additional_kwargs", None))
+        usage = None
+        for key in ("usage", "usage_metadata"):  # (OpenAI & co.; Gemini's usage_metadata)
+            found = raw.get(key) if isinstance(raw, Mapping) else getattr(raw, key, None)
+            usage = usage or _usage_from(found)
+        usage = usage or _usage_from(getattr(response, "additional_kwargs", None))
         reason = None
         choices = raw.get("choices") if isinstance(raw, Mapping) else getattr(raw, "choices",
                                                                               None)
