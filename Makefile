@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) bench/pii.py
 	$(PY) bench/parse.py
 	$(PY) bench/embeddings.py
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
