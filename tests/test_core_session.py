@@ -2091,3 +2091,35 @@ def test_an_async_session_listener_is_run_to_its_end(session: Session) -> None:
     session.ingest(make_record(), [fb])
     assert heard.wait(10)
     assert got == [0.5]
+
+
+def test_a_replaced_stuck_thread_ends_once_its_call_comes_back(tmp_path: Path) -> None:
+    """The pool grows by one thread per call stuck past its timeout; when the stuck call
+    returns after all, the pool shrinks back to its size (thread count stays flat)."""
+    release = threading.Event()
+    stuck_on: list[threading.Thread] = []
+
+    def hangs(output: str) -> float:
+        stuck_on.append(threading.current_thread())
+        release.wait(30)
+        return 0.0
+
+    hung = Feedback(hangs, timeout=0.2).on_output()
+    fine = Feedback(lambda output: 1.0, name="fine", timeout=5).on_output()
+    try:
+        with Session(f"sqlite:///{tmp_path}/p.sqlite", thread_pool_size=1) as s:
+            [first] = s.ingest(make_record(0), [hung]).wait_for_feedback_results(
+                timeout=20).values()
+            assert first.status is FeedbackStatus.FAILED
+            [ok] = s.ingest(make_record(1), [fine]).wait_for_feedback_results(
+                timeout=20).values()
+            assert ok.status is FeedbackStatus.DONE, ok.error  # (on the replacement)
+            assert s._loop is not None
+            pool = s._loop._pool
+            assert len(pool._threads) == 2
+            release.set()
+            stuck_on[0].join(10)  # the stuck call came back: its thread is the extra one
+            assert not stuck_on[0].is_alive()
+            assert len(pool._threads) == 1
+    finally:
+        release.set()
