@@ -54,6 +54,19 @@ def _chat_graph() -> Any:
     return graph.compile()
 
 
+def _in_a_row(state: Any, *steps: Any) -> Any:
+    """A graph running `steps` (functions, named after themselves) one after another,
+    with an in-memory checkpointer (so runs can pause and resume)."""
+    graph = StateGraph(state)
+    previous = START
+    for step in steps:
+        graph.add_node(step.__name__, step)
+        graph.add_edge(previous, step.__name__)
+        previous = step.__name__
+    graph.add_edge(previous, END)
+    return graph.compile(checkpointer=InMemorySaver())
+
+
 @pytest.mark.parametrize("messages", [
     [("user", "What is the weather in Ireland?")],
     [{"role": "user", "content": "What is the weather in Ireland?"}],
@@ -153,11 +166,7 @@ def test_a_resumed_run_records_the_answer_it_was_resumed_with(session: Session) 
         approved = interrupt("Book the flight?")
         return {"messages": [AIMessage(content=f"Booked: {approved}")]}
 
-    graph = StateGraph(MessagesState)
-    graph.add_node("ask", ask)
-    graph.add_edge(START, "ask")
-    graph.add_edge("ask", END)
-    app = graph.compile(checkpointer=InMemorySaver())
+    app = _in_a_row(MessagesState, ask)
     config: Any = {"configurable": {"thread_id": "t1"}}
     recorder = ChainRecorder(app, app_name="hitl", session=session)
     app.invoke({"messages": [("user", "Fly me to Dublin")]}, config)
@@ -177,13 +186,7 @@ def test_a_run_paused_by_interrupt_is_marked_interrupted(session: Session) -> No
         verdict = interrupt({"approve": state["generation"]})
         return {"generation": f"{state['generation']} ({verdict})"}
 
-    graph = StateGraph(RagState)
-    graph.add_node("draft", draft)
-    graph.add_node("review", review)
-    graph.add_edge(START, "draft")
-    graph.add_edge("draft", "review")
-    graph.add_edge("review", END)
-    app = graph.compile(checkpointer=InMemorySaver())
+    app = _in_a_row(RagState, draft, review)
     config: Any = {"configurable": {"thread_id": "t2"}}
     recorder = ChainRecorder(app, app_name="review", session=session)
     with recorder as paused:
@@ -249,11 +252,7 @@ def test_a_long_chat_is_stored_compressed_and_read_back_whole(tmp_path: Path) ->
     def agent(state: MessagesState) -> dict[str, Any]:
         return {"messages": [model.invoke(state["messages"])]}
 
-    graph = StateGraph(MessagesState)
-    graph.add_node("agent", agent)
-    graph.add_edge(START, "agent")
-    graph.add_edge("agent", END)
-    app = graph.compile(checkpointer=InMemorySaver())
+    app = _in_a_row(MessagesState, agent)
     path = tmp_path / "chat.sqlite"
     config: Any = {"configurable": {"thread_id": "t1"}}
     with Session(f"sqlite:///{path}") as session:
@@ -285,11 +284,7 @@ def test_a_run_paused_before_it_answered_records_what_it_asked(session: Session)
         city = interrupt("Which city?")
         return {"generation": f"Trip to {city}"}
 
-    graph = StateGraph(RagState)
-    graph.add_node("clarify", clarify)
-    graph.add_edge(START, "clarify")
-    graph.add_edge("clarify", END)
-    app = graph.compile(checkpointer=InMemorySaver())
+    app = _in_a_row(RagState, clarify)
     config: Any = {"configurable": {"thread_id": "t3"}}
     recorder = ChainRecorder(app, app_name="trip", session=session)
     with recorder as recording:
