@@ -122,6 +122,27 @@ def test_two_recorders_with_batch_and_threads(session: Session) -> None:
     assert all(len(r.spans) == 4 for r in [*ones.records, *twos.records])
 
 
+@pytest.mark.parametrize("how", ["abatch", "abatch_as_completed"])
+async def test_two_recorders_with_abatch(session: Session, how: str) -> None:
+    """A sequence's `abatch` starts each input's run in a task of its own (gather), whose
+    stack does not reach the app's method: the other open recorder recorded every input
+    of the batch as a call of its app too."""
+    first, second = qa_chain("first"), qa_chain("second")
+    rec_1 = ChainRecorder(first, app_name="first", session=session)
+    rec_2 = ChainRecorder(second, app_name="second", session=session)
+    inputs = [{"question": f"q{i}"} for i in range(3)]
+    async with rec_1 as ones, rec_2 as twos:
+        if how == "abatch":
+            assert await first.abatch(inputs) == ["first"] * 3
+        else:
+            assert [out async for _, out in first.abatch_as_completed(inputs)] == \
+                ["first"] * 3
+        assert await second.ainvoke({"question": "t"}) == "second"
+    assert sorted(r.input for r in ones.records) == ["q0", "q1", "q2"]
+    assert [r.input for r in twos.records] == ["t"]
+    assert app_ids(session) == ["first:v1"] * 3 + ["second:v1"]
+
+
 def test_a_chain_called_in_a_tool_of_another_recorded_chain(session: Session) -> None:
     """The expert's recorder recorded the whole outer call as the expert's (input, output
     and spans of the outer app), and never the expert's own call."""

@@ -261,17 +261,96 @@ def _claim(mine: Any, blocks: tuple[Any, ...], inside_foreign: bool) -> bool | N
         return True
     if not apps:
         return None
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(_CLAIM_FRAMES):
-        if frame is None:
-            break
+    budget = [_CLAIM_FRAMES]
+    owner = _app_on(_stack(sys._getframe(2), budget), apps, budget)
+    if owner is None:  # a task started for the call (abatch gathers one per input)
+        owner = _app_of_awaiters(apps, budget)
+    return None if owner is None else (app is not None and owner is app)
+
+
+def _stack(frame: FrameType | None, budget: list[int]) -> Any:
+    while frame is not None and budget[0] > 0:
+        yield frame
+        frame = frame.f_back
+
+
+def _app_on(frames: Any, apps: dict[int, Any], budget: list[int]) -> Any:
+    """The innermost of `apps` running a method in `frames` (innermost first)."""
+    for frame in frames:
+        budget[0] -= 1
         code = frame.f_code
         if code.co_argcount and code.co_varnames[0] == "self":
             owner = frame.f_locals.get("self")
             if id(owner) in apps and apps[id(owner)] is owner:
-                return app is not None and owner is app
-        frame = frame.f_back
+                return owner
     return None
+
+
+_AWAITER_HOPS = 8
+
+
+def _app_of_awaiters(apps: dict[int, Any], budget: list[int]) -> Any:
+    """The app running a method in a task that waits for this one (found on no stack of
+    this task): LangChain's `abatch` of a sequence starts each input's run in a task of
+    its own (``asyncio.gather``), whose stack begins at the callback manager; the app's
+    method is in the task that gathers them. Followed through what asyncio links a task
+    to its waiters by: the wakeup of a task awaiting it, `gather`'s outer future, a
+    TaskGroup's parent task."""
+    try:
+        task: Any = asyncio.current_task()
+    except RuntimeError:  # (no running loop in this thread)
+        return None
+    seen: set[int] = set()
+    futures = [] if task is None else [task]
+    for _ in range(_AWAITER_HOPS):
+        waiting: list[Any] = []
+        for future in futures:
+            if id(future) in seen:
+                continue
+            seen.add(id(future))
+            for callback, _context in getattr(future, "_callbacks", None) or ():
+                for waiter in _waiters_in(callback, future):
+                    if isinstance(waiter, asyncio.Task):
+                        owner = _app_on(_task_frames(waiter), apps, budget)
+                        if owner is not None:
+                            return owner
+                    waiting.append(waiter)
+        if not waiting or budget[0] <= 0:
+            return None
+        futures = waiting
+    return None
+
+
+def _waiters_in(callback: Any, future: Any) -> list[Any]:
+    owner = getattr(callback, "__self__", None)
+    if isinstance(owner, asyncio.Future):  # the wakeup of a task awaiting it
+        return [owner]
+    parent = getattr(owner, "_parent_task", None)  # a TaskGroup's done callback
+    if isinstance(parent, asyncio.Future):
+        return [parent]
+    found = []
+    for cell in getattr(callback, "__closure__", None) or ():  # gather's outer future
+        try:
+            value = cell.cell_contents
+        except ValueError:  # (an empty cell)
+            continue
+        if isinstance(value, asyncio.Future) and value is not future:
+            found.append(value)
+    return found
+
+
+def _task_frames(task: Any) -> list[FrameType]:
+    """A suspended task's frames, innermost first (its coroutines' chain of awaits)."""
+    frames: list[FrameType] = []
+    coro = task.get_coro()
+    while coro is not None and len(frames) < _CLAIM_FRAMES:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(frame)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    frames.reverse()
+    return frames
 
 
 def _log_failure(callback: str) -> None:
