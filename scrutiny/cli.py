@@ -223,7 +223,8 @@ class _Progress:
               help="Seconds to wait when nothing is pending.")
 @click.option("--grace", default=30.0, show_default=True,
               type=click.FloatRange(min=0, max=86_400),
-              help="On SIGTERM/SIGINT, seconds to finish claimed work before releasing it.")
+              help="On SIGTERM/SIGINT, seconds to finish claimed work before releasing it "
+                   "(a second signal releases it at once).")
 @click.option("--log-every", default=10.0, show_default=True,
               type=click.FloatRange(min=0.1, max=86_400),
               help="Seconds between progress lines.")
@@ -260,9 +261,17 @@ def worker(database_url: str | None, table_prefix: str, concurrency: int,
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
-        logger.info("received %s: finishing claimed work (up to %.0fs), claiming no more",
-                    signal.Signals(signum).name, grace)
+        # (each state is set before it is logged: a signal arriving while this handler
+        # logs runs the handler again inside it, and must find the first one counted)
+        if stopping.is_set():  # told twice: the claimed work goes back now
+            session._cut_close_short()
+            logger.info("received %s again: releasing the unfinished work as pending now",
+                        signal.Signals(signum).name)
+            return
         stopping.set()
+        logger.info("received %s: finishing claimed work (up to %.0fs), claiming no more; "
+                    "send it again to release the unfinished work at once",
+                    signal.Signals(signum).name, grace)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

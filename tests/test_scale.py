@@ -383,6 +383,40 @@ def test_sigterm_releases_unfinished_claims(pg: tuple[str, str], tmp_path: Path)
         assert [(r["status"], r["worker_id"]) for r in rows] == [("pending", None)]
 
 
+@pytest.mark.timeout(120)
+def test_a_second_sigterm_releases_the_claims_at_once(pg: tuple[str, str],
+                                                       tmp_path: Path) -> None:
+    """A worker told to stop waits up to --grace for its claimed work; told again, it
+    used to go on waiting (a minute here) where an operator expects it to let go now."""
+    url, prefix = pg
+    flag = tmp_path / "hang"
+    flag.write_text("1")
+    with Session(url, table_prefix=prefix, feedback_mode="deferred") as app:
+        app.ingest(make_record(), [Feedback(fbs.hangs_once).on_output()])
+        assert app.flush(10)
+        worker = _worker(url, prefix, "--grace", "300", env={"SCRUTINY_TEST_HANG": str(flag)})
+        _wait_until(lambda: Path(str(flag) + ".started").exists(), 60, "the claim")
+        try:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.stdout is not None
+            lines = []
+            while not lines or "claiming no more" not in lines[-1]:  # (heard the first)
+                line = worker.stdout.readline()
+                assert line, "".join(lines)
+                lines.append(line)
+            worker.send_signal(signal.SIGTERM)
+            out, _ = worker.communicate(timeout=20)  # (the feedback itself hangs for 60 s)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate(timeout=30)
+        assert worker.returncode == 0, out
+        assert "releasing the unfinished work as pending now" in out
+        assert "released as pending" in out
+        rows = app.store.records_and_results()[1]
+        assert [(r["status"], r["worker_id"]) for r in rows] == [("pending", None)]
+
+
 @pytest.mark.filterwarnings("ignore:.*was deleted while still open:ResourceWarning")
 def test_dropped_connection_is_survived(pg: tuple[str, str]) -> None:
     # The test kills the session's server connections under it; psycopg can then leave

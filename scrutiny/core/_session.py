@@ -159,6 +159,10 @@ class FeedbackMode(str, enum.Enum):
 _last_session: Session | None = None
 
 
+_HURRIED_SECONDS = 2.0
+"""What a close told to hurry still gives the rest: releasing the unfinished, storing."""
+
+
 class Session(SessionReading):
     """Stores records and evaluates their feedback.
 
@@ -283,6 +287,7 @@ class Session(SessionReading):
         # only waited on here holds none). Workers size their claims by it.
         self._evaluating = 0
         self._left_pending = 0  # results close() left unfinished (pending in the database)
+        self._hurried = False  # close() told to stop waiting (see _cut_close_short)
         self._unstored_ends = 0  # end states told to waiters but not stored (see _finish)
         self._unmaterialized = 0  # accepted records whose results are not made yet
         # On the evaluation loop only: evaluations started, not ended, running not stored.
@@ -493,6 +498,8 @@ class Session(SessionReading):
             # part of the time for that (it ran up to a second and a half past the timeout).
             reserve = min(1.0, timeout / 4)
             clean = self._wait_outstanding(deadline - reserve) and clean
+            if self._hurried:  # what is left is released now, not at the deadline
+                deadline = min(deadline, time.monotonic() + _HURRIED_SECONDS)
             if self._loop is not None:
                 self._loop.close(max(0.05, (deadline - time.monotonic()) / 2))
             with self._outstanding_cond:
@@ -567,10 +574,18 @@ class Session(SessionReading):
         with self._outstanding_cond:
             while self._inflight or self._unmaterialized:
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                if (remaining is not None and remaining <= 0) or self._hurried:
                     return False
                 self._outstanding_cond.wait(remaining)
         return True
+
+    def _cut_close_short(self) -> None:
+        """Make a :meth:`close` under way stop waiting for unfinished evaluations: they are
+        cancelled and released as `pending` now, not at its deadline (a worker told to
+        stop a second time). Safe to call from a signal handler."""
+        self._hurried = True
+        with self._outstanding_cond:
+            self._outstanding_cond.notify_all()
 
     def _redacted_url(self) -> str:
         from scrutiny.core.storage import redact_url
