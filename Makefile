@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) bench/dashboard.py
 	$(PY) bench/pii.py
 	$(PY) bench/parse.py
+	$(PY) bench/lexical.py
 	$(PY) bench/embeddings.py
 	$(PY) bench/memory.py
 

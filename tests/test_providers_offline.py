@@ -94,6 +94,35 @@ def test_rouge_l_on_a_fixed_pair() -> None:
         Rouge("rouge-x")
 
 
+def test_rouge_l_counts_the_common_subsequence_as_rouge_score_does() -> None:
+    """The bit-parallel count against rouge-score's own table, on random sequences over
+    small vocabularies (many ties and repeats), of unequal lengths and empty."""
+    pytest.importorskip("rouge_score")
+    import random
+
+    from rouge_score import rouge_scorer
+
+    from scrutiny.providers._lexical import lcs_length
+
+    rng = random.Random(7)
+    for _ in range(300):
+        vocabulary = "abcdefgh"[:rng.randint(1, 8)]
+        a = [rng.choice(vocabulary) for _ in range(rng.randint(0, 70))]
+        b = [rng.choice(vocabulary) for _ in range(rng.randint(0, 70))]
+        table = rouge_scorer._lcs_table(a, b)
+        assert lcs_length(a, b) == table[-1][-1] == lcs_length(b, a), (a, b)
+    # whole texts, stemmed, through the feedback and through rouge-score's scorer
+    words = ["the", "a", "quick", "brown", "fox", "jumps", "jumped", "over", "lazy", "dog",
+             "dogs", "paris", "river"]
+    ours = Rouge("rougeL")
+    theirs = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for n in (1, 5, 40, 400):
+        answer = " ".join(rng.choice(words) for _ in range(n))
+        expected = " ".join(rng.choice(words) for _ in range(n + 3))
+        score, _ = ours(answer, expected)
+        assert score == pytest.approx(theirs.score(expected, answer)["rougeL"].fmeasure)
+
+
 def test_regex_contains_and_length_bounds() -> None:
     has_year = Regex(r"\b(19|20)\d{2}\b", name="has_year")
     assert has_year("Founded in 1998.")[0] == 1.0
