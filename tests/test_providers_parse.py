@@ -251,3 +251,38 @@ def test_decimal_commas_and_a_score_after_the_reasons_are_read(answer: str, scor
     assert parsed.score == pytest.approx(score)
     assert str(parsed.score) != "-0.0"
     assert parsed.reasons == reasons
+
+
+@pytest.mark.parametrize(("answer", "score", "reasons"), [
+    # a judge answers in the language it is spoken to: every one of these was "no score"
+    ("Puntuación: 8\nRazones: responde a la pregunta", 0.8, "responde a la pregunta"),
+    ("Note : 7/10\nRaisons : pertinent", 0.7, "pertinent"),
+    ("Bewertung: 9 von 10 - beantwortet die Frage", 0.9, "beantwortet die Frage"),
+    ("Punteggio: 6 su 10\nMotivazione: in parte", 0.6, "in parte"),
+    ("Pontuação: 8/10 - relevante", 0.8, "relevante"),
+    ("Nota: 9\nRazones: responde", 0.9, "responde"),
+    ("Оценка: 7\nОбоснование: по теме", 0.7, "по теме"),
+    ("评分：8\n理由：回答了问题", 0.8, "回答了问题"),
+    ("点数：9\n理由：完全に関連", 0.9, "完全に関連"),
+    ("8 de 10 - responde", 0.8, "responde"),
+    ('{"puntuación": 7, "razones": "bien"}', 0.7, "bien"),
+    ('{"Bewertung": 4, "Begründung": "knapp"}', 0.4, "knapp"),
+])
+def test_scores_labelled_in_other_languages_are_read(answer: str, score: float,
+                                                     reasons: str) -> None:
+    parsed = parse_score(answer, 10)
+    assert parsed.score == pytest.approx(score)
+    assert parsed.reasons == reasons
+
+
+@pytest.mark.parametrize(("answer", "why"), [
+    # "Note" and "Nota" also mean a remark: a count in one is not a score
+    ("Note: 3 of the contexts are off topic", "no score"),
+    ("Nota: 2 contesti non sono pertinenti", "no score"),
+    ("Score: 8\nNote: 3/10 of it is filler", "several different scores"),
+    ("Puntuación: 8\nPuntuación: 3", "several different scores"),
+    ("Оценка: 12", "outside the scale"),
+])
+def test_labels_in_other_languages_do_not_misread(answer: str, why: str) -> None:
+    with pytest.raises(InvalidFeedbackValue, match=why):
+        parse_score(answer, 10)

@@ -3,7 +3,9 @@
 A judge is asked for JSON (``{"score": <0-10>, "reasons": "..."}``) on a stated scale. Its
 answer is accepted when it is that JSON, a bare number on the scale (``"7"``, ``"7/10"``),
 a first line that is a score followed by reasons (``"8/10 - mostly relevant"``), or plain
-text with ``Score: 7`` lines (or lines that are only a score, after the reasons) that agree;
+text with ``Score: 7`` lines (or lines that are only a score, after the reasons) that agree
+(labelled in the judge's language too: ``Puntuación: 7``, ``Note : 7/10``, ``评分`` and a
+full-width colon);
 a decimal comma is a decimal (``"8,5"``). A reasoning model's ``<think>...</think>`` block
 before its answer is set aside. Everything else — no number, invalid or cut-off JSON, a
 reasoning block that never closes, a number outside the scale, a fraction such as ``0.7``
@@ -27,17 +29,61 @@ from scrutiny.core import InvalidFeedbackValue
 __all__ = ["ParsedScore", "parse_score", "parse_statement_scores"]
 
 _FENCE_LANGUAGE = re.compile(r"[a-zA-Z]*+")
+# A judge answers in the language it is spoken to (a rubric in Italian, a question in
+# Spanish): "Punteggio: 8", "Note : 7/10", "评分" and a full-width colon, then 8, are scores
+# as "Score: 8" is. The words that also mean a remark ("Note:", "Nota:" — "Note: 3 contexts
+# are off topic") are a score only with their scale ("Note : 8/10") or alone on their line
+# ("Nota: 9").
+_SCORE_KEYS = (
+    "score", "rating", "grade", "puntuación", "puntuacion", "puntaje", "calificación",
+    "calificacion", "valoración", "punteggio", "voto", "valutazione", "pontuação",
+    "pontuacao", "avaliação", "bewertung", "wertung", "punktzahl", "punkte", "beoordeling",
+    "cijfer", "ocena", "wynik", "puan", "skor", "оценка", "балл", "баллы", "баллов",
+    "рейтинг", "评分", "分数", "得分", "打分", "評分", "分數", "スコア", "評価", "点数",
+    "점수", "평가")
+
+
+def _one_of(words: Sequence[str]) -> str:
+    """A pattern matching any of `words`, factored by their common beginnings: the regex
+    engine tries a plain alternation's words one by one at every position of the text
+    (fifty words made parsing three times slower); a tree of them, one letter at a time."""
+    tree: dict[str, Any] = {}
+    for word in words:
+        node = tree
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def pattern(node: dict[str, Any]) -> str:
+        branches = [re.escape(char) + pattern(child) for char, child in node.items() if char]
+        if not branches:
+            return ""
+        group = branches[0] if len(branches) == 1 and len(branches[0]) == 1 else \
+            f"(?:{'|'.join(branches)})"
+        return f"{group}?" if "" in node else group
+
+    return pattern(tree)
+
+
+_SCORE_WORDS = _one_of(_SCORE_KEYS)
+_REMARK_WORDS = r"note|nota"
+# "out of", as the scale is said: "8/10", "8 out of 10", "8 sur 10", "8 su 10", "8 von 10",
+# "8 de 10", "8 van 10", "8 из 10", "8 na 10"
+_OUT_OF = r"(?:/|\uff0f|out\s++of|sur|su|von|de|van|из|na)"  # (\uff0f: a full-width slash)
+_COLON = r"[:=\uff1a]"  # (\uff1a: a full-width colon)
 # (a decimal comma too, as French, German or Spanish write a score: "8,5" is 8.5, not 8 and
 # the reasons "5"; "8, because" and "1,000" are no decimals)
 _NUMBER = r"[-+]?\d+(?:\.\d+|,\d{1,2}(?![\d,]))?"
 # Possessive quantifiers ("*+") throughout: runs of spaces and stars next to each other,
 # each optional, let the engine try every way of splitting a long run between them ("9", a
 # thousand blank lines, then the reasons: minutes on an evaluation thread).
-_BARE = re.compile(rf"^\s*+\**+\s*+({_NUMBER})\s*+(?:(?:/|out of)\s*+(\d+(?:\.\d+)?))?"
+_BARE = re.compile(rf"^\s*+\**+\s*+({_NUMBER})\s*+(?:{_OUT_OF}\s*+(\d+(?:\.\d+)?))?"
                    rf"\s*+\**+\s*+\.?\s*+$", re.IGNORECASE)
 _LABELLED = re.compile(
-    rf"(?<![\w\"'])(?:final\s+)?(?:score|rating|grade)\s*+\**+\s*+[:=]\s*+\**+\s*+({_NUMBER})"
-    rf"(?![\d.]*[eE][-+]?\d)\**+\s*+(?:(?:/|out of)\s*+\**+\s*+(\d+(?:\.\d+)?))?"
+    rf"(?<![\w\"'])(?:final\s+)?(?:{_SCORE_WORDS}|(?:{_REMARK_WORDS})(?=\s*+\**+\s*+{_COLON}"
+    rf"\s*+\**+\s*+{_NUMBER}\**+(?:\s*+{_OUT_OF}\s*+\**+\s*+\d|[ \t]*+\.?[ \t]*+(?:\n|$))))"
+    rf"\s*+\**+\s*+{_COLON}\s*+\**+\s*+({_NUMBER})(?![\d.]*[eE][-+]?\d)\**+\s*+"
+    rf"(?:{_OUT_OF}\s*+\**+\s*+(\d+(?:\.\d+)?))?"
     rf"(\s*+(?:-|\u2013|\u2014|to)\s*+(\d+(?:\.\d+)?))?",
     re.IGNORECASE,
 )
@@ -45,7 +91,7 @@ _LABELLED = re.compile(
 # "7 out of 10: partly answers", "9 - on topic". (Not "3. The answer ...": a numbered list.)
 _LEADING = re.compile(
     rf"^[ \t]*+\**+[ \t]*+({_NUMBER})(?:"
-    rf"[ \t]*+(?:/|out of)[ \t]*+(\d+(?:\.\d+)?)[ \t]*+\**+[ \t]*+(?:[-\u2013\u2014:,;.(]|\n|$)"
+    rf"[ \t]*+{_OUT_OF}[ \t]*+(\d+(?:\.\d+)?)[ \t]*+\**+[ \t]*+(?:[-\u2013\u2014:,;.(]|\n|$)"
     rf"|[ \t]*+\**+[ \t]*+\.?[ \t]*+(?:\n|$)"
     rf"|[ \t]*+\**+[ \t]*+[-\u2013\u2014][ \t])",
     re.IGNORECASE,
@@ -53,25 +99,31 @@ _LEADING = re.compile(
 # A leading score that is a range: "8 - 9", "**7 - 8**", "8/10 - 9/10" ("7 - 2 minor
 # issues" is a score and then its reasons: the second number is the smaller)
 _LEADING_RANGE = re.compile(
-    rf"[ \t]*+\**+[ \t]*+({_NUMBER})(?:[ \t]*+(?:/|out of)[ \t]*+\d+(?:\.\d+)?)?[ \t]*+\**+"
+    rf"[ \t]*+\**+[ \t]*+({_NUMBER})(?:[ \t]*+{_OUT_OF}[ \t]*+\d+(?:\.\d+)?)?[ \t]*+\**+"
     rf"[ \t]*+(?:-|\u2013|\u2014|to)[ \t]*+\**+[ \t]*+(\d+(?:\.\d+)?)", re.IGNORECASE)
 # A line that is a score and nothing else ("9", "**8/10**"), anywhere in the answer: the
 # score after the reasoning, or a second score after the first ("8\n9": two scores)
-_BARE_LINE = re.compile(rf"^[ \t]*+\**+[ \t]*+({_NUMBER})[ \t]*+(?:(?:/|out of)[ \t]*+"
+_BARE_LINE = re.compile(rf"^[ \t]*+\**+[ \t]*+({_NUMBER})[ \t]*+(?:{_OUT_OF}[ \t]*+"
                         rf"(\d+(?:\.\d+)?))?[ \t]*+\**+[ \t]*+\.?[ \t]*+$",
                         re.IGNORECASE | re.MULTILINE)
 # A score key of a JSON object in the prose after the JSON answer ('{"score": 8}' and then
 # '{"score": 3}': two scores)
-_JSON_SCORE = re.compile(rf"[\"'](?:score|rating|grade)[\"']\s*+:\s*+[\"']?({_NUMBER})"
+_JSON_SCORE = re.compile(rf"[\"'](?:{_SCORE_WORDS})[\"']\s*+:\s*+[\"']?({_NUMBER})"
                          rf"(?:\s*+/\s*+(\d+(?:\.\d+)?))?", re.IGNORECASE)
 _THINK = re.compile(r"^\s*<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
 _THINK_OPEN = re.compile(r"^\s*<(?:think|thinking|reasoning)>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(r"</(?:think|thinking|reasoning)>", re.IGNORECASE)
+_REASON_WORDS = (
+    "reasons", "reason", "reasoning", "explanation", "rationale", "justification",
+    "razones", "razón", "razon", "motivo", "motivos", "explicación", "justificación",
+    "raisons", "raison", "explication", "begründung", "erklärung",
+    "motivazione", "spiegazione", "ragioni", "razões", "justificativa", "explicação",
+    "toelichting", "uzasadnienie", "обоснование", "объяснение", "причины", "理由", "原因",
+    "解释", "説明", "이유", "설명")
 _REASONS_LABEL = re.compile(
-    r"^(?:\**+\s*+)(?:reasons?|reasoning|explanation|rationale|justification)\s*+\**+\s*+[:=]"
-    r"\s*+\**+\s*+", re.IGNORECASE)
-_REASON_KEYS = ("reasons", "reason", "explanation", "rationale", "justification")
-_SCORE_KEYS = ("score", "rating", "grade")
+    rf"^(?:\**+\s*+)(?:{_one_of(_REASON_WORDS)})\s*+\**+\s*+{_COLON}\s*+\**+\s*+",
+    re.IGNORECASE)
+_REASON_KEYS = _REASON_WORDS
 _EXCERPT = 160
 
 
