@@ -119,6 +119,58 @@ def test_rate_limit_holds_its_rate_under_200_evaluations(database_url: str) -> N
         (window - 1) * spacing * 0.9
 
 
+def test_a_judge_awaited_directly_holds_its_own_limits() -> None:
+    """200 direct awaits under asyncio.gather (scoring a dataset in a notebook): the judge's
+    rate limit and cap were the session's to apply, so all 200 calls went out at once."""
+    per_minute, cap = 12_000, 3
+    spacing = 60 / per_minute
+    log = CallLog()
+    judge = LLMJudge(slow_model(log, 0.01),
+                     rate_limit=RateLimit(per_minute=per_minute, max_concurrent=cap))
+
+    async def score_all() -> list[tuple[float, str]]:
+        return await asyncio.gather(*(judge.coherence(f"text {i}") for i in range(N)))
+
+    scores = asyncio.run(score_all())
+    assert [s for s, _ in scores] == [0.8] * N
+    assert log.max_in_flight == cap
+    starts = sorted(log.starts)
+    assert starts[-1] - starts[0] >= (N - 1) * spacing * 0.95
+    # and again on another event loop (each loop has its own budget; none is left stale)
+    assert asyncio.run(judge.coherence("again")) == scores[0]
+
+
+def test_a_judge_wrapped_in_a_function_of_ones_own_is_still_limited(
+        database_url: str) -> None:
+    """The limits travel with `Feedback(judge.method)`; a function of the user's that
+    awaits the judge is a feedback without them."""
+    log = CallLog()
+    judge = LLMJudge(slow_model(log, 0.02), rate_limit=RateLimit(max_concurrent=4))
+
+    async def relevance_of_the_first_line(question: str, answer: str) -> tuple[float, str]:
+        return await judge.answer_relevance(question, answer.splitlines()[0])
+
+    wrapped = Feedback(relevance_of_the_first_line).on_input_output()
+    with Session(database_url, max_concurrency=64) as session:
+        records = run(session, [wrapped], 60)
+    assert statuses(records, wrapped) == {FeedbackStatus.DONE}
+    assert log.max_in_flight == 4
+
+
+def test_a_session_limiting_the_judge_is_not_limited_twice(database_url: str) -> None:
+    """Through `Feedback(judge.method)` the session holds the group's permit for the call;
+    the judge must not take a second one of a budget of its own (a cap of 4 would hold,
+    but a rate would be paid twice: half the stated rate)."""
+    per_minute = 6_000  # one call every 10 ms
+    log = CallLog()
+    judge = LLMJudge(slow_model(log, 0.001), rate_limit=RateLimit(per_minute=per_minute))
+    judged = Feedback(judge.coherence).on_output()
+    with Session(database_url, max_concurrency=64) as session:
+        records = run(session, [judged], 40)
+    assert statuses(records, judged) == {FeedbackStatus.DONE}
+    assert judge._limits == {}  # no budget of its own was made: the session's held
+
+
 # ---------------------------------------------------------------------------- retries
 class RateLimited(Exception):
     """Looks like an SDK's 429 error: a status code and a retry-after hint."""

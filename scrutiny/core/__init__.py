@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from scrutiny.core._context import (
     add_evaluation_cost,
+    rate_limit_held,
     recording_suppressed,
     suppress_recording,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "TransientError",
     "add_evaluation_cost",
     "feedback_defaults",
+    "rate_limit_held",
     "recording_suppressed",
     "suppress_recording",
 ]

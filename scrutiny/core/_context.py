@@ -11,7 +11,8 @@ import contextvars
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["add_evaluation_cost", "recording_suppressed", "suppress_recording"]
+__all__ = ["add_evaluation_cost", "rate_limit_held", "recording_suppressed",
+           "suppress_recording"]
 
 _suppressed: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "scrutiny_recording_suppressed", default=False
@@ -19,6 +20,17 @@ _suppressed: contextvars.ContextVar[bool] = contextvars.ContextVar(
 _cost: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
     "scrutiny_evaluation_cost", default=None
 )
+
+_held_limits: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "scrutiny_held_rate_limits", default=frozenset()
+)
+
+
+def rate_limit_held(group: str | None) -> bool:
+    """True while the call running in this context holds a permit of the rate-limit
+    `group`: a session evaluating a feedback with that :class:`RateLimit` took it for the
+    call. (An evaluator that limits itself when called directly need not again.)"""
+    return group is not None and group in _held_limits.get()
 
 
 def recording_suppressed() -> bool:

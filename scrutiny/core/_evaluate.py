@@ -22,7 +22,7 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from scrutiny.core._context import _cost, _suppressed
+from scrutiny.core._context import _cost, _held_limits, _suppressed
 from scrutiny.core._errors import FeedbackTimeout, InvalidFeedbackValue, SkipFeedback
 from scrutiny.core._feedback import Feedback, coerce_feedback_value, mean_of
 from scrutiny.core._pool import DaemonThreadPool
@@ -383,6 +383,10 @@ class Evaluator:
         per_attempt = feedback.timeout if feedback.timeout is not None \
             else self._default_timeout
         limiter = self._limiter_for(feedback)
+        # (the group whose permit the call holds: an evaluator limiting itself when called
+        # directly, such as an LLMJudge, does not take a second one — see rate_limit_held)
+        group = (feedback.rate_limit.group or feedback.name) \
+            if limiter and feedback.rate_limit else None
         loop = asyncio.get_running_loop()
         first: list[float] = []  # when the first attempt got its slot (loop time)
 
@@ -400,12 +404,17 @@ class Evaluator:
                 timeout = left if timeout is None else min(timeout, left)
             try:
                 async with limiter() if limiter else nullcontext():
-                    if feedback.is_async or self._executor is not None:
-                        async with self._gate:
-                            began(None)
-                            value = await self._attempt(feedback, args, timeout)
-                    else:
-                        value = await self._run_sync(feedback, args, timeout, began)
+                    held = _held_limits.set(_held_limits.get() | {group}) if group else None
+                    try:
+                        if feedback.is_async or self._executor is not None:
+                            async with self._gate:
+                                began(None)
+                                value = await self._attempt(feedback, args, timeout)
+                        else:
+                            value = await self._run_sync(feedback, args, timeout, began)
+                    finally:
+                        if held is not None:
+                            _held_limits.reset(held)
                 score, explanation, metadata = coerce_feedback_value(value)
                 call = FeedbackCall(args=args, score=score, explanation=explanation,
                                     metadata=metadata)

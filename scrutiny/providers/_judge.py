@@ -13,10 +13,13 @@ state by its last message), a question or a context by ``question``, ``input``, 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import itertools
 import keyword
+import threading
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,8 +31,10 @@ from scrutiny.core import (
     RetryPolicy,
     SkipFeedback,
     add_evaluation_cost,
+    rate_limit_held,
     suppress_recording,
 )
+from scrutiny.core._dispatch import _GroupLimit
 from scrutiny.core._feedback import DEFAULTS_ATTRIBUTE
 from scrutiny.providers._budget import (
     OverBudget,
@@ -70,7 +75,10 @@ class LLMJudge:
             LLM (``achat`` / ``acomplete``). Only its async API is used.
         rate_limit: requests per minute and concurrent requests for this judge, e.g.
             ``RateLimit(per_minute=60, max_concurrent=4)``. Without a `group` it gets one of
-            its own; give a `group` to share one budget (one API key) among judges.
+            its own; give a `group` to share one budget (one API key) among judges. A
+            session evaluating the judge's feedbacks holds to it; a judge awaited directly
+            (``asyncio.gather`` over a dataset, or inside a function of your own) holds to
+            it itself, one budget per event loop.
         retries: extra attempts after a transient error (HTTP 429/5xx, a timeout, a
             dropped connection); other errors and unreadable answers are not retried.
         backoff: seconds before the first retry; it doubles each time (with jitter, at most
@@ -133,6 +141,8 @@ class LLMJudge:
         if rate_limit is not None and rate_limit.group is None:
             rate_limit = dataclasses.replace(rate_limit, group=self.group)
         self.rate_limit = rate_limit
+        self._limits: weakref.WeakKeyDictionary[Any, _GroupLimit] = weakref.WeakKeyDictionary()
+        self._limits_lock = threading.Lock()
         if deadline is not None and deadline <= 0:
             raise ConfigurationError(f"deadline must be > 0 seconds (or None), got {deadline}")
         if max_retry_after is not None and max_retry_after < 0:
@@ -150,6 +160,18 @@ class LLMJudge:
 
     def __repr__(self) -> str:
         return f"LLMJudge({self.model_name!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # (a judge goes to other processes with its feedbacks: Dask workers, pickled
+        # datasets; its per-loop limits and their lock stay here)
+        state = self.__dict__.copy()
+        del state["_limits"], state["_limits_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._limits = weakref.WeakKeyDictionary()
+        self._limits_lock = threading.Lock()
 
     def scrutiny_feedback_defaults(self, method: Any) -> dict[str, Any]:
         """Feedback options of this judge's methods (read by :class:`~scrutiny.Feedback`)."""
@@ -317,6 +339,25 @@ class LLMJudge:
         return parsed.score, explanation
 
     async def _ask(self, prompt: str) -> JudgeReply:
+        limit = self.rate_limit
+        if limit is not None and not rate_limit_held(limit.group):
+            # Awaited directly (``asyncio.gather`` over a dataset) or from a function of
+            # the user's that wraps it: no session took the limit's permit for this call.
+            async with self._own_limit(limit)():
+                return await self._asked(prompt)
+        return await self._asked(prompt)
+
+    def _own_limit(self, limit: RateLimit) -> _GroupLimit:
+        """The judge's `rate_limit` on the running event loop, for calls no session
+        limits (its asyncio primitives belong to one loop: one budget per loop)."""
+        loop = asyncio.get_running_loop()
+        with self._limits_lock:
+            own = self._limits.get(loop)
+            if own is None:
+                own = self._limits[loop] = _GroupLimit(limit.per_minute, limit.max_concurrent)
+            return own
+
+    async def _asked(self, prompt: str) -> JudgeReply:
         # Never recorded as an app call, wherever the judge is awaited: in a session's
         # evaluation (which suppresses recording too) or directly, inside a recorder's block.
         with suppress_recording():
