@@ -532,6 +532,31 @@ def test_a_raising_callback_is_logged_and_others_still_run(
     assert "callback bug" in caplog.text
 
 
+def test_a_slow_callback_is_named_once_in_a_warning(
+        session: Session, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Callbacks run one after another on one thread: a slow one (an HTTP post) held every
+    other callback and feedback event up, and nothing said which or why."""
+    from scrutiny.core import _runtime
+
+    monkeypatch.setattr(_runtime, "SLOW_CALLBACK", 0.05)
+    fb = Feedback(lambda output: 1.0, name="a").on_output()
+    records = [session.ingest(make_record(i), [fb]) for i in range(3)]
+    never = threading.Event()
+    fired = threading.Event()
+
+    def post_to_slack(results: object) -> None:
+        never.wait(0.1)  # (the callback's own slow work)
+
+    for record in records:
+        record.wait_for_feedback_results(callback=post_to_slack)
+    records[-1].wait_for_feedback_results(callback=lambda results: fired.set())
+    assert fired.wait(10)  # (in order: every slow one has run)
+    slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
+    assert len(slow) == 1, slow
+    assert "post_to_slack" in slow[0] and "Keep callbacks short" in slow[0]
+
+
 async def forever(output: str) -> float:
     """A feedback that does not finish while a test runs."""
     await asyncio.sleep(30)

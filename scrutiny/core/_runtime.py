@@ -9,6 +9,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -115,13 +116,29 @@ async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
+SLOW_CALLBACK = 0.5
+"""Seconds a callback may run on the callback thread before a warning says it held the
+others up (once per callback)."""
+
+
+def _named(fn: Callable[..., object]) -> str:
+    """The user's callable behind what the callback thread runs (a results callback is
+    run through the record's count of finished results)."""
+    owner = getattr(fn, "__self__", None)
+    inner = getattr(owner, "_callback", None)
+    target: Any = inner if callable(inner) else fn
+    return str(getattr(target, "__qualname__", None) or repr(target))
+
+
 class Notifier:
     """One daemon thread that runs user callbacks in order, never under our locks (an
-    ``async def`` one is run to its end there)."""
+    ``async def`` one is run to its end there). A callback that runs SLOW_CALLBACK or
+    longer is named in a warning (once): every other one waited behind it."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...]] | None]
         self._queue = queue.SimpleQueue()
+        self._warned: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="scrutiny-callbacks",
                                         daemon=True)
         self._thread.start()
@@ -135,12 +152,28 @@ class Notifier:
             if item is None:
                 return
             fn, args = item
+            started = time.monotonic()
             try:
                 outcome = fn(*args)
                 if inspect.isawaitable(outcome):  # an async listener: run to its end here
                     asyncio.run(_awaited(outcome))  # (it was never awaited: never ran)
             except BaseException:  # (sys.exit() in a callback ended this thread: no more)
                 logger.exception("scrutiny: callback %r raised", fn)
+            took = time.monotonic() - started
+            if took >= SLOW_CALLBACK:
+                self._slow(fn, took)
+
+    def _slow(self, fn: Callable[..., object], took: float) -> None:
+        name = _named(fn)
+        if name in self._warned:
+            return
+        self._warned.add(name)
+        logger.warning(
+            "scrutiny: callback %s took %.1f s on the session's callback thread; every other "
+            "results callback, listener and feedback event waited behind it (%d waiting "
+            "now). Keep callbacks short: hand slow work (an HTTP post, a database write) to "
+            "a thread or queue of your own. (Said once per callback.)",
+            name, took, self._queue.qsize())
 
     def close(self, timeout: float | None) -> None:
         self._queue.put(None)
