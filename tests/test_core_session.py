@@ -1931,11 +1931,33 @@ def test_a_hand_built_record_with_none_fields_is_stored(db_url: str) -> None:
     ("metadata", ["a"], "is a dict"),
     ("status", "done", "one of ['ok', 'error', 'cancelled']"),
     ("start_time", "2026-01-01", "seconds since the epoch"),
+    ("start_time", float("nan"), "seconds since the epoch"),
+    ("end_time", float("inf"), "seconds since the epoch"),
 ])
 def test_a_record_field_of_the_wrong_shape_is_refused_saying_how(
         field: str, value: object, says: str) -> None:
     with pytest.raises((TypeError, ValueError), match=says.replace("[", r"\[")):
         make_record(**{field: value})
+
+
+def test_a_record_made_without_its_times_is_dated_when_it_was_made(session: Session) -> None:
+    """A dataset's answers scored after the fact, `Record(app_name=..., input=q,
+    output=a)`: dated 1970, they came last in every list and alone at the far left of every
+    chart of their app."""
+    fb = Feedback(lambda output: 1.0, name="one").on_output()
+    before = time.time()
+    undated = Record(app_name="ds", app_version="v1", input="q", output="a")
+    assert before <= undated.start_time <= time.time()
+    assert undated.end_time == undated.start_time and undated.latency == 0.0
+    started = Record(app_name="ds", app_version="v1", input="q2", output="a",
+                     start_time=1_700_000_000)
+    assert started.end_time == 1_700_000_000  # (its end: its start, not 1970)
+    for record in (undated, started):
+        session.ingest(record, [fb])
+    assert session.wait_for_feedback(10)
+    df, _ = session.get_records_and_feedback()
+    assert sorted(df["start_time"].dt.year) == [2023, dt.datetime.now().year]
+    assert (df["latency"] == 0).all()
 
 
 def test_record_fields_given_as_other_iterables_become_lists() -> None:

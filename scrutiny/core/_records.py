@@ -17,6 +17,7 @@ import decimal
 import enum
 import inspect
 import logging
+import math
 import numbers
 import threading
 import time
@@ -155,7 +156,11 @@ def _seconds(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real | decimal.Decimal):
         raise TypeError(f"Record.{name} is seconds since the epoch (time.time()) or a "
                         f"datetime; got {type(value).__name__} {value!r}")
-    return float(value)
+    seconds = float(value)
+    if not math.isfinite(seconds):  # (stored, it broke every table and chart of its app)
+        raise ValueError(f"Record.{name} is seconds since the epoch (time.time()) or a "
+                         f"datetime; got {value!r}")
+    return seconds
 
 
 @dataclass(eq=False)
@@ -169,8 +174,9 @@ class Record:
     record_id: str = field(default_factory=new_uuid)
     status: RecordStatus = RecordStatus.OK
     error: str | None = None
-    start_time: float = 0.0
-    end_time: float = 0.0
+    start_time: float = field(default_factory=time.time)
+    end_time: float = math.nan
+    """(Not given: the start time.)"""
     spans: list[Span] = field(default_factory=list)
     contexts: list[str] = field(default_factory=list)
     usage: TokenUsage | None = None
@@ -210,8 +216,12 @@ class Record:
                 raise ValueError(
                     f"Record.status is one of {[s.value for s in RecordStatus]}; got "
                     f"{self.status!r}") from None
+        # A record made by hand without its times (a dataset's answers, scored after the
+        # fact) was dated 1970: last in every list, alone at the far left of every chart.
         self.start_time = _seconds(self.start_time, "start_time")
-        self.end_time = _seconds(self.end_time, "end_time")
+        end = self.end_time
+        self.end_time = self.start_time if isinstance(end, float) and math.isnan(end) \
+            else _seconds(end, "end_time")
 
     def _result_slots(self) -> dict[Feedback, _ResultSlot]:
         """The result slots, made first if the session has not made them yet."""
