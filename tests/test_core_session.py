@@ -554,7 +554,8 @@ def test_a_slow_callback_is_named_once_in_a_warning(
     assert fired.wait(10)  # (in order: every slow one has run)
     slow = [r.getMessage() for r in caplog.records if "took" in r.getMessage()]
     assert len(slow) == 1, slow
-    assert "post_to_slack" in slow[0] and "Keep callbacks short" in slow[0]
+    assert "post_to_slack" in slow[0]
+    assert "Keep callbacks short" in slow[0]
 
 
 async def forever(output: str) -> float:
@@ -1948,7 +1949,8 @@ def test_a_record_made_without_its_times_is_dated_when_it_was_made(session: Sess
     before = time.time()
     undated = Record(app_name="ds", app_version="v1", input="q", output="a")
     assert before <= undated.start_time <= time.time()
-    assert undated.end_time == undated.start_time and undated.latency == 0.0
+    assert undated.end_time == undated.start_time
+    assert undated.latency == 0.0
     started = Record(app_name="ds", app_version="v1", input="q2", output="a",
                      start_time=1_700_000_000)
     assert started.end_time == 1_700_000_000  # (its end: its start, not 1970)
