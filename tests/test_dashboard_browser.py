@@ -592,6 +592,36 @@ def test_a_record_without_a_result_says_so_in_the_records_table(page: Any,
         session.close()
 
 
+def test_the_leaderboard_counts_skipped_results_beside_failed_ones(
+        page: Any, database_url: str) -> None:
+    """The leaderboard's Pending / Running / Failed columns had no Skipped one: a version
+    whose feedbacks found nothing to judge looked fully evaluated."""
+    from playwright.sync_api import expect
+
+    from scrutiny import Record, SkipFeedback
+
+    def needs_contexts(output: str) -> float:
+        raise SkipFeedback("there are no contexts to judge")
+
+    session = Session(database_url)
+    handle = None
+    try:
+        for i in range(3):
+            session.ingest(Record(app_name="sk", app_version="v1", input=f"q{i}", output="a"),
+                           [Feedback(needs_contexts, name="grounded").on_output()])
+        assert session.wait_for_feedback(30)
+        handle = session.run_dashboard()
+        page.goto(handle.url)
+        row = page.locator("#leaderboard tr[data-app='sk:v1']")
+        expect(page.locator("#leaderboard thead")).to_contain_text("Skipped")
+        expect(row.locator("td[data-count='skipped']")).to_have_text("3")
+        expect(row.locator("td[data-count='failed']")).to_have_text("0")
+    finally:
+        if handle is not None:
+            handle.stop()
+        session.close()
+
+
 def test_a_latency_just_under_a_second_reads_as_seconds(page: Any, database_url: str) -> None:
     """0.9996 s was rounded to "1000 ms" (the unit chosen before rounding)."""
     from playwright.sync_api import expect

@@ -349,7 +349,7 @@ function renderLeaderboard(board) {
       fb.name, " ", h("span", { class: "arrow", text: fb.higher_is_better ? "↑" : "↓" }))),
     h("th", { class: "num", text: "Latency" }), h("th", { class: "num", text: "Tokens" }),
     h("th", { class: "num", text: "Pending" }), h("th", { class: "num", text: "Running" }),
-    h("th", { class: "num", text: "Failed" }));
+    h("th", { class: "num", text: "Failed" }), h("th", { class: "num", text: "Skipped" }));
   const rows = board.rows.map((row) => h("tr", {
     class: "clickable", dataset: { app: row.app_id },
     title: "Show the records of this version",
@@ -377,7 +377,8 @@ function renderLeaderboard(board) {
   h("td", { class: "num", text: row.total_tokens === null ? "—" : fmtInt(Math.round(row.total_tokens)) }),
   h("td", { class: "num", dataset: { count: "pending" }, text: fmtInt(row.pending) }),
   h("td", { class: "num", dataset: { count: "running" }, text: fmtInt(row.running) }),
-  h("td", { class: "num", dataset: { count: "failed" }, text: fmtInt(row.failed) })));
+  h("td", { class: "num", dataset: { count: "failed" }, text: fmtInt(row.failed) }),
+  h("td", { class: "num", dataset: { count: "skipped" }, text: fmtInt(row.skipped) })));
   wrap.appendChild(h("table", { class: "leaderboard" }, h("thead", null, head), h("tbody", null, rows)));
 }
 
