@@ -250,6 +250,23 @@ def test_one_record_with_spans_contexts_and_results(client: TestClient,
     assert rec["final"] is True
 
 
+def test_a_step_that_ended_before_it_began_lasts_zero(database_url: str) -> None:
+    """A clock set back during a step (NTP) ended it before its start: the waterfall drew
+    a negative bar and the span's latency was negative."""
+    span = Span(span_id="s1", parent_id=None, name="step", kind="chain", start_time=100.5,
+                end_time=100.2)
+    assert span.latency == 0.0
+    with Session(database_url) as session:
+        record = session.ingest(Record(app_name="clock", app_version="v1", input="q",
+                                       output="a", start_time=100.0, end_time=101.0,
+                                       spans=[span]))
+        assert session.flush(10)
+        with TestClient(create_app(session), base_url="http://127.0.0.1:8765") as client:
+            rec = get(client, f"/api/records/{record.record_id}")
+    assert [s["duration_ms"] for s in rec["spans"]] == [0.0]
+    assert rec["spans"][0]["offset_ms"] == pytest.approx(500)
+
+
 def test_unknown_record_is_a_404(client: TestClient) -> None:
     resp = client.get("/api/records/nope")
     assert resp.status_code == 404

@@ -123,8 +123,9 @@ class Span:
 
     @property
     def latency(self) -> float | None:
-        """Seconds between start and end, or None while the span is open."""
-        return None if self.end_time is None else self.end_time - self.start_time
+        """Seconds between start and end (0 for an end before the start: the clock was set
+        back meanwhile), or None while the span is open."""
+        return None if self.end_time is None else max(0.0, self.end_time - self.start_time)
 
 
 _FROM_A_DICT = {"tags": "key/value pairs belong in metadata={...}",

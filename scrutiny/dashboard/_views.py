@@ -185,7 +185,9 @@ def record_detail(record: Record) -> dict[str, Any]:
             "start_time": _iso(span.start_time),
             "end_time": _iso(end),
             "offset_ms": _number((span.start_time - origin) * 1000),
-            "duration_ms": None if end is None else _number((end - span.start_time) * 1000),
+            # (never negative: a clock set back during the step ended it before its start)
+            "duration_ms": None if end is None else _number(max(0.0, end - span.start_time)
+                                                            * 1000),
             "inputs": to_jsonable(span.inputs),
             "outputs": to_jsonable(span.outputs),
             "error": span.error,
