@@ -390,7 +390,7 @@ def test_writes_wait_for_a_locked_table_instead_of_being_lost(
     assert "takes writes again" in caplog.text
 
 
-@pytest.mark.parametrize("timeout_setting", ["lock_timeout", "statement_timeout"])
+@pytest.mark.parametrize("timeout_setting", ["lock_timeout", "statement_timeout", ""])
 def test_one_write_that_always_times_out_does_not_hold_the_others_for_ever(
         pg: tuple[str, str], admin: sa.Engine, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch, timeout_setting: str) -> None:
@@ -398,14 +398,19 @@ def test_one_write_that_always_times_out_does_not_hold_the_others_for_ever(
     (here a record whose key another transaction holds uncommitted, so its insert waits
     past the timeout every time) held every record and result made after it until the
     session closed. Past the bound the others are stored and it alone is given up: logged
-    by name, counted, its waiter told."""
+    by name, counted, its waiter told. With no timeout set anywhere (""), the insert waited
+    for ever and nothing more was stored: Scrutiny's connections set a lock_timeout of
+    their own then (shortened here)."""
     from scrutiny.core import _writer
+    from scrutiny.core.storage import _sql
 
     monkeypatch.setattr(_writer, "TRANSIENT_HOLD_MAX", 1.0, raising=False)
+    monkeypatch.setattr(_sql, "LOCK_TIMEOUT_MS", 100)
     url, prefix = pg
     fb = Feedback(fbs.length).on_output()
     poisoned = str(uuid.uuid4())
-    with Session(with_options(url, f"-c {timeout_setting}=100"), table_prefix=prefix) as s, \
+    own_url = with_options(url, f"-c {timeout_setting}=100") if timeout_setting else url
+    with Session(own_url, table_prefix=prefix) as s, \
             caplog.at_level(logging.WARNING, logger="scrutiny"), admin.connect() as holder:
         first = s.ingest(make_record(0), [fb])
         assert first.wait_for_feedback_results(timeout=20)[fb].status is FeedbackStatus.DONE

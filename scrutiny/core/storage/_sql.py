@@ -164,6 +164,14 @@ def _check_file_exists(url: str) -> None:
             "migrate='refuse', nothing is created)")
 
 
+LOCK_TIMEOUT_MS = 30_000
+"""PostgreSQL's lock_timeout on Scrutiny's connections when the server, the role or the URL
+sets none. Without one, a row another transaction kept locked (a psql session left open, a
+client idle in a transaction) made a write wait for it for ever, and every write queued
+behind it: nothing more was stored. With it the write fails after this long, is retried a
+while (see scrutiny.core._writer), then given up alone, logged and counted."""
+
+
 def _make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
@@ -184,13 +192,26 @@ def _make_engine(url: str) -> Engine:
             "'postgresql+psycopg://user@host/db', with pip install 'scrutiny[postgres]')")
     if backend != "sqlite":
         try:
-            return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            pg_engine = create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
         except (ImportError, NoSuchModuleError) as exc:
             raise ConfigurationError(
                 f"the database driver for {redact_url(url)} is not available ({exc}); for "
                 "PostgreSQL install the extra: pip install 'scrutiny[postgres]' and use a "
                 "URL like 'postgresql+psycopg://user@host/db'"
             ) from exc
+
+        @event.listens_for(pg_engine, "connect")
+        def _on_connect_pg(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute("SELECT current_setting('lock_timeout')")
+                if str(cur.fetchone()[0]) in ("0", "0ms"):  # (none set by server, role, URL)
+                    cur.execute(f"SET lock_timeout = {int(LOCK_TIMEOUT_MS)}")
+            finally:
+                cur.close()
+            dbapi_conn.commit()
+
+        return pg_engine
     database = parsed.database
     in_memory = database in (None, "", ":memory:")
     if not in_memory and database is not None:
