@@ -140,6 +140,25 @@ def test_a_judge_awaited_directly_holds_its_own_limits() -> None:
     assert asyncio.run(judge.coherence("again")) == scores[0]
 
 
+def test_a_loop_without_weak_references_still_gets_the_judges_limits() -> None:
+    """A loop written in C may take no weak references (the judge keeps one budget per
+    loop, weakly): its direct calls must still be limited, not fail."""
+
+    class NoWeakReferences(dict):  # (what the judge's per-loop map does with such a loop)
+        def get(self, key: Any, default: Any = None) -> Any:
+            raise TypeError(f"cannot create weak reference to {type(key).__name__!r} object")
+
+    log = CallLog()
+    judge = LLMJudge(slow_model(log, 0.01), rate_limit=RateLimit(max_concurrent=2))
+    judge._limits = NoWeakReferences()  # type: ignore[assignment]
+
+    async def score_all() -> list[tuple[float, str]]:
+        return await asyncio.gather(*(judge.coherence(f"text {i}") for i in range(20)))
+
+    assert [s for s, _ in asyncio.run(score_all())] == [0.8] * 20
+    assert log.max_in_flight == 2
+
+
 def test_a_judge_wrapped_in_a_function_of_ones_own_is_still_limited(
         database_url: str) -> None:
     """The limits travel with `Feedback(judge.method)`; a function of the user's that

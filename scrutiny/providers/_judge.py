@@ -142,6 +142,7 @@ class LLMJudge:
             rate_limit = dataclasses.replace(rate_limit, group=self.group)
         self.rate_limit = rate_limit
         self._limits: weakref.WeakKeyDictionary[Any, _GroupLimit] = weakref.WeakKeyDictionary()
+        self._unweakable: tuple[Any, _GroupLimit] | None = None
         self._limits_lock = threading.Lock()
         if deadline is not None and deadline <= 0:
             raise ConfigurationError(f"deadline must be > 0 seconds (or None), got {deadline}")
@@ -165,12 +166,13 @@ class LLMJudge:
         # (a judge goes to other processes with its feedbacks: Dask workers, pickled
         # datasets; its per-loop limits and their lock stay here)
         state = self.__dict__.copy()
-        del state["_limits"], state["_limits_lock"]
+        del state["_limits"], state["_limits_lock"], state["_unweakable"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._limits = weakref.WeakKeyDictionary()
+        self._unweakable = None
         self._limits_lock = threading.Lock()
 
     def scrutiny_feedback_defaults(self, method: Any) -> dict[str, Any]:
@@ -352,9 +354,17 @@ class LLMJudge:
         limits (its asyncio primitives belong to one loop: one budget per loop)."""
         loop = asyncio.get_running_loop()
         with self._limits_lock:
-            own = self._limits.get(loop)
-            if own is None:
-                own = self._limits[loop] = _GroupLimit(limit.per_minute, limit.max_concurrent)
+            try:
+                own = self._limits.get(loop)
+                if own is None:
+                    own = self._limits[loop] = _GroupLimit(limit.per_minute,
+                                                           limit.max_concurrent)
+            except TypeError:  # a loop without weak references (one written in C)
+                held = self._unweakable
+                if held is None or held[0] is not loop:  # (the latest such loop only)
+                    held = self._unweakable = (loop, _GroupLimit(limit.per_minute,
+                                                                 limit.max_concurrent))
+                own = held[1]
             return own
 
     async def _asked(self, prompt: str) -> JudgeReply:
