@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,12 @@ from scrutiny.core import InvalidFeedbackValue
 
 __all__ = ["ParsedScore", "parse_score", "parse_statement_scores"]
 
-_FENCE_LANGUAGE = re.compile(r"[a-zA-Z]*+")
+if sys.version_info >= (3, 11):
+    _regex = re
+else:  # (possessive quantifiers, "*+", came to `re` with Python 3.11; `regex` has them)
+    import regex as _regex
+
+_FENCE_LANGUAGE = _regex.compile(r"[a-zA-Z]*+")
 # A judge answers in the language it is spoken to (a rubric in Italian, a question in
 # Spanish): "Punteggio: 8", "Note : 7/10", "评分" and a full-width colon, then 8, are scores
 # as "Score: 8" is. The words that also mean a remark ("Note:", "Nota:" — "Note: 3 contexts
@@ -77,42 +83,43 @@ _NUMBER = r"[-+]?\d+(?:\.\d+|,\d{1,2}(?![\d,]))?"
 # Possessive quantifiers ("*+") throughout: runs of spaces and stars next to each other,
 # each optional, let the engine try every way of splitting a long run between them ("9", a
 # thousand blank lines, then the reasons: minutes on an evaluation thread).
-_BARE = re.compile(rf"^\s*+\**+\s*+({_NUMBER})\s*+(?:{_OUT_OF}\s*+(\d+(?:\.\d+)?))?"
-                   rf"\s*+\**+\s*+\.?\s*+$", re.IGNORECASE)
-_LABELLED = re.compile(
+_BARE = _regex.compile(rf"^\s*+\**+\s*+({_NUMBER})\s*+(?:{_OUT_OF}\s*+(\d+(?:\.\d+)?))?"
+                       rf"\s*+\**+\s*+\.?\s*+$", _regex.IGNORECASE)
+_LABELLED = _regex.compile(
     rf"(?<![\w\"'])(?:final\s+)?(?:{_SCORE_WORDS}|(?:{_REMARK_WORDS})(?=\s*+\**+\s*+{_COLON}"
     rf"\s*+\**+\s*+{_NUMBER}\**+(?:\s*+{_OUT_OF}\s*+\**+\s*+\d|[ \t]*+\.?[ \t]*+(?:\n|$))))"
     rf"\s*+\**+\s*+{_COLON}\s*+\**+\s*+({_NUMBER})(?![\d.]*[eE][-+]?\d)\**+\s*+"
     rf"(?:{_OUT_OF}\s*+\**+\s*+(\d+(?:\.\d+)?))?"
     rf"(\s*+(?:-|\u2013|\u2014|to)\s*+(\d+(?:\.\d+)?))?",
-    re.IGNORECASE,
+    _regex.IGNORECASE,
 )
 # A first line that is a score and then the reasons: "9" alone, "8/10 - mostly relevant",
 # "7 out of 10: partly answers", "9 - on topic". (Not "3. The answer ...": a numbered list.)
-_LEADING = re.compile(
+_LEADING = _regex.compile(
     rf"^[ \t]*+\**+[ \t]*+({_NUMBER})(?:"
     rf"[ \t]*+{_OUT_OF}[ \t]*+(\d+(?:\.\d+)?)[ \t]*+\**+[ \t]*+(?:[-\u2013\u2014:,;.(]|\n|$)"
     rf"|[ \t]*+\**+[ \t]*+\.?[ \t]*+(?:\n|$)"
     rf"|[ \t]*+\**+[ \t]*+[-\u2013\u2014][ \t])",
-    re.IGNORECASE,
+    _regex.IGNORECASE,
 )
 # A leading score that is a range: "8 - 9", "**7 - 8**", "8/10 - 9/10" ("7 - 2 minor
 # issues" is a score and then its reasons: the second number is the smaller)
-_LEADING_RANGE = re.compile(
+_LEADING_RANGE = _regex.compile(
     rf"[ \t]*+\**+[ \t]*+({_NUMBER})(?:[ \t]*+{_OUT_OF}[ \t]*+\d+(?:\.\d+)?)?[ \t]*+\**+"
-    rf"[ \t]*+(?:-|\u2013|\u2014|to)[ \t]*+\**+[ \t]*+(\d+(?:\.\d+)?)", re.IGNORECASE)
+    rf"[ \t]*+(?:-|\u2013|\u2014|to)[ \t]*+\**+[ \t]*+(\d+(?:\.\d+)?)", _regex.IGNORECASE)
 # A line that is a score and nothing else ("9", "**8/10**"), anywhere in the answer: the
 # score after the reasoning, or a second score after the first ("8\n9": two scores)
-_BARE_LINE = re.compile(rf"^[ \t]*+\**+[ \t]*+({_NUMBER})[ \t]*+(?:{_OUT_OF}[ \t]*+"
-                        rf"(\d+(?:\.\d+)?))?[ \t]*+\**+[ \t]*+\.?[ \t]*+$",
-                        re.IGNORECASE | re.MULTILINE)
+_BARE_LINE = _regex.compile(rf"^[ \t]*+\**+[ \t]*+({_NUMBER})[ \t]*+(?:{_OUT_OF}[ \t]*+"
+                            rf"(\d+(?:\.\d+)?))?[ \t]*+\**+[ \t]*+\.?[ \t]*+$",
+                            _regex.IGNORECASE | _regex.MULTILINE)
 # A score key of a JSON object in the prose after the JSON answer ('{"score": 8}' and then
 # '{"score": 3}': two scores)
-_JSON_SCORE = re.compile(rf"[\"'](?:{_SCORE_WORDS})[\"']\s*+:\s*+[\"']?({_NUMBER})"
-                         rf"(?:\s*+/\s*+(\d+(?:\.\d+)?))?", re.IGNORECASE)
-_THINK = re.compile(r"^\s*<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
-_THINK_OPEN = re.compile(r"^\s*<(?:think|thinking|reasoning)>", re.IGNORECASE)
-_THINK_CLOSE = re.compile(r"</(?:think|thinking|reasoning)>", re.IGNORECASE)
+_JSON_SCORE = _regex.compile(rf"[\"'](?:{_SCORE_WORDS})[\"']\s*+:\s*+[\"']?({_NUMBER})"
+                             rf"(?:\s*+/\s*+(\d+(?:\.\d+)?))?", _regex.IGNORECASE)
+_THINK = _regex.compile(r"^\s*<(think|thinking|reasoning)>.*?</\1>",
+                        _regex.DOTALL | _regex.IGNORECASE)
+_THINK_OPEN = _regex.compile(r"^\s*<(?:think|thinking|reasoning)>", _regex.IGNORECASE)
+_THINK_CLOSE = _regex.compile(r"</(?:think|thinking|reasoning)>", _regex.IGNORECASE)
 _REASON_WORDS = (
     "reasons", "reason", "reasoning", "explanation", "rationale", "justification",
     "razones", "razón", "razon", "motivo", "motivos", "explicación", "justificación",
@@ -120,9 +127,9 @@ _REASON_WORDS = (
     "motivazione", "spiegazione", "ragioni", "razões", "justificativa", "explicação",
     "toelichting", "uzasadnienie", "обоснование", "объяснение", "причины", "理由", "原因",
     "解释", "説明", "이유", "설명")
-_REASONS_LABEL = re.compile(
+_REASONS_LABEL = _regex.compile(
     rf"^(?:\**+\s*+)(?:{_one_of(_REASON_WORDS)})\s*+\**+\s*+{_COLON}\s*+\**+\s*+",
-    re.IGNORECASE)
+    _regex.IGNORECASE)
 _REASON_KEYS = _REASON_WORDS
 _EXCERPT = 160
 
