@@ -161,37 +161,34 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
     """
     if timeout is None:
         return await awaitable
-    if sys.version_info >= (3, 11):
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        deadline = _Deadline(loop, task, timeout)
-        selector = getattr(loop, "scrutiny_selector", None)
-        passes = getattr(selector, "passes", None)
-        try:
-            value = await awaitable
-            if selector is not None and passes is not None and selector.passes == passes:
-                # It never gave the loop back, so its timer could not fire: all the time
-                # since it began was its own (a blocking call in an async feedback).
-                took = loop.time() - deadline.due + timeout
-                if took > timeout:
-                    raise FeedbackTimeout(
-                        f"timed out after {timeout:g} s: it ran {took:.2f} s without once "
-                        "giving the event loop back (a blocking call in an async "
-                        "feedback; make it a plain def, or await asyncio.to_thread(...))",
-                        timeout=timeout)
-            return value
-        except asyncio.CancelledError:
-            if deadline.expired and task.uncancel() == 0:
-                raise FeedbackTimeout(f"timed out after {timeout:g} s",
-                                      timeout=timeout) from None
-            raise
-        finally:
-            deadline.cancel()  # drops its handle's reference to it: no cycle is left
-    try:  # pragma: no cover - Python 3.10
-        return await asyncio.wait_for(awaitable, timeout)
-    except asyncio.TimeoutError:  # pragma: no cover
-        raise FeedbackTimeout(f"timed out after {timeout:g} s", timeout=timeout) from None
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    deadline = _Deadline(loop, task, timeout)
+    selector = getattr(loop, "scrutiny_selector", None)
+    passes = getattr(selector, "passes", None)
+    try:
+        value = await awaitable
+        if selector is not None and passes is not None and selector.passes == passes:
+            # It never gave the loop back, so its timer could not fire: all the time
+            # since it began was its own (a blocking call in an async feedback).
+            took = loop.time() - deadline.due + timeout
+            if took > timeout:
+                raise FeedbackTimeout(
+                    f"timed out after {timeout:g} s: it ran {took:.2f} s without once "
+                    "giving the event loop back (a blocking call in an async "
+                    "feedback; make it a plain def, or await asyncio.to_thread(...))",
+                    timeout=timeout)
+        return value
+    except asyncio.CancelledError:
+        # (Python 3.10 counts no cancellations: there the deadline's is taken for the one.
+        # Not asyncio.wait_for there: it runs the feedback in a task of its own, and a
+        # KeyboardInterrupt or SystemExit a feedback raised in it stopped the whole loop.)
+        if deadline.expired and (sys.version_info < (3, 11) or task.uncancel() == 0):
+            raise FeedbackTimeout(f"timed out after {timeout:g} s", timeout=timeout) from None
+        raise
+    finally:
+        deadline.cancel()  # drops its handle's reference to it: no cycle is left
 
 
 _call_ids = itertools.count(1)
