@@ -112,7 +112,7 @@ def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
         frame[name] = means.reindex(frame.index).astype("float64")
     for status in ("pending", "running", "failed", "skipped"):
         counts = res[res["status"] == status].groupby(index_cols)["n"].sum()
-        frame[status] = counts.reindex(frame.index).fillna(0).astype(int)
+        frame[status] = counts.reindex(frame.index, fill_value=0).astype(int)
     if feedback_names and len(frame) > 1:
         failed = res[res["status"] == "failed"]
         columns = []
@@ -123,7 +123,7 @@ def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
             # score there (left out, a version failing its safety check on every record
             # ranked first).
             broke = failed[failed["feedback_name"] == n].groupby(index_cols)["n"].sum()
-            broke = broke.reindex(frame.index).fillna(0) > 0
+            broke = broke.reindex(frame.index, fill_value=0) > 0
             rank[broke & frame[n].isna()] = len(frame) + 1  # below the worst score
             columns.append(rank)
         ranks = pd.concat(columns, axis=1)
