@@ -310,7 +310,7 @@ def _app_of_awaiters(apps: dict[int, Any], budget: list[int]) -> Any:
             seen.add(id(future))
             for callback, _context in getattr(future, "_callbacks", None) or ():
                 for waiter in _waiters_in(callback, future):
-                    if isinstance(waiter, asyncio.Task):
+                    if callable(getattr(waiter, "get_coro", None)):  # a task
                         owner = _app_on(_task_frames(waiter), apps, budget)
                         if owner is not None:
                             return owner
@@ -322,11 +322,13 @@ def _app_of_awaiters(apps: dict[int, Any], budget: list[int]) -> Any:
 
 
 def _waiters_in(callback: Any, future: Any) -> list[Any]:
+    # (asyncio.isfuture, not isinstance: a task of the pure-Python implementation, which
+    # some runners and tools install, is no subclass of the C Future)
     owner = getattr(callback, "__self__", None)
-    if isinstance(owner, asyncio.Future):  # the wakeup of a task awaiting it
+    if asyncio.isfuture(owner):  # the wakeup of a task awaiting it
         return [owner]
     parent = getattr(owner, "_parent_task", None)  # a TaskGroup's done callback
-    if isinstance(parent, asyncio.Future):
+    if asyncio.isfuture(parent):
         return [parent]
     found = []
     for cell in getattr(callback, "__closure__", None) or ():  # gather's outer future
@@ -334,7 +336,7 @@ def _waiters_in(callback: Any, future: Any) -> list[Any]:
             value = cell.cell_contents
         except ValueError:  # (an empty cell)
             continue
-        if isinstance(value, asyncio.Future) and value is not future:
+        if asyncio.isfuture(value) and value is not future:
             found.append(value)
     return found
 
