@@ -95,3 +95,27 @@ def test_a_slot_handed_on_after_shutdown_starts_nothing_and_raises_nothing() -> 
             pool.submit(ran.set)  # work given to a closed pool is still refused
     finally:
         loop.close()
+
+
+def test_a_pool_that_can_start_no_more_threads_runs_work_on_the_ones_it_has(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.12+ starts no thread once the interpreter is shutting down, where sessions
+    are closed: the pool's lazy start raised in the evaluation thread (which died, every
+    result left pending), and closing it raised "cannot join thread before it is
+    started". (The refusal is Python's own RuntimeError, raised here by hand.)"""
+    pool = DaemonThreadPool(4)
+    pool.prestart(1)
+    assert len(pool._threads) == 1
+
+    def refused(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    try:
+        pool.prestart()  # (no error: the pool keeps the one thread it has)
+        futures = [pool.submit(lambda i=i: i * 2) for i in range(5)]
+        assert [f.result(timeout=10) for f in futures] == [0, 2, 4, 6, 8]
+        assert len(pool._threads) == 1
+    finally:
+        pool.shutdown(wait=False)
+        assert pool.join(10)

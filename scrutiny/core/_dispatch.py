@@ -391,6 +391,10 @@ class EvaluationLoop:
             loop=self._loop, pool=self._pool, max_concurrency=self._max_concurrency,
             default_timeout=self._default_timeout, limiter_for=self._limiter_for,
             executor=self._executor)
+        # One thread for plain feedbacks before the application goes on: a script that
+        # ends right after its call reaches interpreter exit at once, where Python 3.12+
+        # starts no new thread, and its plain feedbacks had none to run on.
+        self._pool.prestart(1)
         ready.set()
         self._pool.prestart()
         register(self._courtesy)

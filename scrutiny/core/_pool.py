@@ -78,12 +78,14 @@ class DaemonThreadPool(concurrent.futures.Executor):
         self._done_lock = threading.Lock()
         self._done_scheduled = False
 
-    def prestart(self) -> None:
-        """Start every thread now (off the application's thread), so that a burst of work
-        does not pay for thread starts one by one."""
+    def prestart(self, count: int | None = None) -> None:
+        """Start every thread now (or up to `count` of them), off the application's
+        thread, so that a burst of work does not pay for thread starts one by one."""
         with self._lock:
-            while len(self._threads) < self._capacity() and not self._shutdown:
-                self._spawn()
+            limit = self._capacity() if count is None else min(count, self._capacity())
+            while len(self._threads) < limit and not self._shutdown:
+                if not self._spawn():
+                    break
 
     def _capacity(self) -> int:
         """(Under the lock.) How many threads may run: `max_workers`, plus one for each
@@ -111,11 +113,20 @@ class DaemonThreadPool(concurrent.futures.Executor):
             "no more threads are started for stuck ones" if capped
             else "a new thread takes its place", stuck)
 
-    def _spawn(self) -> None:
+    def _spawn(self) -> bool:
+        """(Under the lock.) Start one more thread; False when none can be started."""
         thread = threading.Thread(target=self._work, args=(_Worker(),), daemon=True,
                                   name=f"{self._prefix}-{len(self._threads)}")
+        try:
+            thread.start()
+        except RuntimeError:
+            # Python 3.12+ starts no thread once the interpreter is shutting down (atexit,
+            # where sessions are closed): the work goes to the threads there are, or
+            # stays queued until close() leaves it pending.
+            logger.debug("scrutiny: no new pool thread could be started", exc_info=True)
+            return False
         self._threads.append(thread)
-        thread.start()
+        return True
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver results to `loop` (call this on the loop's thread)."""
