@@ -304,3 +304,30 @@ def test_a_feedback_that_outlives_close_leaves_no_asyncio_errors_behind(
         Session(f"sqlite:///{tmp_path}/next.sqlite").close()  # (no longer the latest one)
         gc.collect()
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
+def test_a_recorded_call_starts_the_sessions_threads_before_its_record(
+        tmp_path: Path) -> None:
+    """A stream held unread at exit is ended and stored while the interpreter exits, where
+    Python 3.12+ starts no new thread: a session whose first record that was could not
+    start its writer or evaluation loop (a traceback, the record lost). Its threads now
+    start when the recorded call begins."""
+    pytest.importorskip("langchain_core")
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from scrutiny.integrations.langchain import ChainRecorder
+
+    model = FakeListChatModel(responses=["hello there"])
+    with Session(f"sqlite:///{tmp_path}/warm.sqlite") as session:
+        recorder = ChainRecorder(model, app_name="warm", session=session, feedbacks=[
+            Feedback(lambda output: 1.0, name="one").on_output()])
+        assert (session._writer, session._loop) == (None, None)  # nothing recorded yet
+        with recorder as recording:
+            stream = model.stream("hi")
+            next(stream)  # the call has begun; no record yet
+            assert recording.open_calls == 1
+            writer, loop = session._writer, session._loop
+            stream.close()
+        assert writer is not None
+        assert loop is not None
+        assert recording.get().wait_for_feedback_results(timeout=10)

@@ -155,6 +155,8 @@ class RecorderSettings:
         self.tags = list(tags)
         self.metadata = dict(metadata or {})
         self._warned_closed = False
+        self.prepared = False
+        """Whether :meth:`prepare` has started a session's threads (checked per call)."""
 
     def set_feedbacks(self, feedbacks: Sequence[Feedback]) -> None:
         """Check and set the feedbacks (wired; loadable by a worker in deferred mode)."""
@@ -171,6 +173,15 @@ class RecorderSettings:
         """The session given, else the session created last."""
         return self.explicit_session if self.explicit_session is not None \
             else Session.current()
+
+    def prepare(self) -> None:
+        """(A recorded call begins.) Have the session start its threads now, if they are
+        not running yet: see ``Session._warm``. Never raises."""
+        try:
+            self.session._warm(self.feedback_mode)
+        except Exception:
+            logger.debug("scrutiny: preparing the session failed", exc_info=True)
+        self.prepared = True
 
     def mode(self, recording: Recording | None = None) -> FeedbackMode:
         """The mode in force: the block's, else the recorder's, else the session's."""

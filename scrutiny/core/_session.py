@@ -288,6 +288,7 @@ class Session(SessionReading):
         self._evaluating = 0
         self._left_pending = 0  # results close() left unfinished (pending in the database)
         self._hurried = False  # close() told to stop waiting (see _cut_close_short)
+        self._warmed = False  # its threads started ahead of its first record (see _warm)
         self._unstored_ends = 0  # end states told to waiters but not stored (see _finish)
         self._unmaterialized = 0  # accepted records whose results are not made yet
         # On the evaluation loop only: evaluations started, not ended, running not stored.
@@ -365,6 +366,24 @@ class Session(SessionReading):
                 _warn_if_many_open()
             return self._writer
 
+    def _warm(self, mode: FeedbackMode | None) -> None:
+        """Start the threads its records will need (the writer, the callback thread and,
+        unless they are left to workers, the evaluation loop) when a recorded call begins,
+        ahead of its record: a call still open when the interpreter exits is ended and
+        stored then, when Python 3.12+ starts no new thread, and a session whose first
+        record that was lost it with a traceback. Never raises."""
+        if self._warmed or self._state == "closed" or sys.is_finalizing():
+            return
+        try:
+            self._start()
+            if _mode(mode or self.feedback_mode) in (FeedbackMode.WITH_APP_THREAD,
+                                                     FeedbackMode.WITH_APP):
+                self._evaluation_loop()
+            self._warmed = True
+        except Exception:
+            logger.debug("scrutiny: starting the session's threads early failed",
+                         exc_info=True)
+
     def _evaluation_loop(self) -> EvaluationLoop:
         loop = self._loop
         if loop is not None:
@@ -400,6 +419,7 @@ class Session(SessionReading):
         self._new_identity()
         self._writer = None
         self._loop = None
+        self._warmed = False
         self._notifier = None
         self._watcher = None
         self._workers = []

@@ -486,6 +486,8 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                         self._mark_foreign(key)
                         return
                 _offer_gil()  # to late evaluations, once a call (see scrutiny.core._courtesy)
+                if not self.settings.prepared:  # (the session's threads, before exit)
+                    self.settings.prepare()
                 recording = None if mine is None else mine.recording
                 root = _Root(recording, self, tags, metadata)
                 if root.recording is not None:

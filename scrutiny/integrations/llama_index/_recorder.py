@@ -135,6 +135,8 @@ class LlamaIndexRecorder:
     # ------------------------------------------------------------------ the block
     def __enter__(self) -> Recording:
         ensure_installed()
+        if not self.settings.prepared:  # (the session's threads, before exit)
+            self.settings.prepare()
         recording = Recording(self.feedback_mode, open_hint=_OPEN_HINT,
                               empty_hint=_EMPTY_HINT)
         active_scopes.set((*active_scopes.get(), Scope(self, recording)))
