@@ -457,7 +457,9 @@ def test_a_database_at_the_first_revision_is_upgraded_with_its_data(
         upgrade(conn, prefix, "0001")
         conn.execute(sa.text(
             f"INSERT INTO {prefix}apps (app_id, app_name, app_version, created_at) "
-            "VALUES ('old:v0', 'old', 'v0', :now)"), {"now": datetime.now(timezone.utc)})
+            "VALUES ('old:v0', 'old', 'v0', :now)"),
+            # (as text: sqlite3's default datetime adapter is deprecated since Python 3.12)
+            {"now": datetime.now(timezone.utc).isoformat(" ")})
     with pytest.raises(ConfigurationError, match="scrutiny db upgrade"):
         Session(url, table_prefix=prefix, migrate="refuse")
     with Session(url, table_prefix=prefix) as s:
