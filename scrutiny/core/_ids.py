@@ -16,10 +16,16 @@ __all__ = ["new_hex_id", "new_uuid"]
 _rng: random.Random | None = None
 
 
+def _seed() -> int:
+    # (an int: seeding with bytes imports hashlib on Python 3.13, which fails for a record
+    # made while the interpreter tears down — in a __del__, say)
+    return int.from_bytes(os.urandom(32), "big")
+
+
 def _generator() -> random.Random:
     global _rng
     if _rng is None:
-        _rng = random.Random(os.urandom(32))  # noqa: S311 - ids, not secrets
+        _rng = random.Random(_seed())  # noqa: S311 - ids, not secrets
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_reseed)
     return _rng
@@ -27,7 +33,7 @@ def _generator() -> random.Random:
 
 def _reseed() -> None:
     if _rng is not None:
-        _rng.seed(os.urandom(32))
+        _rng.seed(_seed())
 
 
 def new_hex_id() -> str:
