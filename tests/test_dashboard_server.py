@@ -173,7 +173,11 @@ def test_cli_reads_create_neither_a_database_nor_tables(tmp_path: Path, command:
     assert "no Scrutiny tables with the prefix 'scrutny_'" in line
     import sqlalchemy as sa
 
-    tables = sa.inspect(sa.create_engine(f"sqlite:///{tmp_path}/app.sqlite")).get_table_names()
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/app.sqlite")
+    try:
+        tables = sa.inspect(engine).get_table_names()
+    finally:
+        engine.dispose()  # (Python 3.13 warns of a SQLite connection left open)
     assert not [t for t in tables if t.startswith("scrutny_")]
 
 
@@ -182,11 +186,14 @@ def test_migrate_refuse_creates_no_tables_in_a_database_without_them(tmp_path: P
     import sqlalchemy as sa
 
     engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("CREATE TABLE users (id INTEGER PRIMARY KEY)"))
-    with pytest.raises(ConfigurationError, match="no Scrutiny tables with the prefix"):
-        Session(url, migrate="refuse")
-    assert sa.inspect(engine).get_table_names() == ["users"]
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE users (id INTEGER PRIMARY KEY)"))
+        with pytest.raises(ConfigurationError, match="no Scrutiny tables with the prefix"):
+            Session(url, migrate="refuse")
+        assert sa.inspect(engine).get_table_names() == ["users"]
+    finally:
+        engine.dispose()
 
 
 def test_cli_serves_until_interrupted(stored: Session, database_url: str) -> None:

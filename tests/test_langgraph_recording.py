@@ -244,6 +244,7 @@ def test_a_long_chat_is_stored_compressed_and_read_back_whole(tmp_path: Path) ->
     """Each node span of a chat graph with memory holds the conversation so far, so the
     stored spans grew with the square of the turns (4.5 MB for 60 turns). On SQLite long
     span trees are stored compressed; reading them back gives the same spans."""
+    import contextlib
     import sqlite3
 
     reply = "The weather in Ireland is mild and wet, with frequent showers. " * 3
@@ -264,7 +265,7 @@ def test_a_long_chat_is_stored_compressed_and_read_back_whole(tmp_path: Path) ->
         records = recorder.handler.records
         assert session.flush(30)
     assert len(records) == 40
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         stored = db.execute("SELECT sum(length(spans_json)) FROM scrutiny_records").fetchone()[0]
     whole = sum(len(_rows._spans_json(r.spans, 4_000_000)) for r in records)
     assert stored * 5 < whole, (stored, whole)

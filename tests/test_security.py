@@ -7,6 +7,7 @@ API and reads them back through the real dashboard app or the real `scrutiny` co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -113,7 +114,8 @@ def test_a_password_in_the_query_string_never_reaches_the_page(
     info = client.get("/api/info").json()
     assert SECRET not in info["database"]
     assert info["database"].endswith("?password=***")
-    with sqlite3.connect(path) as con:  # the database breaks: a 503 that names it
+    # the database breaks: a 503 that names it
+    with contextlib.closing(sqlite3.connect(path)) as con, con:
         con.execute("ALTER TABLE scrutiny_records RENAME TO gone")
     with caplog.at_level(logging.WARNING, logger="scrutiny.dashboard"):
         for route in ("/api/records", "/api/apps", "/api/leaderboard", "/api/charts",
