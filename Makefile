@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.scrutiny-installed
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test lint typecheck unit bench test-pythons clean
 
 # The browser tests drive Debian's Chromium (no browser downloads here); install it once.
 CHROMIUM := /usr/bin/chromium
@@ -55,6 +55,31 @@ bench: $(STAMP)
 	$(PY) bench/lexical.py
 	$(PY) bench/embeddings.py
 	$(PY) bench/memory.py
+
+# The suite on the other Pythons the package supports, each in a virtualenv of its own:
+# without the embeddings extra (the machine's local torch wheel is for 3.11 only), hence
+# without the README block that uses it, and without the browser tests (`make test` runs
+# those). Each Python is pyenv's when it has one, else pythonX.Y on the PATH. Set
+# SCRUTINY_TEST_POSTGRES_URL first for the PostgreSQL tests.
+PYTHONS ?= 3.10 3.12 3.13
+OTHER_EXTRAS := langchain,llama-index,postgres,lexical,sentiment,dashboard
+OTHER_DEV := pytest pytest-asyncio pytest-timeout httpx 'langgraph>=1.0' 'langchain>=1.0' \
+	nest-asyncio 'distributed>=2024.1'
+
+test-pythons:
+	set -e; for v in $(PYTHONS); do \
+		py=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python 2>/dev/null \
+			| tail -1); \
+		$${py:-python$$v} -m venv .venv-py$$v; \
+		.venv-py$$v/bin/pip install --quiet --upgrade pip; \
+		.venv-py$$v/bin/pip install --quiet -e '.[$(OTHER_EXTRAS)]' $(OTHER_DEV); \
+		echo "== Python $$v"; \
+		.venv-py$$v/bin/python -m pytest -q -p no:cacheprovider \
+			--ignore=tests/test_dashboard_browser.py \
+			--ignore=tests/test_providers_embeddings.py \
+			--ignore=tests/test_providers_embeddings_batching.py \
+			-k 'not Feedback_RateLimit'; \
+	done
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
