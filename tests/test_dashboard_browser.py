@@ -79,17 +79,46 @@ def page(browser: Any) -> Iterator[Any]:
     assert seen.errors == [], "the page raised JavaScript errors"
 
 
+class Dashboard:
+    """A session on the test's database and, once started, its dashboard. The fixture
+    ends both, after setting the events given to `release` (gates a feedback waits on:
+    closing the session would otherwise wait for it)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.session = Session(database_url)
+        self._handle: Any = None
+        self._gates: list[threading.Event] = []
+
+    def start(self, **options: Any) -> str:
+        """Serve the dashboard; returns its address."""
+        self._handle = self.session.run_dashboard(**options)
+        return str(self._handle.url)
+
+    def release(self, *gates: threading.Event) -> None:
+        self._gates.extend(gates)
+
+    def end(self) -> None:
+        for gate in self._gates:
+            gate.set()
+        if self._handle is not None:
+            self._handle.stop()
+        self.session.close()
+
 
 @pytest.fixture
-def served(database_url: str) -> Iterator[tuple[Session, str, list[Any]]]:
-    session = Session(database_url)
-    records = fill(session)
-    handle = session.run_dashboard()
+def dashboard(database_url: str) -> Iterator[Dashboard]:
+    served = Dashboard(database_url)
     try:
-        yield session, handle.url, records
+        yield served
     finally:
-        handle.stop()
-        session.close()
+        served.end()
+
+
+@pytest.fixture
+def served(dashboard: Dashboard) -> tuple[Session, str, list[Any]]:
+    """The dashboard over `fill`'s records."""
+    records = fill(dashboard.session)
+    return dashboard.session, dashboard.start(), records
 
 
 def _screenshot(page: Any, tmp_path: Path, name: str) -> None:
@@ -139,7 +168,7 @@ def test_leaderboard_and_a_records_span_tree(page: Any, served: Any, tmp_path: P
 
 
 def test_pending_feedback_becomes_its_score_without_a_reload(page: Any,
-                                                             database_url: str) -> None:
+                                                             dashboard: Dashboard) -> None:
     from playwright.sync_api import expect
 
     gate = threading.Event()
@@ -148,33 +177,27 @@ def test_pending_feedback_becomes_its_score_without_a_reload(page: Any,
         gate.wait(30)
         return 0.75, "released by the test"
 
-    session = Session(database_url)
-    handle = None
-    try:
-        record = session.ingest(rag_record(1), [Feedback(gated, name="gated").on_output()])
-        assert session.flush(10)
-        handle = session.run_dashboard()
-        page.goto(handle.url + f"#/record/{record.record_id}")
-        card = page.locator(".card[data-feedback='gated']")
-        expect(card).to_have_attribute("data-status", re.compile("pending|running"))
-        expect(card.locator(".big")).to_have_text("—")
-        expect(page.locator("#live")).to_have_text("live")
-        page.evaluate("window.__still_the_same_page = true")
-        gate.set()
-        expect(card.locator(".big")).to_have_text("0.750")
-        expect(card).to_have_attribute("data-status", "done")
-        expect(card).to_contain_text("released by the test")
-        expect(page.locator("#live")).to_have_text("idle")
-        assert page.evaluate("window.__still_the_same_page") is True
+    session = dashboard.session
+    dashboard.release(gate)
+    record = session.ingest(rag_record(1), [Feedback(gated, name="gated").on_output()])
+    assert session.flush(10)
+    url = dashboard.start()
+    page.goto(url + f"#/record/{record.record_id}")
+    card = page.locator(".card[data-feedback='gated']")
+    expect(card).to_have_attribute("data-status", re.compile("pending|running"))
+    expect(card.locator(".big")).to_have_text("—")
+    expect(page.locator("#live")).to_have_text("live")
+    page.evaluate("window.__still_the_same_page = true")
+    gate.set()
+    expect(card.locator(".big")).to_have_text("0.750")
+    expect(card).to_have_attribute("data-status", "done")
+    expect(card).to_contain_text("released by the test")
+    expect(page.locator("#live")).to_have_text("idle")
+    assert page.evaluate("window.__still_the_same_page") is True
 
-        page.goto(handle.url)  # the records table shows the stored score too
-        cell = page.locator(f"tr[data-record-id='{record.record_id}'] td[data-feedback='gated']")
-        expect(cell).to_have_text("0.750")
-    finally:
-        gate.set()
-        if handle is not None:
-            handle.stop()
-        session.close()
+    page.goto(url)  # the records table shows the stored score too
+    cell = page.locator(f"tr[data-record-id='{record.record_id}'] td[data-feedback='gated']")
+    expect(cell).to_have_text("0.750")
 
 
 def test_a_script_in_an_output_is_shown_as_text(page: Any, served: Any) -> None:
@@ -194,27 +217,24 @@ def test_a_script_in_an_output_is_shown_as_text(page: Any, served: Any) -> None:
     assert SEEN[id(page)].dialogs == []
 
 
-def test_the_token_in_the_url_becomes_a_cookie(page: Any, database_url: str) -> None:
+def test_the_token_in_the_url_becomes_a_cookie(page: Any, dashboard: Dashboard) -> None:
     from playwright.sync_api import expect
 
-    session = Session(database_url)
+    session = dashboard.session
+    session.ingest(rag_record(3), [])
+    assert session.flush(10)
+    url = dashboard.start(token=TOKEN)
+    page.goto(url)
+    expect(page.locator("#records tbody tr")).to_have_count(1)
+    assert "token" not in page.url
+    page.reload()
+    expect(page.locator("#records tbody tr")).to_have_count(1)
+    anonymous = page.context.browser.new_page()
     try:
-        session.ingest(rag_record(3), [])
-        assert session.flush(10)
-        with session.run_dashboard(token=TOKEN) as handle:
-            page.goto(handle.url)
-            expect(page.locator("#records tbody tr")).to_have_count(1)
-            assert "token" not in page.url
-            page.reload()
-            expect(page.locator("#records tbody tr")).to_have_count(1)
-            anonymous = page.context.browser.new_page()
-            try:
-                anonymous.goto(handle.url.split("?")[0])
-                expect(anonymous.locator("body")).to_contain_text("needs its access token")
-            finally:
-                anonymous.close()
+        anonymous.goto(url.split("?")[0])
+        expect(anonymous.locator("body")).to_contain_text("needs its access token")
     finally:
-        session.close()
+        anonymous.close()
 
 
 @pytest.mark.parametrize("address", ["%E0%A4%A", "no-such-record"])
@@ -257,7 +277,7 @@ def test_an_offset_past_the_end_offers_the_first_page(page: Any, served: Any) ->
 
 
 def test_the_leaderboard_shows_a_running_result_as_running(page: Any,
-                                                           database_url: str) -> None:
+                                                           dashboard: Dashboard) -> None:
     from playwright.sync_api import expect
 
     gate, started = threading.Event(), threading.Event()
@@ -267,60 +287,48 @@ def test_the_leaderboard_shows_a_running_result_as_running(page: Any,
         gate.wait(30)
         return 0.5
 
-    session = Session(database_url)
-    handle = None
-    try:
-        record = session.ingest(rag_record(1), [Feedback(gated, name="gated").on_output()])
-        assert started.wait(10)
-        handle = session.run_dashboard()
-        page.goto(handle.url)
-        row = page.locator("#leaderboard tr[data-app='qa:v1']")
-        expect(row.locator("td[data-feedback='gated'] .badge")).to_have_text(["1 running"])
-        expect(row.locator("td[data-count='running']")).to_have_text("1")
-        expect(row.locator("td[data-count='pending']")).to_have_text("0")
-        expect(page.locator("#leaderboard thead")).to_contain_text("Running")
-        cell = page.locator(f"tr[data-record-id='{record.record_id}'] td[data-feedback='gated']")
-        expect(cell).to_have_attribute("data-status", "running")
-        gate.set()
-        expect(row.locator("td[data-feedback='gated'] .mean")).to_have_text("0.500")
-        expect(row.locator("td[data-feedback='gated'] .badge")).to_have_count(0)
-        expect(row.locator("td[data-count='running']")).to_have_text("0")
-    finally:
-        gate.set()
-        if handle is not None:
-            handle.stop()
-        session.close()
+    session = dashboard.session
+    dashboard.release(gate)
+    record = session.ingest(rag_record(1), [Feedback(gated, name="gated").on_output()])
+    assert started.wait(10)
+    url = dashboard.start()
+    page.goto(url)
+    row = page.locator("#leaderboard tr[data-app='qa:v1']")
+    expect(row.locator("td[data-feedback='gated'] .badge")).to_have_text(["1 running"])
+    expect(row.locator("td[data-count='running']")).to_have_text("1")
+    expect(row.locator("td[data-count='pending']")).to_have_text("0")
+    expect(page.locator("#leaderboard thead")).to_contain_text("Running")
+    cell = page.locator(f"tr[data-record-id='{record.record_id}'] td[data-feedback='gated']")
+    expect(cell).to_have_attribute("data-status", "running")
+    gate.set()
+    expect(row.locator("td[data-feedback='gated'] .mean")).to_have_text("0.500")
+    expect(row.locator("td[data-feedback='gated'] .badge")).to_have_count(0)
+    expect(row.locator("td[data-count='running']")).to_have_text("0")
 
 
 def test_choosing_an_app_whose_name_holds_a_colon_shows_only_that_app(
-        page: Any, database_url: str) -> None:
+        page: Any, dashboard: Dashboard) -> None:
     """The page filtered by "name:version" (an id it built itself) and by bare names: app
     "team:qa" showed app "team" version "qa" too, and the three apps below mixed."""
     from playwright.sync_api import expect
 
-    session = Session(database_url)
-    handle = None
-    try:
-        fb = Feedback(lambda output: 1.0, name="one").on_output()
-        for i, (app, version) in enumerate([("team", "qa"), ("team:qa", "v1"),
-                                            ("team", "qa:v1")]):
-            session.ingest(rag_record(i, app=app, version=version), [fb])
-        assert session.wait_for_feedback(30)
-        handle = session.run_dashboard()
-        rows = page.locator("#records tbody tr")
-        page.goto(handle.url + "#/?app=team%3Aqa")
-        expect(rows).to_have_count(1)
-        expect(rows).to_contain_text("country 1?")
-        expect(page.locator("#leaderboard tbody tr")).to_have_count(1)
-        page.goto(handle.url + "#/?app=team&version=qa")
-        expect(rows).to_have_count(1)
-        expect(rows).to_contain_text("country 0?")
-        page.goto(handle.url + "#/?app=team")
-        expect(rows).to_have_count(2)
-    finally:
-        if handle is not None:
-            handle.stop()
-        session.close()
+    session = dashboard.session
+    fb = Feedback(lambda output: 1.0, name="one").on_output()
+    for i, (app, version) in enumerate([("team", "qa"), ("team:qa", "v1"),
+                                        ("team", "qa:v1")]):
+        session.ingest(rag_record(i, app=app, version=version), [fb])
+    assert session.wait_for_feedback(30)
+    url = dashboard.start()
+    rows = page.locator("#records tbody tr")
+    page.goto(url + "#/?app=team%3Aqa")
+    expect(rows).to_have_count(1)
+    expect(rows).to_contain_text("country 1?")
+    expect(page.locator("#leaderboard tbody tr")).to_have_count(1)
+    page.goto(url + "#/?app=team&version=qa")
+    expect(rows).to_have_count(1)
+    expect(rows).to_contain_text("country 0?")
+    page.goto(url + "#/?app=team")
+    expect(rows).to_have_count(2)
 
 
 # ---------------------------------------------------------------------- hostile content
@@ -355,7 +363,7 @@ def _raises(output: str) -> float:
     raise RuntimeError(HOSTILE)
 
 
-def test_hostile_content_anywhere_is_shown_as_text(page: Any, database_url: str) -> None:
+def test_hostile_content_anywhere_is_shown_as_text(page: Any, dashboard: Dashboard) -> None:
     """HTML in every field a record, a span or a result has, in the page's own address and
     in error messages: shown as text, never parsed; a record whose id holds "/" opens (its
     address answered 404: "No such record")."""
@@ -363,92 +371,80 @@ def test_hostile_content_anywhere_is_shown_as_text(page: Any, database_url: str)
 
     from playwright.sync_api import expect
 
-    session = Session(database_url)
-    handle = None
+    session = dashboard.session
     ids = ['"><img src=x onerror=alert(1)>', "../../etc/passwd", "a/b?c#d"]
-    try:
-        feedbacks = [Feedback(_explained, name=HOSTILE).on_output(),
-                     Feedback(_raises, name=PAYLOADS[1]).on_output()]
-        for i, rid in enumerate(ids):
-            session.ingest(_hostile_record(i, rid), feedbacks)
-        assert session.wait_for_feedback(30)
-        handle = session.run_dashboard()
-        seen = SEEN[id(page)]
+    feedbacks = [Feedback(_explained, name=HOSTILE).on_output(),
+                 Feedback(_raises, name=PAYLOADS[1]).on_output()]
+    for i, rid in enumerate(ids):
+        session.ingest(_hostile_record(i, rid), feedbacks)
+    assert session.wait_for_feedback(30)
+    url = dashboard.start()
+    seen = SEEN[id(page)]
 
-        def clean() -> None:
-            assert page.locator(INJECTED).count() == 0
-            assert seen.dialogs == []
+    def clean() -> None:
+        assert page.locator(INJECTED).count() == 0
+        assert seen.dialogs == []
 
-        page.goto(handle.url)
-        expect(page.locator("#records tbody tr")).to_have_count(3)
-        expect(page.locator("#leaderboard tbody tr").first).to_contain_text(PAYLOADS[0])
-        expect(page.locator("#leaderboard thead")).to_contain_text(HOSTILE)
-        expect(page.locator("#records tbody td.output").first).to_have_text(HOSTILE)
-        expect(page.locator("#chart-scores .dist-row")).to_have_count(1)
+    page.goto(url)
+    expect(page.locator("#records tbody tr")).to_have_count(3)
+    expect(page.locator("#leaderboard tbody tr").first).to_contain_text(PAYLOADS[0])
+    expect(page.locator("#leaderboard thead")).to_contain_text(HOSTILE)
+    expect(page.locator("#records tbody td.output").first).to_have_text(HOSTILE)
+    expect(page.locator("#chart-scores .dist-row")).to_have_count(1)
+    clean()
+    for rid in ids:
+        page.goto(url + "#/record/" + quote(rid, safe=""))
+        view = page.locator("#record-view")
+        expect(view.locator(".mono.muted").last).to_have_text(rid)
+        expect(page.locator("#record-output")).to_have_text(HOSTILE)
+        expect(view.locator(".card")).to_have_count(2)
+        expect(view.locator(".card[data-status='done']")).to_contain_text(HOSTILE)
+        for row in page.locator(".wf-row[data-span-id]").all():
+            row.click()
+        expect(page.locator(".wf-detail:visible")).to_have_count(2)
         clean()
-        for rid in ids:
-            page.goto(handle.url + "#/record/" + quote(rid, safe=""))
-            view = page.locator("#record-view")
-            expect(view.locator(".mono.muted").last).to_have_text(rid)
-            expect(page.locator("#record-output")).to_have_text(HOSTILE)
-            expect(view.locator(".card")).to_have_count(2)
-            expect(view.locator(".card[data-status='done']")).to_contain_text(HOSTILE)
-            for row in page.locator(".wf-row[data-span-id]").all():
-                row.click()
-            expect(page.locator(".wf-detail:visible")).to_have_count(2)
-            clean()
-        page.goto(handle.url + "#/?q=" + quote(PAYLOADS[1]))  # (every record holds it)
-        expect(page.locator("#filters input[name=q]")).to_have_value(PAYLOADS[1])
-        expect(page.locator("#records-count")).to_have_text("3 matching")
+    page.goto(url + "#/?q=" + quote(PAYLOADS[1]))  # (every record holds it)
+    expect(page.locator("#filters input[name=q]")).to_have_value(PAYLOADS[1])
+    expect(page.locator("#records-count")).to_have_text("3 matching")
+    clean()
+    page.goto(url + "#/?app=" + quote(PAYLOADS[4]))
+    expect(page.locator("#records")).to_contain_text("No records match.")
+    clean()
+    for address, shown in [
+            ("#/?feedback=x&min_score=" + quote(PAYLOADS[1]), "#error"),
+            ("#/?status=" + quote(PAYLOADS[0]) + "&feedback=x", "#error"),
+            ("#/record/" + PAYLOADS[1], "#record-missing")]:
+        page.goto(url + address)
+        expect(page.locator(shown)).to_contain_text("<")
         clean()
-        page.goto(handle.url + "#/?app=" + quote(PAYLOADS[4]))
-        expect(page.locator("#records")).to_contain_text("No records match.")
-        clean()
-        for address, shown in [
-                ("#/?feedback=x&min_score=" + quote(PAYLOADS[1]), "#error"),
-                ("#/?status=" + quote(PAYLOADS[0]) + "&feedback=x", "#error"),
-                ("#/record/" + PAYLOADS[1], "#record-missing")]:
-            page.goto(handle.url + address)
-            expect(page.locator(shown)).to_contain_text("<")
-            clean()
-    finally:
-        if handle is not None:
-            handle.stop()
-        session.close()
 
 
 def test_feedback_names_like_object_members_are_plain_names(page: Any,
-                                                            database_url: str) -> None:
+                                                            dashboard: Dashboard) -> None:
     """A row without a feedback named "constructor" (or "toString", "__proto__") showed
     Object.prototype's member as its cell ("—", "n=—") instead of nothing."""
     from playwright.sync_api import expect
 
     from scrutiny import Record
 
-    session = Session(database_url)
-    handle = None
+    session = dashboard.session
     names = ["__proto__", "constructor", "toString"]
-    try:
-        for i, name in enumerate(names):
-            session.ingest(Record(app_name=f"app{i}", app_version="v", input=f"q{i}",
-                                  output="o", start_time=float(i), end_time=i + 1.0),
-                           [Feedback(lambda output: 0.5, name=name).on_output()])
-        assert session.wait_for_feedback(30)
-        handle = session.run_dashboard()
-        page.goto(handle.url)
-        rows = page.locator("#leaderboard tbody tr")
-        expect(rows).to_have_count(3)
-        for i, name in enumerate(names):
-            row = page.locator(f"#leaderboard tr[data-app='app{i}:v']")
-            expect(row.locator("td[data-feedback]")).to_have_count(1)
-            expect(row.locator(f"td[data-feedback='{name}'] .mean")).to_have_text("0.500")
-            record = page.locator("#records tbody tr", has_text=f"q{i}")
-            expect(record.locator("td[data-feedback]")).to_have_count(1)
-            expect(record.locator(".badge")).to_have_count(1)  # (its status only)
-    finally:
-        if handle is not None:
-            handle.stop()
-        session.close()
+    for i, name in enumerate(names):
+        session.ingest(Record(app_name=f"app{i}", app_version="v", input=f"q{i}",
+                              output="o", start_time=float(i), end_time=i + 1.0),
+                       [Feedback(lambda output: 0.5, name=name).on_output()])
+    assert session.wait_for_feedback(30)
+    url = dashboard.start()
+    page.goto(url)
+    rows = page.locator("#leaderboard tbody tr")
+    expect(rows).to_have_count(3)
+    for i, name in enumerate(names):
+        row = page.locator(f"#leaderboard tr[data-app='app{i}:v']")
+        expect(row.locator("td[data-feedback]")).to_have_count(1)
+        expect(row.locator(f"td[data-feedback='{name}'] .mean")).to_have_text("0.500")
+        record = page.locator("#records tbody tr", has_text=f"q{i}")
+        expect(record.locator("td[data-feedback]")).to_have_count(1)
+        expect(record.locator(".badge")).to_have_count(1)  # (its status only)
 
 
 # ---------------------------------------------------------------------- what the numbers say
@@ -498,33 +494,27 @@ def test_a_record_opened_from_its_address_colours_scores_by_their_direction(
         re.compile(r"\bbad\b"))
 
 
-def test_means_that_look_equal_are_equally_best(page: Any, database_url: str) -> None:
+def test_means_that_look_equal_are_equally_best(page: Any, dashboard: Dashboard) -> None:
     """The leaderboard starred the best mean by exact float comparison: of two versions
     both showing 0.050, only the one whose mean was 0.05000000000000001 got the star."""
     from playwright.sync_api import expect
 
     from scrutiny import Record
 
-    session = Session(database_url)
-    handle = None
-    try:
-        fb = Feedback(lambda output: 0.05, name="coverage").on_output()
-        for i, version in enumerate(["a", "a", "a", "b"]):
-            session.ingest(Record(app_name="app", app_version=version, input=f"q{i}",
-                                  output="o", start_time=float(i), end_time=i + 1.0), [fb])
-        assert session.wait_for_feedback(30)
-        means = session.get_leaderboard()["coverage"]
-        assert len(set(means)) == 2  # (the database's float noise this test is about)
-        handle = session.run_dashboard()
-        page.goto(handle.url)
-        cells = page.locator("#leaderboard td[data-feedback='coverage']")
-        expect(cells).to_have_count(2)
-        expect(cells.locator(".mean")).to_have_text(["0.050", "0.050"])
-        expect(page.locator("#leaderboard td[data-feedback='coverage'].best")).to_have_count(2)
-    finally:
-        if handle is not None:
-            handle.stop()
-        session.close()
+    session = dashboard.session
+    fb = Feedback(lambda output: 0.05, name="coverage").on_output()
+    for i, version in enumerate(["a", "a", "a", "b"]):
+        session.ingest(Record(app_name="app", app_version=version, input=f"q{i}",
+                              output="o", start_time=float(i), end_time=i + 1.0), [fb])
+    assert session.wait_for_feedback(30)
+    means = session.get_leaderboard()["coverage"]
+    assert len(set(means)) == 2  # (the database's float noise this test is about)
+    url = dashboard.start()
+    page.goto(url)
+    cells = page.locator("#leaderboard td[data-feedback='coverage']")
+    expect(cells).to_have_count(2)
+    expect(cells.locator(".mean")).to_have_text(["0.050", "0.050"])
+    expect(page.locator("#leaderboard td[data-feedback='coverage'].best")).to_have_count(2)
 
 
 def test_a_refused_filter_does_not_leave_the_previous_records_on_screen(
@@ -567,33 +557,27 @@ def test_a_version_chosen_without_an_app_filters_the_leaderboard_too(
 
 
 def test_a_record_without_a_result_says_so_in_the_records_table(page: Any,
-                                                                 database_url: str) -> None:
+                                                                 dashboard: Dashboard) -> None:
     """A record never evaluated with a feedback had an empty cell in that feedback's column,
     which read as a score that did not load."""
     from playwright.sync_api import expect
 
-    session = Session(database_url)
-    handle = None
-    try:
-        judged = session.ingest(rag_record(1), [Feedback(lambda output: 0.5,
-                                                         name="judged").on_output()])
-        bare = session.ingest(rag_record(2), [])
-        assert session.wait_for_feedback(30)
-        handle = session.run_dashboard()
-        page.goto(handle.url)
-        expect(page.locator(f"tr[data-record-id='{judged.record_id}'] "
-                            "td[data-feedback='judged']")).to_have_text("0.500")
-        cell = page.locator(f"tr[data-record-id='{bare.record_id}'] td").last
-        expect(cell).to_have_text("—")
-        expect(cell).to_have_attribute("title", "not evaluated with judged")
-    finally:
-        if handle is not None:
-            handle.stop()
-        session.close()
+    session = dashboard.session
+    judged = session.ingest(rag_record(1), [Feedback(lambda output: 0.5,
+                                                     name="judged").on_output()])
+    bare = session.ingest(rag_record(2), [])
+    assert session.wait_for_feedback(30)
+    url = dashboard.start()
+    page.goto(url)
+    expect(page.locator(f"tr[data-record-id='{judged.record_id}'] "
+                        "td[data-feedback='judged']")).to_have_text("0.500")
+    cell = page.locator(f"tr[data-record-id='{bare.record_id}'] td").last
+    expect(cell).to_have_text("—")
+    expect(cell).to_have_attribute("title", "not evaluated with judged")
 
 
 def test_the_leaderboard_counts_skipped_results_beside_failed_ones(
-        page: Any, database_url: str) -> None:
+        page: Any, dashboard: Dashboard) -> None:
     """The leaderboard's Pending / Running / Failed columns had no Skipped one: a version
     whose feedbacks found nothing to judge looked fully evaluated."""
     from playwright.sync_api import expect
@@ -603,42 +587,30 @@ def test_the_leaderboard_counts_skipped_results_beside_failed_ones(
     def needs_contexts(output: str) -> float:
         raise SkipFeedback("there are no contexts to judge")
 
-    session = Session(database_url)
-    handle = None
-    try:
-        for i in range(3):
-            session.ingest(Record(app_name="sk", app_version="v1", input=f"q{i}", output="a"),
-                           [Feedback(needs_contexts, name="grounded").on_output()])
-        assert session.wait_for_feedback(30)
-        handle = session.run_dashboard()
-        page.goto(handle.url)
-        row = page.locator("#leaderboard tr[data-app='sk:v1']")
-        expect(page.locator("#leaderboard thead")).to_contain_text("Skipped")
-        expect(row.locator("td[data-count='skipped']")).to_have_text("3")
-        expect(row.locator("td[data-count='failed']")).to_have_text("0")
-    finally:
-        if handle is not None:
-            handle.stop()
-        session.close()
+    session = dashboard.session
+    for i in range(3):
+        session.ingest(Record(app_name="sk", app_version="v1", input=f"q{i}", output="a"),
+                       [Feedback(needs_contexts, name="grounded").on_output()])
+    assert session.wait_for_feedback(30)
+    url = dashboard.start()
+    page.goto(url)
+    row = page.locator("#leaderboard tr[data-app='sk:v1']")
+    expect(page.locator("#leaderboard thead")).to_contain_text("Skipped")
+    expect(row.locator("td[data-count='skipped']")).to_have_text("3")
+    expect(row.locator("td[data-count='failed']")).to_have_text("0")
 
 
-def test_a_latency_just_under_a_second_reads_as_seconds(page: Any, database_url: str) -> None:
+def test_a_latency_just_under_a_second_reads_as_seconds(page: Any, dashboard: Dashboard) -> None:
     """0.9996 s was rounded to "1000 ms" (the unit chosen before rounding)."""
     from playwright.sync_api import expect
 
     from scrutiny import Record
 
-    session = Session(database_url)
-    handle = None
-    try:
-        rec = session.ingest(Record(app_name="timing", app_version="v1", input="q",
-                                    output="a", start_time=100.0, end_time=100.9996))
-        assert session.wait_for_feedback(30)
-        handle = session.run_dashboard()
-        page.goto(handle.url)
-        cell = page.locator(f"tr[data-record-id='{rec.record_id}'] td").nth(5)
-        expect(cell).to_have_text("1.00 s")
-    finally:
-        if handle is not None:
-            handle.stop()
-        session.close()
+    session = dashboard.session
+    rec = session.ingest(Record(app_name="timing", app_version="v1", input="q",
+                                output="a", start_time=100.0, end_time=100.9996))
+    assert session.wait_for_feedback(30)
+    url = dashboard.start()
+    page.goto(url)
+    cell = page.locator(f"tr[data-record-id='{rec.record_id}'] td").nth(5)
+    expect(cell).to_have_text("1.00 s")
