@@ -404,7 +404,7 @@ def _map_texts(df: pd.DataFrame, change: Any, kinds: tuple[type, ...] = (str,)
     def one(value: Any) -> Any:
         return change(value) if isinstance(value, kinds) else value
 
-    out = df.copy()
+    out: pd.DataFrame = df.copy()
     for i in range(out.shape[1]):
         column = out.iloc[:, i]
         if column.dtype == object or pd.api.types.is_string_dtype(column.dtype):

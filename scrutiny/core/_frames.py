@@ -96,14 +96,14 @@ def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
     base = pd.DataFrame(apps, columns=["app_id", *index_cols, "records", "latency",
                                        "total_tokens"])
     if base.empty:  # the same columns as a filled one: code reading it does not break
-        empty = pd.DataFrame(columns=[*index_cols, *_LEADERBOARD_COLUMNS]).set_index(
-            index_cols)
+        empty: pd.DataFrame = pd.DataFrame(
+            columns=[*index_cols, *_LEADERBOARD_COLUMNS]).set_index(index_cols)
         empty.columns.name = None
         empty.attrs["higher_is_better"] = {}
         return empty
     res = pd.DataFrame(results, columns=["app_id", "feedback_name", "status", "n", "mean"])
     res = res.merge(base[["app_id", *index_cols]], on="app_id", how="inner")
-    frame = base.set_index(index_cols).drop(columns="app_id")
+    frame: pd.DataFrame = base.set_index(index_cols).drop(columns="app_id")
     frame["records"] = frame["records"].astype(int)
     feedback_names = sorted(set(res["feedback_name"]))
     done = res[res["status"] == "done"]

@@ -159,7 +159,8 @@ def _strip_fence(text: str) -> str:
     if len(stripped) < 6 or not stripped.startswith("```") or not stripped.endswith("```"):
         return text
     inner = stripped[3:-3]
-    return inner[_FENCE_LANGUAGE.match(inner).end():].strip()  # type: ignore[union-attr]
+    language = _FENCE_LANGUAGE.match(inner)  # (it matches, the empty string at least)
+    return inner[language.end() if language else 0:].strip()
 
 
 def _embedded_json(body: str) -> Any:
@@ -306,7 +307,8 @@ def _clean_reasons(text: str) -> str:
     """Reasons as a person reads them: without the score's leftovers ("." ", because" "**")
     or a "Reasons:" label."""
     text = text.strip().lstrip(" \n\t-*:#.,;\u2013\u2014").rstrip(" \n\t*#")
-    return _REASONS_LABEL.sub("", text).strip()
+    cleaned: str = _REASONS_LABEL.sub("", text)  # (the regex package is untyped: 3.10)
+    return cleaned.strip()
 
 
 def _candidates(body: str, raw: str, scale: float, quoted: Sequence[str],
