@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from scrutiny import ConfigurationError, Feedback, Record, Session
 from scrutiny.core._records import app_id_for
+from tests.support.postgres import postgres_url
 
 
 def _score(output: str) -> float:
@@ -238,13 +238,7 @@ THREE_APPS = {("team", "qa"): 1, ("team:qa", "v1"): 2, ("team", "qa:v1"): 3}
 @pytest.fixture(params=["sqlite", "memory", "postgresql"])
 def three_apps(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
     if request.param == "postgresql":
-        url = os.environ.get("SCRUTINY_TEST_POSTGRES_URL")
-        if not url:
-            if os.environ.get("SCRUTINY_REQUIRE_POSTGRES") == "1":
-                pytest.fail("SCRUTINY_REQUIRE_POSTGRES=1 but SCRUTINY_TEST_POSTGRES_URL is "
-                            "not set")
-            pytest.skip("set SCRUTINY_TEST_POSTGRES_URL to run this test on PostgreSQL")
-        s = Session(url, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
+        s = Session(postgres_url(), table_prefix=f"t{uuid.uuid4().hex[:10]}_")
     else:
         s = Session(f"sqlite:///{tmp_path}/ids.sqlite" if request.param == "sqlite"
                     else "memory://")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import multiprocessing
-import os
 import threading
 import time
 import uuid
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 from scrutiny import Feedback, FeedbackStatus, Record, Session
 from scrutiny.core import _serialize
 from scrutiny.core._serialize import TRUNCATED_KEY
+from tests.support.postgres import postgres_url
 
 
 def make_record(**kw: object) -> Record:
@@ -475,12 +475,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     prefix = f"t{uuid.uuid4().hex[:10]}_"
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/ids.sqlite", prefix
-    url = os.environ.get("SCRUTINY_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("SCRUTINY_REQUIRE_POSTGRES") == "1":
-            pytest.fail("SCRUTINY_REQUIRE_POSTGRES=1 but SCRUTINY_TEST_POSTGRES_URL is not set")
-        pytest.skip("set SCRUTINY_TEST_POSTGRES_URL to run this test on PostgreSQL")
-    return url, prefix
+    return postgres_url(), prefix
 
 
 # (name, version) -> the id the old "name:version" rule stored it under

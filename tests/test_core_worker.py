@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -26,10 +25,9 @@ from scrutiny import Feedback, FeedbackMode, FeedbackStatus, Record, Session
 from scrutiny.core._worker import Worker
 from scrutiny.core.storage import InsertRecord, MemoryStore, SQLStore, Store, UpdateResult
 from tests.support import deferred_feedbacks as fbs
+from tests.support.postgres import postgres_url
 
 REPO = Path(__file__).resolve().parents[1]
-PG_URL = os.environ.get("SCRUTINY_TEST_POSTGRES_URL")
-REQUIRE_PG = os.environ.get("SCRUTINY_REQUIRE_POSTGRES") == "1"
 
 # Feedbacks a worker in this process can import (this module is `tests.test_core_worker`).
 GATE = threading.Event()
@@ -70,11 +68,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     prefix = f"w{uuid.uuid4().hex[:10]}_"
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/worker.sqlite", prefix
-    if not PG_URL:
-        if REQUIRE_PG:
-            pytest.fail("SCRUTINY_REQUIRE_POSTGRES=1 but SCRUTINY_TEST_POSTGRES_URL is unset")
-        pytest.skip("set SCRUTINY_TEST_POSTGRES_URL to run this test on PostgreSQL")
-    return PG_URL, prefix
+    return postgres_url(), prefix
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 from scrutiny import Feedback, FeedbackStatus, Record, Session
 from scrutiny.core.storage import SQLStore, build_tables
 from tests.support import deferred_feedbacks as fbs
+from tests.support.postgres import postgres_url
 
 pytestmark = pytest.mark.postgres
 
@@ -36,12 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def pg() -> tuple[str, str]:
     """(url, table_prefix) of fresh tables on the PostgreSQL server."""
-    url = os.environ.get("SCRUTINY_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("SCRUTINY_REQUIRE_POSTGRES") == "1":
-            pytest.fail("SCRUTINY_REQUIRE_POSTGRES=1 but SCRUTINY_TEST_POSTGRES_URL is not set")
-        pytest.skip("set SCRUTINY_TEST_POSTGRES_URL to run this test on PostgreSQL")
-    return url, f"t{uuid.uuid4().hex[:10]}_"
+    return postgres_url(), f"t{uuid.uuid4().hex[:10]}_"
 
 
 @pytest.fixture

@@ -26,19 +26,9 @@ from scrutiny.core._worker import Worker
 from scrutiny.core.storage import HEAD_REVISION, SQLStore, UpdateResult, current_revision, upgrade
 from tests.support import deferred_feedbacks as fbs
 from tests.support import other_feedbacks
+from tests.support.postgres import postgres_url
 
 REPO = Path(__file__).resolve().parents[1]
-PG_URL = os.environ.get("SCRUTINY_TEST_POSTGRES_URL")
-REQUIRE_PG = os.environ.get("SCRUTINY_REQUIRE_POSTGRES") == "1"
-
-
-def _pg_url() -> str:
-    if PG_URL:
-        return PG_URL
-    if REQUIRE_PG:
-        pytest.fail("SCRUTINY_REQUIRE_POSTGRES=1 but SCRUTINY_TEST_POSTGRES_URL is not set: "
-                    "the PostgreSQL server did not start")
-    pytest.skip("set SCRUTINY_TEST_POSTGRES_URL (make test-postgres does) to run this test")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -47,13 +37,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
     prefix = f"t{uuid.uuid4().hex[:10]}_"
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/scale.sqlite", prefix
-    return _pg_url(), prefix
+    return postgres_url(), prefix
 
 
 @pytest.fixture
 def pg() -> tuple[str, str]:
     """(url, table_prefix) of fresh tables on the PostgreSQL server."""
-    return _pg_url(), f"t{uuid.uuid4().hex[:10]}_"
+    return postgres_url(), f"t{uuid.uuid4().hex[:10]}_"
 
 
 @dataclasses.dataclass
