@@ -223,6 +223,47 @@ async def test_fallbacks_with_the_handler_passed_per_call_give_one_record(
     assert app_ids(session) == ["fb:v1"]
 
 
+def _down(name: str) -> Any:
+    def fail(question: str) -> str:
+        raise ConnectionError(f"{name} down")
+
+    return RunnableLambda(fail, name=name)
+
+
+@pytest.mark.parametrize("call", ["invoke", "ainvoke", "stream", "astream"])
+@pytest.mark.parametrize("shape", ["fallback_with_fallbacks", "fallbacks_of_fallbacks",
+                                   "bound_with_config"])
+async def test_nested_fallbacks_with_the_handler_passed_per_call_give_one_record(
+        session: Session, call: str, shape: str) -> None:
+    """Only a root `with_fallbacks` run took its runnables back as steps: with a fallback
+    that has fallbacks of its own (or a `with_fallbacks` of one), the inner one's runnables
+    were records of their own, so one call gave three (a failed one among them)."""
+    answer = FakeListChatModel(responses=["third"]) | StrOutputParser()
+    if shape == "fallbacks_of_fallbacks":
+        app: Any = _down("first").with_fallbacks([_down("second")]).with_fallbacks([answer])
+    else:
+        app = _down("first").with_fallbacks([_down("second").with_fallbacks([answer])])
+    recorder = ChainRecorder(app, app_name="fb", session=session)
+    config: Any = {"callbacks": [recorder.handler]}
+    if shape == "bound_with_config":
+        app, config = app.with_config(config), None
+    if call == "invoke":
+        out = app.invoke("q", config=config)
+    elif call == "ainvoke":
+        out = await app.ainvoke("q", config=config)
+    elif call == "stream":
+        out = "".join(app.stream("q", config=config))
+    else:
+        out = "".join([c async for c in app.astream("q", config=config)])
+    assert out == "third"
+    record, = recorder.handler.records
+    assert (record.status, record.input, record.output) == (RecordStatus.OK, "q", "third")
+    names = [s.name for s in record.spans]
+    assert {"first", "second", "RunnableSequence"} <= set(names)
+    assert {s.error for s in record.spans if s.error} == {  # (an inner fallbacks run
+        "ConnectionError: first down", "ConnectionError: second down"}  # fails as its first)
+
+
 @pytest.mark.parametrize("call", ["invoke", "ainvoke"])
 async def test_a_call_given_its_own_callbacks_inside_a_step_is_a_record_of_its_own(
         session: Session, call: str) -> None:

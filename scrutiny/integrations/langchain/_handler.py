@@ -106,10 +106,11 @@ OPEN_BLOCKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
 class _Root:
     """What is known about one root run while it is open."""
 
-    __slots__ = ("fallbacks", "graph", "handlers", "metadata", "received", "recording",
-                 "run_ids", "spans", "stream", "tags", "tokens")
+    __slots__ = ("fallbacks", "graph", "handlers", "inner_fallbacks", "metadata", "received",
+                 "recording", "run_ids", "spans", "stream", "tags", "tokens")
     handlers: list[BaseCallbackHandler]  # (set by _run_handlers)
     fallbacks: bool
+    inner_fallbacks: set[int]  # (set once a step is a `with_fallbacks` run: see _enclosing)
     stream: FrameType | None  # (set for streamed runs only: unset, it reads as None)
     graph: FrameType | None  # (set for LangGraph runs only: see _mark_breakpoint)
     received: Any  # (set when a streamed run failed: unset, it reads as _NOT_STREAMED)
@@ -194,6 +195,21 @@ def _run_handlers(root: _Root, default: BaseCallbackHandler) -> None:
             break
         frame = frame.f_back
     root.handlers, root.fallbacks = [default], False
+
+
+def _started_by_fallbacks(frame: FrameType | None) -> bool:
+    """Whether the chain run starting now is a `with_fallbacks` run: read, as in
+    _run_handlers, from the frame above LangChain's dispatch (`frame`: the handler's
+    caller, which is that dispatch or just below it)."""
+    for _ in range(3):
+        if frame is None:
+            return False
+        if frame.f_code in _DISPATCH_CODES:
+            caller = frame.f_back  # the callback manager's on_chain_start
+            caller = None if caller is None else caller.f_back
+            return caller is not None and caller.f_code in _FALLBACK_CODES
+        frame = frame.f_back
+    return False
 
 
 _FALLBACK_CODES = frozenset(
@@ -499,6 +515,12 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 root = parent[1]
                 parent_id = parent[0].span_id
                 inputs = _snapshot(inputs)  # (as it was when this step began)
+                if kind is _CHAIN and _started_by_fallbacks(sys._getframe(2)):
+                    # (its runnables start without a parent too: see _enclosing)
+                    inner = getattr(root, "inner_fallbacks", None)
+                    if inner is None:
+                        inner = root.inner_fallbacks = set()
+                    inner.add(key)
                 if kind in _MODEL_KINDS and root.tokens:
                     # A later model's stream is what reaches the consumer: an earlier one's
                     # tokens (a question rewritten first) were glued to its partial answer.
@@ -562,12 +584,17 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             return None
         run_id = getattr(config.get("callbacks"), "parent_run_id", None)
         entry = None if run_id is None else self._runs.get(run_id.int)
-        # (only the fallbacks run's own runnables: a call made inside a step with callbacks
-        # of its own, `other.invoke(x, config={"callbacks": [handler]})`, is a root run of
-        # LangChain's and a record of its own, though the step's context names its run)
-        if entry is None or not entry[1].fallbacks or entry[1].spans[0] is not entry[0]:
+        if entry is None or run_id is None:
             return None
-        return entry
+        # (only a fallbacks run's own runnables — the root's, or a step's: a fallback with
+        # fallbacks of its own. A call made inside a step with callbacks of its own,
+        # `other.invoke(x, config={"callbacks": [handler]})`, is a root run of LangChain's
+        # and a record of its own, though the step's context names its run.)
+        root = entry[1]
+        if root.fallbacks and root.spans[0] is entry[0]:
+            return entry
+        inner = getattr(root, "inner_fallbacks", None)
+        return entry if inner is not None and run_id.int in inner else None
 
     def _mark_foreign(self, key: int) -> None:
         foreign = self._foreign
