@@ -190,6 +190,17 @@ def test_a_recorder_without_an_app_still_records_every_call(session: Session) ->
 
 
 # ---------------------------------------------------------------- retries and fallbacks
+async def _call(app: Any, call: str, question: str, config: Any) -> str:
+    """`app`'s answer to `question`, asked with `call` (a stream's chunks joined)."""
+    if call == "invoke":
+        return str(app.invoke(question, config=config))
+    if call == "ainvoke":
+        return str(await app.ainvoke(question, config=config))
+    if call == "stream":
+        return "".join(app.stream(question, config=config))
+    return "".join([c async for c in app.astream(question, config=config)])
+
+
 @pytest.mark.parametrize("call", ["invoke", "ainvoke", "stream", "astream"])
 async def test_fallbacks_with_the_handler_passed_per_call_give_one_record(
         session: Session, call: str) -> None:
@@ -204,14 +215,7 @@ async def test_fallbacks_with_the_handler_passed_per_call_give_one_record(
         [FakeListChatModel(responses=["from the fallback"]) | StrOutputParser()])
     recorder = ChainRecorder(app, app_name="fb", session=session)
     config: Any = {"callbacks": [recorder.handler]}
-    if call == "invoke":
-        out = app.invoke("q", config=config)
-    elif call == "ainvoke":
-        out = await app.ainvoke("q", config=config)
-    elif call == "stream":
-        out = "".join(app.stream("q", config=config))
-    else:
-        out = "".join([c async for c in app.astream("q", config=config)])
+    out = await _call(app, call, "q", config)
     assert out == "from the fallback"
     record, = recorder.handler.records
     assert (record.status, record.input, record.output) == (
@@ -247,14 +251,7 @@ async def test_nested_fallbacks_with_the_handler_passed_per_call_give_one_record
     config: Any = {"callbacks": [recorder.handler]}
     if shape == "bound_with_config":
         app, config = app.with_config(config), None
-    if call == "invoke":
-        out = app.invoke("q", config=config)
-    elif call == "ainvoke":
-        out = await app.ainvoke("q", config=config)
-    elif call == "stream":
-        out = "".join(app.stream("q", config=config))
-    else:
-        out = "".join([c async for c in app.astream("q", config=config)])
+    out = await _call(app, call, "q", config)
     assert out == "third"
     record, = recorder.handler.records
     assert (record.status, record.input, record.output) == (RecordStatus.OK, "q", "third")
