@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import logging
 import sys
 import threading
 import time
@@ -166,6 +167,27 @@ def test_raising_timing_out_and_non_number_feedbacks_fail_with_reasons(
     df, _ = session.get_records_and_feedback()
     assert df.loc[0, "boom status"] == "failed"
     assert df.loc[0, "good status"] == "done"
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_feedback_raising_an_exception_whose_message_cannot_be_read_fails_naming_it(
+        session: Session, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Describing the error raised in turn: the result failed as an "internal error" of
+    Scrutiny's, with a traceback in the log, rather than with the feedback's own error."""
+    from tests.support.errors import UNREADABLE, Unprintable
+
+    def unprintable(output: str) -> float:
+        raise Unprintable
+
+    async def aunprintable(output: str) -> float:
+        raise Unprintable
+
+    fn = unprintable if kind == "sync" else aunprintable
+    with caplog.at_level(logging.ERROR, logger="scrutiny"):
+        record = session.ingest(make_record(), [Feedback(fn, name="f", retries=0).on_output()])
+        (result,) = record.wait_for_feedback_results(timeout=10).values()
+    assert (result.status, result.error) == (FeedbackStatus.FAILED, UNREADABLE)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_sync_feedback_timeout_fails(session: Session) -> None:

@@ -241,6 +241,25 @@ def _answer_chain() -> Any:
     return prompt | FakeListChatModel(responses=[ANSWER] * 3) | StrOutputParser() | relay
 
 
+def test_an_exception_whose_message_cannot_be_read_still_gives_an_error_record(
+        session: Session) -> None:
+    """Describing the error raised inside the handler, so the run never ended: no record,
+    and the call stayed open in the handler for good."""
+    from tests.support.errors import UNREADABLE, Unprintable
+
+    def step(question: str) -> str:
+        raise Unprintable
+
+    chain = RunnableLambda(step, name="step") | StrOutputParser()
+    recorder = ChainRecorder(chain, app_name="unreadable", session=session)
+    with recorder as recording, pytest.raises(Unprintable):
+        chain.invoke("q")
+    record = recording.get()
+    assert (record.status, record.error) == (RecordStatus.ERROR, UNREADABLE)
+    assert [s.error for s in record.spans if s.error] == [UNREADABLE, UNREADABLE]
+    assert recorder.handler._roots == {}
+
+
 def test_a_stream_that_failed_midway_is_a_failed_record_judged_like_a_failed_invoke(
         session: Session) -> None:
     """Its partial output was the record's output, and its feedbacks judged it as the

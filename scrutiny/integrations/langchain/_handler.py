@@ -47,6 +47,7 @@ from scrutiny.core import (
 )
 from scrutiny.core._context import _suppressed
 from scrutiny.core._courtesy import offer as _offer_gil
+from scrutiny.core._evaluate import describe_error
 from scrutiny.core._records import materialized
 from scrutiny.core._runtime import at_exit
 from scrutiny.integrations.langchain._convert import (
@@ -558,7 +559,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             elif not root and type(error).__name__ in _BUBBLE_UPS:
                 _bubbled_up(span, error)
             else:
-                span.error = _describe(error)
+                span.error = describe_error(error)
             if usage is not None:
                 span.usage = usage
             if root:
@@ -887,11 +888,6 @@ def _handled_tool_error(output: Any) -> str | None:
     return _HANDLED_TOOL_ERROR + (text if isinstance(text, str) else repr(text))
 
 
-def _describe(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 _ENDED_OK, _STOPPED, _CANCELLED, _FAILED, _ENDED_AT_EXIT = range(5)  # how a root run ended
 
 
@@ -967,7 +963,7 @@ def _bubbled_up(span: Span, error: BaseException) -> None:
     asked = [getattr(i, "value", i) for i in raised] \
         if isinstance(raised, list | tuple) else [raised]
     if not asked:
-        span.error = _describe(error)
+        span.error = describe_error(error)
         return
     span.metadata["interrupt"] = _snapshot(asked[0] if len(asked) == 1 else asked)
     text = "; ".join(a if isinstance(a, str) else repr(a) for a in asked)

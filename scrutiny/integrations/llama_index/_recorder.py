@@ -27,6 +27,7 @@ from scrutiny.core import (
     Span,
     TokenUsage,
 )
+from scrutiny.core._evaluate import describe_error
 from scrutiny.core._records import app_id_for
 from scrutiny.integrations.llama_index._convert import main_input, main_output, token_text
 from scrutiny.integrations.llama_index._events import FeedbackEventBridge
@@ -36,7 +37,6 @@ from scrutiny.integrations.llama_index._tracer import (
     Scope,
     Trace,
     active_scopes,
-    describe_error,
 )
 
 __all__ = ["LlamaIndexRecorder", "Recording"]

@@ -47,6 +47,7 @@ from llama_index.core.instrumentation.events.llm import (
 from scrutiny.core import Span, SpanKind
 from scrutiny.core import recording_suppressed as _suppressed
 from scrutiny.core._courtesy import offer as _offer_gil
+from scrutiny.core._evaluate import describe_error
 from scrutiny.core._runtime import end_when_dropped, exit_stage
 from scrutiny.integrations.llama_index._convert import (
     SpanInputs,
@@ -75,7 +76,7 @@ except ImportError:  # pragma: no cover - depends on the installed llama-index-c
 if TYPE_CHECKING:
     from scrutiny.integrations.llama_index._recorder import LlamaIndexRecorder, Recording
 
-__all__ = ["USAGE_REPEATS", "Scope", "Trace", "Tracer", "active_scopes", "describe_error"]
+__all__ = ["USAGE_REPEATS", "Scope", "Trace", "Tracer", "active_scopes"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -89,11 +90,6 @@ again; the record's usage counts it once."""
 active_scopes: contextvars.ContextVar[tuple[Scope, ...]] = contextvars.ContextVar(
     "scrutiny_llama_index_scopes", default=())
 """The ``with recorder:`` blocks active in this context, innermost last."""
-
-
-def describe_error(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class Scope:
