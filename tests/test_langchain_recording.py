@@ -947,3 +947,30 @@ def test_a_run_whose_values_cannot_be_read_still_gives_a_record(session: Session
     assert session.flush(10)
     df, _ = session.get_records_and_feedback(app_ids=["unreadable"])
     assert len(df) == 1
+
+
+def test_a_failure_inside_scrutiny_at_a_calls_end_lets_the_call_go(
+        session: Session, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A call whose end could not be recorded stayed open in the handler for good (its
+    spans and what they hold), and its block said a stream had been left unread."""
+    import logging
+
+    import scrutiny.integrations.langchain._handler as handler_module
+
+    def broken(*args: Any) -> int:
+        raise RuntimeError("bug in scrutiny")
+
+    chain = RunnableLambda(lambda q: q + "!", name="step") | StrOutputParser()
+    recorder = ChainRecorder(chain, app_name="broken", session=session)
+    monkeypatch.setattr(handler_module, "_how_it_ended", broken)
+    with caplog.at_level(logging.ERROR, logger="scrutiny"), recorder as recording:
+        assert chain.invoke("q") == "q!"
+    assert any("bug in scrutiny" in str(r.exc_info) for r in caplog.records if r.exc_info)
+    assert (recorder.handler._roots, recorder.handler._runs) == ({}, {})
+    with pytest.raises(RecordingError, match="failed inside Scrutiny"):
+        recording.get()
+    monkeypatch.undo()
+    with recorder as recording:  # the handler goes on recording
+        chain.invoke("again")
+    assert recording.get().output == "again!"

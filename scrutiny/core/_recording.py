@@ -42,6 +42,7 @@ class Recording:
         self.feedback_mode = feedback_mode
         self._records: list[Record | LazyRecord] = []
         self._open = 0  # recorded calls started in the block whose record is not made yet
+        self._lost_calls = 0  # calls that ended but could not be recorded (logged)
         self._lock = threading.Lock()
         self._open_hint = open_hint
         self._empty_hint = empty_hint
@@ -54,6 +55,12 @@ class Recording:
         with self._lock:
             self._records.append(record)
             self._open = max(0, self._open - 1)
+
+    def _lost(self) -> None:
+        """A call started in the block ended, but recording it failed inside Scrutiny."""
+        with self._lock:
+            self._open = max(0, self._open - 1)
+            self._lost_calls += 1
 
     @property
     def open_calls(self) -> int:
@@ -80,6 +87,11 @@ class Recording:
             return records[0]
         if not records:
             still_open = self.open_calls
+            if self._lost_calls:
+                raise RecordingError(
+                    f"no record: recording {self._lost_calls} call(s) of this block failed "
+                    "inside Scrutiny (the error is in the log, logger 'scrutiny'; your calls "
+                    "were not affected)")
             if still_open:
                 raise RecordingError(
                     f"no record yet: {still_open} recorded call(s) started in this "

@@ -541,6 +541,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
              handled: str | None = None) -> None:
         """A run ended: with its outputs, or with `error`. `handled` is the error of a
         run that caught it itself and returned `outputs` (a tool's handled error)."""
+        entry: tuple[Span, _Root] | None = None
         try:
             key = run_id.int
             entry = self._runs.get(key)
@@ -571,6 +572,18 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 self._finish_root(run_id, span, error)
         except Exception:
             logger.exception("scrutiny: recording the end of a run failed")
+            if entry is not None and entry[1].spans and entry[1].spans[0] is entry[0]:
+                self._forget(run_id.int, entry[1])
+
+    def _forget(self, key: int, root: _Root) -> None:
+        """(Ending root run `key` failed inside Scrutiny.) Let go of the call, so that it is
+        not held open for good (its spans and the objects they hold); when it made no
+        record, its recording says why."""
+        self._roots.pop(key, None)
+        for rid in root.run_ids:
+            self._runs.pop(rid, None)
+        if root.recording is not None:  # (None once its record was handed over)
+            root.recording._lost()
 
     def _enclosing(self) -> tuple[Span, _Root] | None:
         """The open run of ours this run is a step of, when LangChain gave it no parent.
@@ -652,6 +665,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         recording = root.recording
         if recording is not None:
             recording._add(record)
+            root.recording = None
         listening = [h for h in root.handlers if _listens(h)]
         bridge = [_FeedbackBridge(listening, run_id, root.tags, root.metadata)] \
             if listening else []
