@@ -16,6 +16,7 @@ from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import (
+    RunnableGenerator,
     RunnableLambda,
     RunnableParallel,
     RunnablePassthrough,
@@ -303,6 +304,57 @@ async def test_a_stream_stopped_early_keeps_only_the_answer_models_tokens(
         sync_seen = [next(it) for _ in range(4)]
         it.close()  # type: ignore[attr-defined]
     assert recording.get().output == "".join(sync_seen) == "fina"
+
+
+def _upper(chunks: Any) -> Any:
+    for chunk in chunks:
+        yield chunk.upper()
+
+
+async def _aupper(chunks: Any) -> Any:
+    async for chunk in chunks:
+        yield chunk.upper()
+
+
+def _letters(texts: Any) -> Any:
+    for text in texts:
+        yield from text
+
+
+async def _aletters(texts: Any) -> Any:
+    async for text in texts:
+        for letter in text:
+            yield letter
+
+
+@pytest.mark.parametrize("shape", ["upper_after_the_model", "no_model"])
+@pytest.mark.parametrize("call", ["stream", "astream"])
+async def test_a_stream_stopped_early_keeps_what_its_caller_received(
+        session: Session, shape: str, call: str) -> None:
+    """The model's tokens stood in for the chunk LangChain leaves out of a stopped stream's
+    output: with a step after the model that changes the text, the record held text the
+    caller never saw (the model's lower case; one chunk short once cased), and without a
+    model, it lacked the last chunk the caller received."""
+    if shape == "no_model":
+        chain: Any = RunnableLambda(lambda q: "abcdef", name="text") | RunnableGenerator(
+            _letters, _aletters, name="letters")
+    else:
+        chain = (ChatPromptTemplate.from_template("Q {q}")
+                 | GenericFakeChatModel(messages=iter([AIMessage(content="one two three")]))
+                 | StrOutputParser() | RunnableGenerator(_upper, _aupper, name="upper"))
+    seen: list[str] = []
+    async with ChainRecorder(chain, app_name="stopped", session=session) as recording:
+        if call == "stream":
+            it = chain.stream({"q": "x"})
+            seen = [next(it) for _ in range(3)]
+            it.close()
+        else:
+            ait = chain.astream({"q": "x"})
+            seen = [await ait.__anext__() for _ in range(3)]
+            await ait.aclose()
+    record = recording.get()
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output == "".join(seen)
 
 
 async def test_astream_cancelled_mid_stream_gives_one_cancelled_record(

@@ -234,11 +234,11 @@ _SELF_READERS = frozenset(
 _NOT_STREAMED: Any = object()
 
 
-def _received(stream: FrameType) -> Any:
-    """What the caller of a streamed run received before the run failed: the chunks it
-    yielded, added up as LangChain adds them (read in on_chain_error from `stream`, the
-    frame of LangChain's stream loop, kept from the run's start; let go when it fails,
-    else with the root when its record is built).
+def _received(stream: FrameType, at_yield: bool = False) -> Any:
+    """What the caller of a streamed run received before the run failed (or, `at_yield`,
+    was stopped where it yields a chunk): the chunks it yielded, added up as LangChain adds
+    them (read in on_chain_error from `stream`, the frame of LangChain's stream loop, kept
+    from the run's start; let go when it ends).
 
     LangChain ends a failed stream with the run's inputs, not with the chunks it yielded:
     only its stream loop holds them (``final_output``). A step after the model that failed
@@ -248,12 +248,43 @@ def _received(stream: FrameType) -> Any:
     own (shielded from cancellation), where the stream loop is not on the stack.
     """
     try:
-        chunks = stream.f_locals.get("final_output")
+        local = stream.f_locals
+        chunks = local.get("final_output")
         read = getattr(chunks, "value_for_error", None)  # (a _ChunkAccumulator, since 1.x)
-        return _snapshot(read() if callable(read) else chunks)
+        value = read() if callable(read) else chunks
+        if at_yield and "chunk" in local:
+            # The loop adds a chunk to its output once the caller asks for the next one:
+            # stopped at its yield, the chunk the caller holds last is not in it yet.
+            value = _plus(value, local["chunk"])
+        return _snapshot(value)
     except Exception:  # (the record keeps the model's tokens, as before)
-        logger.exception("scrutiny: reading what a failed stream yielded failed")
+        logger.exception("scrutiny: reading what a stream yielded failed")
         return _NOT_STREAMED
+
+
+def _stopped_at_yield(stream: FrameType) -> Any:
+    """(The root run of a sync stream ended without an error.) What its caller received,
+    when the caller stopped it: LangChain swallows the GeneratorExit and ends the run
+    with the chunks it added up, one short. `_NOT_STREAMED` when it ran to its end (its
+    inner generator is exhausted) or that cannot be told (an iterator of another kind)."""
+    try:
+        iterator = stream.f_locals.get("iterator")
+    except Exception:
+        return _NOT_STREAMED
+    if not inspect.isgenerator(iterator) or iterator.gi_frame is None:
+        return _NOT_STREAMED
+    return _received(stream, at_yield=True)
+
+
+def _plus(value: Any, chunk: Any) -> Any:
+    """`chunk` added to `value` as LangChain adds stream chunks (one it cannot add
+    replaces the value)."""
+    if value is None:
+        return chunk
+    try:
+        return value + chunk
+    except TypeError:
+        return chunk
 
 
 _CLAIM_FRAMES = 200
@@ -685,6 +716,14 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
+            root = self._roots.get(run_id.int)
+            if root is not None:
+                stream = getattr(root, "stream", None)
+                if stream is not None:  # (read now: the stream loop still holds it)
+                    root.stream = None
+                    received = _stopped_at_yield(stream)
+                    if received is not _NOT_STREAMED:
+                        root.received = received
             self._end(run_id, outputs, inputs=kwargs.get("inputs", _NO_INPUTS))
         except Exception:
             _log_failure("on_chain_end")
@@ -694,9 +733,13 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             root = self._roots.get(run_id.int)
             if root is not None:
                 stream = getattr(root, "stream", None)
-                if stream is not None:  # (read now: the stream loop still holds it)
-                    root.stream = None
-                    root.received = _received(stream)
+                at_yield = isinstance(error, GeneratorExit)
+                # (an event stream the consumer stopped ends with a CancelledError: it saw
+                # the model's tokens as events, ahead of the run's own chunks, and the
+                # record keeps those)
+                if stream is not None and (at_yield or _how_it_ended(error, root) != _STOPPED):
+                    root.stream = None  # (read now: the stream loop still holds it)
+                    root.received = _received(stream, at_yield)
             self._end(run_id, error=error, inputs=kwargs.get("inputs", _NO_INPUTS))
         except Exception:
             _log_failure("on_chain_error")
@@ -1084,22 +1127,21 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
     else:
         status = RecordStatus.ERROR if ended == _FAILED else RecordStatus.CANCELLED
         received = getattr(root, "received", _NOT_STREAMED)
-        if received is not _NOT_STREAMED and ended in (_FAILED, _CANCELLED):
-            # A failed (or cancelled) stream: what its caller received, rather than the
-            # model's tokens (a later step may have passed on only some of them).
-            streamed = None if received is None else _read(main_output, received)
+        if received is not _NOT_STREAMED:
+            # A stream that failed or was stopped: what its caller received, rather than
+            # the model's tokens (a later step may have passed on only some of them, or
+            # changed them).
+            output = None if received is None else _read(main_output, received)
         else:
             streamed = "".join(root.tokens) if root.tokens else None
-        if span.outputs is not None:
-            output = _read(main_output, span.outputs)
-            # LangChain adds a sync stream's chunk to the run's output only once the
-            # generator is resumed past its yield: a consumer that stopped after k chunks
-            # left k - 1 there. The model's tokens hold the k the caller saw.
-            if (isinstance(output, str) and streamed is not None
+            output = streamed if span.outputs is None else _read(main_output, span.outputs)
+            # (A stream whose loop could not be read.) LangChain adds a sync stream's chunk
+            # to the run's output only once the generator is resumed past its yield: a
+            # consumer that stopped after k chunks left k - 1 there. The model's tokens
+            # hold the k the caller saw, when no later step changed them.
+            if (span.outputs is not None and isinstance(output, str) and streamed is not None
                     and len(streamed) > len(output) and streamed.startswith(output)):
                 output = streamed
-        else:
-            output = streamed
         if output is None and ended in (_STOPPED, _ENDED_AT_EXIT):
             # A LangGraph stream stopped early ends its root with no output and streams no
             # tokens of its own: what the consumer last saw is the last step that finished
