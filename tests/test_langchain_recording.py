@@ -1026,3 +1026,22 @@ def test_a_failure_inside_scrutiny_at_a_calls_end_lets_the_call_go(
     with recorder as recording:  # the handler goes on recording
         chain.invoke("again")
     assert recording.get().output == "again!"
+
+
+def test_an_output_that_holds_itself_is_recorded_without_a_flood_in_the_log(
+        session: Session, caplog: pytest.LogCaptureFixture) -> None:
+    """Reading the answer out of a dict of one key that holds itself recursed until a
+    RecursionError, logged with a traceback some 3,000 lines long."""
+    import logging
+
+    node: dict[str, Any] = {}
+    node["next"] = node
+    app = RunnableLambda(lambda q: node, name="linked")
+    with caplog.at_level(logging.WARNING, logger="scrutiny"):
+        with ChainRecorder(app, app_name="cyclic", session=session) as recording:
+            assert app.invoke("q") is node
+        record = recording.get()
+        assert session.flush(10)
+    assert record.status is RecordStatus.OK
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert stored_count(session) == 1

@@ -72,31 +72,37 @@ def _with_calls(text: Any, calls: Sequence[Mapping[str, Any]]) -> Any:
     return f"{text}\n{lines}" if isinstance(text, str) and text else lines
 
 
-def _from_mapping(value: Mapping[str, Any], keys: Sequence[str]) -> Any:
+_MAX_UNWRAP = 64
+"""How many levels of wrapping (a dict of one key, a Command) are looked through."""
+
+
+def _from_mapping(value: Mapping[str, Any], keys: Sequence[str], depth: int) -> Any:
     if len(value) == 2 and "tool_calls" in value and "text" in value:  # see llm_output
         return _with_calls(value["text"], value["tool_calls"])
     if len(value) == 1:
-        return _plain(next(iter(value.values())), keys)
+        return _plain(next(iter(value.values())), keys, depth + 1)
     if len(value) == 3 and value.keys() == _WITH_RAW:
         # the parsed object; the model's own text when it could not be parsed
         parsed = value["parsed"]
-        return _plain(value["raw"] if parsed is None else parsed, keys)
+        return _plain(value["raw"] if parsed is None else parsed, keys, depth + 1)
     for key in keys:
         if key in value:
-            return _plain(value[key], keys)
+            return _plain(value[key], keys, depth + 1)
     return value
 
 
-def _plain(value: Any, keys: Sequence[str]) -> Any:
+def _plain(value: Any, keys: Sequence[str], depth: int = 0) -> Any:
+    if depth > _MAX_UNWRAP:  # (a structure that holds itself, or one nested that deep)
+        return value
     kind = type(value)
     if kind is str or kind is int or kind is float or value is None:
         return value
     if kind is dict:
-        return _from_mapping(value, keys)
+        return _from_mapping(value, keys, depth)
     if isinstance(value, BaseMessage):
         return _message_text(value)
     if isinstance(value, Mapping):
-        return _from_mapping(value, keys)
+        return _from_mapping(value, keys, depth)
     if isinstance(value, list) and value and all(isinstance(v, BaseMessage) for v in value):
         return _message_text(value[-1])
     if isinstance(value, list) and value and all(_is_message_like(v) for v in value):
@@ -106,12 +112,12 @@ def _plain(value: Any, keys: Sequence[str]) -> Any:
     if hasattr(value, "to_string") and hasattr(value, "to_messages"):  # a PromptValue
         return value.to_string()
     if _is_command(value):
-        return _from_command(value, keys)
+        return _from_command(value, keys, depth)
     if isinstance(value, list) and value and all(_is_command(v) for v in value):
         # a node's list of Commands (each model step of `create_agent`): the last update
         for command in reversed(value):
             if command.update is not None:
-                return _from_command(command, keys)
+                return _from_command(command, keys, depth)
     return value
 
 
@@ -121,12 +127,12 @@ def _is_command(value: Any) -> bool:
         hasattr(value, "update")
 
 
-def _from_command(command: Any, keys: Sequence[str]) -> Any:
+def _from_command(command: Any, keys: Sequence[str], depth: int) -> Any:
     """A run resumed after an interrupt: the answer it was resumed with; a node's
     ``Command(update=..., goto=...)`` (a hand-off): the update it made."""
     if command.resume is not None:
-        return _plain(command.resume, keys)
-    return _plain(command.update, keys)
+        return _plain(command.resume, keys, depth + 1)
+    return _plain(command.update, keys, depth + 1)
 
 
 def _is_message_like(value: Any) -> bool:
