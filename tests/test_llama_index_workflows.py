@@ -144,6 +144,29 @@ async def test_an_agent_run_records_the_users_message_and_the_answer_text(
     assert (result.status, result.result) == (FeedbackStatus.DONE, 1.0)
 
 
+@pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince20",
+                            "ignore::pydantic.warnings.PydanticDeprecatedSince211")
+async def test_an_agent_run_given_only_the_conversation_records_its_last_user_message(
+        session: Session) -> None:
+    """A stateless chat API runs the agent with `chat_history` and no `user_msg`: the
+    input was the whole start event (its unset fields too), which a judge read as JSON."""
+    from llama_index.core.llms import ChatMessage
+
+    agent = FunctionAgent(tools=[FunctionTool.from_defaults(multiply)],
+                          llm=ToolThenAnswer())
+    qa = _question_and_answer()
+    recorder = LlamaIndexRecorder(agent, app_name="agent", feedbacks=[qa], session=session)
+    history = [ChatMessage(role="user", content="Hi."),
+               ChatMessage(role="assistant", content="Hello! What can I do?"),
+               ChatMessage(role="user", content="What is 6 times 7?")]
+    with recorder as recording:
+        await agent.run(chat_history=history)
+    record = recording.get()
+    assert (record.input, record.output) == ("What is 6 times 7?", "The answer is 42.")
+    result = record.wait_for_feedback_results(timeout=10)[qa]
+    assert (result.status, result.result) == (FeedbackStatus.DONE, 1.0)
+
+
 class Shout(Workflow):
     @step
     async def answer(self, ev: StartEvent) -> StopEvent:

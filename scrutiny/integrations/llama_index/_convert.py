@@ -226,7 +226,13 @@ def _start_text(event: Any) -> Any:
             given[name] = value
     data = getattr(event, "_data", None)
     if isinstance(data, Mapping):
-        given.update(data)
+        given.update((k, v) for k, v in data.items() if v is not None)
+    history = given.get("chat_history")
+    if isinstance(history, list) and history and all(
+            isinstance(m, ChatMessage) for m in history):
+        # an agent run given the conversation rather than a message (a stateless chat
+        # API): what it is asked is the conversation's last user message
+        return _query_text(history)
     if not given:
         return None
     return _query_text(next(iter(given.values()))) if len(given) == 1 else given
