@@ -190,6 +190,34 @@ def test_a_feedback_raising_an_exception_whose_message_cannot_be_read_fails_nami
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("error", [StopIteration, GeneratorExit])
+def test_a_feedback_raising_what_a_future_cannot_hold_fails_and_loses_no_other_result(
+        session: Session, kind: str, error: type[BaseException]) -> None:
+    """A plain feedback's StopIteration (a `next()` on an empty iterator) was refused by
+    the loop's future: its result stayed `running` for ever, and so did the results
+    delivered with it. A GeneratorExit was taken for the loop closing the evaluation."""
+
+    def raises(output: str) -> float:
+        raise error("the feedback's own")
+
+    async def araises(output: str) -> float:
+        raise error("the feedback's own")
+
+    fbs = [Feedback(raises if kind == "sync" else araises, name="raises").on_output(),
+           *(Feedback(lambda output: 1.0, name=f"fine{i}").on_output() for i in range(3))]
+    record = session.ingest(make_record(), fbs)
+    results = {fb.name: r for fb, r in record.wait_for_feedback_results(timeout=10).items()}
+    failed = results.pop("raises")
+    assert failed.status is FeedbackStatus.FAILED
+    if kind == "sync":
+        assert failed.error == f"{error.__name__}: the feedback's own"
+    else:  # (a coroutine's StopIteration reaches its awaiter as a RuntimeError)
+        assert error.__name__ in (failed.error or "")
+    assert {r.status for r in results.values()} == {FeedbackStatus.DONE}
+    assert session.wait_for_feedback(10)
+
+
 def test_sync_feedback_timeout_fails(session: Session) -> None:
     release = threading.Event()
 

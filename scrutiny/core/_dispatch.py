@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiolimiter import AsyncLimiter
 
 from scrutiny.core._courtesy import Courtesy, register, unregister
-from scrutiny.core._evaluate import Evaluator, cancel_task, cancelled_by_us, describe_error
+from scrutiny.core._evaluate import (
+    CLOSING,
+    Evaluator,
+    cancel_task,
+    describe_error,
+    ended_by_us,
+)
 from scrutiny.core._feedback import Feedback
 from scrutiny.core._pool import DaemonThreadPool
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
@@ -420,11 +426,14 @@ class EvaluationLoop:
                 if task.done():
                     continue
                 task._log_destroy_pending = False  # type: ignore[attr-defined]
+                closing = CLOSING.set(True)
                 try:
                     task.get_coro().close()  # (its finally blocks run now, here)
                 except BaseException as exc:  # (it would not end: an await in a finally)
                     logger.debug("scrutiny: closing an evaluation that would not end: %s",
                                  exc)
+                finally:
+                    CLOSING.reset(closing)
         except Exception:
             logger.debug("scrutiny: unwinding the evaluation loop failed", exc_info=True)
 
@@ -596,8 +605,7 @@ class EvaluationLoop:
                 job.feedback, job.evaluate_on or job.record, job.pending,
                 lambda started: self._on_running(job, started))
         except BaseException as exc:  # a bug of ours: still a failed result, never a lost one
-            if isinstance(exc, GeneratorExit) or (
-                    isinstance(exc, asyncio.CancelledError) and cancelled_by_us(task)):
+            if ended_by_us(exc, task):
                 raise
             logger.exception("scrutiny: evaluating %r failed unexpectedly", job.feedback.name)
             final = FeedbackResult(

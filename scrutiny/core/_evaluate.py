@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from scrutiny.core._context import _cost, _held_limits, _suppressed
 from scrutiny.core._errors import FeedbackTimeout, InvalidFeedbackValue, SkipFeedback
 from scrutiny.core._feedback import Feedback, coerce_feedback_value, mean_of
-from scrutiny.core._pool import DaemonThreadPool
+from scrutiny.core._pool import DaemonThreadPool, RaisedInCall, futurable
 from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
 from scrutiny.core._select import EmptySelection
 from scrutiny.core._slots import SlotGate, SyncCall
@@ -33,8 +33,8 @@ from scrutiny.core._slots import SlotGate, SyncCall
 if TYPE_CHECKING:
     from scrutiny.core._records import Record
 
-__all__ = ["Evaluator", "cancel_task", "cancelled_by_us", "describe_error", "retry_after_hint",
-           "retry_after_seconds"]
+__all__ = ["CLOSING", "Evaluator", "cancel_task", "cancelled_by_us", "describe_error",
+           "ended_by_us", "retry_after_hint", "retry_after_seconds"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -112,6 +112,26 @@ def cancel_task(task: asyncio.Future[Any]) -> None:
     :func:`cancelled_by_us`)."""
     task.scrutiny_cancelled = True  # type: ignore[attr-defined]
     task.cancel()
+
+
+CLOSING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "scrutiny_closing_evaluations", default=False)
+"""Set while the evaluation loop closes the coroutines of evaluations that would not end
+(see EvaluationLoop._unwind): the GeneratorExit they get then is ours, not a feedback's."""
+
+
+def ended_by_us(exc: BaseException, task: asyncio.Task[Any] | None = None) -> bool:
+    """Whether `exc`, reaching an evaluation, is its end by Scrutiny (its cancellation, or
+    its coroutine closed: with the loop, or by the garbage collector) rather than an error
+    of the feedback's own: a feedback that raised GeneratorExit itself was taken for its
+    coroutine being closed, and its evaluation stayed `running` for ever."""
+    if isinstance(exc, GeneratorExit):
+        # Closing a coroutine raises it afresh at each frame's await (PEP 380): a
+        # traceback of that frame alone. One raised in the feedback comes up through it.
+        tb = exc.__traceback__
+        return CLOSING.get() or tb is None or tb.tb_next is None
+    return isinstance(exc, asyncio.CancelledError) and cancelled_by_us(
+        task or asyncio.current_task())  # (a CancelledError arrives on the loop)
 
 
 def cancelled_by_us(task: asyncio.Task[Any] | None) -> bool:
@@ -224,7 +244,10 @@ def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any],
             return asyncio.run(fn(*positional, **args))
         return asyncio.run(_bounded(fn(*positional, **args), timeout))
     if timeout is None:
-        return fn(*positional, **args)
+        try:
+            return fn(*positional, **args)
+        except (StopIteration, GeneratorExit) as exc:  # (it comes back through a future)
+            raise futurable(exc) from None
     outcome: list[Any] = []
 
     def run() -> None:
@@ -241,7 +264,7 @@ def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any],
         raise FeedbackTimeout(f"timed out after {timeout:g} s", timeout=timeout)
     value, error = outcome[0]
     if error is not None:
-        raise error
+        raise futurable(error)
     return value
 
 
@@ -424,10 +447,10 @@ class Evaluator:
                 return _CallOutcome(FeedbackCall(args=args, error=exc.reason),
                                     FeedbackStatus.SKIPPED, attempt)
             except BaseException as exc:  # (SystemExit from a feedback: its failure too)
-                if isinstance(exc, GeneratorExit) or (
-                        isinstance(exc, asyncio.CancelledError)
-                        and cancelled_by_us(asyncio.current_task())):
-                    raise  # (GeneratorExit: closed with its loop, see EvaluationLoop._unwind)
+                if ended_by_us(exc):
+                    raise
+                if isinstance(exc, RaisedInCall):  # (the feedback's own StopIteration, ...)
+                    exc = exc.original
                 retryable = isinstance(exc, policy.retry_on) and not isinstance(
                     exc, policy.never_retry_on)
                 hint = retry_after_hint(exc) if retryable else None

@@ -29,7 +29,24 @@ if TYPE_CHECKING:
     from scrutiny.core._courtesy import Courtesy
     from scrutiny.core._slots import SlotGate, SyncCall
 
-__all__ = ["DaemonThreadPool"]
+__all__ = ["DaemonThreadPool", "RaisedInCall", "futurable"]
+
+
+class RaisedInCall(Exception):
+    """An exception a call raised that an asyncio future cannot hold (StopIteration — a
+    plain ``next()`` on an empty iterator —, GeneratorExit), carried inside this one:
+    set as it was, the first was refused by the future (the result never arrived, and
+    neither did the others delivered with it) and the second was taken by the awaiting
+    coroutines for their own closing."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+def futurable(error: BaseException) -> BaseException:
+    """`error`, or a :class:`RaisedInCall` carrying it when a future cannot hold it."""
+    return RaisedInCall(error) if isinstance(error, (StopIteration, GeneratorExit)) else error
 
 logger = logging.getLogger("scrutiny")
 
@@ -271,17 +288,18 @@ class DaemonThreadPool(concurrent.futures.Executor):
             done, self._done = self._done, []
             self._done_scheduled = False
         for target, value, error in done:
-            if not isinstance(target, asyncio.Future):
-                try:
+            try:
+                if not isinstance(target, asyncio.Future):
                     target(value)
-                except Exception:  # a bug of ours must not cost the other deliveries
-                    logger.exception("scrutiny: a sync call's notice to the loop failed")
-            elif target.cancelled():
-                continue
-            elif error is not None:
-                target.set_exception(error)
-            else:
-                target.set_result(value)
+                elif target.cancelled():
+                    continue
+                elif error is not None:
+                    target.set_exception(futurable(error))
+                else:
+                    target.set_result(value)
+            except Exception:  # a bug of ours must not cost the other deliveries
+                logger.exception("scrutiny: delivering a sync call's outcome to the loop "
+                                 "failed")
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
