@@ -218,6 +218,22 @@ def test_a_feedback_raising_what_a_future_cannot_hold_fails_and_loses_no_other_r
     assert session.wait_for_feedback(10)
 
 
+def test_feedbacks_given_as_a_generator_are_all_evaluated(session: Session) -> None:
+    """The checks used the generator up: the record was evaluated with nothing, and the
+    session counted an ingest in flight for good (its waits never ended, close() always
+    took its whole timeout)."""
+    names = ["relevance", "length"]
+    record = session.ingest(make_record(), (Feedback(lambda output: 1.0, name=n).on_output()
+                                            for n in names))
+    results = record.wait_for_feedback_results(timeout=10)
+    assert sorted(fb.name for fb in results) == sorted(names)
+    assert {r.status for r in results.values()} == {FeedbackStatus.DONE}
+    assert session.wait_for_feedback(10)
+    with pytest.raises(ConfigurationError, match="must be a list of Feedback"):
+        session.ingest(make_record(), None)  # type: ignore[arg-type]
+    assert session.wait_for_feedback(10)
+
+
 def test_sync_feedback_timeout_fails(session: Session) -> None:
     release = threading.Event()
 

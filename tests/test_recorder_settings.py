@@ -33,6 +33,23 @@ def test_both_recorders_refuse_a_lambda_in_deferred_mode() -> None:
                           feedback_mode="deferred")) == 2
 
 
+def test_both_recorders_take_their_feedbacks_from_a_generator(tmp_path: Path) -> None:
+    """The checks used a generator up, and the recorder went on with no feedback at all."""
+    session = Session(f"sqlite:///{tmp_path}/g.sqlite")
+    try:
+        for make in range(2):  # (each recorder its own generator)
+            chain_recorder, index_recorder = _recorders(session)
+            cls = type(chain_recorder if make == 0 else index_recorder)
+            app = None if make == 0 else index_recorder.app
+            recorder = cls(app, app_name="g", session=session, feedbacks=(
+                Feedback(length, name=n).on_output() for n in ("one", "two")))
+            assert [fb.name for fb in recorder.feedbacks] == ["one", "two"]
+        with pytest.raises(ConfigurationError, match="must be a list of Feedback"):
+            _recorders(session, feedbacks=None)
+    finally:
+        session.close()
+
+
 def test_both_recorders_name_an_unknown_mode_clearly() -> None:
     with pytest.raises(ConfigurationError, match="unknown feedback mode 'sometimes'"):
         _recorders(None, feedback_mode="sometimes")

@@ -19,6 +19,7 @@ from scrutiny.core._session import (
     Session,
     _mode,
     check_feedbacks,
+    feedback_list,
 )
 
 __all__ = ["RecorderSettings", "Recording"]
@@ -177,8 +178,9 @@ class RecorderSettings:
         session = self.explicit_session or Session.latest()
         mode = self.feedback_mode or (session.feedback_mode if session is not None
                                       else FeedbackMode.WITH_APP_THREAD)
-        check_feedbacks(feedbacks, _mode(mode))
-        self.feedbacks = list(feedbacks)
+        given = feedback_list(feedbacks)
+        check_feedbacks(given, _mode(mode))
+        self.feedbacks = given
 
     @property
     def session(self) -> Session:

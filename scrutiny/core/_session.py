@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
@@ -105,6 +105,24 @@ def _unstored_end(final: FeedbackResult) -> FeedbackResult:
         error=f"evaluated ({outcome}) but storing the result failed (see the log); the "
               f"database still holds it as pending, for a worker to evaluate again once "
               f"its lease runs out")
+
+
+def feedback_list(feedbacks: Iterable[Feedback] | None) -> list[Feedback]:
+    """The feedbacks given, as a list: a generator or another iterable was used up by the
+    checks, and the record went on with no feedback at all (a session that counted one
+    in-flight ingest for good, so that its waits never ended)."""
+    if isinstance(feedbacks, (list, tuple)):
+        return list(feedbacks)
+    if feedbacks is None or isinstance(feedbacks, (Feedback, str)):
+        raise ConfigurationError(
+            f"feedbacks must be a list of Feedback objects, got {feedbacks!r}: pass "
+            "[feedback] for one, or [] (the default) for none")
+    try:
+        return list(feedbacks)
+    except TypeError:
+        raise ConfigurationError(
+            f"feedbacks must be a list of Feedback objects, got {type(feedbacks).__name__} "
+            f"{feedbacks!r}") from None
 
 
 def check_feedbacks(feedbacks: Sequence[Feedback], mode: FeedbackMode) -> None:
@@ -646,7 +664,7 @@ class Session(SessionReading):
     def ingest(
         self,
         record: _R,
-        feedbacks: Sequence[Feedback] = (),
+        feedbacks: Iterable[Feedback] = (),
         *,
         mode: FeedbackMode | str | None = None,
         listeners: Sequence[ResultListener] = (),
@@ -667,6 +685,7 @@ class Session(SessionReading):
                          "session can no longer store it", record.record_id)
             return record
         resolved = _mode(mode or self.feedback_mode)
+        feedbacks = feedback_list(feedbacks)
         check_feedbacks(feedbacks, resolved)
         if isinstance(record, Record) and (record._slots or record._pending_init):
             had = {str(getattr(fb, "name", "")) for fb in record._result_slots()}
