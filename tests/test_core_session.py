@@ -234,6 +234,24 @@ def test_feedbacks_given_as_a_generator_are_all_evaluated(session: Session) -> N
     assert session.wait_for_feedback(10)
 
 
+def test_an_infinite_timeout_waits_without_a_limit(tmp_path: Path) -> None:
+    """timeout=float("inf") raised OverflowError from every wait, and close(inf) left the
+    session marked closed with its threads still running."""
+    inf = float("inf")
+    session = Session(f"sqlite:///{tmp_path}/inf.sqlite")
+    slow = Feedback(lambda output: (time.sleep(0.2), 1.0)[1], name="slow").on_output()
+    record = session.ingest(make_record(), [slow])
+    assert record.wait_for_feedback_results(timeout=inf)[slow].status is FeedbackStatus.DONE
+    session.ingest(make_record(), [slow])
+    assert session.wait_for_feedback(inf)
+    assert session.flush(inf)
+    session.ingest(make_record(), [slow])
+    writer = session._writer
+    assert writer is not None
+    assert session.close(inf)
+    assert not writer._thread.is_alive()
+
+
 def test_sync_feedback_timeout_fails(session: Session) -> None:
     release = threading.Event()
 

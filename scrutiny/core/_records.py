@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from scrutiny.core._ids import new_uuid
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
+from scrutiny.core._runtime import wait_limit
 from scrutiny.core._serialize import TRUNCATED_KEY
 
 if TYPE_CHECKING:
@@ -312,6 +313,7 @@ class Record:
             are never dropped or turned into a score.
         """
         watch = self._watch
+        timeout = wait_limit(timeout)
         if callback is not None:
             self._add_completion_callback(callback)
             if watch is not None:
@@ -335,6 +337,7 @@ class Record:
         self, timeout: float | None = None
     ) -> dict[Feedback, FeedbackResult]:
         """The async form of :meth:`wait_for_feedback_results`: never blocks the event loop."""
+        timeout = wait_limit(timeout)
         watch = self._watch
         if watch is not None:
             stop = threading.Event()

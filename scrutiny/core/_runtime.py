@@ -12,13 +12,13 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 if TYPE_CHECKING:
     from scrutiny.core._session import Session
 
-__all__ = ["Notifier", "at_exit", "end_when_dropped", "exit_stage", "install_process_hooks",
-           "live_sessions"]
+__all__ = ["WAIT_MAX", "Notifier", "at_exit", "end_when_dropped", "exit_stage",
+           "install_process_hooks", "live_sessions", "wait_limit"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -30,6 +30,24 @@ _unfinished: set[weakref.finalize[Any, Any]] = set()
 """Ends still owed for objects alive (see end_when_dropped); each removes itself."""
 _unfinished_lock = threading.Lock()
 _stage = 0  # 0: running; 1: ending what is unfinished at exit; 2: sessions closed at exit
+
+
+WAIT_MAX = threading.TIMEOUT_MAX / 4
+"""The longest wait a caller's timeout is taken as (over a century): the platform's waits
+refuse longer ones (OverflowError), and deadlines made from it stay within them."""
+
+
+@overload
+def wait_limit(timeout: float) -> float: ...
+@overload
+def wait_limit(timeout: None) -> None: ...
+@overload
+def wait_limit(timeout: float | None) -> float | None: ...
+def wait_limit(timeout: float | None) -> float | None:
+    """A caller's timeout as Scrutiny's waits take it: ``float("inf")`` (or anything past
+    WAIT_MAX) is WAIT_MAX, as good as no limit. It raised OverflowError, and close(inf)
+    left the session marked closed with its threads still running."""
+    return timeout if timeout is None or not timeout > WAIT_MAX else WAIT_MAX
 
 
 def exit_stage() -> int:

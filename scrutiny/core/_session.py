@@ -45,7 +45,12 @@ from scrutiny.core._records import (
 )
 from scrutiny.core._refs import NotReferenceable
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
-from scrutiny.core._runtime import Notifier, install_process_hooks, live_sessions
+from scrutiny.core._runtime import (
+    Notifier,
+    install_process_hooks,
+    live_sessions,
+    wait_limit,
+)
 from scrutiny.core._writer import StorageWriter, WriteItem
 from scrutiny.core.storage import (
     InsertRecord,
@@ -477,7 +482,7 @@ class Session(SessionReading):
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued record and update is stored; False on timeout."""
         writer = self._writer
-        return True if writer is None else writer.flush(timeout)
+        return True if writer is None else writer.flush(wait_limit(timeout))
 
     def wait_for_feedback(self, timeout: float | None = None) -> bool:
         """Wait until every feedback accepted so far has a stored end state.
@@ -488,6 +493,7 @@ class Session(SessionReading):
         state (or its record) could not be stored (a full queue, a refused write: see
         :meth:`stats`) — those results are still `pending` in the database.
         """
+        timeout = wait_limit(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._wait_outstanding(deadline) or self._left_pending:
             return False
@@ -515,7 +521,7 @@ class Session(SessionReading):
             started = self._state == "started" and self._pid == os.getpid()
             self._state = "closed"
         live_sessions.discard(self)
-        timeout = self.flush_timeout if timeout is None else timeout
+        timeout = self.flush_timeout if timeout is None else wait_limit(timeout)
         deadline = time.monotonic() + timeout
         clean = True
         workers = list(self._workers)
@@ -888,6 +894,7 @@ class Session(SessionReading):
         """
         from scrutiny.core._worker import Worker
 
+        timeout = wait_limit(timeout)
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         self._open_for_workers("resume_pending()")
         # This session's own records and pending results first: still queued for the
