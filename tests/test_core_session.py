@@ -2046,6 +2046,28 @@ def test_a_record_made_without_its_times_is_dated_when_it_was_made(session: Sess
     assert (df["latency"] == 0).all()
 
 
+def test_record_names_ids_and_times_the_store_cannot_take_are_refused_at_once(
+        session: Session) -> None:
+    """An app version left None (an unset environment variable), a name that is not text
+    or a time in milliseconds made a Record, which then failed when the writer stored it:
+    the record was lost and its results failed "could not be stored"."""
+    with pytest.raises(TypeError, match=r"app_version is a non-empty string.*got None"):
+        Record(app_name="qa", app_version=None, input="q", output="a")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="app_name is a non-empty string"):
+        Record(app_name="", app_version="v1")
+    with pytest.raises(ValueError, match="in milliseconds"):
+        Record(app_name="qa", app_version="v1", start_time=time.time() * 1000)
+    with pytest.raises(ValueError, match="between the years 1 and 9999"):
+        Record(app_name="qa", app_version="v1", start_time=-1e12)
+    numbered = Record(app_name="qa", app_version=2, record_id=42,  # type: ignore[arg-type]
+                      input="q", output="a")
+    assert (numbered.app_version, numbered.record_id) == ("2", "42")
+    session.ingest(numbered, [Feedback(lambda output: 1.0, name="one").on_output()])
+    assert session.wait_for_feedback(10)
+    df, _ = session.get_records_and_feedback()
+    assert (df.loc[0, "app_id"], df.loc[0, "one status"]) == ("qa:2", "done")
+
+
 def test_record_fields_given_as_other_iterables_become_lists() -> None:
     record = make_record(contexts=(c for c in ["a", "b"]), tags={"x"})
     assert (record.contexts, record.tags) == (["a", "b"], ["x"])

@@ -162,7 +162,27 @@ def _seconds(value: Any, name: str) -> float:
     if not math.isfinite(seconds):  # (stored, it broke every table and chart of its app)
         raise ValueError(f"Record.{name} is seconds since the epoch (time.time()) or a "
                          f"datetime; got {value!r}")
+    if not _EARLIEST <= seconds <= _LATEST:  # (past year 9999: the record failed to store)
+        hint = ("; in milliseconds? divide by 1000" if _LATEST < seconds < _LATEST * 1000
+                else "")
+        raise ValueError(f"Record.{name} is seconds since the epoch (time.time()) or a "
+                         f"datetime, between the years 1 and 9999; got {value!r}{hint}")
     return seconds
+
+
+_EARLIEST = datetime(1, 1, 2, tzinfo=timezone.utc).timestamp()
+_LATEST = datetime(9999, 12, 30, tzinfo=timezone.utc).timestamp()
+
+
+def _text(value: Any, name: str, example: str) -> str:
+    """A name or id field: a non-empty string (a number is taken as its text). Anything
+    else — None from an unset environment variable, say — failed when the record was
+    stored, and the record was lost."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"Record.{name} is a non-empty string ({example}); got {value!r}")
 
 
 @dataclass(eq=False)
@@ -196,6 +216,9 @@ class Record:
         # A record built by hand is stored on the writer thread, long after this call: a
         # field of the wrong shape failed there (the record lost, its results failed), so
         # it is made right — or refused, saying how — here.
+        self.app_name = _text(self.app_name, "app_name", 'e.g. "qa"')
+        self.app_version = _text(self.app_version, "app_version", 'e.g. "v1"')
+        self.record_id = _text(self.record_id, "record_id", "ids are unique strings")
         if self.contexts is None:
             self.contexts = []
         elif isinstance(self.contexts, str | bytes) or not isinstance(self.contexts, Sequence):
