@@ -2068,6 +2068,27 @@ def test_record_names_ids_and_times_the_store_cannot_take_are_refused_at_once(
     assert (df.loc[0, "app_id"], df.loc[0, "one status"]) == ("qa:2", "done")
 
 
+@pytest.mark.parametrize("started", [True, False])
+def test_a_record_given_to_a_closed_session_has_its_results_failed_not_missing(
+        tmp_path: Path, started: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """A session closed before it ever stored anything gave a record's wait an empty dict
+    (and a traceback in the log): the feedbacks it was given were nowhere, where a session
+    closed after it started says each one failed, and why."""
+    session = Session(f"sqlite:///{tmp_path}/closed.sqlite")
+    one = Feedback(lambda output: 1.0, name="one").on_output()
+    if started:
+        session.ingest(make_record(), [one])
+    session.close()
+    with caplog.at_level(logging.ERROR, logger="scrutiny"):
+        record = session.ingest(make_record(), [one])
+        results = record.wait_for_feedback_results(timeout=5)
+    assert [(fb.name, r.status) for fb, r in results.items()] == [
+        ("one", FeedbackStatus.FAILED)]
+    assert "could not be stored" in (results[one].error or "")
+    assert "closed" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info]
+
+
 def test_record_fields_given_as_other_iterables_become_lists() -> None:
     record = make_record(contexts=(c for c in ["a", "b"]), tags={"x"})
     assert (record.contexts, record.tags) == (["a", "b"], ["x"])

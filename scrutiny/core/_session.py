@@ -713,7 +713,10 @@ class Session(SessionReading):
                 dispose: object = None) -> None:
         """(`dispose`: an object whose last reference the caller hands over, to be freed
         on the writer thread rather than the application's.)"""
-        writer = self._start()
+        # A session closed before it ever started has no writer to refuse the record:
+        # its results end as a started-then-closed session's do (they were not there).
+        unstarted_closed = self._writer is None and self._state == "closed"
+        writer = None if unstarted_closed else self._start()
         ingest = _Ingest(self, record, feedbacks, mode, listeners, dispose)
         if feedbacks:
             if isinstance(record, LazyRecord):
@@ -725,6 +728,12 @@ class Session(SessionReading):
                                                   ingest.materialize)
             with self._outstanding_lock:
                 self._unmaterialized += 1
+        if writer is None:
+            logger.error("scrutiny: the session (%s) is closed; record %s given to it is not "
+                         "stored. The application is not affected.", self._redacted_url(),
+                         record.record_id)
+            ingest.after_commit(False)
+            return
         if writer.submit(WriteItem(ingest.prepare, ingest.after_commit)) and feedbacks:
             # evaluation may start before the writer gets to the record (its updates are
             # queued behind the record's insert, so nothing is stored out of order)
