@@ -2089,6 +2089,51 @@ def test_a_record_given_to_a_closed_session_has_its_results_failed_not_missing(
     assert not [r for r in caplog.records if r.exc_info]
 
 
+def test_arguments_of_the_wrong_kind_are_refused_saying_what_is_taken(
+        tmp_path: Path) -> None:
+    """Each of these failed deep inside, with a message about something else (a str
+    compared with an int, 'not iterable', an attribute of a str), or later on another
+    thread; `limit=1.5` was taken as it was."""
+    one = Feedback(lambda output: 1.0, name="one").on_output()
+    seen: list[Any] = []
+    heard = threading.Event()
+
+    def listener(result: Any, record: Any) -> None:
+        seen.append(result)
+        heard.set()
+
+    session = Session(f"sqlite:///{tmp_path}/kinds.sqlite", on_result=listener)
+    try:
+        record = session.ingest(make_record(), [one])
+        with pytest.raises(TypeError, match="timeout is seconds"):
+            record.wait_for_feedback_results(timeout="5")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="give a function"):
+            record.wait_for_feedback_results(callback="print")  # type: ignore[arg-type]
+        assert heard.wait(10)  # (one listener, given alone)
+        assert [r.feedback_name for r in seen] == ["one"]
+        for limit in ("2", 1.5, True):
+            with pytest.raises(ConfigurationError, match="whole numbers"):
+                session.get_records_and_feedback(limit=limit)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="timezone-aware datetime"):
+            session.delete_records(before="2020-01-01")  # type: ignore[arg-type]
+    finally:
+        session.close()
+
+
+def test_a_feedback_that_is_a_generator_function_fails_naming_what_it_returned(
+        session: Session) -> None:
+    """Python 3.11's asyncio takes a generator for a coroutine: the feedback failed with
+    "object generator can't be used in 'await' expression" rather than naming its value."""
+
+    def scores(output: str) -> Any:
+        yield 1.0
+
+    record = session.ingest(make_record(), [Feedback(scores).on_output()])
+    (result,) = record.wait_for_feedback_results(timeout=10).values()
+    assert result.status is FeedbackStatus.FAILED
+    assert "returned <generator object" in (result.error or "")
+
+
 def test_record_fields_given_as_other_iterables_become_lists() -> None:
     record = make_record(contexts=(c for c in ["a", "b"]), tags={"x"})
     assert (record.contexts, record.tags) == (["a", "b"], ["x"])

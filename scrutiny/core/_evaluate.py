@@ -11,6 +11,7 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import email.utils
+import inspect
 import itertools
 import logging
 import math
@@ -534,7 +535,8 @@ class Evaluator:
                 "fewer threads than max_concurrency)", timeout=timeout)
         awaitable = feedback.fn(*positional, **named)
         value = await _within(awaitable, timeout)
-        if asyncio.iscoroutine(value):  # a sync wrapper that returned a coroutine
+        if inspect.iscoroutine(value):  # a sync wrapper that returned a coroutine (not a
+            # generator, which asyncio.iscoroutine also takes before 3.12: its value fails)
             value = await _within(value, timeout)
         return value
 
@@ -575,7 +577,8 @@ class Evaluator:
             self.sync_in_flight -= 1
             if deadline is not None:
                 deadline.cancel()
-        if asyncio.iscoroutine(value):  # a sync wrapper that returned a coroutine
+        if inspect.iscoroutine(value):  # a sync wrapper that returned a coroutine (not a
+            # generator, which asyncio.iscoroutine also takes before 3.12: its value fails)
             async with self._gate:
                 value = await _within(value, timeout)
         return value

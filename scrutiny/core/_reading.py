@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,12 @@ __all__ = ["RecordPage", "SessionReading"]
 
 logger = logging.getLogger("scrutiny")
 
+
+
+def _whole(value: object) -> bool:
+    """An int (numpy's too), not a bool: `limit="2"` failed comparing a str with an int, and
+    `limit=1.5` was taken as it was."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def as_names(value: str | Sequence[str] | None, what: str) -> tuple[str, ...] | None:
@@ -96,6 +103,9 @@ class SessionReading:
             failed or skipped — or ``n/a`` where the record was not evaluated with that
             feedback at all (a table of several apps).
         """
+        if not (limit is None or _whole(limit)) or not _whole(offset):
+            raise ConfigurationError(f"limit and offset are whole numbers; got limit={limit!r}, "
+                                     f"offset={offset!r}")
         if (limit is not None and limit < 1) or offset < 0 or offset > MAX_OFFSET:
             raise ConfigurationError(f"limit must be >= 1 (or None for all) and offset "
                                      f"0..{MAX_OFFSET}; got limit={limit}, offset={offset}")

@@ -338,6 +338,9 @@ class Record:
         watch = self._watch
         timeout = wait_limit(timeout)
         if callback is not None:
+            if not callable(callback):  # (it failed later, on the callback thread)
+                raise TypeError(f"callback is called with the results: give a function, "
+                                f"got {callback!r}")
             self._add_completion_callback(callback)
             if watch is not None:
                 watch.follow_in_background()

@@ -6,6 +6,7 @@ import asyncio
 import atexit
 import inspect
 import logging
+import numbers
 import os
 import queue
 import threading
@@ -46,8 +47,13 @@ def wait_limit(timeout: float | None) -> float | None: ...
 def wait_limit(timeout: float | None) -> float | None:
     """A caller's timeout as Scrutiny's waits take it: ``float("inf")`` (or anything past
     WAIT_MAX) is WAIT_MAX, as good as no limit. It raised OverflowError, and close(inf)
-    left the session marked closed with its threads still running."""
-    return timeout if timeout is None or not timeout > WAIT_MAX else WAIT_MAX
+    left the session marked closed with its threads still running. A timeout that is not
+    a number (``"5"``) is refused here, rather than deep inside a wait."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout is seconds (a number) or None; got {timeout!r}")
+    return WAIT_MAX if timeout > WAIT_MAX else timeout
 
 
 def exit_stage() -> int:

@@ -242,7 +242,7 @@ class Session(SessionReading):
         max_payload_bytes: int = 1_000_000,
         table_prefix: str = "scrutiny_",
         migrate: MigratePolicy = "upgrade",
-        on_result: Sequence[ResultListener] = (),
+        on_result: Sequence[ResultListener] | ResultListener = (),
     ) -> None:
         global _last_session
         if database_url is not None and store is not None:
@@ -296,7 +296,9 @@ class Session(SessionReading):
         self.max_backlog = max_backlog
         self._shed = 0  # results left pending because the backlog was full
         self.max_payload_bytes = max_payload_bytes
-        self._listeners: list[ResultListener] = list(on_result)
+        # (one listener given alone: `on_result=print` failed with "not iterable")
+        self._listeners: list[ResultListener] = (
+            [on_result] if callable(on_result) else list(on_result))
         if store is None:
             url = database_url or os.environ.get(ENV_DATABASE_URL) or DEFAULT_DATABASE_URL
             store = MemoryStore() if url == "memory://" else SQLStore(
@@ -945,6 +947,10 @@ class Session(SessionReading):
         if before is None and not app_ids:
             raise ConfigurationError("delete_records needs before= and/or app_ids=; "
                                      "refusing to delete everything")
+        if before is not None and not isinstance(before, datetime):
+            raise ConfigurationError(
+                f"before= is a timezone-aware datetime, e.g. datetime(2026, 1, 1, "
+                f"tzinfo=timezone.utc); got {before!r}")
         if before is not None and before.tzinfo is None:
             raise ConfigurationError("before= must be timezone-aware (e.g. UTC)")
         self.flush(self.flush_timeout)
