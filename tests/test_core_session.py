@@ -2134,6 +2134,23 @@ def test_a_feedback_that_is_a_generator_function_fails_naming_what_it_returned(
     assert "returned <generator object" in (result.error or "")
 
 
+def test_a_record_id_given_again_for_another_record_is_refused(session: Session) -> None:
+    """A request id used as record_id, used again on a retry: the store kept the first
+    record, dropped the second without a word and stored its score under the first."""
+    length = Feedback(lambda output: len(output), name="len").on_output()
+    first = session.ingest(Record(app_name="a", app_version="v1", input="q1", output="first",
+                                  record_id="req-42", start_time=100.0), [length])
+    with pytest.raises(ConfigurationError, match="'req-42' was already given"):
+        session.ingest(Record(app_name="a", app_version="v2", input="q2",
+                              output="second answer", record_id="req-42"), [length])
+    # the same record again, with another feedback: still its own id
+    session.ingest(first, [Feedback(lambda output: 1.0, name="one").on_output()])
+    assert session.wait_for_feedback(10)
+    df, _ = session.get_records_and_feedback()
+    assert (len(df), df.loc[0, "output"], df.loc[0, "len"], df.loc[0, "one"]) == (
+        1, "first", 5.0, 1.0)
+
+
 def test_record_fields_given_as_other_iterables_become_lists() -> None:
     record = make_record(contexts=(c for c in ["a", "b"]), tags={"x"})
     assert (record.contexts, record.tags) == (["a", "b"], ["x"])

@@ -9,6 +9,7 @@ future resolves and before any callback runs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import enum
 import logging
@@ -182,6 +183,8 @@ class FeedbackMode(str, enum.Enum):
 _last_session: Session | None = None
 
 
+_RECORD_IDS_KEPT = 10_000
+"""How many ids of records built by hand a session remembers (see _check_id_is_its_own)."""
 _HURRIED_SECONDS = 2.0
 """What a close told to hurry still gives the rest: releasing the unfinished, storing."""
 
@@ -297,6 +300,11 @@ class Session(SessionReading):
         self._shed = 0  # results left pending because the backlog was full
         self.max_payload_bytes = max_payload_bytes
         # (one listener given alone: `on_result=print` failed with "not iterable")
+        # The ids of the records built by hand this session was given lately, with their
+        # app and start (see _check_id_is_its_own).
+        self._record_ids: collections.OrderedDict[str, tuple[str, float]] = (
+            collections.OrderedDict())
+        self._record_ids_lock = threading.Lock()
         self._listeners: list[ResultListener] = (
             [on_result] if callable(on_result) else list(on_result))
         if store is None:
@@ -441,6 +449,7 @@ class Session(SessionReading):
     def _after_fork(self) -> None:
         """In a forked child: forget the parent's threads, work and connections."""
         self._pid = os.getpid()
+        self._record_ids_lock = threading.Lock()
         self._new_identity()
         self._writer = None
         self._loop = None
@@ -703,12 +712,31 @@ class Session(SessionReading):
                     f"record {record.record_id} already has a result of {again}: give it "
                     "only feedbacks it has not been evaluated with (a second result under "
                     "one name would hide the first)")
+        if isinstance(record, Record):
+            self._check_id_is_its_own(record)
         try:
             self._ingest(record, feedbacks, resolved, listeners)
         except Exception:
             logger.exception("scrutiny: could not accept record %s; the application is "
                              "not affected", record.record_id)
         return record
+
+    def _check_id_is_its_own(self, record: Record) -> None:
+        """Refuse a record whose id this session was given for another record (a request id
+        used again on a retry, say): the store kept the first, dropped the second without a
+        word and stored the second's scores under the first. The same record given again
+        (to add feedbacks; also as read back from storage) is the same app and start."""
+        seen = self._record_ids
+        mine = (record.app_id, record.start_time)
+        with self._record_ids_lock:
+            known = seen.setdefault(record.record_id, mine)
+            if known is mine and len(seen) > _RECORD_IDS_KEPT:
+                seen.popitem(last=False)
+        if known[0] != mine[0] or abs(known[1] - mine[1]) > 1e-3:
+            raise ConfigurationError(
+                f"record_id {record.record_id!r} was already given to this session for "
+                f"another record (app {known[0]!r}); it keeps the first: give each record "
+                "an id of its own (or leave record_id out for a fresh one)")
 
     def _ingest(self, record: Record | LazyRecord, feedbacks: Sequence[Feedback],
                 mode: FeedbackMode, listeners: Sequence[ResultListener],
