@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -331,3 +332,36 @@ def test_a_recorded_call_starts_the_sessions_threads_before_its_record(
         assert writer is not None
         assert loop is not None
         assert recording.get().wait_for_feedback_results(timeout=10)
+
+
+def test_a_record_given_while_the_session_closes_has_waits_that_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A web server's request threads still serving while a shutdown hook closes the
+    session: a record given after close() had taken its list of unfinished evaluations
+    (its loop closed, its writer still storing) was stored pending, its evaluation never
+    started, and a wait on it without a timeout never returned."""
+    from scrutiny.core._writer import StorageWriter
+
+    session = Session(f"sqlite:///{tmp_path}/late.sqlite")
+    fb = Feedback(lambda output: 1.0, name="one").on_output()
+    session.ingest(Record(app_name="a", app_version="v", input="q", output="o"), [fb])
+    assert session.wait_for_feedback(10)
+    late: list[Record] = []
+    close_writer = StorageWriter.close
+
+    def close_after_a_late_record(writer: StorageWriter, timeout: float | None) -> bool:
+        # (another thread's request, given the session at this moment of its close)
+        late.append(session.ingest(Record(app_name="a", app_version="v", input="late",
+                                          output="o"), [fb]))
+        return close_writer(writer, timeout)
+
+    monkeypatch.setattr(StorageWriter, "close", close_after_a_late_record)
+    session.close(5)
+    waited: list[Any] = []
+    waiter = threading.Thread(target=lambda: waited.append(
+        late[0].wait_for_feedback_results()), daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert not waiter.is_alive(), "the wait on the late record never ended"
+    (result,) = waited[0].values()
+    assert result.status in (FeedbackStatus.PENDING, FeedbackStatus.FAILED)

@@ -572,6 +572,19 @@ class Session(SessionReading):
             clean = writer.close(max(0.1, deadline - time.monotonic())) and clean
             if writer.failed or writer.dropped:  # stored nothing of those: not clean
                 clean = False
+            # Records other threads gave the session while it closed (a web server's
+            # requests still running): stored pending after the list above was taken, with
+            # the loop closed, their evaluations never started and their waits never ended.
+            seen = {id(job) for job in unfinished}
+            with self._outstanding_cond:
+                late = [job for job in self._inflight.values() if id(job) not in seen]
+            if late:
+                clean = False
+                left += late
+                logger.warning(
+                    "scrutiny: %d record(s) given to the session while it closed were stored "
+                    "with their feedbacks pending; a worker or Session.resume_pending() takes "
+                    "them once their lease (%g s) runs out", len(late), self.lease_seconds)
             self._left_pending = len(left)
             self._settle_unfinished(left)
             if self._notifier is not None:
