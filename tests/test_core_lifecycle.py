@@ -181,6 +181,45 @@ def test_one_session_per_request_keeps_thread_count_flat(tmp_path: Path) -> None
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_waiting_on_a_record_of_its_parent_gets_it_pending(
+        tmp_path: Path) -> None:
+    """The parent's evaluation goes on in the parent: a wait on its record in the child
+    (without a timeout) never returned."""
+    url = f"sqlite:///{tmp_path}/forkwait.sqlite"
+    code = textwrap.dedent(f"""
+        import os, sys, threading
+        from scrutiny import Feedback, Record, Session
+        gate, started = threading.Event(), threading.Event()
+        def slow(output):
+            started.set()
+            gate.wait(30)
+            return 1.0
+        s = Session({url!r})
+        r = s.ingest(Record(app_name="a", app_version="v", input="q", output="o"),
+                     [Feedback(slow, name="slow").on_output()])
+        assert started.wait(10)
+        pid = os.fork()
+        if pid == 0:
+            waited = []
+            t = threading.Thread(target=lambda: waited.append(r.wait_for_feedback_results()),
+                                 daemon=True)
+            t.start()
+            t.join(10)
+            os._exit(0 if waited and [x.status.value for x in waited[0].values()]
+                     == ["pending"] else 3)
+        _, status = os.waitpid(pid, 0)
+        gate.set()
+        assert [x.status.value for x in r.wait_for_feedback_results(timeout=10).values()] \
+            == ["done"]
+        s.close()
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_child_records_and_flushes(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/fork.sqlite"
     now = time.time()

@@ -455,6 +455,10 @@ class Session(SessionReading):
         self._loop = None
         self._warmed = False
         self._notifier = None
+        # The parent's evaluations go on in the parent: a wait on one of its records in
+        # this child waited for good. It ends now with the result pending, as the database
+        # keeps it until the parent stores its end (their callbacks stay the parent's).
+        self._resolve_pending(list(self._inflight.values()), released=False)
         self._watcher = None
         self._workers = []
         self._inflight = {}
