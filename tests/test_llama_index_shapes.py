@@ -332,6 +332,32 @@ async def test_a_custom_models_async_stream_counts_its_usage_once(
 
 
 # ---------------------------------------------------------------------- query engines
+def test_a_custom_query_engine_returning_text_keeps_what_its_retriever_returned(
+        index: VectorStoreIndex, session: Session) -> None:
+    """LlamaIndex's own pattern (`RAGStringQueryEngine`): `custom_query` retrieves, asks
+    the model and returns a string, which the engine wraps in a response without source
+    nodes. The record had no contexts, and every context feedback was skipped."""
+    from llama_index.core.query_engine import CustomQueryEngine
+
+    class StringRAG(CustomQueryEngine):
+        retriever: BaseRetriever
+
+        def custom_query(self, query_str: str) -> str:
+            nodes = self.retriever.retrieve(query_str)
+            return "From: " + " | ".join(n.node.get_content() for n in nodes)
+
+    engine = StringRAG(retriever=index.as_retriever(similarity_top_k=2))
+    each = _contexts_feedback()
+    with LlamaIndexRecorder(engine, feedbacks=[each], session=session) as recording:
+        response = engine.query("What color is snow?")
+    record = recording.get()
+    assert response.source_nodes == []
+    assert len(record.contexts) == 2
+    assert all(text in str(response) for text in record.contexts)
+    result = record.wait_for_feedback_results(timeout=10)[each]
+    assert result.status is FeedbackStatus.DONE
+
+
 def test_a_postprocessor_that_drops_every_node_gives_skipped_context_feedback(
         index: VectorStoreIndex, session: Session) -> None:
     engine = index.as_query_engine(

@@ -25,6 +25,7 @@ from scrutiny.core import (
     RecordStatus,
     Session,
     Span,
+    SpanKind,
     TokenUsage,
 )
 from scrutiny.core._evaluate import describe_error
@@ -40,6 +41,22 @@ from scrutiny.integrations.llama_index._tracer import (
 )
 
 __all__ = ["LlamaIndexRecorder", "Recording"]
+
+
+def _contexts(trace: Trace) -> list[str]:
+    """What the answer was written from: the response's source nodes; else every node a
+    retriever returned. A response with no source nodes counts only when a synthesizer
+    wrote it or a postprocessor ran (one that dropped every node: nothing to judge): a
+    `CustomQueryEngine` that returns a string wraps it in a response without any, and its
+    record had no contexts though its retriever returned nodes."""
+    sources = trace.source_contexts
+    if sources is None:
+        return list(trace.contexts)
+    if not sources and trace.contexts and not any(
+            s.kind == SpanKind.SYNTHESIZE.value or "postprocess" in s.name.lower()
+            for s in trace.spans):
+        return list(trace.contexts)
+    return list(sources)
 
 _CANCELLED = ("CancelledError", "GeneratorExit", "KeyboardInterrupt")
 _OPEN_HINT = ("a streamed answer is recorded when its stream has been consumed, closed or "
@@ -208,9 +225,7 @@ class LlamaIndexRecorder:
             start_time=root.start_time,
             end_time=trace.end_time or time.time(),
             spans=trace.spans,
-            # what the answer was written from; else every node a retriever returned
-            contexts=list(trace.contexts if trace.source_contexts is None
-                          else trace.source_contexts),
+            contexts=_contexts(trace),
             usage=_usage(trace.spans),
             tags=list(self.tags),
             metadata=metadata,
