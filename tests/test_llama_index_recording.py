@@ -386,3 +386,13 @@ def test_public_surface() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_model_called_with_its_prompt_positionally_records_the_prompt(
+        session: Session) -> None:
+    """`llm.complete("...")` gives its span the call's positional arguments: the record's
+    input was the tuple ("...",), which no feedback on the input could read as text."""
+    llm = MockLLM(max_tokens=4)
+    with LlamaIndexRecorder(llm, app_name="llm", session=session) as recording:
+        llm.complete("hello there")
+    assert recording.get().input == "hello there"

@@ -194,7 +194,10 @@ def main_input(arguments: Mapping[str, Any]) -> Any:
     if is_event(start, "StartEvent"):  # a workflow run: (init_state, start_event, tags)
         return _start_text(start)
     if len(arguments) == 1:
-        return _query_text(next(iter(arguments.values())))
+        value = next(iter(arguments.values()))
+        if "args" in arguments and isinstance(value, tuple) and len(value) == 1:
+            value = value[0]  # one positional argument (`llm.complete("...")`)
+        return _query_text(value)
     return dict(arguments) or None
 
 
