@@ -11,14 +11,13 @@ import concurrent.futures
 import contextvars
 import dataclasses
 import email.utils
-import inspect
 import itertools
 import logging
 import math
 import random
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -535,7 +534,7 @@ class Evaluator:
                 "fewer threads than max_concurrency)", timeout=timeout)
         awaitable = feedback.fn(*positional, **named)
         value = await _within(awaitable, timeout)
-        if inspect.iscoroutine(value):  # a sync wrapper that returned a coroutine (not a
+        if isinstance(value, Coroutine):  # a sync wrapper that returned a coroutine (not a
             # generator, which asyncio.iscoroutine also takes before 3.12: its value fails)
             value = await _within(value, timeout)
         return value
@@ -577,7 +576,7 @@ class Evaluator:
             self.sync_in_flight -= 1
             if deadline is not None:
                 deadline.cancel()
-        if inspect.iscoroutine(value):  # a sync wrapper that returned a coroutine (not a
+        if isinstance(value, Coroutine):  # a sync wrapper that returned a coroutine (not a
             # generator, which asyncio.iscoroutine also takes before 3.12: its value fails)
             async with self._gate:
                 value = await _within(value, timeout)

@@ -299,12 +299,12 @@ class Session(SessionReading):
         self.max_backlog = max_backlog
         self._shed = 0  # results left pending because the backlog was full
         self.max_payload_bytes = max_payload_bytes
-        # (one listener given alone: `on_result=print` failed with "not iterable")
         # The ids of the records built by hand this session was given lately, with their
         # app and start (see _check_id_is_its_own).
         self._record_ids: collections.OrderedDict[str, tuple[str, float]] = (
             collections.OrderedDict())
         self._record_ids_lock = threading.Lock()
+        # (one listener given alone: `on_result=print` failed with "not iterable")
         self._listeners: list[ResultListener] = (
             [on_result] if callable(on_result) else list(on_result))
         if store is None:
