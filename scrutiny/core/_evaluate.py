@@ -451,6 +451,9 @@ class Evaluator:
                     raise
                 if isinstance(exc, RaisedInCall):  # (the feedback's own StopIteration, ...)
                     exc = exc.original
+                elif isinstance(exc, RuntimeError) and isinstance(
+                        exc.__cause__, StopIteration) and "raised StopIteration" in str(exc):
+                    exc = exc.__cause__  # (Python's wrapping of an async one's StopIteration)
                 retryable = isinstance(exc, policy.retry_on) and not isinstance(
                     exc, policy.never_retry_on)
                 hint = retry_after_hint(exc) if retryable else None
