@@ -9,9 +9,15 @@ import pytest
 
 pytest.importorskip("llama_index.core")
 
-from llama_index.core import Document, VectorStoreIndex
+from llama_index.core import Document, PromptTemplate, VectorStoreIndex
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    CompletionResponse,
+    CompletionResponseGen,
+)
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.llms import MockLLM
+from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.memory import ChatMemoryBuffer
 
 from scrutiny import Record, RecordStatus, Session, Span
@@ -155,3 +161,123 @@ async def test_astream_chat(index: VectorStoreIndex, session: Session) -> None:
     assert record.output == "".join(tokens)
     assert record.status is RecordStatus.OK
     _assert_llm_spans_inside(record, "ContextChatEngine.astream_chat")
+
+
+# ---------------------------------------------------------------- a model recorded alone
+class _FailsMidway(MockLLM):
+    """LlamaIndex's MockLLM whose stream fails after two chunks."""
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False,
+                        **kwargs: Any) -> CompletionResponseGen:
+        def gen() -> CompletionResponseGen:
+            yield CompletionResponse(text="one", delta="one")
+            yield CompletionResponse(text="one two", delta=" two")
+            raise ConnectionError("the connection dropped")
+
+        return gen()
+
+
+def _read(stream: Any) -> str:
+    return "".join(getattr(c, "delta", c) for c in stream)
+
+
+async def _aread(stream: Any) -> str:
+    return "".join([getattr(c, "delta", c) async for c in stream])
+
+
+@pytest.mark.parametrize("call", ["stream_complete", "stream_chat", "stream"])
+def test_model_stream_recorded_alone_keeps_what_the_caller_read(
+        session: Session, call: str) -> None:
+    llm = MockLLM(max_tokens=5)
+    with LlamaIndexRecorder(llm, session=session) as recording:
+        if call == "stream_complete":
+            stream = llm.stream_complete("What is the sky like?")
+        elif call == "stream_chat":
+            stream = llm.stream_chat([ChatMessage(role="user", content="What is the sky like?")])
+        else:  # a template and its values: the record's input is the prompt sent
+            stream = llm.stream(PromptTemplate("What is the {thing} like?"), thing="sky")
+        assert recording.records == []  # (the call returned; its stream is not read yet)
+        text = _read(stream)
+    record = recording.get()
+    assert text
+    assert record.output == text
+    assert record.status is RecordStatus.OK
+    assert record.input == "What is the sky like?"
+    assert record.root_span().name == f"MockLLM.{call}"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("call", ["astream_complete", "astream_chat", "astream"])
+async def test_async_model_stream_recorded_alone_is_one_record(session: Session,
+                                                             call: str) -> None:
+    llm = MockLLM(max_tokens=5)
+    async with LlamaIndexRecorder(llm, session=session) as recording:
+        if call == "astream_complete":
+            stream = await llm.astream_complete("Why is grass green?")
+        elif call == "astream_chat":
+            stream = await llm.astream_chat([ChatMessage(role="user",
+                                                         content="Why is grass green?")])
+        else:
+            stream = await llm.astream(PromptTemplate("Why is {thing} green?"), thing="grass")
+        text = await _aread(stream)
+    # MockLLM's async stream reads its sync `stream_complete` as it goes: a step of this
+    # call, not a record of its own.
+    record = recording.get()
+    assert record.output == text != ""
+    assert record.input == "Why is grass green?"
+    assert record.status is RecordStatus.OK
+    inner = next(s for s in record.spans if s.name == "MockLLM.stream_complete")
+    assert _ancestors(record, inner)[-1] == f"MockLLM.{call}"
+
+
+def test_model_stream_stopped_early_is_cancelled_with_what_was_read(
+        session: Session) -> None:
+    llm = MockLLM(max_tokens=6)
+    with LlamaIndexRecorder(llm, session=session) as recording:
+        stream = llm.stream_complete("Count to six")
+        first = [next(stream).delta, next(stream).delta]
+        stream.close()
+    record = recording.get()
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output == "".join(d or "" for d in first)
+    assert "stopped" in (record.error or "")
+
+
+def test_model_stream_failing_midway_is_an_error_keeping_the_partial_text(
+        session: Session) -> None:
+    llm = _FailsMidway()
+    with LlamaIndexRecorder(llm, session=session) as recording:
+        stream = llm.stream_complete("Tell me")
+        with pytest.raises(ConnectionError):
+            _read(stream)
+    record = recording.get()
+    assert record.status is RecordStatus.ERROR
+    assert "the connection dropped" in (record.error or "")
+    assert record.output is None
+    assert record.metadata["partial_output"] == "one two"
+
+
+def test_model_stream_dropped_unread_gives_its_record(session: Session) -> None:
+    llm = MockLLM(max_tokens=4)
+    with LlamaIndexRecorder(llm, session=session) as recording:
+        stream = llm.stream_complete("Never read")
+        del stream
+        gc.collect()
+    record = recording.get()
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output == ""
+
+
+def test_a_call_beside_an_open_model_stream_is_a_record_of_its_own(
+        session: Session) -> None:
+    # Only a call the stream makes while it is being read joins its record.
+    llm = MockLLM(max_tokens=3)
+    with LlamaIndexRecorder(llm, session=session) as recording:
+        stream = llm.stream_complete("first")
+        answer = llm.complete("second").text
+        text = _read(stream)
+    by_input = {r.input: r for r in recording.records}
+    assert set(by_input) == {"first", "second"}
+    assert by_input["second"].output == answer
+    assert by_input["first"].output == text
+    assert [s.name for s in by_input["first"].spans] == ["MockLLM.stream_complete"]

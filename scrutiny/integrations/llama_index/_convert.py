@@ -193,11 +193,13 @@ def main_input(arguments: Mapping[str, Any]) -> Any:
     start = arguments.get("start_event")
     if is_event(start, "StartEvent"):  # a workflow run: (init_state, start_event, tags)
         return _start_text(start)
+    args = arguments.get("args")
+    if isinstance(args, tuple) and args and arguments.keys() <= {"args", "kwargs"}:
+        # a call through a wrapper taking (*args, **kwargs): its first positional argument
+        # (`llm.complete("...")`, the `stream_complete` an async stream reads)
+        return _query_text(args[0])
     if len(arguments) == 1:
-        value = next(iter(arguments.values()))
-        if "args" in arguments and isinstance(value, tuple) and len(value) == 1:
-            value = value[0]  # one positional argument (`llm.complete("...")`)
-        return _query_text(value)
+        return _query_text(next(iter(arguments.values())))
     return dict(arguments) or None
 
 

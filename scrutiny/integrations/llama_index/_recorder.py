@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from llama_index.core.prompts import BasePromptTemplate
+
 from scrutiny.core import (
     ConfigurationError,
     Feedback,
@@ -58,6 +60,7 @@ def _contexts(trace: Trace) -> list[str]:
         return list(trace.contexts)
     return list(sources)
 
+_MODEL_KINDS = frozenset((SpanKind.LLM.value, SpanKind.CHAT_MODEL.value))
 _CANCELLED = ("CancelledError", "GeneratorExit", "KeyboardInterrupt")
 _OPEN_HINT = ("a streamed answer is recorded when its stream has been consumed, closed or "
               "released")
@@ -215,10 +218,13 @@ class LlamaIndexRecorder:
             metadata["instrument_tags"] = dict(trace.tags)
         if partial is not None:
             metadata["partial_output"] = partial
+        question = main_input(root.inputs or {})
+        if isinstance(question, BasePromptTemplate):  # `llm.predict(template, **values)`
+            question = _prompt_sent(trace.spans[1:], question)
         return Record(
             app_name=self.app_name,
             app_version=self.app_version,
-            input=main_input(root.inputs or {}),
+            input=question,
             output=output,
             status=status,
             error=error_text,
@@ -232,6 +238,20 @@ class LlamaIndexRecorder:
             framework="llama_index",
             root_run_id=root.span_id,
         )
+
+
+def _prompt_sent(spans: list[Span], template: BasePromptTemplate) -> Any:
+    """The prompt a model was sent from `template` (the first model call's input), else
+    the template's text."""
+    for span in spans:
+        if span.kind in _MODEL_KINDS:
+            sent = main_input(span.inputs or {})
+            if isinstance(sent, str):
+                return sent
+    try:
+        return template.get_template()
+    except Exception:  # (a template of the user's own kind)
+        return repr(template)
 
 
 def _usage(spans: list[Span]) -> TokenUsage | None:

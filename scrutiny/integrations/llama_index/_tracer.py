@@ -37,10 +37,13 @@ from llama_index.core.base.response.schema import AsyncStreamingResponse, Stream
 from llama_index.core.chat_engine.types import StreamingAgentChatResponse
 from llama_index.core.instrumentation.events.chat_engine import StreamChatDeltaReceivedEvent
 from llama_index.core.instrumentation.events.embedding import EmbeddingStartEvent
+from llama_index.core.instrumentation.events.exception import ExceptionEvent
 from llama_index.core.instrumentation.events.llm import (
     LLMChatEndEvent,
+    LLMChatInProgressEvent,
     LLMChatStartEvent,
     LLMCompletionEndEvent,
+    LLMCompletionInProgressEvent,
     LLMCompletionStartEvent,
 )
 
@@ -82,6 +85,12 @@ logger = logging.getLogger("scrutiny")
 
 _RETRIEVER = SpanKind.RETRIEVER.value
 _EMBEDDING = SpanKind.EMBEDDING.value
+_LLM = SpanKind.LLM.value
+_CHAT_MODEL = SpanKind.CHAT_MODEL.value
+_MODEL_STREAMS = frozenset(("stream_complete", "stream_chat", "astream_complete",
+                            "astream_chat"))
+"""A model's streaming methods: LlamaIndex's model wrappers (`llm_completion_callback`,
+`llm_chat_callback`) report their chunks and end as events of their own span."""
 
 USAGE_REPEATS = "usage_repeats"
 """Span metadata: the id of the span whose model response (and usage) this span reports
@@ -111,10 +120,10 @@ class Trace:
     """
 
     __slots__ = ("_awaited", "_following", "_lock", "_root_ended", "_stream_ended", "_tracer",
-                 "_usage_reports", "_writers", "contexts", "end_time", "finished", "root",
-                 "root_error", "root_result", "scope", "source_contexts", "spans",
-                 "stream_complete", "stream_error", "stream_unread_at_exit", "streamed", "tags",
-                 "tokens")
+                 "_usage_reports", "_writers", "contexts", "end_time", "finished",
+                 "model_stream", "root", "root_error", "root_result", "scope",
+                 "source_contexts", "spans", "stream_complete", "stream_error", "stream_span",
+                 "stream_unread_at_exit", "streamed", "tags", "tokens")
 
     def __init__(self, tracer: Tracer, scope: Scope, root: Span,
                  tags: Mapping[str, Any] | None) -> None:
@@ -145,6 +154,10 @@ class Trace:
         """The writer of the streaming chat response the root answered with."""
         self._awaited: weakref.ref[Any] | None = None
         """That response, while its writer has not started."""
+        self.model_stream: weakref.ref[Any] | None = None
+        """The stream a model recorded alone returned (see `_follow_stream`)."""
+        self.stream_span: str | None = None
+        """The model call whose events carry that stream's chunks and end."""
         self._usage_reports: dict[int, tuple[Any, str]] | None = None
         """The model responses that reported usage in this trace (kept alive, by id), each
         with the span it was first reported to."""
@@ -172,6 +185,21 @@ class Trace:
 
     def _follow_stream(self, result: Any) -> None:
         root_id = self.root.span_id
+        if isinstance(result, GeneratorType | AsyncGeneratorType) and self.root.kind in (
+                _LLM, _CHAT_MODEL):
+            # A model recorded alone, streaming. LlamaIndex's model wrapper returns the very
+            # generator the caller gets (it cannot be replaced here) and reports each
+            # chunk, the end, a failure or an early stop as events of its span: this one
+            # (`stream_complete`, `astream_chat`, ...), or the streaming call this one's
+            # token stream reads (`llm.stream(prompt)` reads `stream_complete`).
+            if self.root.name.rpartition(".")[2] in _MODEL_STREAMS:
+                self.stream_span = root_id
+            if self.stream_span is not None:
+                self.streamed = True
+                self.model_stream = weakref.ref(result)
+                self._tracer.model_streams.append(self)
+                end_when_dropped(result, self.stream_ended, None, False)
+            return
         if is_event(result, "StopEvent"):
             # A workflow's answer is its stop event's result: the stream the caller gets.
             answer = answer_of(result)
@@ -313,6 +341,8 @@ class Tracer:
         """Multi-agent runs (`AgentWorkflow`) with a recorded agent, by run span id."""
         self.steps: dict[str, AgentRun] = {}
         """The steps of those runs that are part of a recorded agent's turn."""
+        self.model_streams: list[Trace] = []
+        """Traces of a model's own streaming call whose stream is still open."""
         self._lock = threading.Lock()
         self._events: dict[type, Callable[[tuple[Member, ...], Any], None]] = {
             LLMCompletionStartEvent: _on_model_start,
@@ -320,6 +350,9 @@ class Tracer:
             EmbeddingStartEvent: _on_embedding_start,
             LLMCompletionEndEvent: _on_model_end,
             LLMChatEndEvent: _on_model_end,
+            LLMCompletionInProgressEvent: _on_model_chunk,
+            LLMChatInProgressEvent: _on_model_chunk,
+            ExceptionEvent: _on_exception,
             StreamChatDeltaReceivedEvent: _on_chat_delta,
         }
         if _SpanCancelledEvent is not None:
@@ -342,6 +375,10 @@ class Tracer:
             return
         if _suppressed():
             return
+        if parents is None and owners and self.model_streams:
+            host = self._streaming(owners)
+            if host is not None:  # a call the model's stream makes while it is read
+                parents, parent_id = ((host.root, host, False),), host.root.span_id
         _offer_gil()  # to evaluations that are late (see scrutiny.core._courtesy)
         name, kind = name_and_kind(id_, instance)
         now = time.time()
@@ -405,12 +442,16 @@ class Tracer:
             output = embedding_view(output)
         contexts = _texts(output) if kind == _RETRIEVER else None
         writer = isinstance(instance, StreamingAgentChatResponse)
+        streams = isinstance(result, GeneratorType | AsyncGeneratorType) and kind in (
+            _LLM, _CHAT_MODEL) and members[0][0].name.rpartition(".")[2] in _MODEL_STREAMS
         for span, trace, in_retrieval in members:
             span.end_time = now
             if output is not None:
                 span.outputs = output
             if contexts is not None and not in_retrieval:
                 trace.contexts.extend(contexts)
+            if streams and trace.stream_span is None:
+                trace.stream_span = id_  # (the root may hand its stream on: `llm.stream`)
             if span is trace.root:
                 trace.root_ended(result, None)
             elif writer:
@@ -463,12 +504,30 @@ class Tracer:
         if run is not None:
             run.ended(result, error)
 
+    def _streaming(self, owners: list[Scope]) -> Trace | None:
+        """The trace of a model's stream being read right now (its generator is running)
+        by one of these recorders. Its model's calls run in the reader's context, with no
+        span active: `MockLLM.astream_complete`'s stream reads `stream_complete`, and that
+        call was a record of its own."""
+        for trace in reversed(self.model_streams):
+            stream = trace.model_stream() if trace.model_stream is not None else None
+            if stream is not None and trace.scope in owners and not trace.finished and (
+                    getattr(stream, "gi_running", False) or getattr(stream, "ag_running",
+                                                                    False)):
+                return trace
+        return None
+
     # ------------------------------------------------------------------ cleanup
     def forget(self, trace: Trace) -> None:
         """Stop routing the spans of a finished trace."""
         with self._lock:
             for span in trace.spans:
                 self._prune_locked(span.span_id)
+            if trace.model_stream is not None:
+                try:
+                    self.model_streams.remove(trace)
+                except ValueError:
+                    pass
 
     def _prune(self, span_id: str) -> None:
         with self._lock:
@@ -491,8 +550,9 @@ class Tracer:
     def open_traces(self) -> int:
         """How many traces are still being recorded, and multi-agent runs watched for a
         recorded agent (for tests and diagnostics)."""
-        traces = len({id(m[1]) for ms in list(self.members.values()) for m in ms})
-        return traces + len(self.runs)
+        traces = {id(m[1]) for ms in list(self.members.values()) for m in ms}
+        traces.update(id(t) for t in list(self.model_streams))
+        return len(traces) + len(self.runs)
 
 
 _MULTI_AGENT_MODULE = "llama_index.core.agent.workflow.multi_agent_workflow"
@@ -708,6 +768,27 @@ def _on_model_end(members: tuple[Member, ...], event: Any) -> None:
             span.outputs = llm_text(response)
         if span.end_time is not None:  # a stream: its call returned before the tokens
             span.end_time = time.time()
+        if trace.model_stream is not None and span.span_id == trace.stream_span:
+            trace.stream_ended(None, True)
+
+
+def _on_model_chunk(members: tuple[Member, ...], event: Any) -> None:
+    """A chunk of a model's own stream, sent just before the caller gets it."""
+    for span, trace, _ in members:
+        if trace.model_stream is not None and span.span_id == trace.stream_span:
+            trace.tokens.append(event.response)
+
+
+def _on_exception(members: tuple[Member, ...], event: Any) -> None:
+    """A model's own stream failed, or its reader stopped it (GeneratorExit)."""
+    for span, trace, _ in members:
+        if trace.model_stream is not None and span.span_id == trace.stream_span:
+            error = event.exception
+            if isinstance(error, GeneratorExit):
+                trace.stream_ended(None, False)
+            else:
+                span.error = describe_error(error)
+                trace.stream_ended(error, False)
 
 
 def _on_span_cancelled(members: tuple[Member, ...], event: Any) -> None:
