@@ -469,3 +469,13 @@ def test_a_name_given_where_a_selector_goes_is_a_configuration_error_naming_it()
         Feedback(judge).on("output")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="a callable"):
         Feedback(judge).on(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    (decimal.Decimal("1e400"), "Decimal\\(.1E+400.\\), which is too large for a float"),
+    (decimal.Decimal("-Infinity"), "-inf, which is not a finite number"),
+    (float("nan"), "nan, which is not a finite number"),
+])
+def test_a_score_no_float_holds_is_named_as_returned(value: object, shown: str) -> None:
+    with pytest.raises(InvalidFeedbackValue, match="returned " + shown.replace("+", r"\+")):
+        coerce_feedback_value(value)

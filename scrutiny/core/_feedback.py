@@ -621,6 +621,9 @@ def coerce_feedback_value(value: Any) -> tuple[float, str | None, dict[str, Any]
             raise InvalidFeedbackValue(f"returned {_short(value)}, which is not a float: "
                                        f"{exc}", value=raw) from None
         if not math.isfinite(score):
+            if isinstance(value, decimal.Decimal) and value.is_finite():  # ("1e400")
+                raise InvalidFeedbackValue(f"returned {_short(value)}, which is too large "
+                                           "for a float", value=raw)
             raise InvalidFeedbackValue(f"returned {score}, which is not a finite number",
                                        value=raw)
         return score, explanation, metadata
