@@ -313,3 +313,27 @@ def test_the_event_data_names_the_score_and_the_app(session: Session) -> None:
         assert (data["app_name"], data["app_version"]) == ("ev", "v7")
         assert {"record_id", "feedback_name", "status", "score", "explanation",
                 "error"} <= set(data)
+
+
+@pytest.mark.parametrize("model", ["chat", "llm"])
+@pytest.mark.parametrize("how", ["ainvoke", "astream"])
+async def test_a_model_called_async_as_the_app_reaches_its_handlers(
+        session: Session, model: str, how: str) -> None:
+    # LangChain hands an async model's start to each handler by itself (or to the inline
+    # ones together): the record still knows every handler of the call.
+    from langchain_core.language_models import FakeListLLM
+
+    app: Any = FakeListChatModel(responses=["a fine answer"]) if model == "chat" else \
+        FakeListLLM(responses=["a fine answer"])
+    collector = Collector(expected=2)
+    with ChainRecorder(app, app_name="ev", feedbacks=_feedbacks(),
+                       session=session) as recording:
+        if how == "ainvoke":
+            await app.ainvoke("q", config={"callbacks": [collector]})
+        else:
+            async for _ in app.astream("q", config={"callbacks": [collector]}):
+                pass
+    record = await recording.get().await_feedback_results(timeout=WAIT)
+    assert all(r.status is FeedbackStatus.DONE for r in record.values())
+    assert collector.done.wait(WAIT)
+    _check_events(collector.events, recording.get())

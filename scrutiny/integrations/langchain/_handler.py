@@ -22,7 +22,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
-from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.callbacks import (
+    AsyncCallbackHandler,
+    BaseCallbackHandler,
+    BaseCallbackManager,
+)
 from langchain_core.callbacks.manager import ahandle_event, handle_event
 from langchain_core.documents import Document
 from langchain_core.messages import ToolMessage
@@ -177,9 +181,15 @@ def _run_handlers(root: _Root, default: BaseCallbackHandler) -> None:
         if frame.f_code in _DISPATCH_CODES:
             handlers = frame.f_locals.get("handlers")
             if isinstance(handlers, list):
-                root.handlers = list(handlers)
                 # <- the callback manager's on_chain_start <- the runnable's method
                 caller = frame.f_back
+                # (an async model's start is dispatched to each handler, or to the inline
+                # ones, by itself: the manager holds them all)
+                manager = None if caller is None else caller.f_locals.get("self")
+                if isinstance(manager, BaseCallbackManager) and \
+                        isinstance(manager.handlers, list):
+                    handlers = manager.handlers
+                root.handlers = list(handlers)
                 caller = None if caller is None else caller.f_back
                 if caller is not None and caller.f_code in _CALLER_CODES:
                     root.fallbacks = caller.f_code in _FALLBACK_CODES
