@@ -177,6 +177,32 @@ def test_span_kind_llm_selects_chat_models_too_and_an_unknown_kind_is_refused() 
         Select.spans(kind="lmm")
 
 
+def test_a_model_call_made_inside_another_is_selected_once() -> None:
+    """LlamaIndex's `llm.predict` calls `complete`, `astream_chat` reads `stream_chat`,
+    which reads `stream_complete`: one model call, and a check of "every model call" ran
+    once per level. The innermost call (what reached the model) stands for it."""
+    spans = [Span("1", None, "query", "query", 0.0, outputs="answer"),
+             Span("2", "1", "MockLLM.predict", "llm", 0.0, outputs="p"),
+             Span("3", "2", "MockLLM.complete", "llm", 0.0, outputs="c"),
+             Span("4", "1", "MockLLM.astream_chat", "chat_model", 0.0, outputs="a"),
+             Span("5", "4", "MockLLM.stream_chat", "chat_model", 0.0, outputs="s"),
+             Span("6", "5", "MockLLM.stream_complete", "llm", 0.0, outputs="sc"),
+             Span("7", "1", "other", "llm", 0.0, outputs="alone")]
+    rec = _record(spans=spans)
+    each = Feedback(lambda out: 1.0, name="x").on(Select.spans(kind="llm").outputs.each())
+    assert each.calls_for(rec) == [{"out": "c"}, {"out": "sc"}, {"out": "alone"}]
+    chats = Feedback(lambda outs: 1.0, name="c").on(Select.spans(kind="chat_model").outputs)
+    assert chats.calls_for(rec) == [{"outs": ["s"]}]
+    # a span named is selected as named, wrapping or not
+    named = Feedback(lambda outs: 1.0, name="n").on(
+        Select.spans(kind="llm", name="MockLLM.predict").outputs)
+    assert named.calls_for(rec) == [{"outs": ["p"]}]
+    looped = [Span("a", "b", "m1", "llm", 0.0, outputs="1"),  # (a hand-built cycle)
+              Span("b", "a", "m2", "llm", 0.0, outputs="2")]
+    with pytest.raises(EmptySelection):  # (the walk up ends)
+        each.calls_for(_record(spans=looped))
+
+
 def test_feedback_id_depends_on_wiring() -> None:
     def f(x: str) -> float:
         return 1.0

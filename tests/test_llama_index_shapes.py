@@ -552,3 +552,28 @@ async def test_react_agent_with_a_custom_model(session: Session) -> None:
     assert [(s.name, s.outputs.raw_output) for s in tool] == [("FunctionTool.acall", 42)]
     assert record.usage is not None
     assert record.usage.total_tokens == 24  # two model calls, each counted once
+
+
+def test_each_model_call_of_a_query_is_selected_once(index: VectorStoreIndex,
+                                                     session: Session) -> None:
+    """The synthesizer's `llm.predict` calls `complete`: both are model spans, and a check
+    of every model call (`Select.spans(kind="llm")`) ran twice for the one call."""
+    engine = index.as_query_engine(llm=MockLLM(max_tokens=6), similarity_top_k=1)
+    prompts: list[Any] = []
+
+    def judged(prompt: Any, answer: Any) -> float:
+        prompts.append(prompt)
+        return 1.0
+
+    calls = Select.spans(kind="llm")
+    per_call = Feedback(judged, name="per_call").on(
+        prompt=calls.inputs.each(), answer=calls.outputs.each())
+    with LlamaIndexRecorder(engine, feedbacks=[per_call], session=session) as recording:
+        engine.query("What color is the sky?")
+    record = recording.get()
+    models = [s.name for s in record.spans_of_kind(SpanKind.LLM, SpanKind.CHAT_MODEL)]
+    assert models == ["MockLLM.predict", "MockLLM.complete"]  # (as LlamaIndex ran them)
+    result = record.wait_for_feedback_results(timeout=WAIT)[per_call]
+    assert (result.status, result.result) == (FeedbackStatus.DONE, 1.0)
+    assert len(prompts) == 1
+    assert "What color is the sky?" in str(prompts[0])  # the prompt the model was sent

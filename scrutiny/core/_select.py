@@ -163,16 +163,40 @@ def _kinds(kind: str | None) -> frozenset[str] | None:
     return frozenset((kind,))
 
 
+_MODEL_KINDS = frozenset(("llm", "chat_model"))  # (SpanKind.LLM, CHAT_MODEL)
+
+
 def _spans(kinds: frozenset[str] | None, name: str | None) -> Callable[[Record], list[Span]]:
+    calls = kinds is not None and name is None and kinds <= _MODEL_KINDS
+
     def get(record: Record) -> list[Span]:
-        return [
+        found = [
             s
             for s in record.spans
             if (kinds is None or str(getattr(s.kind, "value", s.kind)) in kinds)
             and (name is None or s.name == name)
         ]
+        return _innermost(found, record.spans) if calls and len(found) > 1 else found
 
     return get
+
+
+def _innermost(found: list[Span], spans: list[Span]) -> list[Span]:
+    """Model calls, each once: a model span that wraps another one found (LlamaIndex's
+    `llm.predict` calling `complete`, `astream_chat` reading `stream_chat`) is the same
+    call, and the inner one is what reached the model (the prompt sent, the response)."""
+    by_id = {s.span_id: s for s in spans}
+    found_ids = {s.span_id for s in found}
+    wrapping: set[str] = set()
+    for span in found:
+        seen = {span.span_id}
+        parent = by_id.get(span.parent_id) if span.parent_id is not None else None
+        while parent is not None and parent.span_id not in seen:  # (a cycle ends the walk)
+            seen.add(parent.span_id)
+            if parent.span_id in found_ids:
+                wrapping.add(parent.span_id)
+            parent = by_id.get(parent.parent_id) if parent.parent_id is not None else None
+    return [s for s in found if s.span_id not in wrapping]
 
 
 _HINTED = 12
