@@ -136,6 +136,31 @@ def test_callback_sees_results_that_are_already_stored(session: Session, db_url:
     assert seen == ["done"]
 
 
+@pytest.mark.parametrize("feedbacks", [1, 0])
+def test_a_callback_with_nothing_left_to_wait_for_runs_on_a_thread_of_scrutiny(
+        session: Session, feedbacks: int) -> None:
+    """Once every result was stored (or the record has none), `callback=` ran on the
+    caller's thread, before the call returned: a slow callback blocked the app."""
+    fbs = [Feedback(lambda output: 1.0, name="one").on_output()][:feedbacks]
+    record = session.ingest(make_record(), fbs)
+    record.wait_for_feedback_results(timeout=10)
+    release, ran = threading.Event(), threading.Event()
+    where: list[str] = []
+
+    def on_done(results: dict[Feedback, FeedbackResult]) -> None:
+        where.append(threading.current_thread().name)
+        ran.set()
+        release.wait(10)  # (a slow callback: the caller must not wait for it)
+
+    try:
+        got = record.wait_for_feedback_results(callback=on_done)
+        assert [r.status for r in got.values()] == [FeedbackStatus.DONE] * feedbacks
+        assert ran.wait(10)
+    finally:
+        release.set()
+    assert where == ["scrutiny-callbacks"]
+
+
 def test_raising_timing_out_and_non_number_feedbacks_fail_with_reasons(
         session: Session) -> None:
     def boom(output: str) -> float:
@@ -2252,8 +2277,8 @@ def test_an_async_callback_is_run_to_its_end(session: Session) -> None:
 
 async def test_an_async_callback_fired_at_once_on_an_event_loop_runs_too(
         session: Session) -> None:
-    """A record without feedbacks fires its callback at once, on the caller's thread: an
-    async callback there, on a running loop, cannot be run with asyncio.run."""
+    """A record without feedbacks fires its callback at once: an async one given on a
+    running loop runs to its end too."""
     fired = threading.Event()
 
     async def on_done(results: dict[Feedback, FeedbackResult]) -> None:

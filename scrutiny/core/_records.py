@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from scrutiny.core._ids import new_uuid
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
-from scrutiny.core._runtime import wait_limit
+from scrutiny.core._runtime import shared_notifier, wait_limit
 from scrutiny.core._serialize import TRUNCATED_KEY
 
 if TYPE_CHECKING:
@@ -385,11 +385,9 @@ class Record:
     def _add_completion_callback(self, callback: ResultsCallback) -> None:
         slots = list(self._result_slots().values())
         state = _CallbackState(callback, len(slots), self)
-        if not slots:
-            state.fire()
-            return
-        for slot in slots:
-            slot.on_done(state.one_done)
+        stored = sum(not slot.on_done(state.one_done) for slot in slots)
+        if state.count(stored):  # all stored already (or none to wait for): fire it on a
+            shared_notifier().call(state.fire)  # thread of ours, not the caller's
 
 
 def _on_a_loop_hint(timeout: float | None) -> str:
@@ -482,25 +480,29 @@ class _CallbackState:
         self._lock = threading.Lock()
         self._record = record
 
-    def one_done(self) -> None:
+    def count(self, finished: int) -> bool:
+        """`finished` more results are stored; True once, for the count that ends it."""
         with self._lock:
-            self._remaining -= 1
-            last = self._remaining == 0
-        if last:
+            if self._remaining < 0:  # (fired already)
+                return False
+            self._remaining -= finished
+            if self._remaining > 0:
+                return False
+            self._remaining = -1
+            return True
+
+    def one_done(self) -> None:
+        """(A result's listener, run on the session's callback thread.)"""
+        if self.count(1):
             self.fire()
 
     def fire(self) -> None:
+        """(On a callback thread of Scrutiny's: no event loop runs here.)"""
         callback = self._callback
         try:
             outcome = callback(self._record.feedback_results)
             if inspect.isawaitable(outcome):  # an async callback: run to its end
-                try:
-                    asyncio.get_running_loop()
-                except RuntimeError:  # (the usual case: on the session's callback thread)
-                    asyncio.run(_awaited(outcome))
-                else:  # (fired at once, on the caller's loop: not blocked, not nested)
-                    threading.Thread(target=asyncio.run, args=(_awaited(outcome),),
-                                     name="scrutiny-results-callback", daemon=True).start()
+                asyncio.run(_awaited(outcome))
         except Exception:
             logger.exception("feedback results callback %r raised", callback)
 
@@ -600,15 +602,16 @@ class _ResultSlot:
             future.set_result(result)
         return listeners
 
-    def on_done(self, listener: Callable[[], object]) -> None:
-        """Call `listener()` once the end state is stored (at once if it already is)."""
+    def on_done(self, listener: Callable[[], object]) -> bool:
+        """Have `listener()` called once the end state is stored; False (and no call) if it
+        is stored already."""
         with self._lock:
-            if not self._done:
-                if self._listeners is None:
-                    self._listeners = []
-                self._listeners.append(listener)
-                return
-        listener()
+            if self._done:
+                return False
+            if self._listeners is None:
+                self._listeners = []
+            self._listeners.append(listener)
+            return True
 
 
 def new_slot(record: Record, feedback: Feedback) -> _ResultSlot:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from scrutiny.core._session import Session
 
 __all__ = ["WAIT_MAX", "Notifier", "at_exit", "end_when_dropped", "exit_stage",
-           "install_process_hooks", "live_sessions", "wait_limit"]
+           "install_process_hooks", "live_sessions", "shared_notifier", "wait_limit"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -128,6 +128,9 @@ def _close_all_at_exit() -> None:
             session.close()
         except Exception:
             logger.exception("scrutiny: closing a session at exit failed")
+    shared = _shared
+    if shared is not None and shared[0] == os.getpid():  # (callbacks handed to it run)
+        shared[1].close(SHARED_DRAIN)
     _stage = 2
 
 
@@ -203,3 +206,26 @@ class Notifier:
         self._queue.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+
+SHARED_DRAIN = 5.0
+"""Seconds the shared callback thread is given at exit to run what it was handed."""
+_shared: tuple[int, Notifier] | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_notifier() -> Notifier:
+    """A callback thread for callbacks that no session is about to run: a results callback
+    given once every result of its record is stored already (or it has none). Started on
+    first use (again in a forked child); what it was handed runs before the process exits.
+    """
+    global _shared
+    pid = os.getpid()
+    shared = _shared
+    if shared is None or shared[0] != pid:
+        install_process_hooks()
+        with _shared_lock:
+            if _shared is None or _shared[0] != pid:
+                _shared = (pid, Notifier())
+            shared = _shared
+    return shared[1]
