@@ -522,6 +522,28 @@ def test_delete_records_by_age_and_app(backend: tuple[str, str]) -> None:
         assert s.get_records_and_feedback()[0].empty
 
 
+def test_an_empty_app_selection_selects_no_app(backend: tuple[str, str]) -> None:
+    """`app_ids=[]` (a selection that matched nothing) read as "every app":
+    delete_records(before=..., app_ids=[]) deleted every app's old records."""
+    url, prefix = backend
+    with Session(url, table_prefix=prefix) as s:
+        for i in range(2):
+            old = make_record(i)
+            old.start_time -= 86400 * 30
+            s.ingest(old, [Feedback(fbs.length).on_output()])
+        assert s.wait_for_feedback(20)
+        cutoff = datetime.now(timezone.utc) - timedelta(days=1)
+        assert s.delete_records(before=cutoff, app_ids=[]) == 0
+        assert s.delete_records(app_ids=[]) == 0
+        assert s.get_records_and_feedback(app_ids=[])[0].empty
+        assert s.get_leaderboard(app_ids=[]).empty
+        assert s.query_records(app_ids=[]).total == 0
+        assert s.query_records(app_versions=[]).total == 0
+        assert s.query_records(feedback_name="length", statuses=[]).total == 0
+        assert len(s.get_records_and_feedback()[0]) == 2  # (None: every app)
+        assert s.query_records(feedback_name="length", statuses=["done"]).total == 2
+
+
 def test_paginated_reads(backend: tuple[str, str]) -> None:
     url, prefix = backend
     with Session(url, table_prefix=prefix) as s:

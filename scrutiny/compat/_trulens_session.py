@@ -204,7 +204,7 @@ class TruSession(Session):
         if format not in ("dataframe", "dict", "json"):
             raise ConfigurationError(f"format must be 'dataframe', 'dict' or 'json', got "
                                      f"{format!r}")
-        board = super().get_leaderboard(app_ids, timeout=timeout)
+        board = super().get_leaderboard(app_ids or None, timeout=timeout)  # ([]: TruLens's all)
         if format == "dataframe":
             return board
         rows = board.reset_index()

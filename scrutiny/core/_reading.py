@@ -86,7 +86,8 @@ class SessionReading:
         """Records with their feedback, newest first.
 
         Args:
-            app_ids: apps to keep, None for all. A value is an app id (``"name:version"``,
+            app_ids: apps to keep, None for all (an empty list keeps none). A value is an
+                app id (``"name:version"``,
                 a ``":"`` or ``"\\"`` inside the name or version escaped with a ``"\\"``)
                 when an app in the database has that id (even one whose records were
                 deleted), and otherwise an app name (all its versions): ``"team:qa"`` is
@@ -185,13 +186,14 @@ class SessionReading:
         if bad:
             raise ConfigurationError(f"unknown status(es) {bad}; use "
                                      f"{[m.value for m in FeedbackStatus]}")
-        if (statuses or min_score is not None or max_score is not None) and not feedback_name:
+        if (statuses is not None or min_score is not None or max_score is not None) \
+                and not feedback_name:
             raise ConfigurationError("statuses and score ranges need feedback_name=")
         self.flush(self.flush_timeout)
         query = RecordQuery(
-            app_ids=tuple(app_ids or ()), app_versions=tuple(app_versions or ()),
+            app_ids=app_ids, app_versions=app_versions,
             record_status=record_status, feedback_name=feedback_name,
-            statuses=tuple(statuses or ()), min_score=min_score, max_score=max_score,
+            statuses=statuses, min_score=min_score, max_score=max_score,
             search=search or None, limit=limit, offset=offset)
         rows, result_rows, total = self.store.query_records(query)
         by_record: dict[str, list[Row]] = {}

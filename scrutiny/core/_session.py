@@ -981,7 +981,8 @@ class Session(SessionReading):
 
         Args:
             before: delete records that started before this (timezone-aware) time.
-            app_ids: apps whose records to delete. A value is an app id when an app in the
+            app_ids: apps whose records to delete (an empty list: none; None with
+                `before`: every app's). A value is an app id when an app in the
                 database has that id, otherwise an app name (all its versions):
                 ``"team:qa"`` is app ``"team"`` version ``"qa"`` while that app exists.
 
@@ -989,7 +990,7 @@ class Session(SessionReading):
             how many records were deleted.
         """
         app_ids = as_names(app_ids, "app_ids")  # ("qa" meant app "qa", not "q" and "a")
-        if before is None and not app_ids:
+        if before is None and app_ids is None:
             raise ConfigurationError("delete_records needs before= and/or app_ids=; "
                                      "refusing to delete everything")
         if before is not None and not isinstance(before, datetime):

@@ -58,7 +58,8 @@ class RecordQuery:
     """Which records to read: filters and a page.
 
     Args:
-        app_ids: app ids, or app names (a value no app has as its id).
+        app_ids: app ids, or app names (a value no app has as its id). None: every app;
+            empty: none (as for `app_versions` and `statuses`).
         app_versions: app versions.
         record_status: ``ok``, ``error`` or ``cancelled``.
         feedback_name: with `statuses` and/or a score range, keep records whose result of
@@ -69,11 +70,11 @@ class RecordQuery:
         limit, offset: the page.
     """
 
-    app_ids: tuple[str, ...] = ()
-    app_versions: tuple[str, ...] = ()
+    app_ids: tuple[str, ...] | None = None
+    app_versions: tuple[str, ...] | None = None
     record_status: str | None = None
     feedback_name: str | None = None
-    statuses: tuple[str, ...] = ()
+    statuses: tuple[str, ...] | None = None
     min_score: float | None = None
     max_score: float | None = None
     search: str | None = None

@@ -31,6 +31,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     func,
     or_,
     select,
@@ -863,8 +864,10 @@ class SQLStore:
         otherwise an app name (all its versions). "team:qa" is app "team" version "qa",
         not the versions of an app named "team:qa" (whose ids are "team\\:qa:...")."""
         t = self.tables.records
-        if not app_ids:
+        if app_ids is None:
             return None
+        if not app_ids:  # (an empty selection selects nothing: it deleted every app's)
+            return false()
         ids = list(dict.fromkeys(self._texts(app_ids)))
         apps = self.tables.apps
         taken = select(apps.c.app_id).where(apps.c.app_id.in_(ids))  # (no NULLs: the key)
@@ -910,18 +913,18 @@ class SQLStore:
         where = self._app_filter(query.app_ids)
         if where is not None:
             cond.append(where)
-        if query.app_versions:
+        if query.app_versions is not None:
             cond.append(t.records.c.app_version.in_(self._texts(query.app_versions)))
         if query.record_status:
             cond.append(t.records.c.status == query.record_status)
         if query.search:
             cond.append(self._search_condition(query.search))
-        if query.feedback_name and (query.statuses or query.min_score is not None
+        if query.feedback_name and (query.statuses is not None or query.min_score is not None
                                     or query.max_score is not None):
             r = t.results
             sub = select(r.c.record_id).where(
                 r.c.feedback_name == self._texts([query.feedback_name])[0])
-            if query.statuses:
+            if query.statuses is not None:
                 sub = sub.where(r.c.status.in_(list(query.statuses)))
             if query.min_score is not None:
                 sub = sub.where(r.c.score >= query.min_score)
