@@ -64,6 +64,25 @@ def _own_text(value: Any) -> str | None:
     return None
 
 
+def _stored_text(value: Mapping[str, Any]) -> str | None:
+    """The text of a document or a node in its stored (JSON) form, or None: what a worker
+    or ``resume_pending`` is given for a context recorded as a LangChain ``Document``
+    (``page_content``) or a LlamaIndex ``NodeWithScore`` (its ``node``'s text). Read as
+    anything else, a Document was its JSON dump with id and metadata, and a node the
+    literal "NodeWithScore": a deferred result judged other text than the same result
+    in-process."""
+    content = value.get("page_content")
+    if isinstance(content, str):
+        return content
+    node = value.get("node")
+    if isinstance(node, Mapping) and ("score" in value
+                                      or value.get("class_name") == "NodeWithScore"):
+        text = node.get("text")
+        if isinstance(text, str):
+            return text
+    return None
+
+
 def _json_default(value: Any) -> Any:
     fields = _fields(value)
     return fields if fields is not None else str(value)
@@ -90,6 +109,9 @@ def as_text(value: Any, *, answer: bool = False) -> str:
     if fields is not None:
         value = fields
     if isinstance(value, Mapping):
+        stored = _stored_text(value)
+        if stored is not None:
+            return stored
         for key in _ANSWER_KEYS if answer else _QUESTION_KEYS:
             if isinstance(value.get(key), str):
                 return str(value[key])
@@ -121,6 +143,10 @@ def _strings(value: Any, depth: int) -> Iterator[str]:
     elif isinstance(value, bytes | bytearray):
         yield bytes(value).decode("utf-8", errors="replace")
     elif isinstance(value, Mapping):
+        stored = _stored_text(value)
+        if stored is not None:  # (a document's text, as in-process: not its id, metadata)
+            yield stored
+            return
         for inner in value.values():
             yield from _strings(inner, depth + 1)
     elif (own := _own_text(value)) is not None:
