@@ -426,6 +426,27 @@ def test_llama_index_mock_llm_answers_are_never_scored(session: Session,
         assert "InvalidFeedbackValue" in (result.error or "")
 
 
+@pytest.mark.parametrize(("contexts", "answer"), [
+    (["Hotel Bellevue.\nRating: 4/5"], "The hotel is good."),  # a source's rating
+    (["The critics liked it."], "Score: 9/10 from the critics"),  # the statement's own
+])
+def test_groundedness_never_reads_a_score_out_of_an_echoed_prompt(
+        session: Session, contexts: list[str], answer: str) -> None:
+    """MockLLM echoes the prompt: groundedness of one statement took a source's "Rating:
+    4/5" line (0.8) or the statement's "Score: 9/10" (0.9) as the judge's verdict, where
+    every other criterion refused the echo."""
+    pytest.importorskip("llama_index.core")
+    from llama_index.core.llms import MockLLM
+
+    judge = LLMJudge(MockLLM())
+    fb = Feedback(judge.groundedness).on(contexts=Select.contexts.collect(),
+                                         answer=Select.output)
+    result = evaluate(session, [fb], make_record(output=answer, contexts=contexts))
+    grounded = result["groundedness"]
+    assert grounded.status is FeedbackStatus.FAILED, (grounded.result, grounded.explanation)
+    assert "InvalidFeedbackValue" in (grounded.error or "")
+
+
 # ---------------------------------------------------------------------------- structured values
 @dataclasses.dataclass
 class Reasoned:

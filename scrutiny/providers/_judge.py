@@ -256,7 +256,11 @@ class LLMJudge:
         prompt = GROUNDEDNESS.template.format(contexts=rendered_sources, statements=numbered,
                                               count=len(statements))
         reply = await self._ask(prompt)
-        verdicts = _checked(reply, lambda t: parse_statement_scores(t, len(statements), SCALE))
+        # (a model echoing its prompt, or quoting a source's "Rating: 4/5" or a statement's
+        # "Score: 9/10", has not given a verdict)
+        quoted = (rendered_sources, numbered)
+        verdicts = _checked(reply, lambda t: parse_statement_scores(t, len(statements), SCALE,
+                                                                    quoted=quoted))
         score = sum(v.score for v in verdicts) / len(verdicts)
         lines = [f"{i}. {_quote(s)}: {v.score * SCALE:g}/{SCALE}" + (f" - {v.reasons}"
                                                                      if v.reasons else "")

@@ -415,12 +415,14 @@ def _from_match(match: re.Match[str], raw: str, scale: float) -> float:
                       decimal=not match.group(1).lstrip("+-").isdigit())
 
 
-def parse_statement_scores(raw: str, count: int, scale: float = 10) -> list[ParsedScore]:
+def parse_statement_scores(raw: str, count: int, scale: float = 10, *,
+                           quoted: Sequence[str] = ()) -> list[ParsedScore]:
     """Read one score per statement (groundedness) from a JSON answer.
 
     Accepted shapes: ``{"statements": [{"statement": 1, "score": 7, "reason": ".."}, ..]}``,
     the same list at the top level, or a list of bare numbers. There must be exactly
-    `count` verdicts, one per statement, in order (or numbered).
+    `count` verdicts, one per statement, in order (or numbered). `quoted`: the texts the
+    judge was given to read (sources, statements), as :func:`parse_score` takes them.
 
     Raises:
         InvalidFeedbackValue: not that JSON, cut off, a verdict missing or out of range.
@@ -432,9 +434,11 @@ def parse_statement_scores(raw: str, count: int, scale: float = 10) -> list[Pars
         data, _end = _load_json(body, raw)
     else:
         data = _embedded_json(body)
+        if data is not None and _echoed(body[body.find("{"):body.rfind("}") + 1], quoted):
+            data = None  # (a JSON object copied from a source is not the judge's)
         if data is None:
-            if count == 1:  # one statement: a plain score is unambiguous
-                return [parse_score(raw, scale)]
+            if count == 1:  # one statement: a plain score is unambiguous (not an echoed one)
+                return [parse_score(raw, scale, quoted=quoted)]
             raise _invalid("the judge's answer is not JSON", raw)
     items: Any = data
     if isinstance(data, Mapping):
@@ -442,7 +446,7 @@ def parse_statement_scores(raw: str, count: int, scale: float = 10) -> list[Pars
         if items is None and count == 1 and any(k in data for k in _SCORE_KEYS):
             # one statement, one score: read as a plain score is, with the prose around
             # it ('{"score": 8}' then '{"score": 3}' is two scores)
-            return [parse_score(raw, scale)]
+            return [parse_score(raw, scale, quoted=quoted)]
     if not isinstance(items, list):
         raise _invalid("the judge's JSON has no list of statement verdicts", raw)
     if len(items) != count:
