@@ -8,7 +8,7 @@ import pytest
 
 from scrutiny import InvalidFeedbackValue
 from scrutiny.providers._budget import estimate_tokens, fit_prompt
-from scrutiny.providers._parse import parse_score, parse_statement_scores
+from scrutiny.providers._parse import ParsedScore, parse_score, parse_statement_scores
 from scrutiny.providers._prompts import CRITERIA, GROUNDEDNESS, SYSTEM
 from scrutiny.providers._text import as_text, split_statements
 
@@ -98,6 +98,41 @@ def test_out_of_range_scores_fail_and_are_never_clamped(answer: str) -> None:
     with pytest.raises(InvalidFeedbackValue, match="outside the scale") as info:
         parse_score(answer, 10)
     assert info.value.value == answer
+
+
+@pytest.mark.parametrize("answer", [
+    '{"score": 4, "out_of": 5, "reasons": "good"}',
+    '{"score": "4", "out_of": 5, "reasons": "good"}',
+    '{"rating": 4, "out_of": "5", "reasons": "good"}',
+    '{"score": "4/5", "max_score": 5, "reasons": "good"}',
+    '{"score": 4, "scale": "0-5", "reasons": "good"}',
+    'Verdict: {"score": "4", "out_of": "5", "reasons": "good"}',
+])
+def test_a_scale_the_judge_gives_beside_its_score_is_read_as_text_or_number(
+        answer: str) -> None:
+    """A score or scale written as text ("4", "5") was read on the prompt's 0-10: 0.4."""
+    assert parse_score(answer, 10) == ParsedScore(0.8, "good")
+
+
+@pytest.mark.parametrize(("answer", "why"), [
+    ('{"score": 8, "score": 3, "reasons": "two scores"}', "'score' twice"),
+    ('{"score": 8, "Score": 3}', "'Score' twice"),
+    ('Verdict: {"rating": 4, "out_of": 5, "out_of": 10}', "'out_of' twice"),
+    ('{"score": "8/10", "out_of": 5}', "not out of the 5"),
+])
+def test_a_json_verdict_giving_its_score_twice_fails(answer: str, why: str) -> None:
+    """JSON keeps the last of two equal keys: {"score": 8, "score": 3} was read as 0.3."""
+    with pytest.raises(InvalidFeedbackValue, match=why) as info:
+        parse_score(answer, 10)
+    assert info.value.value == answer
+    assert parse_score('{"score": 8, "score": 8}', 10).score == pytest.approx(0.8)
+
+
+def test_a_statement_verdict_giving_its_score_twice_fails() -> None:
+    answer = ('{"statements": [{"statement": 1, "score": 10, "score": 0}, '
+              '{"statement": 2, "score": 5}]}')
+    with pytest.raises(InvalidFeedbackValue, match="'score' twice"):
+        parse_statement_scores(answer, 2)
 
 
 def test_an_echoed_prompt_never_yields_a_score() -> None:

@@ -163,26 +163,52 @@ def _strip_fence(text: str) -> str:
     return inner[language.end() if language else 0:].strip()
 
 
-def _embedded_json(body: str) -> Any:
+class _TwoValues(Exception):
+    """A JSON object of the judge's gives a score key twice, with different values."""
+
+
+def _checked_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when it gives a score (its scale, a statement's number)
+    twice with different values: ``{"score": 8, "score": 3}`` was read as its last, 0.3."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        folded = key.lower()  # ("Score" is read as "score" is)
+        if folded in _CHECKED_KEYS:
+            if folded in seen and seen[folded] != value:
+                raise _TwoValues(key)
+            seen[folded] = value
+    return dict(pairs)
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_checked_object)
+
+
+def _decoded(text: str, raw: str, start: int = 0) -> tuple[Any, int]:
+    """`_DECODER.raw_decode`, an object with two different scores failing the answer."""
+    try:
+        return _DECODER.raw_decode(text, start)
+    except _TwoValues as exc:
+        raise _invalid(f"the judge gave several different scores (its JSON gives "
+                       f"{exc.args[0]!r} twice)", raw) from None
+
+
+def _embedded_json(body: str, raw: str) -> Any:
     """A JSON object inside a prose answer ("Here is my verdict: {...}"), or None."""
     start = body.find("{")
     end = body.rfind("}")
     if start == -1 or end <= start:
         return None
     try:
-        return json.loads(body[start:end + 1])
+        data, stop = _decoded(body[start:end + 1], raw)
     except ValueError:
         return None
+    return data if stop == end + 1 - start else None
 
 
 def _load_json(candidate: str, raw: str) -> tuple[Any, int]:
     """The JSON value at the start of `candidate`, and where it ends (prose may follow)."""
-    try:
-        return json.loads(candidate), len(candidate)
-    except ValueError:
-        pass
-    try:  # the object, then prose after it ("{...}\n\nLet me know if ...")
-        return json.JSONDecoder().raw_decode(candidate)
+    try:  # the object, and any prose after it ("{...}\n\nLet me know if ...")
+        return _decoded(candidate, raw)
     except ValueError:
         opened = candidate.count("{") + candidate.count("[")
         closed = candidate.count("}") + candidate.count("]")
@@ -190,10 +216,13 @@ def _load_json(candidate: str, raw: str) -> tuple[Any, int]:
         raise _invalid(f"the judge's JSON answer is {hint}", raw) from None
 
 
-def _number(value: Any, raw: str, scale: float) -> float:
-    """A number on the judge's scale, from a JSON value (number, or "7" / "7/10")."""
+def _number(value: Any, raw: str, scale: float, *, stated: bool = True) -> float:
+    """A number on the judge's scale, from a JSON value (number, or "7" / "7/10").
+
+    `stated`: `scale` is the one the prompt stated, not one the judge gave beside its score
+    (``"out_of": 5``), which a "7/10" of its own must agree with.
+    """
     denominator = scale
-    stated = True
     if isinstance(value, bool) or value is None:
         raise _invalid(f"the score is {value!r}, not a number", raw)
     if isinstance(value, int | float):
@@ -207,6 +236,9 @@ def _number(value: Any, raw: str, scale: float) -> float:
         decimal = not match.group(1).lstrip("+-").isdigit()
         if match.group(2):
             denominator = float(match.group(2))
+            if not stated and not math.isclose(denominator, scale):
+                raise _invalid(f"the score {value!r} is not out of the {scale:g} the judge "
+                               "gave beside it", raw)
             stated = False
     else:
         raise _invalid(f"the score is a {type(value).__name__}, not a number", raw)
@@ -253,17 +285,34 @@ def _reasons_of(obj: Mapping[str, Any]) -> str:
 
 
 _OUT_OF_KEYS = ("out_of", "max_score", "max", "scale", "scale_max")
+# (keys whose second, different value in one JSON object fails the answer)
+_CHECKED_KEYS = frozenset({*_SCORE_KEYS, *_OUT_OF_KEYS, "statement", "id"})
+# a scale as a judge writes it beside its score: 5, "5", "0-5", "1 to 5"
+_SCALE_TOP = _regex.compile(r"\s*+(?:\d+(?:\.\d+)?\s*+(?:-|\u2013|to)\s*+)?(\d+(?:\.\d+)?)\s*+",
+                            _regex.IGNORECASE)
+
+
+def _stated_scale(value: Any) -> float | None:
+    """The top of a scale the judge gave beside its score, or None (none it can mean)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        match = _SCALE_TOP.fullmatch(value)
+        if match:
+            return float(match.group(1))
+    return None
 
 
 def _score_of(obj: Mapping[str, Any], raw: str, scale: float) -> float:
     lowered = {str(k).lower(): v for k, v in obj.items()}
     for key in _SCORE_KEYS:
         if key in lowered:
-            # a scale the judge states beside its score: {"rating": 4, "out_of": 5} is 0.8
-            stated = next((lowered[k] for k in _OUT_OF_KEYS if k in lowered), None)
-            if isinstance(stated, int | float) and not isinstance(stated, bool) and \
-                    isinstance(lowered[key], int | float) and stated > 0:
-                return _normalize(float(lowered[key]), float(stated), raw)
+            # a scale the judge states beside its score: {"rating": 4, "out_of": 5} is 0.8,
+            # and so are {"rating": "4", "out_of": 5} and {"rating": 4, "out_of": "5"}
+            stated = next((_stated_scale(lowered[k]) for k in _OUT_OF_KEYS if k in lowered),
+                          None)
+            if stated is not None:
+                return _number(lowered[key], raw, stated, stated=False)
             return _number(lowered[key], raw, scale)
     raise _invalid("the judge's JSON has no 'score'", raw)
 
@@ -382,7 +431,7 @@ def parse_score(raw: str, scale: float = 10, *, quoted: Sequence[str] = ()) -> P
     bare = _BARE.match(body)
     if bare:
         return ParsedScore(_from_match(bare, raw, scale), "")
-    embedded = _embedded_json(body)
+    embedded = _embedded_json(body, raw)
     start, end = body.find("{"), body.rfind("}") + 1
     if isinstance(embedded, Mapping) and any(str(k).lower() in _SCORE_KEYS for k in embedded) \
             and not _echoed(body[start:end], quoted):
@@ -433,7 +482,7 @@ def parse_statement_scores(raw: str, count: int, scale: float = 10, *,
     if body.startswith(("{", "[")):
         data, _end = _load_json(body, raw)
     else:
-        data = _embedded_json(body)
+        data = _embedded_json(body, raw)
         if data is not None and _echoed(body[body.find("{"):body.rfind("}") + 1], quoted):
             data = None  # (a JSON object copied from a source is not the judge's)
         if data is None:
