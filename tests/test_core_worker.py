@@ -709,3 +709,72 @@ def test_a_tag_list_cut_at_storage_is_not_scored(sqlite: tuple[str, str]) -> Non
         result = cut.wait_for_feedback_results(timeout=5)[on_tags]
     assert result.status is FeedbackStatus.SKIPPED, result
     assert "truncated when the record was stored" in (result.error or "")
+
+
+# ---------------------------------------------------------------------- end states refused
+def _take_over(url: str, prefix: str, status: str, score: float | None) -> None:
+    """What a worker does once this process's lease ran out (it was paused): claim the row
+    with a token of its own, and maybe store its end state."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                f"UPDATE {prefix}feedback_results SET status = :status, score = :score, "
+                f"lease_token = 'theirs', worker_id = 'another-process'"),
+                {"status": status, "score": score})
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("theirs", ["done", "running"])
+def test_an_end_state_refused_after_a_takeover_is_not_told(backend: tuple[str, str],
+                                                           theirs: str) -> None:
+    """The lease ran out while this process evaluated (paused past lease_seconds) and a
+    worker took the row over: this end state's update matched no row, yet its waiters and
+    listeners were told it — a result the database does not hold."""
+    url, prefix = backend
+    with Session(url, table_prefix=prefix) as s:
+        record = s.ingest(make_record(), [Feedback(gated).on_output()])
+        assert STARTED.wait(10)
+        assert s.flush(10)
+        _take_over(url, prefix, theirs, 0.9 if theirs == "done" else None)
+        GATE.set()  # this process's own end state (0.5) comes now, and is refused
+        if theirs == "running":
+            assert not s.wait_for_feedback(1.0)  # (followed until the other one ends)
+            [mid] = record.wait_for_feedback_results(timeout=0).values()
+            assert mid.status is not FeedbackStatus.DONE
+            _take_over(url, prefix, "done", 0.9)
+        [told] = record.wait_for_feedback_results(timeout=10).values()
+        assert (told.status, told.result) == (FeedbackStatus.DONE, 0.9)
+        assert s.wait_for_feedback(10)
+    assert [(r["status"], r["score"]) for r in stored_results(url, prefix)] == [("done", 0.9)]
+
+
+def test_a_result_whose_record_is_deleted_while_evaluated_ends_its_waits(
+        backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    with Session(url, table_prefix=prefix) as s:
+        record = s.ingest(make_record(), [Feedback(gated).on_output()])
+        assert STARTED.wait(10)
+        assert s.delete_records(app_ids=["work"]) == 1
+        GATE.set()
+        [told] = record.wait_for_feedback_results(timeout=10).values()
+        assert told.status is FeedbackStatus.PENDING  # (not `done`: nothing stored it)
+        assert "deleted" in (told.error or "")
+        assert s.wait_for_feedback(10)
+    assert stored_results(url, prefix) == []
+
+
+def test_a_deferred_wait_ends_once_its_record_is_deleted(backend: tuple[str, str]) -> None:
+    """The watcher polled for a row that no longer existed: wait_for_feedback() and
+    resume_pending() never returned, and close() always took its whole timeout."""
+    url, prefix = backend
+    with Session(url, table_prefix=prefix, feedback_mode="deferred") as s:
+        record = s.ingest(make_record(), [Feedback(fbs.length).on_output()])
+        assert s.flush(10)
+        assert s.delete_records(app_ids=["work"]) == 1
+        assert s.wait_for_feedback(10)
+        [told] = record.wait_for_feedback_results(timeout=0).values()
+        assert told.status is FeedbackStatus.PENDING
+        assert "deleted" in (told.error or "")
+        assert s.stats()["unfinished_feedback"] == 0

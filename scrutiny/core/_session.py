@@ -58,6 +58,7 @@ from scrutiny.core.storage import (
     MemoryStore,
     MigratePolicy,
     RenewLeases,
+    Row,
     SQLStore,
     Store,
     UpdateResult,
@@ -870,13 +871,64 @@ class Session(SessionReading):
             self._finish(job, final)
             return
         max_bytes = self.max_payload_bytes
-        writer.submit(WriteItem(
-            lambda: [UpdateResult(final.result_id or "",
-                                  _rows.result_update_values(final, max_bytes=max_bytes),
-                                  lease_token=job.lease_token)],
-            lambda ok: self._finish(job, final) if ok else self._finish(
-                job, _unstored_end(final), stored=False),
-        ))
+        written: list[UpdateResult] = []
+
+        def prepare() -> list[UpdateResult]:
+            written[:] = [UpdateResult(final.result_id or "",
+                                       _rows.result_update_values(final, max_bytes=max_bytes),
+                                       lease_token=job.lease_token)]
+            return written
+
+        def after_commit(ok: bool) -> None:
+            if not ok:
+                self._finish(job, _unstored_end(final), stored=False)
+            elif written and written[0].refused:
+                self._overtaken(job, final, written[0].stored)
+            else:
+                self._finish(job, final)
+
+        writer.submit(WriteItem(prepare, after_commit))
+
+    def _overtaken(self, job: Job, final: FeedbackResult, row: Row | None) -> None:
+        """(After the commit.) This end state was not stored: its row had been taken over
+        (the lease ran out while this process evaluated it: paused, or too busy for
+        `lease_seconds`, and a worker claimed it) or deleted. Waiters are told what the
+        database holds, never what it refused."""
+        if row is None:
+            logger.warning("scrutiny: feedback %r of record %s was not stored: its record was "
+                           "deleted from the database meanwhile", final.feedback_name,
+                           final.record_id)
+            self._gone([job], "its record was deleted from the database before this result "
+                              "was stored")
+            return
+        stored = _rows.result_from_row(row)
+        logger.warning(
+            "scrutiny: the lease on feedback %r of record %s ran out while this process "
+            "evaluated it (paused, or busier than lease_seconds=%s allows) and another "
+            "process took it over; its result (%s) is kept, this one (%s) is not stored",
+            final.feedback_name, final.record_id, self.lease_seconds, stored.status.value,
+            final.status.value)
+        if stored.is_final:
+            self._finish(job, stored)
+        else:  # (still being evaluated there: follow it as a deferred result)
+            self._watch([job])
+
+    def _gone(self, jobs: list[Job], why: str) -> None:
+        """Stop waiting for these results: their rows are no longer in the database. Their
+        waits end with them `pending`, saying why (not an end state nobody stored)."""
+        with self._outstanding_cond:
+            for job in jobs:
+                self._let_go(job.pending.result_id or "", job)
+            self._outstanding_cond.notify_all()
+        notifier = self._notifier
+        for job in jobs:
+            slot = job.record._slots.get(job.feedback)
+            if slot is None:
+                continue
+            for fn in slot.finish(job.pending.evolve(status=FeedbackStatus.PENDING,
+                                                     error=why)):
+                if notifier is not None:
+                    notifier.call(fn)
 
     def _finish(self, job: Job, final: FeedbackResult, *, stored: bool = True) -> None:
         """Runs after the end state is stored: resolve the future, then notify (once).

@@ -507,7 +507,13 @@ class ResultWatcher:
             if not ids:
                 continue
             try:
-                rows = self._session.store.results_final(ids)
+                rows, missing = self._session.store.results_final(ids)
+                if missing:  # not stored yet (queued here), or deleted since
+                    if self._session.flush(self._session.flush_timeout):
+                        more, missing = self._session.store.results_final(list(missing))
+                        rows += more
+                    else:  # (still queued: nothing said about them this time)
+                        missing = set()
             except Exception:
                 logger.debug("scrutiny: polling deferred results failed", exc_info=True)
                 continue
@@ -516,5 +522,15 @@ class ResultWatcher:
                     job = self._jobs.pop(row["result_id"], None)
                 if job is not None:
                     self._session._finish(job, _rows.result_from_row(row))
+            if missing:
+                with self._lock:
+                    gone = [job for rid in missing
+                            if (job := self._jobs.pop(rid, None)) is not None]
+                if gone:  # (a wait on them never ended: the session could not close)
+                    logger.warning("scrutiny: %d result(s) awaited here were deleted from "
+                                   "the database before they ended; no longer waiting for "
+                                   "them", len(gone))
+                    self._session._gone(gone, "its record was deleted from the database "
+                                              "before this result ended")
 
 

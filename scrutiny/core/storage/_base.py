@@ -33,6 +33,11 @@ class UpdateResult:
     values: Row
     from_statuses: tuple[str, ...] = ("pending", "running")
     lease_token: str | None = None
+    refused: bool = field(default=False, compare=False)
+    """Set by the store's write: the update matched no row (the row had left those
+    statuses, another holder had the lease, or it was deleted)."""
+    stored: Row | None = field(default=None, compare=False)
+    """With `refused`: the row as the database holds it instead (None: no such row)."""
 
 
 @dataclass(slots=True)
@@ -142,9 +147,9 @@ class Store(Protocol):
         """The current rows of these results."""
         ...
 
-    def results_final(self, result_ids: Sequence[str]) -> list[Row]:
+    def results_final(self, result_ids: Sequence[str]) -> tuple[list[Row], set[str]]:
         """The rows of those of these results that have an end state (done, failed,
-        skipped)."""
+        skipped), and the ids of those that are not stored (yet, or any more)."""
         ...
 
     def records_by_ids(self, record_ids: Sequence[str]) -> list[Row]:

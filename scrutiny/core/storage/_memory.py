@@ -48,9 +48,11 @@ class MemoryStore:
                         results[r["result_id"]] = dict(r)
                 elif isinstance(op, UpdateResult):
                     row = results.get(op.result_id)
-                    if row is not None and row["status"] in op.from_statuses and (
-                            op.lease_token is None or row.get("lease_token") == op.lease_token):
-                        results[op.result_id] = {**row, **op.values}
+                    op.refused = not (row is not None and row["status"] in op.from_statuses and (
+                        op.lease_token is None or row.get("lease_token") == op.lease_token))
+                    op.stored = None if row is None or not op.refused else dict(row)
+                    if not op.refused:
+                        results[op.result_id] = {**row, **op.values}  # type: ignore[dict-item]
                 elif isinstance(op, RenewLeases):
                     ids = list(results) if op.result_ids is None else op.result_ids
                     for rid in ids:
@@ -185,9 +187,10 @@ class MemoryStore:
         with self._lock:
             return [dict(self._results[i]) for i in result_ids if i in self._results]
 
-    def results_final(self, result_ids: Sequence[str]) -> list[Row]:
-        return [r for r in self.results_by_ids(result_ids)
-                if r["status"] in ("done", "failed", "skipped")]
+    def results_final(self, result_ids: Sequence[str]) -> tuple[list[Row], set[str]]:
+        rows = self.results_by_ids(result_ids)
+        missing = set(result_ids) - {r["result_id"] for r in rows}
+        return [r for r in rows if r["status"] in ("done", "failed", "skipped")], missing
 
     def records_by_ids(self, record_ids: Sequence[str]) -> list[Row]:
         with self._lock:

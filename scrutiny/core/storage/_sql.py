@@ -93,10 +93,8 @@ def _op_without_nul(op: WriteOp) -> WriteOp:
             return op
         n = len(op.definitions)
         return InsertRecord(fixed[0], fixed[1], fixed[2:2 + n], fixed[2 + n:])
-    if isinstance(op, UpdateResult):
-        values = _without_nul(op.values)
-        if values is not op.values:
-            return UpdateResult(op.result_id, values, op.from_statuses, op.lease_token)
+    if isinstance(op, UpdateResult):  # (the same op: whoever made it reads `refused`)
+        op.values = _without_nul(op.values)
     return op
 
 
@@ -105,6 +103,8 @@ def _op_without_nul(op: WriteOp) -> WriteOp:
 # shutting down or starting), a deadlock or serialization failure, too many connections
 # or a full disk (53), a lock not granted within lock_timeout (55P03) or a statement
 # cancelled by statement_timeout (57014: mostly one waiting for a lock).
+_FINAL = frozenset(("done", "failed", "skipped"))
+
 _TRANSIENT_SQLSTATES = ("08000", "08001", "08003", "08004", "08006", "08007", "57P",
                         "40001", "40P01", "53", "55P03", "57014")
 
@@ -445,6 +445,7 @@ class SQLStore:
                 records.append(op.record)
                 results.extend(op.results)
             else:
+                op.refused, op.stored = False, None  # (a batch written again)
                 updates.append(op)
         new_apps = [a for k, a in apps.items() if k not in self._known_apps]
         known = self._known_definitions
@@ -481,9 +482,11 @@ class SQLStore:
                 if results:  # (a batch retried after its commit's answer was lost:
                     # its rows are there already, and a duplicate key lost it for good)
                     self._insert_rows(conn, t.results, results, keep_existing=True)
-                self._apply_updates(conn, updates)
+                updated = self._apply_updates(conn, updates)
                 for r in renewals:
                     self._renew(conn, r)
+        if updated < len(updates):
+            self._note_refused(updates)
         self._known_apps.update(a["app_id"] for a in new_apps)
         known.update((d["feedback_id"], (d["higher_is_better"], d.get("spec_json")))
                      for d in new_definitions)
@@ -566,9 +569,30 @@ class SQLStore:
                 for ddl in self._batch_ddl():
                     raw.execute(ddl)
                 proxied.info[self._batch_view] = True
+            before = raw.total_changes  # (the trigger's inserts and updates count too)
             raw.execute(f"INSERT INTO temp.{self._batch_view} (payload) VALUES (?)",
                         (payload,))
+            changed = raw.total_changes - before
+        if updates and changed < len(records) + len(results) + len(updates):
+            self._note_refused(updates)  # (or a record given again: kept, not counted)
         return True
+
+    def _note_refused(self, updates: list[UpdateResult]) -> None:
+        """(Fewer rows changed than written, once committed.) Mark the updates that did not
+        apply, with the row as it is stored instead: an update that matched no row — a
+        lease that ran out, taken over by a worker; a deleted record — was taken for
+        stored, and its waiters were told an end state the database does not hold."""
+        t = self.tables.results
+        rows: dict[str, Row] = {}
+        with self._snapshot() as conn:
+            for chunk in _chunks(list({u.result_id for u in updates}), 500):
+                rows.update((r.result_id, dict(r._mapping)) for r in conn.execute(
+                    select(t).where(t.c.result_id.in_(chunk))))
+        for u in updates:
+            row = rows.get(u.result_id)
+            if row is None or any(row.get(k) != u.values[k] for k in ("status", "updated_at")
+                                  if k in u.values):
+                u.refused, u.stored = True, row
 
     def _sqlite_values(self, table: Any, row: Row) -> Row:
         """`row` with its datetimes as SQLite's stored text."""
@@ -615,8 +639,9 @@ class SQLStore:
             f"{update} END",
         ]
 
-    def _apply_updates(self, conn: Connection, updates: list[UpdateResult]) -> None:
-        """Apply result updates, one executemany per shape of update."""
+    def _apply_updates(self, conn: Connection, updates: list[UpdateResult]) -> int:
+        """Apply result updates, one executemany per shape of update; returns how many rows
+        they changed."""
         t = self.tables.results
         groups: dict[tuple[tuple[str, ...], tuple[str, ...], bool], list[Row]] = {}
         for u in updates:
@@ -626,11 +651,13 @@ class SQLStore:
             if u.lease_token is not None:
                 params["w_lease_token"] = u.lease_token
             groups.setdefault(key, []).append(params)
+        changed = 0
         for (columns, from_statuses, guarded), rows in groups.items():
             if self._multirow and len(rows) > 1 and len(
                     {r["w_result_id"] for r in rows}) == len(rows):
                 try:
-                    self._update_multirow(conn, columns, from_statuses, guarded, rows)
+                    changed += self._update_multirow(conn, columns, from_statuses, guarded,
+                                                     rows)
                     continue
                 except OperationalError as exc:  # SQLite older than 3.33: no UPDATE FROM
                     if "syntax" not in str(exc):
@@ -642,7 +669,9 @@ class SQLStore:
             if guarded:
                 stmt = stmt.where(t.c.lease_token == bindparam("w_lease_token"))
             stmt = stmt.values({c: bindparam(f"v_{c}") for c in columns})
-            self._executemany(conn, ("update", columns, from_statuses, guarded), stmt, rows)
+            changed += self._executemany(conn, ("update", columns, from_statuses, guarded),
+                                         stmt, rows)
+        return changed
 
     # SQLite releases the GIL around every statement step, and a thread that gives the GIL
     # away waits up to a switch interval (5 ms) to get it back while the application's
@@ -695,13 +724,14 @@ class SQLStore:
 
     def _update_multirow(self, conn: Connection, columns: tuple[str, ...],
                          from_statuses: tuple[str, ...], guarded: bool,
-                         rows: list[Row]) -> None:
+                         rows: list[Row]) -> int:
         t = self.tables.results
         cte = ["w_result_id", "w_lease_token", *(f"v_{c}" for c in columns)]
         per_chunk = max(1, self._MAX_VARIABLES // len(cte))
         text = UTCDateTime.sqlite_text
         dates = {f"v_{c}" for c in columns if isinstance(t.c[c].type, UTCDateTime)}
         statuses = ", ".join(f"'{st}'" for st in from_statuses)  # our own constants
+        changed = 0
         for start in range(0, len(rows), per_chunk):
             chunk = rows[start:start + per_chunk]
             key = ("update-multi", columns, from_statuses, guarded, len(chunk))
@@ -721,11 +751,13 @@ class SQLStore:
                 for n in cte:
                     v = row.get(n)
                     params.append(text(v) if v is not None and n in dates else v)
-            conn.exec_driver_sql(sql, tuple(params))
+            changed += conn.exec_driver_sql(sql, tuple(params)).rowcount
+        return changed
 
     def _executemany(self, conn: Connection, key: tuple[Any, ...], stmt: Any,
-                     rows: list[Row]) -> None:
-        """Run `stmt` once per row through the driver's executemany.
+                     rows: list[Row]) -> int:
+        """Run `stmt` once per row through the driver's executemany; returns the rows
+        changed.
 
         The statement is compiled once per shape; rows go to the driver as they are, with
         datetimes turned into SQLite's stored text here — SQLAlchemy's per-value bind
@@ -757,19 +789,22 @@ class SQLStore:
                     values[i] = text(values[i])
             params.append(tuple(values) if positional else dict(zip(order, values,
                                                                        strict=True)))
-        conn.exec_driver_sql(sql, params)
+        return int(conn.exec_driver_sql(sql, params).rowcount)
 
     @_reads("read results from")
-    def results_final(self, result_ids: Sequence[str]) -> list[Row]:
-        """The rows of those of these results that have an end state."""
+    def results_final(self, result_ids: Sequence[str]) -> tuple[list[Row], set[str]]:
+        """The rows of those of these results that have an end state, and the ids of those
+        that are not stored (yet, or any more)."""
         t = self.tables.results
         out: list[Row] = []
+        missing = set(result_ids)
         with self.engine.connect() as conn, conn.begin():
             for chunk in _chunks(list(result_ids), 500):
-                out.extend(dict(r._mapping) for r in conn.execute(
-                    select(t).where(t.c.result_id.in_(chunk))
-                    .where(t.c.status.in_(("done", "failed", "skipped")))))
-        return out
+                for r in conn.execute(select(t).where(t.c.result_id.in_(chunk))):
+                    missing.discard(r.result_id)
+                    if r.status in _FINAL:
+                        out.append(dict(r._mapping))
+        return out, missing
 
     def _insert_missing(self, conn: Connection, table: Any, key: str, rows: list[Row]) -> None:
         if self._dialect == "sqlite":
