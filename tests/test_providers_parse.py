@@ -191,6 +191,34 @@ def test_bad_statement_verdicts_fail(answer: str, why: str) -> None:
     assert info.value.value == answer
 
 
+TWO_VERDICTS = ('{"statements": [{"statement": 1, "score": 9, "reason": "stated"}, '
+                '{"statement": 2, "score": 3, "reason": "partly"}]}')
+
+
+@pytest.mark.parametrize(("answer", "count", "why"), [
+    ('{"statements": [{"statement": 1, "score": 9}]}\n\nOn reflection: '
+     '{"statements": [{"statement": 1, "score": 2}]}', 1, "different scores"),
+    ('{"statements": [{"statement": 1, "score": 9}]}\nScore: 2', 1, "different scores"),
+    (f"{TWO_VERDICTS}\nOn reflection: {{\"statements\": [{{\"statement\": 2, \"score\": 7}}]}}",
+     2, "two different verdicts for statement 2"),
+    (f"{TWO_VERDICTS}\nNo, rather: {{\"verdicts\": [9, 8]}}", 2,
+     "two different verdicts for statement 2"),
+])
+def test_statement_verdicts_followed_by_different_ones_fail(answer: str, count: int,
+                                                            why: str) -> None:
+    """The first JSON's verdicts were taken and a second, different set after them (the
+    judge changing its mind) ignored: 0.9 where a plain score fails the same answer."""
+    with pytest.raises(InvalidFeedbackValue, match=why) as info:
+        parse_statement_scores(answer, count)
+    assert info.value.value == answer
+
+
+def test_statement_verdicts_said_again_or_followed_by_an_overall_score_are_read() -> None:
+    for answer in (f"{TWO_VERDICTS}\nTo repeat: {TWO_VERDICTS}",
+                   f"{TWO_VERDICTS}\nOverall score: 6. Statement {{2}} is partly supported."):
+        assert [v.score for v in parse_statement_scores(answer, 2)] == [0.9, 0.3]
+
+
 def test_statements_are_lines_bullets_and_sentences() -> None:
     text = "Paris is the capital. It has 2 million people!\n- The Seine flows through it.\n\n"
     assert split_statements(text) == [

@@ -21,7 +21,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -480,10 +480,13 @@ def parse_statement_scores(raw: str, count: int, scale: float = 10, *,
         raise _invalid("the judge gave an empty answer", str(raw))
     body = _strip_fence(_final_answer(raw)).strip()
     if body.startswith(("{", "[")):
-        data, _end = _load_json(body, raw)
+        data, end = _load_json(body, raw)
+        prose = body[end:]
     else:
         data = _embedded_json(body, raw)
-        if data is not None and _echoed(body[body.find("{"):body.rfind("}") + 1], quoted):
+        start, end = body.find("{"), body.rfind("}") + 1
+        prose = f"{body[:start]}\n{body[end:]}"
+        if data is not None and _echoed(body[start:end], quoted):
             data = None  # (a JSON object copied from a source is not the judge's)
         if data is None:
             if count == 1:  # one statement: a plain score is unambiguous (not an echoed one)
@@ -500,6 +503,15 @@ def parse_statement_scores(raw: str, count: int, scale: float = 10, *,
         raise _invalid("the judge's JSON has no list of statement verdicts", raw)
     if len(items) != count:
         raise _invalid(f"the judge gave {len(items)} verdict(s) for {count} statement(s)", raw)
+    verdicts = [v for v in _verdicts(items, count, raw, scale) if v is not None]
+    _no_other_verdicts(verdicts, prose, raw, scale, quoted)
+    return verdicts
+
+
+def _verdicts(items: list[Any], count: int, raw: str, scale: float,
+              ) -> list[ParsedScore | None]:
+    """The verdict of each statement in `items` (in order, or by number), None where
+    `items` gives none."""
     verdicts: list[ParsedScore | None] = [None] * count
     for position, item in enumerate(items):
         index = position
@@ -510,7 +522,57 @@ def parse_statement_scores(raw: str, count: int, scale: float = 10, *,
             parsed = ParsedScore(_score_of(item, raw, scale), _reasons_of(item))
         else:
             parsed = ParsedScore(_number(item, raw, scale), "")
+        if index >= count:
+            raise _invalid(f"the judge gave {len(items)} verdict(s) for {count} "
+                           "statement(s)", raw)
         if verdicts[index] is not None:
             raise _invalid(f"the judge gave two verdicts for statement {index + 1}", raw)
         verdicts[index] = parsed
-    return [v for v in verdicts if v is not None]
+    return verdicts
+
+
+_MAX_JSON_TRIES = 32  # ('{' in prose that opens no JSON: each try reads up to the next error)
+
+
+def _json_objects(text: str, raw: str) -> Iterator[tuple[Any, int, int]]:
+    """The JSON objects in prose, in order, with where each starts and ends (an object
+    inside another is part of it; a "{" that opens no JSON is passed over)."""
+    at = 0
+    for _ in range(_MAX_JSON_TRIES):
+        start = text.find("{", at)
+        if start == -1:
+            return
+        try:
+            value, end = _decoded(text, raw, start)
+        except ValueError:
+            at = start + 1
+            continue
+        yield value, start, end
+        at = end
+
+
+def _no_other_verdicts(verdicts: list[ParsedScore], prose: str, raw: str, scale: float,
+                       quoted: Sequence[str]) -> None:
+    """Fail when the prose around the verdicts' JSON gives other verdicts ("On
+    reflection: {...}"): which of them the judge meant is not for the parser to pick."""
+    if not prose.strip():
+        return
+    count = len(verdicts)
+    if count == 1:  # (one statement: any score in the prose, as for a plain score)
+        _agreeing(verdicts[0].score, prose, raw, scale, quoted)
+    for data, start, end in _json_objects(prose, raw):
+        if _echoed(prose[start:end], quoted) or not isinstance(data, Mapping):
+            continue
+        items = next((data[k] for k in ("statements", "verdicts", "scores") if k in data),
+                     None)
+        if not isinstance(items, list):
+            continue
+        try:
+            others = _verdicts(items, count, raw, scale)
+        except InvalidFeedbackValue:
+            raise _invalid("the judge gave two different sets of statement verdicts",
+                           raw) from None
+        for number, (verdict, other) in enumerate(zip(verdicts, others, strict=True), 1):
+            if other is not None and not math.isclose(verdict.score, other.score):
+                raise _invalid(f"the judge gave two different verdicts for statement "
+                               f"{number}", raw)
