@@ -654,3 +654,37 @@ def test_the_stores_list_of_open_connections_forgets_closed_ones(tmp_path: Path)
         assert 1 <= len(store._connections) <= 2
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("path", ["one statement", "general"])
+def test_a_record_id_another_record_has_is_refused_not_merged(
+        backend: tuple[str, str], path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Two processes gave one id to two records: the second was skipped at insert and its
+    results stored under the first (another app's), reported done; that app had no
+    record at all. The same record given again, with another feedback, is still kept."""
+    url, prefix = backend
+    first = make_record(app_name="app_a", record_id="req-1", output="A" * 10)
+
+    def in_a_process_of_its_own(record: Record, name: str, score: float) -> Any:
+        with Session(url, table_prefix=prefix) as s:
+            if path == "general":
+                s.store._one_statement = False  # type: ignore[attr-defined]
+            s.ingest(record, [Feedback(lambda output: score, name=name).on_output()])
+            [told] = record.wait_for_feedback_results(timeout=10).values()
+            return told, s.stats()["failed_writes"]
+
+    assert in_a_process_of_its_own(first, "len_a", 0.1)[0].status is FeedbackStatus.DONE
+    for refused in (make_record(app_name="app_b", record_id="req-1"),
+                    make_record(app_name="app_a", record_id="req-1",
+                                start_time=first.start_time + 5)):  # (another call)
+        told, failed_writes = in_a_process_of_its_own(refused, "len_b", 1.0)
+        assert (told.status, failed_writes) == (FeedbackStatus.FAILED, 1)
+    same_call_again = Record(**{**first.__dict__, "_slots": {}})  # (another process's copy)
+    told, _ = in_a_process_of_its_own(same_call_again, "more", 0.5)
+    assert (told.status, told.result) == (FeedbackStatus.DONE, 0.5)
+    with Session(url, table_prefix=prefix) as reader:
+        df, cols = reader.get_records_and_feedback()
+    assert "record id taken by another record: 'req-1'" in caplog.text
+    assert list(df["app_name"]) == ["app_a"]
+    assert sorted(cols) == ["len_a", "more"]
+    assert (df.loc[0, "len_a"], df.loc[0, "more"]) == (0.1, 0.5)

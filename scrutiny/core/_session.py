@@ -894,6 +894,9 @@ class Session(SessionReading):
         (the lease ran out while this process evaluated it: paused, or too busy for
         `lease_seconds`, and a worker claimed it) or deleted. Waiters are told what the
         database holds, never what it refused."""
+        with self._outstanding_cond:
+            if self._inflight.get(job.pending.result_id or "") is not job:
+                return  # (its record was refused: its waiters were told so)
         if row is None:
             logger.warning("scrutiny: feedback %r of record %s was not stored: its record was "
                            "deleted from the database meanwhile", final.feedback_name,

@@ -84,6 +84,18 @@ def _without_nul(row: Row) -> Row:
     return row
 
 
+class RecordIdTaken(StorageError):
+    """A record's id is another stored record's (another app's, or another call's): it is
+    refused rather than merged into that one."""
+
+    MARK = "scrutiny: record id taken by another record"
+
+    def __init__(self, record_id: str, app_id: str) -> None:
+        super().__init__(f"{self.MARK}: {record_id!r} is already the id of a record of app "
+                         f"{app_id!r}; give each record an id of its own (uuid4) — or leave "
+                         "record_id out and Scrutiny makes one")
+
+
 def _op_without_nul(op: WriteOp) -> WriteOp:
     """`op` with NUL characters in its texts replaced (the same op when it has none)."""
     if isinstance(op, InsertRecord):
@@ -477,8 +489,11 @@ class SQLStore:
                                 spec_json=bindparam("w_spec")),
                         [{"w_id": d["feedback_id"], "w_higher": d["higher_is_better"],
                           "w_spec": d.get("spec_json")} for d in new_definitions])
-                if records:  # (a stored record given again, with more feedbacks: kept)
-                    self._insert_rows(conn, t.records, records, keep_existing=True)
+                # (a stored record given again, with more feedbacks: kept — but not another
+                # app's record, or another call's, under the same id)
+                if records and self._insert_rows(conn, t.records, records,
+                                                 keep_existing=True) < len(records):
+                    self._check_record_ids(conn, records)
                 if results:  # (a batch retried after its commit's answer was lost:
                     # its rows are there already, and a duplicate key lost it for good)
                     self._insert_rows(conn, t.results, results, keep_existing=True)
@@ -577,6 +592,21 @@ class SQLStore:
             self._note_refused(updates)  # (or a record given again: kept, not counted)
         return True
 
+    def _check_record_ids(self, conn: Connection, records: list[Row]) -> None:
+        """(Some records of the batch were there already.) Raise RecordIdTaken when one of
+        them is another record: another app's, or one that started at another time. Its
+        insert was skipped and its results were stored under the record already there (a
+        record id reused by two processes: the other app's scores, and none for this one).
+        """
+        t = self.tables.records
+        given = {r["record_id"]: r for r in records}
+        with_key = select(t.c.record_id, t.c.app_id, t.c.start_time)
+        for chunk in _chunks(list(given), 500):
+            for row in conn.execute(with_key.where(t.c.record_id.in_(chunk))):
+                new = given[row.record_id]
+                if row.app_id != new["app_id"] or row.start_time != new["start_time"]:
+                    raise RecordIdTaken(row.record_id, row.app_id)
+
     def _note_refused(self, updates: list[UpdateResult]) -> None:
         """(Fewer rows changed than written, once committed.) Mark the updates that did not
         apply, with the row as it is stored instead: an update that matched no row — a
@@ -632,11 +662,17 @@ class SQLStore:
                   f"AND instr(u.value ->> '$.from', ',' || {res}.status || ',') > 0 "
                   f"AND (u.value ->> '$.tok' IS NULL "
                   f"OR {res}.lease_token = u.value ->> '$.tok');")
+        rec = t.records.name
+        # (see _check_record_ids; start times are stored as text of one format)
+        taken = (f"SELECT RAISE(ABORT, '{RecordIdTaken.MARK}') FROM json_each(NEW.payload, "
+                 f"'$.r') AS j JOIN {rec} ON {rec}.record_id = j.value ->> '$.record_id' "
+                 f"WHERE {rec}.app_id IS NOT j.value ->> '$.app_id' "
+                 f"OR {rec}.start_time IS NOT j.value ->> '$.start_time';")
         return [
             f"CREATE TEMP VIEW IF NOT EXISTS {view} (payload) AS SELECT NULL",
             f"CREATE TEMP TRIGGER IF NOT EXISTS {view}_insert INSTEAD OF INSERT ON {view} "
-            f"BEGIN {insert(t.records, 'r', keep_existing=True)} {insert(t.results, 'p')} "
-            f"{update} END",
+            f"BEGIN {taken} {insert(t.records, 'r', keep_existing=True)} "
+            f"{insert(t.results, 'p')} {update} END",
         ]
 
     def _apply_updates(self, conn: Connection, updates: list[UpdateResult]) -> int:
@@ -680,9 +716,9 @@ class SQLStore:
     _MAX_VARIABLES = 30_000
 
     def _insert_rows(self, conn: Connection, table: Any, rows: list[Row], *,
-                     keep_existing: bool = False) -> None:
+                     keep_existing: bool = False) -> int:
         """Insert `rows`; with `keep_existing`, a row whose key is already there is left
-        as it is (not an error)."""
+        as it is (not an error). Returns how many were inserted."""
         if not self._multirow or len(rows) == 1:
             stmt = table.insert()
             if keep_existing and self._dialect in ("sqlite", "postgresql"):
@@ -692,12 +728,12 @@ class SQLStore:
                     postgresql.insert
                 stmt = dialect_insert(table).on_conflict_do_nothing(
                     index_elements=[c.name for c in table.primary_key.columns])
-            self._executemany(conn, ("insert", table.name, keep_existing), stmt, rows)
-            return
+            return self._executemany(conn, ("insert", table.name, keep_existing), stmt, rows)
         names = list(rows[0].keys())
         per_chunk = max(1, self._MAX_VARIABLES // len(names))
         text = UTCDateTime.sqlite_text
         dates = {n for n in names if isinstance(table.c[n].type, UTCDateTime)}
+        inserted = 0
         for start in range(0, len(rows), per_chunk):
             chunk = rows[start:start + per_chunk]
             key = ("insert-multi", table.name, tuple(names), len(chunk), keep_existing)
@@ -720,7 +756,8 @@ class SQLStore:
                     if values[i] is not None:
                         values[i] = text(values[i])
                 params.extend(values)
-            conn.exec_driver_sql(sql, tuple(params))
+            inserted += conn.exec_driver_sql(sql, tuple(params)).rowcount
+        return inserted
 
     def _update_multirow(self, conn: Connection, columns: tuple[str, ...],
                          from_statuses: tuple[str, ...], guarded: bool,
