@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 
@@ -262,6 +263,19 @@ def test_answers_padded_with_long_runs_of_spaces_are_read(answer: str, score: fl
     assert parse_score(answer).score == pytest.approx(score)
     with contextlib.suppress(InvalidFeedbackValue):
         parse_statement_scores(answer, 2)
+
+
+@pytest.mark.parametrize("answer", ["7\n" * 16_000, "Score: 7\n7\n" * 8_000,
+                                    "Reasons: looping.\n" + "**7**\n" * 16_000])
+def test_a_looping_answer_of_score_lines_is_read_in_linear_time(answer: str) -> None:
+    # Each line alone on its line was checked against every score read before it: 16,000
+    # lines of "7" (a looping model, 32 KB) took 15 s on the evaluation loop. Now about
+    # 0.05 s; the bound is generous for a slow machine.
+    start = time.perf_counter()
+    assert parse_score(answer, 10, quoted=["The source.\n" * 1000]).score == 0.7
+    with pytest.raises(InvalidFeedbackValue, match="several different scores"):
+        parse_score(answer + "8\n", 10)
+    assert time.perf_counter() - start < 3.0
 
 
 @pytest.mark.parametrize(("answer", "why"), [
