@@ -1931,6 +1931,32 @@ def test_a_full_backlog_leaves_new_results_pending_in_the_database(
 
 
 
+def test_results_left_pending_over_the_backlog_are_resumed_with_their_own_feedback(
+        db_url: str) -> None:
+    """The log says to run session.resume_pending() for them: it ended those of a lambda
+    (a feedback no worker can load) `failed`, "cannot be loaded by a worker"."""
+    gate = threading.Event()
+    held = Feedback(lambda output: 1.0 if gate.wait(10) else 0.0, name="held").on_output()
+    s = Session(db_url, max_backlog=1)
+    try:
+        first = s.ingest(make_record(0), [held])
+        assert len(first.feedback_results) == 1  # (its evaluation is made now)
+        shed = [s.ingest(make_record(i), [held]) for i in (1, 2)]
+        for record in shed:
+            assert len(record.feedback_results) == 1
+        assert s.stats()["left_pending_over_backlog"] == 2
+        gate.set()
+        assert first.wait_for_feedback_results(timeout=10)[held].status is FeedbackStatus.DONE
+        assert s.resume_pending(10) == 2
+        df, _ = s.get_records_and_feedback()
+        assert list(df["held status"]) == ["done"] * 3
+        assert list(df["held"]) == [1.0] * 3
+        assert all(r.record_id in set(df["record_id"]) for r in shed)
+    finally:
+        gate.set()
+        s.close(timeout=5)
+
+
 def test_close_on_a_stalled_database_keeps_to_its_timeout() -> None:
     """The writer's flush took the whole timeout and its join as long again, after a
     first flush that had taken it too: close(0.4) on a stalled database took ~2.5 s."""

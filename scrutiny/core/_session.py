@@ -74,6 +74,9 @@ _R = TypeVar("_R", bound="Record | LazyRecord")
 DEFAULT_DATABASE_URL = "sqlite:///scrutiny.sqlite"
 ENV_DATABASE_URL = "SCRUTINY_DATABASE_URL"
 
+MAX_SHED_KEPT = 100_000
+"""The most feedbacks of results left pending over the backlog kept for this process's
+own workers (`resume_pending()`); a worker loads older ones from their stored spec."""
 RUNNING_AFTER = 0.25
 """Seconds an evaluation runs before its `running` status is stored."""
 
@@ -299,6 +302,10 @@ class Session(SessionReading):
         self.max_queue_size = max_queue_size
         self.max_backlog = max_backlog
         self._shed = 0  # results left pending because the backlog was full
+        # Their feedbacks, by result id, for a worker of this process (resume_pending()):
+        # one not loadable elsewhere (a lambda, a closure) failed "cannot be loaded".
+        self._shed_feedbacks: collections.OrderedDict[str, Feedback] = \
+            collections.OrderedDict()
         self.max_payload_bytes = max_payload_bytes
         # The ids of the records built by hand this session was given lately, with their
         # app and start (see _check_id_is_its_own).
@@ -806,6 +813,11 @@ class Session(SessionReading):
         with self._outstanding_lock:
             self._shed += len(jobs)
             shed = self._shed
+            kept = self._shed_feedbacks
+            for job in jobs:
+                kept[job.pending.result_id or ""] = job.feedback
+            while len(kept) > MAX_SHED_KEPT:  # (the oldest: a worker loads theirs by spec)
+                kept.popitem(last=False)
         if shed == len(jobs) or shed // 1000 != (shed - len(jobs)) // 1000:
             logger.warning(
                 "scrutiny: evaluation is falling behind: %d evaluations are waiting or "
@@ -815,6 +827,15 @@ class Session(SessionReading):
                 "or max_backlog, or run workers. The app is not affected.",
                 len(self._inflight), self.max_backlog, shed)
         self._resolve_pending(jobs, released=False)
+
+    def _shed_feedback(self, result_ids: list[str]) -> dict[str, Feedback]:
+        """The feedbacks of these results, for those left pending here over the backlog
+        (each once: a claim takes it)."""
+        with self._outstanding_lock:
+            kept = self._shed_feedbacks
+            if not kept:
+                return {}
+            return {rid: fb for rid in result_ids if (fb := kept.pop(rid, None)) is not None}
 
     # ------------------------------------------------------------------ results (loop side)
     def _on_running(self, job: Job, started_at: datetime) -> None:

@@ -274,8 +274,12 @@ class Worker:
         give_back: list[str] = []
         with session._outstanding_cond:  # this process's own deferred records, waited on here
             own = {r["result_id"]: session._inflight.get(r["result_id"]) for r in rows}
-        feedbacks = self._feedbacks_of([r for r in rows if (mine := own.get(
-            r["result_id"])) is None or mine.lease_token is not None])
+        # (and its own results left pending over the backlog: their feedbacks are here)
+        shed = session._shed_feedback([r["result_id"] for r in rows if own.get(
+            r["result_id"]) is None])
+        feedbacks = self._feedbacks_of([r for r in rows if ((mine := own.get(
+            r["result_id"])) is None or mine.lease_token is not None)
+            and r["result_id"] not in shed])
         for row in rows:
             pending = _rows.result_from_row(row)
             pending.status = FeedbackStatus.PENDING
@@ -296,7 +300,7 @@ class Worker:
                 else:
                     to_run.append(job)
                 continue
-            feedback = feedbacks.get(row["feedback_id"]) or (
+            feedback = shed.get(row["result_id"]) or feedbacks.get(row["feedback_id"]) or (
                 f"feedback {row['feedback_name']!r} has no stored definition")
             if isinstance(feedback, _NotHere):
                 give_back.append(row["result_id"])
