@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import math
+import pickle
 import time
 from typing import Any
 
@@ -92,6 +94,26 @@ def test_rouge_l_on_a_fixed_pair() -> None:
     assert Feedback(Rouge("rouge2")).name == "rouge_2"
     with pytest.raises(ConfigurationError):
         Rouge("rouge-x")
+
+
+@pytest.mark.parametrize("variant", ["rougeL", "rouge2"])
+def test_rouge_goes_to_a_process_pool_session(database_url: str, variant: str) -> None:
+    """Rouge held a lock and had no __getstate__: pickled to a process pool (or Dask) for a
+    Session(executor=...), every result failed "cannot pickle '_thread.lock' object"."""
+    pytest.importorskip("rouge_score")
+    rouge = Rouge(variant, measure="recall", stemmer=False)
+    expected = rouge("the cat sat on the mat", "the cat was sitting on the mat")
+    copy = pickle.loads(pickle.dumps(rouge))  # (used: its scorer is built)
+    assert (copy.variant, copy.measure, copy.stemmer) == (variant, "recall", False)
+    assert copy("the cat sat on the mat", "the cat was sitting on the mat") == expected
+    fb = Feedback(rouge).on(answer=Select.output, expected=Select.input)
+    with concurrent.futures.ProcessPoolExecutor(1) as pool, \
+            Session(database_url, executor=pool) as session:
+        record = session.ingest(make_record("the cat was sitting on the mat",
+                                            "the cat sat on the mat"), [fb])
+        result = record.wait_for_feedback_results(timeout=60)[fb]
+    assert result.status is FeedbackStatus.DONE, result.error
+    assert result.result == pytest.approx(expected[0])
 
 
 def test_rouge_l_counts_the_common_subsequence_as_rouge_score_does() -> None:

@@ -152,6 +152,19 @@ class Rouge:
         self._tokenizer: _WordTokenizer | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # (it goes to other processes with its feedback: a process pool, Dask workers; its
+        # lock stays here, and its scorer is built again there on first use)
+        return {"variant": self.variant, "measure": self.measure, "stemmer": self.stemmer}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.variant = state["variant"]
+        self.measure = state["measure"]
+        self.stemmer = state["stemmer"]
+        self._scorer = None
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
     @property
     def __scrutiny_feedback__(self) -> dict[str, Any]:
         return {"name": self.variant.replace("rouge", "rouge_").lower()}
