@@ -572,6 +572,19 @@ def test_unusable_models_and_options_are_refused() -> None:
         LLMJudge(model, retries=-1)
 
 
+def test_a_model_class_instead_of_a_model_is_refused_saying_what_to_pass() -> None:
+    """LLMJudge(FakeListChatModel) was accepted (the class has `ainvoke`, unbound), and
+    every result failed later: "ainvoke() missing 1 required positional argument"."""
+    pytest.importorskip("llama_index.core")
+    from llama_index.core.llms import MockLLM
+
+    for model in (FakeListChatModel, MockLLM):
+        with pytest.raises(ConfigurationError,
+                           match=rf"instance, not the class {model.__name__}: .*"
+                                 rf"LLMJudge\({model.__name__}\(\.\.\.\)\)"):
+            LLMJudge(model)
+
+
 # ---------------------------------------------------------------------------- recording
 def test_judge_calls_are_not_recorded_as_app_records(
         session: Session, make_retrieval_chain: Any) -> None:

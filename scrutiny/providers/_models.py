@@ -473,8 +473,13 @@ def backend_for(model: Any) -> JudgeBackend:
     """The backend that calls `model` asynchronously.
 
     Raises:
-        ConfigurationError: `model` is neither a LangChain runnable nor a LlamaIndex LLM.
+        ConfigurationError: `model` is neither a LangChain runnable nor a LlamaIndex LLM
+            (or is a model class, not an instance).
     """
+    if isinstance(model, type):  # (its methods are there, unbound: every call failed later)
+        raise ConfigurationError(
+            f"LLMJudge needs a model instance, not the class {model.__name__}: create the "
+            f"model first, e.g. LLMJudge({model.__name__}(...)) with its settings")
     name = model_name(model)
     if callable(getattr(model, "achat", None)) or callable(getattr(model, "acomplete", None)):
         return _LlamaIndexBackend(model, name)
