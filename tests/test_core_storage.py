@@ -688,3 +688,30 @@ def test_a_record_id_another_record_has_is_refused_not_merged(
     assert list(df["app_name"]) == ["app_a"]
     assert sorted(cols) == ["len_a", "more"]
     assert (df.loc[0, "len_a"], df.loc[0, "more"]) == (0.1, 0.5)
+
+
+def test_an_app_label_too_long_for_every_database_is_refused_when_given(
+        backend: tuple[str, str]) -> None:
+    """A version of some kilobytes (a prompt template) lost every record of its app on
+    PostgreSQL (an index row holds at most 2,704 bytes), while SQLite kept them. The
+    longest label allowed is stored on both, even made of the characters the app id
+    escapes (doubled in it)."""
+    from scrutiny import ConfigurationError
+    from scrutiny.core._records import MAX_APP_LABEL_BYTES
+
+    with pytest.raises(ConfigurationError, match=r"4093 bytes.*at most 800.*metadata="):
+        make_record(app_version="template: " + "x" * 4000 + "é" * 40)
+    url, prefix = backend
+    name = ":\\" * 50
+    version = "é:" * ((MAX_APP_LABEL_BYTES - len(name)) // 3)
+    assert len((name + version).encode()) <= MAX_APP_LABEL_BYTES
+    with Session(url, table_prefix=prefix) as s:
+        record = s.ingest(make_record(app_name=name, app_version=version),
+                          [Feedback(lambda output: 1.0, name="one").on_output()])
+        assert record.wait_for_feedback_results(timeout=10)
+        assert s.stats()["failed_writes"] == 0
+        board = s.get_leaderboard()
+        df, _ = s.get_records_and_feedback()
+    assert (df.loc[0, "app_name"], df.loc[0, "app_version"], df.loc[0, "one"]) == (
+        name, version, 1.0)
+    assert list(board.index) == [(name, version)]

@@ -55,6 +55,12 @@ def test_both_recorders_name_an_unknown_mode_clearly() -> None:
         _recorders(None, feedback_mode="sometimes")
 
 
+def test_both_recorders_refuse_an_app_version_too_long_to_store() -> None:
+    """(Every one of its calls was recorded, then lost when stored on PostgreSQL.)"""
+    with pytest.raises(ConfigurationError, match="at most 800.*metadata="):
+        _recorders(None, app_version="You are a helpful assistant. " * 40)
+
+
 def test_a_closed_explicit_session_is_never_swapped_for_another(tmp_path: Path) -> None:
     given = Session(f"sqlite:///{tmp_path}/given.sqlite")
     recorders = _recorders(given)

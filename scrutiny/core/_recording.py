@@ -11,7 +11,7 @@ from typing import Any
 
 from scrutiny.core._errors import ConfigurationError, RecordingError
 from scrutiny.core._feedback import Feedback
-from scrutiny.core._records import LazyRecord, Record, materialized
+from scrutiny.core._records import LazyRecord, Record, check_app_label, materialized
 from scrutiny.core._runtime import exit_stage
 from scrutiny.core._session import (
     FeedbackMode,
@@ -159,6 +159,7 @@ class RecorderSettings:
             raise ConfigurationError("a recorder needs a non-empty app_name")
         if not isinstance(app_version, str) or not app_version:
             raise ConfigurationError("app_version must be a non-empty string")
+        check_app_label(app_name, app_version)
         self.app_name = app_name
         self.app_version = app_version
         self.feedback_mode = None if feedback_mode is None else _mode(feedback_mode)

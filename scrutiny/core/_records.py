@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._ids import new_uuid
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
 from scrutiny.core._runtime import shared_notifier, wait_limit
@@ -218,6 +219,8 @@ class Record:
         # it is made right — or refused, saying how — here.
         self.app_name = _text(self.app_name, "app_name", 'e.g. "qa"')
         self.app_version = _text(self.app_version, "app_version", 'e.g. "v1"')
+        if len(self.app_name) + len(self.app_version) > MAX_APP_LABEL_BYTES // 4:
+            check_app_label(self.app_name, self.app_version)
         self.record_id = _text(self.record_id, "record_id", "ids are unique strings")
         if self.contexts is None:
             self.contexts = []
@@ -440,6 +443,26 @@ async def on_a_thread_of_its_own(fn: Callable[..., T], *args: Any) -> T:
 
     threading.Thread(target=run, daemon=True, name="scrutiny-wait").start()
     return await ended
+
+
+MAX_APP_LABEL_BYTES = 800
+"""The most UTF-8 bytes of an app's name and version together. They name the app version in
+every record row, and with its id (about as long again) in PostgreSQL's indexes, whose rows
+hold at most 2,704 bytes: a version of some kilobytes (a prompt template) lost every record
+of the app there, while SQLite kept them."""
+
+
+def check_app_label(app_name: str, app_version: str) -> None:
+    """Refuse an app name and version too long to be stored everywhere (ConfigurationError,
+    saying what to do)."""
+    size = len(app_name.encode("utf-8", "surrogatepass")) + len(
+        app_version.encode("utf-8", "surrogatepass"))
+    if size > MAX_APP_LABEL_BYTES:
+        raise ConfigurationError(
+            f"app_name and app_version are {size} bytes together (UTF-8); at most "
+            f"{MAX_APP_LABEL_BYTES}: they label every record and index entry of the app. "
+            f"Keep the version a short label (\"v2\", a git sha, a hash of a prompt) and put "
+            f"a long description in metadata={{...}}")
 
 
 def app_id_for(app_name: str, app_version: str) -> str:
