@@ -57,7 +57,7 @@ def test_both_recorders_name_an_unknown_mode_clearly() -> None:
 
 def test_both_recorders_refuse_an_app_version_too_long_to_store() -> None:
     """(Every one of its calls was recorded, then lost when stored on PostgreSQL.)"""
-    with pytest.raises(ConfigurationError, match="at most 800.*metadata="):
+    with pytest.raises(ConfigurationError, match=r"at most 800.*metadata="):
         _recorders(None, app_version="You are a helpful assistant. " * 40)
 
 
