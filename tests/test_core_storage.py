@@ -463,8 +463,29 @@ def test_a_read_only_database_error_says_whether_the_file_or_its_folder(
         assert f"the folder {str(tmp_path)!r} is not writable" in hint
         assert "'-wal' and '-shm'" in hint
         assert store._readonly_hint(Exception("disk I/O error")) == ""
+        # (a folder mounted read-only: SQLite cannot even open the file, and said so bare)
+        unopened = store._readonly_hint(Exception("unable to open database file"))
+        assert f"the folder {str(tmp_path)!r} is not writable" in unopened
+        read_only = f"sqlite:///file:{tmp_path}/ro.sqlite?mode=ro&immutable=1&uri=true"
+        assert f"to read it only, open {read_only!r}" in unopened
     finally:
         store.close()
+    with Session(read_only) as reader:  # (what the hint says works)
+        assert reader.get_records_and_feedback()[0].empty
+
+
+def test_sqlite_uri_filenames_open_and_bad_url_parameters_are_named(tmp_path: Path) -> None:
+    """'sqlite:///file:...?uri=true' was refused with the folder of a path that does not
+    exist ('/cwd/file:/tmp/...'); '?timeout=abc' raised a bare ValueError."""
+    from scrutiny import ConfigurationError
+
+    url = f"sqlite:///file:{tmp_path}/uri.sqlite?mode=rwc&uri=true"
+    with Session(url) as s:
+        s.ingest(make_record(), [])
+    with Session(url) as s:
+        assert len(s.get_records_and_feedback()[0]) == 1
+    with pytest.raises(ConfigurationError, match=r"\?timeout=abc is not valid.*seconds"):
+        Session(f"sqlite:///{tmp_path}/t.sqlite?timeout=abc")
 
 
 # ---------------------------------------------------------------------- app ids (0004)

@@ -226,8 +226,10 @@ def _make_engine(url: str) -> Engine:
 
         return pg_engine
     database = parsed.database
-    in_memory = database in (None, "", ":memory:")
-    if not in_memory and database is not None:
+    uri = database is not None and database.startswith("file:")  # (a URI filename: SQLite's)
+    in_memory = database in (None, "", ":memory:") or (
+        uri and parsed.query.get("mode") == "memory")
+    if not in_memory and database is not None and not uri:
         folder = os.path.dirname(os.path.abspath(database))
         if not os.path.isdir(folder):
             raise ConfigurationError(
@@ -244,6 +246,9 @@ def _make_engine(url: str) -> Engine:
         raise ConfigurationError(
             f"the SQLite driver of {redact_url(url)} is not available ({exc}): use "
             "'sqlite:///path/to/file.sqlite' (Python's own sqlite3 driver)") from exc
+    except ValueError as exc:  # a parameter of the URL the driver reads (?timeout=abc)
+        raise ConfigurationError(f"a parameter of {redact_url(url)} is not valid: {exc} "
+                                 "(e.g. ?timeout=30 is seconds)") from exc
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -397,15 +402,22 @@ class SQLStore:
         """What to do when SQLite cannot write: the file, or (WAL mode writes '-wal' and
         '-shm' files beside it) its folder."""
         database = self.engine.url.database
-        if self._dialect != "sqlite" or not database or "readonly" not in str(exc):
+        said = str(exc)
+        if self._dialect != "sqlite" or not database or database.startswith("file:") or (
+                "readonly" not in said and "unable to open" not in said):
             return ""
         folder = os.path.dirname(os.path.abspath(database))
+        read_only = (f"; to read it only, open 'sqlite:///file:{os.path.abspath(database)}"
+                     "?mode=ro&immutable=1&uri=true'")
         if not os.access(folder, os.W_OK):
             return (f" — the folder {folder!r} is not writable, and SQLite (in WAL mode) "
                     "keeps its '-wal' and '-shm' files beside the database: make the folder "
-                    "writable or use a database in a writable folder")
-        return (f" — the file {database!r} is not writable: make it writable or use "
-                "another file")
+                    f"writable or use a database in a writable folder{read_only}")
+        if "readonly" in said or (os.path.exists(database)
+                                  and not os.access(database, os.W_OK)):
+            return (f" — the file {database!r} is not writable: make it writable or use "
+                    f"another file{read_only}")
+        return ""
 
     def transient(self, exc: BaseException) -> bool:
         """Whether a write that failed with `exc` can succeed unchanged later, though the
