@@ -572,6 +572,28 @@ def test_unusable_models_and_options_are_refused() -> None:
         LLMJudge(model, retries=-1)
 
 
+@pytest.mark.parametrize(("option", "says"), [
+    ({"rate_limit": {"per_minute": 60}}, r"rate_limit must be a RateLimit, e\.g\. "),
+    ({"rate_limit": 60}, r"rate_limit must be a RateLimit"),
+    ({"retry": 3}, r"retry must be a RetryPolicy.*retries=n"),
+    ({"retries": "3"}, r"retries must be a whole number >= 0, got '3'"),
+    ({"retries": 2.5}, r"retries must be a whole number"),
+    ({"timeout": "30"}, r"timeout must be a finite number of seconds > 0"),
+    ({"timeout": float("nan")}, r"timeout must be a finite number"),
+    ({"backoff": "1"}, r"backoff must be a finite number of seconds >= 0"),
+    ({"deadline": "300"}, r"deadline must be a finite number of seconds > 0"),
+    ({"max_retry_after": -1}, r"max_retry_after must be a finite number of seconds >= 0"),
+    ({"max_prompt_tokens": "8000"}, r"max_prompt_tokens must be a whole number >= 1 \(or None"),
+    ({"max_statements": "30"}, r"max_statements must be a whole number >= 1"),
+])
+def test_an_option_of_the_wrong_type_is_refused_saying_what_to_pass(
+        option: dict[str, Any], says: str) -> None:
+    """rate_limit={"per_minute": 60} failed with AttributeError, retries="3" and
+    timeout="30" with a bare TypeError from a comparison."""
+    with pytest.raises(ConfigurationError, match=says):
+        LLMJudge(FakeListChatModel(responses=["5"]), **option)
+
+
 def test_a_model_class_instead_of_a_model_is_refused_saying_what_to_pass() -> None:
     """LLMJudge(FakeListChatModel) was accepted (the class has `ainvoke`, unbound), and
     every result failed later: "ainvoke() missing 1 required positional argument"."""

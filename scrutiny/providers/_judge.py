@@ -35,7 +35,7 @@ from scrutiny.core import (
     suppress_recording,
 )
 from scrutiny.core._dispatch import _GroupLimit
-from scrutiny.core._feedback import DEFAULTS_ATTRIBUTE
+from scrutiny.core._feedback import DEFAULTS_ATTRIBUTE, _check_count, _check_seconds
 from scrutiny.providers._budget import (
     OverBudget,
     TokenCounter,
@@ -124,16 +124,30 @@ class LLMJudge:
         if on_over_budget not in ("truncate", "skip"):
             raise ConfigurationError(
                 f"on_over_budget must be 'truncate' or 'skip', got {on_over_budget!r}")
-        if max_prompt_tokens is not None and max_prompt_tokens < 1:
-            raise ConfigurationError("max_prompt_tokens must be >= 1 (or None for no limit)")
-        if retries < 0:
-            raise ConfigurationError(f"retries must be >= 0, got {retries}")
-        if backoff < 0:
-            raise ConfigurationError(f"backoff must be >= 0 seconds, got {backoff}")
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout}")
-        if max_statements < 1:
-            raise ConfigurationError(f"max_statements must be >= 1, got {max_statements}")
+        # (an option of the wrong type failed with a bare TypeError or AttributeError:
+        # rate_limit={"per_minute": 60}, retries="3", timeout="30")
+        if max_prompt_tokens is not None and (isinstance(max_prompt_tokens, bool) or not
+                                              isinstance(max_prompt_tokens, int) or
+                                              max_prompt_tokens < 1):
+            raise ConfigurationError(f"max_prompt_tokens must be a whole number >= 1 (or None "
+                                     f"for no limit), got {max_prompt_tokens!r}")
+        _check_count(retries, "retries", 0)
+        _check_seconds(backoff, "backoff", zero_ok=True)
+        if timeout is not None:
+            _check_seconds(timeout, "timeout")
+        if deadline is not None:
+            _check_seconds(deadline, "deadline")
+        if max_retry_after is not None:
+            _check_seconds(max_retry_after, "max_retry_after", zero_ok=True)
+        _check_count(max_statements, "max_statements", 1)
+        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+            raise ConfigurationError(
+                f"rate_limit must be a RateLimit, e.g. rate_limit=RateLimit(per_minute=60, "
+                f"max_concurrent=4), got {rate_limit!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(
+                f"retry must be a RetryPolicy, e.g. retry=RetryPolicy(attempts=3), got "
+                f"{retry!r} (for a number of extra attempts use retries=n)")
         self.model = model
         self.model_name = model_name(model)
         self._call = backend_for(model)
@@ -144,11 +158,6 @@ class LLMJudge:
         self._limits: weakref.WeakKeyDictionary[Any, _GroupLimit] = weakref.WeakKeyDictionary()
         self._unweakable: tuple[Any, _GroupLimit] | None = None
         self._limits_lock = threading.Lock()
-        if deadline is not None and deadline <= 0:
-            raise ConfigurationError(f"deadline must be > 0 seconds (or None), got {deadline}")
-        if max_retry_after is not None and max_retry_after < 0:
-            raise ConfigurationError(
-                f"max_retry_after must be >= 0 seconds (or None), got {max_retry_after}")
         self.retry = retry or RetryPolicy(
             attempts=1 + retries, initial_backoff=backoff, max_backoff=max(30.0, backoff),
             retry_on=(TransientJudgeError, FeedbackTimeout), deadline=deadline,
