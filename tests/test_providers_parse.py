@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
+from typing import Any
 
 import pytest
 
@@ -190,6 +192,19 @@ def test_bad_statement_verdicts_fail(answer: str, why: str) -> None:
     with pytest.raises(InvalidFeedbackValue, match=why) as info:
         parse_statement_scores(answer, 2)
     assert info.value.value == answer
+
+
+@pytest.mark.parametrize("numbers", [(2, 1), ("2", "1"), (" 2", "1 ")])
+def test_statement_verdicts_numbered_with_numbers_or_strings_go_to_their_statements(
+        numbers: tuple[Any, Any]) -> None:
+    """"statement": "2" was ignored and the verdicts taken in order: the explanation showed
+    the unsupported claim as supported and the supported one as not."""
+    answer = json.dumps({"statements": [
+        {"statement": numbers[0], "score": 0, "reason": "not in sources"},
+        {"statement": numbers[1], "score": 10, "reason": "stated"}]})
+    first, second = parse_statement_scores(answer, 2)
+    assert (first.score, first.reasons) == (1.0, "stated")
+    assert (second.score, second.reasons) == (0.0, "not in sources")
 
 
 TWO_VERDICTS = ('{"statements": [{"statement": 1, "score": 9, "reason": "stated"}, '

@@ -531,6 +531,9 @@ def _verdicts(items: list[Any], count: int, raw: str, scale: float,
         index = position
         if isinstance(item, Mapping):
             number = item.get("statement", item.get("id"))
+            if isinstance(number, str) and number.strip().isascii() and \
+                    number.strip().isdigit():  # ("statement": "2", as judges write it too)
+                number = int(number)
             if isinstance(number, int) and not isinstance(number, bool) and 1 <= number <= count:
                 index = number - 1
             parsed = ParsedScore(_score_of(item, raw, scale), _reasons_of(item))
