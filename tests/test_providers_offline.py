@@ -353,6 +353,19 @@ def test_ground_truth_rows_are_checked() -> None:
     assert GroundTruth([("Q?", "a")]).expected_for("q") == "a"
 
 
+@pytest.mark.parametrize("data", [
+    {"What is the capital of France?": ""},
+    {"What is the capital of France?": "   "},
+    [{"question": "What is the capital of France?", "answer": "\n"}],
+    [("What is the capital of France?", ["Paris", ""])],
+])
+def test_a_ground_truth_row_with_an_empty_expected_answer_is_refused(data: Any) -> None:
+    """{"q": ""} was accepted (None was refused), and every answer then scored 0 against
+    it, as if wrong."""
+    with pytest.raises(ConfigurationError, match=r"empty expected answer.*give the answer"):
+        GroundTruth(data)
+
+
 def test_metric_results_that_are_not_scores_fail(session: Session) -> None:
     truth = GroundTruth({"Q": "A"}, metric=lambda answer, expected: math.nan)
     fb = Feedback(truth.agreement).on(question=Select.input, answer=Select.output)

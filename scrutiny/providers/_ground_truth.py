@@ -60,8 +60,8 @@ class GroundTruth:
     Wire it with ``Feedback(gt.agreement).on_input_output()``.
 
     Raises:
-        ConfigurationError: a row without a question or an expected answer, or the same
-            question twice with different answers.
+        ConfigurationError: a row without a question or an expected answer (or with an
+            empty one), or the same question twice with different answers.
     """
 
     def __init__(self, data: Mapping[str, Any] | Iterable[Any], *,
@@ -155,8 +155,13 @@ def _row(row: Any) -> tuple[str, tuple[str, ...]]:
         if not references:
             raise ConfigurationError(f"GroundTruth row with an empty list of expected "
                                      f"answers: {row!r}")
-        return as_text(question), references
-    return as_text(question), (as_text(expected, answer=True),)
+    else:
+        references = (as_text(expected, answer=True),)
+    if not all(r.strip() for r in references):
+        # (every answer then scored 0 against it, as if wrong, or 1 when just as empty)
+        raise ConfigurationError(f"GroundTruth row with an empty expected answer: {row!r}; "
+                                 "give the answer expected, or leave the question out")
+    return as_text(question), references
 
 
 def _score_of(value: Any) -> tuple[float, str]:
