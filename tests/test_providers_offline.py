@@ -61,6 +61,21 @@ def test_bleu_of_identical_and_unrelated_sentences() -> None:
     assert bleu("Bananas are yellow", "The cat sat on the mat")[0] == 0.0
 
 
+@pytest.mark.parametrize(("answer", "expected"), [
+    ("\u201cParis\u201d", "Paris"),
+    ("Paris.", "Paris"),
+    ("The capital is Paris.", "the capital is Paris"),
+    ("\u00abLa capitale est Paris\u00bb !", "la capitale est paris"),
+    ("\u6211\u559c\u6b22\u5403\u82f9\u679c\u3002", "\u6211\u559c\u6b22\u5403\u82f9\u679c"),
+])
+def test_bleu_compares_words_without_punctuation(answer: str, expected: str) -> None:
+    """As the other lexical metrics (and the README) have it: each punctuation mark was a
+    token, and '\u201cParis\u201d' scored 0.23 against 'Paris'."""
+    assert bleu(answer, expected)[0] == 1.0
+    assert exact_match(answer, expected)[0] == 1.0
+    assert bleu(f"{answer} And Lyon.", expected)[0] < 1.0
+
+
 @pytest.mark.parametrize(("hyp", "ref"), [
     ("the cat sat on a mat today", "the cat sat on the mat"),
     ("a cat is on the mat", "the cat sat on the mat"),
