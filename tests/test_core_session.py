@@ -600,6 +600,33 @@ def test_an_async_feedback_blocking_past_its_timeout_fails_as_a_timeout(
     assert results[f_ok].status is FeedbackStatus.DONE, results[f_ok].error
 
 
+def test_an_async_feedback_that_swallows_its_timeouts_cancellation_still_fails(
+        session: Session) -> None:
+    """It caught the CancelledError sent at its timeout and returned a value later: it
+    ended `done` with that value, ten times past its timeout."""
+    async def stubborn(output: str) -> float:
+        try:
+            await asyncio.sleep(5)
+            return 0.9
+        except asyncio.CancelledError:  # (cleanup that returns a default)
+            await asyncio.sleep(0.2)
+            return 0.0
+
+    async def fine(output: str) -> float:  # (evaluated on the same loop, after it)
+        await asyncio.sleep(0.01)
+        return 1.0
+
+    f_stubborn = Feedback(stubborn, name="stubborn", timeout=0.1).on_output()
+    f_fine = Feedback(fine, name="fine", timeout=5).on_output()
+    results = session.ingest(make_record(), [f_stubborn, f_fine]).wait_for_feedback_results(
+        timeout=20)
+    assert (results[f_stubborn].status, results[f_stubborn].result) == (
+        FeedbackStatus.FAILED, None)
+    assert "timed out after 0.1 s: it caught the cancellation" in (
+        results[f_stubborn].error or "")
+    assert results[f_fine].status is FeedbackStatus.DONE, results[f_fine].error
+
+
 def test_mode_none_stores_skipped_with_the_reason(db_url: str) -> None:
     with Session(db_url, feedback_mode=FeedbackMode.NONE) as s:
         fb = Feedback(lambda output: 1.0, name="x").on_output()

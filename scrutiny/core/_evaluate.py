@@ -193,6 +193,13 @@ async def _within(awaitable: Awaitable[Any], timeout: float | None) -> Any:
     passes = getattr(selector, "passes", None)
     try:
         value = await awaitable
+        if deadline.expired:  # it caught the cancellation sent at its timeout, and returned
+            if sys.version_info >= (3, 11):
+                task.uncancel()  # (that cancellation was ours, and it is over)
+            raise FeedbackTimeout(
+                f"timed out after {timeout:g} s: it caught the cancellation sent then and "
+                f"returned {loop.time() - deadline.due:.2f} s later (let "
+                "asyncio.CancelledError propagate, after any cleanup)", timeout=timeout)
         if selector is not None and passes is not None and selector.passes == passes:
             # It never gave the loop back, so its timer could not fire: all the time
             # since it began was its own (a blocking call in an async feedback).
