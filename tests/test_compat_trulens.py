@@ -337,6 +337,39 @@ def test_tru_basic_app_records_a_plain_function(tmp_path: Path) -> None:
         session.close()
 
 
+async def test_tru_basic_app_records_an_async_functions_answer(tmp_path: Path) -> None:
+    """Over an `async def`, the record held the coroutine object as its output, with no
+    time taken, and every output feedback failed; the caller got the real answer."""
+    import asyncio
+
+    from scrutiny import RecordStatus
+    from scrutiny.compat.trulens import TruBasicApp
+
+    session = TruSession(f"sqlite:///{tmp_path}/async.sqlite")
+
+    async def bot(prompt: str) -> str:
+        await asyncio.sleep(0.05)
+        if prompt == "fail":
+            raise ValueError("no answer")
+        return "Hi " + prompt
+
+    f_len = Feedback(lambda text: float(len(text)), name="len").on_output()
+    try:
+        tru = TruBasicApp(bot, app_name="async bot", feedbacks=[f_len], session=session)
+        answer, record = await tru.awith_record(tru.app, "there")
+        assert (answer, record.main_output) == ("Hi there", "Hi there")
+        assert record.latency >= 0.05
+        results = await record.await_feedback_results(timeout=10)
+        assert (results[f_len].status, results[f_len].result) == (FeedbackStatus.DONE, 8.0)
+        async with tru as recording:
+            with pytest.raises(ValueError, match="no answer"):
+                await tru.app("fail")
+        assert (recording.get().status, recording.get().error) == (
+            RecordStatus.ERROR, "ValueError: no answer")
+    finally:
+        session.close()
+
+
 async def _slow_relevance(prompt: str, response: str) -> float:
     import asyncio
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextvars
+import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -378,7 +379,24 @@ class TruBasicApp(_WithRecord):
             raise
         finally:
             _basic_running.reset(token)
+        if inspect.isawaitable(output):  # an async function: its answer comes when awaited
+            return self._answer(recording, fn, _main_input(args, kwargs), start, output)
         self._store(recording, fn, _main_input(args, kwargs), start, output, None)
+        return output
+
+    async def _answer(self, recording: Recording, fn: Callable[..., Any], main_input: Any,
+                      start: float, pending: Awaitable[Any]) -> Any:
+        """Await an async function's call, then record it (it recorded the coroutine
+        object as its output, with no time taken)."""
+        token = _basic_running.set(self)
+        try:
+            output = await pending
+        except BaseException as exc:
+            self._store(recording, fn, main_input, start, None, exc)
+            raise
+        finally:
+            _basic_running.reset(token)
+        self._store(recording, fn, main_input, start, output, None)
         return output
 
     def _store(self, recording: Recording, fn: Callable[..., Any], main_input: Any,
