@@ -594,6 +594,26 @@ def test_an_option_of_the_wrong_type_is_refused_saying_what_to_pass(
         LLMJudge(FakeListChatModel(responses=["5"]), **option)
 
 
+def test_count_tokens_must_be_a_function_returning_a_count(session: Session) -> None:
+    """count_tokens=5 was accepted and failed every result with "'int' object is not
+    callable"; a tokenizer's encode (a list of ids) with "unsupported operand type(s) for
+    +: 'int' and 'list'", neither saying what to pass."""
+    model = FakeListChatModel(responses=['{"score": 7, "reasons": "ok"}'])
+    with pytest.raises(ConfigurationError, match=r"count_tokens must be a function .* got 5"):
+        LLMJudge(model, count_tokens=5)  # type: ignore[arg-type]
+    encode = LLMJudge(model, count_tokens=str.split)  # type: ignore[arg-type]
+    counted = LLMJudge(model, count_tokens=lambda text: len(text.split()))
+    results = evaluate(session, [Feedback(encode.coherence, name="encode").on_output(),
+                                 Feedback(counted.coherence, name="counted").on_output()])
+    failed = results["encode"]
+    assert failed.status is FeedbackStatus.FAILED
+    assert "count_tokens must return the number of tokens of a text as an int >= 0, got a " \
+        "list: for a tokenizer's encode, pass count_tokens=lambda text: " \
+        "len(enc.encode(text))" in (failed.error or "")
+    assert results["counted"].status is FeedbackStatus.DONE, results["counted"].error
+    assert results["counted"].result == pytest.approx(0.7)
+
+
 def test_a_model_class_instead_of_a_model_is_refused_saying_what_to_pass() -> None:
     """LLMJudge(FakeListChatModel) was accepted (the class has `ainvoke`, unbound), and
     every result failed later: "ainvoke() missing 1 required positional argument"."""

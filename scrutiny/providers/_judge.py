@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import itertools
 import keyword
+import numbers
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -95,9 +96,10 @@ class LLMJudge:
         max_prompt_tokens: the prompt budget (None: unlimited).
         on_over_budget: ``"truncate"`` the judged texts and say so in the explanation, or
             ``"skip"`` the result with the reason.
-        count_tokens: counts a text's tokens for the budget (default: a cautious estimate,
-            about 4 characters per token of English and one per Chinese, Japanese or Korean
-            character; pass your tokenizer for an exact budget).
+        count_tokens: a function returning a text's number of tokens (an int), for the
+            budget (default: a cautious estimate, about 4 characters per token of English and
+            one per Chinese, Japanese or Korean character; pass your tokenizer's count for an
+            exact budget: ``lambda text: len(enc.encode(text))``).
         max_statements: the most statements of an answer that `groundedness` judges; the
             explanation says when there were more.
 
@@ -140,6 +142,10 @@ class LLMJudge:
         if max_retry_after is not None:
             _check_seconds(max_retry_after, "max_retry_after", zero_ok=True)
         _check_count(max_statements, "max_statements", 1)
+        if count_tokens is not None and not callable(count_tokens):
+            raise ConfigurationError(
+                f"count_tokens must be a function of a text returning its number of tokens, "
+                f"e.g. count_tokens=lambda text: len(enc.encode(text)), got {count_tokens!r}")
         if rate_limit is not None and not isinstance(rate_limit, RateLimit):
             raise ConfigurationError(
                 f"rate_limit must be a RateLimit, e.g. rate_limit=RateLimit(per_minute=60, "
@@ -170,6 +176,19 @@ class LLMJudge:
 
     def __repr__(self) -> str:
         return f"LLMJudge({self.model_name!r})"
+
+    def _count_tokens(self, text: str) -> int:
+        """`count_tokens`, held to returning a count: a tokenizer's ``encode`` (a list of
+        token ids) failed with "unsupported operand type(s) for +: 'int' and 'list'"."""
+        tokens = self.count_tokens(text)
+        if isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 0:
+            shown = f"a {type(tokens).__name__}" if not isinstance(tokens, int | float) else \
+                repr(tokens)
+            raise ConfigurationError(
+                f"count_tokens must return the number of tokens of a text as an int >= 0, "
+                f"got {shown}: for a tokenizer's encode, pass count_tokens=lambda text: "
+                f"len(enc.encode(text))")
+        return int(tokens)
 
     def __getstate__(self) -> dict[str, Any]:
         # (a judge goes to other processes with its feedbacks: Dask workers, pickled
@@ -248,7 +267,7 @@ class LLMJudge:
         fixed = SYSTEM + GROUNDEDNESS.template.format(contexts="", statements=numbering,
                                                       count=0)
         fitted = fit_prompt(fixed, fields, max_tokens=self.max_prompt_tokens,
-                            on_over_budget=self.on_over_budget, count=self.count_tokens)
+                            on_over_budget=self.on_over_budget, count=self._count_tokens)
         statements = split_statements(judged)[:self.max_statements]
         if "answer" in fitted.kept:  # whole statements only: "The capital is not" (Lyon)
             kept = split_statements(judged[:fitted.kept["answer"]])
@@ -344,7 +363,7 @@ class LLMJudge:
             return 0.0, f"the {empty[0]} is empty"
         fixed = SYSTEM + criterion.template.format(**dict.fromkeys(criterion.fields, ""))
         fitted = fit_prompt(fixed, fields, max_tokens=self.max_prompt_tokens,
-                            on_over_budget=self.on_over_budget, count=self.count_tokens)
+                            on_over_budget=self.on_over_budget, count=self._count_tokens)
         reply = await self._ask(criterion.template.format(**fitted.fields))
         quoted = [v for v in fitted.fields.values() if v] + list(also_quoted)
         parsed = _checked(reply, lambda t: parse_score(t, SCALE, quoted=quoted))
