@@ -435,6 +435,24 @@ def test_a_feedback_that_cannot_be_loaded_anywhere_says_so_in_the_log(
     assert "stored failed with that reason" in caplog.text
 
 
+def test_a_claim_that_ends_a_result_without_evaluating_it_is_not_an_attempt(
+        sqlite: tuple[str, str]) -> None:
+    """A result abandoned after 5 claims (every worker died in it) was stored with
+    attempts=6: the claim that gave it up counted as an attempt too."""
+    url, prefix = sqlite
+    pending_rows(url, prefix, 1, Feedback(fbs.length).on_output())
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # (five claims of workers that died)
+        conn.execute(sa.text(f"UPDATE {prefix}feedback_results SET attempts = 5"))
+    engine.dispose()
+    with Session(url, table_prefix=prefix) as s:
+        assert Worker(s, poll_interval=0.0, batch_size=10, max_claims=5).drain() == 1
+        assert s.wait_for_feedback(5)
+    [row] = stored_results(url, prefix)
+    assert (row["status"], row["attempts"]) == ("failed", 5)
+    assert "abandoned after 5 claims" in row["error"]
+
+
 def test_a_running_worker_uses_a_feedbacks_newer_stored_spec(sqlite: tuple[str, str]) -> None:
     """Options are not part of a feedback's id: a worker kept the spec it loaded first."""
     url, prefix = sqlite

@@ -390,6 +390,10 @@ def test_sigterm_releases_unfinished_claims(pg: tuple[str, str], tmp_path: Path,
         assert worker.returncode == 0, out
         assert ("releasing the unfinished work as pending now" in out) == (signals == 2)
         assert "released as pending" in out
+        # (the time it took, not the grace it was given: "after 300.0s" when told twice)
+        took = float(out.split("were unfinished after ")[1].split("s")[0])
+        assert took < 30, out
+        assert ("(told to stop again)" in out) == (signals == 2)
         rows = app.store.records_and_results()[1]
         assert [(r["status"], r["worker_id"]) for r in rows] == [("pending", None)]
 

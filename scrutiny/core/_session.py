@@ -545,7 +545,8 @@ class Session(SessionReading):
             self._state = "closed"
         live_sessions.discard(self)
         timeout = self.flush_timeout if timeout is None else wait_limit(timeout)
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        deadline = began + timeout
         clean = True
         workers = list(self._workers)
         for worker in workers:
@@ -578,9 +579,10 @@ class Session(SessionReading):
             if unfinished:
                 clean = False
                 logger.warning(
-                    "scrutiny: %d feedback evaluation(s) were unfinished after %.1fs; they "
+                    "scrutiny: %d feedback evaluation(s) were unfinished after %.1fs%s; they "
                     "are left pending in %s for a worker or Session.resume_pending()",
-                    len(unfinished), timeout, self._redacted_url())
+                    len(unfinished), time.monotonic() - began,
+                    " (told to stop again)" if self._hurried else "", self._redacted_url())
             clean = writer.close(max(0.1, deadline - time.monotonic())) and clean
             if writer.failed or writer.dropped:  # stored nothing of those: not clean
                 clean = False
@@ -883,10 +885,13 @@ class Session(SessionReading):
             lambda ok: slot.update(running) if slot is not None and ok else None,
         ))
 
-    def _on_final(self, job: Job, final: FeedbackResult) -> None:
+    def _on_final(self, job: Job, final: FeedbackResult, *, evaluated: bool = True) -> None:
+        """Store `final` (then tell). `evaluated=False`: a claim ended without evaluating
+        (abandoned, its feedback or record missing): only earlier claims count as attempts."""
         self._started.pop(job, None)
         if job.pending.attempts:  # claimed by a worker: count earlier claims too
-            final = final.evolve(attempts=job.pending.attempts - 1 + max(final.attempts, 1))
+            final = final.evolve(attempts=job.pending.attempts - 1 + (
+                max(final.attempts, 1) if evaluated else 0))
         writer = self._writer
         if writer is None:
             self._finish(job, final)

@@ -341,7 +341,7 @@ class Worker:
                         error=reason, result_id=job.pending.result_id,
                         feedback_id=job.pending.feedback_id,
                         created_at=job.pending.created_at, started_at=now, ended_at=now,
-                        attempts=1))
+                        attempts=0), evaluated=False)
                 if to_run:
                     session._evaluation_loop().submit(to_run)
         if stopping:  # (the session may be closing: its loop takes nothing more)
