@@ -306,6 +306,16 @@ def test_pii_kinds_can_be_chosen() -> None:
         PIIDetector(["ssn"])
 
 
+def test_one_pii_kind_can_be_given_as_a_string() -> None:
+    """PIIDetector("email") took the string for its letters: "unknown PII kind(s) ['a',
+    'e', 'i', 'l', 'm']"."""
+    only_email = PIIDetector("email")
+    assert only_email.kinds == ("email",)
+    assert only_email("a@b.co, 4111 1111 1111 1111")["kinds"] == ["email"]
+    with pytest.raises(ConfigurationError, match=r"unknown PII kind\(s\) \['ssn'\]"):
+        PIIDetector("ssn")
+
+
 # ---------------------------------------------------------------------------- ground truth
 def test_ground_truth_scores_known_questions_and_skips_others(session: Session) -> None:
     truth = GroundTruth({"What is the capital of France?": "Paris is the capital of France.",

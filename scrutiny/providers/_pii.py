@@ -222,7 +222,7 @@ class PIIDetector:
     """A feedback that flags PII in a text: 1 when any is found, else 0 (lower is better).
 
     Args:
-        kinds: the kinds to look for (default: all of :data:`KINDS`).
+        kinds: the kinds to look for, or one kind (default: all of :data:`KINDS`).
         name: the feedback name (default ``"pii"``).
 
     Calling it returns ``{"score", "explanation", "kinds", "counts"}``; the explanation
@@ -231,8 +231,9 @@ class PIIDetector:
 
     __slots__ = ("kinds", "name")
 
-    def __init__(self, kinds: Iterable[str] | None = None, *, name: str = "pii") -> None:
-        chosen = tuple(KINDS if kinds is None else kinds)
+    def __init__(self, kinds: str | Iterable[str] | None = None, *, name: str = "pii") -> None:
+        # (one kind as a string, as Contains takes one phrase: "email" was its letters)
+        chosen = (kinds,) if isinstance(kinds, str) else tuple(KINDS if kinds is None else kinds)
         unknown = sorted(set(chosen) - set(KINDS))
         if unknown or not chosen:
             raise ConfigurationError(
