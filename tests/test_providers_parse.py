@@ -138,6 +138,26 @@ def test_a_statement_verdict_giving_its_score_twice_fails() -> None:
         parse_statement_scores(answer, 2)
 
 
+@pytest.mark.parametrize(("answer", "score"), [
+    ('Here is my verdict: {"score": 8, "reasons": "ok"} (ignoring {x})', 0.8),
+    ('The set {1, 2} is right. Verdict: {"score": 8, "reasons": "ok"}', 0.8),
+    ('Statement {1} holds. {"score": 8, "reasons": "ok"} Same: {"score": 8}', 0.8),
+    ('Verdict: {"score": 8, "reasons": "ok"} or rather {"score": 3}', None),
+    ('The set {1, 2}. {"score": 8, "reasons": "ok"}\nScore: 3', None),
+])
+def test_a_json_verdict_in_prose_with_braces_of_its_own_is_read(answer: str,
+                                                                 score: float | None) -> None:
+    """Read from the first "{" to the last "}", such an answer was no JSON and failed "no
+    score found"; each object is read on its own now, a second score still failing."""
+    if score is None:
+        with pytest.raises(InvalidFeedbackValue, match="several different scores"):
+            parse_score(answer, 10)
+        return
+    assert parse_score(answer, 10) == ParsedScore(score, "ok")
+    verdicts = f"Statement {{1}} holds; {{2}} does not. {TWO_VERDICTS}"
+    assert [v.score for v in parse_statement_scores(verdicts, 2)] == [0.9, 0.3]
+
+
 def test_an_echoed_prompt_never_yields_a_score() -> None:
     for criterion in CRITERIA.values():
         echoed = SYSTEM + "\n\n" + criterion.template.format(

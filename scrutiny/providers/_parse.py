@@ -192,17 +192,20 @@ def _decoded(text: str, raw: str, start: int = 0) -> tuple[Any, int]:
                        f"{exc.args[0]!r} twice)", raw) from None
 
 
-def _embedded_json(body: str, raw: str) -> Any:
-    """A JSON object inside a prose answer ("Here is my verdict: {...}"), or None."""
-    start = body.find("{")
-    end = body.rfind("}")
-    if start == -1 or end <= start:
-        return None
-    try:
-        data, stop = _decoded(body[start:end + 1], raw)
-    except ValueError:
-        return None
-    return data if stop == end + 1 - start else None
+def _embedded_json(body: str, raw: str, wanted: Callable[[Mapping[str, Any]], bool],
+                   quoted: Sequence[str]) -> tuple[Mapping[str, Any], str] | None:
+    """The first JSON object inside a prose answer ("Here is my verdict: {...}") that is
+    `wanted` and not copied from what the judge read, and the prose around it; or None.
+    (Each object on its own: read from the first "{" to the last "}", a verdict in prose
+    holding braces of its own, "the set {1, 2}", was no JSON and so no score.)"""
+    for data, start, end in _json_objects(body, raw):
+        if isinstance(data, Mapping) and wanted(data) and not _echoed(body[start:end], quoted):
+            return data, f"{body[:start]}\n{body[end:]}"
+    return None
+
+
+def _has_score(data: Mapping[str, Any]) -> bool:
+    return any(str(k).lower() in _SCORE_KEYS for k in data)
 
 
 def _load_json(candidate: str, raw: str) -> tuple[Any, int]:
@@ -445,13 +448,11 @@ def parse_score(raw: str, scale: float = 10, *, quoted: Sequence[str] = ()) -> P
     bare = _BARE.match(body)
     if bare:
         return ParsedScore(_from_match(bare, raw, scale), "")
-    embedded = _embedded_json(body, raw)
-    start, end = body.find("{"), body.rfind("}") + 1
-    if isinstance(embedded, Mapping) and any(str(k).lower() in _SCORE_KEYS for k in embedded) \
-            and not _echoed(body[start:end], quoted):
-        score = _agreeing(_score_of(embedded, raw, scale), f"{body[:start]}\n{body[end:]}",
-                          raw, scale, quoted)
-        return ParsedScore(score, _reasons_of(embedded))
+    embedded = _embedded_json(body, raw, _has_score, quoted)
+    if embedded is not None:  # (and no other score in the prose around it)
+        data, prose = embedded
+        score = _agreeing(_score_of(data, raw, scale), prose, raw, scale, quoted)
+        return ParsedScore(score, _reasons_of(data))
     found = _candidates(body, raw, scale, quoted)
     if not found:
         raise _invalid(f"no score on the scale 0-{scale:g} found", raw)
@@ -497,18 +498,17 @@ def parse_statement_scores(raw: str, count: int, scale: float = 10, *,
         data, end = _load_json(body, raw)
         prose = body[end:]
     else:
-        data = _embedded_json(body, raw)
-        start, end = body.find("{"), body.rfind("}") + 1
-        prose = f"{body[:start]}\n{body[end:]}"
-        if data is not None and _echoed(body[start:end], quoted):
-            data = None  # (a JSON object copied from a source is not the judge's)
-        if data is None:
+        # (a JSON object copied from a source is not the judge's)
+        embedded = _embedded_json(body, raw, lambda d: _has_score(d) or any(
+            k in d for k in _VERDICT_KEYS), quoted)
+        if embedded is None:
             if count == 1:  # one statement: a plain score is unambiguous (not an echoed one)
                 return [parse_score(raw, scale, quoted=quoted)]
             raise _invalid("the judge's answer is not JSON", raw)
+        data, prose = embedded
     items: Any = data
     if isinstance(data, Mapping):
-        items = next((data[k] for k in ("statements", "verdicts", "scores") if k in data), None)
+        items = next((data[k] for k in _VERDICT_KEYS if k in data), None)
         if items is None and count == 1 and any(k in data for k in _SCORE_KEYS):
             # one statement, one score: read as a plain score is, with the prose around
             # it ('{"score": 8}' then '{"score": 3}' is two scores)
@@ -548,6 +548,7 @@ def _verdicts(items: list[Any], count: int, raw: str, scale: float,
     return verdicts
 
 
+_VERDICT_KEYS = ("statements", "verdicts", "scores")
 _MAX_JSON_TRIES = 32  # ('{' in prose that opens no JSON: each try reads up to the next error)
 
 
@@ -580,8 +581,7 @@ def _no_other_verdicts(verdicts: list[ParsedScore], prose: str, raw: str, scale:
     for data, start, end in _json_objects(prose, raw):
         if _echoed(prose[start:end], quoted) or not isinstance(data, Mapping):
             continue
-        items = next((data[k] for k in ("statements", "verdicts", "scores") if k in data),
-                     None)
+        items = next((data[k] for k in _VERDICT_KEYS if k in data), None)
         if not isinstance(items, list):
             continue
         try:
