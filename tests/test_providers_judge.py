@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -251,6 +252,32 @@ def test_groundedness_never_judges_a_statement_cut_in_half_by_the_budget(
     judged = re.findall(r"^\d+\. (.*)$", prompt.split("<statements>")[1], re.MULTILINE)
     assert 0 < len(judged) < len(sentences)
     assert all(statement in sentences for statement in judged), judged[-1]
+
+
+def test_groundedness_over_too_many_contexts_for_its_budget_says_so(session: Session) -> None:
+    """60 short contexts in 1,000 tokens were skipped "as its instructions alone leave no
+    room to truncate into", though the instructions took a sixth of the budget: the limit
+    is the least each of the 61 texts keeps when cut."""
+    contexts = [f"Document {i}: Ireland has a mild and wet climate all year round."
+                for i in range(60)]
+    verdict = '{"statements": [{"statement": 1, "score": 10, "reason": "stated"}]}'
+    tight = LLMJudge(FakeListChatModel(responses=[verdict]), max_prompt_tokens=1000)
+    record = make_record(output="Ireland is wet.", contexts=contexts)
+    skipped = evaluate(session, [Feedback(tight.groundedness).on(
+        contexts=Select.contexts.collect(), answer=Select.output)], record)["groundedness"]
+    assert skipped.status is FeedbackStatus.SKIPPED
+    reason = skipped.error or ""
+    assert "instructions alone" not in reason
+    assert "its 61 texts do not fit beside its instructions" in reason
+    least = re.search(r"raise max_prompt_tokens to at least ([\d,]+),", reason)
+    assert least, reason
+    needed = int(least.group(1).replace(",", ""))  # (and that is enough)
+    enough = LLMJudge(FakeListChatModel(responses=[verdict]), max_prompt_tokens=needed)
+    done = evaluate(session, [Feedback(enough.groundedness).on(
+        contexts=Select.contexts.collect(), answer=Select.output)],
+        make_record(1, output="Ireland is wet.", contexts=contexts))["groundedness"]
+    assert done.status is FeedbackStatus.DONE, done.error
+    assert done.result == 1.0
 
 
 def test_the_default_budget_holds_for_chinese_text(session: Session) -> None:

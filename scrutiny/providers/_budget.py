@@ -112,7 +112,8 @@ def fit_prompt(
         labels: how each field is named in the notice (default: its key).
 
     Raises:
-        SkipFeedback: over budget with ``"skip"``, or the instructions alone do not fit.
+        SkipFeedback: over budget with ``"skip"``, or the texts do not fit even truncated
+            (the instructions alone, or too many texts for each to keep its least).
     """
     if max_tokens is None:
         return Fitted(dict(fields))
@@ -127,7 +128,17 @@ def fit_prompt(
         raise SkipFeedback(f"{over} (on_over_budget='skip')")
     available = max_tokens - fixed_tokens - _MARGIN_PER_FIELD * len(fields)
     if available < _MIN_FIELD_TOKENS * len(fields):
-        raise SkipFeedback(f"{over}, and its instructions alone leave no room to truncate into")
+        least = _MARGIN_PER_FIELD + _MIN_FIELD_TOKENS
+        needed = f"raise max_prompt_tokens to at least {fixed_tokens + least * len(fields):,}"
+        if fixed_tokens + least > max_tokens:
+            raise SkipFeedback(f"{over}, and its instructions alone (about {fixed_tokens:,} "
+                               f"tokens) leave no room to truncate into: {needed}")
+        # (many short texts: groundedness over 60 contexts was said to have no room for
+        # its instructions, which took a sixth of the budget)
+        raise SkipFeedback(
+            f"{over}, and its {len(fields)} texts do not fit beside its instructions (about "
+            f"{fixed_tokens:,} tokens) even cut to the least a text keeps "
+            f"({_MIN_FIELD_TOKENS} tokens each): {needed}, or judge fewer texts at once")
     shares = _shares(sizes, available)
     fitted: dict[str, str] = {}
     cut: list[str] = []
