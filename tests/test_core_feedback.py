@@ -505,3 +505,20 @@ def test_a_name_given_where_a_selector_goes_is_a_configuration_error_naming_it()
 def test_a_score_no_float_holds_is_named_as_returned(value: object, shown: str) -> None:
     with pytest.raises(InvalidFeedbackValue, match="returned " + shown.replace("+", r"\+")):
         coerce_feedback_value(value)
+
+
+def test_walking_a_records_spans_gives_each_once_whatever_their_ids() -> None:
+    """Two spans of one id, one the other's child (a record built by hand), made the walk
+    (and the dashboard's record view) loop for ever; spans whose parents form a cycle were
+    left out of it."""
+    tree = [Span("r", None, "root", "chain", 0.0), Span("a", "r", "a", "llm", 1.0),
+            Span("b", "r", "b", "tool", 2.0), Span("c", "a", "c", "parser", 3.0)]
+    assert [(d, s.name) for d, s in _record(spans=tree).walk()] == [
+        (0, "root"), (1, "a"), (2, "c"), (1, "b")]
+    twins = [Span("1", None, "first", "chain", 0.0), Span("1", "1", "second", "chain", 1.0)]
+    assert [(d, s.name) for d, s in _record(spans=twins).walk()] == [
+        (0, "first"), (1, "second")]
+    looped = [Span("r", None, "root", "chain", 0.0), Span("x", "y", "x", "chain", 1.0),
+              Span("y", "x", "y", "chain", 2.0), Span("s", "s", "self", "chain", 3.0)]
+    assert [(d, s.name) for d, s in _record(spans=looped).walk()] == [
+        (0, "root"), (0, "x"), (1, "y"), (0, "self")]

@@ -16,6 +16,7 @@ import concurrent.futures
 import decimal
 import enum
 import inspect
+import itertools
 import logging
 import math
 import numbers
@@ -286,17 +287,28 @@ class Record:
         return [s for s in self.spans if s.parent_id == span.span_id]
 
     def walk(self) -> Iterator[tuple[int, Span]]:
-        """Every span with its depth, depth first, children in start order."""
+        """Every span once, with its depth, depth first, children in start order. Spans
+        whose parents form a cycle (a record built by hand) come last, at the top level:
+        with two spans of one id, one the other's child, this walk never ended."""
         by_parent: dict[str | None, list[Span]] = {}
         known = {s.span_id for s in self.spans}
-        for s in sorted(self.spans, key=lambda s: s.start_time):
+        ordered = sorted(self.spans, key=lambda s: s.start_time)
+        for s in ordered:
             parent = s.parent_id if s.parent_id in known else None
             by_parent.setdefault(parent, []).append(s)
-        stack: list[tuple[int, Span]] = [(0, s) for s in reversed(by_parent.get(None, []))]
-        while stack:
-            depth, span = stack.pop()
-            yield depth, span
-            stack.extend((depth + 1, c) for c in reversed(by_parent.get(span.span_id, [])))
+        seen: set[int] = set()  # (by identity: ids may repeat)
+        for top in itertools.chain([by_parent.get(None, [])], ([s] for s in ordered)):
+            stack: list[tuple[int, Span]] = [(0, s) for s in reversed(top)]
+            while stack:
+                depth, span = stack.pop()
+                if id(span) in seen:
+                    continue
+                seen.add(id(span))
+                yield depth, span
+                stack.extend((depth + 1, c) for c in reversed(by_parent.get(span.span_id, []))
+                             if id(c) not in seen)
+            if len(seen) == len(self.spans):
+                return
 
     def spans_of_kind(self, *kinds: str) -> list[Span]:
         wanted = {str(getattr(k, "value", k)) for k in kinds}
