@@ -299,6 +299,43 @@ def test_charts_sample_is_bounded(client: TestClient) -> None:
     assert client.get("/api/charts", params={"sample": "1"}).status_code == 400
 
 
+def _as_score(output: str) -> float:
+    return float(output)
+
+
+def test_charts_of_scores_wider_than_the_float_range(database_url: str) -> None:
+    """Done scores of -1e308 and 1e308 made the histogram's width inf (hi - lo), and
+    /api/charts a 500 ("cannot convert float NaN to integer"); and the mean of 1e308 and
+    1.5e308 overflowed to no mean at all."""
+    largest = 1.7976931348623157e308
+    scores = {"v1": ["-1e308", "1e308"], "v2": ["1e308", "1.5e308"], "v3": [repr(largest)]}
+    with Session(database_url) as session:
+        fb = Feedback(_as_score, name="extreme").on_output()
+        for version, outputs in scores.items():
+            for i, output in enumerate(outputs):
+                session.ingest(Record(app_name="big", app_version=version, input=f"q{i}",
+                                      output=output), [fb])
+        assert session.wait_for_feedback(30)
+        with TestClient(create_app(session), base_url="http://127.0.0.1:8765") as client:
+            charts = get(client, "/api/charts", app=["big:v1", "big:v2"])
+            extreme = charts["distributions"]["extreme"]
+            assert (extreme["lo"], extreme["hi"]) == (-1e308, 1.5e308)
+            by_app = {v["app_id"]: v for v in extreme["versions"]}
+            # (bins 2.5e307 wide: 1e308 is 2e308 past lo, in bin 8; 1.5e308 in the last)
+            assert by_app["big:v1"]["counts"] == [1, 0, 0, 0, 0, 0, 0, 0, 1, 0]
+            assert by_app["big:v2"]["counts"] == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
+            assert by_app["big:v1"]["mean"] == 0.0
+            assert by_app["big:v2"]["mean"] == 1.25e308
+
+            alone = get(client, "/api/charts", app="big:v3")["distributions"]["extreme"]
+            assert alone["lo"] < largest <= alone["hi"] == largest  # (a range, still finite)
+            assert alone["versions"][0]["counts"] == [0] * 9 + [1]
+            assert alone["versions"][0]["mean"] == largest
+
+            every = get(client, "/api/charts")["distributions"]["extreme"]
+            assert sum(sum(v["counts"]) for v in every["versions"]) == 5
+
+
 # ---------------------------------------------------------------------- app ids and names
 def _three_apps_client(database_url: str) -> tuple[Session, TestClient, dict[Any, str]]:
     """Apps ("team", "qa"), ("team:qa", "v1"), ("team", "qa:v1"), one record each (quality

@@ -614,3 +614,30 @@ def test_a_latency_just_under_a_second_reads_as_seconds(page: Any, dashboard: Da
     page.goto(url)
     cell = page.locator(f"tr[data-record-id='{rec.record_id}'] td").nth(5)
     expect(cell).to_have_text("1.00 s")
+
+
+def test_scores_wider_than_the_float_range_are_charted(page: Any, dashboard: Dashboard) -> None:
+    """Scores from -1e308 to 1e308: the page drew the histogram over hi - lo = Infinity,
+    its bins spanned NaN or Infinity and the mean (0) sat at the left edge."""
+    from playwright.sync_api import expect
+
+    from scrutiny import Record
+
+    session = dashboard.session
+    fb = Feedback(lambda output: float(output), name="extreme").on_output()
+    for i, output in enumerate(["-1e308", "1e308"]):
+        session.ingest(Record(app_name="big", app_version="v1", input=f"q{i}",
+                              output=output), [fb])
+    assert session.wait_for_feedback(30)
+    url = dashboard.start()
+    page.goto(url)
+    row = page.locator("#chart-scores .dist-row[data-app='big:v1']")
+    expect(row.locator(".counts")).to_have_text("n=2 · mean 0.000")
+    expect(row.locator("line[stroke-dasharray]")).to_have_attribute("x1", "160")  # (W / 2)
+    bins = row.locator("rect title")
+    expect(bins).to_have_count(10)
+    expect(bins).to_have_text(["-1e+308–-8e+307: 1 (50%)", "-8e+307–-6e+307: 0 (0%)",
+                               "-6e+307–-4e+307: 0 (0%)", "-4e+307–-2e+307: 0 (0%)",
+                               "-2e+307–0.00: 0 (0%)", "0.00–2e+307: 0 (0%)",
+                               "2e+307–4e+307: 0 (0%)", "4e+307–6e+307: 0 (0%)",
+                               "6e+307–8e+307: 0 (0%)", "8e+307–1e+308: 1 (50%)"])

@@ -10,6 +10,7 @@ counts of `Session.get_feedback_summary()`; records come from `Session.query_rec
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -33,6 +34,7 @@ PREVIEW_CHARS = 240
 """The longest input or output preview in a page of records."""
 
 _STATUSES = ("done", "pending", "running", "failed", "skipped")
+_LARGEST = sys.float_info.max
 
 
 def _number(value: Any) -> float | None:
@@ -221,23 +223,45 @@ def record_detail(record: Record) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- charts
 def _bounds(values: list[float]) -> tuple[float, float]:
+    """The histogram's range: [0, 1] for scores in it, else the scores' own (never empty,
+    never past the largest float: one score of 1e308 has a range around it too)."""
     if not values:
         return 0.0, 1.0
     lo, hi = min(values), max(values)
     if lo >= 0.0 and hi <= 1.0:
         return 0.0, 1.0
-    if lo == hi:
-        return lo - 0.5, hi + 0.5
+    if lo == hi:  # (0.5 either side, or more where 0.5 is below the float's precision)
+        pad = max(0.5, abs(lo) * 2.0 ** -20)
+        return max(lo - pad, -_LARGEST), min(hi + pad, _LARGEST)
     return lo, hi
+
+
+def _halving(lo: float, hi: float) -> float:
+    """1.0, or 0.5 where hi - lo is past the largest float (-1e308 to 1e308): values and
+    bounds are then halved before they are subtracted (an inf width put every score in no
+    bin, and failed the charts)."""
+    return 1.0 if math.isfinite(hi - lo) else 0.5
 
 
 def _histogram(values: list[float], lo: float, hi: float, bins: int) -> list[int]:
     counts = [0] * bins
-    width = (hi - lo) / bins
+    k = _halving(lo, hi)
+    width = (hi * k - lo * k) / bins
     for v in values:
-        i = math.floor((v - lo) / width + 1e-9) if width > 0 else 0  # 0.3 is in [0.3, 0.4)
+        i = math.floor((v * k - lo * k) / width + 1e-9) if width > 0 else 0  # 0.3: [0.3, 0.4)
         counts[min(max(i, 0), bins - 1)] += 1
     return counts
+
+
+def _mean(values: list[float]) -> float | None:
+    """The mean of finite `values`, even where their sum is past the largest float (1e308
+    and 1.5e308: 1.25e308, not an overflow)."""
+    if not values:
+        return None
+    try:
+        return _number(math.fsum(values) / len(values))
+    except OverflowError:
+        return _number(math.fsum(v / len(values) for v in values))
 
 
 def charts(session: Session, app_ids: Sequence[str] | None = None,
@@ -289,7 +313,7 @@ def charts(session: Session, app_ids: Sequence[str] | None = None,
         lo, hi = _bounds(every)
         distributions[name] = {"lo": lo, "hi": hi, "versions": [{
             "app_id": app_id, "counts": _histogram(values, lo, hi, bins), "n": len(values),
-            "mean": _number(sum(values) / len(values)) if values else None,
+            "mean": _mean(values),
         } for app_id, values in scores[name].items()]}
     return {"sample": sample, "bins": bins, "truncated": truncated, "versions": sampled,
             "distributions": distributions, "latency": latency}

@@ -85,6 +85,9 @@ function fmtMs(ms) {
   return Math.round(ms) < 1000 ? `${ms < 10 ? ms.toFixed(1) : Math.round(ms)} ms`
     : `${(ms / 1000).toFixed(2)} s`;
 }
+// A histogram bin's edge: 2 decimals, or 3 significant digits where toFixed would write
+// every digit of an exponent form (4.0000000000000004e+307).
+function fmtEdge(x) { return Math.abs(x) < 1e21 ? x.toFixed(2) : String(Number(x.toPrecision(3))); }
 function pad(n) { return String(n).padStart(2, "0"); }
 // Times are shown in the browser's time zone, and always say which: the zone's name in
 // column headers and chart captions, the offset (e.g. "UTC−05:00") after a single time.
@@ -472,20 +475,27 @@ function renderDistribution(data, name, colors) {
   const dist = own(data.distributions, name);
   if (!dist) { wrap.appendChild(h("div", { class: "empty", text: "No scores yet." })); return; }
   const W = 320, H = 46, bins = data.bins;
+  // Halved before subtracting where hi - lo is past the largest number (scores from -1e308
+  // to 1e308), as the server's histogram does: an Infinity range gave NaN bins and put
+  // every mean at the left edge.
+  const k = Number.isFinite(dist.hi - dist.lo) ? 1 : 0.5;
+  const range = dist.hi * k - dist.lo * k;
+  const step = range / bins;
+  const edge = (i) => (dist.lo * k + i * step) / k;
   for (const v of dist.versions) {
     const total = v.counts.reduce((a, b) => a + b, 0) || 1;
     const peak = Math.max(...v.counts, 1);
     const bw = W / bins;
     const bars = v.counts.map((c, i) => {
       const bh = (c / peak) * (H - 4);
-      const lo = dist.lo + (i * (dist.hi - dist.lo)) / bins;
-      const hi = dist.lo + ((i + 1) * (dist.hi - dist.lo)) / bins;
+      const lo = edge(i);
+      const hi = edge(i + 1);
       return svg("rect", { x: i * bw + 1, y: H - bh, width: bw - 2, height: bh, fill: colors[v.app_id], rx: 1 },
-        svg("title", null, `${lo.toFixed(2)}–${hi.toFixed(2)}: ${c} (${Math.round((100 * c) / total)}%)`));
+        svg("title", null, `${fmtEdge(lo)}–${fmtEdge(hi)}: ${c} (${Math.round((100 * c) / total)}%)`));
     });
     const marks = [];
     if (v.mean !== null) {
-      const x = ((v.mean - dist.lo) / (dist.hi - dist.lo || 1)) * W;
+      const x = ((v.mean * k - dist.lo * k) / (range || 1)) * W;
       marks.push(svg("line", { x1: x, x2: x, y1: 0, y2: H, stroke: "#1d2330", "stroke-width": 1.5, "stroke-dasharray": "3 2" },
         svg("title", null, `mean ${fmtScore(v.mean)}`)));
     }
