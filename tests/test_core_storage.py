@@ -736,3 +736,19 @@ def test_an_app_label_too_long_for_every_database_is_refused_when_given(
     assert (df.loc[0, "app_name"], df.loc[0, "app_version"], df.loc[0, "one"]) == (
         name, version, 1.0)
     assert list(board.index) == [(name, version)]
+
+
+def test_a_mean_of_scores_near_the_float_limit_is_not_lost(backend: tuple[str, str]) -> None:
+    """1e308 and 1.5e308 averaged past the float limit: SQLite's leaderboard said inf (the
+    dashboard "—"), and PostgreSQL refused the whole summary ("value out of range")."""
+    url, prefix = backend
+    scores = iter([1e308, 1.5e308, 0.25, 0.75])
+    big = Feedback(lambda output: next(scores), name="big").on_output()
+    with Session(url, table_prefix=prefix) as s:
+        for i, app in enumerate(["huge", "huge", "small", "small"]):
+            record = s.ingest(make_record(app_name=app, input=f"q{i}"), [big])
+            assert record.wait_for_feedback_results(timeout=10)[big].status is \
+                FeedbackStatus.DONE
+        board = s.get_leaderboard()
+    assert board.loc[("huge", "v1"), "big"] == pytest.approx(1.25e308)
+    assert board.loc[("small", "v1"), "big"] == pytest.approx(0.5)

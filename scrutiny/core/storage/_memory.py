@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -113,7 +114,8 @@ class MemoryStore:
                 present = [s for s in scores if s is not None]
                 results.append({"app_id": app, "feedback_name": name, "status": status,
                                 "n": len(scores),
-                                "mean": sum(present) / len(present) if present else None})
+                                "mean": math.fsum(v / len(present) for v in present)
+                                if present else None})  # (1e308 and 1.5e308: no inf)
             return list(apps.values()), results
 
     def query_records(self, query: RecordQuery) -> tuple[list[Row], list[Row], int]:

@@ -8,8 +8,10 @@ second process can share one file without "database is locked".
 from __future__ import annotations
 
 import contextlib
+import decimal
 import functools
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -25,9 +27,11 @@ import orjson
 from sqlalchemy import (
     Connection,
     Engine,
+    Numeric,
     and_,
     bindparam,
     case,
+    cast,
     create_engine,
     delete,
     event,
@@ -40,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
+    DBAPIError,
     NoSuchModuleError,
     OperationalError,
     SQLAlchemyError,
@@ -972,21 +977,52 @@ class SQLStore:
         where = self._app_filter(app_ids)
         if where is not None:
             rq = rq.where(where)
-        resq = (select(t.results.c.app_id, t.results.c.feedback_name, t.results.c.status,
-                       func.count().label("n"), func.avg(t.results.c.score).label("mean"))
-                .group_by(t.results.c.app_id, t.results.c.feedback_name, t.results.c.status))
+        groups = (t.results.c.app_id, t.results.c.feedback_name, t.results.c.status)
+
+        def summary(mean: Any) -> Any:
+            return select(*groups, func.count().label("n"), mean.label("mean")).group_by(
+                *groups)
+
+        resq = summary(func.avg(t.results.c.score))
         with self._snapshot() as conn:
             apps = [dict(r._mapping) for r in conn.execute(rq)]
             wanted = {a["app_id"] for a in apps}
+            only = None
             if where is not None:
                 # (by the database, on its app_id index: grouping every app's results and
                 # keeping these here cost one app's summary as much as the leaderboard's)
                 if not wanted:
                     return apps, []
-                resq = resq.where(t.results.c.app_id.in_(sorted(wanted)))
-            results = [dict(r._mapping) for r in conn.execute(resq)
-                       if r.app_id in wanted]
+                only = t.results.c.app_id.in_(sorted(wanted))
+                resq = resq.where(only)
+            try:
+                with (conn.begin_nested() if self._dialect == "postgresql"
+                      else contextlib.nullcontext()):
+                    rows = list(conn.execute(resq))
+            except DBAPIError as exc:  # PostgreSQL: scores summed past the float limit
+                if getattr(exc.orig, "sqlstate", None) != "22003":
+                    raise
+                exact = summary(func.avg(cast(t.results.c.score, Numeric)))
+                rows = list(conn.execute(exact if only is None else exact.where(only)))
+            results = [dict(r._mapping) for r in rows if r.app_id in wanted]
+            for row in results:
+                mean = row["mean"]
+                if isinstance(mean, decimal.Decimal):
+                    row["mean"] = float(mean)
+                elif mean is not None and not math.isfinite(mean):
+                    row["mean"] = self._mean_of(conn, row)  # (SQLite: inf)
         return apps, results
+
+    def _mean_of(self, conn: Connection, group: Row) -> float:
+        """The mean score of a group whose AVG overflowed: finite scores near the float
+        limit (1e308 and 1.5e308) summed past it, and the leaderboard said inf."""
+        t = self.tables.results
+        scores = [r.score for r in conn.execute(
+            select(t.c.score).where(t.c.app_id == group["app_id"],
+                                    t.c.feedback_name == group["feedback_name"],
+                                    t.c.status == group["status"],
+                                    t.c.score.is_not(None)))]
+        return math.fsum(v / len(scores) for v in scores) if scores else group["mean"]
 
     @_reads("read records from")
     def query_records(self, query: RecordQuery) -> tuple[list[Row], list[Row], int]:
