@@ -448,7 +448,9 @@ def _to_csv(df: pd.DataFrame, index: bool, spreadsheet_safe: bool = False) -> st
                         for v in out[col]]
     if spreadsheet_safe:
         out = _map_texts(out, _defuse)
-    return str(out.to_csv(index=index, lineterminator="\n"))
+    # (CRLF, RFC 4180's: a cell holding a bare "\r" is quoted too — with "\n" it was not,
+    # and a reader split the row there)
+    return str(out.to_csv(index=index, lineterminator="\r\n"))
 
 
 _SPREADSHEET_SAFE = click.option(
@@ -497,7 +499,9 @@ def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
     if fmt == "json":
         click.echo(_to_json(df))
     elif fmt == "csv":
-        click.echo(_to_csv(df, index=False, spreadsheet_safe=spreadsheet_safe), nl=False)
+        # (color=True: click strips escape sequences from a pipe, and CSV is exact text)
+        click.echo(_to_csv(df, index=False, spreadsheet_safe=spreadsheet_safe), nl=False,
+                   color=True)
     elif df.empty:
         click.echo("no records" + (f" after the newest {offset}" if offset else ""))
     else:
@@ -535,7 +539,8 @@ def leaderboard(database_url: str | None, table_prefix: str, apps: tuple[str, ..
     if fmt == "json":
         click.echo(_to_json(board.reset_index()))
     elif fmt == "csv":
-        click.echo(_to_csv(board, index=True, spreadsheet_safe=spreadsheet_safe), nl=False)
+        click.echo(_to_csv(board, index=True, spreadsheet_safe=spreadsheet_safe), nl=False,
+                   color=True)
     else:
         click.echo(_to_table(board) if not board.empty else "no records")
 

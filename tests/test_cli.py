@@ -19,7 +19,7 @@ from scrutiny.cli import TABLE_LIMIT, main
 from tests.support.worker_process import run_worker_until
 
 REPO = Path(__file__).resolve().parents[1]
-AWKWARD = 'héllo 🌍 "quoted", comma\nsecond line\ttab'
+AWKWARD = 'héllo 🌍 "quoted", comma\nsecond line\ttab\rcarriage \x1b[31mred\x1b[0m'
 LONG = "x" * 200_000
 
 
