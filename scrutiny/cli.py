@@ -583,6 +583,7 @@ def dashboard(database_url: str | None, table_prefix: str, host: str, port: int,
     """Serve the read-only web dashboard until Ctrl-C."""
     from click.core import ParameterSource
 
+    _refuse_memory(database_url, "`scrutiny dashboard` (it reads what apps stored)")
     ctx = click.get_current_context()
     if (database_url and ctx.get_parameter_source("database_url") is ParameterSource.COMMANDLINE
             and _url_password(database_url)):

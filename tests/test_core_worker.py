@@ -688,13 +688,15 @@ def test_cli_refuses_a_private_memory_store_and_a_negative_grace() -> None:
     assert out.exit_code == 2
     assert "--grace" in out.output
     assert "flush_timeout" not in out.output
-    # (a process of its own: a worker that is not refused runs until it is stopped)
-    proc = subprocess.run([sys.executable, "-m", "scrutiny.cli", "worker", "--database-url",
-                           "memory://"], capture_output=True, text=True, timeout=20,
-                          cwd=REPO)
-    assert proc.returncode == 2
-    assert "memory://" in proc.stderr
-    assert "app's database" in proc.stderr
+    # (processes of their own: a worker or dashboard that is not refused runs until it is
+    # stopped; the dashboard served an empty store of its own)
+    for command in ("worker", "dashboard"):
+        proc = subprocess.run([sys.executable, "-m", "scrutiny.cli", command,
+                               "--database-url", "memory://"], capture_output=True, text=True,
+                              timeout=20, cwd=REPO)
+        assert proc.returncode == 2
+        assert "memory://" in proc.stderr
+        assert "app's database" in proc.stderr
 
 
 def test_a_deferred_session_and_its_worker_still_end_cleanly(sqlite: tuple[str, str]) -> None:
