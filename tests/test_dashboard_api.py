@@ -273,6 +273,26 @@ def test_unknown_record_is_a_404(client: TestClient) -> None:
     assert resp.json() == {"error": "no such record"}
 
 
+def test_any_record_id_is_answered_by_query(database_url: str) -> None:
+    """A page asking for api/records/<id> got api/records/ (a 404) for the id "." and the
+    API's root for "..": a browser resolves those as dot segments, escaped as %2E or not."""
+    ids = [".", "..", "%2E", "a/../b", "?x=1#y", " "]
+    with Session(database_url) as session:
+        for i, rid in enumerate(ids):
+            session.ingest(Record(app_name="ids", app_version="v1", input=f"id {i}",
+                                  output="o", record_id=rid))
+        assert session.flush(10)
+        with TestClient(create_app(session), base_url="http://127.0.0.1:8765") as client:
+            for i, rid in enumerate(ids):
+                rec = get(client, "/api/record", id=rid)
+                assert (rec["record_id"], rec["input"]) == (rid, f"id {i}")
+            missing = client.get("/api/record", params={"id": "nope"})
+            assert (missing.status_code, missing.json()) == (404, {"error": "no such record"})
+            bare = client.get("/api/record")
+            assert bare.status_code == 400
+            assert "id=" in bare.json()["error"]
+
+
 def test_script_output_comes_back_as_plain_data(client: TestClient) -> None:
     row = get(client, "/api/records", app="other", record_status="ok")["records"][0]
     assert row["output_preview"] == SCRIPT

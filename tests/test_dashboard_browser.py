@@ -641,3 +641,32 @@ def test_scores_wider_than_the_float_range_are_charted(page: Any, dashboard: Das
                                "-2e+307–0.00: 0 (0%)", "0.00–2e+307: 0 (0%)",
                                "2e+307–4e+307: 0 (0%)", "4e+307–6e+307: 0 (0%)",
                                "6e+307–8e+307: 0 (0%)", "8e+307–1e+308: 1 (50%)"])
+
+
+@pytest.mark.parametrize("record_id", [".", ".."])
+def test_a_record_whose_id_is_dots_opens(page: Any, dashboard: Dashboard,
+                                         record_id: str) -> None:
+    """The page asked for api/records/<id>: the browser resolved "." and ".." as dot
+    segments (api/records/, api/), and the stored record read "No such record"."""
+    from playwright.sync_api import expect
+
+    from scrutiny import Record
+
+    session = dashboard.session
+    for rid in (".", "..", "x"):
+        session.ingest(Record(app_name="dots", app_version="v1", input=f"id {rid}",
+                              output=f"output of {rid}", record_id=rid))
+    assert session.flush(10)
+    url = dashboard.start()
+    page.goto(url)
+    page.locator(f"#records tr[data-record-id='{record_id}'] a").click()
+    view = page.locator("#record-view")
+    expect(view.locator(".record-head .mono.muted").last).to_have_text(record_id)
+    expect(page.locator("#record-output")).to_have_text(f"output of {record_id}")
+    expect(view.locator("#record-missing")).to_have_count(0)
+    page.get_by_role("link", name="← All records").click()
+    expect(page.locator("#records tbody tr")).to_have_count(3)
+
+    page.goto(url + "#/record/" + record_id.replace(".", "%2E"))  # (its address, reloaded)
+    expect(page.locator("#record-output")).to_have_text(f"output of {record_id}")
+    expect(page.locator("#error")).to_be_hidden()

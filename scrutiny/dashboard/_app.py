@@ -8,6 +8,7 @@ Routes (GET only; every other method is refused):
 ``/api/leaderboard``        versions x feedbacks: mean of done scores with counts by status
 ``/api/records``            a page of records, filtered (see :func:`_record_filters`)
 ``/api/records/{id}``       one record with its span tree, contexts and feedback results
+``/api/record?id=``         the same, for any id (a path cannot carry the ids "." and "..")
 ``/api/charts``             score distributions per version and latency over time (a sample)
 
 Safety: with a token, every request needs it (``Authorization: Bearer``, the cookie the page
@@ -234,11 +235,22 @@ def create_app(session: Session, *, token: str | None = None,
     def records(request: Request) -> Response:
         return JSONResponse(_views.records_page(session, **_record_filters(request)))
 
-    def record(request: Request) -> Response:
-        found = session.get_record(request.path_params["record_id"])
+    def one_record(record_id: str) -> Response:
+        found = session.get_record(record_id)
         if found is None:
             return JSONResponse({"error": "no such record"}, status_code=404)
         return JSONResponse(_views.record_detail(found))
+
+    def record(request: Request) -> Response:
+        return one_record(request.path_params["record_id"])
+
+    def record_by_id(request: Request) -> Response:
+        # (any id, "." and ".." too: a browser resolves those as a path's dot segments,
+        # %2E or not, so the page asks for every record here)
+        record_id = request.query_params.get("id")
+        if record_id is None:
+            raise HTTPException(400, "id=<record id> is required")
+        return one_record(record_id)
 
     def charts(request: Request) -> Response:
         sample = _int(request, "sample", 500)
@@ -267,6 +279,7 @@ def create_app(session: Session, *, token: str | None = None,
         Route("/api/leaderboard", leaderboard),
         Route("/api/records", records),
         Route("/api/records/{record_id:path}", record),  # (an id may hold a "/")
+        Route("/api/record", record_by_id),
         Route("/api/charts", charts),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]

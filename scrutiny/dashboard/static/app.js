@@ -559,7 +559,9 @@ async function showRecord(id, gen) {
   const view = $("record-view");
   try {
     const began = performance.now();
-    const rec = await api(`records/${encodeURIComponent(id)}`);
+    // (by query, not records/<id>: a browser resolves the ids "." and ".." as the path's dot
+    // segments, escaped as %2E or not, and asked for api/records/ and api/ instead)
+    const rec = await api("record", new URLSearchParams({ id }));
     if (gen !== state.gen) return;
     await learnDirections(rec);
     if (gen !== state.gen) return;
