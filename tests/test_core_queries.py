@@ -295,3 +295,22 @@ def test_apps_whose_names_hold_colons_keep_apart(three_apps: Session) -> None:
     assert s.delete_records(app_ids="team:qa") == 0
     assert s.delete_records(app_ids=[ids[("team", "qa:v1")]]) == 1
     assert _apps_of(s.get_records_and_feedback()[0]) == [("ops:eu", "v2"), ("team:qa", "v1")]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "memory", "postgresql"])
+def test_search_finds_text_and_not_the_letters_of_its_escapes(backend: str,
+                                                              tmp_path: Path) -> None:
+    """Texts are stored as JSON: "nhere" found "first line\\nhere" (a newline, then
+    "here"), "there" found "tab\\there" and "u001b" any text holding an escape character,
+    none of which holds those letters."""
+    url = {"sqlite": f"sqlite:///{tmp_path}/s.sqlite", "memory": "memory://"}.get(backend)
+    with Session(url or postgres_url(), table_prefix=f"q{uuid.uuid4().hex[:8]}_") as s:
+        for i, text in enumerate(["first line\nhere", "tab\there", "\x1b[31mred\x1b[0m",
+                                  "a path C:\\nhere", "Straße NHERE"]):
+            s.ingest(Record(app_name="search", app_version="v1", input=f"s{i}",
+                            output=text, start_time=1.0, end_time=2.0), [])
+        found = {term: sorted(r.input for r in s.query_records(search=term).records)
+                 for term in ("nhere", "there", "u001b", "[31mred", "line\nhere", "ß")}
+    assert found == {"nhere": ["s3", "s4"],  # (a backslash written out, then "nhere")
+                     "there": [], "u001b": [], "[31mred": ["s2"], "line\nhere": ["s0"],
+                     "ß": ["s4"]}

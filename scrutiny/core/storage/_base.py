@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+import orjson
+
 __all__ = ["InsertRecord", "RecordQuery", "RenewLeases", "Row", "Store", "UpdateResult",
+           "json_escaped", "search_regex", "search_matcher",
            "WriteOp"]
 
 Row = dict[str, Any]
@@ -167,3 +171,22 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release connections; idempotent."""
+
+
+def json_escaped(text: str) -> str:
+    """`text` as it is written inside a stored JSON string (its escapes, no quotes)."""
+    return orjson.dumps(text).decode()[1:-1]
+
+
+def search_regex(term: str) -> str:
+    """A case-insensitive regular expression finding `term` in stored JSON text, and not
+    inside an escape: searching "nhere" found "line\\nhere" (a newline, then "here"), and
+    "u001b" any text holding an escape character. The term, escaped as JSON, must follow
+    an even number of backslashes. (Python's and PostgreSQL's syntax alike.)"""
+    return r"(?i)(?:^|[^\\])(?:\\\\)*" + re.escape(json_escaped(term))
+
+
+def search_matcher(term: str) -> Callable[[str | None], bool]:
+    """Whether stored JSON text holds `term` (see :func:`search_regex`)."""
+    pattern = re.compile(search_regex(term))
+    return lambda text: text is not None and pattern.search(text) is not None

@@ -8,8 +8,6 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-import orjson
-
 from scrutiny.core.storage._base import (
     InsertRecord,
     RecordQuery,
@@ -17,6 +15,7 @@ from scrutiny.core.storage._base import (
     Row,
     UpdateResult,
     WriteOp,
+    search_matcher,
 )
 
 __all__ = ["MemoryStore"]
@@ -124,21 +123,23 @@ class MemoryStore:
             for res in self._results.values():
                 by_record.setdefault(res["record_id"], []).append(res)
 
-            wanted = self._app_matcher(query.app_ids or None)
+            wanted = self._app_matcher(query.app_ids)
+
+            found = search_matcher(query.search or "")
 
             def keep(r: Row) -> bool:
                 if not wanted(r):
                     return False
-                if query.app_versions and r["app_version"] not in query.app_versions:
+                if query.app_versions is not None and \
+                        r["app_version"] not in query.app_versions:
                     return False
                 if query.record_status and r["status"] != query.record_status:
                     return False
-                if query.search:  # (as stored: JSON text, its escapes included)
-                    needle = orjson.dumps(query.search).decode()[1:-1].casefold()
-                    if needle not in (r.get("input_json") or "").casefold() and \
-                            needle not in (r.get("output_json") or "").casefold():
-                        return False
-                if query.feedback_name and (query.statuses or query.min_score is not None
+                if query.search and not (found(r.get("input_json"))
+                                         or found(r.get("output_json"))):
+                    return False
+                if query.feedback_name and (query.statuses is not None
+                                            or query.min_score is not None
                                             or query.max_score is not None):
                     return any(_result_matches(res, query)
                                for res in by_record.get(r["record_id"], []))
@@ -222,9 +223,9 @@ class MemoryStore:
     def _app_matcher(self, app_ids: Sequence[str] | None) -> Callable[[Row], bool]:
         """Whether a record is of these apps, by the SQL store's rule: a value is an app
         id when some app has that id, and otherwise an app name (all its versions)."""
-        if not app_ids:
+        if app_ids is None:
             return lambda row: True
-        ids = {v for v in app_ids if v in self._apps}
+        ids = {v for v in app_ids if v in self._apps}  # (none given: none selected)
         names = {v for v in app_ids if v not in self._apps}
         return lambda row: row["app_id"] in ids or row["app_name"] in names
 
@@ -232,7 +233,7 @@ class MemoryStore:
 def _result_matches(res: Row, query: RecordQuery) -> bool:
     if res["feedback_name"] != query.feedback_name:
         return False
-    if query.statuses and res["status"] not in query.statuses:
+    if query.statuses is not None and res["status"] not in query.statuses:
         return False
     score = res.get("score")
     if query.min_score is not None and (score is None or score < query.min_score):

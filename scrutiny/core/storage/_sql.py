@@ -59,6 +59,8 @@ from scrutiny.core.storage._base import (
     Row,
     UpdateResult,
     WriteOp,
+    json_escaped,
+    search_regex,
 )
 from scrutiny.core.storage._migrate import MigratePolicy, ensure_schema
 from scrutiny.core.storage._schema import Tables, UTCDateTime, build_tables
@@ -267,6 +269,7 @@ def _make_engine(url: str) -> Engine:
         cur.close()
         # SQLite folds only ASCII letters in LIKE: searches with other letters fold here
         dbapi_conn.create_function(_FOLD, 1, _fold, deterministic=True)
+        dbapi_conn.create_function("regexp", 2, _regexp, deterministic=True)  # (searches)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -339,6 +342,16 @@ _FOLD = "scrutiny_fold"
 
 def _fold(text: str | None) -> str | None:
     return None if text is None else text.casefold()
+
+
+def _regexp(pattern: str, text: str | None) -> bool:
+    """SQLite's REGEXP (it has none of its own)."""
+    return text is not None and _compiled(pattern).search(text) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
 
 class SQLStore:
@@ -1133,16 +1146,19 @@ class SQLStore:
         ASCII letters only: a term with other letters is matched on both sides folded by
         Python (slower: only those searches pay for it); PostgreSQL's ILIKE folds them all.
         """
-        term = orjson.dumps(search).decode()[1:-1]  # the JSON escapes, without the quotes
+        term = json_escaped(search)
         like = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         t = self.tables.records
+        # LIKE finds the candidates; the regular expression then keeps those where the term
+        # is not inside an escape ("nhere" in "line\\nhere": see search_regex)
         if self._dialect == "sqlite" and not search.isascii():
-            pattern = "%" + like.casefold() + "%"
-            return or_(func.scrutiny_fold(t.c.input_json).like(pattern, escape="\\"),
-                       func.scrutiny_fold(t.c.output_json).like(pattern, escape="\\"))
-        pattern = "%" + like + "%"
-        return or_(t.c.input_json.ilike(pattern, escape="\\"),
-                   t.c.output_json.ilike(pattern, escape="\\"))
+            pattern, rx = "%" + like.casefold() + "%", search_regex(search.casefold())
+            return or_(*(and_(func.scrutiny_fold(c).like(pattern, escape="\\"),
+                              func.scrutiny_fold(c).regexp_match(rx))
+                         for c in (t.c.input_json, t.c.output_json)))
+        pattern, rx = "%" + like + "%", search_regex(search)
+        return or_(*(and_(c.ilike(pattern, escape="\\"), c.regexp_match(rx))
+                     for c in (t.c.input_json, t.c.output_json)))
 
     @_reads("read results from")
     def results_by_ids(self, result_ids: Sequence[str]) -> list[Row]:
