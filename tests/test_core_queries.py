@@ -314,3 +314,13 @@ def test_search_finds_text_and_not_the_letters_of_its_escapes(backend: str,
     assert found == {"nhere": ["s3", "s4"],  # (a backslash written out, then "nhere")
                      "there": [], "u001b": [], "[31mred": ["s2"], "line\nhere": ["s0"],
                      "ß": ["s4"]}
+
+
+def test_an_empty_selection_selects_nothing_in_every_store(filled: Session) -> None:
+    """(The in-memory store read an empty app_ids, app_versions or statuses as "all".)"""
+    assert filled.query_records(app_ids=[]).total == 0
+    assert filled.query_records(app_versions=[]).total == 0
+    assert filled.query_records(feedback_name="quality", statuses=[]).total == 0
+    assert filled.get_records_and_feedback(app_ids=[])[0].empty
+    assert filled.get_leaderboard(app_ids=[]).empty
+    assert filled.query_records().total == 11
