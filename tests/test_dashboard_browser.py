@@ -670,3 +670,57 @@ def test_a_record_whose_id_is_dots_opens(page: Any, dashboard: Dashboard,
     page.goto(url + "#/record/" + record_id.replace(".", "%2E"))  # (its address, reloaded)
     expect(page.locator("#record-output")).to_have_text(f"output of {record_id}")
     expect(page.locator("#error")).to_be_hidden()
+
+
+def test_apps_and_versions_stored_after_the_page_opened_are_filtered_and_listed(
+        page: Any, dashboard: Dashboard) -> None:
+    """The page turned the chosen app into the ids of the versions it saw when it opened,
+    and never looked at the apps again: App "live" left out a version deployed since (3 of
+    its 4 records missing), and neither dropdown ever listed a new app or version."""
+    from playwright.sync_api import expect
+
+    from scrutiny import Record
+
+    session = dashboard.session
+    n = 0
+
+    def store(app: str, version: str, count: int = 1) -> None:
+        nonlocal n
+        for _ in range(count):
+            n += 1
+            session.ingest(Record(app_name=app, app_version=version, input=f"q{n}",
+                                  output=f"a{n}", start_time=float(n), end_time=n + 0.5))
+        assert session.flush(10)
+
+    store("live", "v1")
+    store("other", "v1")
+    url = dashboard.start()
+    form = page.locator("#filters")
+    app, version = form.locator("select[name=app]"), form.locator("select[name=version]")
+    count = page.locator("#records-count")
+    page.goto(url)
+    expect(count).to_have_text("2 matching")
+    expect(app.locator("option")).to_have_text(["all", "live", "other"])
+
+    store("live", "v2", 3)  # a version deployed while the page is open, then chosen
+    app.select_option("live")
+    expect(count).to_have_text("4 matching")
+    expect(page.locator("#records tbody tr")).to_have_count(4)
+    expect(page.locator("#leaderboard tbody tr")).to_have_count(2)
+    expect(version.locator("option")).to_have_text(["all", "v1", "v2"])
+
+    store("live", "v3", 2)  # and while an app is chosen: the next refresh has them
+    store("new", "v1")
+    expect(count).to_have_text("6 matching", timeout=WAIT_MS + 10_000)  # (idle: every 10 s)
+    expect(page.locator("#leaderboard tbody tr")).to_have_count(3)
+    expect(version.locator("option")).to_have_text(["all", "v1", "v2", "v3"])
+    expect(app.locator("option")).to_have_text(["all", "live", "new", "other"])
+    expect(app).to_have_value("live")  # (the choice kept)
+    expect(version).to_have_value("")
+    assert "app=live" in page.url
+
+    version.select_option("v3")
+    expect(count).to_have_text("2 matching")
+    app.select_option("new")
+    expect(count).to_have_text("1 matching")
+    expect(version.locator("option")).to_have_text(["all", "v1"])

@@ -223,17 +223,32 @@ function filtersHash(params) {
 function setFilters(params) { location.hash = filtersHash(params); }
 
 // ------------------------------------------------------------------ home
-async function loadApps(force) {
-  if (force || !state.apps.length) state.apps = await api("apps");
+// The App and Version dropdowns from state.apps, keeping what the address has chosen.
+function fillAppSelects() {
   const form = $("filters");
   const f = filters();
-  const appSel = form.elements.app;
   const names = [...new Set(state.apps.map((a) => a.app_name))];
-  fillSelect(appSel, names, "all", f.get("app"));
+  fillSelect(form.elements.app, names, "all", f.get("app"));
   const versions = [...new Set(state.apps
     .filter((a) => !f.get("app") || a.app_name === f.get("app"))
     .map((a) => a.app_version))];
   fillSelect(form.elements.version, versions, "all", f.get("version"));
+}
+
+// The chosen app and/or version as app ids: a name such as "team:qa" can also be the id
+// of app "team" version "qa", and the server reads a value as an id first. A version
+// alone is every app's version of that name (the leaderboard showed every version).
+function appParamsFor(f) {
+  const chosen = f.get("app") || f.get("version") ? state.apps.filter((a) =>
+    (!f.get("app") || a.app_name === f.get("app"))
+    && (!f.get("version") || a.app_version === f.get("version"))) : [];
+  const appParams = new URLSearchParams();
+  for (const a of chosen) appParams.append("app", a.app_id);
+  if (f.get("app") && !chosen.length) {  // (not among the apps loaded: as it was given)
+    appParams.set("app", f.get("app"));
+    if (f.get("version")) appParams.set("version", f.get("version"));
+  }
+  return appParams;
 }
 
 function fillSelect(sel, values, anyLabel, current) {
@@ -257,25 +272,16 @@ function syncForm() {
 
 async function showHome(gen, first) {
   try {
+    let appsFresh = false;
     if (first) {
       state.homeHash = location.hash || "#/";
       syncForm();
-      await loadApps(state.forceApps);
-      state.forceApps = false;
+      if (!state.apps.length) { state.apps = await api("apps"); appsFresh = true; }
+      if (gen !== state.gen) return;
+      fillAppSelects();
     }
     const f = filters();
-    // The chosen app and/or version as app ids: a name such as "team:qa" can also be the id
-    // of app "team" version "qa", and the server reads a value as an id first. A version
-    // alone is every app's version of that name (the leaderboard showed every version).
-    const chosen = f.get("app") || f.get("version") ? state.apps.filter((a) =>
-      (!f.get("app") || a.app_name === f.get("app"))
-      && (!f.get("version") || a.app_version === f.get("version"))) : [];
-    const appParams = new URLSearchParams();
-    for (const a of chosen) appParams.append("app", a.app_id);
-    if (f.get("app") && !chosen.length) {  // (not among the apps loaded: as it was given)
-      appParams.set("app", f.get("app"));
-      if (f.get("version")) appParams.set("version", f.get("version"));
-    }
+    const appParams = appParamsFor(f);
     const recParams = new URLSearchParams(appParams);
     if (!f.get("app") && f.get("version")) recParams.set("version", f.get("version"));
     for (const k of ["record_status", "feedback", "status", "min_score", "max_score", "q",
@@ -284,8 +290,17 @@ async function showHome(gen, first) {
     }
     recParams.set("limit", "50");
     const began = performance.now();
-    const [board, page] = await Promise.all([api("leaderboard", appParams), api("records", recParams)]);
+    // (the apps again on every refresh: a version stored since is in the dropdowns, and in
+    // the chosen app's ids, which were only those of the page's first look)
+    const [apps, board, page] = await Promise.all([appsFresh ? state.apps : api("apps"),
+      api("leaderboard", appParams), api("records", recParams)]);
     if (gen !== state.gen) return;
+    state.apps = apps;
+    fillAppSelects();
+    if (String(appParamsFor(f)) !== String(appParams)) {  // the choice has new versions
+      await showHome(gen, first);
+      return;
+    }
     const cost = performance.now() - began;
     showError(null);
     const sig = JSON.stringify([board.rows.map((r) => [r.app_id, r.records, r.pending, r.running,
@@ -728,7 +743,7 @@ function wireFilters() {
   });
   form.addEventListener("reset", (ev) => { ev.preventDefault(); setFilters(new URLSearchParams()); });
   $("chart-feedback").addEventListener("change", renderCharts);
-  $("refresh").addEventListener("click", () => { state.forceApps = true; route(); });
+  $("refresh").addEventListener("click", route);
 }
 
 async function start() {
