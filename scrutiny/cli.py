@@ -292,13 +292,15 @@ def _say_start(session: Session, table_prefix: str, concurrency: int) -> None:
     waited for ever on tables of its own, its log the same as a worker's with no work."""
     where = shown_url(session.database_url)
     try:
-        pending = session.store.count_results().get("pending", 0)
+        counts = session.store.count_results()
     except Exception as exc:  # (said; the worker's own retries take it from here)
         logger.info("worker %s on %s (could not count the pending results: %s)",
                     session.owner_id, where, exc)
         return
-    logger.info("worker %s on %s: %d result(s) pending; evaluating up to %d at once",
-                session.owner_id, where, pending, concurrency)
+    # (a running one is claimable too once its lease runs out: its process died)
+    logger.info("worker %s on %s: %d result(s) pending, %d running (claimable once their "
+                "lease runs out); evaluating up to %d at once", session.owner_id, where,
+                counts.get("pending", 0), counts.get("running", 0), concurrency)
     if getattr(session.store, "found_revision", "") is None:
         logger.warning("no Scrutiny tables (prefix %r) were in %s: this worker created them, "
                        "so no app has stored anything there yet. If the apps store into "

@@ -216,14 +216,18 @@ def test_a_workers_first_lines_say_what_waits_and_when_no_app_stored_there(
     assert "no app has stored anything there yet" in log
     used = tmp_path / "used.sqlite"
     with Session(f"sqlite:///{used}", feedback_mode="deferred") as app:
-        for i in range(2):
+        for i in range(3):
             app.ingest(_record(i), [SCORE])
         assert app.flush(10)
+        with app.store.engine.begin() as conn:  # (one taken by a process that died since)
+            conn.exec_driver_sql("UPDATE scrutiny_feedback_results SET status = 'running' "
+                                 "WHERE rowid = (SELECT min(rowid) FROM "
+                                 "scrutiny_feedback_results)")
     log, returncode = run_worker_until(
         ["--database-url", f"sqlite:///{used}", "--import-path", str(REPO)],
         "scrutiny.worker worker ")
     assert returncode == 0, log
-    assert "2 result(s) pending" in log
+    assert "2 result(s) pending, 1 running (claimable once their lease runs out)" in log
     assert "no app has stored" not in log
 
 
