@@ -62,6 +62,19 @@ def _check_count(value: object, what: str, minimum: int) -> None:
         raise ConfigurationError(f"{what} must be a whole number >= {minimum}, got {value!r}")
 
 
+def _check_policies(retry: object, rate_limit: object) -> None:
+    """`retry` a RetryPolicy and `rate_limit` a RateLimit (or None): retry=3 or
+    rate_limit=5 failed every evaluation as an "internal error"."""
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise ConfigurationError(
+            f"retry must be a RetryPolicy, e.g. retry=RetryPolicy(attempts=3), got "
+            f"{retry!r} (for a number of extra attempts use retries=n)")
+    if rate_limit is not None and not isinstance(rate_limit, RateLimit):
+        raise ConfigurationError(
+            f"rate_limit must be a RateLimit, e.g. rate_limit=RateLimit(per_minute=60, "
+            f"max_concurrent=4), got {rate_limit!r}")
+
+
 def _exception_types(value: object, what: str) -> tuple[type[BaseException], ...]:
     """`retry_on` / `never_retry_on` as a tuple of exception classes. A single class
     (``retry_on=ValueError``) is taken as a tuple of one: it broke the stored definition,
@@ -235,14 +248,7 @@ class Feedback:
         # or rate_limit=5 failed every evaluation as an "internal error", and an aggregate
         # that cannot be called failed every fanned-out result.
         higher_is_better = _check_flag(higher_is_better, "higher_is_better")
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise ConfigurationError(
-                f"retry must be a RetryPolicy, e.g. retry=RetryPolicy(attempts=3), got "
-                f"{retry!r} (for a number of extra attempts use retries=n)")
-        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
-            raise ConfigurationError(
-                f"rate_limit must be a RateLimit, e.g. rate_limit=RateLimit(per_minute=60), "
-                f"got {rate_limit!r}")
+        _check_policies(retry, rate_limit)
         if aggregate is not None:
             _check_aggregate(aggregate)
         self.fn = fn

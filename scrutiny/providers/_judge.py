@@ -36,7 +36,12 @@ from scrutiny.core import (
     suppress_recording,
 )
 from scrutiny.core._dispatch import _GroupLimit
-from scrutiny.core._feedback import DEFAULTS_ATTRIBUTE, _check_count, _check_seconds
+from scrutiny.core._feedback import (
+    DEFAULTS_ATTRIBUTE,
+    _check_count,
+    _check_policies,
+    _check_seconds,
+)
 from scrutiny.providers._budget import (
     OverBudget,
     TokenCounter,
@@ -146,14 +151,7 @@ class LLMJudge:
             raise ConfigurationError(
                 f"count_tokens must be a function of a text returning its number of tokens, "
                 f"e.g. count_tokens=lambda text: len(enc.encode(text)), got {count_tokens!r}")
-        if rate_limit is not None and not isinstance(rate_limit, RateLimit):
-            raise ConfigurationError(
-                f"rate_limit must be a RateLimit, e.g. rate_limit=RateLimit(per_minute=60, "
-                f"max_concurrent=4), got {rate_limit!r}")
-        if retry is not None and not isinstance(retry, RetryPolicy):
-            raise ConfigurationError(
-                f"retry must be a RetryPolicy, e.g. retry=RetryPolicy(attempts=3), got "
-                f"{retry!r} (for a number of extra attempts use retries=n)")
+        _check_policies(retry, rate_limit)
         self.model = model
         self.model_name = model_name(model)
         self._call = backend_for(model)
