@@ -97,12 +97,15 @@ def test_stream_stopped_early_gives_a_cancelled_record_with_partial_text(
     assert "stopped" in record.error
 
 
+@pytest.mark.parametrize("app", ["query engine", "model alone"])
 def test_stream_dropped_unconsumed_still_gives_its_record(index: VectorStoreIndex,
-                                                          session: Session) -> None:
-    engine = _streaming_engine(index)
-    with LlamaIndexRecorder(engine, session=session) as recording:
-        response = engine.query("Never read")
-        del response
+                                                          session: Session, app: str) -> None:
+    recorded: Any = _streaming_engine(index) if app == "query engine" else MockLLM(
+        max_tokens=4)
+    with LlamaIndexRecorder(recorded, session=session) as recording:
+        stream = recorded.query("Never read") if app == "query engine" else \
+            recorded.stream_complete("Never read")
+        del stream
         gc.collect()
     record = recording.get()
     assert record.status is RecordStatus.CANCELLED
@@ -255,17 +258,6 @@ def test_model_stream_failing_midway_is_an_error_keeping_the_partial_text(
     assert "the connection dropped" in (record.error or "")
     assert record.output is None
     assert record.metadata["partial_output"] == "one two"
-
-
-def test_model_stream_dropped_unread_gives_its_record(session: Session) -> None:
-    llm = MockLLM(max_tokens=4)
-    with LlamaIndexRecorder(llm, session=session) as recording:
-        stream = llm.stream_complete("Never read")
-        del stream
-        gc.collect()
-    record = recording.get()
-    assert record.status is RecordStatus.CANCELLED
-    assert record.output == ""
 
 
 def test_a_call_beside_an_open_model_stream_is_a_record_of_its_own(
