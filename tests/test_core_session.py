@@ -276,6 +276,26 @@ def test_an_infinite_timeout_waits_without_a_limit(tmp_path: Path) -> None:
     assert not writer._thread.is_alive()
 
 
+def test_a_nan_timeout_is_refused_by_every_wait(tmp_path: Path) -> None:
+    """A NaN timeout (an unset setting read as float("nan")) passed every check: the
+    session's waits took it as no limit at all, a record's wait as none left."""
+    nan = float("nan")
+    session = Session(f"sqlite:///{tmp_path}/nan.sqlite")
+    gate = threading.Event()
+    held = Feedback(lambda output: (gate.wait(10), 1.0)[1], name="held").on_output()
+    record = session.ingest(make_record(), [held])
+    waits = [lambda: session.wait_for_feedback(nan), lambda: session.flush(nan),
+             lambda: session.get_records_and_feedback(wait=True, timeout=nan),
+             lambda: record.wait_for_feedback_results(timeout=nan),
+             lambda: session.close(nan)]
+    for wait in waits:
+        with pytest.raises(ValueError, match="timeout is NaN"):
+            wait()
+    gate.set()
+    assert record.wait_for_feedback_results(timeout=10)[held].status is FeedbackStatus.DONE
+    assert session.close(10)
+
+
 def test_sync_feedback_timeout_fails(session: Session) -> None:
     release = threading.Event()
 

@@ -48,11 +48,15 @@ def wait_limit(timeout: float | None) -> float | None:
     """A caller's timeout as Scrutiny's waits take it: ``float("inf")`` (or anything past
     WAIT_MAX) is WAIT_MAX, as good as no limit. It raised OverflowError, and close(inf)
     left the session marked closed with its threads still running. A timeout that is not
-    a number (``"5"``) is refused here, rather than deep inside a wait."""
+    a number (``"5"``) is refused here, rather than deep inside a wait, and so is NaN:
+    no comparison holds for it, so some waits took it as no limit at all and others as
+    none left."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"timeout is seconds (a number) or None; got {timeout!r}")
+    if timeout != timeout:  # NaN
+        raise ValueError("timeout is NaN; give seconds (a number, inf for no limit) or None")
     return WAIT_MAX if timeout > WAIT_MAX else timeout
 
 
