@@ -288,6 +288,28 @@ def test_timestamps_are_utc_aware(tmp_path: Path) -> None:
     assert stored.ended_at.utcoffset() == dt.timedelta(0)
 
 
+def test_a_naive_pandas_timestamp_is_local_time_like_a_naive_datetime(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A naive pandas Timestamp (a time column read from a CSV) was taken as UTC, while
+    the same naive datetime was taken as local time: 4 hours apart in New York."""
+    import pandas as pd
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        stamp = pd.Timestamp("2026-06-01 12:00:00")
+        given = {"start_time": stamp, "end_time": stamp + pd.Timedelta(seconds=2)}
+        from_pandas = Record(app_name="a", app_version="v1", input="q", output="a", **given)
+        plain = Record(app_name="a", app_version="v1", input="q", output="a",
+                       **{k: v.to_pydatetime() for k, v in given.items()})
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert from_pandas.start_time == plain.start_time == dt.datetime(
+        2026, 6, 1, 16, tzinfo=dt.timezone.utc).timestamp()
+    assert from_pandas.end_time == plain.end_time == plain.start_time + 2
+
+
 def test_table_prefix_keeps_tables_apart(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/shared.sqlite"
     with Session(url, table_prefix="team_a_") as a, Session(url, table_prefix="team_b_") as b:

@@ -154,7 +154,9 @@ def _listed(value: Any, name: str, example: str) -> Any:
 def _seconds(value: Any, name: str) -> float:
     """A time as seconds since the epoch (a datetime is converted; naive ones are local)."""
     if isinstance(value, datetime):
-        return value.timestamp()
+        # (datetime's own method: pandas' Timestamp overrides it and takes a naive time as
+        # UTC, so a time column read from a CSV was shifted by the machine's UTC offset)
+        return datetime.timestamp(value)
     # (numbers.Real: numpy's int64 and float32, a pandas column's values; a Decimal from
     # a database driver. All were stored before, and refusing them lost the record.)
     if isinstance(value, bool) or not isinstance(value, numbers.Real | decimal.Decimal):
