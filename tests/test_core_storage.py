@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import multiprocessing
 import threading
 import time
@@ -16,7 +17,7 @@ import pydantic
 import pytest
 import sqlalchemy as sa
 
-from scrutiny import Feedback, FeedbackStatus, Record, Session
+from scrutiny import Feedback, FeedbackStatus, Record, Session, TokenUsage
 from scrutiny.core import _serialize
 from scrutiny.core._serialize import TRUNCATED_KEY
 from tests.support.postgres import postgres_url
@@ -774,3 +775,66 @@ def test_a_mean_of_scores_near_the_float_limit_is_not_lost(backend: tuple[str, s
         board = s.get_leaderboard()
     assert board.loc[("huge", "v1"), "big"] == pytest.approx(1.25e308)
     assert board.loc[("small", "v1"), "big"] == pytest.approx(0.5)
+
+
+def chat_length(output: str) -> float:
+    return min(len(output) / 100, 1.0)
+
+
+def sms_length(output: str) -> float:
+    return min(len(output) / 160, 1.0)
+
+
+def test_each_apps_feedback_ranks_by_its_own_direction(backend: tuple[str, str]) -> None:
+    """Two apps of one database each had a "length": chat wants long answers, sms short
+    ones. The direction was looked up by name, the definition written last deciding for
+    both: once sms stored its own, chat's leaderboard ranked its versions upside down,
+    in this process and in every other reader."""
+    url, prefix = backend
+    longer = Feedback(chat_length, name="length").on_output()
+    shorter = Feedback(sms_length, name="length", higher_is_better=False).on_output()
+    with Session(url, table_prefix=prefix) as s:
+        for app, version, output, fb in [("chat", "v1", "x" * 90, longer),
+                                         ("chat", "v2", "x" * 10, longer),
+                                         ("sms", "v1", "x" * 50, shorter),
+                                         ("sms", "v2", "x" * 150, shorter)]:
+            record = s.ingest(make_record(app_name=app, app_version=version, output=output),
+                              [fb])
+            assert record.wait_for_feedback_results(timeout=10)[fb].status is \
+                FeedbackStatus.DONE
+        here = s.get_leaderboard(app_ids=["chat"])
+    with Session(url, table_prefix=prefix) as other:  # (the CLI, the dashboard)
+        boards = [here, other.get_leaderboard(app_ids=["chat"])]
+        summary = {(e["app_name"], e["app_version"]): e["higher_is_better"]
+                   for e in other.get_feedback_summary()}
+        both = other.get_leaderboard()
+    for board in boards:
+        assert list(board.index) == [("chat", "v1"), ("chat", "v2")]
+        assert board.attrs["higher_is_better"] == {"length": True}
+    assert summary == {("chat", "v1"): True, ("chat", "v2"): True,
+                       ("sms", "v1"): False, ("sms", "v2"): False}
+    # one table of both: each version ranked by its own app's direction
+    order = list(both.index)
+    assert order.index(("chat", "v1")) < order.index(("chat", "v2"))
+    assert order.index(("sms", "v1")) < order.index(("sms", "v2"))
+
+
+def test_tied_versions_and_app_figures_read_the_same_on_every_backend(
+        backend: tuple[str, str]) -> None:
+    """Versions with equal scores came in the database's grouping order (PostgreSQL: hash
+    order, v20 before v14 before v19), and get_apps() gave PostgreSQL's mean tokens as a
+    Decimal, which json.dumps refused."""
+    url, prefix = backend
+    one = Feedback(lambda output: 1.0, name="one").on_output()
+    versions = [f"v{i:02d}" for i in range(12)]
+    with Session(url, table_prefix=prefix) as s:
+        for i, version in enumerate(reversed(versions)):
+            record = make_record(app_version=version, input=f"q{i}")
+            record.usage = TokenUsage(prompt_tokens=5, completion_tokens=10, total_tokens=15)
+            assert s.ingest(record, [one]).wait_for_feedback_results(timeout=10)
+        board = s.get_leaderboard()
+        apps = s.get_apps()
+    assert [version for _, version in board.index] == versions
+    assert {type(a["total_tokens"]) for a in apps} == {float}
+    assert {type(a["latency"]) for a in apps} == {float}
+    json.dumps(apps)

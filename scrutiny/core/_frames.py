@@ -80,21 +80,33 @@ def records_frame(records: Sequence[Row], results: Sequence[Row]) -> tuple[pd.Da
     return frame, feedback_columns
 
 
+def _most(ways: list[bool | None]) -> bool:
+    """The direction most of the app versions having a feedback give it (ties: higher)."""
+    given = [w for w in ways if w is not None]
+    return 2 * sum(given) >= len(given)
+
+
 def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
-                      higher_is_better: dict[str, bool]) -> pd.DataFrame:
+                      higher_is_better: dict[tuple[str, str], bool]) -> pd.DataFrame:
     """Mean score per app version per feedback (done results only), with counts.
 
     Takes the database's aggregates (:meth:`Store.aggregates`). Columns: one per feedback
     (the mean), then `records`, `latency` (mean seconds), `total_tokens` (mean, where
     reported), `pending`, `running`, `failed`, `skipped` (counts over all feedbacks). Rows are
     ranked best first by the mean of per-feedback ranks, each rank following that
-    feedback's `higher_is_better`; a version with no done result of a feedback ranks below
-    the worst score on it when some of its results failed (left out when there are simply
-    none yet). `frame.attrs["higher_is_better"]` keeps the directions.
+    feedback's `higher_is_better` (given per app id and feedback name: apps sharing a
+    database may each have a feedback of one name, wanting opposite things; a column
+    whose apps disagree ranks each version by its own app's direction); a version with no
+    done result of a feedback ranks below the worst score on it when some of its results
+    failed (left out when there are simply none yet). Versions that tie keep the order
+    of their names. `frame.attrs["higher_is_better"]` keeps the directions (a column
+    whose apps disagree: the one most of its versions have).
     """
     index_cols = ["app_name", "app_version"]
-    base = pd.DataFrame(apps, columns=["app_id", *index_cols, "records", "latency",
-                                       "total_tokens"])
+    # (in name order, whatever order the database grouped them in: ties stay in it)
+    in_order: list[Row] = sorted(apps, key=lambda a: (a["app_name"], a["app_version"]))
+    base = pd.DataFrame(in_order, columns=["app_id", *index_cols, "records", "latency",
+                                           "total_tokens"])
     if base.empty:  # the same columns as a filled one: code reading it does not break
         empty: pd.DataFrame = pd.DataFrame(
             columns=[*index_cols, *_LEADERBOARD_COLUMNS]).set_index(index_cols)
@@ -106,6 +118,10 @@ def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
     frame: pd.DataFrame = base.set_index(index_cols).drop(columns="app_id")
     frame["records"] = frame["records"].astype(int)
     feedback_names = sorted(set(res["feedback_name"]))
+    # per feedback, the direction of each row's app (None: no result of it there)
+    have = set(zip(res["app_id"], res["feedback_name"], strict=True))
+    directions = {n: [higher_is_better.get((a, n), True) if (a, n) in have else None
+                      for a in base["app_id"]] for n in feedback_names}
     done = res[res["status"] == "done"]
     for name in feedback_names:
         means = done[done["feedback_name"] == name].set_index(index_cols)["mean"]
@@ -117,7 +133,12 @@ def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
         failed = res[res["status"] == "failed"]
         columns = []
         for n in feedback_names:
-            rank = frame[n].rank(ascending=not higher_is_better.get(n, True))
+            ways = {w for w in directions[n] if w is not None}
+            if len(ways) == 1:
+                rank = frame[n].rank(ascending=not ways.pop())
+            else:  # each version by its own app's direction: the better, the higher
+                signs = [-1.0 if w is False else 1.0 for w in directions[n]]
+                rank = (frame[n] * signs).rank(ascending=False)
             # A version whose results of this feedback all failed has no mean, but it is
             # not a version this feedback says nothing about: it ranks below the worst
             # score there (left out, a version failing its safety check on every record
@@ -134,6 +155,5 @@ def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
                    "failed", "skipped"]]
     frame["total_tokens"] = frame["total_tokens"].astype("float64")
     frame.columns.name = None
-    frame.attrs["higher_is_better"] = {n: higher_is_better.get(n, True)
-                                       for n in feedback_names}
+    frame.attrs["higher_is_better"] = {n: _most(directions[n]) for n in feedback_names}
     return frame

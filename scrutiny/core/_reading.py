@@ -62,6 +62,7 @@ class SessionReading:
     store: Store
     flush_timeout: float
     _higher_is_better: dict[str, bool]
+    """Per feedback id, the direction this process last stored (over the definitions)."""
 
     if TYPE_CHECKING:  # provided by Session
         def flush(self, timeout: float | None = None) -> bool: ...
@@ -129,9 +130,43 @@ class SessionReading:
         """
         self.flush(self.flush_timeout if timeout is None else timeout)
         records, results = self.store.aggregates(app_ids=as_names(app_ids, "app_ids"))
-        directions = {d["name"]: bool(d["higher_is_better"]) for d in self.store.definitions()}
-        directions.update(self._higher_is_better)
-        return leaderboard_frame(records, results, directions)
+        return leaderboard_frame(records, results, self._directions(results))
+
+    def _directions(self, results: Sequence[Row]) -> dict[tuple[str, str], bool]:
+        """Per (app id, feedback name) of `results`: whether higher is better, as that
+        app's feedback of that name says.
+
+        A name is not enough: two apps sharing a database may each have a "length" of
+        their own, one wanting long answers and one short, and the definition written
+        last decided for both. Where the definitions of a name agree (nearly always),
+        that is the answer; otherwise the results say which definition each app used.
+        """
+        by_id: dict[str, tuple[str, bool, Any]] = {
+            d["feedback_id"]: (d["name"], bool(d["higher_is_better"]), d["created_at"])
+            for d in self.store.definitions()}
+        for feedback_id, higher in list(self._higher_is_better.items()):
+            if feedback_id in by_id:
+                name, _, created = by_id[feedback_id]
+                by_id[feedback_id] = (name, higher, created)
+        ways: dict[str, set[bool]] = {}
+        for name, higher, _ in by_id.values():
+            ways.setdefault(name, set()).add(higher)
+        pairs = {(r["app_id"], r["feedback_name"]) for r in results}
+        mixed = {name for _, name in pairs if len(ways.get(name, ())) > 1}
+        out = {(app, name): next(iter(ways.get(name, {True})))
+               for app, name in pairs if name not in mixed}
+        if mixed:
+            used: dict[tuple[str, str], list[tuple[str, bool, Any]]] = {}
+            for row in self.store.feedback_ids_of(
+                    sorted(mixed), sorted({app for app, name in pairs if name in mixed})):
+                known = by_id.get(row["feedback_id"])
+                if known is not None:
+                    used.setdefault((row["app_id"], row["feedback_name"]), []).append(known)
+            for app, name in pairs:
+                if name in mixed:  # (several definitions in one app: the newest)
+                    found = used.get((app, name))
+                    out[app, name] = max(found, key=lambda d: d[2])[1] if found else True
+        return out
 
     def get_record(self, record_id: str) -> Record | None:
         """One stored record with its results (as stored now), or None."""
@@ -217,15 +252,14 @@ class SessionReading:
         self.flush(self.flush_timeout)
         apps, results = self.store.aggregates(app_ids=as_names(app_ids, "app_ids"))
         names = {a["app_id"]: (a["app_name"], a["app_version"]) for a in apps}
-        directions = {d["name"]: bool(d["higher_is_better"]) for d in self.store.definitions()}
-        directions.update(self._higher_is_better)  # (as the leaderboard does)
+        directions = self._directions(results)  # (as the leaderboard's)
         out: dict[tuple[str, str], dict[str, Any]] = {}
         for res in results:
             key = (res["app_id"], res["feedback_name"])
             entry = out.setdefault(key, {
                 "app_id": res["app_id"], "app_name": names[res["app_id"]][0],
                 "app_version": names[res["app_id"]][1], "feedback_name": res["feedback_name"],
-                "higher_is_better": directions.get(res["feedback_name"], True), "mean": None,
+                "higher_is_better": directions[key], "mean": None,
                 **{st.value: 0 for st in FeedbackStatus}})
             entry[res["status"]] = int(res["n"])
             if res["status"] == "done":

@@ -1218,7 +1218,7 @@ class _Ingest:
             session.owner_id, token,
             datetime.now(timezone.utc) + timedelta(seconds=session.lease_seconds))
         for fb in self.feedbacks:
-            session._higher_is_better[fb.name] = fb.higher_is_better
+            session._higher_is_better[fb.feedback_id] = fb.higher_is_better
         op = InsertRecord(
             app=_rows.app_row(record),
             record=_rows.record_row(record, max_bytes=session.max_payload_bytes,

@@ -128,6 +128,12 @@ class Store(Protocol):
         """Every feedback definition row."""
         ...
 
+    def feedback_ids_of(self, names: Sequence[str], app_ids: Sequence[str]) -> list[Row]:
+        """Which definitions the results of these feedback names have, per app id: each
+        distinct (app_id, feedback_name, feedback_id) among results of `names` in apps
+        `app_ids` (exact ids)."""
+        ...
+
     def claim(self, *, worker_id: str, token: str, limit: int, lease_seconds: float,
               now: datetime, exclude_feedback_ids: Sequence[str] = ()) -> list[Row]:
         """Take up to `limit` claimable results: pending or running with no live lease,

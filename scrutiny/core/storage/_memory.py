@@ -155,6 +155,14 @@ class MemoryStore:
         with self._lock:
             return copy.deepcopy(list(self._definitions.values()))
 
+    def feedback_ids_of(self, names: Sequence[str], app_ids: Sequence[str]) -> list[Row]:
+        wanted, apps = set(names), set(app_ids)
+        with self._lock:
+            found = {(r["app_id"], r["feedback_name"], r["feedback_id"])
+                     for r in self._results.values()
+                     if r["feedback_name"] in wanted and r["app_id"] in apps}
+        return [{"app_id": a, "feedback_name": n, "feedback_id": f} for a, n, f in found]
+
     def claim(self, *, worker_id: str, token: str, limit: int, lease_seconds: float,
               now: datetime, exclude_feedback_ids: Sequence[str] = ()) -> list[Row]:
         excluded = set(exclude_feedback_ids)

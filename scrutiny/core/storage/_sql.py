@@ -999,6 +999,10 @@ class SQLStore:
         resq = summary(func.avg(t.results.c.score))
         with self._snapshot() as conn:
             apps = [dict(r._mapping) for r in conn.execute(rq)]
+            for app in apps:  # (PostgreSQL's AVG of an integer column is a Decimal)
+                for key in ("latency", "total_tokens"):
+                    if isinstance(app[key], decimal.Decimal):
+                        app[key] = float(app[key])
             wanted = {a["app_id"] for a in apps}
             only = None
             if where is not None:
@@ -1083,6 +1087,18 @@ class SQLStore:
     def definitions(self) -> list[Row]:
         with self.engine.connect() as conn, conn.begin():
             return [dict(r._mapping) for r in conn.execute(select(self.tables.definitions))]
+
+    def feedback_ids_of(self, names: Sequence[str], app_ids: Sequence[str]) -> list[Row]:
+        t = self.tables.results
+        out: list[Row] = []
+        with self._snapshot() as conn:
+            # (by app: each one a range of the (app_id, feedback_name, ...) index)
+            for chunk in _chunks(sorted(set(app_ids)), 500):
+                query = (select(t.c.app_id, t.c.feedback_name, t.c.feedback_id).distinct()
+                         .where(t.c.app_id.in_(self._texts(chunk)),
+                                t.c.feedback_name.in_(self._texts(sorted(set(names))))))
+                out.extend(dict(r._mapping) for r in conn.execute(query))
+        return out
 
     # ------------------------------------------------------------------ workers
     def claim(self, *, worker_id: str, token: str, limit: int, lease_seconds: float,
