@@ -346,6 +346,17 @@ def test_options_of_the_wrong_type_are_refused_when_the_feedback_is_defined(
         make()
 
 
+def test_a_feedback_name_too_long_for_every_database_is_refused_when_defined() -> None:
+    """A name of some kilobytes (a criterion's text) was taken, and PostgreSQL refused the
+    index row of each result: every record evaluated with it was lost there, while SQLite
+    stored it."""
+    with pytest.raises(ConfigurationError, match="at most 512"):
+        Feedback(_length, name="Is the answer grounded in the context? " * 80)
+    with pytest.raises(ConfigurationError, match="at most 512"):
+        Feedback(_length, name="é" * 257)  # (2 bytes each)
+    assert Feedback(_length, name="é" * 256).name == "é" * 256
+
+
 def test_bool_like_options_and_a_single_exception_class_are_taken_as_meant() -> None:
     fb = Feedback(_length, higher_is_better=np.bool_(False))  # type: ignore[arg-type]
     assert fb.higher_is_better is False

@@ -25,6 +25,7 @@ from scrutiny import (
     RetryPolicy,
     Session,
     SkipFeedback,
+    TokenUsage,
 )
 
 
@@ -2103,6 +2104,62 @@ def test_a_hand_built_record_with_none_fields_is_stored(db_url: str) -> None:
     assert (stored.contexts, stored.tags, stored.metadata) == ([], [], {})
     assert stored.status.value == "error"
     assert stored.start_time == when.timestamp()
+
+
+def test_an_exception_a_usage_dict_and_span_dicts_in_a_hand_built_record_are_stored(
+        db_url: str) -> None:
+    """`Record(error=exc)`, a provider's usage dict and spans read from a log as dicts were
+    taken by Record() and ingest(), then failed on the writer thread: the record was lost
+    and its results failed "the record could not be stored"."""
+    fb = Feedback(lambda output: 1.0, name="one").on_output()
+    record = make_record(
+        status="error", error=ValueError("upstream 502"),
+        usage={"input_tokens": 12, "output_tokens": 30, "total_tokens": 42,
+               "input_token_details": {"cache_read": 4}},
+        spans=[{"span_id": "s1", "parent_id": None, "name": "llm", "kind": "llm",
+                "start_time": 1.7e9, "end_time": 1.7e9 + 1,
+                "usage": {"prompt_tokens": 12, "completion_tokens": 30},
+                "error": TimeoutError("slow")}])
+    with Session(db_url) as session:
+        session.ingest(record, [fb])
+        assert record.wait_for_feedback_results(timeout=10)[fb].status is \
+            FeedbackStatus.DONE
+        stored = session.get_record(record.record_id)
+        assert session.stats()["failed_writes"] == 0
+    assert stored is not None
+    assert stored.error == "ValueError: upstream 502"
+    assert stored.usage == TokenUsage(12, 30, 42)
+    [span] = stored.spans
+    assert (span.span_id, span.name, span.error) == ("s1", "llm", "TimeoutError: slow")
+    assert span.usage == TokenUsage(12, 30, None)
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("usage", 42, "is a TokenUsage"),
+    ("usage", {"total_tokens": "many"}, "a count of tokens"),
+    ("usage", {"total_tokens": 1.5}, "a count of tokens"),
+    ("error", 502, "as text"),
+    ("spans", [{"id": "s1"}], r"spans\[0\] is a Span"),
+    ("spans", [{"span_id": "s1"}], r"spans\[0\]: .*missing"),
+    ("spans", "llm", "a list of Span"),
+    ("record_id", "report-\udc80.txt", "lone surrogate"),
+    ("record_id", "x" * 513, "at most 512"),
+])
+def test_a_hand_built_record_field_the_store_cannot_take_is_refused_when_made(
+        field: str, value: object, says: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=says):
+        make_record(**{field: value})
+
+
+def test_reading_a_record_by_an_id_no_record_can_have_finds_none(session: Session) -> None:
+    """get_record() with a lone surrogate in the id raised UnicodeEncodeError."""
+    made = session.ingest(make_record(record_id=7), [])
+    assert session.get_record("report-\udc80.txt") is None
+    found = session.get_record(7)  # type: ignore[arg-type]
+    assert found is not None
+    assert found.record_id == made.record_id == "7"
+    with pytest.raises(TypeError, match="record_id is a string"):
+        session.get_record(None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("field", "value", "says"), [

@@ -100,3 +100,14 @@ class SkipFeedback(FeedbackError):
 
 class StorageError(ScrutinyError, RuntimeError):
     """The database could not store or read what was asked."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line, readable reason: the exception's type and message. Never raises: an
+    exception whose ``__str__`` fails is named with a note instead of its message."""
+    name = type(exc).__name__
+    try:
+        text = str(exc).strip()
+    except Exception:
+        return f"{name} (its message could not be read: str() of it raised)"
+    return f"{name}: {text}" if text else name

@@ -23,7 +23,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from scrutiny.core._context import _cost, _held_limits, _suppressed
-from scrutiny.core._errors import FeedbackTimeout, InvalidFeedbackValue, SkipFeedback
+from scrutiny.core._errors import (
+    FeedbackTimeout,
+    InvalidFeedbackValue,
+    SkipFeedback,
+    describe_error,
+)
 from scrutiny.core._feedback import Feedback, coerce_feedback_value, mean_of
 from scrutiny.core._pool import DaemonThreadPool, RaisedInCall, futurable
 from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
@@ -39,17 +44,6 @@ __all__ = ["CLOSING", "Evaluator", "cancel_task", "cancelled_by_us", "describe_e
 logger = logging.getLogger("scrutiny")
 
 Limiter = Callable[[], AbstractAsyncContextManager[Any]]
-
-
-def describe_error(exc: BaseException) -> str:
-    """A one-line, readable reason: the exception's type and message. Never raises: an
-    exception whose ``__str__`` fails is named with a note instead of its message."""
-    name = type(exc).__name__
-    try:
-        text = str(exc).strip()
-    except Exception:
-        return f"{name} (its message could not be read: str() of it raised)"
-    return f"{name}: {text}" if text else name
 
 
 def retry_after_seconds(value: Any) -> float | None:

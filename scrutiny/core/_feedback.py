@@ -155,6 +155,23 @@ class RateLimit:
             _check_count(self.max_concurrent, "RateLimit.max_concurrent", 1)
 
 
+MAX_NAME_BYTES = 512
+"""The most UTF-8 bytes of a feedback's name: it labels every result and is in an index of
+them with the app's id, and PostgreSQL refuses index rows over 2,704 bytes (every record
+evaluated with a longer name was lost there, while SQLite stored it)."""
+
+
+def _check_name_size(name: str) -> None:
+    if len(name) * 4 <= MAX_NAME_BYTES:  # (no need to count)
+        return
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise ConfigurationError(
+            f"the feedback name {name[:60]!r}... is {size} bytes (UTF-8); at most "
+            f"{MAX_NAME_BYTES}: it labels every result and column. Give a short name "
+            f"(name='groundedness') and keep the long text in the function or its criterion")
+
+
 def _check_flag(value: object, what: str) -> bool:
     """A yes/no option as a bool: a bool, numpy's bool or 0/1 (not a string: "no" is
     true)."""
@@ -253,6 +270,7 @@ class Feedback:
             _check_aggregate(aggregate)
         self.fn = fn
         self.name = name or _function_name(fn)
+        _check_name_size(self.name)
         self.higher_is_better = higher_is_better
         self.timeout = timeout
         self.retry = retry or RetryPolicy(attempts=1 + (retries or 0))

@@ -13,6 +13,7 @@ import math
 import numbers
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +171,17 @@ class SessionReading:
 
     def get_record(self, record_id: str) -> Record | None:
         """One stored record with its results (as stored now), or None."""
+        if not isinstance(record_id, str):
+            if not isinstance(record_id, int | float | uuid.UUID) or \
+                    isinstance(record_id, bool):
+                raise TypeError(f"record_id is a string; got {type(record_id).__name__} "
+                                f"{record_id!r}")
+            record_id = str(record_id)  # (as a record made with it stored it)
+        if not record_id.isascii():
+            try:
+                record_id.encode("utf-8")
+            except UnicodeEncodeError:  # (no record has one: it is refused when made)
+                return None
         self.flush(self.flush_timeout)
         row, result_rows = self.store.record(record_id)
         return None if row is None else _stored_record(row, result_rows, self.store,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from scrutiny.core._errors import ConfigurationError
+from scrutiny.core._errors import ConfigurationError, describe_error
 from scrutiny.core._ids import new_uuid
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
 from scrutiny.core._runtime import shared_notifier, wait_limit
@@ -189,6 +189,92 @@ def _text(value: Any, name: str, example: str) -> str:
     raise TypeError(f"Record.{name} is a non-empty string ({example}); got {value!r}")
 
 
+MAX_RECORD_ID_BYTES = 512
+"""The most UTF-8 bytes of a record id: it is a primary key and in an index of every result
+of the record, and PostgreSQL refuses index rows over 2,704 bytes (the record was lost
+there, while SQLite stored it)."""
+
+
+def _check_id(record_id: str) -> None:
+    try:
+        size = len(record_id.encode("utf-8"))
+    except UnicodeEncodeError:  # (a lone surrogate: a file name decoded with surrogateescape)
+        raise ValueError(
+            f"Record.record_id {record_id!r} holds a character UTF-8 cannot encode (a lone "
+            "surrogate); give an id of plain text, e.g. "
+            "name.encode('utf-8', 'surrogateescape').hex() or a uuid") from None
+    if size > MAX_RECORD_ID_BYTES:
+        raise ValueError(
+            f"Record.record_id is {size} bytes (UTF-8); at most {MAX_RECORD_ID_BYTES}: use "
+            "a short unique id (a uuid, a hash of the long one) and put the long text in "
+            "metadata={...}")
+
+
+def _error_text(value: Any) -> str:
+    """Record.error as text: an exception (``error=exc``) as its type and message."""
+    if isinstance(value, BaseException):
+        return describe_error(value)
+    raise TypeError(f"Record.error is the reason the call failed, as text (or the "
+                    f"exception itself); got {type(value).__name__} {value!r}")
+
+
+_USAGE_KEYS = {"prompt_tokens": "prompt_tokens", "completion_tokens": "completion_tokens",
+               "total_tokens": "total_tokens", "input_tokens": "prompt_tokens",
+               "output_tokens": "completion_tokens"}
+"""The keys of a usage dict, as providers and LangChain's usage_metadata name them."""
+
+
+def _usage(value: Any) -> TokenUsage:
+    """Record.usage as a TokenUsage: a provider's dict (OpenAI's, LangChain's
+    usage_metadata) is read by its token counts; anything else is refused."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"Record.usage is a TokenUsage(prompt_tokens=, completion_tokens=, "
+                        f"total_tokens=) or a dict of those counts; got "
+                        f"{type(value).__name__} {value!r}")
+    counts: dict[str, int | None] = {}
+    for key, count in value.items():
+        field_name = _USAGE_KEYS.get(key)
+        if field_name is None:  # (details a provider adds: cached tokens, reasoning, ...)
+            continue
+        if count is not None:
+            whole = isinstance(count, numbers.Integral) or (
+                isinstance(count, float) and count.is_integer())
+            if isinstance(count, bool) or not whole or count < 0:
+                raise ValueError(f"Record.usage[{key!r}] is a count of tokens (a whole "
+                                 f"number >= 0) or None; got {count!r}")
+            count = int(count)
+        counts.setdefault(field_name, count)
+    return TokenUsage(**counts)
+
+
+def _spans(spans: Any) -> list[Span]:
+    """Record.spans as Span objects: a dict of Span's fields (a span read from a log) is
+    made one; anything else is refused, saying which item."""
+    if isinstance(spans, str | bytes | Mapping) or not isinstance(spans, Sequence):
+        raise TypeError(f"Record.spans is a list of Span objects; got "
+                        f"{type(spans).__name__}")
+    fields = set(Span.__dataclass_fields__)
+    out = []
+    for i, span in enumerate(spans):
+        if isinstance(span, Span):
+            out.append(span)
+            continue
+        if isinstance(span, Mapping) and set(span) <= fields:
+            given = dict(span)
+            if given.get("usage") is not None and type(given["usage"]) is not TokenUsage:
+                given["usage"] = _usage(given["usage"])
+            if isinstance(given.get("error"), BaseException):
+                given["error"] = describe_error(given["error"])
+            try:
+                out.append(Span(**given))
+                continue
+            except TypeError as exc:  # (a required field left out)
+                raise TypeError(f"Record.spans[{i}]: {exc}") from None
+        raise TypeError(f"Record.spans[{i}] is a Span (or a dict of its fields: "
+                        f"{sorted(fields)}); got {type(span).__name__} {span!r:.200}")
+    return out
+
+
 @dataclass(eq=False)
 class Record:
     """One root invocation of an application, with its span tree and feedback results."""
@@ -225,6 +311,12 @@ class Record:
         if len(self.app_name) + len(self.app_version) > MAX_APP_LABEL_BYTES // 4:
             check_app_label(self.app_name, self.app_version)
         self.record_id = _text(self.record_id, "record_id", "ids are unique strings")
+        if not self.record_id.isascii() or len(self.record_id) > MAX_RECORD_ID_BYTES:
+            _check_id(self.record_id)
+        if self.error is not None and type(self.error) is not str:
+            self.error = _error_text(self.error)
+        if self.usage is not None and type(self.usage) is not TokenUsage:
+            self.usage = _usage(self.usage)
         if self.contexts is None:
             self.contexts = []
         elif isinstance(self.contexts, str | bytes) or not isinstance(self.contexts, Sequence):
@@ -240,6 +332,8 @@ class Record:
             raise TypeError(f"Record.metadata is a dict; got {type(self.metadata).__name__}")
         if self.spans is None:
             self.spans = []
+        elif any(type(span) is not Span for span in self.spans):
+            self.spans = _spans(self.spans)
         if not isinstance(self.status, RecordStatus):
             try:
                 self.status = RecordStatus(self.status)
