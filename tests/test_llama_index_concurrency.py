@@ -13,9 +13,13 @@ import pytest
 pytest.importorskip("llama_index.core")
 
 from llama_index.core import Document, VectorStoreIndex
-from llama_index.core.base.llms.types import CompletionResponse
+from llama_index.core.base.llms.types import (
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+)
 from llama_index.core.embeddings import MockEmbedding
-from llama_index.core.llms import MockLLM
+from llama_index.core.llms import CustomLLM, LLMMetadata, MockLLM
 from llama_index.core.llms.callbacks import llm_completion_callback
 from pydantic import PrivateAttr
 
@@ -147,3 +151,109 @@ async def test_gathered_streaming_aqueries_do_not_mix(index: VectorStoreIndex,
         llm_spans = [s for s in record.spans if s.name.startswith("MockLLM.")]
         assert llm_spans
         assert all(s.parent_id in ids for s in llm_spans)
+
+
+# ---------------------------------------------------------------- a model recorded alone
+class PausingLLM(CustomLLM):
+    """Streams "one", then waits for the next chunk (as on a socket) until `resume` is set;
+    `first_sent` is set once the caller asked for that next chunk."""
+
+    _first_sent: threading.Event = PrivateAttr(default_factory=threading.Event)
+    _resume: threading.Event = PrivateAttr(default_factory=threading.Event)
+    _afirst_sent: asyncio.Event | None = PrivateAttr(default=None)
+    _aresume: asyncio.Event | None = PrivateAttr(default=None)
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(model_name="pausing")
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False,
+                 **kwargs: Any) -> CompletionResponse:
+        return CompletionResponse(text=f"answer to {prompt}")
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False,
+                        **kwargs: Any) -> CompletionResponse:
+        return CompletionResponse(text=f"answer to {prompt}")
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False,
+                        **kwargs: Any) -> CompletionResponseGen:
+        def gen() -> CompletionResponseGen:
+            yield CompletionResponse(text="one", delta="one")
+            self._first_sent.set()
+            assert self._resume.wait(WAIT)
+            yield CompletionResponse(text="one two", delta=" two")
+
+        return gen()
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        first_sent, resume = self._async_events()
+
+        async def gen() -> CompletionResponseAsyncGen:
+            yield CompletionResponse(text="one", delta="one")
+            first_sent.set()
+            await asyncio.wait_for(resume.wait(), WAIT)
+            yield CompletionResponse(text="one two", delta=" two")
+
+        return gen()
+
+    def _async_events(self) -> tuple[asyncio.Event, asyncio.Event]:
+        if self._afirst_sent is None or self._aresume is None:
+            self._afirst_sent, self._aresume = asyncio.Event(), asyncio.Event()
+        return self._afirst_sent, self._aresume
+
+
+def _assert_each_call_its_own_record(records: list[Record], call: str) -> None:
+    by_input = {r.input: r for r in records}
+    assert set(by_input) == {"A", "B"}
+    assert (by_input["A"].output, by_input["B"].output) == ("one two", "answer to B")
+    assert [s.name for s in by_input["A"].spans] == [f"PausingLLM.{call}"]
+    assert by_input["B"].spans[0].name.endswith("complete")
+
+
+async def test_a_call_from_another_task_while_a_model_stream_waits_is_its_own_record(
+        session: Session) -> None:
+    """While request A's stream awaited its next chunk, request B's call of the model (in
+    another task) was taken for a call of A's stream: B's record was lost in A's."""
+    llm = PausingLLM()
+    first_sent, resume = llm._async_events()
+
+    async def request_a() -> str:
+        stream = await llm.astream_complete("A")
+        return "".join([c.delta or "" async for c in stream])
+
+    async def request_b() -> str:
+        await asyncio.wait_for(first_sent.wait(), WAIT)  # A's stream is waiting now
+        try:
+            return (await llm.acomplete("B")).text
+        finally:
+            resume.set()
+
+    async with LlamaIndexRecorder(llm, session=session) as recording:
+        assert await asyncio.gather(request_a(), request_b()) == ["one two", "answer to B"]
+    _assert_each_call_its_own_record(recording.records, "astream_complete")
+
+
+def test_a_call_from_another_thread_while_a_model_stream_waits_is_its_own_record(
+        session: Session) -> None:
+    llm = PausingLLM()
+    read: list[str] = []
+
+    def request_a() -> None:
+        read.append("".join(c.delta or "" for c in llm.stream_complete("A")))
+
+    with LlamaIndexRecorder(llm, session=session) as recording:
+        worker = threading.Thread(target=contextvars.copy_context().run, args=(request_a,))
+        worker.start()
+        try:
+            assert llm._first_sent.wait(WAIT)  # A's stream is waiting in its thread now
+            contextvars.copy_context().run(llm.complete, "B")
+        finally:
+            llm._resume.set()
+            worker.join(WAIT)
+    assert read == ["one two"]
+    _assert_each_call_its_own_record(recording.records, "stream_complete")

@@ -30,7 +30,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from types import AsyncGeneratorType, GeneratorType
+from types import AsyncGeneratorType, FrameType, GeneratorType
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.response.schema import AsyncStreamingResponse, StreamingResponse
@@ -505,16 +505,30 @@ class Tracer:
             run.ended(result, error)
 
     def _streaming(self, owners: list[Scope]) -> Trace | None:
-        """The trace of a model's stream being read right now (its generator is running)
-        by one of these recorders. Its model's calls run in the reader's context, with no
-        span active: `MockLLM.astream_complete`'s stream reads `stream_complete`, and that
-        call was a record of its own."""
-        for trace in reversed(self.model_streams):
+        """The trace of a model's stream that is making the current call: one of these
+        recorders' streams whose generator is running on this very stack (the innermost
+        one). Its model's calls run in the reader's context, with no span active:
+        `MockLLM.astream_complete`'s stream reads `stream_complete`, and that call was a
+        record of its own. A generator counts as running as long as it waits (on a
+        socket, in another thread; on an await, in another task): a call of another
+        request made meanwhile is no call of its stream."""
+        frames: dict[Any, Trace] = {}
+        for trace in self.model_streams:
             stream = trace.model_stream() if trace.model_stream is not None else None
-            if stream is not None and trace.scope in owners and not trace.finished and (
-                    getattr(stream, "gi_running", False) or getattr(stream, "ag_running",
-                                                                    False)):
-                return trace
+            if stream is None or trace.finished or trace.scope not in owners:
+                continue
+            if getattr(stream, "gi_running", False):
+                frames[stream.gi_frame] = trace
+            elif getattr(stream, "ag_running", False):
+                frames[stream.ag_frame] = trace
+        if not frames:
+            return None
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            host = frames.get(frame)
+            if host is not None:
+                return host
+            frame = frame.f_back
         return None
 
     # ------------------------------------------------------------------ cleanup
