@@ -279,3 +279,69 @@ async def test_child_runs_on_other_threads_stay_under_their_parent(session: Sess
         assert [(s.name, by_id[s.parent_id].name if s.parent_id else None)
                 for s in record.spans] == [("step", None), ("sub", "step")], step.__name__
         assert len(recording.records) == 1
+
+
+def test_a_call_that_returned_while_a_background_step_ran_is_ok(session: Session) -> None:
+    """A step that starts another LangChain call in the background and does not wait for
+    it (an audit log, a cache warm-up) made the call that returned normally a `cancelled`
+    record, "the consumer stopped the stream early" — there was no stream — and the steps
+    the background call ran after that became records of their own."""
+    started, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def log(x: str) -> str:
+        started.set()
+        release.wait(10)
+        return "logged"
+
+    audit = (RunnableLambda(log, name="log")
+             | RunnableLambda(lambda x: x, name="after")).with_config(run_name="audit")
+    pool = ThreadPoolExecutor(1)
+
+    def answer(x: str) -> str:
+        future = pool.submit(contextvars.copy_context().run, audit.invoke, x)
+        future.add_done_callback(lambda _: done.set())
+        started.wait(10)
+        return f"answer to {x}"
+
+    app = RunnableLambda(answer, name="answer")
+    try:
+        with ChainRecorder(app, app_name="background", session=session) as recording:
+            assert app.invoke("q") == "answer to q"
+        release.set()
+        assert done.wait(10)
+    finally:
+        pool.shutdown(wait=True)
+    record = recording.get()
+    assert (record.status, record.output, record.error) == (RecordStatus.OK, "answer to q", None)
+    audit_span = next(s for s in record.spans if s.name == "audit")
+    assert "in the background" in (audit_span.error or "")
+    assert session.flush(10)
+    df, _ = session.get_records_and_feedback()
+    assert len(df) == 1  # the audit's later step `after` is no record of its own
+
+
+async def test_an_ainvoke_that_returned_while_a_task_it_started_ran_is_ok(
+        session: Session) -> None:
+    """The same with `asyncio.create_task(other.ainvoke(x))` in an async step."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def log(x: str) -> str:
+        started.set()
+        await release.wait()
+        return "logged"
+
+    audit = RunnableLambda(lambda x: x, afunc=log, name="audit")
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def answer(x: str) -> str:
+        tasks.append(asyncio.create_task(audit.ainvoke(x)))
+        await started.wait()
+        return f"answer to {x}"
+
+    app = RunnableLambda(lambda x: x, afunc=answer, name="answer")
+    async with ChainRecorder(app, app_name="background-task", session=session) as recording:
+        assert await app.ainvoke("q") == "answer to q"
+    release.set()
+    await asyncio.gather(*tasks)
+    record = recording.get()
+    assert (record.status, record.output, record.error) == (RecordStatus.OK, "answer to q", None)

@@ -93,6 +93,8 @@ _MODEL_KINDS = frozenset((SpanKind.CHAT_MODEL.value, SpanKind.LLM.value))
 _MAX_OUTLIVED = 10_000
 _OUTLIVED = ("unfinished when the call ended: it was still running when another step "
              "failed (what it did afterwards is not recorded)")
+_IN_BACKGROUND = ("unfinished when the call returned: a step started it in the background "
+                  "without waiting for it (what it did afterwards is not recorded)")
 _EXITED = ("cancelled: the process exited before the call ended (a stream never read to "
            "its end, or a call still running on another thread)")
 _RETRIEVER = SpanKind.RETRIEVER.value
@@ -270,6 +272,17 @@ def _received(stream: FrameType, at_yield: bool = False) -> Any:
     except Exception:  # (the record keeps the model's tokens, as before)
         logger.exception("scrutiny: reading what a stream yielded failed")
         return _NOT_STREAMED
+
+
+def _was_streamed(root: _Root) -> bool:
+    """Whether the root run was streamed to its caller (`stream`, `astream`): its `stream`
+    slot was set at its start (to its stream loop's frame, let go of — set to None — when
+    it ended); a run that is no stream never sets it."""
+    try:
+        root.stream  # noqa: B018
+    except AttributeError:
+        return False
+    return True
 
 
 def _stopped_at_yield(stream: FrameType) -> Any:
@@ -690,11 +703,12 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         for rid in root.run_ids:
             runs.pop(rid, None)
         how = _how_it_ended(error, root) if ended is None else ended
-        if error is not None or how == _ENDED_AT_EXIT:
-            # branches still running go on without a record of their own
-            for child, rid in zip(root.spans, root.run_ids, strict=True):
-                if child.end_time is None:
-                    self._outlive(rid)
+        # Runs still going go on without a record of their own (nor do their later steps
+        # make one): branches that outlived a failed sibling, calls a step started in the
+        # background without waiting for them, the steps of a stream stopped early.
+        for child, rid in zip(root.spans, root.run_ids, strict=True):
+            if child.end_time is None:
+                self._outlive(rid)
         settings = self.settings
         record = LazyRecord(lambda record_id: _build_record(
             record_id, settings, root, span, how, run_id))
@@ -1116,13 +1130,18 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         contexts = []
     # Child runs still open when the root ends: the consumer stopped a stream early
     # (LangChain then ends a sync stream's root run normally — it swallows the
-    # GeneratorExit — with the output gathered so far, and never ends the children), or,
-    # when the root failed, a sibling step raised while these still ran (async branches).
+    # GeneratorExit — with the output gathered so far, and never ends the children); when
+    # the root failed, a sibling step raised while these still ran (async branches); and
+    # when a call that is no stream returned, a step started them in the background
+    # without waiting (`pool.submit(ctx.run, other.invoke, x)`, `asyncio.create_task`):
+    # the call itself returned its answer, so its record is `ok`.
     unfinished = [s for s in spans if s.end_time is None]
+    in_background = ended == _ENDED_OK and not _was_streamed(root)
     for child in unfinished:
         child.end_time = span.end_time
-        child.error = child.error or (_OUTLIVED if ended == _FAILED else _EXITED
-                                      if ended == _ENDED_AT_EXIT else _STOPPED_EARLY)
+        child.error = child.error or (
+            _OUTLIVED if ended == _FAILED else _EXITED if ended == _ENDED_AT_EXIT
+            else _IN_BACKGROUND if in_background else _STOPPED_EARLY)
     if ended == _STOPPED:  # (an event stream's steps end with the CancelledError it used)
         for s in spans:
             if s.error == _CANCELLED_ERROR:
@@ -1131,7 +1150,7 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         span.error = _CANCELLED_TEXT
     error_text = span.error
     partial = None
-    if ended == _ENDED_OK and not unfinished:
+    if ended == _ENDED_OK and (in_background or not unfinished):
         status, output = RecordStatus.OK, _read(main_output, span.outputs)
         error_text = None  # (a tool called as the app that handled its own error)
     else:
