@@ -389,6 +389,32 @@ async def test_a_workflow_answering_with_a_stream_is_recorded_once_it_is_read(
     assert (result_.status, result_.result) == (FeedbackStatus.DONE, 1.0)
 
 
+@pytest.mark.parametrize("kind", sorted(_stream_kinds()))
+async def test_a_workflows_stream_read_from_the_stop_event_it_streamed_is_recorded(
+        session: Session, kind: str) -> None:
+    """Read from `handler.stream_events()` (LlamaIndex's streaming loop), the stop event
+    came with the stream as the step made it, not the one that collects the tokens: the
+    record was `cancelled` with output '' although the caller read it all."""
+    make, read = _stream_kinds()[kind]
+    workflow = StreamedAnswer(make(_snow_index()), timeout=10)
+    length = Feedback(lambda output: float(len(output) > 0), name="said_something").on_output()
+    recorder = LlamaIndexRecorder(workflow, app_name="streamed", feedbacks=[length],
+                                  session=session)
+    tokens: list[str] = []
+    async with recorder as recording:
+        handler = workflow.run(query="What color is snow?")
+        async for event in handler.stream_events():
+            if isinstance(event, StopEvent):
+                tokens = await read(event.result)
+        await handler
+    record = recording.get()
+    assert tokens
+    assert (record.output, record.status, record.error) == (
+        "".join(tokens), RecordStatus.OK, None)
+    result = record.wait_for_feedback_results(timeout=10)[length]
+    assert (result.status, result.result) == (FeedbackStatus.DONE, 1.0)
+
+
 @pytest.mark.parametrize("kind", ["async_query_engine_stream", "token_generator",
                                   "sync_token_generator"])
 async def test_a_workflows_stream_never_read_still_gives_its_record(

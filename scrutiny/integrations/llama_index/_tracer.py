@@ -174,14 +174,25 @@ class Trace:
             self.root_result = result
             self.root_error = error
             self.source_contexts = _source_texts(answer_of(result))
-            if error is None:
+            if error is None and not self.streamed:  # (else followed since its step ended)
                 self._follow_stream(result)
             if self.streamed:
                 # Hold no reference to the stream: dropping it unconsumed must end the trace.
                 self.root_result = None
-            ready = not self.streamed or self._stream_ended
+            ready = not self.streamed or self._stream_ended or error is not None
         if ready:
             self.finish()
+
+    def step_returned(self, result: Any) -> None:
+        """A direct step of the root returned `result`, with no output of its own to show
+        (a stream, say). A workflow run's step that returns a stop event carrying a stream
+        hands it to `handler.stream_events()` readers before the run ends: it is followed
+        now, so that they read the stream whose tokens are collected."""
+        if not is_event(result, "StopEvent"):
+            return
+        with self._lock:
+            if not self._root_ended and not self.streamed:
+                self._follow_stream(result)
 
     def _follow_stream(self, result: Any) -> None:
         root_id = self.root.span_id
@@ -456,6 +467,9 @@ class Tracer:
                 trace.root_ended(result, None)
             elif writer:
                 trace.writer_ended(id_, None, True)
+            elif output is None and result is not None \
+                    and span.parent_id == trace.root.span_id:
+                trace.step_returned(result)
 
     def drop(self, id_: str, instance: Any, error: BaseException | None) -> None:
         members = self.members.get(id_)
