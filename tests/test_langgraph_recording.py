@@ -369,3 +369,44 @@ def test_a_run_stopped_at_a_static_breakpoint_is_marked_interrupted(
 def _tool_loop_with(**compile_kwargs: Any) -> Any:
     graph = _tool_loop().builder
     return graph.compile(**compile_kwargs)
+
+
+def _answering_graph() -> Any:
+    """One node that answers, and a route after it (as an agent's model step has: the
+    node's writers are then two, which LangGraph runs as a run of their own)."""
+    def answer(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [AIMessage(content=ANSWER)]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("answer", answer)
+    graph.add_edge(START, "answer")
+    graph.add_conditional_edges("answer", lambda state: END, [END])
+    return graph.compile(checkpointer=InMemorySaver())
+
+
+def test_a_state_edit_between_two_runs_is_no_record(session: Session) -> None:
+    """`graph.update_state(config, values)` — a human's edit before the run resumes —
+    became a record of its own (root span "LangGraphUpdateState", `ok`), judged by the
+    app's feedbacks as if it were an answer and counted in the leaderboard."""
+    app = _answering_graph()
+    fb = Feedback(lambda output: 1.0, name="answered").on_output()
+    config: Any = {"configurable": {"thread_id": "edit"}}
+    recorder = ChainRecorder(app, app_name="edit", feedbacks=[fb], session=session)
+    with recorder as recording:
+        app.invoke({"messages": [("user", "Weather in Dublin?")]}, config)
+        app.update_state(config, {"messages": [AIMessage(content="Edited by a human.")]})
+        app.invoke({"messages": [("user", "And tomorrow?")]}, config)
+    assert [r.spans[0].name for r in recording.records] == ["LangGraph", "LangGraph"]
+    assert [r.input for r in recording.records] == ["Weather in Dublin?", "And tomorrow?"]
+    assert session.flush(10)
+    df, _ = session.get_records_and_feedback()
+    assert len(df) == 2
+
+
+async def test_an_async_state_edit_is_no_record(session: Session) -> None:
+    app = _answering_graph()
+    config: Any = {"configurable": {"thread_id": "aedit"}}
+    async with ChainRecorder(app, app_name="aedit", session=session) as recording:
+        await app.ainvoke({"messages": [("user", "Weather in Dublin?")]}, config)
+        await app.aupdate_state(config, {"messages": [AIMessage(content="Edited.")]})
+    assert [r.spans[0].name for r in recording.records] == ["LangGraph"]

@@ -478,6 +478,9 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
         """Runs still going when their root's record was made (a branch that outlived a
         failed sibling), and their children: not new records (bounded, oldest dropped)."""
         self._foreign: dict[int, None] = {}
+        self._not_calls: dict[int, None] = {}
+        """Open runs that are no call of the app (LangGraph's ``update_state``) and their
+        steps: not recorded (each let go of when it ends)."""
         """Open runs of another recorder's app (and their steps), seen while several
         recorders' blocks were open: not this handler's records."""
         self._lock = threading.Lock()
@@ -541,8 +544,15 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 if self._outlived and parent_run_id.int in self._outlived:
                     self._outlive(key)  # a late step of a call already recorded
                     return
+                if self._not_calls and parent_run_id.int in self._not_calls:
+                    self._not_calls[key] = None
+                    return
                 foreign_parent = bool(self._foreign) and parent_run_id.int in self._foreign
             if parent is None:
+                if parent_run_id is None and name.endswith(_UPDATE_STATE) and \
+                        _updating_graph_state(sys._getframe(1)):
+                    self._not_calls[key] = None  # (an edit of a graph's state: no call)
+                    return
                 blocks = OPEN_BLOCKS.get()
                 mine = None
                 for block in reversed(blocks):  # the innermost block of ours
@@ -602,6 +612,8 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
             if entry is None:
                 if self._foreign:
                     self._foreign.pop(key, None)
+                if self._not_calls:
+                    self._not_calls.pop(key, None)
                 return
             span = entry[0]
             span.end_time = time.time()
@@ -983,18 +995,46 @@ def _how_it_ended(error: BaseException | None, root: _Root) -> int:
     return _CANCELLED if cancelled or isinstance(error, KeyboardInterrupt) else _FAILED
 _INTERRUPTS = ("GraphInterrupt", "NodeInterrupt")  # LangGraph's pauses, as a step's error
 _PREGEL = "langgraph.pregel.main"
-_pregel: list[frozenset[Any]] = []
+_pregel: dict[tuple[str, ...], frozenset[Any]] = {}
+
+
+def _pregel_methods(*names: str) -> frozenset[Any]:
+    """The code of `Pregel`'s methods `names`, read once LangGraph is loaded (empty
+    before)."""
+    codes = _pregel.get(names)
+    if codes is None:
+        pregel = getattr(sys.modules.get(_PREGEL), "Pregel", None)
+        if pregel is None:
+            return frozenset()
+        codes = _pregel[names] = frozenset(
+            code for name in names
+            if (code := getattr(getattr(pregel, name, None), "__code__", None)))
+    return codes
 
 
 def _pregel_codes() -> frozenset[Any]:
     """The code of LangGraph's run loops (``Pregel.stream`` / ``astream``; `invoke` runs
-    `stream`), read once LangGraph is loaded."""
-    if not _pregel:
-        pregel = getattr(sys.modules.get(_PREGEL), "Pregel", None)
-        _pregel.append(frozenset(
-            code for name in ("stream", "astream")
-            if (code := getattr(getattr(pregel, name, None), "__code__", None))))
-    return _pregel[0]
+    `stream`)."""
+    return _pregel_methods("stream", "astream")
+
+
+_UPDATE_STATE = "UpdateState"  # (LangGraph runs a state edit as "<graph name>UpdateState")
+_UPDATE_FRAMES = 16
+
+
+def _updating_graph_state(frame: FrameType | None) -> bool:
+    """Whether the root run starting now (named "...UpdateState") is LangGraph's
+    ``update_state`` / ``aupdate_state`` (``bulk_update_state``) writing a state edit —
+    the human-in-the-loop "edit, then resume" step, not a call of the app: it ran the
+    node's writers as a run of their own, which was recorded, and judged, as an answer."""
+    codes = _pregel_methods("bulk_update_state", "abulk_update_state")
+    for _ in range(_UPDATE_FRAMES):
+        if frame is None:
+            return False
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _mark_breakpoint(span: Span, graph: FrameType) -> None:
