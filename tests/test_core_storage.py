@@ -377,6 +377,56 @@ def test_oversized_contexts_stay_a_list_with_each_one_marked(tmp_path: Path) -> 
     assert back.contexts[1] == "short"
 
 
+def test_contexts_of_any_kind_keep_within_the_payload_limit(tmp_path: Path) -> None:
+    """Contexts given as dicts (a text and its source) were estimated at 64 bytes each:
+    ten of 480 kB were stored whole, 4.8 MB through a 1 MB limit."""
+    docs = [{"text": f"{i}" * 480_000, "source": f"doc-{i}.md"} for i in range(10)]
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    with Session(url, max_payload_bytes=1_000_000) as s:
+        record = s.ingest(make_record(contexts=[{"text": "small", "source": "a.md"}, *docs]),
+                          [])
+        assert s.flush(10)
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT contexts_json FROM scrutiny_records")).scalar()
+    engine.dispose()
+    assert len(stored.encode()) <= 1_000_000
+    with Session(url) as reader:
+        back = reader.get_record(record.record_id)
+    assert back is not None
+    assert back.contexts[:3] == [{"text": "small", "source": "a.md"}, docs[0], docs[1]]
+    assert back.contexts[3][TRUNCATED_KEY] is True  # (the one that did not fit: marked)
+    assert back.contexts[3]["preview"].startswith('{"text":"2222')
+    assert back.contexts[4:] == [f"[{TRUNCATED_KEY}: 7 more context(s) not stored]"]
+
+
+def test_a_lone_surrogate_or_a_field_pydantic_cannot_dump_keeps_the_rest_of_a_value(
+        tmp_path: Path) -> None:
+    """One lone surrogate in a 100 kB answer, or a numpy field in a pydantic model, made
+    the whole value a description cut to 2,000 characters: the text, or the model's other
+    fields, were lost, and feedbacks of another process judged the description."""
+
+    class Answer(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)
+        text: str
+        embedding: np.ndarray
+
+    text = "a" * 50_000 + "\udc80" + "b" * 50_000
+    output = {"answer": text, "model": Answer(text="Paris", embedding=np.zeros(3)),
+              "bad\udc80key": 1}
+    url = f"sqlite:///{tmp_path}/s.sqlite"
+    with Session(url) as s:
+        record = s.ingest(make_record(output=output), [])
+        assert s.flush(10)
+    with Session(url) as reader:
+        back = reader.get_record(record.record_id)
+    assert back is not None
+    assert back.output == {"answer": "a" * 50_000 + "\\udc80" + "b" * 50_000,
+                           "model": {"text": "Paris", "embedding": [0.0, 0.0, 0.0]},
+                           "bad\\udc80key": 1}
+    assert _serialize.truncate_text("\udc80" * 10, 20).endswith("60 bytes in all]")
+
+
 def _insert_op(record: Record, feedback: Feedback) -> tuple[object, str]:
     from scrutiny.core import _rows
     from scrutiny.core.storage import InsertRecord

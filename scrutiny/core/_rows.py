@@ -172,8 +172,11 @@ def _contexts_json(contexts: list[Any], max_bytes: int) -> str:
     """The contexts as a list of texts within the limit *as a whole* (each one cut to the
     limit on its own let 4.5 MB of contexts through a 100 kB limit): each is cut to what
     room is left, and where none is left one marker says how many more there were."""
-    if sum(len(c) if isinstance(c, str) else 64 for c in contexts) * 4 <= max_bytes:
+    if all(type(c) is str for c in contexts) and \
+            sum(len(c) for c in contexts) * 4 <= max_bytes:
         return _serialize.dumps(contexts)
+    # (contexts of other kinds — dicts of a text and its source — are measured as encoded:
+    # estimated, 4.8 MB of them passed a 1 MB limit)
     kept: list[Any] = []
     used = 2 + 96  # the brackets, and room kept for the marker of what did not fit
     for i, context in enumerate(contexts):
@@ -187,6 +190,11 @@ def _contexts_json(contexts: list[Any], max_bytes: int) -> str:
             kept.append(f"[{_serialize.TRUNCATED_KEY}: {len(contexts) - i} more "
                         "context(s) not stored]")
             break
+        if not isinstance(context, str):  # (its JSON's marker, with a prefix of it)
+            piece = _serialize.loads(_serialize.dumps(context, max_bytes=room))
+            kept.append(piece)
+            used += len(_serialize.dumps(piece)) + 1
+            continue
         piece = _serialize.truncate_text(context, room - 2 - len(_serialize.TRUNCATED_KEY))
         size = len(_serialize.dumps(piece))
         if size > room:  # escapes made it longer than its bytes: cut it once more

@@ -40,7 +40,7 @@ def _default(obj: Any) -> Any:
     """Called by orjson for every value it cannot encode natively."""
     try:
         if hasattr(obj, "model_dump") and callable(obj.model_dump):  # pydantic v2
-            return obj.model_dump(mode="json")
+            return _model_fields(obj)
         if hasattr(obj, "dict") and hasattr(obj, "__fields__"):  # pydantic v1 objects
             return obj.dict()
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -63,6 +63,30 @@ def _default(obj: Any) -> Any:
     except Exception:  # fall through to the description
         logger.debug("could not convert %s for storage", type(obj).__name__, exc_info=True)
     return _describe(obj)
+
+
+def _model_fields(obj: Any) -> Any:
+    """A pydantic model's fields: its JSON form, else (a field pydantic cannot dump as
+    JSON — a numpy array, an arbitrary type) its fields as they are, encoded one by one;
+    the whole model became one description before, its other fields lost."""
+    try:
+        return obj.model_dump(mode="json")
+    except Exception:
+        logger.debug("%s: dumping its fields as they are", type(obj).__name__, exc_info=True)
+    try:
+        return obj.model_dump()
+    except Exception:
+        fields = getattr(type(obj), "model_fields", None)
+        if not isinstance(fields, Mapping):
+            raise
+        return {name: getattr(obj, name, None) for name in fields}
+
+
+def _text(value: str) -> str:
+    """A text orjson refuses (a lone surrogate: a file name decoded with surrogateescape)
+    with that character as a backslash escape, as stored names are; it was stored as a
+    description of the whole text, cut to 2,000 characters."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Memo:
@@ -97,6 +121,8 @@ def _sanitized(value: Any, depth: int = 0, seen: frozenset[int] = frozenset()) -
     if isinstance(value, int) and not isinstance(value, bool) and not (
             -(2 ** 63) <= value < 2 ** 64):
         return str(value)
+    if isinstance(value, str):
+        return value if value.isascii() or _encodes(value) else _text(value)
     if isinstance(value, dict | list | tuple):
         if id(value) in seen:
             return {"__type__": type(value).__qualname__, "__repr__": "<cycle>"}
@@ -104,8 +130,8 @@ def _sanitized(value: Any, depth: int = 0, seen: frozenset[int] = frozenset()) -
             return {"__type__": type(value).__qualname__, "__repr__": "<nested too deep>"}
         inner = seen | {id(value)}
         if isinstance(value, dict):
-            return {(k if isinstance(k, str) else str(k)): _sanitized(v, depth + 1, inner)
-                    for k, v in value.items()}
+            return {_sanitized(k if isinstance(k, str) else str(k), depth + 1, inner):
+                    _sanitized(v, depth + 1, inner) for k, v in value.items()}
         return [_sanitized(v, depth + 1, inner) for v in value]
     try:
         orjson.dumps(value, default=_default, option=_OPTIONS)
@@ -117,6 +143,14 @@ def _sanitized(value: Any, depth: int = 0, seen: frozenset[int] = frozenset()) -
             return _describe(value)
         return _describe(value) if plain is value or depth >= _MAX_DEPTH else _sanitized(
             plain, depth + 1, seen)
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def dumps(value: Any, *, max_bytes: int | None = None) -> str:
@@ -157,7 +191,7 @@ def truncate_text(value: Any, max_bytes: int) -> Any:
     """A string cut to about `max_bytes` of UTF-8 with an explicit marker; others as is."""
     if not isinstance(value, str) or len(value) * 4 <= max_bytes:
         return value
-    data = value.encode("utf-8")
+    data = value.encode("utf-8", "backslashreplace")  # (a lone surrogate as its escape)
     if len(data) <= max_bytes:
         return value
     marker = f"[{TRUNCATED_KEY}: {len(data)} bytes in all]"  # (counted in the limit)
