@@ -262,6 +262,49 @@ async def test_a_typed_start_events_fields_are_the_input(session: Session) -> No
     assert record.output == "summary of /r.pdf in en"
 
 
+class Answer(StopEvent):
+    answer: str
+    sources: list[str]
+
+
+class Verdict(StopEvent):
+    """A typed stop event that carries nothing but its result."""
+
+
+class TypedAnswer(Workflow):
+    @step
+    async def answer(self, ev: StartEvent) -> Answer:
+        return Answer(answer=f"Snow is white ({ev.query}).", sources=["doc-1"])
+
+
+class TypedVerdict(Workflow):
+    @step
+    async def answer(self, ev: StartEvent) -> Verdict:
+        return Verdict(result=f"{ev.query}: guilty")
+
+
+@pytest.mark.parametrize(("workflow_class", "expected"), [
+    (TypedAnswer, {"answer": "Snow is white (Who did it?).", "sources": ["doc-1"]}),
+    (TypedVerdict, "Who did it?: guilty"),
+])
+async def test_a_typed_stop_events_values_are_the_output(
+        session: Session, workflow_class: type[Workflow], expected: Any) -> None:
+    """The run's result is a typed stop event itself (LlamaIndex's documented way to return
+    a structured answer); the output was its `result`, None, and output feedbacks were
+    skipped."""
+    workflow = workflow_class(timeout=10)
+    said = Feedback(lambda output: float(str(expected) in str(output)), name="said").on_output()
+    recorder = LlamaIndexRecorder(workflow, app_name="typed", feedbacks=[said],
+                                  session=session)
+    with recorder as recording:
+        result = await workflow.run(query="Who did it?")
+    assert isinstance(result, Answer | Verdict)
+    record = recording.get()
+    assert (record.input, record.output) == ("Who did it?", expected)
+    outcome = record.wait_for_feedback_results(timeout=10)[said]
+    assert (outcome.status, outcome.result) == (FeedbackStatus.DONE, 1.0)
+
+
 # ---------------------------------------------------------------------- streamed answers
 WORDS = ("Snow ", "is ", "white.")
 

@@ -224,14 +224,7 @@ def _start_text(event: Any) -> Any:
             value = None
         if value is not None:
             return _query_text(value)
-    given: dict[str, Any] = {}
-    for name in getattr(type(event), "model_fields", {}):  # a typed start event's fields
-        value = getattr(event, name, None)
-        if value is not None:
-            given[name] = value
-    data = getattr(event, "_data", None)
-    if isinstance(data, Mapping):
-        given.update((k, v) for k, v in data.items() if v is not None)
+    given = _event_values(event)
     history = given.get("chat_history")
     if isinstance(history, list) and history and all(
             isinstance(m, ChatMessage) for m in history):
@@ -243,13 +236,40 @@ def _start_text(event: Any) -> Any:
     return _query_text(next(iter(given.values()))) if len(given) == 1 else given
 
 
+def _event_values(event: Any) -> dict[str, Any]:
+    """The values a workflow event carries: a typed event's fields, then the free-form
+    data it was given (None left out)."""
+    given: dict[str, Any] = {}
+    for name in getattr(type(event), "model_fields", {}):
+        value = getattr(event, name, None)
+        if value is not None:
+            given[name] = value
+    data = getattr(event, "_data", None)
+    if isinstance(data, Mapping):
+        given.update((k, v) for k, v in data.items() if v is not None)
+    return given
+
+
 def answer_of(result: Any) -> Any:
-    """What the caller of a workflow gets: its stop event's result (else `result`)."""
+    """What the caller of a workflow gets: its stop event's result (else `result`).
+
+    A typed stop event (a subclass, ``class Answer(StopEvent): answer: str``) is the
+    run's result itself, as LlamaIndex's handler gives it: its answer is what it carries,
+    its fields (and its `result` if it was given one) as a dict - not its `result`, which
+    such an event leaves None, nor its `str`, which is that result's. One that carries
+    nothing but its result answers that result."""
     if not is_event(result, "StopEvent"):
         return result
     try:
-        return result.result
-    except Exception:  # a stop event whose result cannot be read
+        if type(result).__name__ == "StopEvent":
+            return result.result
+        given = _event_values(result)
+        if not given:
+            return result.result
+        if getattr(result, "_result", None) is not None:
+            given["result"] = result.result
+        return given
+    except Exception:  # a stop event whose values cannot be read
         return None
 
 
