@@ -776,8 +776,21 @@ def test_a_record_id_another_record_has_is_refused_not_merged(
     same_call_again = Record(**{**first.__dict__, "_slots": {}})  # (another process's copy)
     told, _ = in_a_process_of_its_own(same_call_again, "more", 0.5)
     assert (told.status, told.result) == (FeedbackStatus.DONE, 0.5)
+    # ... but not with a feedback it has a result of: a script scoring a dataset run
+    # again stored a second "len_a" beside the first (the table showed one, the
+    # leaderboard averaged both)
+    rescored = Record(**{**first.__dict__, "_slots": {}})
+    told, failed_writes = in_a_process_of_its_own(rescored, "len_a", 0.9)
+    assert (told.status, failed_writes) == (FeedbackStatus.FAILED, 1)
     with Session(url, table_prefix=prefix) as reader:
         df, cols = reader.get_records_and_feedback()
+        stored = reader.get_record("req-1")
+        board = reader.get_leaderboard()
+    assert stored is not None
+    assert sorted(r.feedback_name for r in stored.feedback_results.values()) == [
+        "len_a", "more"]
+    assert board.loc[("app_a", "v1"), "len_a"] == 0.1
+    assert "record 'req-1' has a stored result of 'len_a' already" in caplog.text
     assert "record id taken by another record: 'req-1'" in caplog.text
     assert list(df["app_name"]) == ["app_a"]
     assert sorted(cols) == ["len_a", "more"]

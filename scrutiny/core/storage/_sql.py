@@ -103,6 +103,21 @@ class RecordIdTaken(StorageError):
                          "record_id out and Scrutiny makes one")
 
 
+class ResultNameTaken(StorageError):
+    """A stored record given again (another process, a script run again) with a feedback
+    whose name it already has a result of: refused rather than stored beside it."""
+
+    MARK = "scrutiny: the record already has a result of that feedback name"
+
+    def __init__(self, record_id: str, feedback_name: str) -> None:
+        super().__init__(
+            f"{self.MARK}: record {record_id!r} has a stored result of {feedback_name!r} "
+            "already (an earlier run, or another process); a second one under that name "
+            "would hide the first. To score it again, store the new run under another "
+            "app_version (or with new record ids), or delete the old records first "
+            "(session.delete_records)")
+
+
 def _op_without_nul(op: WriteOp) -> WriteOp:
     """`op` with NUL characters in its texts replaced (the same op when it has none)."""
     if isinstance(op, InsertRecord):
@@ -524,6 +539,7 @@ class SQLStore:
                 if records and self._insert_rows(conn, t.records, records,
                                                  keep_existing=True) < len(records):
                     self._check_record_ids(conn, records)
+                    self._check_result_names(conn, results)
                 if results:  # (a batch retried after its commit's answer was lost:
                     # its rows are there already, and a duplicate key lost it for good)
                     self._insert_rows(conn, t.results, results, keep_existing=True)
@@ -637,6 +653,19 @@ class SQLStore:
                 if row.app_id != new["app_id"] or row.start_time != new["start_time"]:
                     raise RecordIdTaken(row.record_id, row.app_id)
 
+    def _check_result_names(self, conn: Connection, results: list[Row]) -> None:
+        """(Some records of the batch were there already: given again.) Raise
+        ResultNameTaken when a new result has the name of a result the record has."""
+        t = self.tables.results
+        given = {(r["record_id"], r["feedback_name"]): r["result_id"] for r in results}
+        ids = sorted({record_id for record_id, _ in given})
+        stored = select(t.c.record_id, t.c.feedback_name, t.c.result_id)
+        for chunk in _chunks(ids, 500):
+            for row in conn.execute(stored.where(t.c.record_id.in_(chunk))):
+                new = given.get((row.record_id, row.feedback_name))
+                if new is not None and new != row.result_id:
+                    raise ResultNameTaken(row.record_id, row.feedback_name)
+
     def _note_refused(self, updates: list[UpdateResult]) -> None:
         """(Fewer rows changed than written, once committed.) Mark the updates that did not
         apply, with the row as it is stored instead: an update that matched no row — a
@@ -698,10 +727,15 @@ class SQLStore:
                  f"'$.r') AS j JOIN {rec} ON {rec}.record_id = j.value ->> '$.record_id' "
                  f"WHERE {rec}.app_id IS NOT j.value ->> '$.app_id' "
                  f"OR {rec}.start_time IS NOT j.value ->> '$.start_time';")
+        # (see _check_result_names: one probe of the record's index per new result)
+        named = (f"SELECT RAISE(ABORT, '{ResultNameTaken.MARK}') FROM json_each(NEW.payload, "
+                 f"'$.p') AS j JOIN {res} ON {res}.record_id = j.value ->> '$.record_id' "
+                 f"WHERE {res}.feedback_name = j.value ->> '$.feedback_name' "
+                 f"AND {res}.result_id IS NOT j.value ->> '$.result_id';")
         return [
             f"CREATE TEMP VIEW IF NOT EXISTS {view} (payload) AS SELECT NULL",
             f"CREATE TEMP TRIGGER IF NOT EXISTS {view}_insert INSTEAD OF INSERT ON {view} "
-            f"BEGIN {taken} {insert(t.records, 'r', keep_existing=True)} "
+            f"BEGIN {taken} {named} {insert(t.records, 'r', keep_existing=True)} "
             f"{insert(t.results, 'p')} {update} END",
         ]
 
