@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("llama_index.core")
 
-from llama_index.core import Document, VectorStoreIndex
+from llama_index.core import Document, PromptTemplate, VectorStoreIndex
 from llama_index.core.base.llms.types import CompletionResponse, LLMMetadata
 from llama_index.core.embeddings import MockEmbedding
 from llama_index.core.instrumentation import get_dispatcher  # type: ignore[attr-defined]
@@ -189,6 +189,33 @@ def test_chat_engine_context_mode(index: VectorStoreIndex, session: Session) -> 
         assert record.root_span().name == "ContextChatEngine.chat"  # type: ignore[union-attr]
         assert len(record.contexts) == 2
         assert record.spans_of_kind(SpanKind.LLM)
+
+
+@pytest.mark.usefixtures("thread_loop")
+def test_housekeeping_calls_of_a_recorded_engine_are_no_records(index: VectorStoreIndex,
+                                                                session: Session) -> None:
+    """LlamaIndex makes a span of `reset`, `_get_prompts`, `_update_prompts`, ... (every
+    implementation of an abstract method): each was a record with no question, judged."""
+    said = Feedback(lambda output: float(bool(output)), name="said").on_output()
+    chat = _chat_engine(index)
+    with LlamaIndexRecorder(chat, feedbacks=[said], session=session) as chat_recording:
+        chat.chat("What color is the sky?")
+        chat.reset()  # a new conversation
+        chat.chat("What color is grass?")
+    engine = _engine(index)
+    with LlamaIndexRecorder(engine, feedbacks=[said], session=session) as qa_recording:
+        engine.get_prompts()
+        engine.update_prompts({"response_synthesizer:text_qa_template": PromptTemplate(
+            "Context: {context_str}\nQ: {query_str}\nA:")})
+        engine.query("What color is snow?")
+    assert [r.input for r in chat_recording.records] == ["What color is the sky?",
+                                                         "What color is grass?"]
+    assert [r.input for r in qa_recording.records] == ["What color is snow?"]
+    for record in chat_recording.records + qa_recording.records:
+        outcome = record.wait_for_feedback_results(timeout=WAIT)[said]
+        assert (outcome.status, outcome.result) == (FeedbackStatus.DONE, 1.0)
+    stored, _ = session.get_records_and_feedback(wait=True, timeout=WAIT)
+    assert len(stored) == 3
 
 
 async def test_achat(index: VectorStoreIndex, session: Session) -> None:

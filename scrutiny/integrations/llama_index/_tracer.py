@@ -92,6 +92,20 @@ _MODEL_STREAMS = frozenset(("stream_complete", "stream_chat", "astream_complete"
 """A model's streaming methods: LlamaIndex's model wrappers (`llm_completion_callback`,
 `llm_chat_callback`) report their chunks and end as events of their own span."""
 
+_HOUSEKEEPING = frozenset(("reset",))
+"""Public methods that answer nothing (a chat engine's `reset`)."""
+
+
+def _answers(name: str) -> bool:
+    """Whether a call of the span's method (``"Class.method"``) on a recorded object is a
+    call to record. LlamaIndex makes a span of every implementation of an abstract
+    method, so the object's helpers have spans too: its private methods
+    (`_prepare_chat_with_tools`, `_get_prompts`, `_update_prompts`, ...) and
+    housekeeping (`reset`) are parts of a record at most, never records."""
+    method = name.rpartition(".")[2]
+    return not (method[:1] == "_" and method[:2] != "__") and method not in _HOUSEKEEPING
+
+
 USAGE_REPEATS = "usage_repeats"
 """Span metadata: the id of the span whose model response (and usage) this span reports
 again; the record's usage counts it once."""
@@ -390,8 +404,12 @@ class Tracer:
             host = self._streaming(owners)
             if host is not None:  # a call the model's stream makes while it is read
                 parents, parent_id = ((host.root, host, False),), host.root.span_id
-        _offer_gil()  # to evaluations that are late (see scrutiny.core._courtesy)
         name, kind = name_and_kind(id_, instance)
+        if owners and not _answers(name):  # (a helper: `_get_prompts`, `reset`)
+            owners = None
+            if parents is None and run is None and not agents:
+                return
+        _offer_gil()  # to evaluations that are late (see scrutiny.core._courtesy)
         now = time.time()
         inputs = SpanInputs(arguments)
         if parents is not None and len(parents) == 1 and not owners and run is None \
