@@ -4,6 +4,7 @@ answer rather than a whole graph state."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,9 @@ def _chat_graph() -> Any:
     return graph.compile()
 
 
-def _in_a_row(state: Any, *steps: Any) -> Any:
+def _in_a_row(state: Any, *steps: Any, checkpointer: bool = True) -> Any:
     """A graph running `steps` (functions, named after themselves) one after another,
-    with an in-memory checkpointer (so runs can pause and resume)."""
+    with an in-memory checkpointer (so runs can pause and resume) unless told not to."""
     graph = StateGraph(state)
     previous = START
     for step in steps:
@@ -64,7 +65,7 @@ def _in_a_row(state: Any, *steps: Any) -> Any:
         graph.add_edge(previous, step.__name__)
         previous = step.__name__
     graph.add_edge(previous, END)
-    return graph.compile(checkpointer=InMemorySaver())
+    return graph.compile(checkpointer=InMemorySaver() if checkpointer else None)
 
 
 @pytest.mark.parametrize("messages", [
@@ -410,3 +411,86 @@ async def test_an_async_state_edit_is_no_record(session: Session) -> None:
         await app.ainvoke({"messages": [("user", "Weather in Dublin?")]}, config)
         await app.aupdate_state(config, {"messages": [AIMessage(content="Edited.")]})
     assert [r.spans[0].name for r in recording.records] == ["LangGraph"]
+
+
+class DraftState(TypedDict, total=False):
+    question: str
+    draft: str
+    critique: str
+    answer: str
+
+
+def _fan_out() -> Any:
+    """Two nodes in the same step (`draft` and `critique`), then `join`."""
+    def draft(state: DraftState) -> dict[str, Any]:
+        return {"draft": "A short draft answer."}
+
+    def critique(state: DraftState) -> dict[str, Any]:
+        return {"critique": "The draft is too short."}
+
+    def join(state: DraftState) -> dict[str, Any]:
+        return {"answer": f"{state['draft']} {state['critique']}"}
+
+    graph = StateGraph(DraftState)
+    for node in (draft, critique, join):
+        graph.add_node(node.__name__, node)
+    graph.add_edge(START, "draft")
+    graph.add_edge(START, "critique")
+    graph.add_edge(["draft", "critique"], "join")
+    graph.add_edge("join", END)
+    return graph.compile()
+
+
+def test_a_graph_stream_stopped_after_a_fan_out_keeps_the_update_it_received(
+        session: Session) -> None:
+    """The consumer read one node's update of a step that ran two and stopped: the
+    record's output was the other node's update (the later to finish), which it never
+    received."""
+    app = _fan_out()
+    with ChainRecorder(app, app_name="fan-out", session=session) as recording:
+        stream = app.stream({"question": "q"}, stream_mode="updates")
+        first = next(stream)
+        stream.close()
+    (update,) = first.values()
+    record = recording.get()
+    assert record.status is RecordStatus.CANCELLED
+    assert record.output == next(iter(update.values()))
+
+
+async def test_an_async_graph_stream_stopped_keeps_the_chunk_it_received(
+        session: Session) -> None:
+    """The same for `astream`, whichever form its chunks take: a subgraph's update
+    (`subgraphs=True`) left the output None, and the subgraph's steps said
+    "CancelledError: <object object at 0x...>"."""
+    class Inner(TypedDict, total=False):
+        question: str
+        answer: str
+        checked: bool
+
+    async def answer(state: Inner) -> dict[str, Any]:
+        return {"answer": ANSWER}
+
+    async def check(state: Inner) -> dict[str, Any]:
+        await asyncio.Event().wait()  # (cancelled when the consumer stops)
+        return {"checked": True}
+
+    outer = StateGraph(Inner)
+    outer.add_node("inner", _in_a_row(Inner, answer, check, checkpointer=False))
+    outer.add_edge(START, "inner")
+    outer.add_edge("inner", END)
+    nested = outer.compile()
+    fanned = _fan_out()
+    for app, kwargs in ((fanned, {"stream_mode": "updates"}),
+                        (fanned, {"stream_mode": ["updates", "custom"]}),
+                        (nested, {"subgraphs": True})):
+        async with ChainRecorder(app, app_name="astream", session=session) as recording:
+            stream = app.astream({"question": "q"}, **kwargs)
+            chunk = await anext(stream)
+            await stream.aclose()
+        update = chunk[-1] if isinstance(chunk, tuple) else chunk
+        (values,) = update.values()
+        record = recording.get()
+        assert record.status is RecordStatus.CANCELLED, kwargs
+        assert record.output == next(iter(values.values())), kwargs
+        assert not [s.error for s in record.spans if "object object" in (s.error or "")]
+

@@ -113,13 +113,15 @@ OPEN_BLOCKS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar(
 class _Root:
     """What is known about one root run while it is open."""
 
-    __slots__ = ("fallbacks", "graph", "handlers", "inner_fallbacks", "metadata", "received",
-                 "recording", "run_ids", "spans", "stream", "tags", "tokens")
+    __slots__ = ("fallbacks", "graph", "graph_stream", "handlers", "inner_fallbacks",
+                 "metadata", "received", "recording", "run_ids", "spans", "stream", "tags",
+                 "tokens")
     handlers: list[BaseCallbackHandler]  # (set by _run_handlers)
     fallbacks: bool
     inner_fallbacks: set[int]  # (set once a step is a `with_fallbacks` run: see _enclosing)
     stream: FrameType | None  # (set for streamed runs only: unset, it reads as None)
     graph: FrameType | None  # (set for LangGraph runs only: see _mark_breakpoint)
+    graph_stream: bool  # (set for LangGraph runs the app reads as a stream: _graph_received)
     received: Any  # (set when a streamed run failed: unset, it reads as _NOT_STREAMED)
 
     def __init__(self, recording: Recording | None, default: BaseCallbackHandler,
@@ -204,6 +206,10 @@ def _run_handlers(root: _Root, default: BaseCallbackHandler) -> None:
                     if caller is not None and _PREGEL in sys.modules and \
                             caller.f_code in _pregel_codes():
                         root.graph = caller  # a LangGraph run's loop (see _mark_breakpoint)
+                        reader = caller.f_back  # (its own invoke, or the app's code)
+                        if reader is None or reader.f_code not in _pregel_methods(
+                                "invoke", "ainvoke"):
+                            root.graph_stream = True
                 return
             break
         frame = frame.f_back
@@ -776,6 +782,9 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 if stream is not None and (at_yield or _how_it_ended(error, root) != _STOPPED):
                     root.stream = None  # (read now: the stream loop still holds it)
                     root.received = _received(stream, at_yield)
+                elif getattr(root, "graph_stream", False) and root.graph is not None and \
+                        _how_it_ended(error, root) == _STOPPED:
+                    root.received = _graph_received(root.graph, root)
             self._end(run_id, error=error, inputs=kwargs.get("inputs", _NO_INPUTS))
         except Exception:
             _log_failure("on_chain_error")
@@ -1101,18 +1110,78 @@ def _read(main: Callable[[Any], Any], value: Any) -> Any:
         return value
 
 
-def _last_step_output(spans: list[Span], root: Span, unfinished: list[Span]) -> Any:
-    """The main output of the root's last direct step that finished with an output (not
-    LangGraph's ``__start__``, which only hands the input on); None if there is none."""
-    cut = {id(s) for s in unfinished}
-    root_id = str(root.span_id)
-    last: Span | None = None
-    for s in spans:
-        if (s.parent_id == root_id and id(s) not in cut and s.outputs is not None
-                and s.error is None and s.name != "__start__"
-                and (last is None or (s.end_time or 0) >= (last.end_time or 0))):
-            last = s
+def _last_step(spans: list[Span], root: Span, unread: Sequence[str] = ()) -> Span | None:
+    """The root's last direct step that finished with an output (not LangGraph's
+    ``__start__``, which only hands the input on); None if there is none. `unread`: the
+    names of the steps whose update the consumer of a LangGraph stream has not received
+    (the latest step of each is passed over)."""
+    root_id = root.span_id
+    steps = sorted((s for s in spans
+                    if s.parent_id == root_id and s.end_time is not None
+                    and s.outputs is not None and s.error is None and s.name != "__start__"),
+                   key=lambda s: s.end_time or 0)
+    for name in unread:
+        for i in range(len(steps) - 1, -1, -1):
+            if steps[i].name == name:
+                del steps[i]
+                break
+    return steps[-1] if steps else None
+
+
+def _last_step_output(spans: list[Span], root: Span) -> Any:
+    """The main output of the root's last direct step that finished with an output."""
+    last = _last_step(spans, root)
     return None if last is None else _read(main_output, last.outputs)
+
+
+_GRAPH_OUTPUTS = frozenset(("updates", "values"))
+
+
+def _graph_received(graph: FrameType, root: _Root) -> Any:
+    """(A LangGraph run the app read as a stream, which its consumer stopped.) What the
+    consumer last received — the update or state — to be read as the record's output;
+    None when it received nothing, `_NOT_STREAMED` when that cannot be told (a stream of
+    other modes only, `custom` or `debug`).
+
+    LangGraph ends such a run with no output, and its nodes run ahead of the consumer: an
+    update that a node of the same step made later than the one the consumer read (a
+    fan-out) was taken for what the consumer saw. Read from the run's loop (`graph`, the
+    frame of `Pregel.stream` / `astream`): the queue still holds the chunks the consumer
+    was not given, and an async loop holds the chunk it yielded last (``o``).
+    """
+    try:
+        local = graph.f_locals
+        queue = getattr(local.get("stream"), "_queue", None)
+        unread = list(queue) if queue is not None else []  # (ns, mode, payload) each
+        stream_mode = local.get("stream_mode")
+        modes = stream_mode if isinstance(stream_mode, list) else [stream_mode]
+        if graph.f_code in _pregel_methods("astream"):
+            if "o" not in local:  # (nothing was yielded yet)
+                return None
+            mode, payload = _graph_chunk(local["o"], stream_mode, local.get("subgraphs"),
+                                         local.get("version"))
+            if mode in _GRAPH_OUTPUTS:
+                return payload
+        if _GRAPH_OUTPUTS.intersection(modes):
+            names = [name for ns, mode, payload in unread
+                     if not ns and mode == "updates" and isinstance(payload, dict)
+                     for name, update in payload.items() if update is not None]
+            step = _last_step(root.spans, root.spans[0], names)
+            return None if step is None else step.outputs
+    except Exception:  # (the record keeps the last step that finished, as before)
+        logger.exception("scrutiny: reading what a LangGraph stream yielded failed")
+    return _NOT_STREAMED
+
+
+def _graph_chunk(chunk: Any, stream_mode: Any, subgraphs: Any, version: Any) -> tuple[Any, Any]:
+    """The mode and payload of a chunk a LangGraph stream yielded, in each of its shapes:
+    ``{"type", "ns", "data"}`` (version "v2"), ``(ns, mode, payload)``, ``(mode, payload)``
+    (several modes), ``(ns, payload)`` (`subgraphs=True`), the payload alone."""
+    if version == "v2" and isinstance(chunk, dict) and "type" in chunk:
+        return chunk["type"], chunk.get("data")
+    if isinstance(stream_mode, list):
+        return (chunk[1], chunk[2]) if subgraphs else (chunk[0], chunk[1])
+    return stream_mode, chunk[1] if subgraphs else chunk
 
 
 def _artifact_documents(output: Any) -> list[Any] | None:
@@ -1182,9 +1251,11 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         child.error = child.error or (
             _OUTLIVED if ended == _FAILED else _EXITED if ended == _ENDED_AT_EXIT
             else _IN_BACKGROUND if in_background else _STOPPED_EARLY)
-    if ended == _STOPPED:  # (an event stream's steps end with the CancelledError it used)
+    if ended == _STOPPED:
+        # (an event stream's steps end with the CancelledError it used; a LangGraph
+        # stream's, with one carrying LangGraph's sentinel: "<object object at 0x...>")
         for s in spans:
-            if s.error == _CANCELLED_ERROR:
+            if s.error is not None and s.error.partition(":")[0] == _CANCELLED_ERROR:
                 s.error = _STOPPED_EARLY
     elif ended == _CANCELLED and span.error == _CANCELLED_ERROR:
         span.error = _CANCELLED_TEXT
@@ -1211,11 +1282,12 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
             if (span.outputs is not None and isinstance(output, str) and streamed is not None
                     and len(streamed) > len(output) and streamed.startswith(output)):
                 output = streamed
-        if output is None and ended in (_STOPPED, _ENDED_AT_EXIT):
+        if output is None and ended in (_STOPPED, _ENDED_AT_EXIT) and received is _NOT_STREAMED:
             # A LangGraph stream stopped early ends its root with no output and streams no
-            # tokens of its own: what the consumer last saw is the last step that finished
-            # (a node's update), so feedbacks judge that rather than nothing.
-            output = _last_step_output(spans, span, unfinished)
+            # tokens of its own: when what the consumer last saw could not be read (see
+            # _graph_received), the last step that finished (a node's update) stands for
+            # it, so feedbacks judge that rather than nothing.
+            output = _last_step_output(spans, span)
         if ended == _STOPPED or (ended == _ENDED_OK and unfinished):
             error_text = _STOPPED_EARLY
         elif ended == _FAILED:
