@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langchain_core.language_models import FakeListChatModel
+from langchain_core.language_models import FakeListChatModel, GenericFakeChatModel
 from langchain_core.messages import AIMessage, ToolMessage
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
@@ -493,4 +493,48 @@ async def test_an_async_graph_stream_stopped_keeps_the_chunk_it_received(
         assert record.status is RecordStatus.CANCELLED, kwargs
         assert record.output == next(iter(values.values())), kwargs
         assert not [s.error for s in record.spans if "object object" in (s.error or "")]
+
+
+def _streaming_chat(*, asynchronous: bool) -> Any:
+    """A chat graph whose model streams "one two three four five six" token by token."""
+    model = GenericFakeChatModel(messages=iter(["one two three four five six"] * 10))
+
+    def call(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    async def acall(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    return _in_a_row(MessagesState, acall if asynchronous else call, checkpointer=False)
+
+
+def test_a_messages_stream_stopped_early_keeps_the_text_the_consumer_received(
+        session: Session) -> None:
+    """`stream_mode="messages"` (token by token, as chat UIs read it), stopped after three
+    tokens: LangGraph's model runs ahead of the consumer, and the record's output was the
+    whole answer, judged by output feedbacks though the user never saw it."""
+    app = _streaming_chat(asynchronous=False)
+    with ChainRecorder(app, app_name="tokens", session=session) as recording:
+        stream = app.stream({"messages": [("user", "count")]}, stream_mode="messages")
+        seen = "".join(next(stream)[0].content for _ in range(3))
+        stream.close()
+    record = recording.get()
+    assert (seen, record.status) == ("one two", RecordStatus.CANCELLED)
+    assert record.output == seen
+
+
+async def test_an_async_messages_stream_stopped_early_keeps_the_text_it_received(
+        session: Session) -> None:
+    app = _streaming_chat(asynchronous=True)
+    for stop_after in (1, 3, 5):
+        async with ChainRecorder(app, app_name="atokens", session=session) as recording:
+            stream = app.astream({"messages": [("user", "count")]}, stream_mode="messages")
+            parts = []
+            async for message, _metadata in stream:
+                parts.append(message.content)
+                if len(parts) == stop_after:
+                    break
+            await stream.aclose()
+        record = recording.get()
+        assert record.output == "".join(parts), stop_after
 

@@ -16,8 +16,8 @@ from langchain_core.outputs import ChatGeneration, LLMResult
 
 from scrutiny.core import TokenUsage
 
-__all__ = ["document_text", "llm_output", "main_input", "main_output", "tool_calls_of",
-           "usage_of"]
+__all__ = ["content_text", "document_text", "llm_output", "main_input", "main_output",
+           "tool_calls_of", "usage_of"]
 
 _INPUT_KEYS = ("question", "input", "query", "prompt", "text", "message", "messages")
 # (a LangGraph state: the RAG tutorials' "generation", a chat graph's "messages" — its last
@@ -32,7 +32,8 @@ _ROLES = frozenset({"user", "human", "assistant", "ai", "system", "tool", "devel
                     "function"})
 
 
-def _content_text(message: BaseMessage) -> Any:
+def content_text(message: BaseMessage) -> Any:
+    """A message's text (its content blocks' texts joined)."""
     content = message.content
     if isinstance(content, list):  # content blocks
         texts = [b.get("text", "") if isinstance(b, Mapping) else str(b) for b in content]
@@ -62,7 +63,7 @@ def _rendered(call: Mapping[str, Any]) -> str:
 def _message_text(message: BaseMessage) -> Any:
     """A message's text; the tool calls it asks for follow, one line each (an agent's
     step that only calls a tool has no text, and its record said nothing at all)."""
-    return _with_calls(_content_text(message), tool_calls_of(message))
+    return _with_calls(content_text(message), tool_calls_of(message))
 
 
 def _with_calls(text: Any, calls: Sequence[Mapping[str, Any]]) -> Any:

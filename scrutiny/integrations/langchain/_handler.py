@@ -29,7 +29,7 @@ from langchain_core.callbacks import (
 )
 from langchain_core.callbacks.manager import ahandle_event, handle_event
 from langchain_core.documents import Document
-from langchain_core.messages import ToolMessage
+from langchain_core.messages import BaseMessageChunk, ToolMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.runnables import Runnable, RunnableGenerator
 from langchain_core.runnables.config import var_child_runnable_config
@@ -55,6 +55,7 @@ from scrutiny.core._evaluate import describe_error
 from scrutiny.core._records import materialized
 from scrutiny.core._runtime import at_exit
 from scrutiny.integrations.langchain._convert import (
+    content_text,
     document_text,
     llm_output,
     main_input,
@@ -1139,15 +1140,17 @@ _GRAPH_OUTPUTS = frozenset(("updates", "values"))
 
 def _graph_received(graph: FrameType, root: _Root) -> Any:
     """(A LangGraph run the app read as a stream, which its consumer stopped.) What the
-    consumer last received — the update or state — to be read as the record's output;
-    None when it received nothing, `_NOT_STREAMED` when that cannot be told (a stream of
-    other modes only, `custom` or `debug`).
+    consumer last received — the update or state, the text of the message streamed to it
+    so far — to be read as the record's output; None when it received nothing,
+    `_NOT_STREAMED` when that cannot be told (a stream of other modes only, `custom` or
+    `debug`).
 
     LangGraph ends such a run with no output, and its nodes run ahead of the consumer: an
     update that a node of the same step made later than the one the consumer read (a
-    fan-out) was taken for what the consumer saw. Read from the run's loop (`graph`, the
-    frame of `Pregel.stream` / `astream`): the queue still holds the chunks the consumer
-    was not given, and an async loop holds the chunk it yielded last (``o``).
+    fan-out), or the tokens a model kept writing into the stream's queue, were taken for
+    what the consumer saw. Read from the run's loop (`graph`, the frame of `Pregel.stream`
+    / `astream`): the queue still holds the chunks the consumer was not given, and an
+    async loop holds the chunk it yielded last (``o``).
     """
     try:
         local = graph.f_locals
@@ -1155,6 +1158,7 @@ def _graph_received(graph: FrameType, root: _Root) -> Any:
         unread = list(queue) if queue is not None else []  # (ns, mode, payload) each
         stream_mode = local.get("stream_mode")
         modes = stream_mode if isinstance(stream_mode, list) else [stream_mode]
+        last_chunk = None
         if graph.f_code in _pregel_methods("astream"):
             if "o" not in local:  # (nothing was yielded yet)
                 return None
@@ -1162,6 +1166,14 @@ def _graph_received(graph: FrameType, root: _Root) -> Any:
                                          local.get("version"))
             if mode in _GRAPH_OUTPUTS:
                 return payload
+            if mode == "messages":
+                last_chunk = payload[0] if isinstance(payload, tuple | list) else payload
+                if not isinstance(last_chunk, BaseMessageChunk):
+                    return last_chunk  # (a whole message: a tool's, a model's unstreamed)
+        if "messages" in modes and root.tokens:
+            seen = _tokens_seen(root.tokens, unread, last_chunk)
+            if seen is not None:
+                return seen
         if _GRAPH_OUTPUTS.intersection(modes):
             names = [name for ns, mode, payload in unread
                      if not ns and mode == "updates" and isinstance(payload, dict)
@@ -1182,6 +1194,28 @@ def _graph_chunk(chunk: Any, stream_mode: Any, subgraphs: Any, version: Any) -> 
     if isinstance(stream_mode, list):
         return (chunk[1], chunk[2]) if subgraphs else (chunk[0], chunk[1])
     return stream_mode, chunk[1] if subgraphs else chunk
+
+
+def _tokens_seen(tokens: list[str], unread: list[Any], last: Any) -> str | None:
+    """The text of the model's tokens the consumer of a `stream_mode="messages"` stream
+    received: those streamed (`tokens`) less the ones still in the queue (`unread`), which
+    are the last ones (the queue is first in, first out); None when the two disagree, or
+    when the chunk it received last (`last`, when known) is not where they end."""
+    streamed = "".join(tokens)
+    unread_text = "".join(_text_of(payload[0]) for _ns, mode, payload in unread
+                          if mode == "messages" and isinstance(payload, tuple | list)
+                          and isinstance(payload[0], BaseMessageChunk))
+    if not streamed.endswith(unread_text):
+        return None
+    seen = streamed[:len(streamed) - len(unread_text)]
+    if not seen or (last is not None and not seen.endswith(_text_of(last))):
+        return None
+    return seen
+
+
+def _text_of(message: Any) -> str:
+    text = content_text(message)
+    return text if isinstance(text, str) else ""
 
 
 def _artifact_documents(output: Any) -> list[Any] | None:
