@@ -193,7 +193,10 @@ class LlamaIndexRecorder:
         root = trace.root
         error = trace.root_error or trace.stream_error
         if trace.streamed:
-            output: Any = "".join(token_text(t) for t in trace.tokens)
+            if trace.structured:  # partial structured answers: the last one is the answer
+                output: Any = trace.tokens[-1] if trace.tokens else None
+            else:
+                output = "".join(token_text(t) for t in trace.tokens)
             root.outputs = output
         else:
             output = main_output(trace.root_result)

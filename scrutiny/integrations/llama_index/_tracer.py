@@ -45,6 +45,8 @@ from llama_index.core.instrumentation.events.llm import (
     LLMCompletionEndEvent,
     LLMCompletionInProgressEvent,
     LLMCompletionStartEvent,
+    LLMStructuredPredictEndEvent,
+    LLMStructuredPredictInProgressEvent,
 )
 
 from scrutiny.core import Span, SpanKind
@@ -91,6 +93,10 @@ _MODEL_STREAMS = frozenset(("stream_complete", "stream_chat", "astream_complete"
                             "astream_chat"))
 """A model's streaming methods: LlamaIndex's model wrappers (`llm_completion_callback`,
 `llm_chat_callback`) report their chunks and end as events of their own span."""
+_STRUCTURED_STREAMS = frozenset(("stream_structured_predict", "astream_structured_predict"))
+"""A model's streams of partial structured answers: their generator is the call's body,
+which calls the model as it is read and reports each partial answer and the end as events
+(of no span of its own)."""
 
 _HOUSEKEEPING = frozenset(("reset",))
 """Public methods that answer nothing (a chat engine's `reset`)."""
@@ -137,7 +143,7 @@ class Trace:
                  "_usage_reports", "_writers", "contexts", "end_time", "finished",
                  "model_stream", "root", "root_error", "root_result", "scope",
                  "source_contexts", "spans", "stream_complete", "stream_error", "stream_span",
-                 "stream_unread_at_exit", "streamed", "tags", "tokens")
+                 "stream_unread_at_exit", "streamed", "structured", "tags", "tokens")
 
     def __init__(self, tracer: Tracer, scope: Scope, root: Span,
                  tags: Mapping[str, Any] | None) -> None:
@@ -172,6 +178,9 @@ class Trace:
         """The stream a model recorded alone returned (see `_follow_stream`)."""
         self.stream_span: str | None = None
         """The model call whose events carry that stream's chunks and end."""
+        self.structured = False
+        """That stream gives partial structured answers (`stream_structured_predict`): its
+        tokens are those answers, the last one the output."""
         self._usage_reports: dict[int, tuple[Any, str]] | None = None
         """The model responses that reported usage in this trace (kept alive, by id), each
         with the span it was first reported to."""
@@ -217,7 +226,13 @@ class Trace:
             # chunk, the end, a failure or an early stop as events of its span: this one
             # (`stream_complete`, `astream_chat`, ...), or the streaming call this one's
             # token stream reads (`llm.stream(prompt)` reads `stream_complete`).
-            if self.root.name.rpartition(".")[2] in _MODEL_STREAMS:
+            method = self.root.name.rpartition(".")[2]
+            if method in _MODEL_STREAMS:
+                self.stream_span = root_id
+            elif method in _STRUCTURED_STREAMS:
+                # Its partial answers come as events from its generator's frame (see
+                # Tracer._structured); the model streams it reads are not the answer.
+                self.structured = True
                 self.stream_span = root_id
             if self.stream_span is not None:
                 self.streamed = True
@@ -340,6 +355,10 @@ class Trace:
         except Exception:
             logger.exception("scrutiny: turning a LlamaIndex trace into a record failed; "
                              "the application is not affected")
+
+
+_STRUCTURED_EVENTS = frozenset((LLMStructuredPredictInProgressEvent,
+                                LLMStructuredPredictEndEvent))
 
 
 class _Writer:
@@ -511,6 +530,9 @@ class Tracer:
 
     # ------------------------------------------------------------------ events
     def event(self, event: Any) -> None:
+        if self.model_streams and type(event) in _STRUCTURED_EVENTS:
+            self._structured(event)
+            return
         span_id = event.span_id
         if span_id is None:
             return
@@ -536,18 +558,30 @@ class Tracer:
         if run is not None:
             run.ended(result, error)
 
-    def _streaming(self, owners: list[Scope]) -> Trace | None:
+    def _structured(self, event: Any) -> None:
+        """A partial answer or the end of a stream of structured answers, sent from its
+        generator's frame, with the span of whoever reads it (none of the stream's)."""
+        host = self._streaming(None)
+        if host is None or not host.structured:
+            return
+        if type(event) is LLMStructuredPredictInProgressEvent:
+            host.tokens.append(event.output)
+        else:
+            host.stream_ended(None, True)
+
+    def _streaming(self, owners: list[Scope] | None) -> Trace | None:
         """The trace of a model's stream that is making the current call: one of these
-        recorders' streams whose generator is running on this very stack (the innermost
-        one). Its model's calls run in the reader's context, with no span active:
-        `MockLLM.astream_complete`'s stream reads `stream_complete`, and that call was a
-        record of its own. A generator counts as running as long as it waits (on a
+        recorders' streams (any, for None) whose generator is running on this very stack
+        (the innermost one). Its model's calls run in the reader's context, with no span
+        active: `MockLLM.astream_complete`'s stream reads `stream_complete`, and that call
+        was a record of its own. A generator counts as running as long as it waits (on a
         socket, in another thread; on an await, in another task): a call of another
         request made meanwhile is no call of its stream."""
         frames: dict[Any, Trace] = {}
         for trace in self.model_streams:
             stream = trace.model_stream() if trace.model_stream is not None else None
-            if stream is None or trace.finished or trace.scope not in owners:
+            if stream is None or trace.finished or (
+                    owners is not None and trace.scope not in owners):
                 continue
             if getattr(stream, "gi_running", False):
                 frames[stream.gi_frame] = trace
@@ -826,9 +860,11 @@ def _on_model_chunk(members: tuple[Member, ...], event: Any) -> None:
 
 
 def _on_exception(members: tuple[Member, ...], event: Any) -> None:
-    """A model's own stream failed, or its reader stopped it (GeneratorExit)."""
+    """A model's own stream failed, or its reader stopped it (GeneratorExit); or a model
+    stream that a stream of structured answers reads, failing it or stopped with it."""
     for span, trace, _ in members:
-        if trace.model_stream is not None and span.span_id == trace.stream_span:
+        if trace.model_stream is not None and (span.span_id == trace.stream_span or (
+                trace.structured and span.kind in (_LLM, _CHAT_MODEL))):
             error = event.exception
             if isinstance(error, GeneratorExit):
                 trace.stream_ended(None, False)
