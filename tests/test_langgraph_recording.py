@@ -5,7 +5,7 @@ answer rather than a whole graph state."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -538,3 +538,60 @@ async def test_an_async_messages_stream_stopped_early_keeps_the_text_it_received
         record = recording.get()
         assert record.output == "".join(parts), stop_after
 
+
+class ModerationDown(RuntimeError):
+    pass
+
+
+def _answer_then_fail() -> Any:
+    """`answer` answers (its update reaches a stream's consumer), then `moderate` fails."""
+    model = FakeListChatModel(responses=[ANSWER])
+
+    def answer(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [model.invoke(state["messages"])]}
+
+    def moderate(state: MessagesState) -> dict[str, Any]:
+        raise ModerationDown("moderation service down")
+
+    return _in_a_row(MessagesState, answer, moderate, checkpointer=False)
+
+
+def _collect(chunks: Iterator[Any], into: list[Any]) -> None:
+    for chunk in chunks:
+        into.append(chunk)
+
+
+async def _acollect(chunks: AsyncIterator[Any], into: list[Any]) -> None:
+    async for chunk in chunks:
+        into.append(chunk)
+
+
+@pytest.mark.parametrize("mode", ["updates", "values"])
+async def test_a_graph_stream_that_fails_midway_keeps_what_the_caller_received(
+        session: Session, mode: str) -> None:
+    """The caller of a LangGraph stream had received the answer node's update when a
+    later node failed: the `error` record kept no `metadata["partial_output"]` (the README
+    promises what the caller received). An invoke that fails received nothing: none."""
+    app = _answer_then_fail()
+    question = {"messages": [("user", "Weather in Dublin?")]}
+    recorder = ChainRecorder(app, app_name="fails", session=session)
+    received: list[Any] = []
+    with recorder as streamed, pytest.raises(ModerationDown):
+        _collect(app.stream(question, stream_mode=mode), received)
+    async with recorder as astreamed:
+        with pytest.raises(ModerationDown):
+            await _acollect(app.astream(question, stream_mode=mode), received)
+    with recorder as invoked, pytest.raises(ModerationDown):
+        app.invoke(question)
+    async with recorder as ainvoked:
+        with pytest.raises(ModerationDown):
+            await app.ainvoke(question)
+    assert ANSWER in str(received)
+    for recording in (streamed, astreamed):
+        record = recording.get()
+        assert (record.status, record.output) == (RecordStatus.ERROR, None)
+        assert record.metadata["partial_output"] == ANSWER
+    for recording in (invoked, ainvoked):
+        record = recording.get()
+        assert record.status is RecordStatus.ERROR
+        assert "partial_output" not in record.metadata

@@ -783,8 +783,7 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 if stream is not None and (at_yield or _how_it_ended(error, root) != _STOPPED):
                     root.stream = None  # (read now: the stream loop still holds it)
                     root.received = _received(stream, at_yield)
-                elif getattr(root, "graph_stream", False) and root.graph is not None and \
-                        _how_it_ended(error, root) == _STOPPED:
+                elif getattr(root, "graph_stream", False) and root.graph is not None:
                     root.received = _graph_received(root.graph, root)
             self._end(run_id, error=error, inputs=kwargs.get("inputs", _NO_INPUTS))
         except Exception:
@@ -1139,11 +1138,11 @@ _GRAPH_OUTPUTS = frozenset(("updates", "values"))
 
 
 def _graph_received(graph: FrameType, root: _Root) -> Any:
-    """(A LangGraph run the app read as a stream, which its consumer stopped.) What the
-    consumer last received — the update or state, the text of the message streamed to it
-    so far — to be read as the record's output; None when it received nothing,
-    `_NOT_STREAMED` when that cannot be told (a stream of other modes only, `custom` or
-    `debug`).
+    """(A LangGraph run the app read as a stream, ending with an error: it failed, or its
+    consumer stopped it.) What the consumer last received — the update or state, the text
+    of the message streamed to it so far — to be read as the record's output (a failed
+    run's partial output); None when it received nothing, `_NOT_STREAMED` when that cannot
+    be told (a stream of other modes only, `custom` or `debug`).
 
     LangGraph ends such a run with no output, and its nodes run ahead of the consumer: an
     update that a node of the same step made later than the one the consumer read (a
