@@ -462,6 +462,37 @@ def test_create_agent_stream_stopped_after_the_first_step(session: Session) -> N
     assert (result.status, result.result) == (FeedbackStatus.DONE, 1.0)
 
 
+
+def test_create_agent_paused_in_a_tool_records_what_it_asked(session: Session) -> None:
+    """LangGraph's human-in-the-loop pattern: a tool calls interrupt() to ask the user for
+    approval. The run paused before any answer, yet the record's output — what output
+    feedbacks judge — was the model's call of that tool, not what the run asked."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.types import Command, interrupt
+
+    @tool
+    def book(city: str) -> str:
+        """Book a flight to a city."""
+        return "booked" if interrupt(f"Book a flight to {city}?") == "yes" else "not booked"
+
+    agent = _agent(asks("book", {"city": "Cork"}), AIMessage(content="Your flight is booked."),
+                   tools=[book], checkpointer=InMemorySaver())
+    judged: list[Any] = []
+    seen = Feedback(lambda output: judged.append(output) or 1.0, name="seen").on_output()
+    config: Any = {"configurable": {"thread_id": "hitl"}}
+    recorder = ChainRecorder(agent, app_name="hitl", feedbacks=[seen], session=session)
+    with recorder as paused:
+        agent.invoke({"messages": [("user", "Book me a flight to Cork")]}, config)
+    with recorder as resumed:
+        agent.invoke(Command(resume="yes"), config)
+    record, answered = paused.get(), resumed.get()
+    assert (record.tags, record.metadata["interrupted_at"]) == (["interrupted"], "tools")
+    assert record.output == record.metadata["interrupt"] == "Book a flight to Cork?"
+    assert answered.output == "Your flight is booked."
+    for each in (record, answered):
+        each.wait_for_feedback_results(timeout=WAIT)
+    assert sorted(judged) == ["Book a flight to Cork?", "Your flight is booked."]
+
 # ---------------------------------------------------------------- retrieval in a tool
 def _docs_tool() -> Any:
     """The retrieval tool of LangChain 1.x's RAG agent tutorial: it searches the vector

@@ -16,8 +16,8 @@ from langchain_core.outputs import ChatGeneration, LLMResult
 
 from scrutiny.core import TokenUsage
 
-__all__ = ["content_text", "document_text", "llm_output", "main_input", "main_output",
-           "tool_calls_of", "usage_of"]
+__all__ = ["asks_for_tools", "content_text", "document_text", "llm_output", "main_input",
+           "main_output", "tool_calls_of", "usage_of"]
 
 _INPUT_KEYS = ("question", "input", "query", "prompt", "text", "message", "messages")
 # (a LangGraph state: the RAG tutorials' "generation", a chat graph's "messages" — its last
@@ -167,6 +167,33 @@ def main_input(inputs: Any) -> Any:
 def main_output(outputs: Any) -> Any:
     """The answer a user would name: a string output, a message's text, ..."""
     return _plain(outputs, _OUTPUT_KEYS)
+
+
+def asks_for_tools(outputs: Any) -> bool:
+    """Whether what `main_output` reads in `outputs` is a model's message that asks for
+    tools (an agent's state whose last message calls one): no answer yet."""
+    try:
+        message = _answer_message(outputs, 0)
+        return message is not None and bool(tool_calls_of(message))
+    except Exception:  # (read on a record's assembly: it must not raise)
+        return False
+
+
+def _answer_message(value: Any, depth: int) -> BaseMessage | None:
+    """The message `main_output` reads its text from (as _plain finds it), if any."""
+    if depth > _MAX_UNWRAP:
+        return None
+    if isinstance(value, BaseMessage):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], BaseMessage):
+        return value[-1]
+    if isinstance(value, Mapping):
+        if len(value) == 1:
+            return _answer_message(next(iter(value.values())), depth + 1)
+        for key in _OUTPUT_KEYS:
+            if key in value:
+                return _answer_message(value[key], depth + 1)
+    return None
 
 
 def llm_output(response: LLMResult) -> Any:

@@ -55,6 +55,7 @@ from scrutiny.core._evaluate import describe_error
 from scrutiny.core._records import materialized
 from scrutiny.core._runtime import at_exit
 from scrutiny.integrations.langchain._convert import (
+    asks_for_tools,
     content_text,
     document_text,
     llm_output,
@@ -1344,10 +1345,12 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
                       and "interrupt" in s.metadata), None)
         if asked is not None:
             metadata["interrupt"] = asked
-            if output is None or (isinstance(output, str) and output == record_input):
+            if output is None or (isinstance(output, str) and output == record_input) \
+                    or asks_for_tools(span.outputs):
                 # Paused before it answered anything: the state's last message is the
-                # user's own question, which was recorded (and judged) as the answer.
-                # What the run returned to the user is what it asked them.
+                # user's own question, or the model's call of the tool that paused (an
+                # agent asking for approval in a tool), which was recorded (and judged) as
+                # the answer. What the run returned to the user is what it asked them.
                 output = _read(main_output, asked)
     stopped = span.metadata.get("breakpoint")
     if stopped is not None and paused is None and status is RecordStatus.OK:
