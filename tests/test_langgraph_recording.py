@@ -595,3 +595,23 @@ async def test_a_graph_stream_that_fails_midway_keeps_what_the_caller_received(
         record = recording.get()
         assert record.status is RecordStatus.ERROR
         assert "partial_output" not in record.metadata
+
+
+def test_a_run_paused_in_a_subgraph_names_the_subgraphs_node(session: Session) -> None:
+    """interrupt() in a node of a subgraph: `interrupted_at` named the parent graph's node
+    that runs the subgraph, not the node that asked."""
+    def ask(state: RagState) -> dict[str, Any]:
+        return {"generation": interrupt("Which city?")}
+
+    outer = StateGraph(RagState)
+    outer.add_node("research", _in_a_row(RagState, ask, checkpointer=False))
+    outer.add_edge(START, "research")
+    outer.add_edge("research", END)
+    app = outer.compile(checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "sub"}}
+    with ChainRecorder(app, app_name="sub", session=session) as recording:
+        app.invoke({"question": "Weather?"}, config)
+    record = recording.get()
+    assert record.tags == ["interrupted"]
+    assert (record.metadata["interrupted_at"], record.metadata["interrupt"]) == (
+        "ask", "Which city?")

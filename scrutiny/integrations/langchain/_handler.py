@@ -1004,6 +1004,7 @@ def _how_it_ended(error: BaseException | None, root: _Root) -> int:
         return _STOPPED
     return _CANCELLED if cancelled or isinstance(error, KeyboardInterrupt) else _FAILED
 _INTERRUPTS = ("GraphInterrupt", "NodeInterrupt")  # LangGraph's pauses, as a step's error
+_NODE_TAG = "graph:step:"  # (the tag LangGraph gives a node's run)
 _PREGEL = "langgraph.pregel.main"
 _pregel: dict[tuple[str, ...], frozenset[Any]] = {}
 
@@ -1338,7 +1339,11 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         # A LangGraph run paused by interrupt() returns normally, so it looked like a
         # finished answer: said so, for filters and for feedbacks that should not judge it.
         tags.append("interrupted")
-        metadata["interrupted_at"] = paused.name
+        # the deepest node that paused: in a subgraph, its node, not the parent graph's
+        # node that runs the subgraph (a tool's pause names the node that ran the tool)
+        metadata["interrupted_at"] = next(
+            (s.name for s in reversed(spans) if s.error and s.error.startswith(_INTERRUPTS)
+             and any(t.startswith(_NODE_TAG) for t in s.tags)), paused.name)
         # the deepest step that paused (the node or tool that called interrupt())
         asked = next((s.metadata["interrupt"] for s in reversed(spans)
                       if s.error and s.error.startswith(_INTERRUPTS)
