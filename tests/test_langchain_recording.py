@@ -235,6 +235,33 @@ async def test_astream_fully_consumed_gives_one_record_with_the_full_output(
     assert (record.input, record.output) == (QUESTION, ANSWER)
 
 
+async def test_a_stream_called_in_the_block_and_read_after_it_says_what_to_do(
+        session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
+    """`stream = chain.stream(x)` in the block, read after it (a StreamingResponse): the
+    stream only runs as it is read, outside the block, so no record is made — and
+    `recording.get()` told the user to "call the chain inside the `with` block", which they
+    had done. It says what happened and what to do; doing it records the stream."""
+    rag = make_retrieval_chain([ANSWER] * 4)
+    recorder = ChainRecorder(rag, app_name="qa", session=session)
+    with recorder as sync_block:
+        stream = rag.stream(QUESTION)
+    assert "".join(stream) == ANSWER
+    async with recorder as async_block:
+        astream = rag.astream(QUESTION)
+    assert "".join([c async for c in astream]) == ANSWER
+    for recording in (sync_block, async_block):
+        with pytest.raises(RecordingError, match="runs only as it is read") as raised:
+            recording.get()
+        assert "config={'callbacks': [recorder.handler]} to stream()/astream()" in str(
+            raised.value)
+    with recorder:
+        stream = rag.stream(QUESTION, config={"callbacks": [recorder.handler]})
+    async with recorder:
+        astream = rag.astream(QUESTION, config={"callbacks": [recorder.handler]})
+    assert "".join(stream) == "".join([c async for c in astream]) == ANSWER
+    assert [r.output for r in recorder.handler.records] == [ANSWER, ANSWER]
+    assert stored_count(session) == 2
+
 def test_stream_stopped_early_gives_one_cancelled_record(
         session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
     rag = make_retrieval_chain([ANSWER])
