@@ -40,13 +40,13 @@ _NESTED_HINT = ("this block is inside another block of the same recorder: a call
                 "while one of the outer block's calls runs (a chain called by a chain) is "
                 "part of that call's record, in the outer recording; a call made directly "
                 "in this block is recorded here")
-_EMPTY_HINT = ("no LangChain call ran inside the `with` block. A stream runs only as it is "
-               "read: `stream()` / `astream()` called in the block but read after it (a "
-               "StreamingResponse, say) ran outside it, unrecorded. Read it inside the block, "
-               "or pass config={'callbacks': [recorder.handler]} to stream()/astream(), which "
-               "records it wherever it is read (its record is then in "
-               "recorder.handler.records). Threads started by hand do not inherit the block "
-               "either: pass them that config")
+_EMPTY_HINT = ("no call was recorded while the `with` block was open. A stream runs only as "
+               "it is read: `stream()` / `astream()` called in the block but read after it "
+               "(a StreamingResponse, say) ran outside it, unrecorded. Read it inside the "
+               "block, or pass config={'callbacks': [recorder.handler]} to "
+               "stream()/astream(), which records it wherever it is read (its record is then "
+               "in recorder.handler.records). Threads started by hand do not inherit the "
+               "block either: pass them that config")
 
 
 def _hook_var(level: int) -> contextvars.ContextVar[ScrutinyCallbackHandler | None]:
