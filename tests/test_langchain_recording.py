@@ -147,6 +147,27 @@ def test_token_usage_reported_by_the_model_is_summed_over_calls(session: Session
     assert df["total_tokens"].tolist() == [16]
 
 
+def test_an_app_with_a_long_name_of_its_own_is_recorded_under_a_short_one(
+        session: Session) -> None:
+    """A `RunnableParallel` of 300 keys names every key: the recorder refused to be
+    created, as its name (the default app name) was thousands of characters long, and
+    told the user to shorten the version they had left at its default."""
+    def parallel(keys: int) -> Any:
+        return RunnableParallel({f"key_{i}": RunnableLambda(lambda x: x) for i in range(keys)})
+
+    app = parallel(300)
+    with ChainRecorder(app, session=session) as recording:
+        app.invoke("x")
+    record = recording.get()
+    name = record.app_name
+    assert len(name) <= 80
+    assert name.startswith("RunnableParallel<key_0,key_1,")
+    assert ChainRecorder(parallel(300), session=session).app_name == name  # (every time)
+    assert ChainRecorder(parallel(301), session=session).app_name != name
+    assert ChainRecorder(parallel(3), session=session).app_name == parallel(3).get_name()
+    assert session.flush(10)
+    assert stored_count(session) == 1
+
 async def test_ainvoke_records_one_record(
         session: Session, make_retrieval_chain: Callable[..., Any]) -> None:
     rag = make_retrieval_chain([ANSWER])

@@ -12,6 +12,7 @@ is recorded by each.
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -62,6 +63,28 @@ def _hook_var(level: int) -> contextvars.ContextVar[ScrutinyCallbackHandler | No
         return _hook_vars[level]
 
 
+_NAME_CHARS = 80
+"""The longest app name taken from the app itself (see _default_name)."""
+
+
+def _default_name(app: Any) -> str:
+    """The app's own name (`get_name()`, else its class's), as the default app name.
+
+    Some are long: a `RunnableParallel` names every key (``RunnableParallel<key_0,key_1,
+    ...>``), and one of a few hundred keys made a name of thousands of characters, which no
+    store takes (the recorder refused it, telling the user to shorten the version they had
+    left at its default). A longer name is cut, with a hash of the whole name after it, so
+    that it stays one app's name, the same in every process.
+    """
+    get_name = getattr(app, "get_name", None)
+    name = get_name() if callable(get_name) else type(app).__name__
+    name = name if isinstance(name, str) else str(name)
+    if len(name) <= _NAME_CHARS:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{name[:_NAME_CHARS - len(digest) - 4]}...~{digest}"
+
+
 class _Block:
     """One open ``with recorder:`` block: its recorder's handler, its recording and the
     context tokens to reset when it is left."""
@@ -81,8 +104,9 @@ class ChainRecorder:
     """Records a LangChain app (a chain, a runnable, a model, a retriever).
 
     Args:
-        app: the LangChain object being recorded (its name is the default app name;
-            with other recorders' blocks open, its calls are the ones this one records).
+        app: the LangChain object being recorded (its name is the default app name, cut
+            to 80 characters; with other recorders' blocks open, its calls are the ones
+            this one records).
         app_name, app_version: what the records belong to.
         feedbacks: evaluated on every record.
         session: where records go (default: the session created last).
@@ -107,8 +131,7 @@ class ChainRecorder:
         metadata: dict[str, Any] | None = None,
     ) -> None:
         if app_name is None:
-            get_name = getattr(app, "get_name", None)
-            app_name = get_name() if callable(get_name) else type(app).__name__
+            app_name = _default_name(app)
         self.app = app
         self.handler = ScrutinyCallbackHandler(
             app_name, app_version, feedbacks=feedbacks, session=session,
