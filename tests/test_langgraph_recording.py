@@ -615,3 +615,22 @@ def test_a_run_paused_in_a_subgraph_names_the_subgraphs_node(session: Session) -
     assert record.tags == ["interrupted"]
     assert (record.metadata["interrupted_at"], record.metadata["interrupt"]) == (
         "ask", "Which city?")
+
+
+async def test_a_graph_event_stream_stopped_early_keeps_the_tokens_it_gave(
+        session: Session) -> None:
+    """`astream_events` gives its consumer the model's tokens as events, ahead of the
+    graph's chunks: stopped after three, the record keeps those three (not the graph's
+    last chunk, of which the consumer got none)."""
+    app = _streaming_chat(asynchronous=True)
+    async with ChainRecorder(app, app_name="events", session=session) as recording:
+        events = app.astream_events({"messages": [("user", "count")]}, version="v2")
+        tokens = []
+        async for event in events:
+            if event["event"] == "on_chat_model_stream":
+                tokens.append(event["data"]["chunk"].content)
+                if len(tokens) == 3:
+                    break
+        await events.aclose()
+    record = recording.get()
+    assert (record.status, record.output) == (RecordStatus.CANCELLED, "".join(tokens))

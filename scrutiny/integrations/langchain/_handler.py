@@ -784,7 +784,10 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                 if stream is not None and (at_yield or _how_it_ended(error, root) != _STOPPED):
                     root.stream = None  # (read now: the stream loop still holds it)
                     root.received = _received(stream, at_yield)
-                elif getattr(root, "graph_stream", False) and root.graph is not None:
+                elif getattr(root, "graph_stream", False) and root.graph is not None and \
+                        not _streaming_events(root.handlers):
+                    # (a LangGraph stream; one streamed as events gave its consumer the
+                    # model's tokens as events, ahead of its chunks: the record keeps those)
                     root.received = _graph_received(root.graph, root)
             self._end(run_id, error=error, inputs=kwargs.get("inputs", _NO_INPUTS))
         except Exception:
