@@ -124,7 +124,7 @@ class _Root:
     stream: FrameType | None  # (set for streamed runs only: unset, it reads as None)
     graph: FrameType | None  # (set for LangGraph runs only: see _mark_breakpoint)
     graph_stream: bool  # (set for LangGraph runs the app reads as a stream: _graph_received)
-    received: Any  # (set when a streamed run failed: unset, it reads as _NOT_STREAMED)
+    received: Any  # (a streamed run that failed or was stopped: unset, reads _NOT_STREAMED)
 
     def __init__(self, recording: Recording | None, default: BaseCallbackHandler,
                  tags: list[str] | None, metadata: dict[str, Any] | None) -> None:
