@@ -806,8 +806,11 @@ def test_an_app_label_too_long_for_every_database_is_refused_when_given(
     from scrutiny import ConfigurationError
     from scrutiny.core._records import MAX_APP_LABEL_BYTES
 
-    with pytest.raises(ConfigurationError, match=r"4093 bytes.*at most 800.*metadata="):
+    with pytest.raises(ConfigurationError, match=r"4093 bytes.*at most 800.*Keep the "
+                                                   r"version a short label.*metadata="):
         make_record(app_version="template: " + "x" * 4000 + "é" * 40)
+    with pytest.raises(ConfigurationError, match=r"app_name: 900\).*Keep the name a short"):
+        make_record(app_name="n" * 900)  # (the name is the long one: not "the version")
     url, prefix = backend
     name = ":\\" * 50
     version = "é:" * ((MAX_APP_LABEL_BYTES - len(name)) // 3)

@@ -563,14 +563,18 @@ of the app there, while SQLite kept them."""
 def check_app_label(app_name: str, app_version: str) -> None:
     """Refuse an app name and version too long to be stored everywhere (ConfigurationError,
     saying what to do)."""
-    size = len(app_name.encode("utf-8", "surrogatepass")) + len(
-        app_version.encode("utf-8", "surrogatepass"))
+    name_size = len(app_name.encode("utf-8", "surrogatepass"))
+    version_size = len(app_version.encode("utf-8", "surrogatepass"))
+    size = name_size + version_size
     if size > MAX_APP_LABEL_BYTES:
+        longer = ("app_name", "the name a short label (\"support-bot\")") \
+            if name_size >= version_size else \
+            ("app_version", "the version a short label (\"v2\", a git sha, a hash of a prompt)")
         raise ConfigurationError(
-            f"app_name and app_version are {size} bytes together (UTF-8); at most "
-            f"{MAX_APP_LABEL_BYTES}: they label every record and index entry of the app. "
-            f"Keep the version a short label (\"v2\", a git sha, a hash of a prompt) and put "
-            f"a long description in metadata={{...}}")
+            f"app_name and app_version are {size} bytes together (UTF-8; {longer[0]}: "
+            f"{max(name_size, version_size)}); at most {MAX_APP_LABEL_BYTES}: they label "
+            f"every record and index entry of the app. Keep {longer[1]} and put a long "
+            f"description in metadata={{...}}")
 
 
 def app_id_for(app_name: str, app_version: str) -> str:
