@@ -124,3 +124,59 @@ def test_a_record_given_while_the_interpreter_tears_down_does_not_hang_the_exit(
     assert "was given as the interpreter shuts down: the session can no longer store it" \
         in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+APP_THREADS_SCRIPT = """
+import concurrent.futures
+import sys
+import threading
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from scrutiny import Feedback, Session
+from scrutiny.integrations.langchain import ChainRecorder
+
+session = Session(sys.argv[1])
+chain = (ChatPromptTemplate.from_template("Q: {q}")
+         | FakeListChatModel(responses=["an answer"]) | StrOutputParser())
+recorder = ChainRecorder(chain, app_name="threads", feedbacks=[
+    Feedback(lambda output: 1.0, name="one").on_output()])
+
+
+exiting = threading.Event()
+
+
+def calls(worker):
+    exiting.wait()  # (the main thread has ended: the interpreter exits)
+    for i in range(3):
+        chain.invoke({"q": f"{worker}-{i}"}, config={"callbacks": [recorder.handler]})
+
+
+chain.invoke({"q": "main"}, config={"callbacks": [recorder.handler]})
+# (run at exit after Scrutiny's own hook, which that call installed, and before the
+# interpreter joins the threads)
+threading._register_atexit(exiting.set)
+for worker in range(2):
+    threading.Thread(target=calls, args=(f"thread{worker}",)).start()
+pool = concurrent.futures.ThreadPoolExecutor(2)  # (not shut down by the app)
+for worker in range(2):
+    pool.submit(calls, f"pool{worker}")
+print("main thread done")
+"""
+
+
+def test_the_calls_an_apps_threads_make_while_the_interpreter_waits_for_them_are_stored(
+        tmp_path: Path) -> None:
+    """The sessions were closed at exit before the interpreter joined the app's threads:
+    every call those threads made then was dropped ("the session is closed")."""
+    url, proc = _run(tmp_path, APP_THREADS_SCRIPT)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    reader = Session(url)
+    try:
+        df, _ = reader.get_records_and_feedback()
+    finally:
+        reader.close()
+    assert sorted(df["input"]) == sorted(  # (a chain's one input: its value)
+        ["main"] + [f"{worker}-{i}" for worker in ("thread0", "thread1", "pool0", "pool1")
+                    for i in range(3)])
+    assert (df["one status"] == "done").all()

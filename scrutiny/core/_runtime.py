@@ -73,15 +73,20 @@ def install_process_hooks() -> None:
         if _hooks_installed:
             return
         _hooks_installed = True
-    # Run before concurrent.futures joins its pools at shutdown, so evaluations that are
-    # still running can finish (threading's private hook; atexit where it is missing).
+    # Two steps. First, before concurrent.futures joins its pools (threading's private
+    # exit hook, which runs before the interpreter joins the app's own threads), the
+    # evaluations under way finish while executors still take work; the sessions stay
+    # open. Then, once every thread of the app has ended (atexit), what is still open is
+    # ended and the sessions closed. Closed in the first step, they dropped every record
+    # the app's own threads (a ThreadPoolExecutor not shut down, threads the main thread
+    # did not join) made while the interpreter waited for them.
     register = getattr(threading, "_register_atexit", None)
     try:
-        if register is None:
-            raise RuntimeError
-        register(_close_all_at_exit)
-    except RuntimeError:  # (or the interpreter is past that point: atexit still runs)
-        atexit.register(_close_all_at_exit)
+        if register is not None:
+            register(_drain_all_at_exit)
+    except RuntimeError:  # (the interpreter is past that point: atexit still runs)
+        pass
+    atexit.register(_close_all_at_exit)
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_after_fork_in_child)
 
@@ -113,6 +118,14 @@ def end_when_dropped(obj: object, end: Callable[..., object], *args: Any) -> Non
     fin.atexit = False
     with _unfinished_lock:
         _unfinished.add(fin)
+
+
+def _drain_all_at_exit() -> None:
+    for session in list(live_sessions):
+        try:
+            session._drain()
+        except Exception:
+            logger.exception("scrutiny: finishing a session's evaluations at exit failed")
 
 
 def _close_all_at_exit() -> None:

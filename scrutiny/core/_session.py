@@ -525,6 +525,20 @@ class Session(SessionReading):
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.flush(remaining)
 
+    def _drain(self) -> None:
+        """(At interpreter exit, before executors stop taking work and the app's threads
+        are joined.) Store what is queued and let this process's evaluations under way
+        finish, within `flush_timeout`; the session stays open for what the app's threads
+        still do (:meth:`close` follows once they ended)."""
+        writer = self._writer
+        if writer is None or self._state != "started" or self._pid != os.getpid():
+            return
+        deadline = time.monotonic() + self.flush_timeout
+        writer.flush(self.flush_timeout)
+        if self._loop is not None and self._watcher is None:  # (not workers' results)
+            self._wait_outstanding(deadline)
+        writer.flush(max(0.0, deadline - time.monotonic()))
+
     def close(self, timeout: float | None = None) -> bool:
         """Finish or hand over everything, then release threads and connections.
 
