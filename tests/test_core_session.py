@@ -2222,6 +2222,48 @@ def test_record_names_ids_and_times_the_store_cannot_take_are_refused_at_once(
     assert (df.loc[0, "app_id"], df.loc[0, "one status"]) == ("qa:2", "done")
 
 
+def test_a_record_still_queued_when_close_runs_out_is_waited_for_as_pending(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """close(timeout) ran out with records still queued (the database busy): a wait
+    without a timeout on one of them blocked for ever (its jobs, made later, were held
+    with nothing left to finish them), and no line said that writes were still queued."""
+    import sqlite3
+
+    path = tmp_path / "busy.sqlite"
+    session = Session(f"sqlite:///{path}")
+    one = Feedback(lambda output: 1.0, name="one").on_output()
+    session.ingest(make_record(), [one])
+    assert session.wait_for_feedback(10)
+    running, release = threading.Event(), threading.Event()
+
+    async def holds_the_loop(output: str) -> float:
+        running.set()
+        release.wait(10)  # (blocking: the loop takes no new record meanwhile)
+        return 1.0
+
+    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # (another process writing: the writer waits)
+    try:
+        session.ingest(make_record(), [Feedback(holds_the_loop).on_output()])
+        assert running.wait(10)
+        queued = [session.ingest(make_record(i), [one]) for i in range(20)]
+        with caplog.at_level(logging.WARNING, logger="scrutiny"):
+            assert not session.close(0.3)
+        told: dict[str, object] = {}
+        waiter = threading.Thread(
+            target=lambda: told.update(queued[-1].wait_for_feedback_results()), daemon=True)
+        waiter.start()
+        waiter.join(10)
+        assert not waiter.is_alive(), "the wait on a record still queued never ended"
+        assert [r.status for r in told.values()] == [FeedbackStatus.PENDING]  # type: ignore[attr-defined]
+        assert "still queued" in caplog.text
+        assert "ran out of time" in caplog.text
+    finally:
+        release.set()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
 @pytest.mark.parametrize("started", [True, False])
 def test_a_record_given_to_a_closed_session_has_its_results_failed_not_missing(
         tmp_path: Path, started: bool, caplog: pytest.LogCaptureFixture) -> None:

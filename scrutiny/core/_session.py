@@ -329,6 +329,7 @@ class Session(SessionReading):
         self._evaluating = 0
         self._left_pending = 0  # results close() left unfinished (pending in the database)
         self._hurried = False  # close() told to stop waiting (see _cut_close_short)
+        self._settled = False  # close() settled what it left: later jobs are not held
         self._warmed = False  # its threads started ahead of its first record (see _warm)
         self._unstored_ends = 0  # end states told to waiters but not stored (see _finish)
         self._unmaterialized = 0  # accepted records whose results are not made yet
@@ -600,19 +601,33 @@ class Session(SessionReading):
             clean = writer.close(max(0.1, deadline - time.monotonic())) and clean
             if writer.failed or writer.dropped:  # stored nothing of those: not clean
                 clean = False
-            # Records other threads gave the session while it closed (a web server's
-            # requests still running): stored pending after the list above was taken, with
-            # the loop closed, their evaluations never started and their waits never ended.
+            # Records stored after the list above was taken — given to the session while
+            # it closed (a web server's requests still running), or queued before and
+            # written late — with the loop closed: their evaluations never started and
+            # their waits never ended. Records written from now on are not held (see
+            # _materialized): they are stored pending, free for a worker.
             seen = {id(job) for job in unfinished}
             with self._outstanding_cond:
+                self._settled = True
                 late = [job for job in self._inflight.values() if id(job) not in seen]
             if late:
                 clean = False
                 left += late
                 logger.warning(
-                    "scrutiny: %d record(s) given to the session while it closed were stored "
-                    "with their feedbacks pending; a worker or Session.resume_pending() takes "
-                    "them once their lease (%g s) runs out", len(late), self.lease_seconds)
+                    "scrutiny: %d record(s) were stored while the session closed (given to "
+                    "it meanwhile, or queued before and written late) with their feedbacks "
+                    "pending; a worker or Session.resume_pending() takes them once their "
+                    "lease (%g s) runs out", len(late), self.lease_seconds)
+            queued = writer.backlog
+            if queued:
+                clean = False
+                logger.warning(
+                    "scrutiny: close() ran out of time after %.1fs with %d write(s) still "
+                    "queued for %s: they are stored in the background while the process "
+                    "runs (their feedbacks pending, free for a worker or "
+                    "Session.resume_pending()); what is not stored when it exits is lost. "
+                    "Give close() (or flush_timeout, for the close at exit) more time",
+                    time.monotonic() - began, queued, self._redacted_url())
             self._left_pending = len(left)
             self._settle_unfinished(left)
             if self._notifier is not None:
@@ -633,15 +648,18 @@ class Session(SessionReading):
     def _resolve_pending(self, jobs: list[Job], *, released: bool) -> None:
         """End the waits on `jobs` with their results as the database keeps them, `pending`
         (`released`: the claim's attempt given back, as `_release` stores it)."""
+        self._tell(jobs, [job.pending.evolve(status=FeedbackStatus.PENDING,
+                                             attempts=max(0, job.pending.attempts - 1))
+                          if released else job.pending for job in jobs])
+
+    def _tell(self, jobs: list[Job], ends: list[FeedbackResult]) -> None:
+        """End the waits on `jobs` (held here no longer) with `ends`."""
         notifier = self._notifier
-        for job in jobs:
+        for job, end in zip(jobs, ends, strict=True):
             slot = job.record._slots.get(job.feedback)
             if slot is None:
                 continue
-            pending = job.pending.evolve(
-                status=FeedbackStatus.PENDING,
-                attempts=max(0, job.pending.attempts - 1)) if released else job.pending
-            for fn in slot.finish(pending):
+            for fn in slot.finish(end):
                 if notifier is not None:
                     notifier.call(fn)
 
@@ -810,13 +828,19 @@ class Session(SessionReading):
             # queued behind the record's insert, so nothing is stored out of order)
             self._policies[mode].start_soon(ingest.start)
 
-    def _materialized(self, jobs: list[Job]) -> None:
-        """An ingest made its jobs (on whichever thread asked first)."""
+    def _materialized(self, jobs: list[Job]) -> bool:
+        """An ingest made its jobs (on whichever thread asked first). False when the
+        session has closed and settled what it left unfinished: nothing here evaluates
+        them any more, and they are not held (a record still queued when close() ran out,
+        written since: a wait on it blocked for ever)."""
         with self._outstanding_cond:
-            for job in jobs:
-                self._hold(job)
             self._unmaterialized -= 1
             self._outstanding_cond.notify_all()
+            if self._settled:
+                return False
+            for job in jobs:
+                self._hold(job)
+        return True
 
     def _backlog_full(self, adding: int) -> bool:
         """Whether `adding` more evaluations would hold more than `max_backlog` (read
@@ -1141,7 +1165,7 @@ class _Ingest:
     application's thread pays only for queueing the record."""
 
     __slots__ = ("_lock", "dispose", "feedbacks", "initial", "jobs", "listeners", "mode",
-                 "session", "shed", "source", "started")
+                 "refused", "session", "shed", "source", "started")
 
     def __init__(self, session: Session, record: Record | LazyRecord,
                  feedbacks: Sequence[Feedback], mode: FeedbackMode,
@@ -1157,6 +1181,7 @@ class _Ingest:
         self.started = False
         self.shed = False
         """The backlog was full: its results stay pending for a worker (see max_backlog)."""
+        self.refused = False  # (the writer did not store it: see after_commit)
         self._lock = threading.Lock()
 
     @property
@@ -1203,8 +1228,17 @@ class _Ingest:
                 self.shed = True
                 session._materialized([j for j in jobs if j not in live])
                 session._leave_pending(live)
-            elif jobs:
-                session._materialized(jobs)
+            elif jobs and not session._materialized(jobs):
+                # (the session closed meanwhile: stored pending, free for a worker or
+                # resume_pending(), and its waits end with them so — unless the writer
+                # refused the record: then they end failed, see after_commit)
+                self.shed = True
+                if self.refused:  # (as after_commit ends the others)
+                    with session._outstanding_cond:
+                        session._unstored_ends += len(live)
+                    session._tell(live, [_unstored(job.pending) for job in live])
+                else:
+                    session._resolve_pending(live, released=False)
             return jobs
 
     def start(self) -> list[Job]:
@@ -1246,6 +1280,7 @@ class _Ingest:
 
     def after_commit(self, stored: bool) -> None:
         session = self.session
+        self.refused = not stored
         jobs = self.materialize()
         if not stored:
             for job in jobs:
