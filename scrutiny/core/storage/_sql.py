@@ -309,10 +309,11 @@ def _is_closed(dbapi_conn: Any) -> bool:
 
 
 def _close_all(connections: set[Any]) -> None:
-    for dbapi_conn in list(connections):
-        with contextlib.suppress(Exception):  # (already broken: nothing left to close)
-            dbapi_conn.close()
-    connections.clear()
+    with _GATE:  # (the connections may be SQLite's: see _ForkGate)
+        for dbapi_conn in list(connections):
+            with contextlib.suppress(Exception):  # (already broken: nothing left to close)
+                dbapi_conn.close()
+        connections.clear()
 
 
 def _let_go_late(engine: Engine) -> tuple[threading.Event, set[Any]]:
@@ -350,6 +351,127 @@ def _let_go_late(engine: Engine) -> tuple[threading.Event, set[Any]]:
         connections.discard(dbapi_conn)
 
     return closed, connections
+
+
+FORK_WAIT = 5.0
+"""Seconds a fork waits for Scrutiny's threads to be out of SQLite (see :class:`_ForkGate`)
+before it goes on regardless, with a warning."""
+
+
+class _ForkGate:
+    """Keeps ``os.fork()`` from copying the process while a thread of it is inside SQLite
+    through Scrutiny.
+
+    SQLite keeps process-wide mutexes (its allocator's, its table of open files) and the
+    bookkeeping of its file locks in the process's memory. A child forked while the
+    session's writer was writing got them copied as they were, held: its first
+    ``sqlite3.connect()`` waited for good on a mutex no thread of the child would ever
+    release, or every write it tried was "database is locked" for good, and its records
+    were lost (gunicorn --preload, multiprocessing's fork start method, ``os.fork`` in a
+    running app). Every use of a SQLite engine of this module, from taking (or making) a
+    connection to handing it back to the pool, is inside this gate (``with _GATE:``). A
+    fork closes it: new uses wait until the fork is done, and the fork waits (FORK_WAIT
+    seconds at most) for those under way to end. The child opens it anew, with fresh locks
+    (a thread may have held one at the fork), and every store lets go of the parent's
+    connections (see :meth:`SQLStore.after_fork`).
+
+    Re-entrant per thread: a thread inside that takes a second connection goes on (the
+    fork waits for it: it must not wait for the fork), and so does the forking thread (a
+    hook of the fork that stores something). Without a fork, entering and leaving cost a
+    lock taken and released each.
+    """
+
+    def __init__(self) -> None:
+        # .depth: this thread's uses under way; .clean: in the fork this thread makes,
+        # none under way (the child may close the parent's connections it holds)
+        self._local = threading.local()
+        self._fresh(inside=0)
+
+    def _fresh(self, *, inside: int) -> None:
+        # (re-entrant: a finalizer the garbage collector runs while this thread holds it
+        # may close a store's connections, through the gate)
+        self._cond = threading.Condition(threading.RLock())
+        self._inside = inside  # threads inside
+        self._forkers: list[int] = []  # threads in a fork (between its hooks)
+
+    def __enter__(self) -> None:
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        if depth:
+            local.depth = depth + 1
+            return
+        with self._cond:
+            if self._forkers and threading.get_ident() not in self._forkers:
+                deadline = time.monotonic() + 2 * FORK_WAIT  # (a fork stuck elsewhere)
+                while self._forkers and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            self._inside += 1
+            local.depth = 1
+
+    def __exit__(self, *exc: object) -> None:
+        local = self._local
+        local.depth -= 1
+        if local.depth:
+            return
+        with self._cond:
+            self._inside -= 1
+            if self._forkers:
+                self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        mine = 1 if getattr(self._local, "depth", 0) else 0  # (not waited for)
+        with self._cond:
+            self._forkers.append(threading.get_ident())
+            deadline = time.monotonic() + FORK_WAIT
+            while self._inside > mine and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            busy = self._inside - mine
+        self._local.clean = busy <= 0 and not mine
+        if busy > 0:
+            logger.warning(
+                "scrutiny: forking while %d thread(s) of this process still use SQLite "
+                "after %.0f s: the child may hang or find the database locked when it "
+                "uses SQLite", busy, FORK_WAIT)
+
+    def after_fork_in_parent(self) -> None:
+        self.forget_fork()
+        with self._cond:
+            with contextlib.suppress(ValueError):
+                self._forkers.remove(threading.get_ident())
+            self._cond.notify_all()
+
+    def after_fork_in_child(self) -> None:
+        # (the other threads are gone; this one's own uses, if any, go on)
+        self._fresh(inside=1 if getattr(self._local, "depth", 0) else 0)
+
+    def forked_clean(self) -> bool:
+        """(In a child, until its stores are reset.) Whether no use of SQLite was under
+        way in the parent at the fork: every connection the child has a copy of was idle
+        in its pool."""
+        return bool(getattr(self._local, "clean", False))
+
+    def forget_fork(self) -> None:
+        self._local.clean = False  # (a later fork without the hooks: unknown)
+
+
+_GATE = _ForkGate()
+_STORES: weakref.WeakSet[SQLStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    _GATE.after_fork_in_child()
+    for store in list(_STORES):
+        try:
+            store.after_fork()
+        except Exception:  # (never in the way of the child)
+            logger.debug("scrutiny: resetting a store in a forked child failed",
+                         exc_info=True)
+    _GATE.forget_fork()
+
+
+if hasattr(os, "register_at_fork"):  # (once: at the module's import)
+    os.register_at_fork(before=_GATE.before_fork, after_in_parent=_GATE.after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 _FOLD = "scrutiny_fold"
@@ -402,6 +524,12 @@ class SQLStore:
         self._finalizer = weakref.finalize(self, _close_all, self._connections)
         self._finalizer.atexit = False
         self._dialect = self.engine.dialect.name
+        # Every use of a SQLite engine is inside the fork gate (see _ForkGate): one through
+        # self.engine that is not (a new one: use self._connect()) can hang a forked child.
+        self._gate: contextlib.AbstractContextManager[Any] = (
+            _GATE if self._dialect == "sqlite" else contextlib.nullcontext())
+        self._pid = os.getpid()
+        _STORES.add(self)
         self.found_revision: str | None = None
         self._compiled: dict[tuple[Any, ...],
                              tuple[str, list[str], dict[str, Any], list[int], bool]] = {}
@@ -420,13 +548,16 @@ class SQLStore:
 
     def _create_schema(self, policy: MigratePolicy) -> None:
         try:
-            self.found_revision = ensure_schema(self.engine, {_WRITE: True}, self.prefix,
-                                                policy)
+            with self._gate:
+                self.found_revision = ensure_schema(self.engine, {_WRITE: True},
+                                                    self.prefix, policy)
         except ConfigurationError:
-            self.engine.dispose()
+            with self._gate:
+                self.engine.dispose()
             raise
         except SQLAlchemyError as exc:
-            self.engine.dispose()
+            with self._gate:
+                self.engine.dispose()
             raise StorageError(
                 f"could not open or migrate {redact_url(self.url)}: {exc}"
                 f"{self._readonly_hint(exc)}") from exc
@@ -472,10 +603,17 @@ class SQLStore:
                 "SQLITE_BUSY", "SQLITE_LOCKED")
         return False
 
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """A connection of the engine, inside the fork gate (see _ForkGate) from its
+        checkout (or making) to its return to the pool."""
+        with self._gate, self.engine.connect() as conn:
+            yield conn
+
     def ping(self) -> bool:
         """Whether the database answers a trivial query now."""
         try:
-            with self.engine.connect() as conn:
+            with self._connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
             return True
         except SQLAlchemyError:
@@ -517,7 +655,7 @@ class SQLStore:
                 self._note_contention(wall, cpu)
                 return
         wall, cpu = time.perf_counter(), time.thread_time()
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             conn = conn.execution_options(**{_WRITE: True})
             with conn.begin():
                 if new_apps:
@@ -622,7 +760,7 @@ class SQLStore:
             # explanation holding one would be stored cut (and an app id that no longer
             # matches its row loses the record). The general path binds it whole.
             return False
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             proxied = conn.connection
             raw = proxied.driver_connection
             assert raw is not None
@@ -899,7 +1037,7 @@ class SQLStore:
         t = self.tables.results
         out: list[Row] = []
         missing = set(result_ids)
-        with self.engine.connect() as conn, conn.begin():
+        with self._connect() as conn, conn.begin():
             for chunk in _chunks(list(result_ids), 500):
                 for r in conn.execute(select(t).where(t.c.result_id.in_(chunk))):
                     missing.discard(r.result_id)
@@ -935,7 +1073,7 @@ class SQLStore:
         page of records read in one statement and their results in the next, while apps
         stored newer records, came back with some records' results missing (shown "n/a").
         SQLite's read transactions are snapshots already."""
-        with self.engine.connect() as conn, conn.begin():
+        with self._connect() as conn, conn.begin():
             if self._dialect == "postgresql":
                 conn.exec_driver_sql(
                     "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -1119,7 +1257,7 @@ class SQLStore:
 
     @_reads("read feedback definitions from")
     def definitions(self) -> list[Row]:
-        with self.engine.connect() as conn, conn.begin():
+        with self._connect() as conn, conn.begin():
             return [dict(r._mapping) for r in conn.execute(select(self.tables.definitions))]
 
     def feedback_ids_of(self, names: Sequence[str], app_ids: Sequence[str]) -> list[Row]:
@@ -1153,7 +1291,7 @@ class SQLStore:
             "lease_expires_at": now + timedelta(seconds=lease_seconds),
             "attempts": t.c.attempts + 1, "started_at": None, "updated_at": now,
         }
-        with self.engine.connect() as raw:
+        with self._connect() as raw:
             conn = raw.execution_options(**{_WRITE: True})
             with conn.begin():
                 if self._dialect == "postgresql":
@@ -1173,7 +1311,7 @@ class SQLStore:
     def release(self, result_ids: Sequence[str], *, token: str) -> int:
         t = self.tables.results
         released = 0
-        with self.engine.connect() as raw:
+        with self._connect() as raw:
             conn = raw.execution_options(**{_WRITE: True})
             with conn.begin():
                 for chunk in _chunks(list(result_ids), 500):
@@ -1214,7 +1352,7 @@ class SQLStore:
     def results_by_ids(self, result_ids: Sequence[str]) -> list[Row]:
         t = self.tables.results
         out: list[Row] = []
-        with self.engine.connect() as conn, conn.begin():
+        with self._connect() as conn, conn.begin():
             for chunk in _chunks(list(result_ids), 500):
                 out.extend(dict(r._mapping) for r in conn.execute(
                     select(t).where(t.c.result_id.in_(chunk))))
@@ -1224,7 +1362,7 @@ class SQLStore:
     def records_by_ids(self, record_ids: Sequence[str]) -> list[Row]:
         t = self.tables.records
         out: list[Row] = []
-        with self.engine.connect() as conn, conn.begin():
+        with self._connect() as conn, conn.begin():
             for chunk in _chunks(list(record_ids), 500):
                 out.extend(dict(r._mapping) for r in conn.execute(
                     select(t).where(t.c.record_id.in_(chunk))))
@@ -1240,7 +1378,7 @@ class SQLStore:
         where = self._app_filter(app_ids)
         if where is not None:
             doomed = doomed.where(where)
-        with self.engine.connect() as raw:
+        with self._connect() as raw:
             conn = raw.execution_options(**{_WRITE: True})
             with conn.begin():
                 conn.execute(delete(t.results).where(t.results.c.record_id.in_(doomed)))
@@ -1250,17 +1388,39 @@ class SQLStore:
     @_reads("count results in")
     def count_results(self) -> dict[str, int]:
         t = self.tables.results
-        with self.engine.connect() as conn, conn.begin():
+        with self._connect() as conn, conn.begin():
             return {status: n for status, n in conn.execute(
                 select(t.c.status, func.count()).group_by(t.c.status))}
 
     def close(self) -> None:
         self._closed.set()
-        self.engine.dispose()
+        with self._gate:
+            self.engine.dispose()
         self._finalizer.detach()  # (a connection still in use is closed on its return)
 
     def after_fork(self) -> None:
-        """Forget the parent's pooled connections in a forked child (closing one here
-        would end the parent's session on the server)."""
+        """In a forked child: let go of the parent's connections; the next use makes one
+        of the child's own. Once per process: this module's fork hook calls it for every
+        store, the session's own reset again.
+
+        PostgreSQL's are dropped, not closed: closing one here would end the parent's
+        session on the server. SQLite's are closed (when the fork found them all idle,
+        see _ForkGate): a copy left to the garbage collector kept the parent's lock
+        bookkeeping in the child, where SQLite took it for locks the child held — the
+        parent, closing its last connection, then found the database unused, checkpointed
+        and deleted the write-ahead log the child was writing to, and the child's
+        records stored since were lost, though stored as far as the child could tell.
+        An in-memory database is kept: it is the child's own copy (a new connection opens
+        an empty one, without Scrutiny's tables)."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        if isinstance(self.engine.pool, StaticPool):
+            return
+        copied = list(self._connections)
         self._connections.clear()
         self.engine.dispose(close=False)
+        if self._dialect == "sqlite" and _GATE.forked_clean():
+            for dbapi_conn in copied:
+                with contextlib.suppress(Exception):
+                    dbapi_conn.close()
