@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import multiprocessing
 import threading
 import time
@@ -309,6 +310,29 @@ def test_a_naive_pandas_timestamp_is_local_time_like_a_naive_datetime(
     assert from_pandas.start_time == plain.start_time == dt.datetime(
         2026, 6, 1, 16, tzinfo=dt.timezone.utc).timestamp()
     assert from_pandas.end_time == plain.end_time == plain.start_time + 2
+
+
+def test_a_database_file_deleted_under_the_session_refuses_writes_saying_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Deleted (or replaced) while the session ran, the SQLite file went on taking writes
+    through the open connections: every result was reported stored and wait_for_feedback
+    said True, and all of it was gone with the deleted file, without a word."""
+    path = tmp_path / "gone.sqlite"
+    one = Feedback(lambda output: 1.0, name="one").on_output()
+    session = Session(f"sqlite:///{path}")
+    session.ingest(make_record(), [one])
+    assert session.wait_for_feedback(10)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    with caplog.at_level(logging.ERROR, logger="scrutiny"):
+        records = [session.ingest(make_record(input=f"q{i}"), [one]) for i in range(30)]
+        assert not session.wait_for_feedback(10)
+    told = [r.wait_for_feedback_results(timeout=10)[one] for r in records]
+    session.close()
+    assert {r.status for r in told} == {FeedbackStatus.FAILED}
+    assert session.stats()["failed_writes"] >= 30  # (each record, and its results)
+    assert f"the database file {path} was deleted or replaced" in caplog.text
+    assert len(caplog.records) < 10  # (said once, not once per write)
 
 
 def test_table_prefix_keeps_tables_apart(tmp_path: Path) -> None:

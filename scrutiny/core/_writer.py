@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -108,6 +109,7 @@ class StorageWriter:
         self._polling = False  # the writer looks at its queue by itself: no need to wake it
         self._outage = threading.Event()  # set by close(): stop waiting out an outage
         self._last_error: Exception | None = None  # why the last commit got STUCK
+        self._refusal = ("", 0)  # the last refusal's text, and how often in a row
         self._busy_since = 0.0  # when the last STUCK commit's ops were first refused
         # One policy object for every commit (on the writer thread only): a new one per
         # commit left a reference cycle of some 14 objects for the garbage collector.
@@ -402,10 +404,7 @@ class StorageWriter:
                 down = self._unreachable()
                 busy = not down and self._transient(exc)
                 if not down and not busy:  # it answers: these operations are the problem
-                    hint = (" (the database file, or its folder, is not writable by this "
-                            "process)" if "readonly" in str(exc) else "")
-                    logger.error("scrutiny: storing %d operation(s) failed: %s%s", len(ops),
-                                 exc, hint)
+                    self._say_refused(len(ops), exc)
                     return _Outcome.REFUSED
                 if self._stopping:
                     logger.error("scrutiny: the database is unreachable (or refuses writes) "
@@ -436,6 +435,22 @@ class StorageWriter:
                                  len(ops))
                     return _Outcome.ABANDONED
                 backoff = min(backoff * 2, OUTAGE_BACKOFF_MAX)
+
+    def _say_refused(self, count: int, exc: Exception) -> None:
+        """Log a refused write; the same refusal again in a row only the 10th, 100th,
+        ... time, with the count (a database file deleted under the session refused
+        every write, and each batch split into single writes logged its own line)."""
+        hint = (" (the database file, or its folder, is not writable by this process)"
+                if "readonly" in str(exc) else "")
+        text = f"{exc}{hint}"
+        seen, times = self._refusal
+        times = times + 1 if text == seen else 1
+        self._refusal = (text, times)
+        if times == 1:
+            logger.error("scrutiny: storing %d operation(s) failed: %s", count, text)
+        elif math.log10(times).is_integer():
+            logger.error("scrutiny: storing %d operation(s) failed, the %dth time in a row "
+                         "for this reason: %s", count, times, text)
 
     def _hold(self, seconds: float, answers: bool) -> bool:
         """Wait `seconds` before trying a refused write again; True when closing. While

@@ -103,6 +103,17 @@ class RecordIdTaken(StorageError):
                          "record_id out and Scrutiny makes one")
 
 
+class DatabaseFileGone(StorageError):
+    """The SQLite file was deleted or replaced while the session ran."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"the database file {path} was deleted or replaced while this session ran: "
+            "what it stored now would go into the deleted file, lost when the session "
+            "closes, so it is not stored. Start a new Session (the app again) to store in "
+            "the file that is there now")
+
+
 class ResultNameTaken(StorageError):
     """A stored record given again (another process, a script run again) with a feedback
     whose name it already has a result of: refused rather than stored beside it."""
@@ -545,6 +556,36 @@ class SQLStore:
         # does not cover them, so a definition is written again only when they changed
         self._known_definitions: dict[str, tuple[bool, str | None]] = {}
         self._create_schema(migrate)
+        self._file = self._file_identity()  # (see _check_file)
+        self._file_gone = False
+
+    def _file_identity(self) -> tuple[str, int, int] | None:
+        """(path, device, inode) of a SQLite database file; None for other databases."""
+        database = self.engine.url.database
+        if self._dialect != "sqlite" or not database or database == ":memory:" or \
+                database.startswith("file:"):
+            return None
+        path = os.path.abspath(database)
+        try:
+            found = os.stat(path)
+        except OSError:
+            return None
+        return path, found.st_dev, found.st_ino
+
+    def _check_file(self, known: tuple[str, int, int]) -> None:
+        """(Before a write: one stat.) Refuse the write when the SQLite file was deleted
+        or replaced while the session ran. SQLite went on writing into the deleted file
+        through the open connections, every result was reported stored, and all of it
+        was gone when they closed."""
+        if not self._file_gone:
+            try:
+                found = os.stat(known[0])
+                if (found.st_dev, found.st_ino) == known[1:]:
+                    return
+            except OSError:
+                pass
+            self._file_gone = True
+        raise DatabaseFileGone(known[0])
 
     def _create_schema(self, policy: MigratePolicy) -> None:
         try:
@@ -622,6 +663,8 @@ class SQLStore:
     # ------------------------------------------------------------------ writes
     def write(self, ops: Sequence[WriteOp]) -> None:
         t = self.tables
+        if self._file is not None:
+            self._check_file(self._file)
         if self._dialect == "postgresql":
             ops = [_op_without_nul(op) for op in ops]
         apps: dict[str, Row] = {}
