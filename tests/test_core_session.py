@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from scrutiny import (
@@ -2132,6 +2134,19 @@ def test_an_exception_a_usage_dict_and_span_dicts_in_a_hand_built_record_are_sto
     [span] = stored.spans
     assert (span.span_id, span.name, span.error) == ("s1", "llm", "TimeoutError: slow")
     assert span.usage == TokenUsage(12, 30, None)
+
+
+def test_spans_given_as_a_generator_and_errors_given_as_other_texts_are_kept() -> None:
+    """Checking the spans read a generator of them to its end: the record kept none. A
+    str of another type (numpy's) given as the error was refused as no exception."""
+    from scrutiny import Span
+
+    spans = (Span(f"s{i}", None, "step", "chain", 1.7e9) for i in range(2))
+    record = make_record(spans=spans, status="error", error=np.str_("ValueError: x"))
+    assert [s.span_id for s in record.spans] == ["s0", "s1"]
+    assert (record.error, type(record.error)) == ("ValueError: x", str)
+    assert make_record(error=float("nan")).error is None  # (an empty cell of a table)
+    assert make_record(error=pd.NA).error is None
 
 
 @pytest.mark.parametrize(("field", "value", "says"), [

@@ -22,7 +22,7 @@ import math
 import numbers
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -210,10 +210,13 @@ def _check_id(record_id: str) -> None:
             "metadata={...}")
 
 
-def _error_text(value: Any) -> str:
-    """Record.error as text: an exception (``error=exc``) as its type and message."""
+def _error_text(value: Any) -> str | None:
+    """Record.error as text: an exception (``error=exc``) as its type and message; an
+    empty cell of a table (NaN, pandas' NA) as None."""
     if isinstance(value, BaseException):
         return describe_error(value)
+    if (isinstance(value, float) and math.isnan(value)) or type(value).__name__ == "NAType":
+        return None
     raise TypeError(f"Record.error is the reason the call failed, as text (or the "
                     f"exception itself); got {type(value).__name__} {value!r}")
 
@@ -250,7 +253,7 @@ def _usage(value: Any) -> TokenUsage:
 def _spans(spans: Any) -> list[Span]:
     """Record.spans as Span objects: a dict of Span's fields (a span read from a log) is
     made one; anything else is refused, saying which item."""
-    if isinstance(spans, str | bytes | Mapping) or not isinstance(spans, Sequence):
+    if isinstance(spans, str | bytes | Mapping) or not isinstance(spans, Iterable):
         raise TypeError(f"Record.spans is a list of Span objects; got "
                         f"{type(spans).__name__}")
     fields = set(Span.__dataclass_fields__)
@@ -314,7 +317,9 @@ class Record:
         if not self.record_id.isascii() or len(self.record_id) > MAX_RECORD_ID_BYTES:
             _check_id(self.record_id)
         if self.error is not None and type(self.error) is not str:
-            self.error = _error_text(self.error)
+            # (a str of another type — numpy's, a str Enum — as its text)
+            self.error = str(self.error) if isinstance(self.error, str) else \
+                _error_text(self.error)
         if self.usage is not None and type(self.usage) is not TokenUsage:
             self.usage = _usage(self.usage)
         if self.contexts is None:
@@ -332,8 +337,9 @@ class Record:
             raise TypeError(f"Record.metadata is a dict; got {type(self.metadata).__name__}")
         if self.spans is None:
             self.spans = []
-        elif any(type(span) is not Span for span in self.spans):
-            self.spans = _spans(self.spans)
+        elif type(self.spans) is not list or any(type(span) is not Span
+                                                  for span in self.spans):
+            self.spans = _spans(self.spans)  # (a generator of spans is read once, here)
         if not isinstance(self.status, RecordStatus):
             try:
                 self.status = RecordStatus(self.status)
