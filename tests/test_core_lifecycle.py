@@ -404,3 +404,20 @@ def test_a_record_given_while_the_session_closes_has_waits_that_end(
     assert not waiter.is_alive(), "the wait on the late record never ended"
     (result,) = waited[0].values()
     assert result.status in (FeedbackStatus.PENDING, FeedbackStatus.FAILED)
+
+
+def test_the_close_at_exit_gets_what_the_drain_left_of_flush_timeout(tmp_path: Path) -> None:
+    """At exit the running evaluations are waited for first (the drain, within
+    flush_timeout), then the session closes: with a stuck evaluation, the close waited
+    a whole flush_timeout again, and exit took twice as long as set."""
+    session = Session(f"sqlite:///{tmp_path}/exit.sqlite", flush_timeout=1.5)
+    gate = threading.Event()
+    stuck = Feedback(lambda output: (gate.wait(10), 1.0)[1], name="stuck").on_output()
+    session.ingest(Record(app_name="s", app_version="v", input="q", output="a"), [stuck])
+    try:
+        assert session._exit_timeout() is None  # (not drained: close takes flush_timeout)
+        session._drain()  # (waits all of flush_timeout: the evaluation is stuck)
+        assert session._exit_timeout() == 1.0  # what is left is nothing: the floor
+    finally:
+        gate.set()
+        assert session.close(10)

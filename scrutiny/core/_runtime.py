@@ -142,7 +142,7 @@ def _close_all_at_exit() -> None:
             logger.exception("scrutiny: ending the calls still open at exit failed")
     for session in list(live_sessions):
         try:
-            session.close()
+            session.close(session._exit_timeout())
         except Exception:
             logger.exception("scrutiny: closing a session at exit failed")
     shared = _shared

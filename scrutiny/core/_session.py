@@ -330,6 +330,7 @@ class Session(SessionReading):
         self._left_pending = 0  # results close() left unfinished (pending in the database)
         self._hurried = False  # close() told to stop waiting (see _cut_close_short)
         self._settled = False  # close() settled what it left: later jobs are not held
+        self._exit_deadline: float | None = None  # (see _drain)
         self._warmed = False  # its threads started ahead of its first record (see _warm)
         self._unstored_ends = 0  # end states told to waiters but not stored (see _finish)
         self._unmaterialized = 0  # accepted records whose results are not made yet
@@ -534,11 +535,20 @@ class Session(SessionReading):
         writer = self._writer
         if writer is None or self._state != "started" or self._pid != os.getpid():
             return
-        deadline = time.monotonic() + self.flush_timeout
+        deadline = self._exit_deadline = time.monotonic() + self.flush_timeout
         writer.flush(self.flush_timeout)
         if self._loop is not None and self._watcher is None:  # (not workers' results)
             self._wait_outstanding(deadline)
         writer.flush(max(0.0, deadline - time.monotonic()))
+
+    def _exit_timeout(self) -> float | None:
+        """The timeout of the close at exit: what is left of `flush_timeout` after the
+        drain (see :meth:`_drain`), with a second or so for what the app's threads did
+        since (the same stuck evaluation was waited for twice: exit took twice as
+        long)."""
+        if self._exit_deadline is None:
+            return None
+        return max(min(1.0, self.flush_timeout), self._exit_deadline - time.monotonic())
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish or hand over everything, then release threads and connections.
