@@ -305,7 +305,8 @@ def test_a_call_that_returned_while_a_background_step_ran_is_ok(session: Session
 
     app = RunnableLambda(answer, name="answer")
     try:
-        with ChainRecorder(app, app_name="background", session=session) as recording:
+        recorder = ChainRecorder(app, app_name="background", session=session)
+        with recorder as recording:
             assert app.invoke("q") == "answer to q"
         release.set()
         assert done.wait(10)
@@ -318,6 +319,8 @@ def test_a_call_that_returned_while_a_background_step_ran_is_ok(session: Session
     assert session.flush(10)
     df, _ = session.get_records_and_feedback()
     assert len(df) == 1  # the audit's later step `after` is no record of its own
+    # (and once the background call ended, the handler holds nothing of it)
+    assert not [*recorder.handler._runs, *recorder.handler._outlived]
 
 
 async def test_an_ainvoke_that_returned_while_a_task_it_started_ran_is_ok(

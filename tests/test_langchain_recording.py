@@ -25,6 +25,7 @@ from langchain_core.runnables import (
 from langchain_core.tools import tool
 
 from scrutiny import Record, RecordingError, RecordStatus, Session, Span
+from scrutiny.core._records import MAX_APP_LABEL_BYTES
 from scrutiny.integrations.langchain import ChainRecorder, ScrutinyCallbackHandler
 
 QUESTION = "What is the capital of France?"
@@ -160,10 +161,12 @@ def test_an_app_with_a_long_name_of_its_own_is_recorded_under_a_short_one(
         app.invoke("x")
     record = recording.get()
     name = record.app_name
-    assert len(name) <= 80
+    assert len(name.encode()) + len("v1") <= MAX_APP_LABEL_BYTES
     assert name.startswith("RunnableParallel<key_0,key_1,")
     assert ChainRecorder(parallel(300), session=session).app_name == name  # (every time)
     assert ChainRecorder(parallel(301), session=session).app_name != name
+    # (a name that can be stored stays the name its records had)
+    assert ChainRecorder(parallel(60), session=session).app_name == parallel(60).get_name()
     assert ChainRecorder(parallel(3), session=session).app_name == parallel(3).get_name()
     assert session.flush(10)
     assert stored_count(session) == 1

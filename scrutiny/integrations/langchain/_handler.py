@@ -622,6 +622,8 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
                     self._foreign.pop(key, None)
                 if self._not_calls:
                     self._not_calls.pop(key, None)
+                if self._outlived:  # (it ended: no step of it starts any more)
+                    self._outlived.pop(key, None)
                 return
             span = entry[0]
             span.end_time = time.time()
@@ -696,9 +698,11 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
     def _outlive(self, key: int) -> None:
         outlived = self._outlived
         outlived[key] = None
-        if len(outlived) > _MAX_OUTLIVED:
-            for old in list(outlived)[:len(outlived) - _MAX_OUTLIVED]:
-                outlived.pop(old, None)
+        if len(outlived) > _MAX_OUTLIVED:  # (runs that never ended: the oldest dropped,
+            try:  # one at a time — a copy of the whole list was 10,000 keys per call)
+                del outlived[next(iter(outlived))]
+            except (RuntimeError, StopIteration, KeyError):  # (another thread's change)
+                pass
 
     def _end_at_exit(self) -> None:
         """(At interpreter exit, before the sessions close.) Every call still open becomes

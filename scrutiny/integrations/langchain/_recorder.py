@@ -26,7 +26,7 @@ from scrutiny.core import (
     RecordingError,
     Session,
 )
-from scrutiny.core._records import app_id_for
+from scrutiny.core._records import MAX_APP_LABEL_BYTES, app_id_for
 from scrutiny.integrations.langchain._handler import OPEN_BLOCKS, ScrutinyCallbackHandler
 
 __all__ = ["ChainRecorder", "Recording"]
@@ -63,26 +63,27 @@ def _hook_var(level: int) -> contextvars.ContextVar[ScrutinyCallbackHandler | No
         return _hook_vars[level]
 
 
-_NAME_CHARS = 80
-"""The longest app name taken from the app itself (see _default_name)."""
-
-
-def _default_name(app: Any) -> str:
+def _default_name(app: Any, app_version: str) -> str:
     """The app's own name (`get_name()`, else its class's), as the default app name.
 
     Some are long: a `RunnableParallel` names every key (``RunnableParallel<key_0,key_1,
     ...>``), and one of a few hundred keys made a name of thousands of characters, which no
     store takes (the recorder refused it, telling the user to shorten the version they had
-    left at its default). A longer name is cut, with a hash of the whole name after it, so
-    that it stays one app's name, the same in every process.
+    left at its default). A name too long to be stored with the version is cut, with a
+    hash of the whole name after it, so that it stays one app's name, the same in every
+    process; one that can be stored is kept as it is (the name its records have).
     """
     get_name = getattr(app, "get_name", None)
     name = get_name() if callable(get_name) else type(app).__name__
     name = name if isinstance(name, str) else str(name)
-    if len(name) <= _NAME_CHARS:
+    encoded = name.encode("utf-8", "surrogatepass")
+    version = app_version if isinstance(app_version, str) else ""  # (refused later)
+    room = MAX_APP_LABEL_BYTES - len(version.encode("utf-8", "surrogatepass"))
+    if len(encoded) <= room:
         return name
-    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{name[:_NAME_CHARS - len(digest) - 4]}...~{digest}"
+    digest = hashlib.sha256(encoded).hexdigest()[:12]
+    kept = encoded[:max(16, room - len(digest) - 4)].decode("utf-8", "ignore")
+    return f"{kept}...~{digest}"
 
 
 class _Block:
@@ -131,7 +132,7 @@ class ChainRecorder:
         metadata: dict[str, Any] | None = None,
     ) -> None:
         if app_name is None:
-            app_name = _default_name(app)
+            app_name = _default_name(app, app_version)
         self.app = app
         self.handler = ScrutinyCallbackHandler(
             app_name, app_version, feedbacks=feedbacks, session=session,
