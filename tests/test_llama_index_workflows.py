@@ -401,6 +401,40 @@ def _stream_kinds() -> dict[str, tuple[Any, Any]]:
     }
 
 
+class SourcedStop(StopEvent):
+    sources: list[str]
+
+
+class SourcedStream(Workflow):
+    """Ends with a typed stop event that carries a stream (its result) and a field."""
+
+    def __init__(self, make: Callable[[str], Awaitable[Any]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.make = make
+
+    @step
+    async def answer(self, ev: StartEvent) -> SourcedStop:
+        return SourcedStop(result=await self.make(ev.query), sources=["doc-1"])
+
+
+@pytest.mark.parametrize("kind", ["token_generator", "sync_token_generator",
+                                  "query_engine_stream"])
+async def test_a_typed_stop_event_carrying_a_stream_is_recorded_with_its_text(
+        session: Session, kind: str) -> None:
+    """Since a typed stop event's output became its values, one whose result is a stream
+    was no longer followed: the output was a dict holding the generator, the tokens
+    were lost and output feedbacks judged the generator's description."""
+    make, read = _stream_kinds()[kind]
+    workflow = SourcedStream(make(_snow_index()), timeout=10)
+    recorder = LlamaIndexRecorder(workflow, app_name="sourced", session=session)
+    async with recorder as recording:
+        result = await workflow.run(query="What color is snow?")
+        tokens = await read(result.result)  # (the stream the event carries)
+    record = recording.get()
+    assert record.status is RecordStatus.OK
+    assert record.output == "".join(tokens)
+
+
 @pytest.mark.parametrize("kind", sorted(_stream_kinds()))
 async def test_a_workflow_answering_with_a_stream_is_recorded_once_it_is_read(
         session: Session, kind: str) -> None:

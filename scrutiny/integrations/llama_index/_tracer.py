@@ -121,6 +121,10 @@ active_scopes: contextvars.ContextVar[tuple[Scope, ...]] = contextvars.ContextVa
 """The ``with recorder:`` blocks active in this context, innermost last."""
 
 
+
+_FOLLOWED = (StreamingResponse, AsyncStreamingResponse, StreamingAgentChatResponse)
+"""Responses whose stream is followed (see Trace._follow_stream)."""
+
 class Scope:
     """One active ``with recorder as recording:`` block."""
 
@@ -241,19 +245,20 @@ class Trace:
                 end_when_dropped(result, self.stream_ended, None, False)
             return
         if is_event(result, "StopEvent"):
-            # A workflow's answer is its stop event's result: the stream the caller gets.
-            answer = answer_of(result)
+            # A workflow's answer is its stop event's result: the stream the caller gets
+            # (read from the event itself: a typed stop event's answer is its values, a
+            # stream among them).
+            inner = getattr(result, "_result", None)
             # (a token generator is replaced where the caller will get it from)
-            in_place = answer is not None and getattr(result, "_result", None) is answer
-            if in_place and isinstance(answer, GeneratorType):
+            if isinstance(inner, GeneratorType):
                 self.streamed = True
-                result._result = traced_gen(answer, root_id, self.tokens, self.stream_ended)
+                result._result = traced_gen(inner, root_id, self.tokens, self.stream_ended)
                 return
-            if in_place and isinstance(answer, AsyncGeneratorType):
+            if isinstance(inner, AsyncGeneratorType):
                 self.streamed = True
-                result._result = traced_agen(answer, root_id, self.tokens, self.stream_ended)
+                result._result = traced_agen(inner, root_id, self.tokens, self.stream_ended)
                 return
-            result = answer
+            result = inner if isinstance(inner, _FOLLOWED) else answer_of(result)
         if isinstance(result, StreamingResponse) and result.response_gen is not None \
                 and result.response_txt is None:
             self.streamed = True
