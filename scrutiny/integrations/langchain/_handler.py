@@ -1146,6 +1146,17 @@ def _last_step_output(spans: list[Span], root: Span) -> Any:
 _GRAPH_OUTPUTS = frozenset(("updates", "values"))
 
 
+def _copy_of(queue: Any) -> list[Any]:
+    """A list of what a deque holds, read while a node's thread may still append to it
+    (a copy fails then, "deque mutated during iteration": tried again)."""
+    for _ in range(10):
+        try:
+            return list(queue)
+        except RuntimeError:
+            continue
+    return list(queue)
+
+
 def _graph_received(graph: FrameType, root: _Root) -> Any:
     """(A LangGraph run the app read as a stream, ending with an error: it failed, or its
     consumer stopped it.) What the consumer last received — the update or state, the text
@@ -1163,7 +1174,7 @@ def _graph_received(graph: FrameType, root: _Root) -> Any:
     try:
         local = graph.f_locals
         queue = getattr(local.get("stream"), "_queue", None)
-        unread = list(queue) if queue is not None else []  # (ns, mode, payload) each
+        unread = _copy_of(queue) if queue is not None else []  # (ns, mode, payload) each
         stream_mode = local.get("stream_mode")
         modes = stream_mode if isinstance(stream_mode, list) else [stream_mode]
         last_chunk = None
