@@ -368,6 +368,26 @@ def test_retry_after_hint_is_honoured(session: Session, max_backoff: float) -> N
     assert times[1] - times[0] >= 0.29
 
 
+def test_a_retry_after_attribute_given_as_text_or_an_http_date_is_read() -> None:
+    """README: a `retry_after` hint on the error, "seconds or an HTTP date". Only a number
+    was read: "3" or a date were ignored, and the normal backoff ran instead."""
+    import email.utils
+
+    from scrutiny.core._evaluate import retry_after_hint
+
+    def error(value: object) -> Exception:
+        exc = Exception("429")
+        exc.retry_after = value  # type: ignore[attr-defined]
+        return exc
+
+    assert retry_after_hint(error(3)) == 3.0
+    assert retry_after_hint(error("3")) == 3.0
+    later = email.utils.formatdate(time.time() + 120, usegmt=True)
+    assert 100 < (retry_after_hint(error(later)) or 0) <= 120
+    assert retry_after_hint(error("soon")) is None
+    assert retry_after_hint(error(True)) is None
+
+
 def test_empty_selection_is_skipped_with_a_reason(session: Session) -> None:
     fb = Feedback(lambda context: 1.0, name="ctx").on_contexts()
     record = session.ingest(make_record(contexts=[]), [fb])

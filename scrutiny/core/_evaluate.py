@@ -75,8 +75,10 @@ def retry_after_hint(exc: BaseException) -> float | None:
         seen.append(current)
         for attr in ("retry_after", "retry_after_seconds"):
             value = getattr(current, attr, None)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-                return float(value)
+            # (seconds, as a number or text, or an HTTP date: a date or "3" was ignored)
+            if value is not None and not isinstance(value, bool) and (
+                    seconds := retry_after_seconds(value)) is not None:
+                return seconds
         headers = getattr(getattr(current, "response", None), "headers", None)
         if headers is not None:
             try:
