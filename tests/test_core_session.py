@@ -1989,7 +1989,9 @@ def test_a_full_backlog_leaves_new_results_pending_in_the_database(
         for record in held:
             results = record.wait_for_feedback_results(timeout=10)
             assert [r.status for r in results.values()] == [FeedbackStatus.DONE] * 2
-        assert s.wait_for_feedback(10)  # (what is left pending waits in the database)
+        # (what is left pending waits in the database: not done, nor will it be here
+        # until resume_pending(); said True, as if every result had been evaluated)
+        assert not s.wait_for_feedback(10)
         page = s.query_records(search="question 2")
         stored = list(page.records[0].feedback_results.values())
         assert [r.status for r in stored] == [FeedbackStatus.PENDING] * 2
@@ -2017,7 +2019,9 @@ def test_results_left_pending_over_the_backlog_are_resumed_with_their_own_feedba
         assert s.stats()["left_pending_over_backlog"] == 2
         gate.set()
         assert first.wait_for_feedback_results(timeout=10)[held].status is FeedbackStatus.DONE
+        assert not s.wait_for_feedback(10)  # (two are left pending over the backlog)
         assert s.resume_pending(10) == 2
+        assert s.wait_for_feedback(10)
         df, _ = s.get_records_and_feedback()
         assert list(df["held status"]) == ["done"] * 3
         assert list(df["held"]) == [1.0] * 3

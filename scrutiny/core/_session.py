@@ -302,6 +302,7 @@ class Session(SessionReading):
         self.max_queue_size = max_queue_size
         self.max_backlog = max_backlog
         self._shed = 0  # results left pending because the backlog was full
+        self._shed_open = 0  # of those, left since the last resume_pending() that ended
         # Their feedbacks, by result id, for a worker of this process (resume_pending()):
         # one not loadable elsewhere (a lambda, a closure) failed "cannot be loaded".
         self._shed_feedbacks: collections.OrderedDict[str, Feedback] = \
@@ -514,7 +515,9 @@ class Session(SessionReading):
 
         In deferred mode this waits for the workers. Returns True when all are done;
         False when the timeout ran out first (what is left stays pending or running and
-        will still be stored), when :meth:`close` left some unfinished, or when some end
+        will still be stored), when :meth:`close` left some unfinished, when some were
+        left pending over `max_backlog` (until :meth:`resume_pending` evaluated them), or
+        when some end
         state (or its record) could not be stored (a full queue, a refused write: see
         :meth:`stats`) — those results are still `pending` in the database.
         """
@@ -522,7 +525,7 @@ class Session(SessionReading):
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._wait_outstanding(deadline) or self._left_pending:
             return False
-        if self._unstored_ends:
+        if self._unstored_ends or self._shed_open:
             return False
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.flush(remaining)
@@ -862,6 +865,7 @@ class Session(SessionReading):
         waits and callbacks get them so at once."""
         with self._outstanding_lock:
             self._shed += len(jobs)
+            self._shed_open += len(jobs)
             shed = self._shed
             kept = self._shed_feedbacks
             for job in jobs:
@@ -1089,10 +1093,15 @@ class Session(SessionReading):
                    else max(0.0, deadline - time.monotonic()))
         worker = Worker(self, poll_interval=0.0, batch_size=100, max_claims=max_claims)
         self._workers.append(worker)  # (close() from another thread stops it)
+        with self._outstanding_lock:
+            shed_before = self._shed
         try:
             claimed = worker.drain(deadline)
         finally:
             self._workers.remove(worker)
+        if deadline is None or time.monotonic() < deadline:  # (it took all that was free)
+            with self._outstanding_lock:
+                self._shed_open = self._shed - shed_before  # (only what was shed since)
         self.wait_for_feedback(None if deadline is None
                                else max(0.0, deadline - time.monotonic()))
         return claimed
