@@ -24,6 +24,7 @@ from scrutiny import (
     FeedbackResult,
     FeedbackStatus,
     Record,
+    RecordStatus,
     RetryPolicy,
     Session,
     SkipFeedback,
@@ -2173,6 +2174,16 @@ def test_spans_given_as_a_generator_and_errors_given_as_other_texts_are_kept() -
     assert make_record(error=pd.NA).error is None
 
 
+def test_a_hand_built_record_given_an_error_alone_is_an_error() -> None:
+    """`Record(error=exc)` without status= was stored as a call that was ok: filters, the
+    leaderboard and the dashboard counted the failed call as a success."""
+    assert make_record(error=ValueError("upstream timeout")).status is RecordStatus.ERROR
+    assert make_record().status is RecordStatus.OK
+    assert make_record(error=float("nan")).status is RecordStatus.OK  # (no error)
+    # (given, the status is kept: a tool that handled its own error)
+    assert make_record(status="ok", error="handled").status is RecordStatus.OK
+
+
 @pytest.mark.parametrize(("field", "value", "says"), [
     ("usage", 42, "is a TokenUsage"),
     ("usage", {"total_tokens": "many"}, "a count of tokens"),
@@ -2183,6 +2194,7 @@ def test_spans_given_as_a_generator_and_errors_given_as_other_texts_are_kept() -
     ("spans", "llm", "a list of Span"),
     ("record_id", "report-\udc80.txt", "lone surrogate"),
     ("record_id", "x" * 513, "at most 512"),
+    ("app_version", 1.10, "loses digits"),
 ])
 def test_a_hand_built_record_field_the_store_cannot_take_is_refused_when_made(
         field: str, value: object, says: str) -> None:

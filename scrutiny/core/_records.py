@@ -184,10 +184,15 @@ def _text(value: Any, name: str, example: str) -> str:
     stored, and the record was lost."""
     if isinstance(value, str) and value:
         return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, float):  # (app_version=1.10 was stored as "1.1")
+        raise TypeError(f"Record.{name} is a non-empty string ({example}); got the float "
+                        f"{value!r}, which loses digits (1.10 is 1.1): give its text")
     raise TypeError(f"Record.{name} is a non-empty string ({example}); got {value!r}")
 
+
+_STATUS_UNSET: Any = object()
 
 MAX_RECORD_ID_BYTES = 512
 """The most UTF-8 bytes of a record id: it is a primary key and in an index of every result
@@ -287,7 +292,8 @@ class Record:
     input: Any = None
     output: Any = None
     record_id: str = field(default_factory=new_uuid)
-    status: RecordStatus = RecordStatus.OK
+    status: RecordStatus = _STATUS_UNSET
+    """(Not given: `error` when an `error` is given, else `ok`.)"""
     error: str | None = None
     start_time: float = field(default_factory=time.time)
     end_time: float = math.nan
@@ -340,7 +346,9 @@ class Record:
         elif type(self.spans) is not list or any(type(span) is not Span
                                                   for span in self.spans):
             self.spans = _spans(self.spans)  # (a generator of spans is read once, here)
-        if not isinstance(self.status, RecordStatus):
+        if self.status is _STATUS_UNSET:  # (error=exc alone was stored as a call that was ok)
+            self.status = RecordStatus.OK if self.error is None else RecordStatus.ERROR
+        elif not isinstance(self.status, RecordStatus):
             try:
                 self.status = RecordStatus(self.status)
             except ValueError:
