@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from scrutiny import FeedbackStatus
-from scrutiny.compat.trulens import Feedback, Select, TruChain, TruLlama, TruSession
+from scrutiny.compat.trulens import (
+    Feedback,
+    NoEquivalent,
+    Select,
+    TruChain,
+    TruLlama,
+    TruSession,
+)
 from tests.support.loop_ticks import LoopTicks
 
 
@@ -96,7 +103,6 @@ async def test_with_record_returns_the_result_and_its_record(tmp_path: Path) -> 
     method was missing."""
     from langchain_core.runnables import RunnableLambda
 
-    from scrutiny import ConfigurationError
 
     session = TruSession(f"sqlite:///{tmp_path}/w.sqlite")
     chain = RunnableLambda(lambda q: f"answer to {q}")
@@ -109,7 +115,7 @@ async def test_with_record_returns_the_result_and_its_record(tmp_path: Path) -> 
         assert record.wait_for_feedback_results(timeout=10)[f_len].result == 0.12
         response, record = await tru.awith_record(chain.ainvoke, "q2")
         assert (response, record.input) == ("answer to q2", "q2")
-        with pytest.raises(ConfigurationError, match="record_metadata"):
+        with pytest.raises(NoEquivalent, match="record_metadata"):
             tru.with_record(chain.invoke, "q3", record_metadata={"user": "u1"})
         assert session.wait_for_feedback(10)
         assert len(session.get_records_and_feedback()[0]) == 2
@@ -165,7 +171,7 @@ def test_trulens_feedback_arguments_and_wiring(tmp_path: Path,
 def test_trulens_only_feedback_options_say_what_to_do_instead() -> None:
     from scrutiny import ConfigurationError
 
-    with pytest.raises(ConfigurationError, match=r"criteria=.*LLMJudge"):
+    with pytest.raises(NoEquivalent, match=r"criteria=.*LLMJudge"):
         Feedback(_relevance, criteria="Is it polite?")
     with pytest.raises(ConfigurationError, match="name="):
         Feedback(_relevance, "Relevance")  # (TruLens's second argument is the aggregate)

@@ -136,7 +136,7 @@ _APP_HINTS["db"] = _APP_HINTS["tru"] = _APP_HINTS["connector"]
 
 
 def _no_record_metadata() -> ConfigurationError:
-    return ConfigurationError(
+    return NoEquivalent(
         "with_record(record_metadata=...) is not supported: the record is stored as the call "
         "ends, before it could be added. Give the recorder metadata={...} (every record), "
         "or a LangChain call config={'metadata': {...}} (that record)")

@@ -46,9 +46,9 @@ class Feedback(_Feedback):
     ``rate_limit=``...) are accepted by keyword.
 
     Raises:
-        ConfigurationError: no function; or an option of TruLens's LLM-provider prompts
-            (``criteria=``, ``examples=``, ``min_score_val=``...), which Scrutiny's
-            feedbacks do not have.
+        ConfigurationError: no function.
+        NoEquivalent: an option of TruLens's LLM-provider prompts (``criteria=``,
+            ``examples=``, ``min_score_val=``...), which Scrutiny's feedbacks do not have.
     """
 
     def __init__(self, imp: Callable[..., Any] | None = None,
@@ -64,7 +64,7 @@ class Feedback(_Feedback):
         llm = [k for k, default in _LLM_OPTIONS.items()
                if k in options and options.pop(k) != default]
         if llm:
-            raise ConfigurationError(
+            raise NoEquivalent(
                 f"Feedback({', '.join(k + '=...' for k in llm)}): these shape the prompts of "
                 "TruLens's own LLM providers, which Scrutiny does not have; use a "
                 "scrutiny.providers.LLMJudge method as the function, or put the criterion "
