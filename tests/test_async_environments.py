@@ -288,8 +288,14 @@ def test_ctrl_c_during_a_recorded_async_call_gives_a_cancelled_record(
             os.kill(os.getpid(), signal.SIGINT)
             await call
 
-    with pytest.raises(KeyboardInterrupt):
-        asyncio.run(main())
+    # (as a terminal's Ctrl-C finds it: a process started in the background by a shell
+    # without job control inherits SIGINT ignored, and asyncio then installs no handler)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(main())
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     (record,) = recorder.handler.records
     assert record.status.value == "cancelled"
     assert recorder.handler._roots == {}
