@@ -15,7 +15,11 @@ from pathlib import Path
 
 from scrutiny import Session
 
-LANGCHAIN_SCRIPT = """
+
+def _langchain_app(answer: str, app_name: str) -> str:
+    """The start of a script that records a 3-step chain answering `answer` in the
+    database given as its argument (`chain`, `recorder`, one feedback)."""
+    return f"""
 import sys
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from langchain_core.output_parsers import StrOutputParser
@@ -24,10 +28,14 @@ from scrutiny import Feedback, Session
 from scrutiny.integrations.langchain import ChainRecorder
 
 session = Session(sys.argv[1])
-chain = (ChatPromptTemplate.from_template("Q: {q}")
-         | FakeListChatModel(responses=["hello there world"]) | StrOutputParser())
-recorder = ChainRecorder(chain, app_name="held", feedbacks=[
+chain = (ChatPromptTemplate.from_template("Q: {{q}}")
+         | FakeListChatModel(responses=[{answer!r}]) | StrOutputParser())
+recorder = ChainRecorder(chain, app_name={app_name!r}, feedbacks=[
     Feedback(lambda output: 1.0, name="one").on_output()])
+"""
+
+
+LANGCHAIN_SCRIPT = _langchain_app("hello there world", "held") + """
 with recorder:
     stream = chain.stream({"q": "hi"})
     first = next(stream)
@@ -126,21 +134,9 @@ def test_a_record_given_while_the_interpreter_tears_down_does_not_hang_the_exit(
     assert "Traceback" not in proc.stderr, proc.stderr
 
 
-APP_THREADS_SCRIPT = """
+APP_THREADS_SCRIPT = _langchain_app("an answer", "threads") + """
 import concurrent.futures
-import sys
 import threading
-from langchain_core.language_models.fake_chat_models import FakeListChatModel
-from langchain_core.output_parsers import StrOutputParser
-from langchain_core.prompts import ChatPromptTemplate
-from scrutiny import Feedback, Session
-from scrutiny.integrations.langchain import ChainRecorder
-
-session = Session(sys.argv[1])
-chain = (ChatPromptTemplate.from_template("Q: {q}")
-         | FakeListChatModel(responses=["an answer"]) | StrOutputParser())
-recorder = ChainRecorder(chain, app_name="threads", feedbacks=[
-    Feedback(lambda output: 1.0, name="one").on_output()])
 
 
 exiting = threading.Event()
