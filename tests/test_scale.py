@@ -466,6 +466,108 @@ def test_a_database_at_the_first_revision_is_upgraded_with_its_data(
                                     "WHERE app_id = 'old:v0'")).scalar() == "old"
 
 
+def _first_release_tables(conn: sa.Connection, prefix: str) -> None:
+    """The tables as Scrutiny's first release made them: 0001's, with `worker_id` and
+    `lease_expires_at` on the results, a `meta` table saying schema_version 1, and no
+    Alembic stamp; holding one record with a done result."""
+    upgrade(conn, prefix, "0001")
+    conn.execute(sa.text(f"DROP TABLE {prefix}alembic_version"))
+    conn.execute(sa.text(f"ALTER TABLE {prefix}feedback_results ADD COLUMN worker_id "
+                         "VARCHAR(255)"))
+    conn.execute(sa.text(f"ALTER TABLE {prefix}feedback_results ADD COLUMN "
+                         "lease_expires_at TIMESTAMP"))
+    conn.execute(sa.text(f"CREATE TABLE {prefix}meta (key VARCHAR(64) PRIMARY KEY, "
+                         "value TEXT NOT NULL)"))
+    conn.execute(sa.text(f"INSERT INTO {prefix}meta VALUES ('schema_version', '1')"))
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc).isoformat(" ")
+    conn.execute(sa.text(f"INSERT INTO {prefix}apps VALUES ('first:v0', 'first', 'v0', NULL, "
+                         ":now)"), {"now": now})
+    conn.execute(sa.text(
+        f"INSERT INTO {prefix}records (record_id, app_id, app_name, app_version, status, "
+        "input_json, output_json, start_time, end_time, latency_s, created_at) VALUES "
+        "('r-first', 'first:v0', 'first', 'v0', 'ok', '\"q\"', '\"an answer\"', :now, :now, "
+        "0.5, :now)"), {"now": now})
+    conn.execute(sa.text(
+        f"INSERT INTO {prefix}feedback_results (result_id, record_id, app_id, feedback_id, "
+        "feedback_name, status, score, attempts, created_at, updated_at) VALUES "
+        "('res-first', 'r-first', 'first:v0', 'fb', 'length', 'done', 0.25, 1, :now, :now)"),
+        {"now": now})
+
+
+def test_a_database_of_the_first_release_is_adopted_and_upgraded(
+        backend: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    """The first release made its tables without Alembic: opening them said "no Scrutiny
+    tables", and `scrutiny db upgrade` then failed creating a table that was there."""
+    url, prefix = backend
+    engine = _engine(url)
+    with engine.begin() as conn:
+        _first_release_tables(conn, prefix)
+    with pytest.raises(ConfigurationError, match=r"first release.*scrutiny db upgrade"):
+        Session(url, table_prefix=prefix, migrate="refuse")
+    with caplog.at_level(logging.WARNING, logger="scrutiny"):
+        session = Session(url, table_prefix=prefix)
+    with session as s:
+        assert s.store.found_revision == "0001"  # type: ignore[attr-defined]
+        frame, _ = s.get_records_and_feedback()
+        assert frame["record_id"].tolist() == ["r-first"]
+        assert frame["length"].tolist() == [0.25]
+        assert frame["length status"].tolist() == ["done"]
+        s.ingest(make_record(), [Feedback(fbs.length).on_output()])
+        assert s.wait_for_feedback(20)
+        assert len(s.get_records_and_feedback()[0]) == 2
+    assert f"from revision 0001 to {HEAD_REVISION}" in caplog.text
+    with engine.connect() as conn:
+        assert current_revision(conn, prefix) == HEAD_REVISION
+
+
+def test_unstamped_tables_of_no_release_are_refused_and_left_alone(
+        backend: tuple[str, str]) -> None:
+    url, prefix = backend
+    engine = _engine(url)
+    with engine.begin() as conn:
+        _first_release_tables(conn, prefix)
+        conn.execute(sa.text(f"DROP TABLE {prefix}meta"))
+    with pytest.raises(ConfigurationError, match="no record of their schema revision"):
+        Session(url, table_prefix=prefix)
+    with engine.connect() as conn:
+        assert current_revision(conn, prefix) is None
+        assert conn.execute(sa.text(f"SELECT count(*) FROM {prefix}records")).scalar() == 1
+
+
+def test_records_older_releases_dated_1970_get_the_time_they_were_stored(
+        backend: tuple[str, str]) -> None:
+    """Hand-built records without times were stored at the epoch before 0006: a 30-day
+    retention run deleted records stored minutes before."""
+    url, prefix = backend
+    engine = _engine(url)
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc).isoformat(" ", "microseconds")[:26]
+    stored = datetime.now(timezone.utc).replace(microsecond=0)
+    timed = datetime(2026, 1, 2, tzinfo=timezone.utc).isoformat(" ", "microseconds")[:26]
+    with engine.begin() as conn:
+        upgrade(conn, prefix, "0005")
+        conn.execute(sa.text(f"INSERT INTO {prefix}apps VALUES ('b:v', 'b', 'v', NULL, :t)"),
+                     {"t": timed})
+        for record_id, start in (("untimed", epoch), ("timed", timed)):
+            conn.execute(sa.text(
+                f"INSERT INTO {prefix}records (record_id, app_id, app_name, app_version, "
+                "status, start_time, end_time, latency_s, created_at) VALUES "
+                "(:id, 'b:v', 'b', 'v', 'ok', :start, :start, 0.0, :created)"),
+                {"id": record_id, "start": start,
+                 "created": stored.isoformat(" ", "microseconds")[:26]})
+    with Session(url, table_prefix=prefix) as s:
+        frame, _ = s.get_records_and_feedback()
+        starts = dict(zip(frame["record_id"], frame["start_time"], strict=True))
+        assert starts["untimed"].to_pydatetime() == stored
+        assert starts["timed"].to_pydatetime() == datetime(2026, 1, 2, tzinfo=timezone.utc)
+        assert s.delete_records(before=stored - timedelta(days=30)) == 1  # "timed" alone
+        assert s.get_records_and_feedback()[0]["record_id"].tolist() == ["untimed"]
+
+
+def test_head_revision_is_the_newest_migration() -> None:
+    versions = Path(__file__).parent.parent / "scrutiny/core/storage/migrations/versions"
+    assert max(p.name[:4] for p in versions.glob("0*.py")) == HEAD_REVISION
+
+
 def test_a_foreign_alembic_version_table_is_left_alone(backend: tuple[str, str]) -> None:
     url, prefix = backend
     foreign = f"{prefix}x_alembic_version"  # stands for the app's own `alembic_version`

@@ -32,8 +32,11 @@ from sqlalchemy.types import TypeDecorator
 
 __all__ = ["HEAD_REVISION", "Tables", "UTCDateTime", "build_tables"]
 
-HEAD_REVISION = "0005"
-"""The newest migration; keep it equal to the last file in migrations/versions."""
+HEAD_REVISION = "0006"
+"""The newest migration; keep it equal to the last file in migrations/versions. Raise it
+(with a migration, even one with nothing to change) for any change in what is stored, not
+only in the tables: a release that meets a newer revision refuses the database, and one that
+meets a format it does not know fails on every row holding it."""
 
 
 class UTCDateTime(TypeDecorator[datetime]):
