@@ -233,7 +233,8 @@ class StorageWriter:
             if ops and self._commit(list(ops), patience=0.0,
                                     quick_retries=quick_retries) is _Outcome.STUCK:
                 logger.warning("scrutiny: the writer's periodic write was refused (%s) and "
-                               "is skipped: %s", self._last_error, _describe(ops))
+                               "is skipped: %s", _reason(self._last_error),
+                               _describe(ops))
         finally:
             self._in_idle = False
             self._last_error, self._busy_since = error, busy_since
@@ -275,7 +276,7 @@ class StorageWriter:
                     "scrutiny: the database answers but has refused %d operation(s) for "
                     "%.0f s (%s); trying its %d item(s) one by one, to store what can be "
                     "and give up what cannot (queued behind them: %d)", len(ops),
-                    time.monotonic() - self._busy_since, self._last_error, len(held),
+                    time.monotonic() - self._busy_since, _reason(self._last_error), len(held),
                     len(self._queue))
                 held = self._isolate(held, self._busy_since)
                 ops = [op for _, item_ops in held for op in item_ops]
@@ -329,7 +330,7 @@ class StorageWriter:
             "scrutiny: gave up storing %s: the database answers but kept refusing it for "
             "%.0f s, on its own too (%s); it is not stored (counted in failed_writes) so "
             "that the work queued behind it is", _describe(item_ops),
-            time.monotonic() - since, self._last_error)
+            time.monotonic() - since, _reason(self._last_error))
 
     @staticmethod
     def _prepare(batch: list[WriteItem]) -> tuple[
@@ -409,7 +410,7 @@ class StorageWriter:
                 if self._stopping:
                     logger.error("scrutiny: the database is unreachable (or refuses writes) "
                                  "and the session is closing: %d operation(s) not stored: %s",
-                                 len(ops), exc)
+                                 len(ops), _reason(exc))
                     return _Outcome.ABANDONED
                 now = time.monotonic()
                 if not busy:
@@ -424,11 +425,11 @@ class StorageWriter:
                     if busy:
                         logger.error("scrutiny: the database refuses writes for now (%s); "
                                      "holding %d operation(s) and retrying (queued: %d)",
-                                     exc, len(ops), len(self._queue))
+                                     _reason(exc), len(ops), len(self._queue))
                     else:
                         logger.error("scrutiny: the database cannot be reached (%s); "
                                      "holding %d operation(s) and retrying (queued: %d)",
-                                     exc, len(ops), len(self._queue))
+                                     _reason(exc), len(ops), len(self._queue))
                 if self._hold(backoff, busy):  # closing: do not try again
                     logger.error("scrutiny: the database is unreachable (or refuses writes) "
                                  "and the session is closing: %d operation(s) not stored",
@@ -440,9 +441,10 @@ class StorageWriter:
         """Log a refused write; the same refusal again in a row only the 10th, 100th,
         ... time, with the count (a database file deleted under the session refused
         every write, and each batch split into single writes logged its own line)."""
+        reason = _reason(exc)
         hint = (" (the database file, or its folder, is not writable by this process)"
-                if "readonly" in str(exc) else "")
-        text = f"{exc}{hint}"
+                if "readonly" in reason else "")
+        text = f"{reason}{hint}"
         seen, times = self._refusal
         times = times + 1 if text == seen else 1
         self._refusal = (text, times)
@@ -491,6 +493,13 @@ class StorageWriter:
             return not ping()
         except Exception:
             return True
+
+
+def _reason(exc: BaseException | None) -> str:
+    """What the database said, without the statement SQLAlchemy adds to its errors (a
+    batch's INSERT of many rows, a kilobyte or more per refused item)."""
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).strip()
 
 
 def _describe(ops: Sequence[WriteOp], most: int = 5) -> str:

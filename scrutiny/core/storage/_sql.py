@@ -151,7 +151,11 @@ def _op_without_nul(op: WriteOp) -> WriteOp:
 _FINAL = frozenset(("done", "failed", "skipped"))
 
 _TRANSIENT_SQLSTATES = ("08000", "08001", "08003", "08004", "08006", "08007", "57P",
-                        "40001", "40P01", "53", "55P03", "57014")
+                        "40001", "40P01", "53", "55P03", "57014", "25006")
+"""(25006: a read-only transaction, as a server is for the seconds of a failover.)"""
+_TRANSIENT_SQLITE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR")
+"""(SQLITE_FULL: the disk filled, freed a moment later; SQLITE_IOERR and its extended
+codes: a passing write error of the disk.)"""
 
 
 _P = ParamSpec("_P")
@@ -238,7 +242,10 @@ def _make_engine(url: str) -> Engine:
             "'postgresql+psycopg://user@host/db', with pip install 'scrutiny[postgres]')")
     if backend != "sqlite":
         try:
-            pg_engine = create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=10)
+            # (hide_parameters: a failed statement's text in a log line or an error held
+            # the records' inputs and outputs — the app's users' text)
+            pg_engine = create_engine(parsed, pool_pre_ping=True, pool_size=5,
+                                      max_overflow=10, hide_parameters=True)
         except (ImportError, NoSuchModuleError) as exc:
             raise ConfigurationError(
                 f"the database driver for {redact_url(url)} is not available ({exc}); for "
@@ -273,7 +280,7 @@ def _make_engine(url: str) -> Engine:
         engine = create_engine(
             parsed,
             connect_args={"timeout": 30.0, "check_same_thread": False},
-            poolclass=StaticPool if in_memory else None,
+            poolclass=StaticPool if in_memory else None, hide_parameters=True,
         )
     except (ImportError, NoSuchModuleError) as exc:
         raise ConfigurationError(
@@ -629,7 +636,10 @@ class SQLStore:
         database answers: a lock it waited for past lock_timeout or statement_timeout
         (a migration, VACUUM FULL, a long transaction holding the table), a deadlock, too
         many connections, a connection lost or refused, SQLite's file locked past its busy
-        timeout. Such a write is held and retried (as in an outage), not given up."""
+        timeout, the disk full or failing a write for a moment, a server read-only during a
+        failover. Such a write is held and retried (as in an outage), not given up: one
+        item at a time, each tried once, a second's full disk lost every record written
+        meanwhile."""
         if isinstance(exc, StorageError) and exc.__cause__ is not None:
             exc = exc.__cause__  # (a read's, see _reads)
         if getattr(exc, "connection_invalidated", False):
@@ -640,8 +650,8 @@ class SQLStore:
         if isinstance(state, str):
             return state.startswith(_TRANSIENT_SQLSTATES)
         if isinstance(orig, sqlite3.OperationalError):
-            return "locked" in str(orig) or getattr(orig, "sqlite_errorname", "") in (
-                "SQLITE_BUSY", "SQLITE_LOCKED")
+            return "locked" in str(orig) or "disk is full" in str(orig) or str(
+                getattr(orig, "sqlite_errorname", "")).startswith(_TRANSIENT_SQLITE)
         return False
 
     @contextlib.contextmanager
