@@ -2315,6 +2315,33 @@ def test_a_record_still_queued_when_close_runs_out_is_waited_for_as_pending(
         blocker.close()
 
 
+def test_records_in_the_batch_being_written_when_close_runs_out_are_counted_and_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The writer took up to 500 records off the queue into one transaction: with big
+    span trees that was seconds long, and while it ran `stats()` said write_backlog 0 and
+    a close() that ran out said nothing (an exit then lost most of them without a word).
+    The batch is counted, and cut after BATCH_PREPARE_MAX seconds of preparing."""
+    session = Session(f"sqlite:///{tmp_path}/big.sqlite")
+
+    def big(i: int) -> Record:
+        now = time.time()
+        spans = [{"span_id": f"s{j}", "parent_id": None, "start_time": now, "end_time": now,
+                  "name": f"step{j}", "kind": "chain", "inputs": {"text": f"{i} " + "y" * 900_000},
+                  "outputs": {"text": "z" * 900_000}} for j in range(3)]
+        return Record(app_name="big", app_version="v1", input=f"q{i}", output="x" * 900_000,
+                      spans=spans, start_time=now, end_time=now)
+
+    records = [big(i) for i in range(40)]
+    for record in records:
+        session.ingest(record)
+    assert session.stats()["write_backlog"] > 0
+    with caplog.at_level(logging.WARNING, logger="scrutiny"):
+        assert not session.close(0.3)
+    said = [r.getMessage() for r in caplog.records if "still queued" in r.getMessage()]
+    assert len(said) == 1
+    assert int(said[0].split(" with ")[1].split()[0]) > 0
+
+
 @pytest.mark.parametrize("started", [True, False])
 def test_a_record_given_to_a_closed_session_has_its_results_failed_not_missing(
         tmp_path: Path, started: bool, caplog: pytest.LogCaptureFixture) -> None:

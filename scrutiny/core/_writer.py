@@ -59,6 +59,11 @@ those still refused are given up: a write that always times out (one row locked 
 statement one item always takes too long for) held every later record and result behind it
 until the session closed. A lock held for some seconds (a migration, VACUUM FULL) loses
 nothing; an unreachable database is waited for without this bound."""
+BATCH_PREPARE_MAX = 0.25
+"""Seconds a batch's items may take to prepare (their rows built: a record with a span
+tree of megabytes takes tens of milliseconds) before the rest waits for the next batch.
+A batch of 500 such records was one transaction of many seconds: waiters on its first
+record waited for its last, and a close() or exit that ran out meanwhile lost all of it."""
 GIVE_UP_IN_A_ROW = 3
 """Trying a stuck batch's items one by one: once this many in a row are refused too (a
 whole table locked rather than one row), the rest is held again as a batch instead of
@@ -170,7 +175,10 @@ class StorageWriter:
 
     @property
     def backlog(self) -> int:
-        return len(self._queue)
+        """Items given and not yet stored or given up: those queued and the batch being
+        written (taken off the queue, up to max_batch of them: a close() that ran out
+        while one was written said nothing, and stats() said 0)."""
+        return max(0, self._submitted - self._finished)
 
     def close(self, timeout: float | None) -> bool:
         """Store what is queued (bounded by `timeout`), then stop the thread; idempotent."""
@@ -260,6 +268,9 @@ class StorageWriter:
 
     def _write_batch(self, batch: list[WriteItem]) -> None:
         ops, prepared, unprepared = self._prepare(batch)
+        if len(prepared) + len(unprepared) < len(batch):  # (the rest waits its turn, first)
+            self._queue.extendleft(reversed(batch[len(prepared) + len(unprepared):]))
+            del batch[len(prepared) + len(unprepared):]
         held = prepared
         while held:
             outcome = self._commit(ops)
@@ -338,7 +349,10 @@ class StorageWriter:
         ops: list[WriteOp] = []
         prepared: list[tuple[WriteItem, Sequence[WriteOp]]] = []
         unprepared: list[WriteItem] = []
+        began = time.monotonic()
         for item in batch:
+            if prepared and time.monotonic() - began > BATCH_PREPARE_MAX:
+                break  # (the rest is put back, first in the queue: see _write_batch)
             offer(budgeted=False)  # late evaluations go first (see scrutiny.core._courtesy)
             try:
                 item_ops = item.prepare()
