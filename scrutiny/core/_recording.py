@@ -189,6 +189,11 @@ class RecorderSettings:
         return self.explicit_session if self.explicit_session is not None \
             else Session.current()
 
+    def uses(self, session: Session) -> bool:
+        """Whether its records go to `session` (without creating a default one)."""
+        given = self.explicit_session
+        return given is session if given is not None else Session.latest() is session
+
     def prepare(self) -> None:
         """(A recorded call begins.) Have the session start its threads now, if they are
         not running yet: see ``Session._warm``. Never raises."""
@@ -237,3 +242,34 @@ class RecorderSettings:
         except Exception:
             logger.exception("scrutiny: could not accept record %s; the application is "
                              "not affected", record.record_id)
+
+
+def block_mode(recording: Recording, settings: RecorderSettings) -> FeedbackMode | None:
+    """The block's feedback mode; None (logged) when the session it would be read from
+    cannot be had (a default session whose database does not answer): leaving the block
+    raised that into the app, which had its answer."""
+    try:
+        return settings.mode(recording)
+    except Exception as exc:
+        logger.warning("scrutiny: leaving a recorder block: its session is not available "
+                       "(%s); the block's records are not stored. The app is not affected",
+                       exc)
+        return None
+
+
+_warned_elsewhere: set[str] = set()
+
+
+def left_elsewhere(kind: str) -> None:
+    """A block was left in a context it was not entered in (logged once; it raised into
+    the app): FastAPI and Starlette run each step of a plain generator or dependency in a
+    fresh copy of the context (`iterate_in_threadpool`, a `def` dependency with `yield`),
+    so what one step set is not there in the next."""
+    log = logger.debug if kind in _warned_elsewhere else logger.warning
+    _warned_elsewhere.add(kind)
+    log("scrutiny: a %s block was left in another context than the one it was entered in "
+        "(a plain generator or `def` dependency with `yield` under FastAPI or Starlette "
+        "runs each step in a fresh copy of the context). Calls that started inside the "
+        "block were recorded; calls made between its steps were not: use an async "
+        "generator or dependency, or pass config={'callbacks': [recorder.handler]} (for "
+        "LlamaIndex: open the block where the calls are made)", kind)

@@ -19,11 +19,15 @@ if TYPE_CHECKING:
     from scrutiny.core._session import Session
 
 __all__ = ["WAIT_MAX", "Notifier", "at_exit", "end_when_dropped", "exit_stage",
-           "install_process_hooks", "live_sessions", "shared_notifier", "wait_limit"]
+           "install_process_hooks", "live_sessions", "open_call_counters", "shared_notifier",
+           "wait_limit"]
 
 logger = logging.getLogger("scrutiny")
 
 live_sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+open_call_counters: list[Callable[[Session], int]] = []
+"""One per framework integration: how many recorded calls it has open whose record goes to
+the session given (see `Session.aclose`)."""
 _hooks_lock = threading.Lock()
 _hooks_installed = False
 _exit_hooks: list[Callable[[], object]] = []

@@ -50,6 +50,7 @@ from scrutiny.core._runtime import (
     Notifier,
     install_process_hooks,
     live_sessions,
+    open_call_counters,
     wait_limit,
 )
 from scrutiny.core._writer import StorageWriter, WriteItem
@@ -185,6 +186,12 @@ class FeedbackMode(str, enum.Enum):
 
 
 _last_session: Session | None = None
+_default_failure: tuple[float, Exception] | None = None
+"""When creating the default session last failed, and why (see Session.current)."""
+DEFAULT_SESSION_RETRY = 30.0
+"""Seconds before a default session that could not be created is tried again."""
+_OPEN_CALLS_WAIT = 1.0
+"""Seconds `aclose` gives recorded calls still open to end before it closes."""
 
 
 _RECORD_IDS_KEPT = 10_000
@@ -251,7 +258,7 @@ class Session(SessionReading):
         migrate: MigratePolicy = "upgrade",
         on_result: Sequence[ResultListener] | ResultListener = (),
     ) -> None:
-        global _last_session
+        global _last_session, _default_failure
         if database_url is not None and store is not None:
             raise ConfigurationError("give either database_url= or store=, not both")
         for name, whole in (("max_concurrency", max_concurrency),
@@ -357,6 +364,7 @@ class Session(SessionReading):
             FeedbackMode.DEFERRED: DeferredDispatch(self._watch),
         }
         _last_session = self
+        _default_failure = None
 
     def _new_identity(self) -> None:
         self.owner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -375,7 +383,22 @@ class Session(SessionReading):
         over, on whatever database the default is.
         """
         last = _last_session
-        return last if last is not None else cls()
+        if last is not None:
+            return last
+        global _default_failure
+        failed = _default_failure
+        if failed is not None and time.monotonic() - failed[0] < DEFAULT_SESSION_RETRY:
+            raise failed[1].with_traceback(None)
+        try:
+            return cls()
+        except Exception as exc:
+            # Every recorded call made it again, on the app's thread (a web server's event
+            # loop): an unreachable database cost each call its connect timeout, twice.
+            _default_failure = (time.monotonic(), exc)
+            logger.error("scrutiny: the default session could not be created (%s); calls "
+                         "recorded meanwhile are not stored, and it is tried again in %g s. "
+                         "The application is not affected", exc, DEFAULT_SESSION_RETRY)
+            raise
 
     @staticmethod
     def latest() -> Session | None:
@@ -502,8 +525,33 @@ class Session(SessionReading):
     async def aclose(self, timeout: float | None = None) -> bool:
         """:meth:`close` for code on an event loop (a web app's shutdown, a notebook):
         it waits on a thread of its own, so the loop goes on meanwhile — ``close()`` there
-        held the loop for up to `timeout` while evaluations finished."""
-        return await on_a_thread_of_its_own(self.close, timeout)
+        held the loop for up to `timeout` while evaluations finished.
+
+        First it gives recorded calls still open up to a second (within `timeout`) to end:
+        a server's shutdown cancels its requests' tasks and runs its own shutdown code
+        (this) before they have run their cancellation, and their `cancelled` records,
+        made a moment later, found the session closed and were lost.
+        """
+        limit = self.flush_timeout if timeout is None else wait_limit(timeout)
+        began = time.monotonic()
+        deadline = began + min(_OPEN_CALLS_WAIT, limit / 2)
+        await asyncio.sleep(0)  # (the calls' tasks run their cancellation now, mostly)
+        while time.monotonic() < deadline:  # (they end on any thread: counted, not awaited)
+            if not self._open_calls():
+                break
+            await asyncio.sleep(0.005)
+        left = max(0.0, limit - (time.monotonic() - began))
+        return await on_a_thread_of_its_own(self.close, left)
+
+    def _open_calls(self) -> int:
+        """Recorded calls under way whose record comes to this session."""
+        total = 0
+        for count in open_call_counters:
+            try:
+                total += count(self)
+            except Exception:  # (a handler's dict changed meanwhile: a count, not a promise)
+                logger.debug("scrutiny: counting open calls failed", exc_info=True)
+        return total
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued record and update is stored; False on timeout."""
@@ -576,6 +624,14 @@ class Session(SessionReading):
         began = time.monotonic()
         deadline = began + timeout
         clean = True
+        still_open = self._open_calls()
+        if still_open:
+            clean = False
+            logger.warning(
+                "scrutiny: %d recorded call(s) were still running when the session (%s) "
+                "closed: their records will not be stored. Close it once the app's calls "
+                "have ended (a web server's shutdown: after its requests)", still_open,
+                self._redacted_url())
         workers = list(self._workers)
         for worker in workers:
             worker.stop_claiming()

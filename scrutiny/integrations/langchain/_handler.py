@@ -53,7 +53,7 @@ from scrutiny.core._context import _suppressed
 from scrutiny.core._courtesy import offer as _offer_gil
 from scrutiny.core._evaluate import describe_error
 from scrutiny.core._records import materialized
-from scrutiny.core._runtime import at_exit
+from scrutiny.core._runtime import at_exit, open_call_counters
 from scrutiny.integrations.langchain._convert import (
     asks_for_tools,
     content_text,
@@ -1465,6 +1465,14 @@ async def _awaited(awaitable: Awaitable[Any]) -> Any:
 
 
 _handlers: weakref.WeakSet[ScrutinyCallbackHandler] = weakref.WeakSet()
+
+
+def _open_calls(session: Session) -> int:
+    """Root runs under way whose record goes to `session` (see Session.aclose)."""
+    return sum(len(h._roots) for h in list(_handlers) if h._roots and h.settings.uses(session))
+
+
+open_call_counters.append(_open_calls)
 
 
 def _end_open_calls() -> None:

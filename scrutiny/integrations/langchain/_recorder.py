@@ -23,9 +23,9 @@ from scrutiny.core import (
     Feedback,
     FeedbackMode,
     Recording,
-    RecordingError,
     Session,
 )
+from scrutiny.core._recording import block_mode, left_elsewhere
 from scrutiny.core._records import MAX_APP_LABEL_BYTES, app_id_for
 from scrutiny.integrations.langchain._handler import OPEN_BLOCKS, ScrutinyCallbackHandler
 
@@ -177,7 +177,9 @@ class ChainRecorder:
         block.open_token = OPEN_BLOCKS.set((*blocks, block))
         return recording
 
-    def _leave(self) -> Recording:
+    def _leave(self) -> Recording | None:
+        """Close the innermost block of this recorder open in this context; None (logged)
+        when none is: see _left_elsewhere."""
         blocks = OPEN_BLOCKS.get()
         handler = self.handler
         block: _Block
@@ -186,9 +188,8 @@ class ChainRecorder:
                 block = blocks[i]
                 break
         else:
-            raise RecordingError(
-                "leaving a ChainRecorder block that was not entered in this thread or task "
-                "(enter and leave a block in the same context)")
+            left_elsewhere("ChainRecorder")
+            return None
         level = i
         assert block.open_token is not None
         assert block.hook_token is not None
@@ -205,12 +206,16 @@ class ChainRecorder:
 
     def __exit__(self, *exc: object) -> None:
         recording = self._leave()
-        mode = recording.feedback_mode or self._mode()
-        if mode is FeedbackMode.WITH_APP:  # (the only mode that waits on leaving)
-            recording.finish(mode)
+        mode = None if recording is None else block_mode(recording, self.handler.settings)
+        if recording is not None and mode is FeedbackMode.WITH_APP:  # (the only mode
+            recording.finish(mode)  # that waits on leaving)
 
     async def __aenter__(self) -> Recording:
         return self.__enter__()
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._leave().afinish(self._mode())
+        recording = self._leave()
+        mode = None if recording is None else block_mode(recording, self.handler.settings)
+        if recording is not None and mode is not None:
+            await recording.afinish(mode)
+

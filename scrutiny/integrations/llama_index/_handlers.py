@@ -19,6 +19,8 @@ from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.instrumentation.span import SimpleSpan
 from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
 
+from scrutiny.core import Session
+from scrutiny.core._runtime import open_call_counters
 from scrutiny.integrations.llama_index._tracer import Tracer
 
 __all__ = ["ScrutinyEventHandler", "ScrutinySpanHandler", "ensure_installed", "tracer"]
@@ -27,6 +29,19 @@ logger = logging.getLogger("scrutiny")
 
 tracer = Tracer()
 """The one tracer of this process."""
+
+
+def _open_calls(session: Session) -> int:
+    """Recorded calls under way (or their streams) whose record goes to `session` (see
+    Session.aclose)."""
+    traces = {id(trace): trace for members in list(tracer.members.values())
+              for _span, trace, _own in members}
+    traces.update((id(trace), trace) for trace in list(tracer.model_streams))
+    return sum(1 for trace in traces.values()
+               if not trace.finished and trace.scope.recorder.settings.uses(session))
+
+
+open_call_counters.append(_open_calls)
 
 _failures: set[str] = set()
 

@@ -23,7 +23,6 @@ from scrutiny.core import (
     Record,
     RecorderSettings,
     Recording,
-    RecordingError,
     RecordStatus,
     Session,
     Span,
@@ -31,6 +30,7 @@ from scrutiny.core import (
     TokenUsage,
 )
 from scrutiny.core._evaluate import describe_error
+from scrutiny.core._recording import block_mode, left_elsewhere
 from scrutiny.core._records import app_id_for
 from scrutiny.integrations.llama_index._convert import main_input, main_output, token_text
 from scrutiny.integrations.llama_index._events import FeedbackEventBridge
@@ -162,23 +162,31 @@ class LlamaIndexRecorder:
         active_scopes.set((*active_scopes.get(), Scope(self, recording)))
         return recording
 
-    def _leave(self) -> Recording:
+    def _leave(self) -> Recording | None:
+        """Close the innermost block of this recorder open in this context; None (logged)
+        when none is (see scrutiny.core._recording.left_elsewhere)."""
         scopes = active_scopes.get()
         for i in range(len(scopes) - 1, -1, -1):
             if scopes[i].recorder is self:
                 active_scopes.set(scopes[:i] + scopes[i + 1:])
                 return scopes[i].recording
-        raise RecordingError("this recorder's block was left in another context than the "
-                             "one it was entered in")
+        left_elsewhere("LlamaIndexRecorder")
+        return None
 
     def __exit__(self, *exc: object) -> None:
-        self._leave().finish(self._mode())
+        recording = self._leave()
+        mode = None if recording is None else block_mode(recording, self.settings)
+        if recording is not None and mode is not None:
+            recording.finish(mode)
 
     async def __aenter__(self) -> Recording:
         return self.__enter__()
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._leave().afinish(self._mode())
+        recording = self._leave()
+        mode = None if recording is None else block_mode(recording, self.settings)
+        if recording is not None and mode is not None:
+            await recording.afinish(mode)
 
     # ------------------------------------------------------------------ records
     def _trace_finished(self, trace: Trace) -> None:
