@@ -87,3 +87,19 @@ def test_a_write_refused_for_good_is_logged_without_the_records_content(
     assert "refused by the retention policy" in caplog.text
     assert "4111" not in caplog.text
     assert "INSERT INTO" not in caplog.text
+
+
+def test_resume_pending_says_storage_error_when_the_database_refuses_the_claim(
+        tmp_path: Path) -> None:
+    """It raised SQLAlchemy's raw OperationalError (a PostgreSQL server down, a SQLite file
+    locked past its busy timeout), where every read raises the documented StorageError."""
+    from scrutiny import StorageError
+
+    path = tmp_path / "claims.sqlite"
+    with Session(f"sqlite:///{path}", feedback_mode="deferred") as session:
+        session.ingest(_record(1), [Feedback(fbs.length).on_output()])
+        assert session.flush(10)
+        with sa.create_engine(f"sqlite:///{path}").begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE scrutiny_feedback_results RENAME TO gone")
+        with pytest.raises(StorageError, match="could not claim the pending results"):
+            session.resume_pending(timeout=5)

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from scrutiny.core import _rows
 from scrutiny.core._dispatch import (
     BackgroundDispatch,
@@ -33,7 +35,7 @@ from scrutiny.core._dispatch import (
     Job,
     NoDispatch,
 )
-from scrutiny.core._errors import ConfigurationError
+from scrutiny.core._errors import ConfigurationError, StorageError
 from scrutiny.core._feedback import Feedback
 from scrutiny.core._ids import new_hex_id
 from scrutiny.core._reading import RecordPage, SessionReading, as_names
@@ -1136,6 +1138,9 @@ class Session(SessionReading):
 
         Raises:
             RuntimeError: the session is closed.
+            StorageError: the database refused the claim (unreachable; on SQLite, its file
+                locked by another process past its busy timeout, which this waits for
+                beyond `timeout`).
         """
         from scrutiny.core._worker import Worker
 
@@ -1153,6 +1158,10 @@ class Session(SessionReading):
             shed_before = self._shed
         try:
             claimed = worker.drain(deadline)
+        except SQLAlchemyError as exc:  # (the raw driver error reached the caller)
+            reason = str(getattr(exc, "orig", None) or exc).strip()
+            raise StorageError(f"could not claim the pending results in "
+                               f"{self._redacted_url()}: {reason}") from exc
         finally:
             self._workers.remove(worker)
         if deadline is None or time.monotonic() < deadline:  # (it took all that was free)
