@@ -133,4 +133,6 @@ def test_a_default_session_that_cannot_be_made_is_tried_once_and_never_breaks_th
             with recorder:
                 assert model.invoke("q").content == "fine"
     assert len(made) == 1  # (tried again only after DEFAULT_SESSION_RETRY seconds)
-    assert "the default session could not be created" in caplog.text
+    assert caplog.text.count("the default session could not be created") == 1
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING
+            and "could not be created" not in r.getMessage()] == []  # (once, not per call)

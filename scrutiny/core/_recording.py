@@ -216,7 +216,12 @@ class RecorderSettings:
         `dispose`: something the caller no longer needs (a record it stopped keeping),
         freed on the session's writer thread instead of the application's.
         """
-        session = self.session
+        try:
+            session = self.session
+        except Exception:  # (no default session to be had: Session.current said why, once)
+            logger.debug("scrutiny: record %s not stored: no session", record.record_id,
+                         exc_info=True)
+            return
         if exit_stage() == 2 or sys.is_finalizing():  # ended as the interpreter tore down
             # (a session started now would wait forever for its threads to start)
             if not self._warned_closed:
@@ -250,10 +255,9 @@ def block_mode(recording: Recording, settings: RecorderSettings) -> FeedbackMode
     raised that into the app, which had its answer."""
     try:
         return settings.mode(recording)
-    except Exception as exc:
-        logger.warning("scrutiny: leaving a recorder block: its session is not available "
-                       "(%s); the block's records are not stored. The app is not affected",
-                       exc)
+    except Exception as exc:  # (Session.current logged why, once per retry)
+        logger.debug("scrutiny: leaving a recorder block: its session is not available "
+                     "(%s); the block's records are not stored", exc)
         return None
 
 
