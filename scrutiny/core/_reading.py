@@ -70,11 +70,30 @@ class SessionReading:
 
         def wait_for_feedback(self, timeout: float | None = None) -> bool: ...
 
+        def stats(self) -> dict[str, int]: ...
+
         @property
         def closed(self) -> bool: ...
 
     def _still_open(self) -> bool:
         return not self.closed
+
+    def _settle(self, timeout: float, what: str, *, wait: bool = False) -> None:
+        """Before a read: wait (bounded) for the writes queued so far, and with `wait` for
+        the feedback accepted so far. When writes are still queued at the end (the
+        database holds them back: another process's lock, an outage), says how many are
+        not in what is read: the table was read without them and nothing said so (1 row
+        of 6, the other 5 stored moments later)."""
+        done = self.wait_for_feedback(timeout) if wait else self.flush(timeout)
+        if done:
+            return
+        queued = self.stats().get("write_backlog", 0)
+        if queued:
+            logger.warning(
+                "scrutiny: %d write(s) (records, results, status changes) were still "
+                "queued after %.1fs (the database has not taken them yet); they are not "
+                "in this %s. Read again once they are stored (Session.flush()).",
+                queued, timeout, what)
 
     def get_records_and_feedback(
         self,
@@ -113,10 +132,7 @@ class SessionReading:
             raise ConfigurationError(f"limit must be >= 1 (or None for all) and offset "
                                      f"0..{MAX_OFFSET}; got limit={limit}, offset={offset}")
         timeout = self.flush_timeout if timeout is None else timeout
-        if wait:
-            self.wait_for_feedback(timeout)
-        else:
-            self.flush(timeout)
+        self._settle(timeout, "table", wait=wait)
         records, results = self.store.records_and_results(app_ids=as_names(app_ids, "app_ids"),
                                                           limit=limit,
                                                           offset=offset)
@@ -129,7 +145,7 @@ class SessionReading:
         `app_ids` are app ids or names as in :meth:`get_records_and_feedback`: an app's id
         when some app has it, otherwise an app name.
         """
-        self.flush(self.flush_timeout if timeout is None else timeout)
+        self._settle(self.flush_timeout if timeout is None else timeout, "leaderboard")
         records, results = self.store.aggregates(app_ids=as_names(app_ids, "app_ids"))
         return leaderboard_frame(records, results, self._directions(results))
 
@@ -182,7 +198,7 @@ class SessionReading:
                 record_id.encode("utf-8")
             except UnicodeEncodeError:  # (no record has one: it is refused when made)
                 return None
-        self.flush(self.flush_timeout)
+        self._settle(self.flush_timeout, "read of one record")
         row, result_rows = self.store.record(record_id)
         return None if row is None else _stored_record(row, result_rows, self.store,
                                                        self._still_open)
@@ -236,7 +252,7 @@ class SessionReading:
         if (statuses is not None or min_score is not None or max_score is not None) \
                 and not feedback_name:
             raise ConfigurationError("statuses and score ranges need feedback_name=")
-        self.flush(self.flush_timeout)
+        self._settle(self.flush_timeout, "page of records")
         query = RecordQuery(
             app_ids=app_ids, app_versions=app_versions,
             record_status=record_status, feedback_name=feedback_name,
@@ -252,7 +268,7 @@ class SessionReading:
 
     def get_apps(self) -> list[dict[str, Any]]:
         """Every app version with its record count, mean latency and tokens."""
-        self.flush(self.flush_timeout)
+        self._settle(self.flush_timeout, "list of apps")
         apps, _ = self.store.aggregates()
         return sorted(apps, key=lambda a: (a["app_name"], a["app_version"]))
 
@@ -261,7 +277,7 @@ class SessionReading:
         """Per app version and feedback: counts by status, the mean of done scores and
         the feedback's direction (`higher_is_better`); `app_ids` as in
         :meth:`get_records_and_feedback`."""
-        self.flush(self.flush_timeout)
+        self._settle(self.flush_timeout, "feedback summary")
         apps, results = self.store.aggregates(app_ids=as_names(app_ids, "app_ids"))
         names = {a["app_id"]: (a["app_name"], a["app_version"]) for a in apps}
         directions = self._directions(results)  # (as the leaderboard's)
