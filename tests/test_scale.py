@@ -391,7 +391,7 @@ def test_sigterm_releases_unfinished_claims(pg: tuple[str, str], tmp_path: Path,
         assert ("releasing the unfinished work as pending now" in out) == (signals == 2)
         assert "released as pending" in out
         # (the time it took, not the grace it was given: "after 300.0s" when told twice)
-        took = float(out.split("were unfinished after ")[1].split("s")[0])
+        took = float(out.split("had no stored end state after ")[1].split("s")[0])
         assert took < 30, out
         assert ("(told to stop again)" in out) == (signals == 2)
         rows = app.store.records_and_results()[1]

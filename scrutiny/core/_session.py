@@ -665,8 +665,10 @@ class Session(SessionReading):
             if unfinished:
                 clean = False
                 logger.warning(
-                    "scrutiny: %d feedback evaluation(s) were unfinished after %.1fs%s; they "
-                    "are left pending in %s for a worker or Session.resume_pending()",
+                    "scrutiny: %d feedback result(s) had no stored end state after %.1fs%s "
+                    "(the evaluation unfinished, or its end still queued for the database); "
+                    "those whose end is not stored stay pending in %s for a worker or "
+                    "Session.resume_pending()",
                     len(unfinished), time.monotonic() - began,
                     " (told to stop again)" if self._hurried else "", self._redacted_url())
             clean = writer.close(max(0.1, deadline - time.monotonic())) and clean
