@@ -4,15 +4,20 @@ two results of one feedback name on one record are both shown."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
-from scrutiny import Feedback, Record, Session
+from scrutiny import Feedback, Record, Session, Span
+from scrutiny.core import _rows
+from scrutiny.dashboard import _views
 from tests.support.postgres import postgres_url
 
 
@@ -78,3 +83,96 @@ def test_reads_say_how_many_writes_are_not_in_them(tmp_path: Path,
         assert _queued_warnings(caplog) == []
     finally:
         session.close()
+
+
+# ---------------------------------------------------------------------- 2, 3: span trees
+@contextlib.contextmanager
+def _statements() -> Iterator[list[str]]:
+    """The SQL every engine runs meanwhile."""
+    seen: list[str] = []
+
+    def note(conn: object, cursor: object, statement: str, *rest: object) -> None:
+        seen.append(statement)
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", note)
+
+
+def _reads_of(statements: list[str], column: str) -> list[str]:
+    return [s for s in statements if s.lstrip().upper().startswith("SELECT") and column in s]
+
+
+def _count_span_decoding(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The stored span trees decoded meanwhile (into records)."""
+    decoded: list[object] = []
+    real = _rows.spans_text
+
+    def spy(value: object) -> object:
+        if value is not None:
+            decoded.append(value)
+        return real(value)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_rows, "spans_text", spy)
+    return decoded
+
+
+@pytest.fixture
+def spanned(backend: tuple[str, str]) -> Iterator[Session]:
+    """Three records with span trees and contexts, each evaluated by one feedback."""
+    url, prefix = backend
+    session = Session(url, table_prefix=prefix)
+    one = Feedback(lambda output: 0.5, name="half").on_output()
+    for i in range(3):
+        spans = [Span(span_id=f"{i}-{k}", parent_id=None if k == 0 else f"{i}-0",
+                      name=f"step{k}", kind="chain", start_time=1.0e9 + i,
+                      end_time=1.0e9 + i + 1, inputs="x" * 5000, outputs="ok")
+                 for k in range(3)]
+        session.ingest(_record(i, spans=spans, contexts=[f"context {i}"],
+                               metadata={"n": i}), [one])
+    assert session.wait_for_feedback(60)
+    yield session
+    session.close()
+
+
+def test_the_table_does_not_read_span_trees(spanned: Session,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded = _count_span_decoding(monkeypatch)
+    with _statements() as seen:
+        frame, columns = spanned.get_records_and_feedback()
+    assert len(frame) == 3
+    assert columns == ["half"]
+    assert list(frame["half status"]) == ["done"] * 3
+    assert list(frame["input"]) == ["q2", "q1", "q0"]
+    assert _reads_of(seen, "records") != []
+    assert _reads_of(seen, "spans_json") == []
+    assert _reads_of(seen, "contexts_json") == []
+    assert _reads_of(seen, "calls_json") == []
+    assert decoded == []
+
+
+def test_the_dashboards_list_reads_no_span_trees_and_one_record_reads_them(
+        spanned: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded = _count_span_decoding(monkeypatch)
+    with _statements() as seen:
+        page = _views.records_page(spanned, limit=50)
+    assert page["total"] == 3
+    assert [r["input_preview"] for r in page["records"]] == ["q2", "q1", "q0"]
+    assert [r["feedback"] for r in page["records"]] == [
+        {"half": {"status": "done", "score": 0.5}}] * 3
+    assert _reads_of(seen, "spans_json") == []
+    assert decoded == []
+    # the same rows as a page read whole (the public default is unchanged)
+    whole = spanned.query_records()
+    assert [len(r.spans) for r in whole.records] == [3, 3, 3]
+    assert page["records"] == [_views.record_summary(r) for r in whole.records]
+    # one record, as the dashboard's record view reads it: its span tree
+    one = spanned.get_record(page["records"][0]["record_id"])
+    assert one is not None
+    detail = _views.record_detail(one)
+    assert len(detail["spans"]) == 3
+    assert len(decoded) == 4  # (the whole page read above, and this record)
+    assert detail["contexts"] == ["context 2"]
+    assert detail["metadata"] == {"n": 2}

@@ -10,8 +10,8 @@ import pandas as pd
 from scrutiny.core import _serialize
 from scrutiny.core.storage import Row
 
-__all__ = ["NOT_APPLICABLE", "RESERVED_NAMES", "STATUS_SUFFIX", "leaderboard_frame",
-           "records_frame"]
+__all__ = ["FRAME_RECORD_COLUMNS", "FRAME_RESULT_COLUMNS", "NOT_APPLICABLE", "RESERVED_NAMES",
+           "STATUS_SUFFIX", "leaderboard_frame", "records_frame"]
 
 STATUS_SUFFIX = " status"
 NOT_APPLICABLE = "n/a"
@@ -25,6 +25,16 @@ _RECORD_COLUMNS = [
 ]
 _LEADERBOARD_COLUMNS = ["records", "latency", "total_tokens", "pending", "running", "failed",
                         "skipped"]
+FRAME_RECORD_COLUMNS = (
+    "app_id", "app_name", "app_version", "record_id", "input_json", "output_json", "status",
+    "error", "latency_s", "prompt_tokens", "completion_tokens", "total_tokens", "start_time",
+    "end_time", "tags_json",
+)
+"""The stored record columns :func:`records_frame` reads: no span trees, contexts or
+metadata (every column was read for the table, megabytes of spans per record)."""
+FRAME_RESULT_COLUMNS = ("result_id", "record_id", "feedback_name", "status", "score",
+                        "created_at")
+"""The stored result columns :func:`records_frame` reads."""
 RESERVED_NAMES = frozenset(_RECORD_COLUMNS + _LEADERBOARD_COLUMNS)
 """Column names of the tables a feedback's name must not take (its score column would
 replace or double them)."""

@@ -146,7 +146,7 @@ def record_summary(record: Record) -> dict[str, Any]:
 
 def records_page(session: Session, **filters: Any) -> dict[str, Any]:
     """A page of :meth:`Session.query_records` with `filters` passed through."""
-    page = session.query_records(**filters)
+    page = session.query_records(**filters, details=False)  # (previews: no span trees)
     return {"records": [record_summary(r) for r in page.records], "total": page.total,
             "limit": page.limit, "offset": page.offset}
 

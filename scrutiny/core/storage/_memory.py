@@ -62,12 +62,18 @@ class MemoryStore:
                             results[rid] = {**row, "lease_expires_at": op.expires_at}
             self._records, self._results = records, results
 
+    reads_columns = True
+    """As SQLStore's: `records_and_results` and `query_records` take `record_columns` /
+    `result_columns` (None: every column)."""
+
     def records_and_results(
         self,
         *,
         app_ids: Sequence[str] | None = None,
         limit: int | None = None,
         offset: int = 0,
+        record_columns: Sequence[str] | None = None,
+        result_columns: Sequence[str] | None = None,
     ) -> tuple[list[Row], list[Row]]:
         with self._lock:
             wanted = self._app_matcher(app_ids)
@@ -76,7 +82,8 @@ class MemoryStore:
             rows = rows[offset: None if limit is None else offset + limit]
             ids = {r["record_id"] for r in rows}
             results = [r for r in self._results.values() if r["record_id"] in ids]
-            return copy.deepcopy(rows), copy.deepcopy(results)
+            return (copy.deepcopy(_only(rows, record_columns)),
+                    copy.deepcopy(_only(results, result_columns)))
 
     def record(self, record_id: str) -> tuple[Row | None, list[Row]]:
         with self._lock:
@@ -117,7 +124,10 @@ class MemoryStore:
                                 if present else None})  # (1e308 and 1.5e308: no inf)
             return list(apps.values()), results
 
-    def query_records(self, query: RecordQuery) -> tuple[list[Row], list[Row], int]:
+    def query_records(self, query: RecordQuery, *,
+                      record_columns: Sequence[str] | None = None,
+                      result_columns: Sequence[str] | None = None
+                      ) -> tuple[list[Row], list[Row], int]:
         with self._lock:
             by_record: dict[str, list[Row]] = {}
             for res in self._results.values():
@@ -149,7 +159,8 @@ class MemoryStore:
                           key=lambda r: (-r["start_time"].timestamp(), r["record_id"]))
             page = rows[query.offset: query.offset + query.limit]
             results = [res for r in page for res in by_record.get(r["record_id"], [])]
-            return copy.deepcopy(page), copy.deepcopy(results), len(rows)
+            return (copy.deepcopy(_only(page, record_columns)),
+                    copy.deepcopy(_only(results, result_columns)), len(rows))
 
     def definitions(self) -> list[Row]:
         with self._lock:
@@ -247,3 +258,10 @@ def _result_matches(res: Row, query: RecordQuery) -> bool:
     if query.min_score is not None and (score is None or score < query.min_score):
         return False
     return not (query.max_score is not None and (score is None or score > query.max_score))
+
+
+def _only(rows: list[Row], columns: Sequence[str] | None) -> list[Row]:
+    """`rows` with only these columns (all of them for None)."""
+    if columns is None:
+        return rows
+    return [{c: r.get(c) for c in columns} for r in rows]
