@@ -73,25 +73,41 @@ database does not compress them itself (SQLite; PostgreSQL's TOAST does)."""
 _COMPRESSED = "zlib:"  # (no JSON text starts with a letter other than t, f, n)
 
 
+_SPAN_PARTS = ("inputs", "outputs", "metadata")
+
+
 def _spans_json(spans: list[Span], max_bytes: int, compress: bool = False) -> str:
     """The span tree as JSON within `max_bytes`: when it is over, each span's inputs,
-    outputs and metadata are cut to a share of it (with truncation markers) rather than
-    the whole tree replaced by one marker.
+    outputs and metadata (and error) are cut to a share of it (with truncation markers)
+    rather than the whole tree replaced by one marker.
+
+    Each part is encoded once, with one memo for the whole record: the steps of a LangGraph
+    loop each hold the state so far, and each part was encoded with a memo of its own (and
+    the whole tree once more, to be thrown away), so each message was converted once per
+    span holding it — 252,503 pydantic dumps for 500 iterations' ~500 messages, seconds of
+    the writer's CPU growing with the square of the loop.
 
     With `compress`, a long one is stored as ``zlib:`` and its deflated JSON in base64:
     a LangGraph chat's node spans each hold the whole conversation so far, so its records
     grew with the square of its turns (4.5 MB for 60 turns of a two-node graph; 0.3 MB
     compressed, for about 0.1 ms of the writer's time per record)."""
+    memo = _serialize.Memo()
     dicts = [_span_dict(s) for s in spans]
-    text = _serialize.dumps(dicts, max_bytes=max_bytes)
-    if text.startswith('{"' + _serialize.TRUNCATED_KEY):
+    parts = [[_serialize.encode(d[key], memo) for key in _SPAN_PARTS] for d in dicts]
+    whole = [{**d, **{key: _serialize.fragment(data) for key, data in zip(
+        _SPAN_PARTS, encoded, strict=True)}} for d, encoded in zip(dicts, parts, strict=True)]
+    data = _serialize.encode(whole, memo)
+    if len(data) > max_bytes:
         share = max(1024, max_bytes // (3 * max(1, len(dicts))))
-        for d in dicts:
-            for key in ("inputs", "outputs", "metadata"):
-                d[key] = _serialize.to_jsonable(d[key], max_bytes=share)
-        text = _serialize.dumps(dicts, max_bytes=max_bytes)
+        for d, encoded in zip(dicts, parts, strict=True):
+            for key, part in zip(_SPAN_PARTS, encoded, strict=True):
+                d[key] = _serialize.fragment(_serialize.cut(d[key], part, share))
+            if isinstance(d["error"], str):
+                d["error"] = _serialize.truncate_text(d["error"], share)
+        data = _serialize.cut(dicts, _serialize.encode(dicts, memo), max_bytes)
+    text = data.decode("utf-8")
     if compress and len(text) > COMPRESS_SPANS_OVER:
-        packed = zlib.compress(text.encode("utf-8", "surrogatepass"), 1)
+        packed = zlib.compress(data, 1)
         return _COMPRESSED + base64.b64encode(packed).decode("ascii")
     return text
 
@@ -124,7 +140,8 @@ def record_row(record: Record, *, max_bytes: int, compress_spans: bool = False) 
         "status": record.status._value_,
         "input_json": _serialize.dumps(record.input, max_bytes=max_bytes),
         "output_json": _serialize.dumps(record.output, max_bytes=max_bytes),
-        "error": _text(record.error),
+        # (cut as results' errors are: a 20 MB exception message was stored whole)
+        "error": _message(record.error, max_bytes),
         "start_time": _utc(record.start_time),
         "end_time": _utc(record.end_time),
         "latency_s": record.latency,
@@ -342,7 +359,7 @@ _RECORD_JSON_COLUMNS = ("input_json", "output_json", "contexts_json", "spans_jso
                         "tags_json", "metadata_json")
 _CUT_TEXT = re.compile(re.escape(f"[{_serialize.TRUNCATED_KEY}: ")
                        + r"(\d+) (bytes in all|more context\(s\) not stored)\]\Z")
-_MAX_DEPTH = 32
+_MAX_DEPTH = _serialize._MAX_DEPTH + 8  # (a level cut at 200 is marked down there)
 
 
 def holds_truncation(row: Row) -> bool:
@@ -353,17 +370,26 @@ def holds_truncation(row: Row) -> bool:
                if isinstance(text := spans_text(row.get(c)), str))
 
 
-def truncation(value: Any, depth: int = 0) -> str | None:
+def truncation(value: Any) -> str | None:
     """How `value`, read back from storage, was cut when it was stored (None: it was
     not): a truncation marker in its place or anywhere in it, or a text ending in one."""
+    cut = _cut_in(value, 0)
+    return None if cut is None else cut[0]
+
+
+def _cut_in(value: Any, depth: int) -> tuple[str, bool] | None:
+    """(how `value` was cut, whether for its size) — or None: it was not."""
     if isinstance(value, dict):
         if value.get(_serialize.TRUNCATED_KEY) is True:
+            reason = value.get("reason")  # (a part the serializer could not store as is)
+            if isinstance(reason, str):
+                return reason, False
             whole = value.get("original_bytes")
             preview = value.get("preview")
             kept = len(preview.encode("utf-8", "backslashreplace")) if isinstance(
                 preview, str) else 0
             return (f"{whole} bytes stored as a truncation marker keeping a preview of "
-                    f"{kept} bytes")
+                    f"{kept} bytes"), True
         items: Any = value.values()
     elif isinstance(value, list | tuple):
         items = value
@@ -374,15 +400,15 @@ def truncation(value: Any, depth: int = 0) -> str | None:
         if found is None:
             return None
         if found.group(2) != "bytes in all":
-            return f"{found.group(1)} more context(s) were not stored"
+            return f"{found.group(1)} more context(s) were not stored", True
         kept = len(value[:found.start()].encode("utf-8", "backslashreplace"))
-        return f"a text of {found.group(1)} bytes cut to its first {kept}"
+        return f"a text of {found.group(1)} bytes cut to its first {kept}", True
     else:
         return None
     if depth >= _MAX_DEPTH:
         return None
     for item in items:
-        cut = truncation(item, depth + 1)
+        cut = _cut_in(item, depth + 1)
         if cut is not None:
             return cut
     return None
@@ -392,18 +418,23 @@ def truncated_selection(feedback: Feedback, record: Record) -> str | None:
     """Why `feedback` must not be evaluated on `record` as stored: a value it selects was
     cut at storage (over the app session's `max_payload_bytes`), and a score of what is
     left — or of the truncation marker — would be a wrong score. None: nothing it selects
-    was cut (or the selection fails, which evaluating it reports)."""
+    was cut (or the selection fails, which evaluating it reports). Values the serializer
+    could not store as they were (nested past 200 levels, an int past Python's digits
+    for text, an object without a working repr) are cut too, whatever their size."""
     try:
         calls = feedback.calls_for(record)
     except Exception:
         return None
     for call in calls:
         for param, value in call.items():
-            cut = truncation(value)
-            if cut is not None:
+            found = _cut_in(value, 0)
+            if found is not None:
+                cut, by_size = found
                 label = feedback.selectors.get(param, param)
+                advice = ("store larger values whole (the app's Session(max_payload_bytes"
+                          "=...)) to evaluate them" if by_size else "evaluate it in the "
+                          "app's own process (feedback_mode='with_app_thread') to see it whole")
                 return (f"not evaluated: the value selected for {param!r} ({label}) was "
                         f"truncated when the record was stored ({cut}), so scoring it "
-                        "would score the cut value; store larger values whole (the app's "
-                        "Session(max_payload_bytes=...)) to evaluate them")
+                        f"would score the cut value; {advice}")
     return None

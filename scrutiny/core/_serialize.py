@@ -17,7 +17,8 @@ from typing import Any
 
 import orjson
 
-__all__ = ["TRUNCATED_KEY", "dumps", "loads", "to_jsonable", "truncate_text"]
+__all__ = ["TRUNCATED_KEY", "Memo", "cut", "dumps", "encode", "fragment", "loads",
+           "to_jsonable", "truncate_text"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -27,13 +28,19 @@ _REPR_LIMIT = 2_000
 
 
 def _describe(obj: Any) -> dict[str, Any]:
+    """`obj`'s type and repr; when that repr failed or was cut, marked as a truncation."""
+    reason = None
     try:
         text = repr(obj)
     except Exception as exc:  # a broken __repr__ must not break storage
         text = f"<repr failed: {type(exc).__name__}>"
+        reason = f"it could not be stored, nor its repr ({type(exc).__name__})"
     if len(text) > _REPR_LIMIT:
+        reason = f"it could not be stored: its repr of {len(text)} characters was cut"
         text = text[:_REPR_LIMIT] + "..."
-    return {"__type__": f"{type(obj).__module__}.{type(obj).__qualname__}", "__repr__": text}
+    described = {"__type__": f"{type(obj).__module__}.{type(obj).__qualname__}",
+                 "__repr__": text}
+    return described if reason is None else _cut_marker(described, reason)
 
 
 def _default(obj: Any) -> Any:
@@ -89,8 +96,9 @@ def _text(value: str) -> str:
     return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-class _Memo:
-    """`_default` for one encoding, converting each object once however often it occurs.
+class Memo:
+    """`_default` for one encoding — or for the encodings of one record's parts, passed to
+    each — converting each object once however often it occurs.
 
     A record's spans share their objects: every step of a LangGraph chat holds the same
     message objects of its history, and each was converted (a pydantic dump) once per
@@ -120,17 +128,20 @@ def _sanitized(value: Any, depth: int = 0, seen: frozenset[int] = frozenset()) -
     does not turn a whole structure — a record's span tree — into a description."""
     if isinstance(value, int) and not isinstance(value, bool) and not (
             -(2 ** 63) <= value < 2 ** 64):
-        return str(value)
+        return _int_text(value)
     if isinstance(value, str):
         return value if value.isascii() or _encodes(value) else _text(value)
     if isinstance(value, dict | list | tuple):
         if id(value) in seen:
             return {"__type__": type(value).__qualname__, "__repr__": "<cycle>"}
         if depth >= _MAX_DEPTH:
-            return {"__type__": type(value).__qualname__, "__repr__": "<nested too deep>"}
+            return _cut_marker({"__type__": type(value).__qualname__,
+                                "__repr__": "<nested too deep>"},
+                               f"nested over {_MAX_DEPTH} levels deep: the levels below "
+                               "were not stored")
         inner = seen | {id(value)}
         if isinstance(value, dict):
-            return {_sanitized(k if isinstance(k, str) else str(k), depth + 1, inner):
+            return {_sanitized(_key_text(k), depth + 1, inner):
                     _sanitized(v, depth + 1, inner) for k, v in value.items()}
         return [_sanitized(v, depth + 1, inner) for v in value]
     try:
@@ -141,8 +152,42 @@ def _sanitized(value: Any, depth: int = 0, seen: frozenset[int] = frozenset()) -
             plain = _default(value)
         except Exception:
             return _describe(value)
-        return _describe(value) if plain is value or depth >= _MAX_DEPTH else _sanitized(
-            plain, depth + 1, seen)
+        if depth >= _MAX_DEPTH:
+            return _cut_marker(_describe(value), f"nested over {_MAX_DEPTH} levels deep: "
+                               "its fields were not stored")
+        return _describe(value) if plain is value else _sanitized(plain, depth + 1, seen)
+
+
+def _cut_marker(description: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A description put in place of a part not stored as it was, marked as a truncation
+    (`reason` says what is missing), as values over the size limit are: a deferred
+    feedback selecting it ends skipped, saying so, rather than scoring the description."""
+    return {TRUNCATED_KEY: True, **description, "reason": reason}
+
+
+def _int_text(value: int) -> Any:
+    """An int orjson refuses (over 64 bits) as its decimal text; past Python's limit for
+    that (`sys.get_int_max_str_digits()`, 4,300 digits) ``str`` raises ValueError, which
+    replaced the whole structure holding it — a record's span tree — with a description:
+    such an int is kept whole as hex, in a marker saying so."""
+    try:
+        return str(value)
+    except ValueError:
+        bits = value.bit_length()
+        return _cut_marker({"__type__": "int", "__repr__": f"<int of {bits} bits>",
+                            "hex": hex(value)},
+                           f"an int of {bits} bits, over Python's limit of digits for "
+                           "text, stored as hex")
+
+
+def _key_text(key: Any) -> str:
+    """A key as text (a giant int's own text fails: its hex then)."""
+    if isinstance(key, str):
+        return key
+    try:
+        return str(key)
+    except ValueError:
+        return hex(key) if isinstance(key, int) else f"<{type(key).__qualname__} key>"
 
 
 def _encodes(text: str) -> bool:
@@ -153,22 +198,47 @@ def _encodes(text: str) -> bool:
     return True
 
 
+def encode(value: Any, memo: Memo | None = None) -> bytes:
+    """`value` as JSON bytes, never raising (`memo`: the conversions shared by the
+    encodings of one record's parts, each shared object converted once for all)."""
+    try:
+        return orjson.dumps(value, default=(memo or Memo()).default, option=_OPTIONS)
+    except Exception as exc:  # recursion, a broken __getattr__, an int over 64 bits, ...
+        logger.debug("encoding %s part by part: %r", type(value).__name__, exc)
+    try:
+        return orjson.dumps(_sanitized(value), default=_default, option=_OPTIONS)
+    except Exception:
+        logger.debug("describing %s", type(value).__name__, exc_info=True)
+    try:
+        return orjson.dumps(_cut_marker(_describe(value), "it could not be encoded as "
+                                        "JSON: a description of it was stored"),
+                            option=_OPTIONS)
+    except Exception:
+        return orjson.dumps({TRUNCATED_KEY: True, "__type__": "unserializable",
+                             "reason": "it could not be encoded as JSON"})
+
+
+def cut(value: Any, data: bytes, max_bytes: int) -> bytes:
+    """`data` (`value` encoded), or over `max_bytes` the truncation marker for it."""
+    return data if len(data) <= max_bytes else _truncated(value, data, max_bytes)
+
+
+def fragment(data: bytes) -> Any:
+    """Encoded JSON to put in a value encoded later, as it is (not encoded again)."""
+    if _Fragment is None:  # (orjson before 3.10: its plain form)
+        return orjson.loads(data)
+    return _Fragment(data)
+
+
+_Fragment: Any = getattr(orjson, "Fragment", None)
+
+
 def dumps(value: Any, *, max_bytes: int | None = None) -> str:
     """Encode `value` as JSON text, never raising; over `max_bytes`, a truncation marker
     (itself within `max_bytes`, with a prefix of the text when `value` is a string)."""
-    try:
-        data = orjson.dumps(value, default=_Memo().default, option=_OPTIONS)
-    except Exception as exc:  # recursion, a broken __getattr__, an int over 64 bits, ...
-        logger.debug("encoding %s part by part: %r", type(value).__name__, exc)
-        try:
-            data = orjson.dumps(_sanitized(value), default=_default, option=_OPTIONS)
-        except Exception:
-            try:
-                data = orjson.dumps(_describe(value), option=_OPTIONS)
-            except Exception:
-                data = b'{"__type__": "unserializable"}'
-    if max_bytes is not None and len(data) > max_bytes:
-        data = _truncated(value, data, max_bytes)
+    data = encode(value)
+    if max_bytes is not None:
+        data = cut(value, data, max_bytes)
     return data.decode("utf-8")
 
 
