@@ -150,6 +150,7 @@ def test_the_table_does_not_read_span_trees(spanned: Session,
     assert _reads_of(seen, "spans_json") == []
     assert _reads_of(seen, "contexts_json") == []
     assert _reads_of(seen, "calls_json") == []
+    assert _reads_of(seen, "explanation") == []
     assert decoded == []
 
 

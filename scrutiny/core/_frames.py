@@ -32,9 +32,9 @@ FRAME_RECORD_COLUMNS = (
 )
 """The stored record columns :func:`records_frame` reads: no span trees, contexts or
 metadata (every column was read for the table, megabytes of spans per record)."""
-FRAME_RESULT_COLUMNS = ("result_id", "record_id", "feedback_name", "status", "score",
-                        "created_at")
-"""The stored result columns :func:`records_frame` reads."""
+FRAME_RESULT_COLUMNS = ("record_id", "feedback_name", "status", "score")
+"""The stored result columns :func:`records_frame` reads (the store gives them oldest
+first)."""
 RESERVED_NAMES = frozenset(_RECORD_COLUMNS + _LEADERBOARD_COLUMNS)
 """Column names of the tables a feedback's name must not take (its score column would
 replace or double them)."""
@@ -42,44 +42,49 @@ replace or double them)."""
 
 def records_frame(records: Sequence[Row], results: Sequence[Row]) -> tuple[pd.DataFrame,
                                                                            list[str]]:
-    """A row per record; per feedback a score column and beside it a status column."""
-    by_record: dict[str, list[Row]] = {}
+    """A row per record; per feedback a score column and beside it a status column.
+
+    Built a column at a time (a dict per row, then the frame, held the table twice)."""
     names: set[str] = set()
     for r in results:
-        by_record.setdefault(r["record_id"], []).append(r)
         names.add(r["feedback_name"])
     feedback_columns = sorted(names)
-    rows: list[dict[str, Any]] = []
-    for rec in records:
-        row: dict[str, Any] = {
-            "app_id": rec["app_id"],
-            "app_name": rec["app_name"],
-            "app_version": rec["app_version"],
-            "record_id": rec["record_id"],
-            "input": _serialize.loads(rec.get("input_json")),
-            "output": _serialize.loads(rec.get("output_json")),
-            "status": rec["status"],
-            "error": rec.get("error"),
-            "latency": rec["latency_s"],
-            "prompt_tokens": rec.get("prompt_tokens"),
-            "completion_tokens": rec.get("completion_tokens"),
-            "total_tokens": rec.get("total_tokens"),
-            "start_time": rec["start_time"],
-            "end_time": rec["end_time"],
-            "tags": _serialize.loads(rec.get("tags_json")) or [],
-        }
-        for name in feedback_columns:
-            row[name] = float("nan")
-            row[name + STATUS_SUFFIX] = NOT_APPLICABLE
-        for res in by_record.get(rec["record_id"], []):
-            name = res["feedback_name"]
-            row[name] = res["score"] if res["score"] is not None else float("nan")
-            row[name + STATUS_SUFFIX] = res["status"]
-        rows.append(row)
+    loads = _serialize.loads
+    data: dict[str, list[Any]] = {
+        "app_id": [rec["app_id"] for rec in records],
+        "app_name": [rec["app_name"] for rec in records],
+        "app_version": [rec["app_version"] for rec in records],
+        "record_id": [rec["record_id"] for rec in records],
+        "input": [loads(rec.get("input_json")) for rec in records],
+        "output": [loads(rec.get("output_json")) for rec in records],
+        "status": [rec["status"] for rec in records],
+        "error": [rec.get("error") for rec in records],
+        "latency": [rec["latency_s"] for rec in records],
+        "prompt_tokens": [rec.get("prompt_tokens") for rec in records],
+        "completion_tokens": [rec.get("completion_tokens") for rec in records],
+        "total_tokens": [rec.get("total_tokens") for rec in records],
+        "start_time": [rec["start_time"] for rec in records],
+        "end_time": [rec["end_time"] for rec in records],
+        "tags": [loads(rec.get("tags_json")) or [] for rec in records],
+    }
+    position = {rid: i for i, rid in enumerate(data["record_id"])}
+    scores = {name: [float("nan")] * len(records) for name in feedback_columns}
+    statuses = {name: [NOT_APPLICABLE] * len(records) for name in feedback_columns}
+    for res in results:
+        i = position.get(res["record_id"])
+        if i is None:
+            continue
+        name = res["feedback_name"]
+        scores[name][i] = res["score"] if res["score"] is not None else float("nan")
+        statuses[name][i] = res["status"]
+    for name in feedback_columns:
+        data[name] = scores[name]
+        data[name + STATUS_SUFFIX] = statuses[name]
     columns = list(_RECORD_COLUMNS)
     for name in feedback_columns:
         columns += [name, name + STATUS_SUFFIX]
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = (pd.DataFrame({c: data[c] for c in columns}, columns=columns) if records
+             else pd.DataFrame(columns=columns))  # (object columns, as ever)
     for name in feedback_columns:
         frame[name] = frame[name].astype("float64")
     for col in ("prompt_tokens", "completion_tokens", "total_tokens"):

@@ -81,7 +81,8 @@ class MemoryStore:
             rows.sort(key=lambda r: r["start_time"], reverse=True)
             rows = rows[offset: None if limit is None else offset + limit]
             ids = {r["record_id"] for r in rows}
-            results = [r for r in self._results.values() if r["record_id"] in ids]
+            results = sorted((r for r in self._results.values() if r["record_id"] in ids),
+                             key=lambda r: (r["created_at"], r["result_id"]))  # (as SQL's)
             return (copy.deepcopy(_only(rows, record_columns)),
                     copy.deepcopy(_only(results, result_columns)))
 
