@@ -177,3 +177,25 @@ def test_the_dashboards_list_reads_no_span_trees_and_one_record_reads_them(
     assert len(decoded) == 4  # (the whole page read above, and this record)
     assert detail["contexts"] == ["context 2"]
     assert detail["metadata"] == {"n": 2}
+
+
+# ---------------------------------------------------------------------- 4: wide leaderboards
+def test_a_leaderboard_of_many_feedbacks_makes_no_pandas_warnings(tmp_path: Path) -> None:
+    """120 feedback names: 27 PerformanceWarnings a call (errors here: filterwarnings)."""
+    session = Session(f"sqlite:///{tmp_path}/wide.sqlite")
+    try:
+        feedbacks = [Feedback(lambda output, k=k: k / 120, name=f"metric_{k:03d}").on_output()
+                     for k in range(120)]
+        session.ingest(_record(0), feedbacks)
+        session.ingest(Record(app_name="qa", app_version="v2", input="q", output="a"),
+                       feedbacks)
+        assert session.wait_for_feedback(60)
+        board = session.get_leaderboard()
+        assert list(board.columns[:2]) == ["metric_000", "metric_001"]
+        assert list(board.columns[120:]) == ["records", "latency", "total_tokens", "pending",
+                                             "running", "failed", "skipped"]
+        assert board.loc[("qa", "v2"), "metric_060"] == pytest.approx(0.5)
+        assert list(board["records"]) == [1, 1]
+        assert list(board["failed"]) == [0, 0]
+    finally:
+        session.close()

@@ -138,12 +138,16 @@ def leaderboard_frame(apps: Sequence[Row], results: Sequence[Row],
     directions = {n: [higher_is_better.get((a, n), True) if (a, n) in have else None
                       for a in base["app_id"]] for n in feedback_names}
     done = res[res["status"] == "done"]
+    # (made apart and joined once: a column inserted at a time made pandas warn, 27
+    # PerformanceWarnings a call with 120 feedbacks, and slowed each insert)
+    added: dict[str, pd.Series] = {}
     for name in feedback_names:
         means = done[done["feedback_name"] == name].set_index(index_cols)["mean"]
-        frame[name] = means.reindex(frame.index).astype("float64")
+        added[name] = means.reindex(frame.index).astype("float64")
     for status in ("pending", "running", "failed", "skipped"):
         counts = res[res["status"] == status].groupby(index_cols)["n"].sum()
-        frame[status] = counts.reindex(frame.index, fill_value=0).astype(int)
+        added[status] = counts.reindex(frame.index, fill_value=0).astype(int)
+    frame = pd.concat([frame, pd.DataFrame(added, index=frame.index)], axis=1)
     if feedback_names and len(frame) > 1:
         failed = res[res["status"] == "failed"]
         columns = []
