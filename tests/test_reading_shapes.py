@@ -10,6 +10,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,64 @@ def test_a_leaderboard_of_many_feedbacks_makes_no_pandas_warnings(tmp_path: Path
         assert list(board["failed"]) == [0, 0]
     finally:
         session.close()
+
+
+# ---------------------------------------------------------------------- 5: two of one name
+def test_two_results_of_one_name_are_both_shown(backend: tuple[str, str]) -> None:
+    """Releases before the second result of a name was refused stored one beside the first
+    (a record scored again): the table and the dashboard's list showed the later, failed
+    one and hid the done score the leaderboard counted."""
+    url, prefix = backend
+    session = Session(url, table_prefix=prefix)
+    try:
+        score = Feedback(lambda output: 0.16, name="length").on_output()
+        other = Feedback(lambda output: 1.0, name="other").on_output()
+        record = session.ingest(_record(0), [score, other])
+        alone = session.ingest(_record(1), [score])
+        record.wait_for_feedback_results(timeout=60)
+        assert session.wait_for_feedback(60)
+        results = session.store.tables.results  # type: ignore[attr-defined]
+        with session.store.engine.begin() as conn:  # type: ignore[attr-defined]
+            [first] = conn.execute(sa.select(results).where(
+                results.c.record_id == record.record_id,
+                results.c.feedback_name == "length")).mappings().all()
+            later = first["created_at"] + timedelta(seconds=5)
+            # (result_id sorting before the first's: the order is by time, then id)
+            conn.execute(sa.insert(results).values({
+                **first, "result_id": "0" * 32, "status": "failed", "score": None,
+                "error": "judge API down", "created_at": later, "updated_at": later}))
+
+        frame, columns = session.get_records_and_feedback()
+        assert columns == ["length", "length (2)", "other"]
+        row = frame.set_index("record_id").loc[record.record_id]
+        assert row["length"] == pytest.approx(0.16)
+        assert row["length status"] == "done"
+        assert row["length (2) status"] == "failed"
+        assert row["other status"] == "done"
+        assert frame.set_index("record_id").loc[alone.record_id,
+                                                "length (2) status"] == "n/a"
+
+        [listed] = [r for r in _views.records_page(session)["records"]
+                    if r["record_id"] == record.record_id]
+        assert listed["feedback"] == {"length": {"status": "done", "score": 0.16},
+                                      "length (2)": {"status": "failed", "score": None},
+                                      "other": {"status": "done", "score": 1.0}}
+
+        board = session.get_leaderboard()  # (counts both, as ever)
+        assert board["length"].iloc[0] == pytest.approx(0.16)
+        assert int(board["failed"].iloc[0]) == 1
+        one = session.get_record(record.record_id)
+        assert one is not None
+        assert sorted((r.feedback_name, r.status.value)
+                      for r in one.feedback_results.values()) == [
+            ("length", "done"), ("length", "failed"), ("other", "done")]
+    finally:
+        session.close()
+
+
+def test_result_labels() -> None:
+    from scrutiny.core._frames import result_labels  # (new: the file runs on older code)
+
+    assert result_labels(["a", "b", "a", "a"]) == ["a", "b", "a (2)", "a (3)"]
+    assert result_labels(["a", "a"], {"a", "a (2)"}) == ["a", "a (3)"]
+    assert result_labels(["a (2)", "a", "a"]) == ["a (2)", "a", "a (3)"]

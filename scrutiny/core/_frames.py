@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import pandas as pd
@@ -11,7 +11,7 @@ from scrutiny.core import _serialize
 from scrutiny.core.storage import Row
 
 __all__ = ["FRAME_RECORD_COLUMNS", "FRAME_RESULT_COLUMNS", "NOT_APPLICABLE", "RESERVED_NAMES",
-           "STATUS_SUFFIX", "leaderboard_frame", "records_frame"]
+           "STATUS_SUFFIX", "leaderboard_frame", "records_frame", "result_labels"]
 
 STATUS_SUFFIX = " status"
 NOT_APPLICABLE = "n/a"
@@ -40,15 +40,48 @@ RESERVED_NAMES = frozenset(_RECORD_COLUMNS + _LEADERBOARD_COLUMNS)
 replace or double them)."""
 
 
+def result_labels(names: Sequence[str], taken: Collection[str] = ()) -> list[str]:
+    """Per result of one record (oldest first, by their feedback `names`), the name it is
+    shown under: its feedback's, and for a second result of one name ``"name (2)"``, then
+    ``"name (3)"`` (skipping names in `taken` or given already).
+
+    Releases before the second result of a name was refused stored one beside the first
+    (a record scored again): the table and the dashboard's list showed whichever came last
+    (a failed one over the done score the leaderboard counted)."""
+    seen: dict[str, int] = {}
+    out: list[str] = []
+    for name in names:
+        n = seen[name] = seen.get(name, 0) + 1
+        label = name
+        while n > 1 and (label == name or label in taken or label in out):
+            label = f"{name} ({n})"
+            n += 1
+        out.append(label)
+    return out
+
+
 def records_frame(records: Sequence[Row], results: Sequence[Row]) -> tuple[pd.DataFrame,
                                                                            list[str]]:
     """A row per record; per feedback a score column and beside it a status column.
 
+    Results are taken oldest first (as the store gives them, or by `created_at` where the
+    rows have it); a record's second result of one feedback name (stored by older
+    releases) gets columns of its own, ``"<name> (2)"`` (see :func:`result_labels`).
     Built a column at a time (a dict per row, then the frame, held the table twice)."""
-    names: set[str] = set()
+    if results and "created_at" in results[0]:
+        results = sorted(results, key=lambda r: (r["created_at"], r.get("result_id") or ""))
+    names = {r["feedback_name"] for r in results}
+    by_record: dict[str, list[Row]] = {}
     for r in results:
-        names.add(r["feedback_name"])
-    feedback_columns = sorted(names)
+        by_record.setdefault(r["record_id"], []).append(r)
+    labelled: list[tuple[str, str, Row]] = []  # (record id, column, result)
+    for record_id, its in by_record.items():
+        if len(its) > 1 and len({r["feedback_name"] for r in its}) < len(its):
+            labels = result_labels([r["feedback_name"] for r in its], names)
+            labelled += [(record_id, label, r) for label, r in zip(labels, its, strict=True)]
+        else:
+            labelled += [(record_id, r["feedback_name"], r) for r in its]
+    feedback_columns = sorted({label for _, label, _ in labelled} | names)
     loads = _serialize.loads
     data: dict[str, list[Any]] = {
         "app_id": [rec["app_id"] for rec in records],
@@ -70,11 +103,10 @@ def records_frame(records: Sequence[Row], results: Sequence[Row]) -> tuple[pd.Da
     position = {rid: i for i, rid in enumerate(data["record_id"])}
     scores = {name: [float("nan")] * len(records) for name in feedback_columns}
     statuses = {name: [NOT_APPLICABLE] * len(records) for name in feedback_columns}
-    for res in results:
-        i = position.get(res["record_id"])
+    for record_id, name, res in labelled:
+        i = position.get(record_id)
         if i is None:
             continue
-        name = res["feedback_name"]
         scores[name][i] = res["score"] if res["score"] is not None else float("nan")
         statuses[name][i] = res["status"]
     for name in feedback_columns:

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from scrutiny.core import FeedbackResult, Record, Session
+from scrutiny.core._frames import result_labels
 from scrutiny.core._records import app_id_for
 from scrutiny.core._serialize import dumps, to_jsonable
 
@@ -140,8 +141,17 @@ def record_summary(record: Record) -> dict[str, Any]:
         "total_tokens": usage.total_tokens if usage else None,
         "input_preview": preview(record.input),
         "output_preview": preview(record.output),
-        "feedback": {r.feedback_name: _result_summary(r) for r in _results(record)},
+        "feedback": _labelled(_results(record)),
     }
+
+
+def _labelled(results: list[FeedbackResult]) -> dict[str, dict[str, Any]]:
+    """Each result under its feedback's name; a second result of one name (stored by
+    older releases) as ``"name (2)"``, as in :meth:`Session.get_records_and_feedback` (keyed
+    by name, the last one hid the others: a failed result over the done score)."""
+    names = [r.feedback_name for r in results]
+    return {label: _result_summary(r)
+            for label, r in zip(result_labels(names, set(names)), results, strict=True)}
 
 
 def records_page(session: Session, **filters: Any) -> dict[str, Any]:

@@ -89,7 +89,8 @@ class MemoryStore:
     def record(self, record_id: str) -> tuple[Row | None, list[Row]]:
         with self._lock:
             row = self._records.get(record_id)
-            results = [r for r in self._results.values() if r["record_id"] == record_id]
+            results = sorted((r for r in self._results.values() if r["record_id"] == record_id),
+                             key=lambda r: (r["created_at"], r["result_id"]))  # (as SQL's)
             return copy.deepcopy(row), copy.deepcopy(results)
 
     def aggregates(self, *, app_ids: Sequence[str] | None = None
@@ -159,7 +160,8 @@ class MemoryStore:
             rows = sorted((r for r in self._records.values() if keep(r)),
                           key=lambda r: (-r["start_time"].timestamp(), r["record_id"]))
             page = rows[query.offset: query.offset + query.limit]
-            results = [res for r in page for res in by_record.get(r["record_id"], [])]
+            results = sorted((res for r in page for res in by_record.get(r["record_id"], [])),
+                             key=lambda r: (r["created_at"], r["result_id"]))  # (as SQL's)
             return (copy.deepcopy(_only(page, record_columns)),
                     copy.deepcopy(_only(results, result_columns)), len(rows))
 

@@ -1201,6 +1201,7 @@ class SQLStore:
                 dict(r._mapping)
                 for r in conn.execute(
                     select(t.results).where(t.results.c.record_id == record_id)
+                    .order_by(t.results.c.created_at, t.results.c.result_id)  # (oldest first)
                 )
             ]
         return (dict(row._mapping) if row is not None else None), results
@@ -1300,8 +1301,9 @@ class SQLStore:
                       result_columns: Sequence[str] | None = None
                       ) -> tuple[list[Row], list[Row], int]:
         """A page of records matching `query` (newest first), their results, and the total
-        number of matching records; with `record_columns` / `result_columns` only those
-        columns (a list that shows no span trees reads none: megabytes each)."""
+        number of matching records (oldest first, by created_at then result_id); with
+        `record_columns` / `result_columns` only those columns (a list that shows no span
+        trees reads none: megabytes each)."""
         t = self.tables
         cond = []
         where = self._app_filter(query.app_ids)
@@ -1337,7 +1339,8 @@ class SQLStore:
             ids = [rec["record_id"] for rec in records]
             results = _dicts(conn.execute(
                 select(*self._picked(t.results, result_columns))
-                .where(t.results.c.record_id.in_(ids)))) if ids else []
+                .where(t.results.c.record_id.in_(ids))
+                .order_by(t.results.c.created_at, t.results.c.result_id))) if ids else []
             total = int(conn.execute(count).scalar() or 0)
         return records, results, total
 
