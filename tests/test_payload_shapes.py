@@ -177,3 +177,47 @@ def test_a_broken_repr_is_marked_as_cut() -> None:
     assert back["ok"] == 1
     assert back["odd"][TRUNCATED_KEY] is True
     assert "RuntimeError" in (_rows.truncation(back) or "")
+
+
+# ------------------------------------------------------------------- a big answer's cost
+def test_a_big_answer_is_cut_without_being_encoded_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 50 MB answer (in the output and in two spans) was encoded whole several times —
+    ~250 MB of JSON, each encoding holding the GIL, the app's other threads stalled up to
+    200 ms — to keep a prefix: no single encoding is now much over the kept size."""
+    big = "0123456789abcdef\n" * 600_000  # (10 MB, with characters JSON escapes)
+    spans = [Span("1", None, "root", "chain", 1.0, end_time=2.0, inputs="q", outputs=big),
+             Span("2", "1", "gen", "chain", 1.0, end_time=2.0, inputs="q", outputs=big)]
+    record = _record(output=big, spans=spans)
+    longest: list[int] = []
+    real = _serialize.orjson
+
+    class Measured:
+        Fragment = real.Fragment
+        JSONEncodeError = real.JSONEncodeError
+        loads = staticmethod(real.loads)
+
+        @staticmethod
+        def dumps(*args: Any, **kw: Any) -> bytes:
+            data = real.dumps(*args, **kw)
+            longest.append(len(data))
+            return data
+
+    monkeypatch.setattr(_serialize, "orjson", Measured)
+    row = _rows.record_row(record, max_bytes=100_000, compress_spans=True)
+    monkeypatch.undo()
+    assert max(longest) < 2_000_000, max(longest)
+    whole = len(real.dumps(big))
+    output = _serialize.loads(row["output_json"])
+    assert output[TRUNCATED_KEY] is True
+    assert output["original_bytes"] == whole  # (measured exactly, a piece at a time)
+    assert big.startswith(output["preview"])
+    with Session(f"sqlite:///{tmp_path}/big.sqlite", max_payload_bytes=100_000) as session:
+        session.ingest(record, [])
+        assert session.flush(30)
+        stored = session.get_record(record.record_id)
+    assert stored is not None
+    assert [s.name for s in stored.spans] == ["root", "gen"]
+    for span in stored.spans:
+        assert span.inputs == "q"
+        assert f"{whole} bytes" in (_rows.truncation(span.outputs) or "")

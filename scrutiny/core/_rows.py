@@ -93,14 +93,20 @@ def _spans_json(spans: list[Span], max_bytes: int, compress: bool = False) -> st
     compressed, for about 0.1 ms of the writer's time per record)."""
     memo = _serialize.Memo()
     dicts = [_span_dict(s) for s in spans]
-    parts = [[_serialize.encode(d[key], memo) for key in _SPAN_PARTS] for d in dicts]
+    share = max(1024, max_bytes // (3 * max(1, len(dicts))))
+
+    def encoded(part: Any) -> bytes:  # (a text over the tree's budget alone is cut now)
+        if isinstance(part, str) and len(part) > max_bytes:
+            return _serialize.encode_within(part, share)
+        return _serialize.encode(part, memo)
+
+    parts = [[encoded(d[key]) for key in _SPAN_PARTS] for d in dicts]
     whole = [{**d, **{key: _serialize.fragment(data) for key, data in zip(
-        _SPAN_PARTS, encoded, strict=True)}} for d, encoded in zip(dicts, parts, strict=True)]
+        _SPAN_PARTS, done, strict=True)}} for d, done in zip(dicts, parts, strict=True)]
     data = _serialize.encode(whole, memo)
     if len(data) > max_bytes:
-        share = max(1024, max_bytes // (3 * max(1, len(dicts))))
-        for d, encoded in zip(dicts, parts, strict=True):
-            for key, part in zip(_SPAN_PARTS, encoded, strict=True):
+        for d, done in zip(dicts, parts, strict=True):
+            for key, part in zip(_SPAN_PARTS, done, strict=True):
                 d[key] = _serialize.fragment(_serialize.cut(d[key], part, share))
             if isinstance(d["error"], str):
                 d["error"] = _serialize.truncate_text(d["error"], share)
@@ -198,7 +204,8 @@ def _contexts_json(contexts: list[Any], max_bytes: int) -> str:
     used = 2 + 96  # the brackets, and room kept for the marker of what did not fit
     for i, context in enumerate(contexts):
         room = max_bytes - used - 1
-        whole = len(_serialize.dumps(context))
+        whole = room + 1 if isinstance(context, str) and len(context) > room else len(
+            _serialize.dumps(context))  # (a text longer than the room is over it)
         if whole <= room:
             kept.append(context)
             used += whole + 1

@@ -17,8 +17,8 @@ from typing import Any
 
 import orjson
 
-__all__ = ["TRUNCATED_KEY", "Memo", "cut", "dumps", "encode", "fragment", "loads",
-           "to_jsonable", "truncate_text"]
+__all__ = ["TRUNCATED_KEY", "Memo", "cut", "dumps", "encode", "encode_within", "fragment",
+           "loads", "to_jsonable", "truncate_text"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -220,7 +220,33 @@ def encode(value: Any, memo: Memo | None = None) -> bytes:
 
 def cut(value: Any, data: bytes, max_bytes: int) -> bytes:
     """`data` (`value` encoded), or over `max_bytes` the truncation marker for it."""
-    return data if len(data) <= max_bytes else _truncated(value, data, max_bytes)
+    return data if len(data) <= max_bytes else _truncated(value, len(data), data, max_bytes)
+
+
+def encode_within(value: Any, max_bytes: int, memo: Memo | None = None) -> bytes:
+    """`value` as JSON bytes within `max_bytes` (over it, its truncation marker). A text
+    longer than that is cut without being encoded whole: a 50 MB answer was encoded in one
+    go several times — ~250 MB of JSON, each piece holding the GIL, the app's other
+    threads stalled up to 200 ms — to keep a 1 MB prefix."""
+    if isinstance(value, str) and len(value) > max_bytes:  # (its JSON is longer still)
+        return _truncated(value, _json_length(value), b"", max_bytes)
+    return cut(value, encode(value, memo), max_bytes)
+
+
+_PIECE = 1 << 20
+
+
+def _json_length(text: str) -> int:
+    """How long `text` is as JSON, measured a piece at a time (between pieces the app's
+    threads get the GIL)."""
+    size = 2
+    for start in range(0, len(text), _PIECE):
+        piece = text[start:start + _PIECE]
+        try:
+            size += len(orjson.dumps(piece)) - 2
+        except orjson.JSONEncodeError:  # (a lone surrogate: stored as its escape)
+            size += len(orjson.dumps(_text(piece))) - 2
+    return size
 
 
 def fragment(data: bytes) -> Any:
@@ -236,35 +262,39 @@ _Fragment: Any = getattr(orjson, "Fragment", None)
 def dumps(value: Any, *, max_bytes: int | None = None) -> str:
     """Encode `value` as JSON text, never raising; over `max_bytes`, a truncation marker
     (itself within `max_bytes`, with a prefix of the text when `value` is a string)."""
-    data = encode(value)
-    if max_bytes is not None:
-        data = cut(value, data, max_bytes)
+    data = encode(value) if max_bytes is None else encode_within(value, max_bytes)
     return data.decode("utf-8")
 
 
-def _truncated(value: Any, data: bytes, max_bytes: int) -> bytes:
-    """The truncation marker for `value` (encoded as `data`), within `max_bytes`."""
-    # A string keeps a prefix of its text; anything else a prefix of its JSON.
-    source = value.encode("utf-8", "backslashreplace") if isinstance(value, str) else data
+def _truncated(value: Any, whole: int, data: bytes, max_bytes: int) -> bytes:
+    """The truncation marker for `value` (`whole` bytes as JSON, encoded as `data` unless
+    it is a string), within `max_bytes`."""
+    # A string keeps a prefix of its text (only that much of it encoded: each character is
+    # a byte or more); anything else a prefix of its JSON.
+    source = value[:max_bytes].encode("utf-8", "backslashreplace") if isinstance(
+        value, str) else data
     budget = max(0, max_bytes - 100)
     for _ in range(4):  # escaping can grow the prefix: shrink until the marker fits
         preview = source[:budget].decode("utf-8", errors="ignore")
         marker = orjson.dumps(
-            {TRUNCATED_KEY: True, "original_bytes": len(data), "preview": preview})
+            {TRUNCATED_KEY: True, "original_bytes": whole, "preview": preview})
         if len(marker) <= max_bytes or budget == 0:
             return marker
         budget = int(budget * max_bytes / len(marker) * 0.9)
-    return orjson.dumps({TRUNCATED_KEY: True, "original_bytes": len(data)})
+    return orjson.dumps({TRUNCATED_KEY: True, "original_bytes": whole})
 
 
 def truncate_text(value: Any, max_bytes: int) -> Any:
     """A string cut to about `max_bytes` of UTF-8 with an explicit marker; others as is."""
     if not isinstance(value, str) or len(value) * 4 <= max_bytes:
         return value
-    data = value.encode("utf-8", "backslashreplace")  # (a lone surrogate as its escape)
-    if len(data) <= max_bytes:
+    # (an ASCII text's length is its size: only the kept prefix is encoded)
+    whole = len(value) if value.isascii() else len(
+        value.encode("utf-8", "backslashreplace"))  # (a lone surrogate as its escape)
+    if whole <= max_bytes:
         return value
-    marker = f"[{TRUNCATED_KEY}: {len(data)} bytes in all]"  # (counted in the limit)
+    marker = f"[{TRUNCATED_KEY}: {whole} bytes in all]"  # (counted in the limit)
+    data = value[:max_bytes].encode("utf-8", "backslashreplace")
     kept = data[:max(0, max_bytes - len(marker))].decode("utf-8", errors="ignore")
     return kept + marker
 
