@@ -11,7 +11,8 @@ from scrutiny.core import _serialize
 from scrutiny.core.storage import Row
 
 __all__ = ["FRAME_RECORD_COLUMNS", "FRAME_RESULT_COLUMNS", "NOT_APPLICABLE", "RESERVED_NAMES",
-           "STATUS_SUFFIX", "leaderboard_frame", "records_frame", "result_labels"]
+           "STATUS_SUFFIX", "RecordsFrame", "leaderboard_frame", "records_frame",
+           "result_labels"]
 
 STATUS_SUFFIX = " status"
 NOT_APPLICABLE = "n/a"
@@ -66,65 +67,93 @@ def records_frame(records: Sequence[Row], results: Sequence[Row]) -> tuple[pd.Da
 
     Results are taken oldest first (as the store gives them, or by `created_at` where the
     rows have it); a record's second result of one feedback name (stored by older
-    releases) gets columns of its own, ``"<name> (2)"`` (see :func:`result_labels`).
-    Built a column at a time (a dict per row, then the frame, held the table twice)."""
-    if results and "created_at" in results[0]:
-        results = sorted(results, key=lambda r: (r["created_at"], r.get("result_id") or ""))
-    names = {r["feedback_name"] for r in results}
-    by_record: dict[str, list[Row]] = {}
-    for r in results:
-        by_record.setdefault(r["record_id"], []).append(r)
-    labelled: list[tuple[str, str, Row]] = []  # (record id, column, result)
-    for record_id, its in by_record.items():
-        if len(its) > 1 and len({r["feedback_name"] for r in its}) < len(its):
-            labels = result_labels([r["feedback_name"] for r in its], names)
-            labelled += [(record_id, label, r) for label, r in zip(labels, its, strict=True)]
-        else:
-            labelled += [(record_id, r["feedback_name"], r) for r in its]
-    feedback_columns = sorted({label for _, label, _ in labelled} | names)
-    loads = _serialize.loads
-    data: dict[str, list[Any]] = {
-        "app_id": [rec["app_id"] for rec in records],
-        "app_name": [rec["app_name"] for rec in records],
-        "app_version": [rec["app_version"] for rec in records],
-        "record_id": [rec["record_id"] for rec in records],
-        "input": [loads(rec.get("input_json")) for rec in records],
-        "output": [loads(rec.get("output_json")) for rec in records],
-        "status": [rec["status"] for rec in records],
-        "error": [rec.get("error") for rec in records],
-        "latency": [rec["latency_s"] for rec in records],
-        "prompt_tokens": [rec.get("prompt_tokens") for rec in records],
-        "completion_tokens": [rec.get("completion_tokens") for rec in records],
-        "total_tokens": [rec.get("total_tokens") for rec in records],
-        "start_time": [rec["start_time"] for rec in records],
-        "end_time": [rec["end_time"] for rec in records],
-        "tags": [loads(rec.get("tags_json")) or [] for rec in records],
-    }
-    position = {rid: i for i, rid in enumerate(data["record_id"])}
-    scores = {name: [float("nan")] * len(records) for name in feedback_columns}
-    statuses = {name: [NOT_APPLICABLE] * len(records) for name in feedback_columns}
-    for record_id, name, res in labelled:
-        i = position.get(record_id)
-        if i is None:
-            continue
-        scores[name][i] = res["score"] if res["score"] is not None else float("nan")
-        statuses[name][i] = res["status"]
-    for name in feedback_columns:
-        data[name] = scores[name]
-        data[name + STATUS_SUFFIX] = statuses[name]
-    columns = list(_RECORD_COLUMNS)
-    for name in feedback_columns:
-        columns += [name, name + STATUS_SUFFIX]
-    frame = (pd.DataFrame({c: data[c] for c in columns}, columns=columns) if records
-             else pd.DataFrame(columns=columns))  # (object columns, as ever)
-    for name in feedback_columns:
-        frame[name] = frame[name].astype("float64")
-    for col in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        frame[col] = frame[col].astype("Int64")
-    if not frame.empty:
-        frame["start_time"] = pd.to_datetime(frame["start_time"], utc=True)
-        frame["end_time"] = pd.to_datetime(frame["end_time"], utc=True)
-    return frame, feedback_columns
+    releases) gets columns of its own, ``"<name> (2)"`` (see :func:`result_labels`)."""
+    builder = RecordsFrame()
+    builder.add(records, results)
+    return builder.build()
+
+
+class RecordsFrame:
+    """:func:`records_frame` made from pages of records (newest first) and their results,
+    a column at a time: a dict per row of the table, then the frame, held it twice, and
+    every stored row beside them."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, list[Any]] = {c: [] for c in _RECORD_COLUMNS}
+        self._scores: dict[str, list[float]] = {}
+        self._statuses: dict[str, list[str]] = {}
+        self._rows = 0
+
+    def add(self, records: Sequence[Row], results: Sequence[Row]) -> None:
+        """The next page: records after those added so far, and their results."""
+        if results and "created_at" in results[0]:
+            results = sorted(results, key=lambda r: (r["created_at"],
+                                                     r.get("result_id") or ""))
+        names = {r["feedback_name"] for r in results} | set(self._scores)
+        by_record: dict[str, list[Row]] = {}
+        for r in results:
+            by_record.setdefault(r["record_id"], []).append(r)
+        labelled: list[tuple[str, str, Row]] = []  # (record id, column, result)
+        for record_id, its in by_record.items():
+            if len(its) > 1 and len({r["feedback_name"] for r in its}) < len(its):
+                labels = result_labels([r["feedback_name"] for r in its], names)
+                labelled += [(record_id, label, r)
+                             for label, r in zip(labels, its, strict=True)]
+            else:
+                labelled += [(record_id, r["feedback_name"], r) for r in its]
+        loads = _serialize.loads
+        data = self._data
+        data["app_id"] += [rec["app_id"] for rec in records]
+        data["app_name"] += [rec["app_name"] for rec in records]
+        data["app_version"] += [rec["app_version"] for rec in records]
+        data["record_id"] += [rec["record_id"] for rec in records]
+        data["input"] += [loads(rec.get("input_json")) for rec in records]
+        data["output"] += [loads(rec.get("output_json")) for rec in records]
+        data["status"] += [rec["status"] for rec in records]
+        data["error"] += [rec.get("error") for rec in records]
+        data["latency"] += [rec["latency_s"] for rec in records]
+        data["prompt_tokens"] += [rec.get("prompt_tokens") for rec in records]
+        data["completion_tokens"] += [rec.get("completion_tokens") for rec in records]
+        data["total_tokens"] += [rec.get("total_tokens") for rec in records]
+        data["start_time"] += [rec["start_time"] for rec in records]
+        data["end_time"] += [rec["end_time"] for rec in records]
+        data["tags"] += [loads(rec.get("tags_json")) or [] for rec in records]
+        before, self._rows = self._rows, self._rows + len(records)
+        for name in names | {label for _, label, _ in labelled}:
+            if name not in self._scores:  # (a feedback first seen here: n/a above)
+                self._scores[name] = [float("nan")] * before
+                self._statuses[name] = [NOT_APPLICABLE] * before
+            self._scores[name] += [float("nan")] * len(records)
+            self._statuses[name] += [NOT_APPLICABLE] * len(records)
+        position = {rec["record_id"]: before + i for i, rec in enumerate(records)}
+        for record_id, name, res in labelled:
+            i = position.get(record_id)
+            if i is None:
+                continue
+            self._scores[name][i] = res["score"] if res["score"] is not None else float("nan")
+            self._statuses[name][i] = res["status"]
+
+    def build(self) -> tuple[pd.DataFrame, list[str]]:
+        """The table and its feedback columns."""
+        feedback_columns = sorted(self._scores)
+        data = self._data
+        for name in feedback_columns:
+            data[name] = self._scores[name]
+            data[name + STATUS_SUFFIX] = self._statuses[name]
+        columns = list(_RECORD_COLUMNS)
+        for name in feedback_columns:
+            columns += [name, name + STATUS_SUFFIX]
+        frame = (pd.DataFrame({c: data[c] for c in columns}, columns=columns) if self._rows
+                 else pd.DataFrame(columns=columns))  # (object columns, as ever)
+        self._data, self._scores, self._statuses = {}, {}, {}
+        for name in feedback_columns:
+            frame[name] = frame[name].astype("float64")
+        for col in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            frame[col] = frame[col].astype("Int64")
+        if not frame.empty:
+            frame["start_time"] = pd.to_datetime(frame["start_time"], utc=True)
+            frame["end_time"] = pd.to_datetime(frame["end_time"], utc=True)
+        return frame, feedback_columns
 
 
 def _most(ways: list[bool | None]) -> bool:

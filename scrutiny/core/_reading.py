@@ -24,6 +24,7 @@ from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._frames import (
     FRAME_RECORD_COLUMNS,
     FRAME_RESULT_COLUMNS,
+    RecordsFrame,
     leaderboard_frame,
     records_frame,
 )
@@ -81,6 +82,12 @@ class _ColumnReads(Protocol):
                       record_columns: Sequence[str] | None = None,
                       result_columns: Sequence[str] | None = None
                       ) -> tuple[list[Row], list[Row], int]: ...
+
+    def records_and_results_in_pages(
+        self, each: Callable[[list[Row], list[Row]], object], *,
+        app_ids: Sequence[str] | None = None, limit: int | None = None, offset: int = 0,
+        record_columns: Sequence[str] | None = None,
+        result_columns: Sequence[str] | None = None, page: int = 5000) -> None: ...
 
 
 def _column_reads(store: Store) -> _ColumnReads | None:
@@ -170,13 +177,14 @@ class SessionReading:
         self._settle(timeout, "table", wait=wait)
         names = as_names(app_ids, "app_ids")
         lean = _column_reads(self.store)
-        if lean is not None:  # (only what the table shows: no span trees)
-            records, results = lean.records_and_results(
-                app_ids=names, limit=limit, offset=offset,
+        if lean is not None:  # (only what the table shows, a page at a time: no span trees)
+            table = RecordsFrame()
+            lean.records_and_results_in_pages(
+                table.add, app_ids=names, limit=limit, offset=offset,
                 record_columns=FRAME_RECORD_COLUMNS, result_columns=FRAME_RESULT_COLUMNS)
-        else:
-            records, results = self.store.records_and_results(app_ids=names, limit=limit,
-                                                              offset=offset)
+            return table.build()
+        records, results = self.store.records_and_results(app_ids=names, limit=limit,
+                                                          offset=offset)
         return records_frame(records, results)
 
     def get_leaderboard(self, app_ids: Sequence[str] | None = None, *,

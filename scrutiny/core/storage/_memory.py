@@ -64,7 +64,7 @@ class MemoryStore:
 
     reads_columns = True
     """As SQLStore's: `records_and_results` and `query_records` take `record_columns` /
-    `result_columns` (None: every column)."""
+    `result_columns` (None: every column), and `records_and_results_in_pages`."""
 
     def records_and_results(
         self,
@@ -85,6 +85,22 @@ class MemoryStore:
                              key=lambda r: (r["created_at"], r["result_id"]))  # (as SQL's)
             return (copy.deepcopy(_only(rows, record_columns)),
                     copy.deepcopy(_only(results, result_columns)))
+
+    def records_and_results_in_pages(
+        self,
+        each: Callable[[list[Row], list[Row]], object],
+        *,
+        app_ids: Sequence[str] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        record_columns: Sequence[str] | None = None,
+        result_columns: Sequence[str] | None = None,
+        page: int = 5000,
+    ) -> None:
+        """As SQLStore's (here: one page, read at once)."""
+        each(*self.records_and_results(app_ids=app_ids, limit=limit, offset=offset,
+                                       record_columns=record_columns,
+                                       result_columns=result_columns))
 
     def record(self, record_id: str) -> tuple[Row | None, list[Row]]:
         with self._lock:

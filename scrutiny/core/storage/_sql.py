@@ -1141,7 +1141,7 @@ class SQLStore:
 
     reads_columns = True
     """`records_and_results` and `query_records` take `record_columns` / `result_columns`:
-    the columns to read (None: all)."""
+    the columns to read (None: all); `records_and_results_in_pages` reads in pages."""
 
     @staticmethod
     def _picked(table: Any, names: Sequence[str] | None) -> list[Any]:
@@ -1188,6 +1188,53 @@ class SQLStore:
             records = _dicts(conn.execute(query))
             results = _dicts(conn.execute(results_query))
         return records, results
+
+    @_reads("read records from")
+    def records_and_results_in_pages(
+        self,
+        each: Callable[[list[Row], list[Row]], object],
+        *,
+        app_ids: Sequence[str] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+        record_columns: Sequence[str] | None = None,
+        result_columns: Sequence[str] | None = None,
+        page: int = 5000,
+    ) -> None:
+        """As :meth:`records_and_results`, handing `each` a page of up to `page` records
+        (newest first) and their results at a time, all read in one snapshot: reading
+        every record at once held a dict per row of every record and result beside the
+        table made of them (200,000 records: 0.9 GB for a 171 MB frame)."""
+        t = self.tables
+        query = select(*self._picked(t.records, record_columns)).order_by(
+            t.records.c.start_time.desc(), t.records.c.record_id)
+        where = self._app_filter(app_ids)
+        if where is not None:
+            query = query.where(where)
+        if limit is not None:
+            query = query.limit(limit)
+        if offset:
+            query = query.offset(offset)
+        results_query = select(*self._picked(t.results, result_columns)).order_by(
+            t.results.c.created_at, t.results.c.result_id)  # (oldest first)
+        with self._snapshot() as conn:
+            rows = conn.execution_options(stream_results=True, yield_per=page).execute(query)
+            keys = list(rows.keys())
+            for part in rows.partitions(page):
+                records = [dict(zip(keys, row, strict=True)) for row in part]
+                ids = [rec["record_id"] for rec in records]
+                results: list[Row] = []
+                for chunk in _chunks(ids, self._in_list_most()):
+                    results += _dicts(conn.execute(
+                        results_query.where(t.results.c.record_id.in_(chunk))))
+                each(records, results)
+
+    def _in_list_most(self) -> int:
+        """The most values an IN list of one read takes here (SQLite before 3.32 took
+        999 variables; 500 a statement made 400 for 200,000 records)."""
+        if self._dialect == "sqlite" and sqlite3.sqlite_version_info < (3, 32):
+            return 500
+        return 5000
 
     @_reads("read a record from")
     def record(self, record_id: str) -> tuple[Row | None, list[Row]]:
