@@ -131,7 +131,14 @@ class SessionReading:
             return
         queued = self.stats().get("write_backlog", 0)
         if queued:
-            logger.warning(
+            # (a dashboard polling while the database holds writes back reads every few
+            # seconds: a warning a minute, the rest at debug level)
+            now = time.monotonic()
+            last = getattr(self, "_held_read_said", None)
+            said_lately = last is not None and now - last < 60.0
+            if not said_lately:
+                self._held_read_said = now
+            (logger.debug if said_lately else logger.warning)(
                 "scrutiny: %d write(s) (records, results, status changes) were still "
                 "queued after %.1fs (the database has not taken them yet); they are not "
                 "in this %s. Read again once they are stored (Session.flush()).",
