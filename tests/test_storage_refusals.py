@@ -103,3 +103,12 @@ def test_resume_pending_says_storage_error_when_the_database_refuses_the_claim(
             conn.exec_driver_sql("ALTER TABLE scrutiny_feedback_results RENAME TO gone")
         with pytest.raises(StorageError, match="could not claim the pending results"):
             session.resume_pending(timeout=5)
+
+
+def test_the_sqlite_urls_timeout_is_the_busy_timeout(tmp_path: Path) -> None:
+    """`?timeout=0.5` was replaced by a 30 s busy timeout on every connection: a claim
+    or write behind another process's lock waited 30 s whatever the URL said."""
+    for query, expected in (("?timeout=0.5", 500), ("", 30_000)):
+        with Session(f"sqlite:///{tmp_path}/t.sqlite{query}") as session, \
+                session.store.engine.connect() as conn:  # type: ignore[attr-defined]
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == expected

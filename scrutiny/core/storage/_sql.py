@@ -297,6 +297,15 @@ def _make_engine(url: str) -> Engine:
         raise ConfigurationError(f"a parameter of {redact_url(url)} is not valid: {exc} "
                                  "(e.g. ?timeout=30 is seconds)") from exc
 
+    # The URL's ?timeout= (seconds), else 30 s: the busy timeout set below replaced the
+    # one the driver had been given, so a timeout in the URL was ignored.
+    given = parsed.query.get("timeout", "30")
+    try:
+        busy_ms = int(float(given if isinstance(given, str) else given[-1]) * 1000)
+    except (ValueError, OverflowError) as exc:
+        raise ConfigurationError(f"a parameter of {redact_url(url)} is not valid: {exc} "
+                                 "(e.g. ?timeout=30 is seconds)") from exc
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
@@ -304,7 +313,7 @@ def _make_engine(url: str) -> Engine:
         if not in_memory:
             cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute(f"PRAGMA busy_timeout={busy_ms}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
         # SQLite folds only ASCII letters in LIKE: searches with other letters fold here
