@@ -99,7 +99,7 @@ def test_resume_pending_says_storage_error_when_the_database_refuses_the_claim(
     with Session(f"sqlite:///{path}", feedback_mode="deferred") as session:
         session.ingest(_record(1), [Feedback(fbs.length).on_output()])
         assert session.flush(10)
-        with sa.create_engine(f"sqlite:///{path}").begin() as conn:
+        with sa.create_engine(f"sqlite:///{path}", poolclass=sa.pool.NullPool).begin() as conn:
             conn.exec_driver_sql("ALTER TABLE scrutiny_feedback_results RENAME TO gone")
         with pytest.raises(StorageError, match="could not claim the pending results"):
             session.resume_pending(timeout=5)
