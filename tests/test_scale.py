@@ -21,7 +21,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from scrutiny import ConfigurationError, Feedback, FeedbackMode, FeedbackStatus, Record, Session
+from scrutiny import (
+    ConfigurationError,
+    Feedback,
+    FeedbackMode,
+    FeedbackStatus,
+    Record,
+    Session,
+    StorageError,
+)
 from scrutiny.core._worker import Worker
 from scrutiny.core.storage import HEAD_REVISION, SQLStore, UpdateResult, current_revision, upgrade
 from tests.support import deferred_feedbacks as fbs
@@ -561,6 +569,79 @@ def test_records_older_releases_dated_1970_get_the_time_they_were_stored(
         assert starts["timed"].to_pydatetime() == datetime(2026, 1, 2, tzinfo=timezone.utc)
         assert s.delete_records(before=stored - timedelta(days=30)) == 1  # "timed" alone
         assert s.get_records_and_feedback()[0]["record_id"].tolist() == ["untimed"]
+
+
+@pytest.fixture
+def kept_out(pg: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+             ) -> Iterator[tuple[str, str, sa.Connection]]:
+    """(url, prefix, holder): tables at revision 0004, whose next migration alters them,
+    and another connection that read them in a transaction it keeps open — a report query
+    or a psql session, as a user has — so it holds a lock the upgrade must wait for."""
+    from tenacity import wait_none
+
+    from scrutiny.core.storage import _migrate
+
+    monkeypatch.setattr(_migrate, "UPGRADE_ATTEMPTS", 3)
+    monkeypatch.setattr(_migrate, "UPGRADE_LOCK_TIMEOUT", "300ms")
+    monkeypatch.setattr(_migrate, "_UPGRADE_PAUSE", wait_none())
+    url, prefix = pg
+    engine = _engine(url)
+    with engine.begin() as conn:
+        upgrade(conn, prefix, "0004")
+    holder = engine.connect()
+    holder.execute(sa.text("SET application_name = 'monthly-report'"))
+    holder.execute(sa.text(f"SELECT count(*) FROM {prefix}apps"))
+    try:
+        yield url, prefix, holder
+    finally:
+        holder.rollback()
+        holder.close()
+        engine.dispose()
+
+
+def test_an_upgrade_kept_out_by_another_connection_says_which_and_changes_nothing(
+        kept_out: tuple[str, str, sa.Connection]) -> None:
+    """`scrutiny db upgrade` (or a Session opening the database) while another connection
+    held a lock on the tables waited 30 s, stalling the apps' writes behind it, then
+    failed with the driver's lock-timeout error and the ALTER's SQL — saying neither who
+    held the lock, nor that nothing had changed, nor what to do."""
+    url, prefix, _holder = kept_out
+    with pytest.raises(StorageError) as raised:
+        Session(url, table_prefix=prefix)
+    said = str(raised.value)
+    assert "other connections hold locks on them" in said
+    assert "application 'monthly-report'" in said
+    assert "pid " in said
+    assert "nothing was changed" in said
+    assert "scrutiny db upgrade" in said
+    assert "ALTER" not in said
+    assert "[SQL" not in said
+    with _engine(url).connect() as conn:
+        assert current_revision(conn, prefix) == "0004"
+
+
+def test_an_upgrade_goes_ahead_once_the_lock_is_let_go(
+        kept_out: tuple[str, str, sa.Connection], caplog: pytest.LogCaptureFixture) -> None:
+    url, prefix, holder = kept_out
+
+    class LetGo(logging.Handler):  # (the holder ends its transaction when told it blocks)
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waits for locks" in record.getMessage():
+                holder.rollback()
+
+    handler = LetGo()
+    logging.getLogger("scrutiny").addHandler(handler)
+    try:
+        with caplog.at_level(logging.WARNING, "scrutiny"), \
+                Session(url, table_prefix=prefix) as s:
+            s.ingest(make_record(), [])
+    finally:
+        logging.getLogger("scrutiny").removeHandler(handler)
+    waits = [r.getMessage() for r in caplog.records if "waits for locks" in r.getMessage()]
+    assert len(waits) == 1
+    assert "application 'monthly-report'" in waits[0]
+    with _engine(url).connect() as conn:
+        assert current_revision(conn, prefix) == HEAD_REVISION
 
 
 def test_head_revision_is_the_newest_migration() -> None:

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Literal
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy.exc import OperationalError
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 
-from scrutiny.core._errors import ConfigurationError
+from scrutiny.core._errors import ConfigurationError, StorageError
 from scrutiny.core.storage._schema import HEAD_REVISION
 
 __all__ = ["MigratePolicy", "current_revision", "ensure_schema", "upgrade"]
@@ -24,6 +33,16 @@ logger = logging.getLogger("scrutiny")
 
 MigratePolicy = Literal["upgrade", "refuse"]
 _SCRIPTS = os.path.join(os.path.dirname(__file__), "migrations")
+
+UPGRADE_LOCK_TIMEOUT = "2s"
+"""(PostgreSQL) How long one attempt at an upgrade waits for a lock on a table. Another
+connection with a transaction open on Scrutiny's tables (a report query, a psql session, an
+old dashboard) holds one; while the upgrade waits for it, every other query on that table —
+the running apps' writes too — waits behind the upgrade."""
+UPGRADE_ATTEMPTS = 6
+"""Attempts before an upgrade kept out by such locks gives up (pausing 0.5, 1, 2, 4 and 4 s
+between them: with the waits, about 25 s in all)."""
+_UPGRADE_PAUSE = wait_exponential(multiplier=0.5, max=4.0)
 
 
 def _version_table(prefix: str) -> str:
@@ -88,16 +107,49 @@ def ensure_schema(engine: Engine, write_options: dict[str, object], prefix: str,
     Raises:
         ConfigurationError: the schema is older and `policy` is ``"refuse"``, or newer
             than this version of Scrutiny knows.
+        StorageError: (PostgreSQL) other connections kept the upgrade out of the tables
+            with their locks through every attempt; nothing was changed.
     """
     with engine.connect() as reader:
         found = current_revision(reader, prefix)
         reader.rollback()
     if found == HEAD_REVISION:
         return found
+    retrying = Retrying(retry=retry_if_exception(_kept_out), stop=stop_after_attempt(
+        UPGRADE_ATTEMPTS), wait=_UPGRADE_PAUSE, before_sleep=_still_kept_out(engine, prefix),
+        reraise=True)
+    try:
+        found = retrying(_migrate, engine, write_options, prefix, policy)  # (under the lock)
+    except OperationalError as exc:
+        if not _kept_out(exc):
+            raise
+        raise StorageError(
+            f"could not upgrade Scrutiny's tables (prefix {prefix!r}) to revision "
+            f"{HEAD_REVISION}: other connections hold locks on them, and {UPGRADE_ATTEMPTS} "
+            f"attempts each waited {UPGRADE_LOCK_TIMEOUT} for those; nothing was changed. "
+            f"{_holders(engine, prefix)}End those transactions (commit or roll back them; "
+            "an idle one can be ended with SELECT pg_terminate_backend(<pid>)) and run "
+            "`scrutiny db upgrade` again (or restart the app)") from exc
+    if found is not None and found != HEAD_REVISION:  # (not upgraded meanwhile by another)
+        logger.warning(
+            "scrutiny: upgraded the database's Scrutiny schema from revision %s to %s "
+            "(table prefix %r). Processes still running an older scrutiny release on it "
+            "should be restarted with this one: an older release refuses it when it "
+            "starts, and one already running may fail to store what it records",
+            found, HEAD_REVISION, prefix)
+    return found
+
+
+def _migrate(engine: Engine, write_options: dict[str, object], prefix: str,
+             policy: MigratePolicy) -> str | None:
+    """One attempt, in one transaction: the revision found under the lock."""
     with engine.connect() as raw:
         conn = raw.execution_options(**write_options)
         with conn.begin():
             _lock(conn)
+            if conn.dialect.name == "postgresql":  # (for the tables' locks: the advisory
+                # lock above waits as long as a concurrent upgrade takes)
+                conn.execute(text(f"SET LOCAL lock_timeout = '{UPGRADE_LOCK_TIMEOUT}'"))
             found = current_revision(conn, prefix)  # again, under the lock
             if found == HEAD_REVISION:
                 return found
@@ -127,11 +179,45 @@ def ensure_schema(engine: Engine, write_options: dict[str, object], prefix: str,
                     f"{HEAD_REVISION}; run `scrutiny db upgrade --database-url ...` or open "
                     "the Session with migrate='upgrade'")
             upgrade(conn, prefix)
-        if found is not None:
-            logger.warning(
-                "scrutiny: upgraded the database's Scrutiny schema from revision %s to %s "
-                "(table prefix %r). Processes still running an older scrutiny release on it "
-                "should be restarted with this one: an older release refuses it when it "
-                "starts, and one already running may fail to store what it records",
-                found, HEAD_REVISION, prefix)
         return found
+
+
+def _kept_out(exc: BaseException) -> bool:
+    """A lock on a table not granted within the attempt's lock_timeout (SQLSTATE 55P03)."""
+    return isinstance(exc, OperationalError) and \
+        getattr(exc.orig, "sqlstate", None) == "55P03"
+
+
+def _still_kept_out(engine: Engine, prefix: str) -> Callable[[RetryCallState], None]:
+    def say(state: RetryCallState) -> None:
+        logger.warning(
+            "scrutiny: upgrading Scrutiny's tables (prefix %r) waits for locks other "
+            "connections hold on them (attempt %d of %d; trying again in %.1f s). %s",
+            prefix, state.attempt_number, UPGRADE_ATTEMPTS,
+            state.next_action.sleep if state.next_action else 0.0, _holders(engine, prefix))
+    return say
+
+
+def _holders(engine: Engine, prefix: str) -> str:
+    """Which other connections hold locks on the tables, as a sentence (empty when that
+    cannot be read: they ended meanwhile, or this role may not see them)."""
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT DISTINCT a.pid, a.application_name, a.usename, a.state, "
+                "a.xact_start FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.granted "
+                "AND a.pid <> pg_backend_pid() AND left(c.relname, length(:prefix)) = :prefix "
+                "ORDER BY a.xact_start NULLS LAST, a.pid LIMIT 5"), {"prefix": prefix}).all()
+            conn.rollback()
+    except Exception:  # (only a hint: the error it goes into says what matters)
+        logger.debug("scrutiny: reading who holds the tables' locks failed", exc_info=True)
+        return ""
+    if not rows:
+        return ""
+    described = "; ".join(
+        f"pid {pid} (application {app or '?'!r}, user {user}, {state or 'state unknown'}"
+        + (f", in a transaction since {since:%Y-%m-%d %H:%M:%S %Z}".rstrip()
+           if since is not None else "") + ")"
+        for pid, app, user, state, since in rows)
+    return f"Holding them: {described}. "

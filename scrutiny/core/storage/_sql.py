@@ -619,6 +619,11 @@ class SQLStore:
             with self._gate:
                 self.engine.dispose()
             raise
+        except StorageError as exc:  # (kept out by other connections' locks: it says why)
+            with self._gate:
+                self.engine.dispose()
+            raise StorageError(f"could not open or migrate {redact_url(self.url)}: {exc}") \
+                from exc.__cause__
         except SQLAlchemyError as exc:
             with self._gate:
                 self.engine.dispose()
