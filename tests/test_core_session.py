@@ -26,8 +26,10 @@ from scrutiny import (
     Record,
     RecordStatus,
     RetryPolicy,
+    Select,
     Session,
     SkipFeedback,
+    Span,
     TokenUsage,
 )
 
@@ -163,6 +165,39 @@ def test_a_callback_with_nothing_left_to_wait_for_runs_on_a_thread_of_scrutiny(
     finally:
         release.set()
     assert where == ["scrutiny-callbacks"]
+
+
+def test_a_record_keeps_the_values_it_was_given_when_the_app_changes_them_after(
+        session: Session) -> None:
+    """A dataset loop that fills one dict and one list per row and builds a record of each
+    stored every record, and had every feedback judge, the last row's values: the record
+    held the app's dict and list, read on the writer thread long after."""
+    row: dict[str, Any] = {"question": "", "meta": {"row": -1}}
+    contexts: list[str] = []
+    step = Span("s", None, "retrieve", "retriever", time.time(), inputs=row)
+    seen: list[tuple[str, int]] = []
+
+    def judged(question: dict[str, Any], row: int) -> float:
+        seen.append((question["question"], row))
+        return 1.0
+
+    fb = Feedback(judged, name="judged").on(question=Select.input, row=Select.metadata("row"))
+    records = []
+    for i in range(30):
+        row["question"] = f"q{i}"
+        row["meta"]["row"] = i
+        contexts.append(f"ctx {i}")
+        records.append(session.ingest(make_record(i, input=row, metadata=row["meta"],
+                                                  contexts=contexts, spans=[step]), [fb]))
+    for i, record in enumerate(records):  # (each its own values, whatever the app does)
+        assert record.input == {"question": f"q{i}", "meta": {"row": i}}
+        assert record.metadata == {"row": i}
+        assert record.contexts == [f"ctx {j}" for j in range(i + 1)]
+        assert record.spans[0].inputs == record.input
+    assert session.wait_for_feedback(20)
+    assert sorted(seen) == sorted((f"q{i}", i) for i in range(30))
+    stored, _ = session.get_records_and_feedback()
+    assert sorted(stored["input"].map(lambda v: v["meta"]["row"])) == list(range(30))
 
 
 def test_raising_timing_out_and_non_number_feedbacks_fail_with_reasons(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import decimal
 import enum
 import inspect
@@ -32,6 +33,7 @@ from scrutiny.core._ids import new_uuid
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
 from scrutiny.core._runtime import shared_notifier, wait_limit
 from scrutiny.core._serialize import TRUNCATED_KEY
+from scrutiny.core._snapshot import snapshot
 
 if TYPE_CHECKING:
     from scrutiny.core._feedback import Feedback
@@ -361,6 +363,19 @@ class Record:
         end = self.end_time
         self.end_time = self.start_time if isinstance(end, float) and math.isnan(end) \
             else _seconds(end, "end_time")
+
+    def _hold_values(self) -> None:
+        """(Given to a session.) Keep its values as they are now: its dicts and lists (and
+        its spans') copied, see `snapshot`. It is stored and judged later, and a dataset
+        loop that refilled one dict or list per row stored every record with the last
+        row's values."""
+        self.input = snapshot(self.input)
+        self.output = snapshot(self.output)
+        self.contexts = snapshot(self.contexts)
+        self.tags = snapshot(self.tags)
+        self.metadata = snapshot(self.metadata)
+        if self.spans:
+            self.spans = [_held_span(span) for span in self.spans]
 
     def _result_slots(self) -> dict[Feedback, _ResultSlot]:
         """The result slots, made first if the session has not made them yet."""
@@ -697,6 +712,16 @@ class LazyRecord:
                 self._on_build = fn
                 return
         fn(self._record)
+
+
+def _held_span(span: Span) -> Span:
+    """A copy of `span` with its own dicts and lists (see Record._hold_values)."""
+    held = copy.copy(span)
+    held.inputs = snapshot(span.inputs)
+    held.outputs = snapshot(span.outputs)
+    held.tags = snapshot(span.tags)
+    held.metadata = snapshot(span.metadata)
+    return held
 
 
 def materialized(record: Record | LazyRecord) -> Record:

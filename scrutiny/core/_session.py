@@ -847,6 +847,8 @@ class Session(SessionReading):
         if isinstance(record, Record):
             self._check_id_is_its_own(record)
         try:
+            if isinstance(record, Record):
+                record._hold_values()
             self._ingest(record, feedbacks, resolved, listeners)
         except Exception:
             logger.exception("scrutiny: could not accept record %s; the application is "

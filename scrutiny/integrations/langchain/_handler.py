@@ -54,6 +54,7 @@ from scrutiny.core._courtesy import offer as _offer_gil
 from scrutiny.core._evaluate import describe_error
 from scrutiny.core._records import materialized
 from scrutiny.core._runtime import at_exit, open_call_counters
+from scrutiny.core._snapshot import snapshot as _snapshot  # (inputs and outputs as they were)
 from scrutiny.integrations.langchain._convert import (
     asks_for_tools,
     content_text,
@@ -137,39 +138,6 @@ class _Root:
         self.tags = list(tags or [])
         self.metadata = dict(metadata or {})
         self.tokens: list[str] = []
-
-
-def _snapshot(value: Any) -> Any:
-    """A run's input or output as it is now: its dicts and lists copied, however deep
-    (up to _SNAPSHOT_DEPTH levels and _SNAPSHOT_ITEMS items; beyond that, as they are).
-
-    The record is assembled later, off the app's thread, and an app that passes a state
-    dict along and changes it in place (appends to a chat history, sets a field per
-    step) — or reuses it for the next call — changed what had been recorded for each
-    step, and what its feedbacks judged. Other objects (messages, documents, model
-    responses) are not copied: LangChain makes new ones rather than changing them.
-    """
-    kind = type(value)
-    if kind is not dict and kind is not list:
-        return value
-    return _copied(value, _SNAPSHOT_DEPTH, [_SNAPSHOT_ITEMS])
-
-
-def _copied(value: Any, depth: int, budget: list[int]) -> Any:
-    budget[0] -= len(value)
-    if budget[0] < 0 or depth == 0:
-        return value
-    copied = value.copy()  # (C speed; only nested containers are visited again)
-    items = copied.items() if type(copied) is dict else enumerate(copied)
-    for key, item in items:
-        if type(item) in _MUTABLE:
-            copied[key] = _copied(item, depth - 1, budget)
-    return copied
-
-
-_SNAPSHOT_DEPTH = 8
-_SNAPSHOT_ITEMS = 2000
-_MUTABLE = frozenset((dict, list))
 
 
 def _run_handlers(root: _Root, default: BaseCallbackHandler) -> None:
