@@ -774,6 +774,50 @@ def test_the_stores_list_of_open_connections_forgets_closed_ones(tmp_path: Path)
         store.close()
 
 
+@pytest.mark.parametrize("store_kind", ["sqlite-general", "sqlite-one statement",
+                                        "postgresql", "memory"])
+def test_a_result_name_or_record_id_repeated_within_one_batch_is_refused(
+        store_kind: str, tmp_path: Path) -> None:
+    """A store compared the results it was given with those it held: a record given twice
+    in one batch (a line repeated in a log, ingested in one loop) stored both of its
+    results of one name, counted twice by every aggregate; two records of one id in one
+    batch stored the second one's results under the first, another app's."""
+    from scrutiny.core.storage import MemoryStore, SQLStore
+    from scrutiny.core.storage._base import RecordIdTaken, ResultNameTaken
+
+    def open_store() -> Any:
+        if store_kind == "memory":
+            return MemoryStore()
+        if store_kind == "postgresql":
+            return SQLStore(postgres_url(), table_prefix=f"t{uuid.uuid4().hex[:10]}_")
+        store = SQLStore(f"sqlite:///{tmp_path}/{uuid.uuid4().hex}.sqlite")
+        store._one_statement = store_kind.endswith("one statement")
+        return store
+
+    fb = Feedback(lambda output: 1.0, name="len").on_output()
+    line = make_record(record_id="req-7")
+    again, _ = _insert_op(Record(**{**line.__dict__, "_slots": {}}), fb)
+    again.results[0]["result_id"] = "r-again"  # (its own pending result: another ingest)
+    other_app, _ = _insert_op(make_record(app_name="other", record_id="req-7"), fb)
+    other_app.results[0]["result_id"] = "r-other"
+    for repeat, refusal in ((again, ResultNameTaken), (other_app, RecordIdTaken)):
+        store = open_store()
+        try:
+            first, first_id = _insert_op(line, fb)
+            store.write([_insert_op(make_record(record_id="warm"), fb)[0]])
+            with pytest.raises(refusal):
+                store.write([first, repeat])
+            store.write([first])  # (the writer then stores the items one by one)
+            with pytest.raises(refusal):
+                store.write([repeat])
+            _, results = store.records_and_results()
+            assert sorted(r["result_id"] for r in results if r["record_id"] == "req-7") \
+                == [first_id]
+        finally:
+            if store_kind != "memory":
+                store.engine.dispose()
+
+
 @pytest.mark.parametrize("path", ["one statement", "general"])
 def test_a_record_id_another_record_has_is_refused_not_merged(
         backend: tuple[str, str], path: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -814,7 +858,7 @@ def test_a_record_id_another_record_has_is_refused_not_merged(
     assert sorted(r.feedback_name for r in stored.feedback_results.values()) == [
         "len_a", "more"]
     assert board.loc[("app_a", "v1"), "len_a"] == 0.1
-    assert "record 'req-1' has a stored result of 'len_a' already" in caplog.text
+    assert "record 'req-1' has a result of 'len_a' already" in caplog.text
     assert "record id taken by another record: 'req-1'" in caplog.text
     assert list(df["app_name"]) == ["app_a"]
     assert sorted(cols) == ["len_a", "more"]

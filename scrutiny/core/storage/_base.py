@@ -10,9 +10,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
-__all__ = ["InsertRecord", "RecordQuery", "RenewLeases", "Row", "Store", "UpdateResult",
-           "json_escaped", "search_regex", "search_matcher",
-           "WriteOp"]
+from scrutiny.core._errors import StorageError
+
+__all__ = ["InsertRecord", "RecordIdTaken", "RecordQuery", "RenewLeases", "ResultNameTaken",
+           "Row", "Store", "UpdateResult", "WriteOp", "json_escaped", "refuse_repeats",
+           "search_matcher", "search_regex"]
 
 Row = dict[str, Any]
 
@@ -25,6 +27,58 @@ class InsertRecord:
     record: Row
     definitions: list[Row] = field(default_factory=list)
     results: list[Row] = field(default_factory=list)
+
+
+class RecordIdTaken(StorageError):
+    """A record's id is another stored record's (another app's, or another call's): it is
+    refused rather than merged into that one."""
+
+    MARK = "scrutiny: record id taken by another record"
+
+    def __init__(self, record_id: str, app_id: str) -> None:
+        super().__init__(f"{self.MARK}: {record_id!r} is already the id of a record of app "
+                         f"{app_id!r}; give each record an id of its own (uuid4) — or leave "
+                         "record_id out and Scrutiny makes one")
+
+
+class ResultNameTaken(StorageError):
+    """A stored record given again (another process, a script run again) with a feedback
+    whose name it already has a result of: refused rather than stored beside it."""
+
+    MARK = "scrutiny: the record already has a result of that feedback name"
+
+    def __init__(self, record_id: str, feedback_name: str) -> None:
+        super().__init__(
+            f"{self.MARK}: record {record_id!r} has a result of {feedback_name!r} already "
+            "(an earlier run, another process, or the same record given twice — a line "
+            "repeated in a log); a second one under that name "
+            "would hide the first. To score it again, store the new run under another "
+            "app_version (or with new record ids), or delete the old records first "
+            "(session.delete_records)")
+
+
+def refuse_repeats(records: Sequence[Row], results: Sequence[Row]) -> None:
+    """Refuse a batch that gives one record id to two different records, or one record two
+    results of one feedback name (RecordIdTaken, ResultNameTaken: the writer then stores
+    its items one by one, and the repeat is refused on its own).
+
+    A store compares what it is given with what it holds; a repeat inside one batch — a
+    line repeated in a log, ingested in one loop — passed that check: both results were
+    stored, shown as "name (2)" and counted twice in every aggregate.
+    """
+    if len(records) > 1:
+        first_of: dict[str, Row] = {}
+        for row in records:
+            first = first_of.setdefault(row["record_id"], row)
+            if first is not row and (first["app_id"] != row["app_id"]
+                                     or first.get("start_time") != row.get("start_time")):
+                raise RecordIdTaken(row["record_id"], first["app_id"])
+    if len(results) > 1:
+        named: dict[tuple[str, str], str] = {}
+        for row in results:
+            key = (row["record_id"], row["feedback_name"])
+            if named.setdefault(key, row["result_id"]) != row["result_id"]:
+                raise ResultNameTaken(*key)
 
 
 @dataclass(slots=True)

@@ -10,8 +10,10 @@ from datetime import datetime, timedelta
 
 from scrutiny.core.storage._base import (
     InsertRecord,
+    RecordIdTaken,
     RecordQuery,
     RenewLeases,
+    ResultNameTaken,
     Row,
     UpdateResult,
     WriteOp,
@@ -43,7 +45,17 @@ class MemoryStore:
                         self._definitions.setdefault(d["feedback_id"], dict(d)).update(
                             higher_is_better=d["higher_is_better"],
                             spec_json=d.get("spec_json"))
-                    records[op.record["record_id"]] = dict(op.record)
+                    record_id = op.record["record_id"]
+                    held = records.get(record_id)
+                    if held is None:
+                        records[record_id] = dict(op.record)
+                    else:  # given again: kept, as SQLStore keeps it (see refuse_repeats)
+                        _same_record(held, op.record)
+                        named = {r["feedback_name"]: r["result_id"] for r in results.values()
+                                 if r["record_id"] == record_id}
+                        for r in op.results:
+                            if named.get(r["feedback_name"], r["result_id"]) != r["result_id"]:
+                                raise ResultNameTaken(record_id, r["feedback_name"])
                     for r in op.results:
                         results[r["result_id"]] = dict(r)
                 elif isinstance(op, UpdateResult):
@@ -284,3 +296,9 @@ def _only(rows: list[Row], columns: Sequence[str] | None) -> list[Row]:
     if columns is None:
         return rows
     return [{c: r.get(c) for c in columns} for r in rows]
+
+
+def _same_record(held: Row, given: Row) -> None:
+    """A record id given again must be the same record (the same app and start)."""
+    if held["app_id"] != given["app_id"] or held.get("start_time") != given.get("start_time"):
+        raise RecordIdTaken(given["record_id"], held["app_id"])

@@ -54,12 +54,15 @@ from sqlalchemy.pool import StaticPool
 from scrutiny.core._errors import ConfigurationError, StorageError
 from scrutiny.core.storage._base import (
     InsertRecord,
+    RecordIdTaken,
     RecordQuery,
     RenewLeases,
+    ResultNameTaken,
     Row,
     UpdateResult,
     WriteOp,
     json_escaped,
+    refuse_repeats,
     search_regex,
 )
 from scrutiny.core.storage._migrate import MigratePolicy, ensure_schema
@@ -98,18 +101,6 @@ def _without_nul(row: Row) -> Row:
     return row
 
 
-class RecordIdTaken(StorageError):
-    """A record's id is another stored record's (another app's, or another call's): it is
-    refused rather than merged into that one."""
-
-    MARK = "scrutiny: record id taken by another record"
-
-    def __init__(self, record_id: str, app_id: str) -> None:
-        super().__init__(f"{self.MARK}: {record_id!r} is already the id of a record of app "
-                         f"{app_id!r}; give each record an id of its own (uuid4) — or leave "
-                         "record_id out and Scrutiny makes one")
-
-
 class DatabaseFileGone(StorageError):
     """The SQLite file was deleted or replaced while the session ran."""
 
@@ -119,21 +110,6 @@ class DatabaseFileGone(StorageError):
             "what it stored now would go into the deleted file, lost when the session "
             "closes, so it is not stored. Start a new Session (the app again) to store in "
             "the file that is there now")
-
-
-class ResultNameTaken(StorageError):
-    """A stored record given again (another process, a script run again) with a feedback
-    whose name it already has a result of: refused rather than stored beside it."""
-
-    MARK = "scrutiny: the record already has a result of that feedback name"
-
-    def __init__(self, record_id: str, feedback_name: str) -> None:
-        super().__init__(
-            f"{self.MARK}: record {record_id!r} has a stored result of {feedback_name!r} "
-            "already (an earlier run, or another process); a second one under that name "
-            "would hide the first. To score it again, store the new run under another "
-            "app_version (or with new record ids), or delete the old records first "
-            "(session.delete_records)")
 
 
 def _op_without_nul(op: WriteOp) -> WriteOp:
@@ -716,6 +692,7 @@ class SQLStore:
             else:
                 op.refused, op.stored = False, None  # (a batch written again)
                 updates.append(op)
+        refuse_repeats(records, results)
         new_apps = [a for k, a in apps.items() if k not in self._known_apps]
         known = self._known_definitions
         new_definitions = [d for k, d in definitions.items()
@@ -843,8 +820,15 @@ class SQLStore:
                     raw.execute(ddl)
                 proxied.info[self._batch_view] = True
             before = raw.total_changes  # (the trigger's inserts and updates count too)
-            raw.execute(f"INSERT INTO temp.{self._batch_view} (payload) VALUES (?)",
-                        (payload,))
+            try:
+                raw.execute(f"INSERT INTO temp.{self._batch_view} (payload) VALUES (?)",
+                            (payload,))
+            except sqlite3.IntegrityError as exc:
+                if str(exc) in (RecordIdTaken.MARK, ResultNameTaken.MARK):
+                    # (nothing was written: the general path's checks name the record and
+                    # the feedback, and say what to do)
+                    return False
+                raise
             changed = raw.total_changes - before
         if updates and changed < len(records) + len(results) + len(updates):
             self._note_refused(updates)  # (or a record given again: kept, not counted)
