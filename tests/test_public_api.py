@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import scrutiny
 
@@ -50,3 +51,22 @@ def test_core_imports_no_framework() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_type_checkers_see_the_package_types(tmp_path: Path) -> None:
+    """Without a `py.typed` marker, `mypy --strict` refused to read the package
+    ("missing library stubs or py.typed marker") and typed everything from it as Any."""
+    user = tmp_path / "user.py"
+    user.write_text(
+        "from scrutiny import Feedback, Record, Session\n"
+        "session = Session('sqlite:///x.sqlite')\n"
+        "record = session.ingest(Record(app_name='a', app_version='v'), [])\n"
+        "reveal_type(record.wait_for_feedback_results(timeout=1))\n"
+        "reveal_type(Feedback(lambda output: 1.0, name='n').on_output())\n")
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir",
+         str(tmp_path / "cache"), str(user)], capture_output=True, text=True, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout
+    assert 'Revealed type is "dict[scrutiny.core._feedback.Feedback, ' \
+           'scrutiny.core._results.FeedbackResult]"' in checked.stdout
+    assert 'Revealed type is "scrutiny.core._feedback.Feedback"' in checked.stdout
