@@ -2670,3 +2670,41 @@ def test_a_replaced_stuck_thread_ends_once_its_call_comes_back(tmp_path: Path) -
             assert len(pool._threads) == 1
     finally:
         release.set()
+
+
+def test_a_tables_missing_cells_are_no_value_not_the_text_nan(session: Session) -> None:
+    """A dataset read with pandas gives its empty cells as NaN (or pd.NA, pd.NaT): a
+    missing ground truth was the text "nan" — an exact match scored it 0.0, and a missing
+    answer matched it, 1.0 — and a judge was sent "nan" as the answer."""
+    from scrutiny.providers import GroundTruth
+
+    table = pd.DataFrame({"question": ["q1", "q2", "q3", "q4"],
+                          "answer": ["Paris", "Paris", np.nan, pd.NA],
+                          "truth": ["Paris", np.nan, "Rome", np.nan]})
+
+    def exact(output: str, truth: str) -> float:
+        return float(str(output) == str(truth))
+
+    fb = Feedback(exact, name="exact").on(output=Select.output,
+                                          truth=Select.metadata("truth"))
+    first_word = Feedback(lambda word: float(len(word)), name="first").on(
+        word=Select.metadata("truth").map(lambda text: text.split()[0]))
+    records = [session.ingest(make_record(i, output=row.answer, metadata={"truth": row.truth},
+                                          contexts=np.nan), [fb, first_word])
+               for i, row in enumerate(table.itertuples())]
+    assert records[2].contexts == []
+    ended = [{f.name: r for f, r in rec.wait_for_feedback_results(timeout=20).items()}
+             for rec in records]
+    assert (ended[0]["exact"].status, ended[0]["exact"].result) == (FeedbackStatus.DONE, 1.0)
+    for rec in ended[1:]:
+        assert rec["exact"].status is FeedbackStatus.SKIPPED, rec["exact"]
+        assert "found nothing" in (rec["exact"].error or "")
+    assert ended[1]["first"].status is FeedbackStatus.SKIPPED  # (`map` not given None)
+    assert ended[2]["first"].status is FeedbackStatus.DONE
+    with pytest.raises(ConfigurationError, match="without a question or expected answer"):
+        GroundTruth([{"question": "q2", "expected": np.nan}])
+    with pytest.raises(ValueError, match="start_time is missing"):
+        make_record(start_time=pd.NaT)
+    stored = session.get_record(records[3].record_id)
+    assert stored is not None
+    assert stored.output is None  # (pd.NA: no value, not a description of the object)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from scrutiny.core._errors import ConfigurationError, describe_error
 from scrutiny.core._ids import new_uuid
+from scrutiny.core._missing import is_missing
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
 from scrutiny.core._runtime import shared_notifier, wait_limit
 from scrutiny.core._serialize import TRUNCATED_KEY
@@ -155,6 +156,10 @@ def _listed(value: Any, name: str, example: str) -> Any:
 
 def _seconds(value: Any, name: str) -> float:
     """A time as seconds since the epoch (a datetime is converted; naive ones are local)."""
+    if is_missing(value):  # (pandas' NaT is a datetime, whose timestamp() raised "year 0")
+        raise ValueError(f"Record.{name} is missing ({value!r}): give seconds since the "
+                         f"epoch (time.time()) or a datetime, or leave {name} out (the time "
+                         "the record is made)")
     if isinstance(value, datetime):
         # (datetime's own method: pandas' Timestamp overrides it and takes a naive time as
         # UTC, so a time column read from a CSV was shifted by the machine's UTC offset)
@@ -324,6 +329,10 @@ class Record:
         self.record_id = _text(self.record_id, "record_id", "ids are unique strings")
         if not self.record_id.isascii() or len(self.record_id) > MAX_RECORD_ID_BYTES:
             _check_id(self.record_id)
+        # (a table's missing cell, NaN or pandas' NA, is no value, as None is)
+        for name in ("error", "usage", "contexts", "tags", "metadata", "spans"):
+            if is_missing(getattr(self, name)):
+                setattr(self, name, None)
         if self.error is not None and type(self.error) is not str:
             # (a str of another type — numpy's, a str Enum — as its text)
             self.error = str(self.error) if isinstance(self.error, str) else \

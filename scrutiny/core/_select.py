@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from scrutiny.core._errors import ConfigurationError
+from scrutiny.core._missing import is_missing
 from scrutiny.core._refs import NotReferenceable, reference, resolve
 
 if TYPE_CHECKING:
@@ -122,6 +123,8 @@ class Selector:
 def _mapped(get: Callable[[Record], Any], fn: Callable[[Any], Any]) -> Callable[[Record], Any]:
     def mapped(record: Record) -> Any:
         value = get(record)
+        if _is_empty(value):  # (skipped as the selection it maps: `fn` is not given None)
+            return value
         if isinstance(value, list | tuple):
             return [fn(v) for v in value]
         return fn(value)
@@ -138,7 +141,7 @@ def _is_empty(value: Any) -> bool:
     collection (no retrieved contexts). An empty *text* is something: an app that answered
     "" is what an answer check is for, and skipping it left those records out of every
     mean (each evaluator decides what an empty text scores)."""
-    if value is None:
+    if is_missing(value):  # (None; a table's missing cell: NaN, pandas' NA or NaT)
         return True
     if isinstance(value, list | tuple | set | frozenset | dict):
         return len(value) == 0

@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from scrutiny.core._missing import is_missing
+
 __all__ = ["TRUNCATED_KEY", "Memo", "cut", "dumps", "encode", "encode_within", "fragment",
            "loads", "to_jsonable", "truncate_text"]
 
@@ -46,6 +48,8 @@ def _describe(obj: Any) -> dict[str, Any]:
 def _default(obj: Any) -> Any:
     """Called by orjson for every value it cannot encode natively."""
     try:
+        if is_missing(obj):  # (pandas' NA and NaT, a table's missing cell: no value)
+            return None
         if hasattr(obj, "model_dump") and callable(obj.model_dump):  # pydantic v2
             return _model_fields(obj)
         if hasattr(obj, "dict") and hasattr(obj, "__fields__"):  # pydantic v1 objects

@@ -22,6 +22,7 @@ from scrutiny.core import (
     SkipFeedback,
     feedback_defaults,
 )
+from scrutiny.core._missing import is_missing
 from scrutiny.providers._lexical import token_f1
 from scrutiny.providers._text import as_text
 
@@ -146,7 +147,7 @@ def _row(row: Any) -> tuple[str, tuple[str, ...]]:
     else:
         raise ConfigurationError(f"GroundTruth rows are (question, expected) pairs or "
                                  f"mappings; got {row!r}")
-    if question is None or expected is None or not as_text(question).strip():
+    if is_missing(question) or is_missing(expected) or not as_text(question).strip():
         raise ConfigurationError(f"GroundTruth row without a question or expected answer: "
                                  f"{row!r}")
     if isinstance(expected, list | tuple | set | frozenset):
