@@ -132,3 +132,58 @@ def test_a_recorder_without_session_is_checked_against_the_sessions_deferred_mod
         for make in range(2):
             with pytest.raises(ConfigurationError, match="lambda cannot be imported"):
                 _recorders(None, feedbacks=[lam])[make]
+
+
+def test_a_recorder_whose_session_is_closed_gives_its_feedbacks_failed_not_none(
+        tmp_path: Path) -> None:
+    """A recorder tied to a closed session (one a fixture closed, a notebook's earlier
+    one) returned records with no results at all: a test asserting every score passed
+    with nothing evaluated."""
+    from langchain_core.runnables import RunnableLambda
+    from llama_index.core.llms import MockLLM
+
+    from scrutiny.integrations.langchain import ChainRecorder
+    from scrutiny.integrations.llama_index import LlamaIndexRecorder
+
+    session = Session(f"sqlite:///{tmp_path}/closed.sqlite")
+    feedbacks = [Feedback(length, name="len").on_output()]
+    chain = RunnableLambda(lambda q: f"answer to {q}")
+    llm = MockLLM(max_tokens=4)
+    chain_recorder = ChainRecorder(chain, app_name="qa", session=session, feedbacks=feedbacks)
+    llm_recorder = LlamaIndexRecorder(llm, app_name="qa", session=session, feedbacks=feedbacks)
+    session.close()
+    with chain_recorder as chain_recording:
+        chain.invoke("q")
+    with llm_recorder as llm_recording:
+        llm.complete("q")
+    for recording in (chain_recording, llm_recording):
+        results = recording.get().wait_for_feedback_results(timeout=10)
+        assert [(f.name, r.status.value) for f, r in results.items()] == [("len", "failed")]
+        assert "not evaluated" in (next(iter(results.values())).error or "")
+
+
+def test_a_recorder_without_a_session_to_be_had_gives_its_feedbacks_failed(
+        tmp_path: Path) -> None:
+    """No Session made, and the default one cannot be opened (SCRUTINY_DATABASE_URL in a
+    folder that does not exist, on a CI machine): the record had no results at all."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from langchain_core.runnables import RunnableLambda\n"
+        "from scrutiny import Feedback\n"
+        "from scrutiny.integrations.langchain import ChainRecorder\n"
+        "chain = RunnableLambda(lambda q: 'an answer')\n"
+        "recorder = ChainRecorder(chain, app_name='qa', feedbacks=[Feedback(\n"
+        "    lambda output: 1.0, name='len').on_output()])\n"
+        "with recorder as recording:\n"
+        "    chain.invoke('q')\n"
+        "[(fb, result)] = recording.get().wait_for_feedback_results(timeout=10).items()\n"
+        "print(fb.name, result.status.value, result.error)\n")
+    env = {**os.environ, "SCRUTINY_DATABASE_URL": f"sqlite:///{tmp_path}/missing/db.sqlite"}
+    ran = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith("len failed not evaluated: there is no session to store "
+                                 "the record in"), ran.stdout

@@ -9,9 +9,16 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from scrutiny.core._errors import ConfigurationError, RecordingError
+from scrutiny.core._errors import ConfigurationError, RecordingError, describe_error
 from scrutiny.core._feedback import Feedback
-from scrutiny.core._records import LazyRecord, Record, check_app_label, materialized
+from scrutiny.core._records import (
+    LazyRecord,
+    Record,
+    _ResultSlot,
+    check_app_label,
+    materialized,
+)
+from scrutiny.core._results import FeedbackResult, FeedbackStatus
 from scrutiny.core._runtime import exit_stage
 from scrutiny.core._session import (
     FeedbackMode,
@@ -218,9 +225,12 @@ class RecorderSettings:
         """
         try:
             session = self.session
-        except Exception:  # (no default session to be had: Session.current said why, once)
+        except Exception as exc:  # (no default session to be had: Session.current said
+            # why, once)
             logger.debug("scrutiny: record %s not stored: no session", record.record_id,
                          exc_info=True)
+            _unevaluated(record, self.feedbacks, "not evaluated: there is no session to store "
+                         f"the record in ({describe_error(exc)}); see the log")
             return
         if exit_stage() == 2 or sys.is_finalizing():  # ended as the interpreter tore down
             # (a session started now would wait forever for its threads to start)
@@ -230,15 +240,15 @@ class RecorderSettings:
                              "after the sessions were closed; its record is not stored",
                              self.app_name)
             return
-        if session.closed:
-            if not self._warned_closed:
-                self._warned_closed = True
-                logger.warning(
-                    "scrutiny: the session of app %r (%s) is closed; its records are not "
-                    "stored (the application is not affected). Create a new Session — a "
-                    "recorder without session= uses the one created last — or pass "
-                    "session= to the recorder", self.app_name, session._redacted_url())
-            return
+        if session.closed and not self._warned_closed:
+            # (given to it all the same: its feedbacks then end `failed`, saying so —
+            # returned with no results at all, a test gating on every score passed)
+            self._warned_closed = True
+            logger.warning(
+                "scrutiny: the session of app %r (%s) is closed; its records are not "
+                "stored (the application is not affected). Create a new Session — a "
+                "recorder without session= uses the one created last — or pass "
+                "session= to the recorder", self.app_name, session._redacted_url())
         mode = recording.feedback_mode if recording is not None else None
         try:
             session._ingest(record, self.feedbacks, _mode(mode or self.feedback_mode
@@ -277,3 +287,21 @@ def left_elsewhere(kind: str) -> None:
         "block were recorded; calls made between its steps were not: use an async "
         "generator or dependency, or pass config={'callbacks': [recorder.handler]} (for "
         "LlamaIndex: open the block where the calls are made)", kind)
+
+
+def _unevaluated(record: Record | LazyRecord, feedbacks: Sequence[Feedback], why: str) -> None:
+    """(No session takes the record.) Its feedbacks end `failed`, saying why: a recorder
+    whose session could not be made returned records with no results at all, and a test
+    asserting every score passed with nothing evaluated."""
+    def fail(built: Record) -> None:
+        for fb in feedbacks:
+            if fb not in built._slots:
+                slot = built._slots[fb] = _ResultSlot(FeedbackResult(
+                    record_id=built.record_id, feedback_name=fb.name,
+                    status=FeedbackStatus.FAILED, feedback_id=fb.feedback_id, error=why))
+                slot.finish(slot.current)
+
+    if isinstance(record, LazyRecord):
+        record.on_build(fail)
+    else:
+        fail(record)
