@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,6 +23,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from scrutiny import Feedback, FeedbackMode, FeedbackStatus, Record, Session
+from scrutiny.core import _feedback
 from scrutiny.core._worker import Worker
 from scrutiny.core.storage import InsertRecord, MemoryStore, SQLStore, Store, UpdateResult
 from tests.support import deferred_feedbacks as fbs
@@ -355,7 +357,10 @@ def test_a_definition_without_a_stored_spec_leaves_its_results_pending(
     fb = Feedback(fbs.length).on_output()
     pending_rows(url, prefix, 1, fb)
     _drop_specs(url, prefix)
-    with Session(url) as s, caplog.at_level(logging.ERROR, logger="scrutiny"):
+    with Session(url) as s, caplog.at_level(logging.ERROR, logger="scrutiny"), \
+            pytest.MonkeyPatch.context() as patch:
+        # (as in a worker's own process, which defines no feedback)
+        patch.setattr(_feedback, "_DEFINED_HERE", weakref.WeakValueDictionary())
         assert Worker(s, poll_interval=0.0, batch_size=10, max_claims=5).drain() == 0
         assert s.wait_for_feedback(5)
     assert [(r["status"], r["attempts"], r["lease_token"])
@@ -798,3 +803,70 @@ def test_a_deferred_wait_ends_once_its_record_is_deleted(backend: tuple[str, str
         assert told.status is FeedbackStatus.PENDING
         assert "deleted" in (told.error or "")
         assert s.stats()["unfinished_feedback"] == 0
+
+
+_NOTEBOOK_CELLS = """
+import sys, threading
+from scrutiny import Feedback, Record, Session
+
+url = sys.argv[1]
+started, release = threading.Event(), threading.Event()
+
+def judge(output: str) -> float:  # a notebook cell's function: in __main__
+    if started.is_set():
+        return 0.5
+    started.set()
+    release.wait(30)
+    return 0.1
+
+f_judge = Feedback(judge, name="judge").on_output()
+"""
+
+
+def _status_of(url: str) -> list[tuple[str, float | None]]:
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text(
+            "SELECT status, score FROM scrutiny_feedback_results"))]  # type: ignore[misc]
+
+
+def test_results_of_a_feedback_defined_in_main_resume_where_it_is_defined(
+        tmp_path: Path) -> None:
+    """A notebook's feedbacks are in __main__, which no worker can import by path: after
+    close() left a result pending (or a kernel restart left it), resume_pending() in the
+    notebook — the function defined right there — stored it failed for good, "not
+    importable by path". It is evaluated with the feedback of that id defined in this
+    process; where none is, it stays pending, saying what to do."""
+    url = f"sqlite:///{tmp_path}/nb.sqlite"
+    closed_early = _NOTEBOOK_CELLS + """
+session = Session(url)
+session.ingest(Record(app_name="nb", app_version="v1", input="q", output="o"), [f_judge])
+assert started.wait(20)
+session.close(timeout=0.2)  # (the evaluation still runs: its result is left pending)
+release.set()
+"""
+    ran = subprocess.run([sys.executable, "-c", closed_early, url], capture_output=True,
+                         text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert _status_of(url) == [("pending", None)]
+
+    without_it = ("import sys\nfrom scrutiny import Session\n"
+                  "session = Session(sys.argv[1])\n"
+                  "print('claimed', session.resume_pending(timeout=20))\nsession.close()\n")
+    ran = subprocess.run([sys.executable, "-c", without_it, url], capture_output=True,
+                         text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert "run the code that defines it here" in ran.stderr
+    assert _status_of(url) == [("pending", None)]  # (not failed for good)
+
+    kernel_restarted = _NOTEBOOK_CELLS + """
+started.set()  # (evaluated at once now)
+session = Session(url)
+print("claimed", session.resume_pending(timeout=20))
+session.close()
+"""
+    ran = subprocess.run([sys.executable, "-c", kernel_restarted, url], capture_output=True,
+                         text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert "claimed 1" in ran.stdout
+    assert _status_of(url) == [("done", 0.5)]

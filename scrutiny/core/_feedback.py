@@ -18,6 +18,7 @@ import math
 import numbers
 import statistics
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,29 @@ from scrutiny.core._select import (
 if TYPE_CHECKING:
     from scrutiny.core._records import Record
 
-__all__ = ["Feedback", "RateLimit", "RetryPolicy", "coerce_feedback_value", "feedback_defaults"]
+__all__ = ["Feedback", "RateLimit", "RetryPolicy", "coerce_feedback_value", "defined_here",
+           "feedback_defaults", "remember_defined"]
+
+_DEFINED_HERE: weakref.WeakValueDictionary[str, Feedback] = weakref.WeakValueDictionary()
+_defined_lock = threading.Lock()
+
+
+def remember_defined(feedbacks: Sequence[Feedback]) -> None:
+    """Note feedbacks given to a session or a recorder in this process, by id (while they
+    live): see `defined_here`."""
+    with _defined_lock:
+        for fb in feedbacks:
+            _DEFINED_HERE[fb.feedback_id] = fb
+
+
+def defined_here(feedback_id: str) -> Feedback | None:
+    """The feedback of that id given to a session or recorder in this process, if one
+    still lives. A feedback whose function is in ``__main__`` (a notebook's cell, a
+    script) cannot be loaded by path: its results left pending (a session closed before
+    they ran, a kernel restarted) failed for good when this process resumed them, with the
+    very function defined here."""
+    with _defined_lock:
+        return _DEFINED_HERE.get(feedback_id)
 
 Aggregator = Callable[[list[float]], float]
 
@@ -303,6 +326,11 @@ class Feedback:
             new.bindings[key] = as_selector(sel)
             if key in free:
                 free.remove(key)
+        if selectors and not free and self.bindings:
+            raise ConfigurationError(
+                f"feedback {self.name!r} is wired already ({', '.join(self.selectors.values())}"
+                f"): every parameter of {_function_name(self.fn)}() has its selection. Wire it "
+                "once: .on_output(), .on_input_output() or .on(...) on the unwired Feedback")
         if len(selectors) > len(free):
             variadic = ""
             if self._params.var_keyword or self._params.var_positional:
@@ -317,6 +345,7 @@ class Feedback:
             )
         for key, sel in zip(free, selectors, strict=False):
             new.bindings[key] = as_selector(sel)
+        remember_defined([new])
         return new
 
     def on_input(self) -> Feedback:

@@ -36,7 +36,7 @@ from scrutiny.core._dispatch import (
     NoDispatch,
 )
 from scrutiny.core._errors import ConfigurationError, StorageError
-from scrutiny.core._feedback import Feedback
+from scrutiny.core._feedback import Feedback, remember_defined
 from scrutiny.core._ids import new_hex_id
 from scrutiny.core._reading import RecordPage, SessionReading, as_names
 from scrutiny.core._records import (
@@ -171,6 +171,7 @@ def check_feedbacks(feedbacks: Sequence[Feedback], mode: FeedbackMode) -> None:
                 f"by name, so one would hide the other; give each its own name, e.g. "
                 f"Feedback(fn, name='...')")
         seen[fb.name] = fb
+    remember_defined(list(seen.values()))  # (their results left pending resume here)
 
 
 class FeedbackMode(str, enum.Enum):
@@ -1156,7 +1157,8 @@ class Session(SessionReading):
         # right after recording claimed nothing and left them all pending.
         self.flush(self.flush_timeout if deadline is None
                    else max(0.0, deadline - time.monotonic()))
-        worker = Worker(self, poll_interval=0.0, batch_size=100, max_claims=max_claims)
+        worker = Worker(self, poll_interval=0.0, batch_size=100, max_claims=max_claims,
+                        in_app=True)
         self._workers.append(worker)  # (close() from another thread stops it)
         with self._outstanding_lock:
             shed_before = self._shed

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from scrutiny.core import _rows, _serialize
 from scrutiny.core._dispatch import Job
-from scrutiny.core._feedback import Feedback
+from scrutiny.core._feedback import Feedback, defined_here
 from scrutiny.core._records import Record
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
 from scrutiny.core.storage import Row
@@ -53,6 +53,13 @@ CLAIM_BACKOFF_MAX = 5.0
 """The longest wait between two claims while the database is down or busy."""
 
 
+class _OnlyWhereDefined(str):
+    """Why a feedback cannot be loaded by path anywhere: only a process that defines it
+    (the app's own) can evaluate it."""
+
+    __slots__ = ()
+
+
 class _NotHere(str):
     """Why a feedback cannot be loaded *in this process* (its module or function is
     missing here): another worker, deployed with that code, may load it."""
@@ -64,6 +71,14 @@ class _BrokenHere(_NotHere):
     """Why a feedback cannot be loaded *in this process*: importing its module raised (a
     variable or a file it reads at import is missing here, a package it needs is broken):
     a worker where it imports may load it, and so may this one once that is fixed."""
+
+    __slots__ = ()
+
+
+class _MainHere(_NotHere):
+    """(Resuming in the app's process.) Why a feedback cannot be loaded by path: its
+    function is in ``__main__`` — a notebook's cell, a script — and no feedback of its id
+    is defined in this process now. Running the code that defines it here lets it resume."""
 
     __slots__ = ()
 
@@ -88,8 +103,11 @@ class Worker:
     """
 
     def __init__(self, session: Session, *, poll_interval: float, batch_size: int,
-                 max_claims: int) -> None:
+                 max_claims: int, in_app: bool = False) -> None:
         self._session = session
+        # (resume_pending: the app's own process, where a feedback of __main__ may be
+        # defined again — its results stay pending until it is, rather than failing)
+        self._in_app = in_app
         self._poll = poll_interval
         self._batch = batch_size
         self._max_claims = max_claims
@@ -359,6 +377,10 @@ class Worker:
                     "imports (fix what importing it needs in this worker's environment, "
                     "or run such a worker); this one tries again in %g s", reason,
                     RETRY_LOAD_AFTER)
+            elif isinstance(reason, _MainHere):
+                log("scrutiny: %s, and this process defines no feedback of that id now. Its "
+                    "results stay pending: run the code that defines it here (a notebook's "
+                    "cell, say) and call session.resume_pending() again", reason)
             elif isinstance(reason, _NoSpecYet):
                 log("scrutiny worker: %s. Its results stay pending (the app stores the spec "
                     "when it next records with this feedback); this worker looks again in "
@@ -400,7 +422,15 @@ class Worker:
                     logger.info("scrutiny worker: the stored spec of feedback %r changed; "
                                 "loading it again", definition["name"])
                 cached = self._feedbacks[feedback_id] = (text, _load(definition))
-            out[feedback_id] = cached[1]
+            loaded = cached[1]
+            if not isinstance(loaded, Feedback):  # (not importable by path: this process
+                # may hold it, a function of a notebook's cell or a script)
+                here = defined_here(feedback_id)
+                if here is not None:
+                    loaded = here
+                elif self._in_app and isinstance(loaded, _OnlyWhereDefined):
+                    loaded = _MainHere(loaded)
+            out[feedback_id] = loaded
         return out
 
 
@@ -410,8 +440,9 @@ def _load(definition: Row) -> Feedback | str:
     if not spec:
         implementation = definition.get("implementation")
         if not implementation or implementation.startswith("__main__:"):
-            return (f"feedback {name!r} cannot be loaded by a worker: its function is not "
-                    "importable by path (a lambda, a closure or code in __main__)")
+            return _OnlyWhereDefined(
+                f"feedback {name!r} cannot be loaded by a worker: its function is not "
+                "importable by path (a lambda, a closure or code in __main__)")
         # Before specs were stored (a database upgraded from revision 0001), or a selector
         # of it cannot be imported by path: not a reason to fail it for good.
         return _NoSpecYet(
