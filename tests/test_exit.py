@@ -176,3 +176,95 @@ def test_the_calls_an_apps_threads_make_while_the_interpreter_waits_for_them_are
         ["main"] + [f"{worker}-{i}" for worker in ("thread0", "thread1", "pool0", "pool1")
                     for i in range(3)])
     assert (df["one status"] == "done").all()
+
+
+_SLOW_AT_EXIT = """
+import signal, sys, threading, time
+from scrutiny import Feedback, Record, Session
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background CI ignores it)
+started, never = threading.Event(), threading.Event()
+
+def slow(output: str) -> float:  # still running when the process exits
+    started.set()
+    never.wait(120)
+    return 1.0
+
+sessions = [Session(f"sqlite:///{sys.argv[1]}/{i}.sqlite", flush_timeout=float(sys.argv[2]))
+            for i in range(int(sys.argv[3]))]
+for session in sessions:
+    started.clear()
+    session.ingest(Record(app_name="a", app_version="v", input="q", output="o"),
+                   [Feedback(slow, name="slow").on_output()])
+    assert started.wait(20)
+"""
+
+
+def _pending_in(folder: Path, count: int) -> list[list[tuple[str, ...]]]:
+    import sqlalchemy as sa
+
+    out = []
+    for i in range(count):
+        engine = sa.create_engine(f"sqlite:///{folder}/{i}.sqlite", poolclass=sa.pool.NullPool)
+        with engine.connect() as conn:
+            out.append([tuple(r) for r in conn.execute(sa.text(
+                "SELECT status FROM scrutiny_feedback_results"))])
+    return out
+
+
+def test_sessions_left_open_wait_for_their_evaluations_once_at_exit_not_each_in_turn(
+        tmp_path: Path) -> None:
+    """Each session left open waited its own flush_timeout at exit, one after another: a
+    test suite that never closed its sessions, with a slow judge, hung N x 10 s at exit."""
+    import time
+
+    began = time.monotonic()
+    ran = subprocess.run([sys.executable, "-c", _SLOW_AT_EXIT, str(tmp_path), "2", "6"],
+                         capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - began
+    assert ran.returncode == 0, ran.stderr
+    assert _pending_in(tmp_path, 6) == [[("pending",)]] * 6
+    assert took < 6 * 2, (took, ran.stderr)  # (each in turn: over 12 s before the fix)
+
+
+def test_ctrl_c_while_the_exit_waits_releases_what_is_unfinished_at_once(
+        tmp_path: Path) -> None:
+    """Ctrl-C again while the exit waited for evaluations printed a traceback ("Exception
+    ignored in: <module 'threading'>") and did not cut the wait short; once more, and the
+    results stayed `running`, held by the dead process's lease."""
+    script = _SLOW_AT_EXIT + """
+def interrupt_the_exit() -> None:  # (Ctrl-C once the exit waits for the evaluations)
+    while all(s._exit_deadline is None for s in sessions):
+        time.sleep(0.01)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+threading.Thread(target=interrupt_the_exit, daemon=True).start()
+"""
+    import time
+
+    began = time.monotonic()
+    ran = subprocess.run([sys.executable, "-c", script, str(tmp_path), "60", "2"],
+                         capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - began
+    assert ran.returncode == 0, ran.stderr
+    assert "Exception ignored" not in ran.stderr
+    assert "released as pending now" in ran.stderr
+    assert _pending_in(tmp_path, 2) == [[("pending",)]] * 2
+    assert took < 30, ran.stderr  # (flush_timeout is 60)
+
+
+def test_a_jupyter_kernel_releases_what_is_unfinished_before_it_is_killed(
+        tmp_path: Path) -> None:
+    """Jupyter's "Restart kernel" gives the kernel 2.5 s, then SIGTERM (no exit handlers
+    run): the exit waited flush_timeout for a running evaluation and was killed first,
+    leaving its result `running`, held by the dead kernel's lease."""
+    import time
+
+    kernel = "import sys, types\nsys.modules['ipykernel'] = types.ModuleType('ipykernel')\n"
+    began = time.monotonic()
+    ran = subprocess.run([sys.executable, "-c", kernel + _SLOW_AT_EXIT, str(tmp_path), "60",
+                          "1"], capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - began
+    assert ran.returncode == 0, ran.stderr
+    assert _pending_in(tmp_path, 1) == [[("pending",)]]
+    assert took < 30, ran.stderr  # (flush_timeout is 60; the kernel waits KERNEL_EXIT_WAIT)

@@ -124,10 +124,33 @@ def end_when_dropped(obj: object, end: Callable[..., object], *args: Any) -> Non
         _unfinished.add(fin)
 
 
-def _drain_all_at_exit() -> None:
+_interrupted = False
+
+
+def interrupted_at_exit() -> None:
+    """Ctrl-C while the exit waits for evaluations (a second one, after the one that
+    stopped the app): every session releases what is unfinished as `pending` now (it
+    printed a traceback, waited on, and once more left the results `running`)."""
+    global _interrupted
+    if not _interrupted:
+        _interrupted = True
+        logger.warning("scrutiny: interrupted while finishing evaluations at exit: what is "
+                       "unfinished is released as pending now")
     for session in list(live_sessions):
+        session._cut_close_short()
+
+
+def _drain_all_at_exit() -> None:
+    # (one span for all: drained one after another, each waiting its own flush_timeout,
+    # three sessions with a slow evaluation each held the exit for 30 s)
+    began = time.monotonic()
+    sessions = list(live_sessions)
+    for session in sessions:
         try:
-            session._drain()
+            session._drain(began)
+        except KeyboardInterrupt:  # (Ctrl-C again: what is unfinished is released now)
+            interrupted_at_exit()
+            return
         except Exception:
             logger.exception("scrutiny: finishing a session's evaluations at exit failed")
 
@@ -144,9 +167,18 @@ def _close_all_at_exit() -> None:
             end()
         except Exception:
             logger.exception("scrutiny: ending the calls still open at exit failed")
-    for session in list(live_sessions):
+    sessions = list(live_sessions)
+    for session in sessions:
         try:
+            if session._exit_deadline is not None and \
+                    time.monotonic() >= session._exit_deadline:
+                # (the exit waited for its evaluations already: what is unfinished is
+                # released now — waited for again, one session after another, exit took
+                # a second more per session)
+                session._cut_close_short()
             session.close(session._exit_timeout())
+        except KeyboardInterrupt:  # (Ctrl-C again: the rest is released at once)
+            interrupted_at_exit()
         except Exception:
             logger.exception("scrutiny: closing a session at exit failed")
     shared = _shared

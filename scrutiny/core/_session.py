@@ -50,7 +50,9 @@ from scrutiny.core._refs import NotReferenceable
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
 from scrutiny.core._runtime import (
     Notifier,
+    exit_stage,
     install_process_hooks,
+    interrupted_at_exit,
     live_sessions,
     open_call_counters,
     wait_limit,
@@ -342,6 +344,7 @@ class Session(SessionReading):
         self._hurried = False  # close() told to stop waiting (see _cut_close_short)
         self._settled = False  # close() settled what it left: later jobs are not held
         self._exit_deadline: float | None = None  # (see _drain)
+        self._exit_began: float | None = None
         self._warmed = False  # its threads started ahead of its first record (see _warm)
         self._unstored_ends = 0  # end states told to waiters but not stored (see _finish)
         self._unmaterialized = 0  # accepted records whose results are not made yet
@@ -581,16 +584,18 @@ class Session(SessionReading):
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         return self.flush(remaining)
 
-    def _drain(self) -> None:
+    def _drain(self, began: float | None = None) -> None:
         """(At interpreter exit, before executors stop taking work and the app's threads
         are joined.) Store what is queued and let this process's evaluations under way
-        finish, within `flush_timeout`; the session stays open for what the app's threads
-        still do (:meth:`close` follows once they ended)."""
+        finish, within `flush_timeout` from `began` (when the exit began: every session
+        drains within the same span, not one after another); the session stays open for
+        what the app's threads still do (:meth:`close` follows once they ended)."""
         writer = self._writer
         if writer is None or self._state != "started" or self._pid != os.getpid():
             return
-        deadline = self._exit_deadline = time.monotonic() + self.flush_timeout
-        writer.flush(self.flush_timeout)
+        began = self._exit_began = time.monotonic() if began is None else began
+        deadline = self._exit_deadline = began + _exit_wait(self.flush_timeout)
+        writer.flush(max(0.0, deadline - time.monotonic()))
         if self._loop is not None and self._watcher is None:  # (not workers' results)
             self._wait_outstanding(deadline)
         writer.flush(max(0.0, deadline - time.monotonic()))
@@ -670,8 +675,9 @@ class Session(SessionReading):
                     "(the evaluation unfinished, or its end still queued for the database); "
                     "those whose end is not stored stay pending in %s for a worker or "
                     "Session.resume_pending()",
-                    len(unfinished), time.monotonic() - began,
-                    " (told to stop again)" if self._hurried else "", self._redacted_url())
+                    len(unfinished), time.monotonic() - (self._exit_began or began),
+                    " (told to stop again)" if self._hurried and exit_stage() == 0 else "",
+                    self._redacted_url())
             clean = writer.close(max(0.1, deadline - time.monotonic())) and clean
             if writer.failed or writer.dropped:  # stored nothing of those: not clean
                 clean = False
@@ -759,12 +765,19 @@ class Session(SessionReading):
         return held
 
     def _wait_outstanding(self, deadline: float | None) -> bool:
-        with self._outstanding_cond:
-            while self._inflight or self._unmaterialized:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if (remaining is not None and remaining <= 0) or self._hurried:
-                    return False
-                self._outstanding_cond.wait(remaining)
+        try:
+            with self._outstanding_cond:
+                while self._inflight or self._unmaterialized:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if (remaining is not None and remaining <= 0) or self._hurried:
+                        return False
+                    self._outstanding_cond.wait(remaining)
+        except KeyboardInterrupt:  # (Ctrl-C while closing: what is left is released now)
+            self._hurried = True
+            if exit_stage() == 0 and not _exiting():
+                raise
+            interrupted_at_exit()  # (at exit: no caller to reach; every session hurries)
+            return False
         return True
 
     def _cut_close_short(self) -> None:
@@ -1414,3 +1427,24 @@ def _mode(value: FeedbackMode | str) -> FeedbackMode:
         choices = ", ".join(repr(m.value) for m in FeedbackMode)
         raise ConfigurationError(f"unknown feedback mode {value!r}; choose one of {choices}") \
             from None
+
+
+KERNEL_EXIT_WAIT = 1.0
+"""Under a Jupyter kernel, the most seconds the exit waits for evaluations under way
+before they are released as `pending` (see :func:`_exit_wait`)."""
+
+
+def _exit_wait(flush_timeout: float) -> float:
+    """How long the exit waits for evaluations under way. Jupyter's "Restart kernel" and
+    "Shut down" give the kernel 2.5 s, then kill it with SIGTERM (no exit handlers run):
+    waiting `flush_timeout` (10 s) left the results `running`, held by the dead kernel's
+    lease; within the 2.5 s they are released as `pending`, which the notebook resumes."""
+    if "ipykernel" in sys.modules:
+        return min(flush_timeout, KERNEL_EXIT_WAIT)
+    return flush_timeout
+
+
+def _exiting() -> bool:
+    """Whether the interpreter is past the app's main code (threading's exit hooks or
+    atexit run): an interrupt there has no caller to reach."""
+    return bool(getattr(threading, "_SHUTTING_DOWN", False)) or sys.is_finalizing()
