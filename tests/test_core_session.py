@@ -2708,3 +2708,31 @@ def test_a_tables_missing_cells_are_no_value_not_the_text_nan(session: Session) 
     stored = session.get_record(records[3].record_id)
     assert stored is not None
     assert stored.output is None  # (pd.NA: no value, not a description of the object)
+
+
+def test_reprs_are_short_and_results_are_found_by_name(session: Session) -> None:
+    """A record's repr held every span's inputs and outputs (140 KB for one with 19 KB of
+    contexts), a result's every call's arguments: a notebook's output flooded, and
+    pytest's assertion diff showed the prompt and cut off the status and the score.
+    Results were found only by the Feedback object: results["name"] raised KeyError."""
+    def broken(output: str) -> float:
+        raise ValueError("the judge exploded: " + "x" * 500)
+
+    record = session.ingest(make_record(contexts=["ctx " * 5000] * 4),
+                            [Feedback(lambda output: 0.25, name="len").on_output(),
+                             Feedback(broken).on_output()])
+    results = record.wait_for_feedback_results(timeout=20)
+    assert results["len"].result == 0.25  # by name
+    assert results["broken"].status is FeedbackStatus.FAILED
+    with pytest.raises(KeyError, match=r"the record has \['broken', 'len'\]"):
+        results["nope"]
+    shown = repr(record)
+    assert len(shown) < 500, shown
+    assert "status='ok'" in shown
+    assert "contexts=4" in shown
+    assert "'len': done 0.25" in shown
+    assert "'broken': failed" in shown
+    failed = repr(results["broken"])
+    assert failed.startswith("FeedbackResult('broken', status='failed', error='ValueError: ")
+    assert len(failed) < 300, failed
+    assert repr(session).startswith("Session('sqlite:///")

@@ -12,10 +12,10 @@ import scrutiny
 def test_top_level_exports() -> None:
     assert scrutiny.__all__ == [
         "ConfigurationError", "Feedback", "FeedbackCall", "FeedbackError", "FeedbackMode",
-        "FeedbackResult", "FeedbackStatus", "FeedbackTimeout", "InvalidFeedbackValue",
-        "RateLimit", "Record", "RecordStatus", "RecordingError", "RetryPolicy",
-        "ScrutinyError", "Select", "Selector", "Session", "SkipFeedback", "Span", "SpanKind",
-        "StorageError", "TokenUsage", "TransientError", "__version__",
+        "FeedbackResult", "FeedbackResults", "FeedbackStatus", "FeedbackTimeout",
+        "InvalidFeedbackValue", "RateLimit", "Record", "RecordStatus", "RecordingError",
+        "RetryPolicy", "ScrutinyError", "Select", "Selector", "Session", "SkipFeedback",
+        "Span", "SpanKind", "StorageError", "TokenUsage", "TransientError", "__version__",
     ]
     for name in scrutiny.__all__:
         assert hasattr(scrutiny, name)
@@ -67,6 +67,5 @@ def test_type_checkers_see_the_package_types(tmp_path: Path) -> None:
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir",
          str(tmp_path / "cache"), str(user)], capture_output=True, text=True, cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout
-    assert 'Revealed type is "dict[scrutiny.core._feedback.Feedback, ' \
-           'scrutiny.core._results.FeedbackResult]"' in checked.stdout
+    assert 'Revealed type is "scrutiny.core._records.FeedbackResults"' in checked.stdout
     assert 'Revealed type is "scrutiny.core._feedback.Feedback"' in checked.stdout

@@ -25,6 +25,7 @@ from scrutiny.core._errors import (
 from scrutiny.core._feedback import Feedback, RateLimit, RetryPolicy, feedback_defaults
 from scrutiny.core._recording import RecorderSettings, Recording
 from scrutiny.core._records import (
+    FeedbackResults,
     LazyRecord,
     Record,
     RecordStatus,
@@ -43,6 +44,7 @@ __all__ = [
     "FeedbackError",
     "FeedbackMode",
     "FeedbackResult",
+    "FeedbackResults",
     "FeedbackStatus",
     "FeedbackTimeout",
     "InvalidFeedbackValue",

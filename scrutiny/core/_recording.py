@@ -45,6 +45,11 @@ class Recording:
         empty_hint: said when `get()` finds no record at all.
     """
 
+    def __repr__(self) -> str:
+        with self._lock:
+            made, still_open = len(self._records), self._open
+        return f"Recording(records={made}, open_calls={still_open})"
+
     def __init__(self, feedback_mode: FeedbackMode | None, *, open_hint: str = "",
                  empty_hint: str = "") -> None:
         self.feedback_mode = feedback_mode

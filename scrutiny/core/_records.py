@@ -386,6 +386,32 @@ class Record:
         if self.spans:
             self.spans = [_held_span(span) for span in self.spans]
 
+    def __repr__(self) -> str:
+        # (short: the generated one held every span's inputs and outputs — 140 KB for a
+        # record with 19 KB of contexts — in a notebook's output, an assertion's diff)
+        shown = [f"{self.record_id!r}", f"app={self.app_id!r}",
+                 f"status={self.status.value!r}"]
+        for name in ("input", "output"):
+            value = getattr(self, name)
+            text = value if isinstance(value, str) else repr(value)
+            shown.append(f"{name}={_repr_cut(text)!r}" if isinstance(value, str)
+                         else f"{name}={_repr_cut(text)}")
+        if self.error:
+            shown.append(f"error={_repr_cut(self.error)!r}")
+        if self.contexts:
+            shown.append(f"contexts={len(self.contexts)}")
+        if self.spans:
+            shown.append(f"spans={len(self.spans)}")
+        try:
+            slots = dict(self._slots)
+        except RuntimeError:  # (made on another thread this very moment)
+            slots = {}
+        if slots:
+            shown.append("results={" + ", ".join(
+                f"{fb.name!r}: {_result_text(slot.current)}" for fb, slot in slots.items())
+                + "}")
+        return f"Record({', '.join(shown)})"
+
     def _result_slots(self) -> dict[Feedback, _ResultSlot]:
         """The result slots, made first if the session has not made them yet."""
         init = self._pending_init
@@ -450,9 +476,9 @@ class Record:
 
     # ----------------------------------------------------------------- feedback results
     @property
-    def feedback_results(self) -> dict[Feedback, FeedbackResult]:
+    def feedback_results(self) -> FeedbackResults:
         """The latest known result of each feedback (pending ones included)."""
-        return {fb: slot.current for fb, slot in self._result_slots().items()}
+        return FeedbackResults((fb, slot.current) for fb, slot in self._result_slots().items())
 
     def feedback_futures(self) -> dict[Feedback, concurrent.futures.Future[FeedbackResult]]:
         """One future per feedback; each resolves after its result is stored."""
@@ -463,7 +489,7 @@ class Record:
         timeout: float | None = None,
         *,
         callback: ResultsCallback | None = None,
-    ) -> dict[Feedback, FeedbackResult]:
+    ) -> FeedbackResults:
         """Wait for every feedback result of this record.
 
         Args:
@@ -510,7 +536,7 @@ class Record:
 
     async def await_feedback_results(
         self, timeout: float | None = None
-    ) -> dict[Feedback, FeedbackResult]:
+    ) -> FeedbackResults:
         """The async form of :meth:`wait_for_feedback_results`: never blocks the event loop."""
         timeout = wait_limit(timeout)
         watch = self._watch
@@ -684,6 +710,23 @@ async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
 
+class FeedbackResults(dict["Feedback", FeedbackResult]):
+    """A record's results by feedback: ``results[feedback]``, or ``results["name"]`` by the
+    feedback's name (a test asserting on a score need not keep the Feedback object)."""
+
+    def __missing__(self, key: object) -> FeedbackResult:
+        if isinstance(key, str):
+            for feedback, result in self.items():
+                if feedback.name == key:
+                    return result
+            raise KeyError(f"{key!r}: no result of a feedback of that name; the record has "
+                           f"{sorted(f.name for f in self)}")
+        raise KeyError(key)
+
+    if TYPE_CHECKING:
+        def __getitem__(self, key: Feedback | str, /) -> FeedbackResult: ...
+
+
 class LazyRecord:
     """A record whose :class:`Record` is built on first use: by the session's writer thread
     when it stores it, or by whoever asks first (``get()``). An integration hands one over
@@ -721,6 +764,16 @@ class LazyRecord:
                 self._on_build = fn
                 return
         fn(self._record)
+
+
+def _repr_cut(text: str, most: int = 80) -> str:
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+
+def _result_text(result: FeedbackResult) -> str:
+    """'done 0.42', 'failed', 'pending': a result in a record's repr."""
+    score = result.result
+    return result.status.value if score is None else f"{result.status.value} {score:.3g}"
 
 
 def _held_span(span: Span) -> Span:

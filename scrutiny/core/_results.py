@@ -93,6 +93,22 @@ class FeedbackResult:
         values.update(changes)
         return FeedbackResult(**values)
 
+    def __repr__(self) -> str:
+        # (short: the generated one held every call's arguments — a judge's prompt with
+        # its contexts — and pytest's assertion diff, a notebook's output, a log line
+        # showed the prompt and cut off the status and the score)
+        shown = [f"{self.feedback_name!r}", f"status={self.status.value!r}"]
+        if self.result is not None:
+            shown.append(f"result={self.result!r}")
+        for name in ("error", "explanation"):
+            text = getattr(self, name)
+            if text:
+                shown.append(f"{name}={_cut(text)!r}")
+        if self.attempts > 1:
+            shown.append(f"attempts={self.attempts}")
+        shown.append(f"record_id={self.record_id!r}")
+        return f"FeedbackResult({', '.join(shown)})"
+
     @property
     def score(self) -> float | None:
         """Alias of :attr:`result`."""
@@ -128,3 +144,11 @@ class FeedbackResult:
             "cost": self.cost,
             "calls": [c.as_dict() for c in self.calls],
         }
+
+
+REPR_TEXT = 160
+"""The most characters of a text field a repr shows."""
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= REPR_TEXT else text[:REPR_TEXT - 3] + "..."

@@ -244,6 +244,11 @@ class Session(SessionReading):
         ConfigurationError: an invalid option or database URL.
     """
 
+    def __repr__(self) -> str:
+        state = ", closed" if self._state == "closed" else ""
+        return (f"Session({self._redacted_url()!r}, "
+                f"feedback_mode={self.feedback_mode.value!r}{state})")
+
     def __init__(
         self,
         database_url: str | None = None,

@@ -429,6 +429,11 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
     run_inline = True
     raise_error = False
 
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(app_name={self.app_name!r}, "
+                f"app_version={self.app_version!r}, "
+                f"feedbacks={[fb.name for fb in self.feedbacks]!r})")
+
     def __init__(
         self,
         app_name: str = "app",

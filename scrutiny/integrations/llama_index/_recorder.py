@@ -115,6 +115,11 @@ class LlamaIndexRecorder:
       whole runs (the user's question, the final answer), record the `AgentWorkflow`.
     """
 
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(app_name={self.app_name!r}, "
+                f"app_version={self.app_version!r}, "
+                f"feedbacks={[fb.name for fb in self.feedbacks]!r})")
+
     def __init__(
         self,
         app: Any,
