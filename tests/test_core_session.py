@@ -2736,3 +2736,17 @@ def test_reprs_are_short_and_results_are_found_by_name(session: Session) -> None
     assert failed.startswith("FeedbackResult('broken', status='failed', error='ValueError: ")
     assert len(failed) < 300, failed
     assert repr(session).startswith("Session('sqlite:///")
+
+
+def test_a_record_id_deleted_can_be_given_again(session: Session) -> None:
+    """A notebook run, deleted, then run again: its ids were refused, "already given to
+    this session for another record ... it keeps the first", though nothing was kept."""
+    first = session.ingest(make_record(record_id="row-0", app_name="nb"), [])
+    assert session.flush(10)
+    assert session.delete_records(app_ids=["nb"]) == 1
+    again = session.ingest(make_record(record_id="row-0", app_name="nb",
+                                       start_time=first.start_time + 60), [])
+    assert session.flush(10)
+    stored = session.get_record("row-0")
+    assert stored is not None
+    assert stored.start_time == pytest.approx(again.start_time)

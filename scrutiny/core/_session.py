@@ -350,6 +350,7 @@ class Session(SessionReading):
         self._settled = False  # close() settled what it left: later jobs are not held
         self._exit_deadline: float | None = None  # (see _drain)
         self._exit_began: float | None = None
+        self._deleted_said = -math.inf  # (see _overtaken)
         self._warmed = False  # its threads started ahead of its first record (see _warm)
         self._unstored_ends = 0  # end states told to waiters but not stored (see _finish)
         self._unmaterialized = 0  # accepted records whose results are not made yet
@@ -1057,9 +1058,15 @@ class Session(SessionReading):
             if self._inflight.get(job.pending.result_id or "") is not job:
                 return  # (its record was refused: its waiters were told so)
         if row is None:
-            logger.warning("scrutiny: feedback %r of record %s was not stored: its record was "
-                           "deleted from the database meanwhile", final.feedback_name,
-                           final.record_id)
+            # (once a minute, then at debug: a retention run during a big batch logged a
+            # line per result)
+            now = time.monotonic()
+            log = logger.debug if now - self._deleted_said < 60.0 else logger.warning
+            if log is logger.warning:
+                self._deleted_said = now
+            log("scrutiny: feedback %r of record %s was not stored: its record was deleted "
+                "from the database meanwhile (said once a minute; the others at debug)",
+                final.feedback_name, final.record_id)
             self._gone([job], "its record was deleted from the database before this result "
                               "was stored")
             return
@@ -1227,7 +1234,12 @@ class Session(SessionReading):
         if before is not None and before.tzinfo is None:
             raise ConfigurationError("before= must be timezone-aware (e.g. UTC)")
         self.flush(self.flush_timeout)
-        return self.store.delete_records(before=before, app_ids=app_ids)
+        deleted = self.store.delete_records(before=before, app_ids=app_ids)
+        if deleted:  # (their ids are free again: a run scored again after deleting the
+            # last one was refused, "already given to this session ... it keeps the first")
+            with self._record_ids_lock:
+                self._record_ids.clear()
+        return deleted
 
     def run_dashboard(self, *, host: str = "127.0.0.1", port: int = 0,
                       token: str | None = None) -> Any:

@@ -35,10 +35,14 @@ class RecordIdTaken(StorageError):
 
     MARK = "scrutiny: record id taken by another record"
 
-    def __init__(self, record_id: str, app_id: str) -> None:
+    def __init__(self, record_id: str, app_id: str, given_app_id: str | None = None) -> None:
+        again = ("" if given_app_id not in (None, app_id) else
+                 " If it is the same record given again (a script scoring a dataset run "
+                 "again), give it the start_time it was stored with: without one a record "
+                 "is dated when it is made, so made again it is another call")
         super().__init__(f"{self.MARK}: {record_id!r} is already the id of a record of app "
                          f"{app_id!r}; give each record an id of its own (uuid4) — or leave "
-                         "record_id out and Scrutiny makes one")
+                         f"record_id out and Scrutiny makes one.{again}")
 
 
 class ResultNameTaken(StorageError):
@@ -72,7 +76,7 @@ def refuse_repeats(records: Sequence[Row], results: Sequence[Row]) -> None:
             first = first_of.setdefault(row["record_id"], row)
             if first is not row and (first["app_id"] != row["app_id"]
                                      or first.get("start_time") != row.get("start_time")):
-                raise RecordIdTaken(row["record_id"], first["app_id"])
+                raise RecordIdTaken(row["record_id"], first["app_id"], row["app_id"])
     if len(results) > 1:
         named: dict[tuple[str, str], str] = {}
         for row in results:

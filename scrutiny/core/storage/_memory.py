@@ -301,4 +301,4 @@ def _only(rows: list[Row], columns: Sequence[str] | None) -> list[Row]:
 def _same_record(held: Row, given: Row) -> None:
     """A record id given again must be the same record (the same app and start)."""
     if held["app_id"] != given["app_id"] or held.get("start_time") != given.get("start_time"):
-        raise RecordIdTaken(given["record_id"], held["app_id"])
+        raise RecordIdTaken(given["record_id"], held["app_id"], given["app_id"])

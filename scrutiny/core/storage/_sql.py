@@ -847,7 +847,7 @@ class SQLStore:
             for row in conn.execute(with_key.where(t.c.record_id.in_(chunk))):
                 new = given[row.record_id]
                 if row.app_id != new["app_id"] or row.start_time != new["start_time"]:
-                    raise RecordIdTaken(row.record_id, row.app_id)
+                    raise RecordIdTaken(row.record_id, row.app_id, new["app_id"])
 
     def _check_result_names(self, conn: Connection, results: list[Row]) -> None:
         """(Some records of the batch were there already: given again.) Raise
