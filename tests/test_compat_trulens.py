@@ -516,3 +516,14 @@ def test_the_trulens_langchain_provider_judges_under_trulens_names(
         session.close()
     with pytest.raises(ConfigurationError, match=r"Langchain\(chain=ChatOpenAI"):
         OpenAI(model_engine="gpt-4o")
+
+
+@pytest.mark.parametrize("name", ["VirtualApp", "VirtualRecord"])
+def test_virtual_records_name_the_way_forward(name: str) -> None:
+    """TruLens's offline users import TruVirtual, VirtualApp and VirtualRecord together:
+    the last two were a bare ImportError."""
+    from scrutiny import ConfigurationError
+    from scrutiny.compat import trulens
+
+    with pytest.raises(ConfigurationError, match=r"scrutiny.Record of each row"):
+        getattr(trulens, name)(main_input="q", main_output="a")

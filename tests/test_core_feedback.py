@@ -432,7 +432,8 @@ def test_only_a_real_partial_is_looked_through_to_tell_an_async_function(
     thread.join(5)
     assert answer == [False]
     assert Feedback(functools.partial(_AsyncJudge())).is_async
-    assert not Feedback(_AsyncJudge, name="cls").is_async  # (a class makes an instance)
+    with pytest.raises(ConfigurationError, match="pass an instance"):  # (not its class)
+        Feedback(_AsyncJudge, name="cls")
     wrapped = Feedback(_SyncWrapper(_async_score), name="wrapped").on_output()
     assert not wrapped.is_async
     with Session(f"sqlite:///{tmp_path}/x.sqlite") as session:

@@ -187,3 +187,35 @@ def test_a_recorder_without_a_session_to_be_had_gives_its_feedbacks_failed(
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.startswith("len failed not evaluated: there is no session to store "
                                  "the record in"), ran.stdout
+
+
+def test_misused_arguments_say_what_to_give() -> None:
+    """A URL as session=, the app where the app name goes, a string of tags (kept as its
+    characters), a list as metadata, a dict to session.ingest, an evaluator's class as a
+    feedback, a chat model to rag_triad: each failed deep inside (AttributeError), or not
+    at all, instead of saying what to give."""
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from scrutiny.integrations.langchain import ChainRecorder, ScrutinyCallbackHandler
+    from scrutiny.providers import PIIDetector, rag_triad
+
+    llm = FakeListChatModel(responses=["a"])
+    cases: list[tuple[Any, str]] = [
+        (lambda: ChainRecorder(llm, app_name="qa", session="sqlite:///x.sqlite"),
+         r"session= takes a Session, not a str \(a database URL\? pass session=Session"),
+        (lambda: ScrutinyCallbackHandler(llm, "v1"),
+         r"app_name is text.*got FakeListChatModel: the app itself goes to ChainRecorder"),
+        (lambda: ChainRecorder(llm, app_name="qa", tags="prod"),
+         r"tags is a list of strings, e.g. tags=\['prod'\]"),
+        (lambda: ChainRecorder(llm, app_name="qa", metadata=["env", "prod"]),
+         r"metadata is a dict"),
+        (lambda: Session("memory://").ingest({"input": "q", "output": "a"}),  # type: ignore[type-var]
+         r"session.ingest takes a Record.*Record\(\*\*row\)"),
+        (lambda: Feedback(PIIDetector).on_output(),
+         r"pass an instance, Feedback\(PIIDetector\(\)\)"),
+        (lambda: rag_triad(llm), r"rag_triad\(LLMJudge\(model\)\)"),
+        (lambda: ChainRecorder(), r"needs the app it records, or an app_name"),
+    ]
+    for make, says in cases:
+        with pytest.raises(ConfigurationError, match=says):
+            make()

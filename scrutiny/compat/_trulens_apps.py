@@ -33,7 +33,8 @@ from scrutiny.core._ids import new_hex_id
 from scrutiny.core._records import ResultsCallback, app_id_for
 
 __all__ = ["AzureOpenAI", "Bedrock", "Huggingface", "LiteLLM", "OpenAI", "TruApp",
-           "TruBasicApp", "TruChain", "TruCustomApp", "TruLlama", "TruVirtual", "instrument"]
+           "TruBasicApp", "TruChain", "TruCustomApp", "TruLlama", "TruVirtual", "VirtualApp",
+           "VirtualRecord", "instrument"]
 
 DEFAULT_APP_VERSION = "base"
 """TruLens's version of an app given none (Scrutiny's own recorders say "v1")."""
@@ -446,6 +447,12 @@ _RECORD_INSTEAD = (
 TruApp = _Refused("TruApp", _NO_INSTRUMENTATION, _RECORD_INSTEAD)
 TruCustomApp = _Refused("TruCustomApp", _NO_INSTRUMENTATION, _RECORD_INSTEAD)
 TruVirtual = _Refused("TruVirtual", "there are no virtual apps", _RECORD_INSTEAD)
+_DATASET_INSTEAD = (
+    "Build a scrutiny.Record of each row (app_name=, app_version=, input=, output=, "
+    "contexts=, metadata=, start_time=) and session.ingest(record, feedbacks)")
+VirtualApp = _Refused("VirtualApp", "there are no virtual apps", _DATASET_INSTEAD)
+VirtualRecord = _Refused("VirtualRecord", "records of virtual apps are plain Records",
+                         _DATASET_INSTEAD)
 instrument = _Refused("instrument", _NO_INSTRUMENTATION, _RECORD_INSTEAD)
 
 

@@ -32,8 +32,8 @@ What works as in TruLens:
 What has no equivalent raises :class:`NoEquivalent` (a ``ConfigurationError``) saying
 what to use: lenses into call paths (``Select.RecordCalls...``: use ``Select.spans(...)``,
 ``Select.contexts`` or a ``callable(record)``), ``TruApp`` / ``TruCustomApp`` /
-``@instrument``, ``TruVirtual``, and TruLens's other providers (``OpenAI()`` & co.: use
-``Langchain(chain=ChatOpenAI(...))``).
+``@instrument``, ``TruVirtual`` (and ``VirtualApp``, ``VirtualRecord``), and TruLens's
+other providers (``OpenAI()`` & co.: use ``Langchain(chain=ChatOpenAI(...))``).
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ from scrutiny.compat._trulens_apps import (
     TruLlama,
     TruRecord,
     TruVirtual,
+    VirtualApp,
+    VirtualRecord,
     instrument,
 )
 from scrutiny.compat._trulens_feedback import Feedback, NoEquivalent, Select
@@ -81,6 +83,8 @@ __all__ = [
     "TruRecord",
     "TruSession",
     "TruVirtual",
+    "VirtualApp",
+    "VirtualRecord",
     "instrument",
     "run_dashboard",
     "stop_dashboard",

@@ -262,6 +262,12 @@ class Feedback:
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"Feedback needs a function, got {fn!r}")
+        if isinstance(fn, type) and any("__call__" in vars(c) for c in fn.__mro__[:-1]):
+            # (the class of an evaluator: wired, each call made an instance of it — the
+            # output given as its first option — and every result failed)
+            raise ConfigurationError(
+                f"Feedback({fn.__name__}) was given the class: pass an instance, "
+                f"Feedback({fn.__name__}())")
         defaults = feedback_defaults(fn)
         if name is None:
             name = defaults.get("name")

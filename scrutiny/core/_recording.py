@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from scrutiny.core._errors import ConfigurationError, RecordingError, describe_error
@@ -167,8 +167,24 @@ class RecorderSettings:
     def __init__(self, app_name: str, app_version: str, *, feedbacks: Sequence[Feedback],
                  session: Session | None, feedback_mode: FeedbackMode | str | None,
                  tags: Sequence[str], metadata: dict[str, Any] | None) -> None:
-        if not app_name or not isinstance(app_name, str):
+        if not isinstance(app_name, str):
+            hint = (": the app itself goes to ChainRecorder(app, app_name=...) or "
+                    "LlamaIndexRecorder(app, app_name=...)" if not isinstance(
+                        app_name, int | float) else "")
+            raise ConfigurationError(f"app_name is text, e.g. app_name='qa'; got "
+                                     f"{type(app_name).__name__}{hint}")
+        if not app_name:
             raise ConfigurationError("a recorder needs a non-empty app_name")
+        if session is not None and not isinstance(session, Session):
+            hint = (" (a database URL? pass session=Session(url))"
+                    if isinstance(session, str) else "")
+            raise ConfigurationError(f"session= takes a Session, not a "
+                                     f"{type(session).__name__}{hint}")
+        if isinstance(tags, str | bytes):  # (kept as its characters: ['p', 'r', 'o', 'd'])
+            raise ConfigurationError(f"tags is a list of strings, e.g. tags=[{tags!r}]")
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise ConfigurationError(f"metadata is a dict, e.g. metadata={{'env': 'prod'}}; "
+                                     f"got {type(metadata).__name__}")
         if not isinstance(app_version, str) or not app_version:
             raise ConfigurationError("app_version must be a non-empty string")
         check_app_label(app_name, app_version)

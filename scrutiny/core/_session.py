@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
 
@@ -849,6 +849,13 @@ class Session(SessionReading):
                 queued. Past that check it never raises: a failure inside Scrutiny is
                 logged and the caller carries on.
         """
+        if not isinstance(record, Record | LazyRecord):  # (a dict failed on the writer
+            # thread, or raised AttributeError 'record_id', and was not stored)
+            raise ConfigurationError(
+                f"session.ingest takes a Record, e.g. Record(app_name='qa', "
+                f"app_version='v1', input=..., output=...); got {type(record).__name__}"
+                + (": Record(**row) makes one of a dict with those keys"
+                   if isinstance(record, Mapping) else ""))
         if sys.is_finalizing():  # (from a __del__ as the interpreter tears down)
             logger.error("scrutiny: record %s was given as the interpreter shuts down: the "
                          "session can no longer store it", record.record_id)

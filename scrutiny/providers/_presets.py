@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from scrutiny.core import Feedback, Select
+from scrutiny.core import ConfigurationError, Feedback, Select
 
 __all__ = ["RagTriad", "rag_triad"]
 
@@ -32,6 +32,13 @@ def rag_triad(provider: Any) -> RagTriad:
         provider: an :class:`LLMJudge`, or any object with the same three methods (e.g.
             the offline :class:`Embeddings`).
     """
+    missing = [m for m in ("context_relevance", "groundedness", "answer_relevance")
+               if not callable(getattr(provider, m, None))]
+    if missing:  # (a chat model given as it is: AttributeError 'context_relevance')
+        raise ConfigurationError(
+            f"rag_triad takes a judge with {', '.join(missing)}, e.g. "
+            f"rag_triad(LLMJudge(model)) or rag_triad(Embeddings()); got "
+            f"{type(provider).__name__}")
     return RagTriad(
         context_relevance=Feedback(provider.context_relevance).on(
             question=Select.input, context=Select.contexts),

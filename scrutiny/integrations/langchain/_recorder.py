@@ -20,6 +20,7 @@ from typing import Any
 from langchain_core.tracers.context import register_configure_hook
 
 from scrutiny.core import (
+    ConfigurationError,
     Feedback,
     FeedbackMode,
     Recording,
@@ -105,9 +106,9 @@ class ChainRecorder:
     """Records a LangChain app (a chain, a runnable, a model, a retriever).
 
     Args:
-        app: the LangChain object being recorded (its name is the default app name, cut
-            to 80 characters; with other recorders' blocks open, its calls are the ones
-            this one records).
+        app: the LangChain object being recorded (its name is the default app name; one too
+            long to be stored with the version is cut, with a hash of the whole name; with
+            other recorders' blocks open, its calls are the ones this one records).
         app_name, app_version: what the records belong to.
         feedbacks: evaluated on every record.
         session: where records go (default: the session created last).
@@ -137,6 +138,10 @@ class ChainRecorder:
         metadata: dict[str, Any] | None = None,
     ) -> None:
         if app_name is None:
+            if app is None:  # (its records were filed under app "NoneType")
+                raise ConfigurationError(
+                    "ChainRecorder needs the app it records, or an app_name: "
+                    "ChainRecorder(chain, app_name='qa')")
             app_name = _default_name(app, app_version)
         self.app = app
         self.handler = ScrutinyCallbackHandler(
