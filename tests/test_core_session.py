@@ -2750,3 +2750,38 @@ def test_a_record_id_deleted_can_be_given_again(session: Session) -> None:
     stored = session.get_record("row-0")
     assert stored is not None
     assert stored.start_time == pytest.approx(again.start_time)
+
+
+def test_a_wait_on_results_left_to_workers_says_so(
+        db_url: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """In deferred mode with no worker running, a wait with a timeout said the results
+    "will still be stored when they finish" (nothing here evaluates them), and a wait
+    without one blocked for ever, without a word."""
+    from scrutiny.core import _records
+    from tests.support.deferred_feedbacks import length
+
+    monkeypatch.setattr(_records, "WAIT_HINT_AFTER", 0.2)
+    fb = Feedback(length).on_output()
+    with Session(db_url, feedback_mode="deferred") as session:
+        record = session.ingest(make_record(), [fb])
+        with caplog.at_level(logging.WARNING, "scrutiny"):
+            results = record.wait_for_feedback_results(timeout=0.2)
+        assert results[fb].status is FeedbackStatus.PENDING
+        assert "nothing in this process evaluates them" in caplog.text
+        assert "will still be stored" not in caplog.text
+        caplog.clear()
+
+        class StartAWorker(logging.Handler):  # (as the user would, once told)
+            def emit(self, entry: logging.LogRecord) -> None:
+                if "none of them started" in entry.getMessage():
+                    session.start_worker(poll_interval=0.05)
+
+        handler = StartAWorker()
+        logging.getLogger("scrutiny").addHandler(handler)
+        try:
+            results = record.wait_for_feedback_results()  # (no timeout)
+        finally:
+            logging.getLogger("scrutiny").removeHandler(handler)
+        assert results[fb].status is FeedbackStatus.DONE
+        assert "after 0.2s, none of them started" in caplog.text

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -30,6 +31,7 @@ from scrutiny import (
     Session,
     StorageError,
 )
+from scrutiny.core import _feedback
 from scrutiny.core._worker import Worker
 from scrutiny.core.storage import HEAD_REVISION, SQLStore, UpdateResult, current_revision, upgrade
 from tests.support import deferred_feedbacks as fbs
@@ -229,6 +231,8 @@ def test_a_worker_without_a_feedbacks_code_leaves_its_results_for_one_with_it(
         other = app.ingest(make_record(1), [Feedback(other_feedbacks.text_length).on_output()])
         assert app.flush(10)
         monkeypatch.setitem(sys.modules, fbs.__name__, None)  # "not installed here"
+        # (nor defined here: a worker's process holds no Feedback of the app's)
+        monkeypatch.setattr(_feedback, "_DEFINED_HERE", weakref.WeakValueDictionary())
         with Session(url, table_prefix=prefix) as lacking, caplog.at_level(
                 logging.ERROR, logger="scrutiny"):
             worker = Worker(lacking, poll_interval=0.0, batch_size=1, max_claims=5)

@@ -523,14 +523,25 @@ class Record:
         if watch is not None:  # (it waits itself: no second wait as long again after it)
             watch.follow(None if timeout is None else time.monotonic() + timeout)
             timeout = 0
-        futures = [slot.future for slot in self._result_slots().values()]
+        slots = list(self._result_slots().values())
+        futures = [slot.future for slot in slots]
+        if timeout is None:  # (a wait on results nothing here evaluates blocked for ever,
+            # without a word: say so once it has waited a while, then wait on)
+            _, not_done = concurrent.futures.wait(futures, timeout=WAIT_HINT_AFTER)
+            if not_done and _none_started(slots):
+                logger.warning(
+                    "wait_for_feedback_results: still waiting for %d result(s) of record %s "
+                    "after %gs, none of them started%s", len(not_done), self.record_id,
+                    WAIT_HINT_AFTER, _NOT_STARTED_HINT)
+            futures = list(not_done)
         _, not_done = concurrent.futures.wait(futures, timeout=timeout)
         if not_done:
             logger.warning(
                 "wait_for_feedback_results: %d of %d feedback results of record %s were not "
-                "finished after %ss; they are returned with their current status and will "
-                "still be stored when they finish%s",
-                len(not_done), len(futures), self.record_id, timeout, _on_a_loop_hint(timeout),
+                "finished after %ss; they are returned with their current status%s%s",
+                len(not_done), len(futures), self.record_id, timeout,
+                _NOT_STARTED_HINT if _none_started(slots) else
+                " and will still be stored when they finish", _on_a_loop_hint(timeout),
             )
         return self.feedback_results
 
@@ -563,6 +574,23 @@ class Record:
         stored = sum(not slot.on_done(state.one_done) for slot in slots)
         if state.count(stored):  # all stored already (or none to wait for): fire it on a
             shared_notifier().call(state.fire)  # thread of ours, not the caller's
+
+
+WAIT_HINT_AFTER = 10.0
+"""Seconds a wait without a timeout waits before it says why nothing has started."""
+_NOT_STARTED_HINT = (
+    ": nothing in this process evaluates them — in feedback_mode='deferred' a worker does "
+    "(`scrutiny worker`, session.start_worker()) or session.resume_pending(), and results "
+    "left pending over max_backlog wait for resume_pending() too")
+
+
+def _none_started(slots: Sequence[_ResultSlot]) -> bool:
+    """Whether every unfinished result is still `pending` and left to others (workers,
+    resume_pending): none will start in this process by itself."""
+    unfinished = [slot for slot in slots if not slot.current.is_final]
+    return bool(unfinished) and all(
+        slot.elsewhere and slot.current.status is FeedbackStatus.PENDING
+        for slot in unfinished)
 
 
 def _on_a_loop_hint(timeout: float | None) -> str:
@@ -798,10 +826,13 @@ class _ResultSlot:
     by one, and the application's thread should not pay for a future per feedback.
     """
 
-    __slots__ = ("_done", "_future", "_listeners", "_lock", "current")
+    __slots__ = ("_done", "_future", "_listeners", "_lock", "current", "elsewhere")
 
     def __init__(self, initial: FeedbackResult) -> None:
         self.current = initial
+        self.elsewhere = False
+        """Evaluated by no one in this process: deferred to workers, or left pending over
+        the backlog (see wait_for_feedback_results)."""
         self._future: concurrent.futures.Future[FeedbackResult] | None = None
         self._listeners: list[Callable[[], object]] | None = None
         self._lock = threading.Lock()

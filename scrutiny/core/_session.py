@@ -94,12 +94,27 @@ MANY_OPEN = 8
 _warned_many = False
 
 
+_warned_urls: set[str] = set()
+
+
 def _warn_if_many_open() -> None:
     """A session started and never closed keeps its threads (a writer, an evaluation loop,
     a sync pool of max_concurrency threads) for the life of the process: one per request
     without close() grew a server by some 35 threads a request."""
     global _warned_many
-    open_now = sum(1 for s in list(live_sessions) if not s.closed)
+    sessions = [s for s in list(live_sessions) if not s.closed]
+    open_now = len(sessions)
+    urls = [s.store.url for s in sessions]
+    again = {url for url in urls if urls.count(url) > 1} - _warned_urls
+    if again and not _warned_many:
+        # (a notebook cell that makes the session, run again: each run left one open)
+        _warned_urls.update(again)
+        logger.warning(
+            "scrutiny: %d sessions are open in this process on %s, each with its own "
+            "threads: reuse the one you have (it is thread-safe) or close() it before "
+            "making another — a notebook cell that makes a Session leaves one more open "
+            "each time it runs", urls.count(next(iter(again))),
+            sessions[urls.index(next(iter(again)))]._redacted_url())
     if open_now > MANY_OPEN and not _warned_many:
         _warned_many = True
         logger.warning(
@@ -1333,7 +1348,8 @@ class _Ingest:
                     record_id=record.record_id, feedback_name=fb.name,
                     status=FeedbackStatus.PENDING, result_id=new_hex_id(),
                     feedback_id=fb.feedback_id)
-                record._slots[fb] = _ResultSlot(pending)
+                slot = record._slots[fb] = _ResultSlot(pending)
+                slot.elsewhere = not policy.owns_rows  # (deferred: the workers')
                 job = Job(fb, record, pending, self.listeners, token)
                 jobs.append(job)
                 first = policy.initial(job)
