@@ -92,6 +92,18 @@ PLANS = (
         ''',
     ),
     Plan(
+        "def test_answers_are_long_enough(session):",
+        why="a test module: it uses the quickstart's chain, and pytest runs it (the "
+            "postlude runs pytest on this very file)",
+        after=QUICKSTART,
+        postlude='''
+            if __name__ == "__main__":
+                import pytest as _pytest
+
+                raise SystemExit(_pytest.main(["-q", "-p", "no:cacheprovider", __file__]))
+        ''',
+    ),
+    Plan(
         'chain.invoke(x, config={"callbacks": [recorder.handler]})',
         why="continues the quickstart (its chain, recorder and f_len)",
         after=QUICKSTART,
