@@ -2785,3 +2785,20 @@ def test_a_wait_on_results_left_to_workers_says_so(
             logging.getLogger("scrutiny").removeHandler(handler)
         assert results[fb].status is FeedbackStatus.DONE
         assert "after 0.2s, none of them started" in caplog.text
+
+
+def test_a_record_made_with_dataclasses_replace_has_no_results_of_the_original(
+        session: Session) -> None:
+    """Its results were an __init__ field: dataclasses.replace(record, ...) made a variant
+    sharing the original's results (their record_id the original's), and giving it to a
+    session was refused, "already has a result of ['len']"."""
+    import dataclasses
+
+    fb = Feedback(lambda output: 1.0, name="len").on_output()
+    original = session.ingest(make_record(), [fb])
+    assert original.wait_for_feedback_results(timeout=10)["len"].result == 1.0
+    variant = dataclasses.replace(original, record_id="variant-1", output="another answer")
+    assert variant.feedback_results == {}
+    session.ingest(variant, [Feedback(lambda output: 0.5, name="len").on_output()])
+    result = variant.wait_for_feedback_results(timeout=10)["len"]
+    assert (result.record_id, result.result) == ("variant-1", 0.5)

@@ -796,7 +796,7 @@ def test_a_result_name_or_record_id_repeated_within_one_batch_is_refused(
 
     fb = Feedback(lambda output: 1.0, name="len").on_output()
     line = make_record(record_id="req-7")
-    again, _ = _insert_op(Record(**{**line.__dict__, "_slots": {}}), fb)
+    again, _ = _insert_op(dataclasses.replace(line), fb)
     again.results[0]["result_id"] = "r-again"  # (its own pending result: another ingest)
     other_app, _ = _insert_op(make_record(app_name="other", record_id="req-7"), fb)
     other_app.results[0]["result_id"] = "r-other"
@@ -841,13 +841,13 @@ def test_a_record_id_another_record_has_is_refused_not_merged(
                                 start_time=first.start_time + 5)):  # (another call)
         told, failed_writes = in_a_process_of_its_own(refused, "len_b", 1.0)
         assert (told.status, failed_writes) == (FeedbackStatus.FAILED, 1)
-    same_call_again = Record(**{**first.__dict__, "_slots": {}})  # (another process's copy)
+    same_call_again = dataclasses.replace(first)  # (another process's copy)
     told, _ = in_a_process_of_its_own(same_call_again, "more", 0.5)
     assert (told.status, told.result) == (FeedbackStatus.DONE, 0.5)
     # ... but not with a feedback it has a result of: a script scoring a dataset run
     # again stored a second "len_a" beside the first (the table showed one, the
     # leaderboard averaged both)
-    rescored = Record(**{**first.__dict__, "_slots": {}})
+    rescored = dataclasses.replace(first)
     told, failed_writes = in_a_process_of_its_own(rescored, "len_a", 0.9)
     assert (told.status, failed_writes) == (FeedbackStatus.FAILED, 1)
     with Session(url, table_prefix=prefix) as reader:

@@ -312,9 +312,12 @@ class Record:
     metadata: dict[str, Any] = field(default_factory=dict)
     framework: str | None = None
     root_run_id: str | None = None
-    _slots: dict[Feedback, _ResultSlot] = field(default_factory=dict, repr=False)
-    _pending_init: Callable[[], object] | None = field(default=None, repr=False)
-    _watch: Any = field(default=None, repr=False)
+    # (not arguments: dataclasses.replace(record, ...) made a variant that shared the
+    # original's results, and giving it to a session was refused as already scored)
+    _slots: dict[Feedback, _ResultSlot] = field(default_factory=dict, repr=False,
+                                                init=False)
+    _pending_init: Callable[[], object] | None = field(default=None, repr=False, init=False)
+    _watch: Any = field(default=None, repr=False, init=False)
     """For a record read back from storage: reads its unfinished results again while
     someone waits on them (see _reading._StoredWatch)."""
 
