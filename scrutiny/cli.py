@@ -478,9 +478,13 @@ def _check_spreadsheet_safe(spreadsheet_safe: bool, fmt: str) -> None:
               help="Newest records to skip.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]),
               default="table", show_default=True)
+@click.option("--reasons", is_flag=True,
+              help="Add a '<feedback> reason' column beside each status: why a result "
+                   "failed or was skipped, or the judge's explanation of its score.")
 @_SPREADSHEET_SAFE
 def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
-            limit: int | None, offset: int, fmt: str, spreadsheet_safe: bool) -> None:
+            limit: int | None, offset: int, fmt: str, reasons: bool,
+            spreadsheet_safe: bool) -> None:
     """Records with their feedback scores and statuses, newest first."""
     _check_spreadsheet_safe(spreadsheet_safe, fmt)
     _refuse_memory(database_url, "`scrutiny records` (it reads what apps stored)")
@@ -492,7 +496,8 @@ def records(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
         _check_apps(session, apps)
         # (one more than shown: a table says when there are more)
         df, _ = session.get_records_and_feedback(
-            list(apps) or None, limit=None if limit is None else limit + table, offset=offset)
+            list(apps) or None, limit=None if limit is None else limit + table, offset=offset,
+            reasons=reasons)
     except ScrutinyError as exc:  # (the database went away, a lock: said, not a traceback)
         _fail(str(exc), database_url)
         return

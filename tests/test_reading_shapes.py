@@ -307,3 +307,39 @@ def test_the_table_is_read_in_pages_in_one_snapshot(backend: tuple[str, str]) ->
         pd.testing.assert_frame_equal(paged, whole.iloc[2:5].reset_index(drop=True))
     finally:
         session.close()
+
+
+def test_the_table_says_why_each_result_ended_when_asked(backend: tuple[str, str]) -> None:
+    """Exported to CSV or JSON, the table said only "failed" or "skipped": the reason (and
+    a judge's explanation) could be read one record at a time, or in the dashboard."""
+    import json
+    import subprocess
+    import sys
+
+    url, prefix = backend
+
+    def broken(output: str) -> float:
+        raise ValueError("the judge is down")
+
+    fbs = [Feedback(broken).on_output(),
+           Feedback(lambda output: (0.5, "half of it"), name="judged").on_output(),
+           Feedback(lambda context: 1.0, name="ctx").on_contexts()]
+    with Session(url, table_prefix=prefix) as session:
+        session.ingest(Record(app_name="why", app_version="v1", input="q", output="o"), fbs)
+        assert session.wait_for_feedback(20)
+        plain, _ = session.get_records_and_feedback()
+        frame, names = session.get_records_and_feedback(reasons=True)
+    assert names == ["broken", "ctx", "judged"]
+    assert not [c for c in plain.columns if c.endswith(" reason")]
+    row = frame.iloc[0]
+    assert (row["broken status"], row["broken reason"]) == (
+        "failed", "ValueError: the judge is down")
+    assert (row["judged"], row["judged reason"]) == (0.5, "half of it")
+    assert row["ctx status"] == "skipped"
+    assert "Select.contexts found nothing" in row["ctx reason"]
+    ran = subprocess.run(
+        [sys.executable, "-m", "scrutiny.cli", "records", "--database-url", url,
+         "--table-prefix", prefix, "--format", "json", "--reasons"],
+        capture_output=True, text=True, timeout=60, check=True)
+    [exported] = json.loads(ran.stdout)
+    assert exported["broken reason"] == "ValueError: the judge is down"

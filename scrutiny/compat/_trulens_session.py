@@ -129,6 +129,7 @@ class TruSession(Session):
         *,
         wait: bool = False,
         timeout: float | None = None,
+        reasons: bool = False,
     ) -> tuple[pd.DataFrame, list[str]]:
         """Records with their feedback, newest first, filtered as in TruLens (by app ids,
         app name and version(s), record ids) and paged (`offset`, `limit`).
@@ -146,15 +147,15 @@ class TruSession(Session):
         ids = self._tru_app_ids(app_ids, app_name, app_version, app_versions)
         if record_ids is not None:
             return self._tru_records(record_ids, ids, wait=wait, timeout=timeout,
-                                     offset=offset or 0, limit=limit)
+                                     offset=offset or 0, limit=limit, reasons=reasons)
         if ids is not None and not ids:
-            return records_frame([], [])  # (no app has that name and version)
+            return records_frame([], [], reasons=reasons)  # (no app has that name, version)
         return super().get_records_and_feedback(ids, wait=wait, timeout=timeout, limit=limit,
-                                                offset=offset or 0)
+                                                offset=offset or 0, reasons=reasons)
 
     def _tru_records(self, record_ids: Sequence[str], app_ids: Sequence[str] | None, *,
-                     wait: bool, timeout: float | None, offset: int, limit: int | None
-                     ) -> tuple[pd.DataFrame, list[str]]:
+                     wait: bool, timeout: float | None, offset: int, limit: int | None,
+                     reasons: bool = False) -> tuple[pd.DataFrame, list[str]]:
         if isinstance(record_ids, str):
             record_ids = [record_ids]
         timeout = self.flush_timeout if timeout is None else timeout
@@ -173,7 +174,8 @@ class TruSession(Session):
         rows.sort(key=lambda r: r["start_time"], reverse=True)
         rows = rows[offset:] if limit is None else rows[offset:offset + limit]
         kept = {r["record_id"] for r in rows}
-        return records_frame(rows, [r for r in results if r["record_id"] in kept])
+        return records_frame(rows, [r for r in results if r["record_id"] in kept],
+                             reasons=reasons)
 
     def get_leaderboard(
         self,

@@ -10,7 +10,8 @@ import pandas as pd
 from scrutiny.core import _serialize
 from scrutiny.core.storage import Row
 
-__all__ = ["FRAME_RECORD_COLUMNS", "FRAME_RESULT_COLUMNS", "NOT_APPLICABLE", "RESERVED_NAMES",
+__all__ = ["FRAME_REASON_COLUMNS", "FRAME_RECORD_COLUMNS", "FRAME_RESULT_COLUMNS", "NOT_APPLICABLE",
+           "REASON_SUFFIX", "RESERVED_NAMES",
            "STATUS_SUFFIX", "RecordsFrame", "leaderboard_frame", "records_frame",
            "result_labels"]
 
@@ -34,6 +35,9 @@ FRAME_RECORD_COLUMNS = (
 """The stored record columns :func:`records_frame` reads: no span trees, contexts or
 metadata (every column was read for the table, megabytes of spans per record)."""
 FRAME_RESULT_COLUMNS = ("record_id", "feedback_name", "status", "score")
+FRAME_REASON_COLUMNS = ("error", "explanation")
+"""Read too when the table shows each result's reason (see RecordsFrame)."""
+REASON_SUFFIX = " reason"
 """The stored result columns :func:`records_frame` reads (the store gives them oldest
 first)."""
 RESERVED_NAMES = frozenset(_RECORD_COLUMNS + _LEADERBOARD_COLUMNS)
@@ -61,14 +65,14 @@ def result_labels(names: Sequence[str], taken: Collection[str] = ()) -> list[str
     return out
 
 
-def records_frame(records: Sequence[Row], results: Sequence[Row]) -> tuple[pd.DataFrame,
-                                                                           list[str]]:
+def records_frame(records: Sequence[Row], results: Sequence[Row], *,
+                  reasons: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """A row per record; per feedback a score column and beside it a status column.
 
     Results are taken oldest first (as the store gives them, or by `created_at` where the
     rows have it); a record's second result of one feedback name (stored by older
     releases) gets columns of its own, ``"<name> (2)"`` (see :func:`result_labels`)."""
-    builder = RecordsFrame()
+    builder = RecordsFrame(reasons=reasons)
     builder.add(records, results)
     return builder.build()
 
@@ -78,10 +82,13 @@ class RecordsFrame:
     a column at a time: a dict per row of the table, then the frame, held it twice, and
     every stored row beside them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, reasons: bool = False) -> None:
         self._data: dict[str, list[Any]] = {c: [] for c in _RECORD_COLUMNS}
         self._scores: dict[str, list[float]] = {}
         self._statuses: dict[str, list[str]] = {}
+        # (with `reasons`: per feedback, beside its status, why it failed or was skipped,
+        # or the judge's explanation — a table exported to CSV said only "failed")
+        self._reasons: dict[str, list[str | None]] | None = {} if reasons else None
         self._rows = 0
 
     def add(self, records: Sequence[Row], results: Sequence[Row]) -> None:
@@ -123,8 +130,12 @@ class RecordsFrame:
             if name not in self._scores:  # (a feedback first seen here: n/a above)
                 self._scores[name] = [float("nan")] * before
                 self._statuses[name] = [NOT_APPLICABLE] * before
+                if self._reasons is not None:
+                    self._reasons[name] = [None] * before
             self._scores[name] += [float("nan")] * len(records)
             self._statuses[name] += [NOT_APPLICABLE] * len(records)
+            if self._reasons is not None:
+                self._reasons[name] += [None] * len(records)
         position = {rec["record_id"]: before + i for i, rec in enumerate(records)}
         for record_id, name, res in labelled:
             i = position.get(record_id)
@@ -132,20 +143,28 @@ class RecordsFrame:
                 continue
             self._scores[name][i] = res["score"] if res["score"] is not None else float("nan")
             self._statuses[name][i] = res["status"]
+            if self._reasons is not None:
+                self._reasons[name][i] = res.get("error") or res.get("explanation")
 
     def build(self) -> tuple[pd.DataFrame, list[str]]:
         """The table and its feedback columns."""
         feedback_columns = sorted(self._scores)
         data = self._data
+        reasons = self._reasons
         for name in feedback_columns:
             data[name] = self._scores[name]
             data[name + STATUS_SUFFIX] = self._statuses[name]
+            if reasons is not None:
+                data[name + REASON_SUFFIX] = reasons[name]
         columns = list(_RECORD_COLUMNS)
         for name in feedback_columns:
             columns += [name, name + STATUS_SUFFIX]
+            if reasons is not None:
+                columns.append(name + REASON_SUFFIX)
         frame = (pd.DataFrame({c: data[c] for c in columns}, columns=columns) if self._rows
                  else pd.DataFrame(columns=columns))  # (object columns, as ever)
         self._data, self._scores, self._statuses = {}, {}, {}
+        self._reasons = None if reasons is None else {}
         for name in feedback_columns:
             frame[name] = frame[name].astype("float64")
         for col in ("prompt_tokens", "completion_tokens", "total_tokens"):

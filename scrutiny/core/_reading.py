@@ -22,6 +22,7 @@ import pandas as pd
 from scrutiny.core import _rows
 from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._frames import (
+    FRAME_REASON_COLUMNS,
     FRAME_RECORD_COLUMNS,
     FRAME_RESULT_COLUMNS,
     RecordsFrame,
@@ -152,6 +153,7 @@ class SessionReading:
         timeout: float | None = None,
         limit: int | None = None,
         offset: int = 0,
+        reasons: bool = False,
     ) -> tuple[pd.DataFrame, list[str]]:
         """Records with their feedback, newest first.
 
@@ -167,6 +169,8 @@ class SessionReading:
             timeout: the most seconds to wait (for queued writes, and with `wait=True` for
                 feedback); default `flush_timeout`.
             limit, offset: a page of records.
+            reasons: add beside each status a ``"<name> reason"`` column: why a result
+                failed or was skipped, or a judge's explanation of its score.
 
         Returns:
             `(frame, feedback_columns)`: per feedback a score column (float; NaN unless
@@ -185,14 +189,15 @@ class SessionReading:
         names = as_names(app_ids, "app_ids")
         lean = _column_reads(self.store)
         if lean is not None:  # (only what the table shows, a page at a time: no span trees)
-            table = RecordsFrame()
+            table = RecordsFrame(reasons=reasons)
             lean.records_and_results_in_pages(
                 table.add, app_ids=names, limit=limit, offset=offset,
-                record_columns=FRAME_RECORD_COLUMNS, result_columns=FRAME_RESULT_COLUMNS)
+                record_columns=FRAME_RECORD_COLUMNS, result_columns=FRAME_RESULT_COLUMNS
+                + (FRAME_REASON_COLUMNS if reasons else ()))
             return table.build()
         records, results = self.store.records_and_results(app_ids=names, limit=limit,
                                                           offset=offset)
-        return records_frame(records, results)
+        return records_frame(records, results, reasons=reasons)
 
     def get_leaderboard(self, app_ids: Sequence[str] | None = None, *,
                         timeout: float | None = None) -> pd.DataFrame:
