@@ -837,3 +837,59 @@ def test_dask_cluster_evaluates_and_results_surface_here(dask_client: object,
         assert results[async_fb].result == 0.5
         df, _ = s.get_records_and_feedback()
     assert df.loc[0, "worker_pid status"] == "done"
+
+
+def test_failed_results_are_evaluated_again_on_request(backend: tuple[str, str]) -> None:
+    """A judge's outage failed some results: giving the records again was refused (they
+    have a result of that name), and the only ways out threw the good scores away too."""
+    url, prefix = backend
+    down = threading.Event()
+    down.set()
+
+    def judge(output: str) -> float:
+        if down.is_set():
+            raise ConnectionError("the judge is down")
+        return 0.5
+
+    fb = Feedback(judge, name="judge").on_output()
+    steady = Feedback(lambda output: 1.0, name="steady").on_output()
+    with Session(url, table_prefix=prefix) as session:
+        kept = session.ingest(make_record(0), [fb, steady])
+        other_app = session.ingest(dataclasses.replace(make_record(1), app_name="other"), [fb])
+        assert session.wait_for_feedback(20)
+        before, _ = session.get_records_and_feedback()
+        ids = {r.result_id for r in kept.feedback_results.values()}
+        down.clear()
+        assert session.retry_failed([fb], app_ids=["scale"], timeout=20) == 1
+        after, _ = session.get_records_and_feedback(reasons=True)
+        stored = session.get_record(kept.record_id)
+        assert session.retry_failed(timeout=20) == 1  # (the other app's, by its own feedback)
+        last, _ = session.get_records_and_feedback()
+    assert set(before["judge status"]) == {"failed"}
+    by_app = dict(zip(after["app_name"], zip(after["judge status"], after["judge"],
+                                              strict=True), strict=True))
+    assert by_app["scale"] == ("done", 0.5)
+    assert by_app["other"][0] == "failed"  # (not of the apps asked for)
+    assert after.loc[after["app_name"] == "scale", "steady"].tolist() == [1.0]  # untouched
+    assert stored is not None
+    assert {r.result_id for r in stored.feedback_results.values()} == ids  # (not twice)
+    assert set(last["judge status"]) == {"done"}
+    assert other_app.record_id in set(last["record_id"])
+
+
+def test_failed_results_are_evaluated_again_in_a_memory_session() -> None:
+    tries: list[str] = []
+
+    def flaky(output: str) -> float:
+        tries.append(output)
+        if len(tries) == 1:
+            raise TimeoutError("once")
+        return 0.25
+
+    fb = Feedback(flaky, name="flaky").on_output()
+    with Session("memory://") as session:
+        record = session.ingest(make_record(), [fb])
+        assert record.wait_for_feedback_results(timeout=10)["flaky"].status.value == "failed"
+        assert session.retry_failed(timeout=10) == 1
+        frame, _ = session.get_records_and_feedback()
+    assert (frame.loc[0, "flaky status"], frame.loc[0, "flaky"]) == ("done", 0.25)

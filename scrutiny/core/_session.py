@@ -366,6 +366,7 @@ class Session(SessionReading):
         self._exit_deadline: float | None = None  # (see _drain)
         self._exit_began: float | None = None
         self._deleted_said = -math.inf  # (see _overtaken)
+        self._retry_feedbacks: dict[str, Feedback] = {}  # (see retry_failed)
         self._warmed = False  # its threads started ahead of its first record (see _warm)
         self._unstored_ends = 0  # end states told to waiters but not stored (see _finish)
         self._unmaterialized = 0  # accepted records whose results are not made yet
@@ -879,13 +880,17 @@ class Session(SessionReading):
         feedbacks = feedback_list(feedbacks)
         check_feedbacks(feedbacks, resolved)
         if isinstance(record, Record) and (record._slots or record._pending_init):
-            had = {str(getattr(fb, "name", "")) for fb in record._result_slots()}
-            again = sorted(had & {fb.name for fb in feedbacks})
+            slots = record._result_slots()
+            had = {str(getattr(fb, "name", "")): slot.current for fb, slot in slots.items()}
+            again = sorted(set(had) & {fb.name for fb in feedbacks})
             if again:
+                failed = all(had[name].status is FeedbackStatus.FAILED for name in again)
                 raise ConfigurationError(
                     f"record {record.record_id} already has a result of {again}: give it "
                     "only feedbacks it has not been evaluated with (a second result under "
-                    "one name would hide the first)")
+                    "one name would hide the first)" + (
+                        "; a result that failed is evaluated again, in place, by "
+                        "session.retry_failed([feedback])" if failed else ""))
         if isinstance(record, Record):
             self._check_id_is_its_own(record)
         try:
@@ -1223,6 +1228,47 @@ class Session(SessionReading):
         self.wait_for_feedback(None if deadline is None
                                else max(0.0, deadline - time.monotonic()))
         return claimed
+
+    def retry_failed(self, feedbacks: Sequence[Feedback] | None = None, *,
+                     app_ids: Sequence[str] | None = None,
+                     timeout: float | None = None) -> int:
+        """Evaluate again the stored results that `failed` — after a judge's outage, a
+        bug fixed in a feedback — and wait for them (as :meth:`resume_pending`).
+
+        Args:
+            feedbacks: the feedbacks whose failed results to retry (by name), as they are
+                now: a fixed function under the same name and wiring is used for them.
+                None: every failed result (each evaluated by the feedback of its id this
+                process defines, or by its stored reference).
+            app_ids: apps whose results to retry (None: every app), as in
+                :meth:`get_records_and_feedback`.
+            timeout: as in :meth:`resume_pending`.
+
+        Returns:
+            how many results were made pending again. A result given a new score keeps
+            its id: nothing is stored twice, and its failure is replaced.
+
+        Raises:
+            RuntimeError: the session is closed.
+        """
+        self._open_for_workers("retry_failed()")
+        given = None if feedbacks is None else feedback_list(feedbacks)
+        if given is not None:
+            check_feedbacks(given, FeedbackMode.WITH_APP_THREAD)  # (wired; noted as defined)
+        self.flush(self.flush_timeout if timeout is None else timeout)
+        reopened = self.store.reopen_failed(
+            feedback_names=None if given is None else [fb.name for fb in given],
+            app_ids=as_names(app_ids, "app_ids"), now=datetime.now(timezone.utc))
+        if given is not None:  # (the function as it is now, whatever id it was stored under)
+            with self._outstanding_lock:
+                self._retry_feedbacks = {fb.name: fb for fb in given}
+        try:
+            if reopened:
+                self.resume_pending(timeout)
+        finally:
+            with self._outstanding_lock:
+                self._retry_feedbacks = {}
+        return reopened
 
     def _open_for_workers(self, what: str) -> None:
         """Start the evaluation loop, or raise when the session is closed."""

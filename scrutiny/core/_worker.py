@@ -295,9 +295,11 @@ class Worker:
         # (and its own results left pending over the backlog: their feedbacks are here)
         shed = session._shed_feedback([r["result_id"] for r in rows if own.get(
             r["result_id"]) is None])
+        with session._outstanding_lock:  # (session.retry_failed: the feedbacks given it)
+            retrying = dict(session._retry_feedbacks)
         feedbacks = self._feedbacks_of([r for r in rows if ((mine := own.get(
             r["result_id"])) is None or mine.lease_token is not None)
-            and r["result_id"] not in shed])
+            and r["result_id"] not in shed and r["feedback_name"] not in retrying])
         for row in rows:
             pending = _rows.result_from_row(row)
             pending.status = FeedbackStatus.PENDING
@@ -318,8 +320,9 @@ class Worker:
                 else:
                     to_run.append(job)
                 continue
-            feedback = shed.get(row["result_id"]) or feedbacks.get(row["feedback_id"]) or (
-                f"feedback {row['feedback_name']!r} has no stored definition")
+            feedback = shed.get(row["result_id"]) or retrying.get(row["feedback_name"]) or \
+                feedbacks.get(row["feedback_id"]) or (
+                    f"feedback {row['feedback_name']!r} has no stored definition")
             if isinstance(feedback, _NotHere):
                 give_back.append(row["result_id"])
                 self._leave_for_others(row["feedback_id"], feedback)

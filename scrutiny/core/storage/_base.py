@@ -58,7 +58,8 @@ class ResultNameTaken(StorageError):
             "repeated in a log); a second one under that name "
             "would hide the first. To score it again, store the new run under another "
             "app_version (or with new record ids), or delete the old records first "
-            "(session.delete_records)")
+            "(session.delete_records); a result that failed is evaluated again by "
+            "session.retry_failed([feedback])")
 
 
 def refuse_repeats(records: Sequence[Row], results: Sequence[Row]) -> None:
@@ -227,6 +228,12 @@ class Store(Protocol):
     def delete_records(self, *, before: datetime | None = None,
                        app_ids: Sequence[str] | None = None) -> int:
         """Delete records (and their results) older than `before` and/or of these apps."""
+        ...
+
+    def reopen_failed(self, *, feedback_names: Sequence[str] | None = None,
+                      app_ids: Sequence[str] | None = None, now: datetime) -> int:
+        """Make `failed` results pending again, as if never tried (of these feedback names
+        and apps; None: all); returns how many."""
         ...
 
     def count_results(self) -> dict[str, int]:

@@ -260,6 +260,26 @@ class MemoryStore:
                              if v["record_id"] not in doomed}
             return len(doomed)
 
+    def reopen_failed(self, *, feedback_names: Sequence[str] | None = None,
+                      app_ids: Sequence[str] | None = None, now: datetime) -> int:
+        with self._lock:
+            wanted = self._app_matcher(app_ids)
+            names = None if feedback_names is None else set(feedback_names)
+            reopened = 0
+            for rid, r in list(self._results.items()):
+                record = self._records.get(r["record_id"])
+                if r["status"] != "failed" or (names is not None and
+                                               r["feedback_name"] not in names) or (
+                        record is None or not wanted(record)):
+                    continue
+                self._results[rid] = {
+                    **r, "status": "pending", "score": None, "explanation": None,
+                    "error": None, "attempts": 0, "started_at": None, "ended_at": None,
+                    "updated_at": now, "cost_json": None, "calls_json": None,
+                    "worker_id": None, "lease_token": None, "lease_expires_at": None}
+                reopened += 1
+            return reopened
+
     def count_results(self) -> dict[str, int]:
         with self._lock:
             counts: dict[str, int] = {}

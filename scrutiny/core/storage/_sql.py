@@ -1519,6 +1519,27 @@ class SQLStore:
                 return conn.execute(delete(t.records).where(
                     t.records.c.record_id.in_(doomed))).rowcount or 0
 
+    def reopen_failed(self, *, feedback_names: Sequence[str] | None = None,
+                      app_ids: Sequence[str] | None = None, now: datetime) -> int:
+        """Make `failed` results pending again (of these feedback names and apps; None:
+        all), as if never tried: no score, reason, attempts or lease. Returns how many."""
+        t = self.tables
+        where = t.results.c.status == "failed"
+        if feedback_names is not None:
+            where = and_(where, t.results.c.feedback_name.in_(list(feedback_names)))
+        apps = self._app_filter(app_ids)
+        if apps is not None:
+            where = and_(where, t.results.c.record_id.in_(
+                select(t.records.c.record_id).where(apps)))
+        with self._connect() as raw:
+            conn = raw.execution_options(**{_WRITE: True})
+            with conn.begin():
+                return conn.execute(update(t.results).where(where).values(
+                    status="pending", score=None, explanation=None, error=None, attempts=0,
+                    started_at=None, ended_at=None, updated_at=now, cost_json=None,
+                    calls_json=None, worker_id=None, lease_token=None,
+                    lease_expires_at=None)).rowcount or 0
+
     @_reads("count results in")
     def count_results(self) -> dict[str, int]:
         t = self.tables.results
