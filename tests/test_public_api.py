@@ -62,10 +62,19 @@ def test_type_checkers_see_the_package_types(tmp_path: Path) -> None:
         "session = Session('sqlite:///x.sqlite')\n"
         "record = session.ingest(Record(app_name='a', app_version='v'), [])\n"
         "reveal_type(record.wait_for_feedback_results(timeout=1))\n"
-        "reveal_type(Feedback(lambda output: 1.0, name='n').on_output())\n")
+        "reveal_type(Feedback(lambda output: 1.0, name='n').on_output())\n"
+        # (the forms the README documents, which the fields' own types refused)
+        "import datetime\n"
+        "when = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc)\n"
+        "hand_made = Record(app_name='batch', app_version='1', record_id=1041,\n"
+        "    error=ValueError('boom'), usage={'prompt_tokens': 3}, start_time=when,\n"
+        "    end_time=when, status='error', spans=[{'span_id': 's', 'parent_id': None,\n"
+        "    'name': 'llm', 'kind': 'llm', 'start_time': 1.0}])\n"
+        "reveal_type(hand_made.error)\n")
     checked = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir",
          str(tmp_path / "cache"), str(user)], capture_output=True, text=True, cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout
     assert 'Revealed type is "scrutiny.core._records.FeedbackResults"' in checked.stdout
     assert 'Revealed type is "scrutiny.core._feedback.Feedback"' in checked.stdout
+    assert 'Revealed type is "str | None"' in checked.stdout  # (the field, read back)

@@ -321,6 +321,29 @@ class Record:
     """For a record read back from storage: reads its unfinished results again while
     someone waits on them (see _reading._StoredWatch)."""
 
+    if TYPE_CHECKING:  # (the forms __post_init__ takes, for type checkers: the fields'
+        # own types refused an exception as error=, a dict of token counts, datetimes and
+        # spans given as dicts, as the README shows them)
+        def __init__(
+            self,
+            app_name: str | int,
+            app_version: str | int,
+            input: Any = None,
+            output: Any = None,
+            record_id: str | int = ...,
+            status: RecordStatus | str = ...,
+            error: str | BaseException | None = None,
+            start_time: float | datetime = ...,
+            end_time: float | datetime = ...,
+            spans: Iterable[Span | Mapping[str, Any]] | None = ...,
+            contexts: Iterable[str] | None = ...,
+            usage: TokenUsage | Mapping[str, Any] | None = None,
+            tags: Iterable[str] | None = ...,
+            metadata: Mapping[str, Any] | None = ...,
+            framework: str | None = None,
+            root_run_id: str | None = None,
+        ) -> None: ...
+
     def __post_init__(self) -> None:
         # A record built by hand is stored on the writer thread, long after this call: a
         # field of the wrong shape failed there (the record lost, its results failed), so
