@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from scrutiny import ConfigurationError, Feedback, Session
+from scrutiny import ConfigurationError, Feedback, Select, Session
 from tests.support.deferred_feedbacks import length
 
 
@@ -215,6 +215,7 @@ def test_misused_arguments_say_what_to_give() -> None:
          r"pass an instance, Feedback\(PIIDetector\(\)\)"),
         (lambda: rag_triad(llm), r"rag_triad\(LLMJudge\(model\)\)"),
         (lambda: ChainRecorder(), r"needs the app it records, or an app_name"),
+        (lambda: Select.input.outputs, r"\.outputs is for span selections"),
     ]
     for make, says in cases:
         with pytest.raises(ConfigurationError, match=says):

@@ -114,10 +114,19 @@ class Selector:
         return self._attr("inputs")
 
     def _attr(self, name: str) -> Selector:
+        if self.spec is not None and self.spec.get("select") in _NOT_SPANS:
+            # (accepted when wired: every result then failed, "'str' object has no
+            # attribute 'outputs'")
+            raise ConfigurationError(
+                f"{self.label}.{name}: .{name} is for span selections, e.g. "
+                f"Select.spans(kind='retriever').{name}; {self.label} is the value itself")
         spec = None if self.spec is None else {"attr": name, "of": self.spec,
                                                "fan_out": self.fan_out}
         return self._with(label=f"{self.label}.{name}",
                           get=_mapped(self._get, lambda s: getattr(s, name)), spec=spec)
+
+
+_NOT_SPANS = frozenset(("input", "output", "contexts", "metadata", "record"))
 
 
 def _mapped(get: Callable[[Record], Any], fn: Callable[[Any], Any]) -> Callable[[Record], Any]:
