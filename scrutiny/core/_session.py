@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -71,6 +71,9 @@ from scrutiny.core.storage import (
 )
 
 __all__ = ["DEFAULT_DATABASE_URL", "FeedbackMode", "RecordPage", "ResultListener", "Session"]
+
+if TYPE_CHECKING:
+    from scrutiny.dashboard._server import DashboardHandle
 
 logger = logging.getLogger("scrutiny")
 
@@ -1310,7 +1313,7 @@ class Session(SessionReading):
         return deleted
 
     def run_dashboard(self, *, host: str = "127.0.0.1", port: int = 0,
-                      token: str | None = None) -> Any:
+                      token: str | None = None) -> DashboardHandle:
         """Serve the web dashboard of this session's database in the background.
 
         Args:
