@@ -2802,3 +2802,22 @@ def test_a_record_made_with_dataclasses_replace_has_no_results_of_the_original(
     session.ingest(variant, [Feedback(lambda output: 0.5, name="len").on_output()])
     result = variant.wait_for_feedback_results(timeout=10)["len"]
     assert (result.record_id, result.result) == ("variant-1", 0.5)
+
+
+def test_a_second_session_on_one_database_says_to_reuse_the_first(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A notebook cell that makes a Session, run again, left one more open (some 35
+    threads) each time, with a warning only at the ninth open session in the process."""
+    url = f"sqlite:///{tmp_path}/nb.sqlite"
+    sessions = [Session(url), Session(url), Session("memory://"), Session("memory://")]
+    try:
+        with caplog.at_level(logging.WARNING, "scrutiny"):
+            for s in sessions:
+                s.ingest(make_record(), [])  # (started: its threads run)
+        said = [r.getMessage() for r in caplog.records if "sessions are open" in r.getMessage()]
+        assert len(said) == 1
+        assert "2 sessions are open in this process on sqlite:///" in said[0]
+        assert "reuse the one you have" in said[0]
+    finally:
+        for s in sessions:
+            s.close()

@@ -68,6 +68,7 @@ from scrutiny.core.storage import (
     Store,
     UpdateResult,
     WriteOp,
+    redact_url,
 )
 
 __all__ = ["DEFAULT_DATABASE_URL", "FeedbackMode", "RecordPage", "ResultListener", "Session"]
@@ -107,9 +108,10 @@ def _warn_if_many_open() -> None:
     global _warned_many
     sessions = [s for s in list(live_sessions) if not s.closed]
     open_now = len(sessions)
-    urls = [s.store.url for s in sessions]
+    urls = [s.store.url for s in sessions if "://" in s.store.url and
+            not s.store.url.startswith("memory://")]  # (each memory session is its own)
     again = {url for url in urls if urls.count(url) > 1} - _warned_urls
-    if again and not _warned_many:
+    if again:
         # (a notebook cell that makes the session, run again: each run left one open)
         _warned_urls.update(again)
         logger.warning(
@@ -117,7 +119,7 @@ def _warn_if_many_open() -> None:
             "threads: reuse the one you have (it is thread-safe) or close() it before "
             "making another — a notebook cell that makes a Session leaves one more open "
             "each time it runs", urls.count(next(iter(again))),
-            sessions[urls.index(next(iter(again)))]._redacted_url())
+            redact_url(next(iter(again))))
     if open_now > MANY_OPEN and not _warned_many:
         _warned_many = True
         logger.warning(
