@@ -2821,3 +2821,22 @@ def test_a_second_session_on_one_database_says_to_reuse_the_first(
     finally:
         for s in sessions:
             s.close()
+
+
+def test_results_whose_records_were_deleted_meanwhile_are_logged_once(
+        db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A retention run while a batch was evaluated logged one warning per result whose
+    record it deleted: 50 records, 50 lines."""
+    gate, fb = _gate()
+    with Session(db_url) as session:
+        records = [session.ingest(make_record(i, app_name="old"), [fb]) for i in range(6)]
+        assert session.flush(10)
+        assert session.delete_records(app_ids=["old"]) == 6
+        with caplog.at_level(logging.DEBUG, "scrutiny"):
+            gate.set()
+            for record in records:
+                record.wait_for_feedback_results(timeout=10)
+            assert session.wait_for_feedback(10) is not None
+    deleted = [r for r in caplog.records if "its record was deleted" in r.getMessage()]
+    assert len(deleted) == 6
+    assert [r.levelno for r in deleted].count(logging.WARNING) == 1

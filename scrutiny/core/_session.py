@@ -1093,10 +1093,11 @@ class Session(SessionReading):
             # (once a minute, then at debug: a retention run during a big batch logged a
             # line per result)
             now = time.monotonic()
-            log = logger.debug if now - self._deleted_said < 60.0 else logger.warning
-            if log is logger.warning:
+            loud = now - self._deleted_said >= 60.0
+            if loud:
                 self._deleted_said = now
-            log("scrutiny: feedback %r of record %s was not stored: its record was deleted "
+            (logger.warning if loud else logger.debug)(
+                "scrutiny: feedback %r of record %s was not stored: its record was deleted "
                 "from the database meanwhile (said once a minute; the others at debug)",
                 final.feedback_name, final.record_id)
             self._gone([job], "its record was deleted from the database before this result "
