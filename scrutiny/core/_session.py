@@ -1239,7 +1239,8 @@ class Session(SessionReading):
                      app_ids: Sequence[str] | None = None,
                      timeout: float | None = None) -> int:
         """Evaluate again the stored results that `failed` — after a judge's outage, a
-        bug fixed in a feedback — and wait for them (as :meth:`resume_pending`).
+        bug fixed in a feedback — and wait for them: they are made pending, then
+        :meth:`resume_pending` runs (which takes every other pending result too).
 
         Args:
             feedbacks: the feedbacks whose failed results to retry (by name), as they are
