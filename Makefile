@@ -67,7 +67,7 @@ bench: $(STAMP)
 PYTHONS ?= 3.10 3.12 3.13
 OTHER_EXTRAS := langchain,llama-index,postgres,lexical,sentiment,dashboard
 OTHER_DEV := pytest pytest-asyncio pytest-timeout httpx 'langgraph>=1.0' 'langchain>=1.0' \
-	nest-asyncio 'distributed>=2024.1'
+	nest-asyncio 'distributed>=2024.1' mypy
 
 test-pythons:
 	set -e; for v in $(PYTHONS); do \
