@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from scrutiny.core._errors import ConfigurationError, describe_error
 from scrutiny.core._ids import new_uuid
 from scrutiny.core._missing import is_missing
-from scrutiny.core._results import FeedbackResult, FeedbackStatus
+from scrutiny.core._results import FeedbackResult, FeedbackStatus, repr_cut
 from scrutiny.core._runtime import shared_notifier, wait_limit
 from scrutiny.core._serialize import TRUNCATED_KEY
 from scrutiny.core._snapshot import snapshot
@@ -420,10 +420,10 @@ class Record:
         for name in ("input", "output"):
             value = getattr(self, name)
             text = value if isinstance(value, str) else repr(value)
-            shown.append(f"{name}={_repr_cut(text)!r}" if isinstance(value, str)
-                         else f"{name}={_repr_cut(text)}")
+            shown.append(f"{name}={repr_cut(text, 80)!r}" if isinstance(value, str)
+                         else f"{name}={repr_cut(text, 80)}")
         if self.error:
-            shown.append(f"error={_repr_cut(self.error)!r}")
+            shown.append(f"error={repr_cut(self.error, 80)!r}")
         if self.contexts:
             shown.append(f"contexts={len(self.contexts)}")
         if self.spans:
@@ -818,10 +818,6 @@ class LazyRecord:
                 self._on_build = fn
                 return
         fn(self._record)
-
-
-def _repr_cut(text: str, most: int = 80) -> str:
-    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 def _result_text(result: FeedbackResult) -> str:

@@ -103,7 +103,7 @@ class FeedbackResult:
         for name in ("error", "explanation"):
             text = getattr(self, name)
             if text:
-                shown.append(f"{name}={_cut(text)!r}")
+                shown.append(f"{name}={repr_cut(text)!r}")
         if self.attempts > 1:
             shown.append(f"attempts={self.attempts}")
         shown.append(f"record_id={self.record_id!r}")
@@ -150,5 +150,6 @@ REPR_TEXT = 160
 """The most characters of a text field a repr shows."""
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= REPR_TEXT else text[:REPR_TEXT - 3] + "..."
+def repr_cut(text: str, most: int = REPR_TEXT) -> str:
+    """`text` cut to `most` characters for a repr (the cut marked with "...")."""
+    return text if len(text) <= most else text[:most - 3] + "..."
