@@ -276,7 +276,7 @@ async def test_a_stream_called_in_the_block_and_read_after_it_says_what_to_do(
     for recording in (sync_block, async_block):
         with pytest.raises(RecordingError, match="runs only as it is read") as raised:
             recording.get()
-        assert "config={'callbacks': [recorder.handler]} to stream()/astream()" in str(
+        assert "config={'callbacks': [recorder]} to stream()/astream()" in str(
             raised.value)
     with recorder:
         stream = rag.stream(QUESTION, config={"callbacks": [recorder.handler]})
@@ -713,6 +713,25 @@ def test_calls_outside_the_block_are_not_recorded(session: Session) -> None:
     assert [r.input for r in recorder.handler.records] == ["inside"]
     df, _ = session.get_records_and_feedback()
     assert list(df["input"]) == ["inside"]
+
+
+def test_the_recorder_itself_passed_as_a_callback_records_and_never_breaks_the_call(
+        session: Session) -> None:
+    """`config={"callbacks": [recorder]}` (the recorder, not `recorder.handler`) failed the
+    app's call with LangChain's AttributeError ('ChainRecorder' object has no attribute
+    'raise_error'). The recorder is the handler: the call is recorded, once, also inside a
+    block of the same recorder."""
+    app = prompt_model_parser(["a", "b"])
+    recorder = ChainRecorder(app, app_name="cfg", session=session)
+    assert recorder.handler is recorder
+    assert app.invoke({"question": "by config"}, config={"callbacks": [recorder]}) == "a"
+    with recorder as recording:
+        assert app.invoke({"question": "both"}, config={"callbacks": [recorder]}) == "b"
+    assert [r.input for r in recorder.records] == ["by config", "both"]
+    assert [r.input for r in recording.records] == ["both"]
+    for record in recorder.records:
+        assert len(record.spans) == 4  # sequence, prompt, model, parser: each once
+    assert stored_count(session) == 2
 
 
 def test_consecutive_top_level_runs_are_siblings(session: Session) -> None:

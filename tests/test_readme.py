@@ -104,7 +104,7 @@ PLANS = (
         ''',
     ),
     Plan(
-        'chain.invoke(x, config={"callbacks": [recorder.handler]})',
+        'chain.invoke(x, config={"callbacks": [recorder]})',
         why="continues the quickstart (its chain, recorder and f_len)",
         after=QUICKSTART,
         postlude='''

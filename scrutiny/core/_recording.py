@@ -306,7 +306,7 @@ def left_elsewhere(kind: str) -> None:
         "(a plain generator or `def` dependency with `yield` under FastAPI or Starlette "
         "runs each step in a fresh copy of the context). Calls that started inside the "
         "block were recorded; calls made between its steps were not: use an async "
-        "generator or dependency, or pass config={'callbacks': [recorder.handler]} (for "
+        "generator or dependency, or pass config={'callbacks': [recorder]} (for "
         "LlamaIndex: open the block where the calls are made)", kind)
 
 

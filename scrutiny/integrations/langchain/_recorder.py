@@ -45,9 +45,9 @@ _NESTED_HINT = ("this block is inside another block of the same recorder: a call
 _EMPTY_HINT = ("no call was recorded while the `with` block was open. A stream runs only as "
                "it is read: `stream()` / `astream()` called in the block but read after it "
                "(a StreamingResponse, say) ran outside it, unrecorded. Read it inside the "
-               "block, or pass config={'callbacks': [recorder.handler]} to "
+               "block, or pass config={'callbacks': [recorder]} to "
                "stream()/astream(), which records it wherever it is read (its record is then "
-               "in recorder.handler.records). Threads started by hand do not inherit the "
+               "in recorder.records). Threads started by hand do not inherit the "
                "block either: pass them that config")
 
 
@@ -102,7 +102,7 @@ class _Block:
         self.open_token: contextvars.Token[Any] | None = None
 
 
-class ChainRecorder:
+class ChainRecorder(ScrutinyCallbackHandler):
     """Records a LangChain app (a chain, a runnable, a model, a retriever).
 
     Args:
@@ -114,16 +114,12 @@ class ChainRecorder:
         session: where records go (default: the session created last).
         feedback_mode: overrides the session's mode for this recorder.
         tags, metadata: added to every record.
+        keep_records: how many of its latest records it keeps in `records`.
 
-    Use ``with recorder as recording: ...`` (or ``async with``), or pass
-    ``recorder.handler`` in ``config={"callbacks": [...]}``: either way one root call gives
-    exactly one record.
+    Use ``with recorder as recording: ...`` (or ``async with``), or pass the recorder
+    itself (it is a LangChain callback handler) in ``config={"callbacks": [recorder]}``:
+    either way one root call gives exactly one record, also when both are used at once.
     """
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(app_name={self.app_name!r}, "
-                f"app_version={self.app_version!r}, "
-                f"feedbacks={[fb.name for fb in self.feedbacks]!r})")
 
     def __init__(
         self,
@@ -136,6 +132,7 @@ class ChainRecorder:
         feedback_mode: FeedbackMode | str | None = None,
         tags: Sequence[str] = (),
         metadata: dict[str, Any] | None = None,
+        keep_records: int = 100,
     ) -> None:
         if app_name is None:
             if app is None:  # (its records were filed under app "NoneType")
@@ -144,31 +141,21 @@ class ChainRecorder:
                     "ChainRecorder(chain, app_name='qa')")
             app_name = _default_name(app, app_version)
         self.app = app
-        self.handler = ScrutinyCallbackHandler(
+        super().__init__(
             app_name, app_version, feedbacks=feedbacks, session=session,
-            feedback_mode=feedback_mode, tags=tags, metadata=metadata)
-        self.feedback_mode = self.handler.feedback_mode
+            feedback_mode=feedback_mode, tags=tags, metadata=metadata,
+            keep_records=keep_records)
 
     @property
-    def app_name(self) -> str:
-        return self.handler.app_name
-
-    @property
-    def app_version(self) -> str:
-        return self.handler.app_version
+    def handler(self) -> ScrutinyCallbackHandler:
+        """The recorder itself: the LangChain callback handler its blocks attach (passing
+        either in ``config={"callbacks": [...]}`` is the same)."""
+        return self
 
     @property
     def app_id(self) -> str:
         """``"app_name:app_version"``, the id its records are stored and filtered under."""
         return app_id_for(self.app_name, self.app_version)
-
-    @property
-    def session(self) -> Session:
-        return self.handler.session
-
-    @property
-    def feedbacks(self) -> list[Feedback]:
-        return self.handler.feedbacks
 
     def _mode(self) -> FeedbackMode:
         return self.handler.settings.mode()
