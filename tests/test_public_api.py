@@ -21,6 +21,16 @@ def test_top_level_exports() -> None:
         assert hasattr(scrutiny, name)
 
 
+def test_the_public_enums_print_as_their_values() -> None:
+    """`print(record.status)` showed "RecordStatus.OK" where `FeedbackStatus` showed
+    "done": one way for every enum a user prints or formats into a report."""
+    for enum_type in (scrutiny.FeedbackStatus, scrutiny.RecordStatus, scrutiny.SpanKind,
+                      scrutiny.FeedbackMode):
+        for member in enum_type:
+            assert str(member) == f"{member}" == member.value
+            assert "%s" % member == member.value  # noqa: UP031 (as logging formats it)
+
+
 def test_langchain_exports() -> None:
     from scrutiny.integrations import langchain
 

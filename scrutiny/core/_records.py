@@ -58,6 +58,9 @@ class RecordStatus(str, enum.Enum):
     ERROR = "error"
     CANCELLED = "cancelled"  # a stream the consumer stopped early, a cancelled task
 
+    def __str__(self) -> str:  # (as FeedbackStatus: "ok", not "RecordStatus.OK")
+        return self.value
+
 
 class SpanKind(str, enum.Enum):
     """What a span stands for; integrations map their framework's run types onto these."""
@@ -73,6 +76,9 @@ class SpanKind(str, enum.Enum):
     QUERY = "query"
     SYNTHESIZE = "synthesize"
     OTHER = "other"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(slots=True)

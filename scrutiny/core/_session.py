@@ -209,6 +209,9 @@ class FeedbackMode(str, enum.Enum):
     """By workers (`scrutiny worker`, `session.start_worker()`): the app only stores the
     record and its pending results."""
 
+    def __str__(self) -> str:
+        return self.value
+
 
 _last_session: Session | None = None
 _default_failure: tuple[float, Exception] | None = None
