@@ -2804,6 +2804,41 @@ def test_a_record_made_with_dataclasses_replace_has_no_results_of_the_original(
     assert (result.record_id, result.result) == ("variant-1", 0.5)
 
 
+def _answer_length(output: str) -> float:  # (importable by path: pickled below)
+    return float(len(output))
+
+
+def test_a_record_copies_and_pickles_as_a_snapshot_of_its_results(session: Session) -> None:
+    """copy.deepcopy(record) and pickle.dumps(record) failed, "cannot pickle
+    '_thread.RLock' object", and copy.copy(record) shared the original's results. A copy
+    has its own values and the results as they were; a pending one stays pending in it."""
+    import copy
+    import pickle
+
+    fb = Feedback(_answer_length, name="len").on_output()
+    original = session.ingest(make_record(metadata={"k": [1]}), [fb])
+    assert original.wait_for_feedback_results(timeout=10)["len"].result == 8.0
+    deep = copy.deepcopy(original)
+    deep.metadata["k"].append(2)
+    assert original.metadata == {"k": [1]}
+    assert list(deep.feedback_results) == [fb]  # (the feedback itself, not a copy of it)
+    for made in (deep, copy.copy(original), pickle.loads(pickle.dumps(original))):
+        assert (made.record_id, made.output) == (original.record_id, "answer 0")
+        assert made.wait_for_feedback_results(timeout=1)["len"].result == 8.0
+        assert made.feedback_futures()[next(iter(made.feedback_results))].done()
+        assert not set(map(id, made._slots.values())) & set(map(id, original._slots.values()))
+    gate, gated = _gate()
+    running = session.ingest(make_record(1), [gated])
+    frozen = copy.deepcopy(running)
+    gate.set()
+    assert running.wait_for_feedback_results(timeout=10)["gated"].status is \
+        FeedbackStatus.DONE
+    assert not frozen.feedback_results["gated"].status.is_final
+    assert not frozen.wait_for_feedback_results(timeout=0.05)["gated"].status.is_final
+    with pytest.raises(pickle.PicklingError, match=r"'gated' cannot be pickled.*top level"):
+        pickle.dumps(frozen)
+
+
 def test_a_second_session_on_one_database_says_to_reuse_the_first(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A notebook cell that makes a Session, run again, left one more open (some 35

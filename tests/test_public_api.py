@@ -31,6 +31,23 @@ def test_the_public_enums_print_as_their_values() -> None:
             assert "%s" % member == member.value  # noqa: UP031 (as logging formats it)
 
 
+def test_type_hints_of_the_public_classes_resolve_at_run_time() -> None:
+    """typing.get_type_hints(Record) — what dataclass tools, pydantic and FastAPI call —
+    raised NameError: name 'Feedback' is not defined (Selector's __init__: 'Record')."""
+    import inspect
+    import typing
+
+    from scrutiny.integrations.langchain import ChainRecorder, ScrutinyCallbackHandler
+
+    classes = [getattr(scrutiny, n) for n in scrutiny.__all__
+               if inspect.isclass(getattr(scrutiny, n))]
+    assert len(classes) > 20
+    for cls in [*classes, ChainRecorder, ScrutinyCallbackHandler]:
+        typing.get_type_hints(cls)
+        typing.get_type_hints(cls.__init__)
+    assert typing.get_type_hints(scrutiny.Record)["spans"] == list[scrutiny.Span]
+
+
 def test_langchain_exports() -> None:
     from scrutiny.integrations import langchain
 

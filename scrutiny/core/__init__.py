@@ -5,6 +5,7 @@ Nothing in here imports LangChain or LlamaIndex.
 
 from __future__ import annotations
 
+from scrutiny.core import _records
 from scrutiny.core._context import (
     add_evaluation_cost,
     rate_limit_held,
@@ -36,6 +37,11 @@ from scrutiny.core._records import (
 from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
 from scrutiny.core._select import Select, Selector
 from scrutiny.core._session import FeedbackMode, ResultListener, Session
+
+# (typing.get_type_hints(Record) — what dataclass tools, pydantic and FastAPI call — looks
+# names up in the module: Feedback is imported there for type checkers only, as it imports
+# that module itself)
+vars(_records)["Feedback"] = Feedback
 
 __all__ = [
     "ConfigurationError",

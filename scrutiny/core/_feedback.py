@@ -16,6 +16,7 @@ import inspect
 import itertools
 import math
 import numbers
+import pickle
 import statistics
 import threading
 import weakref
@@ -532,6 +533,31 @@ class Feedback:
     def __repr__(self) -> str:
         wiring = ", ".join(f"{k}={v}" for k, v in self.selectors.items())
         return f"Feedback({self.name!r}, {wiring})"
+
+    # ------------------------------------------------------------------ copies, pickle
+    def __reduce__(self) -> tuple[Any, ...]:
+        """(pickle) By reference, as a worker rebuilds it: its selections hold functions
+        made at run time, so pickling one (or a record holding its results, sent to
+        another process) failed on a local lambda of Scrutiny's."""
+        try:
+            spec = self.spec()
+        except NotReferenceable as exc:
+            raise pickle.PicklingError(
+                f"feedback {self.name!r} cannot be pickled: {exc}. Define its function "
+                "at the top level of an importable module") from None
+        return (Feedback.from_spec, (spec,))
+
+    # (copy.copy and deepcopy stay copies by value, not rebuilt from the reference)
+    def __copy__(self) -> Feedback:
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Feedback:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     # ------------------------------------------------------------------ evaluation
     def calls_for(self, record: Record) -> list[dict[str, Any]]:

@@ -405,6 +405,39 @@ class Record:
         self.end_time = self.start_time if isinstance(end, float) and math.isnan(end) \
             else _seconds(end, "end_time")
 
+    # ------------------------------------------------------------------ copies
+    # A record holds its results' locks and futures: copy.deepcopy and pickle failed on
+    # them ("cannot pickle '_thread.RLock' object"), and copy.copy shared them.
+    def __getstate__(self) -> dict[str, Any]:
+        """(copy, deepcopy, pickle) Its values, and its results as they are now: a copy is
+        a snapshot of the record, not tied to what evaluates the original (a result still
+        pending in it stays pending)."""
+        state = dict(self.__dict__)
+        state["_slots"] = [(fb, slot.current, slot.elsewhere)
+                           for fb, slot in self._result_slots().items()]
+        state["_pending_init"] = state["_watch"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        given = state.pop("_slots")
+        self.__dict__.update(state)
+        self._slots = {}
+        for fb, current, elsewhere in given:
+            slot = self._slots[fb] = _ResultSlot(current)
+            slot.elsewhere = elsewhere
+            slot._done = current.status.is_final
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Record:
+        """Its values copied; its feedbacks shared (a judge's client and limiter are not
+        the record's to copy), as in `feedback_results`."""
+        state = self.__getstate__()
+        for fb, _, _ in state["_slots"]:
+            memo[id(fb)] = fb
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(state, memo))
+        return copied
+
     def _hold_values(self) -> None:
         """(Given to a session.) Keep its values as they are now: its dicts and lists (and
         its spans') copied, see `snapshot`. It is stored and judged later, and a dataset

@@ -11,14 +11,12 @@ can be used where a selector is expected.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._missing import is_missing
+from scrutiny.core._records import Record, Span
 from scrutiny.core._refs import NotReferenceable, reference, resolve
-
-if TYPE_CHECKING:
-    from scrutiny.core._records import Record, Span
 
 __all__ = ["EmptySelection", "Select", "Selector", "as_selector", "selector_from_spec"]
 
