@@ -2738,6 +2738,22 @@ def test_reprs_are_short_and_results_are_found_by_name(session: Session) -> None
     assert repr(session).startswith("Session('sqlite:///")
 
 
+def test_a_stored_records_results_are_found_by_the_feedback_that_made_them(
+        session: Session) -> None:
+    """A record read back (get_record, query_records) holds stand-ins of its feedbacks:
+    results[fb] with the very Feedback the app wired raised a bare KeyError."""
+    fb = Feedback(_answer_length, name="len").on_output()
+    rewired = Feedback(_answer_length, name="len").on_input()
+    record = session.ingest(make_record(), [fb])
+    assert record.wait_for_feedback_results(timeout=10)[fb].result == 8.0
+    stored = session.get_record(record.record_id)
+    assert stored is not None
+    assert stored.feedback_results[fb].result == 8.0
+    assert stored.wait_for_feedback_results(timeout=1)[fb].result == 8.0
+    with pytest.raises(KeyError, match=r"another definition of it .* results\['len'\]"):
+        stored.feedback_results[rewired]
+
+
 def test_a_record_id_deleted_can_be_given_again(session: Session) -> None:
     """A notebook run, deleted, then run again: its ids were refused, "already given to
     this session for another record ... it keeps the first", though nothing was kept."""

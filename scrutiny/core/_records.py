@@ -814,6 +814,18 @@ class FeedbackResults(dict["Feedback", FeedbackResult]):
                     return result
             raise KeyError(f"{key!r}: no result of a feedback of that name; the record has "
                            f"{sorted(f.name for f in self)}")
+        # A record read back from the database holds stand-ins of its feedbacks: the
+        # Feedback the app wired finds its own result by its definition's id.
+        wanted = getattr(key, "feedback_id", None)
+        if isinstance(wanted, str):
+            for feedback, result in self.items():
+                if getattr(feedback, "feedback_id", None) == wanted:
+                    return result
+            name = getattr(key, "name", None)
+            if any(f.name == name for f in self):
+                raise KeyError(f"{key!r}: the record's result named {name!r} is of another "
+                               f"definition of it (other wiring or function); "
+                               f"results[{name!r}] gives it")
         raise KeyError(key)
 
     if TYPE_CHECKING:
