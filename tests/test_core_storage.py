@@ -695,23 +695,27 @@ def toxicity(output: str) -> float:
 
 def test_a_changed_direction_or_option_reaches_the_database_in_the_same_process(
         tmp_path: Path) -> None:
-    """A definition is written once per feedback id, and the id covers the name, the code
-    and the wiring only: v2's higher_is_better=False and timeout=5 stayed in the process
-    that recorded it, while a new Session (the dashboard, the CLI) ranked toxicity with
-    higher_is_better=True and workers rebuilt it without its timeout."""
+    """A definition is written once per feedback id. The id covered the name, the code and
+    the wiring only: v2's higher_is_better=False stayed in the process that recorded it,
+    while a new Session (the dashboard, the CLI) ranked toxicity with higher_is_better=True.
+    The direction is now part of the definition (its own id and row); an option such as
+    the timeout is not, and a changed one is written again under the same id (workers
+    rebuilt it without its timeout)."""
     url = f"sqlite:///{tmp_path}/direction.sqlite"
+    v2 = Feedback(toxicity, name="toxicity", higher_is_better=False, timeout=5)
     with Session(url) as writer:
         for version, output, fb in (
                 ("v1", "calm", Feedback(toxicity, name="toxicity")),
-                ("v2", "rude", Feedback(toxicity, name="toxicity", higher_is_better=False,
-                                        timeout=5))):
+                ("v2", "rude", v2)):
             writer.ingest(Record(app_name="qa", app_version=version, input="q",
                                  output=output, start_time=1.0, end_time=2.0),
                           [fb.on_output()])
             assert writer.wait_for_feedback(20)
         assert list(writer.get_leaderboard().index) == [("qa", "v1"), ("qa", "v2")]
     with Session(url) as reader:
-        [definition] = reader.store.definitions()
+        by_id = {d["feedback_id"]: d for d in reader.store.definitions()}
+        assert len(by_id) == 2  # (v1's definition, and v2's other direction)
+        definition = by_id[v2.on_output().feedback_id]
         assert definition["higher_is_better"] is False
         spec = _serialize.loads(definition["spec_json"])
         assert (spec["higher_is_better"], spec["timeout"]) == (False, 5)
@@ -720,14 +724,67 @@ def test_a_changed_direction_or_option_reaches_the_database_in_the_same_process(
         assert list(board.index) == [("qa", "v1"), ("qa", "v2")]  # less toxic first
 
 
+def test_two_apps_ranked_by_one_function_each_in_its_own_direction(tmp_path: Path) -> None:
+    """One `length` function, lower is better for a summariser and higher for an essay
+    writer: both apps were ranked by the direction written last."""
+    url = f"sqlite:///{tmp_path}/two_apps.sqlite"
+
+    def length(output: str) -> float:
+        return float(len(output))
+
+    with Session(url) as writer:
+        for app, higher in (("summariser", False), ("essay", True)):
+            fb = Feedback(length, higher_is_better=higher).on_output()
+            for version, output in (("v1", "x" * 10), ("v2", "x" * 100)):
+                writer.ingest(Record(app_name=app, app_version=version, input="q",
+                                     output=output, start_time=1.0, end_time=2.0), [fb])
+        assert writer.wait_for_feedback(20)
+    with Session(url) as reader:
+        for app, best_first in (("summariser", ["v1", "v2"]), ("essay", ["v2", "v1"])):
+            board = reader.get_leaderboard(app_ids=[app])
+            assert [version for _, version in board.index] == best_first, app
+
+
+def test_what_a_feedback_scores_and_how_it_ranks_are_its_definition() -> None:
+    """Two feedbacks of one name and function that score or rank differently had one id:
+    workers and retry_failed evaluated one app's results with another app's definition
+    (a min aggregate scored with max; a partial for "Paris" with the one for "Dublin"),
+    and the leaderboard ranked both apps by one direction. A renamed feedback kept the
+    id of its old name."""
+    import functools
+
+    def contains(output: str, word: str) -> float:
+        return float(word in output)
+
+    def make(threshold: float) -> Any:
+        return lambda output: float(len(output) > threshold)
+
+    def same(a: Feedback, b: Feedback) -> bool:
+        return a.on_output().feedback_id == b.on_output().feedback_id
+
+    assert same(Feedback(toxicity), Feedback(toxicity, timeout=5, retries=2))
+    assert not same(Feedback(toxicity), Feedback(toxicity, higher_is_better=False))
+    assert not same(Feedback(toxicity, aggregate=min), Feedback(toxicity, aggregate=max))
+    paris, dublin = (functools.partial(contains, word=w) for w in ("Paris", "Dublin"))
+    assert not same(Feedback(paris, name="city"), Feedback(dublin, name="city"))
+    assert same(Feedback(paris, name="city"),
+                Feedback(functools.partial(contains, word="Paris"), name="city"))
+    assert not same(Feedback(make(10), name="long"), Feedback(make(20), name="long"))
+    assert same(Feedback(make(10), name="long"), Feedback(make(10), name="long"))
+    renamed = Feedback(toxicity).on_output()
+    before = renamed.feedback_id
+    renamed.name = "toxicity_v2"
+    assert renamed.feedback_id != before
+    assert renamed.feedback_id == Feedback(toxicity, name="toxicity_v2").on_output().feedback_id
+
+
 def test_a_definition_is_written_again_only_when_it_changed(tmp_path: Path) -> None:
     """The writer's batches carry every record's definitions: a known, unchanged one is not
     written again (the batch stays one statement); a changed one is, the latest of a batch
     winning."""
     store, traced = _traced_store(tmp_path / "defs.sqlite")
     first = Feedback(toxicity, name="toxicity").on_output()
-    changed = Feedback(toxicity, name="toxicity", higher_is_better=False,
-                       timeout=5).on_output()
+    changed = Feedback(toxicity, name="toxicity", timeout=5).on_output()
     assert first.feedback_id == changed.feedback_id
     store.write([_insert_op(make_record(), first)[0]])
     store.write([_insert_op(make_record(), first)[0]])
@@ -741,7 +798,6 @@ def test_a_definition_is_written_again_only_when_it_changed(tmp_path: Path) -> N
     store.write([_insert_op(make_record(), first)[0], _insert_op(make_record(), changed)[0]])
     assert any(s.startswith("UPDATE scrutiny_feedback_definitions") for s in traced)
     [row] = store.definitions()
-    assert row["higher_is_better"] is False
     assert _serialize.loads(row["spec_json"])["timeout"] == 5
 
     traced.clear()
@@ -749,7 +805,7 @@ def test_a_definition_is_written_again_only_when_it_changed(tmp_path: Path) -> N
     assert not any("feedback_definitions" in s for s in traced)
     store.write([_insert_op(make_record(), first)[0]])  # and back
     [row] = store.definitions()
-    assert row["higher_is_better"] is True
+    assert _serialize.loads(row["spec_json"])["timeout"] is None
     store.engine.dispose()
 
 

@@ -17,8 +17,11 @@ import itertools
 import math
 import numbers
 import pickle
+import re
+import reprlib
 import statistics
 import threading
+import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -427,12 +430,35 @@ class Feedback:
 
     @property
     def feedback_id(self) -> str:
-        """A stable id of the definition (name, implementation and wiring)."""
+        """The id of the definition: its name, its function, its wiring, and what its
+        scores mean — the aggregate of a fanned-out selection and `higher_is_better`.
+        (Its timeout, retries and rate limit are not: a definition whose timeout changed
+        is the same one, written again.)
+
+        A function importable by path is known by that path, the same in every process
+        and Python version. Any other callable — a lambda, a closure, a partial, a bound
+        method, a callable object — by what makes it score as it does: its code and the
+        values it holds (a partial's arguments, a closure's cells, its object's state).
+        Two feedbacks of one name and function that score differently had one id: workers
+        and `retry_failed` evaluated one app's results with another app's definition, and
+        the leaderboard ranked both apps by one direction.
+        """
         cached = self.__dict__.get("_id")
         if cached is None:
-            text = repr((self.name, self.implementation, sorted(self.selectors.items())))
+            text = repr((self.name, _callable_text(self.fn), sorted(self.selectors.items()),
+                         None if self.aggregator is mean_of else
+                         _callable_text(self.aggregator), self.higher_is_better))
             cached = self.__dict__["_id"] = hashlib.sha256(text.encode()).hexdigest()[:16]
         return str(cached)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        # (a feedback renamed or re-pointed after wiring kept the id, spec and definition
+        # of what it was: two renamed copies swapped their directions in the leaderboard)
+        object.__setattr__(self, key, value)
+        if key in _DEFINING:
+            cached = self.__dict__
+            for derived in ("_id", "_spec", "_definition_row"):
+                cached.pop(derived, None)
 
     def check_wired(self) -> None:
         """Raise :class:`ConfigurationError` unless every required parameter is wired."""
@@ -644,6 +670,82 @@ def _parameters(fn: Callable[..., Any]) -> _Params:
         elif p.kind is p.VAR_POSITIONAL:
             var_positional = True
     return _Params(names, required, var_keyword, var_positional, tuple(positional_only))
+
+
+_DEFINING = frozenset({"fn", "name", "higher_is_better", "aggregator", "bindings", "timeout",
+                       "retry", "rate_limit"})
+"""Attributes a feedback's id, spec or definition row are made from."""
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_TEXT_LIMIT = 4000
+
+
+def _callable_text(fn: Any, depth: int = 0) -> str:
+    """What makes `fn` score as it does, as text for a definition's id (see feedback_id)."""
+    if depth > 4:
+        return type(fn).__qualname__
+    if isinstance(fn, functools.partial):
+        return (f"partial({_callable_text(fn.func, depth + 1)}, {_state_text(fn.args)}, "
+                f"{_state_text(sorted(fn.keywords.items()))})")
+    if inspect.ismethod(fn):
+        owner = fn.__self__
+        if isinstance(owner, type):  # a classmethod: importable with its class
+            owner_text = f"{owner.__module__}:{owner.__qualname__}"
+        else:
+            owner_text = _object_text(owner)
+        return f"method({_callable_text(fn.__func__, depth + 1)}, {owner_text})"
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if isinstance(qualname, str) and module and "<" not in qualname:
+        # (importable by path, or a function of the script or notebook: known by its
+        # name everywhere, as before — its body edited is the same definition)
+        return f"{module}:{qualname}"
+    code = getattr(fn, "__code__", None)
+    if isinstance(code, types.CodeType):  # a lambda or a closure
+        cells = []
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # (a cell not filled yet)
+                cells.append(None)
+        defaults = (getattr(fn, "__defaults__", None), getattr(fn, "__kwdefaults__", None))
+        return (f"{module}:{qualname}:{_code_text(code)}:{_state_text(cells)}:"
+                f"{_state_text(defaults)}")
+    return _object_text(fn)  # a callable object
+
+
+def _code_text(code: types.CodeType) -> str:
+    """A digest of what `code` does, the same in every process (nested code — a lambda's
+    generator expression — by its own digest, not its repr with an address and a file)."""
+    consts = [_code_text(c) if isinstance(c, types.CodeType) else _state_text(c)
+              for c in code.co_consts]
+    return hashlib.sha256(code.co_code + repr((consts, code.co_names)).encode()).hexdigest()[:16]
+
+
+def _object_text(obj: Any) -> str:
+    """An object by its class and state: its own repr when its class has one, else its
+    attributes'."""
+    cls = type(obj)
+    kind = f"{cls.__module__}:{cls.__qualname__}"
+    if any("__repr__" in vars(c) for c in cls.__mro__[:-1]):
+        return f"{kind}({_state_text(obj)})"
+    return f"{kind}({_state_text(sorted(getattr(obj, '__dict__', {}).items()))})"
+
+
+_STATE_REPR = reprlib.Repr()
+_STATE_REPR.maxlevel = 4
+_STATE_REPR.maxstring = _STATE_REPR.maxother = 400
+_STATE_REPR.maxlist = _STATE_REPR.maxtuple = _STATE_REPR.maxdict = _STATE_REPR.maxset = 40
+
+
+def _state_text(value: Any) -> str:
+    """repr(value), without memory addresses (the same state reads the same in every
+    process), bounded (a closure over a whole dataset is not printed in full)."""
+    try:
+        text = _STATE_REPR.repr(value)
+    except Exception:
+        text = type(value).__qualname__
+    return _ADDRESS.sub("", text)[:_TEXT_LIMIT]
 
 
 def _function_name(fn: Callable[..., Any]) -> str:

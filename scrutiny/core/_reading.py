@@ -208,17 +208,21 @@ class SessionReading:
         """
         self._settle(self.flush_timeout if timeout is None else timeout, "leaderboard")
         records, results = self.store.aggregates(app_ids=as_names(app_ids, "app_ids"))
-        return leaderboard_frame(records, results, self._directions(results))
+        return leaderboard_frame(records, results, self._directions(results, records))
 
-    def _directions(self, results: Sequence[Row]) -> dict[tuple[str, str], bool]:
+    def _directions(self, results: Sequence[Row],
+                    apps: Sequence[Row]) -> dict[tuple[str, str], bool]:
         """Per (app id, feedback name) of `results`: whether higher is better, as that
         app's feedback of that name says.
 
         A name is not enough: two apps sharing a database may each have a "length" of
         their own, one wanting long answers and one short, and the definition written
         last decided for both. Where the definitions of a name agree (nearly always),
-        that is the answer; otherwise the results say which definition each app used.
+        that is the answer; otherwise the results say which definition each app used —
+        the newest of those any version of the app used, for all its versions (a
+        direction turned round in v2 ranks v1 by it too: one column, one direction).
         """
+        app_names: dict[str, str] = {a["app_id"]: a["app_name"] for a in apps}
         by_id: dict[str, tuple[str, bool, Any]] = {
             d["feedback_id"]: (d["name"], bool(d["higher_is_better"]), d["created_at"])
             for d in self.store.definitions()}
@@ -240,10 +244,13 @@ class SessionReading:
                 known = by_id.get(row["feedback_id"])
                 if known is not None:
                     used.setdefault((row["app_id"], row["feedback_name"]), []).append(known)
+            by_app_name: dict[tuple[str, str], list[tuple[str, bool, Any]]] = {}
+            for (app, name), found in used.items():
+                by_app_name.setdefault((app_names.get(app, app), name), []).extend(found)
             for app, name in pairs:
                 if name in mixed:  # (several definitions in one app: the newest)
-                    found = used.get((app, name))
-                    out[app, name] = max(found, key=lambda d: d[2])[1] if found else True
+                    defined = by_app_name.get((str(app_names.get(app, app)), name))
+                    out[app, name] = max(defined, key=lambda d: d[2])[1] if defined else True
         return out
 
     def get_record(self, record_id: str) -> Record | None:
@@ -351,7 +358,7 @@ class SessionReading:
         self._settle(self.flush_timeout, "feedback summary")
         apps, results = self.store.aggregates(app_ids=as_names(app_ids, "app_ids"))
         names = {a["app_id"]: (a["app_name"], a["app_version"]) for a in apps}
-        directions = self._directions(results)  # (as the leaderboard's)
+        directions = self._directions(results, apps)  # (as the leaderboard's)
         out: dict[tuple[str, str], dict[str, Any]] = {}
         for res in results:
             key = (res["app_id"], res["feedback_name"])
