@@ -2726,6 +2726,11 @@ def test_reprs_are_short_and_results_are_found_by_name(session: Session) -> None
     assert results["broken"].status is FeedbackStatus.FAILED
     with pytest.raises(KeyError, match=r"the record has \['broken', 'len'\]"):
         results["nope"]
+    # (.get and `in` by name too: .get("len") said None, "len" in results False)
+    assert results.get("len") is results["len"]
+    assert record.feedback_results.get("len") == results["len"]
+    assert "len" in results
+    assert ("nope" in results, results.get("nope"), results.get("nope", 0)) == (False, None, 0)
     shown = repr(record)
     assert len(shown) < 500, shown
     assert "status='ok'" in shown

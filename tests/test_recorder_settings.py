@@ -117,8 +117,9 @@ def test_two_feedbacks_with_one_name_are_refused_when_the_recorder_is_made() -> 
 def test_feedback_names_that_are_table_columns_are_refused() -> None:
     """A feedback named `output` doubled the records table's output column; one named
     `records` or `failed` replaced the leaderboard's counts; `q status` collided with the
-    status column of a feedback `q`."""
-    for name in ("output", "records", "failed", "q status"):
+    status column of a feedback `q`; `q reason` hid q's reason column (reasons=True) and
+    broke `scrutiny records --reasons --format csv`."""
+    for name in ("output", "records", "failed", "q status", "q reason"):
         with pytest.raises(ConfigurationError, match=f"cannot be named '{name}'"):
             _recorders(None, feedbacks=[Feedback(length, name=name).on_output()])
 

@@ -828,6 +828,22 @@ class FeedbackResults(dict["Feedback", FeedbackResult]):
                                f"results[{name!r}] gives it")
         raise KeyError(key)
 
+    def __contains__(self, key: object) -> bool:  # ("length" in results, as results[...])
+        if dict.__contains__(self, key):
+            return True
+        try:
+            self.__missing__(key)
+        except KeyError:
+            return False
+        return True
+
+    def get(self, key: Feedback | str, default: Any = None, /) -> Any:
+        """``results.get("name")`` finds a result by name too, as ``results["name"]``."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
     if TYPE_CHECKING:
         def __getitem__(self, key: Feedback | str, /) -> FeedbackResult: ...
 

@@ -164,7 +164,7 @@ def check_feedbacks(feedbacks: Sequence[Feedback], mode: FeedbackMode) -> None:
     """Raise :class:`ConfigurationError` unless `feedbacks` can run together in `mode`:
     each wired, each loadable by a worker in deferred mode, and no two with one name (the
     results table has one column per name: one of the two would be hidden)."""
-    from scrutiny.core._frames import RESERVED_NAMES, STATUS_SUFFIX
+    from scrutiny.core._frames import REASON_SUFFIX, RESERVED_NAMES, STATUS_SUFFIX
 
     if isinstance(feedbacks, Feedback):
         raise ConfigurationError("feedbacks must be a list of Feedback: pass [feedback]")
@@ -177,11 +177,12 @@ def check_feedbacks(feedbacks: Sequence[Feedback], mode: FeedbackMode) -> None:
             hint = (f"wrap it: Feedback({what}).on_output() (or .on_input(), .on(...))"
                     if callable(fb) else "make one with Feedback(fn).on_output()")
             raise ConfigurationError(f"feedbacks must be Feedback objects, got {fb!r}: {hint}")
-        if fb.name in RESERVED_NAMES or fb.name.endswith(STATUS_SUFFIX):
+        if fb.name in RESERVED_NAMES or fb.name.endswith((STATUS_SUFFIX, REASON_SUFFIX)):
             raise ConfigurationError(
                 f"a feedback cannot be named {fb.name!r}: the records table and the "
-                f"leaderboard have a column of that name (and '<name>{STATUS_SUFFIX}' is "
-                f"each feedback's status column); choose another name=")
+                f"leaderboard have a column of that name (and '<name>{STATUS_SUFFIX}' and "
+                f"'<name>{REASON_SUFFIX}' are each feedback's status and reason columns); "
+                f"choose another name=")
         fb.check_wired()
         if mode is FeedbackMode.DEFERRED:
             fb.check_referenceable()
