@@ -601,8 +601,9 @@ def dashboard(database_url: str | None, table_prefix: str, host: str, port: int,
                    "$SCRUTINY_DASHBOARD_TOKEN", err=True)
     try:
         from scrutiny.dashboard import start_dashboard
-    except ModuleNotFoundError as exc:
-        _fail(f"the dashboard needs the extra: pip install 'scrutiny[dashboard]' ({exc})")
+    except ModuleNotFoundError as exc:  # (its message names the extra, once)
+        _fail(str(exc) if "scrutiny[dashboard]" in str(exc) else
+              f"the dashboard needs the extra: pip install 'scrutiny[dashboard]' ({exc})")
         return
     missing = _missing_sqlite_file(database_url or _default_url())
     if missing is not None:

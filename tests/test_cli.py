@@ -161,6 +161,9 @@ def test_an_empty_database_reads_as_no_records(database_url: str, fmt: str) -> N
 @pytest.mark.parametrize(("args", "message"), [
     (["records", "--database-url", "nonsense"], "not a database URL"),
     (["records", "--database-url", "mysql://u@h/db"], "databases are not supported"),
+    # (two slashes, a common slip: a raw SQLAlchemy traceback, exit 1)
+    (["records", "--database-url", "sqlite://my.sqlite"], "use three slashes for a file, "
+     "'sqlite:///my.sqlite'"),
     (["leaderboard", "--database-url", "sqlite:///{tmp}/none.sqlite"],
      "there is no SQLite database at"),
     (["records", "--offset", str(2 ** 63)], "Invalid value for '--offset'"),
@@ -177,6 +180,21 @@ def test_wrong_input_exits_2_saying_what_is_wrong(tmp_path: Path, args: list[str
     assert message in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "none.sqlite").exists()
+
+
+def test_python_dash_m_scrutiny_is_the_command(tmp_path: Path) -> None:
+    """Where the venv's bin/ is not on PATH: "'scrutiny' is a package and cannot be
+    directly executed"."""
+    url = f"sqlite:///{tmp_path}/m.sqlite"
+    _store(url, [_record(0)])
+    out = subprocess.run([sys.executable, "-m", "scrutiny", "records", "--database-url", url,
+                          "--format", "json"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert [row["input"] for row in json.loads(out.stdout)] == ["question 0"]
+    usage = subprocess.run([sys.executable, "-m", "scrutiny", "--help"], capture_output=True,
+                           text=True, timeout=120, check=False)
+    assert usage.stdout.startswith("Usage: scrutiny ")
 
 
 # ---------------------------------------------------------------------- worker

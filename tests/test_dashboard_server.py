@@ -101,6 +101,23 @@ def test_with_a_token_every_request_needs_it(stored: Session) -> None:
         handle.stop()
 
 
+def test_without_the_extra_the_message_names_it_once(
+        stored: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Starlette, run_dashboard() and `scrutiny dashboard` said "the dashboard
+    needs the extra: pip install ... (the dashboard needs the extra: pip install ... (No
+    module named 'starlette'))"."""
+    for name in [m for m in sys.modules if m == "scrutiny.dashboard" or
+                 m.startswith("scrutiny.dashboard.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "starlette", None)  # (import starlette fails)
+    with pytest.raises(ConfigurationError) as raised:
+        stored.run_dashboard()
+    assert str(raised.value).count("pip install 'scrutiny[dashboard]'") == 1
+    out = CliRunner().invoke(main, ["dashboard", "--database-url", stored.database_url])
+    assert out.exit_code == 2
+    assert out.stderr.count("pip install 'scrutiny[dashboard]'") == 1, out.stderr
+
+
 def test_the_public_surface_is_pinned() -> None:
     import scrutiny.dashboard
 

@@ -209,6 +209,22 @@ def test_a_missing_embeddings_extra_is_named(monkeypatch: pytest.MonkeyPatch) ->
         Embeddings()
 
 
+def test_a_missing_sentiment_extra_is_named_when_the_feedback_is_made(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feedback(sentiment) was accepted without vaderSentiment, and every result of the
+    run then ended `failed`: it is refused up front, as Rouge() and Embeddings() are."""
+    real = importlib.util.find_spec
+
+    def without(name: str, *args: Any) -> Any:
+        return None if name == "vaderSentiment" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'scrutiny\[sentiment\]'"):
+        Feedback(sentiment)
+    monkeypatch.undo()
+    assert Feedback(sentiment).on_output().name == "sentiment"
+
+
 # ---------------------------------------------------------------------------- sentiment
 def test_sentiment_orders_positive_neutral_negative() -> None:
     pytest.importorskip("vaderSentiment")

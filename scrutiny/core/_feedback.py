@@ -273,6 +273,9 @@ class Feedback:
                 f"Feedback({fn.__name__}) was given the class: pass an instance, "
                 f"Feedback({fn.__name__}())")
         defaults = feedback_defaults(fn)
+        check = defaults.pop("check", None)
+        if callable(check):  # (a provider's: its optional dependency is installed, ...)
+            check()
         if name is None:
             name = defaults.get("name")
         higher_is_better = (defaults.get("higher_is_better", True)
@@ -633,8 +636,9 @@ def feedback_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
     A function (or method) may carry a mapping in its ``__scrutiny_feedback__`` attribute,
     and the object a bound method belongs to may define
     ``scrutiny_feedback_defaults(method) -> Mapping``; keys are `Feedback` option names
-    (name, higher_is_better, timeout, retry, rate_limit, aggregate). The object's values
-    win over the function's.
+    (name, higher_is_better, timeout, retry, rate_limit, aggregate), and ``check``: a
+    function called when the feedback is made, raising if it cannot run here (an extra
+    not installed). The object's values win over the function's.
     """
     found: dict[str, Any] = {}
     attached = getattr(fn, DEFAULTS_ATTRIBUTE, None)

@@ -1335,8 +1335,9 @@ class Session(SessionReading):
         """
         try:
             from scrutiny.dashboard import start_dashboard
-        except ModuleNotFoundError as exc:
+        except ModuleNotFoundError as exc:  # (its message names the extra, once)
             raise ConfigurationError(
+                str(exc) if "scrutiny[dashboard]" in str(exc) else
                 f"the dashboard needs the extra: pip install 'scrutiny[dashboard]' ({exc})"
             ) from exc
         return start_dashboard(self, host=host, port=port, token=token)

@@ -17,6 +17,7 @@ import unicodedata
 from typing import Any
 
 from scrutiny.core import SkipFeedback
+from scrutiny.core._feedback import DEFAULTS_ATTRIBUTE
 from scrutiny.providers._errors import missing_extra
 from scrutiny.providers._text import as_text
 
@@ -26,14 +27,17 @@ _lock = threading.Lock()
 _analyzer: Any = None
 
 
+def _require_vader() -> None:
+    if importlib.util.find_spec("vaderSentiment") is None:
+        raise missing_extra("scrutiny.providers.sentiment", "sentiment", "vaderSentiment")
+
+
 def _get_analyzer() -> Any:
     global _analyzer
     if _analyzer is None:
         with _lock:
             if _analyzer is None:
-                if importlib.util.find_spec("vaderSentiment") is None:
-                    raise missing_extra("scrutiny.providers.sentiment", "sentiment",
-                                        "vaderSentiment")
+                _require_vader()
                 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
                 _analyzer = SentimentIntensityAnalyzer()
@@ -73,3 +77,8 @@ def sentiment(text: Any) -> tuple[float, str]:
     return (compound + 1.0) / 2.0, (
         f"{label} (VADER compound {compound:+.3f}; positive {scores['pos']:.2f}, "
         f"neutral {scores['neu']:.2f}, negative {scores['neg']:.2f}{note})")
+
+
+# (checked when the feedback is made, as Rouge() and Embeddings() are: without the extra,
+# every result of a whole run ended `failed` before the user heard of it)
+setattr(sentiment, DEFAULTS_ATTRIBUTE, {"check": _require_vader})

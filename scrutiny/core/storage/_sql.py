@@ -249,6 +249,12 @@ def _make_engine(url: str) -> Engine:
 
         return pg_engine
     database = parsed.database
+    if parsed.host:  # sqlite://my.sqlite (two slashes: a host, which SQLite has not)
+        shown = f"{parsed.host}{'/' + database if database else ''}"
+        raise ConfigurationError(
+            f"{redact_url(url)} names no SQLite file (two slashes make {parsed.host!r} a "
+            f"host): use three slashes for a file, 'sqlite:///{shown}', or four for an "
+            f"absolute path, 'sqlite:////abs/path/{shown}'")
     uri = database is not None and database.startswith("file:")  # (a URI filename: SQLite's)
     in_memory = database in (None, "", ":memory:") or (
         uri and parsed.query.get("mode") == "memory")
