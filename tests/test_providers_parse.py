@@ -182,6 +182,35 @@ def test_a_score_quoted_from_what_the_judge_read_is_not_its_score() -> None:
     assert parse_score(both, 10, quoted=[context]).score == pytest.approx(0.9)
 
 
+def test_a_bare_score_is_not_taken_for_a_digit_of_what_the_judge_read() -> None:
+    """A score alone on its line counted as copied from the prompt when any text read
+    held that digit ("9" in "1999", "0" in "$20"): the result failed, or a draft score
+    before it won. It is copied only when it is a whole line of what was read."""
+    assert parse_score("0\n\nThe text is harmless.", 10,
+                       quoted=["Plans start at $20 a month."]).score == 0.0
+    assert parse_score("It reads as one whole.\n\n9", 10,
+                       quoted=["Founded in 1999, the firm grew."]).score == pytest.approx(0.9)
+    with pytest.raises(InvalidFeedbackValue, match="several different scores"):
+        parse_score("Initial score: 6\nOn reflection it is fine.\n\n9", 10,
+                    quoted=["Founded in 1999, the firm grew."])
+    with pytest.raises(InvalidFeedbackValue, match="no score"):  # (a whole line of it)
+        parse_score("The table says:\n9", 10, quoted=["Ratings:\n9\nend"])
+
+
+@pytest.mark.parametrize("answer", [
+    "Score: 7\n\nThe answer gives the key years:\n1998\n2004",
+    "Score: 7\n\nThe answer names the steps in order:\n1\n2\n3",
+    "Score: 7\n\nIt was founded in:\n1998",
+])
+def test_numbers_listed_in_the_reasons_after_a_stated_score_are_not_scores(
+        answer: str) -> None:
+    """They failed the result: "the score 1998 is outside the scale 0-10", "several
+    different scores"."""
+    parsed = parse_score(answer, 10)
+    assert parsed.score == pytest.approx(0.7)
+    assert parsed.reasons.endswith(answer.rsplit(":", 1)[1].strip())
+
+
 def test_statement_verdicts_are_read_in_order_or_by_number() -> None:
     answer = ('{"statements": [{"statement": 2, "score": 0, "reason": "absent"}, '
               '{"statement": 1, "score": 10, "reason": "stated"}]}')

@@ -325,7 +325,15 @@ def _echoed(text: str, quoted: Sequence[str]) -> bool:
     judge was asked to read: a model that echoes its prompt (LlamaIndex's MockLLM) or
     quotes a context holding "Guest rating: 4/5" has not given a score."""
     piece = text.strip()
-    return bool(piece) and any(piece in q for q in quoted)
+    if not piece:
+        return False
+    if any(c.isalpha() for c in piece):
+        return any(piece in q for q in quoted)
+    # A bare number ("9", "**0**", "8/10") is copied only when it is a whole line of what
+    # was read: as a fragment it is in any text with that digit (a year, a price), and the
+    # judge's real score was dropped — the result failed, or a draft score won.
+    alone = re.compile(rf"^[ \t]*{re.escape(piece)}[ \t]*$", re.MULTILINE)
+    return any(alone.search(q) for q in quoted)
 
 
 def _line_of(body: str, match: re.Match[str]) -> str:
@@ -393,15 +401,51 @@ def _candidates(body: str, raw: str, scale: float, quoted: Sequence[str],
     # overlap, nor do these lines: one pass over both. Each line checked against all of
     # them took 15 s for an answer of 16,000 lines of "7".)
     read = [(m.start(), m.end()) for m, _ in found]
+    stated = bool(found)
+    bare = list(_BARE_LINE.finditer(body))
+    taken = [False] * len(bare)  # (overlapping a score read above)
     at = 0
-    for match in _BARE_LINE.finditer(body):
+    for i, match in enumerate(bare):
         while at < len(read) and read[at][1] <= match.start():
             at += 1
-        if (at < len(read) and read[at][0] < match.end()) or not keep(match) or \
-                echoed(match.group(0)):
+        taken[i] = at < len(read) and read[at][0] < match.end()
+    # After a stated score ("Score: 7"), numbers on lines of their own one after another,
+    # under a line ending in ":", are a list its reasons give ("the steps:" 1, 2, 3; "the
+    # key years:" 1998, 2004), not scores: they
+    # failed the result as "several different scores" or "1998 is outside the scale".
+    listed = [False] * len(bare)
+    if stated:
+        run_start = 0
+        for i in range(1, len(bare) + 1):
+            if i < len(bare) and _next_line(body, bare[i - 1], bare[i]):
+                continue
+            if i - run_start > 1 and not any(taken[run_start:i]) and \
+                    _introduced(body, bare[run_start]):
+                listed[run_start:i] = [True] * (i - run_start)
+            run_start = i
+    for i, match in enumerate(bare):
+        if taken[i] or listed[i] or not keep(match) or echoed(match.group(0)):
             continue
-        found.append((match, _from_match(match, raw, scale)))
+        try:
+            value = _from_match(match, raw, scale)
+        except InvalidFeedbackValue:
+            if stated:  # (a number off the scale beside a stated score: not a score)
+                continue
+            raise
+        found.append((match, value))
     return found
+
+
+def _introduced(body: str, first: re.Match[str]) -> bool:
+    """Whether the line before `first`'s ends with ":" (a list's introduction)."""
+    end = body.rfind("\n", 0, first.start())
+    return end > 0 and body[:end].rstrip(" \t*").endswith(":")
+
+
+def _next_line(body: str, first: re.Match[str], then: re.Match[str]) -> bool:
+    """Whether `then` is on the line right after `first`'s (no blank line between)."""
+    gap = body[first.end():then.start()]
+    return gap.count("\n") == 1 and not gap.strip()
 
 
 def _agreeing(score: float, prose: str, raw: str, scale: float, quoted: Sequence[str]) -> float:
