@@ -525,3 +525,50 @@ def test_a_custom_token_counter_sets_the_budget(session: Session) -> None:
     assert record.feedback_results[fb].status is FeedbackStatus.DONE
     (prompt,) = log.prompts
     assert len(prompt.split()) <= 300
+
+
+def test_blocking_model_calls_that_hang_do_not_starve_later_judge_calls() -> None:
+    """LangChain runs a sync-only chat model's `_generate` on the evaluation loop's
+    executor. Calls hung on a dead connection kept its threads after their evaluations
+    timed out: with max_concurrency=2, two hung calls and every later judge result failed
+    "timed out", without the (recovered) model ever being called again."""
+    from langchain_core.language_models.chat_models import BaseChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    release = threading.Event()
+
+    class HangsTwice(BaseChatModel):
+        calls: int = 0
+
+        @property
+        def _llm_type(self) -> str:
+            return "hangs-twice"
+
+        def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None,
+                      **kwargs: Any) -> ChatResult:
+            self.calls += 1
+            if self.calls <= 2:
+                assert release.wait(30)  # (a request stuck on a dead connection)
+            answer = AIMessage(content='{"score": 8, "reasons": "ok"}')
+            return ChatResult(generations=[ChatGeneration(message=answer)])
+
+    model = HangsTwice()
+    judge = LLMJudge(model, timeout=0.5, retries=0)
+    fb = Feedback(judge.answer_relevance).on_input_output()
+    with Session("memory://", max_concurrency=2) as session:
+        try:
+            hung = [session.ingest(Record(app_name="h", app_version="v1", input=f"q{i}?",
+                                          output="a."), [fb]) for i in range(2)]
+            for record in hung:
+                assert record.wait_for_feedback_results(timeout=20)[fb].status is \
+                    FeedbackStatus.FAILED
+            later = [session.ingest(Record(app_name="h", app_version="v1",
+                                           input=f"later {i}?", output="a."), [fb])
+                     for i in range(3)]
+            for record in later:
+                result = record.wait_for_feedback_results(timeout=20)[fb]
+                assert (result.status, result.result) == (FeedbackStatus.DONE, 0.8), result
+            assert model.calls == 5
+        finally:
+            release.set()

@@ -58,6 +58,23 @@ _Item = tuple["concurrent.futures.Future[Any]", Callable[..., Any], tuple[Any, .
 _Delivery = tuple["asyncio.Future[Any] | Callable[[Any], object]", Any, "BaseException | None"]
 
 
+class _PoolFuture(concurrent.futures.Future[T]):
+    """A `submit()` future that tells its pool when its caller gives up on the running
+    call (a future of a running call cannot be cancelled: see _abandoned)."""
+
+    def __init__(self, pool: DaemonThreadPool) -> None:
+        super().__init__()
+        self._pool = pool
+        self.stuck = False
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            return True
+        if self.running():
+            self._pool._abandoned(self)
+        return False
+
+
 class _Worker:
     """One pool thread's hand-off: the item given to it and the lock it waits on."""
 
@@ -168,9 +185,31 @@ class DaemonThreadPool(concurrent.futures.Executor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any,
                **kwargs: Any) -> concurrent.futures.Future[T]:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        future: _PoolFuture[T] = _PoolFuture(self)
         self._enqueue((future, fn, args, kwargs))
         return future
+
+    def _abandoned(self, future: _PoolFuture[Any]) -> None:
+        """The caller of a running `submit()` call gave up on it (the evaluation awaiting
+        it timed out: asyncio cancels the future): its thread is replaced, as a timed-out
+        sync feedback's is (see lost). The loop's executor runs the blocking calls of
+        models without async support; two calls hung on a dead connection held its
+        threads, and every later judge result failed as timed out without a call."""
+        with self._lock:
+            if self._shutdown or future.stuck:
+                return
+            future.stuck = True
+            self._stuck += 1
+            stuck, capped = self._stuck, self._stuck > self._max
+            if self._backlog and len(self._threads) < self._capacity():
+                self._spawn()
+        log = logger.debug if self._warned_stuck and not capped else logger.warning
+        self._warned_stuck = True
+        log("scrutiny: a blocking call (a model without async support, run on the "
+            "evaluation loop's threads) is still running after its evaluation gave up on "
+            "it; %s (%d thread(s) stuck so far). Give the model a request timeout of its "
+            "own", "no more threads are started for stuck ones" if capped
+            else "a new thread takes its place", stuck)
 
     def _enqueue(self, item: _Item) -> None:
         with self._lock:
@@ -214,6 +253,10 @@ class DaemonThreadPool(concurrent.futures.Executor):
                         future.set_result(fn(*args, **kwargs))
                     except BaseException as exc:
                         future.set_exception(exc)
+                    finally:
+                        if getattr(future, "stuck", False):  # (came back after all)
+                            with self._lock:
+                                self._stuck -= 1
                 del future
             del item
 
