@@ -572,3 +572,39 @@ def test_blocking_model_calls_that_hang_do_not_starve_later_judge_calls() -> Non
             assert model.calls == 5
         finally:
             release.set()
+
+
+def test_a_judge_awaited_directly_applies_its_own_retries_and_timeout() -> None:
+    """The README scores a dataset by awaiting judges directly (asyncio.gather). There a
+    429 with Retry-After reached the caller at once, though the judge had retries=3, and a
+    hung model was awaited for ever, though it had timeout=0.3 and deadline=1.0."""
+    from scrutiny import FeedbackTimeout
+    from scrutiny.providers import TransientJudgeError
+
+    calls: list[float] = []
+    judge = LLMJudge(failing_model(2, RateLimited(retry_after=0.2), calls=calls), retries=3,
+                     backoff=0.001)
+    assert asyncio.run(judge.coherence("A clear text."))[0] == pytest.approx(0.7)
+    assert len(calls) == 3
+    assert calls[1] - calls[0] >= 0.19  # (the hint honoured)
+
+    calls.clear()
+    judge = LLMJudge(failing_model(99, RateLimited, calls=calls), retries=1, backoff=0.001)
+    with pytest.raises(TransientJudgeError):
+        asyncio.run(judge.coherence("A clear text."))
+    assert len(calls) == 2  # (the budget: one retry)
+
+    async def hangs(messages: Any) -> str:
+        await asyncio.sleep(3600)
+        return "7"
+
+    judge = LLMJudge(RunnableLambda(hangs), timeout=0.3, retries=5, backoff=0.001,
+                     deadline=1.0)
+
+    async def awaited() -> float:
+        began = time.monotonic()
+        with pytest.raises(FeedbackTimeout):
+            await asyncio.wait_for(judge.coherence("A clear text."), 20)
+        return time.monotonic() - began
+
+    assert asyncio.run(awaited()) < 5  # (attempts of 0.3 s within the 1 s deadline)

@@ -19,6 +19,7 @@ import inspect
 import itertools
 import keyword
 import numbers
+import random
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,9 +34,11 @@ from scrutiny.core import (
     SkipFeedback,
     add_evaluation_cost,
     rate_limit_held,
+    recording_suppressed,
     suppress_recording,
 )
 from scrutiny.core._dispatch import _GroupLimit
+from scrutiny.core._evaluate import retry_after_hint
 from scrutiny.core._feedback import (
     DEFAULTS_ATTRIBUTE,
     _check_count,
@@ -371,6 +374,14 @@ class LLMJudge:
         return parsed.score, explanation
 
     async def _ask(self, prompt: str) -> JudgeReply:
+        if not recording_suppressed():
+            # Awaited directly, outside any session's evaluation (a dataset scored with
+            # asyncio.gather): the judge's timeout, retries and deadline are its own to
+            # apply — a 429 reached the caller at once, and a hung model waited for ever.
+            return await self._ask_with_policy(prompt)
+        return await self._ask_once(prompt)
+
+    async def _ask_once(self, prompt: str) -> JudgeReply:
         limit = self.rate_limit
         if limit is not None and not rate_limit_held(limit.group):
             # Awaited directly (``asyncio.gather`` over a dataset) or from a function of
@@ -378,6 +389,44 @@ class LLMJudge:
             async with self._own_limit(limit)():
                 return await self._asked(prompt)
         return await self._asked(prompt)
+
+    async def _ask_with_policy(self, prompt: str) -> JudgeReply:
+        """`_ask_once` under the judge's timeout (per attempt) and retry policy, as a
+        session applies them to the judge's feedbacks."""
+        policy = self.retry
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        attempt = 0
+        while True:
+            attempt += 1
+            timeout = self.timeout
+            if policy.deadline is not None:
+                left = max(0.001, policy.deadline - (loop.time() - began))
+                timeout = left if timeout is None else min(timeout, left)
+            try:
+                if timeout is None:
+                    return await self._ask_once(prompt)
+                try:
+                    return await asyncio.wait_for(self._ask_once(prompt), timeout)
+                except TimeoutError:
+                    raise FeedbackTimeout(f"the judge's call timed out after {timeout:g} s",
+                                          timeout=timeout) from None
+            except Exception as exc:
+                if not isinstance(exc, policy.retry_on) or isinstance(
+                        exc, policy.never_retry_on) or attempt >= policy.attempts:
+                    raise
+                hint = retry_after_hint(exc)
+                if hint is not None and policy.max_retry_after is not None and \
+                        hint > policy.max_retry_after:
+                    raise
+                delay = min(policy.max_backoff,
+                            policy.initial_backoff * 2 ** min(attempt - 1, 64))
+                delay = max(delay * (0.5 + random.random() / 2),  # noqa: S311 - jitter
+                            hint or 0.0)
+                if policy.deadline is not None and \
+                        loop.time() - began + delay >= policy.deadline:
+                    raise
+                await asyncio.sleep(delay)
 
     def _own_limit(self, limit: RateLimit) -> _GroupLimit:
         """The judge's `rate_limit` on the running event loop, for calls no session
