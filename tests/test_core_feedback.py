@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from scrutiny import (
@@ -125,6 +126,18 @@ def test_numbers_that_are_no_durations_or_counts_are_refused(make: Any) -> None:
 def test_contexts_fan_out_one_call_per_context() -> None:
     fb = Feedback(lambda q, c: 1.0, name="x").on(Select.input, Select.contexts)
     assert fb.calls_for(_record()) == [{"q": "q", "c": "c1"}, {"q": "q", "c": "c2"}]
+
+
+@pytest.mark.parametrize("collection", [
+    lambda r: (c for c in r.contexts), lambda r: dict(enumerate(r.contexts)).values(),
+    lambda r: np.array(r.contexts), lambda r: pd.Series(r.contexts)])
+def test_a_fan_out_over_any_collection_calls_once_per_element(collection: Any) -> None:
+    """A generator, a dict's values, a numpy array or a pandas Series was passed whole, in
+    one call (which scored it 0), as if it were one element."""
+    fb = Feedback(lambda c: 1.0, name="x").on(Select.custom(collection, fan_out=True))
+    assert fb.calls_for(_record()) == [{"c": "c1"}, {"c": "c2"}]
+    with pytest.raises(EmptySelection):
+        fb.calls_for(_record(contexts=[]))
 
 
 def test_collect_passes_the_whole_list() -> None:

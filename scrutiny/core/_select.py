@@ -10,7 +10,7 @@ can be used where a selector is expected.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Sequence, ValuesView
 from typing import Any
 
 from scrutiny.core._errors import ConfigurationError
@@ -57,6 +57,8 @@ class Selector:
     def select(self, record: Record) -> Any:
         """The selected value; raises :class:`EmptySelection` when there is nothing."""
         value = self._get(record)
+        if self.fan_out:
+            value = _elements(value)
         if _is_empty(value):
             hint = ""
             if self._hint is not None:
@@ -337,3 +339,14 @@ def selector_from_spec(spec: Spec) -> Selector:
     if fan_out != base.fan_out:
         return base.each() if fan_out else base.collect()
     return base
+
+
+def _elements(value: Any) -> Any:
+    """A fanned-out selection's elements as a list, when it is a collection that is not a
+    sequence: a generator, a dict's ``.values()``, a numpy array or a pandas Series (the
+    feedback was called once, with the whole object, and scored it 0)."""
+    if isinstance(value, Iterator | KeysView | ValuesView | ItemsView):
+        return list(value)
+    if getattr(value, "ndim", 0) == 1 and callable(getattr(value, "tolist", None)):
+        return value.tolist()
+    return value
