@@ -139,6 +139,27 @@ def test_a_records_error_is_cut_to_the_payload_limit(tmp_path: Path) -> None:
     assert stored.error.endswith(f"[{TRUNCATED_KEY}: 2000000 bytes in all]")
 
 
+def test_a_results_metadata_over_the_limit_reads_back_as_the_marker(tmp_path: Path) -> None:
+    """A (score, metadata) answer over max_payload_bytes read back with no calls at all:
+    its model, verdicts and the rest were gone without a truncation marker."""
+    def judged(output: str) -> tuple[float, dict[str, Any]]:
+        return 0.5, {"reason": "ok", "verdicts": ["yes"] * 50_000, "model": "judge-1"}
+
+    url = f"sqlite:///{tmp_path}/meta.sqlite"
+    with Session(url, max_payload_bytes=100_000) as session:
+        record = session.ingest(_record(), [Feedback(judged).on_output()])
+        assert record.wait_for_feedback_results(timeout=20)["judged"].result == 0.5
+    with Session(url) as reader:
+        stored = reader.get_record(record.record_id)
+    assert stored is not None
+    result = stored.feedback_results["judged"]
+    assert (result.result, result.explanation) == (0.5, "ok")
+    [call] = result.calls
+    assert call.metadata[TRUNCATED_KEY] is True
+    assert call.metadata["original_bytes"] > 100_000
+    assert '"verdicts":["yes"' in call.metadata["preview"]
+
+
 # ------------------------------------------------- deferred feedbacks on what was cut
 def test_a_deferred_feedback_on_a_value_the_serializer_cut_is_skipped(
         tmp_path: Path) -> None:

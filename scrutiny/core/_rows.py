@@ -351,7 +351,10 @@ def result_from_row(row: Row) -> FeedbackResult:
         started_at=row.get("started_at"),
         ended_at=row.get("ended_at"),
         cost=_serialize.loads(row.get("cost_json")),
-        calls=[FeedbackCall(**c) for c in calls] if isinstance(calls, list) else [],
+        calls=[FeedbackCall(**c) for c in calls] if isinstance(calls, list) else
+        # (over max_payload_bytes the calls were stored as the truncation marker: it was
+        # read as no calls at all, their metadata gone without a word)
+        [FeedbackCall(args={}, metadata=calls)] if isinstance(calls, dict) else [],
         result_id=row["result_id"],
         feedback_id=row.get("feedback_id"),
     )
