@@ -140,6 +140,33 @@ def test_a_fan_out_over_any_collection_calls_once_per_element(collection: Any) -
         fb.calls_for(_record(contexts=[]))
 
 
+def test_a_field_of_the_selected_value_is_selected_by_its_key() -> None:
+    """TruLens lenses read fields (`Select.RecordOutput["answer"]`): it raised "'Selector'
+    object is not subscriptable", and `Select.RecordInput.question` a bare AttributeError."""
+    from scrutiny.core._select import selector_from_spec
+
+    record = _record(output={"answer": "Paris", "sources": ["a", "b"]},
+                     metadata={"user": {"tier": "pro"}})
+    answer = Feedback(lambda a: 1.0, name="x").on(Select.output["answer"])
+    assert answer.calls_for(record) == [{"a": "Paris"}]
+    first = Feedback(lambda s: 1.0, name="x").on(Select.output["sources"][0])
+    assert first.calls_for(record) == [{"s": "a"}]
+    tier = Select.metadata("user")["tier"]
+    assert tier.select(record) == "pro"
+    assert selector_from_spec(tier.spec or {}).select(record) == "pro"  # (workers)
+    assert repr(Select.output["answer"]) == "Select.output['answer']"
+    with pytest.raises(EmptySelection, match=r"Select.output\['missing'\] found nothing"):
+        Feedback(lambda a: 1.0, name="x").on(Select.output["missing"]).calls_for(record)
+    with pytest.raises(ConfigurationError, match=r"is Select.input\['question'\]"):
+        Select.input.question
+    assert not hasattr(Select.input, "question")
+    spans = [Span("1", None, "root", "chain", 0.0, outputs="o"),
+             Span("2", "1", "search", "tool", 0.0, outputs={"hits": 3}),
+             Span("3", "1", "search", "tool", 0.0, outputs={"hits": 5})]
+    hits = Select.spans(kind="tool").outputs["hits"]
+    assert hits.select(_record(spans=spans)) == [3, 5]  # (of each span's output)
+
+
 def test_collect_passes_the_whole_list() -> None:
     fb = Feedback(lambda cs: 1.0, name="x").on(Select.contexts.collect())
     assert fb.calls_for(_record()) == [{"cs": ["c1", "c2"]}]

@@ -10,7 +10,15 @@ can be used where a selector is expected.
 
 from __future__ import annotations
 
-from collections.abc import Callable, ItemsView, Iterator, KeysView, Sequence, ValuesView
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterator,
+    KeysView,
+    Mapping,
+    Sequence,
+    ValuesView,
+)
 from typing import Any
 
 from scrutiny.core._errors import ConfigurationError
@@ -103,6 +111,39 @@ class Selector:
         return self._with(label=label or f"{self.label}.map({_name(fn)})",
                           get=_mapped(self._get, fn), spec=spec, why_not=why_not)
 
+    def __getitem__(self, key: str | int) -> Selector:
+        """A field of the selected value (of each, for a sequence): ``Select.output["answer"]``
+        for a dict or an object's attribute, ``[0]`` for a list. Where it is missing, the
+        selection is empty: the result is `skipped`, saying so."""
+        if isinstance(key, bool) or not isinstance(key, str | int):
+            raise ConfigurationError(
+                f"{self.label}[{key!r}]: a field is selected by its name (a str) or a "
+                f"position (an int); for anything else use .map(fn) or Select.custom(fn)")
+        spec = None if self.spec is None else {"item": key, "of": self.spec,
+                                               "fan_out": self.fan_out}
+        # (of each value, for a selection of several: spans' outputs, contexts; of the
+        # value itself otherwise, a list included — Select.output["sources"][0])
+        get = _mapped(self._get, lambda v: _item(v, key)) if self._several() else \
+            _applied(self._get, lambda v: _item(v, key))
+        return self._with(label=f"{self.label}[{key!r}]", get=get, spec=spec)
+
+    def _several(self) -> bool:
+        """Whether this selects several values (each a span's, or each context)."""
+        if self.fan_out:
+            return True
+        spec = self.spec
+        while spec is not None and "of" in spec:
+            spec = spec["of"]
+        return spec is not None and spec.get("select") in ("spans", "contexts")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise _NoSuchSelection(
+            f"{self.label}.{name}: a selection has no attribute {name!r}; a field of the "
+            f"selected value is {self.label}[{name!r}] (a dict's key or an object's "
+            f"attribute), and a span selection's values are .outputs / .inputs")
+
     @property
     def outputs(self) -> Selector:
         """For span selections: the spans' outputs."""
@@ -127,6 +168,29 @@ class Selector:
 
 
 _NOT_SPANS = frozenset(("input", "output", "contexts", "metadata", "record"))
+
+
+class _NoSuchSelection(ConfigurationError, AttributeError):
+    """An attribute a selection does not have (TruLens's ``Select.RecordInput.question``)."""
+
+
+def _item(value: Any, key: str | int) -> Any:
+    """`value[key]` for a mapping or a list, `value.key` for an object; None if missing."""
+    if isinstance(value, Mapping):
+        return value.get(key)
+    if isinstance(key, int):
+        if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+            return value[key] if -len(value) <= key < len(value) else None
+        return None
+    return getattr(value, key, None)
+
+
+def _applied(get: Callable[[Record], Any],
+             fn: Callable[[Any], Any]) -> Callable[[Record], Any]:
+    def applied(record: Record) -> Any:
+        value = get(record)
+        return value if _is_empty(value) else fn(value)
+    return applied
 
 
 def _mapped(get: Callable[[Record], Any], fn: Callable[[Any], Any]) -> Callable[[Record], Any]:
@@ -322,7 +386,8 @@ def selector_from_spec(spec: Spec) -> Selector:
     fan_out = bool(spec.get("fan_out", False))
     if "of" in spec:
         inner = selector_from_spec(spec["of"])
-        built = inner._attr(spec["attr"]) if "attr" in spec else inner.map(resolve(spec["map"]))
+        built = inner._attr(spec["attr"]) if "attr" in spec else inner[spec["item"]] \
+            if "item" in spec else inner.map(resolve(spec["map"]))
         return built.each() if fan_out else built.collect() if built.fan_out else built
     if "custom" in spec:
         return Select.custom(resolve(spec["custom"]), fan_out=fan_out)
