@@ -574,3 +574,11 @@ def test_walking_a_records_spans_gives_each_once_whatever_their_ids() -> None:
               Span("y", "x", "y", "chain", 2.0), Span("s", "s", "self", "chain", 3.0)]
     assert [(d, s.name) for d, s in _record(spans=looped).walk()] == [
         (0, "root"), (0, "x"), (1, "y"), (0, "self")]
+
+
+def test_a_builtin_whose_parameters_cannot_be_read_is_refused_saying_to_wrap_it() -> None:
+    """Feedback(max).on(...) said "max() takes 0 argument(s) [] ... name the parameters",
+    of a function whose parameters the user cannot name."""
+    with pytest.raises(ConfigurationError, match=r"cannot read the parameters of max\(\).*"
+                                                 r"def max_of\(values\)"):
+        Feedback(max, name="x").on(Select.contexts.collect())

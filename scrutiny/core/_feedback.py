@@ -344,6 +344,13 @@ class Feedback:
                 f"feedback {self.name!r} is wired already ({', '.join(self.selectors.values())}"
                 f"): every parameter of {_function_name(self.fn)}() has its selection. Wire it "
                 "once: .on_output(), .on_input_output() or .on(...) on the unwired Feedback")
+        if len(selectors) > len(free) and self._params.unreadable:
+            raise ConfigurationError(
+                f"feedback {self.name!r}: Python cannot read the parameters of "
+                f"{_function_name(self.fn)}() (a builtin or a C function), so no selection "
+                f"can be given to one by position: wrap it in a def, e.g. "
+                f"def {_function_name(self.fn)}_of(values): return "
+                f"{_function_name(self.fn)}(values)")
         if len(selectors) > len(free):
             variadic = ""
             if self._params.var_keyword or self._params.var_positional:
@@ -625,6 +632,7 @@ class _Params:
     var_keyword: bool
     var_positional: bool = False
     positional_only: tuple[str, ...] = ()
+    unreadable: bool = False  # (Python cannot read its signature: max, numpy's ufuncs)
 
 
 DEFAULTS_ATTRIBUTE = "__scrutiny_feedback__"
@@ -657,7 +665,7 @@ def _parameters(fn: Callable[..., Any]) -> _Params:
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
-        return _Params([], [], True)
+        return _Params([], [], True, unreadable=True)
     names: list[str] = []
     required: list[str] = []
     positional_only: list[str] = []
