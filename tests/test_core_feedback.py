@@ -178,6 +178,18 @@ def test_empty_selection_raises_empty_selection() -> None:
         fb.calls_for(_record(contexts=[]))
 
 
+def test_an_empty_list_or_dict_answer_is_evaluated_as_an_empty_text_is() -> None:
+    """An extractor that answered [] or {} was `skipped` ("Select.output found nothing"),
+    so the leaderboard's mean left out exactly its bad answers."""
+    found_any = Feedback(lambda out: float(bool(out)), name="x").on_output()
+    for empty in ([], {}, ""):
+        assert found_any.calls_for(_record(output=empty)) == [{"out": empty}]
+    with pytest.raises(EmptySelection):  # (no answer at all: the call failed)
+        found_any.calls_for(_record(output=None))
+    with pytest.raises(EmptySelection):  # (a selection of several that found none)
+        Feedback(lambda c: 1.0, name="x").on_contexts().calls_for(_record(contexts=[]))
+
+
 def test_a_fanned_out_element_with_no_value_is_not_called() -> None:
     """The output of a tool span that failed is None: the feedback was called with it,
     raised, and the whole result ended failed for one failed tool."""

@@ -67,7 +67,7 @@ class Selector:
         value = self._get(record)
         if self.fan_out:
             value = _elements(value)
-        if _is_empty(value):
+        if is_missing(value) if self._whole_call() else _is_empty(value):
             hint = ""
             if self._hint is not None:
                 try:
@@ -126,6 +126,14 @@ class Selector:
         get = _mapped(self._get, lambda v: _item(v, key)) if self._several() else \
             _applied(self._get, lambda v: _item(v, key))
         return self._with(label=f"{self.label}[{key!r}]", get=get, spec=spec)
+
+    def _whole_call(self) -> bool:
+        """Whether this is the record's own input or output: an app that answered [] or {}
+        (an extractor that found nothing) has answered, as one that answered "" has —
+        skipped, those records were left out of every mean."""
+        spec = self.spec
+        return spec is not None and not self.fan_out and "of" not in spec and \
+            spec.get("select") in ("input", "output")
 
     def _several(self) -> bool:
         """Whether this selects several values (each a span's, or each context)."""
