@@ -594,3 +594,21 @@ def test_a_builtin_whose_parameters_cannot_be_read_is_refused_saying_to_wrap_it(
     with pytest.raises(ConfigurationError, match=r"cannot read the parameters of max\(\).*"
                                                  r"def max_of\(values\)"):
         Feedback(max, name="x").on(Select.contexts.collect())
+
+
+def test_each_call_gets_its_own_copy_of_a_list_or_dict_it_may_change() -> None:
+    """A feedback that changed its argument in place (contexts lowercased, appended to)
+    changed what the other feedbacks judged, and the record, depending on which ran
+    first; in deferred mode each had read its own copy from the database."""
+    record = _record(contexts=["Paris", "Rome"], output={"answer": "Paris"})
+    whole = Feedback(lambda cs, out: 1.0, name="x").on(Select.contexts.collect(),
+                                                        Select.output)
+    [call] = whole.calls_for(record)
+    call["cs"].append("injected")
+    call["out"]["answer"] = "changed"
+    assert record.contexts == ["Paris", "Rome"]
+    assert record.output == {"answer": "Paris"}
+    each = Feedback(lambda c, out: 1.0, name="x").on(Select.contexts, Select.output)
+    first, second = each.calls_for(record)
+    first["out"]["answer"] = "changed"
+    assert second["out"] == {"answer": "Paris"}

@@ -36,6 +36,7 @@ from scrutiny.core._select import (
     as_selector,
     selector_from_spec,
 )
+from scrutiny.core._snapshot import snapshot
 
 if TYPE_CHECKING:
     from scrutiny.core._records import Record
@@ -605,7 +606,10 @@ class Feedback:
         fixed: dict[str, Any] = {}
         fanned: list[tuple[str, Sequence[Any]]] = []
         for param, selector in self.bindings.items():
-            value = selector.select(record)
+            # (each call its own copy of a dict or list: a feedback that changed its
+            # argument in place — lowercased contexts, appended to them — changed what the
+            # others judged, and the record, depending on which ran first)
+            value = snapshot(selector.select(record))
             if selector.fan_out:
                 # An element with no value (the output of a span that failed) is nothing to
                 # evaluate, as a whole selection of nothing is: the call is not made.
@@ -619,10 +623,13 @@ class Feedback:
         if not fanned:
             return [fixed]
         names = [p for p, _ in fanned]
-        return [
-            {**fixed, **dict(zip(names, combo, strict=True))}
-            for combo in itertools.product(*(values for _, values in fanned))
-        ]
+        calls = [{**fixed, **dict(zip(names, combo, strict=True))}
+                 for combo in itertools.product(*(values for _, values in fanned))]
+        if len(calls) > 1 and any(type(v) in (dict, list) for v in fixed.values()):
+            for call in calls[1:]:  # (one copy of a fixed dict or list per call, too)
+                for param, value in fixed.items():
+                    call[param] = snapshot(value)
+        return calls
 
 
 @dataclass(frozen=True, slots=True)
