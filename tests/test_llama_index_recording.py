@@ -164,6 +164,24 @@ def test_select_contexts_feedback_judges_each_retrieved_text(index: VectorStoreI
     assert sorted(seen) == sorted(record.contexts)
 
 
+def test_one_retrieval_is_one_retriever_span(index: VectorStoreIndex,
+                                             session: Session) -> None:
+    """`retrieve` and the `_retrieve` it calls were both retriever spans: a feedback on
+    Select.spans(kind="retriever") ran twice per retrieval, and a count doubled."""
+    def retrieved(outputs: list[Any]) -> float:
+        return float(sum(len(o) for o in outputs))
+
+    engine = _engine(index)
+    feedback = Feedback(retrieved).on(Select.spans(kind="retriever").outputs)
+    with LlamaIndexRecorder(engine, feedbacks=[feedback], session=session) as recording:
+        engine.query("What color is grass?")
+    record = recording.get()
+    [retriever] = record.spans_of_kind("retriever")
+    assert retriever.name.endswith(".retrieve")
+    result = record.wait_for_feedback_results(timeout=WAIT)[feedback]
+    assert result.result == len(record.contexts) == 2
+
+
 def test_retriever_alone(index: VectorStoreIndex, session: Session) -> None:
     retriever = index.as_retriever(similarity_top_k=3)
     with LlamaIndexRecorder(retriever, session=session) as recording:

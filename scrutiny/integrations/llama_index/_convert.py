@@ -107,6 +107,11 @@ def kind_of(instance: Any, method: str) -> str:
                 if isinstance(instance, cls):
                     kind = value
                     break
+            if kind == SpanKind.RETRIEVER.value and method.startswith("_"):
+                # (`retrieve` calling its own `_retrieve` is one retrieval: both were
+                # retriever spans, so a feedback per retrieval ran twice and a count of
+                # the retrieved nodes doubled)
+                kind = SpanKind.OTHER.value
         _kind_cache[key] = kind
     return kind
 
