@@ -34,6 +34,7 @@ from langchain_core.documents import Document
 from langchain_core.language_models import (
     FakeListChatModel,
     FakeListLLM,
+    FakeMessagesListChatModel,
     GenericFakeChatModel,
 )
 from langchain_core.messages import AIMessage, HumanMessage
@@ -366,6 +367,55 @@ def test_models_without_usage_give_no_cost(session: Session) -> None:
     result = evaluate(session, [Feedback(judge.coherence).on_output()])["coherence"]
     assert result.status is FeedbackStatus.DONE
     assert result.cost is None  # not a cost of 0
+
+
+class ToolCallingFake(FakeMessagesListChatModel):
+    """Answers with the scripted messages; takes tools as a real chat model does (what
+    `with_structured_output` needs)."""
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        return self.bind(tools=tools, **kwargs)
+
+
+class Verdict(BaseModel):
+    score: int
+    reasons: str
+
+
+@pytest.mark.parametrize("answer", [
+    AIMessage(content="", additional_kwargs={"refusal": "I cannot evaluate this."}),
+    AIMessage(content=[{"type": "refusal", "refusal": "I cannot evaluate this."}]),
+    AIMessage(content=[], response_metadata={"stop_reason": "refusal"}),
+])
+def test_a_judge_models_refusal_is_the_reason(session: Session, answer: AIMessage) -> None:
+    """OpenAI's and Anthropic's refusals carry no text: they failed as "the judge gave an
+    empty answer", the refusal dropped."""
+    judge = LLMJudge(FakeMessagesListChatModel(responses=[answer]))
+    result = evaluate(session, [Feedback(judge.harmfulness).on_output()])["harmfulness"]
+    assert result.status is FeedbackStatus.FAILED
+    assert "the judge model refused to judge: " in (result.error or "")
+    assert "I cannot evaluate this." in (result.error or "") or "'refusal'" in (
+        result.error or "")
+
+
+def test_a_verdict_given_as_a_tool_call_or_structured_output_is_read(
+        session: Session) -> None:
+    """A model bound to a verdict tool answers with the tool call alone ("the judge gave
+    an empty answer"), and model.with_structured_output(Verdict) returns the model ("judge
+    model RunnableSequence returned a Verdict, not text", its tokens lost)."""
+    call = AIMessage(content="", tool_calls=[{"name": "Verdict", "id": "c1",
+                                              "args": {"score": 8, "reasons": "on topic"}}],
+                     usage_metadata={"input_tokens": 50, "output_tokens": 10,
+                                     "total_tokens": 60})
+    tool_judge = LLMJudge(ToolCallingFake(responses=[call]).bind_tools([Verdict]))
+    structured = ToolCallingFake(responses=[call]).with_structured_output(Verdict)
+    typed_judge = LLMJudge(structured)
+    assert typed_judge.model_name == "ToolCallingFake"
+    for judge in (tool_judge, typed_judge):
+        result = evaluate(session, [Feedback(judge.coherence).on_output()])["coherence"]
+        assert (result.status, result.result) == (FeedbackStatus.DONE, 0.8), result
+        assert result.explanation == "on topic"
+    assert result.cost == {"prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60}
 
 
 # ---------------------------------------------------------------------------- LlamaIndex

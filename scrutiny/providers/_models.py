@@ -26,6 +26,7 @@ import asyncio
 import contextvars
 import datetime
 import functools
+import json
 import re
 import threading
 from collections.abc import Awaitable, Callable, Mapping
@@ -266,6 +267,43 @@ def _content_text(content: Any) -> str | None:
     return None
 
 
+def _structured(out: Any) -> str | None:
+    """A verdict given as data — a mapping or a pydantic model with a score, what
+    ``with_structured_output`` and a verdict tool's call give — as the JSON the parser
+    reads; None for anything else."""
+    dump = getattr(out, "model_dump", None)
+    if callable(dump) and not hasattr(out, "content"):
+        try:
+            out = dump()
+        except Exception:
+            return None
+    if not isinstance(out, Mapping) or not any(
+            isinstance(k, str) and "score" in k.lower() for k in out):
+        return None
+    try:
+        return json.dumps(out, default=str)
+    except (TypeError, ValueError):
+        return None
+
+
+def _refusal(out: Any) -> str | None:
+    """What a model said in refusing, when its answer has no text: OpenAI's ``refusal``
+    (in ``additional_kwargs`` or a content block), Anthropic's ``stop_reason="refusal"``.
+    These failed as "the judge gave an empty answer", the refusal dropped."""
+    extra = getattr(out, "additional_kwargs", None)
+    if isinstance(extra, Mapping) and isinstance(extra.get("refusal"), str):
+        return str(extra["refusal"])
+    content = getattr(out, "content", None)
+    if isinstance(content, list):
+        for block in content:
+            if isinstance(block, Mapping) and block.get("type") == "refusal":
+                return str(block.get("refusal") or block.get("text") or "(no text)")
+    reason = _stop_reason(getattr(out, "response_metadata", None))
+    if reason is not None and "refus" in str(reason).lower():
+        return f"(no text; the model stopped with {reason!r})"
+    return None
+
+
 def _not_text(name: str, out: Any) -> InvalidFeedbackValue:
     return InvalidFeedbackValue(
         f"judge model {name} returned a {type(out).__name__}, not text", value=repr(out)[:2000])
@@ -379,9 +417,22 @@ class _LangChainBackend:
                                                                    collector.cut_off)
         if isinstance(out, str):
             return JudgeReply(out, usage, cut_off)
+        verdict = _structured(out)
+        if verdict is not None:  # (model.with_structured_output(Verdict): no message)
+            return JudgeReply(verdict, usage, cut_off)
         text = _content_text(getattr(out, "content", None))
         if text is None:
             raise _not_text(self.name, out)
+        if not text.strip():
+            refused = _refusal(out)
+            if refused is not None:
+                raise InvalidFeedbackValue(f"the judge model refused to judge: {refused}",
+                                           value=refused[:2000])
+            # (a model bound to a verdict tool answers with the tool call alone)
+            text = next((verdict for call in getattr(out, "tool_calls", None) or ()
+                         if (verdict := _structured(call.get("args")
+                                                    if isinstance(call, Mapping) else None))),
+                        text)
         metadata = getattr(out, "response_metadata", None) or {}
         usage = usage or _usage_from(getattr(out, "usage_metadata", None)) or \
             _usage_from(metadata.get("token_usage") or metadata.get("usage"))
@@ -466,6 +517,9 @@ def model_name(model: Any) -> str:
     bound = getattr(model, "bound", None)
     if bound is not None and bound is not model:
         return model_name(bound)
+    first = getattr(model, "first", None)  # (a sequence: with_structured_output's)
+    if first is not None and first is not model and hasattr(model, "steps"):
+        return model_name(first)
     return type(model).__name__
 
 
