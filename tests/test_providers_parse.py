@@ -211,6 +211,20 @@ def test_numbers_listed_in_the_reasons_after_a_stated_score_are_not_scores(
     assert parsed.reasons.endswith(answer.rsplit(":", 1)[1].strip())
 
 
+@pytest.mark.parametrize(("answer", "reasons"), [
+    ("## Evaluation\n\n**Score: 8/10**\n\nThe answer is good.",
+     "Evaluation\n\nThe answer is good."),
+    ("Relevance score: 8/10\nThe answer addresses it.", "The answer addresses it."),
+    ("My score: 8\nThe answer addresses it.", "The answer addresses it."),
+    ("```json5\n{\"score\": 8, \"reasons\": \"fine\"}\n```", "fine"),
+])
+def test_reasons_keep_nothing_of_the_scores_line(answer: str, reasons: str) -> None:
+    """The reasons kept "**\n**", "Relevance ", "My " of the score's line, and a ```json5
+    fence failed as "several different scores" (its 5)."""
+    parsed = parse_score(answer, 10)
+    assert (parsed.score, parsed.reasons) == (pytest.approx(0.8), reasons)
+
+
 def test_statement_verdicts_are_read_in_order_or_by_number() -> None:
     answer = ('{"statements": [{"statement": 2, "score": 0, "reason": "absent"}, '
               '{"statement": 1, "score": 10, "reason": "stated"}]}')

@@ -34,7 +34,7 @@ if sys.version_info >= (3, 11):
 else:  # (possessive quantifiers, "*+", came to `re` with Python 3.11; `regex` has them)
     import regex as _regex
 
-_FENCE_LANGUAGE = _regex.compile(r"[a-zA-Z]*+")
+_FENCE_LANGUAGE = _regex.compile(r"(?:[a-zA-Z][\w+.-]*+)?")  # (json, json5, jsonc, ...)
 # A judge answers in the language it is spoken to (a rubric in Italian, a question in
 # Spanish): "Punteggio: 8", "Note : 7/10", "评分" and a full-width colon, then 8, are scores
 # as "Score: 8" is. The words that also mean a remark ("Note:", "Nota:" — "Note: 3 contexts
@@ -365,7 +365,8 @@ def _final_answer(raw: str) -> str:
 
 def _clean_reasons(text: str) -> str:
     """Reasons as a person reads them: without the score's leftovers ("." ", because" "**")
-    or a "Reasons:" label."""
+    or a "Reasons:" label, and without the blank lines where the score's lines were."""
+    text = _BLANK_LINES.sub("\n\n", text)
     text = text.strip().lstrip(" \n\t-*:#.,;\u2013\u2014").rstrip(" \n\t*#")
     cleaned: str = _REASONS_LABEL.sub("", text)  # (the regex package is untyped: 3.10)
     return cleaned.strip()
@@ -506,14 +507,33 @@ def parse_score(raw: str, scale: float = 10, *, quoted: Sequence[str] = ()) -> P
     # The reasons are the rest: without the score, or the same score said again (cut out
     # where it stands: a "8" said again is not the first "8" of "covers 8 facts"). (A
     # number after a dash that is no range is the reasons': "7 - 2 minor issues".)
-    spans = sorted((m.start(), m.start(3) if m.re is _LABELLED and m.group(3) else m.end())
-                   for m, _ in found)
+    spans = sorted(_whole_line_if_alone(body, m.start(), m.start(3) if m.re is _LABELLED
+                                        and m.group(3) else m.end()) for m, _ in found)
     pieces, at = [], 0
     for start, end in spans:
         pieces.append(body[at:max(at, start)])
         at = max(at, end)
     rest = "\n".join([*pieces, body[at:]])
     return ParsedScore(score, _clean_reasons(rest))
+
+
+_BLANK_LINES = re.compile(r"\n[ \t]*(?:\n[ \t]*){2,}")
+
+
+def _whole_line_if_alone(body: str, start: int, end: int) -> tuple[int, int]:
+    """The score's span, or its whole line when what else the line holds is only its
+    label's first words or markup ("**Score: 8/10**", "Relevance score: 8/10", "My score:
+    8"): those were left in the reasons as "**\n**", "Relevance ", "My "."""
+    end = start + len(body[start:end].rstrip())  # (the match may take the line's end)
+    line_start = body.rfind("\n", 0, start) + 1
+    line_end = body.find("\n", end)
+    line_end = len(body) if line_end == -1 else line_end
+    markup = " \t*#_>-:|"
+    before, after = body[line_start:start].strip(markup), body[end:line_end].strip(markup)
+    if not after and len(before) <= 30 and len(before.split()) <= 3 and \
+            not any(c in before for c in ".,;!?"):
+        return line_start, line_end
+    return start, end
 
 
 def _from_match(match: re.Match[str], raw: str, scale: float) -> float:
