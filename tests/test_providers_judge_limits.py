@@ -140,23 +140,60 @@ def test_a_judge_awaited_directly_holds_its_own_limits() -> None:
     assert asyncio.run(judge.coherence("again")) == scores[0]
 
 
-def test_a_loop_without_weak_references_still_gets_the_judges_limits() -> None:
-    """A loop written in C may take no weak references (the judge keeps one budget per
-    loop, weakly): its direct calls must still be limited, not fail."""
+def test_a_loop_without_weak_references_still_gets_the_judges_limits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop written in C may take no weak references (budgets are kept per loop,
+    weakly): its direct calls must still be limited, not fail."""
+    from scrutiny.core import _dispatch
 
-    class NoWeakReferences(dict):  # (what the judge's per-loop map does with such a loop)
+    class NoWeakReferences(dict):  # (what the per-loop map does with such a loop)
         def get(self, key: Any, default: Any = None) -> Any:
             raise TypeError(f"cannot create weak reference to {type(key).__name__!r} object")
 
+    monkeypatch.setattr(_dispatch, "_loop_limits", NoWeakReferences())
     log = CallLog()
     judge = LLMJudge(slow_model(log, 0.01), rate_limit=RateLimit(max_concurrent=2))
-    judge._limits = NoWeakReferences()  # type: ignore[assignment]
 
     async def score_all() -> list[tuple[float, str]]:
         return await asyncio.gather(*(judge.coherence(f"text {i}") for i in range(20)))
 
     assert [s for s, _ in asyncio.run(score_all())] == [0.8] * 20
     assert log.max_in_flight == 2
+
+
+def test_judges_of_one_rate_limit_group_share_its_budget() -> None:
+    """RateLimit(group="openai-key") shares one budget (one API key) among judges: awaited
+    side by side, each judge had a budget of its own (a cap of 1 let 2 calls out)."""
+    log = CallLog()
+    limit = RateLimit(max_concurrent=1, group="openai-key")
+    first = LLMJudge(slow_model(log, 0.02), rate_limit=limit)
+    second = LLMJudge(slow_model(log, 0.02), rate_limit=limit)
+
+    async def score_all() -> list[tuple[float, str]]:
+        return await asyncio.gather(*(judge.coherence(f"text {i}") for i in range(6)
+                                      for judge in (first, second)))
+
+    assert [s for s, _ in asyncio.run(score_all())] == [0.8] * 12
+    assert log.max_in_flight == 1
+
+
+def test_a_judges_feedback_and_a_function_awaiting_it_share_its_budget(
+        database_url: str) -> None:
+    """Feedback(judge.x) is limited by the session; a function of the user's awaiting the
+    same judge by the judge itself — two budgets of one group: 2 calls at a cap of 1."""
+    log = CallLog()
+    judge = LLMJudge(slow_model(log, 0.02), rate_limit=RateLimit(max_concurrent=1))
+
+    async def coherence_of_the_first_line(text: str) -> tuple[float, str]:
+        return await judge.coherence(text.splitlines()[0])
+
+    feedbacks = [Feedback(judge.answer_relevance).on_input_output(),
+                 Feedback(coherence_of_the_first_line).on_output()]
+    with Session(database_url, max_concurrency=64) as session:
+        records = run(session, feedbacks, 10)
+    for fb in feedbacks:
+        assert statuses(records, fb) == {FeedbackStatus.DONE}
+    assert log.max_in_flight == 1
 
 
 def test_a_judge_wrapped_in_a_function_of_ones_own_is_still_limited(
@@ -176,18 +213,28 @@ def test_a_judge_wrapped_in_a_function_of_ones_own_is_still_limited(
     assert log.max_in_flight == 4
 
 
-def test_a_session_limiting_the_judge_is_not_limited_twice(database_url: str) -> None:
+def test_a_session_limiting_the_judge_is_not_limited_twice(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Through `Feedback(judge.method)` the session holds the group's permit for the call;
-    the judge must not take a second one of a budget of its own (a cap of 4 would hold,
-    but a rate would be paid twice: half the stated rate)."""
-    per_minute = 6_000  # one call every 10 ms
+    the judge must not take a second one (a cap of 4 would hold, but a rate would be paid
+    twice: half the stated rate)."""
+    from scrutiny.core._dispatch import _GroupLimit
+
+    permits: list[int] = []
+    taking = _GroupLimit.__call__
+
+    def counted(self: _GroupLimit) -> Any:
+        permits.append(1)
+        return taking(self)
+
+    monkeypatch.setattr(_GroupLimit, "__call__", counted)
     log = CallLog()
-    judge = LLMJudge(slow_model(log, 0.001), rate_limit=RateLimit(per_minute=per_minute))
+    judge = LLMJudge(slow_model(log, 0.001), rate_limit=RateLimit(per_minute=6_000))
     judged = Feedback(judge.coherence).on_output()
     with Session(database_url, max_concurrency=64) as session:
         records = run(session, [judged], 40)
     assert statuses(records, judged) == {FeedbackStatus.DONE}
-    assert judge._limits == {}  # no budget of its own was made: the session's held
+    assert len(log.starts) == len(permits) == 40  # (one permit per call)
 
 
 # ---------------------------------------------------------------------------- retries

@@ -21,6 +21,7 @@ import selectors
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -208,6 +209,37 @@ class _GroupLimit:
                 self._sem.release()
 
 
+_loop_limits: weakref.WeakKeyDictionary[Any, dict[str, _GroupLimit]] = \
+    weakref.WeakKeyDictionary()
+_unweakable_limits: list[tuple[Any, dict[str, _GroupLimit]]] = []  # (the latest such loop)
+_loop_limits_lock = threading.Lock()
+
+
+def group_limit(group: str, per_minute: float | None,
+                max_concurrent: int | None) -> _GroupLimit:
+    """The limit of rate-limit `group` on the running event loop: one per loop and group,
+    shared by a session's evaluations of the group's feedbacks and by evaluators that limit
+    their own calls (an LLMJudge awaited directly, or from a feedback function that wraps
+    it). Each had a budget of its own — two judges of one group awaited side by side, or a
+    judge's feedback beside a function awaiting the same judge, ran twice the cap. The
+    group's first limits are its limits on that loop. (asyncio primitives belong to one
+    loop: another loop has its own budget.)"""
+    loop = asyncio.get_running_loop()
+    with _loop_limits_lock:
+        try:
+            limits = _loop_limits.get(loop)
+            if limits is None:
+                limits = _loop_limits[loop] = {}
+        except TypeError:  # a loop without weak references (one written in C)
+            if not _unweakable_limits or _unweakable_limits[0][0] is not loop:
+                _unweakable_limits[:] = [(loop, {})]
+            limits = _unweakable_limits[0][1]
+        limit = limits.get(group)
+        if limit is None:
+            limit = limits[group] = _GroupLimit(per_minute, max_concurrent)
+        return limit
+
+
 class _BusySelector(selectors.DefaultSelector):
     """The loop's selector, keeping the GIL while the loop has callbacks ready.
 
@@ -368,7 +400,6 @@ class EvaluationLoop:
         self._selector = selector
         if selector is not None:
             selector.before_poll = self._before_poll
-        self._limits: dict[str, _GroupLimit] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._inbox: list[Job] = []
         self._inbox_lock = threading.Lock()
@@ -442,10 +473,8 @@ class EvaluationLoop:
         limit = feedback.rate_limit
         if limit is None:
             return None
-        group = limit.group or feedback.name
-        if group not in self._limits:
-            self._limits[group] = _GroupLimit(limit.per_minute, limit.max_concurrent)
-        return self._limits[group]
+        return group_limit(limit.group or feedback.name, limit.per_minute,
+                           limit.max_concurrent)
 
     # ------------------------------------------------------------------ any thread
     @property

@@ -20,8 +20,6 @@ import itertools
 import keyword
 import numbers
 import random
-import threading
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -37,7 +35,7 @@ from scrutiny.core import (
     recording_suppressed,
     suppress_recording,
 )
-from scrutiny.core._dispatch import _GroupLimit
+from scrutiny.core._dispatch import _GroupLimit, group_limit
 from scrutiny.core._evaluate import retry_after_hint
 from scrutiny.core._feedback import (
     DEFAULTS_ATTRIBUTE,
@@ -162,9 +160,6 @@ class LLMJudge:
         if rate_limit is not None and rate_limit.group is None:
             rate_limit = dataclasses.replace(rate_limit, group=self.group)
         self.rate_limit = rate_limit
-        self._limits: weakref.WeakKeyDictionary[Any, _GroupLimit] = weakref.WeakKeyDictionary()
-        self._unweakable: tuple[Any, _GroupLimit] | None = None
-        self._limits_lock = threading.Lock()
         self.retry = retry or RetryPolicy(
             attempts=1 + retries, initial_backoff=backoff, max_backoff=max(30.0, backoff),
             retry_on=(TransientJudgeError, FeedbackTimeout), deadline=deadline,
@@ -190,19 +185,6 @@ class LLMJudge:
                 f"got {shown}: for a tokenizer's encode, pass count_tokens=lambda text: "
                 f"len(enc.encode(text))")
         return int(tokens)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # (a judge goes to other processes with its feedbacks: Dask workers, pickled
-        # datasets; its per-loop limits and their lock stay here)
-        state = self.__dict__.copy()
-        del state["_limits"], state["_limits_lock"], state["_unweakable"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._limits = weakref.WeakKeyDictionary()
-        self._unweakable = None
-        self._limits_lock = threading.Lock()
 
     def scrutiny_feedback_defaults(self, method: Any) -> dict[str, Any]:
         """Feedback options of this judge's methods (read by :class:`~scrutiny.Feedback`)."""
@@ -430,21 +412,8 @@ class LLMJudge:
 
     def _own_limit(self, limit: RateLimit) -> _GroupLimit:
         """The judge's `rate_limit` on the running event loop, for calls no session
-        limits (its asyncio primitives belong to one loop: one budget per loop)."""
-        loop = asyncio.get_running_loop()
-        with self._limits_lock:
-            try:
-                own = self._limits.get(loop)
-                if own is None:
-                    own = self._limits[loop] = _GroupLimit(limit.per_minute,
-                                                           limit.max_concurrent)
-            except TypeError:  # a loop without weak references (one written in C)
-                held = self._unweakable
-                if held is None or held[0] is not loop:  # (the latest such loop only)
-                    held = self._unweakable = (loop, _GroupLimit(limit.per_minute,
-                                                                 limit.max_concurrent))
-                own = held[1]
-            return own
+        limits: its group's budget on that loop (see group_limit)."""
+        return group_limit(limit.group or self.group, limit.per_minute, limit.max_concurrent)
 
     async def _asked(self, prompt: str) -> JudgeReply:
         # Never recorded as an app call, wherever the judge is awaited: in a session's
