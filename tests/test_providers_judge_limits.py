@@ -506,6 +506,14 @@ def test_transient_classification_follows_status_codes_and_names() -> None:
     assert retry_after_hint(HTTPError()) == 2.0
     assert TransientJudgeError("x", retry_after=1.5).retry_after == 1.5
 
+    class OutOfCredit(RateLimited):  # (openai.RateLimitError for an account out of credit)
+        code = "insufficient_quota"
+        body: ClassVar[dict[str, Any]] = {"error": {"code": "insufficient_quota"}}
+
+    assert not is_transient(OutOfCredit())  # (it was retried 4 times: no wait ends it)
+    quota_text = RuntimeError("Error code: 429 - You exceeded your current quota")
+    assert not is_transient(quota_text)
+
 
 def test_bedrock_throttling_is_transient_though_its_class_is_a_generic_client_error() -> None:
     """botocore raises one ClientError class for every service error; throttling is in its

@@ -303,6 +303,9 @@ def test_statements_are_lines_bullets_and_sentences() -> None:
     assert split_statements(text) == [
         "Paris is the capital.", "It has 2 million people!", "The Seine flows through it."]
     assert split_statements(" ... \n") == []
+    # a title or abbreviation does not end a statement ("Dr." was judged on its own)
+    assert split_statements("Dr. Smith said it works. It is fast, e.g. 2 ms. Mr. Li agreed.") \
+        == ["Dr. Smith said it works.", "It is fast, e.g. 2 ms.", "Mr. Li agreed."]
     # Chinese and Japanese put no space after a full stop: each sentence is still one
     assert split_statements("巴黎是法国的首都。它很美\uff01你去过吗\uff1f") == [
         "巴黎是法国的首都。", "它很美\uff01", "你去过吗\uff1f"]

@@ -142,6 +142,8 @@ def is_transient(exc: BaseException) -> bool:
     its response dict; following ``raise ... from`` chains.
     """
     for err in _chain(exc):
+        if _out_of_quota(err):  # (429 too, but no wait ends it: it was retried 4 times)
+            return False
         if isinstance(err, TransientJudgeError | TimeoutError | ConnectionError):
             return True
         status = _status(err)
@@ -152,6 +154,19 @@ def is_transient(exc: BaseException) -> bool:
         if any(key in name for name in names for key in _TRANSIENT_NAMES):
             return True
     return False
+
+
+def _out_of_quota(err: BaseException) -> bool:
+    """An account out of credit (OpenAI's 429 ``insufficient_quota``, a billing error):
+    retrying cannot help until someone pays."""
+    code = getattr(err, "code", None)
+    body = getattr(err, "body", None)
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        code = code or (inner.get("code") or inner.get("type")
+                        if isinstance(inner, Mapping) else None)
+    text = f"{code or ''} {err}".lower()
+    return "insufficient_quota" in text or "exceeded your current quota" in text
 
 
 def _header(headers: Any, *names: str) -> Any:

@@ -30,6 +30,9 @@ _ANSWER_KEYS = ("answer", "output", "result", "response", "generation", "final_a
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])"
                            r"|(?<=[\u3002\uff01\uff1f])[\u300d\u300f\uff09\"')\]]*\s*(?=\S)")
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+# (titles and abbreviations that end in a dot but not a sentence)
+_ABBREVIATION = re.compile(r"(?:^|[\s(])(?:Dr|Mr|Mrs|Ms|Prof|Sr|Jr|St|Mt|Fig|vs|e\.g|i\.e|"
+                           r"cf|approx|E\.g|I\.e)\.$")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
@@ -174,16 +177,21 @@ def contexts_text(contexts: Any) -> list[str]:
 
 
 def split_statements(text: str) -> list[str]:
-    """The statements of an answer: its lines, bullets and sentences, in order."""
+    """The statements of an answer: its lines, bullets and sentences, in order (a title
+    or abbreviation such as "Dr." or "e.g." does not end one: "Dr." was judged alone)."""
     statements: list[str] = []
     for line in text.splitlines():
         line = _BULLET.sub("", line).strip()
         if not line:
             continue
+        parts: list[str] = []
         for part in _SENTENCE_END.split(line):
             part = part.strip()
-            if any(ch.isalnum() for ch in part):
-                statements.append(part)
+            if parts and _ABBREVIATION.search(parts[-1]):
+                parts[-1] = f"{parts[-1]} {part}"
+            else:
+                parts.append(part)
+        statements.extend(p for p in parts if any(ch.isalnum() for ch in p))
     return statements
 
 
