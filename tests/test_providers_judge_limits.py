@@ -511,7 +511,8 @@ def test_transient_classification_follows_status_codes_and_names() -> None:
         body: ClassVar[dict[str, Any]] = {"error": {"code": "insufficient_quota"}}
 
     assert not is_transient(OutOfCredit())  # (it was retried 4 times: no wait ends it)
-    quota_text = RuntimeError("Error code: 429 - You exceeded your current quota")
+    quota_text = RuntimeError("Error code: 429 - You exceeded your current quota, please "
+                              "check your plan and billing details.")
     assert not is_transient(quota_text)
 
 

@@ -166,7 +166,8 @@ def _out_of_quota(err: BaseException) -> bool:
         code = code or (inner.get("code") or inner.get("type")
                         if isinstance(inner, Mapping) else None)
     text = f"{code or ''} {err}".lower()
-    return "insufficient_quota" in text or "exceeded your current quota" in text
+    # (not Gemini's per-minute "exceeded your current quota ... retry in 30s": a wait ends)
+    return "insufficient_quota" in text or "plan and billing" in text
 
 
 def _header(headers: Any, *names: str) -> Any:
