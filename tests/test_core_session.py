@@ -542,7 +542,8 @@ def test_a_custom_aggregate_applies_to_a_single_context_too(session: Session) ->
 
 def test_a_fan_outs_explanations_are_numbered_by_call(session: Session) -> None:
     """Numbers counted the explanations given, not the calls: with call 1 skipped, calls
-    2 and 3 were labelled [0] and [1]."""
+    2 and 3 were labelled [0] and [1]. They count from 1 (groundedness's sources do), and
+    each says its score (a context's relevance was not in the explanation)."""
     def judge(context: str) -> tuple[float, str | None]:
         if context == "b":
             raise SkipFeedback("empty context")
@@ -552,7 +553,7 @@ def test_a_fan_outs_explanations_are_numbered_by_call(session: Session) -> None:
     record = make_record(contexts=["a", "b", "c", "d"])
     result = session.ingest(record, [fb]).wait_for_feedback_results(timeout=10)[fb]
     assert result.status is FeedbackStatus.DONE
-    assert result.explanation == "[1] skipped: empty context\n[2] c ok\n[3] d ok"
+    assert result.explanation == "[2] skipped: empty context\n[3] 1: c ok\n[4] 1: d ok"
 
 
 def test_one_failing_call_of_a_fan_out_fails_the_result(session: Session) -> None:

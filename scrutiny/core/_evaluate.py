@@ -622,11 +622,12 @@ class Evaluator:
             return end(FeedbackStatus.FAILED, error=f"the aggregate score is {score}")
         if len(outcomes) == 1:
             explanation = outcomes[0].call.explanation or None
-        else:  # numbered by call (context) position; skipped calls say why
+        else:  # numbered by call (context) from 1, each with its score; skipped ones say why
             explanation = "\n".join(
-                f"[{i}] {o.call.explanation}" if o.status is FeedbackStatus.DONE
+                f"[{i}] {_score_text(o.call.score)}: {o.call.explanation}"
+                if o.status is FeedbackStatus.DONE
                 else f"[{i}] skipped: {o.call.error or 'no reason given'}"
-                for i, o in enumerate(outcomes)
+                for i, o in enumerate(outcomes, 1)
                 if o.status is not FeedbackStatus.DONE or o.call.explanation) or None
         return end(FeedbackStatus.DONE, result=score, explanation=explanation)
 
@@ -647,3 +648,8 @@ class Evaluator:
         self._warned.add(feedback.name)
         logger.warning("feedback %r failed: %s (further failures of it are logged at DEBUG; "
                        "every one is stored as a failed result)", feedback.name, reason)
+
+
+def _score_text(score: float | None) -> str:
+    """A call's score in a fanned-out result's explanation (0.8, not 0.7999999999999999)."""
+    return "no score" if score is None else f"{score:.4g}"
