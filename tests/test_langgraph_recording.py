@@ -363,8 +363,39 @@ def test_a_run_stopped_at_a_static_breakpoint_is_marked_interrupted(
     with recorder as resumed:
         state = app.invoke(None, config)
     assert state["messages"][-1].content == ANSWER
+    # (continued with invoke(None, config), its input was None: its input/output
+    # feedbacks were skipped. It answers the thread's last user message.)
+    assert resumed.get().input == "Weather in Dublin?"
     if when == "before":  # (interrupt_after pauses after the agent's final step too)
         assert resumed.get().tags == []
+        assert resumed.get().output == ANSWER
+
+
+def test_nodes_side_by_side_that_each_interrupt_are_all_in_the_record(
+        session: Session) -> None:
+    """The app gets every Interrupt of nodes run side by side; the record kept one (its
+    output, metadata["interrupt"] and ["interrupted_at"] named one node)."""
+    class Approvals(TypedDict, total=False):
+        question: str
+        refund: str
+        email: str
+
+    graph = StateGraph(Approvals)
+    graph.add_node("approve_refund", lambda s: {"refund": interrupt("Refund $120?")})
+    graph.add_node("approve_email", lambda s: {"email": interrupt("Send the email?")})
+    for node in ("approve_refund", "approve_email"):
+        graph.add_edge(START, node)
+        graph.add_edge(node, END)
+    app = graph.compile(checkpointer=InMemorySaver())
+    with ChainRecorder(app, app_name="hitl", session=session) as recording:
+        out = app.invoke({"question": "Refund my order"}, {"configurable": {"thread_id": "1"}})
+    record = recording.get()
+    asked = sorted(i.value for i in out["__interrupt__"])
+    assert asked == ["Refund $120?", "Send the email?"]
+    assert sorted(record.output) == sorted(record.metadata["interrupt"]) == asked
+    assert sorted(record.metadata["interrupted_at"].split(", ")) == [
+        "approve_email", "approve_refund"]
+    assert record.tags == ["interrupted"]
 
 
 def _tool_loop_with(**compile_kwargs: Any) -> Any:

@@ -1205,6 +1205,29 @@ def _tokens_seen(tokens: list[str], unread: list[Any], last: Any) -> str | None:
     return seen
 
 
+def _ancestry(span: Span, spans: list[Span]) -> list[Span]:
+    """`span` and the spans it is a step of, innermost first."""
+    by_id = {str(s.span_id): s for s in spans}
+    chain, seen = [span], {str(span.span_id)}
+    parent = by_id.get(str(span.parent_id)) if span.parent_id is not None else None
+    while parent is not None and str(parent.span_id) not in seen:
+        chain.append(parent)
+        seen.add(str(parent.span_id))
+        parent = by_id.get(str(parent.parent_id)) if parent.parent_id is not None else None
+    return chain
+
+
+def _last_user_message(state: Any) -> str | None:
+    """The text of the last user message in a LangGraph state's ``messages``."""
+    messages = state.get("messages") if isinstance(state, dict) else None
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages):
+        if getattr(message, "type", None) == "human":
+            return _text_of(message) or None
+    return None
+
+
 def _text_of(message: Any) -> str:
     text = content_text(message)
     return text if isinstance(text, str) else ""
@@ -1326,19 +1349,29 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
     metadata = {**settings.metadata, **root.metadata}
     paused = next((s for s in spans if s.error and s.error.startswith(_INTERRUPTS)), None)
     record_input = _read(main_input, span.inputs)
+    if record_input is None and span.inputs is None:
+        # A LangGraph thread continued with graph.invoke(None, config) — past a static
+        # breakpoint, or replayed from a checkpoint — had no input: its input/output
+        # feedbacks were skipped. The question it answers is the thread's last user
+        # message.
+        record_input = _last_user_message(span.outputs)
     if paused is not None and status is RecordStatus.OK:
         # A LangGraph run paused by interrupt() returns normally, so it looked like a
         # finished answer: said so, for filters and for feedbacks that should not judge it.
         tags.append("interrupted")
-        # the deepest node that paused: in a subgraph, its node, not the parent graph's
-        # node that runs the subgraph (a tool's pause names the node that ran the tool)
-        metadata["interrupted_at"] = next(
-            (s.name for s in reversed(spans) if s.error and s.error.startswith(_INTERRUPTS)
-             and any(t.startswith(_NODE_TAG) for t in s.tags)), paused.name)
-        # the deepest step that paused (the node or tool that called interrupt())
-        asked = next((s.metadata["interrupt"] for s in reversed(spans)
-                      if s.error and s.error.startswith(_INTERRUPTS)
-                      and "interrupt" in s.metadata), None)
+        # The deepest steps that paused (nodes side by side may each call interrupt(): the
+        # app gets every Interrupt, and the record kept only one): in a subgraph, its node,
+        # not the parent graph's node that runs the subgraph (a tool's pause names the node
+        # that ran the tool).
+        pausing = [s for s in spans if s.error and s.error.startswith(_INTERRUPTS)]
+        under = {s.parent_id for s in pausing}
+        deepest = [s for s in pausing if str(s.span_id) not in under] or [paused]
+        nodes = [next((a.name for a in _ancestry(s, spans) if any(
+            t.startswith(_NODE_TAG) for t in a.tags) and a in pausing), s.name)
+            for s in deepest]
+        metadata["interrupted_at"] = ", ".join(dict.fromkeys(nodes))
+        values = [s.metadata["interrupt"] for s in deepest if "interrupt" in s.metadata]
+        asked = None if not values else values[0] if len(values) == 1 else values
         if asked is not None:
             metadata["interrupt"] = asked
             if output is None or (isinstance(output, str) and output == record_input) \
