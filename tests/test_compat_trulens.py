@@ -57,6 +57,30 @@ def test_a_trulens_langchain_quickstart_runs(tmp_path: Path,
     session.close()
 
 
+def test_trulens_session_is_one_per_process(tmp_path: Path, make_retrieval_chain: Any) -> None:
+    """TruLens's `TruSession()` later in a script (to read the leaderboard) is the same
+    session; here it made a second one on the default database, and every recorder made
+    without session= stored its records there from then on, without a word."""
+    url = f"sqlite:///{tmp_path}/team.sqlite"
+    session = TruSession(url)
+    try:
+        chain = make_retrieval_chain(["Paris."] * 2)
+        recorder = TruChain(chain, app_name="qa")  # (no session=: the session made last)
+        with recorder:
+            chain.invoke("first?")
+        again = TruSession()
+        assert again is session
+        assert TruSession(url) is session
+        with recorder:
+            chain.invoke("second?")
+        assert len(session.get_records_and_feedback()[0]) == 2
+    finally:
+        session.close()
+    other = TruSession(f"sqlite:///{tmp_path}/other.sqlite")  # (closed: a new one is made)
+    assert other is not session
+    other.close()
+
+
 def test_a_trulens_llama_index_quickstart_runs(tmp_path: Path) -> None:
     pytest.importorskip("llama_index.core")
     from llama_index.core import Document, VectorStoreIndex

@@ -16,6 +16,9 @@ from scrutiny.core._frames import records_frame
 
 __all__ = ["TruSession", "run_dashboard", "stop_dashboard"]
 
+_current: list[TruSession] = []  # (the process's TruSession: see TruSession.__new__)
+_UNSET = object()
+
 _SESSION_HINTS = {
     "add_record": "session.ingest(scrutiny.Record(...), feedbacks), which stores the record "
                   "and evaluates the feedbacks on it",
@@ -48,10 +51,23 @@ class TruSession(Session):
             ``database_engine=``, ``database_args=``, ``database_redact_keys=True``).
     """
 
+    def __new__(cls, database_url: str | None = None, **options: Any) -> TruSession:
+        # TruLens's TruSession is one per process: `TruSession()` later in a script (to
+        # read the leaderboard) is the same session. Here it made a second one, on the
+        # default database, and every recorder made without session= stored its records
+        # there from then on, silently.
+        current = _current[0] if _current else None
+        if current is not None and not current.closed and type(current) is cls and (
+                not options and database_url in (None, current._tru_url)):
+            return current
+        return super().__new__(cls)
+
     def __init__(self, database_url: str | None = None, *,
                  database_prefix: str | None = None, database_redact_keys: bool = False,
                  database_check_revision: bool = True, database_args: Any = None,
                  database_engine: Any = None, connector: Any = None, **options: Any) -> None:
+        if self.__dict__.get("_tru_url", _UNSET) is not _UNSET:
+            return  # (the process's TruSession, given again by TruSession(): see __new__)
         if connector is not None or database_engine is not None:
             raise ConfigurationError(
                 "connector= / database_engine=: Scrutiny opens the database itself (WAL and a "
@@ -74,6 +90,8 @@ class TruSession(Session):
         super().__init__(database_url, **options)
         self._tru_evaluator: Any = None
         self._tru_dashboard: Any = None
+        self._tru_url = database_url
+        _current[:] = [self]
 
     def __getattr__(self, name: str) -> Any:
         hint = _SESSION_HINTS.get(name)
