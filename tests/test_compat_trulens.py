@@ -522,9 +522,16 @@ def test_the_trulens_langchain_provider_judges_under_trulens_names(
         Feedback(provider.harmfulness).on_output(),
         Feedback(grounded.groundedness_measure_with_cot_reasons, name="Groundedness")
         .on(context.collect()).on_output(),
+        # (TruLens's one-text correctness: LLMJudge's two-parameter one was wired to the
+        # question as the answer and the app's answer as the reference)
+        Feedback(provider.correctness).on_output(),
+        # (an alias was named context_relevance: df["qs_relevance"] failed)
+        Feedback(provider.qs_relevance).on_input().on(context).aggregate(np.mean),
     ]
     assert [f.name for f in feedbacks[2:4]] == ["relevance", "harmfulness"]
     assert feedbacks[3].higher_is_better is False
+    assert feedbacks[5].selectors == {"text": "Select.output"}
+    assert feedbacks[6].name == "qs_relevance"
     try:
         tru = TruChain(chain, app_name="rag", feedbacks=feedbacks, session=session)
         with tru as recording:
@@ -533,7 +540,7 @@ def test_the_trulens_langchain_provider_judges_under_trulens_names(
                    recording.get().wait_for_feedback_results(feedback_timeout=30).items()}
         assert {n: r.result for n, r in results.items()} == {
             "Answer Relevance": 0.8, "Context Relevance": 0.8, "relevance": 0.8,
-            "harmfulness": 0.8, "Groundedness": 1.0}
+            "harmfulness": 0.8, "Groundedness": 1.0, "correctness": 0.8, "qs_relevance": 0.8}
         assert results["Answer Relevance"].explanation == "on topic"
         assert "stated" in (results["Groundedness"].explanation or "")
     finally:

@@ -13,6 +13,7 @@ from typing import Any
 
 from scrutiny.core import ConfigurationError
 from scrutiny.providers import LLMJudge
+from scrutiny.providers._prompts import custom_criterion
 
 __all__ = ["Langchain"]
 
@@ -30,8 +31,16 @@ _CRITERION = {
     "conciseness_with_cot_reasons": "conciseness",
     "harmfulness": "harmfulness",
     "harmfulness_with_cot_reasons": "harmfulness",
+    "correctness": "correctness",
+    "correctness_with_cot_reasons": "correctness",
 }
 """TruLens's method -> the LLMJudge method that judges the same criterion."""
+
+_CORRECTNESS_RUBRIC = (
+    "Rate how factually correct the TEXT is, by what is known to be true. 10 means every "
+    "claim in it is correct; 5 means it mixes correct and incorrect claims; 0 means its "
+    "claims are false.")
+_CORRECTNESS = custom_criterion("correctness", _CORRECTNESS_RUBRIC, ("text",), True)
 
 
 class Langchain(LLMJudge):
@@ -83,8 +92,29 @@ class Langchain(LLMJudge):
         score, why = await super().context_relevance(question, context)
         return score, {"reason": why}
 
-    qs_relevance = context_relevance
-    qs_relevance_with_cot_reasons = context_relevance_with_cot_reasons
+    # (TruLens's older names: their own methods, so the feedbacks are named as TruLens
+    # names them — aliases were named context_relevance, and df["qs_relevance"] failed)
+    async def qs_relevance(self, question: Any, context: Any) -> float:
+        """TruLens's older name of :meth:`context_relevance`."""
+        return await self.context_relevance(question, context)
+
+    async def qs_relevance_with_cot_reasons(self, question: Any, context: Any
+                                            ) -> tuple[float, dict[str, str]]:
+        """TruLens's older name of :meth:`context_relevance_with_cot_reasons`."""
+        return await self.context_relevance_with_cot_reasons(question, context)
+
+    async def correctness(self, text: Any) -> float:  # type: ignore[override]
+        """How factually correct the text is, by the judge's own knowledge: TruLens's
+        one-text correctness. (:class:`LLMJudge`'s compares an answer with an expected
+        one; here its two parameters were wired to the question and the app's answer.)"""
+        return (await self._judge_fields(_CORRECTNESS, {"text": text},
+                                         (_CORRECTNESS_RUBRIC,)))[0]
+
+    async def correctness_with_cot_reasons(self, text: Any) -> tuple[float, dict[str, str]]:
+        """:meth:`correctness` with the judge's reasons."""
+        score, why = await self._judge_fields(_CORRECTNESS, {"text": text},
+                                              (_CORRECTNESS_RUBRIC,))
+        return score, {"reason": why}
 
     async def groundedness_measure_with_cot_reasons(self, source: Any, statement: Any
                                                     ) -> tuple[float, dict[str, str]]:
