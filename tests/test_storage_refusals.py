@@ -112,3 +112,26 @@ def test_the_sqlite_urls_timeout_is_the_busy_timeout(tmp_path: Path) -> None:
         with Session(f"sqlite:///{tmp_path}/t.sqlite{query}") as session, \
                 session.store.engine.connect() as conn:  # type: ignore[attr-defined]
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == expected
+
+
+@pytest.mark.parametrize(("revision", "says"), [
+    ("13", "holds revision '13', which is not one of Scrutiny's: the tables with the "
+           "prefix 'trulens_' belong to another tool"),
+    ("9999", "newer than this version knows"),
+])
+def test_a_version_table_of_another_tool_or_a_newer_scrutiny_is_told_apart(
+        tmp_path: Path, revision: str, says: str) -> None:
+    """TruLens keeps its Alembic table as trulens_alembic_version: opened with the prefix
+    "trulens_" (a TruLens user's database_prefix), its revision '13' was called "newer than
+    this version knows; upgrade the scrutiny package" — which cannot help."""
+    from scrutiny import ConfigurationError
+
+    url = f"sqlite:///{tmp_path}/shared.sqlite"
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE trulens_alembic_version (version_num VARCHAR(32))"))
+        conn.execute(sa.text("INSERT INTO trulens_alembic_version VALUES (:r)"),
+                     {"r": revision})
+    engine.dispose()
+    with pytest.raises(ConfigurationError, match=says):
+        Session(url, table_prefix="trulens_")

@@ -163,7 +163,17 @@ def _migrate(engine: Engine, write_options: dict[str, object], prefix: str,
             if adopted is not None:
                 command.stamp(_config(conn, prefix), adopted)
                 found = adopted
-            if found is not None and (not found.isdigit() or found > HEAD_REVISION):
+            if found is not None and not (found.isdigit() and len(found) == len(HEAD_REVISION)):
+                # (TruLens keeps its Alembic table as trulens_alembic_version: opened with
+                # the prefix "trulens_", its revision '13' was "newer than this version
+                # knows; upgrade the scrutiny package" — which cannot help)
+                raise ConfigurationError(
+                    f"the table {_version_table(prefix)} holds revision {found!r}, which is "
+                    f"not one of Scrutiny's: the tables with the prefix {prefix!r} belong "
+                    "to another tool (TruLens's use 'trulens_'). Give Scrutiny a prefix of "
+                    "its own (table_prefix=, or database_prefix= in the TruLens names), or "
+                    "another database")
+            if found is not None and found > HEAD_REVISION:
                 raise ConfigurationError(
                     f"the database has Scrutiny schema revision {found!r}, newer than this "
                     f"version knows ({HEAD_REVISION}); upgrade the scrutiny package")
