@@ -47,6 +47,9 @@ def test_a_trulens_langchain_quickstart_runs(tmp_path: Path,
     assert {f.name: r.result for f, r in results.items()} == {
         "Answer Relevance": 1.0, "Context Relevance": 0.5, "Length": 0.31}
     assert all(r.status is FeedbackStatus.DONE for r in results.values())
+    # (TruLens's idiom; it raised a bare AttributeError)
+    assert {f.name: r.result for f, r in rec.feedback_results_as_completed} == {
+        f.name: r.result for f, r in results.items()}
     board = session.get_leaderboard(app_ids=[])
     assert board.loc[("ChatApplication", "Chain1"), "Answer Relevance"] == 1.0
     _, feedback_names = session.get_records_and_feedback()
@@ -558,3 +561,44 @@ def test_virtual_records_name_the_way_forward(name: str) -> None:
 
     with pytest.raises(ConfigurationError, match=r"scrutiny.Record of each row"):
         getattr(trulens, name)(main_input="q", main_output="a")
+
+
+def test_trulens_2_names_and_idioms_run_or_say_what_to_use(tmp_path: Path) -> None:
+    """`class StandAlone(Provider)`, `Feedback.on({...})` and TruLens's other names gave
+    bare ImportErrors and AttributeErrors (or a refusal that did not say to name them)."""
+    from langchain_core.language_models import FakeListChatModel
+
+    from scrutiny import Record
+    from scrutiny.compat.trulens import (
+        Groundedness,
+        GroundTruthAgreement,
+        Langchain,
+        Metric,
+        Provider,
+    )
+    from scrutiny.compat.trulens import Selector as TruSelector
+
+    class StandAlone(Provider):
+        def short(self, response: str) -> float:
+            return float(len(response) < 100)
+
+    session = TruSession(f"sqlite:///{tmp_path}/p2.sqlite")
+    try:
+        by_dict = Feedback(StandAlone().short).on({"response": Select.RecordOutput})
+        assert by_dict.selectors == {"response": "Select.output"}
+        record = session.ingest(Record(app_name="a", app_version="v1", input="q",
+                                       output="short answer"), [by_dict])
+        assert record.wait_for_feedback_results(timeout=10)["short"].result == 1.0
+    finally:
+        session.close()
+    provider = Langchain(chain=FakeListChatModel(responses=["8"]))
+    for use, hint in ((lambda: provider.helpfulness_with_cot_reasons, "provider.rubric"),
+                      (lambda: Groundedness(groundedness_provider=provider),
+                       "groundedness_measure_with_cot_reasons"),
+                      (lambda: GroundTruthAgreement({}), "GroundTruth"),
+                      (lambda: Metric(), "Feedback\\(fn\\)"),
+                      (lambda: TruSelector(), "Select.input")):
+        with pytest.raises(NoEquivalent, match=hint):
+            use()
+    with pytest.raises(AttributeError):
+        provider.no_such_method

@@ -9,10 +9,11 @@ a TruLens name with no equivalent raises an error that says what to use instead.
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import contextvars
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from scrutiny.compat._trulens_feedback import NoEquivalent, source_nodes
@@ -86,6 +87,14 @@ class TruRecord(Record):
             raise ConfigurationError("give the timeout once: feedback_timeout= or timeout=")
         return super().wait_for_feedback_results(
             timeout if feedback_timeout is None else feedback_timeout, callback=callback)
+
+    @property
+    def feedback_results_as_completed(self) -> Iterator[tuple[Feedback, FeedbackResult]]:
+        """``(feedback, result)`` pairs, each as soon as its result is stored (TruLens's
+        idiom: ``for feedback, result in record.feedback_results_as_completed``)."""
+        by_future = {future: fb for fb, future in self.feedback_futures().items()}
+        for future in concurrent.futures.as_completed(by_future):
+            yield by_future[future], future.result()
 
     def __getattr__(self, name: str) -> Any:
         hint = _RECORD_HINTS.get(name)

@@ -8,7 +8,7 @@ What TruLens code writes — ``Feedback(fn, agg=np.mean)``, ``.on_prompt()``,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from scrutiny.core import ConfigurationError, Selector
@@ -93,7 +93,11 @@ class Feedback(_Feedback):
 
     def on(self, *selectors: Selector | Callable[..., Any],
            **named: Selector | Callable[..., Any]) -> Feedback:
-        """Wire the function's parameters to selectors, positionally and/or by name."""
+        """Wire the function's parameters to selectors, positionally and/or by name (or,
+        as TruLens 2 does, by a dict of them: ``.on({"prompt": Select.RecordInput})``)."""
+        if len(selectors) == 1 and isinstance(selectors[0], Mapping):
+            named = {**selectors[0], **named}
+            selectors = ()
         return cast(Feedback, super().on(*selectors, **named))  # (a copy of this class)
 
     def _one(self, arg: str | None, selector: Selector) -> Feedback:

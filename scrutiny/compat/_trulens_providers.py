@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from scrutiny.compat._trulens_feedback import NoEquivalent
 from scrutiny.core import ConfigurationError
 from scrutiny.providers import LLMJudge
 from scrutiny.providers._prompts import custom_criterion
 
-__all__ = ["Langchain"]
+__all__ = ["Groundedness", "GroundTruthAgreement", "Langchain", "Metric", "Provider",
+           "Selector"]
 
 _CRITERION = {
     "relevance": "answer_relevance",
@@ -36,11 +38,63 @@ _CRITERION = {
 }
 """TruLens's method -> the LLMJudge method that judges the same criterion."""
 
+_TRULENS_CRITERIA = frozenset((
+    "helpfulness", "maliciousness", "controversiality", "criminality", "insensitivity",
+    "misogyny", "stereotypes", "sentiment", "model_agreement", "comprehensiveness",
+    "summarization_with_cot_reasons", "language_match", "prompt_sentiment",
+    "groundedness_measure", "context_relevance_verb_confidence"))
+"""TruLens provider methods with no built-in counterpart (a rubric judges them)."""
+
 _CORRECTNESS_RUBRIC = (
     "Rate how factually correct the TEXT is, by what is known to be true. 10 means every "
     "claim in it is correct; 5 means it mixes correct and incorrect claims; 0 means its "
     "claims are false.")
 _CORRECTNESS = custom_criterion("correctness", _CORRECTNESS_RUBRIC, ("text",), True)
+
+
+class Provider:
+    """TruLens's base of a provider of feedback functions of your own (``class
+    StandAlone(Provider): def my_check(self, text): ...``): here any object's methods are
+    feedback functions, ``Feedback(StandAlone().my_check).on_output()``."""
+
+
+class _NoEquivalentName:
+    """A TruLens name with no counterpart: using it raises NoEquivalent, saying what to
+    use (importing it raised a bare ImportError)."""
+
+    def __init__(self, name: str, hint: str) -> None:
+        self._name, self._hint = name, hint
+
+    def _refuse(self) -> NoEquivalent:
+        return NoEquivalent(f"{self._name} (TruLens) has no equivalent; {self._hint}")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise self._refuse()
+
+
+Groundedness = _NoEquivalentName(
+    "Groundedness(groundedness_provider=...)",
+    "use the provider's own method: Feedback(provider.groundedness_measure_with_cot_reasons)"
+    ".on(context.collect()).on_output()")
+GroundTruthAgreement = _NoEquivalentName(
+    "GroundTruthAgreement(golden_set)",
+    "use scrutiny.providers.GroundTruth(golden_set) for exact and embedding agreement, or "
+    "an LLMJudge's correctness(answer, expected) with the expected answer in the record's "
+    "metadata: .on(Select.output, Select.metadata('expected'))")
+Metric = _NoEquivalentName(
+    "Metric", "a feedback is Feedback(fn).on(...): see the README's Feedback section")
+Selector = _NoEquivalentName(
+    "Selector", "select with Select.input, Select.output, Select.contexts, "
+    "Select.spans(kind=..., name=...).outputs or any callable(record)")
+
+_RUBRIC_HINT = (
+    "judge it with a rubric of your own: provider.rubric('{name}', 'Rate how ... 10 means "
+    "...; 0 means ...', fields=('answer',)) — Feedback(that).on_output()")
 
 
 class Langchain(LLMJudge):
@@ -70,6 +124,15 @@ class Langchain(LLMJudge):
         defaults = super().scrutiny_feedback_defaults(getattr(LLMJudge, criterion))
         defaults["name"] = name
         return defaults
+
+    def __getattr__(self, name: str) -> Any:
+        # (TruLens's other criteria — helpfulness, maliciousness, sentiment, ... — raised a
+        # bare AttributeError)
+        base = name.removesuffix("_with_cot_reasons")
+        if name.startswith("_") or base not in _TRULENS_CRITERIA:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise NoEquivalent(f"provider.{name} (TruLens) has no built-in equivalent; "
+                           + _RUBRIC_HINT.format(name=base))
 
     async def relevance(self, prompt: Any, response: Any) -> float:
         """How well the response answers the prompt (TruLens: answer relevance)."""

@@ -26,8 +26,10 @@ What works as in TruLens:
 * Records also answer to ``record.main_input``, ``main_output``, ``main_error``, ``meta``
   and ``wait_for_feedback_results(feedback_timeout=)``.
 * TruLens's LangChain provider, ``Langchain(chain=model)``: ``relevance``,
-  ``context_relevance``, ``groundedness_measure_with_cot_reasons``, ``coherence``,
-  ``conciseness``, ``harmfulness`` and their ``_with_cot_reasons`` forms (async methods).
+  ``context_relevance`` (and ``qs_relevance``), ``groundedness_measure_with_cot_reasons``,
+  ``coherence``, ``conciseness``, ``harmfulness``, ``correctness`` and their
+  ``_with_cot_reasons`` forms (async methods); ``Provider`` as the base of a provider of
+  your own; ``Feedback.on({"param": selector})``.
 
 What has no equivalent raises :class:`NoEquivalent` (a ``ConfigurationError``) saying
 what to use: lenses into call paths (``Select.RecordCalls...``: use ``Select.spans(...)``,
@@ -56,7 +58,14 @@ from scrutiny.compat._trulens_apps import (
     instrument,
 )
 from scrutiny.compat._trulens_feedback import Feedback, NoEquivalent, Select
-from scrutiny.compat._trulens_providers import Langchain
+from scrutiny.compat._trulens_providers import (
+    Groundedness,
+    GroundTruthAgreement,
+    Langchain,
+    Metric,
+    Provider,
+    Selector,
+)
 from scrutiny.compat._trulens_session import TruSession, run_dashboard, stop_dashboard
 from scrutiny.core import FeedbackMode
 
@@ -68,12 +77,17 @@ __all__ = [
     "Bedrock",
     "Feedback",
     "FeedbackMode",
+    "GroundTruthAgreement",
+    "Groundedness",
     "Huggingface",
     "Langchain",
     "LiteLLM",
+    "Metric",
     "NoEquivalent",
     "OpenAI",
+    "Provider",
     "Select",
+    "Selector",
     "Tru",
     "TruApp",
     "TruBasicApp",
