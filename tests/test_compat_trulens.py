@@ -602,3 +602,18 @@ def test_trulens_2_names_and_idioms_run_or_say_what_to_use(tmp_path: Path) -> No
             use()
     with pytest.raises(AttributeError):
         provider.no_such_method
+
+
+def test_a_recorders_trulens_only_methods_say_what_to_use(
+        tmp_path: Path, make_retrieval_chain: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tru.print_instrumented()` is informational: it ended a quickstart with an error.
+    It prints what Scrutiny does instead; a call that would do something raises."""
+    session = TruSession(f"sqlite:///{tmp_path}/m.sqlite")
+    try:
+        tru = TruChain(make_retrieval_chain(["Paris."]), app_name="qa", session=session)
+        tru.print_instrumented()
+        assert "Scrutiny instruments nothing" in capsys.readouterr().out
+        with pytest.raises(NoEquivalent, match=r"tru.main_call .*tru.with_record"):
+            tru.main_call("q")
+    finally:
+        session.close()

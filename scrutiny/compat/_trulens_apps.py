@@ -180,6 +180,9 @@ class _WithRecord:
         hint = _APP_HINTS.get(name)
         if hint is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if name.startswith("print_instrumented"):
+            # (informational: a quickstart that prints what is instrumented ran no further)
+            return lambda *args, **kwargs: print(f"tru.{name}: {hint}")
         raise NoEquivalent(f"tru.{name} (TruLens) has no equivalent; use {hint}")
 
 
