@@ -200,6 +200,29 @@ def test_pending_feedback_becomes_its_score_without_a_reload(page: Any,
     expect(cell).to_have_text("0.750")
 
 
+def test_the_score_chart_follows_scores_that_arrive_while_it_is_open(
+        page: Any, dashboard: Dashboard) -> None:
+    """Scores stored within 5 s of the charts' last load showed in the leaderboard at once,
+    while the distribution chart said "No scores yet." until its 60 s timer."""
+    from playwright.sync_api import expect
+
+    gate = threading.Event()
+
+    def later(output: str) -> float:
+        gate.wait(30)
+        return 0.5
+
+    session = dashboard.session
+    dashboard.release(gate)
+    session.ingest(rag_record(1), [Feedback(later, name="later").on_output()])
+    assert session.flush(10)
+    page.goto(dashboard.start())
+    expect(page.locator("#chart-scores")).to_contain_text("No scores yet")
+    gate.set()
+    expect(page.locator('#leaderboard td[data-feedback="later"] .mean')).to_have_text("0.500")
+    expect(page.locator("#chart-scores")).not_to_contain_text("No scores yet")
+
+
 def test_a_script_in_an_output_is_shown_as_text(page: Any, served: Any) -> None:
     from playwright.sync_api import expect
 

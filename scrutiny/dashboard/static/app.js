@@ -21,6 +21,8 @@ const state = {
   timer: null,
   chartsAt: 0,
   chartsKey: "",
+  chartsStale: false,
+  chartsTimer: null,
 };
 
 // ------------------------------------------------------------------ DOM helpers
@@ -318,9 +320,21 @@ async function showHome(gen, first) {
     const key = `${appParams}|${f.get("version") || ""}`;
     const busy = board.rows.some((r) => r.pending + r.running > 0) ||
       page.records.some((r) => Object.values(r.feedback).some((x) => x.status === "pending" || x.status === "running"));
-    if (first || key !== state.chartsKey || (changed && Date.now() - state.chartsAt > 5000) ||
-        Date.now() - state.chartsAt > 60000) {
+    if (changed) state.chartsStale = true;
+    const since = Date.now() - state.chartsAt;
+    if (first || key !== state.chartsKey || (state.chartsStale && since > 5000) ||
+        since > 60000) {
+      state.chartsStale = false;
       loadCharts(gen, appParams, f.get("version"), key);
+    } else if (state.chartsStale && !state.chartsTimer) {
+      // (a change seen within 5 s of the last chart load: loaded once those 5 s are up —
+      // it waited for the 60 s timer, the chart saying "No scores yet" under new scores)
+      state.chartsTimer = setTimeout(() => {
+        state.chartsTimer = null;
+        if (gen !== state.gen || !state.chartsStale) return;
+        state.chartsStale = false;
+        loadCharts(gen, appParams, f.get("version"), key);
+      }, 5000 - since);
     }
     setLive(busy);
     schedule((g) => showHome(g, false), state.poller.next(sig, busy, cost));
