@@ -59,6 +59,10 @@ def test_filter_by_version_status_and_score_range(filled: Session) -> None:
     mid = filled.query_records(app_ids=["qa"], feedback_name="quality", min_score=0.3,
                                max_score=0.5)
     assert sorted(r.input for r in mid.records) == ["question 3", "question 4", "question 5"]
+    # a status alone: a result of any feedback (every record with a failed result)
+    any_failed = filled.query_records(statuses=["failed"])
+    assert sorted(r.input for r in any_failed.records) == ["question 0", "question 5"]
+    assert filled.query_records(statuses=["done"]).total == 11
 
 
 def test_text_search_is_literal_and_case_insensitive(filled: Session) -> None:
@@ -69,8 +73,8 @@ def test_text_search_is_literal_and_case_insensitive(filled: Session) -> None:
 
 
 def test_bad_query_arguments_are_clear_errors(filled: Session) -> None:
-    with pytest.raises(ConfigurationError, match="feedback_name"):
-        filled.query_records(statuses=["done"])
+    with pytest.raises(ConfigurationError, match="a score range needs feedback_name"):
+        filled.query_records(min_score=0.5)
     with pytest.raises(ConfigurationError, match="unknown status"):
         filled.query_records(feedback_name="quality", statuses=["finished"])
     with pytest.raises(ConfigurationError, match="limit"):

@@ -560,6 +560,25 @@ def test_a_refused_filter_does_not_leave_the_previous_records_on_screen(
     expect(page.locator("#error")).to_be_hidden()
 
 
+def test_a_status_with_feedback_any_is_a_result_of_any_feedback(page: Any,
+                                                                 served: Any) -> None:
+    """Choosing Status with Feedback "any" rewrote the address to the alphabetically first
+    feedback ("broken", which only fails): "0 matching" for records whose other feedbacks
+    were done. A score range still needs one feedback, and says so."""
+    from playwright.sync_api import expect
+
+    session, url, _records = served
+    page.goto(url)
+    expect(page.locator("#records tbody tr")).to_have_count(8)
+    page.locator("#filters select[name='status']").select_option("done")
+    expected = session.query_records(statuses=["done"]).total
+    assert expected > 0
+    expect(page.locator("#records tbody tr")).to_have_count(expected)
+    assert "feedback=" not in page.url
+    page.goto(url + "#/?min_score=0.5")
+    expect(page.locator("#error")).to_contain_text("needs feedback=<name>")
+
+
 def test_a_version_chosen_without_an_app_filters_the_leaderboard_too(
         page: Any, served: Any) -> None:
     """Version "v2" with app "all" filtered the records and the charts, but the leaderboard

@@ -294,7 +294,9 @@ class SessionReading:
             app_versions: app versions.
             record_status: ``ok``, ``error`` or ``cancelled``.
             feedback_name: with `statuses` and/or `min_score`/`max_score`, keep records
-                whose result of this feedback matches.
+                whose result of this feedback matches. `statuses` without it: records
+                with a result of any feedback in one of them (every record with a failed
+                result); a score range needs it.
             search: text that the input or the output contains (case-insensitive).
             limit, offset: the page (limit at most 1000).
             details: False to leave out what a list of records does not show: their
@@ -322,9 +324,9 @@ class SessionReading:
         if bad:
             raise ConfigurationError(f"unknown status(es) {bad}; use "
                                      f"{[m.value for m in FeedbackStatus]}")
-        if (statuses is not None or min_score is not None or max_score is not None) \
-                and not feedback_name:
-            raise ConfigurationError("statuses and score ranges need feedback_name=")
+        if (min_score is not None or max_score is not None) and not feedback_name:
+            raise ConfigurationError("a score range needs feedback_name=: the feedback whose "
+                                     "scores to filter (statuses alone match any feedback)")
         self._settle(self.flush_timeout, "page of records")
         query = RecordQuery(
             app_ids=app_ids, app_versions=app_versions,

@@ -178,8 +178,9 @@ def _record_filters(request: Request) -> dict[str, Any]:
     """Query parameters of ``/api/records`` as :meth:`Session.query_records` arguments.
 
     ``app`` (an app id, or a name when no app has that id; repeatable), ``version``
-    (repeatable), ``record_status`` (ok, error, cancelled), ``feedback`` with ``status``
-    (repeatable) and/or ``min_score`` / ``max_score``, ``q`` (text in the input or output),
+    (repeatable), ``record_status`` (ok, error, cancelled), ``status`` (repeatable: a result
+    of ``feedback``, or of any feedback without it), ``feedback`` with ``min_score`` /
+    ``max_score``, ``q`` (text in the input or output),
     ``limit`` (1..1000, default 50), ``offset``.
     """
     filters = {
@@ -195,10 +196,10 @@ def _record_filters(request: Request) -> dict[str, Any]:
         "offset": _int(request, "offset", 0),
     }
     if not filters["feedback_name"]:  # (the core's message names its own `feedback_name=`)
-        given = [name for name in ("status", "min_score", "max_score") if _one(request, name)]
-        if given:
+        given = [name for name in ("min_score", "max_score") if _one(request, name)]
+        if given:  # (a status alone matches a result of any feedback)
             raise HTTPException(400, f"filtering by {' and '.join(given)} needs "
-                                "feedback=<name>: the feedback whose results to filter")
+                                "feedback=<name>: the feedback whose scores to filter")
     return filters
 
 

@@ -178,9 +178,8 @@ class MemoryStore:
                 if query.search and not (found(r.get("input_json"))
                                          or found(r.get("output_json"))):
                     return False
-                if query.feedback_name and (query.statuses is not None
-                                            or query.min_score is not None
-                                            or query.max_score is not None):
+                if query.statuses is not None or (query.feedback_name and (
+                        query.min_score is not None or query.max_score is not None)):
                     return any(_result_matches(res, query)
                                for res in by_record.get(r["record_id"], []))
                 return True
@@ -301,7 +300,7 @@ class MemoryStore:
 
 
 def _result_matches(res: Row, query: RecordQuery) -> bool:
-    if res["feedback_name"] != query.feedback_name:
+    if query.feedback_name and res["feedback_name"] != query.feedback_name:
         return False
     if query.statuses is not None and res["status"] not in query.statuses:
         return False

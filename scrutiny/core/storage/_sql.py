@@ -1366,11 +1366,12 @@ class SQLStore:
             cond.append(t.records.c.status == query.record_status)
         if query.search:
             cond.append(self._search_condition(query.search))
-        if query.feedback_name and (query.statuses is not None or query.min_score is not None
-                                    or query.max_score is not None):
+        if query.statuses is not None or (query.feedback_name and (
+                query.min_score is not None or query.max_score is not None)):
             r = t.results
-            sub = select(r.c.record_id).where(
-                r.c.feedback_name == self._texts([query.feedback_name])[0])
+            sub = select(r.c.record_id)
+            if query.feedback_name:  # (statuses alone: a result of any feedback)
+                sub = sub.where(r.c.feedback_name == self._texts([query.feedback_name])[0])
             if query.statuses is not None:
                 sub = sub.where(r.c.status.in_(list(query.statuses)))
             if query.min_score is not None:

@@ -740,9 +740,9 @@ function wireFilters() {
     for (const el of form.elements) {
       if (el.name && el.value) f.set(el.name, el.value);
     }
-    if (f.get("status") || f.get("min_score") || f.get("max_score")) {
-      if (!f.get("feedback") && state.board && state.board.feedbacks.length) f.set("feedback", state.board.feedbacks[0].name);
-    }
+    // (a status with feedback "any" is a result of any feedback; a score range needs one
+    // feedback, and the server says so. The first feedback was chosen silently instead:
+    // "0 matching" for records whose other feedbacks matched.)
     setFilters(f);
   };
   form.addEventListener("submit", (ev) => { ev.preventDefault(); apply(); });
