@@ -167,13 +167,16 @@ def test_records_are_paginated_newest_first(client: TestClient) -> None:
     assert [r["input_preview"][-2] for r in last["records"]] == ["1", "0"]
 
 
-def test_record_rows_carry_each_feedback_status_and_score(client: TestClient) -> None:
+def test_record_rows_carry_each_feedback_status_score_and_reason(client: TestClient) -> None:
+    """(The reason, cut short: the list showed a "failed" badge and never why.)"""
     row = get(client, "/api/records", version="v2", limit=1)["records"][0]
     assert row["app_id"] == "qa:v2"
-    assert row["feedback"] == {"broken": {"status": "failed", "score": None},
-                               "quality": {"status": "done", "score": 0.9},
-                               "verbosity": {"status": "done",
-                                             "score": pytest.approx(0.35)}}
+    assert row["feedback"] == {
+        "broken": {"status": "failed", "score": None,
+                   "reason": "RuntimeError: judge unavailable"},
+        "quality": {"status": "done", "score": 0.9,
+                    "reason": "The answer names a city from the context."},
+        "verbosity": {"status": "done", "score": pytest.approx(0.35), "reason": None}}
 
 
 @pytest.mark.parametrize(("params", "expected"), [

@@ -579,6 +579,26 @@ def test_a_status_with_feedback_any_is_a_result_of_any_feedback(page: Any,
     expect(page.locator("#error")).to_contain_text("needs feedback=<name>")
 
 
+def test_the_records_list_says_why_a_call_or_a_result_failed(page: Any,
+                                                              dashboard: Dashboard) -> None:
+    """A row showed an "error" badge, an empty output and a "failed" badge: neither reason
+    was anywhere in the list, and a lead opened every record to find them."""
+    from playwright.sync_api import expect
+
+    from scrutiny import Record
+    from tests.test_dashboard_api import BROKEN
+
+    record = dashboard.session.ingest(Record(
+        app_name="qa", app_version="v1", input="q", output=None,
+        error="RateLimitError: 429 Too Many Requests"), [BROKEN])
+    assert dashboard.session.wait_for_feedback(20)
+    page.goto(dashboard.start())
+    row = page.locator(f"tr[data-record-id='{record.record_id}']")
+    expect(row.locator("td.output")).to_have_text("RateLimitError: 429 Too Many Requests")
+    expect(row.locator("td[data-feedback='broken']")).to_have_attribute(
+        "title", re.compile("^broken: Select.output found nothing"))
+
+
 def test_a_version_chosen_without_an_app_filters_the_leaderboard_too(
         page: Any, served: Any) -> None:
     """Version "v2" with app "all" filtered the records and the charts, but the leaderboard

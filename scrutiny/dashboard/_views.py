@@ -57,6 +57,10 @@ def _iso(moment: datetime | float | None) -> str | None:
     return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+REASON_CHARS = 200
+"""How much of a result's reason the records list gets (shown on hover)."""
+
+
 def preview(value: Any, limit: int = PREVIEW_CHARS) -> str:
     """A one-line text of an input or output, cut to `limit` characters."""
     if value is None:
@@ -119,7 +123,12 @@ def leaderboard(session: Session, app_ids: Sequence[str] | None = None) -> dict[
 
 # ---------------------------------------------------------------------- records
 def _result_summary(result: FeedbackResult) -> dict[str, Any]:
-    return {"status": result.status.value, "score": _number(result.result)}
+    # (with the reason's first words: the list showed a "failed" badge and no why, and a
+    # lead opened every record one at a time to find it)
+    why = result.error if result.status.value in ("failed", "skipped") else \
+        result.explanation
+    return {"status": result.status.value, "score": _number(result.result),
+            "reason": preview(why, REASON_CHARS) if why else None}
 
 
 def _results(record: Record) -> list[FeedbackResult]:

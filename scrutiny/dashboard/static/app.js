@@ -439,15 +439,20 @@ function renderRecords(page, board) {
     },
     h("td", { class: "mono", text: fmtTime(r.start_time), title: r.start_time ? `${fmtTime(r.start_time, true)} = ${r.start_time}` : null }),
     h("td", null, r.app_name, " ", h("span", { class: "mono muted", text: r.app_version })),
-    h("td", null, badge(r.status)),
+    h("td", r.error ? { title: r.error } : null, badge(r.status)),
     h("td", { class: "preview", title: r.input_preview },
       h("a", { href: recordHash(r.record_id), text: r.input_preview || "(empty)" })),
-    h("td", { class: "preview output", title: r.output_preview, text: r.output_preview }),
+    // (a failed call has no output: its error is what the row shows there, as it said
+    // nothing of why)
+    r.output_preview || !r.error
+      ? h("td", { class: "preview output", title: r.output_preview, text: r.output_preview })
+      : h("td", { class: "preview output call-error", title: r.error, text: r.error }),
     h("td", { class: "num", text: fmtSeconds(r.latency) }),
     names.map((n) => {
       const x = own(r.feedback, n);
       if (!x) return h("td", { class: "num muted", title: `not evaluated with ${n}`, text: "—" });
-      return h("td", { class: "num", dataset: { feedback: n, status: x.status } },
+      return h("td", { class: "num", dataset: { feedback: n, status: x.status },
+        title: x.reason ? `${n}: ${x.reason}` : null },
         x.status === "done" ? h("span", { class: scoreClass(n, x.score), text: fmtScore(x.score) }) : badge(x.status));
     })));
     wrap.appendChild(h("table", { class: "records" }, h("thead", null, head), h("tbody", null, rows)));
