@@ -328,6 +328,22 @@ def test_charts_sample_is_bounded(client: TestClient) -> None:
     assert client.get("/api/charts", params={"sample": "1"}).status_code == 400
 
 
+@pytest.mark.parametrize("url", ["sqlite", "memory://"])
+def test_charts_of_many_versions_keep_the_newest(tmp_path: Path, url: str) -> None:
+    """With 15 versions the charts kept the first 12 in text order (v1, v10-v15, v2-v6):
+    v7-v9 left out, the oldest kept."""
+    database = f"sqlite:///{tmp_path}/many.sqlite" if url == "sqlite" else url
+    with Session(database) as session:
+        for n in range(1, 16):
+            session.ingest(Record(app_name="qa", app_version=f"v{n}", input="q", output="a",
+                                  start_time=1_700_000_000 + n * 60), [])
+        assert session.flush(20)
+        with TestClient(create_app(session), base_url="http://127.0.0.1:8765") as client:
+            charts = get(client, "/api/charts")
+    assert charts["truncated"] is True
+    assert sorted(int(v["app_version"][1:]) for v in charts["versions"]) == list(range(4, 16))
+
+
 def _as_score(output: str) -> float:
     return float(output)
 

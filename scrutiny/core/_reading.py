@@ -347,7 +347,8 @@ class SessionReading:
         return RecordPage(records, total, limit, offset)
 
     def get_apps(self) -> list[dict[str, Any]]:
-        """Every app version with its record count, mean latency and tokens."""
+        """Every app version with its record count, mean latency and tokens, and when its
+        newest record started (`last_start`)."""
         self._settle(self.flush_timeout, "list of apps")
         apps, _ = self.store.aggregates()
         return sorted(apps, key=lambda a: (a["app_name"], a["app_version"]))

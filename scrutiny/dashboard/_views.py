@@ -283,13 +283,22 @@ def _mean(values: list[float]) -> float | None:
         return _number(math.fsum(v / len(values) for v in values))
 
 
+def _start_key(value: Any) -> float:
+    """A version's latest record start as seconds (a naive time, as SQLite gives it, as
+    UTC), for ordering."""
+    if not isinstance(value, datetime):
+        return float("-inf")
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+
+
 def charts(session: Session, app_ids: Sequence[str] | None = None,
            app_versions: Sequence[str] | None = None, *, sample: int = 500,
            bins: int = 10, max_versions: int = 12) -> dict[str, Any]:
     """Score distributions per app version and latency over time, from a sample.
 
     The sample is the newest `sample` records of each app version (through
-    :meth:`Session.get_records_and_feedback`), at most `max_versions` versions.
+    :meth:`Session.get_records_and_feedback`), of at most `max_versions` versions: the
+    newest ones, by their latest record.
 
     Returns:
         ``{"sample", "bins", "truncated", "versions": [{"app_id", "app_name",
@@ -304,7 +313,11 @@ def charts(session: Session, app_ids: Sequence[str] | None = None,
     if app_versions:
         versions = [a for a in versions if a["app_version"] in app_versions]
     truncated = len(versions) > max_versions
-    versions = versions[:max_versions]
+    if truncated:  # (the newest versions, by their latest record; they were the first 12
+        # in text order — v1, v10-v15, v2-v6 — the newest left out and the oldest kept)
+        newest = sorted(versions, key=lambda a: _start_key(a.get("last_start")),
+                        reverse=True)[:max_versions]
+        versions = [a for a in versions if a in newest]
     scores: dict[str, dict[str, list[float]]] = {}
     latency = []
     sampled = []
