@@ -223,6 +223,61 @@ def test_the_score_chart_follows_scores_that_arrive_while_it_is_open(
     expect(page.locator("#chart-scores")).not_to_contain_text("No scores yet")
 
 
+def test_a_result_left_pending_says_for_how_long_and_what_evaluates_it(
+        page: Any, database_url: str) -> None:
+    """A pending card said only "pending | —": a result stuck for days looked like one
+    queued a second ago, and nothing said a worker was needed."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+    from playwright.sync_api import expect
+
+    from tests.support.deferred_feedbacks import length
+
+    with Session(database_url, feedback_mode="deferred") as app:
+        record = app.ingest(rag_record(1), [Feedback(length).on_output()])
+        assert app.flush(10)
+    engine = sa.create_engine(database_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:  # (stored three hours ago)
+        conn.execute(sa.text("UPDATE scrutiny_feedback_results SET created_at = :t"),
+                     {"t": dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=3)})
+    engine.dispose()
+    viewer = Dashboard(database_url)
+    try:
+        page.goto(viewer.start() + f"#/record/{record.record_id}")
+        card = page.locator(".card[data-feedback='length']")
+        expect(card).to_contain_text("pending for 3 h")
+        expect(card.locator(".waiting")).to_contain_text("scrutiny worker")
+    finally:
+        viewer.end()
+
+
+def test_span_names_thirty_levels_deep_stay_readable(page: Any,
+                                                     dashboard: Dashboard) -> None:
+    """At 16 px a level, spans 20 levels down (a LangGraph agent's) were indented past
+    the name column: their names were cut to nothing."""
+    from playwright.sync_api import expect
+
+    from scrutiny import Record, Span
+
+    spans = [Span(f"s{i}", None if i == 0 else f"s{i - 1}", f"Node{i}", "chain",
+                  1_700_000_000 + i * 0.01, 1_700_000_001 - i * 0.01) for i in range(30)]
+    record = dashboard.session.ingest(Record(app_name="deep", app_version="v1", input="q",
+                                             output="a", spans=spans,
+                                             start_time=1_700_000_000, end_time=1_700_000_001),
+                                      [])
+    assert dashboard.session.flush(10)
+    page.goto(dashboard.start() + f"#/record/{record.record_id}")
+    deepest = page.locator(".wf-row[data-depth='29'] .span-name")
+    expect(deepest).to_have_text("Node29")
+    name_box, row_box = deepest.bounding_box(), page.locator(
+        ".wf-row[data-depth='29'] .wf-name").bounding_box()
+    assert name_box is not None
+    assert row_box is not None
+    visible = row_box["x"] + row_box["width"] - name_box["x"]
+    assert visible >= 50, visible  # (room for "Node29" in the name column)
+
+
 def test_a_script_in_an_output_is_shown_as_text(page: Any, served: Any) -> None:
     from playwright.sync_api import expect
 

@@ -700,8 +700,32 @@ function renderFeedback(rec) {
       h("div", { class: "meta", text: [
         r.attempts ? `${r.attempts} attempt${r.attempts > 1 ? "s" : ""}` : null,
         r.latency !== null ? `took ${fmtSeconds(r.latency)}` : null,
-        r.ended_at ? `stored ${fmtTime(r.ended_at, true)}` : null].filter(Boolean).join(" · ") })));
+        r.ended_at ? `stored ${fmtTime(r.ended_at, true)}` : null,
+        // (a result stuck for days looked like one queued a second ago)
+        unfinished(r.status) && r.created_at ? `${r.status} for ${fmtAge(r.created_at)}` : null,
+      ].filter(Boolean).join(" · ") }),
+      r.status === "pending" && ageSeconds(r.created_at) > 60 ? h("div", { class: "meta hint waiting",
+        text: "Nothing has started it yet: results left pending are evaluated by a worker " +
+          "(`scrutiny worker`) or by session.resume_pending()." }) : null));
   }
+}
+
+function unfinished(status) { return status === "pending" || status === "running"; }
+function ageSeconds(iso) { return iso ? Math.max(0, (Date.now() - new Date(iso).getTime()) / 1000) : 0; }
+function fmtAge(iso) {
+  const s = ageSeconds(iso);
+  if (s < 90) return `${Math.round(s)} s`;
+  if (s < 5400) return `${Math.round(s / 60)} min`;
+  if (s < 172800) return `${Math.round(s / 3600)} h`;
+  return `${Math.round(s / 86400)} days`;
+}
+
+// Indentation: 16 px a level, then 3 px from level DEEP on (with the level written in the
+// row): at 16 px a level, a LangGraph agent's spans 20 levels down were indented past the
+// name column, their names cut to nothing.
+const DEEP = 8;
+function indent(depth) {
+  return Math.min(depth, DEEP) * 16 + Math.max(0, depth - DEEP) * 3;
 }
 
 function waterfall(rec) {
@@ -727,8 +751,9 @@ function waterfall(rec) {
       h("div", null, h("h3", { text: "Inputs" }), h("pre", { class: "value", text: fmtValue(s.inputs) })),
       h("div", null, h("h3", { text: s.error ? "Error" : "Outputs" }), h("pre", { class: `value${s.error ? " reason" : ""}`, text: s.error ? s.error : fmtValue(s.outputs) })));
     const row = h("div", { class: "wf-row", dataset: { spanId: s.span_id, depth: String(s.depth) }, onclick: () => { detail.hidden = !detail.hidden; } },
-      h("div", { class: "wf-name", style: { paddingLeft: `${s.depth * 16}px` }, title: s.name },
-        s.depth ? "└ " : "", h("span", { class: "span-name", text: s.name }), h("span", { class: "kind", text: s.kind })),
+      h("div", { class: "wf-name", style: { paddingLeft: `${indent(s.depth)}px` }, title: s.name },
+        s.depth ? (s.depth > DEEP ? `└${s.depth} ` : "└ ") : "",
+        h("span", { class: "span-name", text: s.name }), h("span", { class: "kind", text: s.kind })),
       h("div", { class: "wf-track" }, bar),
       h("span", { class: "wf-dur", text: fmtMs(s.duration_ms) }));
     wrap.append(row, detail);
