@@ -103,7 +103,10 @@ async def test_an_async_tool_called_with_a_tool_call_that_handled_its_error(
     record = recording.get()
     assert record.status is RecordStatus.OK
     span = _tool_span(record, "lookup")
-    assert span.outputs is failed
+    # (the tool's value, as when it is called with its arguments; the message's tool call
+    # in the span's metadata)
+    assert span.outputs == failed.content
+    assert span.metadata["tool_call_id"] == failed.tool_call_id
     assert span.error is not None
     assert span.error.endswith("no weather for Oslo")
     assert _tool_span(record, "sunny").error is None  # a tool that succeeded
@@ -160,8 +163,7 @@ def test_a_tool_node_tool_that_handled_its_error_is_a_failed_span_of_an_ok_recor
     assert (record.status, record.error) == (RecordStatus.OK, None)
     assert record.output == "no weather for Oslo"
     span = _tool_span(record, "lookup")
-    assert isinstance(span.outputs, ToolMessage)
-    assert span.outputs.content == seen.content
+    assert span.outputs == seen.content
     assert span.error is not None
     assert span.error.endswith("no weather for Oslo")
     assert [s.name for s in record.spans if s.error] == ["lookup"]

@@ -665,3 +665,38 @@ async def test_a_graph_event_stream_stopped_early_keeps_the_tokens_it_gave(
         await events.aclose()
     record = recording.get()
     assert (record.status, record.output) == (RecordStatus.CANCELLED, "".join(tokens))
+
+
+def test_a_tools_span_output_is_its_value_however_it_is_called(session: Session) -> None:
+    """Called by an agent (a ToolNode) a tool's span output was the ToolMessage, called
+    with its arguments its value: a feedback on Select.spans(kind="tool").outputs scored
+    the message object ("sunny" in it: 0.0, done) one way and the text the other."""
+    from langchain_core.tools import tool
+    from langgraph.prebuilt import ToolNode
+
+    from scrutiny import Select
+
+    @tool
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        return f"sunny in {city}"
+
+    sunny = Feedback(lambda out: float("sunny" in out), name="sunny").on(
+        Select.spans(kind="tool").outputs.each())
+    graph = StateGraph(MessagesState)
+    graph.add_node("tools", ToolNode([weather]))
+    graph.add_edge(START, "tools")
+    graph.add_edge("tools", END)
+    app = graph.compile()
+    call = AIMessage(content="", tool_calls=[{"name": "weather", "args": {"city": "Oslo"},
+                                              "id": "c1"}])
+    with ChainRecorder(app, app_name="tools", feedbacks=[sunny], session=session) as by_agent:
+        app.invoke({"messages": [call]})
+    with ChainRecorder(weather, app_name="tool", feedbacks=[sunny], session=session) as direct:
+        weather.invoke({"city": "Oslo"})
+    for recording in (by_agent, direct):
+        record = recording.get()
+        [span] = record.spans_of_kind("tool")
+        assert span.outputs == "sunny in Oslo"
+        assert record.wait_for_feedback_results(timeout=10)[sunny].result == 1.0
+    assert by_agent.get().spans_of_kind("tool")[0].metadata["tool_call_id"] == "c1"

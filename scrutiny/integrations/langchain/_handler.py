@@ -856,7 +856,21 @@ class ScrutinyCallbackHandler(BaseCallbackHandler):
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
-            self._end(run_id, output, handled=_handled_tool_error(output))
+            handled = _handled_tool_error(output)
+            if isinstance(output, ToolMessage):
+                # Called by an agent (a ToolNode) a tool answers with a ToolMessage, called
+                # with its arguments with its value: a feedback on the tool spans' outputs
+                # got the message object one way (and scored "sunny" in it 0.0) and the text
+                # the other. The span's output is the value either way; what the message
+                # adds — the documents returned as its artifact, its tool call — is in the
+                # span's metadata.
+                entry = self._runs.get(run_id.int)
+                if entry is not None:
+                    if output.artifact is not None:
+                        entry[0].metadata["artifact"] = output.artifact
+                    entry[0].metadata["tool_call_id"] = output.tool_call_id
+                output = output.content
+            self._end(run_id, output, handled=handled)
         except Exception:
             _log_failure("on_tool_end")
 
@@ -1233,10 +1247,10 @@ def _text_of(message: Any) -> str:
     return text if isinstance(text, str) else ""
 
 
-def _artifact_documents(output: Any) -> list[Any] | None:
+def _artifact_documents(span: Span) -> list[Any] | None:
     """The documents a tool returned as its artifact (``response_format=
     "content_and_artifact"``, as LangChain's RAG agents retrieve), when it did."""
-    artifact = getattr(output, "artifact", None) if isinstance(output, ToolMessage) else None
+    artifact = span.metadata.get("artifact") if span.metadata else None
     if isinstance(artifact, list | tuple) and artifact and all(
             isinstance(d, Document) for d in artifact):
         return list(artifact)
@@ -1246,7 +1260,7 @@ def _artifact_documents(output: Any) -> list[Any] | None:
 def _contexts(spans: list[Span]) -> list[str]:
     """The texts of the retrieved documents: those retrievers returned, and those tools
     returned as their artifact (unless a retriever inside the tool returned them)."""
-    tools = {s.span_id for s in spans if s.kind == _TOOL and _artifact_documents(s.outputs)}
+    tools = {s.span_id for s in spans if s.kind == _TOOL and _artifact_documents(s)}
     if tools:  # the tools' spans above a retriever: that retriever's documents are kept
         by_id = {s.span_id: s for s in spans}
         for s in spans:
@@ -1261,7 +1275,7 @@ def _contexts(spans: list[Span]) -> list[str]:
         if s.kind == _RETRIEVER and isinstance(s.outputs, list):
             texts.extend(document_text(d) for d in s.outputs)
         elif s.span_id in tools:
-            texts.extend(document_text(d) for d in _artifact_documents(s.outputs) or ())
+            texts.extend(document_text(d) for d in _artifact_documents(s) or ())
     return texts
 
 
