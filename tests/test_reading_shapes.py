@@ -167,7 +167,7 @@ def test_the_dashboards_list_reads_no_span_trees_and_one_record_reads_them(
     assert page["total"] == 3
     assert [r["input_preview"] for r in page["records"]] == ["q2", "q1", "q0"]
     assert [r["feedback"] for r in page["records"]] == [
-        {"half": {"status": "done", "score": 0.5}}] * 3
+        {"half": {"status": "done", "score": 0.5, "reason": None}}] * 3
     assert _reads_of(seen, "spans_json") == []
     assert decoded == []
     # the same rows as a page read whole (the public default is unchanged)
@@ -243,9 +243,10 @@ def test_two_results_of_one_name_are_both_shown(backend: tuple[str, str]) -> Non
 
         [listed] = [r for r in _views.records_page(session)["records"]
                     if r["record_id"] == record.record_id]
-        assert listed["feedback"] == {"length": {"status": "done", "score": 0.16},
-                                      "length (2)": {"status": "failed", "score": None},
-                                      "other": {"status": "done", "score": 1.0}}
+        assert listed["feedback"] == {
+            "length": {"status": "done", "score": 0.16, "reason": None},
+            "length (2)": {"status": "failed", "score": None, "reason": "judge API down"},
+            "other": {"status": "done", "score": 1.0, "reason": None}}
 
         board = session.get_leaderboard()  # (counts both, as ever)
         assert board["length"].iloc[0] == pytest.approx(0.16)

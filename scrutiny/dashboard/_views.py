@@ -284,11 +284,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _start_key(value: Any) -> float:
-    """A version's latest record start as seconds (a naive time, as SQLite gives it, as
-    UTC), for ordering."""
-    if not isinstance(value, datetime):
-        return float("-inf")
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    """A version's latest record start (seconds since the epoch), for ordering."""
+    return float(value) if isinstance(value, int | float) else float("-inf")
 
 
 def charts(session: Session, app_ids: Sequence[str] | None = None,
