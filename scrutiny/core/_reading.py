@@ -15,7 +15,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import pandas as pd
@@ -348,16 +347,9 @@ class SessionReading:
         return RecordPage(records, total, limit, offset)
 
     def get_apps(self) -> list[dict[str, Any]]:
-        """Every app version with its record count, mean latency and tokens, and when its
-        newest record started (`last_start`, seconds since the epoch: every value is
-        JSON's)."""
+        """Every app version with its record count, mean latency and tokens."""
         self._settle(self.flush_timeout, "list of apps")
         apps, _ = self.store.aggregates()
-        for app in apps:
-            started = app.get("last_start")
-            if isinstance(started, datetime):  # (SQLite's are naive: UTC)
-                app["last_start"] = (started if started.tzinfo else
-                                     started.replace(tzinfo=timezone.utc)).timestamp()
         return sorted(apps, key=lambda a: (a["app_name"], a["app_version"]))
 
     def get_feedback_summary(self, app_ids: Sequence[str] | None = None

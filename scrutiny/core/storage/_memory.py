@@ -133,7 +133,6 @@ class MemoryStore:
                     "app_id": r["app_id"], "app_name": r["app_name"],
                     "app_version": r["app_version"], "records": 0, "_lat": [], "_tok": []})
                 a["records"] += 1
-                a["last_start"] = max(a.get("last_start") or r["start_time"], r["start_time"])
                 a["_lat"].append(r["latency_s"])
                 if r.get("total_tokens") is not None:
                     a["_tok"].append(r["total_tokens"])

@@ -1284,15 +1284,13 @@ class SQLStore:
     @_reads("read the summaries from")
     def aggregates(self, *, app_ids: Sequence[str] | None = None
                    ) -> tuple[list[Row], list[Row]]:
-        """Per app version: record count, mean latency and tokens, the newest record's start
-        (`last_start`); per app version, feedback and status: result count and mean score.
-        Computed by the database."""
+        """Per app version: record count, mean latency and tokens; per app version, feedback
+        and status: result count and mean score. Computed by the database."""
         t = self.tables
         rq = (select(t.records.c.app_id, t.records.c.app_name, t.records.c.app_version,
                      func.count().label("records"), func.avg(t.records.c.latency_s)
                      .label("latency"), func.avg(t.records.c.total_tokens)
-                     .label("total_tokens"), func.max(t.records.c.start_time)
-                     .label("last_start"))
+                     .label("total_tokens"))
               .group_by(t.records.c.app_id, t.records.c.app_name, t.records.c.app_version))
         where = self._app_filter(app_ids)
         if where is not None:
