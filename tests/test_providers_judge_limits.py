@@ -361,7 +361,11 @@ def test_a_retry_after_pauses_the_judges_whole_rate_limit_group(session: Session
     refused_at = calls[0]
     later = [t - refused_at for t in calls[1:]]
     assert len(later) == 8  # one retry and seven first calls, none refused
-    assert min(later) >= 0.39  # nobody called into the window
+    # Nobody called into the window but a call that had passed the group's gate before the
+    # 429 (a loaded machine delays a call between its permit and the model, so the refused
+    # one may have been the later of two): without the pause all seven fire into it, 10 ms
+    # apart.
+    assert sum(t < 0.39 for t in later) <= 2, later
 
 
 def test_an_http_date_retry_after_is_honoured() -> None:
