@@ -131,21 +131,27 @@ class DaemonThreadPool(concurrent.futures.Executor):
         stopped) and is replaced. Without that, once every thread was stuck in a call that
         never returned (a network call without a timeout of its own), every later sync
         call — of any feedback — failed "waiting for a thread", for good."""
+        self._replace_stuck(call, "a sync feedback call is still running after its timeout",
+                            "A call that never returns keeps its thread: give the blocking "
+                            "call inside the feedback a timeout of its own")
+
+    def _replace_stuck(self, stuck_one: SyncCall | _PoolFuture[Any], what: str,
+                       advice: str) -> None:
+        """Count `stuck_one`'s thread as stuck (once) and start one in its place, up to
+        `max_workers` more; say so (a warning the first time and once past the cap)."""
         with self._lock:
-            if self._shutdown or call.stuck:
+            if self._shutdown or stuck_one.stuck:
                 return
-            call.stuck = True
+            stuck_one.stuck = True
             self._stuck += 1
             stuck, capped = self._stuck, self._stuck > self._max
             if self._backlog and len(self._threads) < self._capacity():
                 self._spawn()
         log = logger.debug if self._warned_stuck and not capped else logger.warning
         self._warned_stuck = True
-        log("scrutiny: a sync feedback call is still running after its timeout; %s (%d "
-            "thread(s) stuck so far). A call that never returns keeps its thread: give the "
-            "blocking call inside the feedback a timeout of its own",
+        log("scrutiny: %s; %s (%d thread(s) stuck so far). %s", what,
             "no more threads are started for stuck ones" if capped
-            else "a new thread takes its place", stuck)
+            else "a new thread takes its place", stuck, advice)
 
     def _spawn(self) -> bool:
         """(Under the lock.) Start one more thread; False when none can be started."""
@@ -195,21 +201,10 @@ class DaemonThreadPool(concurrent.futures.Executor):
         sync feedback's is (see lost). The loop's executor runs the blocking calls of
         models without async support; two calls hung on a dead connection held its
         threads, and every later judge result failed as timed out without a call."""
-        with self._lock:
-            if self._shutdown or future.stuck:
-                return
-            future.stuck = True
-            self._stuck += 1
-            stuck, capped = self._stuck, self._stuck > self._max
-            if self._backlog and len(self._threads) < self._capacity():
-                self._spawn()
-        log = logger.debug if self._warned_stuck and not capped else logger.warning
-        self._warned_stuck = True
-        log("scrutiny: a blocking call (a model without async support, run on the "
-            "evaluation loop's threads) is still running after its evaluation gave up on "
-            "it; %s (%d thread(s) stuck so far). Give the model a request timeout of its "
-            "own", "no more threads are started for stuck ones" if capped
-            else "a new thread takes its place", stuck)
+        self._replace_stuck(future, "a blocking call (a model without async support, run on "
+                            "the evaluation loop's threads) is still running after its "
+                            "evaluation gave up on it",
+                            "Give the model a request timeout of its own")
 
     def _enqueue(self, item: _Item) -> None:
         with self._lock:
