@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from scrutiny.core._secrets import scrub
+
 __all__ = [
     "ConfigurationError",
     "FeedbackError",
@@ -103,11 +105,14 @@ class StorageError(ScrutinyError, RuntimeError):
 
 
 def describe_error(exc: BaseException) -> str:
-    """A one-line, readable reason: the exception's type and message. Never raises: an
-    exception whose ``__str__`` fails is named with a note instead of its message."""
+    """A one-line, readable reason: the exception's type and message, with the secrets a
+    client's error quotes (an API key in a request URL, an Authorization header) masked:
+    this is what is stored, logged and shown (see :mod:`scrutiny.core._secrets`). Never
+    raises: an exception whose ``__str__`` fails is named with a note instead of its
+    message."""
     name = type(exc).__name__
     try:
-        text = str(exc).strip()
+        text = scrub(str(exc).strip())
     except Exception:
         return f"{name} (its message could not be read: str() of it raised)"
     return f"{name}: {text}" if text else name

@@ -1,0 +1,58 @@
+"""Secrets taken out of error text before it is stored, logged or shown.
+
+An error raised by a model's client often quotes the request it failed: an HTTP client's
+``raise_for_status()`` names the URL, and providers that take their key in the query
+string (Gemini's ``?key=``, Azure's ``?sig=``) put the key in that URL; other clients
+echo a header (``Authorization: Bearer ...``, ``x-api-key: ...``) or a URL with a
+``user:password@`` part. Every such error became a span's, a record's or a feedback
+result's stored reason, a WARNING log line and a line of the dashboard: the key in clear.
+
+:func:`scrub` replaces the secret part of those shapes, and tokens in the well-known key
+formats wherever they stand, with ``***``; the rest of the message (the status, the host,
+the path) stays, since that is what tells the user what went wrong. Every pattern is
+linear in the text (no nested repetition), so a huge message costs what reading it costs.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["scrub"]
+
+MASK = "***"
+
+# ?key=..., &api_key=..., ?sig=...: query parameters (and form fields) that carry a secret
+_PARAMETER = re.compile(
+    r"(?i)([?&;](?:key|api[-_]?key|apikey|access[-_]?token|refresh[-_]?token|id[-_]?token"
+    r"|token|auth|secret|client[-_]?secret|password|passwd|pwd|sig|signature"
+    r"|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&#\s'\"<>]+")
+# Authorization: Bearer ... / Basic ...; and the bare 'Bearer abc' some clients print
+_SCHEME = re.compile(r"(?i)\b((?:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{8,}")
+# 'x-api-key': '...', "api-key": "...", api_key=..., Authorization: ... (headers, kwargs)
+_FIELD = re.compile(
+    r"(?i)((?:x-)?(?:api[-_]?key|apikey|access[-_]?token|secret[-_]?key|client[-_]?secret"
+    r"|authorization|x-goog-api-key|ocp-apim-subscription-key|password)['\"]?\s*[:=]\s*"
+    r"['\"]?)(?!bearer\s|basic\s|\*\*\*)[^'\"\s,;}&)]+")
+# scheme://user:password@host
+_USERINFO = re.compile(r"(://[^:/@\s?#'\"]*:)[^/\s?#'\"]*@")
+# keys in the formats providers issue, wherever they appear
+_KEY_FORMATS = re.compile(
+    r"\b(?:sk-(?:ant-|proj-|svcacct-)?[A-Za-z0-9_-]{16,}"  # OpenAI, Anthropic
+    r"|AIza[0-9A-Za-z_-]{30,}"  # Google
+    r"|gsk_[A-Za-z0-9]{20,}"  # Groq
+    r"|hf_[A-Za-z0-9]{20,}"  # Hugging Face
+    r"|xox[abprs]-[A-Za-z0-9-]{10,}"  # Slack
+    r"|gh[pousr]_[A-Za-z0-9]{20,}"  # GitHub
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16})\b")  # AWS access key ids
+
+
+def scrub(text: str) -> str:
+    """`text` with the secrets it quotes replaced by ``***`` (the text itself when it holds
+    none of the shapes above)."""
+    if not text:
+        return text
+    text = _USERINFO.sub(rf"\1{MASK}@", text)
+    text = _PARAMETER.sub(rf"\1{MASK}", text)
+    text = _SCHEME.sub(rf"\1{MASK}", text)
+    text = _FIELD.sub(rf"\1{MASK}", text)
+    return _KEY_FORMATS.sub(MASK, text)
