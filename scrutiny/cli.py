@@ -80,7 +80,9 @@ def redact_secrets(text: str, url: str | None) -> str:
     """`text` with every secret of the database `url` replaced by ``***`` (also shared by
     the dashboard, for its error messages)."""
     for secret in _url_secrets(url):
-        text = text.replace(secret, "***")
+        # (only where it stands alone: replaced inside words, a short password garbled
+        # the message — "po***tgre***ql" — and gave itself away)
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
     return text
 
 
