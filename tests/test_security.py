@@ -299,3 +299,132 @@ def test_the_core_never_shows_a_database_password(url: str) -> None:
             Session(url)
         assert "hunter2" not in str(refused.value)
         assert "not a database URL" in str(refused.value)
+
+
+# ====================================================================== secrets in errors
+API_KEY = "AIzaSyFAKE-secret-key-0123456789abcdef"
+
+
+def _http_error(url: str) -> Exception:
+    """What an HTTP client raises for a 400 of a provider that takes its key in the URL."""
+    import httpx
+
+    response = httpx.Response(400, request=httpx.Request("POST", url))
+    try:
+        response.raise_for_status()
+    except httpx.HTTPStatusError as exc:
+        return exc
+    raise AssertionError("raise_for_status() did not raise")
+
+
+@pytest.mark.parametrize(("text", "kept"), [
+    (f"Client error '400' for url 'https://g.example/v1/m:generate?key={API_KEY}&alt=sse'",
+     "g.example/v1/m:generate?key=***&alt=sse"),
+    ("headers {'Authorization': 'Bearer abcdefghijklmnop1234'}", "'Authorization': '"),
+    ("401: Incorrect API key provided: sk-proj-abcdefghijklmnopqrstuv", "Incorrect API key"),
+    ("{'x-api-key': 'plainsecretvalue42'}", "'x-api-key': '***'"),
+    ("could not reach https://me:pa55word@proxy.example:8080/v1", "://me:***@proxy"),
+])
+def test_secrets_a_client_error_quotes_are_masked(text: str, kept: str) -> None:
+    from scrutiny.core._errors import describe_error
+
+    shown = describe_error(RuntimeError(text))
+    for secret in (API_KEY, "abcdefghijklmnop1234", "sk-proj-abcdefghijklmnopqrstuv",
+                   "plainsecretvalue42", "pa55word"):
+        assert secret not in shown
+    assert kept in shown
+    assert describe_error(RuntimeError("score 7 of 10 for the key question")) == \
+        "RuntimeError: score 7 of 10 for the key question"  # (ordinary text untouched)
+
+
+def test_a_provider_error_holding_its_api_key_is_stored_and_logged_without_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An LLM judge over a model whose HTTP error names the request URL with ``?key=``
+    (Gemini's REST API), and an app whose own model fails the same way: the key reached
+    the result's error, the record's and its span's error, and the WARNING log line."""
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_core.runnables import RunnableLambda
+
+    from scrutiny.integrations.langchain import ChainRecorder
+    from scrutiny.providers import LLMJudge
+
+    url = f"https://generativelanguage.example/v1beta/models/g:generateContent?key={API_KEY}"
+
+    class KeyInUrlModel(FakeListChatModel):
+        def _call(self, *args: Any, **kwargs: Any) -> str:
+            raise _http_error(url)
+
+    judge = LLMJudge(KeyInUrlModel(responses=["7"]), retries=0)
+    database = tmp_path / "keys.sqlite"
+    session = Session(f"sqlite:///{database}")
+
+    def app(question: str) -> str:
+        if question == "fail":
+            raise _http_error(url)
+        return "an answer"
+
+    chain = RunnableLambda(app)
+    recorder = ChainRecorder(chain, app_name="bank", session=session, feedbacks=[
+        Feedback(judge.answer_relevance, name="relevance", retries=0).on_input_output()])
+    with caplog.at_level(logging.DEBUG, logger="scrutiny"), recorder as recording:
+        chain.invoke("ok")
+        with contextlib.suppress(Exception):
+            chain.invoke("fail")
+    results = recording.records[0].wait_for_feedback_results(timeout=30)
+    assert [r.status.value for r in results.values()] == ["failed"]
+    assert "key=***" in (next(iter(results.values())).error or "")
+    assert "key=***" in (recording.records[1].error or "")
+    assert session.wait_for_feedback(30)
+    session.close()
+    assert API_KEY not in caplog.text
+    with sqlite3.connect(database) as raw:
+        dump = "\n".join(raw.iterdump())
+    assert "key=***" in dump
+    assert API_KEY not in dump
+
+
+def test_a_password_holding_an_at_sign_is_refused_without_showing_it() -> None:
+    """An unescaped '@' in the password: SQLAlchemy ended the password at the first one,
+    and the message (and the driver's "failed to resolve host 'ssW0rd-x@db'") showed the
+    rest; a URL whose scheme was left out was quoted whole."""
+    from scrutiny import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as refused:
+        Session("postgresql+psycopg://me:p@ssW0rd-x@127.0.0.1:1/db")
+    assert "ssW0rd" not in str(refused.value)
+    assert "%40" in str(refused.value)
+    with pytest.raises(ConfigurationError) as no_scheme:
+        Session("me:ssW0rd-x@127.0.0.1:1/db")
+    assert "ssW0rd" not in str(no_scheme.value)
+    assert "me:***@127.0.0.1" in str(no_scheme.value)
+
+
+def test_hiding_a_short_password_leaves_the_words_around_it() -> None:
+    """A one-letter password was replaced inside every word: "po***tgre***ql"."""
+    from scrutiny.cli import redact_secrets
+
+    url = "postgresql+psycopg://me:s@db/x"
+    said = 'connection to postgresql server failed: password authentication failed for "s"'
+    assert redact_secrets(said, url) == said.replace('"s"', '"***"')
+
+
+def test_deleted_records_leave_no_trace_in_the_files(tmp_path: Path) -> None:
+    """delete_records() is how users erase what their users typed: the text stayed
+    readable in the database's free pages (where SQLite's build leaves secure_delete off)
+    and in its '-wal' file until the session closed."""
+    database = tmp_path / "erase.sqlite"
+    marker = "4111-1111-1111-1111 of customer 77"
+    session = Session(f"sqlite:///{database}")
+    kept = Record(app_name="keep", app_version="v1", input="other", output="other")
+    gone = [Record(app_name="bank", app_version="v1", input=f"{marker} #{i}", output=marker)
+            for i in range(20)]
+    for record in [kept, *gone]:
+        session.ingest(record)
+    session.flush(30)
+    assert session.delete_records(record_ids=[r.record_id for r in gone]) == 20
+    with sqlite3.connect(database) as raw:
+        assert raw.execute("PRAGMA secure_delete").fetchone()[0] in (0, 1)  # (readable)
+    for path in tmp_path.iterdir():  # (the session is still open: its -wal file too)
+        assert marker.encode() not in path.read_bytes(), path.name
+    assert session.get_record(kept.record_id) is not None
+    session.close()

@@ -1289,8 +1289,14 @@ class Session(SessionReading):
         self._evaluation_loop()
 
     def delete_records(self, *, before: datetime | None = None,
-                       app_ids: Sequence[str] | None = None) -> int:
-        """Delete stored records (and their results) older than `before` and/or of apps.
+                       app_ids: Sequence[str] | None = None,
+                       record_ids: Sequence[str] | None = None) -> int:
+        """Delete stored records (and their results, spans and feedback calls): older than
+        `before`, of apps and/or with these ids — every condition given holds.
+
+        Deleted rows are overwritten in an SQLite file and its write-ahead log is emptied
+        (best effort while another connection reads it), so erased text is not left
+        readable on disk.
 
         Args:
             before: delete records that started before this (timezone-aware) time.
@@ -1298,14 +1304,17 @@ class Session(SessionReading):
                 `before`: every app's). A value is an app id when an app in the
                 database has that id, otherwise an app name (all its versions):
                 ``"team:qa"`` is app ``"team"`` version ``"qa"`` while that app exists.
+            record_ids: the records to delete, e.g. one user's, found with
+                ``query_records(...)`` or in ``get_records_and_feedback()``'s table.
 
         Returns:
             how many records were deleted.
         """
         app_ids = as_names(app_ids, "app_ids")  # ("qa" meant app "qa", not "q" and "a")
-        if before is None and app_ids is None:
-            raise ConfigurationError("delete_records needs before= and/or app_ids=; "
-                                     "refusing to delete everything")
+        record_ids = as_names(record_ids, "record_ids")
+        if before is None and app_ids is None and record_ids is None:
+            raise ConfigurationError("delete_records needs before=, app_ids= and/or "
+                                     "record_ids=; refusing to delete everything")
         if before is not None and not isinstance(before, datetime):
             raise ConfigurationError(
                 f"before= is a timezone-aware datetime, e.g. datetime(2026, 1, 1, "
@@ -1313,7 +1322,8 @@ class Session(SessionReading):
         if before is not None and before.tzinfo is None:
             raise ConfigurationError("before= must be timezone-aware (e.g. UTC)")
         self.flush(self.flush_timeout)
-        deleted = self.store.delete_records(before=before, app_ids=app_ids)
+        deleted = self.store.delete_records(before=before, app_ids=app_ids,
+                                            record_ids=record_ids)
         if deleted:  # (their ids are free again: a run scored again after deleting the
             # last one was refused, "already given to this session ... it keeps the first")
             with self._record_ids_lock:

@@ -226,8 +226,10 @@ class Store(Protocol):
         ...
 
     def delete_records(self, *, before: datetime | None = None,
-                       app_ids: Sequence[str] | None = None) -> int:
-        """Delete records (and their results) older than `before` and/or of these apps."""
+                       app_ids: Sequence[str] | None = None,
+                       record_ids: Sequence[str] | None = None) -> int:
+        """Delete records (and their results) older than `before`, of these apps and/or of
+        these ids (the conditions given all hold)."""
         ...
 
     def reopen_failed(self, *, feedback_names: Sequence[str] | None = None,

@@ -249,11 +249,14 @@ class MemoryStore:
             return [dict(self._records[i]) for i in record_ids if i in self._records]
 
     def delete_records(self, *, before: datetime | None = None,
-                       app_ids: Sequence[str] | None = None) -> int:
+                       app_ids: Sequence[str] | None = None,
+                       record_ids: Sequence[str] | None = None) -> int:
         with self._lock:
             wanted = self._app_matcher(app_ids)
+            ids = None if record_ids is None else set(record_ids)
             doomed = {rid for rid, r in self._records.items()
-                      if (before is None or r["start_time"] < before) and wanted(r)}
+                      if (before is None or r["start_time"] < before) and wanted(r)
+                      and (ids is None or rid in ids)}
             self._records = {k: v for k, v in self._records.items() if k not in doomed}
             self._results = {k: v for k, v in self._results.items()
                              if v["record_id"] not in doomed}

@@ -168,7 +168,11 @@ def _reads(what: str) -> Callable[[Callable[Concatenate[SQLStore, _P], _R]],
 _SECRET_PARAMS = re.compile(
     r"([?&](?:password|passwd|pwd|sslpassword|secret|token|api_?key|access_?key)=)[^&#]*",
     re.IGNORECASE)
-_USER_PASSWORD = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@")
+# user:password@ up to the *last* @ before the path: a password holding an unescaped @
+# ("p@ss") made SQLAlchemy end it at the first one, and the rest showed as the host; and
+# at the start of a URL whose scheme was left out ("me:pw@host/db")
+_USER_PASSWORD = re.compile(r"((?:^|://)[^:/@?#]*:)[^/?#]*@")
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@")
 
 
 def redact_url(url: str) -> str:
@@ -178,8 +182,20 @@ def redact_url(url: str) -> str:
     try:
         shown = make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):  # (ValueError: a port that is not a number)
-        shown = _USER_PASSWORD.sub(r"\1***@", url)
-    return _SECRET_PARAMS.sub(r"\1***", shown)
+        shown = url
+    return _SECRET_PARAMS.sub(r"\1***", _USER_PASSWORD.sub(r"\1***@", shown))
+
+
+def _check_userinfo(url: str) -> None:
+    """Refuse a URL whose user or password holds an unescaped ``@``: SQLAlchemy reads the
+    password up to the first one and the rest as the host, so the driver's error ("failed
+    to resolve host 'ss@db'") quoted most of the password."""
+    match = _USERINFO.match(url)
+    if match and "@" in match.group(1):
+        raise ConfigurationError(
+            f"the user name or password in {redact_url(url)!r} holds an '@' (or another "
+            "character URLs reserve): percent-encode it, e.g. "
+            "urllib.parse.quote_plus(password) makes '@' '%40'")
 
 
 def _check_file_exists(url: str) -> None:
@@ -206,6 +222,7 @@ while (see scrutiny.core._writer), then given up alone, logged and counted."""
 
 
 def _make_engine(url: str) -> Engine:
+    _check_userinfo(url)
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:  # (ValueError: a port that is not a number)
@@ -297,6 +314,10 @@ def _make_engine(url: str) -> Engine:
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute(f"PRAGMA busy_timeout={busy_ms}")
         cur.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows are overwritten, not just unlinked: delete_records() is how users
+        # erase what their users typed, and SQLite's own default (off; some builds turn
+        # it on) left it readable in the file's free space.
+        cur.execute("PRAGMA secure_delete=ON")
         cur.close()
         # SQLite folds only ASCII letters in LIKE: searches with other letters fold here
         dbapi_conn.create_function(_FOLD, 1, _fold, deterministic=True)
@@ -1511,7 +1532,19 @@ class SQLStore:
 
     @_reads("delete records from")
     def delete_records(self, *, before: datetime | None = None,
-                       app_ids: Sequence[str] | None = None) -> int:
+                       app_ids: Sequence[str] | None = None,
+                       record_ids: Sequence[str] | None = None) -> int:
+        if record_ids is not None:
+            deleted = sum(self._delete_where(before, app_ids, chunk)
+                          for chunk in _chunks(list(record_ids), 500))
+        else:
+            deleted = self._delete_where(before, app_ids, None)
+        if deleted and self._dialect == "sqlite":
+            self._checkpoint()
+        return deleted
+
+    def _delete_where(self, before: datetime | None, app_ids: Sequence[str] | None,
+                      record_ids: list[str] | None) -> int:
         t = self.tables
         doomed = select(t.records.c.record_id)
         if before is not None:
@@ -1519,12 +1552,24 @@ class SQLStore:
         where = self._app_filter(app_ids)
         if where is not None:
             doomed = doomed.where(where)
+        if record_ids is not None:
+            doomed = doomed.where(t.records.c.record_id.in_(record_ids))
         with self._connect() as raw:
             conn = raw.execution_options(**{_WRITE: True})
             with conn.begin():
                 conn.execute(delete(t.results).where(t.results.c.record_id.in_(doomed)))
                 return conn.execute(delete(t.records).where(
                     t.records.c.record_id.in_(doomed))).rowcount or 0
+
+    def _checkpoint(self) -> None:
+        """(SQLite, after a delete.) Copy the write-ahead log into the file and empty it:
+        the deleted rows' old pages stayed readable in the '-wal' file until the last
+        connection closed. Best effort: a reader still using the log keeps it."""
+        try:
+            with self._connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        except SQLAlchemyError:
+            logger.debug("scrutiny: checkpoint after a delete failed", exc_info=True)
 
     def reopen_failed(self, *, feedback_names: Sequence[str] | None = None,
                       app_ids: Sequence[str] | None = None, now: datetime) -> int:
