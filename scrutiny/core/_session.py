@@ -38,6 +38,7 @@ from scrutiny.core._dispatch import (
 from scrutiny.core._errors import ConfigurationError, StorageError
 from scrutiny.core._feedback import Feedback, remember_defined
 from scrutiny.core._ids import new_hex_id
+from scrutiny.core._mask import Mask, mask_record
 from scrutiny.core._reading import RecordPage, SessionReading, as_names
 from scrutiny.core._records import (
     LazyRecord,
@@ -229,6 +230,27 @@ _HURRIED_SECONDS = 2.0
 """What a close told to hurry still gives the rest: releasing the unfinished, storing."""
 
 
+def _mask_before_use(record: Record | LazyRecord, mask: Mask) -> None:
+    """Mask `record` before anything stores or judges it: a built one now, a lazy one as
+    it is built (whichever thread builds it first)."""
+    if isinstance(record, Record):
+        mask_record(record, mask)
+        return
+    with record._lock:
+        build = record._build
+        if build is None:  # (built already: by a caller who looked at it first)
+            assert record._record is not None
+            mask_record(record._record, mask)
+            return
+
+        def masked_build(record_id: str) -> Record:
+            built = build(record_id)
+            mask_record(built, mask)
+            return built
+
+        record._build = masked_build
+
+
 class Session(SessionReading):
     """Stores records and evaluates their feedback.
 
@@ -263,6 +285,11 @@ class Session(SessionReading):
         migrate: ``"upgrade"`` (default) brings an older database to the current schema;
             ``"refuse"`` raises instead (run ``scrutiny db upgrade`` yourself).
         on_result: listeners called with each stored end state and its record.
+        mask: ``fn(text) -> text``, applied to every text of every record before it is
+            stored or judged: input, output, contexts, error, metadata, and each span's
+            inputs, outputs, error and metadata (other objects in their JSON form; see
+            :mod:`scrutiny.core._mask`). E.g. a function replacing card numbers and
+            e-mail addresses with placeholders.
 
     Raises:
         ConfigurationError: an invalid option or database URL.
@@ -291,6 +318,7 @@ class Session(SessionReading):
         table_prefix: str = "scrutiny_",
         migrate: MigratePolicy = "upgrade",
         on_result: Sequence[ResultListener] | ResultListener = (),
+        mask: Mask | None = None,
     ) -> None:
         global _last_session, _default_failure
         if database_url is not None and store is not None:
@@ -333,6 +361,10 @@ class Session(SessionReading):
             raise ConfigurationError("migrate must be 'upgrade' or 'refuse'")
         if executor is not None and not hasattr(executor, "submit"):
             raise ConfigurationError("executor must be a concurrent.futures.Executor")
+        if mask is not None and not callable(mask):
+            raise ConfigurationError(f"mask must be a function taking a text and returning "
+                                     f"a text, got {type(mask).__name__}")
+        self.mask = mask
         self.feedback_mode = _mode(feedback_mode)
         self.max_concurrency = max_concurrency
         self.thread_pool_size = thread_pool_size or max_concurrency
@@ -937,6 +969,8 @@ class Session(SessionReading):
         # its results end as a started-then-closed session's do (they were not there).
         unstarted_closed = self._writer is None and self._state == "closed"
         writer = None if unstarted_closed else self._start()
+        if self.mask is not None:
+            _mask_before_use(record, self.mask)
         ingest = _Ingest(self, record, feedbacks, mode, listeners, dispose)
         if feedbacks:
             if isinstance(record, LazyRecord):
