@@ -36,6 +36,7 @@ from typing import Any
 from scrutiny.core import ConfigurationError, InvalidFeedbackValue
 from scrutiny.core._evaluate import retry_after_hint as _core_retry_after_hint
 from scrutiny.core._evaluate import retry_after_seconds
+from scrutiny.core._usage import read_usage
 from scrutiny.providers._errors import TransientJudgeError
 
 __all__ = ["JudgeBackend", "JudgeReply", "backend_for", "is_transient", "retry_after_hint"]
@@ -246,27 +247,12 @@ def _int(value: Any) -> int | None:
 
 
 def _usage_from(mapping: Any) -> dict[str, int] | None:
-    """Token counts from a usage mapping or object in any of the common spellings."""
-    if mapping is None:
+    """Token counts from a usage mapping or object in any of the common spellings (see
+    `scrutiny.core._usage`: the cache reads of Anthropic, the thinking of Gemini, ...)."""
+    usage = read_usage(mapping)
+    if usage is None:
         return None
-
-    def get(*keys: str) -> int | None:
-        for key in keys:
-            value = mapping.get(key) if isinstance(mapping, Mapping) else getattr(
-                mapping, key, None)
-            if _int(value) is not None:
-                return _int(value)
-        return None
-
-    prompt = get("input_tokens", "prompt_tokens", "prompt_token_count")
-    completion = get("output_tokens", "completion_tokens", "candidates_token_count")
-    total = get("total_tokens", "total_token_count")
-    if prompt is None and completion is None and total is None:
-        return None
-    if total is None and prompt is not None and completion is not None:
-        total = prompt + completion
-    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
-    return {k: v for k, v in usage.items() if v is not None}
+    return {k: v for k, v in usage.as_dict().items() if v is not None}
 
 
 def _content_text(content: Any) -> str | None:

@@ -35,6 +35,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 from llama_index.core.tools.types import BaseTool
 
 from scrutiny.core import SpanKind, TokenUsage
+from scrutiny.core._usage import first_usage
 
 __all__ = [
     "SpanInputs",
@@ -421,33 +422,14 @@ def token_text(token: Any) -> str:
     return str(token)
 
 
-def _count(usage: Mapping[str, Any], keys: tuple[str, ...]) -> int | None:
-    for key in keys:
-        value = usage.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
 def usage_of(response: Any) -> TokenUsage | None:
-    """Token usage as the model reported it; None when it reported none (never 0)."""
+    """Token usage as the model reported it; None when it reported none (never 0): the
+    provider's raw response's ``usage`` (or Gemini's ``usage_metadata``), else the
+    response's extra fields (where some integrations put the counts)."""
     raw = getattr(response, "raw", None)
-    usage: Any = None
     if isinstance(raw, Mapping):
-        usage = raw.get("usage") or raw.get("usage_metadata")
-    elif raw is not None:
-        usage = getattr(raw, "usage", None) or getattr(raw, "usage_metadata", None)
-    if usage is None:
-        usage = getattr(response, "additional_kwargs", None)
-    if usage is not None and not isinstance(usage, Mapping):
-        dump = getattr(usage, "model_dump", None)
-        usage = dump() if callable(dump) else getattr(usage, "__dict__", None)
-    if not isinstance(usage, Mapping) or not usage:
-        return None
-    prompt = _count(usage, ("prompt_tokens", "input_tokens", "prompt_token_count"))
-    completion = _count(usage, ("completion_tokens", "output_tokens",
-                                "candidates_token_count"))
-    total = _count(usage, ("total_tokens", "total_token_count"))
-    if prompt is None and completion is None and total is None:
-        return None
-    return TokenUsage.total([TokenUsage(prompt, completion, total)])
+        usage, metadata = raw.get("usage"), raw.get("usage_metadata")
+    else:
+        usage = getattr(raw, "usage", None) if raw is not None else None
+        metadata = getattr(raw, "usage_metadata", None) if raw is not None else None
+    return first_usage(usage, metadata, getattr(response, "additional_kwargs", None))
