@@ -15,7 +15,12 @@ from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.base.llms.base import BaseLLM
-from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    CompletionResponse,
+    ToolCallBlock,
+)
 from llama_index.core.base.response.schema import (
     AsyncStreamingResponse,
     PydanticResponse,
@@ -297,9 +302,57 @@ def _agent_text(output: Any) -> Any:
              if isinstance(c, ToolSelection)]  # (not the results of earlier calls)
     if not calls:
         return text
-    return "\n".join(
-        f"[tool call] {c.tool_name}({json.dumps(c.tool_kwargs, ensure_ascii=False, default=str)})"
-        for c in calls)
+    return "\n".join(_call_line(c.tool_name, c.tool_kwargs) for c in calls)
+
+
+def _call_line(name: Any, arguments: Any) -> str:
+    """A tool call as shown: ``[tool call] name({...})`` (arguments given as a JSON
+    string, as OpenAI's are, as they were given)."""
+    if not isinstance(arguments, str):
+        try:
+            arguments = json.dumps(arguments, ensure_ascii=False, default=str)
+        except (TypeError, ValueError):  # (a circular value)
+            arguments = repr(arguments)
+    return f"[tool call] {name}({arguments})"
+
+
+def _field(value: Any, key: str) -> Any:
+    return value.get(key) if isinstance(value, Mapping) else getattr(value, key, None)
+
+
+def _tool_call_line(call: Any) -> str | None:
+    """One entry of a message's ``additional_kwargs["tool_calls"]``, in the shapes model
+    integrations put there: OpenAI's (a dict or the SDK's object: ``function`` with
+    ``name`` and ``arguments``), Anthropic's tool use (``name``, ``input``), a
+    ``ToolSelection``, or ``name`` and ``args``."""
+    if isinstance(call, ToolSelection):
+        return _call_line(call.tool_name, call.tool_kwargs)
+    function = _field(call, "function")
+    holder = function if function is not None else call
+    name = _field(holder, "name")
+    if not isinstance(name, str):
+        return None
+    for key in ("arguments", "args", "input", "tool_kwargs", "kwargs"):
+        arguments = _field(holder, key)
+        if arguments is not None:
+            return _call_line(name, arguments)
+    return _call_line(name, {})
+
+
+def _tool_calls_text(message: ChatMessage) -> list[str]:
+    """The tool calls a model's message asks for, one line each: its ``ToolCallBlock``
+    blocks, else its ``additional_kwargs["tool_calls"]``."""
+    lines = [_call_line(b.tool_name, b.tool_kwargs) for b in message.blocks
+             if isinstance(b, ToolCallBlock)]
+    if lines:
+        return lines
+    calls = message.additional_kwargs.get("tool_calls")
+    if not isinstance(calls, list | tuple):
+        return []
+    try:
+        return [line for c in calls if (line := _tool_call_line(c)) is not None]
+    except Exception:  # (an object in a shape not read: its call is left out)
+        return []
 
 
 def node_text(node: NodeWithScore) -> str:
@@ -319,11 +372,18 @@ def nodes_view(nodes: list[Any]) -> list[dict[str, Any]]:
 
 
 def llm_text(response: Any) -> Any:
-    """The text of an LLM response (completion or chat)."""
+    """The text of an LLM response (completion or chat); a chat answer's tool calls
+    follow it, one ``[tool call] name({...})`` line each (a model asking for tools answers
+    with no text: its call was recorded as '', what it asked for nowhere)."""
     if isinstance(response, CompletionResponse):
         return response.text
     if isinstance(response, ChatResponse):
-        return response.message.content
+        message = response.message
+        text = message.content
+        calls = _tool_calls_text(message)
+        if not calls:
+            return text
+        return "\n".join([text, *calls] if text else calls)
     return response
 
 
