@@ -347,18 +347,26 @@ def _collector_class() -> type:
 
         def on_llm_end(self, response: Any, **kwargs: Any) -> None:
             usage = None
-            per_generation = []
+            per_generation: list[dict[str, int]] = []
             for gens in getattr(response, "generations", None) or ():
+                choices = []  # (one list of choices per prompt)
                 for gen in gens:
                     message = getattr(gen, "message", None)
-                    per_generation.append(_usage_from(getattr(message, "usage_metadata", None)))
+                    choices.append(_usage_from(getattr(message, "usage_metadata", None)))
                     info = getattr(gen, "generation_info", None)
                     reason = _stop_reason(info) or _stop_reason(
                         getattr(message, "response_metadata", None))
                     if _cut_off(reason):
                         self.cut_off = True
-            if any(per_generation):
-                usage = _summed([u for u in per_generation if u])
+                reported = [u for u in choices if u]
+                if reported and all(u == reported[0] for u in reported):
+                    # One response's usage on each of its choices (a model asked for n
+                    # answers: langchain-openai puts it on every one): it counts once.
+                    per_generation.append(reported[0])
+                else:
+                    per_generation.extend(reported)
+            if per_generation:
+                usage = _summed(per_generation)
             else:
                 out = getattr(response, "llm_output", None) or {}
                 usage = _usage_from(out.get("token_usage") or out.get("usage")) if isinstance(

@@ -210,16 +210,27 @@ def llm_output(response: LLMResult) -> Any:
 
 
 def usage_of(response: LLMResult) -> TokenUsage | None:
-    """Token usage as the model reported it; None when it reported none (not 0)."""
+    """Token usage as the model reported it; None when it reported none (not 0).
+
+    A response's choices (a chat model asked for ``n`` answers) that all carry the same
+    usage each carry the whole response's (langchain-openai and OpenAI-compatible models
+    put it on every choice): it counts once, as LangChain's UsageMetadataCallbackHandler
+    counts it.
+    """
     usages: list[TokenUsage | None] = []
-    for gens in response.generations:
+    for gens in response.generations:  # (one list of choices per prompt)
+        choices: list[TokenUsage] = []
         for g in gens:
             if isinstance(g, ChatGeneration):
                 meta = getattr(g.message, "usage_metadata", None)
                 if meta:
-                    usages.append(TokenUsage(meta.get("input_tokens"),
-                                             meta.get("output_tokens"),
-                                             meta.get("total_tokens")))
+                    choices.append(TokenUsage(meta.get("input_tokens"),
+                                              meta.get("output_tokens"),
+                                              meta.get("total_tokens")))
+        if choices and all(u == choices[0] for u in choices):
+            usages.append(choices[0])  # one response's usage, on each of its choices
+        else:
+            usages.extend(choices)  # (each choice's own usage)
     total = TokenUsage.total(usages)
     if total is not None:
         return total

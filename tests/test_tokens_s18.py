@@ -1,0 +1,64 @@
+"""Token usage counted once: a response's n choices, a completion LLM's batch, a model that
+wraps another, and an LLM judge's cost when its feedback runs on an external executor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+pytest.importorskip("langchain_core")
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+
+from scrutiny import Feedback, FeedbackStatus, Record, Session
+from scrutiny.integrations.langchain import ChainRecorder
+from scrutiny.providers import LLMJudge
+
+
+class ChoicesModel(BaseChatModel):
+    """An OpenAI-compatible chat model asked for `n` answers: one response, its usage (for
+    all the choices) on every choice's message, as langchain-openai's _create_chat_result
+    puts it, and in llm_output."""
+
+    n: int = 2
+    reply: str = "Score: 8"
+
+    @property
+    def _llm_type(self) -> str:
+        return "choices"
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: Any = None, **kwargs: Any) -> ChatResult:
+        usage = {"input_tokens": 100, "output_tokens": 20, "total_tokens": 120}
+        generations = [ChatGeneration(
+            message=AIMessage(content=self.reply, usage_metadata=usage,  # type: ignore[arg-type]
+                              response_metadata={"model_name": "gpt-x"}),
+            generation_info={"finish_reason": "stop"}) for _ in range(self.n)]
+        return ChatResult(generations=generations, llm_output={
+            "token_usage": {"prompt_tokens": 100, "completion_tokens": 20,
+                            "total_tokens": 120}, "model_name": "gpt-x"})
+
+
+def test_a_chat_model_asked_for_n_answers_counts_its_response_once(session: Session) -> None:
+    model = ChoicesModel()
+    with ChainRecorder(model, app_name="n2", session=session) as recording:
+        model.invoke("q")
+    record = recording.get()
+    assert record.usage is not None
+    assert record.usage.as_dict() == {"prompt_tokens": 100, "completion_tokens": 20,
+                                      "total_tokens": 120}  # (was 200 / 40 / 240)
+    (span,) = record.spans_of_kind("chat_model")
+    assert span.usage == record.usage
+
+
+def test_a_judge_asked_for_n_answers_costs_one_response(session: Session) -> None:
+    # (a binding is read through the judge's callback collector, as any runnable)
+    judge = LLMJudge(ChoicesModel().bind(temperature=0))
+    fb = Feedback(judge.coherence).on_output()
+    record = session.ingest(Record(app_name="a", app_version="v", input="q", output="a"), [fb])
+    result = record.wait_for_feedback_results(timeout=30)[fb]
+    assert result.status is FeedbackStatus.DONE, result.error
+    assert result.cost == {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
