@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, BaseLLM
 from langchain_core.messages import AIMessage, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.outputs import ChatGeneration, ChatResult, Generation, LLMResult
 
 from scrutiny import Feedback, FeedbackStatus, Record, Session
 from scrutiny.integrations.langchain import ChainRecorder
@@ -62,3 +62,31 @@ def test_a_judge_asked_for_n_answers_costs_one_response(session: Session) -> Non
     result = record.wait_for_feedback_results(timeout=30)[fb]
     assert result.status is FeedbackStatus.DONE, result.error
     assert result.cost == {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}
+
+
+class BatchLLM(BaseLLM):
+    """A completion LLM answering a whole batch in one call, its usage under `key`."""
+
+    key: str = "usage"
+
+    @property
+    def _llm_type(self) -> str:
+        return "batch"
+
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: Any = None, **kwargs: Any) -> LLMResult:
+        n = len(prompts)
+        return LLMResult(generations=[[Generation(text="x")] for _ in prompts],
+                         llm_output={self.key: {"input_tokens": 10 * n,
+                                                "output_tokens": 2 * n}})
+
+
+@pytest.mark.parametrize("key", ["usage", "token_usage"])
+def test_a_completion_llms_batch_counts_its_one_call_once(session: Session, key: str) -> None:
+    """LangChain empties `token_usage` on every prompt's run but the first; `usage`
+    (Anthropic's name) it leaves as it is: each of 3 records had the batch's 36 tokens."""
+    llm = BatchLLM(key=key)
+    with ChainRecorder(llm, app_name=key, session=session) as recording:
+        llm.batch(["a", "b", "c"])
+    totals = [r.usage.total_tokens if r.usage else None for r in recording.records]
+    assert totals == [36, None, None]  # the batch's call, on its first prompt's record

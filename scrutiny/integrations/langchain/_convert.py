@@ -215,7 +215,8 @@ def usage_of(response: LLMResult) -> TokenUsage | None:
     A response's choices (a chat model asked for ``n`` answers) that all carry the same
     usage each carry the whole response's (langchain-openai and OpenAI-compatible models
     put it on every choice): it counts once, as LangChain's UsageMetadataCallbackHandler
-    counts it.
+    counts it. A completion LLM's batch is one call: its usage is the first prompt's run's
+    (LangChain empties ``token_usage`` on the others, see `_later_in_batch`).
     """
     usages: list[TokenUsage | None] = []
     for gens in response.generations:  # (one list of choices per prompt)
@@ -235,6 +236,8 @@ def usage_of(response: LLMResult) -> TokenUsage | None:
     if total is not None:
         return total
     out = response.llm_output or {}
+    if _later_in_batch(out):
+        return None
     raw = out.get("token_usage") or out.get("usage")
     if isinstance(raw, Mapping):
         prompt = raw.get("prompt_tokens", raw.get("input_tokens"))
@@ -244,6 +247,16 @@ def usage_of(response: LLMResult) -> TokenUsage | None:
             return None
         return TokenUsage.total([TokenUsage(prompt, completion, total_tokens)])
     return None
+
+
+def _later_in_batch(llm_output: Mapping[str, Any]) -> bool:
+    """Whether this is the run of a batch's second or later prompt: a completion LLM
+    answers a batch in one call, and LangChain hands each prompt's run that call's
+    ``llm_output``, its ``token_usage`` emptied on all but the first (`LLMResult.flatten`)
+    so that it counts once. A ``usage`` key (Anthropic's name) is left as it was: read
+    there, each record of a batch had the whole batch's usage."""
+    marker = llm_output.get("token_usage", None)
+    return isinstance(marker, Mapping) and not marker
 
 
 def document_text(doc: Any) -> str:
