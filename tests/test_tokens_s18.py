@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
+from langchain_core.callbacks import CallbackManager
 from langchain_core.language_models import BaseChatModel, BaseLLM
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult, Generation, LLMResult
@@ -90,3 +91,57 @@ def test_a_completion_llms_batch_counts_its_one_call_once(session: Session, key:
         llm.batch(["a", "b", "c"])
     totals = [r.usage.total_tokens if r.usage else None for r in recording.records]
     assert totals == [36, None, None]  # the batch's call, on its first prompt's record
+
+
+class Inner(BaseChatModel):
+    usage: dict[str, int] | None = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "inner"
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: Any = None, **kwargs: Any) -> ChatResult:
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(
+            content="hi", usage_metadata=self.usage))])  # type: ignore[arg-type]
+
+
+class Wrapper(BaseChatModel):
+    """A router / guard model that hands the call on to another one, as its child run."""
+
+    inner: Inner
+    own_usage: dict[str, int] | None = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "wrapper"
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: Any = None, **kwargs: Any) -> ChatResult:
+        assert run_manager is not None
+        child = CallbackManager(handlers=run_manager.handlers,
+                                inheritable_handlers=run_manager.inheritable_handlers,
+                                parent_run_id=run_manager.run_id)
+        message = self.inner.invoke(messages, config={"callbacks": child})
+        if self.own_usage is not None:
+            message = AIMessage(content=message.content,
+                                usage_metadata=self.own_usage)  # type: ignore[arg-type]
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+def test_a_model_wrapping_another_counts_the_one_call_once(session: Session) -> None:
+    usage = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}
+    model = Wrapper(inner=Inner(usage=usage))
+    with ChainRecorder(model, app_name="wrap", session=session) as recording:
+        model.invoke("q")
+    record = recording.get()
+    assert [s.usage.total_tokens if s.usage else None
+            for s in record.spans_of_kind("chat_model")] == [15, 15]  # each span as reported
+    assert record.usage is not None
+    assert record.usage.total_tokens == 15  # (was 30)
+    # an inner model that reported nothing: the wrapper's own report is the call's
+    quiet = Wrapper(inner=Inner(), own_usage=usage)
+    with ChainRecorder(quiet, app_name="wrap", session=session) as recording:
+        quiet.invoke("q")
+    assert recording.get().usage is not None
+    assert recording.get().usage.total_tokens == 15  # type: ignore[union-attr]

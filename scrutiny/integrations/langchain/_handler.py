@@ -1358,7 +1358,7 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
             # failed (a stream's chunks) is kept to be seen, but not as the output that
             # feedbacks judge — they end `skipped`, as for a failed invoke.
             partial, output = output, None
-    usages = [s.usage for s in spans if s.usage is not None]
+    usage = _calls_usage(spans)
     tags = [*settings.tags, *root.tags]
     metadata = {**settings.metadata, **root.metadata}
     paused = next((s for s in spans if s.error and s.error.startswith(_INTERRUPTS)), None)
@@ -1419,12 +1419,30 @@ def _build_record(record_id: str, settings: RecorderSettings, root: _Root, span:
         end_time=span.end_time or span.start_time,
         spans=spans,
         contexts=contexts,
-        usage=TokenUsage.total(usages) if usages else None,
+        usage=usage,
         tags=tags,
         metadata=metadata,
         framework="langchain",
         root_run_id=str(run_id),
     )
+
+
+def _calls_usage(spans: list[Span]) -> TokenUsage | None:
+    """Total usage of the model calls: a model run that wraps another one (a router,
+    cache or guard model calling the real one as its child run) reports that call's
+    usage again, and counts only when no model run inside it reported any (as
+    `Select.spans(kind="llm")` takes the pair for one call)."""
+    reporting = [s for s in spans if s.usage is not None]
+    if len(reporting) < 2:
+        return TokenUsage.total([s.usage for s in reporting])
+    by_id = {s.span_id: s for s in spans}
+    covered: set[str] = set()
+    for s in reporting:  # (only model runs report usage: see usage_of)
+        parent = by_id.get(s.parent_id) if s.parent_id is not None else None
+        while parent is not None and parent.span_id not in covered:
+            covered.add(parent.span_id)
+            parent = by_id.get(parent.parent_id) if parent.parent_id is not None else None
+    return TokenUsage.total([s.usage for s in reporting if s.span_id not in covered])
 
 
 class _FeedbackBridge:
