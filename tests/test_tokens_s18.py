@@ -3,6 +3,8 @@ wraps another, and an LLM judge's cost when its feedback runs on an external exe
 
 from __future__ import annotations
 
+import concurrent.futures
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,7 +16,15 @@ from langchain_core.language_models import BaseChatModel, BaseLLM
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatResult, Generation, LLMResult
 
-from scrutiny import Feedback, FeedbackStatus, Record, Session
+from scrutiny import (
+    Feedback,
+    FeedbackStatus,
+    InvalidFeedbackValue,
+    Record,
+    RetryPolicy,
+    Select,
+    Session,
+)
 from scrutiny.integrations.langchain import ChainRecorder
 from scrutiny.providers import LLMJudge
 
@@ -145,3 +155,76 @@ def test_a_model_wrapping_another_counts_the_one_call_once(session: Session) -> 
         quiet.invoke("q")
     assert recording.get().usage is not None
     assert recording.get().usage.total_tokens == 15  # type: ignore[union-attr]
+
+
+JUDGE_CALL = {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}
+
+
+class JudgeModel(BaseChatModel):
+    """A judge reporting 100 tokens in and 10 out per call (at module level: a process
+    worker imports it)."""
+
+    reply: str = "Score: 8\nReasons: fine"
+
+    @property
+    def _llm_type(self) -> str:
+        return "judge"
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: Any = None, **kwargs: Any) -> ChatResult:
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(
+            content=self.reply, usage_metadata={  # type: ignore[arg-type]
+                "input_tokens": 100, "output_tokens": 10, "total_tokens": 110}))])
+
+
+def _judge_on(executor: concurrent.futures.Executor, tmp_path: Any) -> dict[str, Any]:
+    """An LLM judge's results, its feedbacks run on `executor`: one call per context (3),
+    and an unreadable reply tried twice."""
+    relevance = Feedback(LLMJudge(JudgeModel()).context_relevance).on(
+        question=Select.input, context=Select.contexts)
+    unreadable = Feedback(LLMJudge(JudgeModel(reply="I think it is good")).coherence,
+                          retry=RetryPolicy(attempts=2, initial_backoff=0.01,
+                                            retry_on=(InvalidFeedbackValue,),
+                                            never_retry_on=())).on_output()
+    with Session(f"sqlite:///{tmp_path}/exec.sqlite", executor=executor) as s:
+        record = s.ingest(Record(app_name="a", app_version="v1", input="q?", output="ans",
+                                 contexts=["c1", "c2", "c3"]), [relevance, unreadable])
+        results = record.wait_for_feedback_results(timeout=120)
+        stored = s.get_record(record.record_id)
+    assert stored is not None
+    assert {r.feedback_name: r.cost for r in stored.feedback_results.values()} == {
+        r.feedback_name: r.cost for r in results.values()}
+    return {"relevance": results[relevance], "unreadable": results[unreadable]}
+
+
+def _assert_costs(results: dict[str, Any]) -> None:
+    relevance, unreadable = results["relevance"], results["unreadable"]
+    assert relevance.status is FeedbackStatus.DONE, relevance.error
+    assert relevance.cost == {k: 3 * v for k, v in JUDGE_CALL.items()}  # (was None)
+    # a reply that could not be read was paid for all the same, each attempt
+    assert (unreadable.status, unreadable.attempts) == (FeedbackStatus.FAILED, 2)
+    assert unreadable.cost == {k: 2 * v for k, v in JUDGE_CALL.items()}
+
+
+def test_a_judges_cost_comes_back_from_a_thread_pool_executor(tmp_path: Any) -> None:
+    with concurrent.futures.ThreadPoolExecutor(2) as executor:
+        _assert_costs(_judge_on(executor, tmp_path))
+
+
+@pytest.fixture(scope="module")
+def dask_client() -> Iterator[Any]:
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                       dashboard_address=None, silence_logs=40)
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_judges_cost_comes_back_from_a_dask_worker_process(dask_client: Any,
+                                                             tmp_path: Any) -> None:
+    """The README's recipe, Session(executor=client.get_executor()): the cost is reported
+    in the worker's process, and comes back with the value (or the error)."""
+    _assert_costs(_judge_on(dask_client.get_executor(), tmp_path))

@@ -18,11 +18,11 @@ import random
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, nullcontext
+from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from scrutiny.core._context import _cost, _held_limits, _suppressed
+from scrutiny.core._context import _cost, _held_limits, _suppressed, add_evaluation_cost
 from scrutiny.core._errors import (
     FeedbackTimeout,
     InvalidFeedbackValue,
@@ -227,11 +227,26 @@ moment it starts; here, where the queue before it is out of sight, the wait for 
 this many seconds later still (a cluster with no workers, a call lost with its worker)."""
 
 
+class _WithCost(NamedTuple):
+    """A call's value coming back from an external executor with the cost its evaluator
+    reported there (`add_evaluation_cost`): the bucket it adds to is a context variable of
+    the evaluation, which does not travel to another thread or process."""
+
+    value: Any
+    cost: dict[str, Any]
+
+
+_COST_ATTRIBUTE = "scrutiny_evaluation_cost"
+"""The attribute under which an exception raised on an external executor carries the cost
+reported before it (a judge's reply that could not be read was paid for all the same)."""
+
+
 def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any],
                    call_id: int = 0, positional: tuple[Any, ...] = (),
                    timeout: float | None = None) -> Any:
     """Run a feedback call in another process or thread (an external executor), within
-    `timeout` seconds of its start there.
+    `timeout` seconds of its start there; the cost it reported comes back with its value
+    (a `_WithCost`) or its exception (see `_COST_ATTRIBUTE`).
 
     `call_id` makes each call's arguments unique: Dask names a task by hashing them
     (``pure=True`` by default), so two identical calls shared one task — and a timeout
@@ -242,6 +257,25 @@ def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any],
     they started. A plain function with a timeout runs on a thread of its own, which is left
     to finish on its own when the time is up (as on the session's own pool).
     """
+    cost: dict[str, Any] = {}
+    # (set for this call and reset after it: an executor's thread runs other work next)
+    suppressed, bucket = _suppressed.set(True), _cost.set(cost)
+    try:
+        value = _call_here(fn, is_async, args, positional, timeout)
+    except BaseException as exc:
+        if cost:
+            with suppress(Exception):  # (one that takes no attributes: the cost is lost)
+                setattr(exc, _COST_ATTRIBUTE, dict(cost))
+        raise
+    finally:
+        _cost.reset(bucket)
+        _suppressed.reset(suppressed)
+    return _WithCost(value, dict(cost)) if cost else value
+
+
+def _call_here(fn: Callable[..., Any], is_async: bool, args: dict[str, Any],
+               positional: tuple[Any, ...], timeout: float | None) -> Any:
+    """`_call_anywhere`'s call, where it runs."""
     if is_async:
         if timeout is None:
             return asyncio.run(fn(*positional, **args))
@@ -268,6 +302,22 @@ def _call_anywhere(fn: Callable[..., Any], is_async: bool, args: dict[str, Any],
     value, error = outcome[0]
     if error is not None:
         raise futurable(error)
+    return value
+
+
+async def _came_back(future: asyncio.Future[Any]) -> Any:
+    """The value of a call made on an external executor, its cost (reported where it ran)
+    added to this evaluation's."""
+    try:
+        value = await future
+    except BaseException as exc:
+        reported = getattr(exc, _COST_ATTRIBUTE, None)
+        if isinstance(reported, dict):
+            add_evaluation_cost(**reported)
+        raise
+    if isinstance(value, _WithCost):
+        add_evaluation_cost(**value.cost)
+        return value.value
     return value
 
 
@@ -523,7 +573,7 @@ class Evaluator:
                 self._executor.submit(_call_anywhere, feedback.fn, feedback.is_async, named,
                                       next(_call_ids), tuple(positional), timeout))
             if timeout is None:
-                return await future
+                return await _came_back(future)
             try:
                 done, _ = await asyncio.wait({future},
                                              timeout=timeout + EXECUTOR_QUEUE_ALLOWANCE)
@@ -531,7 +581,7 @@ class Evaluator:
                 future.cancel()
                 raise
             if done:
-                return future.result()  # (a timeout where it ran is raised here)
+                return await _came_back(future)  # (a timeout where it ran is raised here)
             future.cancel()
             raise FeedbackTimeout(
                 f"timed out: the executor had not run the call {timeout:g} s long "
