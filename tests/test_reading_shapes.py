@@ -344,3 +344,33 @@ def test_the_table_says_why_each_result_ended_when_asked(backend: tuple[str, str
         capture_output=True, text=True, timeout=60, check=True)
     [exported] = json.loads(ran.stdout)
     assert exported["broken reason"] == "ValueError: the judge is down"
+
+
+def test_the_records_table_sums_what_judging_each_record_cost(tmp_path: Path) -> None:
+    """A judge's tokens were stored on each result alone: no table summed what evaluating
+    a record cost. `eval_total_tokens` does, apart from the app's own `total_tokens`;
+    a record whose feedbacks used no model has none (<NA>), not 0."""
+    from langchain_core.language_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    from scrutiny.providers import LLMJudge
+
+    usage = {"input_tokens": 100, "output_tokens": 10, "total_tokens": 110}
+    judge = LLMJudge(GenericFakeChatModel(messages=iter(
+        [AIMessage(content='{"score": 8, "reasons": "ok"}', usage_metadata=usage)] * 4)))
+    with Session(f"sqlite:///{tmp_path}/cost.sqlite") as session:
+        judged = Record(app_name="qa", app_version="v1", input="q", output="a",
+                        usage={"prompt_tokens": 7, "completion_tokens": 3,
+                               "total_tokens": 10})
+        session.ingest(judged, [Feedback(judge.coherence).on_output(),
+                                Feedback(judge.conciseness).on_output(),
+                                Feedback(lambda output: 1.0, name="plain").on_output()])
+        plain = Record(app_name="qa", app_version="v1", input="q2", output="b")
+        session.ingest(plain, [Feedback(lambda output: 1.0, name="plain").on_output()])
+        assert session.wait_for_feedback(30)
+        df, _ = session.get_records_and_feedback()
+    by_id = df.set_index("record_id")
+    assert by_id.loc[judged.record_id, "eval_total_tokens"] == 220
+    assert by_id.loc[judged.record_id, "total_tokens"] == 10
+    assert pd.isna(by_id.loc[plain.record_id, "eval_total_tokens"])
+    assert str(df["eval_total_tokens"].dtype) == "Int64"

@@ -22,8 +22,8 @@ apps): said, not left a blank that reads like a lost result."""
 
 _RECORD_COLUMNS = [
     "app_id", "app_name", "app_version", "record_id", "input", "output", "status", "error",
-    "latency", "prompt_tokens", "completion_tokens", "total_tokens", "start_time",
-    "end_time", "tags",
+    "latency", "prompt_tokens", "completion_tokens", "total_tokens", "eval_total_tokens",
+    "start_time", "end_time", "tags",
 ]
 _LEADERBOARD_COLUMNS = ["records", "latency", "total_tokens", "pending", "running", "failed",
                         "skipped"]
@@ -34,7 +34,7 @@ FRAME_RECORD_COLUMNS = (
 )
 """The stored record columns :func:`records_frame` reads: no span trees, contexts or
 metadata (every column was read for the table, megabytes of spans per record)."""
-FRAME_RESULT_COLUMNS = ("record_id", "feedback_name", "status", "score")
+FRAME_RESULT_COLUMNS = ("record_id", "feedback_name", "status", "score", "cost_json")
 FRAME_REASON_COLUMNS = ("error", "explanation")
 """Read too when the table shows each result's reason (see RecordsFrame)."""
 REASON_SUFFIX = " reason"
@@ -137,10 +137,17 @@ class RecordsFrame:
             if self._reasons is not None:
                 self._reasons[name] += [None] * len(records)
         position = {rec["record_id"]: before + i for i, rec in enumerate(records)}
+        # What judging the record cost (its judges' tokens, kept apart from the app's):
+        # it was on each result alone, and nothing summed it for a record or a version.
+        evaluation = data["eval_total_tokens"]
+        evaluation += [None] * len(records)
         for record_id, name, res in labelled:
             i = position.get(record_id)
             if i is None:
                 continue
+            spent = _total_tokens(res.get("cost_json"))
+            if spent is not None:
+                evaluation[i] = (evaluation[i] or 0) + spent
             self._scores[name][i] = res["score"] if res["score"] is not None else float("nan")
             self._statuses[name][i] = res["status"]
             if self._reasons is not None:
@@ -167,12 +174,27 @@ class RecordsFrame:
         self._reasons = None if reasons is None else {}
         for name in feedback_columns:
             frame[name] = frame[name].astype("float64")
-        for col in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        for col in ("prompt_tokens", "completion_tokens", "total_tokens", "eval_total_tokens"):
             frame[col] = frame[col].astype("Int64")
         if not frame.empty:
             frame["start_time"] = pd.to_datetime(frame["start_time"], utc=True)
             frame["end_time"] = pd.to_datetime(frame["end_time"], utc=True)
         return frame, feedback_columns
+
+
+def _total_tokens(cost_json: str | None) -> int | None:
+    """The total tokens a stored evaluation cost says it used (None: none reported)."""
+    if not cost_json:
+        return None
+    cost = _serialize.loads(cost_json)
+    if not isinstance(cost, dict):
+        return None
+    total = cost.get("total_tokens")
+    if isinstance(total, int) and not isinstance(total, bool):
+        return total
+    parts = [cost.get(k) for k in ("prompt_tokens", "completion_tokens")]
+    counted = [p for p in parts if isinstance(p, int) and not isinstance(p, bool)]
+    return sum(counted) if counted else None
 
 
 def _most(ways: list[bool | None]) -> bool:
