@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
@@ -552,6 +552,56 @@ def leaderboard(database_url: str | None, table_prefix: str, apps: tuple[str, ..
                    color=True)
     else:
         click.echo(_to_table(board) if not board.empty else "no records")
+
+
+@main.command()
+@_URL
+@_PREFIX
+@click.option("--app", "apps", multiple=True,
+              help="App id (name:version), or app name when no app has that id (repeatable).")
+@click.option("--before", default=None, metavar="TIME",
+              help="Records that started before this ISO 8601 time, e.g. 2026-01-01 or "
+                   "2026-01-01T12:00:00+02:00 (a time without an offset is UTC).")
+@click.option("--record-id", "record_ids", multiple=True,
+              help="A record's id (repeatable): e.g. the records of one of your users.")
+@click.option("--yes", is_flag=True, help="Delete without asking first.")
+def delete(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
+           before: str | None, record_ids: tuple[str, ...], yes: bool) -> None:
+    """Delete records and their results, for retention or a user's erasure request.
+
+    Every condition given must hold. In an SQLite file the deleted rows are overwritten
+    and its write-ahead log emptied."""
+    _refuse_memory(database_url, "`scrutiny delete` (it deletes what apps stored)")
+    if not (apps or before or record_ids):
+        _fail("say what to delete: --app, --before and/or --record-id (nothing is deleted "
+              "without a condition)")
+    cutoff = None
+    if before is not None:
+        try:
+            cutoff = datetime.fromisoformat(before)
+        except ValueError:
+            _fail(f"--before {before!r} is not an ISO 8601 time: use e.g. 2026-01-01 or "
+                  "2026-01-01T12:00:00+00:00")
+            return
+        if cutoff.tzinfo is None:
+            cutoff = cutoff.replace(tzinfo=timezone.utc)
+    said = [f"app {', '.join(apps)}" if apps else "",
+            f"started before {cutoff.isoformat()}" if cutoff else "",
+            f"{len(record_ids)} record id(s)" if record_ids else ""]
+    what = "records of " + " and ".join(s for s in said if s)
+    if not yes and not click.confirm(f"Delete the {printable(what)}?", err=True):
+        _fail("nothing deleted")
+    session = _session(database_url, table_prefix, migrate="refuse")
+    try:
+        _check_apps(session, apps)
+        deleted = session.delete_records(before=cutoff, app_ids=list(apps) or None,
+                                         record_ids=list(record_ids) or None)
+    except ScrutinyError as exc:
+        _fail(str(exc), database_url)
+        return
+    finally:
+        session.close()
+    click.echo(f"deleted {deleted} record(s)")
 
 
 # ---------------------------------------------------------------------- dashboard

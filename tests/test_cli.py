@@ -291,3 +291,35 @@ def test_a_workers_default_feedback_timeout_can_be_set(tmp_path: Path) -> None:
     [result] = stored.feedback_results.values()
     assert result.error is not None
     assert "timed out after 0.1 s" in result.error
+
+
+def test_delete_erases_by_record_id_app_and_time_and_asks_first(database_url: str) -> None:
+    """An erasure request had no command: it needed Python or hand-written SQL."""
+    records = [_record(i) for i in range(3)] + [_record(9, app="other")]
+    _store(database_url, records)
+
+    def left() -> set[str]:
+        with Session(database_url) as s:
+            return set(s.get_records_and_feedback()[0]["record_id"])
+
+    refused = CliRunner().invoke(main, ["delete", "--database-url", database_url,
+                                        "--record-id", records[0].record_id], input="n\n")
+    assert refused.exit_code == 2
+    assert "nothing deleted" in refused.stderr
+    assert len(left()) == 4
+    one = _run("delete", "--database-url", database_url, "--record-id", records[0].record_id,
+               "--yes")
+    assert one.exit_code == 0, one.stderr
+    assert one.stdout == "deleted 1 record(s)\n"
+    assert records[0].record_id not in left()
+    before = _run("delete", "--database-url", database_url, "--app", "qa",
+                  "--before", "2023-11-14T22:13:21.5", "--yes")  # (naive: UTC) record 1 only
+    assert before.stdout == "deleted 1 record(s)\n", before.stderr
+    assert left() == {records[2].record_id, records[3].record_id}
+    for args, said in ((["--yes"], "say what to delete"),
+                       (["--before", "last week", "--yes"], "not an ISO 8601 time"),
+                       (["--app", "nope", "--yes"], "no records of app 'nope'")):
+        bad = _run("delete", "--database-url", database_url, *args)
+        assert bad.exit_code == 2
+        assert said in bad.stderr
+    assert len(left()) == 2
