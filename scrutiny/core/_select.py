@@ -25,6 +25,7 @@ from scrutiny.core._errors import ConfigurationError
 from scrutiny.core._missing import is_missing
 from scrutiny.core._records import Record, Span
 from scrutiny.core._refs import NotReferenceable, reference, resolve
+from scrutiny.core._usage import USAGE_REPEATS
 
 __all__ = ["EmptySelection", "Select", "Selector", "as_selector", "selector_from_spec"]
 
@@ -268,7 +269,8 @@ def _spans(kinds: frozenset[str] | None, name: str | None) -> Callable[[Record],
 def _innermost(found: list[Span], spans: list[Span]) -> list[Span]:
     """Model calls, each once: a model span that wraps another one found (LlamaIndex's
     `llm.predict` calling `complete`, `astream_chat` reading `stream_chat`) is the same
-    call, and the inner one is what reached the model (the prompt sent, the response)."""
+    call, and the inner one is what reached the model (the prompt sent, the response); so
+    is one marked as repeating another's response (`USAGE_REPEATS`)."""
     by_id = {s.span_id: s for s in spans}
     found_ids = {s.span_id for s in found}
     wrapping: set[str] = set()
@@ -280,7 +282,10 @@ def _innermost(found: list[Span], spans: list[Span]) -> list[Span]:
             if parent.span_id in found_ids:
                 wrapping.add(parent.span_id)
             parent = by_id.get(parent.parent_id) if parent.parent_id is not None else None
-    return [s for s in found if s.span_id not in wrapping]
+    # (then a call whose span hands on another's response, not wrapping it: LlamaIndex's
+    # `CustomLLM.astream_complete` reading `stream_complete` after its own span ended)
+    return [s for s in found if s.span_id not in wrapping
+            and not (s.metadata and USAGE_REPEATS in s.metadata)]
 
 
 _HINTED = 12

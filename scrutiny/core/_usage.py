@@ -23,7 +23,13 @@ from typing import Any
 
 from scrutiny.core._records import TokenUsage
 
-__all__ = ["first_usage", "read_usage"]
+__all__ = ["USAGE_REPEATS", "first_usage", "read_usage"]
+
+USAGE_REPEATS = "usage_repeats"
+"""Span metadata an integration sets on a model span that hands on the very response of
+another model span of the record (LlamaIndex's `CustomLLM.astream_complete` reads its
+`stream_complete`, a sibling span): the id of that span. It is one model call: the
+record's usage counts it once, and ``Select.spans(kind="llm")`` selects it once."""
 
 # (key, the keys of the tokens it leaves out that count with it), the first present wins
 _PROMPT = (("prompt_tokens", ()),

@@ -273,7 +273,7 @@ def _prompt_sent(spans: list[Span], template: BasePromptTemplate) -> Any:
 def _usage(spans: list[Span]) -> TokenUsage | None:
     """Total usage of the innermost model calls that reported it (a call that wraps another
     call, like `acomplete` around `complete`, reports the same tokens again; so does one
-    that hands on another call's response, see `Trace.usage_reported`)."""
+    that hands on another call's response, see `Trace.response_reported`)."""
     reporting = [s for s in spans if s.usage is not None and USAGE_REPEATS not in s.metadata]
     if not reporting:
         return None

@@ -54,6 +54,7 @@ from scrutiny.core import recording_suppressed as _suppressed
 from scrutiny.core._courtesy import offer as _offer_gil
 from scrutiny.core._evaluate import describe_error
 from scrutiny.core._runtime import end_when_dropped, exit_stage
+from scrutiny.core._usage import USAGE_REPEATS
 from scrutiny.integrations.llama_index._convert import (
     SpanInputs,
     answer_of,
@@ -112,9 +113,6 @@ def _answers(name: str) -> bool:
     return not (method[:1] == "_" and method[:2] != "__") and method not in _HOUSEKEEPING
 
 
-USAGE_REPEATS = "usage_repeats"
-"""Span metadata: the id of the span whose model response (and usage) this span reports
-again; the record's usage counts it once."""
 
 active_scopes: contextvars.ContextVar[tuple[Scope, ...]] = contextvars.ContextVar(
     "scrutiny_llama_index_scopes", default=())
@@ -335,11 +333,12 @@ class Trace:
         self.end_time = time.time()
         return True
 
-    def usage_reported(self, span: Span, response: Any) -> None:
-        """A model call's span got `response`, which reports usage. A call that hands on
-        the very response of a call it made (a `CustomLLM`'s async stream reads its sync
-        stream, and both report at the end, in sibling spans) repeats that report: it is
-        marked so that the record counts the tokens once."""
+    def response_reported(self, span: Span, response: Any) -> None:
+        """A model call's span got `response`. A call that hands on the very response of
+        a call it made (a `CustomLLM`'s async stream reads its sync stream, and both
+        report at the end, in sibling spans) repeats that report: it is marked so that
+        the record counts the tokens once, and a selection of model calls selects the
+        call once (see `USAGE_REPEATS`)."""
         reports = self._usage_reports
         if reports is None:
             reports = self._usage_reports = {}
@@ -847,8 +846,7 @@ def _on_model_end(members: tuple[Member, ...], event: Any) -> None:
     usage = usage_of(response)
     for span, trace, _ in members:
         span.usage = usage
-        if usage is not None:
-            trace.usage_reported(span, response)
+        trace.response_reported(span, response)
         if span.outputs is None:
             span.outputs = llm_text(response)
         if span.end_time is not None:  # a stream: its call returned before the tokens
