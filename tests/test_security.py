@@ -428,3 +428,31 @@ def test_deleted_records_leave_no_trace_in_the_files(tmp_path: Path) -> None:
         assert marker.encode() not in path.read_bytes(), path.name
     assert session.get_record(kept.record_id) is not None
     session.close()
+
+
+def test_a_failure_warning_quotes_only_the_start_of_its_reason(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The first failure of a feedback was logged at WARNING with its whole reason: a
+    judge's unreadable answer quoting the user, a returned text — logs go where the
+    database's access rules do not. The warning now gives the reason's first line, cut
+    short, and says where the whole one is; the result keeps it all."""
+    ssn = "SSN 078-05-1120"
+
+    def parse(output: str) -> float:
+        raise ValueError(f"no score in the answer:\n{output}")
+
+    def long_one(output: str) -> float:
+        raise ValueError("x" * 150 + ssn)
+
+    with Session(f"sqlite:///{tmp_path}/logs.sqlite") as session, \
+            caplog.at_level(logging.WARNING, logger="scrutiny"):
+        record = Record(app_name="bank", app_version="v1", input="q",
+                        output=f"The customer's {ssn} is on file.")
+        session.ingest(record, [Feedback(parse).on_output(), Feedback(long_one).on_output()])
+        results = record.wait_for_feedback_results(timeout=30)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert any("ValueError: no score in the answer:..." in w for w in warnings)
+    assert all(ssn not in w for w in warnings)
+    assert all("--reasons" in w for w in warnings)
+    assert all(ssn in (r.error or "") for r in results.values())  # (stored whole)

@@ -96,6 +96,7 @@ def retry_after_hint(exc: BaseException) -> float | None:
 
 
 _LOGGED_REASON = 1000
+_WARNED_REASON = 160
 """Characters of a failure's reason that go into the log line."""
 _HELD = 0.05
 """A timeout firing this much later than due means the loop was held, not that the awaited
@@ -696,8 +697,15 @@ class Evaluator:
             logger.debug("feedback %r failed: %s", feedback.name, reason)
             return
         self._warned.add(feedback.name)
-        logger.warning("feedback %r failed: %s (further failures of it are logged at DEBUG; "
-                       "every one is stored as a failed result)", feedback.name, reason)
+        # At WARNING, the reason's first line, cut short: the rest of a reason is often
+        # what was judged — a judge's answer quoting the user, a returned text — and logs
+        # go where the evaluation database's access rules do not.
+        first = reason.split("\n", 1)[0]
+        shown = first if len(first) <= _WARNED_REASON and first == reason else \
+            f"{first[:_WARNED_REASON]}..."
+        logger.warning("feedback %r failed: %s (the whole reason is stored on the result: "
+                       "get_records_and_feedback(reasons=True), `scrutiny records --reasons`; "
+                       "further failures of it are logged at DEBUG)", feedback.name, shown)
 
 
 def _score_text(score: float | None) -> str:
