@@ -46,6 +46,7 @@ __all__ = [
     "SpanInputs",
     "answer_of",
     "embedding_view",
+    "event_text",
     "is_event",
     "kind_of",
     "llm_text",
@@ -204,6 +205,11 @@ def main_input(arguments: Mapping[str, Any]) -> Any:
     start = arguments.get("start_event")
     if is_event(start, "StartEvent"):  # a workflow run: (init_state, start_event, tags)
         return _start_text(start)
+    if start is None and "start_event" in arguments and "init_state" in arguments:
+        # a run resumed from a saved context (`wf.run(ctx=Context.from_dict(...))`): not
+        # its runtime state; what it was resumed with is known from its steps (see
+        # `Trace.step_started`)
+        return None
     args = arguments.get("args")
     if isinstance(args, tuple) and args and arguments.keys() <= {"args", "kwargs"}:
         # a call through a wrapper taking (*args, **kwargs): its first positional argument
@@ -222,6 +228,12 @@ def is_event(value: Any, kind: str) -> bool:
     """Whether `value` is a LlamaIndex workflow event of class `kind` (or a subclass): by
     name, so that workflows stay optional."""
     return value is not None and any(c.__name__ == kind for c in type(value).__mro__)
+
+
+def event_text(event: Any) -> Any:
+    """What a workflow event says, as a run's input: a start event's question, a human's
+    response (`HumanResponseEvent.response`), an input request's prompt, ..."""
+    return _start_text(event)
 
 
 def _start_text(event: Any) -> Any:

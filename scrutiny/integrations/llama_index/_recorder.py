@@ -32,7 +32,12 @@ from scrutiny.core import (
 from scrutiny.core._evaluate import describe_error
 from scrutiny.core._recording import block_mode, left_elsewhere
 from scrutiny.core._records import app_id_for
-from scrutiny.integrations.llama_index._convert import main_input, main_output, token_text
+from scrutiny.integrations.llama_index._convert import (
+    event_text,
+    main_input,
+    main_output,
+    token_text,
+)
 from scrutiny.integrations.llama_index._events import FeedbackEventBridge
 from scrutiny.integrations.llama_index._handlers import ensure_installed
 from scrutiny.integrations.llama_index._tracer import (
@@ -235,6 +240,15 @@ class LlamaIndexRecorder:
         if partial is not None:
             metadata["partial_output"] = partial
         question = main_input(root.inputs or {})
+        if trace.resumed and trace.resumed_with is not None:
+            question = trace.resumed_with[1]
+        tags = list(self.tags)
+        if status is RecordStatus.CANCELLED and trace.asked is not None:
+            # a run stopped while it waited for a human (human-in-the-loop across
+            # requests: `cancel_run()` once its context is saved), as LangGraph's
+            # interrupted runs are
+            tags.append("interrupted")
+            metadata["interrupt"] = event_text(trace.asked)
         if isinstance(question, BasePromptTemplate):  # `llm.predict(template, **values)`
             question = _prompt_sent(trace.spans[1:], question)
         return Record(
@@ -249,7 +263,7 @@ class LlamaIndexRecorder:
             spans=trace.spans,
             contexts=_contexts(trace),
             usage=_usage(trace.spans),
-            tags=list(self.tags),
+            tags=tags,
             metadata=metadata,
             framework="llama_index",
             root_run_id=root.span_id,

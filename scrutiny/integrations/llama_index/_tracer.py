@@ -59,6 +59,7 @@ from scrutiny.integrations.llama_index._convert import (
     SpanInputs,
     answer_of,
     embedding_view,
+    event_text,
     is_event,
     kind_of,
     llm_text,
@@ -120,6 +121,9 @@ active_scopes: contextvars.ContextVar[tuple[Scope, ...]] = contextvars.ContextVa
 
 
 
+_WAITING = "WaitingForEvent"
+"""What the workflows runtime raises in a step that waits (`ctx.wait_for_event`)."""
+
 _FOLLOWED = (StreamingResponse, AsyncStreamingResponse, StreamingAgentChatResponse)
 """Responses whose stream is followed (see Trace._follow_stream)."""
 
@@ -142,10 +146,11 @@ class Trace:
     """
 
     __slots__ = ("_awaited", "_following", "_lock", "_root_ended", "_stream_ended", "_tracer",
-                 "_usage_reports", "_writers", "contexts", "end_time", "finished",
-                 "model_stream", "root", "root_error", "root_result", "scope",
-                 "source_contexts", "spans", "stream_complete", "stream_error", "stream_span",
-                 "stream_unread_at_exit", "streamed", "structured", "tags", "tokens")
+                 "_usage_reports", "_writers", "asked", "contexts", "end_time", "finished",
+                 "model_stream", "resumed", "resumed_with", "root", "root_error",
+                 "root_result", "scope", "source_contexts", "spans", "stream_complete",
+                 "stream_error", "stream_span", "stream_unread_at_exit", "streamed",
+                 "structured", "tags", "tokens")
 
     def __init__(self, tracer: Tracer, scope: Scope, root: Span,
                  tags: Mapping[str, Any] | None) -> None:
@@ -184,6 +189,15 @@ class Trace:
         """That stream gives partial structured answers (`stream_structured_predict`): its
         tokens are those answers, the last one the output."""
         self._usage_reports: dict[int, tuple[Any, str]] | None = None
+        inputs = root.inputs
+        self.resumed = isinstance(inputs, Mapping) and "init_state" in inputs and \
+            "start_event" in inputs and inputs["start_event"] is None
+        """A workflow run resumed from a saved context (no start event of its own)."""
+        self.resumed_with: tuple[int, Any] | None = None
+        """Such a run's input, with its rank (see `step_started`)."""
+        self.asked: Any = None
+        """The request for input (an `InputRequiredEvent`) the run's steps last made and
+        no step has answered yet."""
         """The model responses that reported usage in this trace (kept alive, by id), each
         with the span it was first reported to."""
         # Reentrant: a stream's finalizer may run (from the garbage collector) anywhere.
@@ -333,6 +347,27 @@ class Trace:
         self.end_time = time.time()
         return True
 
+    def step_started(self, event: Any) -> None:
+        """A step of the root (a workflow run) started with `event`. A run resumed from a
+        saved context has no start event: its input is the human's response it was
+        resumed with (a `HumanResponseEvent` step), else the start event a step runs
+        again with (the question of a step that waited with `ctx.wait_for_event`)."""
+        if event is None:
+            return
+        self.asked = None  # (a step runs: the run goes on, answered or not)
+        if not self.resumed:
+            return
+        rank = 2 if is_event(event, "HumanResponseEvent") else \
+            1 if is_event(event, "StartEvent") else 0
+        if rank and (self.resumed_with is None or rank > self.resumed_with[0]):
+            self.resumed_with = (rank, event_text(event))
+
+    def step_asked(self, event: Any) -> None:
+        """A step of the root asked for input (returned or waits for an
+        `InputRequiredEvent`)."""
+        if is_event(event, "InputRequiredEvent"):
+            self.asked = event
+
     def response_reported(self, span: Span, response: Any) -> None:
         """A model call's span got `response`. A call that hands on the very response of
         a call it made (a `CustomLLM`'s async stream reads its sync stream, and both
@@ -445,6 +480,8 @@ class Tracer:
             self.members[id_] = ((span, trace, in_retrieval or parent.kind == _RETRIEVER),)
             if isinstance(instance, StreamingAgentChatResponse):
                 trace.writer_started(id_, instance)
+            elif parent is trace.root and "ev" in arguments:  # a workflow's step
+                trace.step_started(arguments["ev"])
             if trace.finished:  # it ended while this span was being added
                 self._prune(id_)
             return
@@ -455,6 +492,8 @@ class Tracer:
                 if not trace.finished:
                     trace.spans.append(span)
                     members.append((span, trace, in_retrieval or parent.kind == _RETRIEVER))
+                    if parent is trace.root and "ev" in arguments:  # a workflow's step
+                        trace.step_started(arguments["ev"])
         for scope in owners or ():
             if not any(m[1].scope is scope for m in members):
                 root = Span(id_, None, name, kind, now, inputs=inputs.as_given())
@@ -511,6 +550,8 @@ class Tracer:
             elif output is None and result is not None \
                     and span.parent_id == trace.root.span_id:
                 trace.step_returned(result)
+            elif result is not None and span.parent_id == trace.root.span_id:
+                trace.step_asked(result)
 
     def drop(self, id_: str, instance: Any, error: BaseException | None) -> None:
         members = self.members.get(id_)
@@ -524,8 +565,17 @@ class Tracer:
         now = time.time()
         text = describe_error(error) if error is not None else "dropped"
         writer = isinstance(instance, StreamingAgentChatResponse)
+        waiting = type(error).__name__ == _WAITING
         for span, trace, _ in members:
             span.end_time = now
+            if waiting and span is not trace.root:
+                # `ctx.wait_for_event`: the workflow runtime's signal that the step waits
+                # (it runs again once the event comes), not a failure
+                asked = getattr(getattr(error, "add", None), "waiter_event", None)
+                span.metadata["waiting_for"] = str(getattr(
+                    getattr(getattr(error, "add", None), "event_type", None), "__name__", ""))
+                trace.step_asked(asked)
+                continue
             span.error = text
             if span is trace.root:
                 trace.root_ended(None, error or RuntimeError("dropped"))
