@@ -908,6 +908,70 @@ def materialized(record: Record | LazyRecord) -> Record:
     return record.get() if isinstance(record, LazyRecord) else record
 
 
+class _ResultFuture(concurrent.futures.Future[FeedbackResult]):
+    """The future of one result. Its done-callbacks run on the session's callback thread,
+    in turn with the other callbacks, not on the writer thread that resolves it: there a
+    slow one stalled the storing of every record and result, and one that waited for
+    another result waited for the writer it held (until its timeout). The future itself
+    is resolved at once (`result()`, `wait()` see it as soon as the result is stored);
+    asyncio's wrapper (``asyncio.wrap_future``, ``await_feedback_results``) only hands the
+    result to its loop, and is told at once too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[Callable[[concurrent.futures.Future[FeedbackResult]], object]] = []
+
+    def add_done_callback(
+            self, fn: Callable[[concurrent.futures.Future[FeedbackResult]], object]) -> None:
+        if getattr(fn, "__module__", None) == "asyncio.futures":  # (a loop's wrapper)
+            super().add_done_callback(fn)
+            return
+        with self._condition:
+            if not self.done():
+                self._held.append(fn)
+                return
+        try:  # (resolved already: run now, on the caller's thread, as Future does)
+            fn(self)
+        except Exception:
+            logger.exception("scrutiny: done-callback %s of a feedback future raised",
+                             _callable_name(fn))
+
+    def take_held(self) -> _DoneCallbacks | None:
+        """(Once resolved.) Its done-callbacks, for the callback thread to run."""
+        with self._condition:
+            held, self._held = self._held, []
+        return _DoneCallbacks(self, held) if held else None
+
+
+class _DoneCallbacks:
+    """The done-callbacks of a resolved feedback future, run on the callback thread."""
+
+    __slots__ = ("_callbacks", "_future")
+
+    def __init__(self, future: _ResultFuture,
+                 callbacks: list[Callable[[concurrent.futures.Future[FeedbackResult]],
+                                          object]]) -> None:
+        self._future = future
+        self._callbacks = callbacks
+
+    @property
+    def __scrutiny_name__(self) -> str:  # (what a slow-callback warning names)
+        return ", ".join(_callable_name(fn) for fn in self._callbacks)
+
+    def __call__(self) -> None:
+        for fn in self._callbacks:
+            try:
+                fn(self._future)
+            except Exception:
+                logger.exception("scrutiny: done-callback %s of a feedback future raised",
+                                 _callable_name(fn))
+
+
+def _callable_name(fn: object) -> str:
+    name = getattr(fn, "__qualname__", None)
+    return name if isinstance(name, str) else type(fn).__qualname__
+
+
 class _ResultSlot:
     """The current state of one (record, feedback) result and the future of its end.
 
@@ -922,7 +986,7 @@ class _ResultSlot:
         self.elsewhere = False
         """Evaluated by no one in this process: deferred to workers, or left pending over
         the backlog (see wait_for_feedback_results)."""
-        self._future: concurrent.futures.Future[FeedbackResult] | None = None
+        self._future: _ResultFuture | None = None
         self._listeners: list[Callable[[], object]] | None = None
         self._lock = threading.Lock()
         self._done = False
@@ -934,7 +998,7 @@ class _ResultSlot:
         cancelled shared future broke every later wait, callback and listener)."""
         with self._lock:
             if self._future is None:
-                self._future = concurrent.futures.Future()
+                self._future = _ResultFuture()
                 self._future.set_running_or_notify_cancel()
                 if self._done:
                     self._future.set_result(self.current)
@@ -946,7 +1010,8 @@ class _ResultSlot:
             self.current = result
 
     def finish(self, result: FeedbackResult) -> list[Callable[[], object]]:
-        """Resolve the future with a stored end state; returns the listeners to notify."""
+        """Resolve the future with a stored end state; returns the listeners to notify
+        (on the callback thread), the future's done-callbacks first."""
         with self._lock:
             if self._done:
                 return []
@@ -956,6 +1021,9 @@ class _ResultSlot:
             future = self._future
         if future is not None:
             future.set_result(result)
+            done_callbacks = future.take_held()
+            if done_callbacks is not None:
+                listeners.insert(0, done_callbacks)
         return listeners
 
     def on_done(self, listener: Callable[[], object]) -> bool:

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from scrutiny.core._session import Session
 
 __all__ = ["WAIT_MAX", "Notifier", "at_exit", "end_when_dropped", "exit_stage",
-           "install_process_hooks", "live_sessions", "open_call_counters", "shared_notifier",
-           "wait_limit"]
+           "install_process_hooks", "live_sessions", "open_call_counters", "settle_callbacks",
+           "shared_notifier", "wait_limit"]
 
 logger = logging.getLogger("scrutiny")
 
@@ -183,7 +183,12 @@ def _close_all_at_exit() -> None:
             logger.exception("scrutiny: closing a session at exit failed")
     shared = _shared
     if shared is not None and shared[0] == os.getpid():  # (callbacks handed to it run)
-        shared[1].close(SHARED_DRAIN)
+        owed = shared[1].close(SHARED_DRAIN)
+        if owed:
+            logger.warning(
+                "scrutiny: %d results callback(s) had not run %g s into the exit and are "
+                "lost: keep callbacks short, or hand slow work to a thread of your own",
+                owed, SHARED_DRAIN)
     _stage = 2
 
 
@@ -199,15 +204,32 @@ async def _awaited(awaitable: Awaitable[Any]) -> Any:
 SLOW_CALLBACK = 0.5
 """Seconds a callback may run on the callback thread before a warning says it held the
 others up (once per callback)."""
+SLOW_NAMES_KEPT = 100
+"""The most callbacks named in slow-callback warnings (each once); past them, one more
+warning says so and the rest are logged at debug: an app that made a callable per call
+would otherwise grow the set of names for ever."""
 
 
 def _named(fn: Callable[..., object]) -> str:
-    """The user's callable behind what the callback thread runs (a results callback is
-    run through the record's count of finished results)."""
-    owner = getattr(fn, "__self__", None)
-    inner = getattr(owner, "_callback", None)
-    target: Any = inner if callable(inner) else fn
-    return str(getattr(target, "__qualname__", None) or repr(target))
+    """The user's callable behind what the callback thread runs, by a name that stays the
+    same from one call to the next (never a repr with an address: the warning was said
+    again for every record). An object may name itself with a ``__scrutiny_name__``
+    attribute or property (the framework bridges name the app's handlers so); a results
+    callback is run through the record's count of finished results (its `_callback`)."""
+    try:
+        for target in (fn, getattr(fn, "__self__", None)):
+            given = getattr(target, "__scrutiny_name__", None)
+            if isinstance(given, str) and given:
+                return given
+        owner = getattr(fn, "__self__", None)
+        inner = getattr(owner, "_callback", None)
+        target = inner if callable(inner) else fn
+        name = getattr(target, "__qualname__", None)
+        if isinstance(name, str) and name:
+            return name
+        return type(target).__qualname__  # (a callable object: its class, not its repr)
+    except Exception:  # (a broken __getattr__ must not stop the callback thread)
+        return type(fn).__qualname__
 
 
 class Notifier:
@@ -219,12 +241,22 @@ class Notifier:
         self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[Any, ...]] | None]
         self._queue = queue.SimpleQueue()
         self._warned: set[str] = set()
+        self._count_lock = threading.Lock()
+        self._given = 0  # callbacks handed over (not the internal marks of settle())
+        self._ran = 0  # of those, run (or raised)
         self._thread = threading.Thread(target=self._run, name="scrutiny-callbacks",
                                         daemon=True)
         self._thread.start()
 
     def call(self, fn: Callable[..., object], *args: Any) -> None:
+        with self._count_lock:
+            self._given += 1
         self._queue.put((fn, args))
+
+    @property
+    def owed(self) -> int:
+        """Callbacks handed over and not run yet (the one running included)."""
+        return self._given - self._ran
 
     def _run(self) -> None:
         while True:
@@ -232,13 +264,19 @@ class Notifier:
             if item is None:
                 return
             fn, args = item
+            if fn is _mark:  # (settle(): everything handed over before it has run)
+                args[0].set()
+                continue
             started = time.monotonic()
             try:
                 outcome = fn(*args)
                 if inspect.isawaitable(outcome):  # an async listener: run to its end here
                     asyncio.run(_awaited(outcome))  # (it was never awaited: never ran)
             except BaseException:  # (sys.exit() in a callback ended this thread: no more)
-                logger.exception("scrutiny: callback %r raised", fn)
+                logger.exception("scrutiny: callback %s raised", _named(fn))
+            finally:
+                with self._count_lock:
+                    self._ran += 1
             took = time.monotonic() - started
             if took >= SLOW_CALLBACK:
                 self._slow(fn, took)
@@ -247,24 +285,64 @@ class Notifier:
         name = _named(fn)
         if name in self._warned:
             return
+        if len(self._warned) >= SLOW_NAMES_KEPT:
+            logger.debug("scrutiny: callback %s took %.1f s on the callback thread", name, took)
+            return
         self._warned.add(name)
         logger.warning(
             "scrutiny: callback %s took %.1f s on the session's callback thread; every other "
             "results callback, listener and feedback event waited behind it (%d waiting "
             "now). Keep callbacks short: hand slow work (an HTTP post, a database write) to "
-            "a thread or queue of your own. (Said once per callback.)",
-            name, took, self._queue.qsize())
+            "a thread or queue of your own. (Said once per callback%s.)",
+            name, took, max(0, self.owed - 1),
+            "; other slow callbacks are no longer named" if
+            len(self._warned) == SLOW_NAMES_KEPT else "")
 
-    def close(self, timeout: float | None) -> None:
+    def settle(self, timeout: float | None) -> bool:
+        """Wait until every callback handed over before this call has run; False when
+        `timeout` ran out first. (On the callback thread itself: True at once, it cannot
+        wait for itself.)"""
+        if threading.current_thread() is self._thread:
+            return True
+        if not self._thread.is_alive():
+            return self.owed == 0
+        reached = threading.Event()
+        self._queue.put((_mark, (reached,)))
+        return reached.wait(timeout)
+
+    def close(self, timeout: float | None) -> int:
+        """Run what was handed over, within `timeout`, then end the thread. Returns how
+        many callbacks had not run when the time ran out (0: all ran); those still run
+        while the process lives, and are lost when it exits (a daemon thread)."""
         self._queue.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        if threading.current_thread() is self._thread:  # (closed from a callback: the
+            return 0  # rest runs once it returns)
+        self._thread.join(timeout)
+        return self.owed if self._thread.is_alive() else 0
+
+
+def _mark(reached: threading.Event) -> None:
+    """(A mark queued by Notifier.settle: the thread sets `reached` when it gets there.)"""
+    reached.set()
 
 
 SHARED_DRAIN = 5.0
 """Seconds the shared callback thread is given at exit to run what it was handed."""
 _shared: tuple[int, Notifier] | None = None
 _shared_lock = threading.Lock()
+
+
+def settle_callbacks(notifier: Notifier | None, timeout: float | None) -> bool:
+    """Wait until the callbacks handed to `notifier` (a session's) and to the shared
+    callback thread before this call have run; False when `timeout` ran out first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if notifier is not None and not notifier.settle(timeout):
+        return False
+    shared = _shared
+    if shared is None or shared[0] != os.getpid() or not shared[1].owed:
+        return True
+    return shared[1].settle(None if deadline is None
+                            else max(0.0, deadline - time.monotonic()))
 
 
 def shared_notifier() -> Notifier:

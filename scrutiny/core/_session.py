@@ -56,6 +56,7 @@ from scrutiny.core._runtime import (
     interrupted_at_exit,
     live_sessions,
     open_call_counters,
+    settle_callbacks,
     wait_limit,
 )
 from scrutiny.core._writer import StorageWriter, WriteItem
@@ -628,7 +629,8 @@ class Session(SessionReading):
         return True if writer is None else writer.flush(wait_limit(timeout))
 
     def wait_for_feedback(self, timeout: float | None = None) -> bool:
-        """Wait until every feedback accepted so far has a stored end state.
+        """Wait until every feedback accepted so far has a stored end state, and the
+        callbacks, listeners and feedback events of those results have run.
 
         In deferred mode this waits for the workers. Returns True when all are done;
         False when the timeout ran out first (what is left stays pending or running and
@@ -645,7 +647,13 @@ class Session(SessionReading):
         if self._unstored_ends or self._shed_open:
             return False
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.flush(remaining)
+        if not self.flush(remaining):
+            return False
+        # Their callbacks, listeners and feedback events have run too (queued once their
+        # end was stored, before the flush returned): a script that waited, then exited,
+        # lost what its forwarders had not sent yet.
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return settle_callbacks(self._notifier, remaining)
 
     def _drain(self, began: float | None = None) -> None:
         """(At interpreter exit, before executors stop taking work and the app's threads
@@ -681,9 +689,13 @@ class Session(SessionReading):
         cancelled and their results released as `pending` in the database, for any worker
         or a later :meth:`resume_pending`. Idempotent.
 
+        Results callbacks, listeners and feedback events queued by then run within the
+        same `timeout`.
+
         Returns:
-            True when nothing was left unfinished and every write was stored (False also
-            when the database refused writes or the queue dropped some: see :meth:`stats`).
+            True when nothing was left unfinished, every write was stored and every
+            callback ran (False also when the database refused writes or the queue dropped
+            some: see :meth:`stats`).
         """
         with self._lock:
             if self._state == "closed":
@@ -773,8 +785,17 @@ class Session(SessionReading):
                     time.monotonic() - began, queued, self._redacted_url())
             self._left_pending = len(left)
             self._settle_unfinished(left)
-            if self._notifier is not None:
-                self._notifier.close(min(0.5, max(0.05, deadline - time.monotonic())))
+            if self._notifier is not None:  # (what is left of the timeout: it gave the
+                # callbacks half a second at most, and dropped the rest without a word)
+                owed = self._notifier.close(max(0.05, deadline - time.monotonic()))
+                if owed:
+                    clean = False
+                    logger.warning(
+                        "scrutiny: close() ran out of time after %.1fs with %d callback(s) "
+                        "not yet run (results callbacks, listeners, feedback events): they "
+                        "run in the background while the process runs, and are lost when "
+                        "it exits. Keep callbacks short, or give close() (or flush_timeout, "
+                        "for the close at exit) more time", time.monotonic() - began, owed)
         self.store.close()
         return clean
 
