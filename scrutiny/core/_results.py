@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from scrutiny.core._serialize import to_jsonable
+
 __all__ = ["FeedbackCall", "FeedbackResult", "FeedbackStatus"]
 
 
@@ -126,7 +128,10 @@ class FeedbackResult:
         return self.status.is_final
 
     def as_dict(self) -> dict[str, Any]:
-        """A JSON-friendly view (used by the LangChain and LlamaIndex surfacing events)."""
+        """A JSON-friendly view (used by the LangChain and LlamaIndex surfacing events):
+        `json.dumps` takes it. Each call's arguments and the cost are in the form they
+        are stored in (an app's pydantic model as its fields): raw, a handler forwarding
+        the event as JSON raised TypeError."""
         return {
             "result_id": self.result_id,
             "record_id": self.record_id,
@@ -141,8 +146,8 @@ class FeedbackResult:
             "created_at": self.created_at.isoformat(),
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "ended_at": self.ended_at.isoformat() if self.ended_at else None,
-            "cost": self.cost,
-            "calls": [c.as_dict() for c in self.calls],
+            "cost": None if self.cost is None else to_jsonable(self.cost),
+            "calls": to_jsonable([c.as_dict() for c in self.calls]) if self.calls else [],
         }
 
 
