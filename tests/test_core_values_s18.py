@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from scrutiny import Feedback, Select, Session
+from scrutiny import Feedback, Record, Select, Session, TokenUsage
 
 
 # ---------------------------------------------------------------- FeedbackResult.as_dict
@@ -49,3 +49,31 @@ def test_a_feedback_event_of_an_app_returning_a_pydantic_model_is_json(
     assert by_name["on_output"]["calls"][0]["args"] == {
         "output": {"text": "hi there", "confidence": 0.9}}
     assert by_name["on_output"]["status"] == "done"
+
+
+# ---------------------------------------------------------------- token sums
+def test_a_total_missing_from_one_usage_is_its_prompt_plus_completion() -> None:
+    total = TokenUsage.total([TokenUsage(10, 5, 15), TokenUsage(20, 2, None)])
+    assert total == TokenUsage(30, 7, 37)  # (it said 15: the totals present alone)
+
+
+def test_a_total_that_cannot_be_known_is_none_not_a_part_of_it() -> None:
+    assert TokenUsage.total([TokenUsage(10, 5, 15), TokenUsage(20, None, None)]) == \
+        TokenUsage(30, 5, None)
+    # (a usage that reported nothing adds nothing)
+    assert TokenUsage.total([TokenUsage(10, 5, 15), TokenUsage(), None]) == \
+        TokenUsage(10, 5, 15)
+
+
+def test_a_usage_dict_without_a_total_is_stored_with_prompt_plus_completion(
+        database_url: str) -> None:
+    """Anthropic-style counts: total None, so the leaderboard's tokens showed nothing,
+    unlike the same usage recorded from a model (the recorders add them up)."""
+    with Session(database_url) as session:
+        record = session.ingest(Record(app_name="qa", app_version="v1", input="q",
+                                       output="a",
+                                       usage={"input_tokens": 50, "output_tokens": 5}))
+        assert record.usage == TokenUsage(50, 5, 55)
+        assert session.flush(10)
+        board = session.get_leaderboard()
+    assert board["total_tokens"].tolist() == [55]

@@ -91,7 +91,11 @@ class TokenUsage:
 
     @staticmethod
     def total(usages: Sequence[TokenUsage | None]) -> TokenUsage | None:
-        """Add up several usages; None when none of them reported anything."""
+        """Add up several usages; None when none of them reported anything.
+
+        The total is the sum of each usage's total, which is its prompt + completion
+        when it sent none; when one usage has neither, the total is unknown (None). (The
+        totals present were summed alone: 15 for (10, 5, 15) and (20, 2, None).)"""
         reported = [u for u in usages if u is not None]
         if not reported:
             return None
@@ -102,10 +106,18 @@ class TokenUsage:
 
         prompt = add([u.prompt_tokens for u in reported])
         completion = add([u.completion_tokens for u in reported])
-        total = add([u.total_tokens for u in reported])
-        if total is None and prompt is not None and completion is not None:
-            total = prompt + completion
+        totals = [u._whole() for u in reported if u != _NOTHING]
+        total = None if not totals or None in totals else sum(
+            t for t in totals if t is not None)
         return TokenUsage(prompt, completion, total)
+
+    def _whole(self) -> int | None:
+        """Its total as sent, else prompt + completion when both are known."""
+        if self.total_tokens is not None:
+            return self.total_tokens
+        if self.prompt_tokens is None or self.completion_tokens is None:
+            return None
+        return self.prompt_tokens + self.completion_tokens
 
     def as_dict(self) -> dict[str, int | None]:
         return {
@@ -113,6 +125,10 @@ class TokenUsage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+
+
+_NOTHING = TokenUsage()
+"""A usage that reported no count: it adds nothing to a sum, not an unknown total."""
 
 
 @dataclass(slots=True, eq=False)
@@ -371,6 +387,10 @@ class Record:
                 _error_text(self.error)
         if self.usage is not None and type(self.usage) is not TokenUsage:
             self.usage = _usage(self.usage)
+            if self.usage.total_tokens is None:  # (Anthropic's counts, LangChain's
+                # usage_metadata: summed as the recorders sum a model's; the leaderboard's
+                # and dashboard's tokens showed nothing)
+                self.usage.total_tokens = self.usage._whole()
         if self.contexts is None:
             self.contexts = []
         elif isinstance(self.contexts, str | bytes) or not isinstance(self.contexts, Sequence):
