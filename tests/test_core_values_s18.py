@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import pytest
@@ -77,3 +78,24 @@ def test_a_usage_dict_without_a_total_is_stored_with_prompt_plus_completion(
         assert session.flush(10)
         board = session.get_leaderboard()
     assert board["total_tokens"].tolist() == [55]
+
+
+# ---------------------------------------------------------------- database_url
+@pytest.mark.postgres
+def test_database_url_hides_the_password(tmp_path: Any) -> None:
+    """It returned the URL with its password in clear (str(engine.url) masks it)."""
+    from sqlalchemy.engine import make_url
+
+    from tests.support.postgres import postgres_url
+
+    # (the test server trusts every connection: any password opens it)
+    url = make_url(postgres_url()).set(password="Hunter2-secret").render_as_string(
+        hide_password=False)
+    with Session(url, table_prefix=f"t{uuid.uuid4().hex[:10]}_") as session:
+        shown = session.database_url
+        assert "Hunter2-secret" not in shown
+        assert shown == make_url(url).render_as_string(hide_password=True)
+    # (one without a password is as given)
+    plain = f"sqlite:///{tmp_path}/a b.sqlite"
+    with Session(plain) as session:
+        assert session.database_url == plain

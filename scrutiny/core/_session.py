@@ -442,7 +442,14 @@ class Session(SessionReading):
 
     @property
     def database_url(self) -> str:
-        return self.store.url
+        """The database's URL as it may be shown: a password in it (or a ``?password=``)
+        is ``***``, as in SQLAlchemy's ``str(engine.url)`` (it was returned in clear, and
+        printed, logged or shown by whatever showed it)."""
+        url = self.store.url
+        if "://" not in url:
+            return url
+        shown = self._redacted_url()
+        return shown if "***" in shown else url  # (nothing hidden: the URL as given)
 
     @classmethod
     def current(cls) -> Session:
