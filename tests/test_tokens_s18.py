@@ -103,6 +103,32 @@ def test_a_completion_llms_batch_counts_its_one_call_once(session: Session, key:
     assert totals == [36, None, None]  # the batch's call, on its first prompt's record
 
 
+class CachedLLM(BaseLLM):
+    """A completion LLM reporting usage as Anthropic's API does (cache reads apart)."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "cached"
+
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: Any = None, **kwargs: Any) -> LLMResult:
+        return LLMResult(generations=[[Generation(text="x")]], llm_output={"usage": {
+            "input_tokens": 8, "cache_read_input_tokens": 1800,
+            "cache_creation_input_tokens": 200, "output_tokens": 4}})
+
+
+def test_a_legacy_usage_counts_the_prompt_cache(session: Session) -> None:
+    """`llm_output["usage"]` was read with OpenAI's and Anthropic's plain keys only: the
+    2,000 prompt tokens read from or written to Anthropic's cache were left out."""
+    llm = CachedLLM()
+    with ChainRecorder(llm, app_name="cached", session=session) as recording:
+        llm.invoke("a")
+    usage = recording.get().usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == \
+        (2008, 4, 2012)
+
+
 class Inner(BaseChatModel):
     usage: dict[str, int] | None = None
 

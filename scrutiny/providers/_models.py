@@ -242,10 +242,6 @@ async def _guarded(name: str, call: Awaitable[Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------- replies
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _usage_from(mapping: Any) -> dict[str, int] | None:
     """Token counts from a usage mapping or object in any of the common spellings (see
     `scrutiny.core._usage`: the cache reads of Anthropic, the thinking of Gemini, ...)."""

@@ -15,6 +15,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from scrutiny.core import TokenUsage
+from scrutiny.core._usage import read_usage
 
 __all__ = ["asks_for_tools", "content_text", "document_text", "llm_output", "main_input",
            "main_output", "tool_calls_of", "usage_of"]
@@ -239,14 +240,9 @@ def usage_of(response: LLMResult) -> TokenUsage | None:
     if _later_in_batch(out):
         return None
     raw = out.get("token_usage") or out.get("usage")
-    if isinstance(raw, Mapping):
-        prompt = raw.get("prompt_tokens", raw.get("input_tokens"))
-        completion = raw.get("completion_tokens", raw.get("output_tokens"))
-        total_tokens = raw.get("total_tokens")
-        if prompt is None and completion is None and total_tokens is None:
-            return None
-        return TokenUsage.total([TokenUsage(prompt, completion, total_tokens)])
-    return None
+    # (in any provider's spelling: Anthropic's cache reads, Bedrock's camelCase; see
+    # scrutiny.core._usage)
+    return read_usage(raw) if isinstance(raw, Mapping) else None
 
 
 def _later_in_batch(llm_output: Mapping[str, Any]) -> bool:
