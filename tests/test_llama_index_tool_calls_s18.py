@@ -88,3 +88,19 @@ async def test_an_agents_tool_call_step_shows_the_call(session: Session) -> None
     assert models[0] == CALL
     assert models[-1] == "The answer is 42."
     assert record.output == "The answer is 42."
+
+
+@pytest.mark.filterwarnings(*_AGENT_WARNINGS)
+async def test_an_agents_structured_answer_is_the_records_output(session: Session) -> None:
+    """With `structured_output_fn` (or `output_cls`) the caller uses the agent's
+    `structured_response`; the record's output was the chat text beside it."""
+    agent = FunctionAgent(tools=[], llm=ToolThenAnswer(answer="It is Paris."),
+                          structured_output_fn=lambda messages: {"city": "Paris"})
+    with LlamaIndexRecorder(agent, session=session) as recording:
+        response = await agent.run(user_msg="Capital of France?")
+    assert response.structured_response == {"city": "Paris"}
+    assert recording.get().output == {"city": "Paris"}
+    plain = FunctionAgent(tools=[], llm=ToolThenAnswer(answer="It is Paris."))
+    with LlamaIndexRecorder(plain, session=session) as recording:
+        await plain.run(user_msg="Capital of France?")
+    assert recording.get().output == "It is Paris."  # (no structured answer: the text)

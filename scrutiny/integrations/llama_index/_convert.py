@@ -300,6 +300,9 @@ def _stop_result(event: Any) -> Any:
     """A workflow's answer: its stop event's result; an agent's response text."""
     result = answer_of(event)
     if isinstance(getattr(result, "response", None), ChatMessage):  # an AgentOutput
+        structured = getattr(result, "structured_response", None)
+        if structured:  # (output_cls / structured_output_fn: the answer the caller uses,
+            return structured  # as a LangChain agent's structured_response is)
         return _agent_text(result)
     return main_output(result)
 
