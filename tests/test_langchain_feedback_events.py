@@ -337,3 +337,35 @@ async def test_a_model_called_async_as_the_app_reaches_its_handlers(
     assert all(r.status is FeedbackStatus.DONE for r in record.values())
     assert collector.done.wait(WAIT)
     _check_events(collector.events, recording.get())
+
+
+class SlowForwarder(Collector):
+    """Forwards each event to a slow monitoring endpoint."""
+
+    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+        import time
+
+        time.sleep(0.06)  # (the slow forwarder is what is under test)
+        super().on_custom_event(name, data, **kwargs)
+
+
+def test_a_slow_handler_is_named_in_the_warning_once(
+        session: Session, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warning named Scrutiny's own `<..._FeedbackBridge object at 0x...>`, once per
+    record: never the user's handler that was slow."""
+    import logging
+
+    from scrutiny.core import _runtime
+
+    monkeypatch.setattr(_runtime, "SLOW_CALLBACK", 0.05)
+    app = _app()
+    forwarder = SlowForwarder(expected=6)
+    recorder = ChainRecorder(app, app_name="qa", session=session, feedbacks=_feedbacks())
+    with caplog.at_level(logging.WARNING, logger="scrutiny"), recorder:
+        for _ in range(3):
+            app.invoke({"question": "q"}, config={"callbacks": [forwarder]})
+    _wait_delivered(session, forwarder.done)
+    slow = [r.getMessage() for r in caplog.records if " took " in r.getMessage()]
+    assert len(slow) == 1, slow
+    assert "callback LangChain handler SlowForwarder took" in slow[0]

@@ -1463,6 +1463,12 @@ class _FeedbackBridge:
         self.tags = tags
         self.metadata = metadata
 
+    @property
+    def __scrutiny_name__(self) -> str:
+        """What a slow-callback warning names: the app's handlers, not this bridge."""
+        return "LangChain handler " + ", ".join(
+            sorted({type(h).__qualname__ for h in self.handlers}))
+
     def __call__(self, result: FeedbackResult, record: Record) -> None:
         for handler in self.handlers:
             method = getattr(handler, "on_feedback_result", None)

@@ -45,6 +45,13 @@ class FeedbackEventBridge:
         self.root_span_id = root_span_id
         self.tags = dict(tags)
 
+    @property
+    def __scrutiny_name__(self) -> str:
+        """What a slow-callback warning names: the app's event handlers, not this bridge."""
+        handlers = getattr(get_dispatcher(), "event_handlers", None) or ()
+        return "LlamaIndex event handler " + ", ".join(
+            sorted({type(h).__qualname__ for h in handlers}))
+
     def __call__(self, result: FeedbackResult, record: Record) -> None:
         event = FeedbackResultEvent(
             span_id=self.root_span_id,
