@@ -195,7 +195,7 @@ def test_a_workers_log_is_one_line_per_event_and_names_no_password(tmp_path: Pat
     """A feedback error quoting record content forged log lines and drove the terminal, and
     the worker's first line named the database with its ?password=."""
     url = f"sqlite:///{tmp_path}/w.sqlite?password={SECRET}"
-    forged = "x\n2099-01-01 00:00:00,000 scrutiny.worker stopped cleanly\x1b]0;owned\x07"
+    forged = "x\x1b]0;owned\x07\n2099-01-01 00:00:00,000 scrutiny.worker stopped cleanly"
     with Session(url, feedback_mode="deferred") as s:
         s.ingest(_record(forged), [Feedback(_deferred_failure, name="fails").on_output()])
         assert s.flush(10)
