@@ -456,3 +456,25 @@ def test_a_failure_warning_quotes_only_the_start_of_its_reason(
     assert all(ssn not in w for w in warnings)
     assert all("--reasons" in w for w in warnings)
     assert all(ssn in (r.error or "") for r in results.values())  # (stored whole)
+
+
+@pytest.mark.parametrize("text", [
+    "{'token': 'tok_abcd1234efgh5678'}",
+    "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=Zm9vYmFyYmF6cXV4MTIz==;",
+    "401: xai-abcd1234efgh5678ijkl5678mnop",
+    "github_pat_11ABCDEFG0abcdefghijklmnopqrstuvwxyz0123456789",
+    "sk_live_abcd1234efgh5678ijkl",
+    "Cookie: session=eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmN",
+    "passwd=hunter2hunter2 aws_secret_access_key=wJalrXUtnFEMIK7MDENGbPxRfiCY",
+    "api_key is 'abcd1234efgh5678'",
+    "private_key: -----BEGIN PRIVATE KEY-----MIIEvQIBADAN",
+])
+def test_more_secret_shapes_are_masked(text: str) -> None:
+    from scrutiny.core._errors import describe_error
+
+    shown = describe_error(RuntimeError(text))
+    for secret in ("abcd1234", "Zm9vYmFy", "11ABCDEFG", "eyJhbG", "hunter2", "wJalr",
+                   "MIIEvQ"):
+        assert secret not in shown, shown
+    assert describe_error(RuntimeError("password is required; max_tokens=4096")) == \
+        "RuntimeError: password is required; max_tokens=4096"
