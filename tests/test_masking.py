@@ -149,3 +149,120 @@ def test_a_llama_index_query_is_stored_masked(tmp_path: Path) -> None:
     dump = _file_text(database)
     assert CARD not in dump
     assert EMAIL not in dump
+
+
+def test_tags_span_names_and_bytes_are_masked_too(tmp_path: Path,
+                                                  make_retrieval_chain: Any) -> None:
+    """A user id in the call's tags or run name, and a card number in a bytes output,
+    reached the file: tags and names were not walked, and bytes were stored as a hex
+    preview the mask could not read but anyone could decode."""
+    from scrutiny.integrations.langchain import ChainRecorder
+
+    database = tmp_path / "tags.sqlite"
+    session = Session(f"sqlite:///{database}", mask=mask_pii)
+    chain = make_retrieval_chain(["ok"], texts=CORPUS)
+    with ChainRecorder(chain, app_name="bank", session=session):
+        chain.invoke("q", config={"tags": [f"customer:{EMAIL}"],
+                                  "run_name": f"support call {EMAIL}"})
+    session.ingest(Record(app_name="bank", app_version="v1", input="q",
+                          output=f'{{"card": "{CARD}"}}'.encode(), tags=[f"card:{CARD}"]))
+    session.close()
+    dump = _file_text(database)
+    assert "<email>" in dump
+    assert "card:<card>" in dump
+    for secret in (CARD, EMAIL, CARD.encode().hex(), EMAIL.encode().hex()):
+        assert secret not in dump
+
+
+def test_results_texts_and_the_failure_log_are_masked(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Only records were masked: a feedback failing with data it fetched itself (a CRM
+    lookup), or explaining its score with it, stored and logged it raw."""
+    def crm(output: str) -> float:
+        raise LookupError(f"CRM has no record for {EMAIL}")
+
+    def explained(output: str) -> tuple[float, str]:
+        return 1.0, f"matches the card {CARD} on file"
+
+    database = tmp_path / "results.sqlite"
+    with Session(f"sqlite:///{database}", mask=mask_pii) as session, \
+            caplog.at_level(logging.DEBUG, logger="scrutiny"):
+        record = Record(app_name="bank", app_version="v1", input="q", output="a")
+        session.ingest(record, [Feedback(crm).on_output(), Feedback(explained).on_output()])
+        results = {f.name: r for f, r in record.wait_for_feedback_results(timeout=30).items()}
+    assert results["crm"].error == "LookupError: CRM has no record for <email>"
+    assert results["explained"].explanation == "matches the card <card> on file"
+    assert EMAIL not in caplog.text
+    dump = _file_text(database)
+    assert CARD not in dump
+    assert EMAIL not in dump
+
+
+def test_a_ground_truth_set_is_read_through_the_mask(tmp_path: Path) -> None:
+    """The expected answers were compared unmasked with masked answers (a word-for-word
+    answer scored 0.29), quoted raw in the explanation, and a question holding personal
+    data was never found."""
+    from scrutiny.providers import GroundTruth
+
+    truth = GroundTruth({f"Which card does {EMAIL} use?": f"Card {CARD}"})
+    with Session(f"sqlite:///{tmp_path}/gt.sqlite", mask=mask_pii) as session:
+        record = Record(app_name="bank", app_version="v1",
+                        input=f"Which card does {EMAIL} use?", output=f"Card {CARD}")
+        session.ingest(record, [Feedback(truth.agreement).on_input_output()])
+        (result,) = record.wait_for_feedback_results(timeout=30).values()
+    assert result.status.value == "done", result.error
+    assert result.result == 1.0
+    assert CARD not in (result.explanation or "")
+    assert truth.expected_for(f"Which card does {EMAIL} use?") == f"Card {CARD}"  # (as given)
+
+
+def test_a_record_given_again_is_not_masked_twice(tmp_path: Path) -> None:
+    """A mask that is not idempotent (a pseudonymiser) masked a record given again for
+    more feedbacks a second time: the second feedback judged what was never stored."""
+    seen: list[str] = []
+
+    def tagged(text: str) -> str:
+        return f"[{text}]"
+
+    def first(output: str) -> float:
+        seen.append(output)
+        return 1.0
+
+    def second(output: str) -> float:
+        seen.append(output)
+        return 1.0
+
+    with Session(f"sqlite:///{tmp_path}/again.sqlite", mask=tagged) as session:
+        record = Record(app_name="bank", app_version="v1", input="q", output="answer")
+        session.ingest(record, [Feedback(first).on_output()])
+        record.wait_for_feedback_results(timeout=30)
+        session.ingest(record, [Feedback(second).on_output()])
+        record.wait_for_feedback_results(timeout=30)
+    assert seen == ["[answer]", "[answer]"]
+
+
+def test_a_feedbacks_own_tokens_add_to_its_judges_total(tmp_path: Path) -> None:
+    """A feedback that awaited a judge (110 tokens, with a total) and reported its own
+    call's 42 without a total was stored as prompt 140, completion 12, total 110."""
+    from langchain_core.language_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    from scrutiny.core import add_evaluation_cost
+    from scrutiny.providers import LLMJudge
+
+    usage = {"input_tokens": 100, "output_tokens": 10, "total_tokens": 110}
+    judge = LLMJudge(GenericFakeChatModel(messages=iter(
+        [AIMessage(content='{"score": 8, "reasons": "ok"}', usage_metadata=usage)])))
+
+    async def checked(output: str) -> float:
+        score, _ = await judge.coherence(output)
+        add_evaluation_cost(prompt_tokens=40, completion_tokens=2)
+        return score
+
+    with Session(f"sqlite:///{tmp_path}/cost.sqlite") as session:
+        record = Record(app_name="bank", app_version="v1", input="q", output="a")
+        session.ingest(record, [Feedback(checked).on_output()])
+        (result,) = record.wait_for_feedback_results(timeout=30).values()
+        df, _ = session.get_records_and_feedback()
+    assert result.cost == {"prompt_tokens": 140, "completion_tokens": 12, "total_tokens": 152}
+    assert df["eval_total_tokens"].tolist() == [152]

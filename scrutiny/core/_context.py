@@ -57,6 +57,12 @@ def add_evaluation_cost(**amounts: Any) -> None:
     bucket = _cost.get()
     if bucket is None:
         return
+    # Counts given without a total add to the total too: after a judge's call reported
+    # one, a feedback's own call reported without it left the total short (110 of 152).
+    if amounts.get("total_tokens") is None:
+        parts = [amounts.get(k) for k in ("prompt_tokens", "completion_tokens")]
+        if all(isinstance(p, int | float) for p in parts):
+            amounts = {**amounts, "total_tokens": sum(parts)}
     for key, value in amounts.items():
         if value is not None:
             bucket[key] = bucket.get(key, 0) + value

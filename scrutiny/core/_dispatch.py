@@ -39,6 +39,7 @@ from scrutiny.core._evaluate import (
     ended_by_us,
 )
 from scrutiny.core._feedback import Feedback
+from scrutiny.core._mask import Mask
 from scrutiny.core._pool import DaemonThreadPool
 from scrutiny.core._results import FeedbackResult, FeedbackStatus
 
@@ -386,7 +387,9 @@ class EvaluationLoop:
     def __init__(self, *, max_concurrency: int, thread_pool_size: int,
                  default_timeout: float | None, on_running: StartHook,
                  on_final: ResultHook, name: str = "scrutiny-eval",
-                 executor: concurrent.futures.Executor | None = None) -> None:
+                 executor: concurrent.futures.Executor | None = None,
+                 mask: Mask | None = None) -> None:
+        self._mask = mask
         self._on_running = on_running
         self._on_final = on_final
         self._courtesy = Courtesy()
@@ -427,7 +430,7 @@ class EvaluationLoop:
         self._evaluator = Evaluator(
             loop=self._loop, pool=self._pool, max_concurrency=self._max_concurrency,
             default_timeout=self._default_timeout, limiter_for=self._limiter_for,
-            executor=self._executor)
+            executor=self._executor, mask=self._mask)
         # One thread for plain feedbacks before the application goes on: a script that
         # ends right after its call reaches interpreter exit at once, where Python 3.12+
         # starts no new thread, and its plain feedbacks had none to run on.

@@ -30,6 +30,7 @@ from scrutiny.core._errors import (
     describe_error,
 )
 from scrutiny.core._feedback import Feedback, coerce_feedback_value, mean_of
+from scrutiny.core._mask import Mask, mask_result, mask_text, set_current_mask
 from scrutiny.core._pool import DaemonThreadPool, RaisedInCall, futurable
 from scrutiny.core._results import FeedbackCall, FeedbackResult, FeedbackStatus
 from scrutiny.core._select import EmptySelection
@@ -403,7 +404,9 @@ class Evaluator:
         default_timeout: float | None,
         limiter_for: Callable[[Feedback], Limiter | None],
         executor: concurrent.futures.Executor | None = None,
+        mask: Mask | None = None,
     ) -> None:
+        self._mask = mask
         self._pool = pool
         self._executor = executor
         pool.bind(loop)
@@ -430,6 +433,15 @@ class Evaluator:
         """
         # This runs in its evaluation's own task, so its own context: set, never reset.
         _suppressed.set(True)  # the evaluator's own framework calls are not recorded
+        if self._mask is None:
+            return await self._evaluate(feedback, record, pending, on_started)
+        # (a feedback's own texts — a ground-truth set's answers — are masked with it too)
+        set_current_mask(self._mask)
+        return mask_result(await self._evaluate(feedback, record, pending, on_started),
+                           self._mask)
+
+    async def _evaluate(self, feedback: Feedback, record: Record, pending: FeedbackResult,
+                        on_started: Callable[[datetime], None]) -> FeedbackResult:
         cost: dict[str, float] = {}
         _cost.set(cost)  # what add_evaluation_cost() reports during this evaluation
         try:
@@ -693,6 +705,7 @@ class Evaluator:
         if len(reason) > _LOGGED_REASON:  # (a 5 MB error message filled the log line)
             reason = f"{reason[:_LOGGED_REASON]}... ({len(reason)} characters; the stored " \
                      "result has more)"
+        reason = mask_text(reason, self._mask) or ""  # (logged as it is stored: masked)
         if feedback.name in self._warned:
             logger.debug("feedback %r failed: %s", feedback.name, reason)
             return

@@ -539,7 +539,7 @@ class Session(SessionReading):
                     max_concurrency=self.max_concurrency,
                     thread_pool_size=self.thread_pool_size,
                     default_timeout=self.feedback_timeout, executor=self.executor,
-                    on_running=self._on_running, on_final=self._on_final)
+                    on_running=self._on_running, on_final=self._on_final, mask=self.mask)
             return self._loop
 
     def _heartbeat(self) -> list[WriteOp]:

@@ -22,6 +22,7 @@ from scrutiny.core import (
     SkipFeedback,
     feedback_defaults,
 )
+from scrutiny.core._mask import Mask, current_mask, mask_text
 from scrutiny.core._missing import is_missing
 from scrutiny.providers._lexical import token_f1
 from scrutiny.providers._text import as_text
@@ -72,6 +73,8 @@ class GroundTruth:
         self.metric = metric
         self.name = name
         self._expected: dict[str, tuple[str, ...]] = {}
+        self._questions: dict[str, str] = {}  # (as given: a session's mask reads these)
+        self._masked: tuple[Mask, dict[str, tuple[str, ...]]] | None = None
         rows = data.items() if isinstance(data, Mapping) else data
         for row in rows:
             question, expected = _row(row)
@@ -80,6 +83,7 @@ class GroundTruth:
                 raise ConfigurationError(f"GroundTruth: question {question!r} has two "
                                          "different expected answers")
             self._expected[key] = expected
+            self._questions[key] = as_text(question)
         if not self._expected:
             raise ConfigurationError("GroundTruth needs at least one question")
 
@@ -107,9 +111,26 @@ class GroundTruth:
         defaults["higher_is_better"] = True
         return defaults
 
+    def _answers(self) -> dict[str, tuple[str, ...]]:
+        """The expected answers by question, masked by the mask of the session evaluating
+        (its records' questions and answers are masked: an unmasked set never matched a
+        question holding a card number, scored a right answer 0.29, and sent the customer's
+        data to the judge and into the explanation)."""
+        mask = current_mask()
+        if mask is None:
+            return self._expected
+        cached = self._masked
+        if cached is not None and cached[0] is mask:
+            return cached[1]
+        masked = {_key(mask_text(self._questions[key], mask)):
+                  tuple(mask_text(e, mask) or "" for e in expected)
+                  for key, expected in self._expected.items()}
+        self._masked = (mask, masked)
+        return masked
+
     async def agreement(self, question: Any, answer: Any) -> tuple[float, str]:
         """How well `answer` agrees with the expected answer of `question`."""
-        references = self._expected.get(_key(question))
+        references = self._answers().get(_key(question))
         if references is None:
             raise SkipFeedback("the question is not in the ground-truth set")
         best: tuple[float, str, str] | None = None
