@@ -585,23 +585,36 @@ def delete(database_url: str | None, table_prefix: str, apps: tuple[str, ...],
             return
         if cutoff.tzinfo is None:
             cutoff = cutoff.replace(tzinfo=timezone.utc)
-    said = [f"app {', '.join(apps)}" if apps else "",
-            f"started before {cutoff.isoformat()}" if cutoff else "",
-            f"{len(record_ids)} record id(s)" if record_ids else ""]
-    what = "records of " + " and ".join(s for s in said if s)
-    if not yes and not click.confirm(f"Delete the {printable(what)}?", err=True):
-        _fail("nothing deleted")
+    if any(not i.strip() for i in record_ids):
+        _fail("--record-id is empty: give a record's id")
+    said = [f"of app {', '.join(apps)}" if apps else "",
+            f"that started before {cutoff.isoformat()}" if cutoff else "",
+            f"with one of {len(set(record_ids))} given ids" if record_ids else ""]
+    what = "the records " + " and ".join(s for s in said if s)
+    try:
+        if not yes and not click.confirm(f"Delete {printable(what)}?", err=True):
+            _fail("nothing deleted")
+    except click.Abort:  # (no answer: stdin closed)
+        _fail("nothing deleted (no answer to the question; --yes deletes without asking)")
     session = _session(database_url, table_prefix, migrate="refuse")
     try:
         _check_apps(session, apps)
+        ids = sorted(set(record_ids))
+        found = {row["record_id"] for row in session.store.records_by_ids(ids)}
         deleted = session.delete_records(before=cutoff, app_ids=list(apps) or None,
-                                         record_ids=list(record_ids) or None)
+                                         record_ids=ids or None)
     except ScrutinyError as exc:
         _fail(str(exc), database_url)
         return
     finally:
         session.close()
     click.echo(f"deleted {deleted} record(s)")
+    unknown = [i for i in ids if i not in found]
+    if unknown:  # (an erasure job given a mistyped id must not report success)
+        click.echo(f"scrutiny: {len(unknown)} of the {len(ids)} given record ids matched "
+                   f"no record: {', '.join(printable(i) for i in unknown[:10])}"
+                   + (" ..." if len(unknown) > 10 else ""), err=True)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------------- dashboard

@@ -316,10 +316,21 @@ def test_delete_erases_by_record_id_app_and_time_and_asks_first(database_url: st
                   "--before", "2023-11-14T22:13:21.5", "--yes")  # (naive: UTC) record 1 only
     assert before.stdout == "deleted 1 record(s)\n", before.stderr
     assert left() == {records[2].record_id, records[3].record_id}
+    mistyped = _run("delete", "--database-url", database_url, "--record-id",
+                    records[2].record_id, "--record-id", "no-such-id", "--yes")
+    assert mistyped.exit_code == 1  # (an erasure job given a wrong id must not pass)
+    assert mistyped.stdout == "deleted 1 record(s)\n"
+    assert "1 of the 2 given record ids matched no record: no-such-id" in mistyped.stderr
+    assert left() == {records[3].record_id}
+    closed = CliRunner().invoke(main, ["delete", "--database-url", database_url, "--app",
+                                       "other"], input="")
+    assert closed.exit_code == 2
+    assert "nothing deleted" in closed.stderr
     for args, said in ((["--yes"], "say what to delete"),
+                       (["--record-id", " ", "--yes"], "--record-id is empty"),
                        (["--before", "last week", "--yes"], "not an ISO 8601 time"),
                        (["--app", "nope", "--yes"], "no records of app 'nope'")):
         bad = _run("delete", "--database-url", database_url, *args)
         assert bad.exit_code == 2
         assert said in bad.stderr
-    assert len(left()) == 2
+    assert len(left()) == 1
