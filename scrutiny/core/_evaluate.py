@@ -97,8 +97,9 @@ def retry_after_hint(exc: BaseException) -> float | None:
 
 
 _LOGGED_REASON = 1000
-_WARNED_REASON = 160
 """Characters of a failure's reason that go into the log line."""
+_WARNED_REASON = 160
+"""Characters of its first line that a feedback's first-failure WARNING shows."""
 _HELD = 0.05
 """A timeout firing this much later than due means the loop was held, not that the awaited
 work was slow."""

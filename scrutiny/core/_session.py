@@ -287,10 +287,11 @@ class Session(SessionReading):
             ``"refuse"`` raises instead (run ``scrutiny db upgrade`` yourself).
         on_result: listeners called with each stored end state and its record.
         mask: ``fn(text) -> text``, applied to every text of every record before it is
-            stored or judged: input, output, contexts, error, metadata, and each span's
-            inputs, outputs, error and metadata (other objects in their JSON form; see
-            :mod:`scrutiny.core._mask`). E.g. a function replacing card numbers and
-            e-mail addresses with placeholders.
+            stored or judged (input, output, contexts, error, tags, metadata, and each
+            span's name, inputs, outputs, error, tags and metadata; other objects in their
+            JSON form) and to its results' explanations and errors before they are stored,
+            told or logged; see :mod:`scrutiny.core._mask`. E.g. a function replacing card
+            numbers and e-mail addresses with placeholders.
 
     Raises:
         ConfigurationError: an invalid option or database URL.
