@@ -7,6 +7,7 @@ the record in memory and what a feedback was given.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sqlite3
@@ -30,7 +31,7 @@ def mask_pii(text: str) -> str:
 
 
 def _file_text(path: Path) -> str:
-    with sqlite3.connect(path) as raw:
+    with contextlib.closing(sqlite3.connect(path)) as raw:
         return "\n".join(raw.iterdump())
 
 

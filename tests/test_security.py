@@ -377,7 +377,7 @@ def test_a_provider_error_holding_its_api_key_is_stored_and_logged_without_it(
     assert session.wait_for_feedback(30)
     session.close()
     assert API_KEY not in caplog.text
-    with sqlite3.connect(database) as raw:
+    with contextlib.closing(sqlite3.connect(database)) as raw:
         dump = "\n".join(raw.iterdump())
     assert "key=***" in dump
     assert API_KEY not in dump
@@ -422,7 +422,7 @@ def test_deleted_records_leave_no_trace_in_the_files(tmp_path: Path) -> None:
         session.ingest(record)
     session.flush(30)
     assert session.delete_records(record_ids=[r.record_id for r in gone]) == 20
-    with sqlite3.connect(database) as raw:
+    with contextlib.closing(sqlite3.connect(database)) as raw:
         assert raw.execute("PRAGMA secure_delete").fetchone()[0] in (0, 1)  # (readable)
     for path in tmp_path.iterdir():  # (the session is still open: its -wal file too)
         assert marker.encode() not in path.read_bytes(), path.name

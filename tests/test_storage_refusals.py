@@ -135,3 +135,16 @@ def test_a_version_table_of_another_tool_or_a_newer_scrutiny_is_told_apart(
     engine.dispose()
     with pytest.raises(ConfigurationError, match=says):
         Session(url, table_prefix="trulens_")
+
+
+def test_a_full_disk_met_on_the_drivers_own_connection_is_held(tmp_path: Path) -> None:
+    """SQLite's one-statement batches write on the driver's connection: its own
+    OperationalError, not SQLAlchemy's wrapping, was taken for a refusal for good, and
+    the records of a moment's full disk were lost (seen as a flaky CI failure)."""
+    import sqlite3
+
+    with Session(f"sqlite:///{tmp_path}/raw.sqlite") as session:
+        store = session.store
+        assert store.transient(sqlite3.OperationalError("database or disk is full"))
+        assert store.transient(sqlite3.OperationalError("database is locked"))
+        assert not store.transient(sqlite3.IntegrityError("UNIQUE constraint failed"))

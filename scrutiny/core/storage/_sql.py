@@ -669,7 +669,10 @@ class SQLStore:
         if getattr(exc, "connection_invalidated", False):
             return True  # (SQLAlchemy found the connection dead: "server closed the
             # connection unexpectedly", the answer to a COMMIT lost on the way)
-        orig = getattr(exc, "orig", None)
+        # (the driver's own error when a write went to its connection directly, as
+        # SQLite's one-statement batches do: a full disk there was taken for a refusal
+        # for good, and the records written meanwhile were lost)
+        orig = getattr(exc, "orig", None) or exc
         state = getattr(orig, "sqlstate", None)
         if isinstance(state, str):
             return state.startswith(_TRANSIENT_SQLSTATES)
